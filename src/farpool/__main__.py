@@ -1,0 +1,7 @@
+"""``python -m farpool`` is the ``farpool`` command."""
+
+import sys
+
+from farpool.cli import main
+
+sys.exit(main())

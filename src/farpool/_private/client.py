@@ -1,0 +1,1205 @@
+"""The core client: the per-process runtime of every owner (a driver, or a worker running nested tasks).
+
+Owns the table of objects this process created (and copies of borrowed ones),
+the submitter with its worker leases, and the connections to the head, node
+agents and leased workers.  All sockets live on one daemon I/O thread; user
+threads hand work over with ``EventLoop.call_soon`` and wait on events::
+
+    user threads: remote() --pickle args--> call_soon(_submit) --+
+                  get()/wait() <--Event-- entry completed <--+    |
+                                                              |    v
+    I/O thread:  deps ready -> queue per resource shape -> lease -> ExecuteTask -> worker
+                 TaskFinished / WorkerExited / lease replies <-- sockets (agents, workers, head)
+
+Results stay pickled until the thread that calls ``get`` unpickles them.  User
+callbacks (``ObjectRef.future()`` completions) run on one callback thread,
+never on the I/O thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import itertools
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+
+from farpool import exceptions as exc_mod
+from farpool._private import protocol, scheduling, session, transport
+from farpool._private.protocol import encode
+
+log = logging.getLogger("farpool.client")
+
+# An idle lease is kept this long before it is returned to the agent: a
+# sequential submit/get loop reuses its worker without a lease round trip,
+# while another owner waits at most this long for the worker.
+LEASE_LINGER_S = 0.05
+# Tasks in flight per leased worker once tasks are seen to be short; 1 keeps
+# load balancing exact and lets queued tasks be cancelled, more hides latency.
+MAX_PIPELINE_DEPTH = 16
+# Tasks whose measured run time is below this are "short" and get pipelined.
+SHORT_TASK_S = 0.002
+# Lease requests in flight per resource shape at most (each may bring a worker).
+MAX_LEASE_REQUESTS = 64
+
+PENDING, READY, FAILED = 0, 1, 2
+
+
+class ObjectRef:
+    """A reference to a (possibly future) value in the cluster.
+
+    Hashable, compared by id, picklable (the receiver becomes a borrower).
+    ``get(ref)`` returns the value; ``await ref`` works in asyncio;
+    ``ref.future()`` gives a ``concurrent.futures.Future``.
+    """
+
+    __slots__ = ("_id", "_owner", "__weakref__")
+
+    def __init__(self, object_id: bytes, owner: tuple, _register: bool = True):
+        self._id = object_id
+        self._owner = owner
+        if _register:
+            client = _current_client
+            if client is not None:
+                client.add_local_ref(self)
+
+    def hex(self) -> str:
+        return self._id.hex()
+
+    def binary(self) -> bytes:
+        return self._id
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ObjectRef) and other._id == self._id
+
+    def __repr__(self) -> str:
+        return f"ObjectRef({self._id.hex()})"
+
+    def __reduce__(self):
+        collector = _nested_refs.collector
+        if collector is not None:
+            collector.append(self)
+        return (_rebuild_ref, (self._id, self._owner))
+
+    def __del__(self):
+        client = _current_client
+        if client is not None:
+            try:
+                client.release_ref(self._id)
+            except Exception:
+                pass
+
+    def future(self) -> concurrent.futures.Future:
+        """A ``concurrent.futures.Future`` completed with the value (or the error)."""
+        return _require_client().future_for(self)
+
+    def __await__(self):
+        import asyncio
+        loop = asyncio.get_running_loop()
+        afut = loop.create_future()
+        cfut = self.future()
+
+        def done(f):
+            def settle():
+                if afut.cancelled():
+                    return
+                error = f.exception()
+                if error is not None:
+                    afut.set_exception(error)
+                else:
+                    afut.set_result(f.result())
+            loop.call_soon_threadsafe(settle)
+        cfut.add_done_callback(done)
+        return afut.__await__()
+
+
+ObjectRef.__module__ = "farpool"
+
+
+def _rebuild_ref(object_id: bytes, owner: tuple) -> ObjectRef:
+    ref = ObjectRef(object_id, owner)
+    client = _current_client
+    if client is not None:
+        client.note_borrowed(ref)
+    return ref
+
+
+class _NestedRefs(threading.local):
+    collector: list | None = None
+
+
+_nested_refs = _NestedRefs()
+_current_client: "CoreClient | None" = None
+
+
+def _require_client() -> "CoreClient":
+    if _current_client is None:
+        from farpool import api
+        api._auto_init()
+    return _current_client
+
+
+@dataclass
+class Entry:
+    """One object in this process's table."""
+    state: int = PENDING
+    payload: bytes | None = None
+    buffers: list = field(default_factory=list)
+    error: object = None          # a raised-later exception object, or an error tuple
+    local_refs: int = 0
+    task_pins: int = 0            # pending tasks that use it as an argument
+    owned: bool = True
+    waiters: list = field(default_factory=list)  # callables(entry) run on the I/O thread
+    task: object = None           # the TaskRecord that produces it (owner only)
+    size: int = 0
+
+
+@dataclass
+class RemoteFunctionInfo:
+    name: str
+    fn_hash: bytes
+    fn_bytes: bytes
+
+
+@dataclass
+class TaskRecord:
+    task_id: bytes
+    fn: RemoteFunctionInfo
+    args_payload: bytes
+    arg_bufs: list
+    ref_slots: list                # [(slot, ObjectRef)]
+    return_ids: list
+    shape: dict
+    key: tuple
+    max_retries: int
+    retry_exceptions: object
+    pinned: list                   # ids pinned until the task finishes
+    name: str
+    strategy: str = "DEFAULT"
+    pool_key: object = None
+    attempts: int = 0
+    deps_left: int = 0
+    state: str = "WAITING"
+    lease: object = None
+    ref_values: list | None = None
+    submitted_at: float = 0.0
+    cancelled: bool = False
+
+
+@dataclass
+class LeaseState:
+    lease_id: int
+    worker_id: str
+    node_id: str
+    channel: object
+    gpu_ids: list
+    key: tuple
+    inflight: dict = field(default_factory=dict)
+    linger: list | None = None
+    shipped: set = field(default_factory=set)
+    job_sent: bool = False
+
+
+@dataclass
+class KeyQueue:
+    """Tasks of one resource shape waiting for a leased worker."""
+    shape: dict
+    pool_key: object
+    strategy: str
+    queue: deque = field(default_factory=deque)
+    leases: list = field(default_factory=list)
+    requests: dict = field(default_factory=dict)  # request_id -> agent connection
+    depth: int = 1
+    avg_run_s: float | None = None
+    warned_infeasible: bool = False
+
+
+class AgentConn:
+    """A connection to a node agent (ipc on this machine, CURVE TCP elsewhere)."""
+
+    def __init__(self, client: "CoreClient", node_id: str, socket, local: bool):
+        self.client = client
+        self.node_id = node_id
+        self.socket = socket
+        self.local = local
+
+
+class DirectChannel:
+    """A DEALER to a leased worker's own ipc socket (same machine)."""
+
+    def __init__(self, socket):
+        self.socket = socket
+
+    def send(self, frames) -> bool:
+        return transport.send(self.socket, frames)
+
+
+class RelayChannel:
+    """Tasks for a worker on another machine, relayed by its node agent."""
+
+    def __init__(self, agent: AgentConn, worker_id: str):
+        self.agent = agent
+        self.prefix = [b"Relay", worker_id.encode()]
+
+    def send(self, frames) -> bool:
+        return transport.send(self.agent.socket, self.prefix + frames)
+
+
+class CoreClient:
+    """See the module docstring.  Created by ``api.init``; one per process."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.client_id = os.urandom(8)
+        self.identity = b"c:" + self.client_id.hex().encode()
+        self.job_id = cfg.get("job_id")
+        self.token = cfg.get("token")
+        self.session_dir = cfg.get("session_dir")
+        self.in_worker = cfg.get("in_worker", False)
+        self.worker_id = cfg.get("worker_id")
+        self.embedded = cfg.get("embedded", False)
+        self.lock = threading.Lock()
+        self.objects: dict[bytes, Entry] = {}
+        self.released: deque = deque()
+        self._ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self.loop = transport.EventLoop()
+        self.keys: dict[tuple, KeyQueue] = {}
+        self.tasks: dict[bytes, TaskRecord] = {}
+        self.leases: dict[tuple, LeaseState] = {}   # (node_id, lease_id) -> lease
+        self.agents: dict[str, AgentConn] = {}
+        self.nodes: list[dict] = []
+        self.pending_requests: dict[int, object] = {}
+        self.borrow_requests: dict[bytes, list] = {}
+        self.owner_conns: dict[str, object] = {}
+        self.callback_queue: queue.Queue | None = None
+        self.broken: BaseException | None = None
+        self.owner_address = None
+        self.home: AgentConn | None = None
+        self.head = None
+        self._thread: threading.Thread | None = None
+        self._dispatch_scheduled = False
+        self._dirty_keys: set = set()
+        self.job_setup = cfg.get("job_setup") or {}
+        self.blocked_depth = 0
+
+    # ------------------------------------------------------------------ start/stop
+    def connect(self) -> dict:
+        """Connect to the head and the home node agent (on the calling thread), then start I/O."""
+        cfg = self.cfg
+        self.head = transport.dealer(self.identity)
+        hello = encode("Hello", ("driver" if not self.in_worker else "worker",
+                                 {"pid": os.getpid(), "client": self.identity}))
+        if cfg["head_address"].startswith("ipc://"):
+            self.head.connect(cfg["head_address"])
+            transport.send(self.head, hello)
+            reply = self._wait_reply(self.head, "the head", cfg.get("start_deadline_s", 30))
+        else:
+            reply = transport.connect_tcp(self.head, cfg["head_address"], self.token, hello)
+        tag, fields, _ = protocol.decode(reply)
+        if tag != "Welcome":
+            raise ConnectionError(f"unexpected answer from the head: {tag}")
+        welcome = fields[0]
+        if self.job_id is None:
+            self.job_id = welcome["job_id"]
+        self.nodes = welcome["nodes"]
+        self.cluster_embedded = welcome["embedded"]
+        self.head_address = welcome.get("address")
+        # The home agent: ours on this machine, else the head node's over TCP.
+        home_info = cfg.get("agent_address")
+        node_id = cfg.get("node_id")
+        if home_info is None:
+            node = self._wait_for_node(welcome)
+            node_id = node["node_id"]
+            if cfg.get("local") and node.get("ipc"):
+                home_info = node["ipc"]
+            else:
+                home_info = node["tcp"]
+        self.home = self._open_agent(node_id, home_info)
+        self.owner_address = (self.identity, node_id, self._owner_endpoint())
+        self.head_socket_handler = self._on_head
+        self.loop.add_reader(self.head, self._on_head)
+        self._thread = threading.Thread(target=self._run, name="farpool-io", daemon=True)
+        self._thread.start()
+        return welcome
+
+    def _wait_for_node(self, welcome) -> dict:
+        nodes = [n for n in welcome["nodes"] if n.get("alive")]
+        if nodes:
+            return next((n for n in nodes if n.get("is_head_node")), nodes[0])
+        # The embedded head is up before its node agent registers: wait for the table.
+        deadline = time.monotonic() + self.cfg.get("start_deadline_s", 30)
+        while time.monotonic() < deadline:
+            if not self.head.poll(max(1, (deadline - time.monotonic()) * 1000)):
+                break
+            tag, fields, _ = protocol.decode(self.head.recv_multipart())
+            if tag == "NodeTable":
+                nodes = [n for n in fields[0] if n.get("alive")]
+                self.nodes = fields[0]
+                if nodes:
+                    return next((n for n in nodes if n.get("is_head_node")), nodes[0])
+        raise ConnectionError("the cluster has no live node agent (none registered with the head in time); "
+                              f"see the logs in {self.session_dir}")
+
+    def _wait_reply(self, sock, what: str, deadline_s: float) -> list:
+        if not sock.poll(deadline_s * 1000):
+            raise ConnectionError(f"{what} did not answer within {deadline_s:.0f} s; "
+                                  f"see the logs in {self.session_dir}")
+        return sock.recv_multipart()
+
+    def _open_agent(self, node_id: str, address: str) -> AgentConn:
+        sock = transport.dealer(self.identity)
+        hello = encode("Hello", ("client", {"job_id": self.job_id}))
+        if address.startswith("ipc://"):
+            sock.connect(address)
+            transport.send(sock, hello)
+            local = True
+        else:
+            reply = transport.connect_tcp(sock, address, self.token, hello)
+            local = False
+            del reply
+        conn = AgentConn(self, node_id, sock, local)
+        self.agents[node_id] = conn
+        if self._thread is not None:
+            self.loop.add_reader(sock, lambda: self._on_agent(conn))
+        else:
+            self.loop.add_reader(sock, lambda: self._on_agent(conn))
+        return conn
+
+    def _owner_endpoint(self):
+        """An ipc ROUTER where borrowers on this machine ask us for values."""
+        if not self.session_dir or not os.path.isdir(self.session_dir):
+            return None
+        self.owner_socket = transport.router()
+        path = session.ipc(self.session_dir, f"o-{self.client_id.hex()}")
+        self.owner_socket.bind(path)
+        self.loop.add_reader(self.owner_socket, self._on_owner_socket)
+        return path
+
+    def _run(self) -> None:
+        try:
+            self.loop.run()
+        except BaseException as exc:  # noqa: BLE001 - a dead I/O thread must fail every waiter
+            log.exception("the farpool I/O thread failed")
+            self._break(exc_mod.FarpoolError(f"the farpool client's I/O thread failed: {exc!r}"))
+        finally:
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for conn in self.agents.values():
+            conn.socket.close(0)
+        for lease in self.leases.values():
+            if isinstance(lease.channel, DirectChannel):
+                lease.channel.socket.close(0)
+        for sock in self.owner_conns.values():
+            sock.close(0)
+        if getattr(self, "owner_socket", None) is not None:
+            self.owner_socket.close(0)
+            try:
+                os.unlink(self.owner_address[2][len("ipc://"):])
+            except (OSError, TypeError):
+                pass
+        if self.head is not None:
+            self.head.close(0)
+        self.loop.close()
+
+    def shutdown(self) -> None:
+        """Say goodbye, stop the I/O thread and fail whatever still waits."""
+        if self._thread is None:
+            return
+
+        def bye():
+            for conn in self.agents.values():
+                transport.send(conn.socket, encode("Goodbye", ("driver" if not self.in_worker else "worker",
+                                                              self.job_id if not self.in_worker else None)))
+            transport.send(self.head, encode("Goodbye", ("driver", self.identity.decode())))
+            self.loop.stop()
+        self.loop.call_soon(bye)
+        self._thread.join(timeout=10)
+        self._thread = None
+        self._break(exc_mod.FarpoolError("farpool was shut down while this was pending"))
+        if self.callback_queue is not None:
+            self.callback_queue.put(None)
+
+    def _break(self, error: BaseException) -> None:
+        """Fail every pending object with ``error`` (the cluster is gone)."""
+        self.broken = error
+        with self.lock:
+            pending = [(oid, e) for oid, e in self.objects.items() if e.state == PENDING]
+            for _, entry in pending:
+                entry.state = FAILED
+                entry.error = error
+        for _, entry in pending:
+            self._fire(entry)
+
+    # ------------------------------------------------------------------ refs
+    def new_object_id(self) -> bytes:
+        return self.client_id + next(self._ids).to_bytes(8, "little")
+
+    def add_local_ref(self, ref: ObjectRef) -> None:
+        with self.lock:
+            entry = self.objects.get(ref._id)
+            if entry is not None:
+                entry.local_refs += 1
+
+    def release_ref(self, object_id: bytes) -> None:
+        self.released.append(object_id)
+        if len(self.released) >= 256:
+            self.loop.wake()
+
+    def note_borrowed(self, ref: ObjectRef) -> None:
+        pass  # borrowed refs are fetched from their owner on demand
+
+    def _drain_released(self) -> None:
+        released = self.released
+        if not released:
+            return
+        with self.lock:
+            while released:
+                oid = released.popleft()
+                entry = self.objects.get(oid)
+                if entry is None:
+                    continue
+                entry.local_refs -= 1
+                if entry.local_refs <= 0 and entry.task_pins <= 0 and entry.state != PENDING:
+                    del self.objects[oid]
+
+    # ------------------------------------------------------------------ put/get/wait (user threads)
+    def put(self, value) -> ObjectRef:
+        if isinstance(value, ObjectRef):
+            raise TypeError("put() of an ObjectRef is not allowed: pass the ref itself where it is needed")
+        payload, bufs = protocol.dumps(value, what="the value given to put()")
+        # put copies the user's buffers now: later mutation changes nothing put.
+        bufs = [bytes(b.raw()) if isinstance(b, protocol.pickle.PickleBuffer) else b for b in bufs]
+        oid = self.new_object_id()
+        entry = Entry(state=READY, payload=payload, buffers=bufs, size=len(payload) + sum(len(b) for b in bufs))
+        with self.lock:
+            self.objects[oid] = entry
+        return ObjectRef(oid, self.owner_address)
+
+    def _entry_for(self, ref: ObjectRef) -> Entry:
+        entry = self.objects.get(ref._id)
+        if entry is not None:
+            return entry
+        # A borrowed ref: ask its owner and keep a local copy.
+        with self.lock:
+            entry = self.objects.get(ref._id)
+            if entry is None:
+                entry = Entry(owned=False)
+                self.objects[ref._id] = entry
+                entry.local_refs = 1
+                fetch = True
+            else:
+                fetch = False
+        if fetch:
+            self.loop.call_soon(self._fetch_borrowed, ref._id, ref._owner)
+        return entry
+
+    def wait_entries(self, refs: list, num_returns: int, timeout: float | None) -> list[bool]:
+        """Block until ``num_returns`` of ``refs`` are done (or timeout); readiness flags."""
+        entries = [self._entry_for(r) for r in refs]
+        done_event = threading.Event()
+        remaining = [num_returns]
+        registered = []
+
+        def on_done(_entry):
+            remaining[0] -= 1
+            if remaining[0] <= 0:
+                done_event.set()
+
+        with self.lock:
+            for e in entries:
+                if e.state != PENDING:
+                    remaining[0] -= 1
+            if remaining[0] > 0:
+                for e in entries:
+                    if e.state == PENDING:
+                        e.waiters.append(on_done)
+                        registered.append(e)
+            else:
+                done_event.set()
+        if not done_event.is_set():
+            self._set_blocked(True)
+            try:
+                done_event.wait(timeout)
+            finally:
+                self._set_blocked(False)
+                if registered:
+                    with self.lock:
+                        for e in registered:
+                            try:
+                                e.waiters.remove(on_done)
+                            except ValueError:
+                                pass
+        return [e.state != PENDING for e in entries]
+
+    def _set_blocked(self, blocked: bool) -> None:
+        """Inside a worker's task: tell the agent we wait, so it lends our CPU (no deadlock)."""
+        if not self.in_worker or self.worker_id is None:
+            return
+        if blocked:
+            self.blocked_depth += 1
+            if self.blocked_depth == 1:
+                self.loop.call_soon(self._send_home, "WorkerBlocked", (self.worker_id,))
+        else:
+            self.blocked_depth -= 1
+            if self.blocked_depth == 0:
+                self.loop.call_soon(self._send_home, "WorkerUnblocked", (self.worker_id,))
+
+    def _send_home(self, tag, fields) -> None:
+        transport.send(self.home.socket, encode(tag, fields))
+
+    def get(self, refs: list, timeout: float | None) -> list:
+        ready = self.wait_entries(refs, len(refs), timeout)
+        if not all(ready):
+            n = ready.count(False)
+            raise exc_mod.GetTimeoutError(
+                f"get() timed out after {timeout} s with {n} of {len(refs)} object(s) not ready "
+                f"(first: {refs[ready.index(False)].hex()}); raise the timeout, or use wait() to "
+                "take results as they come")
+        return [self.value_of(r) for r in refs]
+
+    def value_of(self, ref: ObjectRef):
+        entry = self.objects.get(ref._id)
+        if entry is None:
+            raise exc_mod.ObjectLostError(f"object {ref.hex()} is no longer known to this process")
+        if entry.state == FAILED:
+            raise self._error_of(entry)
+        return protocol.loads(entry.payload, entry.buffers)
+
+    def _error_of(self, entry: Entry) -> BaseException:
+        error = entry.error
+        if isinstance(error, BaseException):
+            return error
+        kind = error[0]
+        if kind == "task":
+            _, payload, type_name, tb_text, fn_name, where = error
+            cause = None
+            if payload is not None:
+                try:
+                    cause = protocol.loads(payload)
+                except Exception:
+                    cause = None
+            return exc_mod.TaskError.wrap(fn_name, tb_text, cause, type_name, where)
+        raise AssertionError(kind)
+
+    def future_for(self, ref: ObjectRef) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        entry = self._entry_for(ref)
+
+        def complete(_entry, ref=ref):
+            self.run_callback(self._complete_future, fut, ref)
+
+        with self.lock:
+            pending = entry.state == PENDING
+            if pending:
+                entry.waiters.append(complete)
+        if not pending:
+            self.run_callback(self._complete_future, fut, ref)
+        return fut
+
+    def _complete_future(self, fut, ref) -> None:
+        if fut.done():
+            return
+        try:
+            fut.set_result(self.value_of(ref))
+        except BaseException as error:  # noqa: BLE001
+            fut.set_exception(error)
+
+    def run_callback(self, fn, *args) -> None:
+        """Run fn on the one callback thread (never on the I/O thread)."""
+        if self.callback_queue is None:
+            with self.lock:
+                if self.callback_queue is None:
+                    self.callback_queue = queue.Queue()
+                    threading.Thread(target=self._callback_loop, args=(self.callback_queue,),
+                                     name="farpool-callbacks", daemon=True).start()
+        self.callback_queue.put((fn, args))
+
+    @staticmethod
+    def _callback_loop(q: queue.Queue) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("a farpool completion callback raised")
+
+    # ------------------------------------------------------------------ submit (user threads)
+    def submit(self, fn: RemoteFunctionInfo, args: tuple, kwargs: dict, num_returns: int, shape: dict,
+               max_retries: int, retry_exceptions, name: str, strategy="DEFAULT", pool_key=None) -> list:
+        if self.broken is not None:
+            raise self.broken
+        ref_slots = []
+        if any(isinstance(a, ObjectRef) for a in args):
+            args = list(args)
+            for i, a in enumerate(args):
+                if isinstance(a, ObjectRef):
+                    ref_slots.append((i, a))
+                    args[i] = None
+            args = tuple(args)
+        if kwargs and any(isinstance(v, ObjectRef) for v in kwargs.values()):
+            kwargs = dict(kwargs)
+            for k, v in list(kwargs.items()):
+                if isinstance(v, ObjectRef):
+                    ref_slots.append((k, v))
+                    kwargs[k] = None
+        collector: list = []
+        _nested_refs.collector = collector
+        try:
+            payload, bufs = protocol.dumps((args, kwargs), what=f"an argument of {name}")
+        finally:
+            _nested_refs.collector = None
+        # Copy out-of-band buffers now: the caller may mutate its arrays after remote() returns.
+        bufs = [bytes(b.raw()) for b in bufs]
+        task_id = self.new_object_id()
+        return_ids = [task_id] + [self.new_object_id() for _ in range(num_returns - 1)]
+        pinned = [r._id for _, r in ref_slots] + [r._id for r in collector]
+        key = (tuple(sorted(shape.items())), pool_key, strategy if not isinstance(strategy, tuple) else strategy)
+        task = TaskRecord(task_id, fn, payload, bufs, ref_slots, return_ids, shape, key, max_retries,
+                          retry_exceptions, pinned, name, strategy, pool_key)
+        with self.lock:
+            for oid in return_ids:
+                self.objects[oid] = Entry(task=task)
+            for oid in pinned:
+                e = self.objects.get(oid)
+                if e is not None:
+                    e.task_pins += 1
+        refs = [ObjectRef(oid, self.owner_address) for oid in return_ids]
+        # Borrowed top-level refs need the owner's value: make sure we hold an entry for them.
+        for _, ref in ref_slots:
+            if ref._id not in self.objects:
+                self._entry_for(ref)
+        self.loop.call_soon(self._on_submit, task)
+        return refs
+
+    # ------------------------------------------------------------------ I/O thread: tasks
+    def _on_submit(self, task: TaskRecord) -> None:
+        self.tasks[task.task_id] = task
+        waiting = 0
+        with self.lock:
+            for _, ref in task.ref_slots:
+                entry = self.objects.get(ref._id)
+                if entry is None:
+                    continue
+                if entry.state == PENDING:
+                    waiting += 1
+                    entry.waiters.append(lambda _e, t=task: self._dep_ready(t))
+        task.deps_left = waiting
+        if waiting == 0:
+            self._enqueue(task)
+
+    def _dep_ready(self, task: TaskRecord) -> None:
+        task.deps_left -= 1
+        if task.deps_left == 0:
+            self._enqueue(task)
+
+    def _enqueue(self, task: TaskRecord, front: bool = False) -> None:
+        if task.cancelled:
+            return
+        # A failed argument fails the task without running it.
+        for _, ref in task.ref_slots:
+            entry = self.objects.get(ref._id)
+            if entry is not None and entry.state == FAILED:
+                self._finish_failed(task, self._error_of(entry))
+                return
+        task.state = "QUEUED"
+        kq = self.keys.get(task.key)
+        if kq is None:
+            kq = self.keys[task.key] = KeyQueue(task.shape, task.pool_key, task.strategy)
+        if front:
+            kq.queue.appendleft(task)
+        else:
+            kq.queue.append(task)
+        self._mark_dirty(task.key)
+
+    def _mark_dirty(self, key) -> None:
+        self._dirty_keys.add(key)
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            self.loop.call_soon(self._dispatch_dirty)
+
+    def _dispatch_dirty(self) -> None:
+        self._dispatch_scheduled = False
+        keys, self._dirty_keys = self._dirty_keys, set()
+        for key in keys:
+            self._dispatch(key)
+
+    def _dispatch(self, key) -> None:
+        kq = self.keys[key]
+        q = kq.queue
+        while q and q[0].cancelled:
+            q.popleft()
+        if q:
+            # Fill the leased workers, least loaded first.
+            for lease in sorted(kq.leases, key=lambda l: len(l.inflight)):
+                room = kq.depth - len(lease.inflight)
+                if room <= 0 or not q:
+                    continue
+                batch = []
+                while q and len(batch) < room:
+                    t = q.popleft()
+                    if not t.cancelled:
+                        batch.append(t)
+                if batch:
+                    self._send_tasks(lease, batch)
+        if q:
+            want = min(len(q), MAX_LEASE_REQUESTS) - len(kq.requests)
+            for _ in range(max(0, want)):
+                self._request_lease(kq, key, self.home)
+        # Leases with nothing to do linger, then go back.
+        for lease in kq.leases:
+            if not lease.inflight and lease.linger is None and not q:
+                lease.linger = self.loop.call_later(LEASE_LINGER_S, self._return_idle, lease)
+
+    def _request_lease(self, kq: KeyQueue, key, agent: AgentConn, spillback_ok: bool = True) -> None:
+        request_id = next(self._request_ids)
+        kq.requests[request_id] = agent
+        self.pending_requests[request_id] = key
+        strategy = kq.strategy if isinstance(kq.strategy, str) else "DEFAULT"
+        transport.send(agent.socket, encode("RequestLease", (request_id, kq.shape, self.job_id, kq.pool_key,
+                                                             strategy, spillback_ok)))
+
+    def _send_tasks(self, lease: LeaseState, batch: list) -> None:
+        if lease.linger is not None:
+            self.loop.cancel_timer(lease.linger)
+            lease.linger = None
+        wire = []
+        buffers: list = []
+        now = time.perf_counter()
+        for task in batch:
+            fn = task.fn
+            fn_bytes = None
+            if fn.fn_hash not in lease.shipped:
+                fn_bytes = fn.fn_bytes
+                lease.shipped.add(fn.fn_hash)
+            ref_values = []
+            ref_bufs = []
+            for slot, ref in task.ref_slots:
+                entry = self.objects[ref._id]
+                ref_values.append((slot, entry.payload, len(entry.buffers)))
+                ref_bufs.extend(entry.buffers)
+            job_setup = None
+            if not lease.job_sent:
+                job_setup = self.job_setup
+                lease.job_sent = True
+            wire.append((task.task_id, fn.fn_hash, fn_bytes, fn.name, task.args_payload, len(task.arg_bufs),
+                         ref_values, len(task.return_ids), job_setup,
+                         (lease.gpu_ids, task.shape.get("CPU", 0) / scheduling.UNIT)))
+            buffers.extend(task.arg_bufs)
+            buffers.extend(ref_bufs)
+            task.state = "RUNNING"
+            task.lease = lease
+            task.attempts += 1
+            task.submitted_at = now
+            lease.inflight[task.task_id] = task
+        lease.channel.send(encode("ExecuteTask", (wire,), buffers))
+
+    def _return_idle(self, lease: LeaseState) -> None:
+        lease.linger = None
+        if lease.inflight:
+            return
+        kq = self.keys.get(lease.key)
+        if kq is not None and kq.queue:
+            self._dispatch(lease.key)
+            return
+        self._drop_lease(lease)
+        agent = self.agents.get(lease.node_id)
+        if agent is not None:
+            transport.send(agent.socket, encode("ReturnLease", (lease.lease_id, False)))
+
+    def _drop_lease(self, lease: LeaseState) -> None:
+        self.leases.pop((lease.node_id, lease.lease_id), None)
+        kq = self.keys.get(lease.key)
+        if kq is not None and lease in kq.leases:
+            kq.leases.remove(lease)
+        if isinstance(lease.channel, DirectChannel):
+            self.loop.remove_reader(lease.channel.socket)
+            lease.channel.socket.close(0)
+
+    # ------------------------------------------------------------------ I/O thread: messages
+    def _on_head(self) -> None:
+        for frames in transport.recv_all(self.head):
+            try:
+                tag, fields, _ = protocol.decode(frames)
+            except protocol.ProtocolError as exc:
+                log.warning("dropped a bad message from the head: %s", exc)
+                continue
+            if tag == "NodeTable":
+                self.nodes = fields[0]
+            elif tag in ("Nodes", "KVValue"):
+                self._answer(fields[0], fields[1])
+
+    def _answer(self, request_id, value) -> None:
+        slot = self.pending_requests.pop(request_id, None)
+        if isinstance(slot, list):
+            slot.append(value)
+            slot[0].set()
+
+    def _on_agent(self, conn: AgentConn) -> None:
+        for frames in transport.recv_all(conn.socket):
+            self._on_message(frames, conn)
+        self._drain_released()
+
+    def _on_worker(self, sock) -> None:
+        for frames in transport.recv_all(sock):
+            self._on_message(frames, None)
+        self._drain_released()
+
+    def _on_message(self, frames, conn) -> None:
+        try:
+            tag, fields, buffers = protocol.decode(frames)
+        except protocol.ProtocolError as exc:
+            log.warning("dropped a bad message: %s", exc)
+            return
+        handler = getattr(self, "_on_" + tag, None)
+        if handler is None:
+            log.warning("the client does not handle %s", tag)
+            return
+        if tag == "TaskFinished":
+            handler(fields, buffers)
+        else:
+            handler(conn, *fields)
+
+    def _on_Welcome(self, conn, info) -> None:
+        pass
+
+    def _on_Nodes(self, conn, request_id, nodes) -> None:
+        self._answer(request_id, nodes)
+
+    def _on_LeaseGranted(self, conn: AgentConn, request_id, lease_id, worker_id, address, node_id, gpu_ids):
+        key = self.pending_requests.pop(request_id, None)
+        kq = self.keys.get(key) if key is not None else None
+        if kq is not None:
+            kq.requests.pop(request_id, None)
+        if kq is None or not kq.queue:
+            # Nothing left to run: give the worker straight back.
+            transport.send(conn.socket, encode("ReturnLease", (lease_id, False)))
+            return
+        if address is not None:
+            sock = transport.dealer(self.identity)
+            sock.connect(address)
+            self.loop.add_reader(sock, lambda s=sock: self._on_worker(s))
+            channel = DirectChannel(sock)
+        else:
+            channel = RelayChannel(conn, worker_id)
+        lease = LeaseState(lease_id, worker_id, node_id, channel, gpu_ids, key)
+        self.leases[(node_id, lease_id)] = lease
+        kq.leases.append(lease)
+        self._dispatch(key)
+
+    def _on_LeaseSpillback(self, conn, request_id, node_id, tcp_address, ipc_address):
+        key = self.pending_requests.pop(request_id, None)
+        kq = self.keys.get(key) if key is not None else None
+        if kq is None:
+            return
+        kq.requests.pop(request_id, None)
+        agent = self.agents.get(node_id)
+        if agent is None:
+            try:
+                if ipc_address and self.home.local and os.path.exists(ipc_address[len("ipc://"):]) \
+                        and not tcp_address:
+                    agent = self._open_agent(node_id, ipc_address)
+                else:
+                    agent = self._open_agent(node_id, tcp_address)
+            except Exception as error:  # noqa: BLE001
+                self._fail_key(kq, exc_mod.NodeDiedError(
+                    f"cannot reach node {node_id[:8]} at {tcp_address} that could run these tasks: {error}"))
+                return
+        if kq.queue:
+            self._request_lease(kq, key, agent, spillback_ok=False)
+
+    def _on_LeaseInfeasible(self, conn, request_id, message, fatal):
+        key = self.pending_requests.get(request_id)
+        kq = self.keys.get(key) if key is not None else None
+        if kq is None:
+            return
+        if fatal:
+            self.pending_requests.pop(request_id, None)
+            kq.requests.pop(request_id, None)
+            self._fail_key(kq, exc_mod.InfeasibleError(message))
+        elif not kq.warned_infeasible:
+            kq.warned_infeasible = True
+            log.warning("%s", message)
+            warnings.warn(message, RuntimeWarning, stacklevel=1)
+
+    def _fail_key(self, kq: KeyQueue, error: BaseException) -> None:
+        while kq.queue:
+            self._finish_failed(kq.queue.popleft(), error)
+
+    def _on_WorkerExited(self, conn, lease_id, info) -> None:
+        lease = self.leases.get((info["node_id"], lease_id))
+        if lease is None:
+            return
+        self._drop_lease(lease)
+        if info.get("signal"):
+            import signal as _signal
+            try:
+                how = f"killed by {_signal.Signals(info['signal']).name}"
+            except ValueError:
+                how = f"killed by signal {info['signal']}"
+            if info["signal"] == 9:
+                how += " (if nobody killed it, this is usually the out-of-memory killer)"
+        else:
+            how = f"exited with code {info.get('exitcode')}"
+        for task in list(lease.inflight.values()):
+            what = (f"worker {info['worker_id']} on node {info['node_id'][:8]} (pid {info['pid']}) "
+                    f"{how} while running {task.name}")
+            if task.cancelled:
+                self._finish_failed(task, exc_mod.TaskCancelledError(f"task {task.name} was cancelled"))
+            elif task.attempts <= task.max_retries:
+                log.warning("%s; retrying (attempt %d of %d)", what, task.attempts + 1, task.max_retries + 1)
+                task.state = "QUEUED"
+                self._enqueue(task, front=True)
+            else:
+                retries = f" after {task.attempts} attempts" if task.attempts > 1 else ""
+                self._finish_failed(task, exc_mod.WorkerCrashedError(
+                    f"{what}{retries}; no retries left (max_retries={task.max_retries}). "
+                    "Raise max_retries if the crash is transient, or find why the process died "
+                    f"(its log: worker-{info['worker_id']}.log in the session directory)."))
+        lease.inflight.clear()
+        self._mark_dirty(lease.key)
+
+    def _on_TaskFinished(self, fields, buffers) -> None:
+        results = fields[0]
+        pos = 0
+        now = time.perf_counter()
+        lease = None
+        completed = []
+        for task_id, ok, body in results:
+            task = self.tasks.get(task_id)
+            if task is None:
+                continue
+            lease = task.lease
+            if lease is not None:
+                lease.inflight.pop(task_id, None)
+                kq = self.keys.get(lease.key)
+                if kq is not None:
+                    elapsed = (now - task.submitted_at) / max(1, len(results))
+                    kq.avg_run_s = elapsed if kq.avg_run_s is None else 0.8 * kq.avg_run_s + 0.2 * elapsed
+                    kq.depth = MAX_PIPELINE_DEPTH if kq.avg_run_s < SHORT_TASK_S else 1
+            if ok:
+                values = []
+                for payload, nbuf in body:
+                    values.append((payload, buffers[pos:pos + nbuf]))
+                    pos += nbuf
+                completed.append((task, values))
+            else:
+                payload, type_name, tb_text, fn_name, where = body
+                if task.cancelled:
+                    self._finish_failed(task, exc_mod.TaskCancelledError(f"task {task.name} was cancelled"))
+                    continue
+                retry = task.retry_exceptions
+                if retry and task.attempts <= task.max_retries and self._retryable(retry, payload):
+                    task.state = "QUEUED"
+                    self._enqueue(task, front=True)
+                    continue
+                self._finish_failed(task, ("task", payload, type_name, tb_text, fn_name, where))
+        if completed:
+            self._finish_ok(completed)
+        if lease is not None:
+            self._mark_dirty(lease.key)
+
+    @staticmethod
+    def _retryable(retry, payload) -> bool:
+        if retry is True:
+            return True
+        try:
+            error = protocol.loads(payload) if payload is not None else None
+        except Exception:
+            return False
+        return error is not None and isinstance(error, tuple(retry))
+
+    def _finish_ok(self, completed) -> None:
+        fire = []
+        with self.lock:
+            for task, values in completed:
+                self.tasks.pop(task.task_id, None)
+                task.state = "DONE"
+                for oid, (payload, bufs) in zip(task.return_ids, values):
+                    entry = self.objects.get(oid)
+                    if entry is None:
+                        continue
+                    entry.payload = payload
+                    entry.buffers = bufs
+                    entry.state = READY
+                    entry.task = None
+                    entry.size = len(payload) + sum(len(b) for b in bufs)
+                    if entry.waiters:
+                        fire.append(entry)
+                    elif entry.local_refs <= 0 and entry.task_pins <= 0:
+                        del self.objects[oid]
+                self._unpin(task)
+        for entry in fire:
+            self._fire(entry)
+
+    def _finish_failed(self, task: TaskRecord, error) -> None:
+        fire = []
+        with self.lock:
+            self.tasks.pop(task.task_id, None)
+            task.state = "DONE"
+            for oid in task.return_ids:
+                entry = self.objects.get(oid)
+                if entry is None:
+                    continue
+                entry.state = FAILED
+                entry.error = error
+                entry.task = None
+                if entry.waiters:
+                    fire.append(entry)
+            self._unpin(task)
+        for entry in fire:
+            self._fire(entry)
+
+    def _unpin(self, task: TaskRecord) -> None:
+        for oid in task.pinned:
+            e = self.objects.get(oid)
+            if e is not None:
+                e.task_pins -= 1
+                if e.task_pins <= 0 and e.local_refs <= 0 and e.state != PENDING:
+                    del self.objects[oid]
+        task.pinned = []
+
+    def _fire(self, entry: Entry) -> None:
+        with self.lock:
+            waiters, entry.waiters = entry.waiters, []
+        for waiter in waiters:
+            try:
+                waiter(entry)
+            except Exception:
+                log.exception("an internal completion waiter failed")
+
+    # ------------------------------------------------------------------ borrowers and owners
+    def _fetch_borrowed(self, object_id: bytes, owner: tuple) -> None:
+        identity, node_id, endpoint = owner
+        if identity == self.identity:
+            return
+        if endpoint is None:
+            self._set_borrowed(object_id, FAILED, exc_mod.OwnerDiedError(
+                f"object {object_id.hex()} is owned by a process this one cannot reach"))
+            return
+        sock = self.owner_conns.get(endpoint)
+        if sock is None:
+            sock = transport.dealer(self.identity)
+            sock.connect(endpoint)
+            self.owner_conns[endpoint] = sock
+            self.loop.add_reader(sock, lambda s=sock: self._on_owner_reply(s))
+        transport.send(sock, encode("GetObject", (object_id,)))
+
+    def _on_owner_reply(self, sock) -> None:
+        for frames in transport.recv_all(sock):
+            tag, fields, buffers = protocol.decode(frames)
+            if tag == "ObjectValue":
+                object_id, state, payload, error = fields
+                if state == READY:
+                    self._set_borrowed(object_id, READY, None, payload, list(buffers))
+                else:
+                    self._set_borrowed(object_id, FAILED, error)
+
+    def _set_borrowed(self, object_id, state, error, payload=None, buffers=()) -> None:
+        with self.lock:
+            entry = self.objects.get(object_id)
+            if entry is None:
+                return
+            entry.state = state
+            entry.error = error
+            entry.payload = payload
+            entry.buffers = list(buffers)
+        self._fire(entry)
+
+    def _on_owner_socket(self) -> None:
+        for frames in transport.recv_all(self.owner_socket):
+            identity = frames[0]
+            try:
+                tag, fields, _ = protocol.decode(frames[1:])
+            except protocol.ProtocolError as exc:
+                log.warning("dropped a bad message from a borrower: %s", exc)
+                continue
+            if tag == "GetObject":
+                self._serve_object(identity, fields[0])
+
+    def _serve_object(self, identity, object_id) -> None:
+        entry = self.objects.get(object_id)
+        if entry is None:
+            error = exc_mod.ObjectLostError(f"object {object_id.hex()} was freed by its owner")
+            self._reply_object(identity, object_id, FAILED, None, [], error)
+        elif entry.state == PENDING:
+            with self.lock:
+                entry.waiters.append(lambda e, i=identity, o=object_id: self._serve_object(i, o))
+        elif entry.state == READY:
+            self._reply_object(identity, object_id, READY, entry.payload, entry.buffers, None)
+        else:
+            self._reply_object(identity, object_id, FAILED, None, [], self._error_of(entry))
+
+    def _reply_object(self, identity, object_id, state, payload, buffers, error) -> None:
+        if error is not None:
+            try:
+                protocol.pickle.dumps(error)
+            except Exception:
+                error = exc_mod.FarpoolError(str(error))
+        transport.send(self.owner_socket, [identity, *encode("ObjectValue", (object_id, state, payload, error),
+                                                             buffers)])
+
+    # ------------------------------------------------------------------ cancel
+    def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
+        self.loop.call_soon(self._cancel, ref._id, force)
+
+    def _cancel(self, task_id: bytes, force: bool) -> None:
+        task = self.tasks.get(task_id)
+        if task is None or task.cancelled:
+            return
+        task.cancelled = True
+        if task.state in ("WAITING", "QUEUED"):
+            kq = self.keys.get(task.key)
+            if kq is not None and task in kq.queue:
+                kq.queue.remove(task)
+            self._finish_failed(task, exc_mod.TaskCancelledError(
+                f"task {task.name} was cancelled before it ran"))
+        elif task.state == "RUNNING" and task.lease is not None:
+            import signal as _signal
+            agent = self.agents.get(task.lease.node_id)
+            if agent is not None:
+                sig = _signal.SIGKILL if force else _signal.SIGINT
+                transport.send(agent.socket, encode("SignalWorker", (task.lease.worker_id, int(sig))))
+
+    # ------------------------------------------------------------------ introspection
+    def request_nodes(self, timeout: float = 10) -> list[dict]:
+        event = threading.Event()
+        slot = [event]
+        request_id = next(self._request_ids)
+
+        def send():
+            self.pending_requests[request_id] = slot
+            transport.send(self.head, encode("GetNodes", (request_id,)))
+        self.loop.call_soon(send)
+        if not event.wait(timeout):
+            raise exc_mod.FarpoolError(f"the head did not answer within {timeout} s")
+        return slot[1]
+
+
+def function_info(fn, name: str) -> RemoteFunctionInfo:
+    data = protocol.dumps_function(fn)
+    return RemoteFunctionInfo(name, hashlib.sha1(data).digest(), data)
+
+
+def set_current(client: CoreClient | None) -> None:
+    global _current_client
+    _current_client = client
+
+
+def current() -> CoreClient | None:
+    return _current_client

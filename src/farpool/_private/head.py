@@ -1,0 +1,210 @@
+"""The head: membership and heartbeats of nodes, the cluster resource view, jobs, a small KV.
+
+Runs as its own process (``python -m farpool._private.head``), one thread, one
+event loop.  Not on the per-task path: clients talk to it when they join, when
+they need the node table, and for introspection::
+
+    node agents --RegisterNode/Heartbeat--> +------+ --NodeTable--> agents, drivers
+    drivers -----Hello/GetNodes/KV--------> | head |
+    lifeline (embedded only) -------------> +------+
+
+Listens on ``ipc://<session>/head`` and, for a cluster from ``farpool start``,
+on a CURVE-protected TCP port.  A node that misses heartbeats for
+``NODE_TIMEOUT_S`` is marked dead and every subscriber is told.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+from farpool._private import protocol, session, transport
+from farpool._private.protocol import encode
+
+log = logging.getLogger("farpool.head")
+
+# A node silent this long is declared dead.  Shorter detects a lost machine
+# sooner; longer tolerates a node stalled by swapping or a long GC pause.
+NODE_TIMEOUT_S = float(os.environ.get("FARPOOL_NODE_TIMEOUT_S", "10"))
+CHECK_INTERVAL_S = 1.0
+
+
+class Head:
+    def __init__(self, session_dir: str, token: str, host: str | None, port: int, embedded: bool):
+        self.session_dir = session_dir
+        self.token = token
+        self.embedded = embedded
+        self.loop = transport.EventLoop()
+        self.ipc = transport.router()
+        self.ipc.bind(session.ipc(session_dir, "head"))
+        self.loop.add_reader(self.ipc, lambda: self._on_socket(self.ipc))
+        self.tcp = None
+        self.port = None
+        self.host = host
+        if host is not None:
+            self.zap = transport.ZapHandler(token)
+            self.loop.add_reader(self.zap.socket, self.zap.handle)
+            self.tcp = transport.router()
+            transport.make_curve_server(self.tcp, token)
+            self.port = transport.bind_tcp(self.tcp, host, port)
+            self.loop.add_reader(self.tcp, lambda: self._on_socket(self.tcp))
+        self.nodes: dict[str, dict] = {}        # node_id -> public record
+        self.node_peers: dict[str, tuple] = {}  # node_id -> (socket, identity)
+        self.last_seen: dict[str, float] = {}
+        self.subscribers: dict[tuple, bool] = {}  # (socket, identity) -> True
+        self.kv: dict[str, bytes] = {}
+        self.next_job = 1
+        self.loop.call_later(CHECK_INTERVAL_S, self._check_nodes)
+
+    # --- messages ---
+    def _on_socket(self, sock) -> None:
+        for frames in transport.recv_all(sock):
+            identity, rest = frames[0], frames[1:]
+            try:
+                tag, fields, _ = protocol.decode(rest)
+                handler = getattr(self, "_on_" + tag, None)
+                if handler is None:
+                    raise protocol.ProtocolError(f"the head does not handle {tag}")
+                handler(sock, identity, *fields)
+            except (protocol.ProtocolError, TypeError, ValueError) as exc:
+                log.warning("dropped a bad message from %r: %s", identity[:16], exc)
+
+    def _reply(self, sock, identity, tag, *fields) -> None:
+        transport.send(sock, [identity, *encode(tag, fields)])
+
+    def _on_Ping(self, sock, identity, *args) -> None:
+        self._reply(sock, identity, "Pong", *args)
+
+    def _on_Hello(self, sock, identity, kind: str, info: dict) -> None:
+        job_id = None
+        if kind == "driver":
+            job_id = self.next_job
+            self.next_job += 1
+        self.subscribers[(sock, identity)] = True
+        self._reply(sock, identity, "Welcome", {
+            "job_id": job_id, "embedded": self.embedded, "session_dir": self.session_dir,
+            "nodes": self._table(), "address": self.address(),
+        })
+
+    def _on_RegisterNode(self, sock, identity, info: dict) -> None:
+        node_id = info["node_id"]
+        record = dict(info)
+        record["alive"] = True
+        record.setdefault("available", dict(info["total"]))
+        record["actors"] = 0
+        self.nodes[node_id] = record
+        self.node_peers[node_id] = (sock, identity)
+        self.last_seen[node_id] = time.monotonic()
+        self.subscribers[(sock, identity)] = True
+        log.info("node %s joined with %s", node_id, info["total"])
+        self._reply(sock, identity, "NodeRegistered", self._table(), self.address())
+        self._broadcast()
+
+    def _on_Heartbeat(self, sock, identity, node_id: str, available: dict, stats: dict) -> None:
+        record = self.nodes.get(node_id)
+        if record is None or not record["alive"]:
+            self._reply(sock, identity, "Error", "unknown-node",
+                        f"node {node_id} is not registered (it was declared dead); restart it")
+            return
+        self.last_seen[node_id] = time.monotonic()
+        self._reply(sock, identity, "HeartbeatAck")
+        changed = record["available"] != available
+        record["available"] = available
+        record.update(stats)
+        if changed:
+            self._broadcast()
+
+    def _on_GetNodes(self, sock, identity, request_id) -> None:
+        self._reply(sock, identity, "Nodes", request_id, self._table())
+
+    def _on_KVPut(self, sock, identity, key: str, value: bytes) -> None:
+        self.kv[key] = value
+
+    def _on_KVGet(self, sock, identity, request_id, key: str) -> None:
+        self._reply(sock, identity, "KVValue", request_id, self.kv.get(key))
+
+    def _on_Goodbye(self, sock, identity, kind: str, ident: str) -> None:
+        self.subscribers.pop((sock, identity), None)
+        if kind == "node" and ident in self.nodes:
+            self._mark_dead(ident, "it shut down")
+
+    # --- membership ---
+    def _table(self) -> list[dict]:
+        return list(self.nodes.values())
+
+    def address(self) -> str | None:
+        return f"{self.host}:{self.port}" if self.tcp is not None else None
+
+    def _broadcast(self) -> None:
+        frames = encode("NodeTable", (self._table(),))
+        for sock, identity in list(self.subscribers):
+            if not transport.send(sock, [identity, *frames]):
+                self.subscribers.pop((sock, identity), None)
+
+    def _mark_dead(self, node_id: str, why: str) -> None:
+        record = self.nodes.get(node_id)
+        if record is None or not record["alive"]:
+            return
+        record["alive"] = False
+        record["death_reason"] = why
+        peer = self.node_peers.pop(node_id, None)
+        if peer:
+            self.subscribers.pop(peer, None)
+        log.warning("node %s is dead: %s", node_id, why)
+        self._broadcast()
+
+    def _check_nodes(self) -> None:
+        now = time.monotonic()
+        for node_id, seen in list(self.last_seen.items()):
+            if self.nodes[node_id]["alive"] and now - seen > NODE_TIMEOUT_S:
+                self._mark_dead(node_id, f"no heartbeat for {now - seen:.0f} s")
+        self.loop.call_later(CHECK_INTERVAL_S, self._check_nodes)
+
+    def close(self) -> None:
+        for sock in (self.ipc, self.tcp):
+            if sock is not None:
+                sock.close(0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="farpool-head")
+    parser.add_argument("--session-dir", required=True)
+    parser.add_argument("--host", default=None, help="also listen on TCP at this address")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--embedded", action="store_true")
+    parser.add_argument("--lifeline", action="store_true", help="exit when stdin closes")
+    args = parser.parse_args(argv)
+    session.set_process_name("farpool-head")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = os.environ.pop("FARPOOL_TOKEN", "")
+    head = Head(args.session_dir, token, args.host, args.port, args.embedded)
+    with open(os.path.join(args.session_dir, "head.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    if head.port is not None:
+        with open(os.path.join(args.session_dir, "head.port"), "w") as f:
+            f.write(str(head.port))
+
+    def on_lifeline():
+        if not os.read(0, 4096):
+            log.info("lifeline closed: the driver is gone; stopping")
+            head.loop.stop()
+    if args.lifeline:
+        head.loop.add_reader(0, on_lifeline)
+    signal.signal(signal.SIGTERM, lambda *_: head.loop.stop())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(f"farpool-head ready pid={os.getpid()} port={head.port}", flush=True)
+    try:
+        head.loop.run()
+    finally:
+        head.close()
+        if args.embedded:
+            session.remove_session(args.session_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

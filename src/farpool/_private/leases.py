@@ -1,0 +1,321 @@
+"""The node agent's worker and lease state machine: pure, no sockets or clocks.
+
+The agent's I/O shell feeds events (a lease request, a worker that became
+ready or exited, a lease returned, a client gone) and carries out the actions
+returned.  Worker lifecycle::
+
+    STARTING --ready--> IDLE --grant--> LEASED --return--> IDLE
+        \\________________ exited (any state) ________________/--> gone
+
+A worker serves one job (driver) at a time: prestarted workers are unbound and
+bind to the first job that leases them.  Leases hold the shape's resources
+until returned.  Requests that cannot be met now wait in FIFO order; requests
+this node can never meet are spilled back to a node that can (from the head's
+view) or reported infeasible.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from farpool._private import scheduling
+from farpool._private.scheduling import Allocation, NodeResources
+
+STARTING, IDLE, LEASED = "STARTING", "IDLE", "LEASED"
+
+
+def _minus(available: dict, promised: dict) -> dict:
+    if not promised:
+        return available
+    return {name: amount - promised.get(name, 0) for name, amount in available.items()}
+
+
+@dataclass
+class LeaseRequest:
+    client: object          # opaque address of the requester (the shell's routing info)
+    request_id: int
+    shape: dict
+    job_id: object
+    pool_key: object = None  # workers dedicated to one executor/pool (initializer), or None
+    strategy: str = "DEFAULT"
+    spillback_ok: bool = True
+
+
+@dataclass
+class Worker:
+    worker_id: str
+    state: str = STARTING
+    job_id: object = None
+    pool_key: object = None
+    pid: int | None = None
+    lease_id: int | None = None
+    blocked: bool = False
+
+
+@dataclass
+class Lease:
+    lease_id: int
+    worker_id: str
+    client: object
+    request_id: int
+    alloc: Allocation
+    job_id: object = None
+
+
+@dataclass
+class Actions:
+    grants: list = field(default_factory=list)       # (LeaseRequest, Lease)
+    spawns: list = field(default_factory=list)       # (worker_id, Allocation-less env hints)
+    kills: list = field(default_factory=list)        # worker_id
+    spillbacks: list = field(default_factory=list)   # (LeaseRequest, node_id)
+    infeasible: list = field(default_factory=list)   # (LeaseRequest, message)
+    lost: list = field(default_factory=list)         # (Lease, exit info)
+
+    def extend(self, other: "Actions") -> "Actions":
+        for name in ("grants", "spawns", "kills", "spillbacks", "infeasible", "lost"):
+            getattr(self, name).extend(getattr(other, name))
+        return self
+
+
+class LeaseManager:
+    """Workers, resources and lease requests of one node."""
+
+    def __init__(self, node_id: str, totals: dict, embedded: bool, max_workers: int | None = None):
+        self.node_id = node_id
+        self.resources = NodeResources(totals)
+        self.embedded = embedded
+        cpus = -(-totals.get("CPU", 0) // scheduling.UNIT)
+        self.base_workers = max(1, cpus)
+        # Hard cap on processes: zero-CPU tasks and blocked parents may need more.
+        self.max_workers = max_workers or (4 * self.base_workers + 16)
+        self.workers: dict[str, Worker] = {}
+        self.leases: dict[int, Lease] = {}
+        self.pending: deque[LeaseRequest] = deque()
+        self.cluster_view: list[dict] = []
+        self._ids = itertools.count(1)
+        self._spread = itertools.count()
+
+    # --- events ---
+    def prestart(self) -> Actions:
+        acts = Actions()
+        for _ in range(self.base_workers):
+            acts.spawns.append(self._new_worker(None, None))
+        return acts
+
+    def request(self, req: LeaseRequest) -> Actions:
+        acts = Actions()
+        if not self.resources.feasible(req.shape) or (
+                req.strategy == "SPREAD" and req.spillback_ok and self._spread_elsewhere(req)):
+            target = scheduling.choose_node(self.cluster_view, req.shape, exclude=self.node_id,
+                                            spread_counter=next(self._spread), strategy=req.strategy)
+            if target is not None and req.spillback_ok:
+                acts.spillbacks.append((req, target))
+                return acts
+            if not self.resources.feasible(req.shape):
+                acts.infeasible.append((req, self.infeasible_message(req.shape)))
+                if not self.embedded:
+                    self.pending.append(req)  # a node that fits may still join
+                return acts
+        self.pending.append(req)
+        return self._schedule(acts)
+
+    def cancel_request(self, client, request_id) -> None:
+        self.pending = deque(r for r in self.pending
+                             if not (r.client == client and r.request_id == request_id))
+
+    def worker_ready(self, worker_id: str, pid: int) -> Actions:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return Actions(kills=[worker_id])
+        worker.pid = pid
+        worker.state = IDLE
+        return self._schedule(Actions())
+
+    def worker_exited(self, worker_id: str, info: dict) -> Actions:
+        acts = Actions()
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return acts
+        if worker.lease_id is not None:
+            lease = self.leases.pop(worker.lease_id)
+            if not worker.blocked:
+                self.resources.release(lease.alloc)
+            else:
+                self._release_blocked(lease.alloc)
+            acts.lost.append((lease, info))
+        # Keep the prestarted pool full.
+        unbound = sum(1 for w in self.workers.values() if w.job_id is None)
+        if len(self.workers) < self.base_workers and unbound == 0:
+            acts.spawns.append(self._new_worker(None, None))
+        return self._schedule(acts)
+
+    def return_lease(self, lease_id: int, kill: bool = False) -> Actions:
+        acts = Actions()
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
+            return acts
+        worker = self.workers.get(lease.worker_id)
+        if worker is not None:
+            if worker.blocked:
+                self._release_blocked(lease.alloc)
+                worker.blocked = False
+            else:
+                self.resources.release(lease.alloc)
+            worker.lease_id = None
+            worker.state = IDLE
+            if kill:
+                acts.kills.append(worker.worker_id)
+        else:
+            self.resources.release(lease.alloc)
+        return self._schedule(acts)
+
+    def client_gone(self, client) -> Actions:
+        acts = Actions()
+        self.pending = deque(r for r in self.pending if r.client != client)
+        for lease in [l for l in self.leases.values() if l.client == client]:
+            acts.extend(self.return_lease(lease.lease_id))
+        return acts
+
+    def job_finished(self, job_id) -> Actions:
+        """The job's driver left: its workers are of no use to anyone else."""
+        acts = Actions()
+        for worker in list(self.workers.values()):
+            if worker.job_id == job_id:
+                acts.kills.append(worker.worker_id)
+        return acts
+
+    def worker_blocked(self, worker_id: str) -> Actions:
+        """A leased worker waits in get(): lend its CPU so others can run (no deadlock)."""
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.lease_id is None or worker.blocked:
+            return Actions()
+        worker.blocked = True
+        self.resources.lend(self.leases[worker.lease_id].alloc.shape)
+        return self._schedule(Actions())
+
+    def worker_unblocked(self, worker_id: str) -> Actions:
+        worker = self.workers.get(worker_id)
+        if worker is None or not worker.blocked:
+            return Actions()
+        worker.blocked = False
+        # Take the CPU back even if that oversubscribes for a moment: the task resumes now.
+        self.resources.reclaim(self.leases[worker.lease_id].alloc.shape)
+        return Actions()
+
+    def set_cluster_view(self, nodes: list[dict]) -> Actions:
+        self.cluster_view = nodes
+        acts = Actions()
+        if not self.embedded:
+            # Requests waiting for a node that fits may go there now.
+            still = deque()
+            for req in self.pending:
+                if not self.resources.feasible(req.shape):
+                    target = scheduling.choose_node(nodes, req.shape, exclude=self.node_id)
+                    if target is not None:
+                        acts.spillbacks.append((req, target))
+                        continue
+                still.append(req)
+            self.pending = still
+        return acts
+
+    # --- internals ---
+    def _spread_elsewhere(self, req: LeaseRequest) -> bool:
+        live = [n for n in self.cluster_view if n["alive"] and scheduling.fits(n["total"], req.shape)]
+        return len(live) > 1
+
+    def _release_blocked(self, alloc: Allocation) -> None:
+        # A blocked worker already lent its CPU: give back everything but that.
+        shape = {k: v for k, v in alloc.shape.items() if k != "CPU"}
+        self.resources.release(Allocation(shape, alloc.gpu_ids, alloc.gpu_share))
+
+    def _new_worker(self, job_id, pool_key) -> str:
+        worker_id = f"{next(self._ids):x}"
+        self.workers[worker_id] = Worker(worker_id, STARTING, job_id, pool_key)
+        return worker_id
+
+    def _schedule(self, acts: Actions) -> Actions:
+        """Grant what can be granted, in FIFO order per shape; start workers where needed."""
+        if not self.pending:
+            return acts
+        still: deque[LeaseRequest] = deque()
+        # Resources promised in this pass to requests waiting for a starting
+        # worker, so one pass does not start a worker per pending request.
+        promised: dict = {}
+        starting = {w.worker_id for w in self.workers.values() if w.state == STARTING}
+        for req in self.pending:
+            if not self.resources.feasible(req.shape) or not self.resources.can_acquire(req.shape) \
+                    or not scheduling.fits(_minus(self.resources.available, promised), req.shape):
+                still.append(req)
+                continue
+            worker = self._idle_worker(req)
+            if worker is None:
+                match = next((wid for wid in starting if self._compatible(self.workers[wid], req)), None)
+                if match is None:
+                    # Past the base pool, replace an idle worker of another job rather
+                    # than growing; grow (up to the cap) only when none is idle.
+                    victim = self._idle_victim(req) if len(self.workers) >= self.base_workers else None
+                    if victim is not None:
+                        acts.kills.append(victim.worker_id)
+                        del self.workers[victim.worker_id]
+                    if victim is not None or len(self.workers) < self.max_workers + self._blocked_count():
+                        match = self._new_worker(req.job_id, req.pool_key)
+                        acts.spawns.append(match)
+                if match is not None:
+                    starting.discard(match)
+                    for name, amount in req.shape.items():
+                        promised[name] = promised.get(name, 0) + amount
+                still.append(req)
+                continue
+            alloc = self.resources.acquire(req.shape)
+            lease = Lease(next(self._ids), worker.worker_id, req.client, req.request_id, alloc, req.job_id)
+            self.leases[lease.lease_id] = lease
+            worker.state = LEASED
+            worker.lease_id = lease.lease_id
+            worker.job_id = req.job_id
+            worker.pool_key = req.pool_key
+            acts.grants.append((req, lease))
+        self.pending = still
+        return acts
+
+    @staticmethod
+    def _compatible(worker: Worker, req: LeaseRequest) -> bool:
+        if (worker.job_id, worker.pool_key) == (req.job_id, req.pool_key):
+            return True
+        return worker.job_id is None and worker.pool_key is None
+
+    def _blocked_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.blocked)
+
+    def _idle_worker(self, req: LeaseRequest) -> Worker | None:
+        """An idle worker of this job and pool, else an idle unbound (fresh) one."""
+        fallback = None
+        for w in self.workers.values():
+            if w.state != IDLE:
+                continue
+            if w.job_id == req.job_id and w.pool_key == req.pool_key:
+                return w
+            if w.job_id is None and w.pool_key is None and fallback is None:
+                fallback = w
+        return fallback
+
+    def _idle_victim(self, req: LeaseRequest) -> Worker | None:
+        for w in self.workers.values():
+            if w.state == IDLE and (w.job_id, w.pool_key) != (req.job_id, req.pool_key):
+                return w
+        return None
+
+    def infeasible_message(self, shape: dict) -> str:
+        totals = [n["total"] for n in self.cluster_view if n.get("alive")] or [self.resources.total]
+        described = ", ".join(scheduling.describe(t) for t in totals)
+        where = ("this embedded cluster cannot grow" if self.embedded
+                 else "it waits until a node that fits joins")
+        return (f"no node can run a task that needs {scheduling.describe(shape)}: the cluster's "
+                f"nodes have {described}; {where}. Lower the task's resource request, or "
+                "declare more at init(num_cpus=..., num_gpus=..., resources=...) / farpool start.")
+
+    def stats(self) -> dict:
+        return {"workers": len(self.workers),
+                "leased": sum(1 for w in self.workers.values() if w.state == LEASED),
+                "pending_leases": len(self.pending)}

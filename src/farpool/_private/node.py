@@ -1,0 +1,338 @@
+"""The node agent: one per machine; owns its workers, their leases and resources.
+
+Runs as its own process (``python -m farpool._private.node``), one thread, one
+event loop.  The launcher is forked before anything else (see launcher.py)::
+
+    local clients (ipc) --RequestLease/ReturnLease/Goodbye--> +-------+ --spawn/kill--> launcher
+    remote clients (tcp, CURVE) --same + Relay(worker)------> | agent | <--started/exited--
+    workers (ipc) --WorkerReady/Relay back/Blocked----------> |       | --Heartbeat--> head
+                                                              +-------+ <--NodeTable--
+
+Local clients send tasks straight to a leased worker's own ipc socket; remote
+clients send them to the agent's TCP port wrapped in ``Relay`` and the agent
+passes them on (workers need no ports of their own).  The lease decisions are
+in leases.LeaseManager (pure); this module is the I/O shell around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from farpool._private import launcher, protocol, scheduling, session, transport
+from farpool._private.leases import LeaseManager, LeaseRequest
+from farpool._private.protocol import encode
+
+log = logging.getLogger("farpool.node")
+
+HEARTBEAT_S = 1.0
+# The head silent this long means the cluster is gone: the agent exits.
+HEAD_TIMEOUT_S = float(os.environ.get("FARPOOL_HEAD_TIMEOUT_S", "15"))
+
+IPC, TCP = "ipc", "tcp"
+
+
+class NodeAgent:
+    def __init__(self, args, token: str, launcher_pid: int, launcher_sock):
+        self.args = args
+        self.session_dir = args.session_dir
+        self.node_id = args.node_id
+        self.token = token
+        self.embedded = args.embedded
+        totals = scheduling.make_totals(args.num_cpus, args.num_gpus, json.loads(args.resources or "{}"),
+                                        object_store_memory=args.object_store_memory)
+        self.leases = LeaseManager(self.node_id, totals, embedded=args.embedded)
+        self.loop = transport.EventLoop()
+        self.sockets = {}
+        self.ipc = transport.router()
+        self.ipc.bind(session.ipc(self.session_dir, "node"))
+        self.sockets[IPC] = self.ipc
+        self.loop.add_reader(self.ipc, lambda: self._on_socket(IPC))
+        self.tcp_address = None
+        if args.host:
+            self.zap = transport.ZapHandler(token)
+            self.loop.add_reader(self.zap.socket, self.zap.handle)
+            self.tcp = transport.router()
+            transport.make_curve_server(self.tcp, token)
+            port = transport.bind_tcp(self.tcp, args.host, args.port)
+            self.tcp_address = f"{args.host}:{port}"
+            self.sockets[TCP] = self.tcp
+            self.loop.add_reader(self.tcp, lambda: self._on_socket(TCP))
+        self.launcher_pid = launcher_pid
+        self.launcher_sock = launcher_sock
+        self.launcher_reader = launcher.MessageReader(launcher_sock)
+        self.loop.add_reader(launcher_sock.fileno(), self._on_launcher)
+        self.worker_pids: dict[str, int] = {}
+        self.client_jobs: dict[tuple, object] = {}
+        self.last_ack = time.monotonic()
+        self.head = None
+        self.cluster_nodes: list[dict] = []
+
+    # --- start ---
+    def connect_head(self) -> None:
+        info = {"node_id": self.node_id, "total": self.leases.resources.total,
+                "ipc": session.ipc(self.session_dir, "node"), "tcp": self.tcp_address,
+                "session_dir": self.session_dir, "hostname": os.uname().nodename,
+                "pid": os.getpid(), "is_head_node": self.args.head_node}
+        hello = encode("RegisterNode", (info,))
+        self.head = transport.dealer(f"node:{self.node_id}".encode())
+        if self.args.head_address.startswith("ipc://"):
+            self.head.connect(self.args.head_address)
+            transport.send(self.head, hello)
+        else:
+            reply = transport.connect_tcp(self.head, self.args.head_address, self.token, hello)
+            self._on_head_message(reply)
+        self.loop.add_reader(self.head, self._on_head)
+        self.loop.call_later(HEARTBEAT_S, self._heartbeat)
+
+    def start_workers(self) -> None:
+        self._apply(self.leases.prestart())
+
+    # --- head ---
+    def _on_head(self) -> None:
+        for frames in transport.recv_all(self.head):
+            self._on_head_message(frames)
+
+    def _on_head_message(self, frames) -> None:
+        try:
+            tag, fields, _ = protocol.decode(frames)
+        except protocol.ProtocolError as exc:
+            log.warning("dropped a bad message from the head: %s", exc)
+            return
+        self.last_ack = time.monotonic()
+        if tag in ("NodeRegistered", "NodeTable"):
+            self.cluster_nodes = fields[0]
+            self._apply(self.leases.set_cluster_view(self.cluster_nodes))
+        elif tag == "Error" and fields[0] == "unknown-node":
+            log.error("the head no longer knows this node (%s); exiting", fields[1])
+            self.loop.stop()
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self.last_ack > HEAD_TIMEOUT_S:
+            log.error("the head has not answered for %.0f s: the cluster is gone; exiting",
+                      time.monotonic() - self.last_ack)
+            self.loop.stop()
+            return
+        stats = self.leases.stats()
+        transport.send(self.head, encode("Heartbeat", (self.node_id, self.leases.resources.available,
+                                                       {"stats": stats})))
+        self.loop.call_later(HEARTBEAT_S, self._heartbeat)
+
+    # --- clients and workers ---
+    def _on_socket(self, kind: str) -> None:
+        sock = self.sockets[kind]
+        for frames in transport.recv_all(sock):
+            identity = frames[0]
+            try:
+                if frames[1] == b"Relay":
+                    self._relay(kind, identity, frames)
+                    continue
+                tag, fields, _ = protocol.decode(frames[1:])
+                handler = getattr(self, "_on_" + tag, None)
+                if handler is None:
+                    raise protocol.ProtocolError(f"the node agent does not handle {tag}")
+                handler((kind, identity), *fields)
+            except (protocol.ProtocolError, TypeError, ValueError, KeyError, IndexError) as exc:
+                log.warning("dropped a bad message from %r: %s", identity[:24], exc)
+
+    def _send(self, client, tag, *fields) -> bool:
+        kind, identity = client
+        return transport.send(self.sockets[kind], [identity, *encode(tag, fields)])
+
+    def _on_Ping(self, client, *args) -> None:
+        self._send(client, "Pong", *args)
+
+    def _on_Hello(self, client, kind: str, info: dict) -> None:
+        if info.get("job_id") is not None:
+            self.client_jobs[client] = info["job_id"]
+        self._send(client, "Welcome", {"node_id": self.node_id, "session_dir": self.session_dir,
+                                       "nodes": self.cluster_nodes})
+
+    def _on_RequestLease(self, client, request_id, shape, job_id, pool_key, strategy, spillback_ok) -> None:
+        self.client_jobs.setdefault(client, job_id)
+        req = LeaseRequest(client, request_id, shape, job_id, pool_key, strategy, spillback_ok)
+        self._apply(self.leases.request(req))
+
+    def _on_CancelLease(self, client, request_id) -> None:
+        self.leases.cancel_request(client, request_id)
+
+    def _on_ReturnLease(self, client, lease_id, kill) -> None:
+        self._apply(self.leases.return_lease(lease_id, kill))
+
+    def _on_Goodbye(self, client, kind: str, job_id) -> None:
+        acts = self.leases.client_gone(client)
+        if kind == "driver" and job_id is not None:
+            acts.extend(self.leases.job_finished(job_id))
+        self.client_jobs.pop(client, None)
+        self._apply(acts)
+
+    def _on_WorkerReady(self, client, worker_id: str, pid: int) -> None:
+        self._apply(self.leases.worker_ready(worker_id, pid))
+
+    def _on_WorkerBlocked(self, client, worker_id: str) -> None:
+        self._apply(self.leases.worker_blocked(worker_id))
+
+    def _on_WorkerUnblocked(self, client, worker_id: str) -> None:
+        self._apply(self.leases.worker_unblocked(worker_id))
+
+    def _on_SignalWorker(self, client, worker_id: str, sig: int) -> None:
+        pid = self.worker_pids.get(worker_id)
+        if pid:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _on_GetNodes(self, client, request_id) -> None:
+        self._send(client, "Nodes", request_id, self.cluster_nodes)
+
+    def _relay(self, kind: str, identity: bytes, frames) -> None:
+        """Relay(target) from a client to a worker, or from a worker back to its client."""
+        target = frames[2]
+        if kind == IPC and identity.startswith(b"w:") and target.startswith(b"c:"):
+            origin_kind, origin = target[2:].split(b":", 1)
+            transport.send(self.sockets[origin_kind.decode()], [origin, *frames[3:]])
+        else:
+            origin = b"c:" + kind.encode() + b":" + identity
+            if not transport.send(self.ipc, [b"w:" + target, b"Relayed", origin, *frames[3:]]):
+                log.warning("relay to worker %s failed: it is gone", target.decode(errors="replace"))
+
+    # --- launcher ---
+    def _on_launcher(self) -> None:
+        msgs = self.launcher_reader.read()
+        if msgs is None:
+            log.error("the worker launcher died; exiting")
+            self.loop.stop()
+            return
+        for msg in msgs:
+            if msg[0] == "started":
+                _, worker_id, pid = msg
+                self.worker_pids[worker_id] = pid
+            elif msg[0] == "exited":
+                _, worker_id, pid, code, sig = msg
+                self.worker_pids.pop(worker_id, None)
+                info = {"worker_id": worker_id, "pid": pid, "exitcode": code, "signal": sig,
+                        "node_id": self.node_id}
+                if code not in (0, None) or sig:
+                    log.info("worker %s (pid %s) exited: code=%s signal=%s", worker_id, pid, code, sig)
+                self._apply(self.leases.worker_exited(worker_id, info))
+
+    # --- actions ---
+    def _apply(self, acts) -> None:
+        for worker_id in acts.kills:
+            pid = self.worker_pids.get(worker_id)
+            if pid:
+                launcher.send_msg(self.launcher_sock, ("kill", pid, signal.SIGKILL))
+        for worker_id in acts.spawns:
+            launcher.send_msg(self.launcher_sock, ("spawn", worker_id, {}))
+        for req, lease in acts.grants:
+            kind, _ = req.client
+            address = session.ipc(self.session_dir, f"w-{lease.worker_id}") if kind == IPC else None
+            if not self._send(req.client, "LeaseGranted", req.request_id, lease.lease_id, lease.worker_id,
+                              address, self.node_id, lease.alloc.gpu_ids):
+                self._apply(self.leases.return_lease(lease.lease_id))
+        for req, node_id in acts.spillbacks:
+            node = next((n for n in self.cluster_nodes if n["node_id"] == node_id), None)
+            self._send(req.client, "LeaseSpillback", req.request_id, node_id,
+                       node and node.get("tcp"), node and node.get("ipc"))
+        for req, message in acts.infeasible:
+            self._send(req.client, "LeaseInfeasible", req.request_id, message, self.embedded)
+        for lease, info in acts.lost:
+            self._send(lease.client, "WorkerExited", lease.lease_id, info)
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close(0)
+        if self.head is not None:
+            self.head.close(0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="farpool-node")
+    parser.add_argument("--session-dir", required=True)
+    parser.add_argument("--head-address", required=True, help="ipc://... or HOST:PORT")
+    parser.add_argument("--node-id", required=True)
+    parser.add_argument("--num-cpus", type=float, default=None, help="default: loky.cpu_count()")
+    parser.add_argument("--num-gpus", type=float, default=None, help="default: the GPUs detected")
+    parser.add_argument("--resources", default="{}")
+    parser.add_argument("--object-store-memory", type=float, default=None)
+    parser.add_argument("--host", default=None, help="also listen on TCP at this address")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--embedded", action="store_true")
+    parser.add_argument("--head-node", action="store_true")
+    parser.add_argument("--lifeline", action="store_true")
+    args = parser.parse_args(argv)
+    token = os.environ.pop("FARPOOL_TOKEN", "")
+    # Fork the launcher before any zmq context or thread exists.
+    launcher_pid, launcher_sock = launcher.start({
+        "session_dir": args.session_dir, "node_id": args.node_id,
+        "agent_address": session.ipc(args.session_dir, "node"),
+        "cluster_head": args.head_address, "token": token,
+        "embedded": args.embedded, "num_gpus": args.num_gpus})
+    session.set_process_name("farpool-node")
+    if args.num_cpus is None:
+        import loky
+        args.num_cpus = loky.cpu_count()
+    if args.num_gpus is None:
+        args.num_gpus = session.detect_gpus()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # the kernel should kill a task before the node agent
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("-100")
+    except OSError:
+        pass
+    with open(os.path.join(args.session_dir, "node.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    agent = NodeAgent(args, token, launcher_pid, launcher_sock)
+    agent.start_workers()
+    try:
+        agent.connect_head()
+    except Exception as exc:  # wrong token or address: say so and exit
+        print(f"farpool-node: cannot join the head at {args.head_address}: {exc}", flush=True)
+        return 2
+
+    def on_lifeline():
+        if not os.read(0, 4096):
+            log.info("lifeline closed: the driver is gone; stopping")
+            agent.loop.stop()
+    if args.lifeline:
+        agent.loop.add_reader(0, on_lifeline)
+    signal.signal(signal.SIGTERM, lambda *_: agent.loop.stop())
+    if agent.tcp_address:
+        with open(os.path.join(args.session_dir, "node.address"), "w") as f:
+            f.write(agent.tcp_address)
+    print(f"farpool-node ready pid={os.getpid()} node={args.node_id} tcp={agent.tcp_address}", flush=True)
+    try:
+        agent.loop.run()
+    finally:
+        try:
+            transport.send(agent.head, encode("Goodbye", ("node", agent.node_id)))
+        except Exception:
+            pass
+        launcher_sock.close()  # the launcher sees EOF and kills the workers
+        try:
+            os.waitpid(launcher_pid, 0)
+        except ChildProcessError:
+            pass
+        agent.close()
+        transport.term_context()
+        if args.embedded or args.lifeline:
+            session.remove_session(args.session_dir)
+        else:
+            for name in os.listdir(args.session_dir):
+                if name.startswith("w-") or name == "node":
+                    try:
+                        os.unlink(os.path.join(args.session_dir, name))
+                    except OSError:
+                        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Wire messages, framing and value serialization.
+
+Owned by nobody in particular: pure functions used by every process (driver,
+head, node agent, worker) on whatever thread does the I/O.  No sockets here.
+
+A message on the wire is a list of zmq frames::
+
+    [tag, header, *buffers]
+
+``tag`` names the message (``b"ExecuteTask"``); ``header`` is a pickle
+(protocol 5) of a tuple of fields; ``buffers`` are out-of-band pickle buffers
+(numpy data and other large byte blobs) sent as their own frames without a
+copy.  Headers are unpickled only from authenticated peers: CURVE + ZAP on
+TCP, a 0700 directory for ``ipc://``.
+
+User values are serialized with plain pickle first and cloudpickle only when
+plain pickle fails (lambdas, closures, interactive ``__main__``).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+
+
+# Values pickled at least this large are not inlined in a message header but
+# sent as separate zero-copy frames (or, later, put in the node store).
+OOB_MIN_BYTES = 64 * 1024
+
+TAGS = frozenset({
+    # client <-> head
+    "Hello", "Welcome", "RegisterNode", "NodeRegistered", "Heartbeat", "HeartbeatAck",
+    "NodeTable", "GetNodes", "Nodes", "KVPut", "KVGet", "KVValue", "Goodbye",
+    # client <-> node agent
+    "RequestLease", "LeaseGranted", "LeaseSpillback", "LeaseInfeasible", "LeaseRejected",
+    "ReturnLease", "WorkerExited", "CancelLease", "Relay", "Relayed", "SignalWorker",
+    "WorkerBlocked", "WorkerUnblocked",
+    # worker <-> node agent
+    "WorkerReady", "WorkerLog",
+    # client <-> worker
+    "ExecuteTask", "TaskFinished", "GetObject", "ObjectValue", "CancelTask",
+    # anything
+    "Error", "Ping", "Pong",
+})
+
+
+class ProtocolError(Exception):
+    """A message that cannot be decoded: garbage, an unknown tag, a bad header."""
+
+
+def encode(tag: str, fields: tuple = (), buffers: list | tuple = ()) -> list:
+    """Frames for one message; ``buffers`` are sent as they are (no copy)."""
+    return [tag.encode(), pickle.dumps(fields, protocol=5), *buffers]
+
+
+def decode(frames: list) -> tuple[str, tuple, list]:
+    """(tag, fields, buffers) of one message; raises ProtocolError on garbage."""
+    if len(frames) < 2:
+        raise ProtocolError(f"message has {len(frames)} frame(s), expected at least 2")
+    raw_tag = bytes(frames[0])
+    try:
+        tag = raw_tag.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(f"message tag is not text: {raw_tag[:32]!r}") from None
+    if tag not in TAGS:
+        raise ProtocolError(f"unknown message tag {tag[:64]!r}")
+    try:
+        fields = pickle.loads(frames[1])
+    except Exception as exc:
+        raise ProtocolError(f"cannot decode the header of {tag}: {exc}") from None
+    if not isinstance(fields, tuple):
+        raise ProtocolError(f"header of {tag} is a {type(fields).__name__}, expected a tuple")
+    return tag, fields, frames[2:]
+
+
+# --- values ---------------------------------------------------------------
+
+_main_by_value: bool | None = None
+
+
+def main_script_importable(main) -> bool:
+    """Can workers load the driver's script as ``__mp_main__`` without running it?
+
+    Only a script whose top-level work sits under ``if __name__ == "__main__":``
+    can be re-imported safely, as with multiprocessing's spawn.  Other scripts
+    (and REPLs and notebooks) have their ``__main__`` objects pickled by value.
+    """
+    path = getattr(main, "__file__", None)
+    if not path or getattr(main, "__spec__", None) is not None:
+        return bool(path)  # `python -m pkg.mod`: workers import pkg.mod by name
+    try:
+        import ast
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return False
+    for node in tree.body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
+            names = [n for n in ast.walk(node.test) if isinstance(n, ast.Name) and n.id == "__name__"]
+            consts = [n for n in ast.walk(node.test) if isinstance(n, ast.Constant) and n.value == "__main__"]
+            if names and consts:
+                return True
+    return False
+
+
+def _main_is_interactive() -> bool:
+    """True when objects of __main__ must travel by value (see main_script_importable)."""
+    global _main_by_value
+    if _main_by_value is None:
+        main = sys.modules.get("__main__")
+        _main_by_value = main is None or not main_script_importable(main)
+    return _main_by_value
+
+
+def reset_interactive_cache() -> None:
+    global _main_by_value
+    _main_by_value = None
+
+
+class SerializationError(TypeError):
+    """A value cannot be pickled; the message says what and the likely culprit."""
+
+
+_CULPRITS = (
+    ("lock", "a threading lock"), ("RLock", "a threading lock"),
+    ("_io.", "an open file"), ("pickle files", "an open file"), ("TextIOWrapper", "an open file"), ("BufferedReader", "an open file"),
+    ("socket", "a socket"), ("generator", "a generator"), ("Connection", "a connection object"),
+    ("SSLContext", "an SSL context"), ("Thread", "a thread"),
+)
+
+
+def _hint(text: str) -> str:
+    for needle, what in _CULPRITS:
+        if needle in text:
+            return (f" It looks like {what}: such objects cannot travel to another process; "
+                    "create it inside the task instead, or pass what is needed to rebuild it.")
+    return " Pass plain data (numbers, strings, numpy arrays, dataclasses) or create the object inside the task."
+
+
+def dumps(value, what: str = "value") -> tuple[bytes, list]:
+    """Pickle ``value`` (protocol 5) with large buffers out of band.
+
+    Returns the pickle bytes and a list of ``PickleBuffer``s that must travel
+    beside it.  Raises SerializationError naming ``what`` could not be pickled.
+    """
+    buffers: list = []
+    if not _main_is_interactive():
+        try:
+            data = pickle.dumps(value, protocol=5, buffer_callback=_oob_filter(buffers))
+            return data, buffers
+        except Exception:
+            buffers.clear()
+    import cloudpickle  # imported on first need: it costs ~25 ms at start-up
+    try:
+        data = cloudpickle.dumps(value, protocol=5, buffer_callback=_oob_filter(buffers))
+        return data, buffers
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        raise SerializationError(f"cannot pickle {what}: {text}.{_hint(text)}") from exc
+
+
+def _oob_filter(buffers: list):
+    """A buffer_callback that keeps small buffers in-band (cheaper than a frame)."""
+    def callback(buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes >= OOB_MIN_BYTES:
+            buffers.append(buf)
+            return False
+        return True
+    return callback
+
+
+def loads(data, buffers=()):
+    """Unpickle what ``dumps`` made; ``buffers`` are frames or memoryviews."""
+    return pickle.loads(data, buffers=buffers)
+
+
+def dumps_function(fn) -> bytes:
+    """Pickle a function for shipping: by reference when importable, else by value."""
+    if not _main_is_interactive():
+        try:
+            data = pickle.dumps(fn, protocol=5)
+            # A function pickled by reference must be findable again here, or a worker won't find it.
+            if pickle.loads(data) is fn:
+                return data
+        except Exception:
+            pass
+    import cloudpickle
+    try:
+        return cloudpickle.dumps(fn, protocol=5)
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise SerializationError(f"cannot pickle the function {name}: {text}.{_hint(text)}") from exc
+
+
+def format_exception_text(exc: BaseException) -> str:
+    import traceback
+    out = io.StringIO()
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=out)
+    return out.getvalue()

@@ -1,0 +1,199 @@
+"""Resource accounting and placement decisions: pure code, no sockets, threads or clocks.
+
+Amounts are fixed-point integers in 1/10000 units, never floats, so that ten
+tasks of 0.1 GPU add up to exactly one GPU.  Whole GPUs are distinct devices
+with ids; a fractional request is packed onto one GPU id.
+
+Used by the node agent (its own resources and leases) and by anyone choosing a
+node from the head's view (spillback).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+UNIT = 10_000
+RESERVED = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def to_fixed(amount: float) -> int:
+    return int(round(amount * UNIT))
+
+
+def to_float(amount: int) -> float:
+    return amount / UNIT
+
+
+def _check_amount(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"`{name}` must be >= 0, got {value}")
+    return float(value)
+
+
+def make_request(num_cpus=1, num_gpus=0, memory=None, resources=None) -> dict[str, int]:
+    """A resource shape in fixed point from user options; validates every value.
+
+    Raises ValueError/TypeError with the offending option and value.
+    """
+    shape: dict[str, int] = {}
+    cpus = _check_amount("num_cpus", 1 if num_cpus is None else num_cpus)
+    if cpus:
+        shape["CPU"] = to_fixed(cpus)
+    gpus = _check_amount("num_gpus", num_gpus or 0)
+    if gpus > 1 and gpus != int(gpus):
+        raise ValueError(f"`num_gpus` above 1 must be a whole number, got {gpus}")
+    if gpus:
+        shape["GPU"] = to_fixed(gpus)
+    if memory is not None:
+        mem = _check_amount("memory", memory)
+        if mem:
+            shape["memory"] = to_fixed(mem)
+    if resources:
+        if not isinstance(resources, dict):
+            raise TypeError(f"`resources` must be a dict of name -> amount, got {type(resources).__name__}")
+        for name, value in resources.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"resource names must be non-empty strings, got {name!r}")
+            if name in RESERVED:
+                raise ValueError(
+                    f"`{name}` is reserved and cannot be given in `resources=`; use the "
+                    f"`{ {'CPU': 'num_cpus', 'GPU': 'num_gpus'}.get(name, name) }` option instead")
+            amount = _check_amount(f"resources[{name!r}]", value)
+            if amount:
+                shape[name] = to_fixed(amount)
+    return shape
+
+
+def make_totals(num_cpus: float, num_gpus: float = 0, resources: dict | None = None,
+                memory: float | None = None, object_store_memory: float | None = None) -> dict[str, int]:
+    totals = {"CPU": to_fixed(_check_amount("num_cpus", num_cpus))}
+    gpus = _check_amount("num_gpus", num_gpus or 0)
+    if gpus != int(gpus):
+        raise ValueError(f"a node's `num_gpus` must be a whole number, got {gpus}")
+    if gpus:
+        totals["GPU"] = to_fixed(gpus)
+    if memory:
+        totals["memory"] = to_fixed(memory)
+    if object_store_memory:
+        totals["object_store_memory"] = to_fixed(object_store_memory)
+    for name, value in (resources or {}).items():
+        if name in RESERVED:
+            raise ValueError(f"`{name}` is reserved and cannot be given in `resources=`; "
+                             "use num_cpus/num_gpus instead")
+        totals[name] = to_fixed(_check_amount(f"resources[{name!r}]", value))
+    return totals
+
+
+def describe(shape: dict[str, int]) -> str:
+    """``{CPU: 2, GPU: 0.5}`` for messages."""
+    if not shape:
+        return "{}"
+    parts = []
+    for name, amount in sorted(shape.items()):
+        value = to_float(amount)
+        parts.append(f"{name}: {int(value) if value == int(value) else value}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def as_floats(shape: dict[str, int]) -> dict[str, float]:
+    return {name: to_float(amount) for name, amount in shape.items()}
+
+
+def fits(available: dict[str, int], shape: dict[str, int]) -> bool:
+    return all(available.get(name, 0) >= amount for name, amount in shape.items())
+
+
+@dataclass
+class Allocation:
+    shape: dict[str, int]
+    gpu_ids: list[int] = field(default_factory=list)
+    gpu_share: int = 0  # per GPU id, in fixed point
+
+
+class NodeResources:
+    """Total and available resources of one node, with per-GPU-id accounting."""
+
+    def __init__(self, totals: dict[str, int]):
+        self.total = dict(totals)
+        self.available = dict(totals)
+        self._gpu_free = [UNIT] * (self.total.get("GPU", 0) // UNIT)
+
+    def feasible(self, shape: dict[str, int]) -> bool:
+        """Could this node ever run the shape (ignoring what is in use)?"""
+        return fits(self.total, shape)
+
+    def can_acquire(self, shape: dict[str, int]) -> bool:
+        return fits(self.available, shape) and self._pick_gpus(shape.get("GPU", 0)) is not None
+
+    def acquire(self, shape: dict[str, int]) -> Allocation | None:
+        """Take the shape's resources, or None when they are not free now."""
+        if not fits(self.available, shape):
+            return None
+        gpu = shape.get("GPU", 0)
+        ids = self._pick_gpus(gpu)
+        if ids is None:
+            return None
+        share = gpu if gpu < UNIT else UNIT
+        for i in ids:
+            self._gpu_free[i] -= share
+        for name, amount in shape.items():
+            self.available[name] -= amount
+        return Allocation(dict(shape), ids, share if ids else 0)
+
+    def release(self, alloc: Allocation) -> None:
+        for name, amount in alloc.shape.items():
+            self.available[name] = min(self.total.get(name, 0), self.available.get(name, 0) + amount)
+        for i in alloc.gpu_ids:
+            self._gpu_free[i] = min(UNIT, self._gpu_free[i] + alloc.gpu_share)
+
+    def lend(self, shape: dict[str, int]) -> None:
+        """Give back CPU of a blocked worker (nested get); ``reclaim`` takes it again."""
+        for name, amount in shape.items():
+            if name == "CPU":
+                self.available[name] += amount
+
+    def reclaim(self, shape: dict[str, int]) -> None:
+        for name, amount in shape.items():
+            if name == "CPU":
+                self.available[name] -= amount
+
+    def _pick_gpus(self, gpu: int) -> list[int] | None:
+        if gpu == 0:
+            return []
+        if gpu < UNIT:
+            # Pack fractions: the fullest GPU that still has room.
+            candidates = [i for i, free in enumerate(self._gpu_free) if free >= gpu]
+            if not candidates:
+                return None
+            return [min(candidates, key=lambda i: (self._gpu_free[i], i))]
+        whole = gpu // UNIT
+        free = [i for i, f in enumerate(self._gpu_free) if f == UNIT]
+        if len(free) < whole:
+            return None
+        return free[:whole]
+
+
+def choose_node(nodes: list[dict], shape: dict[str, int], exclude: str | None = None,
+                spread_counter: int = 0, strategy: str = "DEFAULT") -> str | None:
+    """Pick a node id for ``shape`` from a resource view.
+
+    ``nodes``: dicts with ``node_id``, ``alive``, ``total`` and ``available``
+    (fixed point).  Prefers nodes with the shape available now, least loaded
+    first; falls back to any feasible node (the task queues there).  None when
+    no live node could ever run it.
+    """
+    live = [n for n in nodes if n["alive"] and n["node_id"] != exclude and fits(n["total"], shape)]
+    if not live:
+        return None
+    ready = [n for n in live if fits(n["available"], shape)]
+    pool = ready or live
+    if strategy == "SPREAD":
+        return sorted(pool, key=lambda n: n["node_id"])[spread_counter % len(pool)]["node_id"]
+
+    def load(n):
+        cpu_total = n["total"].get("CPU", 0) or 1
+        return 1 - n["available"].get("CPU", 0) / cpu_total
+    return min(pool, key=lambda n: (load(n), n["node_id"]))["node_id"]

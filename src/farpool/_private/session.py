@@ -1,0 +1,182 @@
+"""Session directories, the token, spawning runtime processes, lifelines and names.
+
+Used by the driver (embedded cluster), the CLI (``farpool start``) and the
+runtime processes themselves.  A session directory is 0700 under a per-user
+0700 root and holds the ipc sockets, the token file, logs and the pid file of
+the process that created it, so a later start can remove a dead session's
+leftovers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+SESSION_PREFIX = "s-"
+
+
+def tmp_root() -> str:
+    """The per-user root directory (FARPOOL_TMPDIR overrides, e.g. for tests)."""
+    root = os.environ.get("FARPOOL_TMPDIR") or f"/tmp/farpool-{os.getuid()}"
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    st = os.stat(root)
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{root} belongs to uid {st.st_uid}, not to us; set FARPOOL_TMPDIR")
+    os.chmod(root, 0o700)
+    return root
+
+
+def new_session_dir() -> str:
+    path = os.path.join(tmp_root(), SESSION_PREFIX + secrets.token_hex(4))
+    os.mkdir(path, 0o700)
+    with open(os.path.join(path, "owner.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    return path
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def write_token(session_dir: str, token: str) -> str:
+    path = os.path.join(session_dir, "token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return path
+
+
+def ipc(session_dir: str, name: str) -> str:
+    return f"ipc://{session_dir}/{name}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_session(session_dir: str) -> None:
+    shutil.rmtree(session_dir, ignore_errors=True)
+
+
+def remove_dead_sessions() -> list[str]:
+    """Remove session directories whose every recorded process is gone."""
+    removed = []
+    root = tmp_root()
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if not name.startswith(SESSION_PREFIX) or not os.path.isdir(path):
+            continue
+        pids = []
+        for pidfile in ("owner.pid", "head.pid", "node.pid"):
+            try:
+                with open(os.path.join(path, pidfile)) as f:
+                    pids.append(int(f.read().strip() or 0))
+            except (OSError, ValueError):
+                pass
+        if pids and not any(pid_alive(p) for p in pids if p):
+            remove_session(path)
+            removed.append(path)
+    return removed
+
+
+def spawn(module: str, args: list[str], session_dir: str, log_name: str,
+          token: str | None, lifeline: bool, extra_env: dict | None = None) -> subprocess.Popen:
+    """Start ``python -m module args`` in its own session, output to a log file.
+
+    With ``lifeline`` the child's stdin is a pipe from us: EOF tells it we died.
+    The token travels in the environment, never on the command line.
+    """
+    env = dict(os.environ)
+    if token is not None:
+        env["FARPOOL_TOKEN"] = token
+    env.update(extra_env or {})
+    env["PYTHONUNBUFFERED"] = "1"
+    out = open(os.path.join(session_dir, log_name), "ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdin=subprocess.PIPE if lifeline else subprocess.DEVNULL,
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            close_fds=True)
+    finally:
+        out.close()
+
+
+def set_process_name(name: str) -> None:
+    """The name `ps -o comm` and `top` show (15 bytes at most)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except Exception:
+        pass
+
+
+def terminate(pids: list[int], grace_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL what is still alive after ``grace_s``."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    for pid in pids:
+        while pid_alive(pid) and not _reaped(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if pid_alive(pid) and not _reaped(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:
+        return False
+
+
+def state_file() -> str:
+    return os.path.join(tmp_root(), "cluster.json")
+
+
+def read_state() -> dict | None:
+    try:
+        with open(state_file()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_state(state: dict) -> None:
+    path = state_file()
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f, indent=1)
+    os.replace(tmp, path)
+
+
+def detect_gpus() -> int:
+    """GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else the NVIDIA driver's list."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0

@@ -1,0 +1,352 @@
+"""The only module that imports zmq: sockets, CURVE and ZAP, and the event loop.
+
+Every long-lived loop in farpool (head, node agent, worker, the client's I/O
+thread) is an ``EventLoop``: one ``zmq.Poller`` over its sockets, a wake-up
+eventfd for work handed over by other threads, plain fds (lifelines, launcher
+pipes) and a timer heap that sets the poll timeout.  Nothing polls on a clock::
+
+    other threads --call_soon()--> deque + eventfd --+
+    sockets / fds --------------------------------+--> poll(timeout from timer heap)
+    timers (heap) ---------------------------------+          |
+                                                           handlers
+
+TCP endpoints are protected by CURVE.  Both key pairs are derived from the
+cluster token, and the server's ZAP handler admits only clients presenting the
+token's client key, so only token holders connect.  A client then completes an
+application ``Hello`` with a deadline, watching the socket monitor so that a
+wrong token (handshake refused) and a wrong address (nothing answers) fail fast
+with different errors instead of zmq's silent endless reconnect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import logging
+import os
+import time
+from collections import deque
+
+import zmq
+import struct
+from zmq.utils import z85
+
+from farpool.exceptions import AuthenticationError
+from farpool._private import protocol
+
+log = logging.getLogger(__name__)
+
+# How long a client waits for the application hello of a TCP peer before it
+# calls the address wrong.  Shorter fails faster on typos, longer tolerates a
+# loaded head.
+HELLO_DEADLINE_S = float(os.environ.get("FARPOOL_HELLO_DEADLINE_S", "5"))
+# Most messages in flight queued per peer before zmq blocks/drops; large
+# because the task path batches.
+HWM = 100_000
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+
+_context: zmq.Context | None = None
+_context_pid: int | None = None
+
+
+def context() -> zmq.Context:
+    """This process's zmq context (a fresh one after fork)."""
+    global _context, _context_pid
+    if _context is None or _context_pid != os.getpid():
+        _context = zmq.Context()
+        _context.setsockopt(zmq.LINGER, 0)
+        _context.set(zmq.MAX_SOCKETS, 8192)
+        _context_pid = os.getpid()
+    return _context
+
+
+def term_context() -> None:
+    global _context
+    if _context is not None and _context_pid == os.getpid():
+        _context.destroy(linger=0)
+    _context = None
+
+
+def forget_context_after_fork() -> None:
+    """In a forked child: drop the parent's context without touching it."""
+    global _context, _context_pid
+    _context = None
+    _context_pid = None
+
+
+# --- keys -------------------------------------------------------------------
+
+def _keypair(token: str, role: str) -> tuple[bytes, bytes]:
+    secret = hashlib.sha256(f"farpool-curve-{role}:{token}".encode()).digest()
+    secret_z85 = z85.encode(secret)
+    return zmq.curve_public(secret_z85), secret_z85
+
+
+def server_keys(token: str) -> tuple[bytes, bytes]:
+    return _keypair(token, "server")
+
+
+def client_keys(token: str) -> tuple[bytes, bytes]:
+    return _keypair(token, "client")
+
+
+# --- sockets ----------------------------------------------------------------
+
+def router(identity: bytes | None = None) -> zmq.Socket:
+    sock = context().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.LINGER, 0)
+    if identity:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    return sock
+
+
+def dealer(identity: bytes | None = None) -> zmq.Socket:
+    sock = context().socket(zmq.DEALER)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.LINGER, 0)
+    if identity:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    return sock
+
+
+def make_curve_server(sock: zmq.Socket, token: str) -> None:
+    public, secret = server_keys(token)
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    sock.setsockopt(zmq.ZAP_DOMAIN, b"farpool")
+
+
+def make_curve_client(sock: zmq.Socket, token: str) -> None:
+    server_public, _ = server_keys(token)
+    public, secret = client_keys(token)
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+
+
+def bind_tcp(sock: zmq.Socket, host: str, port: int = 0) -> int:
+    """Bind to host:port (0: any free port, no race) and return the bound port."""
+    sock.bind(f"tcp://{host}:{port}")
+    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+class ZapHandler:
+    """Answers ZAP requests in the owner's event loop: admit only the token's client key."""
+
+    def __init__(self, token: str):
+        self._allowed = z85.decode(client_keys(token)[0])
+        self.socket = context().socket(zmq.REP)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(ZAP_ENDPOINT)
+
+    def handle(self) -> None:
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            version, request_id, _domain, address, _identity, mechanism = frames[:6]
+            key = frames[6] if len(frames) > 6 else b""
+            ok = mechanism == b"CURVE" and key == self._allowed
+            if not ok:
+                log.warning("refused a connection from %s: it does not hold the cluster token",
+                            address.decode(errors="replace"))
+            self.socket.send_multipart([
+                version, request_id,
+                b"200" if ok else b"400",
+                b"OK" if ok else b"not a holder of the cluster token",
+                b"farpool" if ok else b"", b""])
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+
+def connect_tcp(sock: zmq.Socket, address: str, token: str, hello: list,
+                deadline_s: float | None = None) -> list:
+    """Connect a DEALER to a CURVE endpoint and complete the application hello.
+
+    Sends ``hello`` (frames), waits for one reply and returns its frames.
+    Raises AuthenticationError when the peer refuses our token, and
+    ConnectionError when nothing answers within the deadline.
+    """
+    deadline_s = HELLO_DEADLINE_S if deadline_s is None else deadline_s
+    make_curve_client(sock, token)
+    monitor = sock.get_monitor_socket(
+        zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
+    try:
+        sock.connect(f"tcp://{address}")
+        sock.send_multipart(hello)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        end = time.monotonic() + deadline_s
+        connected = handshake_failed = False
+        while True:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            events = dict(poller.poll(remaining * 1000))
+            if sock in events:
+                return sock.recv_multipart(copy=True)
+            if monitor in events:
+                event = struct.unpack("=hi", monitor.recv_multipart()[0][:6])[0]
+                if event == zmq.EVENT_CONNECTED:
+                    connected = True
+                elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                               zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                    handshake_failed = True
+                    break
+                elif event == zmq.EVENT_DISCONNECTED and connected:
+                    # A CURVE server that cannot decrypt our hello drops the connection.
+                    handshake_failed = True
+                    break
+        if handshake_failed:
+            raise AuthenticationError(
+                f"the farpool cluster at {address} refused our credentials: the cluster token "
+                "is wrong. Use the token printed by `farpool start --head` (FARPOOL_TOKEN, "
+                "--token-file, or init(token=...)).")
+        if connected:
+            raise ConnectionError(
+                f"something accepted a connection at {address} but did not answer as a farpool "
+                f"head or node within {deadline_s:.0f} s; check the address and port.")
+        raise ConnectionError(
+            f"nothing answered at {address} within {deadline_s:.0f} s: no farpool cluster "
+            "listens there. Check the address and port printed by `farpool start --head`, "
+            "and that the head is running (`farpool status`).")
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+
+
+# --- event loop -------------------------------------------------------------
+
+class EventLoop:
+    """One poller over sockets and fds, a timer heap and a cross-thread wake-up.
+
+    Owned by one thread; ``call_soon`` is the only method other threads call.
+    """
+
+    def __init__(self):
+        self._poller = zmq.Poller()
+        self._handlers: dict = {}
+        self._timers: list = []
+        self._timer_seq = itertools.count()
+        self._calls: deque = deque()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._armed = False  # a wake-up is pending; others need not write again
+        self._poller.register(self._wake_fd, zmq.POLLIN)
+        self._handlers[self._wake_fd] = self._drain_calls
+        self.running = False
+
+    def add_reader(self, sock_or_fd, handler) -> None:
+        self._poller.register(sock_or_fd, zmq.POLLIN)
+        self._handlers[sock_or_fd] = handler
+
+    def remove_reader(self, sock_or_fd) -> None:
+        if sock_or_fd in self._handlers:
+            self._poller.unregister(sock_or_fd)
+            del self._handlers[sock_or_fd]
+
+    def call_later(self, delay_s: float, fn, *args) -> list:
+        """Run fn(*args) on the loop after delay_s; returns a handle for cancel_timer."""
+        entry = [time.monotonic() + delay_s, next(self._timer_seq), fn, args]
+        heapq.heappush(self._timers, entry)
+        return entry
+
+    @staticmethod
+    def cancel_timer(entry: list | None) -> None:
+        if entry is not None:
+            entry[2] = None
+
+    def call_soon(self, fn, *args) -> None:
+        """Thread-safe: run fn(*args) on the loop thread soon."""
+        self._calls.append((fn, args))
+        if not self._armed:
+            self._armed = True
+            os.eventfd_write(self._wake_fd, 1)
+
+    def wake(self) -> None:
+        if not self._armed:
+            self._armed = True
+            os.eventfd_write(self._wake_fd, 1)
+
+    def _drain_calls(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+        self._armed = False
+        calls = self._calls
+        while calls:
+            fn, args = calls.popleft()
+            fn(*args)
+
+    def run_once(self, max_wait_s: float | None = None) -> None:
+        timeout = None
+        if self._timers:
+            now = time.monotonic()
+            while self._timers and (self._timers[0][2] is None or self._timers[0][0] <= now):
+                entry = heapq.heappop(self._timers)
+                if entry[2] is not None:
+                    entry[2](*entry[3])
+                now = time.monotonic()
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - now) * 1000
+        if self._calls:
+            timeout = 0
+        if max_wait_s is not None:
+            timeout = max_wait_s * 1000 if timeout is None else min(timeout, max_wait_s * 1000)
+        for sock_or_fd, _ in self._poller.poll(timeout):
+            handler = self._handlers.get(sock_or_fd)
+            if handler is not None:
+                handler()
+        if self._calls:
+            self._drain_calls()
+
+    def run(self) -> None:
+        self.running = True
+        while self.running:
+            self.run_once()
+
+    def stop(self) -> None:
+        self.running = False
+        self.wake()
+
+    def close(self) -> None:
+        try:
+            os.close(self._wake_fd)
+        except OSError:
+            pass
+
+
+def send(sock: zmq.Socket, frames: list) -> bool:
+    """Send without blocking; False when the peer is gone or unknown (ROUTER)."""
+    try:
+        sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        return True
+    except zmq.ZMQError as exc:
+        if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+            return False
+        raise
+
+
+def recv_all(sock: zmq.Socket, limit: int = 1000):
+    """Yield up to ``limit`` messages already queued on ``sock`` (never blocks)."""
+    for _ in range(limit):
+        try:
+            yield sock.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
+Again = zmq.Again
+ZMQError = zmq.ZMQError

@@ -1,0 +1,289 @@
+"""A worker process: runs tasks sent straight to it by the owners that lease it.
+
+Forked by the launcher (launcher.py); one main thread runs the event loop and
+the tasks themselves, so a task can be interrupted with SIGINT
+(``KeyboardInterrupt``) and a nested ``get`` inside a task uses the process's
+core client (client.py), which has its own I/O thread::
+
+    local owners --ExecuteTask--> ipc://<session>/w-<id> (ROUTER) --+
+    remote owners --Relayed(ExecuteTask)--> agent DEALER -----------+--> run --> TaskFinished
+    lifeline (launcher) --EOF--> exit
+
+A worker serves one job: the first task of an owner carries the job set-up
+(``sys.path``, cwd, the driver's main script, loaded as ``__mp_main__`` the way
+multiprocessing's spawn does, so functions defined in the driver's script are
+pickled by reference and share one module's globals).  Functions arrive once
+per owner and worker and are cached by content hash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import types
+
+from farpool._private import protocol, session, transport
+from farpool._private.protocol import encode
+
+log = logging.getLogger("farpool.worker")
+
+
+class RuntimeContext:
+    """What ``farpool.get_runtime_context()`` reports inside a task."""
+
+    def __init__(self):
+        self.node_id = None
+        self.worker_id = None
+        self.task_id = None
+        self.actor_id = None
+        self.job_id = None
+        self.gpu_ids: list[int] = []
+
+    def get_node_id(self):
+        return self.node_id
+
+    def get_worker_id(self):
+        return self.worker_id
+
+    def get_task_id(self):
+        return self.task_id
+
+    def get_actor_id(self):
+        return self.actor_id
+
+    def get_job_id(self):
+        return self.job_id
+
+    def __repr__(self):
+        return (f"RuntimeContext(node_id={self.node_id!r}, worker_id={self.worker_id!r}, "
+                f"task_id={self.task_id!r}, actor_id={self.actor_id!r})")
+
+
+context = RuntimeContext()
+# Set in a worker process: what a nested client needs to join its cluster.
+worker_config: dict | None = None
+
+
+def _setup_main(main_path: str | None, main_module: str | None) -> None:
+    """Load the driver's script as __mp_main__ (and alias __main__), like spawn does."""
+    if main_module and main_module not in ("__main__", "__mp_main__"):
+        try:
+            module = __import__(main_module, fromlist=["*"])
+        except ImportError:
+            return
+    elif main_path and os.path.exists(main_path):
+        import runpy
+        module = types.ModuleType("__mp_main__")
+        sys.modules["__mp_main__"] = module
+        sys.modules["__main__"] = module
+        try:
+            code_globals = runpy.run_path(main_path, run_name="__mp_main__")
+        except BaseException as exc:  # the script may fail outside __main__ guard; keep going
+            log.warning("loading the driver's script %s as __mp_main__ failed: %r", main_path, exc)
+            return
+        module.__dict__.update(code_globals)
+        module.__file__ = main_path
+        return
+    else:
+        return
+    sys.modules["__mp_main__"] = module
+    sys.modules["__main__"] = module
+
+
+class Worker:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.worker_id = cfg["worker_id"]
+        self.node_id = cfg["node_id"]
+        self.where = f"node {self.node_id[:8]} worker {self.worker_id} (pid {os.getpid()})"
+        self.loop = transport.EventLoop()
+        self.router = transport.router()
+        self.router.bind(session.ipc(cfg["session_dir"], f"w-{self.worker_id}"))
+        self.agent = transport.dealer(b"w:" + self.worker_id.encode())
+        self.agent.connect(cfg["agent_address"])
+        self.loop.add_reader(self.router, self._on_router)
+        self.loop.add_reader(self.agent, self._on_agent)
+        self.loop.add_reader(cfg["lifeline_fd"], self._on_lifeline)
+        self.functions: dict[bytes, object] = {}
+        self.job_id = None
+        self.gpu_ids: list[int] | None = None
+        context.node_id = self.node_id
+        context.worker_id = self.worker_id
+
+    def start(self) -> None:
+        transport.send(self.agent, encode("WorkerReady", (self.worker_id, os.getpid())))
+
+    def _on_lifeline(self) -> None:
+        if not os.read(self.cfg["lifeline_fd"], 4096):
+            os._exit(0)  # the node is gone; nothing to flush to
+
+    def _on_router(self) -> None:
+        for frames in transport.recv_all(self.router, limit=64):
+            identity = frames[0]
+            self._handle(frames[1:], lambda reply, i=identity: transport.send(self.router, [i, *reply]))
+
+    def _on_agent(self) -> None:
+        for frames in transport.recv_all(self.agent, limit=64):
+            if frames[0] == b"Relayed":
+                origin = frames[1]
+                self._handle(frames[2:], lambda reply, o=origin: transport.send(
+                    self.agent, [b"Relay", o, *reply]))
+            else:
+                log.warning("unexpected message from the agent: %r", frames[0][:32])
+
+    def _handle(self, frames, reply) -> None:
+        try:
+            tag, fields, buffers = protocol.decode(frames)
+        except protocol.ProtocolError as exc:
+            log.warning("dropped a bad message: %s", exc)
+            return
+        if tag == "ExecuteTask":
+            results, out_buffers = self._execute_batch(fields[0], buffers)
+            reply(encode("TaskFinished", (results,), out_buffers))
+        elif tag == "Ping":
+            reply(encode("Pong", fields))
+        else:
+            log.warning("a worker does not handle %s", tag)
+
+    def _execute_batch(self, tasks, buffers) -> tuple[list, list]:
+        results = []
+        out_buffers: list = []
+        pos = 0
+        for task in tasks:
+            (task_id, fn_hash, fn_bytes, fn_name, args_payload, n_arg_bufs, ref_values,
+             num_returns, job_setup, lease_info) = task
+            arg_bufs = buffers[pos:pos + n_arg_bufs]
+            pos += n_arg_bufs
+            ref_bufs = []
+            for _slot, _payload, nbuf in ref_values:
+                ref_bufs.append(buffers[pos:pos + nbuf])
+                pos += nbuf
+            results.append(self._execute(task_id, fn_hash, fn_bytes, fn_name, args_payload, arg_bufs,
+                                         ref_values, ref_bufs, num_returns, job_setup, lease_info,
+                                         out_buffers))
+        return results, out_buffers
+
+    def _apply_job(self, job_setup: dict) -> None:
+        if self.job_id is not None:
+            return
+        self.job_id = job_setup["job_id"]
+        context.job_id = self.job_id
+        for path in reversed(job_setup.get("sys_path", [])):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        cwd = job_setup.get("cwd")
+        if cwd and os.path.isdir(cwd):
+            os.chdir(cwd)
+        for key, value in (job_setup.get("env") or {}).items():
+            os.environ[key] = value
+        global worker_config
+        worker_config = dict(self.cfg, job_id=self.job_id, namespace=job_setup.get("namespace"))
+        _setup_main(job_setup.get("main_path"), job_setup.get("main_module"))
+
+    def _apply_lease(self, lease_info) -> None:
+        gpu_ids, num_cpus = lease_info
+        if gpu_ids != self.gpu_ids:
+            self.gpu_ids = gpu_ids
+            context.gpu_ids = list(gpu_ids)
+            if gpu_ids or self.cfg.get("num_gpus"):
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)
+
+    def _execute(self, task_id, fn_hash, fn_bytes, fn_name, args_payload, arg_bufs, ref_values,
+                 ref_bufs, num_returns, job_setup, lease_info, out_buffers):
+        if job_setup is not None:
+            self._apply_job(job_setup)
+        self._apply_lease(lease_info)
+        context.task_id = task_id.hex()
+        try:
+            fn = self.functions.get(fn_hash)
+            if fn is None:
+                if fn_bytes is None:
+                    raise RuntimeError(f"function {fn_name} was not shipped to this worker")
+                fn = protocol.loads(fn_bytes)
+                self.functions[fn_hash] = fn
+            args, kwargs = protocol.loads(args_payload, arg_bufs)
+            if ref_values:
+                args = list(args)
+                for (slot, payload, _nbuf), bufs in zip(ref_values, ref_bufs):
+                    value = protocol.loads(payload, bufs)
+                    if isinstance(slot, int):
+                        args[slot] = value
+                    else:
+                        kwargs[slot] = value
+            value = fn(*args, **kwargs)
+            del args, kwargs
+            if num_returns == 1:
+                values = (value,)
+            else:
+                values = tuple(value) if isinstance(value, (tuple, list)) else None
+                if values is None or len(values) != num_returns:
+                    got = f"{type(value).__name__} of length {len(values)}" if values is not None \
+                        else type(value).__name__
+                    raise ValueError(f"task {fn_name} declared num_returns={num_returns} but returned a {got}")
+            payloads = []
+            for i, v in enumerate(values):
+                what = f"the result of {fn_name}" + (f" (return {i})" if num_returns > 1 else "")
+                data, bufs = protocol.dumps(v, what=what)
+                payloads.append((data, len(bufs)))
+                out_buffers.extend(bufs)
+            return (task_id, True, payloads)
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the owner
+            return (task_id, False, self._error(exc, fn_name))
+        finally:
+            context.task_id = None
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+    def _error(self, exc: BaseException, fn_name: str):
+        text = protocol.format_exception_text(exc)
+        try:
+            payload, bufs = protocol.dumps(exc, what="the exception")
+            if bufs:
+                payload = None
+            else:
+                protocol.loads(payload)  # must also load back, or the owner fails to decode it
+        except Exception:
+            payload = None
+        return (payload, type(exc).__qualname__, text, fn_name, self.where)
+
+    def run(self) -> None:
+        self.start()
+        self.loop.run()
+
+
+def _on_sigint(signum, frame):
+    """cancel(force=False): interrupt the running task, never the idle worker."""
+    if context.task_id is not None:
+        raise KeyboardInterrupt(f"task {context.task_id} was cancelled")
+
+
+def main(cfg: dict) -> int:
+    transport.forget_context_after_fork()
+    session.set_process_name("farpool-worker")
+    log_path = os.path.join(cfg["session_dir"], f"worker-{cfg['worker_id']}.log")
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    for key, value in (cfg.get("env") or {}).items():
+        os.environ[key] = value
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("500")  # the kernel should kill a task, not the node agent
+    except OSError:
+        pass
+    try:
+        import numpy
+        numpy.random.seed()  # forked workers must not share the launcher's RNG state
+    except ImportError:
+        pass
+    import random
+    random.seed()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, _on_sigint)
+    os.environ["FARPOOL_WORKER"] = "1"
+    worker = Worker(cfg)
+    worker.run()
+    return 0

@@ -1,0 +1,213 @@
+"""``farpool`` command line: start/stop a shared cluster, status, microbenchmark.
+
+``farpool start --head`` starts a head and a node agent on this machine as
+daemons (not tied to the terminal) and prints the address and the exact
+command other machines run to join; ``farpool start --address`` adds a node.
+What was started is recorded in ``<tmp root>/cluster.json`` so that
+``farpool stop`` and ``init(address="auto")`` find it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _resource_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-cpus", type=float, default=None, help="logical CPUs (default: the cores here)")
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs (default: the ones detected)")
+    p.add_argument("--resources", default="{}", help='custom resources as JSON, e.g. \'{"ssd": 1}\'')
+    p.add_argument("--object-store-memory", type=float, default=None, help="bytes of object store")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="farpool", description="farpool: a distributed runtime for Python")
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="start a head (--head) or join a node (--address)")
+    start.add_argument("--head", action="store_true", help="start the head of a new cluster")
+    start.add_argument("--address", help="HOST:PORT of the head to join")
+    start.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    start.add_argument("--port", type=int, default=0, help="head port (default: any free port)")
+    start.add_argument("--token-file", help="file holding the cluster token (else FARPOOL_TOKEN)")
+    start.add_argument("--token", help="the cluster token (visible to other users in ps: prefer FARPOOL_TOKEN)")
+    start.add_argument("--block", action="store_true", help="stay in the foreground until Ctrl-C")
+    _resource_args(start)
+    stop = sub.add_parser("stop", help="stop what `farpool start` started on this machine")
+    del stop
+    status = sub.add_parser("status", help="nodes, resources and workers of a cluster")
+    status.add_argument("--address", default="auto")
+    bench = sub.add_parser("microbenchmark", help="run the standard micro-benchmarks (under a minute)")
+    bench.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        return {"start": _start, "stop": _stop, "status": _status, "microbenchmark": _microbenchmark}[
+            args.command](args)
+    except (ValueError, ConnectionError, OSError) as exc:
+        print(f"farpool {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _token(args) -> str | None:
+    if args.token:
+        return args.token
+    if args.token_file:
+        with open(args.token_file) as f:
+            return f.read().strip()
+    return os.environ.get("FARPOOL_TOKEN")
+
+
+def _start(args) -> int:
+    from farpool._private import scheduling, session
+    resources = json.loads(args.resources or "{}")
+    scheduling.make_totals(args.num_cpus or 1, args.num_gpus or 0, resources)  # validate early
+    if args.head == bool(args.address):
+        raise ValueError("give either --head (a new cluster) or --address HOST:PORT (join one)")
+    state = session.read_state() or {}
+    if args.head and state.get("head_pid") and session.pid_alive(state["head_pid"]):
+        raise ValueError(f"a farpool head is already running here (pid {state['head_pid']}, "
+                         f"address {state.get('address')}); run `farpool stop` first")
+    session.remove_dead_sessions()
+    session_dir = session.new_session_dir()
+    os.unlink(os.path.join(session_dir, "owner.pid"))
+    node_id = os.urandom(8).hex()
+    common = ["--session-dir", session_dir, "--node-id", node_id, "--resources", json.dumps(resources),
+              "--host", args.host]
+    for flag, value in (("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus),
+                        ("--object-store-memory", args.object_store_memory)):
+        if value is not None:
+            common += [flag, str(value)]
+    if args.head:
+        token = _token(args) or session.new_token()
+        token_file = session.write_token(session_dir, token)
+        head = session.spawn("farpool._private.head", ["--session-dir", session_dir, "--host", args.host,
+                                                       "--port", str(args.port)],
+                             session_dir, "head.log", token, lifeline=False)
+        port = _wait_file(os.path.join(session_dir, "head.port"), head, "head")
+        address = f"{args.host}:{port}"
+        node = session.spawn("farpool._private.node",
+                             ["--head-address", session.ipc(session_dir, "head"), "--head-node"] + common,
+                             session_dir, "node.log", token, lifeline=False)
+        _wait_file(os.path.join(session_dir, "node.address"), node, "node agent")
+        state = {"address": address, "session_dir": session_dir, "token_file": token_file,
+                 "head_pid": head.pid, "nodes": [{"pid": node.pid, "session_dir": session_dir,
+                                                   "node_id": node_id}]}
+        session.write_state(state)
+        print(f"farpool head started at {address} (node {node_id[:8]}, session {session_dir})")
+        print("To join another machine to this cluster, run there:")
+        print(f"  FARPOOL_TOKEN=$(cat {token_file}) farpool start --address {address}")
+        print("  (copy the token file to that machine first; the token never goes on a command line)")
+        print(f"To connect a program: farpool.init(address=\"{address}\") with FARPOOL_TOKEN set, "
+              "or init(address=\"auto\") on this machine.")
+        if args.host in ("127.0.0.1", "localhost", "::1"):
+            print("The head listens on loopback only: other machines cannot reach it. To open the "
+                  "cluster to them, restart with --host set to an address they can reach.")
+    else:
+        token = _token(args)
+        if not token:
+            raise ValueError("no cluster token: set FARPOOL_TOKEN or pass --token-file PATH "
+                             "(the token printed by `farpool start --head`)")
+        node = session.spawn("farpool._private.node", ["--head-address", args.address] + common,
+                             session_dir, "node.log", token, lifeline=False)
+        try:
+            _wait_file(os.path.join(session_dir, "node.address"), node, "node agent")
+        except RuntimeError:
+            session.remove_session(session_dir)
+            raise
+        state = session.read_state() or {"nodes": []}
+        state.setdefault("nodes", []).append({"pid": node.pid, "session_dir": session_dir, "node_id": node_id,
+                                              "joined": args.address})
+        session.write_state(state)
+        print(f"farpool node {node_id[:8]} joined the cluster at {args.address}")
+    if args.block:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return _stop(args)
+    return 0
+
+
+def _wait_file(path: str, proc, what: str, timeout: float = 30) -> str:
+    """Wait for a process to publish a file (its port), or report its log if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                value = f.read().strip()
+            if value:
+                return value
+        try:
+            code = proc.wait(timeout=0.05)
+        except Exception:
+            continue
+        log = os.path.join(os.path.dirname(path), f"{'head' if what == 'head' else 'node'}.log")
+        try:
+            with open(log) as f:
+                tail = f.read()[-2000:]
+        except OSError:
+            tail = ""
+        raise RuntimeError(f"the {what} exited with code {code} while starting:\n{tail}")
+    raise RuntimeError(f"the {what} did not start within {timeout:.0f} s")
+
+
+def _stop(args) -> int:
+    from farpool._private import session
+    state = session.read_state()
+    if not state:
+        print("farpool stop: nothing was started on this machine")
+        return 0
+    pids = [n["pid"] for n in state.get("nodes", [])]
+    if state.get("head_pid"):
+        pids.append(state["head_pid"])
+    alive = [p for p in pids if session.pid_alive(p)]
+    session.terminate(alive)
+    dirs = {n["session_dir"] for n in state.get("nodes", [])}
+    if state.get("session_dir"):
+        dirs.add(state["session_dir"])
+    for d in dirs:
+        session.remove_session(d)
+    os.unlink(session.state_file())
+    print(f"farpool stopped {len(alive)} process(es)")
+    return 0
+
+
+def _status(args) -> int:
+    import farpool
+    farpool.init(address=args.address)
+    try:
+        nodes = farpool.nodes()
+        print(f"{len([n for n in nodes if n['alive']])} live node(s)")
+        for n in nodes:
+            total = ", ".join(f"{k} {v:g}" for k, v in sorted(n["resources_total"].items()))
+            avail = ", ".join(f"{k} {v:g}" for k, v in sorted(n["resources_available"].items()))
+            state = "alive" if n["alive"] else "DEAD"
+            print(f"  node {n['node_id'][:8]} {state} at {n['address']}: total {{{total}}}, "
+                  f"available {{{avail}}}, workers {n.get('workers')}")
+    finally:
+        farpool.shutdown()
+    return 0
+
+
+def _microbenchmark(args) -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.getcwd(), os.path.join(here, "..", "..")):
+        path = os.path.join(root, "benchmarks")
+        if os.path.isfile(os.path.join(path, "farpool_bench.py")):
+            sys.path.insert(0, path)
+            break
+    try:
+        import farpool_bench
+    except ImportError:
+        print("farpool microbenchmark needs the benchmarks/ folder of a farpool checkout "
+              "(run it from the project directory)", file=sys.stderr)
+        return 1
+    results = farpool_bench.main(quick=args.quick)
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared fixtures: an isolated tmp root per test run, and leak checks at the end.
+
+Every test run gets its own FARPOOL_TMPDIR, so it never touches a cluster the
+user started, and the session ends by checking that nothing the tests started
+is left: no runtime process, no session directory, no /dev/shm file.
+"""
+
+import os
+import shutil
+import tempfile
+
+import psutil
+import pytest
+
+_ROOT = tempfile.mkdtemp(prefix="fpt-", dir="/tmp")
+os.environ["FARPOOL_TMPDIR"] = _ROOT
+os.environ.setdefault("FARPOOL_HELLO_DEADLINE_S", "3")
+
+
+def runtime_processes():
+    """farpool runtime processes whose session lives under this test run's root."""
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "environ"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            env = proc.info["environ"] or {}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if _ROOT in cmdline or env.get("FARPOOL_TMPDIR") == _ROOT and (
+                "farpool" in (proc.info["name"] or "") or "farpool._private" in cmdline):
+            if proc.pid != os.getpid():
+                found.append(proc)
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import farpool
+    farpool.shutdown()
+    leftovers = [p for p in runtime_processes() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    gone, alive = psutil.wait_procs(leftovers, timeout=10)
+    sessions = [d for d in os.listdir(_ROOT) if d.startswith("s-")] if os.path.isdir(_ROOT) else []
+    shm = [f for f in os.listdir("/dev/shm") if "farpool" in f and _ROOT.split("/")[-1] in f]
+    problems = []
+    if alive:
+        problems.append("processes left behind: " + ", ".join(f"{p.pid} {p.name()}" for p in alive))
+        for p in alive:  # end only what this run started
+            p.kill()
+    if sessions:
+        problems.append(f"session directories left behind in {_ROOT}: {sessions}")
+    if shm:
+        problems.append(f"/dev/shm files left behind: {shm}")
+    shutil.rmtree(_ROOT, ignore_errors=True)
+    if problems:
+        print("\nLEAK CHECK FAILED:\n  " + "\n  ".join(problems))
+        session.exitstatus = 1
+    else:
+        print("\nleak check: no process, session directory or /dev/shm file left behind")
+
+
+@pytest.fixture(scope="session")
+def tmp_root():
+    return _ROOT

@@ -1,0 +1,124 @@
+"""The node agent's lease state machine, fed events without any process."""
+
+from farpool._private.leases import IDLE, LEASED, LeaseManager, LeaseRequest
+from farpool._private.scheduling import UNIT, make_request, make_totals
+
+
+def ready_all(mgr, acts):
+    """Report every spawned worker ready; return the accumulated actions."""
+    out = []
+    for wid in acts.spawns:
+        out.append(mgr.worker_ready(wid, 1000 + int(wid, 16)))
+    return out
+
+
+def grants(actions_list):
+    return [g for acts in actions_list for g in acts.grants]
+
+
+def test_prestart_then_grant_one_per_cpu():
+    mgr = LeaseManager("n1", make_totals(2), embedded=True)
+    spawn = mgr.prestart()
+    assert len(spawn.spawns) == 2
+    ready_all(mgr, spawn)
+    a = mgr.request(LeaseRequest("c", 1, make_request(1), job_id=1))
+    b = mgr.request(LeaseRequest("c", 2, make_request(1), job_id=1))
+    c = mgr.request(LeaseRequest("c", 3, make_request(1), job_id=1))
+    assert len(a.grants) == 1 and len(b.grants) == 1 and not c.grants
+    assert not c.spawns  # no CPU free: no pointless new worker
+    lease = a.grants[0][1]
+    after = mgr.return_lease(lease.lease_id)
+    assert [r.request_id for r, _ in after.grants] == [3]
+
+
+def test_two_cpu_tasks_on_four_cpus_run_two_at_a_time():
+    mgr = LeaseManager("n1", make_totals(4), embedded=True)
+    ready_all(mgr, mgr.prestart())
+    results = [mgr.request(LeaseRequest("c", i, make_request(2), job_id=1)) for i in range(5)]
+    assert sum(len(r.grants) for r in results) == 2
+    assert mgr.resources.available["CPU"] == 0
+
+
+def test_pending_requests_do_not_spawn_a_worker_each():
+    mgr = LeaseManager("n1", make_totals(2), embedded=True)
+    mgr.prestart()  # two workers STARTING, none ready
+    acts = [mgr.request(LeaseRequest("c", i, make_request(1), job_id=1)) for i in range(50)]
+    assert sum(len(a.spawns) for a in acts) == 0
+    assert len(mgr.workers) == 2
+
+
+def test_worker_exit_reports_the_lease_and_refills_the_pool():
+    mgr = LeaseManager("n1", make_totals(1), embedded=True)
+    ready_all(mgr, mgr.prestart())
+    granted = mgr.request(LeaseRequest("c", 1, make_request(1), job_id=1)).grants[0][1]
+    acts = mgr.worker_exited(granted.worker_id, {"signal": 9})
+    assert [(lease.lease_id, info["signal"]) for lease, info in acts.lost] == [(granted.lease_id, 9)]
+    assert len(acts.spawns) == 1
+    assert mgr.resources.available["CPU"] == UNIT
+
+
+def test_workers_are_bound_to_one_job():
+    mgr = LeaseManager("n1", make_totals(1), embedded=False)
+    ready_all(mgr, mgr.prestart())
+    lease = mgr.request(LeaseRequest("a", 1, make_request(1), job_id="A")).grants[0][1]
+    mgr.return_lease(lease.lease_id)
+    acts = mgr.request(LeaseRequest("b", 2, make_request(1), job_id="B"))
+    # The only worker belongs to job A: it is replaced, not reused.
+    assert not acts.grants and acts.kills == [lease.worker_id] and len(acts.spawns) == 1
+    ready = mgr.worker_ready(acts.spawns[0], 4242)
+    assert [g[1].worker_id for g in ready.grants] == [acts.spawns[0]]
+
+
+def test_infeasible_on_embedded_spillback_on_cluster():
+    emb = LeaseManager("n1", make_totals(2), embedded=True)
+    acts = emb.request(LeaseRequest("c", 1, make_request(1, 0, None, {"ssd": 1}), job_id=1))
+    assert acts.infeasible and "ssd: 1" in acts.infeasible[0][1]
+    assert "cannot grow" in acts.infeasible[0][1]
+    assert not emb.pending
+
+    node = LeaseManager("n1", make_totals(2), embedded=False)
+    node.set_cluster_view([
+        {"node_id": "n1", "alive": True, "total": make_totals(2), "available": make_totals(2)},
+        {"node_id": "n2", "alive": True, "total": make_totals(1, 0, {"ssd": 1}),
+         "available": make_totals(1, 0, {"ssd": 1})},
+    ])
+    acts = node.request(LeaseRequest("c", 2, make_request(1, 0, None, {"ssd": 1}), job_id=1))
+    assert [(r.request_id, n) for r, n in acts.spillbacks] == [(2, "n2")]
+    # A shape no node has waits (with a warning) for a node that may join...
+    acts = node.request(LeaseRequest("c", 3, make_request(1, 0, None, {"tpu": 1}), job_id=1))
+    assert acts.infeasible and len(node.pending) == 1
+    # ...and goes there once it does.
+    acts = node.set_cluster_view(node.cluster_view + [
+        {"node_id": "n3", "alive": True, "total": make_totals(1, 0, {"tpu": 1}),
+         "available": make_totals(1, 0, {"tpu": 1})}])
+    assert [(r.request_id, n) for r, n in acts.spillbacks] == [(3, "n3")]
+
+
+def test_blocked_worker_lends_its_cpu():
+    mgr = LeaseManager("n1", make_totals(1), embedded=True)
+    ready_all(mgr, mgr.prestart())
+    parent = mgr.request(LeaseRequest("c", 1, make_request(1), job_id=1)).grants[0][1]
+    child = mgr.request(LeaseRequest("c", 2, make_request(1), job_id=1))
+    assert not child.grants
+    acts = mgr.worker_blocked(parent.worker_id)
+    assert len(acts.spawns) == 1  # a new worker for the child: the parent lent its CPU
+    acts = mgr.worker_ready(acts.spawns[0], 99)
+    assert [r.request_id for r, _ in acts.grants] == [2]
+    mgr.worker_unblocked(parent.worker_id)
+    assert mgr.resources.available["CPU"] == -UNIT  # briefly oversubscribed until the child returns
+    child_lease = acts.grants[0][1]
+    mgr.return_lease(child_lease.lease_id)
+    mgr.return_lease(parent.lease_id)
+    assert mgr.resources.available["CPU"] == UNIT
+
+
+def test_client_gone_returns_its_leases():
+    mgr = LeaseManager("n1", make_totals(2), embedded=True)
+    ready_all(mgr, mgr.prestart())
+    mgr.request(LeaseRequest("c", 1, make_request(1), job_id=1))
+    mgr.request(LeaseRequest("c", 2, make_request(1), job_id=1))
+    mgr.request(LeaseRequest("c", 3, make_request(1), job_id=1))
+    mgr.client_gone("c")
+    assert not mgr.pending and not mgr.leases
+    assert all(w.state == IDLE for w in mgr.workers.values())
+    assert LEASED not in {w.state for w in mgr.workers.values()}
