@@ -96,6 +96,7 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
     node_id = os.urandom(8).hex()
     head_address = session.ipc(session_dir, "head")
     procs = []
+    client = None
     try:
         procs.append(session.spawn("farpool._private.head",
                                    ["--session-dir", session_dir, "--embedded", "--lifeline"],
@@ -119,6 +120,8 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
         welcome = client.connect()
     except BaseException:
         client_mod.set_current(None)
+        if client is not None:
+            client.close_unstarted()
         _stop_procs(procs)
         session.remove_session(session_dir)
         raise
@@ -155,7 +158,8 @@ def _join(address: str, token: str | None, namespace) -> dict:
             raise exceptions.AuthenticationError(
                 f"no token to join the cluster at {address}: set FARPOOL_TOKEN or pass "
                 "init(token=...) with the token `farpool start --head` printed")
-    cfg = {"head_address": head_address, "session_dir": session_dir if local else _private_dir(),
+    private_dir = None if local else session.new_session_dir()  # for our owner ipc socket
+    cfg = {"head_address": head_address, "session_dir": session_dir if local else private_dir,
            "token": token, "embedded": False, "local": local, "start_deadline_s": 10,
            "job_setup": _job_setup(address, namespace)}
     client = client_mod.CoreClient(cfg)
@@ -164,17 +168,15 @@ def _join(address: str, token: str | None, namespace) -> dict:
         client.connect()
     except BaseException:
         client_mod.set_current(None)
+        client.close_unstarted()
+        if private_dir:
+            session.remove_session(private_dir)
         raise
     client.job_setup["job_id"] = client.job_id
     client.job_setup["head_address"] = client.head_address
     info = {"address": shown, "node_id": client.home.node_id, "session_dir": session_dir,
             "job_id": client.job_id, "dashboard_url": None, "embedded": False}
     return {"client": client, "procs": [], "session_dir": None, "info": info}
-
-
-def _private_dir() -> str:
-    """A session dir of our own for the owner ipc socket when joining over TCP."""
-    return session.new_session_dir()
 
 
 def _read_token(state: dict) -> str | None:
@@ -319,6 +321,10 @@ class RemoteFunction:
                                               self._options.get("memory"), self._options.get("resources"))
         functools.update_wrapper(self, fn)
 
+    @property
+    def _farpool_function(self):
+        return self._fn
+
     def __call__(self, *args, **kwargs):
         name = getattr(self._fn, "__name__", "f")
         raise TypeError(f"remote function {name} cannot be called directly; use {name}.remote(...) "
@@ -345,7 +351,7 @@ class RemoteFunction:
             if parent is not None:
                 info = parent._function_info()
             else:
-                info = client_mod.function_info(self._fn, getattr(self._fn, "__qualname__", "task"))
+                info = client_mod.function_info(self._fn, getattr(self._fn, "__qualname__", "task"), self)
             self._info = info
         return info
 

@@ -319,8 +319,8 @@ class CoreClient:
         # The home agent: ours on this machine, else the head node's over TCP.
         home_info = cfg.get("agent_address")
         node_id = cfg.get("node_id")
+        node = self._wait_for_node(welcome)  # the cluster is usable once a node has registered
         if home_info is None:
-            node = self._wait_for_node(welcome)
             node_id = node["node_id"]
             if cfg.get("local") and node.get("ipc"):
                 home_info = node["ipc"]
@@ -413,6 +413,11 @@ class CoreClient:
         if self.head is not None:
             self.head.close(0)
         self.loop.close()
+
+    def close_unstarted(self) -> None:
+        """Release the sockets of a client whose connect() failed."""
+        if self._thread is None:
+            self._close_sockets()
 
     def shutdown(self) -> None:
         """Say goodbye, stop the I/O thread and fail whatever still waits."""
@@ -841,8 +846,32 @@ class CoreClient:
                 continue
             if tag == "NodeTable":
                 self.nodes = fields[0]
+                self._forget_dead_nodes()
             elif tag in ("Nodes", "KVValue"):
                 self._answer(fields[0], fields[1])
+
+    def _forget_dead_nodes(self) -> None:
+        """Leases and lease requests on nodes the head declared dead are lost: retry elsewhere."""
+        dead = {n["node_id"]: n.get("death_reason", "") for n in self.nodes if not n["alive"]}
+        for (node_id, lease_id), lease in list(self.leases.items()):
+            if node_id in dead:
+                self._on_WorkerExited(None, lease_id, {
+                    "node_id": node_id, "worker_id": lease.worker_id, "pid": "?", "exitcode": None,
+                    "signal": None, "node_died": dead[node_id]})
+        for node_id in dead:
+            conn = self.agents.pop(node_id, None)
+            if conn is None or conn is self.home:
+                if conn is self.home:
+                    self.agents[node_id] = conn
+                continue
+            self.loop.remove_reader(conn.socket)
+            conn.socket.close(0)
+            for key, kq in self.keys.items():
+                for request_id, agent in list(kq.requests.items()):
+                    if agent is conn:
+                        del kq.requests[request_id]
+                        self.pending_requests.pop(request_id, None)
+                self._mark_dirty(key)
 
     def _answer(self, request_id, value) -> None:
         slot = self.pending_requests.pop(request_id, None)
@@ -946,7 +975,9 @@ class CoreClient:
         if lease is None:
             return
         self._drop_lease(lease)
-        if info.get("signal"):
+        if info.get("node_died") is not None:
+            how = f"was lost with its node ({info['node_died']})"
+        elif info.get("signal"):
             import signal as _signal
             try:
                 how = f"killed by {_signal.Signals(info['signal']).name}"
@@ -967,7 +998,8 @@ class CoreClient:
                 self._enqueue(task, front=True)
             else:
                 retries = f" after {task.attempts} attempts" if task.attempts > 1 else ""
-                self._finish_failed(task, exc_mod.WorkerCrashedError(
+                error_cls = exc_mod.NodeDiedError if info.get("node_died") is not None else exc_mod.WorkerCrashedError
+                self._finish_failed(task, error_cls(
                     f"{what}{retries}; no retries left (max_retries={task.max_retries}). "
                     "Raise max_retries if the crash is transient, or find why the process died "
                     f"(its log: worker-{info['worker_id']}.log in the session directory)."))
@@ -1191,8 +1223,8 @@ class CoreClient:
         return slot[1]
 
 
-def function_info(fn, name: str) -> RemoteFunctionInfo:
-    data = protocol.dumps_function(fn)
+def function_info(fn, name: str, wrapper=None) -> RemoteFunctionInfo:
+    data = protocol.dumps_function(fn, wrapper)
     return RemoteFunctionInfo(name, hashlib.sha1(data).digest(), data)
 
 

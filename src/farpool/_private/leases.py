@@ -118,6 +118,14 @@ class LeaseManager:
                 if not self.embedded:
                     self.pending.append(req)  # a node that fits may still join
                 return acts
+        if req.spillback_ok and not self.resources.can_acquire(req.shape):
+            # Busy here but free elsewhere now: send the owner there instead of queueing.
+            ready = [n for n in self.cluster_view if n["alive"] and n["node_id"] != self.node_id
+                     and scheduling.fits(n["available"], req.shape)]
+            target = scheduling.choose_node(ready, req.shape)
+            if target is not None:
+                acts.spillbacks.append((req, target))
+                return acts
         self.pending.append(req)
         return self._schedule(acts)
 

@@ -175,23 +175,63 @@ def loads(data, buffers=()):
     return pickle.loads(data, buffers=buffers)
 
 
-def dumps_function(fn) -> bytes:
-    """Pickle a function for shipping: by reference when importable, else by value."""
-    if not _main_is_interactive():
+def _resolve(module_name: str, qualname: str):
+    module = sys.modules.get(module_name)
+    if module is None:
+        import importlib
+        module = importlib.import_module(module_name)
+    obj = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def dumps_function(fn, wrapper=None) -> bytes:
+    """Pickle a function for shipping: by reference when importable, else by value.
+
+    ``wrapper`` is what the module attribute holds when the function was
+    decorated (a RemoteFunction): a reference to it is fine too, the worker
+    unwraps it.
+    """
+    module_name = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    if module_name and "<" not in qualname and not (module_name == "__main__" and _main_is_interactive()):
         try:
-            data = pickle.dumps(fn, protocol=5)
-            # A function pickled by reference must be findable again here, or a worker won't find it.
-            if pickle.loads(data) is fn:
-                return data
+            found = _resolve(module_name, qualname)
         except Exception:
-            pass
+            found = None
+        if found is not None and (found is fn or (wrapper is not None and found is wrapper)):
+            if module_name != "__main__":
+                return pickle.dumps(("ref", module_name, qualname), protocol=5)
+            # The worker's __mp_main__ lacks what the script defines under its
+            # `if __name__ == "__main__":` guard: carry the value as a fallback.
+            import cloudpickle
+            try:
+                return pickle.dumps(("ref", module_name, qualname, cloudpickle.dumps(fn, protocol=5)),
+                                    protocol=5)
+            except Exception:
+                return pickle.dumps(("ref", module_name, qualname), protocol=5)
     import cloudpickle
     try:
-        return cloudpickle.dumps(fn, protocol=5)
+        return cloudpickle.dumps(("value", fn), protocol=5)
     except Exception as exc:
         text = f"{type(exc).__name__}: {exc}"
         name = getattr(fn, "__qualname__", repr(fn))
         raise SerializationError(f"cannot pickle the function {name}: {text}.{_hint(text)}") from exc
+
+
+def loads_function(data: bytes):
+    kind, *rest = pickle.loads(data)
+    if kind == "ref":
+        try:
+            fn = _resolve(rest[0], rest[1])
+        except (AttributeError, ImportError):
+            if len(rest) < 3:
+                raise
+            fn = pickle.loads(rest[2])
+    else:
+        fn = rest[0]
+    return getattr(fn, "_farpool_function", fn)
 
 
 def format_exception_text(exc: BaseException) -> str:

@@ -201,7 +201,7 @@ class Worker:
             if fn is None:
                 if fn_bytes is None:
                     raise RuntimeError(f"function {fn_name} was not shipped to this worker")
-                fn = protocol.loads(fn_bytes)
+                fn = protocol.loads_function(fn_bytes)
                 self.functions[fn_hash] = fn
             args, kwargs = protocol.loads(args_payload, arg_bufs)
             if ref_values:

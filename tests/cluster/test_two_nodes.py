@@ -1,0 +1,149 @@
+"""A head and a second node agent on this machine, joined over CURVE TCP, with real faults."""
+
+import os
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+
+import farpool
+
+
+@farpool.remote(resources={"special": 1})
+def where_special():
+    return farpool.get_runtime_context().node_id
+
+
+@farpool.remote
+def where_any():
+    return farpool.get_runtime_context().node_id
+
+
+def node_ids(cluster):
+    state = cluster.read_state()
+    return [n["node_id"] for n in state["nodes"]]
+
+
+def test_custom_resource_runs_on_the_second_node_through_its_tcp_port(started):
+    out = started.start_head()
+    assert "FARPOOL_TOKEN=$(cat" in out.stdout and "farpool start --address" in out.stdout
+    assert "loopback" in out.stdout
+    started.add_node("--num-cpus", "1", "--resources", '{"special": 2}')
+    head_node, second = node_ids(started)
+    farpool.init(address=started.address, token=started.token)
+    nodes = {n["node_id"]: n for n in farpool.nodes()}
+    assert set(nodes) == {head_node, second}
+    assert nodes[second]["resources_total"]["special"] == 2.0
+    assert nodes[second]["address"].startswith("127.0.0.1:")
+    assert farpool.cluster_resources()["CPU"] == 2.0
+    assert set(farpool.get([where_special.remote() for _ in range(6)], timeout=60)) == {second}
+    assert farpool.get(where_any.remote(), timeout=60) in (head_node, second)
+    client = farpool.api._state["client"]
+    # Tasks for the second node went through its agent's TCP port (relayed), not ipc.
+    assert not client.agents[second].local
+
+
+def test_auto_address_joins_the_local_cluster(started):
+    started.start_head()
+    farpool.init(address="auto")
+    assert farpool.get(where_any.remote(), timeout=60) == node_ids(started)[0]
+
+
+def test_wrong_token_fails_fast_with_authentication_error(started):
+    started.start_head()
+    start = time.monotonic()
+    with pytest.raises(farpool.AuthenticationError, match="token is wrong"):
+        farpool.init(address=started.address, token="not-the-token")
+    assert time.monotonic() - start < 10
+    assert not farpool.is_initialized()
+    # A node agent with a wrong token is refused too, and says why.
+    result = started.add_node(token="not-the-token")
+    assert result.returncode != 0
+    assert "token is wrong" in result.stdout + result.stderr
+
+
+def test_wrong_address_fails_with_a_connection_error(started):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(ConnectionError, match="nothing answered"):
+        farpool.init(address=f"127.0.0.1:{port}", token="x")
+    assert not farpool.is_initialized()
+
+
+def test_garbage_on_the_head_port_is_survived(started):
+    started.start_head()
+    host, port = started.address.split(":")
+    for payload in (b"\x00" * 64, b"GET / HTTP/1.1\r\n\r\n", os.urandom(4096)):
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            raw.sendall(payload)
+    farpool.init(address=started.address, token=started.token)
+    assert farpool.get(where_any.remote(), timeout=60)
+
+
+def test_worker_killed_on_the_remote_node_is_retried(started, tmp_path):
+    started.start_head()
+    started.add_node("--num-cpus", "1", "--resources", '{"special": 1}')
+    farpool.init(address=started.address, token=started.token)
+    flag = str(tmp_path / "killed")
+
+    @farpool.remote(resources={"special": 1}, max_retries=1)
+    def die_once(path):
+        if not os.path.exists(path):
+            open(path, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return farpool.get_runtime_context().node_id
+    assert farpool.get(die_once.remote(flag), timeout=60) == node_ids(started)[1]
+
+
+def test_killed_node_agent_is_declared_dead_and_its_tasks_fail_over(started, tmp_path, monkeypatch):
+    monkeypatch.setenv("FARPOOL_NODE_TIMEOUT_S", "2")
+    started.start_head("--resources", '{"special": 1}')
+    started.add_node("--num-cpus", "1", "--resources", '{"special": 1}')
+    farpool.init(address=started.address, token=started.token)
+    head_node, second = node_ids(started)
+    gate = str(tmp_path / "gate")
+
+    @farpool.remote(resources={"special": 1}, max_retries=2,
+                    scheduling_strategy="DEFAULT")
+    def hold(path):
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        return farpool.get_runtime_context().node_id
+    refs = [hold.remote(gate) for _ in range(2)]
+    # Wait until one task runs on each node (both 'special' slots taken), then kill the second agent.
+    deadline = time.monotonic() + 60
+    while farpool.available_resources().get("special", 2) > 0:
+        assert time.monotonic() < deadline, "the two tasks never ran at the same time"
+        time.sleep(0.05)
+    node_pid = [n["pid"] for n in started.read_state()["nodes"] if n["node_id"] == second][0]
+    victims = [psutil.Process(node_pid)] + psutil.Process(node_pid).children(recursive=True)
+    os.kill(node_pid, signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=20)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the head declares it dead after 2 s of silence
+        if not [n for n in farpool.nodes() if n["node_id"] == second][0]["alive"]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the killed node was never declared dead")
+    open(gate, "w").close()
+    # The task that ran on the lost node was retried on the head node.
+    assert farpool.get(refs, timeout=60) == [head_node, head_node]
+
+
+def test_stop_ends_everything(started):
+    started.start_head()
+    started.add_node("--num-cpus", "1")
+    state = started.read_state()
+    procs = []
+    for pid in started.pids():
+        procs.append(psutil.Process(pid))
+        procs.extend(psutil.Process(pid).children(recursive=True))
+    assert len(procs) >= 5
+    alive = started.stop()
+    assert not alive
+    assert not any(os.path.exists(n["session_dir"]) for n in state["nodes"])

@@ -1,0 +1,208 @@
+"""Starting and stopping: processes, names, lifelines, cleanup, __main__ handling."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+import farpool
+
+PY = sys.executable
+
+
+def children_of(pid):
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def run_script(tmp_path, body, timeout=120, env=None):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(body))
+    return subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=timeout,
+                          cwd=tmp_path, env=dict(os.environ, **(env or {})))
+
+
+def test_init_shutdown_init_and_reinit_error():
+    farpool.shutdown()
+    info = farpool.init(num_cpus=1)
+    assert farpool.is_initialized()
+    assert os.path.isdir(info["session_dir"])
+    with pytest.raises(RuntimeError, match="already called"):
+        farpool.init()
+    assert farpool.init(ignore_reinit_error=True)["session_dir"] == info["session_dir"]
+
+    @farpool.remote
+    def one():
+        return 1
+    assert farpool.get(one.remote(), timeout=30) == 1  # workers are up by now
+    runtime = children_of(os.getpid())
+    names = {p.name() for p in runtime}
+    assert {"farpool-head", "farpool-node", "farpool-launch", "farpool-worker"} <= names
+    farpool.shutdown()
+    assert not farpool.is_initialized()
+    gone, alive = psutil.wait_procs(runtime, timeout=15)
+    assert not alive, alive
+    assert not os.path.exists(info["session_dir"])
+    info2 = farpool.init(num_cpus=1)
+    assert info2["session_dir"] != info["session_dir"]
+    assert farpool.get(one.remote(), timeout=30) == 1
+    farpool.shutdown()
+
+
+def test_auto_init_on_first_use():
+    farpool.shutdown()
+
+    @farpool.remote
+    def one():
+        return 1
+    assert farpool.get(one.remote(), timeout=60) == 1
+    assert farpool.is_initialized()
+    farpool.shutdown()
+
+
+def test_resources_when_joining_are_refused():
+    with pytest.raises(ValueError, match="resources belong to the nodes"):
+        farpool.init(address="127.0.0.1:1", num_cpus=2)
+
+
+def test_driver_killed_with_sigkill_leaves_nothing(tmp_path):
+    script = tmp_path / "victim.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time, farpool
+        if __name__ == "__main__":
+            info = farpool.init(num_cpus=2)
+            @farpool.remote
+            def f():
+                return os.getpid()
+            farpool.get([f.remote() for _ in range(4)])
+            print(info["session_dir"], flush=True)
+            sys.stdin.read()  # wait to be killed
+    """))
+    proc = subprocess.Popen([PY, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    try:
+        session_dir = proc.stdout.readline().strip()
+        assert session_dir and os.path.isdir(session_dir)
+        # Runtime processes live in their own sessions: find them by the session dir they serve.
+        runtime = [p for p in psutil.process_iter(["cmdline"])
+                   if session_dir in " ".join(p.info["cmdline"] or [])]
+        runtime += [c for p in runtime for c in children_of(p.pid)]
+        assert len(runtime) >= 4, runtime  # head, node, launcher, workers
+        proc.kill()
+        proc.wait(10)
+        gone, alive = psutil.wait_procs(runtime, timeout=20)
+        assert not alive, f"still running after the driver's SIGKILL: {alive}"
+        assert not os.path.exists(session_dir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_main_functions_by_reference_share_module_globals(tmp_path):
+    """A guarded script's functions are pickled by reference; workers load it as __mp_main__."""
+    result = run_script(tmp_path, """
+        import farpool
+
+        CONFIG = {"scale": 1}
+
+        def configure(scale):
+            CONFIG["scale"] = scale
+            return scale
+
+        def scaled(x):
+            return x * CONFIG["scale"]
+
+        @farpool.remote
+        def run_both(x):
+            configure(7)          # sets this worker's module global...
+            return scaled(x)      # ...which a by-reference function sees
+
+        @farpool.remote
+        def module_name():
+            return __name__
+
+        if __name__ == "__main__":
+            farpool.init(num_cpus=1)
+            print(farpool.get(run_both.remote(6), timeout=60))
+            print(farpool.get(module_name.remote(), timeout=60))
+            farpool.shutdown()
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["42", "__mp_main__"]
+
+
+def test_unguarded_script_travels_by_value_and_is_not_rerun(tmp_path):
+    result = run_script(tmp_path, """
+        import os, farpool
+        print("top-level ran in", os.getpid(), flush=True)
+
+        @farpool.remote
+        def f(x):
+            return x + 1
+
+        farpool.init(num_cpus=1)
+        print(farpool.get(f.remote(1), timeout=60))
+        farpool.shutdown()
+    """)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "2"
+    assert sum("top-level ran" in line for line in lines) == 1
+
+
+def test_interactive_session_without_file(tmp_path):
+    code = textwrap.dedent("""
+        import farpool
+        farpool.init(num_cpus=1)
+        @farpool.remote
+        def f(x):
+            return x * 3
+
+        print(farpool.get(f.remote(5), timeout=60))
+        farpool.shutdown()
+    """)
+    result = subprocess.run([PY, "-i"], input=code, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "15" in result.stdout, result.stderr
+
+
+def test_process_names_in_ps():
+    farpool.shutdown()
+    farpool.init(num_cpus=1)
+    try:
+        farpool.get(farpool.remote(lambda: 1).remote(), timeout=30)
+        comms = {p.name() for p in children_of(os.getpid())}
+        cmdlines = [" ".join(p.cmdline()) for p in children_of(os.getpid())]
+    finally:
+        farpool.shutdown()
+    assert {"farpool-head", "farpool-node", "farpool-worker"} <= comms
+    assert any("farpool._private.head" in c for c in cmdlines)
+    assert not any(os.environ.get("FARPOOL_TOKEN", "\0") in c for c in cmdlines)
+
+
+def test_token_is_not_on_any_command_line():
+    farpool.shutdown()
+    info = farpool.init(num_cpus=1)
+    try:
+        token = farpool.api._state["client"].token
+        for p in children_of(os.getpid()):
+            assert token not in " ".join(p.cmdline())
+    finally:
+        farpool.shutdown()
+    del info
+
+
+def test_runtime_processes_survive_terminal_sigint():
+    """Runtime processes are in their own session: a Ctrl-C reaches only the driver."""
+    farpool.shutdown()
+    farpool.init(num_cpus=1)
+    try:
+        for p in children_of(os.getpid()):
+            assert os.getsid(p.pid) != os.getsid(0)
+    finally:
+        farpool.shutdown()
