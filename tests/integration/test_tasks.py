@@ -343,3 +343,14 @@ def test_nodes_and_resources(cluster):
     assert len(nodes) == 1 and nodes[0]["alive"]
     assert farpool.cluster_resources()["CPU"] == 2.0
     assert farpool.get_runtime_context().node_id == nodes[0]["node_id"]
+
+
+def test_leases_returned_and_granted_again_to_the_same_workers(cluster, monkeypatch):
+    """Regression: a re-leased worker must still reach us (reconnect with the same identity)."""
+    from farpool._private import client as client_mod
+    monkeypatch.setattr(client_mod, "LEASE_LINGER_S", 0.0)  # return every lease as soon as it idles
+    pids = set()
+    for i in range(60):
+        assert farpool.get(add.remote(i, 1), timeout=30) == i + 1
+    pids.update(farpool.get([pid.remote() for _ in range(4)], timeout=30))
+    assert 1 <= len(pids) <= 2

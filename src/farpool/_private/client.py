@@ -283,6 +283,7 @@ class CoreClient:
         self.pending_requests: dict[int, object] = {}
         self.borrow_requests: dict[bytes, list] = {}
         self.owner_conns: dict[str, object] = {}
+        self.worker_channels: dict[str, DirectChannel] = {}  # worker ipc address -> channel
         self.callback_queue: queue.Queue | None = None
         self.broken: BaseException | None = None
         self.owner_address = None
@@ -399,9 +400,8 @@ class CoreClient:
     def _close_sockets(self) -> None:
         for conn in self.agents.values():
             conn.socket.close(0)
-        for lease in self.leases.values():
-            if isinstance(lease.channel, DirectChannel):
-                lease.channel.socket.close(0)
+        for channel in self.worker_channels.values():
+            channel.socket.close(0)
         for sock in self.owner_conns.values():
             sock.close(0)
         if getattr(self, "owner_socket", None) is not None:
@@ -832,9 +832,17 @@ class CoreClient:
         kq = self.keys.get(lease.key)
         if kq is not None and lease in kq.leases:
             kq.leases.remove(lease)
-        if isinstance(lease.channel, DirectChannel):
-            self.loop.remove_reader(lease.channel.socket)
-            lease.channel.socket.close(0)
+
+    def _close_worker_channel(self, node_id: str, worker_id: str) -> None:
+        """The worker is gone: close our DEALER to it."""
+        if self.session_dir is None:
+            return
+        for address, channel in list(self.worker_channels.items()):
+            if address.endswith(f"/w-{worker_id}") and self.agents.get(node_id) is not None \
+                    and self.agents[node_id].local:
+                self.loop.remove_reader(channel.socket)
+                channel.socket.close(0)
+                del self.worker_channels[address]
 
     # ------------------------------------------------------------------ I/O thread: messages
     def _on_head(self) -> None:
@@ -920,10 +928,12 @@ class CoreClient:
             transport.send(conn.socket, encode("ReturnLease", (lease_id, False)))
             return
         if address is not None:
-            sock = transport.dealer(self.identity)
-            sock.connect(address)
-            self.loop.add_reader(sock, lambda s=sock: self._on_worker(s))
-            channel = DirectChannel(sock)
+            channel = self.worker_channels.get(address)
+            if channel is None:  # one DEALER per worker, kept across leases
+                sock = transport.dealer(self.identity)
+                sock.connect(address)
+                self.loop.add_reader(sock, lambda s=sock: self._on_worker(s))
+                channel = self.worker_channels[address] = DirectChannel(sock)
         else:
             channel = RelayChannel(conn, worker_id)
         lease = LeaseState(lease_id, worker_id, node_id, channel, gpu_ids, key)
@@ -975,6 +985,7 @@ class CoreClient:
         if lease is None:
             return
         self._drop_lease(lease)
+        self._close_worker_channel(info["node_id"], info["worker_id"])
         if info.get("node_died") is not None:
             how = f"was lost with its node ({info['node_died']})"
         elif info.get("signal"):

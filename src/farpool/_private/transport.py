@@ -96,6 +96,9 @@ def client_keys(token: str) -> tuple[bytes, bytes]:
 def router(identity: bytes | None = None) -> zmq.Socket:
     sock = context().socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    # A peer that reconnects with the same identity takes over its old pipe;
+    # without this, replies would go to the dead pipe and be lost.
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
     sock.setsockopt(zmq.LINGER, 0)

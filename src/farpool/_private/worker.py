@@ -122,7 +122,11 @@ class Worker:
     def _on_router(self) -> None:
         for frames in transport.recv_all(self.router, limit=64):
             identity = frames[0]
-            self._handle(frames[1:], lambda reply, i=identity: transport.send(self.router, [i, *reply]))
+            self._handle(frames[1:], lambda reply, i=identity: self._reply_direct(i, reply))
+
+    def _reply_direct(self, identity: bytes, reply: list) -> None:
+        if not transport.send(self.router, [identity, *reply]):
+            log.error("could not deliver a reply to %r: the owner is gone", identity[:24])
 
     def _on_agent(self) -> None:
         for frames in transport.recv_all(self.agent, limit=64):
