@@ -236,13 +236,13 @@ class AgentConn:
 
 
 class DirectChannel:
-    """A DEALER to a leased worker's own ipc socket (same machine)."""
+    """A Unix stream straight to a leased worker on this machine (see transport.StreamChannel)."""
 
-    def __init__(self, socket):
-        self.socket = socket
+    def __init__(self, stream: transport.StreamChannel):
+        self.stream = stream
 
     def send(self, frames) -> bool:
-        return transport.send(self.socket, frames)
+        return self.stream.send(frames)
 
 
 class RelayChannel:
@@ -401,7 +401,7 @@ class CoreClient:
         for conn in self.agents.values():
             conn.socket.close(0)
         for channel in self.worker_channels.values():
-            channel.socket.close(0)
+            channel.stream.close()
         for sock in self.owner_conns.values():
             sock.close(0)
         if getattr(self, "owner_socket", None) is not None:
@@ -840,8 +840,7 @@ class CoreClient:
         for address, channel in list(self.worker_channels.items()):
             if address.endswith(f"/w-{worker_id}") and self.agents.get(node_id) is not None \
                     and self.agents[node_id].local:
-                self.loop.remove_reader(channel.socket)
-                channel.socket.close(0)
+                channel.stream.close()
                 del self.worker_channels[address]
 
     # ------------------------------------------------------------------ I/O thread: messages
@@ -892,9 +891,14 @@ class CoreClient:
             self._on_message(frames, conn)
         self._drain_released()
 
-    def _on_worker(self, sock) -> None:
-        for frames in transport.recv_all(sock):
+    def _on_worker(self, stream: transport.StreamChannel) -> None:
+        for frames in stream.read():
             self._on_message(frames, None)
+        if stream.eof:  # the worker exited; the agent's WorkerExited drives the retries
+            stream.close()
+            for address, channel in list(self.worker_channels.items()):
+                if channel.stream is stream:
+                    del self.worker_channels[address]
         self._drain_released()
 
     def _on_message(self, frames, conn) -> None:
@@ -929,11 +933,16 @@ class CoreClient:
             return
         if address is not None:
             channel = self.worker_channels.get(address)
-            if channel is None:  # one DEALER per worker, kept across leases
-                sock = transport.dealer(self.identity)
-                sock.connect(address)
-                self.loop.add_reader(sock, lambda s=sock: self._on_worker(s))
-                channel = self.worker_channels[address] = DirectChannel(sock)
+            if channel is None:  # one stream per worker, kept across leases
+                try:
+                    stream = transport.StreamChannel.connect(address, self.loop)
+                except OSError as error:
+                    log.warning("cannot connect to worker %s at %s: %s", worker_id, address, error)
+                    transport.send(conn.socket, encode("ReturnLease", (lease_id, True)))
+                    self._mark_dirty(key)
+                    return
+                self.loop.add_reader(stream.fd, lambda s=stream: self._on_worker(s))
+                channel = self.worker_channels[address] = DirectChannel(stream)
         else:
             channel = RelayChannel(conn, worker_id)
         lease = LeaseState(lease_id, worker_id, node_id, channel, gpu_ids, key)

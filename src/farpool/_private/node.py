@@ -232,7 +232,7 @@ class NodeAgent:
             launcher.send_msg(self.launcher_sock, ("spawn", worker_id, {}))
         for req, lease in acts.grants:
             kind, _ = req.client
-            address = session.ipc(self.session_dir, f"w-{lease.worker_id}") if kind == IPC else None
+            address = os.path.join(self.session_dir, f"w-{lease.worker_id}") if kind == IPC else None
             if not self._send(req.client, "LeaseGranted", req.request_id, lease.lease_id, lease.worker_id,
                               address, self.node_id, lease.alloc.gpu_ids):
                 self._apply(self.leases.return_lease(lease.lease_id))

@@ -5,7 +5,7 @@ the tasks themselves, so a task can be interrupted with SIGINT
 (``KeyboardInterrupt``) and a nested ``get`` inside a task uses the process's
 core client (client.py), which has its own I/O thread::
 
-    local owners --ExecuteTask--> ipc://<session>/w-<id> (ROUTER) --+
+    local owners --ExecuteTask--> <session>/w-<id> (Unix stream) ---+
     remote owners --Relayed(ExecuteTask)--> agent DEALER -----------+--> run --> TaskFinished
     lifeline (launcher) --EOF--> exit
 
@@ -99,11 +99,10 @@ class Worker:
         self.node_id = cfg["node_id"]
         self.where = f"node {self.node_id[:8]} worker {self.worker_id} (pid {os.getpid()})"
         self.loop = transport.EventLoop()
-        self.router = transport.router()
-        self.router.bind(session.ipc(cfg["session_dir"], f"w-{self.worker_id}"))
+        self.listener = transport.listen_unix(os.path.join(cfg["session_dir"], f"w-{self.worker_id}"))
         self.agent = transport.dealer(b"w:" + self.worker_id.encode())
         self.agent.connect(cfg["agent_address"])
-        self.loop.add_reader(self.router, self._on_router)
+        self.loop.add_reader(self.listener.fileno(), self._on_accept)
         self.loop.add_reader(self.agent, self._on_agent)
         self.loop.add_reader(cfg["lifeline_fd"], self._on_lifeline)
         self.functions: dict[bytes, object] = {}
@@ -119,14 +118,20 @@ class Worker:
         if not os.read(self.cfg["lifeline_fd"], 4096):
             os._exit(0)  # the node is gone; nothing to flush to
 
-    def _on_router(self) -> None:
-        for frames in transport.recv_all(self.router, limit=64):
-            identity = frames[0]
-            self._handle(frames[1:], lambda reply, i=identity: self._reply_direct(i, reply))
+    def _on_accept(self) -> None:
+        """A local owner connects to send us tasks directly."""
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        channel = transport.StreamChannel(conn, self.loop)
+        self.loop.add_reader(channel.fd, lambda: self._on_channel(channel))
 
-    def _reply_direct(self, identity: bytes, reply: list) -> None:
-        if not transport.send(self.router, [identity, *reply]):
-            log.error("could not deliver a reply to %r: the owner is gone", identity[:24])
+    def _on_channel(self, channel) -> None:
+        for frames in channel.read():
+            self._handle(frames, channel.send)
+        if channel.eof:
+            channel.close()
 
     def _on_agent(self) -> None:
         for frames in transport.recv_all(self.agent, limit=64):
