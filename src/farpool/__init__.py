@@ -13,7 +13,8 @@ _EXPORTS = {
     "ObjectRef": "farpool._private.client",
     **{name: "farpool.api" for name in (
         "NodeAffinity", "available_resources", "cancel", "cluster_resources", "get", "get_gpu_ids",
-        "get_runtime_context", "init", "is_initialized", "nodes", "put", "remote", "shutdown", "wait")},
+        "get_runtime_context", "init", "is_initialized", "nodes", "put", "remote", "shutdown", "timeline",
+        "wait")},
     **{name: "farpool.exceptions" for name in (
         "ActorDiedError", "AuthenticationError", "FarpoolError", "GetTimeoutError", "InfeasibleError",
         "NodeDiedError", "ObjectLostError", "ObjectStoreFullError", "OwnerDiedError",
@@ -42,5 +43,5 @@ __all__ = [
     "NodeAffinity", "NodeDiedError", "ObjectLostError", "ObjectRef", "ObjectStoreFullError",
     "OwnerDiedError", "TaskCancelledError", "TaskError", "WorkerCrashedError", "available_resources",
     "cancel", "cluster_resources", "exceptions", "get", "get_gpu_ids", "get_runtime_context", "init",
-    "is_initialized", "nodes", "put", "remote", "shutdown", "wait",
+    "is_initialized", "nodes", "put", "remote", "shutdown", "timeline", "wait",
 ]

@@ -59,7 +59,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None, num_gpus:
         if address is None:
             address = os.environ.get("FARPOOL_ADDRESS") or None
         if address is None:
-            _state = _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespace)
+            _state = _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespace,
+                                     log_to_driver)
         else:
             if any(v is not None for v in (num_cpus, num_gpus, resources, object_store_memory)):
                 raise ValueError(
@@ -67,7 +68,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None, num_gpus:
                     f"joining an existing cluster ({address!r}): resources belong to the nodes. Pass them "
                     "to `farpool start` on each node, or call init() without an address for a "
                     "private cluster")
-            _state = _join(address, token, namespace)
+            _state = _join(address, token, namespace, log_to_driver)
         _state["auto"] = _auto
         _state["namespace"] = namespace
         return dict(_state["info"])
@@ -86,7 +87,7 @@ def _job_setup(head_address: str | None, namespace) -> dict:
             "main_module": main_module, "head_address": head_address, "namespace": namespace}
 
 
-def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespace) -> dict:
+def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespace, log_to_driver) -> dict:
     # Validate before starting anything; the node agent computes the defaults itself
     # (loky.cpu_count() costs 100 ms of imports we need not wait for here).
     scheduling.make_totals(1 if num_cpus is None else num_cpus, num_gpus or 0, resources)
@@ -113,7 +114,7 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
                                    lifeline=True))
         cfg = {"head_address": head_address, "agent_address": session.ipc(session_dir, "node"),
                "node_id": node_id, "session_dir": session_dir, "token": token, "embedded": True,
-               "local": True, "start_deadline_s": START_DEADLINE_S,
+               "local": True, "start_deadline_s": START_DEADLINE_S, "log_to_driver": log_to_driver,
                "job_setup": _job_setup(None, namespace)}
         client = client_mod.CoreClient(cfg)
         client_mod.set_current(client)
@@ -132,7 +133,7 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
     return {"client": client, "procs": procs, "session_dir": session_dir, "info": info}
 
 
-def _join(address: str, token: str | None, namespace) -> dict:
+def _join(address: str, token: str | None, namespace, log_to_driver) -> dict:
     state = session.read_state()
     local = False
     if address == "auto":
@@ -161,6 +162,7 @@ def _join(address: str, token: str | None, namespace) -> dict:
     private_dir = None if local else session.new_session_dir()  # for our owner ipc socket
     cfg = {"head_address": head_address, "session_dir": session_dir if local else private_dir,
            "token": token, "embedded": False, "local": local, "start_deadline_s": 10,
+           "log_to_driver": log_to_driver,
            "job_setup": _job_setup(address, namespace)}
     client = client_mod.CoreClient(cfg)
     client_mod.set_current(client)
@@ -293,6 +295,7 @@ def _check_options(opts: dict, allowed: tuple, what: str) -> dict:
         raise TypeError(f"`name` must be a str, got {type(name).__name__}")
     scheduling.make_request(opts.get("num_cpus", 1), opts.get("num_gpus", 0), opts.get("memory"),
                             opts.get("resources"))
+    _runtime_env_key(opts.get("runtime_env"))
     return opts
 
 
@@ -308,6 +311,29 @@ class NodeAffinity:
 
 
 NodeAffinity.__module__ = "farpool"
+
+
+RUNTIME_ENV_KEYS = ("env_vars", "working_dir", "py_modules")
+
+
+def _runtime_env_key(runtime_env: dict | None) -> str | None:
+    """Tasks with a runtime_env get workers of their own, keyed by the env's canonical form."""
+    if not runtime_env:
+        return None
+    if not isinstance(runtime_env, dict):
+        raise TypeError(f"`runtime_env` must be a dict, got {type(runtime_env).__name__}")
+    unknown = sorted(set(runtime_env) - set(RUNTIME_ENV_KEYS))
+    if unknown:
+        raise ValueError(f"unknown runtime_env field(s) {', '.join(unknown)}; supported: "
+                         f"{', '.join(RUNTIME_ENV_KEYS)}")
+    env_vars = runtime_env.get("env_vars") or {}
+    if not isinstance(env_vars, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in env_vars.items()):
+        raise TypeError("runtime_env['env_vars'] must be a dict of str -> str")
+    canonical = dict(runtime_env)
+    if canonical.get("working_dir"):
+        canonical["working_dir"] = os.path.abspath(canonical["working_dir"])
+    return "runtime_env:" + json.dumps(canonical, sort_keys=True)
 
 
 class RemoteFunction:
@@ -363,7 +389,8 @@ class RemoteFunction:
         name = opts.get("name") or info.name
         refs = client.submit(info, args, kwargs, max(num_returns, 1), self._shape, opts.get("max_retries", 3),
                              opts.get("retry_exceptions", False), name,
-                             opts.get("scheduling_strategy", "DEFAULT") or "DEFAULT")
+                             opts.get("scheduling_strategy", "DEFAULT") or "DEFAULT",
+                             _runtime_env_key(opts.get("runtime_env")))
         if num_returns == 1:
             return refs[0]
         if num_returns == 0:
@@ -501,3 +528,15 @@ def get_runtime_context():
 def get_gpu_ids() -> list[int]:
     from farpool._private import worker as worker_mod
     return list(worker_mod.context.gpu_ids)
+
+
+def timeline(path: str | None = None) -> list[dict]:
+    """Chrome-trace JSON of the recent tasks this process submitted (open in chrome://tracing or Perfetto).
+
+    Writes the events to ``path`` when given, and returns them.
+    """
+    events = _client().timeline()
+    if path is not None:
+        with open(path, "w") as f:
+            json.dump(events, f)
+    return events

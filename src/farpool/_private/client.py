@@ -47,6 +47,9 @@ LEASE_LINGER_S = 0.05
 MAX_PIPELINE_DEPTH = 16
 # Tasks whose measured run time is below this are "short" and get pipelined.
 SHORT_TASK_S = 0.002
+# Finished tasks remembered for farpool.timeline(); more costs memory, fewer
+# shows less history.
+TIMELINE_EVENTS = 100_000
 # Lease requests in flight per resource shape at most (each may bring a worker).
 MAX_LEASE_REQUESTS = 64
 
@@ -284,6 +287,8 @@ class CoreClient:
         self.borrow_requests: dict[bytes, list] = {}
         self.owner_conns: dict[str, object] = {}
         self.worker_channels: dict[str, DirectChannel] = {}  # worker ipc address -> channel
+        self.timeline_events: deque = deque(maxlen=TIMELINE_EVENTS)
+        self.children: dict[str, list] = {}  # in a worker: task id (hex) -> tasks it submitted
         self.callback_queue: queue.Queue | None = None
         self.broken: BaseException | None = None
         self.owner_address = None
@@ -361,7 +366,8 @@ class CoreClient:
 
     def _open_agent(self, node_id: str, address: str) -> AgentConn:
         sock = transport.dealer(self.identity)
-        hello = encode("Hello", ("client", {"job_id": self.job_id}))
+        hello = encode("Hello", ("client", {"job_id": self.job_id, "worker_id": self.worker_id,
+                                            "log_to_driver": self.cfg.get("log_to_driver", False)}))
         if address.startswith("ipc://"):
             sock.connect(address)
             transport.send(sock, hello)
@@ -674,7 +680,9 @@ class CoreClient:
         task_id = self.new_object_id()
         return_ids = [task_id] + [self.new_object_id() for _ in range(num_returns - 1)]
         pinned = [r._id for _, r in ref_slots] + [r._id for r in collector]
-        key = (tuple(sorted(shape.items())), pool_key, strategy if not isinstance(strategy, tuple) else strategy)
+        if not isinstance(strategy, str):  # NodeAffinity(node_id, soft)
+            strategy = ("affinity", strategy.node_id, bool(strategy.soft))
+        key = (tuple(sorted(shape.items())), pool_key, strategy)
         task = TaskRecord(task_id, fn, payload, bufs, ref_slots, return_ids, shape, key, max_retries,
                           retry_exceptions, pinned, name, strategy, pool_key)
         with self.lock:
@@ -689,6 +697,10 @@ class CoreClient:
         for _, ref in ref_slots:
             if ref._id not in self.objects:
                 self._entry_for(ref)
+        if self.in_worker:
+            from farpool._private.worker import context
+            if context.task_id is not None:  # remember children, for cancel(recursive=True)
+                self.children.setdefault(context.task_id, []).append(task_id)
         self.loop.call_soon(self._on_submit, task)
         return refs
 
@@ -764,12 +776,45 @@ class CoreClient:
                     self._send_tasks(lease, batch)
         if q:
             want = min(len(q), MAX_LEASE_REQUESTS) - len(kq.requests)
-            for _ in range(max(0, want)):
-                self._request_lease(kq, key, self.home)
+            if want > 0:
+                agent, spillback_ok = self._agent_for(kq)
+                if agent is None:
+                    return
+                for _ in range(want):
+                    self._request_lease(kq, key, agent, spillback_ok)
         # Leases with nothing to do linger, then go back.
         for lease in kq.leases:
             if not lease.inflight and lease.linger is None and not q:
                 lease.linger = self.loop.call_later(LEASE_LINGER_S, self._return_idle, lease)
+
+    def _agent_for(self, kq: KeyQueue) -> tuple:
+        """Where to ask for leases: the home agent, or the node a NodeAffinity names."""
+        if not isinstance(kq.strategy, tuple):
+            return self.home, True
+        _, node_id, soft = kq.strategy
+        node = next((n for n in self.nodes if n["node_id"] == node_id), None)
+        if node is not None and node["alive"]:
+            agent = self.agents.get(node_id)
+            if agent is None:
+                try:
+                    local = self.home.local and node.get("ipc") and os.path.exists(node["ipc"][len("ipc://"):])
+                    agent = self._open_agent(node_id, node["ipc"] if local else node["tcp"])
+                except Exception as error:  # noqa: BLE001
+                    if not soft:
+                        self._fail_key(kq, exc_mod.NodeDiedError(
+                            f"NodeAffinity: cannot reach node {node_id} ({error}); use soft=True to "
+                            "let the task run elsewhere"))
+                        return None, False
+                    return self.home, True
+            return agent, False
+        if soft:
+            return self.home, True
+        state = "is dead" if node is not None else "is not part of this cluster"
+        self._fail_key(kq, exc_mod.InfeasibleError(
+            f"NodeAffinity: node {node_id} {state} (live nodes: "
+            f"{', '.join(n['node_id'] for n in self.nodes if n['alive'])}); pick a live node from "
+            "farpool.nodes(), or use NodeAffinity(node_id, soft=True) to allow any node"))
+        return None, False
 
     def _request_lease(self, kq: KeyQueue, key, agent: AgentConn, spillback_ok: bool = True) -> None:
         request_id = next(self._request_ids)
@@ -800,7 +845,7 @@ class CoreClient:
                 ref_bufs.extend(entry.buffers)
             job_setup = None
             if not lease.job_sent:
-                job_setup = self.job_setup
+                job_setup = dict(self.job_setup, pool_key=task.pool_key)
                 lease.job_sent = True
             wire.append((task.task_id, fn.fn_hash, fn_bytes, fn.name, task.args_payload, len(task.arg_bufs),
                          ref_values, len(task.return_ids), job_setup,
@@ -919,6 +964,10 @@ class CoreClient:
     def _on_Welcome(self, conn, info) -> None:
         pass
 
+    def _on_WorkerLog(self, conn, stream: str, data: bytes) -> None:
+        """Worker output for this driver: written on the callback thread, never here."""
+        self.run_callback(_write_output, stream, data)
+
     def _on_Nodes(self, conn, request_id, nodes) -> None:
         self._answer(request_id, nodes)
 
@@ -1029,10 +1078,9 @@ class CoreClient:
     def _on_TaskFinished(self, fields, buffers) -> None:
         results = fields[0]
         pos = 0
-        now = time.perf_counter()
         lease = None
         completed = []
-        for task_id, ok, body in results:
+        for task_id, ok, body, started, ended in results:
             task = self.tasks.get(task_id)
             if task is None:
                 continue
@@ -1041,9 +1089,11 @@ class CoreClient:
                 lease.inflight.pop(task_id, None)
                 kq = self.keys.get(lease.key)
                 if kq is not None:
-                    elapsed = (now - task.submitted_at) / max(1, len(results))
-                    kq.avg_run_s = elapsed if kq.avg_run_s is None else 0.8 * kq.avg_run_s + 0.2 * elapsed
+                    # Pipeline deeper only for tasks that run for less than SHORT_TASK_S.
+                    run = ended - started
+                    kq.avg_run_s = run if kq.avg_run_s is None else 0.8 * kq.avg_run_s + 0.2 * run
                     kq.depth = MAX_PIPELINE_DEPTH if kq.avg_run_s < SHORT_TASK_S else 1
+                self.timeline_events.append((task.name, started, ended, lease.node_id, lease.worker_id, ok))
             if ok:
                 values = []
                 for payload, nbuf in body:
@@ -1210,6 +1260,11 @@ class CoreClient:
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
         self.loop.call_soon(self._cancel, ref._id, force)
 
+    def cancel_children(self, parent_task_id: str) -> None:
+        """Cancel every task the given task (running in this worker) submitted. Any thread."""
+        for child in self.children.pop(parent_task_id, []):
+            self.loop.call_soon(self._cancel, child, False)
+
     def _cancel(self, task_id: bytes, force: bool) -> None:
         task = self.tasks.get(task_id)
         if task is None or task.cancelled:
@@ -1229,6 +1284,16 @@ class CoreClient:
                 transport.send(agent.socket, encode("SignalWorker", (task.lease.worker_id, int(sig))))
 
     # ------------------------------------------------------------------ introspection
+    def timeline(self) -> list[dict]:
+        """Chrome-trace events ("X" complete events, microseconds) of recent finished tasks."""
+        events = []
+        for name, started, ended, node_id, worker_id, ok in list(self.timeline_events):
+            events.append({"name": name, "cat": "task" if ok else "task,error", "ph": "X",
+                           "ts": started * 1e6, "dur": max(0.0, ended - started) * 1e6,
+                           "pid": f"node {node_id[:8]}", "tid": f"worker {worker_id}",
+                           "args": {"ok": ok}})
+        return events
+
     def request_nodes(self, timeout: float = 10) -> list[dict]:
         event = threading.Event()
         slot = [event]
@@ -1241,6 +1306,15 @@ class CoreClient:
         if not event.wait(timeout):
             raise exc_mod.FarpoolError(f"the head did not answer within {timeout} s")
         return slot[1]
+
+
+def _write_output(stream: str, data: bytes) -> None:
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    try:
+        out.write(data.decode("utf-8", "replace"))
+        out.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def function_info(fn, name: str, wrapper=None) -> RemoteFunctionInfo:

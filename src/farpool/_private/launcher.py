@@ -28,6 +28,7 @@ import struct
 import sys
 
 _LEN = struct.Struct("!I")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def send_msg(sock: socket.socket, msg) -> None:
@@ -81,6 +82,12 @@ def _run(sock: socket.socket, common: dict) -> None:
     session.set_process_name("farpool-launch")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Thread pools of BLAS/OpenMP size themselves when numpy loads, here: start
+    # them at 1 thread (a worker's default num_cpus); workers adjust per lease.
+    managed = [var for var in THREAD_VARS if var not in os.environ]
+    for var in managed:
+        os.environ[var] = "1"
+    common = dict(common, managed_thread_vars=managed)
     # Preload what every worker imports, once, here.
     import numpy  # noqa: F401
     import cloudpickle  # noqa: F401
@@ -93,8 +100,29 @@ def _run(sock: socket.socket, common: dict) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children: dict[int, str] = {}
+    outputs: dict[int, tuple] = {}   # pipe read fd -> (worker_id, stream name, log file fd)
+    pipes_of: dict[int, list] = {}   # pid -> its pipe read fds
     reader = MessageReader(sock)
     sock.setblocking(False)
+
+    def forward(fd: int) -> bool:
+        """Pass what a worker wrote on stdout/stderr to its log file and the agent; False at EOF."""
+        worker_id, stream, log_fd = outputs[fd]
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            os.close(fd)
+            del outputs[fd]
+            if not any(entry[2] == log_fd for entry in outputs.values()):
+                os.close(log_fd)
+            return False
+        os.write(log_fd, data)
+        send_msg(sock, ("output", worker_id, stream, data))
+        return True
 
     def reap():
         while True:
@@ -105,15 +133,22 @@ def _run(sock: socket.socket, common: dict) -> None:
             if pid == 0:
                 return
             worker_id = children.pop(pid, None)
+            # Everything the worker wrote before it died is in its pipes: forward it first.
+            for fd in pipes_of.pop(pid, []):
+                while fd in outputs and forward(fd):
+                    pass
             code = os.waitstatus_to_exitcode(status)
             sig = -code if code < 0 else None
             send_msg(sock, ("exited", worker_id, pid, code if code >= 0 else None, sig))
 
     while True:
         try:
-            ready, _, _ = select.select([sock, wake_r], [], [])
+            ready, _, _ = select.select([sock, wake_r, *outputs], [], [])
         except InterruptedError:
             continue
+        for fd in ready:
+            if fd in outputs:
+                forward(fd)
         if wake_r in ready:
             try:
                 os.read(wake_r, 4096)
@@ -137,13 +172,22 @@ def _run(sock: socket.socket, common: dict) -> None:
             for msg in msgs:
                 if msg[0] == "spawn":
                     _, worker_id, env = msg
+                    out_r, out_w = os.pipe()
+                    err_r, err_w = os.pipe()
+                    log_path = os.path.join(common["session_dir"], f"worker-{worker_id}.log")
                     pid = os.fork()
                     if pid == 0:
                         signal.set_wakeup_fd(-1)
                         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                         signal.signal(signal.SIGINT, signal.default_int_handler)
-                        for fd in (lifeline_w, wake_r, wake_w):
-                            os.close(fd)
+                        os.dup2(out_w, 1)
+                        os.dup2(err_w, 2)
+                        for fd in (lifeline_w, wake_r, wake_w, out_r, out_w, err_r, err_w, *outputs,
+                                   *{entry[2] for entry in outputs.values()}):
+                            try:
+                                os.close(fd)
+                            except OSError:
+                                pass
                         sock.close()
                         code = 1
                         try:
@@ -158,6 +202,13 @@ def _run(sock: socket.socket, common: dict) -> None:
                             sys.stdout.flush()
                             sys.stderr.flush()
                             os._exit(code or 0)
+                    os.close(out_w)
+                    os.close(err_w)
+                    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                    for fd, stream in ((out_r, "stdout"), (err_r, "stderr")):
+                        os.set_blocking(fd, False)
+                        outputs[fd] = (worker_id, stream, log_fd)
+                    pipes_of[pid] = [out_r, err_r]
                     children[pid] = worker_id
                     send_msg(sock, ("started", worker_id, pid))
                 elif msg[0] == "kill":

@@ -179,11 +179,12 @@ class LeaseManager:
             self.resources.release(lease.alloc)
         return self._schedule(acts)
 
-    def client_gone(self, client) -> Actions:
+    def client_gone(self, client, kill_running: bool = False) -> Actions:
+        """The client left (or died: ``kill_running`` ends the tasks it still had running)."""
         acts = Actions()
         self.pending = deque(r for r in self.pending if r.client != client)
         for lease in [l for l in self.leases.values() if l.client == client]:
-            acts.extend(self.return_lease(lease.lease_id))
+            acts.extend(self.return_lease(lease.lease_id, kill=kill_running))
         return acts
 
     def job_finished(self, job_id) -> Actions:

@@ -69,6 +69,8 @@ class NodeAgent:
         self.loop.add_reader(launcher_sock.fileno(), self._on_launcher)
         self.worker_pids: dict[str, int] = {}
         self.client_jobs: dict[tuple, object] = {}
+        self.log_clients: dict[object, set] = {}  # job_id -> drivers that want worker output
+        self.worker_clients: dict[str, set] = {}  # worker_id -> the nested clients inside it
         self.last_ack = time.monotonic()
         self.head = None
         self.cluster_nodes: list[dict] = []
@@ -148,8 +150,12 @@ class NodeAgent:
         self._send(client, "Pong", *args)
 
     def _on_Hello(self, client, kind: str, info: dict) -> None:
+        if info.get("worker_id") is not None:
+            self.worker_clients.setdefault(info["worker_id"], set()).add(client)
         if info.get("job_id") is not None:
             self.client_jobs[client] = info["job_id"]
+            if info.get("log_to_driver"):
+                self.log_clients.setdefault(info["job_id"], set()).add(client)
         self._send(client, "Welcome", {"node_id": self.node_id, "session_dir": self.session_dir,
                                        "nodes": self.cluster_nodes})
 
@@ -165,6 +171,8 @@ class NodeAgent:
         self._apply(self.leases.return_lease(lease_id, kill))
 
     def _on_Goodbye(self, client, kind: str, job_id) -> None:
+        for clients in self.log_clients.values():
+            clients.discard(client)
         acts = self.leases.client_gone(client)
         if kind == "driver" and job_id is not None:
             acts.extend(self.leases.job_finished(job_id))
@@ -210,7 +218,10 @@ class NodeAgent:
             self.loop.stop()
             return
         for msg in msgs:
-            if msg[0] == "started":
+            if msg[0] == "output":
+                _, worker_id, stream, data = msg
+                self._forward_output(worker_id, stream, data)
+            elif msg[0] == "started":
                 _, worker_id, pid = msg
                 self.worker_pids[worker_id] = pid
             elif msg[0] == "exited":
@@ -220,7 +231,20 @@ class NodeAgent:
                         "node_id": self.node_id}
                 if code not in (0, None) or sig:
                     log.info("worker %s (pid %s) exited: code=%s signal=%s", worker_id, pid, code, sig)
-                self._apply(self.leases.worker_exited(worker_id, info))
+                acts = self.leases.worker_exited(worker_id, info)
+                # Tasks the dead worker owned (nested tasks) have no one to report to: end them.
+                for client in self.worker_clients.pop(worker_id, ()):
+                    acts.extend(self.leases.client_gone(client, kill_running=True))
+                self._apply(acts)
+
+    def _forward_output(self, worker_id: str, stream: str, data: bytes) -> None:
+        """A worker's stdout/stderr go to the drivers of its job that asked for them."""
+        worker = self.leases.workers.get(worker_id)
+        job_id = worker.job_id if worker is not None else None
+        if job_id is None:
+            return
+        for client in self.log_clients.get(job_id, ()):
+            self._send(client, "WorkerLog", stream, data)
 
     # --- actions ---
     def _apply(self, acts) -> None:

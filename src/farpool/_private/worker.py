@@ -18,10 +18,12 @@ per owner and worker and are cached by content hash.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
 import sys
+import time
 import types
 
 from farpool._private import protocol, session, transport
@@ -37,8 +39,10 @@ class RuntimeContext:
         self.node_id = None
         self.worker_id = None
         self.task_id = None
+        self.task_name = None
         self.actor_id = None
         self.job_id = None
+        self.pool_key = None
         self.gpu_ids: list[int] = []
 
     def get_node_id(self):
@@ -92,6 +96,15 @@ def _setup_main(main_path: str | None, main_module: str | None) -> None:
     sys.modules["__main__"] = module
 
 
+def _limit_thread_pools(threads: int) -> None:
+    """Resize BLAS/OpenMP pools already loaded (env vars alone act only at load time)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(threads)
+
+
 class Worker:
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -107,7 +120,9 @@ class Worker:
         self.loop.add_reader(cfg["lifeline_fd"], self._on_lifeline)
         self.functions: dict[bytes, object] = {}
         self.job_id = None
+        self.pool_key = None
         self.gpu_ids: list[int] | None = None
+        self.threads = 1
         context.node_id = self.node_id
         context.worker_id = self.worker_id
 
@@ -174,7 +189,25 @@ class Worker:
                                          out_buffers))
         return results, out_buffers
 
+    def _apply_runtime_env(self, pool_key) -> None:
+        """A worker dedicated to a runtime_env applies it once, before its first task."""
+        if self.pool_key is not None or not isinstance(pool_key, str) or not pool_key.startswith("runtime_env:"):
+            return
+        self.pool_key = pool_key
+        import json
+        env = json.loads(pool_key[len("runtime_env:"):])
+        for key, value in (env.get("env_vars") or {}).items():
+            os.environ[str(key)] = str(value)
+        for path in reversed(env.get("py_modules") or []):
+            sys.path.insert(0, os.path.dirname(os.path.abspath(path)) if path.endswith(".py") else
+                            os.path.abspath(path))
+        working_dir = env.get("working_dir")
+        if working_dir:
+            os.chdir(working_dir)
+            sys.path.insert(0, os.path.abspath(working_dir))
+
     def _apply_job(self, job_setup: dict) -> None:
+        self._apply_runtime_env(job_setup.get("pool_key"))
         if self.job_id is not None:
             return
         self.job_id = job_setup["job_id"]
@@ -193,6 +226,14 @@ class Worker:
 
     def _apply_lease(self, lease_info) -> None:
         gpu_ids, num_cpus = lease_info
+        threads = max(1, int(num_cpus))
+        if threads != self.threads:
+            self.threads = threads
+            managed = self.cfg.get("managed_thread_vars", ())
+            for var in managed:
+                os.environ[var] = str(threads)
+            if managed:
+                _limit_thread_pools(threads)
         if gpu_ids != self.gpu_ids:
             self.gpu_ids = gpu_ids
             context.gpu_ids = list(gpu_ids)
@@ -205,6 +246,8 @@ class Worker:
             self._apply_job(job_setup)
         self._apply_lease(lease_info)
         context.task_id = task_id.hex()
+        context.task_name = fn_name
+        started = time.time()
         try:
             fn = self.functions.get(fn_hash)
             if fn is None:
@@ -237,13 +280,16 @@ class Worker:
                 data, bufs = protocol.dumps(v, what=what)
                 payloads.append((data, len(bufs)))
                 out_buffers.extend(bufs)
-            return (task_id, True, payloads)
+            return (task_id, True, payloads, started, time.time())
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the owner
-            return (task_id, False, self._error(exc, fn_name))
+            return (task_id, False, self._error(exc, fn_name), started, time.time())
         finally:
+            from farpool._private import client as client_mod
+            nested = client_mod.current()
+            if nested is not None:
+                nested.children.pop(context.task_id, None)
             context.task_id = None
-            sys.stdout.flush()
-            sys.stderr.flush()
+            context.task_name = None
 
     def _error(self, exc: BaseException, fn_name: str):
         text = protocol.format_exception_text(exc)
@@ -262,20 +308,69 @@ class Worker:
         self.loop.run()
 
 
+class TaskOutput(io.TextIOBase):
+    """sys.stdout/stderr of a worker: each line prefixed with the task, pid and node, unbuffered.
+
+    Written straight to the fd (a pipe to the launcher), so output printed just
+    before a crash is not lost in a buffer.
+    """
+
+    def __init__(self, fd: int, name: str):
+        self._fd = fd
+        self._name = name
+        self._at_line_start = True
+
+    @property
+    def encoding(self):
+        return "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        if not text:
+            return 0
+        prefix = f"({context.task_name or 'worker'} pid={os.getpid()}, node={(context.node_id or '')[:8]}) "
+        lines = text.splitlines(keepends=True)
+        out = []
+        for line in lines:
+            out.append(prefix + line if self._at_line_start else line)
+            self._at_line_start = line.endswith("\n")
+        data = "".join(out).encode("utf-8", "replace")
+        while data:
+            try:
+                n = os.write(self._fd, data)
+            except InterruptedError:
+                continue
+            data = data[n:]
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
 def _on_sigint(signum, frame):
     """cancel(force=False): interrupt the running task, never the idle worker."""
     if context.task_id is not None:
+        from farpool._private import client as client_mod
+        nested = client_mod.current()
+        if nested is not None:
+            nested.cancel_children(context.task_id)
         raise KeyboardInterrupt(f"task {context.task_id} was cancelled")
 
 
 def main(cfg: dict) -> int:
     transport.forget_context_after_fork()
     session.set_process_name("farpool-worker")
-    log_path = os.path.join(cfg["session_dir"], f"worker-{cfg['worker_id']}.log")
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    # fds 1 and 2 are pipes the launcher drains into the log file and to the driver.
+    sys.stdout = TaskOutput(1, "stdout")
+    sys.stderr = TaskOutput(2, "stderr")
     for key, value in (cfg.get("env") or {}).items():
         os.environ[key] = value
     try:
