@@ -29,6 +29,8 @@ _state: dict | None = None  # {"client", "procs", "session_dir", "info", "auto"}
 
 FUNCTION_OPTIONS = ("num_cpus", "num_gpus", "memory", "resources", "num_returns", "max_retries",
                     "retry_exceptions", "name", "scheduling_strategy", "runtime_env")
+# Private options the facades use: workers of their own (see CoreClient.register_pool).
+_PRIVATE_OPTIONS = ("_pool_key",)
 # How long init() waits for a freshly started embedded cluster.
 START_DEADLINE_S = 60
 
@@ -272,7 +274,7 @@ os.register_at_fork(after_in_child=_disable_in_forked_child)
 
 # ---------------------------------------------------------------------- remote functions
 def _check_options(opts: dict, allowed: tuple, what: str) -> dict:
-    unknown = sorted(set(opts) - set(allowed))
+    unknown = sorted(set(opts) - set(allowed) - set(_PRIVATE_OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for {what}; valid options: {', '.join(allowed)}")
     num_returns = opts.get("num_returns", 1)
@@ -336,6 +338,11 @@ def _runtime_env_key(runtime_env: dict | None) -> str | None:
     return "runtime_env:" + json.dumps(canonical, sort_keys=True)
 
 
+def _pool_key(pool: str | None, runtime_env: dict | None) -> str | None:
+    env = _runtime_env_key(runtime_env)
+    return "|".join(k for k in (pool, env) if k) or None
+
+
 class RemoteFunction:
     """What ``@farpool.remote`` makes of a function: call ``.remote()``, not the function."""
 
@@ -390,7 +397,7 @@ class RemoteFunction:
         refs = client.submit(info, args, kwargs, max(num_returns, 1), self._shape, opts.get("max_retries", 3),
                              opts.get("retry_exceptions", False), name,
                              opts.get("scheduling_strategy", "DEFAULT") or "DEFAULT",
-                             _runtime_env_key(opts.get("runtime_env")))
+                             _pool_key(opts.get("_pool_key"), opts.get("runtime_env")))
         if num_returns == 1:
             return refs[0]
         if num_returns == 0:

@@ -212,6 +212,7 @@ class LeaseState:
     linger: list | None = None
     shipped: set = field(default_factory=set)
     job_sent: bool = False
+    retiring: bool = False
 
 
 @dataclass
@@ -289,6 +290,7 @@ class CoreClient:
         self.worker_channels: dict[str, DirectChannel] = {}  # worker ipc address -> channel
         self.timeline_events: deque = deque(maxlen=TIMELINE_EVENTS)
         self.children: dict[str, list] = {}  # in a worker: task id (hex) -> tasks it submitted
+        self.pools: dict[str, dict] = {}     # pool_key -> {"initializer", "initargs", "max_tasks"}
         self.callback_queue: queue.Queue | None = None
         self.broken: BaseException | None = None
         self.owner_address = None
@@ -845,7 +847,7 @@ class CoreClient:
                 ref_bufs.extend(entry.buffers)
             job_setup = None
             if not lease.job_sent:
-                job_setup = dict(self.job_setup, pool_key=task.pool_key)
+                job_setup = dict(self.job_setup, pool_key=task.pool_key, pool=self.pools.get(task.pool_key))
                 lease.job_sent = True
             wire.append((task.task_id, fn.fn_hash, fn_bytes, fn.name, task.args_payload, len(task.arg_bufs),
                          ref_values, len(task.return_ids), job_setup,
@@ -1056,7 +1058,13 @@ class CoreClient:
                 how += " (if nobody killed it, this is usually the out-of-memory killer)"
         else:
             how = f"exited with code {info.get('exitcode')}"
+        retired = lease.retiring  # a planned exit (max_tasks_per_child): tasks sent meanwhile are not attempts
         for task in list(lease.inflight.values()):
+            if retired and not task.cancelled:  # a clean exit (max_tasks_per_child): not an attempt
+                task.attempts -= 1
+                task.state = "QUEUED"
+                self._enqueue(task, front=True)
+                continue
             what = (f"worker {info['worker_id']} on node {info['node_id'][:8]} (pid {info['pid']}) "
                     f"{how} while running {task.name}")
             if task.cancelled:
@@ -1076,7 +1084,7 @@ class CoreClient:
         self._mark_dirty(lease.key)
 
     def _on_TaskFinished(self, fields, buffers) -> None:
-        results = fields[0]
+        results, retiring = fields
         pos = 0
         lease = None
         completed = []
@@ -1094,6 +1102,11 @@ class CoreClient:
                     kq.avg_run_s = run if kq.avg_run_s is None else 0.8 * kq.avg_run_s + 0.2 * run
                     kq.depth = MAX_PIPELINE_DEPTH if kq.avg_run_s < SHORT_TASK_S else 1
                 self.timeline_events.append((task.name, started, ended, lease.node_id, lease.worker_id, ok))
+            if ok == "retired":  # the worker retired before running it: not an attempt
+                task.attempts -= 1
+                task.state = "QUEUED"
+                self._enqueue(task, front=True)
+                continue
             if ok:
                 values = []
                 for payload, nbuf in body:
@@ -1114,6 +1127,10 @@ class CoreClient:
         if completed:
             self._finish_ok(completed)
         if lease is not None:
+            if retiring:  # it exits now (max_tasks_per_child): lease no more tasks to it
+                lease.retiring = True
+                self._drop_lease(lease)
+                self.leases[(lease.node_id, lease.lease_id)] = lease  # until WorkerExited arrives
             self._mark_dirty(lease.key)
 
     @staticmethod
@@ -1259,6 +1276,19 @@ class CoreClient:
     # ------------------------------------------------------------------ cancel
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
         self.loop.call_soon(self._cancel, ref._id, force)
+
+    def register_pool(self, pool_key: str, initializer=None, initargs=(), max_tasks: int | None = None) -> None:
+        """Tasks submitted with ``pool_key`` get workers of their own that first run
+        ``initializer(*initargs)`` and retire after ``max_tasks`` tasks (facades' hooks)."""
+        setup = {"max_tasks": max_tasks, "initializer": None, "initargs": None}
+        if initializer is not None:
+            setup["initializer"] = protocol.dumps_function(initializer)
+            import cloudpickle
+            try:
+                setup["initargs"] = cloudpickle.dumps(tuple(initargs), protocol=5)
+            except Exception as exc:
+                raise protocol.SerializationError(f"cannot pickle initargs: {exc}") from exc
+        self.pools[pool_key] = setup
 
     def cancel_children(self, parent_task_id: str) -> None:
         """Cancel every task the given task (running in this worker) submitted. Any thread."""

@@ -368,6 +368,7 @@ def recv_all(sock: zmq.Socket, limit: int = 1000):
 
 
 Again = zmq.Again
+LINGER = zmq.LINGER
 ZMQError = zmq.ZMQError
 
 
@@ -480,6 +481,18 @@ class StreamChannel:
                     return
         if self.loop is not None:
             self.loop.set_writer(self.fd, None)
+
+    def flush_blocking(self, timeout_s: float = 30.0) -> None:
+        """Send everything queued, blocking (used right before a process exits)."""
+        if not self._out or self.closed:
+            return
+        self.sock.settimeout(timeout_s)
+        try:
+            while self._out:
+                part = self._out.popleft()
+                self.sock.sendall(part)
+        except OSError:
+            pass
 
     def read(self) -> list:
         """Complete messages received so far (each a list of frames); sets ``eof`` at EOF."""

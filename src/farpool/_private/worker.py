@@ -43,6 +43,10 @@ class RuntimeContext:
         self.actor_id = None
         self.job_id = None
         self.pool_key = None
+        self.pool_ready = False
+        self.pool_error: str | None = None
+        self.tasks_left: int | None = None
+        self.channels: set = set()
         self.gpu_ids: list[int] = []
 
     def get_node_id(self):
@@ -96,6 +100,14 @@ def _setup_main(main_path: str | None, main_module: str | None) -> None:
     sys.modules["__main__"] = module
 
 
+# Status of a task a retiring worker hands back unrun (max_tasks_per_child reached).
+RETIRED = "retired"
+
+
+class InitializerError(RuntimeError):
+    """The pool initializer of this worker raised: no task of that pool can run here."""
+
+
 def _limit_thread_pools(threads: int) -> None:
     """Resize BLAS/OpenMP pools already loaded (env vars alone act only at load time)."""
     try:
@@ -121,6 +133,10 @@ class Worker:
         self.functions: dict[bytes, object] = {}
         self.job_id = None
         self.pool_key = None
+        self.pool_ready = False
+        self.pool_error: str | None = None
+        self.tasks_left: int | None = None
+        self.channels: set = set()
         self.gpu_ids: list[int] | None = None
         self.threads = 1
         context.node_id = self.node_id
@@ -140,6 +156,7 @@ class Worker:
         except BlockingIOError:
             return
         channel = transport.StreamChannel(conn, self.loop)
+        self.channels.add(channel)
         self.loop.add_reader(channel.fd, lambda: self._on_channel(channel))
 
     def _on_channel(self, channel) -> None:
@@ -147,6 +164,7 @@ class Worker:
             self._handle(frames, channel.send)
         if channel.eof:
             channel.close()
+            self.channels.discard(channel)
 
     def _on_agent(self) -> None:
         for frames in transport.recv_all(self.agent, limit=64):
@@ -165,11 +183,41 @@ class Worker:
             return
         if tag == "ExecuteTask":
             results, out_buffers = self._execute_batch(fields[0], buffers)
-            reply(encode("TaskFinished", (results,), out_buffers))
+            retiring = self.tasks_left is not None and self.tasks_left <= 0
+            reply(encode("TaskFinished", (results, retiring), out_buffers))
+            if retiring:
+                self._retire()
         elif tag == "Ping":
             reply(encode("Pong", fields))
         else:
             log.warning("a worker does not handle %s", tag)
+
+    def _retire(self) -> None:
+        """max_tasks_per_child reached: deliver what is queued, then exit (the agent replaces us)."""
+        for channel in list(self.channels):
+            channel.flush_blocking()
+        self.agent.setsockopt(transport.LINGER, 2000)
+        self.agent.close()
+        transport.term_context()
+        os._exit(0)
+
+    def _apply_pool(self, setup: dict | None) -> str | None:
+        """Workers of an executor/pool: run its initializer once; count tasks for retirement.
+
+        Returns an error text when the initializer raised (the task then fails with it).
+        """
+        if not setup or self.pool_ready:
+            return self.pool_error
+        self.pool_ready = True
+        if setup.get("max_tasks"):
+            self.tasks_left = setup["max_tasks"]
+        if setup.get("initializer") is not None:
+            try:
+                fn = protocol.loads_function(setup["initializer"])
+                fn(*protocol.loads(setup["initargs"]))
+            except BaseException as exc:  # noqa: BLE001
+                self.pool_error = protocol.format_exception_text(exc)
+        return self.pool_error
 
     def _execute_batch(self, tasks, buffers) -> tuple[list, list]:
         results = []
@@ -184,6 +232,9 @@ class Worker:
             for _slot, _payload, nbuf in ref_values:
                 ref_bufs.append(buffers[pos:pos + nbuf])
                 pos += nbuf
+            if self.tasks_left is not None and self.tasks_left <= 0:
+                results.append((task_id, RETIRED, None, 0.0, 0.0))  # not run: the owner requeues it
+                continue
             results.append(self._execute(task_id, fn_hash, fn_bytes, fn_name, args_payload, arg_bufs,
                                          ref_values, ref_bufs, num_returns, job_setup, lease_info,
                                          out_buffers))
@@ -191,11 +242,11 @@ class Worker:
 
     def _apply_runtime_env(self, pool_key) -> None:
         """A worker dedicated to a runtime_env applies it once, before its first task."""
-        if self.pool_key is not None or not isinstance(pool_key, str) or not pool_key.startswith("runtime_env:"):
+        if self.pool_key is not None or not isinstance(pool_key, str) or "runtime_env:" not in pool_key:
             return
         self.pool_key = pool_key
         import json
-        env = json.loads(pool_key[len("runtime_env:"):])
+        env = json.loads(pool_key[pool_key.index("runtime_env:") + len("runtime_env:"):])
         for key, value in (env.get("env_vars") or {}).items():
             os.environ[str(key)] = str(value)
         for path in reversed(env.get("py_modules") or []):
@@ -244,11 +295,16 @@ class Worker:
                  ref_bufs, num_returns, job_setup, lease_info, out_buffers):
         if job_setup is not None:
             self._apply_job(job_setup)
+            self._apply_pool(job_setup.get("pool"))
         self._apply_lease(lease_info)
+        if self.tasks_left is not None:
+            self.tasks_left -= 1
         context.task_id = task_id.hex()
         context.task_name = fn_name
         started = time.time()
         try:
+            if self.pool_error is not None:
+                raise InitializerError(f"the initializer of this worker's pool raised:\n{self.pool_error}")
             fn = self.functions.get(fn_hash)
             if fn is None:
                 if fn_bytes is None:
