@@ -1290,6 +1290,41 @@ class CoreClient:
                 raise protocol.SerializationError(f"cannot pickle initargs: {exc}") from exc
         self.pools[pool_key] = setup
 
+    def add_done_callback(self, ref: ObjectRef, fn) -> None:
+        """Call ``fn(ref)`` on the callback thread once the object is ready or failed. Any thread."""
+        entry = self._entry_for(ref)
+        with self.lock:
+            pending = entry.state == PENDING
+            if pending:
+                entry.waiters.append(lambda _entry: self.run_callback(fn, ref))
+        if not pending:
+            self.run_callback(fn, ref)
+
+    def try_cancel(self, ref: ObjectRef, timeout: float = 30.0) -> bool:
+        """Cancel the task making ``ref`` only if it was not dispatched to a worker yet.
+
+        True: it will never run (``get`` raises TaskCancelledError).  False: it is
+        running or done.  Decided on the I/O thread, so it cannot race a dispatch.
+        """
+        done = threading.Event()
+        answer = [False]
+
+        def decide():
+            task = self.tasks.get(ref._id)
+            if task is not None and not task.cancelled and task.state in ("WAITING", "QUEUED"):
+                self._cancel(ref._id, False)
+                answer[0] = True
+            done.set()
+        self.loop.call_soon(decide)
+        if not done.wait(timeout):
+            return False
+        return answer[0]
+
+    def task_state(self, ref: ObjectRef) -> str:
+        """WAITING (arguments), QUEUED, RUNNING (dispatched), or DONE. Any thread; a snapshot."""
+        task = self.tasks.get(ref._id)
+        return "DONE" if task is None else task.state
+
     def cancel_children(self, parent_task_id: str) -> None:
         """Cancel every task the given task (running in this worker) submitted. Any thread."""
         for child in self.children.pop(parent_task_id, []):
