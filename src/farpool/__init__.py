@@ -11,6 +11,7 @@ import importlib
 _EXPORTS = {
     "exceptions": "farpool.exceptions",
     "ObjectRef": "farpool._private.client",
+    **{name: "farpool.actor" for name in ("ActorClass", "ActorHandle", "get_actor", "kill", "method")},
     **{name: "farpool.api" for name in (
         "NodeAffinity", "available_resources", "cancel", "cluster_resources", "get", "get_gpu_ids",
         "get_runtime_context", "init", "is_initialized", "nodes", "put", "remote", "shutdown", "timeline",
@@ -39,6 +40,7 @@ def __dir__():
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActorClass", "ActorHandle", "get_actor", "kill", "method",
     "ActorDiedError", "AuthenticationError", "FarpoolError", "GetTimeoutError", "InfeasibleError",
     "NodeAffinity", "NodeDiedError", "ObjectLostError", "ObjectRef", "ObjectStoreFullError",
     "OwnerDiedError", "TaskCancelledError", "TaskError", "WorkerCrashedError", "available_resources",

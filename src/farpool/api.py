@@ -420,8 +420,8 @@ def remote(*args, **options):
 
 def _make_remote(obj, options):
     if inspect.isclass(obj):
-        raise NotImplementedError("actors (@farpool.remote on a class) are not available yet in this "
-                                  "version of farpool")
+        from farpool.actor import ActorClass
+        return ActorClass(obj, options)
     if not callable(obj):
         raise TypeError(f"@farpool.remote needs a function or a class, got {type(obj).__name__}")
     return RemoteFunction(obj, options)
@@ -497,7 +497,7 @@ def nodes() -> list[dict]:
                     "hostname": n.get("hostname"),
                     "resources_total": scheduling.as_floats(n["total"]),
                     "resources_available": scheduling.as_floats(n["available"]),
-                    "workers": n.get("stats", {}).get("workers"),
+                    "workers": n.get("stats", {}).get("workers"), "actors": n.get("actors", 0),
                     "is_head_node": n.get("is_head_node", False)})
     return out
 

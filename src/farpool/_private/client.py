@@ -50,6 +50,8 @@ SHORT_TASK_S = 0.002
 # Finished tasks remembered for farpool.timeline(); more costs memory, fewer
 # shows less history.
 TIMELINE_EVENTS = 100_000
+# Calls in flight to one actor from one caller: deep, since an actor runs them in order anyway.
+ACTOR_PIPELINE_DEPTH = 1000
 # Lease requests in flight per resource shape at most (each may bring a worker).
 MAX_LEASE_REQUESTS = 64
 
@@ -216,6 +218,17 @@ class LeaseState:
 
 
 @dataclass
+class ActorCallerState:
+    """What a caller knows of one actor: its state from the head and the channel to it."""
+    actor_id: str
+    state: str = "UNKNOWN"      # UNKNOWN, PENDING, ALIVE, RESTARTING, DEAD
+    incarnation: int = -1
+    lease: object = None        # a LeaseState whose channel reaches the actor's worker
+    subscribed: bool = False
+    cause: str = ""
+
+
+@dataclass
 class KeyQueue:
     """Tasks of one resource shape waiting for a leased worker."""
     shape: dict
@@ -227,6 +240,7 @@ class KeyQueue:
     depth: int = 1
     avg_run_s: float | None = None
     warned_infeasible: bool = False
+    actor: object = None  # ActorCallerState for the calls of one actor
 
 
 class AgentConn:
@@ -291,6 +305,7 @@ class CoreClient:
         self.timeline_events: deque = deque(maxlen=TIMELINE_EVENTS)
         self.children: dict[str, list] = {}  # in a worker: task id (hex) -> tasks it submitted
         self.pools: dict[str, dict] = {}     # pool_key -> {"initializer", "initargs", "max_tasks"}
+        self.actor_method_infos: dict = {}
         self.callback_queue: queue.Queue | None = None
         self.broken: BaseException | None = None
         self.owner_address = None
@@ -654,7 +669,8 @@ class CoreClient:
 
     # ------------------------------------------------------------------ submit (user threads)
     def submit(self, fn: RemoteFunctionInfo, args: tuple, kwargs: dict, num_returns: int, shape: dict,
-               max_retries: int, retry_exceptions, name: str, strategy="DEFAULT", pool_key=None) -> list:
+               max_retries: int, retry_exceptions, name: str, strategy="DEFAULT", pool_key=None,
+               actor_key=None) -> list:
         if self.broken is not None:
             raise self.broken
         ref_slots = []
@@ -684,7 +700,7 @@ class CoreClient:
         pinned = [r._id for _, r in ref_slots] + [r._id for r in collector]
         if not isinstance(strategy, str):  # NodeAffinity(node_id, soft)
             strategy = ("affinity", strategy.node_id, bool(strategy.soft))
-        key = (tuple(sorted(shape.items())), pool_key, strategy)
+        key = actor_key or (tuple(sorted(shape.items())), pool_key, strategy)
         task = TaskRecord(task_id, fn, payload, bufs, ref_slots, return_ids, shape, key, max_retries,
                           retry_exceptions, pinned, name, strategy, pool_key)
         with self.lock:
@@ -719,12 +735,19 @@ class CoreClient:
                     waiting += 1
                     entry.waiters.append(lambda _e, t=task: self._dep_ready(t))
         task.deps_left = waiting
-        if waiting == 0:
+        if task.key[0] == "actor":
+            # Actor calls keep submission order: queued now, sent when first in line and ready.
+            task.state = "QUEUED"
+            self._actor_queue(task.key).queue.append(task)
+            self._mark_dirty(task.key)
+        elif waiting == 0:
             self._enqueue(task)
 
     def _dep_ready(self, task: TaskRecord) -> None:
         task.deps_left -= 1
-        if task.deps_left == 0:
+        if task.key[0] == "actor":
+            self._mark_dirty(task.key)
+        elif task.deps_left == 0:
             self._enqueue(task)
 
     def _enqueue(self, task: TaskRecord, front: bool = False) -> None:
@@ -760,6 +783,9 @@ class CoreClient:
 
     def _dispatch(self, key) -> None:
         kq = self.keys[key]
+        if kq.actor is not None:
+            self._dispatch_actor(kq)
+            return
         q = kq.queue
         while q and q[0].cancelled:
             q.popleft()
@@ -901,6 +927,10 @@ class CoreClient:
             if tag == "NodeTable":
                 self.nodes = fields[0]
                 self._forget_dead_nodes()
+            elif tag == "ActorInfo":
+                self._on_ActorInfo(*fields)
+            elif tag == "ActorRegistered":
+                self._answer(fields[0], fields[1:])
             elif tag in ("Nodes", "KVValue"):
                 self._answer(fields[0], fields[1])
 
@@ -1096,7 +1126,7 @@ class CoreClient:
             if lease is not None:
                 lease.inflight.pop(task_id, None)
                 kq = self.keys.get(lease.key)
-                if kq is not None:
+                if kq is not None and kq.actor is None:
                     # Pipeline deeper only for tasks that run for less than SHORT_TASK_S.
                     run = ended - started
                     kq.avg_run_s = run if kq.avg_run_s is None else 0.8 * kq.avg_run_s + 0.2 * run
@@ -1273,6 +1303,130 @@ class CoreClient:
         transport.send(self.owner_socket, [identity, *encode("ObjectValue", (object_id, state, payload, error),
                                                              buffers)])
 
+    # ------------------------------------------------------------------ actors
+    def _actor_queue(self, key) -> KeyQueue:
+        kq = self.keys.get(key)
+        if kq is None:
+            kq = self.keys[key] = KeyQueue({}, None, "DEFAULT")
+            kq.actor = ActorCallerState(key[1])
+            kq.depth = ACTOR_PIPELINE_DEPTH
+        return kq
+
+    def _dispatch_actor(self, kq: KeyQueue) -> None:
+        actor = kq.actor
+        q = kq.queue
+        if actor.state == "DEAD":
+            error = exc_mod.ActorDiedError(actor.cause)
+            while q:
+                self._finish_failed(q.popleft(), error)
+            return
+        if not actor.subscribed:
+            actor.subscribed = True
+            transport.send(self.head, encode("WaitActor", (actor.actor_id,)))
+        lease = actor.lease
+        if lease is None:
+            return
+        batch = []
+        while q and (q[0].cancelled or q[0].deps_left == 0) and len(lease.inflight) + len(batch) < kq.depth:
+            task = q.popleft()
+            if not task.cancelled:
+                # A failed argument fails the call without running it.
+                failed = next((self.objects[r._id] for _, r in task.ref_slots
+                               if r._id in self.objects and self.objects[r._id].state == FAILED), None)
+                if failed is not None:
+                    self._finish_failed(task, self._error_of(failed))
+                    continue
+                batch.append(task)
+        if batch:
+            self._send_tasks(lease, batch)
+
+    def _on_ActorInfo(self, actor_id: str, info: dict) -> None:
+        kq = self.keys.get(("actor", actor_id))
+        if kq is None:
+            return
+        actor = kq.actor
+        state, incarnation = info["state"], info["incarnation"]
+        if actor.lease is not None and (state != "ALIVE" or incarnation != actor.incarnation):
+            self._actor_lost(kq, info)
+        actor.state = state
+        actor.cause = info.get("cause") or ""
+        if state == "ALIVE" and actor.lease is None:
+            actor.incarnation = incarnation
+            channel = self._actor_channel(info)
+            if channel is None:
+                return
+            lease = LeaseState(incarnation, info["worker_id"], info["node_id"], channel, [], ("actor", actor_id))
+            lease.job_sent = True  # the actor's worker was set up by its creation
+            actor.lease = lease
+        self._dispatch_actor(kq)
+
+    def _actor_channel(self, info: dict):
+        path = info.get("path")
+        agent = self.agents.get(info["node_id"])
+        if path and os.path.exists(path) and (agent is None or agent.local):
+            channel = self.worker_channels.get(path)
+            if channel is None:
+                try:
+                    stream = transport.StreamChannel.connect(path, self.loop)
+                except OSError:
+                    return None  # it died meanwhile: the head will say so
+                self.loop.add_reader(stream.fd, lambda s=stream: self._on_worker(s))
+                channel = self.worker_channels[path] = DirectChannel(stream)
+            return channel
+        if agent is None:
+            node = next((n for n in self.nodes if n["node_id"] == info["node_id"]), None)
+            if node is None or not node.get("tcp"):
+                return None
+            agent = self._open_agent(info["node_id"], node["tcp"])
+        return RelayChannel(agent, info["worker_id"])
+
+    def _actor_lost(self, kq: KeyQueue, info: dict) -> None:
+        """The actor's process died: retry calls in flight (max_task_retries) or fail them."""
+        lease = kq.actor.lease
+        kq.actor.lease = None
+        cause = info.get("cause") or "its process died"
+        retry = []
+        for task in sorted(lease.inflight.values(), key=lambda t: t.task_id):
+            if task.cancelled:
+                self._finish_failed(task, exc_mod.TaskCancelledError(f"actor call {task.name} was cancelled"))
+            elif task.attempts <= task.max_retries:
+                task.state = "QUEUED"
+                retry.append(task)
+            else:
+                self._finish_failed(task, exc_mod.ActorDiedError(
+                    f"actor {kq.actor.actor_id[:8]} died while running {task.name}: {cause}"
+                    + (f" (max_task_retries={task.max_retries} used up)" if task.max_retries else
+                       "; set max_task_retries to retry calls on a restarted actor")))
+        lease.inflight.clear()
+        for task in reversed(retry):
+            kq.queue.appendleft(task)
+
+    def head_request(self, tag: str, fields: tuple, timeout: float = 30.0):
+        """Send ``tag(request_id, *fields)`` to the head and wait for its answer. Any thread."""
+        event = threading.Event()
+        slot = [event]
+        request_id = next(self._request_ids)
+
+        def send():
+            self.pending_requests[request_id] = slot
+            transport.send(self.head, encode(tag, (request_id, *fields)))
+        self.loop.call_soon(send)
+        if not event.wait(timeout):
+            raise exc_mod.FarpoolError(f"the head did not answer {tag} within {timeout} s")
+        return slot[1]
+
+    def submit_actor_call(self, actor_id: str, method: str, qualname: str, args, kwargs, num_returns: int,
+                          max_task_retries: int) -> list:
+        info = self.actor_method_infos.get((actor_id, method))
+        if info is None:
+            info = self.actor_method_infos[(actor_id, method)] = RemoteFunctionInfo(
+                qualname, b"actor:" + method.encode(), b"")
+        return self.submit(info, args, kwargs, num_returns, {}, max_task_retries, False, qualname,
+                           actor_key=("actor", actor_id))
+
+    def send_head(self, tag: str, fields: tuple) -> None:
+        self.loop.call_soon(lambda: transport.send(self.head, encode(tag, fields)))
+
     # ------------------------------------------------------------------ cancel
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
         self.loop.call_soon(self._cancel, ref._id, force)
@@ -1341,7 +1495,7 @@ class CoreClient:
                 kq.queue.remove(task)
             self._finish_failed(task, exc_mod.TaskCancelledError(
                 f"task {task.name} was cancelled before it ran"))
-        elif task.state == "RUNNING" and task.lease is not None:
+        elif task.state == "RUNNING" and task.lease is not None and task.key[0] != "actor":
             import signal as _signal
             agent = self.agents.get(task.lease.node_id)
             if agent is not None:

@@ -22,7 +22,10 @@ import signal
 import sys
 import time
 
+import signal as _signal
+
 from farpool._private import protocol, session, transport
+from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.head")
@@ -58,6 +61,9 @@ class Head:
         self.subscribers: dict[tuple, bool] = {}  # (socket, identity) -> True
         self.kv: dict[str, bytes] = {}
         self.next_job = 1
+        self.actors = ActorTable()
+        self.actor_requests: dict[int, str] = {}    # lease request id -> actor id
+        self.client_job: dict[tuple, int] = {}      # (socket, identity) of a driver -> its job
         self.loop.call_later(CHECK_INTERVAL_S, self._check_nodes)
 
     # --- messages ---
@@ -85,6 +91,8 @@ class Head:
             job_id = self.next_job
             self.next_job += 1
         self.subscribers[(sock, identity)] = True
+        if job_id is not None:
+            self.client_job[(sock, identity)] = job_id
         self._reply(sock, identity, "Welcome", {
             "job_id": job_id, "embedded": self.embedded, "session_dir": self.session_dir,
             "nodes": self._table(), "address": self.address(),
@@ -103,6 +111,9 @@ class Head:
         log.info("node %s joined with %s", node_id, info["total"])
         self._reply(sock, identity, "NodeRegistered", self._table(), self.address())
         self._broadcast()
+        for record in list(self.actors.actors.values()):
+            if record.state == PENDING and record.node_id is None and record.request_id is None:
+                self._schedule_actor(record)
 
     def _on_Heartbeat(self, sock, identity, node_id: str, available: dict, stats: dict) -> None:
         record = self.nodes.get(node_id)
@@ -131,9 +142,144 @@ class Head:
         self.subscribers.pop((sock, identity), None)
         if kind == "node" and ident in self.nodes:
             self._mark_dead(ident, "it shut down")
+        job_id = self.client_job.pop((sock, identity), None)
+        if job_id is not None:
+            # The job ended: its actors end too, except detached ones.
+            for record in list(self.actors.actors.values()):
+                if record.spec.get("job_id") == job_id and not record.spec.get("detached") \
+                        and record.state != DEAD:
+                    self._kill_actor(record, no_restart=True, why="its creator's job ended")
+
+    # --- actors ---
+    def _on_CreateActor(self, sock, identity, request_id, actor_id: str, spec: dict) -> None:
+        used_id, error = self.actors.register(actor_id, spec)
+        meta = self.actors.actors[used_id].spec.get("meta") if used_id else None
+        self._reply(sock, identity, "ActorRegistered", request_id, used_id, error, meta)
+        if used_id == actor_id:
+            self._schedule_actor(self.actors.actors[actor_id])
+
+    def _on_GetNamedActor(self, sock, identity, request_id, name: str, namespace) -> None:
+        record = self.actors.lookup(name, namespace)
+        if record is None:
+            self._reply(sock, identity, "ActorRegistered", request_id, None,
+                        f"no actor named {name!r} in namespace {namespace!r}", None)
+        else:
+            self._reply(sock, identity, "ActorRegistered", request_id, record.actor_id, None,
+                        record.spec.get("meta"))
+
+    def _on_WaitActor(self, sock, identity, actor_id: str) -> None:
+        record = self.actors.actors.get(actor_id)
+        if record is None:
+            self._reply(sock, identity, "ActorInfo", actor_id, {
+                "state": DEAD, "incarnation": 0, "node_id": None, "worker_id": None, "path": None,
+                "cause": "this actor is unknown to the cluster (its cluster was restarted?)"})
+            return
+        record.subscribers.add((sock, identity))
+        self._reply(sock, identity, "ActorInfo", actor_id, record.info())
+
+    def _on_KillActor(self, sock, identity, actor_id: str, no_restart: bool) -> None:
+        record = self.actors.actors.get(actor_id)
+        if record is not None and record.state != DEAD:
+            self._kill_actor(record, no_restart, "it was killed with farpool.kill()")
+
+    def _kill_actor(self, record, no_restart: bool, why: str) -> None:
+        if no_restart:
+            record.killed = True
+        if record.worker_id is not None and record.node_id in self.node_peers:
+            sock, ident = self.node_peers[record.node_id]
+            transport.send(sock, [ident, *encode("SignalWorker", (record.worker_id, int(_signal.SIGKILL)))])
+        elif no_restart:  # not started yet: it never will
+            self.actors.died(record, why)
+            record.cause = why
+            self._notify_actor(record)
+
+    def _schedule_actor(self, record) -> None:
+        node_id = self.actors.place(record, self._table())
+        if node_id is None or node_id not in self.node_peers:
+            shape = record.spec["place_shape"]
+            from farpool._private import scheduling
+            totals = ", ".join(scheduling.describe(n["total"]) for n in self.nodes.values() if n["alive"])
+            message = (f"no node can host actor {record.spec.get('class_name')} that needs "
+                       f"{scheduling.describe(shape)}; the nodes have {totals or 'nothing'}")
+            if self.embedded:
+                record.state = DEAD
+                record.cause = message
+                self._notify_actor(record)
+            else:
+                log.warning("%s; it waits for a node that fits", message)
+                record.state = PENDING
+                record.node_id = None
+                record.request_id = None
+            return
+        record.node_id = node_id
+        request_id = self.actors.next_request()
+        record.request_id = request_id
+        self.actor_requests[request_id] = record.actor_id
+        sock, ident = self.node_peers[node_id]
+        pool_key = f"actor:{record.actor_id}:{record.incarnation}"
+        transport.send(sock, [ident, *encode("RequestLease", (request_id, record.spec["hold_shape"],
+                                                              record.spec.get("job_id"), pool_key,
+                                                              "DEFAULT", False))])
+
+    def _on_LeaseGranted(self, sock, identity, request_id, lease_id, worker_id, address, node_id, gpu_ids):
+        actor_id = self.actor_requests.pop(request_id, None)
+        record = self.actors.actors.get(actor_id) if actor_id else None
+        if record is None or record.state == DEAD:
+            transport.send(sock, [identity, *encode("ReturnLease", (lease_id, True))])
+            return
+        record.lease_id, record.worker_id, record.path = lease_id, worker_id, address
+        spec = record.spec
+        fields = (record.actor_id, spec["cls_bytes"], spec["args_payload"], len(spec["arg_bufs"]),
+                  spec["ref_values"], spec["job_setup"], spec["options"])
+        frames = encode("CreateActor", fields, list(spec["arg_bufs"]) + list(spec["ref_bufs"]))
+        transport.send(sock, [identity, b"Relay", worker_id.encode(), *frames])
+
+    def _on_LeaseInfeasible(self, sock, identity, request_id, message, fatal) -> None:
+        actor_id = self.actor_requests.pop(request_id, None)
+        record = self.actors.actors.get(actor_id) if actor_id else None
+        if record is not None:
+            record.state = DEAD
+            record.cause = message
+            self._notify_actor(record)
+
+    def _on_ActorCreated(self, sock, identity, actor_id: str, ok: bool, error) -> None:
+        record = self.actors.actors.get(actor_id)
+        if record is None:
+            return
+        if ok:
+            record.state = ALIVE
+            record.cause = ""
+        else:
+            _payload, type_name, tb_text, _fn, where = error
+            record.state = DEAD
+            record.killed = True
+            record.cause = f"its __init__ raised {type_name} on {where}:\n{tb_text}"
+            transport.send(sock, [identity, *encode("ReturnLease", (record.lease_id, True))])
+        self._notify_actor(record)
+
+    def _on_WorkerExited(self, sock, identity, lease_id, info: dict) -> None:
+        for record in self.actors.actors.values():
+            if record.lease_id == lease_id and record.node_id == info.get("node_id"):
+                how = (f"killed by signal {info['signal']}" if info.get("signal")
+                       else f"exited with code {info.get('exitcode')}")
+                why = f"its worker (pid {info.get('pid')}) on node {str(info.get('node_id'))[:8]} {how}"
+                if self.actors.died(record, why):
+                    log.warning("actor %s %s; restarting it", record.actor_id[:8], why)
+                    self._schedule_actor(record)
+                self._notify_actor(record)
+                return
+
+    def _notify_actor(self, record) -> None:
+        frames = encode("ActorInfo", (record.actor_id, record.info()))
+        for sock, identity in list(record.subscribers):
+            if not transport.send(sock, [identity, *frames]):
+                record.subscribers.discard((sock, identity))
 
     # --- membership ---
     def _table(self) -> list[dict]:
+        counts = self.actors.live_counts()
+        for node_id, record in self.nodes.items():
+            record["actors"] = counts.get(node_id, 0)
         return list(self.nodes.values())
 
     def address(self) -> str | None:
@@ -156,6 +302,11 @@ class Head:
             self.subscribers.pop(peer, None)
         log.warning("node %s is dead: %s", node_id, why)
         self._broadcast()
+        for record in list(self.actors.actors.values()):
+            if record.node_id == node_id and record.state != DEAD:
+                if self.actors.died(record, f"its node {node_id[:8]} died ({why})"):
+                    self._schedule_actor(record)
+                self._notify_actor(record)
 
     def _check_nodes(self) -> None:
         now = time.monotonic()

@@ -264,11 +264,14 @@ class LeaseManager:
                 if match is None:
                     # Past the base pool, replace an idle worker of another job rather
                     # than growing; grow (up to the cap) only when none is idle.
-                    victim = self._idle_victim(req) if len(self.workers) >= self.base_workers else None
+                    actor = isinstance(req.pool_key, str) and req.pool_key.startswith("actor:")
+                    victim = self._idle_victim(req) if len(self.workers) >= self.base_workers and not actor \
+                        else None
                     if victim is not None:
                         acts.kills.append(victim.worker_id)
                         del self.workers[victim.worker_id]
-                    if victim is not None or len(self.workers) < self.max_workers + self._blocked_count():
+                    if victim is not None or actor or \
+                            len(self.workers) < self.max_workers + self._blocked_count():
                         match = self._new_worker(req.job_id, req.pool_key)
                         acts.spawns.append(match)
                 if match is not None:

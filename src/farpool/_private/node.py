@@ -34,7 +34,8 @@ HEARTBEAT_S = 1.0
 # The head silent this long means the cluster is gone: the agent exits.
 HEAD_TIMEOUT_S = float(os.environ.get("FARPOOL_HEAD_TIMEOUT_S", "15"))
 
-IPC, TCP = "ipc", "tcp"
+IPC, TCP, HEAD = "ipc", "tcp", "head"
+HEAD_CLIENT = (HEAD, b"")  # the head leases workers for actors like any client
 
 
 class NodeAgent:
@@ -101,13 +102,19 @@ class NodeAgent:
             self._on_head_message(frames)
 
     def _on_head_message(self, frames) -> None:
+        if frames[0] == b"Relay":  # the head creating an actor in one of our workers
+            if not transport.send(self.ipc, [b"w:" + frames[1], b"Relayed", b"c:head:", *frames[2:]]):
+                log.warning("relay from the head to worker %s failed: it is gone", frames[1])
+            return
         try:
             tag, fields, _ = protocol.decode(frames)
         except protocol.ProtocolError as exc:
             log.warning("dropped a bad message from the head: %s", exc)
             return
         self.last_ack = time.monotonic()
-        if tag in ("NodeRegistered", "NodeTable"):
+        if tag in ("RequestLease", "ReturnLease", "SignalWorker"):
+            getattr(self, "_on_" + tag)(HEAD_CLIENT, *fields)
+        elif tag in ("NodeRegistered", "NodeTable"):
             self.cluster_nodes = fields[0]
             self._apply(self.leases.set_cluster_view(self.cluster_nodes))
         elif tag == "Error" and fields[0] == "unknown-node":
@@ -144,6 +151,8 @@ class NodeAgent:
 
     def _send(self, client, tag, *fields) -> bool:
         kind, identity = client
+        if kind == HEAD:
+            return transport.send(self.head, encode(tag, fields))
         return transport.send(self.sockets[kind], [identity, *encode(tag, fields)])
 
     def _on_Ping(self, client, *args) -> None:
@@ -204,7 +213,10 @@ class NodeAgent:
         target = frames[2]
         if kind == IPC and identity.startswith(b"w:") and target.startswith(b"c:"):
             origin_kind, origin = target[2:].split(b":", 1)
-            transport.send(self.sockets[origin_kind.decode()], [origin, *frames[3:]])
+            if origin_kind == b"head":
+                transport.send(self.head, frames[3:])
+            else:
+                transport.send(self.sockets[origin_kind.decode()], [origin, *frames[3:]])
         else:
             origin = b"c:" + kind.encode() + b":" + identity
             if not transport.send(self.ipc, [b"w:" + target, b"Relayed", origin, *frames[3:]]):
@@ -256,7 +268,7 @@ class NodeAgent:
             launcher.send_msg(self.launcher_sock, ("spawn", worker_id, {}))
         for req, lease in acts.grants:
             kind, _ = req.client
-            address = os.path.join(self.session_dir, f"w-{lease.worker_id}") if kind == IPC else None
+            address = os.path.join(self.session_dir, f"w-{lease.worker_id}") if kind in (IPC, HEAD) else None
             if not self._send(req.client, "LeaseGranted", req.request_id, lease.lease_id, lease.worker_id,
                               address, self.node_id, lease.alloc.gpu_ids):
                 self._apply(self.leases.return_lease(lease.lease_id))

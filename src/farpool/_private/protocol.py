@@ -40,6 +40,9 @@ TAGS = frozenset({
     "WorkerReady", "WorkerLog",
     # client <-> worker
     "ExecuteTask", "TaskFinished", "GetObject", "ObjectValue", "CancelTask",
+    # actors: client <-> head <-> agent <-> worker
+    "CreateActor", "ActorRegistered", "ActorCreated", "WaitActor", "ActorInfo", "KillActor",
+    "GetNamedActor",
     # anything
     "Error", "Ping", "Pong",
 })

@@ -47,6 +47,8 @@ class RuntimeContext:
         self.pool_error: str | None = None
         self.tasks_left: int | None = None
         self.channels: set = set()
+        self.actor = None
+        self.actor_executor = None  # None: calls run inline in order; a thread pool; or "async"
         self.gpu_ids: list[int] = []
 
     def get_node_id(self):
@@ -108,6 +110,19 @@ class InitializerError(RuntimeError):
     """The pool initializer of this worker raised: no task of that pool can run here."""
 
 
+def _load_args(args_payload, arg_bufs, ref_values, ref_bufs):
+    args, kwargs = protocol.loads(args_payload, arg_bufs)
+    if ref_values:
+        args = list(args)
+        for (slot, payload, _nbuf), bufs in zip(ref_values, ref_bufs):
+            value = protocol.loads(payload, bufs)
+            if isinstance(slot, int):
+                args[slot] = value
+            else:
+                kwargs[slot] = value
+    return args, kwargs
+
+
 def _limit_thread_pools(threads: int) -> None:
     """Resize BLAS/OpenMP pools already loaded (env vars alone act only at load time)."""
     try:
@@ -137,6 +152,8 @@ class Worker:
         self.pool_error: str | None = None
         self.tasks_left: int | None = None
         self.channels: set = set()
+        self.actor = None
+        self.actor_executor = None  # None: calls run inline in order; a thread pool; or "async"
         self.gpu_ids: list[int] | None = None
         self.threads = 1
         context.node_id = self.node_id
@@ -181,16 +198,108 @@ class Worker:
         except protocol.ProtocolError as exc:
             log.warning("dropped a bad message: %s", exc)
             return
-        if tag == "ExecuteTask":
+        if tag == "ExecuteTask" and self.actor_executor is not None:
+            self._execute_concurrent(fields[0], buffers, reply)
+        elif tag == "ExecuteTask":
             results, out_buffers = self._execute_batch(fields[0], buffers)
             retiring = self.tasks_left is not None and self.tasks_left <= 0
             reply(encode("TaskFinished", (results, retiring), out_buffers))
             if retiring:
                 self._retire()
+        elif tag == "CreateActor":
+            reply(encode("ActorCreated", self._create_actor(fields, buffers)))
         elif tag == "Ping":
             reply(encode("Pong", fields))
         else:
             log.warning("a worker does not handle %s", tag)
+
+    def _create_actor(self, fields, buffers) -> tuple:
+        """Become the actor: load its class and run __init__ (once per incarnation)."""
+        actor_id, cls_bytes, args_payload, n_arg_bufs, ref_values, job_setup, options = fields
+        self._apply_job(job_setup)
+        context.actor_id = actor_id
+        pos = n_arg_bufs
+        ref_bufs = []
+        for _slot, _payload, nbuf in ref_values:
+            ref_bufs.append(buffers[pos:pos + nbuf])
+            pos += nbuf
+        try:
+            cls = protocol.loads_function(cls_bytes)
+            args, kwargs = _load_args(args_payload, buffers[:n_arg_bufs], ref_values, ref_bufs)
+            context.task_name = f"{cls.__name__}.__init__"
+            self.actor = cls(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001
+            error = self._error(exc, f"{getattr(cls_bytes, '__name__', 'actor')}.__init__")
+            return (actor_id, False, error)
+        finally:
+            context.task_name = None
+        session.set_process_name("farpool-actor")
+        concurrency = options.get("max_concurrency") or 1
+        if options.get("is_async"):
+            import asyncio
+            import threading
+            self.actor_loop = asyncio.new_event_loop()
+            threading.Thread(target=self.actor_loop.run_forever, name="farpool-actor-loop", daemon=True).start()
+            self.actor_semaphore = None
+            self.actor_concurrency = options.get("max_concurrency") or 1000
+            self.actor_executor = "async"
+        elif concurrency > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            self.actor_executor = ThreadPoolExecutor(concurrency, thread_name_prefix="farpool-actor")
+        return (actor_id, True, None)
+
+    def _execute_concurrent(self, tasks, buffers, reply) -> None:
+        """Threaded or async actor: run each call off the main thread; reply from the loop."""
+        pos = 0
+        for task in tasks:
+            (task_id, fn_hash, fn_bytes, fn_name, args_payload, n_arg_bufs, ref_values,
+             num_returns, job_setup, lease_info) = task
+            arg_bufs = buffers[pos:pos + n_arg_bufs]
+            pos += n_arg_bufs
+            ref_bufs = []
+            for _slot, _payload, nbuf in ref_values:
+                ref_bufs.append(buffers[pos:pos + nbuf])
+                pos += nbuf
+            call = (task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns)
+            if self.actor_executor == "async":
+                import asyncio
+                asyncio.run_coroutine_threadsafe(self._run_async(call, reply), self.actor_loop)
+            else:
+                self.actor_executor.submit(self._run_threaded, call, reply)
+
+    def _finish_concurrent(self, result, out_buffers, reply) -> None:
+        self.loop.call_soon(lambda: reply(encode("TaskFinished", ([result], False), out_buffers)))
+
+    def _run_threaded(self, call, reply) -> None:
+        task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns = call
+        started = time.time()
+        out_buffers: list = []
+        try:
+            args, kwargs = _load_args(args_payload, arg_bufs, ref_values, ref_bufs)
+            value = getattr(self.actor, fn_hash[6:].decode())(*args, **kwargs)
+            result = self._package(task_id, value, num_returns, fn_name, started, out_buffers)
+        except BaseException as exc:  # noqa: BLE001
+            result = (task_id, False, self._error(exc, fn_name), started, time.time())
+        self._finish_concurrent(result, out_buffers, reply)
+
+    async def _run_async(self, call, reply) -> None:
+        import inspect
+        task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns = call
+        started = time.time()
+        out_buffers: list = []
+        if self.actor_semaphore is None:
+            import asyncio
+            self.actor_semaphore = asyncio.Semaphore(self.actor_concurrency)
+        async with self.actor_semaphore:
+            try:
+                args, kwargs = _load_args(args_payload, arg_bufs, ref_values, ref_bufs)
+                value = getattr(self.actor, fn_hash[6:].decode())(*args, **kwargs)
+                if inspect.isawaitable(value):
+                    value = await value
+                result = self._package(task_id, value, num_returns, fn_name, started, out_buffers)
+            except BaseException as exc:  # noqa: BLE001
+                result = (task_id, False, self._error(exc, fn_name), started, time.time())
+        self._finish_concurrent(result, out_buffers, reply)
 
     def _retire(self) -> None:
         """max_tasks_per_child reached: deliver what is queued, then exit (the agent replaces us)."""
@@ -305,38 +414,19 @@ class Worker:
         try:
             if self.pool_error is not None:
                 raise InitializerError(f"the initializer of this worker's pool raised:\n{self.pool_error}")
-            fn = self.functions.get(fn_hash)
-            if fn is None:
-                if fn_bytes is None:
-                    raise RuntimeError(f"function {fn_name} was not shipped to this worker")
-                fn = protocol.loads_function(fn_bytes)
-                self.functions[fn_hash] = fn
-            args, kwargs = protocol.loads(args_payload, arg_bufs)
-            if ref_values:
-                args = list(args)
-                for (slot, payload, _nbuf), bufs in zip(ref_values, ref_bufs):
-                    value = protocol.loads(payload, bufs)
-                    if isinstance(slot, int):
-                        args[slot] = value
-                    else:
-                        kwargs[slot] = value
+            if fn_hash.startswith(b"actor:"):
+                fn = getattr(self.actor, fn_hash[6:].decode())
+            else:
+                fn = self.functions.get(fn_hash)
+                if fn is None:
+                    if fn_bytes is None:
+                        raise RuntimeError(f"function {fn_name} was not shipped to this worker")
+                    fn = protocol.loads_function(fn_bytes)
+                    self.functions[fn_hash] = fn
+            args, kwargs = _load_args(args_payload, arg_bufs, ref_values, ref_bufs)
             value = fn(*args, **kwargs)
             del args, kwargs
-            if num_returns == 1:
-                values = (value,)
-            else:
-                values = tuple(value) if isinstance(value, (tuple, list)) else None
-                if values is None or len(values) != num_returns:
-                    got = f"{type(value).__name__} of length {len(values)}" if values is not None \
-                        else type(value).__name__
-                    raise ValueError(f"task {fn_name} declared num_returns={num_returns} but returned a {got}")
-            payloads = []
-            for i, v in enumerate(values):
-                what = f"the result of {fn_name}" + (f" (return {i})" if num_returns > 1 else "")
-                data, bufs = protocol.dumps(v, what=what)
-                payloads.append((data, len(bufs)))
-                out_buffers.extend(bufs)
-            return (task_id, True, payloads, started, time.time())
+            return self._package(task_id, value, num_returns, fn_name, started, out_buffers)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the owner
             return (task_id, False, self._error(exc, fn_name), started, time.time())
         finally:
@@ -346,6 +436,29 @@ class Worker:
                 nested.children.pop(context.task_id, None)
             context.task_id = None
             context.task_name = None
+
+    def _package(self, task_id, value, num_returns, fn_name, started, out_buffers):
+        """The result tuple of a finished call (pickling errors become the call's error)."""
+        try:
+            if num_returns == 1:
+                values = (value,)
+            else:
+                values = tuple(value) if isinstance(value, (tuple, list)) else None
+                if values is None or len(values) != num_returns:
+                    got = f"{type(value).__name__} of length {len(values)}" if values is not None \
+                        else type(value).__name__
+                    raise ValueError(f"task {fn_name} declared num_returns={num_returns} but returned a {got}")
+            payloads = []
+            bufs_all = []
+            for i, v in enumerate(values):
+                what = f"the result of {fn_name}" + (f" (return {i})" if num_returns > 1 else "")
+                data, bufs = protocol.dumps(v, what=what)
+                payloads.append((data, len(bufs)))
+                bufs_all.extend(bufs)
+            out_buffers.extend(bufs_all)
+            return (task_id, True, payloads, started, time.time())
+        except BaseException as exc:  # noqa: BLE001
+            return (task_id, False, self._error(exc, fn_name), started, time.time())
 
     def _error(self, exc: BaseException, fn_name: str):
         text = protocol.format_exception_text(exc)

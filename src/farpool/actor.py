@@ -1,0 +1,230 @@
+"""Actors: ``@farpool.remote`` on a class, handles, methods, ``get_actor`` and ``kill``.
+
+Called from user threads.  An actor lives in a worker process of its own,
+placed and restarted by the head (see _private/actor_table.py); method calls
+go from the caller straight to that worker, in submission order per caller.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+from farpool import exceptions
+from farpool._private import protocol, scheduling
+from farpool._private.client import ObjectRef
+
+ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory", "resources", "max_restarts", "max_task_retries",
+                 "max_concurrency", "name", "namespace", "lifetime", "get_if_exists", "scheduling_strategy",
+                 "runtime_env")
+
+
+def method(*, num_returns: int = 1):
+    """``@farpool.method(num_returns=2)`` on an actor method sets its default."""
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
+        raise ValueError(f"`num_returns` must be an int >= 0, got {num_returns!r}")
+
+    def mark(fn):
+        fn.__farpool_num_returns__ = num_returns
+        return fn
+    return mark
+
+
+def _check_actor_options(opts: dict, cls_name: str) -> dict:
+    unknown = sorted(set(opts) - set(ACTOR_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for actor {cls_name}; valid options: "
+                         f"{', '.join(ACTOR_OPTIONS)}")
+    for key in ("max_restarts", "max_task_retries"):
+        value = opts.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+            raise ValueError(f"`{key}` must be an int >= -1 (-1: forever), got {value!r}")
+    concurrency = opts.get("max_concurrency")
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                    or concurrency < 1):
+        raise ValueError(f"`max_concurrency` must be an int >= 1, got {concurrency!r}")
+    lifetime = opts.get("lifetime")
+    if lifetime not in (None, "detached"):
+        raise ValueError(f"`lifetime` must be None or 'detached', got {lifetime!r}")
+    name = opts.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"`name` must be a non-empty str, got {name!r}")
+    scheduling.make_request(opts.get("num_cpus") or 0, opts.get("num_gpus", 0), opts.get("memory"),
+                            opts.get("resources"))
+    return opts
+
+
+class ActorClass:
+    """What ``@farpool.remote`` makes of a class: ``Cls.remote(*args)`` creates an actor."""
+
+    def __init__(self, cls, options: dict):
+        self._cls = cls
+        self._options = _check_actor_options(dict(options), cls.__name__)
+        self._cls_bytes: bytes | None = None
+        self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+        self.__doc__ = cls.__doc__
+        self.__module__ = cls.__module__
+
+    @property
+    def _farpool_function(self):
+        return self._cls
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"actor class {self._cls.__name__} cannot be instantiated directly; use "
+                        f"{self._cls.__name__}.remote(...) to create an actor")
+
+    def options(self, **options) -> "ActorClass":
+        merged = dict(self._options)
+        merged.update(options)
+        bound = ActorClass(self._cls, merged)
+        bound._cls_bytes = self._cls_bytes
+        bound._parent = self
+        return bound
+
+    def _meta(self) -> dict:
+        methods = {}
+        is_async = False
+        for name, member in inspect.getmembers(self._cls, predicate=inspect.isfunction):
+            if name.startswith("__") and name != "__call__":
+                continue
+            methods[name] = getattr(member, "__farpool_num_returns__", 1)
+            if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
+                is_async = True
+        return {"class_name": self._cls.__qualname__, "methods": methods, "is_async": is_async}
+
+    def remote(self, *args, **kwargs) -> "ActorHandle":
+        from farpool import api
+        client = api._client()
+        opts = self._options
+        if opts.get("lifetime") == "detached" and client.embedded:
+            raise ValueError(
+                f"actor {self._cls.__name__}: lifetime='detached' needs a cluster started with "
+                "`farpool start --head` (init(address=...)); the embedded cluster of init() ends "
+                "with this driver, so nothing could outlive it")
+        parent = getattr(self, "_parent", None)
+        if self._cls_bytes is None:
+            self._cls_bytes = (parent._cls_bytes if parent is not None and parent._cls_bytes else
+                               protocol.dumps_function(self._cls, parent or self))
+            if parent is not None:
+                parent._cls_bytes = self._cls_bytes
+        # Top-level ref arguments are resolved here, before the actor is registered.
+        args = [api.get(a) if isinstance(a, ObjectRef) else a for a in args]
+        kwargs = {k: api.get(v) if isinstance(v, ObjectRef) else v for k, v in kwargs.items()}
+        payload, bufs = protocol.dumps((tuple(args), kwargs), what=f"an argument of {self._cls.__name__}()")
+        meta = self._meta()
+        num_cpus = opts.get("num_cpus")
+        hold = scheduling.make_request(num_cpus or 0, opts.get("num_gpus", 0), opts.get("memory"),
+                                       opts.get("resources"))
+        place = dict(hold)
+        if num_cpus is None:
+            place["CPU"] = scheduling.UNIT  # counts one CPU when placing, so actors spread
+        strategy = opts.get("scheduling_strategy")
+        concurrency = opts.get("max_concurrency") or (1000 if meta["is_async"] else 1)
+        namespace = opts.get("namespace", api._state.get("namespace") if api._state else None)
+        job_setup = dict(client.job_setup, pool_key=None)
+        if opts.get("runtime_env"):
+            job_setup["pool_key"] = api._runtime_env_key(opts["runtime_env"])
+        spec = {
+            "class_name": self._cls.__qualname__, "cls_bytes": self._cls_bytes, "args_payload": payload,
+            "arg_bufs": [bytes(b.raw()) for b in bufs], "ref_values": [], "ref_bufs": [],
+            "job_setup": job_setup,
+            "options": {"max_concurrency": concurrency, "is_async": meta["is_async"],
+                        "class_name": self._cls.__qualname__},
+            "hold_shape": hold, "place_shape": place, "max_restarts": opts.get("max_restarts", 0),
+            "name": opts.get("name"), "namespace": namespace, "get_if_exists": opts.get("get_if_exists", False),
+            "detached": opts.get("lifetime") == "detached", "job_id": client.job_id, "meta": meta,
+            "node_affinity": (strategy.node_id, strategy.soft) if strategy is not None
+            and not isinstance(strategy, str) else None,
+        }
+        actor_id = os.urandom(16).hex()
+        used_id, error, known_meta = client.head_request("CreateActor", (actor_id, spec))
+        if error is not None:
+            raise ValueError(error)
+        return ActorHandle(used_id, known_meta or meta, opts.get("max_task_retries", 0))
+
+
+ActorClass.__module__ = "farpool"
+
+
+class ActorHandle:
+    """A reference to an actor: ``handle.method.remote(...)``; picklable into tasks and actors."""
+
+    def __init__(self, actor_id: str, meta: dict, max_task_retries: int = 0):
+        self._actor_id = actor_id
+        self._meta = meta
+        self._max_task_retries = max_task_retries
+
+    def __getattr__(self, name: str) -> "ActorMethod":
+        methods = self.__dict__.get("_meta", {}).get("methods", {})
+        if name not in methods:
+            raise AttributeError(f"actor {self._meta.get('class_name')} has no method {name!r}")
+        return ActorMethod(self, name, methods[name])
+
+    def __reduce__(self):
+        return (ActorHandle, (self._actor_id, self._meta, self._max_task_retries))
+
+    def __repr__(self) -> str:
+        return f"ActorHandle({self._meta.get('class_name')}, {self._actor_id[:12]})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
+
+    def __hash__(self) -> int:
+        return hash(self._actor_id)
+
+
+ActorHandle.__module__ = "farpool"
+
+
+class ActorMethod:
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int):
+        self._handle = handle
+        self._name = name
+        self._num_returns = num_returns
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"actor method {self._name} cannot be called directly; use "
+                        f"handle.{self._name}.remote(...)")
+
+    def options(self, *, num_returns: int | None = None, name: str | None = None) -> "ActorMethod":
+        bound = ActorMethod(self._handle, self._name, self._num_returns if num_returns is None else num_returns)
+        return bound
+
+    def remote(self, *args, **kwargs):
+        from farpool import api
+        client = api._client()
+        handle = self._handle
+        qualname = f"{handle._meta.get('class_name')}.{self._name}"
+        refs = client.submit_actor_call(handle._actor_id, self._name, qualname, args, kwargs,
+                                        max(self._num_returns, 1), handle._max_task_retries)
+        if self._num_returns == 1:
+            return refs[0]
+        if self._num_returns == 0:
+            return None
+        return refs
+
+
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
+    """The handle of the live actor called ``name``; ValueError when there is none."""
+    from farpool import api
+    if not isinstance(name, str):
+        raise TypeError(f"get_actor() takes the actor's name (a str), got {type(name).__name__}")
+    client = api._client()
+    if namespace is None and api._state:
+        namespace = api._state.get("namespace")
+    actor_id, error, meta = client.head_request("GetNamedActor", (name, namespace))
+    if error is not None:
+        raise ValueError(error)
+    return ActorHandle(actor_id, meta)
+
+
+def kill(handle: ActorHandle, *, no_restart: bool = True) -> None:
+    """End the actor's process now; with ``no_restart`` later calls raise ActorDiedError."""
+    from farpool import api
+    if not isinstance(handle, ActorHandle):
+        raise TypeError(f"kill() takes an ActorHandle, got {type(handle).__name__}")
+    api._client().send_head("KillActor", (handle._actor_id, bool(no_restart)))
+
+
+del exceptions
