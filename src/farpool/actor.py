@@ -224,7 +224,7 @@ def kill(handle: ActorHandle, *, no_restart: bool = True) -> None:
     from farpool import api
     if not isinstance(handle, ActorHandle):
         raise TypeError(f"kill() takes an ActorHandle, got {type(handle).__name__}")
-    api._client().send_head("KillActor", (handle._actor_id, bool(no_restart)))
+    api._client().kill_actor(handle._actor_id, bool(no_restart))
 
 
 del exceptions

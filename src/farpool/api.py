@@ -486,7 +486,14 @@ def cancel(ref, *, force: bool = False, recursive: bool = True) -> None:
     """Cancel the task that makes ``ref``: queued tasks never run, running ones are interrupted."""
     if not isinstance(ref, ObjectRef):
         raise TypeError(f"cancel() takes an ObjectRef, got {type(ref).__name__}")
-    _client().cancel(ref, force, recursive)
+    client = _client()
+    entry = client.objects.get(ref._id)
+    task = entry.task if entry is not None else None
+    if force and task is not None and task.key[0] == "actor":
+        raise ValueError(f"cancel(force=True) is not allowed for actor calls ({task.name}): killing "
+                         "the worker would kill the actor; use farpool.kill(handle) to end the actor, "
+                         "or cancel(ref) to drop a queued call")
+    client.cancel(ref, force, recursive)
 
 
 # ---------------------------------------------------------------------- introspection

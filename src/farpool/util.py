@@ -23,6 +23,7 @@ class ActorPool:
         self._done: dict = {}                        # index -> ref (finished, not yet returned)
         self._next_submit = 0
         self._next_return = 0
+        self._returned: set = set()
 
     def submit(self, fn, value) -> None:
         """Schedule ``fn(actor, value)`` on an idle actor (queued until one is idle)."""
@@ -56,7 +57,7 @@ class ActorPool:
         while self._next_return not in self._done:
             self._wait_one(timeout)
         ref = self._done.pop(self._next_return)
-        self._next_return += 1
+        self._mark_returned(self._next_return)
         return farpool.get(ref)
 
     def get_next_unordered(self, timeout: float | None = None):
@@ -67,9 +68,15 @@ class ActorPool:
             self._wait_one(timeout)
         index = next(iter(self._done))
         ref = self._done.pop(index)
-        if index == self._next_return:
-            self._next_return += 1
+        self._mark_returned(index)
         return farpool.get(ref)
+
+    def _mark_returned(self, index: int) -> None:
+        """Ordered results resume after the lowest index not yet handed out."""
+        self._returned.add(index)
+        while self._next_return in self._returned:
+            self._returned.discard(self._next_return)
+            self._next_return += 1
 
     def map(self, fn, values):
         """Results of ``fn(actor, v)`` for each value, in order."""

@@ -1346,6 +1346,8 @@ class CoreClient:
             return
         actor = kq.actor
         state, incarnation = info["state"], info["incarnation"]
+        if actor.state == "DEAD":
+            return  # killed from here, or dead already: final
         if actor.lease is not None and (state != "ALIVE" or incarnation != actor.incarnation):
             self._actor_lost(kq, info)
         actor.state = state
@@ -1423,6 +1425,19 @@ class CoreClient:
                 qualname, b"actor:" + method.encode(), b"")
         return self.submit(info, args, kwargs, num_returns, {}, max_task_retries, False, qualname,
                            actor_key=("actor", actor_id))
+
+    def kill_actor(self, actor_id: str, no_restart: bool) -> None:
+        """Ask the head to end the actor; with no_restart, later calls from here fail at once."""
+        def kill():
+            if no_restart:
+                kq = self._actor_queue(("actor", actor_id))
+                kq.actor.state = "DEAD"
+                kq.actor.cause = "it was killed with farpool.kill()"
+                if kq.actor.lease is not None:
+                    self._actor_lost(kq, {"cause": kq.actor.cause})
+                self._dispatch_actor(kq)
+            transport.send(self.head, encode("KillActor", (actor_id, no_restart)))
+        self.loop.call_soon(kill)
 
     def send_head(self, tag: str, fields: tuple) -> None:
         self.loop.call_soon(lambda: transport.send(self.head, encode(tag, fields)))

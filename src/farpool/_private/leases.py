@@ -191,7 +191,8 @@ class LeaseManager:
         """The job's driver left: its workers are of no use to anyone else."""
         acts = Actions()
         for worker in list(self.workers.values()):
-            if worker.job_id == job_id:
+            actor = isinstance(worker.pool_key, str) and worker.pool_key.startswith("actor:")
+            if worker.job_id == job_id and not actor:  # the head decides when actors end
                 acts.kills.append(worker.worker_id)
         return acts
 
