@@ -789,17 +789,26 @@ class CoreClient:
         q = kq.queue
         while q and q[0].cancelled:
             q.popleft()
-        if q:
-            # Fill the leased workers, least loaded first.
-            for lease in sorted(kq.leases, key=lambda l: len(l.inflight)):
-                room = kq.depth - len(lease.inflight)
-                if room <= 0 or not q:
-                    continue
-                batch = []
-                while q and len(batch) < room:
+        if q and kq.leases:
+            # Pipeline (depth > 1) only into a deep backlog; a short queue goes one task per
+            # worker so that a few long tasks never wait behind each other.
+            depth = kq.depth if len(q) >= 2 * len(kq.leases) else 1
+            batches: dict = {}
+            leases = sorted(kq.leases, key=lambda l: len(l.inflight))
+            progress = True
+            while q and progress:  # round robin, least loaded first
+                progress = False
+                for lease in leases:
+                    if not q:
+                        break
+                    if len(lease.inflight) + len(batches.get(id(lease), ())) >= depth:
+                        continue
                     t = q.popleft()
                     if not t.cancelled:
-                        batch.append(t)
+                        batches.setdefault(id(lease), []).append(t)
+                    progress = True
+            for lease in leases:
+                batch = batches.get(id(lease))
                 if batch:
                     self._send_tasks(lease, batch)
         if q:
