@@ -43,10 +43,12 @@ FRESH = ("startup", "footprint")
 
 FULL = dict(reps=3, workers=2, noop=10_000, roundtrip=1_000, map=100_000,
             array_mb=200, bigarg_tasks=8, actor_seq=1_000, actor_pipe=10_000,
-            cpu_tasks=16, cpu_task_s=0.25, tree_leaves=1_024, settle_s=1.0)
+            cpu_tasks=16, cpu_task_s=0.25, tree_leaves=1_024, settle_s=1.0,
+            rep_budget_s=30.0)
 QUICK = dict(reps=1, workers=2, noop=1_000, roundtrip=100, map=10_000,
              array_mb=20, bigarg_tasks=8, actor_seq=100, actor_pipe=1_000,
-             cpu_tasks=16, cpu_task_s=0.1, tree_leaves=64, settle_s=0.5)
+             cpu_tasks=16, cpu_task_s=0.1, tree_leaves=64, settle_s=0.5,
+             rep_budget_s=30.0)
 
 
 def sizes(quick: bool = False, **overrides) -> dict:
@@ -91,11 +93,12 @@ def add(a, b):
 
 
 def spin(n):
-    """Pure-Python CPU work, about ``n`` loop iterations."""
+    """Pure-Python CPU work (``n`` loop iterations); returns the CPU seconds it used."""
+    c0 = time.thread_time()
     x = 0
     for i in range(n):
         x = (x + i * i) % 1_000_003
-    return x
+    return time.thread_time() - c0 + (x & 0)
 
 
 def map_chunk(fn, chunk):
@@ -111,13 +114,16 @@ class Counter:
         return self.n
 
 
-def calibrate_spin(target_s: float, tries: int = 3) -> tuple[int, float]:
-    """Iterations of ``spin`` that take ``target_s`` here, and the measured time."""
+def calibrate_spin(target_s: float, tries: int = 7) -> tuple[int, float]:
+    """Iterations of ``spin`` that take ``target_s`` on an idle core, and ``target_s``.
+
+    The fastest of several short probes estimates the uncontended speed (the
+    machine may be shared), so the ideal wall time is ``target_s`` per task.
+    """
     probe = 100_000
+    spin(probe)
     best = min(_timed(spin, probe) for _ in range(tries))
-    iters = max(1, int(probe * target_s / best))
-    took = min(_timed(spin, iters) for _ in range(tries))
-    return iters, took
+    return max(1, int(probe * target_s / best)), float(target_s)
 
 
 def _timed(fn, *args):
@@ -194,6 +200,18 @@ class Adapter:
         """[(metric, open)] where open() -> (map(fn, items, chunksize) -> list, close())."""
         return []
 
+    def chunked_mapper(self):
+        """("chunked_items_per_s", open): the items cut into chunks, one task each."""
+        def open_():
+            def m(fn, items, cs):
+                chunks = [items[i:i + cs] for i in range(0, len(items), cs)]
+                out = []
+                for part in self.run_many(map_chunk, [(fn, c) for c in chunks]):
+                    out.extend(part)
+                return out
+            return m, lambda: None
+        return ("chunked_items_per_s", open_)
+
     # actors ----------------------------------------------------------------
     def actor_new(self, cls):
         raise NA("no actors")
@@ -211,8 +229,8 @@ class Adapter:
 class FarpoolAdapter(Adapter):
     name = "farpool"
     notes = {
-        "map": "items_per_s: farpool.Pool(2).map(chunksize); executor_items_per_s: "
-               "DistributedExecutor(2).map(chunksize)",
+        "map": "farpool.Pool(2).map(chunksize); executor: DistributedExecutor(2).map(chunksize); "
+               "chunked: one task per chunk",
         "bigarg": "put: farpool.put once, ref to 8 tasks; value: array as argument of each task",
         "tree": "leaves/internal tasks get refs as top-level arguments",
     }
@@ -271,7 +289,8 @@ class FarpoolAdapter(Adapter):
             ex = fp.DistributedExecutor(max_workers=w)
             return (lambda fn, items, cs: list(ex.map(fn, items, chunksize=cs))), ex.shutdown
 
-        return [("items_per_s", open_pool), ("executor_items_per_s", open_executor)]
+        return [("items_per_s", open_pool), ("executor_items_per_s", open_executor),
+                self.chunked_mapper()]
 
     def actor_new(self, cls):
         try:
@@ -336,6 +355,24 @@ def _collect():
     gc.collect()
 
 
+class Reps:
+    """``for _ in Reps(cfg)``: up to cfg["reps"] repetitions, fewer when one
+    repetition already overran cfg["rep_budget_s"] (slow systems; at least 1)."""
+
+    def __init__(self, cfg):
+        self.max = cfg["reps"]
+        self.budget = cfg.get("rep_budget_s")
+        self.done = 0
+
+    def __iter__(self):
+        t0 = time.perf_counter()
+        while self.done < self.max:
+            yield self.done
+            self.done += 1
+            if self.budget and time.perf_counter() - t0 > self.budget:
+                break
+
+
 def _result(metrics, na=None, note=None, **extra):
     out = {"metrics": metrics}
     if na:
@@ -352,7 +389,8 @@ def _result(metrics, na=None, note=None, **extra):
 
 def w_startup(factory, cfg):
     firsts, stops = [], []
-    for _ in range(cfg["reps"]):
+    reps = Reps(cfg)
+    for _ in reps:
         _collect()
         t0 = time.perf_counter()
         a = factory()
@@ -369,14 +407,15 @@ def w_startup(factory, cfg):
         t3 = time.perf_counter()
         firsts.append(t1 - t0)
         stops.append(t3 - t2)
-    return _result({"first_result_s": median(firsts), "shutdown_s": median(stops)})
+    return _result({"first_result_s": median(firsts), "shutdown_s": median(stops)}, reps=reps.done)
 
 
 def w_footprint(factory, cfg):
     psutil = _need_psutil()
     me = psutil.Process()
     rss, pss, procs, own_rss, own_pss = [], [], [], [], []
-    for _ in range(cfg["reps"]):
+    reps = Reps(cfg)
+    for _ in reps:
         _collect()
         base = me.memory_full_info()
         a = factory()
@@ -405,13 +444,15 @@ def w_footprint(factory, cfg):
         own_pss.append(d_pss / 1e6)
     return _result({"rss_mb": median(rss), "pss_mb": median(pss), "procs": median(procs),
                     "driver_rss_inc_mb": median(own_rss), "driver_pss_inc_mb": median(own_pss)},
-                   note="sum over the driver's descendant processes + the driver's own increment")
+                   note="sum over the driver's descendant processes + the driver's own increment",
+                   reps=reps.done)
 
 
 def w_noop(a, cfg):
     n = cfg["noop"]
     rates = []
-    for _ in range(cfg["reps"]):
+    reps = Reps(cfg)
+    for _ in reps:
         args = [()] * n
         t0 = time.perf_counter()
         out = a.run_many(noop, args)
@@ -419,13 +460,14 @@ def w_noop(a, cfg):
         assert len(out) == n
         rates.append(n / dt)
         del out
-    return _result({"tasks_per_s": median(rates)})
+    return _result({"tasks_per_s": median(rates)}, reps=reps.done)
 
 
 def w_roundtrip(a, cfg):
     n = cfg["roundtrip"]
     meds, p90s = [], []
-    for _ in range(cfg["reps"]):
+    reps = Reps(cfg)
+    for _ in reps:
         lat = []
         pc = time.perf_counter
         for _ in range(n):
@@ -434,7 +476,7 @@ def w_roundtrip(a, cfg):
             lat.append(pc() - t0)
         meds.append(median(lat) * 1e6)
         p90s.append(pctl(lat, 90) * 1e6)
-    return _result({"median_us": median(meds), "p90_us": median(p90s)})
+    return _result({"median_us": median(meds), "p90_us": median(p90s)}, reps=reps.done)
 
 
 def w_map(a, cfg):
@@ -454,7 +496,7 @@ def w_map(a, cfg):
         try:
             rates = []
             fn(inc, items[:100], 25)  # warm up
-            for _ in range(cfg["reps"]):
+            for _ in Reps(cfg):
                 t0 = time.perf_counter()
                 out = fn(inc, items, cs)
                 dt = time.perf_counter() - t0
@@ -480,10 +522,12 @@ def w_bigarg(a, cfg):
     np = _need_numpy()
     n = int(cfg["array_mb"] * 1e6 / 8)
     k = cfg["bigarg_tasks"]
-    arr = np.ones(n)  # already touched
     metrics, na = {}, {}
     val, put = [], []
-    for _ in range(cfg["reps"]):
+    reps = Reps(cfg)
+    for _ in reps:
+        # a fresh (touched) array each time: no system may reuse an earlier copy
+        arr = np.ones(n)
         _collect()
         t0 = time.perf_counter()
         out = a.run_many(first, [(arr,)] * k)
@@ -492,6 +536,8 @@ def w_bigarg(a, cfg):
         _collect()
         if "put_s" in na:
             continue
+        arr = np.ones(n)
+        _collect()
         try:
             t0 = time.perf_counter()
             ref = a.put(arr)
@@ -505,14 +551,17 @@ def w_bigarg(a, cfg):
     metrics["value_s"] = median(val)
     if put:
         metrics["put_s"] = median(put)
-    return _result(metrics, na, note=f"{cfg['array_mb']} MB float64 to {k} tasks returning float(arr[0])")
+    return _result(metrics, na, reps=reps.done,
+                   note=f"{cfg['array_mb']} MB float64 to {k} tasks returning float(arr[0]); "
+                        "a fresh array per measurement")
 
 
 def w_bigresult(a, cfg):
     _need_numpy()
     n = int(cfg["array_mb"] * 1e6 / 8)
     times = []
-    for _ in range(cfg["reps"]):
+    reps = Reps(cfg)
+    for _ in reps:
         _collect()
         t0 = time.perf_counter()
         out = a.call(make_array, n)
@@ -520,7 +569,8 @@ def w_bigresult(a, cfg):
         times.append(time.perf_counter() - t0)
         assert ok
         del out
-    return _result({"s": median(times)}, note=f"task returns np.ones({n}) ({cfg['array_mb']} MB)")
+    return _result({"s": median(times)}, reps=reps.done,
+                   note=f"task returns np.ones({n}) ({cfg['array_mb']} MB)")
 
 
 def w_actor(a, cfg):
@@ -530,7 +580,8 @@ def w_actor(a, cfg):
             a.actor_call(h, "inc")
         seq_meds, rates = [], []
         pc = time.perf_counter
-        for _ in range(cfg["reps"]):
+        reps = Reps(cfg)
+        for _ in reps:
             lat = []
             for _ in range(cfg["actor_seq"]):
                 t0 = pc()
@@ -546,7 +597,7 @@ def w_actor(a, cfg):
             rates.append(n / dt)
     finally:
         a.actor_del(h)
-    return _result({"seq_us": median(seq_meds), "pipelined_per_s": median(rates)})
+    return _result({"seq_us": median(seq_meds), "pipelined_per_s": median(rates)}, reps=reps.done)
 
 
 def w_cpu(a, cfg):
@@ -555,23 +606,32 @@ def w_cpu(a, cfg):
         iters, task_s = calibrate_spin(cfg["cpu_task_s"])
         cfg["cpu_iters"], cfg["cpu_measured_s"] = iters, task_s
     k = cfg["cpu_tasks"]
-    ideal = k * task_s / a.workers
-    walls = []
-    for _ in range(cfg["reps"]):
+    nominal = k * task_s / a.workers
+    walls, effs, ideals = [], [], []
+    reps = Reps(cfg)
+    for _ in reps:
         t0 = time.perf_counter()
         out = a.run_many(spin, [(iters,)] * k)
-        walls.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
         assert len(out) == k
-    wall = median(walls)
-    return _result({"wall_s": wall, "efficiency": ideal / wall, "ideal_s": ideal},
-                   note=f"{k} tasks x {task_s:.3f} s (spin({iters})) on {a.workers} workers")
+        # ideal = the CPU time the tasks really used, spread over the workers:
+        # independent of calibration error and of other load on the machine
+        ideal = sum(out) / a.workers
+        walls.append(wall)
+        ideals.append(ideal)
+        effs.append(ideal / wall)
+    return _result({"wall_s": median(walls), "efficiency": median(effs), "ideal_s": median(ideals),
+                    "nominal_ideal_s": nominal}, reps=reps.done,
+                   note=f"{k} tasks x ~{task_s:g} s (spin({iters})) on {a.workers} workers: nominal ideal "
+                        f"{nominal:g} s; efficiency = (task CPU seconds / workers) / wall")
 
 
 def w_tree(a, cfg):
     n = cfg["tree_leaves"]
     expect = n * (n - 1) // 2
     times = []
-    for _ in range(cfg["reps"]):
+    reps = Reps(cfg)
+    for _ in reps:
         t0 = time.perf_counter()
         refs = [a.submit(leaf, i) for i in range(n)]
         while len(refs) > 1:
@@ -583,7 +643,7 @@ def w_tree(a, cfg):
         times.append(time.perf_counter() - t0)
         assert v == expect, (v, expect)
         del refs
-    return _result({"s": median(times)}, note=f"{n} leaves, {2 * n - 1} tasks")
+    return _result({"s": median(times)}, reps=reps.done, note=f"{n} leaves, {2 * n - 1} tasks")
 
 
 FUNCS = {"startup": w_startup, "footprint": w_footprint, "noop": w_noop,
@@ -720,6 +780,8 @@ def metric_rows(cfg):
         ("map", "items_per_s", f"map {cfg['map']:,} items (Pool.map / native)", "items/s", "higher", None),
         ("map", "executor_items_per_s", f"map {cfg['map']:,} items (executor.map)", "items/s", "higher",
          "items_per_s"),
+        ("map", "chunked_items_per_s", f"map {cfg['map']:,} items (chunks as tasks)", "items/s", "higher",
+         None),
         ("bigarg", "put_s", f"{mb} MB to {cfg['bigarg_tasks']} tasks via put/scatter", "s", "lower", None),
         ("bigarg", "value_s", f"{mb} MB to {cfg['bigarg_tasks']} tasks by value", "s", "lower", None),
         ("bigresult", "s", f"{mb} MB result", "s", "lower", None),
@@ -795,14 +857,16 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(quick: bool = False, workloads=None, workload_timeout=None) -> dict:
+def main(quick: bool = False, workloads=None, workload_timeout=None, reps=None) -> dict:
     """Run the farpool workloads alone in this process; returns a dict.
 
     ``{"system": "farpool", "status": ..., "version": ..., "sizes": cfg,
     "results": {workload: {"status", "metrics", ...}}, "elapsed_s": ...}``
+    ``reps`` overrides the repetitions (full sizes with ``reps=1`` is the
+    quickest way to full-size numbers).
     """
     t0 = time.perf_counter()
-    cfg = sizes(quick)
+    cfg = sizes(quick, reps=reps)
     out = {"system": "farpool", "sizes": cfg, "results": {}}
     mod = _this_module()
     try:
@@ -828,10 +892,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="farpool micro-benchmarks (farpool alone)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workloads", default=None, help="comma-separated subset of " + ",".join(WORKLOADS))
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, 1 with --quick)")
     ap.add_argument("--json", default=None, help="also write the result here")
     ns = ap.parse_args()
     wl = ns.workloads.split(",") if ns.workloads else None
-    res = main(ns.quick, wl, workload_timeout=60 if ns.quick else 120)
+    res = main(ns.quick, wl, workload_timeout=60 if ns.quick else 120, reps=ns.reps)
     if res.get("status") != "ok":
         print(f"farpool: {res.get('status')}: {res.get('reason')}")
     else:

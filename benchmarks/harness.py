@@ -179,7 +179,8 @@ class JoblibAdapter(Adapter):
 
 class DaskAdapter(Adapter):
     name = "dask"
-    notes = {"map": "dask.bag.from_sequence(partition_size=chunksize).map(f).compute() on the Client",
+    notes = {"map": "dask.bag.from_sequence(partition_size=chunksize).map(f).compute() on the Client; "
+                    "chunked: one client.submit per chunk",
              "bigarg": "put = client.scatter; value = array as argument of client.submit",
              "actor": "client.submit(Counter, actor=True)",
              "cluster": "LocalCluster(n_workers=2, threads_per_worker=1, processes=True)"}
@@ -228,7 +229,7 @@ class DaskAdapter(Adapter):
             def m(fn, items, cs):
                 return db.from_sequence(items, partition_size=cs).map(fn).compute()
             return m, lambda: None
-        return [("items_per_s", open_)]
+        return [("items_per_s", open_), self.chunked_mapper()]
 
     def actor_new(self, cls):
         fut = self.client.submit(cls, actor=True)
@@ -248,7 +249,7 @@ class DaskAdapter(Adapter):
 
 class RayAdapter(Adapter):
     name = "ray"
-    notes = {"map": "ray.util.multiprocessing.Pool(2).map(chunksize)",
+    notes = {"map": "ray.util.multiprocessing.Pool(2).map(chunksize); chunked: one task per chunk",
              "bigarg": "put = ray.put; value = array as argument of each task",
              "init": "ray.init(num_cpus=2, include_dashboard=False, _node_ip_address='127.0.0.1')"}
 
@@ -292,7 +293,7 @@ class RayAdapter(Adapter):
             from ray.util.multiprocessing import Pool
             pool = Pool(processes=self.workers)
             return (lambda fn, items, cs: pool.map(fn, items, chunksize=cs)), pool.terminate
-        return [("items_per_s", open_)]
+        return [("items_per_s", open_), self.chunked_mapper()]
 
     def actor_new(self, cls):
         self._actor_cls = self.ray.remote(cls)
@@ -361,7 +362,7 @@ def child_main(ns):
         if probe:
             out.update(status=probe[0], reason=probe[1])
         else:
-            cfg = fb.sizes(ns.quick, workers=ns.workers, reps=ns.reps,
+            cfg = fb.sizes(ns.quick, workers=ns.workers, reps=ns.reps, rep_budget_s=ns.rep_budget,
                            cpu_iters=ns.cpu_iters, cpu_measured_s=ns.cpu_task_s)
             out["sizes"] = cfg
             cls = ADAPTERS[system]
@@ -522,12 +523,15 @@ def _reap():
 def _cleanup_leftovers(grace_s):
     """End processes that outlived a child (they re-parented to us). Returns names."""
     deadline = time.time() + grace_s
+    time.sleep(0.2)  # let orphans of a killed tree re-parent to us
+    _reap()
     left = _descendants(os.getpid())
     while left and time.time() < deadline:
         time.sleep(0.2)
         _reap()
         left = _descendants(os.getpid())
     if not left:
+        _reap()
         return []
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid, _ in left:
@@ -571,11 +575,17 @@ def run_child(system, workloads, args, cfg, tmpdir):
         cmd.append("--quick")
     if args.reps:
         cmd += ["--reps", str(args.reps)]
+    if args.rep_budget is not None:
+        cmd += ["--rep-budget", str(args.rep_budget)]
     if cfg.get("cpu_iters"):
         cmd += ["--cpu-iters", str(cfg["cpu_iters"]), "--cpu-task-s", repr(cfg["cpu_measured_s"])]
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
     t0 = time.perf_counter()
     with open(errlog, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
@@ -615,6 +625,7 @@ def run_child(system, workloads, args, cfg, tmpdir):
             r.get("status") == "ok" for r in partial.values()) else "error",
             "reason": why, "results": partial, "stderr_tail": tail}
     res["wall_s"] = round(wall, 2)
+    res["loadavg_before"] = load
     leftovers = _cleanup_leftovers(grace_s=5.0)
     if leftovers:
         res.setdefault("notes", {})["leftover_processes_killed"] = ", ".join(leftovers)
@@ -692,17 +703,24 @@ def render(report):
         head = f"- **{s}** ({LABELS.get(s, s)}): {st}"
         if r.get("wall_s") is not None:
             head += f", {r['wall_s']:.1f} s"
+        if r.get("loadavg_before"):
+            head += f" (load avg before: {r['loadavg_before']})"
         if st != "ok" and r.get("reason"):
             head += f" — {r['reason']}"
         lines.append(head)
         for k, val in (r.get("notes") or {}).items():
             lines.append(f"  - {k}: {val}")
+        if s == "farpool" and (r.get("farpool_file") or r.get("version")):
+            lines.append(f"  - version {r.get('version')} from {r.get('farpool_file')}")
         for w, wr in (r.get("results") or {}).items():
             if wr.get("status") != "ok":
                 lines.append(f"  - {w}: {wr.get('status')} ({wr.get('reason')})")
             else:
                 for mname, why in (wr.get("na") or {}).items():
                     lines.append(f"  - {w}.{mname}: n/a ({why})")
+                if wr.get("reps") is not None and wr["reps"] < cfg["reps"]:
+                    lines.append(f"  - {w}: {wr['reps']} of {cfg['reps']} repetitions "
+                                 f"(one took longer than the {cfg.get('rep_budget_s'):g} s budget)")
         for ln in r.get("stderr_tail", [])[-5:]:
             lines.append(f"  - stderr: `{ln[:200]}`")
     return "\n".join(lines)
@@ -730,7 +748,7 @@ def parent_main(args):
         args.timeout = 60.0 if args.quick else 420.0
     if args.workload_timeout is None:
         args.workload_timeout = 30.0 if args.quick else 180.0
-    cfg = fb.sizes(args.quick, workers=args.workers, reps=args.reps)
+    cfg = fb.sizes(args.quick, workers=args.workers, reps=args.reps, rep_budget_s=args.rep_budget)
     report = {"started": _dt.datetime.now().isoformat(timespec="seconds"),
               "machine": machine_info(), "versions": versions(), "git": git_info(),
               "argv": sys.argv, "order": only, "workloads": workloads, "systems": {}}
@@ -777,6 +795,8 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the full report (raw numbers) here")
     ap.add_argument("--workers", type=int, default=2, help="workers/CPUs per system (default 2)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, 1 with --quick)")
+    ap.add_argument("--rep-budget", type=float, default=None,
+                    help="stop repeating a measurement once one repetition ran past this (default 30 s)")
     ap.add_argument("--timeout", type=float, default=None,
                     help="wall-clock budget per system subprocess (default 420 s, 60 s with --quick)")
     ap.add_argument("--workload-timeout", type=float, default=None,

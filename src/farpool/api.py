@@ -115,6 +115,7 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
         procs.append(session.spawn("farpool._private.node", node_args, session_dir, "node.log", token,
                                    lifeline=True))
         cfg = {"head_address": head_address, "agent_address": session.ipc(session_dir, "node"),
+               "watch_pids": [(procs[0].pid, "head"), (procs[1].pid, "node agent")],
                "node_id": node_id, "session_dir": session_dir, "token": token, "embedded": True,
                "local": True, "start_deadline_s": START_DEADLINE_S, "log_to_driver": log_to_driver,
                "job_setup": _job_setup(None, namespace)}
@@ -536,6 +537,7 @@ def get_runtime_context():
         ctx.node_id = client.home.node_id
         ctx.worker_id = client.client_id.hex()
         ctx.job_id = client.job_id
+        ctx.namespace = _state.get("namespace") if _state else None
     return ctx
 
 

@@ -67,17 +67,23 @@ class TaskError(FarpoolError):
     def wrap(cls, function_name: str, traceback_text: str, cause: BaseException | None,
              cause_type_name: str, where: str) -> "TaskError":
         """A TaskError that is also an instance of ``type(cause)`` when possible."""
-        if cause is None or isinstance(cause, TaskError) or not isinstance(cause, Exception):
+        if isinstance(cause, TaskError) and isinstance(cause.cause, Exception):
+            # Re-raised from a nested task: keep the original user type, one level up too.
+            cause_cls = type(cause.cause)
+            cause_type_name = cause.cause_type_name or cause_type_name
+        elif cause is None or isinstance(cause, TaskError) or not isinstance(cause, Exception):
             return cls(function_name, traceback_text, cause, cause_type_name, where)
-        cause_cls = type(cause)
+        else:
+            cause_cls = type(cause)
         dual = _dual_class(cause_cls)
         if dual is None:
             return cls(function_name, traceback_text, cause, cause_type_name, where)
         err = dual.__new__(dual)
         # Fill both halves: the user's type sees its original args, TaskError its fields.
-        err.args = cause.args
+        original = cause.cause if isinstance(cause, TaskError) else cause
+        err.args = original.args
         try:
-            err.__dict__.update(getattr(cause, "__dict__", {}))
+            err.__dict__.update({k: v for k, v in getattr(original, "__dict__", {}).items()})
         except (AttributeError, TypeError):
             pass
         err.function_name = function_name

@@ -206,3 +206,21 @@ def test_runtime_processes_survive_terminal_sigint():
             assert os.getsid(p.pid) != os.getsid(0)
     finally:
         farpool.shutdown()
+
+
+def test_embedded_node_agent_killed_fails_pending_gets_instead_of_hanging(tmp_path):
+    farpool.shutdown()
+    info = farpool.init(num_cpus=1)
+    try:
+        @farpool.remote
+        def wait_for(path):
+            import time
+            while not os.path.exists(path):
+                time.sleep(0.01)
+        ref = wait_for.remote(str(tmp_path / "never"))
+        node_pid = int(open(os.path.join(info["session_dir"], "node.pid")).read())
+        os.kill(node_pid, 9)
+        with pytest.raises(farpool.FarpoolError, match="node agent .* exited unexpectedly"):
+            farpool.get(ref, timeout=60)
+    finally:
+        farpool.shutdown()

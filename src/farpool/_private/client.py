@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from farpool import exceptions as exc_mod
-from farpool._private import protocol, scheduling, session, transport
+from farpool._private import protocol, scheduling, session, store, transport
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.client")
@@ -168,6 +168,7 @@ class Entry:
     waiters: list = field(default_factory=list)  # callables(entry) run on the I/O thread
     task: object = None           # the TaskRecord that produces it (owner only)
     size: int = 0
+    location: tuple | None = None  # ("seg", node_id, store_id, path, size) when in the node store
 
 
 @dataclass
@@ -200,6 +201,7 @@ class TaskRecord:
     ref_values: list | None = None
     submitted_at: float = 0.0
     cancelled: bool = False
+    args_location: tuple | None = None  # large by-value arguments, stored once per call
 
 
 @dataclass
@@ -306,6 +308,8 @@ class CoreClient:
         self.children: dict[str, list] = {}  # in a worker: task id (hex) -> tasks it submitted
         self.pools: dict[str, dict] = {}     # pool_key -> {"initializer", "initargs", "max_tasks"}
         self.actor_method_infos: dict = {}
+        self.frees: dict[str, list] = {}       # node_id -> store ids to free
+        self._free_scheduled = False
         self.callback_queue: queue.Queue | None = None
         self.broken: BaseException | None = None
         self.owner_address = None
@@ -353,6 +357,13 @@ class CoreClient:
         self.owner_address = (self.identity, node_id, self._owner_endpoint())
         self.head_socket_handler = self._on_head
         self.loop.add_reader(self.head, self._on_head)
+        for pid, what in cfg.get("watch_pids", ()):
+            # The embedded head and node agent: if one dies, fail everything at once, no hang.
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            self.loop.add_reader(fd, lambda fd=fd, pid=pid, what=what: self._runtime_died(fd, pid, what))
         self._thread = threading.Thread(target=self._run, name="farpool-io", daemon=True)
         self._thread.start()
         return welcome
@@ -410,6 +421,20 @@ class CoreClient:
         self.owner_socket.bind(path)
         self.loop.add_reader(self.owner_socket, self._on_owner_socket)
         return path
+
+    def _runtime_died(self, fd: int, pid: int, what: str) -> None:
+        self.loop.remove_reader(fd)
+        os.close(fd)
+        log_file = os.path.join(self.session_dir or "", "head.log" if what == "head" else "node.log")
+        tail = ""
+        try:
+            with open(log_file) as f:
+                tail = "".join(f.readlines()[-8:])
+        except OSError:
+            pass
+        self._break(exc_mod.FarpoolError(
+            f"the embedded cluster's {what} (pid {pid}) exited unexpectedly; everything pending fails. "
+            f"Call farpool.shutdown() and init() again. Last lines of its log {log_file}:\n{tail}"))
 
     def _run(self) -> None:
         try:
@@ -501,17 +526,24 @@ class CoreClient:
                     continue
                 entry.local_refs -= 1
                 if entry.local_refs <= 0 and entry.task_pins <= 0 and entry.state != PENDING:
-                    del self.objects[oid]
+                    self._delete(oid, entry)
+        self._flush_frees()
 
     # ------------------------------------------------------------------ put/get/wait (user threads)
     def put(self, value) -> ObjectRef:
         if isinstance(value, ObjectRef):
             raise TypeError("put() of an ObjectRef is not allowed: pass the ref itself where it is needed")
         payload, bufs = protocol.dumps(value, what="the value given to put()")
-        # put copies the user's buffers now: later mutation changes nothing put.
-        bufs = [bytes(b.raw()) if isinstance(b, protocol.pickle.PickleBuffer) else b for b in bufs]
         oid = self.new_object_id()
-        entry = Entry(state=READY, payload=payload, buffers=bufs, size=len(payload) + sum(len(b) for b in bufs))
+        # put copies the user's buffers now (into the node store when large):
+        # later mutation changes nothing put.
+        location = self.store_value(oid, payload, bufs, "put")
+        if location is not None:
+            entry = Entry(state=READY, location=location, size=location[4])
+        else:
+            bufs = [bytes(b.raw()) if isinstance(b, protocol.pickle.PickleBuffer) else b for b in bufs]
+            entry = Entry(state=READY, payload=payload, buffers=bufs,
+                          size=len(payload) + sum(len(b) for b in bufs))
         with self.lock:
             self.objects[oid] = entry
         return ObjectRef(oid, self.owner_address)
@@ -604,7 +636,61 @@ class CoreClient:
             raise exc_mod.ObjectLostError(f"object {ref.hex()} is no longer known to this process")
         if entry.state == FAILED:
             raise self._error_of(entry)
+        if entry.location is not None:
+            payload, buffers = self.map_location(entry.location)
+            return protocol.loads(payload, buffers)
         return protocol.loads(entry.payload, entry.buffers)
+
+    # ------------------------------------------------------------------ node store
+    def store_value(self, store_id: bytes, payload: bytes, buffers: list, what: str) -> tuple | None:
+        """Write a large pickled value into this node's store; None when it stays inline."""
+        if self.home is None or not self.home.local:
+            return None
+        size = store.value_size(payload, buffers)
+        if size < store.INLINE_MAX:
+            return None
+        path, error = self.agent_request(self.home, "AllocateObject",
+                                         (store_id, size, self.identity.decode(), what))
+        if path is None:
+            raise exc_mod.ObjectStoreFullError(error)
+        store.write_segment(path, payload, buffers)
+        return ("seg", self.home.node_id, store_id, path, size)
+
+    def map_location(self, location: tuple):
+        """Zero-copy (payload, buffers) of a stored value on this node (restored if spilled)."""
+        _, node_id, store_id, path, size = location
+        try:
+            return store.read_segment(path, size)
+        except FileNotFoundError:
+            agent = self.agents.get(node_id)
+            if agent is None:
+                raise exc_mod.ObjectLostError(f"object {store_id.hex()} lives on node {node_id[:8]}, "
+                                              "which this process cannot reach") from None
+            new_path, error = self.agent_request(agent, "RestoreObject", (store_id,))
+            if new_path is None:
+                raise exc_mod.ObjectLostError(f"object {store_id.hex()} is gone from node {node_id[:8]}: "
+                                              f"{error}") from None
+            return store.read_segment(new_path, size)
+
+    def agent_request(self, agent: AgentConn, tag: str, fields: tuple, timeout: float = 60.0):
+        """``tag(request_id, *fields)`` to an agent, wait for its answer. Any thread but the I/O one."""
+        event = threading.Event()
+        slot = [event]
+        request_id = next(self._request_ids)
+
+        def send():
+            self.pending_requests[request_id] = slot
+            transport.send(agent.socket, encode(tag, (request_id, *fields)))
+        self.loop.call_soon(send)
+        if not event.wait(timeout):
+            raise exc_mod.FarpoolError(f"the node agent did not answer {tag} within {timeout} s")
+        return slot[1]
+
+    def _on_ObjectAllocated(self, conn, request_id, path, error) -> None:
+        self._answer(request_id, (path, error))
+
+    def _on_StoreStats(self, conn, request_id, stats, listing) -> None:
+        self._answer(request_id, (stats, listing))
 
     def _error_of(self, entry: Entry) -> BaseException:
         error = entry.error
@@ -693,9 +779,15 @@ class CoreClient:
             payload, bufs = protocol.dumps((args, kwargs), what=f"an argument of {name}")
         finally:
             _nested_refs.collector = None
-        # Copy out-of-band buffers now: the caller may mutate its arrays after remote() returns.
-        bufs = [bytes(b.raw()) for b in bufs]
         task_id = self.new_object_id()
+        # Copy out-of-band buffers now: the caller may mutate its arrays after remote() returns.
+        # Large arguments go into the node store once per call; workers map them.
+        args_location = self.store_value(task_id + b"args", payload, bufs, f"arguments of {name}") \
+            if bufs else None
+        if args_location is not None:
+            payload, bufs = b"", []
+        else:
+            bufs = [bytes(b.raw()) for b in bufs]
         return_ids = [task_id] + [self.new_object_id() for _ in range(num_returns - 1)]
         pinned = [r._id for _, r in ref_slots] + [r._id for r in collector]
         if not isinstance(strategy, str):  # NodeAffinity(node_id, soft)
@@ -703,6 +795,7 @@ class CoreClient:
         key = actor_key or (tuple(sorted(shape.items())), pool_key, strategy)
         task = TaskRecord(task_id, fn, payload, bufs, ref_slots, return_ids, shape, key, max_retries,
                           retry_exceptions, pinned, name, strategy, pool_key)
+        task.args_location = args_location
         with self.lock:
             for oid in return_ids:
                 self.objects[oid] = Entry(task=task)
@@ -792,7 +885,8 @@ class CoreClient:
         if q and kq.leases:
             # Pipeline (depth > 1) only into a deep backlog; a short queue goes one task per
             # worker so that a few long tasks never wait behind each other.
-            depth = kq.depth if len(q) >= 2 * len(kq.leases) else 1
+            slots = self._worker_slots(kq)
+            depth = 1 if len(q) <= slots else min(kq.depth, -(-len(q) // slots))
             batches: dict = {}
             leases = sorted(kq.leases, key=lambda l: len(l.inflight))
             progress = True
@@ -823,6 +917,14 @@ class CoreClient:
         for lease in kq.leases:
             if not lease.inflight and lease.linger is None and not q:
                 lease.linger = self.loop.call_later(LEASE_LINGER_S, self._return_idle, lease)
+
+    def _worker_slots(self, kq: KeyQueue) -> int:
+        """How many tasks of this shape the cluster can run at once (for pipelining decisions)."""
+        cpu = kq.shape.get("CPU", 0)
+        total = sum(n["total"].get("CPU", 0) for n in self.nodes if n.get("alive"))
+        if cpu <= 0 or total <= 0:
+            return max(1, len(kq.leases))
+        return max(1, total // cpu)
 
     def _agent_for(self, kq: KeyQueue) -> tuple:
         """Where to ask for leases: the home agent, or the node a NodeAffinity names."""
@@ -874,20 +976,34 @@ class CoreClient:
             if fn.fn_hash not in lease.shipped:
                 fn_bytes = fn.fn_bytes
                 lease.shipped.add(fn.fn_hash)
+            direct = isinstance(lease.channel, DirectChannel)
             ref_values = []
             ref_bufs = []
             for slot, ref in task.ref_slots:
                 entry = self.objects[ref._id]
-                ref_values.append((slot, entry.payload, len(entry.buffers)))
-                ref_bufs.extend(entry.buffers)
+                if entry.location is not None and direct:
+                    ref_values.append((slot, ("loc", entry.location[3], entry.location[4]), 0))
+                elif entry.location is not None:  # another machine: send the bytes
+                    payload, bufs = store.read_bytes(entry.location[3], entry.location[4])
+                    ref_values.append((slot, payload, len(bufs)))
+                    ref_bufs.extend(bufs)
+                else:
+                    ref_values.append((slot, entry.payload, len(entry.buffers)))
+                    ref_bufs.extend(entry.buffers)
+            args_payload, arg_bufs = task.args_payload, task.arg_bufs
+            if task.args_location is not None:
+                if direct:
+                    args_payload = ("loc", task.args_location[3], task.args_location[4])
+                else:
+                    args_payload, arg_bufs = store.read_bytes(task.args_location[3], task.args_location[4])
             job_setup = None
             if not lease.job_sent:
                 job_setup = dict(self.job_setup, pool_key=task.pool_key, pool=self.pools.get(task.pool_key))
                 lease.job_sent = True
-            wire.append((task.task_id, fn.fn_hash, fn_bytes, fn.name, task.args_payload, len(task.arg_bufs),
+            wire.append((task.task_id, fn.fn_hash, fn_bytes, task.name, args_payload, len(arg_bufs),
                          ref_values, len(task.return_ids), job_setup,
                          (lease.gpu_ids, task.shape.get("CPU", 0) / scheduling.UNIT)))
-            buffers.extend(task.arg_bufs)
+            buffers.extend(arg_bufs)
             buffers.extend(ref_bufs)
             task.state = "RUNNING"
             task.lease = lease
@@ -1149,7 +1265,10 @@ class CoreClient:
             if ok:
                 values = []
                 for payload, nbuf in body:
-                    values.append((payload, buffers[pos:pos + nbuf]))
+                    if isinstance(payload, tuple):  # ("loc", path, size, store_id): in the worker's node store
+                        values.append(("seg", lease.node_id if lease else "", payload[3], payload[1], payload[2]))
+                    else:
+                        values.append((payload, buffers[pos:pos + nbuf]))
                     pos += nbuf
                 completed.append((task, values))
             else:
@@ -1188,19 +1307,24 @@ class CoreClient:
             for task, values in completed:
                 self.tasks.pop(task.task_id, None)
                 task.state = "DONE"
-                for oid, (payload, bufs) in zip(task.return_ids, values):
+                for oid, value in zip(task.return_ids, values):
                     entry = self.objects.get(oid)
                     if entry is None:
+                        if len(value) == 5:  # nobody wants it: give the memory back
+                            self._free_location(value)
                         continue
-                    entry.payload = payload
-                    entry.buffers = bufs
+                    if len(value) == 5:
+                        entry.location = value
+                        entry.size = value[4]
+                    else:
+                        entry.payload, entry.buffers = value
+                        entry.size = len(value[0]) + sum(len(b) for b in value[1])
                     entry.state = READY
                     entry.task = None
-                    entry.size = len(payload) + sum(len(b) for b in bufs)
                     if entry.waiters:
                         fire.append(entry)
                     elif entry.local_refs <= 0 and entry.task_pins <= 0:
-                        del self.objects[oid]
+                        self._delete(oid, entry)
                 self._unpin(task)
         for entry in fire:
             self._fire(entry)
@@ -1229,8 +1353,32 @@ class CoreClient:
             if e is not None:
                 e.task_pins -= 1
                 if e.task_pins <= 0 and e.local_refs <= 0 and e.state != PENDING:
-                    del self.objects[oid]
+                    self._delete(oid, e)
         task.pinned = []
+        if task.args_location is not None:
+            self._free_location(task.args_location)
+            task.args_location = None
+
+    def _delete(self, oid: bytes, entry: "Entry") -> None:
+        """Forget an object (lock held); its store segment, if any, goes back to its node."""
+        del self.objects[oid]
+        if entry.location is not None and entry.owned:
+            self._free_location(entry.location)
+
+    def _free_location(self, location: tuple) -> None:
+        _, node_id, store_id, _path, _size = location
+        self.frees.setdefault(node_id, []).append(store_id)
+        if not self._free_scheduled:
+            self._free_scheduled = True
+            self.loop.call_soon(self._flush_frees)
+
+    def _flush_frees(self) -> None:
+        self._free_scheduled = False
+        frees, self.frees = self.frees, {}
+        for node_id, ids in frees.items():
+            agent = self.agents.get(node_id)
+            if agent is not None:
+                transport.send(agent.socket, encode("FreeObjects", (ids,)))
 
     def _fire(self, entry: Entry) -> None:
         with self.lock:
@@ -1263,12 +1411,14 @@ class CoreClient:
             tag, fields, buffers = protocol.decode(frames)
             if tag == "ObjectValue":
                 object_id, state, payload, error = fields
-                if state == READY:
+                if state == READY and isinstance(payload, tuple):
+                    self._set_borrowed(object_id, READY, None, location=payload)
+                elif state == READY:
                     self._set_borrowed(object_id, READY, None, payload, list(buffers))
                 else:
                     self._set_borrowed(object_id, FAILED, error)
 
-    def _set_borrowed(self, object_id, state, error, payload=None, buffers=()) -> None:
+    def _set_borrowed(self, object_id, state, error, payload=None, buffers=(), location=None) -> None:
         with self.lock:
             entry = self.objects.get(object_id)
             if entry is None:
@@ -1277,6 +1427,7 @@ class CoreClient:
             entry.error = error
             entry.payload = payload
             entry.buffers = list(buffers)
+            entry.location = location
         self._fire(entry)
 
     def _on_owner_socket(self) -> None:
@@ -1298,6 +1449,8 @@ class CoreClient:
         elif entry.state == PENDING:
             with self.lock:
                 entry.waiters.append(lambda e, i=identity, o=object_id: self._serve_object(i, o))
+        elif entry.state == READY and entry.location is not None:
+            self._reply_object(identity, object_id, READY, entry.location, [], None)
         elif entry.state == READY:
             self._reply_object(identity, object_id, READY, entry.payload, entry.buffers, None)
         else:

@@ -78,6 +78,8 @@ class Head:
                 handler(sock, identity, *fields)
             except (protocol.ProtocolError, TypeError, ValueError) as exc:
                 log.warning("dropped a bad message from %r: %s", identity[:16], exc)
+            except Exception:  # a bug handling one message must not take the whole node down
+                log.exception("failed to handle a message from %r; still serving", identity[:24])
 
     def _reply(self, sock, identity, tag, *fields) -> None:
         transport.send(sock, [identity, *encode(tag, fields)])

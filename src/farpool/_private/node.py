@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 
-from farpool._private import launcher, protocol, scheduling, session, transport
+from farpool._private import launcher, protocol, scheduling, session, store, transport
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.protocol import encode
 
@@ -45,8 +45,13 @@ class NodeAgent:
         self.node_id = args.node_id
         self.token = token
         self.embedded = args.embedded
+        capacity = int(args.object_store_memory or store.default_capacity())
+        directory, _in_shm = store.choose_dir(self.session_dir, self.node_id, capacity)
+        self.store = store.ObjectStore(directory, capacity, os.path.join(self.session_dir, "spill"))
+        import psutil
+        memory = args.memory if args.memory is not None else psutil.virtual_memory().total - capacity
         totals = scheduling.make_totals(args.num_cpus, args.num_gpus, json.loads(args.resources or "{}"),
-                                        object_store_memory=args.object_store_memory)
+                                        memory=max(0, memory), object_store_memory=capacity)
         self.leases = LeaseManager(self.node_id, totals, embedded=args.embedded)
         self.loop = transport.EventLoop()
         self.sockets = {}
@@ -127,7 +132,7 @@ class NodeAgent:
                       time.monotonic() - self.last_ack)
             self.loop.stop()
             return
-        stats = self.leases.stats()
+        stats = dict(self.leases.stats(), object_store=self.store.stats())
         transport.send(self.head, encode("Heartbeat", (self.node_id, self.leases.resources.available,
                                                        {"stats": stats})))
         self.loop.call_later(HEARTBEAT_S, self._heartbeat)
@@ -148,6 +153,8 @@ class NodeAgent:
                 handler((kind, identity), *fields)
             except (protocol.ProtocolError, TypeError, ValueError, KeyError, IndexError) as exc:
                 log.warning("dropped a bad message from %r: %s", identity[:24], exc)
+            except Exception:  # a bug handling one message must not take the whole node down
+                log.exception("failed to handle a message from %r; still serving", identity[:24])
 
     def _send(self, client, tag, *fields) -> bool:
         kind, identity = client
@@ -204,6 +211,33 @@ class NodeAgent:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+    # --- object store ---
+    def _on_AllocateObject(self, client, request_id, store_id: bytes, size: int, owner: str, what: str) -> None:
+        try:
+            seg = self.store.allocate(store_id, size, owner, what)
+        except MemoryError as exc:
+            self._send(client, "ObjectAllocated", request_id, None, str(exc))
+            return
+        self._send(client, "ObjectAllocated", request_id, seg.path, None)
+
+    def _on_FreeObjects(self, client, store_ids: list) -> None:
+        for store_id in store_ids:
+            self.store.free_object(store_id)
+
+    def _on_RestoreObject(self, client, request_id, store_id: bytes) -> None:
+        try:
+            seg = self.store.restore(store_id)
+        except MemoryError as exc:
+            self._send(client, "ObjectAllocated", request_id, None, str(exc))
+            return
+        if seg is None:
+            self._send(client, "ObjectAllocated", request_id, None, "it was freed")
+        else:
+            self._send(client, "ObjectAllocated", request_id, seg.path, None)
+
+    def _on_StoreStats(self, client, request_id) -> None:
+        self._send(client, "StoreStats", request_id, self.store.stats(), self.store.listing())
 
     def _on_GetNodes(self, client, request_id) -> None:
         self._send(client, "Nodes", request_id, self.cluster_nodes)
@@ -297,6 +331,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-gpus", type=float, default=None, help="default: the GPUs detected")
     parser.add_argument("--resources", default="{}")
     parser.add_argument("--object-store-memory", type=float, default=None)
+    parser.add_argument("--memory", type=float, default=None, help="bytes of memory tasks may reserve")
     parser.add_argument("--host", default=None, help="also listen on TCP at this address")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--embedded", action="store_true")
@@ -357,6 +392,7 @@ def main(argv=None) -> int:
         except ChildProcessError:
             pass
         agent.close()
+        agent.store.close()
         transport.term_context()
         if args.embedded or args.lifeline:
             session.remove_session(args.session_dir)

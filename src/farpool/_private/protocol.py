@@ -40,6 +40,8 @@ TAGS = frozenset({
     "WorkerReady", "WorkerLog",
     # client <-> worker
     "ExecuteTask", "TaskFinished", "GetObject", "ObjectValue", "CancelTask",
+    # node object store
+    "AllocateObject", "ObjectAllocated", "FreeObjects", "RestoreObject", "StoreStats",
     # actors: client <-> head <-> agent <-> worker
     "CreateActor", "ActorRegistered", "ActorCreated", "WaitActor", "ActorInfo", "KillActor",
     "GetNamedActor",

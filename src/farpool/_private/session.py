@@ -89,7 +89,25 @@ def remove_dead_sessions() -> list[str]:
         if pids and not any(pid_alive(p) for p in pids if p):
             remove_session(path)
             removed.append(path)
+    # Object store segments of sessions whose directory is gone (crashed node agents).
+    try:
+        entries = os.listdir("/dev/shm")
+    except OSError:
+        entries = []
+    for name in entries:
+        if name.startswith("farpool-" + SESSION_PREFIX):
+            session_name = name[len("farpool-"):].rsplit("-", 1)[0]
+            if not os.path.isdir(os.path.join(root, session_name)) and _owned_by_us(os.path.join("/dev/shm", name)):
+                shutil.rmtree(os.path.join("/dev/shm", name), ignore_errors=True)
+                removed.append(name)
     return removed
+
+
+def _owned_by_us(path: str) -> bool:
+    try:
+        return os.stat(path).st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def spawn(module: str, args: list[str], session_dir: str, log_name: str,

@@ -26,7 +26,7 @@ import sys
 import time
 import types
 
-from farpool._private import protocol, session, transport
+from farpool._private import protocol, session, store, transport
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.worker")
@@ -41,12 +41,16 @@ class RuntimeContext:
         self.task_id = None
         self.task_name = None
         self.actor_id = None
+        self.namespace = None
         self.job_id = None
         self.pool_key = None
         self.pool_ready = False
         self.pool_error: str | None = None
         self.tasks_left: int | None = None
         self.channels: set = set()
+        self._requests = 0
+        self._agent_backlog: list = []
+        self.store_results = False  # set per message: only owners on this machine can map results
         self.actor = None
         self.actor_executor = None  # None: calls run inline in order; a thread pool; or "async"
         self.gpu_ids: list[int] = []
@@ -59,6 +63,9 @@ class RuntimeContext:
 
     def get_task_id(self):
         return self.task_id
+
+    def get_namespace(self):
+        return self.namespace
 
     def get_actor_id(self):
         return self.actor_id
@@ -110,12 +117,19 @@ class InitializerError(RuntimeError):
     """The pool initializer of this worker raised: no task of that pool can run here."""
 
 
+def _load_value(payload, bufs):
+    """A value from a message, or mapped zero-copy from the node store ("loc", path, size)."""
+    if isinstance(payload, tuple):
+        payload, bufs = store.read_segment(payload[1], payload[2])
+    return protocol.loads(payload, bufs)
+
+
 def _load_args(args_payload, arg_bufs, ref_values, ref_bufs):
-    args, kwargs = protocol.loads(args_payload, arg_bufs)
+    args, kwargs = _load_value(args_payload, arg_bufs)
     if ref_values:
         args = list(args)
         for (slot, payload, _nbuf), bufs in zip(ref_values, ref_bufs):
-            value = protocol.loads(payload, bufs)
+            value = _load_value(payload, bufs)
             if isinstance(slot, int):
                 args[slot] = value
             else:
@@ -152,6 +166,9 @@ class Worker:
         self.pool_error: str | None = None
         self.tasks_left: int | None = None
         self.channels: set = set()
+        self._requests = 0
+        self._agent_backlog: list = []
+        self.store_results = False  # set per message: only owners on this machine can map results
         self.actor = None
         self.actor_executor = None  # None: calls run inline in order; a thread pool; or "async"
         self.gpu_ids: list[int] | None = None
@@ -178,19 +195,24 @@ class Worker:
 
     def _on_channel(self, channel) -> None:
         for frames in channel.read():
+            self.store_results = True  # a local owner: large results go to the node store
             self._handle(frames, channel.send)
+            self.store_results = False
         if channel.eof:
             channel.close()
             self.channels.discard(channel)
 
     def _on_agent(self) -> None:
         for frames in transport.recv_all(self.agent, limit=64):
-            if frames[0] == b"Relayed":
-                origin = frames[1]
-                self._handle(frames[2:], lambda reply, o=origin: transport.send(
-                    self.agent, [b"Relay", o, *reply]))
-            else:
-                log.warning("unexpected message from the agent: %r", frames[0][:32])
+            self._on_agent_frames(frames)
+
+    def _on_agent_frames(self, frames) -> None:
+        if frames[0] == b"Relayed":
+            origin = frames[1]
+            self._handle(frames[2:], lambda reply, o=origin: transport.send(
+                self.agent, [b"Relay", o, *reply]))
+        else:
+            log.warning("unexpected message from the agent: %r", frames[0][:32])
 
     def _handle(self, frames, reply) -> None:
         try:
@@ -301,6 +323,32 @@ class Worker:
                 result = (task_id, False, self._error(exc, fn_name), started, time.time())
         self._finish_concurrent(result, out_buffers, reply)
 
+    def _allocate(self, store_id: bytes, size: int, what: str) -> str:
+        """A segment of the node store from the agent (a blocking round trip on our DEALER)."""
+        self._requests += 1
+        request_id = self._requests
+        transport.send(self.agent, encode("AllocateObject", (request_id, store_id, size,
+                                                            f"worker {self.worker_id}", what)))
+        while True:
+            if not self.agent.poll(120_000):
+                raise RuntimeError("the node agent did not answer an object store allocation in 120 s")
+            frames = self.agent.recv_multipart()
+            if frames[0] == b"ObjectAllocated":
+                _, fields, _ = protocol.decode(frames)
+                if fields[0] == request_id:
+                    path, error = fields[1], fields[2]
+                    if path is None:
+                        from farpool.exceptions import ObjectStoreFullError
+                        raise ObjectStoreFullError(error)
+                    return path
+            self._agent_backlog.append(frames)  # relayed tasks: handled after this call
+            self.loop.call_soon(self._drain_agent_backlog)
+
+    def _drain_agent_backlog(self) -> None:
+        backlog, self._agent_backlog = self._agent_backlog, []
+        for frames in backlog:
+            self._on_agent_frames(frames)
+
     def _retire(self) -> None:
         """max_tasks_per_child reached: deliver what is queued, then exit (the agent replaces us)."""
         for channel in list(self.channels):
@@ -382,6 +430,7 @@ class Worker:
             os.environ[key] = value
         global worker_config
         worker_config = dict(self.cfg, job_id=self.job_id, namespace=job_setup.get("namespace"))
+        context.namespace = job_setup.get("namespace")
         _setup_main(job_setup.get("main_path"), job_setup.get("main_module"))
 
     def _apply_lease(self, lease_info) -> None:
@@ -434,6 +483,8 @@ class Worker:
             nested = client_mod.current()
             if nested is not None:
                 nested.children.pop(context.task_id, None)
+            sys.stdout.flush()
+            sys.stderr.flush()
             context.task_id = None
             context.task_name = None
 
@@ -453,6 +504,12 @@ class Worker:
             for i, v in enumerate(values):
                 what = f"the result of {fn_name}" + (f" (return {i})" if num_returns > 1 else "")
                 data, bufs = protocol.dumps(v, what=what)
+                if bufs and self.store_results and store.value_size(data, bufs) >= store.INLINE_MAX:
+                    store_id = task_id + bytes([i])
+                    path = self._allocate(store_id, store.value_size(data, bufs), what)
+                    size = store.write_segment(path, data, bufs)
+                    payloads.append((("loc", path, size, store_id), 0))
+                    continue
                 payloads.append((data, len(bufs)))
                 bufs_all.extend(bufs)
             out_buffers.extend(bufs_all)
@@ -488,6 +545,7 @@ class TaskOutput(io.TextIOBase):
         self._fd = fd
         self._name = name
         self._at_line_start = True
+        self._pending = ""
 
     @property
     def encoding(self):
@@ -505,10 +563,18 @@ class TaskOutput(io.TextIOBase):
     def write(self, text: str) -> int:
         if not text:
             return 0
+        # A partial line waits for its end (print() writes the text and "\n" separately),
+        # so lines reach the driver whole; flush() sends it anyway.
+        self._pending += text
+        if "\n" in self._pending:
+            complete, _, self._pending = self._pending.rpartition("\n")
+            self._emit(complete + "\n")
+        return len(text)
+
+    def _emit(self, text: str) -> None:
         prefix = f"({context.task_name or 'worker'} pid={os.getpid()}, node={(context.node_id or '')[:8]}) "
-        lines = text.splitlines(keepends=True)
         out = []
-        for line in lines:
+        for line in text.splitlines(keepends=True):
             out.append(prefix + line if self._at_line_start else line)
             self._at_line_start = line.endswith("\n")
         data = "".join(out).encode("utf-8", "replace")
@@ -518,10 +584,11 @@ class TaskOutput(io.TextIOBase):
             except InterruptedError:
                 continue
             data = data[n:]
-        return len(text)
 
     def flush(self) -> None:
-        pass
+        if self._pending:
+            pending, self._pending = self._pending, ""
+            self._emit(pending)
 
 
 def _on_sigint(signum, frame):

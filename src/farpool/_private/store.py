@@ -1,0 +1,308 @@
+"""The node object store: large values in shared-memory segments, read zero-copy.
+
+Owned by the node agent (allocation, reuse, accounting, spilling, cleanup);
+writers (put, task results, large arguments) and readers (get) in any process
+of the node use the module-level helpers on segment files directly::
+
+    writer --AllocateObject(size)--> agent --path of a segment--> writer writes, tells the owner
+    reader: open + flock(LOCK_SH) + mmap(PROT_READ) --> numpy arrays are views of the segment
+    owner --FreeObjects--> agent: the segment goes back to the pool (reused: already touched)
+
+One object per segment file.  A reader holds a shared flock on the file for as
+long as any view of its mapping lives (``weakref.finalize`` closes the fd);
+the agent reuses or spills a freed segment only when it can take the lock
+exclusively, so memory is never reused under a reader, and a reader that is
+killed leaks nothing (the kernel drops its lock and mapping).  Reusing
+segments matters here: first-touch page faults make fresh memory slow.
+
+Segment layout: a header of little-endian u64s (payload length, buffer count,
+then each buffer's length), padded to 64 bytes, then the pickle payload, then
+each out-of-band buffer at a 64-byte-aligned offset.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+import shutil
+import struct
+import weakref
+from dataclasses import dataclass
+
+log = logging.getLogger("farpool.store")
+
+ALIGN = 64
+# Values whose pickled size (payload + buffers) reaches this go to the store
+# instead of travelling inline in messages.  Lower saves copies of medium
+# values, higher saves the allocation round trip for small ones.
+INLINE_MAX = 100 * 1024
+# Default capacity: this fraction of the memory available when the agent starts.
+DEFAULT_FRACTION = 0.3
+# Segments are sized in these steps so that freed ones fit later objects.
+SIZE_STEP = 1 << 20
+
+
+def _round(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def layout(payload_len: int, buf_lens: list[int]) -> tuple[int, list[int], int]:
+    """(payload offset, buffer offsets, total size) of a segment."""
+    header = _round(8 * (2 + len(buf_lens)), ALIGN)
+    pos = header + payload_len
+    offsets = []
+    for n in buf_lens:
+        pos = _round(pos, ALIGN)
+        offsets.append(pos)
+        pos += n
+    return header, offsets, max(pos, 1)
+
+
+def value_size(payload: bytes, buffers: list) -> int:
+    return layout(len(payload), [memoryview(b).nbytes for b in buffers])[2]
+
+
+def write_segment(path: str, payload: bytes, buffers: list) -> int:
+    """Write a pickled value into an allocated segment file; returns the bytes used."""
+    views = [memoryview(b).cast("B") if memoryview(b).format != "B" or memoryview(b).ndim != 1
+             else memoryview(b) for b in buffers]
+    header_len, offsets, total = layout(len(payload), [v.nbytes for v in views])
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if os.fstat(fd).st_size < total:
+            os.ftruncate(fd, total)
+        with mmap.mmap(fd, total) as m:
+            header = struct.pack(f"<{2 + len(views)}Q", len(payload), len(views), *[v.nbytes for v in views])
+            m[:len(header)] = header
+            m[header_len:header_len + len(payload)] = payload
+            for off, v in zip(offsets, views):
+                m[off:off + v.nbytes] = v
+    finally:
+        os.close(fd)
+    return total
+
+
+def read_segment(path: str, size: int):
+    """(payload view, buffer views) of a segment, zero-copy and read-only.
+
+    The views keep the mapping (and a shared lock on the file) alive; when the
+    last of them dies the fd closes and the lock goes.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    except BaseException:
+        os.close(fd)
+        raise
+    weakref.finalize(m, os.close, fd)
+    view = memoryview(m)
+    payload_len, count = struct.unpack_from("<2Q", m, 0)
+    lens = struct.unpack_from(f"<{count}Q", m, 16) if count else ()
+    header_len, offsets, _ = layout(payload_len, list(lens))
+    payload = view[header_len:header_len + payload_len]
+    buffers = [view[off:off + n].toreadonly() for off, n in zip(offsets, lens)]
+    return payload, buffers
+
+
+def read_bytes(path: str, size: int) -> tuple[bytes, list[bytes]]:
+    """A copy of a segment's value (to send it to another machine)."""
+    payload, buffers = read_segment(path, size)
+    return bytes(payload), [bytes(b) for b in buffers]
+
+
+def choose_dir(session_dir: str, node_id: str, capacity: int) -> tuple[str, bool]:
+    """A directory for the segments: /dev/shm when it has room, else disk (with a warning)."""
+    name = f"farpool-{os.path.basename(session_dir)}-{node_id[:8]}"
+    try:
+        st = os.statvfs("/dev/shm")
+        shm_free = st.f_bavail * st.f_frsize
+    except OSError:
+        shm_free = 0
+    if shm_free >= capacity:
+        path = os.path.join("/dev/shm", name)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path, True
+    path = os.path.join(session_dir, "store")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    log.warning("/dev/shm has %.0f MB free, less than the object store's %.0f MB: the store uses "
+                "%s on disk instead (slower). Give the container a larger /dev/shm "
+                "(docker run --shm-size=...) or lower object_store_memory.",
+                shm_free / 1e6, capacity / 1e6, path)
+    return path, False
+
+
+def default_capacity() -> int:
+    import psutil
+    return int(psutil.virtual_memory().available * DEFAULT_FRACTION)
+
+
+@dataclass
+class Segment:
+    path: str
+    size: int                 # file size (capacity of the segment)
+    object_id: bytes | None = None
+    used: int = 0             # bytes of the object in it
+    owner: str = ""
+    spilled_to: str | None = None
+    created_at: str = ""
+
+
+class ObjectStore:
+    """The agent's side: segments, the free pool, accounting and spilling (one thread)."""
+
+    def __init__(self, directory: str, capacity: int, spill_dir: str):
+        self.directory = directory
+        self.capacity = capacity
+        self.spill_dir = spill_dir
+        self.objects: dict[bytes, Segment] = {}
+        self.free: list[Segment] = []
+        self.bytes_in_shm = 0          # sum of segment file sizes in the store directory
+        self._seq = 0
+
+    # --- allocation ---
+    def allocate(self, object_id: bytes, size: int, owner: str = "", where: str = "") -> Segment:
+        """A segment for ``size`` bytes, reusing a free one when possible.
+
+        Raises MemoryError (ObjectStoreFullError is raised by the caller) with sizes.
+        """
+        if size > self.capacity:
+            raise MemoryError(f"an object of {size / 1e6:.1f} MB is larger than the whole object store "
+                              f"({self.capacity / 1e6:.1f} MB); raise object_store_memory")
+        seg = self._reuse(size)
+        if seg is None:
+            need = _round(size, SIZE_STEP)
+            self._make_room(need)
+            self._seq += 1
+            seg = Segment(os.path.join(self.directory, f"seg-{self._seq}"), need)
+            fd = os.open(seg.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, need)
+            finally:
+                os.close(fd)
+            self.bytes_in_shm += need
+        seg.object_id = object_id
+        seg.used = size
+        seg.owner = owner
+        seg.created_at = where
+        seg.spilled_to = None
+        self.objects[object_id] = seg
+        return seg
+
+    def _reuse(self, size: int) -> Segment | None:
+        """The smallest free segment that fits and that no reader still maps."""
+        for seg in sorted(self.free, key=lambda s: s.size):
+            if seg.size >= size and seg.size <= max(2 * size, size + SIZE_STEP) and _unlocked(seg.path):
+                self.free.remove(seg)
+                return seg
+        return None
+
+    def _make_room(self, need: int) -> None:
+        """Drop free segments, then spill cold objects, until ``need`` more bytes fit."""
+        for seg in sorted(self.free, key=lambda s: -s.size):
+            if self.bytes_in_shm + need <= self.capacity:
+                return
+            if _unlocked(seg.path):
+                self.free.remove(seg)
+                self._unlink(seg)
+        for seg in list(self.objects.values()):  # insertion order: oldest first
+            if self.bytes_in_shm + need <= self.capacity:
+                return
+            if seg.spilled_to is None and seg.used and _unlocked(seg.path):
+                self._spill(seg)
+        if self.bytes_in_shm + need > self.capacity:
+            pinned = sum(s.size for s in self.objects.values() if s.spilled_to is None)
+            raise MemoryError(
+                f"the object store is full: {need / 1e6:.1f} MB requested, {self.bytes_in_shm / 1e6:.1f} of "
+                f"{self.capacity / 1e6:.1f} MB in use ({pinned / 1e6:.1f} MB held by objects still mapped "
+                "by readers or not spillable). Free references you no longer need (del ref), or raise "
+                "object_store_memory")
+
+    def _spill(self, seg: Segment) -> None:
+        os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+        target = os.path.join(self.spill_dir, os.path.basename(seg.path) + "-" + seg.object_id.hex()[:16])
+        try:
+            shutil.copyfile(seg.path, target)
+        except OSError as exc:
+            log.warning("could not spill %s to %s: %s", seg.path, target, exc)
+            return
+        self._unlink(seg)
+        seg.spilled_to = target
+        log.info("spilled object %s (%.1f MB) to %s", seg.object_id.hex()[:16], seg.used / 1e6, target)
+
+    def restore(self, object_id: bytes) -> Segment | None:
+        """Bring a spilled object back into shared memory; returns its segment."""
+        seg = self.objects.get(object_id)
+        if seg is None or seg.spilled_to is None:
+            return seg
+        source = seg.spilled_to
+        need = _round(seg.used, SIZE_STEP)
+        self._make_room(need)
+        self._seq += 1
+        seg.path = os.path.join(self.directory, f"seg-{self._seq}")
+        shutil.copyfile(source, seg.path)
+        seg.size = os.path.getsize(seg.path)
+        self.bytes_in_shm += seg.size
+        os.unlink(source)
+        seg.spilled_to = None
+        return seg
+
+    def _unlink(self, seg: Segment) -> None:
+        try:
+            os.unlink(seg.path)
+        except OSError:
+            pass
+        self.bytes_in_shm -= seg.size
+
+    # --- freeing ---
+    def free_object(self, object_id: bytes) -> None:
+        seg = self.objects.pop(object_id, None)
+        if seg is None:
+            return
+        if seg.spilled_to is not None:
+            try:
+                os.unlink(seg.spilled_to)
+            except OSError:
+                pass
+            return
+        seg.object_id = None
+        seg.used = 0
+        self.free.append(seg)
+        # Keep the pool within capacity (objects still use their share).
+        if self.bytes_in_shm > self.capacity:
+            self._make_room(0)
+
+    def stats(self) -> dict:
+        used = sum(s.used for s in self.objects.values() if s.spilled_to is None)
+        spilled = sum(s.used for s in self.objects.values() if s.spilled_to is not None)
+        return {"capacity": self.capacity, "used": used, "spilled": spilled, "objects": len(self.objects),
+                "shm_bytes": self.bytes_in_shm, "free_segments": len(self.free), "directory": self.directory}
+
+    def listing(self, limit: int = 20) -> list[dict]:
+        rows = []
+        for object_id, seg in sorted(self.objects.items(), key=lambda kv: -kv[1].used)[:limit]:
+            rows.append({"object_id": object_id.hex(), "size": seg.used, "owner": seg.owner,
+                         "pinned": not _unlocked(seg.path) if seg.spilled_to is None else False,
+                         "spilled": seg.spilled_to is not None, "created_at": seg.created_at})
+        return rows
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+def _unlocked(path: str) -> bool:
+    """True when no reader holds the segment (we can take its lock exclusively)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
