@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 _ROOT = tempfile.mkdtemp(prefix="fpt-", dir="/tmp")
+_SHM_BEFORE = set(os.listdir("/dev/shm"))
 os.environ["FARPOOL_TMPDIR"] = _ROOT
 os.environ.setdefault("FARPOOL_HELLO_DEADLINE_S", "3")
 
@@ -39,7 +40,7 @@ def pytest_sessionfinish(session, exitstatus):
     leftovers = [p for p in runtime_processes() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     gone, alive = psutil.wait_procs(leftovers, timeout=10)
     sessions = [d for d in os.listdir(_ROOT) if d.startswith("s-")] if os.path.isdir(_ROOT) else []
-    shm = [f for f in os.listdir("/dev/shm") if "farpool" in f and _ROOT.split("/")[-1] in f]
+    shm = [f for f in set(os.listdir("/dev/shm")) - _SHM_BEFORE if f.startswith("farpool")]
     problems = []
     if alive:
         problems.append("processes left behind: " + ", ".join(f"{p.pid} {p.name()}" for p in alive))

@@ -506,6 +506,7 @@ def nodes() -> list[dict]:
                     "resources_total": scheduling.as_floats(n["total"]),
                     "resources_available": scheduling.as_floats(n["available"]),
                     "workers": n.get("stats", {}).get("workers"), "actors": n.get("actors", 0),
+                    "object_store": n.get("stats", {}).get("object_store"),
                     "is_head_node": n.get("is_head_node", False)})
     return out
 

@@ -39,11 +39,15 @@ def main(argv=None) -> int:
     del stop
     status = sub.add_parser("status", help="nodes, resources and workers of a cluster")
     status.add_argument("--address", default="auto")
+    memory = sub.add_parser("memory", help="object store use and the largest live objects")
+    memory.add_argument("--address", default="auto")
+    memory.add_argument("--limit", type=int, default=20)
     bench = sub.add_parser("microbenchmark", help="run the standard micro-benchmarks (under a minute)")
     bench.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     try:
-        return {"start": _start, "stop": _stop, "status": _status, "microbenchmark": _microbenchmark}[
+        return {"start": _start, "stop": _stop, "status": _status, "memory": _memory,
+                "microbenchmark": _microbenchmark}[
             args.command](args)
     except (ValueError, ConnectionError, OSError) as exc:
         print(f"farpool {args.command}: {exc}", file=sys.stderr)
@@ -185,7 +189,31 @@ def _status(args) -> int:
             avail = ", ".join(f"{k} {v:g}" for k, v in sorted(n["resources_available"].items()))
             state = "alive" if n["alive"] else "DEAD"
             print(f"  node {n['node_id'][:8]} {state} at {n['address']}: total {{{total}}}, "
-                  f"available {{{avail}}}, workers {n.get('workers')}")
+                  f"available {{{avail}}}, workers {n.get('workers')}, actors {n.get('actors')}")
+            store = n.get("object_store") or {}
+            if store:
+                print(f"    object store: {store['used'] / 1e6:.1f} MB used of {store['capacity'] / 1e6:.1f} MB "
+                      f"in {store['objects']} object(s), {store['spilled'] / 1e6:.1f} MB spilled")
+    finally:
+        farpool.shutdown()
+    return 0
+
+
+def _memory(args) -> int:
+    """The home node's object store: totals and the largest objects (to find leaks)."""
+    import farpool
+    farpool.init(address=args.address)
+    try:
+        client = farpool.api._client()
+        stats, listing = client.agent_request(client.home, "StoreStats", ())
+        print(f"node {client.home.node_id[:8]} object store ({stats['directory']}): "
+              f"{stats['used'] / 1e6:.1f} MB used of {stats['capacity'] / 1e6:.1f} MB, "
+              f"{stats['objects']} object(s), {stats['spilled'] / 1e6:.1f} MB spilled, "
+              f"{stats['free_segments']} free segment(s) kept for reuse")
+        print(f"{'object id':34} {'size MB':>9} {'pinned':>6} {'spilled':>7}  owner / created by")
+        for row in listing[:args.limit]:
+            print(f"{row['object_id'][:32]:34} {row['size'] / 1e6:9.2f} {str(row['pinned']):>6} "
+                  f"{str(row['spilled']):>7}  {row['owner']} / {row['created_at']}")
     finally:
         farpool.shutdown()
     return 0

@@ -68,7 +68,20 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_session(session_dir: str) -> None:
+    """Remove a session directory and its object store segments in /dev/shm."""
     shutil.rmtree(session_dir, ignore_errors=True)
+    prefix = f"farpool-{os.path.basename(session_dir)}-"
+    try:
+        for name in os.listdir(shm_root()):
+            if name.startswith(prefix):
+                shutil.rmtree(os.path.join(shm_root(), name), ignore_errors=True)
+    except OSError:
+        pass
+
+
+def shm_root() -> str:
+    """Where object store segments live (FARPOOL_SHM_PATH overrides, e.g. for tests)."""
+    return os.environ.get("FARPOOL_SHM_PATH", "/dev/shm")
 
 
 def remove_dead_sessions() -> list[str]:
@@ -91,14 +104,15 @@ def remove_dead_sessions() -> list[str]:
             removed.append(path)
     # Object store segments of sessions whose directory is gone (crashed node agents).
     try:
-        entries = os.listdir("/dev/shm")
+        entries = os.listdir(shm_root())
     except OSError:
         entries = []
     for name in entries:
         if name.startswith("farpool-" + SESSION_PREFIX):
             session_name = name[len("farpool-"):].rsplit("-", 1)[0]
-            if not os.path.isdir(os.path.join(root, session_name)) and _owned_by_us(os.path.join("/dev/shm", name)):
-                shutil.rmtree(os.path.join("/dev/shm", name), ignore_errors=True)
+            path = os.path.join(shm_root(), name)
+            if not os.path.isdir(os.path.join(root, session_name)) and _owned_by_us(path):
+                shutil.rmtree(path, ignore_errors=True)
                 removed.append(name)
     return removed
 

@@ -115,14 +115,15 @@ def read_bytes(path: str, size: int) -> tuple[bytes, list[bytes]]:
 
 def choose_dir(session_dir: str, node_id: str, capacity: int) -> tuple[str, bool]:
     """A directory for the segments: /dev/shm when it has room, else disk (with a warning)."""
+    from farpool._private.session import shm_root
     name = f"farpool-{os.path.basename(session_dir)}-{node_id[:8]}"
     try:
-        st = os.statvfs("/dev/shm")
+        st = os.statvfs(shm_root())
         shm_free = st.f_bavail * st.f_frsize
     except OSError:
         shm_free = 0
     if shm_free >= capacity:
-        path = os.path.join("/dev/shm", name)
+        path = os.path.join(shm_root(), name)
         os.makedirs(path, mode=0o700, exist_ok=True)
         return path, True
     path = os.path.join(session_dir, "store")

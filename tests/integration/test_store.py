@@ -1,0 +1,128 @@
+"""The node object store: zero-copy reads, pins, freeing, spilling, capacity."""
+
+import gc
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+import farpool
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def small_store():
+    farpool.shutdown()
+    info = farpool.init(num_cpus=2, object_store_memory=40 * MB)
+    yield info
+    farpool.shutdown()
+
+
+def backed_by_shared_memory(arr) -> bool:
+    """Walk the array's base chain down to the buffer it views: a mapping of the store."""
+    base = arr
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
+
+
+def store_stats():
+    client = farpool.api._client()
+    stats, listing = client.agent_request(client.home, "StoreStats", ())
+    return stats, listing
+
+
+def settle():
+    """Let released refs reach the agent (frees travel on the I/O thread)."""
+    gc.collect()
+    client = farpool.api._client()
+    client.loop.call_soon(client._drain_released)
+    client.agent_request(client.home, "StoreStats", ())  # a round trip after the frees
+
+
+@farpool.remote
+def total(arr):
+    return float(arr.sum()), arr.flags.writeable
+
+
+@farpool.remote
+def make(n):
+    return np.full(n, 7.0)
+
+
+def test_get_is_a_zero_copy_read_only_view(small_store):
+    arr = np.arange(2 * MB // 8, dtype=np.float64)
+    ref = farpool.put(arr)
+    out = farpool.get(ref)
+    np.testing.assert_array_equal(out, arr)
+    assert not out.flags.writeable
+    assert backed_by_shared_memory(out)
+
+
+def test_put_copies_so_later_mutation_changes_nothing(small_store):
+    arr = np.ones(MB // 8)
+    ref = farpool.put(arr)
+    by_value = total.remote(arr)
+    arr[:] = 0
+    assert farpool.get(ref).sum() == MB // 8
+    assert farpool.get(by_value, timeout=60) == (MB // 8, False)
+
+
+def test_tasks_read_arguments_and_return_results_through_the_store(small_store):
+    ref = farpool.put(np.ones(3 * MB // 8))
+    assert farpool.get([total.remote(ref) for _ in range(4)], timeout=60) == [(3 * MB // 8, False)] * 4
+    out = farpool.get(make.remote(MB // 8), timeout=60)
+    assert out.sum() == 7.0 * (MB // 8) and backed_by_shared_memory(out)
+
+
+def test_a_view_outliving_its_ref_stays_valid_while_memory_is_reused(small_store):
+    ref = farpool.put(np.full(MB // 8, 3.0))
+    view = farpool.get(ref)
+    del ref
+    settle()
+    # Churn the store: freed segments are reused, but never the one still mapped.
+    for i in range(20):
+        farpool.get(farpool.put(np.full(MB // 8, float(i))))
+    assert (view == 3.0).all()
+
+
+def test_memory_comes_back_after_the_last_reference(small_store):
+    settle()
+    before, _ = store_stats()
+    refs = [farpool.put(np.ones(MB // 8)) for _ in range(5)]
+    during, listing = store_stats()
+    assert during["used"] >= before["used"] + 5 * MB
+    assert listing[0]["size"] >= MB and listing[0]["created_at"] == "put"
+    del refs
+    settle()
+    after, _ = store_stats()
+    assert after["used"] == before["used"]
+
+
+def test_spills_to_disk_over_capacity_and_restores_on_read(small_store):
+    settle()
+    arrays = [np.full(12 * MB // 8, float(i)) for i in range(5)]  # 60 MB into a 40 MB store
+    refs = [farpool.put(a) for a in arrays]
+    stats, _ = store_stats()
+    assert stats["spilled"] > 0
+    for i, ref in enumerate(refs):
+        assert (farpool.get(ref) == float(i)).all()
+
+
+def test_object_larger_than_the_store_fails_at_once(small_store):
+    with pytest.raises(farpool.ObjectStoreFullError, match="larger than the whole object store"):
+        farpool.put(np.ones(50 * MB // 8))
+
+
+def test_small_shm_falls_back_to_disk(tmp_path, monkeypatch, caplog):
+    from farpool._private import store
+
+    class Tiny:
+        f_bavail = 10
+        f_frsize = 4096
+    monkeypatch.setattr(os, "statvfs", lambda path: Tiny())
+    directory, in_shm = store.choose_dir(str(tmp_path), "abcdef0123", 64 * MB)
+    assert not in_shm and directory.startswith(str(tmp_path))
+    assert "larger /dev/shm" in caplog.text
