@@ -34,6 +34,25 @@ def multiply(a, b):
     return a @ b
 
 
+@farpool.remote(num_gpus=0.5)
+def on_half_a_gpu(i):
+    """Two of these share one GPU; each sees its device in CUDA_VISIBLE_DEVICES."""
+    import os
+    return i, farpool.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+@farpool.remote
+class Counter:
+    """An actor: a stateful worker; its method calls run one at a time, in order."""
+
+    def __init__(self):
+        self.n = 0
+
+    def inc(self):
+        self.n += 1
+        return self.n
+
+
 @farpool.remote(resources={"fast_disk": 1})
 def uses_fast_disk():
     return "ran where the custom resource lives"
@@ -45,8 +64,9 @@ def fails():
 
 
 if __name__ == "__main__":
-    # Logical resources: declare 4 CPUs and a custom resource on this machine.
-    farpool.init(num_cpus=4, resources={"fast_disk": 1})
+    # Logical resources: declare 4 CPUs, 1 GPU and a custom resource on this machine
+    # (logical amounts: no GPU is needed to run this).
+    farpool.init(num_cpus=4, num_gpus=1, resources={"fast_disk": 1})
     print("cluster resources:", farpool.cluster_resources())
 
     # Tasks run in parallel worker processes; .remote() returns an ObjectRef at once.
@@ -73,6 +93,15 @@ if __name__ == "__main__":
     print(f"{len(ready)} ready first, {len(not_ready)} still running")
 
     print(farpool.get(uses_fast_disk.remote()))
+
+    # Fractional GPUs: two tasks of 0.5 GPU share GPU 0.
+    print("half-GPU tasks (i, gpu ids, CUDA_VISIBLE_DEVICES):",
+          farpool.get([on_half_a_gpu.remote(i) for i in range(2)]))
+
+    # An actor keeps state between calls.
+    counter = Counter.remote()
+    refs = [counter.inc.remote() for _ in range(5)]
+    print("counter actor:", farpool.get(refs))
 
     # A remote exception is a TaskError that is also the original exception type.
     try:
