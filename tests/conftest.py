@@ -13,7 +13,9 @@ import psutil
 import pytest
 
 _ROOT = tempfile.mkdtemp(prefix="fpt-", dir="/tmp")
-_SHM_BEFORE = set(os.listdir("/dev/shm"))
+# Object store segments of this run go to their own directory in /dev/shm.
+_SHM = tempfile.mkdtemp(prefix="fpt-", dir="/dev/shm")
+os.environ["FARPOOL_SHM_PATH"] = _SHM
 os.environ["FARPOOL_TMPDIR"] = _ROOT
 os.environ.setdefault("FARPOOL_HELLO_DEADLINE_S", "3")
 
@@ -40,7 +42,7 @@ def pytest_sessionfinish(session, exitstatus):
     leftovers = [p for p in runtime_processes() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     gone, alive = psutil.wait_procs(leftovers, timeout=10)
     sessions = [d for d in os.listdir(_ROOT) if d.startswith("s-")] if os.path.isdir(_ROOT) else []
-    shm = [f for f in set(os.listdir("/dev/shm")) - _SHM_BEFORE if f.startswith("farpool")]
+    shm = os.listdir(_SHM) if os.path.isdir(_SHM) else []
     problems = []
     if alive:
         problems.append("processes left behind: " + ", ".join(f"{p.pid} {p.name()}" for p in alive))
@@ -51,6 +53,7 @@ def pytest_sessionfinish(session, exitstatus):
     if shm:
         problems.append(f"/dev/shm files left behind: {shm}")
     shutil.rmtree(_ROOT, ignore_errors=True)
+    shutil.rmtree(_SHM, ignore_errors=True)
     if problems:
         print("\nLEAK CHECK FAILED:\n  " + "\n  ".join(problems))
         session.exitstatus = 1

@@ -60,6 +60,9 @@ def init(address: str | None = None, *, num_cpus: float | None = None, num_gpus:
             return dict(_state["info"])
         if address is None:
             address = os.environ.get("FARPOOL_ADDRESS") or None
+        if address is None and worker_mod.context.worker_id is not None:
+            raise RuntimeError("farpool.init() inside a worker before its job was set up: a task cannot "
+                               "start a cluster of its own; it joins the cluster it runs on")
         if address is None:
             _state = _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespace,
                                      log_to_driver)
@@ -334,9 +337,60 @@ def _runtime_env_key(runtime_env: dict | None) -> str | None:
                                                   for k, v in env_vars.items()):
         raise TypeError("runtime_env['env_vars'] must be a dict of str -> str")
     canonical = dict(runtime_env)
+    # Code travels with the task: working_dir and py_modules are packaged (by content
+    # hash, uploaded once to the head) and unpacked on whichever node runs the task.
     if canonical.get("working_dir"):
-        canonical["working_dir"] = os.path.abspath(canonical["working_dir"])
+        canonical["working_dir"] = _package(canonical["working_dir"], "working_dir")
+    if canonical.get("py_modules"):
+        if not isinstance(canonical["py_modules"], (list, tuple)):
+            raise TypeError("runtime_env['py_modules'] must be a list of paths")
+        canonical["py_modules"] = [_package(p, "py_modules") for p in canonical["py_modules"]]
     return "runtime_env:" + json.dumps(canonical, sort_keys=True)
+
+
+_PACKAGES: dict = {}  # (path, newest mtime) -> package key, per driver process
+# Packages larger than this are refused: runtime_env is for code, not data (put() data).
+MAX_PACKAGE_BYTES = 100 * 1024 * 1024
+
+
+def _package(path: str, what: str) -> str:
+    """Zip a directory or .py file, upload it to the head once; returns "pkg:<hash>:<name>"."""
+    import hashlib
+    import io
+    import zipfile
+    if not isinstance(path, str) or not os.path.exists(path):
+        raise ValueError(f"runtime_env['{what}']: {path!r} does not exist on this machine")
+    path = os.path.abspath(path)
+    files = []
+    if os.path.isdir(path):
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", ".git"))
+            for name in sorted(names):
+                if not name.endswith(".pyc"):
+                    full = os.path.join(root, name)
+                    files.append((full, os.path.relpath(full, os.path.dirname(path) if what == "py_modules"
+                                                        else path)))
+    else:
+        files.append((path, os.path.basename(path)))
+    stamp = (path, max((os.path.getmtime(f) for f, _ in files), default=0), len(files))
+    key = _PACKAGES.get(stamp)
+    if key is not None:
+        return key
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for full, arc in files:
+            info = zipfile.ZipInfo(arc, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = (os.stat(full).st_mode & 0o777) << 16
+            with open(full, "rb") as f:
+                zf.writestr(info, f.read())
+    data = buf.getvalue()
+    if len(data) > MAX_PACKAGE_BYTES:
+        raise ValueError(f"runtime_env['{what}'] {path} packs to {len(data) / 1e6:.0f} MB, over the "
+                         f"{MAX_PACKAGE_BYTES / 1e6:.0f} MB limit: ship code here and data with farpool.put()")
+    key = f"pkg:{hashlib.sha256(data).hexdigest()[:32]}:{os.path.basename(path)}"
+    _client().head_request("KVPut", (key, data))
+    _PACKAGES[stamp] = key
+    return key
 
 
 def _pool_key(pool: str | None, runtime_env: dict | None) -> str | None:

@@ -429,7 +429,9 @@ PRINT_SCRIPT = """
         sys.stderr.reconfigure(line_buffering=True)
         info = farpool.init(num_cpus=1, log_to_driver={log_to_driver})
         pid = farpool.get(talk.options(name="chatty-task").remote(), timeout=60)
-        print("RESULT", pid, info["node_id"])
+        # One write: print() writes each argument separately, and forwarded worker lines
+        # (written by farpool's callback thread) may land between them.
+        sys.stdout.write(f"RESULT {{pid}} {{info['node_id']}}\\n")
         sys.stdin.read()
         farpool.shutdown()
         print("DRIVER-DONE")
@@ -675,3 +677,29 @@ def test_numpy_rng_differs_between_concurrent_workers(cluster, tmp_path):
          random_after_meeting.options(num_cpus=0.5).remote(meet_dir, "b")], timeout=60)
     assert met_a and met_b and pid_a != pid_b, (met_a, pid_a, met_b, pid_b)
     assert x_a != x_b, "two workers share numpy's global RNG state"
+
+
+def test_runtime_env_ships_working_dir_and_py_modules(cluster, tmp_path):
+    """Code the driver has travels with the task: packaged, unpacked where it runs."""
+    project = tmp_path / "project"
+    (project / "helpers").mkdir(parents=True)
+    (project / "helpers" / "__init__.py").write_text("ANSWER = 42\n")
+    (project / "config.txt").write_text("from the working dir\n")
+
+    @farpool.remote
+    def use_working_dir():
+        import helpers
+        with open("config.txt") as f:
+            return helpers.ANSWER, f.read().strip(), os.getcwd() != str(project)
+
+    @farpool.remote
+    def use_module():
+        import helpers
+        return helpers.ANSWER
+
+    got = farpool.get(use_working_dir.options(runtime_env={"working_dir": str(project)}).remote(), timeout=60)
+    assert got == (42, "from the working dir", True)  # a copy, not the driver's directory
+    assert farpool.get(use_module.options(runtime_env={"py_modules": [str(project / "helpers")]}).remote(),
+                       timeout=60) == 42
+    with pytest.raises(ValueError, match="does not exist"):
+        use_module.options(runtime_env={"working_dir": str(tmp_path / "missing")})

@@ -134,8 +134,9 @@ class Head:
     def _on_GetNodes(self, sock, identity, request_id) -> None:
         self._reply(sock, identity, "Nodes", request_id, self._table())
 
-    def _on_KVPut(self, sock, identity, key: str, value: bytes) -> None:
+    def _on_KVPut(self, sock, identity, request_id, key: str, value: bytes) -> None:
         self.kv[key] = value
+        self._reply(sock, identity, "KVValue", request_id, True)
 
     def _on_KVGet(self, sock, identity, request_id, key: str) -> None:
         self._reply(sock, identity, "KVValue", request_id, self.kv.get(key))

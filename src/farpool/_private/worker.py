@@ -117,6 +117,30 @@ class InitializerError(RuntimeError):
     """The pool initializer of this worker raised: no task of that pool can run here."""
 
 
+def _unpack(package: str) -> str:
+    """The directory where a runtime_env package ("pkg:<hash>:<name>") is unpacked on this node."""
+    import io
+    import zipfile
+    digest = package.split(":")[1]
+    target = os.path.join(session.tmp_root(), "pkgs", digest)
+    if os.path.isdir(target):
+        return target
+    from farpool import api
+    client = api._client()  # this worker's own client: fetch the package from the head
+    data = client.head_request("KVGet", (package,))
+    if data is None:
+        raise RuntimeError(f"runtime_env package {package} is not known to the head")
+    staging = f"{target}.{os.getpid()}.tmp"
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        zf.extractall(staging)
+    try:
+        os.rename(staging, target)
+    except OSError:  # another worker unpacked it first
+        import shutil
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def _load_value(payload, bufs):
     """A value from a message, or mapped zero-copy from the node store ("loc", path, size)."""
     if isinstance(payload, tuple):
@@ -406,18 +430,21 @@ class Worker:
         env = json.loads(pool_key[pool_key.index("runtime_env:") + len("runtime_env:"):])
         for key, value in (env.get("env_vars") or {}).items():
             os.environ[str(key)] = str(value)
-        for path in reversed(env.get("py_modules") or []):
-            sys.path.insert(0, os.path.dirname(os.path.abspath(path)) if path.endswith(".py") else
-                            os.path.abspath(path))
+        for package in reversed(env.get("py_modules") or []):
+            sys.path.insert(0, _unpack(package))
         working_dir = env.get("working_dir")
         if working_dir:
-            os.chdir(working_dir)
-            sys.path.insert(0, os.path.abspath(working_dir))
+            directory = _unpack(working_dir)
+            os.chdir(directory)
+            sys.path.insert(0, directory)
 
     def _apply_job(self, job_setup: dict) -> None:
+        if self.job_id is None:
+            self._apply_job_once(job_setup)
+        # After the job: unpacking runtime_env code uses this worker's client of the cluster.
         self._apply_runtime_env(job_setup.get("pool_key"))
-        if self.job_id is not None:
-            return
+
+    def _apply_job_once(self, job_setup: dict) -> None:
         self.job_id = job_setup["job_id"]
         context.job_id = self.job_id
         for path in reversed(job_setup.get("sys_path", [])):
@@ -451,16 +478,16 @@ class Worker:
 
     def _execute(self, task_id, fn_hash, fn_bytes, fn_name, args_payload, arg_bufs, ref_values,
                  ref_bufs, num_returns, job_setup, lease_info, out_buffers):
-        if job_setup is not None:
-            self._apply_job(job_setup)
-            self._apply_pool(job_setup.get("pool"))
-        self._apply_lease(lease_info)
-        if self.tasks_left is not None:
-            self.tasks_left -= 1
         context.task_id = task_id.hex()
         context.task_name = fn_name
         started = time.time()
         try:
+            if job_setup is not None:
+                self._apply_job(job_setup)
+                self._apply_pool(job_setup.get("pool"))
+            self._apply_lease(lease_info)
+            if self.tasks_left is not None:
+                self.tasks_left -= 1
             if self.pool_error is not None:
                 raise InitializerError(f"the initializer of this worker's pool raised:\n{self.pool_error}")
             if fn_hash.startswith(b"actor:"):
@@ -623,7 +650,7 @@ def main(cfg: dict) -> int:
     random.seed()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, _on_sigint)
-    os.environ["FARPOOL_WORKER"] = "1"
+    os.environ["FARPOOL_WORKER"] = "1"  # for code that asks whether it runs inside a farpool worker
     worker = Worker(cfg)
     worker.run()
     return 0
