@@ -43,16 +43,6 @@ class RuntimeContext:
         self.actor_id = None
         self.namespace = None
         self.job_id = None
-        self.pool_key = None
-        self.pool_ready = False
-        self.pool_error: str | None = None
-        self.tasks_left: int | None = None
-        self.channels: set = set()
-        self._requests = 0
-        self._agent_backlog: list = []
-        self.store_results = False  # set per message: only owners on this machine can map results
-        self.actor = None
-        self.actor_executor = None  # None: calls run inline in order; a thread pool; or "async"
         self.gpu_ids: list[int] = []
 
     def get_node_id(self):
