@@ -147,3 +147,19 @@ def test_stop_ends_everything(started):
     alive = started.stop()
     assert not alive
     assert not any(os.path.exists(n["session_dir"]) for n in state["nodes"])
+
+
+def test_infeasible_task_waits_with_one_warning_until_a_node_that_fits_joins(started):
+    started.start_head()
+    farpool.init(address=started.address, token=started.token)
+
+    @farpool.remote(resources={"tpu": 1})
+    def needs_tpu():
+        return farpool.get_runtime_context().node_id
+    with pytest.warns(RuntimeWarning, match=r"no node can run a task that needs \{CPU: 1, tpu: 1\}"):
+        refs = [needs_tpu.remote() for _ in range(3)]
+        ready, _ = farpool.wait(refs, num_returns=1, timeout=2)
+    assert ready == []  # waiting, not failed
+    started.add_node("--num-cpus", "1", "--resources", '{"tpu": 1}')
+    tpu_node = node_ids(started)[1]
+    assert farpool.get(refs, timeout=60) == [tpu_node] * 3
