@@ -11,6 +11,7 @@ import importlib
 _EXPORTS = {
     "exceptions": "farpool.exceptions",
     "ObjectRef": "farpool._private.client",
+    "DistributedExecutor": "farpool.executor", "Pool": "farpool.pool",
     **{name: "farpool.actor" for name in ("ActorClass", "ActorHandle", "get_actor", "kill", "method")},
     **{name: "farpool.api" for name in (
         "NodeAffinity", "available_resources", "cancel", "cluster_resources", "get", "get_gpu_ids",
@@ -40,7 +41,7 @@ def __dir__():
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActorClass", "ActorHandle", "get_actor", "kill", "method",
+    "ActorClass", "ActorHandle", "get_actor", "kill", "method", "DistributedExecutor", "Pool",
     "ActorDiedError", "AuthenticationError", "FarpoolError", "GetTimeoutError", "InfeasibleError",
     "NodeAffinity", "NodeDiedError", "ObjectLostError", "ObjectRef", "ObjectStoreFullError",
     "OwnerDiedError", "TaskCancelledError", "TaskError", "WorkerCrashedError", "available_resources",

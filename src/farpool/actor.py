@@ -141,7 +141,10 @@ class ActorClass:
         used_id, error, known_meta = client.head_request("CreateActor", (actor_id, spec))
         if error is not None:
             raise ValueError(error)
-        return ActorHandle(used_id, known_meta or meta, opts.get("max_task_retries", 0))
+        if used_id != actor_id or spec["name"] is not None or spec["detached"]:
+            # Named, detached or pre-existing: others can find it, so no handle count ends it.
+            return ActorHandle(used_id, known_meta or meta, opts.get("max_task_retries", 0))
+        return ActorHandle(used_id, known_meta or meta, opts.get("max_task_retries", 0), _owned=True)
 
 
 ActorClass.__module__ = "farpool"
@@ -150,10 +153,24 @@ ActorClass.__module__ = "farpool"
 class ActorHandle:
     """A reference to an actor: ``handle.method.remote(...)``; picklable into tasks and actors."""
 
-    def __init__(self, actor_id: str, meta: dict, max_task_retries: int = 0):
+    def __init__(self, actor_id: str, meta: dict, max_task_retries: int = 0, _owned: bool = False):
         self._actor_id = actor_id
         self._meta = meta
         self._max_task_retries = max_task_retries
+        # The creator's handles are counted: when the last goes (and none escaped), the actor ends.
+        self._owned = _owned
+        if _owned:
+            from farpool._private import client as client_mod
+            client = client_mod.current()
+            if client is not None:
+                client.actor_handle_added(actor_id)
+
+    def __del__(self):
+        if self.__dict__.get("_owned"):
+            from farpool._private import client as client_mod
+            client = client_mod.current()
+            if client is not None:
+                client.actor_handle_dropped(self._actor_id)
 
     def __getattr__(self, name: str) -> "ActorMethod":
         methods = self.__dict__.get("_meta", {}).get("methods", {})
@@ -162,6 +179,11 @@ class ActorHandle:
         return ActorMethod(self, name, methods[name])
 
     def __reduce__(self):
+        if self._owned:
+            from farpool._private import client as client_mod
+            client = client_mod.current()
+            if client is not None:  # a borrower may keep it: no longer ended by our count
+                client.actor_handle_escaped(self._actor_id)
         return (ActorHandle, (self._actor_id, self._meta, self._max_task_retries))
 
     def __repr__(self) -> str:

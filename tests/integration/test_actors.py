@@ -264,3 +264,28 @@ def test_calling_an_actor_class_or_method_directly_is_a_type_error(cluster):
         c.inc()
     with pytest.raises(AttributeError, match="no method"):
         c.nope
+
+
+def test_actor_ends_when_its_last_handle_is_dropped(cluster):
+    import gc
+    import psutil
+    c = Counter.remote()
+    pid = farpool.get(c.pid.remote(), timeout=60)
+    del c
+    gc.collect()
+    psutil.Process(pid).wait(timeout=30)  # the actor's process ends
+
+
+def test_actor_whose_handle_was_passed_on_is_kept(cluster):
+    import gc
+    c = Counter.remote()
+
+    @farpool.remote
+    def keep(handle):
+        return farpool.get(handle.inc.remote(), timeout=60)
+    assert farpool.get(keep.remote(c), timeout=60) == 1
+    pid = farpool.get(c.pid.remote(), timeout=60)
+    del c
+    gc.collect()
+    import psutil
+    assert psutil.Process(pid).is_running()  # a borrower may still hold the handle

@@ -292,6 +292,7 @@ class CoreClient:
         self.lock = threading.Lock()
         self.objects: dict[bytes, Entry] = {}
         self.released: deque = deque()
+        self._release_scheduled = False
         self._ids = itertools.count(1)
         self._request_ids = itertools.count(1)
         self.loop = transport.EventLoop()
@@ -308,6 +309,9 @@ class CoreClient:
         self.children: dict[str, list] = {}  # in a worker: task id (hex) -> tasks it submitted
         self.pools: dict[str, dict] = {}     # pool_key -> {"initializer", "initargs", "max_tasks"}
         self.actor_method_infos: dict = {}
+        self.actor_handles: dict[str, int] = {}   # actors we created -> our live handles
+        self.escaped_actors: set = set()          # ... whose handle was pickled (borrowers may use it)
+        self.released_handles: deque = deque()
         self.frees: dict[str, list] = {}       # node_id -> store ids to free
         self._free_scheduled = False
         self.callback_queue: queue.Queue | None = None
@@ -507,14 +511,19 @@ class CoreClient:
                 entry.local_refs += 1
 
     def release_ref(self, object_id: bytes) -> None:
+        """May run in __del__ on any thread: queue the decrement and wake the loop once."""
         self.released.append(object_id)
-        if len(self.released) >= 256:
-            self.loop.wake()
+        if not self._release_scheduled:
+            self._release_scheduled = True
+            self.loop.call_soon(self._drain_released)
 
     def note_borrowed(self, ref: ObjectRef) -> None:
         pass  # borrowed refs are fetched from their owner on demand
 
     def _drain_released(self) -> None:
+        self._release_scheduled = False
+        if self.released_handles:
+            self._drain_released_handles()
         released = self.released
         if not released:
             return
@@ -1587,6 +1596,33 @@ class CoreClient:
                 qualname, b"actor:" + method.encode(), b"")
         return self.submit(info, args, kwargs, num_returns, {}, max_task_retries, False, qualname,
                            actor_key=("actor", actor_id))
+
+    def actor_handle_added(self, actor_id: str) -> None:
+        with self.lock:
+            self.actor_handles[actor_id] = self.actor_handles.get(actor_id, 0) + 1
+
+    def actor_handle_escaped(self, actor_id: str) -> None:
+        with self.lock:
+            self.actor_handles.pop(actor_id, None)
+            self.escaped_actors.add(actor_id)
+
+    def actor_handle_dropped(self, actor_id: str) -> None:
+        """May run in __del__ on any thread: only queue the decrement (no lock here)."""
+        self.released_handles.append(actor_id)
+        self.loop.call_soon(self._drain_released)
+
+    def _drain_released_handles(self) -> None:
+        while self.released_handles:
+            actor_id = self.released_handles.popleft()
+            with self.lock:
+                if actor_id in self.escaped_actors or actor_id not in self.actor_handles:
+                    continue
+                self.actor_handles[actor_id] -= 1
+                if self.actor_handles[actor_id] > 0:
+                    continue
+                del self.actor_handles[actor_id]
+            # The creator holds no handle and none was passed on: the actor is unreachable.
+            transport.send(self.head, encode("KillActor", (actor_id, True)))
 
     def kill_actor(self, actor_id: str, no_restart: bool) -> None:
         """Ask the head to end the actor; with no_restart, later calls from here fail at once."""

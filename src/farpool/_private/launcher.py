@@ -106,12 +106,17 @@ def _run(sock: socket.socket, common: dict) -> None:
     sock.setblocking(False)
 
     def forward(fd: int) -> bool:
-        """Pass what a worker wrote on stdout/stderr to its log file and the agent; False at EOF."""
+        """Pass what a worker wrote on stdout/stderr to its log file and the agent.
+
+        True when data was read (there may be more), False when nothing is left now
+        (EAGAIN) or at EOF.  Never waits: a process the worker started may still hold
+        the pipe open after the worker exits.
+        """
         worker_id, stream, log_fd = outputs[fd]
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
-            return True
+            return False
         except OSError:
             data = b""
         if not data:
