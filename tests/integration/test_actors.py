@@ -289,3 +289,19 @@ def test_actor_whose_handle_was_passed_on_is_kept(cluster):
     gc.collect()
     import psutil
     assert psutil.Process(pid).is_running()  # a borrower may still hold the handle
+
+
+def test_calls_in_flight_are_retried_on_the_restarted_actor(cluster, tmp_path):
+    @farpool.remote(max_restarts=1, max_task_retries=1)
+    class Fragile:
+        def __init__(self):
+            self.calls = 0
+
+        def crash_once(self, path):
+            self.calls += 1
+            if not os.path.exists(path):
+                open(path, "w").close()
+                os._exit(1)
+            return self.calls  # on the restarted actor: its first call
+    f = Fragile.remote()
+    assert farpool.get(f.crash_once.remote(str(tmp_path / "crashed")), timeout=60) == 1
