@@ -12,6 +12,7 @@ import os
 
 from farpool import exceptions
 from farpool._private import protocol, scheduling
+from farpool._private import client as client_mod
 from farpool._private.client import ObjectRef
 
 ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory", "resources", "max_restarts", "max_task_retries",
@@ -111,7 +112,13 @@ class ActorClass:
         # Top-level ref arguments are resolved here, before the actor is registered.
         args = [api.get(a) if isinstance(a, ObjectRef) else a for a in args]
         kwargs = {k: api.get(v) if isinstance(v, ObjectRef) else v for k, v in kwargs.items()}
-        payload, bufs = protocol.dumps((tuple(args), kwargs), what=f"an argument of {self._cls.__name__}()")
+        nested: list = []
+        client_mod._nested_refs.collector = nested
+        try:
+            payload, bufs = protocol.dumps((tuple(args), kwargs), what=f"an argument of {self._cls.__name__}()")
+        finally:
+            client_mod._nested_refs.collector = None
+        client.pin_quietly(nested)  # the actor may keep them for its whole life
         meta = self._meta()
         num_cpus = opts.get("num_cpus")
         hold = scheduling.make_request(num_cpus or 0, opts.get("num_gpus", 0), opts.get("memory"),
@@ -160,17 +167,18 @@ class ActorHandle:
         # The creator's handles are counted: when the last goes (and none escaped), the actor ends.
         self._owned = _owned
         if _owned:
-            from farpool._private import client as client_mod
             client = client_mod.current()
             if client is not None:
                 client.actor_handle_added(actor_id)
 
     def __del__(self):
         if self.__dict__.get("_owned"):
-            from farpool._private import client as client_mod
-            client = client_mod.current()
-            if client is not None:
-                client.actor_handle_dropped(self._actor_id)
+            try:
+                client = client_mod.current()
+                if client is not None:
+                    client.actor_handle_dropped(self._actor_id)
+            except Exception:  # interpreter shutdown: nothing left to tell
+                pass
 
     def __getattr__(self, name: str) -> "ActorMethod":
         methods = self.__dict__.get("_meta", {}).get("methods", {})
@@ -180,7 +188,6 @@ class ActorHandle:
 
     def __reduce__(self):
         if self._owned:
-            from farpool._private import client as client_mod
             client = client_mod.current()
             if client is not None:  # a borrower may keep it: no longer ended by our count
                 client.actor_handle_escaped(self._actor_id)

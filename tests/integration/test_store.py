@@ -126,3 +126,62 @@ def test_small_shm_falls_back_to_disk(tmp_path, monkeypatch, caplog):
     directory, in_shm = store.choose_dir(str(tmp_path), "abcdef0123", 64 * MB)
     assert not in_shm and directory.startswith(str(tmp_path))
     assert "larger /dev/shm" in caplog.text
+
+
+@farpool.remote
+class Keeper:
+    def __init__(self):
+        self.kept = None
+
+    def keep(self, box):
+        self.kept = box[0]  # a borrowed ref, stored beyond the call
+        return True
+
+    def read(self):
+        return float(farpool.get(self.kept, timeout=60).sum())
+
+    def drop(self):
+        self.kept = None
+        return True
+
+
+def used_bytes():
+    settle()
+    return store_stats()[0]["used"]
+
+
+def test_a_borrower_keeps_the_object_alive_and_its_release_frees_it(small_store):
+    base = used_bytes()
+    ref = farpool.put(np.ones(MB // 8))
+    keeper = Keeper.remote()
+    assert farpool.get(keeper.keep.remote([ref]), timeout=60)
+    del ref
+    assert used_bytes() >= base + MB            # the actor still borrows it
+    assert farpool.get(keeper.read.remote(), timeout=60) == MB // 8
+    assert farpool.get(keeper.drop.remote(), timeout=60)
+    deadline = __import__("time").monotonic() + 30
+    while used_bytes() > base:                    # the borrower's release reaches the owner
+        assert __import__("time").monotonic() < deadline, "the borrowed object was never freed"
+
+
+def test_refs_inside_a_put_value_live_as_long_as_it(small_store):
+    base = used_bytes()
+    inner = farpool.put(np.ones(MB // 8))
+    outer = farpool.put({"inner": inner})
+    del inner
+    assert used_bytes() >= base + MB
+    got = farpool.get(farpool.get(outer)["inner"])
+    assert got.sum() == MB // 8
+    del got, outer
+    assert used_bytes() == base
+
+
+def test_a_ref_pickled_by_hand_is_pinned_with_a_warning(small_store):
+    import pickle
+    base = used_bytes()
+    ref = farpool.put(np.ones(MB // 8))
+    with pytest.warns(RuntimeWarning, match="pickled outside farpool"):
+        blob = pickle.dumps(ref)
+    del ref
+    assert used_bytes() >= base + MB  # whoever unpickles blob later still finds it
+    assert farpool.get(pickle.loads(blob)).sum() == MB // 8

@@ -66,15 +66,17 @@ class ObjectRef:
     ``ref.future()`` gives a ``concurrent.futures.Future``.
     """
 
-    __slots__ = ("_id", "_owner", "__weakref__")
+    __slots__ = ("_id", "_owner", "_counted_by", "__weakref__")
 
     def __init__(self, object_id: bytes, owner: tuple, _register: bool = True):
         self._id = object_id
         self._owner = owner
+        self._counted_by = None
         if _register:
             client = _current_client
             if client is not None:
                 client.add_local_ref(self)
+                self._counted_by = client
 
     def hex(self) -> str:
         return self._id.hex()
@@ -95,10 +97,14 @@ class ObjectRef:
         collector = _nested_refs.collector
         if collector is not None:
             collector.append(self)
+        elif self._counted_by is not None:
+            # Pickled outside farpool (pickle.dumps by hand, a queue, a file): nobody will
+            # tell us when the copy is gone, so the object stays pinned for this session.
+            self._counted_by.pin_forever(self)
         return (_rebuild_ref, (self._id, self._owner))
 
     def __del__(self):
-        client = _current_client
+        client = self._counted_by
         if client is not None:
             try:
                 client.release_ref(self._id)
@@ -133,15 +139,22 @@ ObjectRef.__module__ = "farpool"
 
 
 def _rebuild_ref(object_id: bytes, owner: tuple) -> ObjectRef:
+    if _current_client is None:
+        from farpool._private import worker as worker_mod
+        if worker_mod.worker_config is not None:
+            # A ref arrives in a worker: its client must exist to count it (we borrow it).
+            from farpool import api
+            api._client()
     ref = ObjectRef(object_id, owner)
-    client = _current_client
-    if client is not None:
-        client.note_borrowed(ref)
+    arrivals = _nested_refs.arrivals
+    if arrivals is not None:
+        arrivals.append(weakref.ref(ref))
     return ref
 
 
 class _NestedRefs(threading.local):
-    collector: list | None = None
+    collector: list | None = None   # refs pickled inside a value farpool is serializing
+    arrivals: list | None = None    # weakrefs to refs unpickled from a task's arguments
 
 
 _nested_refs = _NestedRefs()
@@ -169,6 +182,11 @@ class Entry:
     task: object = None           # the TaskRecord that produces it (owner only)
     size: int = 0
     location: tuple | None = None  # ("seg", node_id, store_id, path, size) when in the node store
+    borrowers: set = field(default_factory=set)  # owner: identities of processes still holding it
+    contains: list = field(default_factory=list)  # owner: ids of refs nested in this value (pinned)
+    pinned_forever: bool = False  # pickled outside farpool: never freed this session
+    fetched: bool = True          # borrower: value requested from the owner (or not needed)
+    owner: tuple | None = None    # borrower: the owner's address
 
 
 @dataclass
@@ -313,6 +331,7 @@ class CoreClient:
         self.escaped_actors: set = set()          # ... whose handle was pickled (borrowers may use it)
         self.released_handles: deque = deque()
         self.frees: dict[str, list] = {}       # node_id -> store ids to free
+        self.borrow_releases: deque = deque()  # (object id, owner) of borrows we dropped
         self._free_scheduled = False
         self.callback_queue: queue.Queue | None = None
         self.broken: BaseException | None = None
@@ -507,6 +526,9 @@ class CoreClient:
     def add_local_ref(self, ref: ObjectRef) -> None:
         with self.lock:
             entry = self.objects.get(ref._id)
+            if entry is None and ref._owner[0] != self.identity:
+                # A borrowed ref: counted here; the value is fetched from its owner on demand.
+                entry = self.objects[ref._id] = Entry(owned=False, fetched=False, owner=ref._owner)
             if entry is not None:
                 entry.local_refs += 1
 
@@ -517,8 +539,24 @@ class CoreClient:
             self._release_scheduled = True
             self.loop.call_soon(self._drain_released)
 
-    def note_borrowed(self, ref: ObjectRef) -> None:
-        pass  # borrowed refs are fetched from their owner on demand
+    def pin_quietly(self, refs: list) -> None:
+        """Refs handed on where no borrower protocol reaches (results, actor arguments): keep them."""
+        with self.lock:
+            for ref in refs:
+                entry = self.objects.get(ref._id)
+                if entry is not None:
+                    entry.pinned_forever = True
+
+    def pin_forever(self, ref: ObjectRef) -> None:
+        with self.lock:
+            entry = self.objects.get(ref._id)
+            if entry is None or entry.pinned_forever:
+                return
+            entry.pinned_forever = True
+        warnings.warn(f"ObjectRef {ref.hex()} was pickled outside farpool (not as a task argument, "
+                      "result or put value); it stays pinned until this session ends. Pass refs to "
+                      "tasks, actors or put() so farpool can track who holds them.", RuntimeWarning,
+                      stacklevel=3)
 
     def _drain_released(self) -> None:
         self._release_scheduled = False
@@ -534,7 +572,7 @@ class CoreClient:
                 if entry is None:
                     continue
                 entry.local_refs -= 1
-                if entry.local_refs <= 0 and entry.task_pins <= 0 and entry.state != PENDING:
+                if self._unreferenced(entry):
                     self._delete(oid, entry)
         self._flush_frees()
 
@@ -542,7 +580,12 @@ class CoreClient:
     def put(self, value) -> ObjectRef:
         if isinstance(value, ObjectRef):
             raise TypeError("put() of an ObjectRef is not allowed: pass the ref itself where it is needed")
-        payload, bufs = protocol.dumps(value, what="the value given to put()")
+        collector: list = []
+        _nested_refs.collector = collector
+        try:
+            payload, bufs = protocol.dumps(value, what="the value given to put()")
+        finally:
+            _nested_refs.collector = None
         oid = self.new_object_id()
         # put copies the user's buffers now (into the node store when large):
         # later mutation changes nothing put.
@@ -555,22 +598,24 @@ class CoreClient:
                           size=len(payload) + sum(len(b) for b in bufs))
         with self.lock:
             self.objects[oid] = entry
+            for inner in collector:  # refs inside the value live as long as it does
+                e = self.objects.get(inner._id)
+                if e is not None:
+                    e.task_pins += 1
+                    entry.contains.append(inner._id)
         return ObjectRef(oid, self.owner_address)
 
     def _entry_for(self, ref: ObjectRef) -> Entry:
         entry = self.objects.get(ref._id)
-        if entry is not None:
+        if entry is not None and entry.fetched:
             return entry
-        # A borrowed ref: ask its owner and keep a local copy.
+        # A borrowed ref: ask its owner for the value (once) and keep a local copy.
         with self.lock:
             entry = self.objects.get(ref._id)
-            if entry is None:
-                entry = Entry(owned=False)
-                self.objects[ref._id] = entry
-                entry.local_refs = 1
-                fetch = True
-            else:
-                fetch = False
+            if entry is None:  # a ref made before this client existed: not counted, kept
+                entry = self.objects[ref._id] = Entry(owned=False, fetched=False, owner=ref._owner)
+            fetch = not entry.fetched
+            entry.fetched = True
         if fetch:
             self.loop.call_soon(self._fetch_borrowed, ref._id, ref._owner)
         return entry
@@ -1248,7 +1293,9 @@ class CoreClient:
         self._mark_dirty(lease.key)
 
     def _on_TaskFinished(self, fields, buffers) -> None:
-        results, retiring = fields
+        results, retiring, borrower, borrowed = fields
+        if borrowed:
+            self._on_borrowers(borrower, borrowed)
         pos = 0
         lease = None
         completed = []
@@ -1332,7 +1379,7 @@ class CoreClient:
                     entry.task = None
                     if entry.waiters:
                         fire.append(entry)
-                    elif entry.local_refs <= 0 and entry.task_pins <= 0:
+                    elif self._unreferenced(entry):
                         self._delete(oid, entry)
                 self._unpin(task)
         for entry in fire:
@@ -1361,28 +1408,69 @@ class CoreClient:
             e = self.objects.get(oid)
             if e is not None:
                 e.task_pins -= 1
-                if e.task_pins <= 0 and e.local_refs <= 0 and e.state != PENDING:
+                if self._unreferenced(e):
                     self._delete(oid, e)
         task.pinned = []
         if task.args_location is not None:
             self._free_location(task.args_location)
             task.args_location = None
 
-    def _delete(self, oid: bytes, entry: "Entry") -> None:
-        """Forget an object (lock held); its store segment, if any, goes back to its node."""
-        del self.objects[oid]
-        if entry.location is not None and entry.owned:
-            self._free_location(entry.location)
+    @staticmethod
+    def _unreferenced(entry: "Entry") -> bool:
+        """No local ref, no pending task, no borrower anywhere: the object can go."""
+        return (entry.local_refs <= 0 and entry.task_pins <= 0 and not entry.borrowers
+                and not entry.pinned_forever and (entry.state != PENDING or not entry.owned))
 
-    def _free_location(self, location: tuple) -> None:
-        _, node_id, store_id, _path, _size = location
-        self.frees.setdefault(node_id, []).append(store_id)
+    def _delete(self, oid: bytes, entry: "Entry") -> None:
+        """Forget an object (lock held, I/O thread): give back its memory, or our borrow."""
+        del self.objects[oid]
+        if not entry.owned:
+            if entry.owner is not None:
+                self.borrow_releases.append((oid, entry.owner))
+                self._schedule_frees()
+            return
+        if entry.location is not None:
+            self._free_location(entry.location)
+        for inner in entry.contains:  # refs nested in this value were pinned by it
+            e = self.objects.get(inner)
+            if e is not None:
+                e.task_pins -= 1
+                if self._unreferenced(e):
+                    self._delete(inner, e)
+
+    def _schedule_frees(self) -> None:
         if not self._free_scheduled:
             self._free_scheduled = True
             self.loop.call_soon(self._flush_frees)
 
+    def _on_borrowers(self, borrower: bytes, object_ids: list) -> None:
+        """A worker kept refs it got in a task's arguments: they stay alive until it says so."""
+        with self.lock:
+            for oid in object_ids:
+                entry = self.objects.get(oid)
+                if entry is not None and entry.owned:
+                    entry.borrowers.add(borrower)
+
+    def _borrow_released(self, borrower: bytes, oid: bytes) -> None:
+        with self.lock:
+            entry = self.objects.get(oid)
+            if entry is None or borrower not in entry.borrowers:
+                return
+            entry.borrowers.discard(borrower)
+            if self._unreferenced(entry):
+                self._delete(oid, entry)
+        self._flush_frees()
+
+    def _free_location(self, location: tuple) -> None:
+        _, node_id, store_id, _path, _size = location
+        self.frees.setdefault(node_id, []).append(store_id)
+        self._schedule_frees()
+
     def _flush_frees(self) -> None:
         self._free_scheduled = False
+        while self.borrow_releases:
+            oid, owner = self.borrow_releases.popleft()
+            self._send_owner(owner, encode("BorrowReleased", (oid,)))
         frees, self.frees = self.frees, {}
         for node_id, ids in frees.items():
             agent = self.agents.get(node_id)
@@ -1407,13 +1495,20 @@ class CoreClient:
             self._set_borrowed(object_id, FAILED, exc_mod.OwnerDiedError(
                 f"object {object_id.hex()} is owned by a process this one cannot reach"))
             return
+        self._send_owner(owner, encode("GetObject", (object_id,)))
+
+    def _send_owner(self, owner: tuple, frames: list) -> None:
+        """To an owner's ipc endpoint on this machine (I/O thread)."""
+        identity, node_id, endpoint = owner
+        if identity == self.identity or endpoint is None:
+            return
         sock = self.owner_conns.get(endpoint)
         if sock is None:
             sock = transport.dealer(self.identity)
             sock.connect(endpoint)
             self.owner_conns[endpoint] = sock
             self.loop.add_reader(sock, lambda s=sock: self._on_owner_reply(s))
-        transport.send(sock, encode("GetObject", (object_id,)))
+        transport.send(sock, frames)
 
     def _on_owner_reply(self, sock) -> None:
         for frames in transport.recv_all(sock):
@@ -1449,6 +1544,8 @@ class CoreClient:
                 continue
             if tag == "GetObject":
                 self._serve_object(identity, fields[0])
+            elif tag == "BorrowReleased":
+                self._borrow_released(identity, fields[0])
 
     def _serve_object(self, identity, object_id) -> None:
         entry = self.objects.get(object_id)

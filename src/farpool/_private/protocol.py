@@ -39,7 +39,7 @@ TAGS = frozenset({
     # worker <-> node agent
     "WorkerReady", "WorkerLog",
     # client <-> worker
-    "ExecuteTask", "TaskFinished", "GetObject", "ObjectValue", "CancelTask",
+    "ExecuteTask", "TaskFinished", "GetObject", "ObjectValue", "CancelTask", "BorrowReleased",
     # node object store
     "AllocateObject", "ObjectAllocated", "FreeObjects", "RestoreObject", "StoreStats",
     # actors: client <-> head <-> agent <-> worker

@@ -138,6 +138,24 @@ def _load_value(payload, bufs):
     return protocol.loads(payload, bufs)
 
 
+def _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs):
+    """Arguments, plus weakrefs to the ObjectRefs that arrived in them (we borrow those)."""
+    from farpool._private import client as client_mod
+    arrivals: list = []
+    client_mod._nested_refs.arrivals = arrivals
+    try:
+        args, kwargs = _load_args(args_payload, arg_bufs, ref_values, ref_bufs)
+    finally:
+        client_mod._nested_refs.arrivals = None
+    return args, kwargs, arrivals
+
+
+def _still_held(arrivals: list) -> list:
+    """Ids of borrowed refs that outlived the call (stored somewhere): the owner must keep them."""
+    held = [w() for w in arrivals]
+    return [r._id for r in held if r is not None]
+
+
 def _load_args(args_payload, arg_bufs, ref_values, ref_bufs):
     args, kwargs = _load_value(args_payload, arg_bufs)
     if ref_values:
@@ -181,6 +199,7 @@ class Worker:
         self.tasks_left: int | None = None
         self.channels: set = set()
         self._requests = 0
+        self.borrowed: list = []  # ids of refs from task arguments that outlived their task
         self._agent_backlog: list = []
         self.store_results = False  # set per message: only owners on this machine can map results
         self.actor = None
@@ -239,7 +258,7 @@ class Worker:
         elif tag == "ExecuteTask":
             results, out_buffers = self._execute_batch(fields[0], buffers)
             retiring = self.tasks_left is not None and self.tasks_left <= 0
-            reply(encode("TaskFinished", (results, retiring), out_buffers))
+            reply(encode("TaskFinished", (results, retiring) + self._take_borrowed(), out_buffers))
             if retiring:
                 self._retire()
         elif tag == "CreateActor":
@@ -304,15 +323,19 @@ class Worker:
                 self.actor_executor.submit(self._run_threaded, call, reply)
 
     def _finish_concurrent(self, result, out_buffers, reply) -> None:
-        self.loop.call_soon(lambda: reply(encode("TaskFinished", ([result], False), out_buffers)))
+        self.loop.call_soon(lambda: reply(encode("TaskFinished", ([result], False) + self._take_borrowed(),
+                                                 out_buffers)))
 
     def _run_threaded(self, call, reply) -> None:
         task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns = call
         started = time.time()
         out_buffers: list = []
         try:
-            args, kwargs = _load_args(args_payload, arg_bufs, ref_values, ref_bufs)
+            args, kwargs, arrivals = _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
             value = getattr(self.actor, fn_hash[6:].decode())(*args, **kwargs)
+            del args, kwargs
+            if arrivals:
+                self.loop.call_soon(self.borrowed.extend, _still_held(arrivals))
             result = self._package(task_id, value, num_returns, fn_name, started, out_buffers)
         except BaseException as exc:  # noqa: BLE001
             result = (task_id, False, self._error(exc, fn_name), started, time.time())
@@ -328,10 +351,13 @@ class Worker:
             self.actor_semaphore = asyncio.Semaphore(self.actor_concurrency)
         async with self.actor_semaphore:
             try:
-                args, kwargs = _load_args(args_payload, arg_bufs, ref_values, ref_bufs)
+                args, kwargs, arrivals = _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
                 value = getattr(self.actor, fn_hash[6:].decode())(*args, **kwargs)
+                del args, kwargs
                 if inspect.isawaitable(value):
                     value = await value
+                if arrivals:
+                    self.loop.call_soon(self.borrowed.extend, _still_held(arrivals))
                 result = self._package(task_id, value, num_returns, fn_name, started, out_buffers)
             except BaseException as exc:  # noqa: BLE001
                 result = (task_id, False, self._error(exc, fn_name), started, time.time())
@@ -362,6 +388,15 @@ class Worker:
         backlog, self._agent_backlog = self._agent_backlog, []
         for frames in backlog:
             self._on_agent_frames(frames)
+
+    def _take_borrowed(self) -> tuple:
+        """(our client's identity, ids of borrowed refs still held) for a TaskFinished."""
+        if not self.borrowed:
+            return (None, ())
+        from farpool._private import client as client_mod
+        client = client_mod.current()
+        borrowed, self.borrowed = self.borrowed, []
+        return (client.identity if client is not None else None, borrowed)
 
     def _retire(self) -> None:
         """max_tasks_per_child reached: deliver what is queued, then exit (the agent replaces us)."""
@@ -489,9 +524,11 @@ class Worker:
                         raise RuntimeError(f"function {fn_name} was not shipped to this worker")
                     fn = protocol.loads_function(fn_bytes)
                     self.functions[fn_hash] = fn
-            args, kwargs = _load_args(args_payload, arg_bufs, ref_values, ref_bufs)
+            args, kwargs, arrivals = _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
             value = fn(*args, **kwargs)
             del args, kwargs
+            if arrivals:
+                self.borrowed.extend(_still_held(arrivals))
             return self._package(task_id, value, num_returns, fn_name, started, out_buffers)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the owner
             return (task_id, False, self._error(exc, fn_name), started, time.time())
@@ -518,9 +555,17 @@ class Worker:
                     raise ValueError(f"task {fn_name} declared num_returns={num_returns} but returned a {got}")
             payloads = []
             bufs_all = []
+            from farpool._private import client as client_mod
             for i, v in enumerate(values):
                 what = f"the result of {fn_name}" + (f" (return {i})" if num_returns > 1 else "")
-                data, bufs = protocol.dumps(v, what=what)
+                nested: list = []
+                client_mod._nested_refs.collector = nested
+                try:
+                    data, bufs = protocol.dumps(v, what=what)
+                finally:
+                    client_mod._nested_refs.collector = None
+                if nested and client_mod.current() is not None:
+                    client_mod.current().pin_quietly(nested)  # returned refs: kept for the session
                 if bufs and self.store_results and store.value_size(data, bufs) >= store.INLINE_MAX:
                     store_id = task_id + bytes([i])
                     path = self._allocate(store_id, store.value_size(data, bufs), what)
