@@ -12,7 +12,7 @@ import os
 
 from farpool import exceptions
 from farpool._private import protocol, scheduling
-from farpool._private import client as client_mod
+from farpool._private import client as client_mod  # noqa: F401 (used for the ref collector)
 from farpool._private.client import ObjectRef
 
 ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory", "resources", "max_restarts", "max_task_retries",
@@ -151,7 +151,10 @@ class ActorClass:
         if used_id != actor_id or spec["name"] is not None or spec["detached"]:
             # Named, detached or pre-existing: others can find it, so no handle count ends it.
             return ActorHandle(used_id, known_meta or meta, opts.get("max_task_retries", 0))
-        return ActorHandle(used_id, known_meta or meta, opts.get("max_task_retries", 0), _owned=True)
+        # Handles are counted like objects: they share a token owned here, borrowed by
+        # every process a handle travels to; when the token is freed, the actor ends.
+        token = client.actor_token(actor_id)
+        return ActorHandle(used_id, known_meta or meta, opts.get("max_task_retries", 0), token)
 
 
 ActorClass.__module__ = "farpool"
@@ -160,25 +163,11 @@ ActorClass.__module__ = "farpool"
 class ActorHandle:
     """A reference to an actor: ``handle.method.remote(...)``; picklable into tasks and actors."""
 
-    def __init__(self, actor_id: str, meta: dict, max_task_retries: int = 0, _owned: bool = False):
+    def __init__(self, actor_id: str, meta: dict, max_task_retries: int = 0, token: ObjectRef | None = None):
         self._actor_id = actor_id
         self._meta = meta
         self._max_task_retries = max_task_retries
-        # The creator's handles are counted: when the last goes (and none escaped), the actor ends.
-        self._owned = _owned
-        if _owned:
-            client = client_mod.current()
-            if client is not None:
-                client.actor_handle_added(actor_id)
-
-    def __del__(self):
-        if self.__dict__.get("_owned"):
-            try:
-                client = client_mod.current()
-                if client is not None:
-                    client.actor_handle_dropped(self._actor_id)
-            except Exception:  # interpreter shutdown: nothing left to tell
-                pass
+        self._token = token  # an ObjectRef whose lifetime is the actor's (None: not counted)
 
     def __getattr__(self, name: str) -> "ActorMethod":
         methods = self.__dict__.get("_meta", {}).get("methods", {})
@@ -187,11 +176,7 @@ class ActorHandle:
         return ActorMethod(self, name, methods[name])
 
     def __reduce__(self):
-        if self._owned:
-            client = client_mod.current()
-            if client is not None:  # a borrower may keep it: no longer ended by our count
-                client.actor_handle_escaped(self._actor_id)
-        return (ActorHandle, (self._actor_id, self._meta, self._max_task_retries))
+        return (ActorHandle, (self._actor_id, self._meta, self._max_task_retries, self._token))
 
     def __repr__(self) -> str:
         return f"ActorHandle({self._meta.get('class_name')}, {self._actor_id[:12]})"

@@ -276,19 +276,36 @@ def test_actor_ends_when_its_last_handle_is_dropped(cluster):
     psutil.Process(pid).wait(timeout=30)  # the actor's process ends
 
 
-def test_actor_whose_handle_was_passed_on_is_kept(cluster):
+def test_a_handle_kept_elsewhere_keeps_the_actor_until_it_is_dropped(cluster):
+    """Handles are counted like objects: a borrower that stores one keeps the actor alive."""
     import gc
-    c = Counter.remote()
+    import psutil
 
     @farpool.remote
-    def keep(handle):
-        return farpool.get(handle.inc.remote(), timeout=60)
-    assert farpool.get(keep.remote(c), timeout=60) == 1
+    class Holder:
+        def __init__(self):
+            self.handle = None
+
+        def hold(self, box):
+            self.handle = box[0]
+            return farpool.get(self.handle.inc.remote(), timeout=60)
+
+        def use(self):
+            return farpool.get(self.handle.inc.remote(), timeout=60)
+
+        def release(self):
+            self.handle = None
+            return True
+    c = Counter.remote()
     pid = farpool.get(c.pid.remote(), timeout=60)
+    holder = Holder.remote()
+    assert farpool.get(holder.hold.remote([c]), timeout=60) == 1
     del c
     gc.collect()
-    import psutil
-    assert psutil.Process(pid).is_running()  # a borrower may still hold the handle
+    # Our last copy is gone, but the holder's handle keeps the actor working.
+    assert farpool.get(holder.use.remote(), timeout=60) == 2
+    assert farpool.get(holder.release.remote(), timeout=60)
+    psutil.Process(pid).wait(timeout=30)  # no handle left anywhere: the actor ends
 
 
 def test_calls_in_flight_are_retried_on_the_restarted_actor(cluster, tmp_path):

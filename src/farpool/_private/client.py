@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import logging
 import os
+import pickle
 import queue
 import sys
 import threading
@@ -185,6 +186,7 @@ class Entry:
     borrowers: set = field(default_factory=set)  # owner: identities of processes still holding it
     contains: list = field(default_factory=list)  # owner: ids of refs nested in this value (pinned)
     pinned_forever: bool = False  # pickled outside farpool: never freed this session
+    actor_id: str | None = None   # an actor's handle token: freeing it ends the actor
     fetched: bool = True          # borrower: value requested from the owner (or not needed)
     owner: tuple | None = None    # borrower: the owner's address
 
@@ -327,9 +329,7 @@ class CoreClient:
         self.children: dict[str, list] = {}  # in a worker: task id (hex) -> tasks it submitted
         self.pools: dict[str, dict] = {}     # pool_key -> {"initializer", "initargs", "max_tasks"}
         self.actor_method_infos: dict = {}
-        self.actor_handles: dict[str, int] = {}   # actors we created -> our live handles
-        self.escaped_actors: set = set()          # ... whose handle was pickled (borrowers may use it)
-        self.released_handles: deque = deque()
+        self.ended_actors: deque = deque()  # actors whose last handle went (token freed)
         self.frees: dict[str, list] = {}       # node_id -> store ids to free
         self.borrow_releases: deque = deque()  # (object id, owner) of borrows we dropped
         self._free_scheduled = False
@@ -560,8 +560,6 @@ class CoreClient:
 
     def _drain_released(self) -> None:
         self._release_scheduled = False
-        if self.released_handles:
-            self._drain_released_handles()
         released = self.released
         if not released:
             return
@@ -1424,6 +1422,9 @@ class CoreClient:
     def _delete(self, oid: bytes, entry: "Entry") -> None:
         """Forget an object (lock held, I/O thread): give back its memory, or our borrow."""
         del self.objects[oid]
+        if entry.actor_id is not None:  # the actor's last handle is gone, here and everywhere
+            self.ended_actors.append(entry.actor_id)
+            self._schedule_frees()
         if not entry.owned:
             if entry.owner is not None:
                 self.borrow_releases.append((oid, entry.owner))
@@ -1471,6 +1472,8 @@ class CoreClient:
         while self.borrow_releases:
             oid, owner = self.borrow_releases.popleft()
             self._send_owner(owner, encode("BorrowReleased", (oid,)))
+        while self.ended_actors:
+            transport.send(self.head, encode("KillActor", (self.ended_actors.popleft(), True)))
         frees, self.frees = self.frees, {}
         for node_id, ids in frees.items():
             agent = self.agents.get(node_id)
@@ -1694,32 +1697,12 @@ class CoreClient:
         return self.submit(info, args, kwargs, num_returns, {}, max_task_retries, False, qualname,
                            actor_key=("actor", actor_id))
 
-    def actor_handle_added(self, actor_id: str) -> None:
+    def actor_token(self, actor_id: str) -> ObjectRef:
+        """A small object whose lifetime is the actor's: freed -> the actor ends."""
+        oid = self.new_object_id()
         with self.lock:
-            self.actor_handles[actor_id] = self.actor_handles.get(actor_id, 0) + 1
-
-    def actor_handle_escaped(self, actor_id: str) -> None:
-        with self.lock:
-            self.actor_handles.pop(actor_id, None)
-            self.escaped_actors.add(actor_id)
-
-    def actor_handle_dropped(self, actor_id: str) -> None:
-        """May run in __del__ on any thread: only queue the decrement (no lock here)."""
-        self.released_handles.append(actor_id)
-        self.loop.call_soon(self._drain_released)
-
-    def _drain_released_handles(self) -> None:
-        while self.released_handles:
-            actor_id = self.released_handles.popleft()
-            with self.lock:
-                if actor_id in self.escaped_actors or actor_id not in self.actor_handles:
-                    continue
-                self.actor_handles[actor_id] -= 1
-                if self.actor_handles[actor_id] > 0:
-                    continue
-                del self.actor_handles[actor_id]
-            # The creator holds no handle and none was passed on: the actor is unreachable.
-            transport.send(self.head, encode("KillActor", (actor_id, True)))
+            self.objects[oid] = Entry(state=READY, payload=pickle.dumps(actor_id), actor_id=actor_id)
+        return ObjectRef(oid, self.owner_address)
 
     def kill_actor(self, actor_id: str, no_restart: bool) -> None:
         """Ask the head to end the actor; with no_restart, later calls from here fail at once."""
