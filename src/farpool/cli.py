@@ -233,7 +233,10 @@ def _microbenchmark(args) -> int:
               "(run it from the project directory)", file=sys.stderr)
         return 1
     results = farpool_bench.main(quick=args.quick)
-    print(json.dumps(results, indent=1))
+    if hasattr(farpool_bench, "format_report"):
+        print(farpool_bench.format_report(results))
+    else:
+        print(json.dumps(results, indent=1))
     return 0
 
 
