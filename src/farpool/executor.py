@@ -26,8 +26,9 @@ cluster the facades start::
 
 How it differs from the stdlib (everything else matches ``ProcessPoolExecutor``):
 
-* ``mp_context`` is accepted and ignored.  ``max_workers`` caps the tasks in
-  flight (default: the cluster's CPUs), not the number of processes.
+* ``mp_context`` is accepted and ignored.  ``max_workers`` caps how many tasks
+  run at once (default: the cluster's CPUs), not a number of processes of its
+  own; the workers are the cluster's.
 * A future is RUNNING once its task was dispatched to a worker, so
   ``cancel()`` returning True means the function never runs.  Work beyond
   ``max_workers`` waits in this process; its ``object_ref`` is None until it
@@ -48,8 +49,8 @@ How it differs from the stdlib (everything else matches ``ProcessPoolExecutor``)
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import concurrent.futures._base as _futures_base
+import contextlib
 import copy
 import itertools
 import logging
@@ -57,7 +58,6 @@ import multiprocessing
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
@@ -86,8 +86,8 @@ OVERSUBSCRIBE = 16
 # to a busy worker, so a long task must not get a queue of short ones behind it.
 # Larger values reach full speed sooner; smaller ones risk fewer tasks waiting
 # behind a long one.
-OVERSUBSCRIBE_AFTER = 32
-OVERSUBSCRIBE_GUARD_MIN_S = 0.005
+OVERSUBSCRIBE_AFTER = 16
+OVERSUBSCRIBE_GUARD_MIN_S = 0.002
 OVERSUBSCRIBE_GUARD_FACTOR = 8
 # Task names (shown in errors and the timeline) are cached per function name;
 # more entries cost memory, fewer cost an options() rebuild per submit.
@@ -105,8 +105,9 @@ _FINISHED = _futures_base.FINISHED
 
 # ---------------------------------------------------------------------------- the shared cluster
 _cluster_lock = threading.RLock()
-_cluster_users = 0
-_cluster_client = None      # the client a facade started (None: the user's own cluster)
+_cluster_client = None      # the client the facades' count is about
+_cluster_users = 0          # facades using it
+_cluster_started = False    # a facade started it, so the last facade stops it
 _cluster_timer: threading.Timer | None = None
 
 
@@ -137,34 +138,40 @@ def _acquire_cluster(address: str | None = None):
     """Join the current cluster, or start the embedded one; returns the CoreClient.
 
     A cluster started here is shared by every facade and ends with the last
-    ``_release_cluster``.  Any thread.
+    ``_release_cluster``; one the user started (``farpool.init``) is left
+    alone.  Any thread.
     """
-    global _cluster_users, _cluster_client, _cluster_timer
+    global _cluster_client, _cluster_users, _cluster_started, _cluster_timer
     from farpool._private import client as client_mod
     with _cluster_lock:
         if _cluster_timer is not None:
             _cluster_timer.cancel()
             _cluster_timer = None
+        started = False
         if not farpool.is_initialized():
             farpool.init(address=address)
-            _cluster_client = None if _in_worker() else client_mod.current()
+            started = not _in_worker()  # inside a task: the task's cluster, never ours to stop
         client = client_mod.current()
-        if client is None:  # a concurrent shutdown by the user
-            raise _exc.FarpoolError("farpool was shut down while a facade was starting; call it again")
+        if client is None:  # the user shut it down concurrently
+            raise _exc.FarpoolError("farpool was shut down while a facade was starting; create it again")
+        if client is not _cluster_client:  # a new cluster: facades of an earlier one no longer count
+            _cluster_client, _cluster_users, _cluster_started = client, 0, started
         _cluster_users += 1
         return client
 
 
-def _release_cluster(linger_s: float = 0.0) -> None:
-    """Drop one facade's use; the last one stops a cluster the facades started.
+def _release_cluster(client, linger_s: float = 0.0) -> None:
+    """Drop one facade's use of ``client``'s cluster; the last one stops a cluster the facades started.
 
     With ``linger_s``, the stop waits that long for another facade to come
-    (joblib starts and ends a backend for every ``Parallel`` call).
+    (joblib starts and ends its backend for every ``Parallel`` call).
     """
     global _cluster_users, _cluster_timer
     with _cluster_lock:
+        if client is not _cluster_client:  # that cluster is gone already
+            return
         _cluster_users = max(0, _cluster_users - 1)
-        if _cluster_users or _cluster_client is None:
+        if _cluster_users or not _cluster_started:
             return
         if linger_s > 0:
             if _cluster_timer is None:
@@ -177,16 +184,19 @@ def _release_cluster(linger_s: float = 0.0) -> None:
 
 
 def _stop_idle_cluster() -> None:
-    global _cluster_client, _cluster_timer
+    global _cluster_client, _cluster_started, _cluster_timer
     from farpool._private import client as client_mod
     with _cluster_lock:
         _cluster_timer = None
-        if _cluster_users or _cluster_client is None:
+        if _cluster_users or not _cluster_started:
             return
-        started, _cluster_client = _cluster_client, None
-        if client_mod.current() is started:  # not a cluster the user made meanwhile
+        client, _cluster_client, _cluster_started = _cluster_client, None, False
+        if client_mod.current() is client:
             log.info("stopping the embedded farpool cluster: the last facade using it shut down")
-            farpool.shutdown()
+            try:
+                farpool.shutdown()
+            except OSError as error:  # a client whose I/O thread already died; nothing more to stop here
+                log.warning("stopping the farpool cluster the facades started failed: %r", error)
 
 
 # ---------------------------------------------------------------------------- in the worker
@@ -203,6 +213,11 @@ class _Shared:
 
 # Types that never need a look (the per-item fast path of maps).
 _PLAIN = frozenset({int, float, str, bytes, bool, complex, type(None), tuple, list, dict})
+
+
+def _all_plain(values) -> bool:
+    """True if no value needs a look (the per-item fast path, at C speed)."""
+    return set(map(type, values)) <= _PLAIN
 
 
 def _writable(value):
@@ -247,7 +262,11 @@ def _run_chunk(authkey: bytes | None, fn, star: bool, chunk: list, *shared):
     """
     _adopt_authkey(authkey)
     if star:
+        if not shared and _all_plain(itertools.chain.from_iterable(chunk)):
+            return list(itertools.starmap(fn, chunk))
         return [fn(*[_restore(a, shared) for a in args]) for args in chunk]
+    if not shared and _all_plain(chunk):
+        return list(map(fn, chunk))
     return [fn(x if type(x) in _PLAIN else _restore(x, shared)) for x in chunk]
 
 
@@ -303,7 +322,7 @@ def _register_pool(client, pool_key: str, initializer, initargs, max_tasks: int 
 
 def _fix_result(value, chunk: bool = False):
     if chunk and type(value) is list:
-        return [v if type(v) in _PLAIN else _writable(v) for v in value]
+        return value if _all_plain(value) else [v if type(v) in _PLAIN else _writable(v) for v in value]
     return _writable(value)
 
 
@@ -511,7 +530,7 @@ class _Feed:
             return None
         try:
             if self.star:
-                chunk = [tuple(args) for args in itertools.islice(self.iterator, self.chunksize)]
+                chunk = list(map(tuple, itertools.islice(self.iterator, self.chunksize)))
             else:
                 chunk = list(itertools.islice(self.iterator, self.chunksize))
         except BaseException as error:  # noqa: BLE001 - raised to the consumer at that point
@@ -537,6 +556,8 @@ class _Feed:
     def _share(self, chunk: list, refs: list) -> list:
         """Replace refs and big arrays among the arguments by markers of top-level ref arguments."""
         index_of: dict[int, int] = {}
+        if _all_plain(itertools.chain.from_iterable(chunk) if self.star else chunk):
+            return chunk
         if self.star:
             out = None
             for i, args in enumerate(chunk):
@@ -724,7 +745,8 @@ class _Dispatcher:
             if mine:
                 self.settling += 1
                 took = time.monotonic() - future._sent_at
-                self.return_s = took if not self.returned else 0.9 * self.return_s + 0.1 * took
+                # A short memory: the slow first tasks (workers starting) are soon forgotten.
+                self.return_s = took if not self.returned else 0.75 * self.return_s + 0.25 * took
                 self.returned += 1
         if mine:
             try:
@@ -943,7 +965,7 @@ class _ExecutorState:
             if self.released:
                 return
             self.released = True
-        _release_cluster()
+        _release_cluster(self.dispatcher.client)
 
 
 def _feasible(hints: dict, nodes: list) -> str | None:
@@ -1048,7 +1070,7 @@ class DistributedExecutor(concurrent.futures.Executor):
                 pool_key = f"executor-{os.urandom(6).hex()}"
                 _register_pool(client, pool_key, initializer, initargs, max_tasks_per_child)
         except BaseException:
-            _release_cluster()
+            _release_cluster(client)
             raise
         self._max_workers = max_workers
         self._state = _ExecutorState(_Dispatcher(client), pool_key, nodes,

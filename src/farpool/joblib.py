@@ -49,8 +49,8 @@ from joblib._parallel_backends import AutoBatchingMixin, FallbackToBackend, Para
 
 import farpool
 from farpool.executor import (DistributedFuture, _acquire_cluster, _blocked_while_waiting, _Dispatcher,
-                              _fix_result, _in_flight_limit, _register_pool, _release_cluster, _Shared,
-                              _task_name, _TaskMaker, _WorkItem, _writable)
+                              _fix_result, _in_flight_limit, _PLAIN, _register_pool, _release_cluster,
+                              _Shared, _task_name, _TaskMaker, _WorkItem, _writable)
 
 __all__ = ["FarpoolBackend", "register"]
 
@@ -68,13 +68,13 @@ SHARE_MIN_BYTES = 1 << 20
 def _run_batch(batch, readonly: tuple, *shared):
     """In the worker: put the shared arrays back into joblib's batch and run it."""
     register()  # code in the task may name the backend "farpool" too
-    if shared:
-        items = []
-        for func, args, kwargs in batch.items:
+    items = []
+    for func, args, kwargs in batch.items:
+        if not all(type(a) in _PLAIN for a in args) or not all(type(v) in _PLAIN for v in kwargs.values()):
             args = tuple(_restore(a, shared, readonly) for a in args)
             kwargs = {k: _restore(v, shared, readonly) for k, v in kwargs.items()}
-            items.append((func, args, kwargs))
-        batch.items = items
+        items.append((func, args, kwargs))
+    batch.items = items
     return batch()
 
 
@@ -121,6 +121,7 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         farpool.remote(_run_batch).options(**{k: v for k, v in self._hints.items() if v is not None})
         self._workers: _Dispatcher | None = None  # joblib's tests look for `_workers`
         self._holding = False
+        self._client = None
         self._lock = threading.Lock()
         self._shared: dict[int, tuple] = {}  # id(array) -> (array, ref): this call's identity cache
         self._max_nbytes: int | None = 1_000_000
@@ -150,16 +151,14 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
     # -- lifecycle ---------------------------------------------------------
     def configure(self, n_jobs=1, parallel=None, prefer=None, require=None, **backend_kwargs):
         """Join (or start) the cluster and return the number of batches run at once."""
+        if self.effective_n_jobs(n_jobs) == 1:  # as loky: run here, and start no cluster for it
+            raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         if not self._holding:
-            client = _acquire_cluster(self._address)
+            self._client = _acquire_cluster(self._address)
             self._holding = True
-        else:
-            from farpool._private import client as client_mod
-            client = client_mod.current()
+        client = self._client
         try:
             n_jobs = self.effective_n_jobs(n_jobs)
-            if n_jobs == 1:
-                raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
             kwargs = {**self.backend_kwargs, **backend_kwargs}
             self._max_nbytes = kwargs.get("max_nbytes", 1_000_000)
             self._mmap_mode = kwargs.get("mmap_mode", "r")
@@ -172,7 +171,7 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             self._workers = _Dispatcher(client)
         except BaseException:
             self._holding = False
-            _release_cluster()
+            _release_cluster(client)
             raise
         self.parallel = parallel
         self._n_jobs = n_jobs
@@ -187,16 +186,17 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         self.reset_batch_stats()
         if self._holding:
             self._holding = False
-            _release_cluster(linger_s=CLUSTER_LINGER_S)
+            _release_cluster(self._client, linger_s=CLUSTER_LINGER_S)
 
     def stop_call(self):
         self._shared = {}
 
     def abort_everything(self, ensure_ready=True):
-        """An error (or a timeout) ended the call: drop queued batches, interrupt running ones."""
+        """An error (or a timeout) ended the call: drop queued batches, kill the running ones."""
         workers, self._workers = self._workers, None
         if workers is not None:
-            workers.terminate(lambda: farpool.TaskCancelledError("the joblib call was aborted"), force=False)
+            # Killed like loky's workers: a signal that interrupts Python code could land outside the task.
+            workers.terminate(lambda: farpool.TaskCancelledError("the joblib call was aborted"), force=True)
         self._shared = {}
         if ensure_ready:
             self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel, **self.parallel._backend_kwargs)

@@ -26,7 +26,8 @@ How it differs from the stdlib (everything else matches ``multiprocessing.pool.P
 * An initializer that raises breaks the pool: pending and later calls fail
   with ``BrokenPoolError`` (the stdlib restarts workers forever).
 * ``imap``/``imap_unordered`` read their input as work is handed out (a
-  bounded prefetch), not all at once.
+  bounded prefetch), not all at once; an iterator dropped before its end stops
+  reading the input (tasks already handed out still run).
 * After ``terminate()``, results still pending fail with
   ``farpool.TaskCancelledError`` instead of never completing.
 * Results are serialized with cloudpickle when plain pickle cannot, so a
@@ -387,7 +388,7 @@ class Pool:
                 pool_key = f"pool-{os.urandom(6).hex()}"
                 _register_pool(client, pool_key, initializer, initargs, maxtasksperchild)
         except BaseException:
-            _release_cluster()
+            _release_cluster(client)
             raise
         self._released = False
         self._release_lock = threading.Lock()
@@ -417,7 +418,7 @@ class Pool:
             if self._released:
                 return
             self._released = True
-        _release_cluster()
+        _release_cluster(self._dispatcher.client)
 
     def __reduce__(self):
         raise NotImplementedError('pool objects cannot be passed between processes or pickled')

@@ -494,6 +494,10 @@ class CoreClient:
         """Say goodbye, stop the I/O thread and fail whatever still waits."""
         if self._thread is None:
             return
+        if not self._thread.is_alive():  # the I/O thread died: nothing to say goodbye with
+            self._thread = None
+            self._break(exc_mod.FarpoolError("farpool was shut down while this was pending"))
+            return
 
         def bye():
             for conn in self.agents.values():
@@ -804,6 +808,7 @@ class CoreClient:
                 fn(*args)
             except Exception:
                 log.exception("a farpool completion callback raised")
+            del item, fn, args  # do not keep the last callback (and what it holds) alive
 
     # ------------------------------------------------------------------ submit (user threads)
     def submit(self, fn: RemoteFunctionInfo, args: tuple, kwargs: dict, num_returns: int, shape: dict,
@@ -1757,7 +1762,8 @@ class CoreClient:
         answer = [False]
 
         def decide():
-            task = self.tasks.get(ref._id)
+            entry = self.objects.get(ref._id)
+            task = entry.task if entry is not None else None
             if task is not None and not task.cancelled and task.state in ("WAITING", "QUEUED"):
                 self._cancel(ref._id, False)
                 answer[0] = True
@@ -1769,7 +1775,9 @@ class CoreClient:
 
     def task_state(self, ref: ObjectRef) -> str:
         """WAITING (arguments), QUEUED, RUNNING (dispatched), or DONE. Any thread; a snapshot."""
-        task = self.tasks.get(ref._id)
+        # Through the object table: a task just submitted is there before the I/O thread sees it.
+        entry = self.objects.get(ref._id)
+        task = entry.task if entry is not None else None
         return "DONE" if task is None else task.state
 
     def cancel_children(self, parent_task_id: str) -> None:

@@ -26,6 +26,7 @@ import sys
 import time
 import types
 
+from farpool._private import client as client_mod
 from farpool._private import protocol, session, store, transport
 from farpool._private.protocol import encode
 
@@ -44,6 +45,8 @@ class RuntimeContext:
         self.namespace = None
         self.job_id = None
         self.gpu_ids: list[int] = []
+        self.in_user_code = False    # a cancel may interrupt only the task's own code
+        self.cancel_pending = False
 
     def get_node_id(self):
         return self.node_id
@@ -140,7 +143,6 @@ def _load_value(payload, bufs):
 
 def _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs):
     """Arguments, plus weakrefs to the ObjectRefs that arrived in them (we borrow those)."""
-    from farpool._private import client as client_mod
     arrivals: list = []
     client_mod._nested_refs.arrivals = arrivals
     try:
@@ -393,7 +395,6 @@ class Worker:
         """(our client's identity, ids of borrowed refs still held) for a TaskFinished."""
         if not self.borrowed:
             return (None, ())
-        from farpool._private import client as client_mod
         client = client_mod.current()
         borrowed, self.borrowed = self.borrowed, []
         return (client.identity if client is not None else None, borrowed)
@@ -525,7 +526,7 @@ class Worker:
                     fn = protocol.loads_function(fn_bytes)
                     self.functions[fn_hash] = fn
             args, kwargs, arrivals = _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
-            value = fn(*args, **kwargs)
+            value = _call_user(fn, args, kwargs)
             del args, kwargs
             if arrivals:
                 self.borrowed.extend(_still_held(arrivals))
@@ -533,7 +534,6 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the owner
             return (task_id, False, self._error(exc, fn_name), started, time.time())
         finally:
-            from farpool._private import client as client_mod
             nested = client_mod.current()
             if nested is not None:
                 nested.children.pop(context.task_id, None)
@@ -541,6 +541,7 @@ class Worker:
             sys.stderr.flush()
             context.task_id = None
             context.task_name = None
+            context.cancel_pending = False
 
     def _package(self, task_id, value, num_returns, fn_name, started, out_buffers):
         """The result tuple of a finished call (pickling errors become the call's error)."""
@@ -555,7 +556,6 @@ class Worker:
                     raise ValueError(f"task {fn_name} declared num_returns={num_returns} but returned a {got}")
             payloads = []
             bufs_all = []
-            from farpool._private import client as client_mod
             for i, v in enumerate(values):
                 what = f"the result of {fn_name}" + (f" (return {i})" if num_returns > 1 else "")
                 nested: list = []
@@ -654,13 +654,31 @@ class TaskOutput(io.TextIOBase):
 
 
 def _on_sigint(signum, frame):
-    """cancel(force=False): interrupt the running task, never the idle worker."""
-    if context.task_id is not None:
-        from farpool._private import client as client_mod
-        nested = client_mod.current()
-        if nested is not None:
-            nested.cancel_children(context.task_id)
+    """cancel(force=False): interrupt the task's own code, never the worker's machinery.
+
+    Arriving while arguments load, it is held and raised as the function starts;
+    arriving after the function returned, it is dropped (the task is done).
+    """
+    if context.task_id is None:
+        return
+    nested = client_mod.current()
+    if nested is not None:
+        nested.cancel_children(context.task_id)
+    if context.in_user_code:
         raise KeyboardInterrupt(f"task {context.task_id} was cancelled")
+    context.cancel_pending = True
+
+
+def _call_user(fn, args, kwargs):
+    """Run the task's function where a cancel may interrupt it."""
+    if context.cancel_pending:
+        context.cancel_pending = False
+        raise KeyboardInterrupt(f"task {context.task_id} was cancelled")
+    context.in_user_code = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        context.in_user_code = False
 
 
 def main(cfg: dict) -> int:

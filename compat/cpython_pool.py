@@ -1,0 +1,148 @@
+"""CPython's own multiprocessing.Pool tests, run with farpool.Pool in place of the stdlib pool.
+
+The tests come from this interpreter's installed ``test._test_multiprocessing``
+(the classes ``_TestPool``, ``_TestPoolWorkerErrors`` and
+``_TestPoolWorkerLifetime``), bound to farpool the way CPython binds them to
+its start methods: a mixin whose ``Pool`` is ``farpool.Pool``.  The two
+classes that call ``multiprocessing.Pool(...)`` directly see farpool's Pool
+through a stand-in ``multiprocessing`` module inside the test module (only
+this runner's view changes; nothing of multiprocessing is patched).
+
+Every test not run, or expected to fail, is in ``EXCLUDED`` with its reason.
+Interpreters installed without the ``test`` package skip with a message.
+
+    python compat/cpython_pool.py [--quick] [-v]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+import unittest
+
+# test name -> reason it is not run against farpool.
+EXCLUDED = {
+    "test_pool_worker_lifetime":
+        "reads the pids of the pool's own worker processes from the private `_pool` list and calls the "
+        "private `_repopulate_pool()`; farpool's workers are the cluster's (the replacement itself is "
+        "covered by tests/integration/test_pool.py::test_initializer_and_maxtasksperchild)",
+    "test_unpickleable_result":
+        "farpool serializes results with cloudpickle when plain pickle cannot, so the lambda the task "
+        "returns arrives instead of raising MaybeEncodingError (results that even cloudpickle cannot "
+        "pickle do raise MaybeEncodingError)",
+    "test_worker_finalization_via_atexit_handler_of_multiprocessing":
+        "runs `from multiprocessing import Pool` in a child interpreter: it tests the stdlib pool, not "
+        "farpool's",
+}
+# --quick runs them all too: the whole suite takes seconds.
+SLOW: set[str] = set()
+# Pool tests outside the classes above, reported as not run.
+OTHER_EXCLUDED = {
+    "TestInitializers.test_pool_initializer":
+        "expects the initializer to have run with no task submitted; farpool starts workers when work "
+        "arrives, so an idle pool runs no initializer (it runs before each worker's first task)",
+}
+CLASSES = ("_TestPool", "_TestPoolWorkerErrors", "_TestPoolWorkerLifetime")
+
+
+def _install_classes() -> list[type]:
+    """The test classes, bound to farpool.Pool, as globals of this module.
+
+    Built at import (in the workers too, which load this script as
+    ``__mp_main__``), so that their methods pickle by reference as the stdlib's do.
+    """
+    import test._test_multiprocessing as tm
+
+    import farpool
+
+    class _MultiprocessingWithFarpoolPool(types.ModuleType):
+        """The test module's view of `multiprocessing`, with farpool's Pool."""
+
+        def __init__(self, real):
+            super().__init__(real.__name__, real.__doc__)
+            self.__dict__.update({k: v for k, v in vars(real).items() if k != "Pool"})
+            self.Pool = farpool.Pool
+
+    if not isinstance(tm.multiprocessing, _MultiprocessingWithFarpoolPool):
+        tm.multiprocessing = _MultiprocessingWithFarpoolPool(tm.multiprocessing)
+
+    class FarpoolMixin(tm.ProcessesMixin):
+        TYPE = "processes"
+        Pool = staticmethod(farpool.Pool)
+
+    made = []
+    for name in CLASSES:
+        new_name = "WithFarpool" + name[1:]
+        cls = type(new_name, (getattr(tm, name), FarpoolMixin, unittest.TestCase), {"__module__": __name__})
+        cls.__qualname__ = new_name
+        globals()[new_name] = cls
+        made.append(cls)
+    return made
+
+
+try:
+    _CLASSES = _install_classes()
+    _UNAVAILABLE = None
+except ImportError as _exc:  # an interpreter installed without its test package
+    _CLASSES = []
+    _UNAVAILABLE = _exc
+
+
+def build_suite(quick: bool) -> tuple[unittest.TestSuite, dict]:
+    suite = unittest.TestSuite()
+    excluded = {}
+    loader = unittest.TestLoader()
+    for cls in _CLASSES:
+        for method in loader.getTestCaseNames(cls):
+            if method in EXCLUDED:
+                excluded[f"{cls.__name__}.{method}"] = EXCLUDED[method]
+                continue
+            if quick and method in SLOW:
+                excluded[f"{cls.__name__}.{method}"] = "left out of --quick (slow by design)"
+                continue
+            suite.addTest(cls(method))
+    excluded.update(OTHER_EXCLUDED)
+    return suite, excluded
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="leave out the slow tests")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if _UNAVAILABLE is not None:
+        print(f"cpython-pool: skipped: this Python has no test._test_multiprocessing ({_UNAVAILABLE}); "
+              "install the interpreter's test package (e.g. Debian's libpython3-testsuite) to run it")
+        print("COMPAT cpython-pool: 0 passed, 0 failed, 0 skipped (suite unavailable)")
+        return 0
+    suite, excluded = build_suite(args.quick)
+    runner = unittest.TextTestRunner(stream=sys.stdout, verbosity=2 if args.verbose else 1)
+    result = runner.run(suite)
+    import farpool
+    farpool.shutdown()
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    passed = result.testsRun - failed - skipped - len(result.expectedFailures)
+    for name, reason in sorted(excluded.items()):
+        print(f"  excluded {name}: {reason}")
+    for test, reason in result.skipped:
+        print(f"  skipped {test.id().rsplit('.', 2)[-2]}.{test._testMethodName}: {reason}")
+    import test._test_multiprocessing as tm
+    print(f"COMPAT cpython-pool: {passed} passed, {failed} failed, {skipped + len(excluded)} skipped "
+          f"(of {result.testsRun + len(excluded)} tests from {tm.__file__})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if "FARPOOL_TMPDIR" not in os.environ:  # run by hand: keep the sessions in a root of our own
+        import shutil
+        import tempfile
+        root = os.environ["FARPOOL_TMPDIR"] = tempfile.mkdtemp(prefix="fpc-", dir="/tmp")
+        try:
+            code = main()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        sys.exit(code)
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The joblib backend "farpool" on a real embedded cluster.
+
+joblib's own test_parallel.py runs against it in compat/ (python compat/run.py);
+these are the essentials and the farpool-specific behaviours.
+"""
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import farpool
+import farpool.joblib
+from farpool.joblib import FarpoolBackend
+
+joblib = pytest.importorskip("joblib")
+from joblib import Parallel, delayed, parallel_config  # noqa: E402
+from joblib.parallel import ParallelBackendBase  # noqa: E402
+
+
+def square(x):
+    return x * x
+
+
+def pid_of(_):
+    return os.getpid()
+
+
+def fail_at(x, bad=3):
+    if x == bad:
+        raise ZeroDivisionError(f"bad {x}")
+    return x
+
+
+def array_info(arr, i):
+    return arr.shape, bool(arr.flags.writeable), float(arr[i % len(arr)])
+
+
+def mutate(arr):
+    arr[0] = 1.0
+    return float(arr[0])
+
+
+def inner_sum(n):
+    backend = type(joblib.parallel.get_active_backend()[0]).__name__
+    return backend, sum(Parallel()(delayed(square)(j) for j in range(n)))
+
+
+def sleep_then(x, seconds):
+    import time
+    time.sleep(seconds)
+    return x
+
+
+@pytest.fixture(autouse=True)
+def registered(cluster):
+    farpool.joblib.register()
+    yield
+
+
+def test_register_is_idempotent_and_a_real_backend():
+    farpool.joblib.register()
+    farpool.joblib.register()
+    assert joblib.parallel.BACKENDS["farpool"] is FarpoolBackend
+    assert issubclass(FarpoolBackend, ParallelBackendBase)
+    backend = FarpoolBackend(nesting_level=0, num_cpus=1)
+    assert backend.supports_retrieve_callback and backend.supports_return_generator
+
+
+def test_parallel_results_in_order_on_the_cluster():
+    with parallel_config(backend="farpool", n_jobs=-1):
+        assert Parallel()(delayed(square)(i) for i in range(50)) == [i * i for i in range(50)]
+        pids = set(Parallel()(delayed(pid_of)(i) for i in range(20)))
+    assert os.getpid() not in pids
+
+
+def test_n_jobs_minus_one_is_the_clusters_cpus():
+    cpus = int(farpool.cluster_resources()["CPU"])
+    assert FarpoolBackend().effective_n_jobs(-1) == cpus
+    assert FarpoolBackend().effective_n_jobs(-2) == max(cpus - 1, 1)
+    with pytest.raises(ValueError, match="n_jobs == 0"):
+        FarpoolBackend().effective_n_jobs(0)
+    with parallel_config(backend="farpool"):
+        assert joblib.effective_n_jobs() == cpus
+
+
+def test_return_as_generators():
+    with parallel_config(backend="farpool", n_jobs=2):
+        gen = Parallel(return_as="generator")(delayed(square)(i) for i in range(20))
+        assert list(gen) == [i * i for i in range(20)]
+        gen = Parallel(return_as="generator_unordered")(delayed(square)(i) for i in range(20))
+        assert sorted(gen) == [i * i for i in range(20)]
+
+
+def test_errors_propagate_with_their_type():
+    with parallel_config(backend="farpool", n_jobs=2):
+        with pytest.raises(ZeroDivisionError, match="bad 3"):
+            Parallel()(delayed(fail_at)(i) for i in range(20))
+        # the backend is usable after an aborted call
+        assert Parallel()(delayed(square)(i) for i in range(5)) == [0, 1, 4, 9, 16]
+
+
+def test_timeout_aborts_the_call():
+    with parallel_config(backend="farpool", n_jobs=2):
+        with pytest.raises(multiprocessing.TimeoutError):  # what joblib raises
+            Parallel(timeout=0.2)(delayed(sleep_then)(i, 30) for i in range(2))
+        assert Parallel()(delayed(square)(i) for i in range(3)) == [0, 1, 4]
+
+
+def test_nested_parallel_runs_on_the_cluster_without_deadlock():
+    # More outer tasks than CPUs, each waiting for its own inner Parallel on the same cluster.
+    with parallel_config(backend="farpool", n_jobs=-1):
+        got = Parallel()(delayed(inner_sum)(n) for n in range(6))
+    assert [s for _, s in got] == [sum(j * j for j in range(n)) for n in range(6)]
+    assert {b for b, _ in got} <= {"FarpoolBackend", "SequentialBackend"}
+    assert "FarpoolBackend" in {b for b, _ in got}
+
+
+def test_big_arrays_are_put_once_and_arrive_read_only(monkeypatch):
+    puts = []
+    real_put = farpool.put
+    monkeypatch.setattr(farpool, "put", lambda v: puts.append(v) or real_put(v))
+    big = np.arange(200_000, dtype=np.float64)  # 1.6 MB > joblib's 1 MB max_nbytes
+    with parallel_config(backend="farpool", n_jobs=2):
+        got = Parallel(batch_size=1)(delayed(array_info)(big, i) for i in range(12))
+    assert [g[2] for g in got] == [float(i) for i in range(12)]
+    assert all(shape == big.shape and not writable for shape, writable, _ in got)
+    assert len(puts) == 1, "one put for the whole call"
+    small = np.zeros(10)
+    with parallel_config(backend="farpool", n_jobs=2):
+        assert Parallel()(delayed(mutate)(small) for _ in range(3)) == [1.0] * 3  # small ones are copies
+        assert Parallel(max_nbytes=None)(delayed(mutate)(big) for _ in range(2)) == [1.0] * 2
+    assert small[0] == 0.0 and big[0] == 0.0
+
+
+def test_backend_parameters_are_resource_hints():
+    with parallel_config(backend="farpool", n_jobs=2, num_cpus=0.5):
+        assert Parallel()(delayed(square)(i) for i in range(4)) == [0, 1, 4, 9]
+    with parallel_config(backend="farpool", n_jobs=2, num_gpus=1):  # the test cluster has no GPU
+        with pytest.raises(Exception, match="GPU|no node"):
+            Parallel(timeout=60)(delayed(square)(i) for i in range(2))
+
+
+def test_n_jobs_one_runs_here():
+    with parallel_config(backend="farpool", n_jobs=1):
+        assert Parallel()(delayed(pid_of)(i) for i in range(3)) == [os.getpid()] * 3
+
+
+def test_gridsearchcv_runs_on_the_cluster():
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    X, y = make_classification(n_samples=200, n_features=8, random_state=0)
+    grid = {"C": [0.01, 0.1, 1.0, 10.0]}
+    before = len(farpool.timeline())
+    with parallel_config(backend="farpool"):
+        search = GridSearchCV(LogisticRegression(max_iter=200), grid, cv=3, n_jobs=-1).fit(X, y)
+    assert len(farpool.timeline()) > before, "the fits ran as farpool tasks"
+    with parallel_config(backend="sequential"):
+        local = GridSearchCV(LogisticRegression(max_iter=200), grid, cv=3, n_jobs=1).fit(X, y)
+    assert search.best_params_ == local.best_params_
+    assert search.best_score_ == pytest.approx(local.best_score_)
+
+
+def test_a_cluster_the_backend_started_stops_after_the_last_call(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        import farpool, farpool.joblib
+        from joblib import Parallel, delayed, parallel_config
+        def sq(x):
+            return x * x
+        if __name__ == "__main__":
+            farpool.joblib.CLUSTER_LINGER_S = 0
+            farpool.joblib.register()
+            with parallel_config(backend="farpool", n_jobs=2):
+                print(Parallel()(delayed(sq)(i) for i in range(4)))
+            print(farpool.is_initialized())
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[0,", "1,", "4,", "9]", "False"]

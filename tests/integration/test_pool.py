@@ -1,0 +1,360 @@
+"""farpool.Pool on a real embedded cluster: multiprocessing.pool.Pool's contract and where farpool does better.
+
+CPython's own pool tests run against farpool.Pool in compat/ (python compat/run.py);
+these are the essentials and the farpool-specific behaviours.
+"""
+
+import gc
+import logging
+import multiprocessing
+import multiprocessing.pool
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import farpool
+from farpool import Pool
+from farpool.pool import AsyncResult, BrokenPoolError
+
+TIMEOUT = 60
+
+
+def square(x):
+    return x * x
+
+
+def mul(a, b):
+    return a * b
+
+
+def kw(a, b=0, *, c=0):
+    return (a, b, c)
+
+
+def fail_on(x, bad=3):
+    if x == bad:
+        raise KeyError(x)
+    return x
+
+
+_value = None
+
+
+def set_value(v):
+    global _value
+    _value = v
+
+
+def get_value(_=None):
+    return _value
+
+
+def pid_of(_=None):
+    return os.getpid()
+
+
+def bad_initializer():
+    raise RuntimeError("pool initializer failed on purpose")
+
+
+def crash_once(marker):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return "survived"
+
+
+def wait_at_gate(path, value=None):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(TIMEOUT)
+        s.connect(path)
+        s.recv(2)
+    return value
+
+
+class Gate:
+    """A Unix socket tasks connect to (showing they run) and block on until the test opens it."""
+
+    def __init__(self, path):
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(64)
+        self.arrived = threading.Semaphore(0)
+        self.opened = threading.Event()
+        self.conns = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.conns.append(conn)
+                if self.opened.is_set():
+                    self._release()
+            self.arrived.release()
+
+    def _release(self):
+        for conn in self.conns:
+            try:
+                conn.sendall(b"go")
+            except OSError:
+                pass
+            conn.close()
+        self.conns.clear()
+
+    def wait_arrivals(self, n, timeout=TIMEOUT):
+        for _ in range(n):
+            assert self.arrived.acquire(timeout=timeout), "a task never reached the gate"
+
+    def open(self):
+        with self.lock:
+            self.opened.set()
+            self._release()
+
+    def close(self):
+        self.open()
+        self.listener.close()
+
+
+@pytest.fixture
+def gate(tmp_path):
+    g = Gate(str(tmp_path / "gate.sock"))
+    yield g
+    g.close()
+
+
+@pytest.fixture
+def pool(cluster):
+    p = Pool(4)
+    yield p
+    p.terminate()
+    p.join()
+
+
+# ---------------------------------------------------------------------------- the methods
+def test_apply_map_starmap(pool):
+    assert pool.apply(square, (5,)) == 25
+    assert pool.apply(kw, (1,), {"b": 2, "c": 3}) == (1, 2, 3)
+    assert pool.map(square, range(100)) == [i * i for i in range(100)]
+    assert pool.map(square, range(100), chunksize=7) == [i * i for i in range(100)]
+    assert pool.map(square, (i for i in range(10))) == [i * i for i in range(10)]
+    assert pool.starmap(mul, [(i, i + 1) for i in range(20)]) == [i * (i + 1) for i in range(20)]
+    assert pool.map(int, ["1", "2"]) == [1, 2]  # classes and builtins as functions
+    assert pool.map(square, []) == []
+
+
+def test_async_results_and_callbacks(pool):
+    got, errors = [], []
+    r = pool.apply_async(square, (7,), callback=got.append, error_callback=errors.append)
+    assert isinstance(r, AsyncResult)
+    assert r.get(timeout=TIMEOUT) == 49
+    r.wait(TIMEOUT)
+    assert r.ready() and r.successful()
+    m = pool.map_async(square, range(10), callback=got.append)
+    assert m.get(timeout=TIMEOUT) == [i * i for i in range(10)]
+    s = pool.starmap_async(mul, [(2, 3)], callback=got.append)
+    assert s.get(timeout=TIMEOUT) == [6]
+    assert got == [49, [i * i for i in range(10)], [6]]
+    e = pool.map_async(fail_on, range(6), chunksize=1, callback=got.append, error_callback=errors.append)
+    with pytest.raises(KeyError):
+        e.get(timeout=TIMEOUT)
+    assert not e.successful()
+    assert len(errors) == 1 and isinstance(errors[0], KeyError)
+    assert pool.map_async(square, []).get(timeout=TIMEOUT) == []
+
+
+def test_errors_are_the_users_with_remote_traceback(pool):
+    with pytest.raises(KeyError) as info:
+        pool.apply(fail_on, (3,))
+    assert type(info.value) is KeyError
+    cause = info.value.__cause__
+    assert type(cause) is multiprocessing.pool.RemoteTraceback
+    assert "raise KeyError(x)" in cause.tb
+
+
+def test_async_result_timeout_and_not_ready(pool, gate):
+    r = pool.apply_async(wait_at_gate, (gate.path, "late"))
+    gate.wait_arrivals(1)
+    with pytest.raises(multiprocessing.TimeoutError):
+        r.get(timeout=0.05)
+    assert not r.ready()
+    with pytest.raises(ValueError, match="not ready"):
+        r.successful()
+    gate.open()
+    assert r.get(timeout=TIMEOUT) == "late"
+
+
+def test_imap_in_order_and_imap_unordered(pool):
+    assert list(pool.imap(square, range(30))) == [i * i for i in range(30)]
+    assert list(pool.imap(square, range(30), chunksize=4)) == [i * i for i in range(30)]
+    assert sorted(pool.imap_unordered(square, range(30), chunksize=3)) == [i * i for i in range(30)]
+    assert list(pool.imap(square, [])) == []
+    with pytest.raises(ValueError, match="Chunksize must be 1"):
+        pool.imap(square, range(3), chunksize=0)
+
+
+def test_imap_reads_a_generator_lazily_and_raises_its_error_in_place(pool):
+    import itertools
+    seen = []
+
+    def numbers():
+        for i in itertools.count():
+            seen.append(i)
+            yield i
+    it = pool.imap(square, numbers())
+    assert [it.next(timeout=TIMEOUT) for _ in range(10)] == [i * i for i in range(10)]
+    assert len(seen) < 10_000  # bounded prefetch over an endless input
+
+    def failing():
+        yield from range(3)
+        raise ValueError("input broke")
+    it = pool.imap(square, failing())
+    assert [next(it) for _ in range(3)] == [0, 1, 4]
+    with pytest.raises(ValueError, match="input broke"):
+        next(it)
+
+
+def test_imap_next_timeout(pool, gate):
+    it = pool.imap(wait_at_gate, [gate.path])
+    with pytest.raises(multiprocessing.TimeoutError):
+        it.next(timeout=0.05)
+    gate.open()
+    assert it.next(timeout=TIMEOUT) is None
+
+
+def test_work_goes_to_whichever_worker_is_free(cluster, gate):
+    # One task blocks a worker; every other task still finishes on the other one (no chunk pinning).
+    with Pool(2) as p:
+        it = p.imap_unordered(wait_at_gate, [gate.path])
+        short = p.imap_unordered(square, range(20), chunksize=1)
+        gate.wait_arrivals(1)
+        assert sorted(short.next(timeout=TIMEOUT) for _ in range(20)) == [i * i for i in range(20)]
+        gate.open()
+        assert it.next(timeout=TIMEOUT) is None
+
+
+# ---------------------------------------------------------------------------- lifecycle
+def test_close_join_terminate_and_states(cluster, gate):
+    p = Pool(2)
+    assert p._processes == 2 and len(p._pool) == 2
+    with pytest.raises(ValueError, match="Pool is still running"):
+        p.join()
+    r = p.map_async(square, range(10))
+    p.close()
+    with pytest.raises(ValueError, match="Pool not running"):
+        p.apply_async(square, (1,))
+    with pytest.raises(ValueError, match="Pool not running"):
+        p.map(square, [1])
+    p.join()
+    assert r.get(timeout=0) == [i * i for i in range(10)]
+
+    p = Pool(2)
+    long = p.apply_async(wait_at_gate, (gate.path,))
+    gate.wait_arrivals(1)
+    p.terminate()  # kills the running task: no waiting for the gate
+    p.join()
+    with pytest.raises(farpool.TaskCancelledError):
+        long.get(timeout=TIMEOUT)
+
+
+def test_context_manager_terminates(cluster):
+    with Pool(2) as p:
+        assert p.map(square, range(5)) == [0, 1, 4, 9, 16]
+    p.join()
+    with pytest.raises(ValueError, match="Pool not running"):
+        p.map_async(square, [1])
+    with pytest.raises(ValueError):
+        with p:
+            pass
+
+
+def test_pool_cannot_be_pickled_and_warns_when_left_running(cluster):
+    p = Pool(1)
+    with pytest.raises(NotImplementedError):
+        pickle.dumps(p)
+    with pytest.warns(ResourceWarning, match="unclosed running multiprocessing pool"):
+        del p
+        gc.collect()
+
+
+def test_constructor_validation(cluster):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="Number of processes must be at least 1"):
+            Pool(bad)
+    for bad in (0, -1, 0.5, "12"):
+        with pytest.raises(ValueError, match="maxtasksperchild"):
+            Pool(2, maxtasksperchild=bad)
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        Pool(initializer=1)
+
+
+def test_raising_callback_is_logged_and_later_results_arrive(pool, caplog):
+    def bad_callback(_):
+        raise RuntimeError("callback bug")
+    with caplog.at_level(logging.ERROR, logger="farpool.pool"):
+        first = pool.apply_async(square, (2,), callback=bad_callback)
+        assert first.get(timeout=TIMEOUT) == 4
+        assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
+    assert any("callback" in rec.getMessage() for rec in caplog.records)
+
+
+# ---------------------------------------------------------------------------- workers of its own, faults
+def test_initializer_and_maxtasksperchild(cluster):
+    with Pool(2, initializer=set_value, initargs=("init",)) as p:
+        assert set(p.map(get_value, range(20), chunksize=1)) == {"init"}
+    with Pool(1, maxtasksperchild=2) as p:
+        pids = [p.apply(pid_of) for _ in range(6)]
+    assert all(pids.count(x) <= 2 for x in pids), pids
+
+
+def test_initializer_that_raises_breaks_the_pool(cluster):
+    with Pool(1, initializer=bad_initializer) as p:
+        r = p.apply_async(square, (2,))
+        with pytest.raises(BrokenPoolError, match="pool initializer failed on purpose"):
+            r.get(timeout=TIMEOUT)
+        with pytest.raises(BrokenPoolError):
+            p.apply_async(square, (3,))
+
+
+def test_worker_killed_mid_task_is_retried(pool, tmp_path):
+    assert pool.apply(crash_once, (str(tmp_path / "m"),)) == "survived"
+    assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
+
+
+def test_infeasible_resources_fail_at_once(cluster):
+    with Pool(1, num_gpus=1) as p:  # the test cluster has no GPU
+        with pytest.raises(ValueError, match="no node of this cluster can run"):
+            p.apply_async(square, (1,))
+
+
+def test_pool_in_a_script_with_initializer_in_main(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        from farpool import Pool
+        COUNTER = 0
+        def init(start):
+            global COUNTER
+            COUNTER = start
+        def bump(x):
+            global COUNTER
+            COUNTER += 1
+            return COUNTER >= 100
+        if __name__ == "__main__":
+            with Pool(2, initializer=init, initargs=(100,)) as pool:
+                print(all(pool.map(bump, range(20))))
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
