@@ -753,7 +753,7 @@ class _Dispatcher:
                 self.pump()
                 if not future.done():
                     try:
-                        value = self.client.value_of(ref)
+                        value = self.client.value_of(ref, writable=True)  # copy-on-write, no copy
                     except BaseException as error:  # noqa: BLE001
                         self._settle_error(future, error)
                     else:

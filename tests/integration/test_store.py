@@ -48,6 +48,12 @@ def total(arr):
 
 
 @farpool.remote
+def mutate_and_sum(arr):
+    arr[:] = -1.0  # copy-on-write: the store's copy is untouched
+    return float(arr.sum())
+
+
+@farpool.remote
 def make(n):
     return np.full(n, 7.0)
 
@@ -67,12 +73,16 @@ def test_put_copies_so_later_mutation_changes_nothing(small_store):
     by_value = total.remote(arr)
     arr[:] = 0
     assert farpool.get(ref).sum() == MB // 8
-    assert farpool.get(by_value, timeout=60) == (MB // 8, False)
+    assert farpool.get(by_value, timeout=60) == (MB // 8, True)
 
 
 def test_tasks_read_arguments_and_return_results_through_the_store(small_store):
     ref = farpool.put(np.ones(3 * MB // 8))
-    assert farpool.get([total.remote(ref) for _ in range(4)], timeout=60) == [(3 * MB // 8, False)] * 4
+    # Tasks get copy-on-write views: writable, and their writes stay their own.
+    assert farpool.get([total.remote(ref) for _ in range(4)], timeout=60) == [(3 * MB // 8, True)] * 4
+    assert farpool.get(mutate_and_sum.remote(ref), timeout=60) == -3 * MB // 8
+    assert farpool.get(total.remote(ref), timeout=60) == (3 * MB // 8, True)
+    assert farpool.get(ref).sum() == 3 * MB // 8
     out = farpool.get(make.remote(MB // 8), timeout=60)
     assert out.sum() == 7.0 * (MB // 8) and backed_by_shared_memory(out)
 

@@ -686,14 +686,16 @@ class CoreClient:
                 "take results as they come")
         return [self.value_of(r) for r in refs]
 
-    def value_of(self, ref: ObjectRef):
+    def value_of(self, ref: ObjectRef, writable: bool = False):
+        """The value (unpickled here). ``writable``: store-backed arrays come as
+        copy-on-write views instead of read-only ones (the facades' stdlib semantics)."""
         entry = self.objects.get(ref._id)
         if entry is None:
             raise exc_mod.ObjectLostError(f"object {ref.hex()} is no longer known to this process")
         if entry.state == FAILED:
             raise self._error_of(entry)
         if entry.location is not None:
-            payload, buffers = self.map_location(entry.location)
+            payload, buffers = self.map_location(entry.location, private=writable)
             return protocol.loads(payload, buffers)
         return protocol.loads(entry.payload, entry.buffers)
 
@@ -712,11 +714,11 @@ class CoreClient:
         store.write_segment(path, payload, buffers)
         return ("seg", self.home.node_id, store_id, path, size)
 
-    def map_location(self, location: tuple):
+    def map_location(self, location: tuple, private: bool = False):
         """Zero-copy (payload, buffers) of a stored value on this node (restored if spilled)."""
         _, node_id, store_id, path, size = location
         try:
-            return store.read_segment(path, size)
+            return store.read_segment(path, size, private)
         except FileNotFoundError:
             agent = self.agents.get(node_id)
             if agent is None:
@@ -726,7 +728,7 @@ class CoreClient:
             if new_path is None:
                 raise exc_mod.ObjectLostError(f"object {store_id.hex()} is gone from node {node_id[:8]}: "
                                               f"{error}") from None
-            return store.read_segment(new_path, size)
+            return store.read_segment(new_path, size, private)
 
     def agent_request(self, agent: AgentConn, tag: str, fields: tuple, timeout: float = 60.0):
         """``tag(request_id, *fields)`` to an agent, wait for its answer. Any thread but the I/O one."""

@@ -85,16 +85,22 @@ def write_segment(path: str, payload: bytes, buffers: list) -> int:
     return total
 
 
-def read_segment(path: str, size: int):
-    """(payload view, buffer views) of a segment, zero-copy and read-only.
+def read_segment(path: str, size: int, private: bool = False):
+    """(payload view, buffer views) of a segment, zero-copy.
 
+    Read-only views, or with ``private`` copy-on-write ones: writable, pages are
+    copied only when written, and the store never sees the writes (task
+    arguments, so code that mutates its argument works as with the stdlib).
     The views keep the mapping (and a shared lock on the file) alive; when the
     last of them dies the fd closes and the lock goes.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
-        m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        if private:
+            m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        else:
+            m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
     except BaseException:
         os.close(fd)
         raise
@@ -104,7 +110,7 @@ def read_segment(path: str, size: int):
     lens = struct.unpack_from(f"<{count}Q", m, 16) if count else ()
     header_len, offsets, _ = layout(payload_len, list(lens))
     payload = view[header_len:header_len + payload_len]
-    buffers = [view[off:off + n].toreadonly() for off, n in zip(offsets, lens)]
+    buffers = [view[off:off + n] if private else view[off:off + n].toreadonly() for off, n in zip(offsets, lens)]
     return payload, buffers
 
 

@@ -135,9 +135,9 @@ def _unpack(package: str) -> str:
 
 
 def _load_value(payload, bufs):
-    """A value from a message, or mapped zero-copy from the node store ("loc", path, size)."""
-    if isinstance(payload, tuple):
-        payload, bufs = store.read_segment(payload[1], payload[2])
+    """A value from a message, or mapped zero-copy (copy-on-write) from the node store."""
+    if isinstance(payload, tuple):  # copy-on-write views: the task may mutate its arguments
+        payload, bufs = store.read_segment(payload[1], payload[2], private=True)
     return protocol.loads(payload, bufs)
 
 
