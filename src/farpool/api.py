@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import threading
-import time
 
 from farpool import exceptions
 from farpool._private import client as client_mod

@@ -424,15 +424,11 @@ class CoreClient:
             transport.send(sock, hello)
             local = True
         else:
-            reply = transport.connect_tcp(sock, address, self.token, hello)
+            transport.connect_tcp(sock, address, self.token, hello)  # its Welcome carries nothing we need
             local = False
-            del reply
         conn = AgentConn(self, node_id, sock, local)
         self.agents[node_id] = conn
-        if self._thread is not None:
-            self.loop.add_reader(sock, lambda: self._on_agent(conn))
-        else:
-            self.loop.add_reader(sock, lambda: self._on_agent(conn))
+        self.loop.add_reader(sock, lambda: self._on_agent(conn))
         return conn
 
     def _owner_endpoint(self):
@@ -732,16 +728,24 @@ class CoreClient:
 
     def agent_request(self, agent: AgentConn, tag: str, fields: tuple, timeout: float = 60.0):
         """``tag(request_id, *fields)`` to an agent, wait for its answer. Any thread but the I/O one."""
+        return self._request(agent.socket, "the node agent", tag, fields, timeout)
+
+    def head_request(self, tag: str, fields: tuple, timeout: float = 30.0):
+        """Send ``tag(request_id, *fields)`` to the head and wait for its answer. Any thread."""
+        return self._request(self.head, "the head", tag, fields, timeout)
+
+    def _request(self, sock, who: str, tag: str, fields: tuple, timeout: float):
+        """One request/answer exchange through the I/O thread (answers are matched by request id)."""
         event = threading.Event()
         slot = [event]
         request_id = next(self._request_ids)
 
         def send():
             self.pending_requests[request_id] = slot
-            transport.send(agent.socket, encode(tag, (request_id, *fields)))
+            transport.send(sock, encode(tag, (request_id, *fields)))
         self.loop.call_soon(send)
         if not event.wait(timeout):
-            raise exc_mod.FarpoolError(f"the node agent did not answer {tag} within {timeout} s")
+            raise exc_mod.FarpoolError(f"{who} did not answer {tag} within {timeout} s")
         return slot[1]
 
     def _on_ObjectAllocated(self, conn, request_id, path, error) -> None:
@@ -1681,20 +1685,6 @@ class CoreClient:
         for task in reversed(retry):
             kq.queue.appendleft(task)
 
-    def head_request(self, tag: str, fields: tuple, timeout: float = 30.0):
-        """Send ``tag(request_id, *fields)`` to the head and wait for its answer. Any thread."""
-        event = threading.Event()
-        slot = [event]
-        request_id = next(self._request_ids)
-
-        def send():
-            self.pending_requests[request_id] = slot
-            transport.send(self.head, encode(tag, (request_id, *fields)))
-        self.loop.call_soon(send)
-        if not event.wait(timeout):
-            raise exc_mod.FarpoolError(f"the head did not answer {tag} within {timeout} s")
-        return slot[1]
-
     def submit_actor_call(self, actor_id: str, method: str, qualname: str, args, kwargs, num_returns: int,
                           max_task_retries: int) -> list:
         info = self.actor_method_infos.get((actor_id, method))
@@ -1817,17 +1807,7 @@ class CoreClient:
         return events
 
     def request_nodes(self, timeout: float = 10) -> list[dict]:
-        event = threading.Event()
-        slot = [event]
-        request_id = next(self._request_ids)
-
-        def send():
-            self.pending_requests[request_id] = slot
-            transport.send(self.head, encode("GetNodes", (request_id,)))
-        self.loop.call_soon(send)
-        if not event.wait(timeout):
-            raise exc_mod.FarpoolError(f"the head did not answer within {timeout} s")
-        return slot[1]
+        return self.head_request("GetNodes", (), timeout)
 
 
 def _write_output(stream: str, data: bytes) -> None:

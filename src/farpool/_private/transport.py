@@ -33,7 +33,6 @@ import struct
 from zmq.utils import z85
 
 from farpool.exceptions import AuthenticationError
-from farpool._private import protocol
 
 log = logging.getLogger(__name__)
 
