@@ -338,7 +338,11 @@ def test_cancel_queued_work(make, gate):
     gate.wait_arrivals()
     rest = [ex.submit(square, i) for i in range(6)]
     cancelled = [f for f in rest if f.cancel()]
-    assert len(cancelled) >= len(rest) - 1  # the stdlib keeps one extra call queued
+    if isinstance(ex, cf.ProcessPoolExecutor):
+        # The stdlib moves up to max_workers + 1 calls into its call queue, where they run.
+        assert len(cancelled) >= len(rest) - 2
+    else:
+        assert len(cancelled) == len(rest)  # nothing was dispatched past the busy worker
     for f in cancelled:
         assert f.cancelled() and f.done()
         with pytest.raises(cf.CancelledError):
