@@ -141,6 +141,24 @@ def _load_value(payload, bufs):
     return protocol.loads(payload, bufs)
 
 
+def _split_batch(tasks, buffers):
+    """Each task of an ExecuteTask message with its argument and ref-value buffers.
+
+    The message's buffers follow the tasks in order: each task's argument
+    buffers, then the buffers of each of its resolved ref arguments.
+    """
+    pos = 0
+    for task in tasks:
+        n_arg_bufs, ref_values = task[5], task[6]
+        arg_bufs = buffers[pos:pos + n_arg_bufs]
+        pos += n_arg_bufs
+        ref_bufs = []
+        for _slot, _payload, nbuf in ref_values:
+            ref_bufs.append(buffers[pos:pos + nbuf])
+            pos += nbuf
+        yield task, arg_bufs, ref_bufs
+
+
 def _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs):
     """Arguments, plus weakrefs to the ObjectRefs that arrived in them (we borrow those)."""
     arrivals: list = []
@@ -307,16 +325,8 @@ class Worker:
 
     def _execute_concurrent(self, tasks, buffers, reply) -> None:
         """Threaded or async actor: run each call off the main thread; reply from the loop."""
-        pos = 0
-        for task in tasks:
-            (task_id, fn_hash, fn_bytes, fn_name, args_payload, n_arg_bufs, ref_values,
-             num_returns, job_setup, lease_info) = task
-            arg_bufs = buffers[pos:pos + n_arg_bufs]
-            pos += n_arg_bufs
-            ref_bufs = []
-            for _slot, _payload, nbuf in ref_values:
-                ref_bufs.append(buffers[pos:pos + nbuf])
-                pos += nbuf
+        for task, arg_bufs, ref_bufs in _split_batch(tasks, buffers):
+            (task_id, fn_hash, _fn_bytes, fn_name, args_payload, _n, ref_values, num_returns, _job, _lease) = task
             call = (task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns)
             if self.actor_executor == "async":
                 import asyncio
@@ -429,16 +439,9 @@ class Worker:
     def _execute_batch(self, tasks, buffers) -> tuple[list, list]:
         results = []
         out_buffers: list = []
-        pos = 0
-        for task in tasks:
-            (task_id, fn_hash, fn_bytes, fn_name, args_payload, n_arg_bufs, ref_values,
+        for task, arg_bufs, ref_bufs in _split_batch(tasks, buffers):
+            (task_id, fn_hash, fn_bytes, fn_name, args_payload, _n, ref_values,
              num_returns, job_setup, lease_info) = task
-            arg_bufs = buffers[pos:pos + n_arg_bufs]
-            pos += n_arg_bufs
-            ref_bufs = []
-            for _slot, _payload, nbuf in ref_values:
-                ref_bufs.append(buffers[pos:pos + nbuf])
-                pos += nbuf
             if self.tasks_left is not None and self.tasks_left <= 0:
                 results.append((task_id, RETIRED, None, 0.0, 0.0))  # not run: the owner requeues it
                 continue
