@@ -306,6 +306,28 @@ class _AuthKey:
         return (_adopted_authkey, (self.key,))
 
 
+def _open_facade(kind: str, address, hints: dict, workers, initializer, initargs, max_tasks):
+    """What every facade does first: validate hints, join or start the cluster, size the
+    facade (default: the cluster's CPUs) and, with an initializer or a task limit, get
+    workers of its own.  Returns (client, nodes, workers, pool_key)."""
+    # Validate the hints before starting anything (raises the runtime's own messages).
+    farpool.remote(_call).options(**{k: v for k, v in hints.items() if v is not None})
+    client = _acquire_cluster(address)
+    try:
+        nodes = farpool.nodes()
+        if workers is None:
+            cpus = sum(n["resources_total"].get("CPU", 0.0) for n in nodes if n.get("alive"))
+            workers = max(1, int(cpus))
+        pool_key = None
+        if initializer is not None or max_tasks is not None:
+            pool_key = f"{kind}-{os.urandom(6).hex()}"
+            _register_pool(client, pool_key, initializer, initargs, max_tasks)
+    except BaseException:
+        _release_cluster(client)
+        raise
+    return client, nodes, workers, pool_key
+
+
 def _register_pool(client, pool_key: str, initializer, initargs, max_tasks: int | None) -> None:
     """Workers of their own for ``pool_key``: the initializer runs once in each, before its first task."""
     if initializer is None:
@@ -1057,21 +1079,8 @@ class DistributedExecutor(concurrent.futures.Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         hints = {"num_cpus": num_cpus, "num_gpus": num_gpus, "memory": memory, "resources": resources,
                  "max_retries": max_retries}
-        # Validate the hints before starting anything (raises the runtime's own messages).
-        farpool.remote(_call).options(**{k: v for k, v in hints.items() if v is not None})
-        client = _acquire_cluster(address)
-        try:
-            nodes = farpool.nodes()
-            if max_workers is None:
-                cpus = sum(n["resources_total"].get("CPU", 0.0) for n in nodes if n.get("alive"))
-                max_workers = max(1, int(cpus))
-            pool_key = None
-            if initializer is not None or max_tasks_per_child is not None:
-                pool_key = f"executor-{os.urandom(6).hex()}"
-                _register_pool(client, pool_key, initializer, initargs, max_tasks_per_child)
-        except BaseException:
-            _release_cluster(client)
-            raise
+        client, nodes, max_workers, pool_key = _open_facade(
+            "executor", address, hints, max_workers, initializer, initargs, max_tasks_per_child)
         self._max_workers = max_workers
         self._state = _ExecutorState(_Dispatcher(client), pool_key, nodes,
                                      bool(getattr(client, "embedded", False)))

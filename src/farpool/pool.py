@@ -50,9 +50,8 @@ from collections import deque
 from typing import Any, Callable, Iterable
 
 from farpool import exceptions as _exc
-from farpool.executor import (DistributedFuture, _acquire_cluster, _call, _Dispatcher, _feasible, _Feed,
-                              _in_flight_limit, _register_pool, _release_cluster, _task_name, _TaskMaker,
-                              _WorkItem)
+from farpool.executor import (DistributedFuture, _Dispatcher, _feasible, _Feed, _in_flight_limit,
+                              _open_facade, _release_cluster, _task_name, _TaskMaker, _WorkItem)
 
 log = logging.getLogger(__name__)
 
@@ -374,22 +373,8 @@ class Pool:
             raise TypeError('initializer must be a callable')
         hints = {"num_cpus": num_cpus, "num_gpus": num_gpus, "memory": memory, "resources": resources,
                  "max_retries": max_retries}
-        import farpool
-        farpool.remote(_call).options(**{k: v for k, v in hints.items() if v is not None})  # validates
-        client = _acquire_cluster(address)
-        try:
-            nodes = farpool.nodes()
-            if processes is None:
-                cpus = sum(n["resources_total"].get("CPU", 0.0) for n in nodes if n.get("alive"))
-                processes = max(1, int(cpus))
-            pool_key = None
-            if initializer is not None or maxtasksperchild is not None:
-                import os
-                pool_key = f"pool-{os.urandom(6).hex()}"
-                _register_pool(client, pool_key, initializer, initargs, maxtasksperchild)
-        except BaseException:
-            _release_cluster(client)
-            raise
+        client, nodes, processes, pool_key = _open_facade(
+            "pool", address, hints, processes, initializer, initargs, maxtasksperchild)
         self._released = False
         self._release_lock = threading.Lock()
         self._processes = processes
