@@ -163,3 +163,34 @@ def test_infeasible_task_waits_with_one_warning_until_a_node_that_fits_joins(sta
     started.add_node("--num-cpus", "1", "--resources", '{"tpu": 1}')
     tpu_node = node_ids(started)[1]
     assert farpool.get(refs, timeout=60) == [tpu_node] * 3
+
+
+@farpool.remote(resources={"special": 1})
+class RemoteKeeper:
+    def keep(self, box):
+        self.kept = box[0]  # a borrowed ref, kept beyond the call
+        return farpool.get_runtime_context().node_id
+
+
+def test_borrows_held_on_a_node_that_dies_are_released(started, monkeypatch):
+    monkeypatch.setenv("FARPOOL_NODE_TIMEOUT_S", "2")
+    started.start_head()
+    started.add_node("--num-cpus", "1", "--resources", '{"special": 1}')
+    farpool.init(address=started.address, token=started.token)
+    head_node, second = node_ids(started)
+    client = farpool.api._state["client"]
+    ref = farpool.put(list(range(1000)))
+    oid = ref.binary()
+    keeper = RemoteKeeper.remote()
+    assert farpool.get(keeper.keep.remote([ref]), timeout=60) == second
+    del ref
+    farpool.nodes()  # a round trip through the I/O thread: our release has been handled
+    assert oid in client.objects  # the actor on the second node still borrows it
+    node_pid = [n["pid"] for n in started.read_state()["nodes"] if n["node_id"] == second][0]
+    victims = [psutil.Process(node_pid)] + psutil.Process(node_pid).children(recursive=True)
+    os.kill(node_pid, signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=20)
+    deadline = time.monotonic() + 30
+    while oid in client.objects:  # freed once the head declares the node dead (2 s of silence)
+        assert time.monotonic() < deadline, "a borrow held on a dead node was never released"
+        time.sleep(0.05)

@@ -184,11 +184,20 @@ class Entry:
     size: int = 0
     location: tuple | None = None  # ("seg", node_id, store_id, path, size) when in the node store
     borrowers: set = field(default_factory=set)  # owner: identities of processes still holding it
+    registered: bool = False      # borrower: the owner counts us (so we tell it when we let go)
     contains: list = field(default_factory=list)  # owner: ids of refs nested in this value (pinned)
     pinned_forever: bool = False  # pickled outside farpool: never freed this session
     actor_id: str | None = None   # an actor's handle token: freeing it ends the actor
     fetched: bool = True          # borrower: value requested from the owner (or not needed)
     owner: tuple | None = None    # borrower: the owner's address
+
+
+@dataclass
+class BorrowerWatch:
+    """Owner side: a process that borrows some of our objects, watched so its death releases them."""
+    address: tuple               # (identity, node_id, endpoint, pid)
+    object_ids: set = field(default_factory=set)
+    fd: int | None = None        # a pidfd when the borrower runs on our node
 
 
 @dataclass
@@ -332,10 +341,15 @@ class CoreClient:
         self.ended_actors: deque = deque()  # actors whose last handle went (token freed)
         self.frees: dict[str, list] = {}       # node_id -> store ids to free
         self.borrow_releases: deque = deque()  # (object id, owner) of borrows we dropped
+        self.owner_messages: deque = deque()   # (owner, frames) to send from the I/O thread, in order
+        self.watched: dict[bytes, BorrowerWatch] = {}  # owner: borrower identity -> what it holds
+        self.sub_borrowed: list = []      # worker: (oid, borrower) to report with our next TaskFinished
+        self.early_releases: set = set()  # owner: (borrower, oid) released before its AddBorrower came
         self._free_scheduled = False
         self.callback_queue: queue.Queue | None = None
         self.broken: BaseException | None = None
         self.owner_address = None
+        self.peer_address = None
         self.home: AgentConn | None = None
         self.head = None
         self._thread: threading.Thread | None = None
@@ -378,6 +392,7 @@ class CoreClient:
                 home_info = node["tcp"]
         self.home = self._open_agent(node_id, home_info)
         self.owner_address = (self.identity, node_id, self._owner_endpoint())
+        self.peer_address = self.owner_address + (os.getpid(),)  # how borrowers name themselves
         self.head_socket_handler = self._on_head
         self.loop.add_reader(self.head, self._on_head)
         for pid, what in cfg.get("watch_pids", ()):
@@ -479,6 +494,9 @@ class CoreClient:
                 pass
         if self.head is not None:
             self.head.close(0)
+        for watch in self.watched.values():
+            if watch.fd is not None:
+                os.close(watch.fd)
         self.loop.close()
 
     def close_unstarted(self) -> None:
@@ -546,6 +564,14 @@ class CoreClient:
                 entry = self.objects.get(ref._id)
                 if entry is not None:
                     entry.pinned_forever = True
+
+    def mark_registered(self, refs: list) -> None:
+        """Borrowed refs this process now reports holding: their owner will count us until we release."""
+        with self.lock:
+            for ref in refs:
+                entry = self.objects.get(ref._id)
+                if entry is not None and not entry.owned:
+                    entry.registered = True
 
     def pin_forever(self, ref: ObjectRef) -> None:
         with self.lock:
@@ -1073,7 +1099,7 @@ class CoreClient:
             task.attempts += 1
             task.submitted_at = now
             lease.inflight[task.task_id] = task
-        lease.channel.send(encode("ExecuteTask", (wire,), buffers))
+        lease.channel.send(encode("ExecuteTask", (wire, self.peer_address), buffers))
 
     def _return_idle(self, lease: LeaseState) -> None:
         lease.linger = None
@@ -1125,6 +1151,9 @@ class CoreClient:
     def _forget_dead_nodes(self) -> None:
         """Leases and lease requests on nodes the head declared dead are lost: retry elsewhere."""
         dead = {n["node_id"]: n.get("death_reason", "") for n in self.nodes if not n["alive"]}
+        for identity, watch in list(self.watched.items()):
+            if watch.address[1] in dead:  # a borrower on a dead node holds nothing any more
+                self._borrower_died(identity)
         for (node_id, lease_id), lease in list(self.leases.items()):
             if node_id in dead:
                 self._on_WorkerExited(None, lease_id, {
@@ -1302,9 +1331,9 @@ class CoreClient:
         self._mark_dirty(lease.key)
 
     def _on_TaskFinished(self, fields, buffers) -> None:
-        results, retiring, borrower, borrowed = fields
-        if borrowed:
-            self._on_borrowers(borrower, borrowed)
+        results, retiring, sender, borrowed, pairs = fields
+        if borrowed or pairs:
+            self._on_borrowers(sender, borrowed, pairs)
         pos = 0
         lease = None
         completed = []
@@ -1329,13 +1358,15 @@ class CoreClient:
                 continue
             if ok:
                 values = []
-                for payload, nbuf in body:
+                nested = []
+                for payload, nbuf, inner in body:
                     if isinstance(payload, tuple):  # ("loc", path, size, store_id): in the worker's node store
                         values.append(("seg", lease.node_id if lease else "", payload[3], payload[1], payload[2]))
                     else:
                         values.append((payload, buffers[pos:pos + nbuf]))
+                    nested.append(inner)
                     pos += nbuf
-                completed.append((task, values))
+                completed.append((task, values, nested))
             else:
                 payload, type_name, tb_text, fn_name, where = body
                 if task.cancelled:
@@ -1369,15 +1400,21 @@ class CoreClient:
     def _finish_ok(self, completed) -> None:
         fire = []
         with self.lock:
-            for task, values in completed:
+            for task, values, nested in completed:
                 self.tasks.pop(task.task_id, None)
                 task.state = "DONE"
-                for oid, value in zip(task.return_ids, values):
+                for oid, value, inner in zip(task.return_ids, values, nested):
                     entry = self.objects.get(oid)
                     if entry is None:
                         if len(value) == 5:  # nobody wants it: give the memory back
                             self._free_location(value)
+                        for inner_id, owner in inner:  # nor the refs inside it
+                            if owner[0] != self.identity:
+                                self.borrow_releases.append((inner_id, owner))
+                                self._schedule_frees()
                         continue
+                    if inner:
+                        self._hold_nested(entry, inner)
                     if len(value) == 5:
                         entry.location = value
                         entry.size = value[4]
@@ -1393,6 +1430,20 @@ class CoreClient:
                 self._unpin(task)
         for entry in fire:
             self._fire(entry)
+
+    def _hold_nested(self, entry: Entry, inner: list) -> None:
+        """(lock held) Refs nested in a result live as long as it; we borrow those owned elsewhere."""
+        for inner_id, owner in inner:
+            e = self.objects.get(inner_id)
+            if e is None:
+                if owner[0] == self.identity:
+                    continue  # ours and already freed: a get of it will say so
+                e = self.objects[inner_id] = Entry(owned=False, fetched=False, owner=tuple(owner))
+            if not e.owned:
+                e.registered = True  # the returning worker made the owner count us
+            e.task_pins += 1
+            entry.contains.append(inner_id)
+        self._schedule_frees()
 
     def _finish_failed(self, task: TaskRecord, error) -> None:
         fire = []
@@ -1436,42 +1487,154 @@ class CoreClient:
         if entry.actor_id is not None:  # the actor's last handle is gone, here and everywhere
             self.ended_actors.append(entry.actor_id)
             self._schedule_frees()
-        if not entry.owned:
-            if entry.owner is not None:
-                self.borrow_releases.append((oid, entry.owner))
-                self._schedule_frees()
-            return
-        if entry.location is not None:
-            self._free_location(entry.location)
         for inner in entry.contains:  # refs nested in this value were pinned by it
             e = self.objects.get(inner)
             if e is not None:
                 e.task_pins -= 1
                 if self._unreferenced(e):
                     self._delete(inner, e)
+        if not entry.owned:
+            if entry.registered and entry.owner is not None:
+                self.borrow_releases.append((oid, entry.owner))
+                self._schedule_frees()
+            return
+        if entry.location is not None:
+            self._free_location(entry.location)
 
     def _schedule_frees(self) -> None:
         if not self._free_scheduled:
             self._free_scheduled = True
             self.loop.call_soon(self._flush_frees)
 
-    def _on_borrowers(self, borrower: bytes, object_ids: list) -> None:
-        """A worker kept refs it got in a task's arguments: they stay alive until it says so."""
+    # Borrowers (DESIGN "Objects", Ray's borrower protocol).  Every borrow is counted
+    # by the object's owner, never along a chain of borrowers:
+    #   task arguments: the worker reports the refs it kept in its TaskFinished to the
+    #     submitter, which adds it (when it owns them) or sends AddBorrower to the owner;
+    #   refs nested in a returned value: the returning worker adds the caller (when it
+    #     owns them) or sends AddBorrower to the owner, before the reply leaves.
+    # A borrower sends BorrowReleased to the owner when its last local reference goes;
+    # a borrower that dies (pidfd on this node, node death elsewhere) releases them all.
+    # Messages to one owner leave in order, so a process's AddBorrower for someone else
+    # always precedes its own release; a release that overtakes the AddBorrower naming
+    # it (they come from different processes) is remembered and cancels it.
+    def _on_borrowers(self, sender: tuple | None, object_ids: list, pairs: list = ()) -> None:
+        """A worker kept refs it got in a task's arguments (``object_ids``), or learned that
+        processes it passed them to keep them (``pairs`` of (id, borrower)): count them."""
         with self.lock:
             for oid in object_ids:
-                entry = self.objects.get(oid)
-                if entry is not None and entry.owned:
-                    entry.borrowers.add(borrower)
+                self._borrowed_by(oid, sender)
+            for oid, borrower in pairs:
+                self._borrowed_by(oid, borrower)
+        self._schedule_frees()
+
+    def _borrowed_by(self, oid: bytes, borrower: tuple) -> None:
+        """(lock held) ``borrower`` holds ``oid``: count it if ours, else make its owner count it."""
+        entry = self.objects.get(oid)
+        if entry is None:
+            return
+        if entry.owned:
+            self._add_borrower(oid, entry, borrower)
+        elif entry.registered or not self.in_worker:
+            # Our own borrow is counted by the owner, and our release will follow this on
+            # the same socket: the object cannot go before the owner counts the new borrower.
+            if entry.owner is not None:
+                self.owner_messages.append((entry.owner, encode("AddBorrower", (oid, borrower))))
+        else:
+            # We hold it only through the caller of our running task, which pins it until our
+            # TaskFinished arrives: the borrower travels up in that reply (the caller counts it).
+            self.sub_borrowed.append((oid, tuple(borrower)))
+
+    def take_sub_borrowed(self) -> list:
+        with self.lock:
+            pairs, self.sub_borrowed = self.sub_borrowed, []
+        return pairs
+
+    def _add_borrower(self, oid: bytes, entry: Entry, borrower: tuple) -> None:
+        """(lock held) Count ``borrower`` as holding our object ``oid``; watch it for death."""
+        identity = borrower[0]
+        if (identity, oid) in self.early_releases:
+            self.early_releases.discard((identity, oid))
+            return
+        if identity == self.identity:
+            return
+        entry.borrowers.add(identity)
+        watch = self.watched.get(identity)
+        if watch is None:
+            watch = self.watched[identity] = BorrowerWatch(tuple(borrower))
+            if self.home is not None and borrower[1] == self.home.node_id and len(borrower) > 3:
+                try:
+                    watch.fd = os.pidfd_open(borrower[3])
+                except OSError:  # already gone: all its borrows end now
+                    self.loop.call_soon(self._borrower_died, identity)
+                else:
+                    self.loop.call_soon(self.loop.add_reader, watch.fd,
+                                        lambda i=identity: self._borrower_died(i))
+        watch.object_ids.add(oid)
 
     def _borrow_released(self, borrower: bytes, oid: bytes) -> None:
         with self.lock:
             entry = self.objects.get(oid)
-            if entry is None or borrower not in entry.borrowers:
+            if entry is None:
                 return
-            entry.borrowers.discard(borrower)
-            if self._unreferenced(entry):
-                self._delete(oid, entry)
+            if borrower not in entry.borrowers:
+                self.early_releases.add((borrower, oid))
+                return
+            self._release_borrow(borrower, oid, entry)
         self._flush_frees()
+
+    def _release_borrow(self, borrower: bytes, oid: bytes, entry: Entry) -> None:
+        """(lock held)"""
+        entry.borrowers.discard(borrower)
+        watch = self.watched.get(borrower)
+        if watch is not None:
+            watch.object_ids.discard(oid)
+            if not watch.object_ids:
+                self._unwatch(borrower)
+        if self._unreferenced(entry):
+            self._delete(oid, entry)
+
+    def _unwatch(self, identity: bytes) -> None:
+        watch = self.watched.pop(identity, None)
+        if watch is not None and watch.fd is not None:
+            fd = watch.fd
+            watch.fd = None
+
+            def close():
+                self.loop.remove_reader(fd)
+                os.close(fd)
+            self.loop.call_soon(close)
+
+    def _borrower_died(self, identity: bytes) -> None:
+        """A borrower's process ended (or its node died): it holds nothing any more."""
+        with self.lock:
+            watch = self.watched.get(identity)
+            if watch is None:
+                return
+            for oid in list(watch.object_ids):
+                entry = self.objects.get(oid)
+                if entry is not None:
+                    self._release_borrow(identity, oid, entry)
+            self._unwatch(identity)
+            self.early_releases = {(b, o) for b, o in self.early_releases if b != identity}
+        self._flush_frees()
+
+    def lend_returned(self, refs: list, caller: tuple | None) -> None:
+        """Refs nested in a value this worker returns to ``caller``: the caller borrows them."""
+        if caller is None:
+            self.pin_quietly(refs)
+            return
+        with self.lock:
+            for ref in refs:
+                owner = ref._owner
+                if owner[0] == caller[0]:
+                    continue  # the caller owns it: the value it stores pins it there
+                entry = self.objects.get(ref._id)
+                if owner[0] == self.identity:
+                    if entry is not None:
+                        self._add_borrower(ref._id, entry, caller)
+                else:
+                    self.owner_messages.append((owner, encode("AddBorrower", (ref._id, caller))))
+        self._schedule_frees()
 
     def _free_location(self, location: tuple) -> None:
         _, node_id, store_id, _path, _size = location
@@ -1480,6 +1643,9 @@ class CoreClient:
 
     def _flush_frees(self) -> None:
         self._free_scheduled = False
+        while self.owner_messages:
+            owner, frames = self.owner_messages.popleft()
+            self._send_owner(owner, frames)
         while self.borrow_releases:
             oid, owner = self.borrow_releases.popleft()
             self._send_owner(owner, encode("BorrowReleased", (oid,)))
@@ -1502,7 +1668,7 @@ class CoreClient:
 
     # ------------------------------------------------------------------ borrowers and owners
     def _fetch_borrowed(self, object_id: bytes, owner: tuple) -> None:
-        identity, node_id, endpoint = owner
+        identity, node_id, endpoint = owner[:3]
         if identity == self.identity:
             return
         if endpoint is None:
@@ -1513,7 +1679,7 @@ class CoreClient:
 
     def _send_owner(self, owner: tuple, frames: list) -> None:
         """To an owner's ipc endpoint on this machine (I/O thread)."""
-        identity, node_id, endpoint = owner
+        identity, node_id, endpoint = owner[:3]
         if identity == self.identity or endpoint is None:
             return
         sock = self.owner_conns.get(endpoint)
@@ -1560,6 +1726,12 @@ class CoreClient:
                 self._serve_object(identity, fields[0])
             elif tag == "BorrowReleased":
                 self._borrow_released(identity, fields[0])
+            elif tag == "AddBorrower":
+                oid, borrower = fields
+                with self.lock:
+                    entry = self.objects.get(oid)
+                    if entry is not None and entry.owned:
+                        self._add_borrower(oid, entry, borrower)
 
     def _serve_object(self, identity, object_id) -> None:
         entry = self.objects.get(object_id)

@@ -39,7 +39,7 @@ TAGS = frozenset({
     # worker <-> node agent
     "WorkerReady", "WorkerLog",
     # client <-> worker
-    "ExecuteTask", "TaskFinished", "GetObject", "ObjectValue", "CancelTask", "BorrowReleased",
+    "ExecuteTask", "TaskFinished", "GetObject", "ObjectValue", "CancelTask", "BorrowReleased", "AddBorrower",
     # node object store
     "AllocateObject", "ObjectAllocated", "FreeObjects", "RestoreObject", "StoreStats",
     # actors: client <-> head <-> agent <-> worker

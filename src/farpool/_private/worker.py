@@ -171,9 +171,15 @@ def _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs):
 
 
 def _still_held(arrivals: list) -> list:
-    """Ids of borrowed refs that outlived the call (stored somewhere): the owner must keep them."""
-    held = [w() for w in arrivals]
-    return [r._id for r in held if r is not None]
+    """Ids of borrowed refs that outlived the call (stored somewhere): the owner must keep them.
+
+    From now on this process tells the owner when it lets go of them (see client._on_borrowers).
+    """
+    held = [r for r in (w() for w in arrivals) if r is not None]
+    client = client_mod.current()
+    if held and client is not None:
+        client.mark_registered(held)
+    return [r._id for r in held]
 
 
 def _load_args(args_payload, arg_bufs, ref_values, ref_bufs):
@@ -219,7 +225,7 @@ class Worker:
         self.tasks_left: int | None = None
         self.channels: set = set()
         self._requests = 0
-        self.borrowed: list = []  # ids of refs from task arguments that outlived their task
+        self.borrowed: dict = {}  # caller identity -> ids of refs from its arguments that outlived their task
         self._agent_backlog: list = []
         self.store_results = False  # set per message: only owners on this machine can map results
         self.actor = None
@@ -274,11 +280,12 @@ class Worker:
             log.warning("dropped a bad message: %s", exc)
             return
         if tag == "ExecuteTask" and self.actor_executor is not None:
-            self._execute_concurrent(fields[0], buffers, reply)
+            self._execute_concurrent(fields[0], fields[1], buffers, reply)
         elif tag == "ExecuteTask":
-            results, out_buffers = self._execute_batch(fields[0], buffers)
+            caller = fields[1]
+            results, out_buffers = self._execute_batch(fields[0], caller, buffers)
             retiring = self.tasks_left is not None and self.tasks_left <= 0
-            reply(encode("TaskFinished", (results, retiring) + self._take_borrowed(), out_buffers))
+            reply(encode("TaskFinished", (results, retiring) + self._take_borrowed(caller), out_buffers))
             if retiring:
                 self._retire()
         elif tag == "CreateActor":
@@ -323,23 +330,23 @@ class Worker:
             self.actor_executor = ThreadPoolExecutor(concurrency, thread_name_prefix="farpool-actor")
         return (actor_id, True, None)
 
-    def _execute_concurrent(self, tasks, buffers, reply) -> None:
+    def _execute_concurrent(self, tasks, caller, buffers, reply) -> None:
         """Threaded or async actor: run each call off the main thread; reply from the loop."""
         for task, arg_bufs, ref_bufs in _split_batch(tasks, buffers):
             (task_id, fn_hash, _fn_bytes, fn_name, args_payload, _n, ref_values, num_returns, _job, _lease) = task
-            call = (task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns)
+            call = (task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns, caller)
             if self.actor_executor == "async":
                 import asyncio
                 asyncio.run_coroutine_threadsafe(self._run_async(call, reply), self.actor_loop)
             else:
                 self.actor_executor.submit(self._run_threaded, call, reply)
 
-    def _finish_concurrent(self, result, out_buffers, reply) -> None:
-        self.loop.call_soon(lambda: reply(encode("TaskFinished", ([result], False) + self._take_borrowed(),
+    def _finish_concurrent(self, result, caller, out_buffers, reply) -> None:
+        self.loop.call_soon(lambda: reply(encode("TaskFinished", ([result], False) + self._take_borrowed(caller),
                                                  out_buffers)))
 
     def _run_threaded(self, call, reply) -> None:
-        task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns = call
+        task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns, caller = call
         started = time.time()
         out_buffers: list = []
         try:
@@ -347,15 +354,15 @@ class Worker:
             value = getattr(self.actor, fn_hash[6:].decode())(*args, **kwargs)
             del args, kwargs
             if arrivals:
-                self.loop.call_soon(self.borrowed.extend, _still_held(arrivals))
-            result = self._package(task_id, value, num_returns, fn_name, started, out_buffers)
+                self.loop.call_soon(self._note_borrowed, caller, _still_held(arrivals))
+            result = self._package(task_id, value, num_returns, fn_name, started, out_buffers, caller)
         except BaseException as exc:  # noqa: BLE001
             result = (task_id, False, self._error(exc, fn_name), started, time.time())
-        self._finish_concurrent(result, out_buffers, reply)
+        self._finish_concurrent(result, caller, out_buffers, reply)
 
     async def _run_async(self, call, reply) -> None:
         import inspect
-        task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns = call
+        task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns, caller = call
         started = time.time()
         out_buffers: list = []
         if self.actor_semaphore is None:
@@ -369,11 +376,11 @@ class Worker:
                 if inspect.isawaitable(value):
                     value = await value
                 if arrivals:
-                    self.loop.call_soon(self.borrowed.extend, _still_held(arrivals))
-                result = self._package(task_id, value, num_returns, fn_name, started, out_buffers)
+                    self.loop.call_soon(self._note_borrowed, caller, _still_held(arrivals))
+                result = self._package(task_id, value, num_returns, fn_name, started, out_buffers, caller)
             except BaseException as exc:  # noqa: BLE001
                 result = (task_id, False, self._error(exc, fn_name), started, time.time())
-        self._finish_concurrent(result, out_buffers, reply)
+        self._finish_concurrent(result, caller, out_buffers, reply)
 
     def _allocate(self, store_id: bytes, size: int, what: str) -> str:
         """A segment of the node store from the agent (a blocking round trip on our DEALER)."""
@@ -401,13 +408,18 @@ class Worker:
         for frames in backlog:
             self._on_agent_frames(frames)
 
-    def _take_borrowed(self) -> tuple:
-        """(our client's identity, ids of borrowed refs still held) for a TaskFinished."""
-        if not self.borrowed:
-            return (None, ())
+    def _note_borrowed(self, caller, ids: list) -> None:
+        if ids:
+            self.borrowed.setdefault(caller[0] if caller else None, []).extend(ids)
+
+    def _take_borrowed(self, caller) -> tuple:
+        """For a TaskFinished to ``caller``: (our client's address, ids of refs from its arguments
+        we still hold, (id, address) of processes we passed such refs to that keep them)."""
+        borrowed = self.borrowed.pop(caller[0] if caller else None, None) or ()
         client = client_mod.current()
-        borrowed, self.borrowed = self.borrowed, []
-        return (client.identity if client is not None else None, borrowed)
+        if client is None:
+            return (None, (), ())
+        return (client.peer_address, borrowed, client.take_sub_borrowed() if client.sub_borrowed else ())
 
     def _retire(self) -> None:
         """max_tasks_per_child reached: deliver what is queued, then exit (the agent replaces us)."""
@@ -436,7 +448,7 @@ class Worker:
                 self.pool_error = protocol.format_exception_text(exc)
         return self.pool_error
 
-    def _execute_batch(self, tasks, buffers) -> tuple[list, list]:
+    def _execute_batch(self, tasks, caller, buffers) -> tuple[list, list]:
         results = []
         out_buffers: list = []
         for task, arg_bufs, ref_bufs in _split_batch(tasks, buffers):
@@ -447,7 +459,7 @@ class Worker:
                 continue
             results.append(self._execute(task_id, fn_hash, fn_bytes, fn_name, args_payload, arg_bufs,
                                          ref_values, ref_bufs, num_returns, job_setup, lease_info,
-                                         out_buffers))
+                                         out_buffers, caller))
         return results, out_buffers
 
     def _apply_runtime_env(self, pool_key) -> None:
@@ -506,7 +518,7 @@ class Worker:
                 os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)
 
     def _execute(self, task_id, fn_hash, fn_bytes, fn_name, args_payload, arg_bufs, ref_values,
-                 ref_bufs, num_returns, job_setup, lease_info, out_buffers):
+                 ref_bufs, num_returns, job_setup, lease_info, out_buffers, caller):
         context.task_id = task_id.hex()
         context.task_name = fn_name
         started = time.time()
@@ -532,8 +544,8 @@ class Worker:
             value = _call_user(fn, args, kwargs)
             del args, kwargs
             if arrivals:
-                self.borrowed.extend(_still_held(arrivals))
-            return self._package(task_id, value, num_returns, fn_name, started, out_buffers)
+                self._note_borrowed(caller, _still_held(arrivals))
+            return self._package(task_id, value, num_returns, fn_name, started, out_buffers, caller)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the owner
             return (task_id, False, self._error(exc, fn_name), started, time.time())
         finally:
@@ -546,7 +558,7 @@ class Worker:
             context.task_name = None
             context.cancel_pending = False
 
-    def _package(self, task_id, value, num_returns, fn_name, started, out_buffers):
+    def _package(self, task_id, value, num_returns, fn_name, started, out_buffers, caller):
         """The result tuple of a finished call (pickling errors become the call's error)."""
         try:
             if num_returns == 1:
@@ -567,15 +579,19 @@ class Worker:
                     data, bufs = protocol.dumps(v, what=what)
                 finally:
                     client_mod._nested_refs.collector = None
+                inner = ()
                 if nested and client_mod.current() is not None:
-                    client_mod.current().pin_quietly(nested)  # returned refs: kept for the session
+                    # Refs in a returned value: the caller borrows them (owners are told first).
+                    unique = list({r._id: r for r in nested}.values())
+                    client_mod.current().lend_returned(unique, caller)
+                    inner = [(r._id, r._owner) for r in unique]
                 if bufs and self.store_results and store.value_size(data, bufs) >= store.INLINE_MAX:
                     store_id = task_id + bytes([i])
                     path = self._allocate(store_id, store.value_size(data, bufs), what)
                     size = store.write_segment(path, data, bufs)
-                    payloads.append((("loc", path, size, store_id), 0))
+                    payloads.append((("loc", path, size, store_id), 0, inner))
                     continue
-                payloads.append((data, len(bufs)))
+                payloads.append((data, len(bufs), inner))
                 bufs_all.extend(bufs)
             out_buffers.extend(bufs_all)
             return (task_id, True, payloads, started, time.time())
