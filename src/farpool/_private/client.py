@@ -497,6 +497,7 @@ class CoreClient:
         for watch in self.watched.values():
             if watch.fd is not None:
                 os.close(watch.fd)
+        store.clear_written()  # the session's segments go away: do not keep their memory mapped
         self.loop.close()
 
     def close_unstarted(self) -> None:
@@ -1212,6 +1213,9 @@ class CoreClient:
 
     def _on_Welcome(self, conn, info) -> None:
         pass
+
+    def _on_SegmentsDropped(self, conn, paths) -> None:
+        store.forget_written(paths)
 
     def _on_WorkerLog(self, conn, stream: str, data: bytes) -> None:
         """Worker output for this driver: written on the callback thread, never here."""

@@ -77,6 +77,7 @@ class NodeAgent:
         self.client_jobs: dict[tuple, object] = {}
         self.log_clients: dict[object, set] = {}  # job_id -> drivers that want worker output
         self.worker_clients: dict[str, set] = {}  # worker_id -> the nested clients inside it
+        self.store_writers: set = set()  # local peers that allocated segments (they may cache mappings)
         self.last_ack = time.monotonic()
         self.head = None
         self.cluster_nodes: list[dict] = []
@@ -214,20 +215,35 @@ class NodeAgent:
 
     # --- object store ---
     def _on_AllocateObject(self, client, request_id, store_id: bytes, size: int, owner: str, what: str) -> None:
+        self.store_writers.add(client)
         try:
             seg = self.store.allocate(store_id, size, owner, what)
         except MemoryError as exc:
             self._send(client, "ObjectAllocated", request_id, None, str(exc))
             return
+        finally:
+            self._tell_writers()
         self._send(client, "ObjectAllocated", request_id, seg.path, None)
 
     def _on_FreeObjects(self, client, store_ids: list) -> None:
         for store_id in store_ids:
             self.store.free_object(store_id)
+        self._tell_writers()
+
+    def _tell_writers(self) -> None:
+        """Segments we unlinked (dropped or spilled): writers keep mappings of segments
+        they wrote (store._WriterMaps), which would hold the memory until they let go."""
+        if not self.store.dropped:
+            return
+        dropped, self.store.dropped = self.store.dropped, []
+        for writer in list(self.store_writers):
+            if not self._send(writer, "SegmentsDropped", dropped):
+                self.store_writers.discard(writer)  # gone
 
     def _on_RestoreObject(self, client, request_id, store_id: bytes) -> None:
         try:
             seg = self.store.restore(store_id)
+            self._tell_writers()
         except MemoryError as exc:
             self._send(client, "ObjectAllocated", request_id, None, str(exc))
             return

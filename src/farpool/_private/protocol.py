@@ -41,7 +41,7 @@ TAGS = frozenset({
     # client <-> worker
     "ExecuteTask", "TaskFinished", "GetObject", "ObjectValue", "CancelTask", "BorrowReleased", "AddBorrower",
     # node object store
-    "AllocateObject", "ObjectAllocated", "FreeObjects", "RestoreObject", "StoreStats",
+    "AllocateObject", "ObjectAllocated", "FreeObjects", "RestoreObject", "StoreStats", "SegmentsDropped",
     # actors: client <-> head <-> agent <-> worker
     "CreateActor", "ActorRegistered", "ActorCreated", "WaitActor", "ActorInfo", "KillActor",
     "GetNamedActor",

@@ -22,12 +22,14 @@ each out-of-band buffer at a 64-byte-aligned offset.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import mmap
 import os
 import shutil
 import struct
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -65,24 +67,108 @@ def value_size(payload: bytes, buffers: list) -> int:
 
 
 def write_segment(path: str, payload: bytes, buffers: list) -> int:
-    """Write a pickled value into an allocated segment file; returns the bytes used."""
+    """Write a pickled value into an allocated segment file; returns the bytes used.
+
+    The writer holds a shared lock while it writes, so the agent never spills or
+    reuses a segment under a half-written value.
+    """
     views = [memoryview(b).cast("B") if memoryview(b).format != "B" or memoryview(b).ndim != 1
              else memoryview(b) for b in buffers]
     header_len, offsets, total = layout(len(payload), [v.nbytes for v in views])
-    fd = os.open(path, os.O_RDWR)
-    try:
-        if os.fstat(fd).st_size < total:
-            os.ftruncate(fd, total)
-        # MAP_POPULATE maps every page table entry at once: far cheaper than one fault per page.
-        with mmap.mmap(fd, total, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as m:
-            header = struct.pack(f"<{2 + len(views)}Q", len(payload), len(views), *[v.nbytes for v in views])
-            m[:len(header)] = header
-            m[header_len:header_len + len(payload)] = payload
-            for off, v in zip(offsets, views):
-                m[off:off + v.nbytes] = v
-    finally:
-        os.close(fd)
+    with _writer_maps.mapping(path, total) as m:
+        header = struct.pack(f"<{2 + len(views)}Q", len(payload), len(views), *[v.nbytes for v in views])
+        m[:len(header)] = header
+        m[header_len:header_len + len(payload)] = payload
+        for off, v in zip(offsets, views):
+            m[off:off + v.nbytes] = v
     return total
+
+
+class _WriterMaps:
+    """This process's mappings of segments it wrote, kept for the next write to the same segment.
+
+    The agent hands freed segments out again; a writer that still maps one writes
+    at memcpy speed, where a fresh mapping costs a page-table fill (MAP_POPULATE)
+    and an unmap, about as much again as the copy.  The cached mappings share the
+    segments' pages, so they cost no memory while the segments exist; when the
+    agent drops or spills a segment it tells its writers (SegmentsDropped) and
+    they let go here, so the memory really comes back.
+    """
+
+    MIN_SIZE = 1 << 20   # smaller segments: mapping them is cheap, not worth a slot
+    MAX_ENTRIES = 32
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.maps: dict[str, tuple] = {}   # path -> (fd, mmap, length, inode), oldest first
+
+    @contextlib.contextmanager
+    def mapping(self, path: str, total: int):
+        with self.lock:
+            cached = self.maps.pop(path, None)
+        if cached is not None:
+            fd, m, length, inode = cached
+            try:
+                current = os.stat(path).st_ino
+            except OSError:
+                current = None
+            if current != inode or length < total:
+                self._close(cached)
+                cached = None
+        if cached is None:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                st = os.fstat(fd)
+                length = max(st.st_size, total)
+                if st.st_size < total:
+                    os.ftruncate(fd, total)
+                # MAP_POPULATE fills every page table entry at once: far cheaper than one fault per page.
+                m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            except BaseException:
+                os.close(fd)
+                raise
+            cached = (fd, m, length, st.st_ino)
+        fd, m = cached[0], cached[1]
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            yield m
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            if cached[2] < self.MIN_SIZE:
+                self._close(cached)
+            else:
+                with self.lock:
+                    self.maps[path] = cached
+                    evicted = [self.maps.pop(p) for p in list(self.maps)[:-self.MAX_ENTRIES]]
+                for entry in evicted:
+                    self._close(entry)
+
+    def forget(self, paths) -> None:
+        """The agent dropped or spilled these segments: unmap them so their memory is freed."""
+        with self.lock:
+            gone = [self.maps.pop(p) for p in paths if p in self.maps]
+        for entry in gone:
+            self._close(entry)
+
+    def clear(self) -> None:
+        self.forget(list(self.maps))
+
+    @staticmethod
+    def _close(entry) -> None:
+        fd, m = entry[0], entry[1]
+        m.close()
+        os.close(fd)
+
+
+_writer_maps = _WriterMaps()
+
+
+def forget_written(paths) -> None:
+    _writer_maps.forget(paths)
+
+
+def clear_written() -> None:
+    _writer_maps.clear()
 
 
 def read_segment(path: str, size: int, private: bool = False):
@@ -169,6 +255,7 @@ class ObjectStore:
         self.free: list[Segment] = []
         self.bytes_in_shm = 0          # sum of segment file sizes in the store directory
         self._seq = 0
+        self.dropped: list[str] = []   # segment paths unlinked since the agent last told writers
 
     # --- allocation ---
     def allocate(self, object_id: bytes, size: int, owner: str = "", where: str = "") -> Segment:
@@ -263,6 +350,7 @@ class ObjectStore:
         except OSError:
             pass
         self.bytes_in_shm -= seg.size
+        self.dropped.append(seg.path)
 
     # --- freeing ---
     def free_object(self, object_id: bytes) -> None:

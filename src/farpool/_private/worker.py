@@ -270,6 +270,8 @@ class Worker:
             origin = frames[1]
             self._handle(frames[2:], lambda reply, o=origin: transport.send(
                 self.agent, [b"Relay", o, *reply]))
+        elif frames[0] == b"SegmentsDropped":
+            store.forget_written(protocol.decode(frames)[1][0])
         else:
             log.warning("unexpected message from the agent: %r", frames[0][:32])
 
