@@ -246,6 +246,7 @@ class LeaseState:
     shipped: set = field(default_factory=set)
     job_sent: bool = False
     retiring: bool = False
+    claimed: bool = False   # a caller thread sent a task on it; the I/O thread records it next
 
 
 @dataclass
@@ -355,6 +356,7 @@ class CoreClient:
         self._thread: threading.Thread | None = None
         self._dispatch_scheduled = False
         self._dirty_keys: set = set()
+        self.parked: dict = {}  # key -> an idle lease on this node a caller thread may take (under lock)
         self.job_setup = cfg.get("job_setup") or {}
         self.blocked_depth = 0
 
@@ -552,7 +554,20 @@ class CoreClient:
                 entry.local_refs += 1
 
     def release_ref(self, object_id: bytes) -> None:
-        """May run in __del__ on any thread: queue the decrement and wake the loop once."""
+        """May run in __del__ on any thread, at any point (even while this thread holds the lock):
+        count down here when the lock is free, else queue the decrement and wake the loop once.
+        Counting here spares the I/O thread a wake-up per dropped ref; whatever the deletion
+        must tell others (frees, borrow releases) still leaves from the I/O thread."""
+        if self.lock.acquire(False):
+            try:
+                entry = self.objects.get(object_id)
+                if entry is not None:
+                    entry.local_refs -= 1
+                    if self._unreferenced(entry):
+                        self._delete(object_id, entry)
+            finally:
+                self.lock.release()
+            return
         self.released.append(object_id)
         if not self._release_scheduled:
             self._release_scheduled = True
@@ -648,14 +663,15 @@ class CoreClient:
     def wait_entries(self, refs: list, num_returns: int, timeout: float | None) -> list[bool]:
         """Block until ``num_returns`` of ``refs`` are done (or timeout); readiness flags."""
         entries = [self._entry_for(r) for r in refs]
-        done_event = threading.Event()
+        done = threading.Lock()  # held until enough are done (a bare lock: cheaper than an Event)
+        done.acquire()
         remaining = [num_returns]
         registered = []
 
-        def on_done(_entry):
+        def on_done(_entry):  # on the I/O thread
             remaining[0] -= 1
-            if remaining[0] <= 0:
-                done_event.set()
+            if remaining[0] == 0:
+                done.release()
 
         with self.lock:
             for e in entries:
@@ -666,12 +682,10 @@ class CoreClient:
                     if e.state == PENDING:
                         e.waiters.append(on_done)
                         registered.append(e)
-            else:
-                done_event.set()
-        if not done_event.is_set():
+        if remaining[0] > 0:
             self._set_blocked(True)
             try:
-                done_event.wait(timeout)
+                done.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
             finally:
                 self._set_blocked(False)
                 if registered:
@@ -902,8 +916,42 @@ class CoreClient:
             from farpool._private.worker import context
             if context.task_id is not None:  # remember children, for cancel(recursive=True)
                 self.children.setdefault(context.task_id, []).append(task_id)
+        if not (ref_slots or actor_key) and key in self.parked and self._submit_direct(task):
+            return refs
         self.loop.call_soon(self._on_submit, task)
         return refs
+
+    def _submit_direct(self, task: TaskRecord) -> bool:
+        """The fast path of a sequential submit-then-get: send the task from this thread
+        straight to an idle leased worker on this node, sparing the I/O thread's wake-up.
+
+        Whoever takes a parked lease out of ``self.parked`` (under the lock) owns it: a
+        caller here, or the I/O thread to dispatch queued tasks or to return it.  The
+        bookkeeping (``_on_sent_direct``) is queued before the task leaves, and the loop runs
+        queued calls before it reads sockets, so it always precedes the task's reply.
+        """
+        with self.lock:
+            lease = self.parked.pop(task.key, None)
+            if lease is None:
+                return False
+            lease.claimed = True
+        frames = self._task_frames(lease, [task])
+        self.loop.call_soon_lazy(self._on_sent_direct, task, lease)
+        lease.channel.stream.send_from_thread(frames)
+        return True
+
+    def _on_sent_direct(self, task: TaskRecord, lease: LeaseState) -> None:
+        self.tasks[task.task_id] = task
+        with self.lock:
+            lease.claimed = False
+        if lease.linger is not None:
+            self.loop.cancel_timer(lease.linger)
+            lease.linger = None
+        if self.leases.get((lease.node_id, lease.lease_id)) is lease:
+            lease.inflight[task.task_id] = task
+        else:  # its worker exited before the task reached it: run it elsewhere
+            task.attempts -= 1
+            self._enqueue(task, front=True)
 
     # ------------------------------------------------------------------ I/O thread: tasks
     def _on_submit(self, task: TaskRecord) -> None:
@@ -972,13 +1020,16 @@ class CoreClient:
         q = kq.queue
         while q and q[0].cancelled:
             q.popleft()
+        if q and key in self.parked:
+            with self.lock:  # ours again (unless a caller thread took it first: then it is claimed)
+                self.parked.pop(key, None)
         if q and kq.leases:
             # Pipeline (depth > 1) only into a deep backlog; a short queue goes one task per
             # worker so that a few long tasks never wait behind each other.
             slots = self._worker_slots(kq)
             depth = 1 if len(q) <= slots else min(kq.depth, -(-len(q) // slots))
             batches: dict = {}
-            leases = sorted(kq.leases, key=lambda l: len(l.inflight))
+            leases = sorted((l for l in kq.leases if not l.claimed), key=lambda l: len(l.inflight))
             progress = True
             while q and progress:  # round robin, least loaded first
                 progress = False
@@ -1003,10 +1054,17 @@ class CoreClient:
                     return
                 for _ in range(want):
                     self._request_lease(kq, key, agent, spillback_ok)
-        # Leases with nothing to do linger, then go back.
+        # Leases with nothing to do linger, then go back; one of them waits for a caller
+        # thread's next task (the fast path of submit).
+        if q:
+            return
         for lease in kq.leases:
-            if not lease.inflight and lease.linger is None and not q:
+            if not lease.inflight and not lease.claimed and lease.linger is None:
                 lease.linger = self.loop.call_later(LEASE_LINGER_S, self._return_idle, lease)
+            if (not lease.inflight and not lease.claimed and not lease.retiring and key not in self.parked
+                    and isinstance(lease.channel, DirectChannel)):
+                with self.lock:
+                    self.parked[key] = lease
 
     def _worker_slots(self, kq: KeyQueue) -> int:
         """How many tasks of this shape the cluster can run at once (for pipelining decisions)."""
@@ -1057,6 +1115,13 @@ class CoreClient:
         if lease.linger is not None:
             self.loop.cancel_timer(lease.linger)
             lease.linger = None
+        frames = self._task_frames(lease, batch)
+        for task in batch:
+            lease.inflight[task.task_id] = task
+        lease.channel.send(frames)
+
+    def _task_frames(self, lease: LeaseState, batch: list) -> list:
+        """The ExecuteTask message for a batch (marks its tasks RUNNING on this lease)."""
         wire = []
         buffers: list = []
         now = time.perf_counter()
@@ -1099,11 +1164,15 @@ class CoreClient:
             task.lease = lease
             task.attempts += 1
             task.submitted_at = now
-            lease.inflight[task.task_id] = task
-        lease.channel.send(encode("ExecuteTask", (wire, self.peer_address), buffers))
+        return encode("ExecuteTask", (wire, self.peer_address), buffers)
 
     def _return_idle(self, lease: LeaseState) -> None:
         lease.linger = None
+        with self.lock:
+            if lease.claimed:
+                return
+            if self.parked.get(lease.key) is lease:
+                del self.parked[lease.key]
         if lease.inflight:
             return
         kq = self.keys.get(lease.key)
@@ -1116,6 +1185,9 @@ class CoreClient:
             transport.send(agent.socket, encode("ReturnLease", (lease.lease_id, False)))
 
     def _drop_lease(self, lease: LeaseState) -> None:
+        with self.lock:
+            if self.parked.get(lease.key) is lease:
+                del self.parked[lease.key]
         self.leases.pop((lease.node_id, lease.lease_id), None)
         kq = self.keys.get(lease.key)
         if kq is not None and lease in kq.leases:
@@ -1382,6 +1454,12 @@ class CoreClient:
                     self._enqueue(task, front=True)
                     continue
                 self._finish_failed(task, ("task", payload, type_name, tb_text, fn_name, where))
+        if (lease is not None and not lease.inflight and not retiring and lease.key not in self.parked
+                and isinstance(lease.channel, DirectChannel)):
+            kq = self.keys.get(lease.key)
+            if kq is not None and kq.actor is None and not kq.queue:
+                with self.lock:  # before the waiters wake: the caller's next submit finds it
+                    self.parked[lease.key] = lease
         if completed:
             self._finish_ok(completed)
         if lease is not None:
@@ -1655,13 +1733,22 @@ class CoreClient:
             self._send_owner(owner, encode("BorrowReleased", (oid,)))
         while self.ended_actors:
             transport.send(self.head, encode("KillActor", (self.ended_actors.popleft(), True)))
-        frees, self.frees = self.frees, {}
+        with self.lock:  # other threads add frees under the lock (release_ref)
+            frees, self.frees = self.frees, {}
         for node_id, ids in frees.items():
             agent = self.agents.get(node_id)
             if agent is not None:
                 transport.send(agent.socket, encode("FreeObjects", (ids,)))
 
     def _fire(self, entry: Entry) -> None:
+        """Run the entry's waiters (they wake user threads): on the I/O thread, last thing
+        before it sleeps (EventLoop.call_last)."""
+        if self.loop.in_loop_thread():
+            self.loop.call_last(self._fire_now, entry)
+        else:
+            self._fire_now(entry)
+
+    def _fire_now(self, entry: Entry) -> None:
         with self.lock:
             waiters, entry.waiters = entry.waiters, []
         for waiter in waiters:

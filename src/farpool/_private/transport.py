@@ -25,6 +25,7 @@ import heapq
 import itertools
 import logging
 import os
+import threading
 import time
 from collections import deque
 
@@ -231,6 +232,11 @@ def connect_tcp(sock: zmq.Socket, address: str, token: str, hello: list,
 
 # --- event loop -------------------------------------------------------------
 
+# Plain ints: pyzmq's flags are enum members, and enum arithmetic costs microseconds
+# per test on the loop's hottest line.
+_POLLIN, _POLLOUT, _POLLERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)
+_READABLE = _POLLIN | _POLLERR
+
 class EventLoop:
     """One poller over sockets and fds, a timer heap and a cross-thread wake-up.
 
@@ -247,8 +253,10 @@ class EventLoop:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._armed = False  # a wake-up is pending; others need not write again
         self._poller.register(self._wake_fd, zmq.POLLIN)
-        self._handlers[self._wake_fd] = self._drain_calls
+        self._handlers[self._wake_fd] = self._on_wake
         self.running = False
+        self._thread_id = None  # the thread running the loop
+        self._last: list = []   # see call_last
 
     def add_reader(self, sock_or_fd, handler) -> None:
         self._poller.register(sock_or_fd, zmq.POLLIN | (zmq.POLLOUT if sock_or_fd in self._writers else 0))
@@ -283,21 +291,40 @@ class EventLoop:
     def call_soon(self, fn, *args) -> None:
         """Thread-safe: run fn(*args) on the loop thread soon."""
         self._calls.append((fn, args))
-        if not self._armed:
+        # The loop thread itself drains calls before it sleeps: no wake-up needed (and the
+        # write would give the GIL away mid-handler).
+        if not self._armed and threading.get_ident() != self._thread_id:
             self._armed = True
             os.eventfd_write(self._wake_fd, 1)
+
+    def in_loop_thread(self) -> bool:
+        return threading.get_ident() == self._thread_id
+
+    def call_last(self, fn, *args) -> None:
+        """Loop thread only: run fn(*args) at the end of this iteration, just before the loop
+        sleeps.  For calls that wake other threads: they need the GIL this thread holds
+        until it sleeps, so whatever the loop still does after the wake-up delays them."""
+        self._last.append((fn, args))
+
+    def call_soon_lazy(self, fn, *args) -> None:
+        """Thread-safe: run fn(*args) on the loop thread before it handles the next socket
+        event, without waking it (whatever that event is will)."""
+        self._calls.append((fn, args))
 
     def wake(self) -> None:
         if not self._armed:
             self._armed = True
             os.eventfd_write(self._wake_fd, 1)
 
-    def _drain_calls(self) -> None:
+    def _on_wake(self) -> None:
         try:
             os.eventfd_read(self._wake_fd)
         except BlockingIOError:
             pass
         self._armed = False
+        self._drain_calls()
+
+    def _drain_calls(self) -> None:
         calls = self._calls
         while calls:
             fn, args = calls.popleft()
@@ -318,20 +345,30 @@ class EventLoop:
             timeout = 0
         if max_wait_s is not None:
             timeout = max_wait_s * 1000 if timeout is None else min(timeout, max_wait_s * 1000)
-        for sock_or_fd, events in self._poller.poll(timeout):
-            if events & zmq.POLLOUT:
+        ready = self._poller.poll(timeout)
+        if self._calls:  # calls queued before what woke us happened go first (see call_soon_lazy)
+            self._drain_calls()
+        for sock_or_fd, events in ready:
+            if events & _POLLOUT:
                 writer = self._writers.get(sock_or_fd)
                 if writer is not None:
                     writer()
-            if events & (zmq.POLLIN | zmq.POLLERR):
+            if events & _READABLE:
                 handler = self._handlers.get(sock_or_fd)
                 if handler is not None:
                     handler()
         if self._calls:
             self._drain_calls()
+        while self._last:
+            last, self._last = self._last, []
+            for fn, args in last:
+                fn(*args)
+            if self._calls:
+                self._drain_calls()
 
     def run(self) -> None:
         self.running = True
+        self._thread_id = threading.get_ident()
         while self.running:
             self.run_once()
 
@@ -422,9 +459,8 @@ class StreamChannel:
         sock.connect(path)
         return cls(sock, loop)
 
-    def send(self, frames) -> bool:
-        if self.closed:
-            return False
+    @staticmethod
+    def _pack(frames) -> list:
         parts = [_COUNT.pack(len(frames))]
         views = []
         for f in frames:
@@ -433,7 +469,12 @@ class StreamChannel:
                 view = view.cast("B")
             views.append(view)
             parts.append(_LEN.pack(view.nbytes))
-        out = [b"".join(parts)] + views
+        return [b"".join(parts)] + views
+
+    def send(self, frames) -> bool:
+        if self.closed:
+            return False
+        out = self._pack(frames)
         if self._out:
             self._out.extend(out)
             return True
@@ -446,6 +487,24 @@ class StreamChannel:
             return False
         self._queue_rest(out, sent)
         return True
+
+    def send_from_thread(self, frames) -> None:
+        """``send`` from a thread other than the loop's, by one that owns the stream for the
+        moment (the loop sends nothing on it meanwhile): what the kernel does not take at
+        once is handed to the loop, which sends it in order."""
+        if self._out or self.closed or self.loop is None:
+            self.loop.call_soon(self.send, frames)
+            return
+        out = self._pack(frames)
+        try:
+            sent = self.sock.sendmsg(out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.loop.call_soon(self.close)
+            return
+        if sent < sum(len(p) if isinstance(p, bytes) else p.nbytes for p in out):
+            self.loop.call_soon(self._queue_rest, out, sent)
 
     def _queue_rest(self, out, sent) -> None:
         for i, part in enumerate(out):
