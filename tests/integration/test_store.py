@@ -163,6 +163,10 @@ class Keeper:
     def pid(self):
         return os.getpid()
 
+    def keep_inner(self, box):
+        self.kept = farpool.get(box[0], timeout=60)[0]  # a ref found inside a borrowed value
+        return True
+
 
 def used_bytes():
     settle()
@@ -229,6 +233,20 @@ def test_a_borrower_of_a_borrower_is_counted_by_the_owner(small_store):
     assert farpool.get(keeper.read.remote(), timeout=60) == 2.0 * (MB // 8)
     assert farpool.get(keeper.drop.remote(), timeout=60)
     wait_until_freed(base, "an object borrowed through a task")
+
+
+def test_a_ref_found_inside_a_borrowed_value_is_counted_too(small_store):
+    base = used_bytes()
+    inner = farpool.put(np.full(MB // 8, 3.0))
+    outer = farpool.put([inner])
+    keeper = Keeper.remote()
+    assert farpool.get(keeper.keep_inner.remote([outer]), timeout=60)
+    del inner, outer
+    settle()
+    assert used_bytes() >= base + MB  # the container is gone; the actor's ref to the inside is not
+    assert farpool.get(keeper.read.remote(), timeout=60) == 3.0 * (MB // 8)
+    assert farpool.get(keeper.drop.remote(), timeout=60)
+    wait_until_freed(base, "an object found inside a borrowed value")
 
 
 def test_a_borrower_that_dies_releases_its_borrows(small_store):

@@ -344,7 +344,7 @@ class CoreClient:
         self.borrow_releases: deque = deque()  # (object id, owner) of borrows we dropped
         self.owner_messages: deque = deque()   # (owner, frames) to send from the I/O thread, in order
         self.watched: dict[bytes, BorrowerWatch] = {}  # owner: borrower identity -> what it holds
-        self.sub_borrowed: list = []      # worker: (oid, borrower) to report with our next TaskFinished
+        self.sub_borrowed: list = []      # worker: (oid, borrower, owner) to report with our next TaskFinished
         self.early_releases: set = set()  # owner: (borrower, oid) released before its AddBorrower came
         self._free_scheduled = False
         self.callback_queue: queue.Queue | None = None
@@ -733,8 +733,19 @@ class CoreClient:
             raise self._error_of(entry)
         if entry.location is not None:
             payload, buffers = self.map_location(entry.location, private=writable)
+        else:
+            payload, buffers = entry.payload, entry.buffers
+        if entry.owned:  # refs inside our own values are pinned by them (put, _hold_nested)
             return protocol.loads(payload, buffers)
-        return protocol.loads(entry.payload, entry.buffers)
+        arrivals: list = []
+        outer, _nested_refs.arrivals = _nested_refs.arrivals, arrivals
+        try:
+            value = protocol.loads(payload, buffers)
+        finally:
+            _nested_refs.arrivals = outer
+        if arrivals:
+            self._register_arrivals([r for r in (w() for w in arrivals) if r is not None])
+        return value
 
     # ------------------------------------------------------------------ node store
     def store_value(self, store_id: bytes, payload: bytes, buffers: list, what: str) -> tuple | None:
@@ -1601,18 +1612,20 @@ class CoreClient:
     # it (they come from different processes) is remembered and cancels it.
     def _on_borrowers(self, sender: tuple | None, object_ids: list, pairs: list = ()) -> None:
         """A worker kept refs it got in a task's arguments (``object_ids``), or learned that
-        processes it passed them to keep them (``pairs`` of (id, borrower)): count them."""
+        processes it passed them to keep them (``pairs`` of (id, borrower, owner)): count them."""
         with self.lock:
             for oid in object_ids:
                 self._borrowed_by(oid, sender)
-            for oid, borrower in pairs:
-                self._borrowed_by(oid, borrower)
+            for oid, borrower, owner in pairs:
+                self._borrowed_by(oid, borrower, owner)
         self._schedule_frees()
 
-    def _borrowed_by(self, oid: bytes, borrower: tuple) -> None:
+    def _borrowed_by(self, oid: bytes, borrower: tuple, owner: tuple | None = None) -> None:
         """(lock held) ``borrower`` holds ``oid``: count it if ours, else make its owner count it."""
         entry = self.objects.get(oid)
         if entry is None:
+            if owner is not None and owner[0] != self.identity:  # not one we know: tell its owner
+                self.owner_messages.append((owner, encode("AddBorrower", (oid, borrower))))
             return
         if entry.owned:
             self._add_borrower(oid, entry, borrower)
@@ -1624,7 +1637,26 @@ class CoreClient:
         else:
             # We hold it only through the caller of our running task, which pins it until our
             # TaskFinished arrives: the borrower travels up in that reply (the caller counts it).
-            self.sub_borrowed.append((oid, tuple(borrower)))
+            self.sub_borrowed.append((oid, tuple(borrower), entry.owner))
+
+    def _register_arrivals(self, refs: list) -> None:
+        """Refs unpickled from a value we borrowed (their owner does not know we hold them):
+        become a counted borrower, as if they had come in a task's arguments."""
+        in_task = False
+        if self.in_worker:
+            from farpool._private.worker import context
+            in_task = context.task_id is not None
+        with self.lock:
+            for ref in refs:
+                entry = self.objects.get(ref._id)
+                if entry is None or entry.owned or entry.registered or ref._owner[0] == self.identity:
+                    continue
+                entry.registered = True
+                if in_task:  # our running task's caller pins the container: report with its reply
+                    self.sub_borrowed.append((ref._id, self.peer_address, ref._owner))
+                else:
+                    self.owner_messages.append((ref._owner, encode("AddBorrower", (ref._id, self.peer_address))))
+        self._schedule_frees()
 
     def take_sub_borrowed(self) -> list:
         with self.lock:
