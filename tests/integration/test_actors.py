@@ -10,6 +10,15 @@ import farpool
 from farpool.util import ActorPool
 
 
+def wait_gone(pid: int) -> None:
+    """Until the process has ended (psutil.TimeoutExpired after 30 s)."""
+    import psutil
+    try:
+        psutil.Process(pid).wait(timeout=30)
+    except psutil.NoSuchProcess:
+        pass  # already gone (and reaped) before we looked
+
+
 @farpool.remote
 class Counter:
     def __init__(self, start=0):
@@ -190,7 +199,7 @@ def test_kill(cluster):
         farpool.get(c.inc.remote(), timeout=60)
     import psutil
     try:
-        psutil.Process(pid).wait(timeout=30)  # the process really ends
+        wait_gone(pid)  # the process really ends
     except psutil.NoSuchProcess:
         pass
     with pytest.raises(TypeError):
@@ -273,7 +282,7 @@ def test_actor_ends_when_its_last_handle_is_dropped(cluster):
     pid = farpool.get(c.pid.remote(), timeout=60)
     del c
     gc.collect()
-    psutil.Process(pid).wait(timeout=30)  # the actor's process ends
+    wait_gone(pid)  # the actor's process ends
 
 
 def test_a_handle_kept_elsewhere_keeps_the_actor_until_it_is_dropped(cluster):
@@ -305,7 +314,7 @@ def test_a_handle_kept_elsewhere_keeps_the_actor_until_it_is_dropped(cluster):
     # Our last copy is gone, but the holder's handle keeps the actor working.
     assert farpool.get(holder.use.remote(), timeout=60) == 2
     assert farpool.get(holder.release.remote(), timeout=60)
-    psutil.Process(pid).wait(timeout=30)  # no handle left anywhere: the actor ends
+    wait_gone(pid)  # no handle left anywhere: the actor ends
 
 
 def test_calls_in_flight_are_retried_on_the_restarted_actor(cluster, tmp_path):

@@ -393,6 +393,13 @@ class CoreClient:
             else:
                 home_info = node["tcp"]
         self.home = self._open_agent(node_id, home_info)
+        home_node = next((n for n in self.nodes if n["node_id"] == node_id), {})
+        if home_node.get("store_in_shm") is False and not self.in_worker and self.home.local:
+            warnings.warn(
+                f"the object store of this node ({node_id[:8]}) lives on disk in {home_node.get('store_dir')}, "
+                "not in shared memory: /dev/shm has less free space than object_store_memory. Large "
+                "objects are slower to write and read. Give the container a larger /dev/shm "
+                "(docker run --shm-size=...), or lower object_store_memory.", RuntimeWarning, stacklevel=3)
         self.owner_address = (self.identity, node_id, self._owner_endpoint())
         self.peer_address = self.owner_address + (os.getpid(),)  # how borrowers name themselves
         self.head_socket_handler = self._on_head

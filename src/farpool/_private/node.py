@@ -46,7 +46,7 @@ class NodeAgent:
         self.token = token
         self.embedded = args.embedded
         capacity = int(args.object_store_memory or store.default_capacity())
-        directory, _in_shm = store.choose_dir(self.session_dir, self.node_id, capacity)
+        directory, self.store_in_shm = store.choose_dir(self.session_dir, self.node_id, capacity)
         self.store = store.ObjectStore(directory, capacity, os.path.join(self.session_dir, "spill"))
         import psutil
         memory = args.memory if args.memory is not None else psutil.virtual_memory().total - capacity
@@ -87,7 +87,8 @@ class NodeAgent:
         info = {"node_id": self.node_id, "total": self.leases.resources.total,
                 "ipc": session.ipc(self.session_dir, "node"), "tcp": self.tcp_address,
                 "session_dir": self.session_dir, "hostname": os.uname().nodename,
-                "pid": os.getpid(), "is_head_node": self.args.head_node}
+                "pid": os.getpid(), "is_head_node": self.args.head_node,
+                "store_dir": self.store.directory, "store_in_shm": self.store_in_shm}
         hello = encode("RegisterNode", (info,))
         self.head = transport.dealer(f"node:{self.node_id}".encode())
         if self.args.head_address.startswith("ipc://"):
