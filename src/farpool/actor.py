@@ -118,7 +118,6 @@ class ActorClass:
             payload, bufs = protocol.dumps((tuple(args), kwargs), what=f"an argument of {self._cls.__name__}()")
         finally:
             client_mod._nested_refs.collector = None
-        client.pin_quietly(nested)  # the actor may keep them for its whole life
         meta = self._meta()
         num_cpus = opts.get("num_cpus")
         hold = scheduling.make_request(num_cpus or 0, opts.get("num_gpus", 0), opts.get("memory"),
@@ -148,6 +147,8 @@ class ActorClass:
         used_id, error, known_meta = client.head_request("CreateActor", (actor_id, spec))
         if error is not None:
             raise ValueError(error)
+        if nested and used_id == actor_id:  # (``nested`` holds the refs until now)
+            client.pin_for_actor(actor_id, nested)
         if used_id != actor_id or spec["name"] is not None or spec["detached"]:
             # Named, detached or pre-existing: others can find it, so no handle count ends it.
             return ActorHandle(used_id, known_meta or meta, opts.get("max_task_retries", 0))

@@ -249,6 +249,26 @@ def test_a_ref_found_inside_a_borrowed_value_is_counted_too(small_store):
     wait_until_freed(base, "an object found inside a borrowed value")
 
 
+@farpool.remote
+class Holder:
+    def __init__(self, box):
+        self.box = box  # refs in the constructor's arguments: the actor may keep them all its life
+
+    def read(self):
+        return float(farpool.get(self.box[0], timeout=60).sum())
+
+
+def test_refs_in_actor_constructor_arguments_live_until_the_actor_dies(small_store):
+    base = used_bytes()
+    ref = farpool.put(np.full(MB // 8, 4.0))
+    holder = Holder.remote([ref])
+    del ref
+    assert farpool.get(holder.read.remote(), timeout=60) == 4.0 * (MB // 8)
+    assert used_bytes() >= base + MB
+    farpool.kill(holder)
+    wait_until_freed(base, "an object in the arguments of a dead actor")
+
+
 def test_a_borrower_that_dies_releases_its_borrows(small_store):
     base = used_bytes()
     ref = farpool.put(np.ones(MB // 8))

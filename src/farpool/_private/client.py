@@ -339,6 +339,7 @@ class CoreClient:
         self.children: dict[str, list] = {}  # in a worker: task id (hex) -> tasks it submitted
         self.pools: dict[str, dict] = {}     # pool_key -> {"initializer", "initargs", "max_tasks"}
         self.actor_method_infos: dict = {}
+        self.actor_arg_pins: dict[str, list] = {}  # actor id -> ids in its constructor's arguments
         self.ended_actors: deque = deque()  # actors whose last handle went (token freed)
         self.frees: dict[str, list] = {}       # node_id -> store ids to free
         self.borrow_releases: deque = deque()  # (object id, owner) of borrows we dropped
@@ -1924,7 +1925,28 @@ class CoreClient:
         if batch:
             self._send_tasks(lease, batch)
 
+    def pin_for_actor(self, actor_id: str, refs: list) -> None:
+        """Refs inside an actor's constructor arguments: kept until the actor is dead for good
+        (a restart runs __init__ again with them; the actor may keep them all its life)."""
+        with self.lock:
+            pinned = self.actor_arg_pins.setdefault(actor_id, [])
+            for ref in refs:
+                entry = self.objects.get(ref._id)
+                if entry is not None:
+                    entry.task_pins += 1
+                    pinned.append(ref._id)
+        self.loop.call_soon(transport.send, self.head, encode("WaitActor", (actor_id,)))
+
     def _on_ActorInfo(self, actor_id: str, info: dict) -> None:
+        if info["state"] == "DEAD" and actor_id in self.actor_arg_pins:
+            with self.lock:
+                for oid in self.actor_arg_pins.pop(actor_id):
+                    entry = self.objects.get(oid)
+                    if entry is not None:
+                        entry.task_pins -= 1
+                        if self._unreferenced(entry):
+                            self._delete(oid, entry)
+            self._flush_frees()
         kq = self.keys.get(("actor", actor_id))
         if kq is None:
             return
