@@ -77,7 +77,8 @@ class NodeAgent:
         self.client_jobs: dict[tuple, object] = {}
         self.log_clients: dict[object, set] = {}  # job_id -> drivers that want worker output
         self.worker_clients: dict[str, set] = {}  # worker_id -> the nested clients inside it
-        self.store_writers: set = set()  # local peers that allocated segments (they may cache mappings)
+        self.store_writers: set = set()
+        self.trim_timer = None  # local peers that allocated segments (they may cache mappings)
         self.last_ack = time.monotonic()
         self.head = None
         self.cluster_nodes: list[dict] = []
@@ -230,6 +231,16 @@ class NodeAgent:
         for store_id in store_ids:
             self.store.free_object(store_id)
         self._tell_writers()
+        if self.trim_timer is None and self.store.free:
+            self.trim_timer = self.loop.call_later(store.FREE_IDLE_S, self._trim_store)
+
+    def _trim_store(self) -> None:
+        """Free segments not reused for a while go back to the system (see store.FREE_IDLE_S)."""
+        self.trim_timer = None
+        due = self.store.trim_idle()
+        self._tell_writers()
+        if due is not None:  # a segment still mapped by a reader, or freed more recently
+            self.trim_timer = self.loop.call_later(max(0.05, due - time.monotonic()), self._trim_store)
 
     def _tell_writers(self) -> None:
         """Segments we unlinked (dropped or spilled): writers keep mappings of segments

@@ -30,6 +30,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -44,6 +45,9 @@ INLINE_MAX = 100 * 1024
 DEFAULT_FRACTION = 0.3
 # Segments are sized in these steps so that freed ones fit later objects.
 SIZE_STEP = 1 << 20
+# A freed segment waits this long for reuse (its pages are touched: reuse is fast), then
+# it is unlinked so that the memory really comes back when the program stops using it.
+FREE_IDLE_S = float(os.environ.get("FARPOOL_STORE_FREE_IDLE_S", "10"))
 
 
 def _round(n: int, to: int) -> int:
@@ -242,6 +246,7 @@ class Segment:
     owner: str = ""
     spilled_to: str | None = None
     created_at: str = ""
+    freed_at: float = 0.0     # time.monotonic() when it went back to the free pool
 
 
 class ObjectStore:
@@ -365,10 +370,25 @@ class ObjectStore:
             return
         seg.object_id = None
         seg.used = 0
+        seg.freed_at = time.monotonic()
         self.free.append(seg)
         # Keep the pool within capacity (objects still use their share).
         if self.bytes_in_shm > self.capacity:
             self._make_room(0)
+
+    def trim_idle(self, idle_s: float = FREE_IDLE_S) -> float | None:
+        """Unlink free segments unused for ``idle_s``; returns when the next one is due (or None)."""
+        now = time.monotonic()
+        due = []
+        for seg in list(self.free):
+            if now - seg.freed_at < idle_s:
+                due.append(seg.freed_at + idle_s)
+            elif _unlocked(seg.path):
+                self.free.remove(seg)
+                self._unlink(seg)
+            else:  # a reader still maps it (a view outlived its ref): look again later
+                due.append(now + idle_s)
+        return min(due, default=None)
 
     def stats(self) -> dict:
         used = sum(s.used for s in self.objects.values() if s.spilled_to is None)

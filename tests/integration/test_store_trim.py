@@ -1,0 +1,41 @@
+"""Freed segments are reused while the program is busy, then go back to the system."""
+
+import gc
+import os
+import time
+
+import numpy as np
+
+import farpool
+
+MB = 1 << 20
+
+
+def store_stats():
+    gc.collect()
+    client = farpool.api._client()
+    client.loop.call_soon(client._drain_released)
+    return client.agent_request(client.home, "StoreStats", ())[0]
+
+
+def test_freed_memory_is_reused_then_given_back(monkeypatch):
+    farpool.shutdown()
+    monkeypatch.setenv("FARPOOL_STORE_FREE_IDLE_S", "0.5")  # read by the node agent at start
+    farpool.init(num_cpus=1)
+    try:
+        refs = [farpool.put(np.ones(MB // 8)) for _ in range(3)]
+        stats = store_stats()
+        assert stats["objects"] == 3 and stats["shm_bytes"] >= 3 * MB
+        del refs
+        stats = store_stats()
+        assert stats["objects"] == 0 and stats["free_segments"] == 3  # kept for reuse, for now
+        ref = farpool.put(np.ones(MB // 8))  # reuses one: nothing new is mapped
+        assert store_stats()["free_segments"] == 2
+        del ref
+        deadline = time.monotonic() + 30
+        while store_stats()["shm_bytes"] > 0:  # idle for 0.5 s: unlinked
+            assert time.monotonic() < deadline, "freed segments were never given back"
+            time.sleep(0.1)
+        assert os.listdir(stats["directory"]) == []
+    finally:
+        farpool.shutdown()
