@@ -355,3 +355,40 @@ def test_leases_returned_and_granted_again_to_the_same_workers(cluster, monkeypa
         assert farpool.get(add.remote(i, 1), timeout=30) == i + 1
     pids.update(farpool.get([pid.remote() for _ in range(4)], timeout=30))
     assert 1 <= len(pids) <= 2
+
+
+def test_concurrent_sequential_callers_lose_nothing(cluster):
+    """Callers that submit-then-get send tasks themselves to an idle leased worker (the fast
+    path) while other threads' tasks go through the I/O thread: nothing is lost or doubled."""
+    import threading
+    results, errors = {}, []
+
+    def caller(k):
+        try:
+            results[k] = [farpool.get(add.remote(i, k), timeout=60) for i in range(120)]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def batcher():
+        try:
+            for _ in range(6):
+                assert farpool.get([add.remote(i, 1000) for i in range(40)], timeout=60) == \
+                    [i + 1000 for i in range(40)]
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    threads.append(threading.Thread(target=batcher))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert all(results[k] == [i + k for i in range(120)] for k in range(4))
+
+
+def test_a_worker_killed_between_calls_costs_nothing(cluster):
+    # After a call its worker waits, leased, for the caller's next task (sent from the
+    # caller's thread); kill it in that window: the next task still runs, elsewhere.
+    for _ in range(3):
+        os.kill(farpool.get(pid.remote(), timeout=60), signal.SIGKILL)
+        assert farpool.get(add.remote(1, 2), timeout=60) == 3

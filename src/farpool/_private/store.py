@@ -17,7 +17,7 @@ segments matters here: first-touch page faults make fresh memory slow.
 
 Segment layout: a header of little-endian u64s (payload length, buffer count,
 then each buffer's length), padded to 64 bytes, then the pickle payload, then
-each out-of-band buffer at a 64-byte-aligned offset.
+each out-of-band buffer at a 64-byte-aligned offset (page-aligned from 64 KiB).
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ from dataclasses import dataclass
 log = logging.getLogger("farpool.store")
 
 ALIGN = 64
+# Large buffers start on a page boundary: memcpy into a destination a few cache lines
+# off the source's page offset runs at a third of its speed here (1 GB: 0.3 s, not 0.1 s).
+PAGE_ALIGN_MIN = 64 * 1024
+PAGE = 4096
 # Values whose pickled size (payload + buffers) reaches this go to the store
 # instead of travelling inline in messages.  Lower saves copies of medium
 # values, higher saves the allocation round trip for small ones.
@@ -60,7 +64,7 @@ def layout(payload_len: int, buf_lens: list[int]) -> tuple[int, list[int], int]:
     pos = header + payload_len
     offsets = []
     for n in buf_lens:
-        pos = _round(pos, ALIGN)
+        pos = _round(pos, PAGE if n >= PAGE_ALIGN_MIN else ALIGN)
         offsets.append(pos)
         pos += n
     return header, offsets, max(pos, 1)
