@@ -36,18 +36,18 @@ from contextlib import contextmanager
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: workload names in report order
-WORKLOADS = ["startup", "noop", "roundtrip", "map", "bigarg", "bigresult",
+WORKLOADS = ["startup", "noop", "roundtrip", "map", "bigarg", "bigresult", "store",
              "actor", "cpu", "footprint", "tree"]
 #: workloads that start (and stop) their own runtime each repetition
 FRESH = ("startup", "footprint")
 
 FULL = dict(reps=3, workers=2, noop=10_000, roundtrip=1_000, map=100_000,
-            array_mb=200, bigarg_tasks=8, actor_seq=1_000, actor_pipe=10_000,
-            cpu_tasks=16, cpu_task_s=0.25, tree_leaves=1_024, settle_s=1.0,
+            array_mb=200, bigarg_tasks=8, store_mb=1000, store_gets=20,
+            actor_seq=1_000, actor_pipe=10_000, cpu_tasks=16, cpu_task_s=0.25, tree_leaves=1_024, settle_s=1.0,
             rep_budget_s=30.0)
 QUICK = dict(reps=1, workers=2, noop=1_000, roundtrip=100, map=10_000,
-             array_mb=20, bigarg_tasks=8, actor_seq=100, actor_pipe=1_000,
-             cpu_tasks=16, cpu_task_s=0.1, tree_leaves=64, settle_s=0.5,
+             array_mb=20, bigarg_tasks=8, store_mb=100, store_gets=20,
+             actor_seq=100, actor_pipe=1_000, cpu_tasks=16, cpu_task_s=0.1, tree_leaves=64, settle_s=0.5,
              rep_budget_s=30.0)
 
 
@@ -195,6 +195,11 @@ class Adapter:
     def get(self, handle):
         raise NA("no object refs")
 
+    # drop-in facade (bigarg.facade_value_s) -------------------------------------
+    def facade(self):
+        """(run(fn, items) -> [fn(x) for x in items], close()) through the system's drop-in facade."""
+        raise NA("no drop-in facade")
+
     # map ---------------------------------------------------------------------
     def mappers(self):
         """[(metric, open)] where open() -> (map(fn, items, chunksize) -> list, close())."""
@@ -231,7 +236,10 @@ class FarpoolAdapter(Adapter):
     notes = {
         "map": "farpool.Pool(2).map(chunksize); executor: DistributedExecutor(2).map(chunksize); "
                "chunked: one task per chunk",
-        "bigarg": "put: farpool.put once, ref to 8 tasks; value: array as argument of each task",
+        "bigarg": "put: farpool.put once, ref to 8 tasks; value: array as argument of each task; "
+                  "facade: joblib.Parallel(n_jobs=2) with parallel_config(backend='farpool') "
+                  "(farpool.joblib.register())",
+        "store": "farpool.put / farpool.get; the ref is dropped to free the object",
         "tree": "leaves/internal tasks get refs as top-level arguments",
     }
 
@@ -273,6 +281,14 @@ class FarpoolAdapter(Adapter):
 
     def get(self, handle):
         return self.fp.get(handle)
+
+    def facade(self):
+        try:
+            from farpool.joblib import BACKEND_NAME, register
+        except ImportError as e:  # joblib itself missing, or no farpool.joblib yet
+            raise NA(f"farpool.joblib not importable: {e}")
+        register()
+        return joblib_runner(BACKEND_NAME, self.workers), lambda: None
 
     def mappers(self):
         fp, w = self.fp, self.workers
@@ -353,6 +369,26 @@ def _need_psutil():
 
 def _collect():
     gc.collect()
+
+
+def joblib_runner(backend, n_jobs):
+    """run(fn, items) for ``joblib.Parallel(n_jobs)`` under ``backend`` (None: joblib's default, loky)."""
+    try:
+        import joblib
+    except ImportError:
+        raise NA("joblib not installed")
+    config = getattr(joblib, "parallel_config", None) or joblib.parallel_backend  # joblib < 1.3
+
+    def run(fn, items):
+        if backend is None:
+            return joblib.Parallel(n_jobs=n_jobs)(joblib.delayed(fn)(x) for x in items)
+        with config(backend=backend):
+            return joblib.Parallel(n_jobs=n_jobs)(joblib.delayed(fn)(x) for x in items)
+    return run
+
+
+def _mb_text(mb):
+    return f"{mb / 1000:g} GB" if mb >= 1000 else f"{mb:g} MB"
 
 
 class Reps:
@@ -551,9 +587,139 @@ def w_bigarg(a, cfg):
     metrics["value_s"] = median(val)
     if put:
         metrics["put_s"] = median(put)
-    return _result(metrics, na, reps=reps.done,
+    # the same by-value call through the system's drop-in facade (joblib backend, Pool.map,
+    # executor.map); its own loop, so it does not eat the repetition budget of the two above
+    fac, fac_reps = _bigarg_facade(a, np, n, k, cfg, na)
+    if fac:
+        metrics["facade_value_s"] = median(fac)
+    return _result(metrics, na, reps=min(reps.done, fac_reps or reps.done),
                    note=f"{cfg['array_mb']} MB float64 to {k} tasks returning float(arr[0]); "
-                        "a fresh array per measurement")
+                        "a fresh array per measurement; facade: one untimed warm-up call with a 2 MB "
+                        "array first")
+
+
+def _bigarg_facade(a, np, n, k, cfg, na):
+    """Seconds per facade call of ``first`` on k copies of one fresh array; errors go to ``na``."""
+    times = []
+    try:
+        run, close = a.facade()
+    except NA as e:
+        na["facade_value_s"] = str(e)
+        return times, None
+    reps = Reps(cfg)
+    try:
+        # warm-up above joblib's 1 MB memmapping threshold: registering, starting, the sharing path
+        out = run(first, [np.ones(250_000)] * k)
+        assert list(out) == [1.0] * k, out
+        for _ in reps:
+            arr = np.ones(n)
+            _collect()
+            t0 = time.perf_counter()
+            out = run(first, [arr] * k)
+            times.append(time.perf_counter() - t0)
+            assert list(out) == [1.0] * k, out
+            del arr, out
+            _collect()
+    except NA as e:
+        na["facade_value_s"] = str(e)
+    except Exception as e:  # incl. WorkloadTimeout: keep the numbers measured above
+        import traceback
+        traceback.print_exc()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        na["facade_value_s"] = f"error: {type(e).__name__}: {msg}"[:300]
+        times = []
+    finally:
+        try:
+            close()
+        except Exception:
+            pass
+    return times, reps.done
+
+
+def w_store(a, cfg):
+    """put, a memcpy of the same bytes for reference, and same-node get of a 1 MB and a big object."""
+    np = _need_numpy()
+    n = int(cfg["store_mb"] * 1e6 / 8)
+    nbytes = n * 8
+    try:  # systems without put/get are n/a, before anything big is allocated
+        probe = a.put(0)
+        assert a.get(probe) == 0
+        a.free(probe)
+        del probe
+    except NA:
+        raise NA("no put/get API")
+    try:
+        import psutil
+        avail = psutil.virtual_memory().available
+    except ImportError:
+        avail = None
+    if avail is not None and avail < 4 * nbytes:  # source, destination, the store's copy, a gathered copy
+        raise NA(f"needs ~{4 * nbytes / 1e9:.1f} GB of free memory, {avail / 1e9:.1f} GB available")
+    pc = time.perf_counter
+    puts, copies = [], []
+    src = np.ones(n)
+    dst = np.zeros(n)
+    np.copyto(dst, src)  # touch the destination: the timed copies fault in no pages
+    # one untimed put: the first object of this size may need new store memory; report steady state
+    # (its time is kept in the JSON as cold_put_s)
+    t0 = pc()
+    ref = a.put(src)
+    cold_put_s = pc() - t0
+    a.free(ref)
+    del ref
+    reps = Reps(cfg)
+    for i in reps:
+        src[-1] = float(i)  # new contents each time (Dask's scatter names data by its hash)
+        _collect()
+        t0 = pc()
+        np.copyto(dst, src)
+        copies.append(pc() - t0)
+        t0 = pc()
+        ref = a.put(src)
+        puts.append(pc() - t0)
+        a.free(ref)
+        del ref
+    del dst
+    _collect()
+    small = np.ones(125_000)  # 1 MB
+    get_small, k_small = _timed_gets(a, small, cfg)
+    get_big, k_big = _timed_gets(a, src, cfg)
+    del src, small
+    _collect()
+    put_s, copy_s = median(puts), median(copies)
+    return _result({"put_gbps": nbytes / 1e9 / put_s, "copy_gbps": nbytes / 1e9 / copy_s,
+                    "put_vs_copy": put_s / copy_s, "get_1mb_us": get_small * 1e6,
+                    "get_1gb_us": get_big * 1e6, "put_s": put_s, "copy_s": copy_s, "cold_put_s": cold_put_s,
+                    "gets_1mb": k_small, "gets_1gb": k_big}, reps=reps.done,
+                   note=f"{_mb_text(cfg['store_mb'])} float64 ({n:,} elements); put: median of the "
+                        "repetitions after one untimed put, each ref freed before the next; copy: np.copyto "
+                        "into a touched array of the same size in the driver, next to each put; get: median "
+                        f"of up to {cfg['store_gets']} gets of one put object, each result dropped before "
+                        "the next")
+
+
+def _timed_gets(a, value, cfg):
+    """Median seconds of ``a.get`` on one put object, and how many gets (fewer past the rep budget)."""
+    pc = time.perf_counter
+    budget = cfg.get("rep_budget_s")
+    ref = a.put(value)
+    lat = []
+    try:
+        t_start = pc()
+        for j in range(cfg["store_gets"]):
+            t0 = pc()
+            v = a.get(ref)
+            lat.append(pc() - t0)
+            ok = v.shape == value.shape and float(v[0]) == 1.0
+            del v
+            assert ok
+            if j >= 2 and budget and pc() - t_start > budget:
+                break
+    finally:
+        a.free(ref)
+        del ref
+        _collect()
+    return median(lat), len(lat)
 
 
 def w_bigresult(a, cfg):
@@ -648,7 +814,7 @@ def w_tree(a, cfg):
 
 FUNCS = {"startup": w_startup, "footprint": w_footprint, "noop": w_noop,
          "roundtrip": w_roundtrip, "map": w_map, "bigarg": w_bigarg,
-         "bigresult": w_bigresult, "actor": w_actor, "cpu": w_cpu, "tree": w_tree}
+         "bigresult": w_bigresult, "store": w_store, "actor": w_actor, "cpu": w_cpu, "tree": w_tree}
 
 
 # --------------------------------------------------------------------------
@@ -769,8 +935,9 @@ def run_system(factory, workloads=None, cfg=None, progress=None, workload_timeou
 # --------------------------------------------------------------------------
 
 def metric_rows(cfg):
-    """(workload, metric, label, unit, better, ratio_base_metric)."""
+    """(workload, metric, label, unit, better, ratio_base_metric); better=None: no ratio."""
     mb = cfg["array_mb"]
+    smb = _mb_text(cfg.get("store_mb", 1000))
     return [
         ("startup", "first_result_s", "start to first result", "s", "lower", None),
         ("startup", "shutdown_s", "shutdown", "s", "lower", None),
@@ -784,7 +951,15 @@ def metric_rows(cfg):
          None),
         ("bigarg", "put_s", f"{mb} MB to {cfg['bigarg_tasks']} tasks via put/scatter", "s", "lower", None),
         ("bigarg", "value_s", f"{mb} MB to {cfg['bigarg_tasks']} tasks by value", "s", "lower", None),
+        ("bigarg", "facade_value_s", f"{mb} MB to {cfg['bigarg_tasks']} tasks by value, through the drop-in "
+         "facade", "s", "lower", None),
         ("bigresult", "s", f"{mb} MB result", "s", "lower", None),
+        ("store", "put_gbps", f"put {smb} array", "GB/s", "higher", None),
+        # a property of the process's memory bandwidth, not of the system: no ratio (better=None)
+        ("store", "copy_gbps", f"np.copyto {smb} in the same process (reference)", "GB/s", None, None),
+        ("store", "put_vs_copy", "put time / copy time", "", "lower", None),
+        ("store", "get_1mb_us", "get 1 MB object, same node, median", "us", "lower", None),
+        ("store", "get_1gb_us", f"get {smb} object, same node, median", "us", "lower", None),
         ("actor", "seq_us", f"{cfg['actor_seq']:,} sequential actor calls, median", "us", "lower", None),
         ("actor", "pipelined_per_s", f"{cfg['actor_pipe']:,} pipelined actor calls", "calls/s", "higher", None),
         ("cpu", "wall_s", f"{cfg['cpu_tasks']} x {cfg['cpu_task_s']} s CPU tasks, wall", "s", "lower", None),

@@ -55,7 +55,7 @@ DISTS = ["farpool", "numpy", "psutil", "cloudpickle", "pyzmq", "loky", "joblib",
 
 class MpPoolAdapter(Adapter):
     name = "mp_pool"
-    notes = {"map": "Pool.map(chunksize)"}
+    notes = {"map": "Pool.map(chunksize)", "bigarg": "facade: Pool.map(first, [arr] * 8)"}
 
     def __init__(self, workers=2):
         super().__init__(workers)
@@ -77,6 +77,9 @@ class MpPoolAdapter(Adapter):
     def call(self, fn, *args):
         return self.pool.apply(fn, args)
 
+    def facade(self):
+        return (lambda fn, items: self.pool.map(fn, items)), (lambda: None)
+
     def mappers(self):
         return [("items_per_s", lambda: (lambda fn, items, cs: self.pool.map(fn, items, cs),
                                          lambda: None))]
@@ -92,6 +95,9 @@ class _ExecutorAdapter(Adapter):
     def call(self, fn, *args):
         return self.ex.submit(fn, *args).result()
 
+    def facade(self):
+        return (lambda fn, items: list(self.ex.map(fn, items))), (lambda: None)
+
     def mappers(self):
         return [("items_per_s", lambda: (lambda fn, items, cs: list(self.ex.map(fn, items, chunksize=cs)),
                                          lambda: None))]
@@ -99,7 +105,7 @@ class _ExecutorAdapter(Adapter):
 
 class PpeAdapter(_ExecutorAdapter):
     name = "ppe"
-    notes = {"map": "ProcessPoolExecutor.map(chunksize)"}
+    notes = {"map": "ProcessPoolExecutor.map(chunksize)", "bigarg": "facade: executor.map(first, [arr] * 8)"}
 
     def __init__(self, workers=2):
         super().__init__(workers)
@@ -117,7 +123,8 @@ class PpeAdapter(_ExecutorAdapter):
 
 class LokyAdapter(_ExecutorAdapter):
     name = "loky"
-    notes = {"map": "get_reusable_executor(2).map(chunksize)"}
+    notes = {"map": "get_reusable_executor(2).map(chunksize)",
+             "bigarg": "facade: get_reusable_executor(2).map(first, [arr] * 8)"}
 
     def __init__(self, workers=2):
         super().__init__(workers)
@@ -136,7 +143,8 @@ class JoblibAdapter(Adapter):
     notes = {"map": "Parallel(n_jobs=2, batch_size=chunksize)(delayed(f)(x) for x in items)",
              "noop": "one Parallel call (auto batching)",
              "roundtrip": "one Parallel call per task on a kept-open Parallel",
-             "bigarg": "by value = joblib's automatic memory-mapping of arrays > 1 MB"}
+             "bigarg": "by value = joblib's automatic memory-mapping of arrays > 1 MB; facade: a new plain "
+                       "Parallel(n_jobs=2) per call (the same memory-mapping)"}
 
     def __init__(self, workers=2):
         super().__init__(workers)
@@ -163,6 +171,9 @@ class JoblibAdapter(Adapter):
         d = self.joblib.delayed(fn)
         return self.par(d(*a) for a in arglists)
 
+    def facade(self):
+        return fb.joblib_runner(None, self.workers), (lambda: None)
+
     def call(self, fn, *args):
         return self.par([self.joblib.delayed(fn)(*args)])[0]
 
@@ -181,7 +192,12 @@ class DaskAdapter(Adapter):
     name = "dask"
     notes = {"map": "dask.bag.from_sequence(partition_size=chunksize).map(f).compute() on the Client; "
                     "chunked: one client.submit per chunk",
-             "bigarg": "put = client.scatter; value = array as argument of client.submit",
+             "bigarg": "put = client.scatter; value = array as argument of client.submit; facade: joblib "
+                       "Parallel(n_jobs=2) with parallel_config(backend='dask') on the Client (it scatters "
+                       "arguments > 1 kB once per call)",
+             "store": "put = client.scatter(array) (hashes the data, sends it to a worker over TCP); "
+                      "get = future.result(), i.e. a gather: the worker pickles the array and sends a copy "
+                      "over TCP, so get time grows with size",
              "actor": "client.submit(Counter, actor=True)",
              "cluster": "LocalCluster(n_workers=2, threads_per_worker=1, processes=True)"}
 
@@ -212,6 +228,9 @@ class DaskAdapter(Adapter):
 
     def put(self, value):
         return self.client.scatter(value)
+
+    def facade(self):
+        return fb.joblib_runner("dask", self.workers), (lambda: None)
 
     def free(self, ref):
         ref.release()
@@ -250,7 +269,9 @@ class DaskAdapter(Adapter):
 class RayAdapter(Adapter):
     name = "ray"
     notes = {"map": "ray.util.multiprocessing.Pool(2).map(chunksize); chunked: one task per chunk",
-             "bigarg": "put = ray.put; value = array as argument of each task",
+             "bigarg": "put = ray.put; value = array as argument of each task; facade: joblib "
+                       "Parallel(n_jobs=2) with parallel_config(backend='ray') (ray.util.joblib.register_ray())",
+             "store": "ray.put / ray.get (zero-copy numpy views of the object store); ref dropped to free",
              "init": "ray.init(num_cpus=2, include_dashboard=False, _node_ip_address='127.0.0.1')"}
 
     def __init__(self, workers=2):
@@ -281,6 +302,14 @@ class RayAdapter(Adapter):
 
     def put(self, value):
         return self.ray.put(value)
+
+    def facade(self):
+        try:
+            from ray.util.joblib import register_ray
+            register_ray()
+        except Exception as e:
+            raise NA(f"ray.util.joblib unusable: {type(e).__name__}: {e}")
+        return fb.joblib_runner("ray", self.workers), (lambda: None)
 
     def submit(self, fn, *args):
         return self._rf(fn).remote(*args)
@@ -672,7 +701,7 @@ def render(report):
         lines.append("| workload | better | " + " | ".join(peers) + " |")
         lines.append("|---|---|" + "---|" * len(peers))
         for w, metric, label, unit, better, base in rows:
-            if w not in report["workloads"] or metric == "procs":
+            if w not in report["workloads"] or metric == "procs" or better is None:
                 continue
             _, fv = fb.cell(res.get("farpool"), w, metric)
             cells = []
