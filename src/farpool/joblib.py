@@ -13,7 +13,7 @@ joblib's current interface (``submit`` with a completion callback,
 ``get_nested_backend``, ``retrieval_context``); nothing of joblib is patched.
 It runs in the process that calls ``Parallel`` (a driver, or a task running a
 nested ``Parallel``), on the caller's thread and the core client's callback
-thread, and is built on the facades' dispatcher (executor.py)::
+thread, and is built on the facades' dispatcher (_facade.py)::
 
     Parallel --BatchedCalls--> FarpoolBackend.submit --> _Dispatcher --> task `_call(_run_batch, ...)`
     Parallel <--BatchCompletionCallBack (callback thread) <-- DistributedFuture
@@ -48,9 +48,9 @@ import joblib
 from joblib._parallel_backends import AutoBatchingMixin, FallbackToBackend, ParallelBackendBase, SequentialBackend
 
 import farpool
-from farpool.executor import (DistributedFuture, _acquire_cluster, _blocked_while_waiting, _Dispatcher,
-                              _fix_result, _in_flight_limit, _PLAIN, _register_pool, _release_cluster,
-                              _Shared, _task_name, _TaskMaker, _WorkItem, _writable)
+from farpool._facade import (DistributedFuture, _acquire_cluster, _blocked_while_waiting, _Dispatcher,
+                             _fix_result, _in_flight_limit, _PLAIN, _register_pool, _release_cluster,
+                             _Shared, _task_name, _TaskMaker, _WorkItem, _writable)
 
 __all__ = ["FarpoolBackend", "register"]
 

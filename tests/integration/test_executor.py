@@ -303,7 +303,7 @@ def test_max_workers_caps_tasks_in_flight_and_cancel_before_dispatch(cluster, ga
 def test_cancel_of_a_task_queued_in_the_runtime(cluster, gate, tmp_path):
     # Workers of its own (an initializer), both busy; three tasks in flight (more than the cluster
     # runs at once, which the executor only does for quick tasks), so the third waits in the runtime.
-    from farpool.executor import _Limit
+    from farpool._facade import _Limit
     with DistributedExecutor(initializer=set_value, initargs=(1,)) as ex:
         ex._limit = _Limit(3, 3)
         blockers = [ex.submit(wait_at_gate, gate.path, i) for i in range(2)]
