@@ -194,3 +194,23 @@ def test_borrows_held_on_a_node_that_dies_are_released(started, monkeypatch):
     while oid in client.objects:  # freed once the head declares the node dead (2 s of silence)
         assert time.monotonic() < deadline, "a borrow held on a dead node was never released"
         time.sleep(0.05)
+
+
+def test_node_agents_on_one_machine_share_its_memory_for_their_stores(started):
+    started.start_head()
+    farpool.init(address=started.address, token=started.token)
+    deadline = time.monotonic() + 30
+    while not farpool.nodes()[0]["object_store"]:  # store stats come with the first heartbeat
+        assert time.monotonic() < deadline, "no heartbeat from the head node"
+        time.sleep(0.2)
+    alone = farpool.nodes()[0]["object_store"]["capacity"]
+    started.add_node("--num-cpus", "1")
+    deadline = time.monotonic() + 30
+    while True:  # every agent looks again at its heartbeat (each second)
+        capacities = [n["object_store"]["capacity"] for n in farpool.nodes() if n["object_store"]]
+        if len(capacities) == 2 and capacities[0] == capacities[1]:
+            break
+        assert time.monotonic() < deadline, f"the stores never shared the machine: {capacities}"
+        time.sleep(0.2)
+    assert capacities[0] <= alone // 2 + 1  # split, not each taking the whole default
+    assert sum(capacities) <= 0.3 * psutil.virtual_memory().total

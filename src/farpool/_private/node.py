@@ -45,7 +45,10 @@ class NodeAgent:
         self.node_id = args.node_id
         self.token = token
         self.embedded = args.embedded
-        capacity = int(args.object_store_memory or store.default_capacity())
+        # Without object_store_memory: a share of the machine's memory, split among its agents.
+        self.share = None if args.object_store_memory else store.MachineShare(
+            os.path.join(session.tmp_root(), "agents"))
+        capacity = int(args.object_store_memory or self.share.capacity())
         directory, self.store_in_shm = store.choose_dir(self.session_dir, self.node_id, capacity)
         self.store = store.ObjectStore(directory, capacity, os.path.join(self.session_dir, "spill"))
         import psutil
@@ -135,6 +138,12 @@ class NodeAgent:
                       time.monotonic() - self.last_ack)
             self.loop.stop()
             return
+        if self.share is not None:
+            capacity = self.share.capacity()
+            if capacity != self.store.capacity:  # an agent joined or left this machine
+                log.info("object store capacity %.0f MB -> %.0f MB (shared by the agents on this machine)",
+                         self.store.capacity / 1e6, capacity / 1e6)
+                self.store.capacity = capacity
         stats = dict(self.leases.stats(), object_store=self.store.stats())
         transport.send(self.head, encode("Heartbeat", (self.node_id, self.leases.resources.available,
                                                        {"stats": stats})))
@@ -421,6 +430,8 @@ def main(argv=None) -> int:
             pass
         agent.close()
         agent.store.close()
+        if agent.share is not None:
+            agent.share.close()
         transport.term_context()
         if args.embedded or args.lifeline:
             session.remove_session(args.session_dir)

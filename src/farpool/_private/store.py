@@ -236,9 +236,58 @@ def choose_dir(session_dir: str, node_id: str, capacity: int) -> tuple[str, bool
     return path, False
 
 
-def default_capacity() -> int:
-    import psutil
-    return int(psutil.virtual_memory().available * DEFAULT_FRACTION)
+class MachineShare:
+    """The default capacity: DEFAULT_FRACTION of this machine's memory, split evenly among
+    the node agents running on it.
+
+    Each agent leaves a file named by its pid in ``directory`` (one per user and machine)
+    while it runs, holding the budget it measured; ``capacity()`` divides the smallest
+    budget of the live agents by their number, so all agree on their shares, and an agent
+    that joins (or leaves) changes every agent's share at its next look (the heartbeat).
+    """
+
+    def __init__(self, directory: str):
+        import psutil
+        memory = psutil.virtual_memory()
+        self.budget = int(min(memory.total, memory.available) * DEFAULT_FRACTION)
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.path = os.path.join(directory, str(os.getpid()))
+        with open(self.path, "w") as f:
+            f.write(str(self.budget))
+
+    def live_budgets(self) -> list[int]:
+        budgets = []
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            try:
+                os.kill(int(name), 0)
+            except ValueError:
+                continue
+            except ProcessLookupError:  # an agent that died without cleaning up
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                continue
+            except PermissionError:
+                pass
+            try:
+                with open(path) as f:
+                    budgets.append(int(f.read() or self.budget))
+            except (OSError, ValueError):  # being written or removed right now
+                budgets.append(self.budget)
+        return budgets or [self.budget]
+
+    def capacity(self) -> int:
+        budgets = self.live_budgets()
+        return min(budgets) // len(budgets)
+
+    def close(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 @dataclass
