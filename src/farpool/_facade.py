@@ -158,6 +158,21 @@ def _release_cluster(client, linger_s: float = 0.0) -> None:
         _stop_idle_cluster()
 
 
+class _ClusterHold:
+    """One facade's use of the shared cluster (joined by ``_open_facade``); let go of once, from any thread."""
+
+    def __init__(self, client):
+        self.client = client
+        self._lock = threading.Lock()
+        self._held = True
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            _release_cluster(self.client)
+
+
 def _stop_idle_cluster() -> None:
     global _cluster_client, _cluster_started, _cluster_timer
     from farpool._private import client as client_mod

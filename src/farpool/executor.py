@@ -42,9 +42,8 @@ import time
 from typing import Callable, Iterable, Iterator
 
 from farpool import exceptions as _exc
-from farpool._facade import (BrokenDistributedExecutor, DistributedFuture, _Dispatcher, _feasible, _Feed,
-                             _in_flight_limit, _open_facade, _release_cluster, _task_name, _TaskMaker,
-                             _WorkItem)
+from farpool._facade import (BrokenDistributedExecutor, DistributedFuture, _ClusterHold, _Dispatcher, _feasible,
+                             _Feed, _in_flight_limit, _open_facade, _task_name, _TaskMaker, _WorkItem)
 
 __all__ = ["DistributedExecutor", "DistributedFuture", "BrokenDistributedExecutor"]
 
@@ -101,14 +100,7 @@ class _ExecutorState:
         # pickling user arguments may run user code that submits too.
         self.lock = threading.RLock()
         self.shutdown = False
-        self.released = False
-
-    def release(self) -> None:
-        with self.lock:
-            if self.released:
-                return
-            self.released = True
-        _release_cluster(self.dispatcher.client)
+        self.hold = _ClusterHold(dispatcher.client)
 
 
 class DistributedExecutor(concurrent.futures.Executor):
@@ -233,9 +225,9 @@ class DistributedExecutor(concurrent.futures.Executor):
             state.dispatcher.cancel_pending()
         if wait:
             state.dispatcher.wait_idle()
-            state.release()
+            state.hold.release()
         else:
-            state.dispatcher.call_when_idle(state.release)
+            state.dispatcher.call_when_idle(state.hold.release)
 
     def __repr__(self) -> str:
         state = "shutdown" if self._state.shutdown else "running"

@@ -50,8 +50,8 @@ from collections import deque
 from typing import Any, Callable, Iterable
 
 from farpool import exceptions as _exc
-from farpool._facade import (DistributedFuture, _Dispatcher, _feasible, _Feed, _in_flight_limit,
-                             _open_facade, _release_cluster, _task_name, _TaskMaker, _WorkItem)
+from farpool._facade import (DistributedFuture, _ClusterHold, _Dispatcher, _feasible, _Feed, _in_flight_limit,
+                             _open_facade, _task_name, _TaskMaker, _WorkItem)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,14 @@ def _outcome(future: concurrent.futures.Future) -> tuple[bool, Any]:
         return True, future.result(timeout=0)
     except BaseException as error:  # noqa: BLE001 - it is the task's outcome
         return False, _pool_error(error)
+
+
+def _chunk_values(future: concurrent.futures.Future) -> list:
+    """The results of a finished chunk task; raises its error."""
+    ok, value = _outcome(future)
+    if not ok:
+        raise value
+    return value
 
 
 def _weak(method: Callable) -> Callable:
@@ -255,10 +263,7 @@ class IMapIterator:
                 except concurrent.futures.CancelledError:
                     pass
                 self._current = None
-                ok, value = _outcome(future)
-                if not ok:
-                    raise value
-                self._items.extend(value)
+                self._items.extend(_chunk_values(future))
             return self._items.popleft()
 
     __next__ = next
@@ -319,10 +324,7 @@ class IMapUnorderedIterator:
                     raise StopIteration
                 future = self._finished.popleft()
                 self._delivered += 1
-            ok, value = _outcome(future)
-            if not ok:
-                raise value
-            self._items.extend(value)
+            self._items.extend(_chunk_values(future))
         return self._items.popleft()
 
     __next__ = next
@@ -363,7 +365,6 @@ class Pool:
                  num_cpus: float = 1, num_gpus: float = 0, memory: float | None = None,
                  resources: dict | None = None, max_retries: int = 3):
         self._state = INIT
-        self._released = True
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None:
@@ -375,8 +376,7 @@ class Pool:
                  "max_retries": max_retries}
         client, nodes, processes, pool_key = _open_facade(
             "pool", address, hints, processes, initializer, initargs, maxtasksperchild)
-        self._released = False
-        self._release_lock = threading.Lock()
+        self._hold = _ClusterHold(client)
         self._processes = processes
         self._pool = [_WorkerSlot(self) for _ in range(processes)]
         self._cache: dict = {}
@@ -397,13 +397,6 @@ class Pool:
             raise self._dispatcher.broken_error()
         if self._infeasible is not None:
             raise _exc.InfeasibleError(self._infeasible)
-
-    def _release(self) -> None:
-        with self._release_lock:
-            if self._released:
-                return
-            self._released = True
-        _release_cluster(self._dispatcher.client)
 
     def __reduce__(self):
         raise NotImplementedError('pool objects cannot be passed between processes or pickled')
@@ -428,7 +421,7 @@ class Pool:
         """No more work is accepted; what was submitted still runs."""
         if self._state == RUN:
             self._state = CLOSE
-            self._dispatcher.call_when_idle(self._release)
+            self._dispatcher.call_when_idle(self._hold.release)
 
     def terminate(self) -> None:
         """Stop now: queued work is dropped, running tasks are killed, pending results fail."""
@@ -437,7 +430,7 @@ class Pool:
         self._state = TERMINATE
         self._dispatcher.terminate(
             lambda: _exc.TaskCancelledError("the farpool Pool was terminated before this task finished"))
-        self._release()
+        self._hold.release()
 
     def join(self) -> None:
         """Wait for the submitted work to finish (after ``close()`` or ``terminate()``)."""
@@ -446,7 +439,7 @@ class Pool:
         elif self._state not in (CLOSE, TERMINATE):
             raise ValueError("In unknown state")
         self._dispatcher.wait_idle()
-        self._release()
+        self._hold.release()
 
     # -- work --------------------------------------------------------------
     def apply(self, func: Callable, args: Iterable = (), kwds: dict = {}):
