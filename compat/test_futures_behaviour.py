@@ -14,13 +14,13 @@ Run with ``python compat/run.py`` (or ``python -m pytest compat/test_futures_beh
 import concurrent.futures as cf
 import multiprocessing
 import os
-import socket
 import threading
 import time
 
 import pytest
 
-TIMEOUT = 60
+from farpool_testing import TIMEOUT, Gate, add, get_value, pid_of, set_value, square, wait_at_gate
+
 
 # test name -> {implementation: why it differs}; every entry is an expected failure (strict).
 DIFFERENCES = {
@@ -39,12 +39,6 @@ DIFFERENCES = {
 
 
 # ---------------------------------------------------------------------------- task functions
-def square(x):
-    return x * x
-
-
-def add(a, b=0, *, c=0):
-    return a + b + c
 
 
 class CustomError(Exception):
@@ -65,10 +59,6 @@ def return_lock():
     return threading.Lock()
 
 
-def pid_of(_=None):
-    return os.getpid()
-
-
 def crash():
     os._exit(7)
 
@@ -78,77 +68,8 @@ def mutate(arr):
     return arr
 
 
-_STATE = None
-
-
-def set_state(value):
-    global _STATE
-    _STATE = value
-
-
-def get_state(_=None):
-    return _STATE
-
-
 def bad_init():
     raise ValueError("initializer failed")
-
-
-def wait_at_gate(path, value=None):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(TIMEOUT)
-        s.connect(path)
-        s.recv(2)
-    return value
-
-
-class Gate:
-    """A Unix socket tasks connect to (showing they run) and block on until the test opens it."""
-
-    def __init__(self, path):
-        self.path = path
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(64)
-        self.arrived = threading.Semaphore(0)
-        self.opened = False
-        self.conns = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.conns.append(conn)
-                if self.opened:
-                    self._release()
-            self.arrived.release()
-
-    def _release(self):
-        for conn in self.conns:
-            try:
-                conn.sendall(b"go")
-            except OSError:
-                pass
-            conn.close()
-        self.conns.clear()
-
-    def wait_arrivals(self, n=1):
-        for _ in range(n):
-            assert self.arrived.acquire(timeout=TIMEOUT), "a task never reached the gate"
-
-    def open(self):
-        with self.lock:
-            self.opened = True
-            self._release()
-
-    def close(self):
-        self.open()
-        self.listener.close()
 
 
 # ---------------------------------------------------------------------------- the two implementations
@@ -444,8 +365,8 @@ def test_constructor_validation(kind):
 
 # ---------------------------------------------------------------------------- workers
 def test_initializer_sets_worker_state(make):
-    ex = make(initializer=set_state, initargs=("ready",))
-    assert set(ex.map(get_state, range(8))) == {"ready"}
+    ex = make(initializer=set_value, initargs=("ready",))
+    assert set(ex.map(get_value, range(8))) == {"ready"}
 
 
 def test_failing_initializer_breaks_the_executor(make):

@@ -8,10 +8,6 @@ essentials again, so that `pytest` alone covers them.
 
 import concurrent.futures as cf
 import os
-import socket
-import subprocess
-import sys
-import textwrap
 import threading
 
 import numpy as np
@@ -20,19 +16,11 @@ import pytest
 import farpool
 from farpool import DistributedExecutor
 from farpool.executor import BrokenDistributedExecutor, DistributedFuture
-
-TIMEOUT = 60
+from farpool_testing import (TIMEOUT, Gate, add, crash_once, get_value, pid_of, run_script, set_value, square,
+                             wait_at_gate)
 
 
 # ---------------------------------------------------------------------------- task functions
-def square(x):
-    return x * x
-
-
-def add(a, b=0, *, c=0):
-    return a + b + c
-
-
 class Oops(Exception):
     pass
 
@@ -45,32 +33,8 @@ def exit_task():
     raise SystemExit(3)
 
 
-def pid_of(_=None):
-    return os.getpid()
-
-
-_value = None
-
-
-def set_value(v):
-    global _value
-    _value = v
-
-
-def get_value(_=None):
-    return _value
-
-
 def bad_initializer():
     raise RuntimeError("initializer failed on purpose")
-
-
-def crash_once(marker):
-    """Kills its worker the first time, succeeds on the retry."""
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
-    return "survived"
 
 
 def crash_always():
@@ -95,67 +59,7 @@ def touch(path):
     return path
 
 
-# ---------------------------------------------------------------------------- a gate tasks wait at
-class Gate:
-    """A Unix socket tasks connect to (showing they run) and block on until the test opens it."""
-
-    def __init__(self, path):
-        self.path = path
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(64)
-        self.arrived = threading.Semaphore(0)
-        self.opened = threading.Event()
-        self.conns = []
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                if self.opened.is_set():
-                    try:
-                        conn.sendall(b"go")
-                    except OSError:
-                        pass
-                    conn.close()
-                else:
-                    self.conns.append(conn)
-            self.arrived.release()
-
-    def wait_arrivals(self, n, timeout=TIMEOUT):
-        for _ in range(n):
-            assert self.arrived.acquire(timeout=timeout), "a task never reached the gate"
-
-    def open(self):
-        with self.lock:
-            self.opened.set()
-            for conn in self.conns:
-                try:
-                    conn.sendall(b"go")
-                except OSError:  # that task is gone (killed or cancelled)
-                    pass
-                conn.close()
-            self.conns.clear()
-
-    def close(self):
-        self.open()
-        self.listener.close()
-
-
-def wait_at_gate(path, value=None):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(TIMEOUT)
-        s.connect(path)
-        s.recv(2)
-    return value
-
-
+# ---------------------------------------------------------------------------- fixtures
 @pytest.fixture
 def gate(tmp_path):
     g = Gate(str(tmp_path / "gate.sock"))
@@ -431,13 +335,6 @@ def test_object_ref_arguments_are_resolved(ex):
 
 
 # ---------------------------------------------------------------------------- scripts
-def run_script(tmp_path, body):
-    script = tmp_path / "driver.py"
-    script.write_text(textwrap.dedent(body))
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
-                          cwd=tmp_path)
-
-
 def test_initializer_in_main_sets_a_global(tmp_path):
     result = run_script(tmp_path, """
         from farpool import DistributedExecutor as ProcessPoolExecutor
@@ -450,7 +347,7 @@ def test_initializer_in_main_sets_a_global(tmp_path):
         if __name__ == "__main__":
             with ProcessPoolExecutor(2, initializer=init, initargs=("ready",)) as ex:
                 print(sorted(set(ex.map(read, range(10)))))
-    """)
+    """, timeout=180)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['ready']"
 
@@ -493,7 +390,7 @@ def test_facades_share_the_cluster_they_start_until_the_last_shuts_down(tmp_path
                 time.sleep(0.05)
             assert not farpool.is_initialized()
             print("ok")
-    """)
+    """, timeout=180)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 

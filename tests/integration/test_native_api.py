@@ -14,52 +14,17 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import psutil
 import pytest
 
 import farpool
+from farpool_testing import DEADLINE_S, meet, run_script, wait_for_file, wait_until
 
 PY = sys.executable
-DEADLINE_S = 30
 
 
 # ---------------------------------------------------------------------- helpers
-def wait_until(predicate, what, timeout=DEADLINE_S):
-    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting after {timeout}s for {what}")
-        time.sleep(0.01)
-
-
-def wait_for_file(path, timeout=60.0):
-    """Inside a task: block until ``path`` exists (True) or the deadline passes (False)."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
-def meet(directory, me, n, timeout=30.0):
-    """Inside a task: a barrier of ``n`` tasks through files; True when all ``n`` arrived."""
-    os.makedirs(directory, exist_ok=True)
-    open(os.path.join(directory, me), "w").close()
-    deadline = time.monotonic() + timeout
-    while len(os.listdir(directory)) < n:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def write_atomically(path, text):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -561,13 +526,6 @@ def test_timeline_writes_chrome_trace_of_recent_tasks(cluster, tmp_path):
 
 
 # ---------------------------------------------------------------------- init arguments
-def run_script(tmp_path, body, env=None, timeout=120):
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(body))
-    return subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
-                          env=dict(os.environ, **(env or {})))
-
-
 def test_namespace_is_seen_by_the_driver_and_its_tasks(tmp_path):
     result = run_script(tmp_path, """
         import farpool
@@ -611,7 +569,7 @@ def test_resources_refused_when_joining_through_env_or_auto(tmp_path):
             raise SystemExit("init(address='auto', num_cpus=2) did not raise ValueError")
         assert not farpool.is_initialized()
         print("OK")
-    """, env={"FARPOOL_ADDRESS": "127.0.0.1:1"})
+    """, env=dict(os.environ, FARPOOL_ADDRESS="127.0.0.1:1"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split() == ["OK"]
 

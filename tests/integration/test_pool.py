@@ -8,25 +8,14 @@ import gc
 import logging
 import multiprocessing
 import multiprocessing.pool
-import os
 import pickle
-import socket
-import subprocess
-import sys
-import textwrap
-import threading
 
 import pytest
 
 import farpool
 from farpool import Pool
 from farpool.pool import AsyncResult, BrokenPoolError
-
-TIMEOUT = 60
-
-
-def square(x):
-    return x * x
+from farpool_testing import TIMEOUT, Gate, crash_once, get_value, pid_of, run_script, set_value, square, wait_at_gate
 
 
 def mul(a, b):
@@ -43,88 +32,8 @@ def fail_on(x, bad=3):
     return x
 
 
-_value = None
-
-
-def set_value(v):
-    global _value
-    _value = v
-
-
-def get_value(_=None):
-    return _value
-
-
-def pid_of(_=None):
-    return os.getpid()
-
-
 def bad_initializer():
     raise RuntimeError("pool initializer failed on purpose")
-
-
-def crash_once(marker):
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
-    return "survived"
-
-
-def wait_at_gate(path, value=None):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(TIMEOUT)
-        s.connect(path)
-        s.recv(2)
-    return value
-
-
-class Gate:
-    """A Unix socket tasks connect to (showing they run) and block on until the test opens it."""
-
-    def __init__(self, path):
-        self.path = path
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(64)
-        self.arrived = threading.Semaphore(0)
-        self.opened = threading.Event()
-        self.conns = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.conns.append(conn)
-                if self.opened.is_set():
-                    self._release()
-            self.arrived.release()
-
-    def _release(self):
-        for conn in self.conns:
-            try:
-                conn.sendall(b"go")
-            except OSError:
-                pass
-            conn.close()
-        self.conns.clear()
-
-    def wait_arrivals(self, n, timeout=TIMEOUT):
-        for _ in range(n):
-            assert self.arrived.acquire(timeout=timeout), "a task never reached the gate"
-
-    def open(self):
-        with self.lock:
-            self.opened.set()
-            self._release()
-
-    def close(self):
-        self.open()
-        self.listener.close()
 
 
 @pytest.fixture
@@ -339,8 +248,7 @@ def test_infeasible_resources_fail_at_once(cluster):
 
 
 def test_pool_in_a_script_with_initializer_in_main(tmp_path):
-    script = tmp_path / "driver.py"
-    script.write_text(textwrap.dedent("""
+    result = run_script(tmp_path, """
         from farpool import Pool
         COUNTER = 0
         def init(start):
@@ -353,8 +261,6 @@ def test_pool_in_a_script_with_initializer_in_main(tmp_path):
         if __name__ == "__main__":
             with Pool(2, initializer=init, initargs=(100,)) as pool:
                 print(all(pool.map(bump, range(20))))
-    """))
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
-                            cwd=tmp_path)
+    """, timeout=180)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"

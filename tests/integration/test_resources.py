@@ -8,17 +8,12 @@ deadline, never on time.
 
 import collections
 import os
-import subprocess
-import sys
-import textwrap
-import time
 
 import pytest
 
 import farpool
+from farpool_testing import meet, run_script, wait_for_file, wait_until
 
-PY = sys.executable
-DEADLINE_S = 30
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -32,39 +27,6 @@ def gpu_cluster():
 
 
 # ---------------------------------------------------------------------- helpers
-def wait_until(predicate, what, timeout=DEADLINE_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting after {timeout}s for {what}")
-        time.sleep(0.01)
-
-
-def wait_for_file(path, timeout=60.0):
-    """Inside a task: block until ``path`` exists (True) or the deadline passes (False)."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
-def meet(directory, me, n, timeout=30.0):
-    """Inside a task: a barrier of ``n`` tasks through files; True when all ``n`` arrived."""
-    os.makedirs(directory, exist_ok=True)
-    open(os.path.join(directory, me), "w").close()
-    deadline = time.monotonic() + timeout
-    while len(os.listdir(directory)) < n:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def gpus_seen():
     ids = [str(i) for i in farpool.get_gpu_ids()]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -214,13 +176,6 @@ def test_reserved_names_refused_in_task_resources(gpu_cluster, name):
         echo.options(resources={name: 1})
     with pytest.raises(ValueError, match=name):
         farpool.remote(resources={name: 1})(lambda: 1)
-
-
-def run_script(tmp_path, body, env=None, timeout=120):
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(body))
-    return subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
-                          env=env if env is not None else dict(os.environ))
 
 
 def test_reserved_names_refused_in_init_resources(tmp_path):

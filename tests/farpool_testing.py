@@ -1,0 +1,164 @@
+"""Helpers the test suites share: tests/integration and the compat suites.
+
+Importable as ``farpool_testing``: pytest puts this directory on ``sys.path`` for
+everything under tests/ (it holds tests/conftest.py, and tests/ is not a
+package), and compat/conftest.py puts it there for the compat runs.  The task
+functions here travel to workers by reference (``farpool_testing.square``); the
+workers get the driver's ``sys.path``, so they import this module as the tests do.
+
+Not ``helpers``: a test of ``runtime_env`` ships a package of that name.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+# Seconds any one blocking call of a test may take (results, gates, arrivals).
+TIMEOUT = 60
+# Seconds ``wait_until`` waits by default for cluster state to change.
+DEADLINE_S = 30
+
+
+# ---------------------------------------------------------------------------- task functions
+def square(x):
+    return x * x
+
+
+def add(a, b=0, *, c=0):
+    return a + b + c
+
+
+def pid_of(_=None):
+    return os.getpid()
+
+
+_value = None
+
+
+def set_value(v):
+    """An initializer: leaves ``v`` in the worker, for ``get_value``."""
+    global _value
+    _value = v
+
+
+def get_value(_=None):
+    return _value
+
+
+def crash_once(marker):
+    """Kills its worker the first time, succeeds on the retry."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return "survived"
+
+
+# ---------------------------------------------------------------------------- a gate tasks wait at
+def wait_at_gate(path, value=None):
+    """A task that shows it runs (it connects) and blocks until the test opens the gate."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(TIMEOUT)
+        s.connect(path)
+        s.recv(2)
+    return value
+
+
+class Gate:
+    """A Unix socket tasks connect to (showing they run) and block on until the test opens it."""
+
+    def __init__(self, path):
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(64)
+        self.arrived = threading.Semaphore(0)
+        self.opened = threading.Event()
+        self.conns = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.conns.append(conn)
+                if self.opened.is_set():
+                    self._release()
+            self.arrived.release()
+
+    def _release(self):
+        for conn in self.conns:
+            try:
+                conn.sendall(b"go")
+            except OSError:  # that task is gone (killed or cancelled)
+                pass
+            conn.close()
+        self.conns.clear()
+
+    def wait_arrivals(self, n=1, timeout=TIMEOUT):
+        for _ in range(n):
+            assert self.arrived.acquire(timeout=timeout), "a task never reached the gate"
+
+    def open(self):
+        """Let every waiting task go, and any that arrives later."""
+        with self.lock:
+            self.opened.set()
+            self._release()
+
+    def close(self):
+        self.open()
+        self.listener.close()
+
+
+# ---------------------------------------------------------------------------- waiting on files and state
+def wait_until(predicate, what, timeout=DEADLINE_S):
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {timeout}s for {what}")
+        time.sleep(0.01)
+
+
+def wait_for_file(path, timeout=60.0):
+    """Inside a task: block until ``path`` exists (True) or the deadline passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def meet(directory, me, n, timeout=30.0):
+    """Inside a task: a barrier of ``n`` tasks through files; True when all ``n`` arrived."""
+    os.makedirs(directory, exist_ok=True)
+    open(os.path.join(directory, me), "w").close()
+    deadline = time.monotonic() + timeout
+    while len(os.listdir(directory)) < n:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+# ---------------------------------------------------------------------------- driver scripts
+def run_script(tmp_path, body, env=None, timeout=120):
+    """Run ``body`` (dedented) as a driver script in ``tmp_path``; returns the ``CompletedProcess``.
+
+    ``env`` is the script's whole environment (None: this process's), as for ``subprocess.run``.
+    """
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(body))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout,
+                          cwd=tmp_path, env=env)
