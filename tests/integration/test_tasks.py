@@ -392,3 +392,25 @@ def test_a_worker_killed_between_calls_costs_nothing(cluster):
     for _ in range(3):
         os.kill(farpool.get(pid.remote(), timeout=60), signal.SIGKILL)
         assert farpool.get(add.remote(1, 2), timeout=60) == 3
+
+
+@farpool.remote
+def short_or_gated(gate=None):
+    import time
+    while gate is not None and not os.path.exists(gate):
+        time.sleep(0.01)
+    return gate is None
+
+
+def test_tasks_queued_behind_a_long_one_are_taken_back_by_an_idle_worker(cluster, tmp_path):
+    # Short tasks get pipelined: several wait in each worker behind the running one.
+    assert all(farpool.get([short_or_gated.remote() for _ in range(200)], timeout=60))
+    gate = str(tmp_path / "gate")
+    long_one = short_or_gated.remote(gate)
+    shorts = [short_or_gated.remote() for _ in range(60)]
+    # Some shorts went in behind the gated task; the other worker, once idle, takes them
+    # back. Without that, they would wait for the gate.
+    ready, _ = farpool.wait(shorts, num_returns=len(shorts), timeout=60)
+    assert len(ready) == len(shorts)
+    open(gate, "w").close()
+    assert farpool.get(long_one, timeout=60) is False

@@ -247,6 +247,8 @@ class LeaseState:
     job_sent: bool = False
     retiring: bool = False
     claimed: bool = False   # a caller thread sent a task on it; the I/O thread records it next
+    taking_back: bool = False  # a TakeBack request is out (answered by TakenBack)
+    nothing_to_take: bool = False  # the last TakeBack got nothing: not again before it reports
 
 
 @dataclass
@@ -288,8 +290,9 @@ class AgentConn:
 class DirectChannel:
     """A Unix stream straight to a leased worker on this machine (see transport.StreamChannel)."""
 
-    def __init__(self, stream: transport.StreamChannel):
+    def __init__(self, stream: transport.StreamChannel, doorbell: str | None = None):
         self.stream = stream
+        self.doorbell = doorbell  # the worker's datagram socket for TakeBack (answered mid-task)
 
     def send(self, frames) -> bool:
         return self.stream.send(frames)
@@ -507,6 +510,8 @@ class CoreClient:
         for watch in self.watched.values():
             if watch.fd is not None:
                 os.close(watch.fd)
+        if getattr(self, "_doorbell_sock", None) is not None:
+            self._doorbell_sock.close()
         store.clear_written()  # the session's segments go away: do not keep their memory mapped
         self.loop.close()
 
@@ -1077,6 +1082,7 @@ class CoreClient:
         # thread's next task (the fast path of submit).
         if q:
             return
+        self._take_back_for_idle(kq)
         for lease in kq.leases:
             if not lease.inflight and not lease.claimed and lease.linger is None:
                 lease.linger = self.loop.call_later(LEASE_LINGER_S, self._return_idle, lease)
@@ -1084,6 +1090,51 @@ class CoreClient:
                     and isinstance(lease.channel, DirectChannel)):
                 with self.lock:
                     self.parked[key] = lease
+
+    def _take_back_for_idle(self, kq: KeyQueue) -> None:
+        """A worker of this shape has nothing to do while another has tasks queued behind its
+        running one (pipelined): ask for the newer half of those back, to run them here."""
+        if not any(not l.inflight and not l.claimed and not l.retiring for l in kq.leases):
+            return
+        busy = max((l for l in kq.leases if len(l.inflight) >= 2 and not l.taking_back and not l.retiring
+                    and not l.nothing_to_take), key=lambda l: len(l.inflight), default=None)
+        if busy is None:
+            return
+        ids = list(busy.inflight)[-(len(busy.inflight) // 2):]
+        token = (busy.node_id, busy.lease_id)
+        busy.taking_back = True
+        if isinstance(busy.channel, DirectChannel):
+            # Its worker may be deep in a long task: the doorbell is answered even then.
+            try:
+                self._doorbell().sendto(pickle.dumps((ids, token, self.identity), protocol=5),
+                                        busy.channel.doorbell)
+            except OSError:  # gone, or its queue is full: try again at the next chance
+                busy.taking_back = False
+        else:  # on another machine: its agent relays it, answered between tasks
+            busy.channel.send(encode("TakeBack", (ids, token)))
+
+    def _doorbell(self):
+        sock = getattr(self, "_doorbell_sock", None)
+        if sock is None:
+            import socket as _socket
+            sock = self._doorbell_sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+            sock.setblocking(False)
+        return sock
+
+    def _on_TakenBack(self, conn, task_ids, lease_key) -> None:
+        """Tasks a worker handed back unstarted: first in line again (not an attempt)."""
+        lease = self.leases.get(tuple(lease_key))
+        if lease is None:  # its worker is gone meanwhile: WorkerExited requeued them
+            return
+        lease.taking_back = False
+        lease.nothing_to_take = not task_ids  # ask again once it has reported progress
+        for task_id in reversed(task_ids):  # each goes to the front: keep their order
+            task = lease.inflight.pop(task_id, None)
+            if task is not None:
+                task.attempts -= 1
+                task.lease = None
+                self._enqueue(task, front=True)
+        self._mark_dirty(lease.key)
 
     def _worker_slots(self, kq: KeyQueue) -> int:
         """How many tasks of this shape the cluster can run at once (for pipelining decisions)."""
@@ -1335,7 +1386,7 @@ class CoreClient:
                     self._mark_dirty(key)
                     return
                 self.loop.add_reader(stream.fd, lambda s=stream: self._on_worker(s))
-                channel = self.worker_channels[address] = DirectChannel(stream)
+                channel = self.worker_channels[address] = DirectChannel(stream, address + ".tb")
         else:
             channel = RelayChannel(conn, worker_id)
         lease = LeaseState(lease_id, worker_id, node_id, channel, gpu_ids, key)
@@ -1439,6 +1490,7 @@ class CoreClient:
             lease = task.lease
             if lease is not None:
                 lease.inflight.pop(task_id, None)
+                lease.nothing_to_take = False
                 kq = self.keys.get(lease.key)
                 if kq is not None and kq.actor is None:
                     # Pipeline deeper only for tasks that run for less than SHORT_TASK_S.

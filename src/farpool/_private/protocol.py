@@ -40,6 +40,7 @@ TAGS = frozenset({
     "WorkerReady", "WorkerLog",
     # client <-> worker
     "ExecuteTask", "TaskFinished", "GetObject", "ObjectValue", "CancelTask", "BorrowReleased", "AddBorrower",
+    "TakeBack", "TakenBack",
     # node object store
     "AllocateObject", "ObjectAllocated", "FreeObjects", "RestoreObject", "StoreStats", "SegmentsDropped",
     # actors: client <-> head <-> agent <-> worker

@@ -23,8 +23,11 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import types
+from collections import deque
+from dataclasses import dataclass, field
 
 from farpool._private import client as client_mod
 from farpool._private import protocol, session, store, transport
@@ -159,6 +162,17 @@ def _split_batch(tasks, buffers):
         yield task, arg_bufs, ref_bufs
 
 
+@dataclass
+class _Batch:
+    """An ExecuteTask message being worked through: the tasks not yet run, the results so far."""
+    reply: object
+    caller: tuple | None
+    store_results: bool
+    pending: deque
+    results: list = field(default_factory=list)
+    out_buffers: list = field(default_factory=list)
+
+
 def _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs):
     """Arguments, plus weakrefs to the ObjectRefs that arrived in them (we borrow those)."""
     arrivals: list = []
@@ -226,6 +240,25 @@ class Worker:
         self.channels: set = set()
         self._requests = 0
         self.borrowed: dict = {}  # caller identity -> ids of refs from its arguments that outlived their task
+        self.batches: deque = deque()  # ExecuteTask messages not done yet, in arrival order
+        self.running = False           # inside _run_batches (messages read meanwhile only queue)
+        # Reading the channels and changing ``batches``: the main thread holds this lock except
+        # while a task runs; then the doorbell thread may (see _on_doorbell).
+        self.io_lock = threading.Lock()
+        self.io_lock.acquire()
+        self.reply_to: dict = {}  # caller identity -> how to answer it (its channel)
+        # TakeBack requests from owners on this machine come on a datagram socket of their own,
+        # which a thread watches: they are answered even while a long task runs.
+        import socket as _socket
+        doorbell = os.path.join(cfg["session_dir"], f"w-{self.worker_id}.tb")
+        if os.path.exists(doorbell):
+            os.unlink(doorbell)
+        self.doorbell = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        self.doorbell.bind(doorbell)
+        os.chmod(doorbell, 0o600)
+        self.doorbell.setblocking(False)
+        self.loop.add_reader(self.doorbell.fileno(), self._on_doorbell)
+        threading.Thread(target=self._watch_doorbell, name="farpool-takeback", daemon=True).start()
         self._agent_backlog: list = []
         self.store_results = False  # set per message: only owners on this machine can map results
         self.actor = None
@@ -254,9 +287,8 @@ class Worker:
 
     def _on_channel(self, channel) -> None:
         for frames in channel.read():
-            self.store_results = True  # a local owner: large results go to the node store
-            self._handle(frames, channel.send)
-            self.store_results = False
+            self._handle(frames, channel.send, store_results=True)  # a local owner: it maps results
+        self._run_batches()
         if channel.eof:
             channel.close()
             self.channels.discard(channel)
@@ -264,6 +296,7 @@ class Worker:
     def _on_agent(self) -> None:
         for frames in transport.recv_all(self.agent, limit=64):
             self._on_agent_frames(frames)
+        self._run_batches()
 
     def _on_agent_frames(self, frames) -> None:
         if frames[0] == b"Relayed":
@@ -275,7 +308,7 @@ class Worker:
         else:
             log.warning("unexpected message from the agent: %r", frames[0][:32])
 
-    def _handle(self, frames, reply) -> None:
+    def _handle(self, frames, reply, store_results: bool = False) -> None:
         try:
             tag, fields, buffers = protocol.decode(frames)
         except protocol.ProtocolError as exc:
@@ -283,13 +316,13 @@ class Worker:
             return
         if tag == "ExecuteTask" and self.actor_executor is not None:
             self._execute_concurrent(fields[0], fields[1], buffers, reply)
-        elif tag == "ExecuteTask":
+        elif tag == "ExecuteTask":  # run by _run_batches, in order
             caller = fields[1]
-            results, out_buffers = self._execute_batch(fields[0], caller, buffers)
-            retiring = self.tasks_left is not None and self.tasks_left <= 0
-            reply(encode("TaskFinished", (results, retiring) + self._take_borrowed(caller), out_buffers))
-            if retiring:
-                self._retire()
+            if caller:
+                self.reply_to[caller[0]] = reply
+            self.batches.append(_Batch(reply, caller, store_results, deque(_split_batch(fields[0], buffers))))
+        elif tag == "TakeBack":
+            self._take_back(set(fields[0]), fields[1], reply)
         elif tag == "CreateActor":
             reply(encode("ActorCreated", self._create_actor(fields, buffers)))
         elif tag == "Ping":
@@ -409,6 +442,7 @@ class Worker:
         backlog, self._agent_backlog = self._agent_backlog, []
         for frames in backlog:
             self._on_agent_frames(frames)
+        self._run_batches()
 
     def _note_borrowed(self, caller, ids: list) -> None:
         if ids:
@@ -450,19 +484,107 @@ class Worker:
                 self.pool_error = protocol.format_exception_text(exc)
         return self.pool_error
 
-    def _execute_batch(self, tasks, caller, buffers) -> tuple[list, list]:
-        results = []
-        out_buffers: list = []
-        for task, arg_bufs, ref_bufs in _split_batch(tasks, buffers):
-            (task_id, fn_hash, fn_bytes, fn_name, args_payload, _n, ref_values,
-             num_returns, job_setup, lease_info) = task
-            if self.tasks_left is not None and self.tasks_left <= 0:
-                results.append((task_id, RETIRED, None, 0.0, 0.0))  # not run: the owner requeues it
+    def _run_batches(self) -> None:
+        """Run the queued tasks one by one, each batch's results in one TaskFinished.
+
+        Tasks queued behind the running one can be taken back by their owner (a worker of
+        theirs fell idle): owners on this machine ring the doorbell, answered even during a
+        task; for relayed tasks we read the agent socket between tasks.
+        """
+        if self.running:
+            return
+        self.running = True
+        try:
+            while self.batches:
+                batch = self.batches[0]
+                while batch.pending:
+                    if not batch.store_results and (len(batch.pending) > 1 or len(self.batches) > 1):
+                        self._absorb()  # relayed tasks: their TakeBack comes through the agent
+                        if not batch.pending:
+                            break
+                    task, arg_bufs, ref_bufs = batch.pending.popleft()
+                    self.store_results = batch.store_results
+                    self.io_lock.release()  # the doorbell thread may take tasks back meanwhile
+                    try:
+                        batch.results.append(self._run_one(task, arg_bufs, ref_bufs, batch))
+                    finally:
+                        self.io_lock.acquire()
+                        self.store_results = False
+                self.batches.popleft()
+                retiring = self.tasks_left is not None and self.tasks_left <= 0
+                if batch.results:
+                    batch.reply(encode("TaskFinished", (batch.results, retiring) + self._take_borrowed(batch.caller),
+                                       batch.out_buffers))
+                if retiring:
+                    self._retire()
+        finally:
+            self.running = False
+
+    def _on_doorbell(self) -> None:
+        """TakeBack requests (the lock is ours: the main loop between tasks, or the doorbell
+        thread while a task runs).  Tasks pipelined to us may still wait unread in a channel:
+        read those first (only the direct channels: a running task may use the agent socket)."""
+        first = True
+        while True:
+            try:
+                data = self.doorbell.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                task_ids, token, caller = protocol.loads(data)
+            except Exception:  # noqa: BLE001 - a bad datagram is dropped, nothing else
+                log.warning("dropped a bad take-back request")
                 continue
-            results.append(self._execute(task_id, fn_hash, fn_bytes, fn_name, args_payload, arg_bufs,
-                                         ref_values, ref_bufs, num_returns, job_setup, lease_info,
-                                         out_buffers, caller))
-        return results, out_buffers
+            if first:
+                first = False
+                for channel in list(self.channels):
+                    if not channel.closed:
+                        for frames in channel.read():
+                            self._handle(frames, channel.send, store_results=True)
+            reply = self.reply_to.get(caller)
+            if reply is not None:
+                self._take_back(set(task_ids), token, reply)
+
+    def _watch_doorbell(self) -> None:
+        """The doorbell thread: while a task runs (the main thread has let go of the lock),
+        it answers TakeBack requests itself; otherwise the main loop does."""
+        import select as _select
+        poller = _select.poll()
+        poller.register(self.doorbell.fileno(), _select.POLLIN)
+        while True:
+            poller.poll()
+            with self.io_lock:
+                self._on_doorbell()
+
+    def _run_one(self, task, arg_bufs, ref_bufs, batch: _Batch):
+        (task_id, fn_hash, fn_bytes, fn_name, args_payload, _n, ref_values,
+         num_returns, job_setup, lease_info) = task
+        if self.tasks_left is not None and self.tasks_left <= 0:
+            return (task_id, RETIRED, None, 0.0, 0.0)  # not run: the owner requeues it
+        return self._execute(task_id, fn_hash, fn_bytes, fn_name, args_payload, arg_bufs, ref_values,
+                             ref_bufs, num_returns, job_setup, lease_info, batch.out_buffers, batch.caller)
+
+    def _absorb(self) -> None:
+        """Read, without waiting, what the agent relayed meanwhile (new tasks queue behind
+        ours; a TakeBack from an owner on another machine).  Owners on this machine ring the
+        doorbell instead (_on_doorbell)."""
+        backlog, self._agent_backlog = self._agent_backlog, []  # older than what is still unread
+        for frames in backlog:
+            self._on_agent_frames(frames)
+        for frames in transport.recv_all(self.agent, limit=64):
+            self._on_agent_frames(frames)
+
+    def _take_back(self, task_ids: set, token, reply) -> None:
+        """An owner wants queued tasks back (to run them on an idle worker): hand back those
+        not started yet."""
+        taken = []
+        for batch in self.batches:
+            if any(item[0][0] in task_ids for item in batch.pending):
+                keep = deque()
+                for item in batch.pending:
+                    (taken if item[0][0] in task_ids else keep).append(item)
+                batch.pending = keep
+        reply(encode("TakenBack", ([item[0][0] for item in taken], token)))
 
     def _apply_runtime_env(self, pool_key) -> None:
         """A worker dedicated to a runtime_env applies it once, before its first task."""
