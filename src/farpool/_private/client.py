@@ -430,10 +430,14 @@ class CoreClient:
                                   f"see the logs in {self.session_dir}")
         return sock.recv_multipart()
 
+    def _agent_hello(self) -> list:
+        return encode("Hello", ("client", {"job_id": self.job_id, "worker_id": self.worker_id,
+                                           "node_id": self.cfg.get("node_id"),
+                                           "log_to_driver": self.cfg.get("log_to_driver", False)}))
+
     def _open_agent(self, node_id: str, address: str) -> AgentConn:
         sock = transport.dealer(self.identity)
-        hello = encode("Hello", ("client", {"job_id": self.job_id, "worker_id": self.worker_id,
-                                            "log_to_driver": self.cfg.get("log_to_driver", False)}))
+        hello = self._agent_hello()
         if address.startswith("ipc://"):
             sock.connect(address)
             transport.send(sock, hello)

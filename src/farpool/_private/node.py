@@ -166,7 +166,9 @@ class NodeAgent:
         self._send(client, "Pong", *args)
 
     def _on_Hello(self, client, kind: str, info: dict) -> None:
-        if info.get("worker_id") is not None:
+        # Worker ids are unique per node only: a worker's client from another node
+        # (spillback, owner messages) is not inside our worker of the same id.
+        if info.get("worker_id") is not None and info.get("node_id") == self.node_id:
             self.worker_clients.setdefault(info["worker_id"], set()).add(client)
         if info.get("job_id") is not None:
             self.client_jobs[client] = info["job_id"]
