@@ -180,3 +180,20 @@ def test_an_agent_survives_garbage_and_messages_for_nobody(started):
         client().loop.call_soon(transport.send, conn.socket, frames)
     node, value, _, conns = farpool.get(read_boxed.remote([farpool.put(2), farpool.put(np.ones(4))]), timeout=60)
     assert (node, value, conns) == (second, 2, 0)
+
+
+@farpool.remote(resources={"home": 1})
+def read_boxed_at_home(box):
+    small, big = farpool.get(box, timeout=60)
+    return farpool.get_runtime_context().node_id, small, float(big.sum()), ipc_owner_conns()
+
+
+def test_a_driver_joined_over_tcp_is_asked_through_its_agent_even_from_that_node(started):
+    """Its home agent is the head node's, but the driver may run on another machine:
+    a worker of that node must not open an ipc path of the driver's."""
+    started.start_head("--resources", '{"home": 1}')
+    farpool.init(address=started.address, token=started.token)
+    assert client().owner_address[2] is None
+    node, value, total, conns = farpool.get(
+        read_boxed_at_home.remote([farpool.put("hi"), farpool.put(np.ones(BIG))]), timeout=60)
+    assert (node, value, total, conns) == (node_ids(started)[0], "hi", BIG, 0)

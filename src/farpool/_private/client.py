@@ -454,8 +454,13 @@ class CoreClient:
         return conn
 
     def _owner_endpoint(self):
-        """An ipc ROUTER where borrowers on this machine ask us for values."""
+        """An ipc ROUTER where borrowers on our node ask us for values (None: none; they ask
+        through our home agent)."""
         if not self.session_dir or not os.path.isdir(self.session_dir):
+            return None
+        if not self.home.local:
+            # Our home agent is reached over TCP: we may run on another machine than its
+            # node, where no process could open an ipc path of ours.
             return None
         self.owner_socket = transport.router()
         path = session.ipc(self.session_dir, f"o-{self.client_id.hex()}")
@@ -1583,7 +1588,9 @@ class CoreClient:
         watch = self.watched.get(identity)
         if watch is None:
             watch = self.watched[identity] = BorrowerWatch(tuple(borrower))
-            if self.home is not None and borrower[1] == self.home.node_id and len(borrower) > 3:
+            # A pid means something only on our machine: both of us attached to our node over ipc.
+            if self.home is not None and self.home.local and borrower[1] == self.home.node_id \
+                    and len(borrower) > 3 and borrower[2] is not None:
                 try:
                     watch.fd = os.pidfd_open(borrower[3])
                 except OSError:  # already gone: all its borrows end now
