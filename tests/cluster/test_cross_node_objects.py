@@ -175,8 +175,13 @@ def test_an_agent_survives_garbage_and_messages_for_nobody(started):
     assert farpool.get(read_boxed.remote([farpool.put(1), farpool.put(np.ones(4))]), timeout=60)[0] == second
     conn = client().agents[second]
     from farpool._private import transport
+    from farpool._private.protocol import encode
+    me = client().identity  # the agent routes these back to us: we must survive them too
     for frames in ([b"ToPeer"], [b"ToPeer", b"c:nobody"], [b"ToPeer", b"w:1", b"x", b"y"],
-                   [b"ToPeer", b"c:nobody", b"GetObject", b"garbage"]):
+                   [b"ToPeer", b"c:nobody", b"GetObject", b"garbage"],
+                   [b"ToPeer", me, b"GetObject", b"garbage"], [b"ToPeer", me, *encode("ObjectValue", ("bad",))],
+                   [b"ToPeer", me, *encode("ObjectValue", ([], 1, None, None))],
+                   [b"ToPeer", me, *encode("GetObject", ())], [b"ToPeer", me, *encode("Pong", ())]):
         client().loop.call_soon(transport.send, conn.socket, frames)
     node, value, _, conns = farpool.get(read_boxed.remote([farpool.put(2), farpool.put(np.ones(4))]), timeout=60)
     assert (node, value, conns) == (second, 2, 0)

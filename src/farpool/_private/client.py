@@ -1797,10 +1797,13 @@ class CoreClient:
         except protocol.ProtocolError as exc:
             log.warning("dropped a bad message routed by an agent: %s", exc)
             return
-        if tag == "ObjectValue":
-            self._take_object_value(fields, buffers, remote=True)
-        else:
+        if tag != "ObjectValue":
             self._on_owner_request(sender, tag, fields, remote=True)
+            return
+        try:
+            self._take_object_value(fields, buffers, remote=True)
+        except (TypeError, ValueError) as exc:
+            log.warning("dropped a bad ObjectValue from %r: %s", sender[:24], exc)
 
     def _on_owner_reply(self, sock) -> None:
         for frames in transport.recv_all(sock):
