@@ -202,3 +202,30 @@ def test_a_driver_joined_over_tcp_is_asked_through_its_agent_even_from_that_node
     node, value, total, conns = farpool.get(
         read_boxed_at_home.remote([farpool.put("hi"), farpool.put(np.ones(BIG))]), timeout=60)
     assert (node, value, total, conns) == (node_ids(started)[0], "hi", BIG, 0)
+
+
+@farpool.remote(resources={"home": 1})
+def try_get_at_home(box):
+    try:
+        farpool.get(box[0], timeout=60)
+    except farpool.OwnerDiedError as error:
+        return str(error)
+    return "got it"
+
+
+def test_a_borrowed_value_on_a_node_whose_agent_does_not_answer_fails_clearly(started):
+    started.start_head("--resources", '{"home": 1}')
+    started.add_node("--num-cpus", "1", "--resources", '{"special": 1}')
+    farpool.init(address=started.address, token=started.token)
+    head_node, second = node_ids(started)
+    keeper = Keeper.remote()
+    [ref] = farpool.get(keeper.make.remote(), timeout=60)
+    # Stopped, its agent still accepts TCP connections (the kernel does) but answers nothing:
+    # a borrower that was never connected to it gives up after the hello deadline.
+    agent = psutil.Process([n["pid"] for n in started.read_state()["nodes"] if n["node_id"] == second][0])
+    agent.suspend()
+    try:
+        message = farpool.get(try_get_at_home.remote([ref]), timeout=60)
+    finally:
+        agent.resume()
+    assert f"node {second[:8]}" in message and "did not answer" in message and ref.hex() in message
