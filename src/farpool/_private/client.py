@@ -280,11 +280,13 @@ class KeyQueue:
 class AgentConn:
     """A connection to a node agent (ipc on this machine, CURVE TCP elsewhere)."""
 
-    def __init__(self, client: "CoreClient", node_id: str, socket, local: bool):
+    def __init__(self, client: "CoreClient", node_id: str, socket, local: bool, address: str = ""):
         self.client = client
         self.node_id = node_id
         self.socket = socket
         self.local = local
+        self.address = address
+        self.hello_timer = None  # opened without waiting: gives up unless the agent answers in time
 
 
 class DirectChannel:
@@ -336,7 +338,8 @@ class CoreClient:
         self.nodes: list[dict] = []
         self.pending_requests: dict[int, object] = {}
         self.borrow_requests: dict[bytes, list] = {}
-        self.owner_conns: dict[str, object] = {}
+        self.owner_conns: dict[str, object] = {}    # ipc endpoint -> DEALER, to owners on our node
+        self.remote_fetches: dict[bytes, tuple] = {}  # object id -> owner, asked through its agent
         self.worker_channels: dict[str, DirectChannel] = {}  # worker ipc address -> channel
         self.timeline_events: deque = deque(maxlen=TIMELINE_EVENTS)
         self.children: dict[str, list] = {}  # in a worker: task id (hex) -> tasks it submitted
@@ -443,10 +446,14 @@ class CoreClient:
                                   f"see the logs in {self.session_dir}")
         return sock.recv_multipart()
 
+    def _agent_hello(self) -> list:
+        return encode("Hello", ("client", {"job_id": self.job_id, "worker_id": self.worker_id,
+                                           "node_id": self.cfg.get("node_id"),
+                                           "log_to_driver": self.cfg.get("log_to_driver", False)}))
+
     def _open_agent(self, node_id: str, address: str) -> AgentConn:
         sock = transport.dealer(self.identity)
-        hello = encode("Hello", ("client", {"job_id": self.job_id, "worker_id": self.worker_id,
-                                            "log_to_driver": self.cfg.get("log_to_driver", False)}))
+        hello = self._agent_hello()
         if address.startswith("ipc://"):
             sock.connect(address)
             transport.send(sock, hello)
@@ -460,8 +467,13 @@ class CoreClient:
         return conn
 
     def _owner_endpoint(self):
-        """An ipc ROUTER where borrowers on this machine ask us for values."""
+        """An ipc ROUTER where borrowers on our node ask us for values (None: none; they ask
+        through our home agent)."""
         if not self.session_dir or not os.path.isdir(self.session_dir):
+            return None
+        if not self.home.local:
+            # Our home agent is reached over TCP: we may run on another machine than its
+            # node, where no process could open an ipc path of ours.
             return None
         self.owner_socket = transport.router()
         path = session.ipc(self.session_dir, f"o-{self.client_id.hex()}")
@@ -1294,6 +1306,9 @@ class CoreClient:
     def _forget_dead_nodes(self) -> None:
         """Leases and lease requests on nodes the head declared dead are lost: retry elsewhere."""
         dead = {n["node_id"]: n.get("death_reason", "") for n in self.nodes if not n["alive"]}
+        for node_id, reason in dead.items():
+            self._owner_lost(lambda owner, n=node_id: owner[1] == n,
+                             f"node {node_id[:8]} died ({reason or 'no reason given'})")
         for identity, watch in list(self.watched.items()):
             if watch.address[1] in dead:  # a borrower on a dead node holds nothing any more
                 self._borrower_died(identity)
@@ -1308,20 +1323,27 @@ class CoreClient:
                 if conn is self.home:
                     self.agents[node_id] = conn
                 continue
-            self.loop.remove_reader(conn.socket)
-            conn.socket.close(0)
-            for key, kq in self.keys.items():
-                for request_id, agent in list(kq.requests.items()):
-                    if agent is conn:
-                        del kq.requests[request_id]
-                        self.pending_requests.pop(request_id, None)
-                self._mark_dirty(key)
+            self._close_agent(conn)
+
+    def _close_agent(self, conn: AgentConn) -> None:
+        """Close a connection to an agent that is gone; lease requests made on it are asked again."""
+        self.loop.cancel_timer(conn.hello_timer)
+        self.loop.remove_reader(conn.socket)
+        conn.socket.close(0)
+        for key, kq in self.keys.items():
+            for request_id, agent in list(kq.requests.items()):
+                if agent is conn:
+                    del kq.requests[request_id]
+                    self.pending_requests.pop(request_id, None)
+            self._mark_dirty(key)
 
     def _answer(self, request_id, value) -> None:
         slot = self.pending_requests.pop(request_id, None)
         if isinstance(slot, list):
             slot.append(value)
             slot[0].set()
+        elif callable(slot):  # a continuation on the I/O thread (see _serve_stored)
+            slot(value)
 
     def _on_agent(self, conn: AgentConn) -> None:
         for frames in transport.recv_all(conn.socket):
@@ -1339,6 +1361,9 @@ class CoreClient:
         self._drain_released()
 
     def _on_message(self, frames, conn) -> None:
+        if frames[0] == b"FromPeer":  # an owner message routed by an agent (see _send_owner)
+            self._on_peer_message(frames)
+            return
         try:
             tag, fields, buffers = protocol.decode(frames)
         except protocol.ProtocolError as exc:
@@ -1354,7 +1379,9 @@ class CoreClient:
             handler(conn, *fields)
 
     def _on_Welcome(self, conn, info) -> None:
-        pass
+        if conn is not None and conn.hello_timer is not None:  # opened by _open_agent_nowait: it is up
+            self.loop.cancel_timer(conn.hello_timer)
+            conn.hello_timer = None
 
     def _on_SegmentsDropped(self, conn, paths) -> None:
         store.forget_written(paths)
@@ -1735,7 +1762,9 @@ class CoreClient:
         watch = self.watched.get(identity)
         if watch is None:
             watch = self.watched[identity] = BorrowerWatch(tuple(borrower))
-            if self.home is not None and borrower[1] == self.home.node_id and len(borrower) > 3:
+            # A pid means something only on our machine: both of us attached to our node over ipc.
+            if self.home is not None and self.home.local and borrower[1] == self.home.node_id \
+                    and len(borrower) > 3 and borrower[2] is not None:
                 try:
                     watch.fd = os.pidfd_open(borrower[3])
                 except OSError:  # already gone: all its borrows end now
@@ -1850,20 +1879,37 @@ class CoreClient:
                 log.exception("an internal completion waiter failed")
 
     # ------------------------------------------------------------------ borrowers and owners
+    # An owner on our node (both of us attached to its agent over ipc) is reached on its
+    # own ipc ROUTER: the fast path.  Any other owner is reached through the agent of its
+    # node, which is the agent it is attached to (its home):
+    #   borrower --ToPeer(owner, msg)--> that agent --FromPeer(borrower, msg)--> owner
+    #   owner --ToPeer(borrower, reply)--> its agent --FromPeer(owner, reply)--> borrower
+    # and such a borrower gets the value's bytes, never a store location it cannot map.
+    # No ipc path crosses nodes, even on one machine, so a loopback cluster takes the
+    # path a real one does.  An agent that cannot deliver answers PeerGone; a node that
+    # dies or never answers fails what waits on it (_owner_lost): a get never hangs.
+    def _owner_is_local(self, owner: tuple) -> bool:
+        return (owner[2] is not None and self.home is not None and self.home.local
+                and owner[1] == self.home.node_id)
+
     def _fetch_borrowed(self, object_id: bytes, owner: tuple) -> None:
-        identity, node_id, endpoint = owner[:3]
-        if identity == self.identity:
+        if owner[0] == self.identity:
             return
-        if endpoint is None:
-            self._set_borrowed(object_id, FAILED, exc_mod.OwnerDiedError(
-                f"object {object_id.hex()} is owned by a process this one cannot reach"))
-            return
+        if not self._owner_is_local(owner):
+            self.remote_fetches[object_id] = owner
         self._send_owner(owner, encode("GetObject", (object_id,)))
 
     def _send_owner(self, owner: tuple, frames: list) -> None:
-        """To an owner's ipc endpoint on this machine (I/O thread)."""
+        """To an object's owner (I/O thread); messages to one owner leave in order."""
         identity, node_id, endpoint = owner[:3]
-        if identity == self.identity or endpoint is None:
+        if identity == self.identity:
+            return
+        if not self._owner_is_local(owner):
+            conn, why = self._agent_of(node_id)
+            if conn is None:  # the owner is gone with its node: nobody is left to answer or count
+                self._owner_lost(lambda o: o[1] == node_id, why)
+                return
+            transport.send(conn.socket, [b"ToPeer", identity, *frames])
             return
         sock = self.owner_conns.get(endpoint)
         if sock is None:
@@ -1873,17 +1919,95 @@ class CoreClient:
             self.loop.add_reader(sock, lambda s=sock: self._on_owner_reply(s))
         transport.send(sock, frames)
 
+    def _agent_of(self, node_id: str) -> tuple:
+        """(connection to the agent of ``node_id``, None), or (None, why there is none)."""
+        conn = self.agents.get(node_id)
+        if conn is not None:
+            return conn, None
+        node = next((n for n in self.nodes if n["node_id"] == node_id), None)
+        if node is None:
+            return None, f"node {node_id[:8]} is not part of this cluster"
+        if not node["alive"]:
+            return None, f"node {node_id[:8]} died ({node.get('death_reason') or 'no reason given'})"
+        if not node.get("tcp"):
+            return None, f"node {node_id[:8]} listens on no TCP address (it was started without --host)"
+        return self._open_agent_nowait(node_id, node["tcp"]), None
+
+    def _open_agent_nowait(self, node_id: str, address: str) -> AgentConn:
+        """Like _open_agent over TCP, without blocking the I/O thread on the agent's answer:
+        messages queue behind the hello, and an agent silent for HELLO_DEADLINE_S is given up."""
+        sock = transport.dealer(self.identity)
+        transport.start_tcp(sock, address, self.token, self._agent_hello())
+        conn = self.agents[node_id] = AgentConn(self, node_id, sock, False, address)
+        conn.hello_timer = self.loop.call_later(transport.HELLO_DEADLINE_S, self._agent_silent, conn)
+        self.loop.add_reader(sock, lambda: self._on_agent(conn))
+        return conn
+
+    def _agent_silent(self, conn: AgentConn) -> None:
+        conn.hello_timer = None
+        if self.agents.get(conn.node_id) is not conn:
+            return  # closed already (its node died)
+        del self.agents[conn.node_id]
+        self._close_agent(conn)
+        self._owner_lost(lambda owner: owner[1] == conn.node_id, (
+            f"the agent of node {conn.node_id[:8]} at {conn.address} did not answer within "
+            f"{transport.HELLO_DEADLINE_S:.0f} s (the node may be down, or its port unreachable from here)"))
+
+    def _owner_lost(self, match, why: str) -> None:
+        """Fail the values we asked owners that ``match`` for: they cannot answer, ``why``."""
+        lost = [(oid, owner) for oid, owner in self.remote_fetches.items() if match(owner)]
+        for oid, owner in lost:
+            del self.remote_fetches[oid]
+            self._set_borrowed(oid, FAILED, exc_mod.OwnerDiedError(
+                f"cannot get object {oid.hex()}: its owner, a process on node {owner[1][:8]}, cannot "
+                f"answer: {why}. The value was lost with its owner; create it again (re-run the task "
+                "that made it, or put() it), from a process that lives as long as its readers "
+                "(the driver, or an actor) if it must outlive the process that made it."))
+
+    def _on_PeerGone(self, conn, identity: bytes) -> None:
+        """An agent could not deliver to ``identity``, or saw it leave: it answers nothing and holds nothing."""
+        self._owner_lost(lambda owner: owner[0] == identity, "its process has exited")
+        if identity in self.watched:
+            self._borrower_died(identity)
+
+    def _on_peer_message(self, frames) -> None:
+        """FromPeer(sender, *message): an owner message from a process on another node."""
+        try:
+            if len(frames) < 4:
+                raise protocol.ProtocolError(f"FromPeer has {len(frames) - 1} frame(s), expected at least 3")
+            sender = bytes(frames[1])
+            tag, fields, buffers = protocol.decode(frames[2:])
+        except protocol.ProtocolError as exc:
+            log.warning("dropped a bad message routed by an agent: %s", exc)
+            return
+        if tag != "ObjectValue":
+            self._on_owner_request(sender, tag, fields, remote=True)
+            return
+        try:
+            self._take_object_value(fields, buffers, remote=True)
+        except (TypeError, ValueError) as exc:
+            log.warning("dropped a bad ObjectValue from %r: %s", sender[:24], exc)
+
     def _on_owner_reply(self, sock) -> None:
         for frames in transport.recv_all(sock):
-            tag, fields, buffers = protocol.decode(frames)
+            try:
+                tag, fields, buffers = protocol.decode(frames)
+            except protocol.ProtocolError as exc:
+                log.warning("dropped a bad message from an owner: %s", exc)
+                continue
             if tag == "ObjectValue":
-                object_id, state, payload, error = fields
-                if state == READY and isinstance(payload, tuple):
-                    self._set_borrowed(object_id, READY, None, location=payload)
-                elif state == READY:
-                    self._set_borrowed(object_id, READY, None, payload, list(buffers))
-                else:
-                    self._set_borrowed(object_id, FAILED, error)
+                self._take_object_value(fields, buffers, remote=False)
+
+    def _take_object_value(self, fields, buffers, remote: bool) -> None:
+        object_id, state, payload, error = fields
+        if remote and self.remote_fetches.pop(object_id, None) is None:
+            return  # not asked for, or given up on already
+        if state == READY and isinstance(payload, tuple):
+            self._set_borrowed(object_id, READY, None, location=payload)
+        elif state == READY:
+            self._set_borrowed(object_id, READY, None, payload, list(buffers))
+        else:
+            self._set_borrowed(object_id, FAILED, error)
 
     def _set_borrowed(self, object_id, state, error, payload=None, buffers=(), location=None) -> None:
         with self.lock:
@@ -1905,8 +2029,13 @@ class CoreClient:
             except protocol.ProtocolError as exc:
                 log.warning("dropped a bad message from a borrower: %s", exc)
                 continue
+            self._on_owner_request(identity, tag, fields, remote=False)
+
+    def _on_owner_request(self, identity: bytes, tag: str, fields: tuple, remote: bool) -> None:
+        """A borrower on our node (``remote`` False: our ipc ROUTER) or elsewhere (through our agent)."""
+        try:
             if tag == "GetObject":
-                self._serve_object(identity, fields[0])
+                self._serve_object(identity, fields[0], remote)
             elif tag == "BorrowReleased":
                 self._borrow_released(identity, fields[0])
             elif tag == "AddBorrower":
@@ -1915,30 +2044,71 @@ class CoreClient:
                     entry = self.objects.get(oid)
                     if entry is not None and entry.owned:
                         self._add_borrower(oid, entry, borrower)
+            else:
+                log.warning("an owner does not handle %s (from %r)", tag, identity[:24])
+        except (TypeError, ValueError, IndexError) as exc:
+            log.warning("dropped a bad %s from %r: %s", tag, identity[:24], exc)
 
-    def _serve_object(self, identity, object_id) -> None:
+    def _serve_object(self, identity, object_id, remote: bool = False) -> None:
         entry = self.objects.get(object_id)
         if entry is None:
             error = exc_mod.ObjectLostError(f"object {object_id.hex()} was freed by its owner")
-            self._reply_object(identity, object_id, FAILED, None, [], error)
+            self._reply_object(identity, object_id, FAILED, None, [], error, remote)
         elif entry.state == PENDING:
             with self.lock:
-                entry.waiters.append(lambda e, i=identity, o=object_id: self._serve_object(i, o))
+                entry.waiters.append(lambda e, i=identity, o=object_id: self._serve_object(i, o, remote))
+        elif entry.state == READY and entry.location is not None and remote:
+            self._serve_stored(identity, object_id, entry.location)
         elif entry.state == READY and entry.location is not None:
             self._reply_object(identity, object_id, READY, entry.location, [], None)
         elif entry.state == READY:
-            self._reply_object(identity, object_id, READY, entry.payload, entry.buffers, None)
+            self._reply_object(identity, object_id, READY, entry.payload, entry.buffers, None, remote)
         else:
-            self._reply_object(identity, object_id, FAILED, None, [], self._error_of(entry))
+            self._reply_object(identity, object_id, FAILED, None, [], self._error_of(entry), remote)
 
-    def _reply_object(self, identity, object_id, state, payload, buffers, error) -> None:
+    def _serve_stored(self, identity, object_id, location: tuple, path: str | None = None) -> None:
+        """Send a borrower on another node the bytes of a value in a node store.
+
+        The buffers go as views of the mapping (no copy); they keep it mapped, and the
+        segment pinned, until zmq has sent them.  A spilled value is restored first,
+        without blocking this thread: the agent's answer continues here (``path``).
+        """
+        _, node_id, store_id, stored_path, size = location
+        try:
+            payload, buffers = store.read_segment(path or stored_path, size)
+        except FileNotFoundError:
+            agent = self.agents.get(node_id)
+            if path is None and agent is not None:
+                request_id = next(self._request_ids)
+                self.pending_requests[request_id] = (
+                    lambda answer: self._serve_restored(identity, object_id, location, *answer))
+                transport.send(agent.socket, encode("RestoreObject", (request_id, store_id)))
+                return
+            error = exc_mod.ObjectLostError(f"object {object_id.hex()} is gone from the store of node "
+                                            f"{node_id[:8]}")
+            self._reply_object(identity, object_id, FAILED, None, [], error, remote=True)
+            return
+        self._reply_object(identity, object_id, READY, bytes(payload), buffers, None, remote=True)
+
+    def _serve_restored(self, identity, object_id, location, path, error) -> None:
+        if path is None:
+            self._reply_object(identity, object_id, FAILED, None, [], exc_mod.ObjectLostError(
+                f"object {object_id.hex()} was spilled and cannot be restored on node "
+                f"{location[1][:8]}: {error}"), remote=True)
+        else:
+            self._serve_stored(identity, object_id, location, path)
+
+    def _reply_object(self, identity, object_id, state, payload, buffers, error, remote: bool = False) -> None:
         if error is not None:
             try:
                 protocol.pickle.dumps(error)
             except Exception:
                 error = exc_mod.FarpoolError(str(error))
-        transport.send(self.owner_socket, [identity, *encode("ObjectValue", (object_id, state, payload, error),
-                                                             buffers)])
+        frames = encode("ObjectValue", (object_id, state, payload, error), buffers)
+        if remote:
+            transport.send(self.home.socket, [b"ToPeer", identity, *frames])
+        else:
+            transport.send(self.owner_socket, [identity, *frames])
 
     # ------------------------------------------------------------------ actors
     def _actor_queue(self, key) -> KeyQueue:

@@ -6,12 +6,17 @@ event loop.  The launcher is forked before anything else (see launcher.py)::
     local clients (ipc) --RequestLease/ReturnLease/Goodbye--> +-------+ --spawn/kill--> launcher
     remote clients (tcp, CURVE) --same + Relay(worker)------> | agent | <--started/exited--
     workers (ipc) --WorkerReady/Relay back/Blocked----------> |       | --Heartbeat--> head
-                                                              +-------+ <--NodeTable--
+    any client --ToPeer(client)--> FromPeer(sender) --------> +-------+ <--NodeTable--
 
 Local clients send tasks straight to a leased worker's own ipc socket; remote
 clients send them to the agent's TCP port wrapped in ``Relay`` and the agent
-passes them on (workers need no ports of their own).  The lease decisions are
-in leases.LeaseManager (pure); this module is the I/O shell around it.
+passes them on (workers need no ports of their own).  Owner messages between
+processes on different nodes (``GetObject``, ``ObjectValue``, ``BorrowReleased``,
+``AddBorrower``) travel the same way: ``ToPeer`` to the agent of the owner's
+node, which hands them to the client with that identity as ``FromPeer``, and
+tells the senders ``PeerGone`` when it cannot (see ``_to_peer``).  The lease
+decisions are in leases.LeaseManager (pure); this module is the I/O shell
+around it.
 """
 
 from __future__ import annotations
@@ -80,8 +85,9 @@ class NodeAgent:
         self.client_jobs: dict[tuple, object] = {}
         self.log_clients: dict[object, set] = {}  # job_id -> drivers that want worker output
         self.worker_clients: dict[str, set] = {}  # worker_id -> the nested clients inside it
-        self.store_writers: set = set()
-        self.trim_timer = None  # local peers that allocated segments (they may cache mappings)
+        self.store_writers: set = set()  # local peers that allocated segments (they may cache mappings)
+        self.trim_timer = None
+        self.peer_senders: dict[bytes, set] = {}  # client identity -> clients that sent it ToPeer
         self.last_ack = time.monotonic()
         self.head = None
         self.cluster_nodes: list[dict] = []
@@ -158,6 +164,9 @@ class NodeAgent:
                 if frames[1] == b"Relay":
                     self._relay(kind, identity, frames)
                     continue
+                if frames[1] == b"ToPeer":
+                    self._to_peer(kind, identity, frames)
+                    continue
                 tag, fields, _ = protocol.decode(frames[1:])
                 handler = getattr(self, "_on_" + tag, None)
                 if handler is None:
@@ -178,7 +187,9 @@ class NodeAgent:
         self._send(client, "Pong", *args)
 
     def _on_Hello(self, client, kind: str, info: dict) -> None:
-        if info.get("worker_id") is not None:
+        # Worker ids are unique per node only: a worker's client from another node
+        # (spillback, owner messages) is not inside our worker of the same id.
+        if info.get("worker_id") is not None and info.get("node_id") == self.node_id:
             self.worker_clients.setdefault(info["worker_id"], set()).add(client)
         if info.get("job_id") is not None:
             self.client_jobs[client] = info["job_id"]
@@ -205,6 +216,7 @@ class NodeAgent:
         if kind == "driver" and job_id is not None:
             acts.extend(self.leases.job_finished(job_id))
         self.client_jobs.pop(client, None)
+        self._peer_gone(client)
         self._apply(acts)
 
     def _on_WorkerReady(self, client, worker_id: str, pid: int) -> None:
@@ -293,6 +305,38 @@ class NodeAgent:
             if not transport.send(self.ipc, [b"w:" + target, b"Relayed", origin, *frames[3:]]):
                 log.warning("relay to worker %s failed: it is gone", target.decode(errors="replace"))
 
+    def _to_peer(self, kind: str, sender: bytes, frames) -> None:
+        """ToPeer(target, *inner) from a client: hand ``inner`` to the client ``target`` as
+        FromPeer(sender, *inner), on whichever of our sockets it is connected to.
+
+        The inner message is not decoded here: the agent only routes it.  A target
+        we cannot reach (its process ended, or it never connected) is answered with
+        PeerGone(target), so that the sender fails what waits on it instead of hanging.
+        """
+        if len(frames) < 4:
+            raise protocol.ProtocolError(f"ToPeer has {len(frames) - 2} frame(s), expected a target and a message")
+        target = frames[2]
+        if not target.startswith(b"c:"):
+            raise protocol.ProtocolError(f"ToPeer to {target[:24]!r}, which is not a client")
+        out = [b"FromPeer", sender, *frames[3:]]
+        sender_client = (kind, sender)
+        if transport.send(self.ipc, [target, *out]) or (
+                TCP in self.sockets and transport.send(self.sockets[TCP], [target, *out])):
+            # Remember who talks to ``target``, to tell them when it goes (_peer_gone).
+            self.peer_senders.setdefault(target, set()).add(sender_client)
+            return
+        log.info("a message from %r to %r was not delivered: no such client is connected here",
+                 sender[:24], target[:24])
+        self._send(sender_client, "PeerGone", target)
+
+    def _peer_gone(self, client) -> None:
+        """A client left (Goodbye, or its worker exited): tell those that sent it ToPeer."""
+        identity = client[1]
+        for sender in self.peer_senders.pop(identity, ()):
+            self._send(sender, "PeerGone", identity)
+        for senders in self.peer_senders.values():
+            senders.discard(client)
+
     # --- launcher ---
     def _on_launcher(self) -> None:
         msgs = self.launcher_reader.read()
@@ -318,6 +362,7 @@ class NodeAgent:
                 # Tasks the dead worker owned (nested tasks) have no one to report to: end them.
                 for client in self.worker_clients.pop(worker_id, ()):
                     acts.extend(self.leases.client_gone(client, kill_running=True))
+                    self._peer_gone(client)
                 self._apply(acts)
 
     def _forward_output(self, worker_id: str, stream: str, data: bytes) -> None:

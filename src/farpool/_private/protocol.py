@@ -36,6 +36,9 @@ TAGS = frozenset({
     "RequestLease", "LeaseGranted", "LeaseSpillback", "LeaseInfeasible", "LeaseRejected",
     "ReturnLease", "WorkerExited", "CancelLease", "Relay", "Relayed", "SignalWorker",
     "WorkerBlocked", "WorkerUnblocked",
+    # owner messages between nodes, routed by the agents: ToPeer(target, *message) in,
+    # FromPeer(sender, *message) out (raw frames, like Relay); PeerGone(identity)
+    "ToPeer", "FromPeer", "PeerGone",
     # worker <-> node agent
     "WorkerReady", "WorkerLog",
     # client <-> worker

@@ -230,6 +230,19 @@ def connect_tcp(sock: zmq.Socket, address: str, token: str, hello: list,
         monitor.close(0)
 
 
+def start_tcp(sock: zmq.Socket, address: str, token: str, hello: list) -> None:
+    """Connect a DEALER to a CURVE endpoint and queue ``hello`` without waiting.
+
+    For an event loop that must not block: what is sent next queues behind the
+    hello until the connection is up.  The caller waits for the answer to the
+    hello on its loop and gives up after ``HELLO_DEADLINE_S`` (zmq itself would
+    retry an unreachable address forever).
+    """
+    make_curve_client(sock, token)
+    sock.connect(f"tcp://{address}")
+    send(sock, hello)
+
+
 # --- event loop -------------------------------------------------------------
 
 # Plain ints: pyzmq's flags are enum members, and enum arithmetic costs microseconds
