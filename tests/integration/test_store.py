@@ -302,3 +302,19 @@ def test_a_ref_pickled_by_hand_is_pinned_with_a_warning(small_store):
     del ref
     assert used_bytes() >= base + MB  # whoever unpickles blob later still finds it
     assert farpool.get(pickle.loads(blob)).sum() == MB // 8
+
+
+@farpool.remote
+class Maker:
+    def make(self):
+        self.mine = farpool.put(np.ones(MB // 8))  # owned by this actor
+        return [self.mine], os.getpid()
+
+
+def test_a_value_whose_owner_on_this_node_died_fails_clearly_instead_of_hanging(small_store):
+    maker = Maker.remote()
+    box, pid = farpool.get(maker.make.remote(), timeout=60)
+    os.kill(pid, signal.SIGKILL)  # no goodbye: only its exit tells
+    with pytest.raises(farpool.OwnerDiedError, match="its process has exited") as info:
+        farpool.get(box[0], timeout=60)
+    assert box[0].hex() in str(info.value)

@@ -340,6 +340,8 @@ class CoreClient:
         self.borrow_requests: dict[bytes, list] = {}
         self.owner_conns: dict[str, object] = {}    # ipc endpoint -> DEALER, to owners on our node
         self.remote_fetches: dict[bytes, tuple] = {}  # object id -> owner, asked through its agent
+        self.local_fetches: dict[bytes, tuple] = {}   # object id -> owner on this node, asked by ipc
+        self.owner_pidfds: dict[bytes, int] = {}      # owner identity -> pidfd (owners on this node)
         self.worker_channels: dict[str, DirectChannel] = {}  # worker ipc address -> channel
         self.timeline_events: deque = deque(maxlen=TIMELINE_EVENTS)
         self.children: dict[str, list] = {}  # in a worker: task id (hex) -> tasks it submitted
@@ -407,8 +409,9 @@ class CoreClient:
                 "not in shared memory: /dev/shm has less free space than object_store_memory. Large "
                 "objects are slower to write and read. Give the container a larger /dev/shm "
                 "(docker run --shm-size=...), or lower object_store_memory.", RuntimeWarning, stacklevel=3)
-        self.owner_address = (self.identity, node_id, self._owner_endpoint())
-        self.peer_address = self.owner_address + (os.getpid(),)  # how borrowers name themselves
+        # (identity, node, ipc endpoint, pid): how refs name their owner and borrowers name themselves
+        self.owner_address = (self.identity, node_id, self._owner_endpoint(), os.getpid())
+        self.peer_address = self.owner_address
         self.head_socket_handler = self._on_head
         self.loop.add_reader(self.head, self._on_head)
         for pid, what in cfg.get("watch_pids", ()):
@@ -522,6 +525,8 @@ class CoreClient:
         for watch in self.watched.values():
             if watch.fd is not None:
                 os.close(watch.fd)
+        for fd in self.owner_pidfds.values():
+            os.close(fd)
         if getattr(self, "_doorbell_sock", None) is not None:
             self._doorbell_sock.close()
         store.clear_written()  # the session's segments go away: do not keep their memory mapped
@@ -1897,7 +1902,33 @@ class CoreClient:
             return
         if not self._owner_is_local(owner):
             self.remote_fetches[object_id] = owner
+        else:
+            self.local_fetches[object_id] = owner
+            if len(owner) > 3:  # watch the owner: if it dies before it answers, say so (no hang)
+                self._watch_owner(owner)
         self._send_owner(owner, encode("GetObject", (object_id,)))
+
+    def _watch_owner(self, owner: tuple) -> None:
+        identity, pid = owner[0], owner[3]
+        if identity in self.owner_pidfds:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # already gone
+            self._local_owner_died(identity, None)
+            return
+        self.owner_pidfds[identity] = fd
+        self.loop.add_reader(fd, lambda: self._local_owner_died(identity, fd))
+
+    def _local_owner_died(self, identity: bytes, fd: int | None) -> None:
+        if fd is not None:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+            self.owner_pidfds.pop(identity, None)
+        lost = [oid for oid, owner in self.local_fetches.items() if owner[0] == identity]
+        for oid in lost:
+            self.remote_fetches[oid] = self.local_fetches.pop(oid)
+        self._owner_lost(lambda owner: owner[0] == identity, "its process has exited")
 
     def _send_owner(self, owner: tuple, frames: list) -> None:
         """To an object's owner (I/O thread); messages to one owner leave in order."""
@@ -2002,6 +2033,8 @@ class CoreClient:
         object_id, state, payload, error = fields
         if remote and self.remote_fetches.pop(object_id, None) is None:
             return  # not asked for, or given up on already
+        if not remote and self.local_fetches.pop(object_id, None) is None:
+            return
         if state == READY and isinstance(payload, tuple):
             self._set_borrowed(object_id, READY, None, location=payload)
         elif state == READY:
