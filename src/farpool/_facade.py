@@ -245,17 +245,19 @@ def _restore(value, shared: tuple):
     return _writable(shared[value.index] if type(value) is _Shared else value)
 
 
-def _run_chunk(authkey: bytes | None, fn, star: bool, chunk: list, *shared):
+def _run_chunk(authkey: bytes | None, fn, star: bool, plain: bool, chunk: list, *shared):
     """The task behind map-like calls: ``fn`` over a chunk of items (argument tuples if ``star``).
 
-    ``shared`` are the values of the refs that the chunk's ``_Shared`` markers point at.
+    ``plain``: the submitter found only plain values in it (nothing to restore, no need
+    to look again).  ``shared`` are the values of the refs that the chunk's ``_Shared``
+    markers point at.
     """
     _adopt_authkey(authkey)
     if star:
-        if not shared and _all_plain(itertools.chain.from_iterable(chunk)):
+        if plain:
             return list(itertools.starmap(fn, chunk))
         return [fn(*[_restore(a, shared) for a in args]) for args in chunk]
-    if not shared and _all_plain(chunk):
+    if plain:
         return list(map(fn, chunk))
     return [fn(x if type(x) in _PLAIN else _restore(x, shared)) for x in chunk]
 
@@ -552,7 +554,9 @@ class _Feed:
             self._finish(None)
             return None
         refs: list = []
-        chunk = self._share(chunk, refs)
+        plain = _all_plain(itertools.chain.from_iterable(chunk) if self.star else chunk)
+        if not plain:
+            chunk = self._share(chunk, refs)
         future = DistributedFuture(self.dispatcher)
         future._name = self.name
         if self.on_future is not None:
@@ -563,13 +567,11 @@ class _Feed:
                 self.cond.notify_all()
         if len(chunk) < self.chunksize:
             self._finish(None)
-        return _WorkItem(future, self.remote, (self.fn, self.star, chunk, *refs), self.limit, chunk=True)
+        return _WorkItem(future, self.remote, (self.fn, self.star, plain, chunk, *refs), self.limit, chunk=True)
 
     def _share(self, chunk: list, refs: list) -> list:
         """Replace refs and big arrays among the arguments by markers of top-level ref arguments."""
         index_of: dict[int, int] = {}
-        if _all_plain(itertools.chain.from_iterable(chunk) if self.star else chunk):
-            return chunk
         if self.star:
             out = None
             for i, args in enumerate(chunk):
@@ -919,7 +921,7 @@ class _TaskMaker:
         return self._named_after(0, fn)
 
     def chunk(self, fn):
-        """For ``_run_chunk(authkey, fn, star, chunk, *shared)``."""
+        """For ``_run_chunk(authkey, fn, star, plain, chunk, *shared)``."""
         return self._named_after(1, fn)
 
 

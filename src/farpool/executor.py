@@ -67,9 +67,8 @@ def _ordered_results(feed: _Feed, end_time: float | None, convert: Callable | No
                 future.cancel()
             if convert is not None:
                 chunk = convert(chunk)
-            chunk.reverse()
-            while chunk:
-                yield chunk.pop()
+            yield from chunk  # (the stdlib pops item by item: twice the cost per item)
+            del chunk
     finally:
         feed.close()
         for future in feed.remaining_futures():
@@ -203,11 +202,13 @@ class DistributedExecutor(concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
-        iterator = zip(*iterables)
+        # One iterable: its items go as they are (no 1-tuples to pickle and unpack).
+        star = len(iterables) != 1
+        iterator = zip(*iterables) if star else iter(iterables[0])
         with self._state.lock:
             self._check_open()
             dispatcher = self._state.dispatcher
-            feed = _Feed(dispatcher, self._tasks.chunk(fn), fn, iterator, chunksize, True,
+            feed = _Feed(dispatcher, self._tasks.chunk(fn), fn, iterator, chunksize, star,
                          self._limit)
             dispatcher.push(feed)
         with feed.cond:
