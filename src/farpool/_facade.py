@@ -245,14 +245,41 @@ def _restore(value, shared: tuple):
     return _writable(shared[value.index] if type(value) is _Shared else value)
 
 
-def _run_chunk(authkey: bytes | None, fn, star: bool, plain: bool, chunk: list, *shared):
+def _pack_plain(chunk: list) -> tuple[bool, bytes] | None:
+    """(plain, the chunk pickled) when pickling finds no ObjectRef and no large buffer in it
+    (nothing to share or resolve): a look at every item's type costs as much as the pickling.
+    ``plain`` is False when an array might be inside (the worker then makes arrays writable)."""
+    from farpool._private import client as client_mod
+    from farpool._private import protocol
+    if protocol._main_is_interactive():
+        return None  # values of __main__ travel by value (cloudpickle): the general path
+    refs: list = []
+    large: list = []
+    client_mod._nested_refs.collector = refs
+    try:
+        data = protocol.pickle.dumps(chunk, protocol=5, buffer_callback=protocol._oob_filter(large))
+    except Exception:  # noqa: BLE001 - e.g. a lambda among the items: the general path says why
+        return None
+    finally:
+        client_mod._nested_refs.collector = None
+    if refs or large:
+        return None
+    # Every pickled ndarray names a numpy function: without the name there is no array.
+    return b"numpy" not in data, data
+
+
+def _run_chunk(authkey: bytes | None, fn, star: bool, plain: bool, chunk, *shared):
     """The task behind map-like calls: ``fn`` over a chunk of items (argument tuples if ``star``).
 
-    ``plain``: the submitter found only plain values in it (nothing to restore, no need
-    to look again).  ``shared`` are the values of the refs that the chunk's ``_Shared``
-    markers point at.
+    ``chunk`` is a list, or the list pickled by the submitter (_pack_plain).  ``plain``:
+    the submitter found only plain values in it (nothing to restore, no need to look
+    again).  ``shared`` are the values of the refs that the chunk's ``_Shared`` markers
+    point at.
     """
     _adopt_authkey(authkey)
+    if type(chunk) is bytes:
+        import pickle
+        chunk = pickle.loads(chunk)
     if star:
         if plain:
             return list(itertools.starmap(fn, chunk))
@@ -554,18 +581,23 @@ class _Feed:
             self._finish(None)
             return None
         refs: list = []
-        plain = _all_plain(itertools.chain.from_iterable(chunk) if self.star else chunk)
-        if not plain:
-            chunk = self._share(chunk, refs)
+        n = len(chunk)
+        packed = _pack_plain(chunk)
+        if packed is not None:  # no refs, no big arrays: it goes as pickled here
+            plain, chunk = packed
+        else:
+            plain = _all_plain(itertools.chain.from_iterable(chunk) if self.star else chunk)
+            if not plain:
+                chunk = self._share(chunk, refs)
         future = DistributedFuture(self.dispatcher)
         future._name = self.name
         if self.on_future is not None:
-            self.on_future(future, len(chunk))
+            self.on_future(future, n)
         if self.keep_futures:
             with self.cond:
                 self.futures.append(future)
                 self.cond.notify_all()
-        if len(chunk) < self.chunksize:
+        if n < self.chunksize:
             self._finish(None)
         return _WorkItem(future, self.remote, (self.fn, self.star, plain, chunk, *refs), self.limit, chunk=True)
 

@@ -264,3 +264,23 @@ def test_pool_in_a_script_with_initializer_in_main(tmp_path):
     """, timeout=180)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+def writable_sum(arr):
+    arr[0] += 1  # the stdlib hands each task a writable array of its own
+    return float(arr.sum())
+
+
+def test_map_items_of_every_kind_arrive_as_with_the_stdlib(pool):
+    import numpy as np
+    frozen = np.ones(8)
+    frozen.flags.writeable = False  # read-only in the caller; the task still gets a writable copy
+    ref = farpool.put(5)
+    assert pool.map(writable_sum, [frozen] * 3 + [np.ones(4)], chunksize=2) == [9.0, 9.0, 9.0, 5.0]
+    assert pool.map(square, [ref, 3, ref], chunksize=3) == [25, 9, 25]  # refs are resolved
+    assert pool.map(apply_it, [lambda: 1, lambda: 2]) == [1, 2]  # items only cloudpickle can carry
+    assert pool.starmap(mul, [(2, 3), (4, 5)], chunksize=2) == [6, 20]
+
+
+def apply_it(f):
+    return f()
