@@ -43,6 +43,33 @@ def _joblib_tests() -> str | None:
     return path if os.path.exists(path) else None
 
 
+def _remove_leftover_semaphores(before: set) -> int:
+    """loky semaphores (/dev/shm/sem.loky-<pid>-...) that the suite's processes left behind.
+
+    joblib's own tests kill loky workers on purpose; a killed process cannot unlink its
+    named semaphores. Only entries new since ``before`` whose creating process is gone
+    are removed: they are this suite's, and nobody can use them any more.
+    """
+    removed = 0
+    for name in set(os.listdir("/dev/shm")) - before:
+        match = re.match(r"sem\.loky-(\d+)-", name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match[1]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def suites(quick: bool) -> list[tuple[str, list[str]]]:
     py = sys.executable
     pytest_common = [py, "-m", "pytest", "-c", os.path.join(HERE, "pytest.ini"), "-p", "count_plugin", "-q",
@@ -72,8 +99,9 @@ def main(argv=None) -> int:
             lines.append(f"{name}: not installed")
             continue
         tmp_root = tempfile.mkdtemp(prefix="fpc-", dir="/tmp")  # this suite's sessions, removed after it
+        shm_before = set(os.listdir("/dev/shm"))
         env = dict(os.environ, FARPOOL_COMPAT_SUITE=name, FARPOOL_COMPAT_QUICK="1" if args.quick else "0",
-                   FARPOOL_TMPDIR=tmp_root,
+                   FARPOOL_TMPDIR=tmp_root, JOBLIB_TEMP_FOLDER=tmp_root,  # joblib's memmaps go there too
                    PYTHONPATH=os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p))
         print(f"==== {name}: {' '.join(cmd[1:])}", flush=True)
         started = time.monotonic()
@@ -86,6 +114,10 @@ def main(argv=None) -> int:
             code = None
         finally:
             shutil.rmtree(tmp_root, ignore_errors=True)
+            leftovers = _remove_leftover_semaphores(shm_before)
+            if leftovers:
+                print(f"  removed {leftovers} loky semaphore(s) that processes of the {name} suite left in "
+                      "/dev/shm when they were killed", flush=True)
         # Worker output (lines prefixed "(task pid=...)") is noise here; keep the suite's own report.
         report = "\n".join(line for line in output.splitlines() if not line.startswith("("))
         match = None

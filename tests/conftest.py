@@ -18,6 +18,8 @@ _SHM = tempfile.mkdtemp(prefix="fpt-", dir="/dev/shm")
 os.environ["FARPOOL_SHM_PATH"] = _SHM
 os.environ["FARPOOL_TMPDIR"] = _ROOT
 os.environ.setdefault("FARPOOL_HELLO_DEADLINE_S", "3")
+# What else is in /dev/shm now: peers the tests run (loky, joblib) create files there too.
+_SHM_BEFORE = set(os.listdir("/dev/shm"))
 
 
 def runtime_processes():
@@ -43,6 +45,8 @@ def pytest_sessionfinish(session, exitstatus):
     gone, alive = psutil.wait_procs(leftovers, timeout=10)
     sessions = [d for d in os.listdir(_ROOT) if d.startswith("s-")] if os.path.isdir(_ROOT) else []
     shm = os.listdir(_SHM) if os.path.isdir(_SHM) else []
+    shm += [name for name in set(os.listdir("/dev/shm")) - _SHM_BEFORE
+            if name.startswith(("sem.loky-", "joblib_memmapping_folder_")) and _creator_gone(name)]
     problems = []
     if alive:
         problems.append("processes left behind: " + ", ".join(f"{p.pid} {p.name()}" for p in alive))
@@ -59,6 +63,18 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
     else:
         print("\nleak check: no process, session directory or /dev/shm file left behind")
+
+
+def _creator_gone(name: str) -> bool:
+    """A loky semaphore or joblib folder (named after the pid that made it) whose maker has exited."""
+    digits = name.split("-")[1] if name.startswith("sem.") else name.split("_")[3]
+    try:
+        os.kill(int(digits), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):
+        return False
+    return False
 
 
 @pytest.fixture(scope="session")
