@@ -37,6 +37,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import pickle
 import threading
 import time
 from collections import deque
@@ -278,7 +279,6 @@ def _run_chunk(authkey: bytes | None, fn, star: bool, plain: bool, chunk, *share
     """
     _adopt_authkey(authkey)
     if type(chunk) is bytes:
-        import pickle
         chunk = pickle.loads(chunk)
     if star:
         if plain:

@@ -1,6 +1,7 @@
 import pytest
 
 import farpool
+from farpool_testing import Gate
 
 
 @pytest.fixture(scope="module")
@@ -10,6 +11,14 @@ def cluster():
     info = farpool.init(num_cpus=2)
     yield info
     farpool.shutdown()
+
+
+@pytest.fixture
+def gate(tmp_path):
+    """A gate tasks wait at until the test opens it (see farpool_testing.Gate)."""
+    g = Gate(str(tmp_path / "gate.sock"))
+    yield g
+    g.close()
 
 
 def pytest_collection_modifyitems(items):

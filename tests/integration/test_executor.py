@@ -16,7 +16,7 @@ import pytest
 import farpool
 from farpool import DistributedExecutor
 from farpool.executor import BrokenDistributedExecutor, DistributedFuture
-from farpool_testing import (TIMEOUT, Gate, add, crash_once, get_value, pid_of, run_script, set_value, square,
+from farpool_testing import (TIMEOUT, add, crash_once, get_value, pid_of, run_script, set_value, square,
                              wait_at_gate)
 
 
@@ -60,13 +60,6 @@ def touch(path):
 
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture
-def gate(tmp_path):
-    g = Gate(str(tmp_path / "gate.sock"))
-    yield g
-    g.close()
-
-
 @pytest.fixture
 def ex(cluster):
     with DistributedExecutor() as executor:

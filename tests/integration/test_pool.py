@@ -15,7 +15,7 @@ import pytest
 import farpool
 from farpool import Pool
 from farpool.pool import AsyncResult, BrokenPoolError
-from farpool_testing import TIMEOUT, Gate, crash_once, get_value, pid_of, run_script, set_value, square, wait_at_gate
+from farpool_testing import TIMEOUT, crash_once, get_value, pid_of, run_script, set_value, square, wait_at_gate
 
 
 def mul(a, b):
@@ -34,13 +34,6 @@ def fail_on(x, bad=3):
 
 def bad_initializer():
     raise RuntimeError("pool initializer failed on purpose")
-
-
-@pytest.fixture
-def gate(tmp_path):
-    g = Gate(str(tmp_path / "gate.sock"))
-    yield g
-    g.close()
 
 
 @pytest.fixture

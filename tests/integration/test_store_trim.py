@@ -18,9 +18,9 @@ def store_stats():
     return client.agent_request(client.home, "StoreStats", ())[0]
 
 
-def test_freed_memory_is_reused_then_given_back(monkeypatch):
+def test_freed_memory_is_kept_for_reuse(monkeypatch):
     farpool.shutdown()
-    monkeypatch.setenv("FARPOOL_STORE_FREE_IDLE_S", "0.5")  # read by the node agent at start
+    monkeypatch.setenv("FARPOOL_STORE_FREE_IDLE_S", "3600")  # read by the node agent at start
     farpool.init(num_cpus=1)
     try:
         refs = [farpool.put(np.ones(MB // 8)) for _ in range(3)]
@@ -28,14 +28,27 @@ def test_freed_memory_is_reused_then_given_back(monkeypatch):
         assert stats["objects"] == 3 and stats["shm_bytes"] >= 3 * MB
         del refs
         stats = store_stats()
-        assert stats["objects"] == 0 and stats["free_segments"] == 3  # kept for reuse, for now
+        assert stats["objects"] == 0 and stats["free_segments"] == 3
         ref = farpool.put(np.ones(MB // 8))  # reuses one: nothing new is mapped
-        assert store_stats()["free_segments"] == 2
+        after = store_stats()
+        assert after["free_segments"] == 2 and after["shm_bytes"] == stats["shm_bytes"]
         del ref
+    finally:
+        farpool.shutdown()
+
+
+def test_freed_memory_unused_for_a_while_is_given_back(monkeypatch):
+    farpool.shutdown()
+    monkeypatch.setenv("FARPOOL_STORE_FREE_IDLE_S", "0.5")
+    farpool.init(num_cpus=1)
+    try:
+        refs = [farpool.put(np.ones(MB // 8)) for _ in range(3)]
+        directory = store_stats()["directory"]
+        del refs
         deadline = time.monotonic() + 30
         while store_stats()["shm_bytes"] > 0:  # idle for 0.5 s: unlinked
             assert time.monotonic() < deadline, "freed segments were never given back"
             time.sleep(0.1)
-        assert os.listdir(stats["directory"]) == []
+        assert os.listdir(directory) == []
     finally:
         farpool.shutdown()

@@ -350,7 +350,6 @@ class CoreClient:
         self.actor_arg_pins: dict[str, list] = {}  # actor id -> ids in its constructor's arguments
         self.ended_actors: deque = deque()  # actors whose last handle went (token freed)
         self.frees: dict[str, list] = {}       # node_id -> store ids to free
-        self.borrow_releases: deque = deque()  # (object id, owner) of borrows we dropped
         self.owner_messages: deque = deque()   # (owner, frames) to send from the I/O thread, in order
         self.watched: dict[bytes, BorrowerWatch] = {}  # owner: borrower identity -> what it holds
         self.sub_borrowed: list = []      # worker: (oid, borrower, owner) to report with our next TaskFinished
@@ -366,6 +365,7 @@ class CoreClient:
         self._dispatch_scheduled = False
         self._dirty_keys: set = set()
         self.parked: dict = {}  # key -> an idle lease on this node a caller thread may take (under lock)
+        self._doorbell_sock = None  # datagrams to workers' doorbells (TakeBack), made on first use
         self.job_setup = cfg.get("job_setup") or {}
         self.blocked_depth = 0
 
@@ -527,7 +527,7 @@ class CoreClient:
                 os.close(watch.fd)
         for fd in self.owner_pidfds.values():
             os.close(fd)
-        if getattr(self, "_doorbell_sock", None) is not None:
+        if self._doorbell_sock is not None:
             self._doorbell_sock.close()
         store.clear_written()  # the session's segments go away: do not keep their memory mapped
         self.loop.close()
@@ -1131,7 +1131,7 @@ class CoreClient:
             busy.channel.send(encode("TakeBack", (ids, token)))
 
     def _doorbell(self):
-        sock = getattr(self, "_doorbell_sock", None)
+        sock = self._doorbell_sock
         if sock is None:
             import socket as _socket
             sock = self._doorbell_sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
@@ -1595,7 +1595,7 @@ class CoreClient:
                             self._free_location(value)
                         for inner_id, owner in inner:  # nor the refs inside it
                             if owner[0] != self.identity:
-                                self.borrow_releases.append((inner_id, owner))
+                                self.owner_messages.append((owner, encode("BorrowReleased", (inner_id,))))
                                 self._schedule_frees()
                         continue
                     if inner:
@@ -1680,7 +1680,7 @@ class CoreClient:
                     self._delete(inner, e)
         if not entry.owned:
             if entry.registered and entry.owner is not None:
-                self.borrow_releases.append((oid, entry.owner))
+                self.owner_messages.append((entry.owner, encode("BorrowReleased", (oid,))))
                 self._schedule_frees()
             return
         if entry.location is not None:
@@ -1854,9 +1854,6 @@ class CoreClient:
         while self.owner_messages:
             owner, frames = self.owner_messages.popleft()
             self._send_owner(owner, frames)
-        while self.borrow_releases:
-            oid, owner = self.borrow_releases.popleft()
-            self._send_owner(owner, encode("BorrowReleased", (oid,)))
         while self.ended_actors:
             transport.send(self.head, encode("KillActor", (self.ended_actors.popleft(), True)))
         with self.lock:  # other threads add frees under the lock (release_ref)

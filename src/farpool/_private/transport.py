@@ -505,7 +505,7 @@ class StreamChannel:
         """``send`` from a thread other than the loop's, by one that owns the stream for the
         moment (the loop sends nothing on it meanwhile): what the kernel does not take at
         once is handed to the loop, which sends it in order."""
-        if self._out or self.closed or self.loop is None:
+        if self._out or self.closed:
             self.loop.call_soon(self.send, frames)
             return
         out = self._pack(frames)
