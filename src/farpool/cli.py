@@ -208,12 +208,13 @@ def _memory(args) -> int:
         stats, listing = client.agent_request(client.home, "StoreStats", ())
         print(f"node {client.home.node_id[:8]} object store ({stats['directory']}): "
               f"{stats['used'] / 1e6:.1f} MB used of {stats['capacity'] / 1e6:.1f} MB, "
-              f"{stats['objects']} object(s), {stats['spilled'] / 1e6:.1f} MB spilled, "
+              f"{stats['objects']} object(s) ({stats.get('copies', 0)} copied from other nodes), "
+              f"{stats['spilled'] / 1e6:.1f} MB spilled, "
               f"{stats['free_segments']} free segment(s) kept for reuse")
-        print(f"{'object id':34} {'size MB':>9} {'pinned':>6} {'spilled':>7}  owner / created by")
+        print(f"{'object id':34} {'size MB':>9} {'pinned':>6} {'spilled':>7} {'copy':>5}  owner / created by")
         for row in listing[:args.limit]:
             print(f"{row['object_id'][:32]:34} {row['size'] / 1e6:9.2f} {str(row['pinned']):>6} "
-                  f"{str(row['spilled']):>7}  {row['owner']} / {row['created_at']}")
+                  f"{str(row['spilled']):>7} {str(row.get('copy', False)):>5}  {row['owner']} / {row['created_at']}")
     finally:
         farpool.shutdown()
     return 0

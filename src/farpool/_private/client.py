@@ -190,6 +190,7 @@ class Entry:
     actor_id: str | None = None   # an actor's handle token: freeing it ends the actor
     fetched: bool = True          # borrower: value requested from the owner (or not needed)
     owner: tuple | None = None    # borrower: the owner's address
+    copies: set | None = None     # owner of a stored value: other nodes we had copy it (pull.py)
 
 
 @dataclass
@@ -231,6 +232,7 @@ class TaskRecord:
     submitted_at: float = 0.0
     cancelled: bool = False
     args_location: tuple | None = None  # large by-value arguments, stored once per call
+    args_copies: set | None = None      # nodes that copied them (workers there read them)
 
 
 @dataclass
@@ -1218,26 +1220,21 @@ class CoreClient:
             if fn.fn_hash not in lease.shipped:
                 fn_bytes = fn.fn_bytes
                 lease.shipped.add(fn.fn_hash)
-            direct = isinstance(lease.channel, DirectChannel)
             ref_values = []
             ref_bufs = []
             for slot, ref in task.ref_slots:
                 entry = self.objects[ref._id]
-                if entry.location is not None and direct:
-                    ref_values.append((slot, ("loc", entry.location[3], entry.location[4]), 0))
-                elif entry.location is not None:  # another machine: send the bytes
-                    payload, bufs = store.read_bytes(entry.location[3], entry.location[4])
-                    ref_values.append((slot, payload, len(bufs)))
-                    ref_bufs.extend(bufs)
+                if entry.location is not None:
+                    ref_values.append((slot, self._stored_for(lease.node_id, ref._id, entry,
+                                                              f"an argument of {task.name}"), 0))
                 else:
                     ref_values.append((slot, entry.payload, len(entry.buffers)))
                     ref_bufs.extend(entry.buffers)
             args_payload, arg_bufs = task.args_payload, task.arg_bufs
             if task.args_location is not None:
-                if direct:
-                    args_payload = ("loc", task.args_location[3], task.args_location[4])
-                else:
-                    args_payload, arg_bufs = store.read_bytes(task.args_location[3], task.args_location[4])
+                args_payload = self._read_on(lease.node_id, task.args_location, f"the arguments of {task.name}")
+                if args_payload[0] == "pull":
+                    task.args_copies = (task.args_copies or set()) | {lease.node_id}
             job_setup = None
             if not lease.job_sent:
                 job_setup = dict(self.job_setup, pool_key=task.pool_key, pool=self.pools.get(task.pool_key))
@@ -1252,6 +1249,33 @@ class CoreClient:
             task.attempts += 1
             task.submitted_at = now
         return encode("ExecuteTask", (wire, self.peer_address), buffers)
+
+    def _read_on(self, node_id: str, location: tuple, what: str, more_sources=()) -> tuple:
+        """How a process on node ``node_id`` reads a stored value: ("loc", path, size) when it
+        is in that node's store, else ("pull", store_id, size, sources, owner, what): that
+        node's agent copies it from the nodes that hold it (pull.py)."""
+        _, where, store_id, path, size = location
+        if where == node_id:
+            return ("loc", path, size)
+        sources = [where, *(n for n in more_sources if n not in (where, node_id))]
+        return ("pull", store_id, size, sources, self.identity.decode(), what)
+
+    def _stored_for(self, node_id: str, oid: bytes, entry: Entry, what: str) -> tuple:
+        """``_read_on`` for an object of our table, recording the copy it makes: we free the
+        copies of what we own; the owner of what we borrow is told (AddCopy) before our
+        borrow can end, so it frees that copy too."""
+        with self.lock:
+            copies = list(entry.copies or ())
+        spec = self._read_on(node_id, entry.location, what, copies)
+        if spec[0] != "pull":
+            return spec
+        if entry.owned:
+            with self.lock:
+                entry.copies = (entry.copies or set()) | {node_id}
+        elif entry.owner is not None:
+            self.owner_messages.append((entry.owner, encode("AddCopy", (oid, entry.location[2], node_id))))
+            self._schedule_frees()
+        return spec
 
     def _return_idle(self, lease: LeaseState) -> None:
         lease.linger = None
@@ -1657,7 +1681,7 @@ class CoreClient:
                     self._delete(oid, e)
         task.pinned = []
         if task.args_location is not None:
-            self._free_location(task.args_location)
+            self._free_location(task.args_location, task.args_copies)
             task.args_location = None
 
     @staticmethod
@@ -1684,7 +1708,7 @@ class CoreClient:
                 self._schedule_frees()
             return
         if entry.location is not None:
-            self._free_location(entry.location)
+            self._free_location(entry.location, entry.copies)
 
     def _schedule_frees(self) -> None:
         if not self._free_scheduled:
@@ -1844,9 +1868,11 @@ class CoreClient:
                     self.owner_messages.append((owner, encode("AddBorrower", (ref._id, caller))))
         self._schedule_frees()
 
-    def _free_location(self, location: tuple) -> None:
+    def _free_location(self, location: tuple, copies=()) -> None:
+        """Free a stored value: the original and every copy we had made on other nodes."""
         _, node_id, store_id, _path, _size = location
-        self.frees.setdefault(node_id, []).append(store_id)
+        for node in {node_id, *(copies or ())}:
+            self.frees.setdefault(node, []).append(store_id)
         self._schedule_frees()
 
     def _flush_frees(self) -> None:
@@ -1860,7 +1886,9 @@ class CoreClient:
             frees, self.frees = self.frees, {}
         for node_id, ids in frees.items():
             agent = self.agents.get(node_id)
-            if agent is not None:
+            if agent is None:  # a node that only holds copies: we never leased there
+                agent, _ = self._agent_of(node_id)
+            if agent is not None:  # (a dead node took its copies with it)
                 transport.send(agent.socket, encode("FreeObjects", (ids,)))
 
     def _fire(self, entry: Entry) -> None:
@@ -1903,7 +1931,8 @@ class CoreClient:
             self.local_fetches[object_id] = owner
             if len(owner) > 3:  # watch the owner: if it dies before it answers, say so (no hang)
                 self._watch_owner(owner)
-        self._send_owner(owner, encode("GetObject", (object_id,)))
+        node = self.home.node_id if self.home is not None and self.home.local else None
+        self._send_owner(owner, encode("GetObject", (object_id, node)))
 
     def _watch_owner(self, owner: tuple) -> None:
         identity, pid = owner[0], owner[3]
@@ -2032,12 +2061,33 @@ class CoreClient:
             return  # not asked for, or given up on already
         if not remote and self.local_fetches.pop(object_id, None) is None:
             return
-        if state == READY and isinstance(payload, tuple):
+        if state == READY and isinstance(payload, tuple) and payload[0] == "pull":
+            self._pull_borrowed(object_id, payload)
+        elif state == READY and isinstance(payload, tuple):
             self._set_borrowed(object_id, READY, None, location=payload)
         elif state == READY:
             self._set_borrowed(object_id, READY, None, payload, list(buffers))
         else:
             self._set_borrowed(object_id, FAILED, error)
+
+    def _pull_borrowed(self, object_id: bytes, spec: tuple) -> None:
+        """A borrowed value stored on other nodes: our agent copies it into our node's store."""
+        _, store_id, size, sources, owner, what = spec
+        request_id = next(self._request_ids)
+
+        def copied(answer):
+            path, error, full = answer
+            if path is not None:
+                self._set_borrowed(object_id, READY, None, location=("seg", self.home.node_id, store_id, path, size))
+                return
+            kind = exc_mod.ObjectStoreFullError if full else exc_mod.ObjectLostError
+            self._set_borrowed(object_id, FAILED, kind(
+                f"cannot get object {object_id.hex()}: copying it to node {self.home.node_id[:8]} failed: {error}"))
+        self.pending_requests[request_id] = copied
+        transport.send(self.home.socket, encode("PullObject", (request_id, store_id, size, sources, owner, what)))
+
+    def _on_ObjectCopied(self, conn, request_id, path, error, full) -> None:
+        self._answer(request_id, (path, error, full))
 
     def _set_borrowed(self, object_id, state, error, payload=None, buffers=(), location=None) -> None:
         with self.lock:
@@ -2065,7 +2115,9 @@ class CoreClient:
         """A borrower on our node (``remote`` False: our ipc ROUTER) or elsewhere (through our agent)."""
         try:
             if tag == "GetObject":
-                self._serve_object(identity, fields[0], remote)
+                self._serve_object(identity, fields[0], remote, fields[1] if len(fields) > 1 else None)
+            elif tag == "AddCopy":
+                self._add_copy(*fields)
             elif tag == "BorrowReleased":
                 self._borrow_released(identity, fields[0])
             elif tag == "AddBorrower":
@@ -2079,22 +2131,38 @@ class CoreClient:
         except (TypeError, ValueError, IndexError) as exc:
             log.warning("dropped a bad %s from %r: %s", tag, identity[:24], exc)
 
-    def _serve_object(self, identity, object_id, remote: bool = False) -> None:
+    def _serve_object(self, identity, object_id, remote: bool = False, node: str | None = None) -> None:
+        """Answer GetObject from a borrower on ``node`` (None: it has no node store to read from)."""
         entry = self.objects.get(object_id)
         if entry is None:
             error = exc_mod.ObjectLostError(f"object {object_id.hex()} was freed by its owner")
             self._reply_object(identity, object_id, FAILED, None, [], error, remote)
         elif entry.state == PENDING:
             with self.lock:
-                entry.waiters.append(lambda e, i=identity, o=object_id: self._serve_object(i, o, remote))
-        elif entry.state == READY and entry.location is not None and remote:
+                entry.waiters.append(lambda e, i=identity, o=object_id: self._serve_object(i, o, remote, node))
+        elif entry.state == READY and entry.location is not None and node is not None \
+                and node != entry.location[1]:  # its agent copies it (pull.py)
+            spec = self._stored_for(node, object_id, entry, f"object {object_id.hex()[:16]}")
+            self._reply_object(identity, object_id, READY, spec, [], None, remote)
+        elif entry.state == READY and entry.location is not None and remote and node is None:
             self._serve_stored(identity, object_id, entry.location)
-        elif entry.state == READY and entry.location is not None:
-            self._reply_object(identity, object_id, READY, entry.location, [], None)
+        elif entry.state == READY and entry.location is not None:  # in its node's store: it maps it
+            self._reply_object(identity, object_id, READY, entry.location, [], None, remote)
         elif entry.state == READY:
             self._reply_object(identity, object_id, READY, entry.payload, entry.buffers, None, remote)
         else:
             self._reply_object(identity, object_id, FAILED, None, [], self._error_of(entry), remote)
+
+    def _add_copy(self, object_id: bytes, store_id: bytes, node_id: str) -> None:
+        """A borrower had our object copied to ``node_id``: free that copy with the rest,
+        or now if the object is gone already."""
+        with self.lock:
+            entry = self.objects.get(object_id)
+            if entry is not None and entry.owned and entry.location is not None:
+                entry.copies = (entry.copies or set()) | {node_id}
+                return
+            self.frees.setdefault(node_id, []).append(store_id)
+        self._schedule_frees()
 
     def _serve_stored(self, identity, object_id, location: tuple, path: str | None = None) -> None:
         """Send a borrower on another node the bytes of a value in a node store.

@@ -22,6 +22,7 @@ around it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import signal
 import sys
 import time
 
-from farpool._private import launcher, protocol, scheduling, session, store, transport
+from farpool._private import launcher, protocol, pull, scheduling, session, store, transport
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.protocol import encode
 
@@ -88,6 +89,13 @@ class NodeAgent:
         self.store_writers: set = set()  # local peers that allocated segments (they may cache mappings)
         self.trim_timer = None
         self.peer_senders: dict[bytes, set] = {}  # client identity -> clients that sent it ToPeer
+        # Copies of objects from other nodes' stores (see pull.py)
+        self.pulls: dict[int, pull.Pull] = {}          # pull id -> in progress
+        self.pulls_by_store: dict[bytes, pull.Pull] = {}
+        self.pull_ids = itertools.count(1)
+        self.pull_timer = None
+        self.peer_agents: dict[str, object] = {}      # node id -> our DEALER to that node's agent
+        self.copy_counts = {"pulls": 0, "pulled_bytes": 0, "pull_failures": 0, "chunks_sent": 0}
         self.last_ack = time.monotonic()
         self.head = None
         self.cluster_nodes: list[dict] = []
@@ -134,6 +142,7 @@ class NodeAgent:
         elif tag in ("NodeRegistered", "NodeTable"):
             self.cluster_nodes = fields[0]
             self._apply(self.leases.set_cluster_view(self.cluster_nodes))
+            self._sources_died()
         elif tag == "Error" and fields[0] == "unknown-node":
             log.error("the head no longer knows this node (%s); exiting", fields[1])
             self.loop.stop()
@@ -150,7 +159,7 @@ class NodeAgent:
                 log.info("object store capacity %.0f MB -> %.0f MB (shared by the agents on this machine)",
                          self.store.capacity / 1e6, capacity / 1e6)
                 self.store.capacity = capacity
-        stats = dict(self.leases.stats(), object_store=self.store.stats())
+        stats = dict(self.leases.stats(), object_store=self._store_stats())
         transport.send(self.head, encode("Heartbeat", (self.node_id, self.leases.resources.available,
                                                        {"stats": stats})))
         self.loop.call_later(HEARTBEAT_S, self._heartbeat)
@@ -250,6 +259,9 @@ class NodeAgent:
 
     def _on_FreeObjects(self, client, store_ids: list) -> None:
         for store_id in store_ids:
+            copying = self.pulls_by_store.get(store_id)
+            if copying is not None:  # its owner let go while we copied it: nobody will read it
+                self._end_pull(copying, "it was freed by its owner while it was being copied")
             self.store.free_object(store_id)
         self._tell_writers()
         if self.trim_timer is None and self.store.free:
@@ -285,8 +297,158 @@ class NodeAgent:
         else:
             self._send(client, "ObjectAllocated", request_id, seg.path, None)
 
+    # --- copies from other nodes (pull.py) ---
+    def _on_PullObject(self, client, request_id, store_id: bytes, size: int, sources: list, owner: str,
+                       what: str) -> None:
+        """A reader on this node wants an object stored on other nodes: answer the path of a
+        local copy (ObjectAllocated), pulling it first unless we have it or are pulling it."""
+        copying = self.pulls_by_store.get(store_id)
+        if copying is not None:
+            copying.waiters.append((client, request_id))
+            return
+        if store_id in self.store.objects:  # the original, or a copy pulled before
+            try:
+                seg = self.store.restore(store_id)  # when it was spilled
+            except MemoryError as exc:
+                self._send(client, "ObjectCopied", request_id, None, str(exc), True)
+                return
+            finally:
+                self._tell_writers()
+            self._send(client, "ObjectCopied", request_id, seg.path, None, False)
+            return
+        try:
+            seg = self.store.allocate(store_id, size, owner, what, copy=True)
+        except MemoryError as exc:
+            self._send(client, "ObjectCopied", request_id, None, str(exc), True)
+            return
+        finally:
+            self._tell_writers()
+        job = pull.Pull(next(self.pull_ids), store_id, size, [s for s in sources if s != self.node_id])
+        job.fd = store.open_to_fill(seg.path)
+        job.path = seg.path
+        job.waiters.append((client, request_id))
+        self.pulls[job.pull_id] = job
+        self.pulls_by_store[store_id] = job
+        self.copy_counts["pulls"] += 1
+        if self.pull_timer is None:
+            self.pull_timer = self.loop.call_later(pull.SILENT_S / 3, self._check_pulls)
+        self._pump(job)
+
+    def _pump(self, job: pull.Pull) -> None:
+        """Ask the sources for the next chunks; end the pull when none is left to ask."""
+        while True:
+            asks = job.requests()
+            if not asks:
+                break
+            for source, offset, length in asks:
+                sock, why = self._peer_agent(source)
+                if sock is None or not transport.send(sock, encode("ReadChunk", (job.pull_id, job.store_id,
+                                                                                offset, length))):
+                    job.source_failed(source, why or f"node {source[:8]} cannot be reached")
+        if job.failed:
+            self._end_pull(job, job.error())
+
+    def _peer_agent(self, node_id: str) -> tuple:
+        """(our connection to the agent of ``node_id``, None), or (None, why there is none)."""
+        sock = self.peer_agents.get(node_id)
+        if sock is not None:
+            return sock, None
+        node = next((n for n in self.cluster_nodes if n["node_id"] == node_id), None)
+        if node is None:
+            return None, f"node {node_id[:8]} is not part of this cluster"
+        if not node["alive"]:
+            return None, f"node {node_id[:8]} died"
+        if not node.get("tcp"):
+            return None, f"node {node_id[:8]} listens on no TCP address (started without --host)"
+        sock = transport.dealer(f"a:{self.node_id}".encode())
+        transport.start_tcp(sock, node["tcp"], self.token, encode("Hello", ("agent", {"node_id": self.node_id})))
+        self.peer_agents[node_id] = sock
+        self.loop.add_reader(sock, lambda: self._on_peer_agent(node_id, sock))
+        return sock, None
+
+    def _on_peer_agent(self, node_id: str, sock) -> None:
+        for frames in transport.recv_all(sock):
+            try:
+                tag, fields, buffers = protocol.decode(frames)
+                if tag == "Chunk":
+                    self._on_chunk(node_id, *fields, buffers)
+            except (protocol.ProtocolError, TypeError, ValueError, IndexError) as exc:
+                log.warning("dropped a bad message from the agent of node %s: %s", node_id[:8], exc)
+
+    def _on_ReadChunk(self, client, pull_id: int, store_id: bytes, offset: int, length: int) -> None:
+        """Another node's agent copies one of our objects: send it ``length`` bytes from ``offset``."""
+        seg = self.store.objects.get(store_id)
+        if seg is None or store_id in self.pulls_by_store:
+            error = "it is not in its store (freed, or still arriving)"
+            frames = encode("Chunk", (pull_id, offset, error))
+        elif not (0 <= offset and 0 < length <= pull.MAX_CHUNK and offset + length <= seg.used):
+            frames = encode("Chunk", (pull_id, offset, f"bad range: {length} bytes at {offset} of {seg.used}"))
+        else:
+            try:
+                frames = encode("Chunk", (pull_id, offset, None),
+                                [store.read_range(seg.spilled_to or seg.path, offset, length)])
+                self.copy_counts["chunks_sent"] += 1
+            except OSError as exc:
+                frames = encode("Chunk", (pull_id, offset, f"reading it failed: {exc}"))
+        kind, identity = client
+        transport.send(self.sockets[kind], [identity, *frames])
+
+    def _on_chunk(self, source: str, pull_id: int, offset: int, error, buffers) -> None:
+        job = self.pulls.get(pull_id)
+        if job is None:
+            return  # ended meanwhile (freed, or failed)
+        expected = min(job.chunk, job.size - offset) if 0 <= offset < job.size else -1
+        if error is None and (len(buffers) != 1 or len(buffers[0]) != expected):
+            error = f"sent {sum(len(b) for b in buffers)} bytes for a chunk of {expected}"
+        if error is not None:
+            job.source_failed(source, f"node {source[:8]}: {error}")
+        elif job.received_chunk(source, offset, expected):
+            os.pwrite(job.fd, buffers[0], offset)
+            self.copy_counts["pulled_bytes"] += expected
+        if job.done:
+            self._end_pull(job, None)
+        else:
+            self._pump(job)
+
+    def _end_pull(self, job: pull.Pull, error: str | None) -> None:
+        del self.pulls[job.pull_id]
+        del self.pulls_by_store[job.store_id]
+        os.close(job.fd)  # drops the fill lock
+        if error is not None:
+            log.warning("copying object %s to this node failed: %s", job.store_id.hex()[:16], error)
+            self.copy_counts["pull_failures"] += 1
+            self.store.free_object(job.store_id)
+        for client, request_id in job.waiters:
+            self._send(client, "ObjectCopied", request_id, None if error else job.path, error, False)
+
+    def _check_pulls(self) -> None:
+        """Sources that stopped answering are given up on (their chunks go to the others)."""
+        self.pull_timer = None
+        now = time.monotonic()
+        for job in list(self.pulls.values()):
+            for source in job.silent_sources(now):
+                job.source_failed(source, f"node {source[:8]} sent nothing for {pull.SILENT_S:.0f} s")
+            self._pump(job)
+        if self.pulls:
+            self.pull_timer = self.loop.call_later(pull.SILENT_S / 3, self._check_pulls)
+
+    def _sources_died(self) -> None:
+        """Nodes the head declared dead send nothing more: pulls go on from the other sources."""
+        dead = {n["node_id"] for n in self.cluster_nodes if not n["alive"]}
+        for node_id in dead & set(self.peer_agents):
+            sock = self.peer_agents.pop(node_id)
+            self.loop.remove_reader(sock)
+            sock.close(0)
+        for job in list(self.pulls.values()):
+            for source in dead & set(job.load):
+                job.source_failed(source, f"node {source[:8]} died")
+            self._pump(job)
+
+    def _store_stats(self) -> dict:
+        return dict(self.store.stats(), **self.copy_counts, pulls_in_progress=len(self.pulls))
+
     def _on_StoreStats(self, client, request_id) -> None:
-        self._send(client, "StoreStats", request_id, self.store.stats(), self.store.listing())
+        self._send(client, "StoreStats", request_id, self._store_stats(), self.store.listing())
 
     def _on_GetNodes(self, client, request_id) -> None:
         self._send(client, "Nodes", request_id, self.cluster_nodes)
@@ -398,7 +560,9 @@ class NodeAgent:
             self._send(lease.client, "WorkerExited", lease.lease_id, info)
 
     def close(self) -> None:
-        for sock in self.sockets.values():
+        for job in list(self.pulls.values()):
+            os.close(job.fd)
+        for sock in list(self.sockets.values()) + list(self.peer_agents.values()):
             sock.close(0)
         if self.head is not None:
             self.head.close(0)

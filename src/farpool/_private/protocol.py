@@ -46,6 +46,8 @@ TAGS = frozenset({
     "TakeBack", "TakenBack",
     # node object store
     "AllocateObject", "ObjectAllocated", "FreeObjects", "RestoreObject", "StoreStats", "SegmentsDropped",
+    # copies between node stores (pull.py): reader -> its agent, agent -> agent, owner <- borrower
+    "PullObject", "ObjectCopied", "ReadChunk", "Chunk", "AddCopy",
     # actors: client <-> head <-> agent <-> worker
     "CreateActor", "ActorRegistered", "ActorCreated", "WaitActor", "ActorInfo", "KillActor",
     "GetNamedActor",

@@ -208,10 +208,27 @@ def read_segment(path: str, size: int, private: bool = False):
     return payload, buffers
 
 
-def read_bytes(path: str, size: int) -> tuple[bytes, list[bytes]]:
-    """A copy of a segment's value (to send it to another machine)."""
-    payload, buffers = read_segment(path, size)
-    return bytes(payload), [bytes(b) for b in buffers]
+def read_range(path: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of a segment (or spill) file from ``offset``: a chunk sent to another node."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise OSError(f"{path} holds {offset + len(data)} bytes, expected at least {offset + length}")
+    return data
+
+
+def open_to_fill(path: str) -> int:
+    """An fd for writing a segment in pieces (a copy arriving from another node).
+
+    It holds a shared lock, as writers do, so the agent neither spills nor reuses the
+    segment before it is complete; closing the fd drops the lock.
+    """
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
 
 
 def choose_dir(session_dir: str, node_id: str, capacity: int) -> tuple[str, bool]:
@@ -300,6 +317,7 @@ class Segment:
     spilled_to: str | None = None
     created_at: str = ""
     freed_at: float = 0.0     # time.monotonic() when it went back to the free pool
+    copy: bool = False        # a copy of an object stored on another node (see pull.py)
 
 
 class ObjectStore:
@@ -316,7 +334,8 @@ class ObjectStore:
         self.dropped: list[str] = []   # segment paths unlinked since the agent last told writers
 
     # --- allocation ---
-    def allocate(self, object_id: bytes, size: int, owner: str = "", where: str = "") -> Segment:
+    def allocate(self, object_id: bytes, size: int, owner: str = "", where: str = "",
+                 copy: bool = False) -> Segment:
         """A segment for ``size`` bytes, reusing a free one when possible.
 
         Raises MemoryError (ObjectStoreFullError is raised by the caller) with sizes.
@@ -341,6 +360,7 @@ class ObjectStore:
         seg.owner = owner
         seg.created_at = where
         seg.spilled_to = None
+        seg.copy = copy
         self.objects[object_id] = seg
         return seg
 
@@ -446,7 +466,9 @@ class ObjectStore:
     def stats(self) -> dict:
         used = sum(s.used for s in self.objects.values() if s.spilled_to is None)
         spilled = sum(s.used for s in self.objects.values() if s.spilled_to is not None)
+        copies = sum(1 for s in self.objects.values() if s.copy)
         return {"capacity": self.capacity, "used": used, "spilled": spilled, "objects": len(self.objects),
+                "copies": copies,
                 "shm_bytes": self.bytes_in_shm, "free_segments": len(self.free), "directory": self.directory}
 
     def listing(self, limit: int = 20) -> list[dict]:
@@ -454,7 +476,8 @@ class ObjectStore:
         for object_id, seg in sorted(self.objects.items(), key=lambda kv: -kv[1].used)[:limit]:
             rows.append({"object_id": object_id.hex(), "size": seg.used, "owner": seg.owner,
                          "pinned": not _unlocked(seg.path) if seg.spilled_to is None else False,
-                         "spilled": seg.spilled_to is not None, "created_at": seg.created_at})
+                         "spilled": seg.spilled_to is not None, "created_at": seg.created_at,
+                         "copy": seg.copy})
         return rows
 
     def close(self) -> None:

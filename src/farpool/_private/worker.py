@@ -138,10 +138,62 @@ def _unpack(package: str) -> str:
 
 
 def _load_value(payload, bufs):
-    """A value from a message, or mapped zero-copy (copy-on-write) from the node store."""
-    if isinstance(payload, tuple):  # copy-on-write views: the task may mutate its arguments
+    """A value from a message, or mapped zero-copy (copy-on-write) from the node store.
+
+    ("loc", path, size): in this node's store.  ("pull", store_id, size, sources, owner,
+    what): in other nodes' stores; our agent copies it here first (pull.py), once for
+    all the readers of this node.
+    """
+    if isinstance(payload, tuple) and payload[0] == "pull":
+        try:
+            payload, bufs = store.read_segment(_store_puller.pull(*payload[1:]), payload[2], private=True)
+        except FileNotFoundError:  # spilled between the answer and the mapping: the agent restores it
+            payload, bufs = store.read_segment(_store_puller.pull(*payload[1:]), payload[2], private=True)
+    elif isinstance(payload, tuple):  # copy-on-write views: the task may mutate its arguments
         payload, bufs = store.read_segment(payload[1], payload[2], private=True)
     return protocol.loads(payload, bufs)
+
+
+class _StorePuller:
+    """Asks this node's agent for a local copy of an object stored on other nodes.
+
+    A socket of its own (any thread may need a copy: threaded actors), used by one
+    thread at a time; the agent answers every PullObject, with a path or an error.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.address: str | None = None
+        self.sock = None
+        self.requests = 0
+
+    def pull(self, store_id: bytes, size: int, sources: list, owner: str, what: str) -> str:
+        with self.lock:
+            if self.sock is None:
+                self.sock = transport.dealer()
+                self.sock.connect(self.address)
+            self.requests += 1
+            transport.send(self.sock, encode("PullObject", (self.requests, store_id, size, sources, owner, what)))
+            while True:
+                if not self.sock.poll(3600_000):
+                    raise RuntimeError(f"the node agent did not deliver a copy of {what} within an hour")
+                tag, fields, _ = protocol.decode(self.sock.recv_multipart())
+                if tag == "ObjectCopied" and fields[0] == self.requests:
+                    break
+        _, path, error, full = fields
+        if path is None:
+            from farpool.exceptions import ObjectLostError, ObjectStoreFullError
+            raise (ObjectStoreFullError if full else ObjectLostError)(f"cannot read {what}: {error}")
+        return path
+
+    def close(self) -> None:
+        with self.lock:
+            if self.sock is not None:
+                self.sock.close(0)
+                self.sock = None
+
+
+_store_puller = _StorePuller()
 
 
 def _split_batch(tasks, buffers):
@@ -228,6 +280,7 @@ class Worker:
         self.listener = transport.listen_unix(os.path.join(cfg["session_dir"], f"w-{self.worker_id}"))
         self.agent = transport.dealer(b"w:" + self.worker_id.encode())
         self.agent.connect(cfg["agent_address"])
+        _store_puller.address = cfg["agent_address"]
         self.loop.add_reader(self.listener.fileno(), self._on_accept)
         self.loop.add_reader(self.agent, self._on_agent)
         self.loop.add_reader(cfg["lifeline_fd"], self._on_lifeline)
@@ -463,6 +516,7 @@ class Worker:
             channel.flush_blocking()
         self.agent.setsockopt(transport.LINGER, 2000)
         self.agent.close()
+        _store_puller.close()
         transport.term_context()
         os._exit(0)
 

@@ -1,0 +1,174 @@
+"""Large objects between nodes: the reader's agent copies them into its own store (pull.py).
+
+A driver joined with address="auto" lives on the head node and stores its large
+values in that node's store.  Tasks on the other nodes read them from a copy their
+agent pulls once (from every node that holds one), and the owner frees every copy.
+Each test checks the agents' own counts (StoreStats), not only the values.
+"""
+
+import os
+import signal
+
+import numpy as np
+import psutil
+import pytest
+
+import farpool
+from farpool._private import pull
+
+MB = 1 << 20
+N = 40 * MB // 8  # float64s: ten chunks of pull.CHUNK (and a few bytes of header)
+CHUNKS = 11
+
+
+def client():
+    return farpool.api._state["client"]
+
+
+def node_ids(cluster):
+    return [n["node_id"] for n in cluster.read_state()["nodes"]]
+
+
+def store_stats(node_id):
+    """The object store counts of a node's agent (we leased there, so we have its connection)."""
+    stats, _listing = client().agent_request(client().agents[node_id], "StoreStats", ())
+    return stats
+
+
+def wait_until(predicate, what, timeout=60):
+    import time
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def three_nodes(cluster):
+    cluster.start_head("--num-cpus", "1")
+    cluster.add_node("--num-cpus", "2", "--resources", '{"second": 4}')
+    cluster.add_node("--num-cpus", "1", "--resources", '{"third": 1}')
+    farpool.init(address="auto")
+    return node_ids(cluster)
+
+
+@farpool.remote
+def summed(array):
+    """Where it ran, the sum, and whether the array is a view of a mapping (no copy of its own)."""
+    return farpool.get_runtime_context().node_id, float(array.sum()), not array.flags.owndata
+
+
+@farpool.remote
+def get_summed(box):
+    array = farpool.get(box[0], timeout=60)
+    return farpool.get_runtime_context().node_id, float(array.sum()), not array.flags.owndata
+
+
+def test_readers_on_another_node_share_one_copy_that_the_owner_frees(started):
+    head, second, third = three_nodes(started)
+    array = np.arange(N, dtype=np.float64)
+    ref = farpool.put(array)
+    results = farpool.get([summed.options(resources={"second": 1}).remote(ref) for _ in range(4)], timeout=120)
+    assert results == [(second, float(array.sum()), True)] * 4
+    stats = store_stats(second)
+    assert (stats["pulls"], stats["copies"], stats["pull_failures"]) == (1, 1, 0)
+    assert array.nbytes <= stats["pulled_bytes"] < array.nbytes + MB
+    assert store_stats(head)["chunks_sent"] == CHUNKS == -(-stats["pulled_bytes"] // pull.CHUNK)
+    del ref
+    wait_until(lambda: store_stats(second)["objects"] == 0, "the copy on the second node was never freed")
+    wait_until(lambda: store_stats(head)["objects"] == 0, "the original was never freed")
+
+
+def test_a_copy_is_pulled_from_every_node_that_holds_one(started):
+    head, second, third = three_nodes(started)
+    array = np.arange(N, dtype=np.float64)
+    ref = farpool.put(array)
+    assert farpool.get(summed.options(resources={"second": 1}).remote(ref), timeout=120)[0] == second
+    sent_by_head = store_stats(head)["chunks_sent"]
+    assert farpool.get(summed.options(resources={"third": 1}).remote(ref), timeout=120) == \
+        (third, float(array.sum()), True)
+    # The third node asked both holders for chunks: the head node and the second node's copy.
+    assert store_stats(second)["chunks_sent"] > 0
+    assert store_stats(head)["chunks_sent"] > sent_by_head
+    assert store_stats(second)["chunks_sent"] + store_stats(head)["chunks_sent"] - sent_by_head == CHUNKS
+    del ref
+    for node in (head, second, third):
+        wait_until(lambda: store_stats(node)["objects"] == 0, f"a copy on node {node[:8]} was never freed")
+
+
+def test_a_borrowed_value_is_copied_to_the_reader_node_and_freed_with_the_original(started):
+    head, second, third = three_nodes(started)
+    array = np.arange(N, dtype=np.float64)
+    box = [farpool.put(array)]  # nested: the task borrows it and asks the owner
+    results = farpool.get([get_summed.options(resources={"second": 1}).remote(box) for _ in range(3)],
+                          timeout=120)
+    assert results == [(second, float(array.sum()), True)] * 3
+    stats = store_stats(second)
+    assert (stats["pulls"], stats["copies"]) == (1, 1)
+    del box
+    wait_until(lambda: store_stats(second)["objects"] == 0, "the borrowed copy was never freed")
+    wait_until(lambda: store_stats(head)["objects"] == 0, "the original was never freed")
+
+
+def test_a_large_argument_by_value_is_copied_for_the_call_and_freed_after_it(started):
+    head, second, third = three_nodes(started)
+    array = np.ones(N)
+    assert farpool.get(summed.options(resources={"third": 1}).remote(array), timeout=120) == \
+        (third, float(N), True)
+    assert store_stats(third)["pulls"] == 1
+    wait_until(lambda: store_stats(third)["objects"] == 0, "the copy of the argument was never freed")
+    wait_until(lambda: store_stats(head)["objects"] == 0, "the stored argument was never freed")
+
+
+def test_a_copy_comes_from_the_other_holders_when_one_node_died(started, monkeypatch):
+    monkeypatch.setenv("FARPOOL_NODE_TIMEOUT_S", "2")
+    head, second, third = three_nodes(started)
+    array = np.arange(N, dtype=np.float64)
+    ref = farpool.put(array)
+    assert farpool.get(summed.options(resources={"second": 1}).remote(ref), timeout=120)[0] == second
+    pid = [n["pid"] for n in started.read_state()["nodes"] if n["node_id"] == second][0]
+    victims = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    os.kill(pid, signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=20)
+    wait_until(lambda: not next(n for n in farpool.nodes() if n["node_id"] == second)["alive"],
+               "the head never declared the killed node dead")
+    assert farpool.get(summed.options(resources={"third": 1}).remote(ref), timeout=120) == \
+        (third, float(array.sum()), True)
+    assert store_stats(third)["pull_failures"] == 0
+    del ref
+    wait_until(lambda: store_stats(third)["objects"] == 0, "the copy on the third node was never freed")
+
+
+def test_an_agent_survives_bad_chunk_requests(started):
+    head, second, third = three_nodes(started)
+    ref = farpool.put(np.ones(N))
+    assert farpool.get(summed.options(resources={"second": 1}).remote(ref), timeout=120)[1] == N
+    from farpool._private import transport
+    from farpool._private.protocol import encode
+    store_id = ref.binary()
+    socket = client().agents[head].socket
+    for fields in [(1, store_id, 0, 1 << 40), (2, store_id, -5, 10), (3, b"nothing", 0, 10),
+                   (4, store_id, "x", 1), (5,), (6, store_id, 0, 10, 7)]:
+        client().loop.call_soon(transport.send, socket, encode("ReadChunk", fields))
+    client().loop.call_soon(transport.send, socket, encode("Chunk", (1, 0, None), [b"x"]))
+    # The head node's agent still serves the copy to the third node.
+    assert farpool.get(summed.options(resources={"third": 1}).remote(ref), timeout=120)[1] == N
+    assert store_stats(third)["pulls"] == 1
+
+
+def test_a_source_that_stops_answering_is_given_up_on_and_the_others_send_its_chunks(started, monkeypatch):
+    monkeypatch.setenv("FARPOOL_PULL_SILENT_S", "2")  # read by the agents this test starts
+    head, second, third = three_nodes(started)
+    array = np.arange(N, dtype=np.float64)
+    ref = farpool.put(array)
+    assert farpool.get(summed.options(resources={"second": 1}).remote(ref), timeout=120)[0] == second
+    sent_by_head = store_stats(head)["chunks_sent"]
+    # Stopped, the second node's agent accepts connections (the kernel does) but sends nothing.
+    agent = psutil.Process([n["pid"] for n in started.read_state()["nodes"] if n["node_id"] == second][0])
+    agent.suspend()
+    try:
+        assert farpool.get(summed.options(resources={"third": 1}).remote(ref), timeout=120) == \
+            (third, float(array.sum()), True)
+    finally:
+        agent.resume()
+    assert store_stats(head)["chunks_sent"] - sent_by_head == CHUNKS  # all of them, in the end
+    assert store_stats(third)["pull_failures"] == 0
