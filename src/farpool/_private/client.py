@@ -450,9 +450,12 @@ class CoreClient:
         return sock.recv_multipart()
 
     def _agent_hello(self) -> list:
+        # The pid lets an agent on our machine (same pid_space) treat our death as our Goodbye.
         return encode("Hello", ("client", {"job_id": self.job_id, "worker_id": self.worker_id,
                                            "node_id": self.cfg.get("node_id"),
-                                           "log_to_driver": self.cfg.get("log_to_driver", False)}))
+                                           "log_to_driver": self.cfg.get("log_to_driver", False),
+                                           "pid": os.getpid(), "pid_space": session.pid_space(),
+                                           "driver": not self.in_worker}))
 
     def _open_agent(self, node_id: str, address: str) -> AgentConn:
         sock = transport.dealer(self.identity)
@@ -1777,7 +1780,33 @@ class CoreClient:
                 else:
                     self.loop.call_soon(self.loop.add_reader, watch.fd,
                                         lambda i=identity: self._borrower_died(i))
+            else:  # its node's agent watches it for us: PeerGone(identity) when it goes
+                self.loop.call_soon(self._watch_remote_borrower, identity)
         watch.object_ids.add(oid)
+
+    def _watch_remote_borrower(self, identity: bytes) -> None:
+        """(I/O thread) Ask the agent of a borrower's node to tell us when it goes (WatchPeer):
+        its Goodbye, its death, or at once if it is not connected there.  Once per watch, not
+        per object; a watch dropped since is not asked for (a PeerGone of an identity we no
+        longer watch is ignored, so there is nothing to undo)."""
+        watch = self.watched.get(identity)
+        if watch is None or watch.fd is not None:
+            return
+        node_id = watch.address[1]
+        node = next((n for n in self.nodes if n["node_id"] == node_id), None)
+        if node is not None and not node["alive"]:  # _forget_dead_nodes ran before we counted it
+            self._borrower_died(identity)
+            return
+        conn = self.agents.get(node_id)
+        if conn is None and node is not None and node.get("tcp"):
+            conn, _ = self._agent_of(node_id)
+        if conn is None:
+            # A node our table does not show yet (or one without TCP): not watched; its death
+            # still releases the borrows (_forget_dead_nodes), its Goodbye-less exit does not.
+            log.info("cannot watch borrower %r: no connection to the agent of node %s",
+                     identity[:24], str(node_id)[:8])
+            return
+        transport.send(conn.socket, encode("WatchPeer", (identity,)))
 
     def _borrow_released(self, borrower: bytes, oid: bytes) -> None:
         with self.lock:
