@@ -1711,7 +1711,8 @@ class CoreClient:
     #   refs nested in a returned value: the returning worker adds the caller (when it
     #     owns them) or sends AddBorrower to the owner, before the reply leaves.
     # A borrower sends BorrowReleased to the owner when its last local reference goes;
-    # a borrower that dies (pidfd on this node, node death elsewhere) releases them all.
+    # a borrower that dies releases them all: a pidfd on our node, else its agent's
+    # PeerGone (WatchPeer: the agent watches its clients' pids), or its node's death.
     # Messages to one owner leave in order, so a process's AddBorrower for someone else
     # always precedes its own release; a release that overtakes the AddBorrower naming
     # it (they come from different processes) is remembered and cancels it.
