@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import farpool
+from farpool_testing import Gate, wait_at_gate, wait_until
 
 MB = 1 << 20
 
@@ -167,6 +168,20 @@ class Keeper:
         self.kept = farpool.get(box[0], timeout=60)[0]  # a ref found inside a borrowed value
         return True
 
+    def identity(self):
+        return farpool.api._client().identity
+
+    def pass_on(self, other, gate):
+        # We borrow self.kept (counted by its owner); the other keeper borrows it from us in
+        # turn, and reports that to us: in the reply of a call we do not wait for.
+        self.pending = other.keep_at_gate.remote([self.kept], gate)
+        return True
+
+    def keep_at_gate(self, box, gate):
+        self.kept = box[0]
+        wait_at_gate(gate)
+        return True
+
 
 def used_bytes():
     settle()
@@ -247,6 +262,53 @@ def test_a_ref_found_inside_a_borrowed_value_is_counted_too(small_store):
     assert farpool.get(keeper.read.remote(), timeout=60) == 3.0 * (MB // 8)
     assert farpool.get(keeper.drop.remote(), timeout=60)
     wait_until_freed(base, "an object found inside a borrowed value")
+
+
+@farpool.remote(max_retries=0)
+def hand_to_and_die(keeper, box):
+    farpool.get(keeper.keep.remote([box[0]]), timeout=60)
+    os._exit(1)  # before our reply tells the owner that the keeper borrows box[0] from it
+
+
+def counted_borrowers(ref):
+    settle()
+    return farpool.api._client().objects[ref.binary()].borrowers
+
+
+def test_a_borrow_passed_on_by_a_task_whose_worker_died_is_still_counted(small_store):
+    base = used_bytes()
+    ref = farpool.put(np.full(MB // 8, 6.0))
+    keeper = Keeper.remote()
+    keeper_id = farpool.get(keeper.identity.remote(), timeout=60)
+    with pytest.raises(farpool.WorkerCrashedError):
+        farpool.get(hand_to_and_die.remote(keeper, [ref]), timeout=60)
+    wait_until(lambda: keeper_id in counted_borrowers(ref), "the owner counting the keeper")
+    del ref
+    assert farpool.get(keeper.read.remote(), timeout=60) == 6.0 * (MB // 8)
+    assert farpool.get(keeper.drop.remote(), timeout=60)
+    wait_until_freed(base, "an object borrowed through a dead task")
+
+
+def test_a_borrow_passed_on_by_a_borrower_that_died_is_still_counted(small_store, tmp_path):
+    base = used_bytes()
+    ref = farpool.put(np.full(MB // 8, 8.0))
+    first, second = Keeper.remote(), Keeper.remote()
+    assert farpool.get(first.keep.remote([ref]), timeout=60)
+    first_id, second_id = farpool.get([first.identity.remote(), second.identity.remote()], timeout=60)
+    first_pid = farpool.get(first.pid.remote(), timeout=60)
+    gate = Gate(str(tmp_path / "gate.sock"))
+    try:
+        assert farpool.get(first.pass_on.remote(second, gate.path), timeout=60)
+        gate.wait_arrivals(1)  # the second keeper holds it, and has told no one yet
+        os.kill(first_pid, signal.SIGKILL)
+        wait_until(lambda: first_id not in counted_borrowers(ref), "the owner seeing the first keeper die")
+    finally:
+        gate.close()
+    wait_until(lambda: second_id in counted_borrowers(ref), "the owner counting the second keeper")
+    del ref
+    assert farpool.get(second.read.remote(), timeout=60) == 8.0 * (MB // 8)
+    assert farpool.get(second.drop.remote(), timeout=60)
+    wait_until_freed(base, "an object borrowed from a borrower that died")
 
 
 @farpool.remote

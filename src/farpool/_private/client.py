@@ -191,6 +191,8 @@ class Entry:
     fetched: bool = True          # borrower: value requested from the owner (or not needed)
     owner: tuple | None = None    # borrower: the owner's address
     copies: set | None = None     # owner of a stored value: other nodes we had copy it (pull.py)
+    kept_reports: dict | None = None  # owner: borrower -> its own reports of chained keeps
+    #                                   minus those relayed by the chain (see _add_borrower)
 
 
 @dataclass
@@ -452,9 +454,12 @@ class CoreClient:
         return sock.recv_multipart()
 
     def _agent_hello(self) -> list:
+        # The pid lets an agent on our machine (same pid_space) treat our death as our Goodbye.
         return encode("Hello", ("client", {"job_id": self.job_id, "worker_id": self.worker_id,
                                            "node_id": self.cfg.get("node_id"),
-                                           "log_to_driver": self.cfg.get("log_to_driver", False)}))
+                                           "log_to_driver": self.cfg.get("log_to_driver", False),
+                                           "pid": os.getpid(), "pid_space": session.pid_space(),
+                                           "driver": not self.in_worker}))
 
     def _open_agent(self, node_id: str, address: str) -> AgentConn:
         sock = transport.dealer(self.identity)
@@ -613,13 +618,21 @@ class CoreClient:
                 if entry is not None:
                     entry.pinned_forever = True
 
-    def mark_registered(self, refs: list) -> None:
-        """Borrowed refs this process now reports holding: their owner will count us until we release."""
+    def mark_registered(self, refs: list, caller: tuple | None = None) -> None:
+        """Borrowed refs this process now reports holding (to ``caller``, in the reply of the
+        task that got them): their owner will count us until we release.  Refs whose owner is
+        not the caller are also reported to the owner ourselves: the report that climbs the
+        chain of callers is lost if one of them dies first (see _add_borrower)."""
         with self.lock:
             for ref in refs:
                 entry = self.objects.get(ref._id)
                 if entry is not None and not entry.owned:
                     entry.registered = True
+                    if caller is not None and entry.owner is not None and caller[0] != entry.owner[0]:
+                        # Ahead of our release on the same FIFO, so the owner never sees it first.
+                        self.owner_messages.append((entry.owner, encode(
+                            "AddBorrower", (ref._id, self.peer_address, True))))
+                        self._schedule_frees()
 
     def pin_forever(self, ref: ObjectRef) -> None:
         with self.lock:
@@ -1722,38 +1735,42 @@ class CoreClient:
     #   refs nested in a returned value: the returning worker adds the caller (when it
     #     owns them) or sends AddBorrower to the owner, before the reply leaves.
     # A borrower sends BorrowReleased to the owner when its last local reference goes;
-    # a borrower that dies (pidfd on this node, node death elsewhere) releases them all.
+    # a borrower that dies releases them all: a pidfd on our node, else its agent's
+    # PeerGone (WatchPeer: the agent watches its clients' pids), or its node's death.
     # Messages to one owner leave in order, so a process's AddBorrower for someone else
     # always precedes its own release; a release that overtakes the AddBorrower naming
     # it (they come from different processes) is remembered and cancels it.
     def _on_borrowers(self, sender: tuple | None, object_ids: list, pairs: list = ()) -> None:
         """A worker kept refs it got in a task's arguments (``object_ids``), or learned that
-        processes it passed them to keep them (``pairs`` of (id, borrower, owner)): count them."""
+        processes it passed them to keep them (``pairs`` of (id, borrower, owner, kept)): count them."""
         with self.lock:
             for oid in object_ids:
-                self._borrowed_by(oid, sender)
-            for oid, borrower, owner in pairs:
-                self._borrowed_by(oid, borrower, owner)
+                self._borrowed_by(oid, sender, kept=True)
+            for oid, borrower, owner, *kept in pairs:
+                self._borrowed_by(oid, borrower, owner, bool(kept and kept[0]), relayed=True)
         self._schedule_frees()
 
-    def _borrowed_by(self, oid: bytes, borrower: tuple, owner: tuple | None = None) -> None:
-        """(lock held) ``borrower`` holds ``oid``: count it if ours, else make its owner count it."""
+    def _borrowed_by(self, oid: bytes, borrower: tuple, owner: tuple | None = None, kept: bool = False,
+                     relayed: bool = False) -> None:
+        """(lock held) ``borrower`` holds ``oid``: count it if ours, else make its owner count it.
+        ``kept``: it kept a ref from a task's arguments, and reported that to the owner itself
+        too unless its caller is the owner (mark_registered); ``relayed``: we are not that caller."""
         entry = self.objects.get(oid)
         if entry is None:
             if owner is not None and owner[0] != self.identity:  # not one we know: tell its owner
-                self.owner_messages.append((owner, encode("AddBorrower", (oid, borrower))))
+                self.owner_messages.append((owner, encode("AddBorrower", (oid, borrower, kept))))
             return
         if entry.owned:
-            self._add_borrower(oid, entry, borrower)
+            self._add_borrower(oid, entry, borrower, "chain" if kept and relayed else None)
         elif entry.registered or not self.in_worker:
             # Our own borrow is counted by the owner, and our release will follow this on
             # the same socket: the object cannot go before the owner counts the new borrower.
             if entry.owner is not None:
-                self.owner_messages.append((entry.owner, encode("AddBorrower", (oid, borrower))))
+                self.owner_messages.append((entry.owner, encode("AddBorrower", (oid, borrower, kept))))
         else:
             # We hold it only through the caller of our running task, which pins it until our
             # TaskFinished arrives: the borrower travels up in that reply (the caller counts it).
-            self.sub_borrowed.append((oid, tuple(borrower), entry.owner))
+            self.sub_borrowed.append((oid, tuple(borrower), entry.owner, kept))
 
     def _register_arrivals(self, refs: list) -> None:
         """Refs unpickled from a value we borrowed (their owner does not know we hold them):
@@ -1779,9 +1796,37 @@ class CoreClient:
             pairs, self.sub_borrowed = self.sub_borrowed, []
         return pairs
 
-    def _add_borrower(self, oid: bytes, entry: Entry, borrower: tuple) -> None:
-        """(lock held) Count ``borrower`` as holding our object ``oid``; watch it for death."""
+    # A chain of borrowers: we lend ``oid`` to B1, which passes it to B2, which keeps it.
+    # B2 reports that to its caller B1, and the report climbs the chain of callers to us
+    # (a TaskFinished's pairs, or AddBorrower from B1 when B1 is counted itself): while it
+    # climbs, each caller pins the ref, so we count B2 before we could free the object.
+    # But if B1 dies before passing it on, the report is lost and B2 would hold a ref we
+    # free.  So B2 also reports its keep to us itself ("direct", mark_registered), ahead of
+    # its release on the same FIFO.  Each keep then reaches us twice, in either order, or
+    # once if the chain broke; ``kept_reports[B2]`` counts direct minus chain reports:
+    #   direct: always counts B2;
+    #   chain:  counts B2 unless a direct report is waiting for it (count > 0): B2 was
+    #           counted then and may have released since (the chain must not revive it).
+    # Still lost (not fixable without a round trip before each hand-over): a keep whose
+    # direct report reaches us after we freed the object, i.e. B1 died (and we stopped
+    # pinning for it) while B2's task still ran.  A chain report lost for good leaves the
+    # count at 1; a later keep by B2 whose chain report overtakes its direct one is then
+    # not counted until the direct one arrives.
+    def _add_borrower(self, oid: bytes, entry: Entry, borrower: tuple, report: str | None = None) -> None:
+        """(lock held) Count ``borrower`` as holding our object ``oid``; watch it for death.
+        ``report``: "direct" or "chain" for the two reports of a kept ref (see above)."""
         identity = borrower[0]
+        if report is not None:
+            if entry.kept_reports is None:
+                entry.kept_reports = {}
+            waiting = entry.kept_reports.get(identity, 0)
+            waiting += 1 if report == "direct" else -1
+            if waiting:
+                entry.kept_reports[identity] = waiting
+            else:
+                entry.kept_reports.pop(identity, None)
+            if report == "chain" and waiting >= 0:
+                return
         if (identity, oid) in self.early_releases:
             self.early_releases.discard((identity, oid))
             return
@@ -1801,7 +1846,33 @@ class CoreClient:
                 else:
                     self.loop.call_soon(self.loop.add_reader, watch.fd,
                                         lambda i=identity: self._borrower_died(i))
+            else:  # its node's agent watches it for us: PeerGone(identity) when it goes
+                self.loop.call_soon(self._watch_remote_borrower, identity)
         watch.object_ids.add(oid)
+
+    def _watch_remote_borrower(self, identity: bytes) -> None:
+        """(I/O thread) Ask the agent of a borrower's node to tell us when it goes (WatchPeer):
+        its Goodbye, its death, or at once if it is not connected there.  Once per watch, not
+        per object; a watch dropped since is not asked for (a PeerGone of an identity we no
+        longer watch is ignored, so there is nothing to undo)."""
+        watch = self.watched.get(identity)
+        if watch is None or watch.fd is not None:
+            return
+        node_id = watch.address[1]
+        node = next((n for n in self.nodes if n["node_id"] == node_id), None)
+        if node is not None and not node["alive"]:  # _forget_dead_nodes ran before we counted it
+            self._borrower_died(identity)
+            return
+        conn = self.agents.get(node_id)
+        if conn is None and node is not None and node.get("tcp"):
+            conn, _ = self._agent_of(node_id)
+        if conn is None:
+            # A node our table does not show yet (or one without TCP): not watched; its death
+            # still releases the borrows (_forget_dead_nodes), its Goodbye-less exit does not.
+            log.info("cannot watch borrower %r: no connection to the agent of node %s",
+                     identity[:24], str(node_id)[:8])
+            return
+        transport.send(conn.socket, encode("WatchPeer", (identity,)))
 
     def _borrow_released(self, borrower: bytes, oid: bytes) -> None:
         with self.lock:
@@ -2121,11 +2192,14 @@ class CoreClient:
             elif tag == "BorrowReleased":
                 self._borrow_released(identity, fields[0])
             elif tag == "AddBorrower":
-                oid, borrower = fields
+                oid, borrower, *kept = fields  # kept: a ref kept from a task's arguments (_add_borrower)
+                report = None
+                if kept and kept[0]:
+                    report = "direct" if borrower[0] == identity else "chain"
                 with self.lock:
                     entry = self.objects.get(oid)
                     if entry is not None and entry.owned:
-                        self._add_borrower(oid, entry, borrower)
+                        self._add_borrower(oid, entry, borrower, report)
             else:
                 log.warning("an owner does not handle %s (from %r)", tag, identity[:24])
         except (TypeError, ValueError, IndexError) as exc:

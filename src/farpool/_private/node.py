@@ -88,7 +88,10 @@ class NodeAgent:
         self.worker_clients: dict[str, set] = {}  # worker_id -> the nested clients inside it
         self.store_writers: set = set()  # local peers that allocated segments (they may cache mappings)
         self.trim_timer = None
-        self.peer_senders: dict[bytes, set] = {}  # client identity -> clients that sent it ToPeer
+        self.peer_senders: dict[bytes, set] = {}  # client identity -> clients that sent it ToPeer or WatchPeer
+        self.connected: set = set()  # identities of the clients that said Hello and have not left
+        self.client_pidfds: dict[tuple, tuple] = {}  # client -> (pidfd, is a driver, job id): see _on_Hello
+        self.pid_space = session.pid_space()
         # Copies of objects from other nodes' stores (see pull.py)
         self.pulls: dict[int, pull.Pull] = {}          # pull id -> in progress
         self.pulls_by_store: dict[bytes, pull.Pull] = {}
@@ -204,6 +207,8 @@ class NodeAgent:
             self.client_jobs[client] = info["job_id"]
             if info.get("log_to_driver"):
                 self.log_clients.setdefault(info["job_id"], set()).add(client)
+        self.connected.add(client[1])
+        self._watch_client(client, info)
         self._send(client, "Welcome", {"node_id": self.node_id, "session_dir": self.session_dir,
                                        "nodes": self.cluster_nodes})
 
@@ -219,14 +224,55 @@ class NodeAgent:
         self._apply(self.leases.return_lease(lease_id, kill))
 
     def _on_Goodbye(self, client, kind: str, job_id) -> None:
+        self._client_left(client, kind, job_id)
+
+    def _client_left(self, client, kind: str, job_id, kill_running: bool = False) -> None:
+        self._unwatch_client(client)
         for clients in self.log_clients.values():
             clients.discard(client)
-        acts = self.leases.client_gone(client)
+        acts = self.leases.client_gone(client, kill_running=kill_running)
         if kind == "driver" and job_id is not None:
             acts.extend(self.leases.job_finished(job_id))
         self.client_jobs.pop(client, None)
         self._peer_gone(client)
         self._apply(acts)
+
+    def _watch_client(self, client, info: dict) -> None:
+        """Watch the process of a client on this machine (pidfd on the pid of its Hello), so
+        that its death counts as its Goodbye: a killed driver (or any client we did not spawn)
+        must not keep its leases, nor the borrows its owners watch through us (WatchPeer).
+        The clients inside our own workers are left to the launcher ("exited").  A client on
+        another machine is not watched: only its Goodbye or its node's death end it."""
+        pid = info.get("pid")
+        if (not pid or self.pid_space is None or info.get("pid_space") != self.pid_space
+                or client in self.client_pidfds or client[0] == HEAD
+                or (info.get("worker_id") is not None and info.get("node_id") == self.node_id)):
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # gone already
+            self.client_pidfds[client] = (None, info.get("driver", False), info.get("job_id"))
+            self.loop.call_soon(self._client_died, client)
+            return
+        self.client_pidfds[client] = (fd, info.get("driver", False), info.get("job_id"))
+        self.loop.add_reader(fd, lambda: self._client_died(client))
+
+    def _unwatch_client(self, client) -> tuple | None:
+        watch = self.client_pidfds.pop(client, None)
+        if watch is not None and watch[0] is not None:
+            self.loop.remove_reader(watch[0])
+            os.close(watch[0])
+        return watch
+
+    def _client_died(self, client) -> None:
+        """A watched client's process ended without a Goodbye: say it for it.  Its running
+        tasks have no one to report to (as for the clients of an exited worker): end them."""
+        watch = self._unwatch_client(client)
+        if watch is None:
+            return  # it said Goodbye first
+        _, driver, job_id = watch
+        log.info("client %r (a %s) exited without a goodbye", client[1][:24], "driver" if driver else "client")
+        self._client_left(client, "driver" if driver else "client", job_id, kill_running=True)
 
     def _on_WorkerReady(self, client, worker_id: str, pid: int) -> None:
         self._apply(self.leases.worker_ready(worker_id, pid))
@@ -491,9 +537,24 @@ class NodeAgent:
                  sender[:24], target[:24])
         self._send(sender_client, "PeerGone", target)
 
+    def _on_WatchPeer(self, client, target: bytes) -> None:
+        """An owner counts ``target`` (a client of ours) as a borrower: tell it PeerGone(target)
+        when that client leaves (Goodbye, death) -- at once if it is not connected here.
+
+        A client says Hello to its home agent before it can hold any ref, and its address
+        names that agent's node: one we do not know is gone (or never was ours)."""
+        if not isinstance(target, bytes):
+            raise protocol.ProtocolError(f"WatchPeer of {target!r}, which is not a client identity")
+        if target in self.connected:
+            self.peer_senders.setdefault(target, set()).add(client)
+        else:
+            self._send(client, "PeerGone", target)
+
     def _peer_gone(self, client) -> None:
-        """A client left (Goodbye, or its worker exited): tell those that sent it ToPeer."""
+        """A client left (Goodbye, death, or its worker exited): tell those that sent it
+        ToPeer or WatchPeer."""
         identity = client[1]
+        self.connected.discard(identity)
         for sender in self.peer_senders.pop(identity, ()):
             self._send(sender, "PeerGone", identity)
         for senders in self.peer_senders.values():
@@ -562,6 +623,8 @@ class NodeAgent:
     def close(self) -> None:
         for job in list(self.pulls.values()):
             os.close(job.fd)
+        for client in list(self.client_pidfds):
+            self._unwatch_client(client)
         for sock in list(self.sockets.values()) + list(self.peer_agents.values()):
             sock.close(0)
         if self.head is not None:

@@ -37,8 +37,9 @@ TAGS = frozenset({
     "ReturnLease", "WorkerExited", "CancelLease", "Relay", "Relayed", "SignalWorker",
     "WorkerBlocked", "WorkerUnblocked",
     # owner messages between nodes, routed by the agents: ToPeer(target, *message) in,
-    # FromPeer(sender, *message) out (raw frames, like Relay); PeerGone(identity)
-    "ToPeer", "FromPeer", "PeerGone",
+    # FromPeer(sender, *message) out (raw frames, like Relay); PeerGone(identity), also
+    # the answer to WatchPeer(identity) when that client leaves or is not connected
+    "ToPeer", "FromPeer", "PeerGone", "WatchPeer",
     # worker <-> node agent
     "WorkerReady", "WorkerLog",
     # client <-> worker

@@ -67,6 +67,17 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def pid_space() -> str | None:
+    """Names the space our pids live in (the boot and the pid namespace): two processes whose
+    ``pid_space`` is equal can watch each other by pid, whatever socket joins them."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
 def remove_session(session_dir: str) -> None:
     """Remove a session directory and its object store segments in /dev/shm."""
     shutil.rmtree(session_dir, ignore_errors=True)

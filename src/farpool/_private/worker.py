@@ -236,7 +236,7 @@ def _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs):
     return args, kwargs, arrivals
 
 
-def _still_held(arrivals: list) -> list:
+def _still_held(arrivals: list, caller: tuple | None) -> list:
     """Ids of borrowed refs that outlived the call (stored somewhere): the owner must keep them.
 
     From now on this process tells the owner when it lets go of them (see client._on_borrowers).
@@ -244,7 +244,7 @@ def _still_held(arrivals: list) -> list:
     held = [r for r in (w() for w in arrivals) if r is not None]
     client = client_mod.current()
     if held and client is not None:
-        client.mark_registered(held)
+        client.mark_registered(held, caller)
     return [r._id for r in held]
 
 
@@ -442,7 +442,7 @@ class Worker:
             value = getattr(self.actor, fn_hash[6:].decode())(*args, **kwargs)
             del args, kwargs
             if arrivals:
-                self.loop.call_soon(self._note_borrowed, caller, _still_held(arrivals))
+                self.loop.call_soon(self._note_borrowed, caller, _still_held(arrivals, caller))
             result = self._package(task_id, value, num_returns, fn_name, started, out_buffers, caller)
         except BaseException as exc:  # noqa: BLE001
             result = (task_id, False, self._error(exc, fn_name), started, time.time())
@@ -464,7 +464,7 @@ class Worker:
                 if inspect.isawaitable(value):
                     value = await value
                 if arrivals:
-                    self.loop.call_soon(self._note_borrowed, caller, _still_held(arrivals))
+                    self.loop.call_soon(self._note_borrowed, caller, _still_held(arrivals, caller))
                 result = self._package(task_id, value, num_returns, fn_name, started, out_buffers, caller)
             except BaseException as exc:  # noqa: BLE001
                 result = (task_id, False, self._error(exc, fn_name), started, time.time())
@@ -722,7 +722,7 @@ class Worker:
             value = _call_user(fn, args, kwargs)
             del args, kwargs
             if arrivals:
-                self._note_borrowed(caller, _still_held(arrivals))
+                self._note_borrowed(caller, _still_held(arrivals, caller))
             return self._package(task_id, value, num_returns, fn_name, started, out_buffers, caller)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the owner
             return (task_id, False, self._error(exc, fn_name), started, time.time())
