@@ -4,4 +4,5 @@ import sys
 
 from farpool.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # workers import the driver's main module: it must not run the command
+    sys.exit(main())

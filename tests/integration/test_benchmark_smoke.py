@@ -18,3 +18,13 @@ def test_quick_benchmark_runs_farpool_and_stdlib_peers(tmp_path):
     data = json.loads(out.read_text())
     assert "farpool" in json.dumps(data)
     assert "ratio" in result.stdout.lower() or "farpool/" in result.stdout
+
+
+def test_python_dash_m_farpool_microbenchmark_runs_every_workload(tmp_path):
+    """Run as ``python -m farpool``, the driver's main module is farpool.__main__; workers
+    import it as __mp_main__ and must not run the command again (they did, and every task
+    died of its SystemExit)."""
+    result = subprocess.run([sys.executable, "-m", "farpool", "microbenchmark", "--quick"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "tasks/s" in result.stdout and "n/a" not in result.stdout, result.stdout[-3000:]

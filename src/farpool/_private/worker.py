@@ -86,6 +86,9 @@ def _setup_main(main_path: str | None, main_module: str | None) -> None:
             module = __import__(main_module, fromlist=["*"])
         except ImportError:
             return
+        except BaseException as exc:  # code outside a __main__ guard (sys.exit, a crash): keep going
+            log.warning("importing the driver's main module %s failed: %r", main_module, exc)
+            return
     elif main_path and os.path.exists(main_path):
         import runpy
         module = types.ModuleType("__mp_main__")
