@@ -182,6 +182,28 @@ class Keeper:
         wait_at_gate(gate)
         return True
 
+    def give(self):
+        return [self.kept]  # to our caller, who borrows it; its owner is a third party
+
+    def take_from(self, other):
+        self.kept = farpool.get(other.give.remote(), timeout=60)[0]
+        return True
+
+    def hold_lends(self):
+        # A test hook: the AddBorrower we send the owner of a ref we return (naming our
+        # caller) stays here until release_lends, as if it were slow to leave.
+        self.held = []
+        farpool.api._client().lend_returned = lambda refs, caller: self.held.append((refs, caller))
+        return True
+
+    def release_lends(self):
+        client = farpool.api._client()
+        del client.lend_returned
+        for refs, caller in self.held:
+            client.lend_returned(refs, caller)
+        self.held = []
+        return True
+
 
 def used_bytes():
     settle()
@@ -309,6 +331,47 @@ def test_a_borrow_passed_on_by_a_borrower_that_died_is_still_counted(small_store
     assert farpool.get(second.read.remote(), timeout=60) == 8.0 * (MB // 8)
     assert farpool.get(second.drop.remote(), timeout=60)
     wait_until_freed(base, "an object borrowed from a borrower that died")
+
+
+def test_a_lend_that_comes_after_its_borrower_released_does_not_count_it_again(small_store):
+    # The caller already borrows the ref, gets it back inside a result, lets go of it, and
+    # only then does the AddBorrower naming it, sent by the worker that returned it, arrive.
+    base = used_bytes()
+    ref = farpool.put(np.full(MB // 8, 9.0))
+    lender, caller = Keeper.remote(), Keeper.remote()
+    assert farpool.get([lender.keep.remote([ref]), caller.keep.remote([ref])], timeout=60) == [True, True]
+    lender_id, caller_id = farpool.get([lender.identity.remote(), caller.identity.remote()], timeout=60)
+    assert {lender_id, caller_id} <= counted_borrowers(ref)
+    assert farpool.get(lender.hold_lends.remote(), timeout=60)
+    assert farpool.get(caller.take_from.remote(lender), timeout=60)
+    assert farpool.get(caller.drop.remote(), timeout=60)
+    wait_until(lambda: caller_id not in counted_borrowers(ref), "the caller's release reaching the owner")
+    assert farpool.get(lender.release_lends.remote(), timeout=60)
+    assert farpool.get(lender.drop.remote(), timeout=60)  # its release follows its AddBorrower
+    wait_until(lambda: lender_id not in counted_borrowers(ref), "the lender's release reaching the owner")
+    assert caller_id not in counted_borrowers(ref)
+    del ref
+    wait_until_freed(base, "an object whose borrower released it before the lend naming it came")
+
+
+def test_a_ref_returned_by_a_worker_that_died_before_its_lend_is_still_counted(small_store):
+    base = used_bytes()
+    ref = farpool.put(np.full(MB // 8, 10.0))
+    lender, caller = Keeper.remote(), Keeper.remote()
+    assert farpool.get(lender.keep.remote([ref]), timeout=60)
+    lender_id, caller_id = farpool.get([lender.identity.remote(), caller.identity.remote()], timeout=60)
+    lender_pid = farpool.get(lender.pid.remote(), timeout=60)
+    assert farpool.get(lender.hold_lends.remote(), timeout=60)  # its AddBorrower never leaves
+    assert farpool.get(caller.take_from.remote(lender), timeout=60)
+    # A read asks the owner on the socket the caller's reports take: they arrive before it.
+    assert farpool.get(caller.read.remote(), timeout=60) == 10.0 * (MB // 8)
+    os.kill(lender_pid, signal.SIGKILL)
+    wait_until(lambda: lender_id not in counted_borrowers(ref), "the owner seeing the lender die")
+    assert caller_id in counted_borrowers(ref)
+    del ref
+    assert farpool.get(caller.read.remote(), timeout=60) == 10.0 * (MB // 8)
+    assert farpool.get(caller.drop.remote(), timeout=60)
+    wait_until_freed(base, "an object returned by a worker that died")
 
 
 @farpool.remote

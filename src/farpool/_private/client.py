@@ -1601,7 +1601,7 @@ class CoreClient:
                 with self.lock:  # before the waiters wake: the caller's next submit finds it
                     self.parked[lease.key] = lease
         if completed:
-            self._finish_ok(completed)
+            self._finish_ok(completed, sender)
         if lease is not None:
             if retiring:  # it exits now (max_tasks_per_child): lease no more tasks to it
                 lease.retiring = True
@@ -1619,7 +1619,8 @@ class CoreClient:
             return False
         return error is not None and isinstance(error, tuple(retry))
 
-    def _finish_ok(self, completed) -> None:
+    def _finish_ok(self, completed, sender: tuple | None = None) -> None:
+        """Results of tasks that ran on ``sender`` (the worker's client address)."""
         fire = []
         with self.lock:
             for task, values, nested in completed:
@@ -1631,12 +1632,18 @@ class CoreClient:
                         if len(value) == 5:  # nobody wants it: give the memory back
                             self._free_location(value)
                         for inner_id, owner in inner:  # nor the refs inside it
-                            if owner[0] != self.identity:
+                            if owner[0] == self.identity:
+                                continue
+                            self._report_returned(inner_id, owner, sender)
+                            e = self.objects.get(inner_id)
+                            if e is not None and not e.owned:
+                                e.registered = True  # we hold it anyway: its release covers this one
+                            else:
                                 self.owner_messages.append((owner, encode("BorrowReleased", (inner_id,))))
-                                self._schedule_frees()
+                            self._schedule_frees()
                         continue
                     if inner:
-                        self._hold_nested(entry, inner)
+                        self._hold_nested(entry, inner, sender)
                     if len(value) == 5:
                         entry.location = value
                         entry.size = value[4]
@@ -1653,8 +1660,9 @@ class CoreClient:
         for entry in fire:
             self._fire(entry)
 
-    def _hold_nested(self, entry: Entry, inner: list) -> None:
-        """(lock held) Refs nested in a result live as long as it; we borrow those owned elsewhere."""
+    def _hold_nested(self, entry: Entry, inner: list, sender: tuple | None = None) -> None:
+        """(lock held) Refs nested in a result (from ``sender``) live as long as it; we borrow
+        those owned elsewhere."""
         for inner_id, owner in inner:
             e = self.objects.get(inner_id)
             if e is None:
@@ -1662,7 +1670,8 @@ class CoreClient:
                     continue  # ours and already freed: a get of it will say so
                 e = self.objects[inner_id] = Entry(owned=False, fetched=False, owner=tuple(owner))
             if not e.owned:
-                e.registered = True  # the returning worker made the owner count us
+                e.registered = True  # the returning worker made the owner count us, and so do we
+                self._report_returned(inner_id, owner, sender)
             e.task_pins += 1
             entry.contains.append(inner_id)
         self._schedule_frees()
@@ -1811,7 +1820,8 @@ class CoreClient:
     # direct report reaches us after we freed the object, i.e. B1 died (and we stopped
     # pinning for it) while B2's task still ran.  A chain report lost for good leaves the
     # count at 1; a later keep by B2 whose chain report overtakes its direct one is then
-    # not counted until the direct one arrives.
+    # not counted until the direct one arrives.  A ref returned inside a value by a worker
+    # that does not own it is reported the same two ways (see lend_returned).
     def _add_borrower(self, oid: bytes, entry: Entry, borrower: tuple, report: str | None = None) -> None:
         """(lock held) Count ``borrower`` as holding our object ``oid``; watch it for death.
         ``report``: "direct" or "chain" for the two reports of a kept ref (see above)."""
@@ -1921,6 +1931,15 @@ class CoreClient:
             self.early_releases = {(b, o) for b, o in self.early_releases if b != identity}
         self._flush_frees()
 
+    # A ref returned inside a value to caller C and owned by a third party O (neither us
+    # nor C): we tell O that C borrows it, and C tells O itself when the value arrives
+    # (_report_returned), ahead of its release on the same FIFO.  Ours alone could reach O
+    # after C's release (they leave from different processes) and count C again, or never
+    # leave if we die first, and O would free the object under C.  So ours is the chain
+    # report of a kept ref and C's the direct one (see _add_borrower): O counts C from the
+    # first to arrive until C's release, and ours arriving after the release counts nothing.
+    # Still lost: O sees us die (and stops counting us) before C's report arrives, and no
+    # one else holds the object: O frees it under C (the window of a chain, _add_borrower).
     def lend_returned(self, refs: list, caller: tuple | None) -> None:
         """Refs nested in a value this worker returns to ``caller``: the caller borrows them."""
         if caller is None:
@@ -1935,9 +1954,18 @@ class CoreClient:
                 if owner[0] == self.identity:
                     if entry is not None:
                         self._add_borrower(ref._id, entry, caller)
-                else:
-                    self.owner_messages.append((owner, encode("AddBorrower", (ref._id, caller))))
+                else:  # a chain report, unless we are the caller (then C's report is not sent)
+                    self.owner_messages.append((owner, encode(
+                        "AddBorrower", (ref._id, caller, caller[0] != self.identity))))
         self._schedule_frees()
+
+    def _report_returned(self, oid: bytes, owner: tuple, sender: tuple | None) -> None:
+        """(lock held) We got ``oid`` in a value returned by ``sender``, which reported us to the
+        owner (lend_returned): report us ourselves too, unless the sender is the owner (it
+        counted us before it replied) or us (see above)."""
+        if sender is not None and sender[0] in (owner[0], self.identity):
+            return
+        self.owner_messages.append((owner, encode("AddBorrower", (oid, self.peer_address, True))))
 
     def _free_location(self, location: tuple, copies=()) -> None:
         """Free a stored value: the original and every copy we had made on other nodes."""
