@@ -1554,7 +1554,9 @@ class CoreClient:
         completed = []
         for task_id, ok, body, started, ended in results:
             task = self.tasks.get(task_id)
-            if task is None:
+            if task is None:  # ended already (its worker's exit was reported first, or cancelled)
+                if ok is True:
+                    pos = self._discard_result(body, buffers, pos, sender)
                 continue
             lease = task.lease
             if lease is not None:
@@ -1609,6 +1611,18 @@ class CoreClient:
                 self.leases[(lease.node_id, lease.lease_id)] = lease  # until WorkerExited arrives
             self._mark_dirty(lease.key)
 
+    def _discard_result(self, body, buffers, pos: int, sender) -> int:
+        """The values of a finished task we no longer know, freed; returns the next buffer position."""
+        with self.lock:
+            for payload, nbuf, inner in body:
+                if isinstance(payload, tuple):  # ("loc", path, size, store_id): in the worker's node store
+                    # (only workers on our node store results for us: direct channels)
+                    self._discard_value(("seg", self.home.node_id, payload[3], payload[1], payload[2]), inner, sender)
+                else:
+                    self._discard_value((payload, None), inner, sender)
+                pos += nbuf
+        return pos
+
     @staticmethod
     def _retryable(retry, payload) -> bool:
         if retry is True:
@@ -1629,18 +1643,7 @@ class CoreClient:
                 for oid, value, inner in zip(task.return_ids, values, nested):
                     entry = self.objects.get(oid)
                     if entry is None:
-                        if len(value) == 5:  # nobody wants it: give the memory back
-                            self._free_location(value)
-                        for inner_id, owner in inner:  # nor the refs inside it
-                            if owner[0] == self.identity:
-                                continue
-                            self._report_returned(inner_id, owner, sender)
-                            e = self.objects.get(inner_id)
-                            if e is not None and not e.owned:
-                                e.registered = True  # we hold it anyway: its release covers this one
-                            else:
-                                self.owner_messages.append((owner, encode("BorrowReleased", (inner_id,))))
-                            self._schedule_frees()
+                        self._discard_value(value, inner, sender)
                         continue
                     if inner:
                         self._hold_nested(entry, inner, sender)
@@ -1659,6 +1662,22 @@ class CoreClient:
                 self._unpin(task)
         for entry in fire:
             self._fire(entry)
+
+    def _discard_value(self, value: tuple, inner: list, sender: tuple | None) -> None:
+        """(lock held) A result nobody wants (its refs were dropped, or its task ended
+        already): give its memory back, and our borrow of the refs inside it."""
+        if len(value) == 5:
+            self._free_location(value)
+        for inner_id, owner in inner:
+            if owner[0] == self.identity:
+                continue
+            self._report_returned(inner_id, owner, sender)
+            e = self.objects.get(inner_id)
+            if e is not None and not e.owned:
+                e.registered = True  # we hold it anyway: its release covers this one
+            else:
+                self.owner_messages.append((owner, encode("BorrowReleased", (inner_id,))))
+            self._schedule_frees()
 
     def _hold_nested(self, entry: Entry, inner: list, sender: tuple | None = None) -> None:
         """(lock held) Refs nested in a result (from ``sender``) live as long as it; we borrow
