@@ -413,9 +413,9 @@ class NodeAgent:
         return sock, None
 
     def _on_peer_agent(self, node_id: str, sock) -> None:
-        for frames in transport.recv_all(sock):
+        for frames in transport.recv_all(sock, copy=False):  # chunks go straight into a segment
             try:
-                tag, fields, buffers = protocol.decode(frames)
+                tag, fields, buffers = protocol.decode([f.bytes if i < 2 else f.buffer for i, f in enumerate(frames)])
                 if tag == "Chunk":
                     self._on_chunk(node_id, *fields, buffers)
             except (protocol.ProtocolError, TypeError, ValueError, IndexError) as exc:

@@ -407,11 +407,15 @@ def send(sock: zmq.Socket, frames: list) -> bool:
         raise
 
 
-def recv_all(sock: zmq.Socket, limit: int = 1000):
-    """Yield up to ``limit`` messages already queued on ``sock`` (never blocks)."""
+def recv_all(sock: zmq.Socket, limit: int = 1000, copy: bool = True):
+    """Yield up to ``limit`` messages already queued on ``sock`` (never blocks).
+
+    ``copy=False``: frames are zmq Frames (their ``.buffer`` is a view of zmq's memory),
+    for large payloads that are written somewhere at once (chunks of a copy).
+    """
     for _ in range(limit):
         try:
-            yield sock.recv_multipart(flags=zmq.NOBLOCK)
+            yield sock.recv_multipart(flags=zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             return
 
