@@ -120,3 +120,48 @@ def test_event_loop_timers_and_cross_thread_calls():
         loop.run_once(0.1)
     loop.close()
     assert sorted(seen) == ["soon", "timer"]
+
+
+def _wait(predicate, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"still waiting after {timeout}s for {what}"
+        time.sleep(0.01)
+
+
+def test_a_closed_connection_is_seen_and_a_reconnect_under_the_same_identity_is_reachable():
+    """The pieces the node agent notices dead TCP clients with (node._check_tcp_clients)."""
+    token = "t" * 32
+    zap = transport.ZapHandler(token)
+    server = transport.router()
+    transport.make_curve_server(server, token)
+    port = transport.bind_tcp(server, "127.0.0.1")
+    watch = transport.DisconnectWatch(server)
+    probe = protocol.encode("Probe", ())
+    clients = []
+    try:
+        def join():
+            sock = transport.dealer(b"c:one")
+            clients.append(sock)
+            transport.start_tcp(sock, f"127.0.0.1:{port}", token, protocol.encode("Ping", ()))
+
+            def arrived():
+                zap.handle()
+                return server.poll(10) and server.recv_multipart()[0] == b"c:one"
+            _wait(arrived, "the client's hello")
+            return sock
+
+        first = join()
+        assert transport.reachable(server, b"c:one", probe)
+        first.close(0)
+        closed = [0]
+        _wait(lambda: closed.__setitem__(0, closed[0] + watch.read()) or closed[0] >= 1, "the close event")
+        _wait(lambda: not transport.reachable(server, b"c:one", probe), "the identity to be unreachable")
+        join()  # zmq's reconnect looks the same to the server: a new connection, the same identity
+        assert transport.reachable(server, b"c:one", probe)
+    finally:
+        for sock in clients:
+            sock.close(0)
+        watch.close()
+        server.close(0)
+        zap.close()

@@ -1425,6 +1425,9 @@ class CoreClient:
             self.loop.cancel_timer(conn.hello_timer)
             conn.hello_timer = None
 
+    def _on_Probe(self, conn) -> None:
+        """An agent we reach over TCP checked that our connection is up (node.py): nothing to do."""
+
     def _on_SegmentsDropped(self, conn, paths) -> None:
         store.forget_written(paths)
 

@@ -40,6 +40,19 @@ HEARTBEAT_S = 1.0
 # The head silent this long means the cluster is gone: the agent exits.
 HEAD_TIMEOUT_S = float(os.environ.get("FARPOOL_HEAD_TIMEOUT_S", "15"))
 
+# A client on TCP whose connection closed and stayed down this long is taken for dead
+# (its process, its machine or the network between us): what it held is released as if
+# it had said Goodbye.  Shorter frees its leases and borrows sooner; longer lets it ride
+# out a longer network cut (zmq reconnects by itself), since a client taken for dead
+# while it lives has lost its leases and its borrows.  A killed process's connection
+# closes at once; a lost machine's after transport.HEARTBEAT_TIMEOUT_MS.
+CLIENT_GRACE_S = float(os.environ.get("FARPOOL_CLIENT_GRACE_S", "10"))
+# How long after a connection closed its client is first looked for (zmq takes the
+# connection's routing id away a moment after it reports the close).
+CLOSE_SETTLE_S = min(0.5, CLIENT_GRACE_S)
+# Checks of the TCP clients due this close together are done once.
+CHECK_COALESCE_S = 0.25
+
 IPC, TCP, HEAD = "ipc", "tcp", "head"
 HEAD_CLIENT = (HEAD, b"")  # the head leases workers for actors like any client
 
@@ -78,6 +91,8 @@ class NodeAgent:
             self.tcp_address = f"{args.host}:{port}"
             self.sockets[TCP] = self.tcp
             self.loop.add_reader(self.tcp, lambda: self._on_socket(TCP))
+            self.tcp_watch = transport.DisconnectWatch(self.tcp)
+            self.loop.add_reader(self.tcp_watch.socket, self._on_tcp_closed)
         self.launcher_pid = launcher_pid
         self.launcher_sock = launcher_sock
         self.launcher_reader = launcher.MessageReader(launcher_sock)
@@ -91,6 +106,10 @@ class NodeAgent:
         self.peer_senders: dict[bytes, set] = {}  # client identity -> clients that sent it ToPeer or WatchPeer
         self.connected: set = set()  # identities of the clients that said Hello and have not left
         self.client_pidfds: dict[tuple, tuple] = {}  # client -> (pidfd, is a driver, job id): see _on_Hello
+        # Clients on TCP not watched by pid: client -> (is a driver, job id); see _check_tcp_clients
+        self.tcp_clients: dict[tuple, tuple] = {}
+        self.unreachable: dict[tuple, float] = {}  # tcp client -> when it was first found down
+        self.tcp_checks: list[float] = []  # when the checks scheduled are due
         self.pid_space = session.pid_space()
         # Copies of objects from other nodes' stores (see pull.py)
         self.pulls: dict[int, pull.Pull] = {}          # pull id -> in progress
@@ -209,6 +228,9 @@ class NodeAgent:
                 self.log_clients.setdefault(info["job_id"], set()).add(client)
         self.connected.add(client[1])
         self._watch_client(client, info)
+        if client[0] == TCP and kind == "client" and client not in self.client_pidfds:
+            self.tcp_clients[client] = (bool(info.get("driver")), info.get("job_id"))
+            self.unreachable.pop(client, None)
         self._send(client, "Welcome", {"node_id": self.node_id, "session_dir": self.session_dir,
                                        "nodes": self.cluster_nodes})
 
@@ -228,6 +250,8 @@ class NodeAgent:
 
     def _client_left(self, client, kind: str, job_id, kill_running: bool = False) -> None:
         self._unwatch_client(client)
+        self.tcp_clients.pop(client, None)
+        self.unreachable.pop(client, None)
         for clients in self.log_clients.values():
             clients.discard(client)
         acts = self.leases.client_gone(client, kill_running=kill_running)
@@ -242,7 +266,7 @@ class NodeAgent:
         that its death counts as its Goodbye: a killed driver (or any client we did not spawn)
         must not keep its leases, nor the borrows its owners watch through us (WatchPeer).
         The clients inside our own workers are left to the launcher ("exited").  A client on
-        another machine is not watched: only its Goodbye or its node's death end it."""
+        another machine is watched by its connection instead (_check_tcp_clients)."""
         pid = info.get("pid")
         if (not pid or self.pid_space is None or info.get("pid_space") != self.pid_space
                 or client in self.client_pidfds or client[0] == HEAD
@@ -273,6 +297,42 @@ class NodeAgent:
         _, driver, job_id = watch
         log.info("client %r (a %s) exited without a goodbye", client[1][:24], "driver" if driver else "client")
         self._client_left(client, "driver" if driver else "client", job_id, kill_running=True)
+
+    def _on_tcp_closed(self) -> None:
+        """Connections to our TCP port closed (whose, the monitor does not say): look for
+        the clients on TCP soon, and once more after the grace period."""
+        if self.tcp_watch.read() and self.tcp_clients:
+            now = time.monotonic()
+            self._check_tcp_clients_at(now + CLOSE_SETTLE_S)
+            self._check_tcp_clients_at(now + CLIENT_GRACE_S)
+
+    def _check_tcp_clients_at(self, due: float) -> None:
+        if any(abs(other - due) < CHECK_COALESCE_S for other in self.tcp_checks):
+            return
+        self.tcp_checks.append(due)
+        self.loop.call_later(max(0.0, due - time.monotonic()), self._check_tcp_clients, due)
+
+    def _check_tcp_clients(self, due: float) -> None:
+        """A client on TCP found without a connection, and still without one CLIENT_GRACE_S
+        later, died without a Goodbye (as _client_died for a client watched by pid): its
+        leases come back, its running tasks end, its job ends if it was a driver, and
+        those that watch it are told (PeerGone).  One found connected again is forgiven:
+        zmq reconnected it (with ROUTER_HANDOVER, under the same identity)."""
+        self.tcp_checks.remove(due)
+        now = time.monotonic()
+        probe = encode("Probe", ())
+        for client, (driver, job_id) in list(self.tcp_clients.items()):
+            if transport.reachable(self.tcp, client[1], probe):
+                self.unreachable.pop(client, None)
+                continue
+            since = self.unreachable.setdefault(client, now)
+            if now - since < CLIENT_GRACE_S:
+                self._check_tcp_clients_at(since + CLIENT_GRACE_S)
+                continue
+            log.warning("client %r (a %s) on TCP has had no connection for %.1f s: taken for dead "
+                        "(its process, its machine or the network is gone); releasing what it held",
+                        client[1][:24], "driver" if driver else "client", now - since)
+            self._client_left(client, "driver" if driver else "client", job_id, kill_running=True)
 
     def _on_WorkerReady(self, client, worker_id: str, pid: int) -> None:
         self._apply(self.leases.worker_ready(worker_id, pid))
@@ -625,6 +685,8 @@ class NodeAgent:
             os.close(job.fd)
         for client in list(self.client_pidfds):
             self._unwatch_client(client)
+        if TCP in self.sockets:
+            self.tcp_watch.close()
         for sock in list(self.sockets.values()) + list(self.peer_agents.values()):
             sock.close(0)
         if self.head is not None:

@@ -36,6 +36,8 @@ TAGS = frozenset({
     "RequestLease", "LeaseGranted", "LeaseSpillback", "LeaseInfeasible", "LeaseRejected",
     "ReturnLease", "WorkerExited", "CancelLease", "Relay", "Relayed", "SignalWorker",
     "WorkerBlocked", "WorkerUnblocked",
+    # node agent -> client on TCP: are you still connected? (see node._check_tcp_clients)
+    "Probe",
     # owner messages between nodes, routed by the agents: ToPeer(target, *message) in,
     # FromPeer(sender, *message) out (raw frames, like Relay); PeerGone(identity), also
     # the answer to WatchPeer(identity) when that client leaves or is not connected

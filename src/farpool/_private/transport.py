@@ -44,6 +44,14 @@ HELLO_DEADLINE_S = float(os.environ.get("FARPOOL_HELLO_DEADLINE_S", "5"))
 # Most messages in flight queued per peer before zmq blocks/drops; large
 # because the task path batches.
 HWM = 100_000
+# ZMTP heartbeats on every TCP connection (both ends): a peer whose zmq stops answering
+# (its machine crashed, the network was cut: no FIN or RST ever comes) has its
+# connection closed after HEARTBEAT_TIMEOUT_MS, as a killed process's is at once by its
+# kernel.  Shorter notices a lost peer sooner; longer tolerates a peer's machine stalled
+# (swapping) without dropping its connection and the messages queued on it.  zmq
+# reconnects a closed connection by itself.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 6000
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 
 _context: zmq.Context | None = None
@@ -123,6 +131,7 @@ def make_curve_server(sock: zmq.Socket, token: str) -> None:
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
     sock.setsockopt(zmq.ZAP_DOMAIN, b"farpool")
+    _heartbeats(sock)
 
 
 def make_curve_client(sock: zmq.Socket, token: str) -> None:
@@ -131,6 +140,58 @@ def make_curve_client(sock: zmq.Socket, token: str) -> None:
     sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    _heartbeats(sock)
+
+
+def _heartbeats(sock: zmq.Socket) -> None:
+    """Ping the peer every HEARTBEAT_IVL_MS; close the connection when it has sent nothing
+    for HEARTBEAT_TIMEOUT_MS after a ping, and ask it (TTL) to do the same of us."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+
+
+class DisconnectWatch:
+    """Tells that connections of a (ROUTER) socket closed, not whose: a socket monitor.
+
+    zmq's ROUTER_NOTIFY would name the peer, but it is a draft API that the libzmq in
+    pyzmq's wheels is built without (setting it fails with EINVAL).  Whose connection is
+    down is learnt by ``reachable``.  ``socket`` goes in the owner's event loop;
+    ``read`` drains it and returns how many connections closed.
+    """
+
+    def __init__(self, sock: zmq.Socket):
+        self._watched = sock
+        self.socket = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+    def read(self) -> int:
+        closed = 0
+        for frames in recv_all(self.socket):
+            if struct.unpack("=hi", frames[0][:6])[0] == zmq.EVENT_DISCONNECTED:
+                closed += 1
+        return closed
+
+    def close(self) -> None:
+        try:
+            self._watched.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.socket.close(0)
+
+
+def reachable(sock: zmq.Socket, identity: bytes, frames: list) -> bool:
+    """Send ``frames`` to ``identity`` on a ROUTER (with ROUTER_MANDATORY): False when no
+    connection of that identity is up, so it could not be sent.  A connection whose queue
+    is full (EAGAIN) is up."""
+    try:
+        sock.send_multipart([identity, *frames], copy=False, flags=zmq.NOBLOCK)
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EHOSTUNREACH:
+            return False
+        if exc.errno == zmq.EAGAIN:
+            return True
+        raise
+    return True
 
 
 def bind_tcp(sock: zmq.Socket, host: str, port: int = 0) -> int:
