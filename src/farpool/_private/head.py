@@ -147,11 +147,23 @@ class Head:
             self._mark_dead(ident, "it shut down")
         job_id = self.client_job.pop((sock, identity), None)
         if job_id is not None:
-            # The job ended: its actors end too, except detached ones.
-            for record in list(self.actors.actors.values()):
-                if record.spec.get("job_id") == job_id and not record.spec.get("detached") \
-                        and record.state != DEAD:
-                    self._kill_actor(record, no_restart=True, why="its creator's job ended")
+            self._job_ended(job_id, "its creator's job ended")
+
+    def _on_DriverDied(self, sock, identity, job_id, why: str) -> None:
+        """From a node agent: a driver attached to it died without a Goodbye (its pid, or
+        its TCP connection gone for good).  Its job ends as if it had said Goodbye."""
+        for peer in [p for p, j in self.client_job.items() if j == job_id]:
+            del self.client_job[peer]
+            self.subscribers.pop(peer, None)
+        self._job_ended(job_id, f"its driver died ({why})")
+
+    def _job_ended(self, job_id, why: str) -> None:
+        """A job's actors end with it, except detached ones (idempotent)."""
+        for record in list(self.actors.actors.values()):
+            if record.spec.get("job_id") == job_id and not record.spec.get("detached") \
+                    and record.state != DEAD:
+                log.info("ending actor %s: %s", record.actor_id[:16], why)
+                self._kill_actor(record, no_restart=True, why=why)
 
     # --- actors ---
     def _on_CreateActor(self, sock, identity, request_id, actor_id: str, spec: dict) -> None:

@@ -257,6 +257,8 @@ class NodeAgent:
         acts = self.leases.client_gone(client, kill_running=kill_running)
         if kind == "driver" and job_id is not None:
             acts.extend(self.leases.job_finished(job_id))
+            if kill_running:  # it died without a Goodbye: the head ends its job (its actors)
+                transport.send(self.head, encode("DriverDied", (job_id, f"noticed by node {self.node_id[:8]}")))
         self.client_jobs.pop(client, None)
         self._peer_gone(client)
         self._apply(acts)

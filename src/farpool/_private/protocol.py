@@ -32,6 +32,7 @@ TAGS = frozenset({
     # client <-> head
     "Hello", "Welcome", "RegisterNode", "NodeRegistered", "Heartbeat", "HeartbeatAck",
     "NodeTable", "GetNodes", "Nodes", "KVPut", "KVGet", "KVValue", "Goodbye",
+    "DriverDied",
     # client <-> node agent
     "RequestLease", "LeaseGranted", "LeaseSpillback", "LeaseInfeasible", "LeaseRejected",
     "ReturnLease", "WorkerExited", "CancelLease", "Relay", "Relayed", "SignalWorker",
