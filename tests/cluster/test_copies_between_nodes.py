@@ -15,6 +15,7 @@ import pytest
 
 import farpool
 from farpool._private import pull
+from farpool_testing import wait_until
 
 MB = 1 << 20
 N = 40 * MB // 8  # float64s: ten chunks of pull.CHUNK (and a few bytes of header)
@@ -33,14 +34,6 @@ def store_stats(node_id):
     """The object store counts of a node's agent (we leased there, so we have its connection)."""
     stats, _listing = client().agent_request(client().agents[node_id], "StoreStats", ())
     return stats
-
-
-def wait_until(predicate, what, timeout=60):
-    import time
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def three_nodes(cluster):
