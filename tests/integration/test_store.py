@@ -443,3 +443,22 @@ def test_a_value_whose_owner_on_this_node_died_fails_clearly_instead_of_hanging(
     with pytest.raises(farpool.OwnerDiedError, match="its process has exited") as info:
         farpool.get(box[0], timeout=60)
     assert box[0].hex() in str(info.value)
+
+
+@farpool.remote
+class Lender:
+    def make(self, n):
+        self.mine = farpool.put(np.arange(n, dtype=np.float64))
+        return [self.mine]  # the caller borrows it
+
+    def summed(self, arr):
+        return float(arr.sum())
+
+
+@pytest.mark.parametrize("n", [10, 1 << 20])  # inline, and in the store
+def test_a_ref_received_inside_a_value_can_be_passed_to_a_task_without_a_get_first(small_store, n):
+    lender, other = Lender.remote(), Lender.remote()
+    [ref] = farpool.get(lender.make.remote(n), timeout=60)  # an entry, not yet fetched from its owner
+    assert farpool.get(total.remote(ref), timeout=60)[0] == float(np.arange(n).sum())
+    [ref] = farpool.get(lender.make.remote(n), timeout=60)
+    assert farpool.get(other.summed.remote(ref), timeout=60) == float(np.arange(n).sum())  # an actor call

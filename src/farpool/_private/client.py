@@ -964,10 +964,10 @@ class CoreClient:
                 if e is not None:
                     e.task_pins += 1
         refs = [ObjectRef(oid, self.owner_address) for oid in return_ids]
-        # Borrowed top-level refs need the owner's value: make sure we hold an entry for them.
+        # Borrowed top-level refs need the owner's value: ask for it unless asked already
+        # (a ref that arrived inside a value has an entry, not yet fetched).
         for _, ref in ref_slots:
-            if ref._id not in self.objects:
-                self._entry_for(ref)
+            self._entry_for(ref)
         if self.in_worker:
             from farpool._private.worker import context
             if context.task_id is not None:  # remember children, for cancel(recursive=True)
@@ -1263,15 +1263,17 @@ class CoreClient:
             task.submitted_at = now
         return encode("ExecuteTask", (wire, self.peer_address), buffers)
 
-    def _read_on(self, node_id: str, location: tuple, what: str, more_sources=()) -> tuple:
+    def _read_on(self, node_id: str, location: tuple, what: str, more_sources=(), owner=None) -> tuple:
         """How a process on node ``node_id`` reads a stored value: ("loc", path, size) when it
         is in that node's store, else ("pull", store_id, size, sources, owner, what): that
-        node's agent copies it from the nodes that hold it (pull.py)."""
+        node's agent copies it from the nodes that hold it (pull.py), and frees the copy
+        when ``owner`` ((identity, node id); default: us) is gone."""
         _, where, store_id, path, size = location
         if where == node_id:
             return ("loc", path, size)
         sources = [where, *(n for n in more_sources if n not in (where, node_id))]
-        return ("pull", store_id, size, sources, self.identity.decode(), what)
+        owner = owner or (self.identity.decode(), self.home.node_id)
+        return ("pull", store_id, size, sources, owner, what)
 
     def _stored_for(self, node_id: str, oid: bytes, entry: Entry, what: str) -> tuple:
         """``_read_on`` for an object of our table, recording the copy it makes: we free the
@@ -1279,7 +1281,8 @@ class CoreClient:
         borrow can end, so it frees that copy too."""
         with self.lock:
             copies = list(entry.copies or ())
-        spec = self._read_on(node_id, entry.location, what, copies)
+        owner = None if entry.owned or entry.owner is None else (entry.owner[0].decode(), entry.owner[1])
+        spec = self._read_on(node_id, entry.location, what, copies, owner)
         if spec[0] != "pull":
             return spec
         if entry.owned:
