@@ -37,7 +37,7 @@ def store_stats(node_id):
 
 
 def three_nodes(cluster):
-    cluster.start_head("--num-cpus", "1")
+    cluster.start_head("--num-cpus", "1", "--resources", '{"head": 1}')
     cluster.add_node("--num-cpus", "2", "--resources", '{"second": 4}')
     cluster.add_node("--num-cpus", "1", "--resources", '{"third": 1}')
     farpool.init(address="auto")
@@ -165,3 +165,39 @@ def test_a_source_that_stops_answering_is_given_up_on_and_the_others_send_its_ch
         agent.resume()
     assert store_stats(head)["chunks_sent"] - sent_by_head == CHUNKS  # all of them, in the end
     assert store_stats(third)["pull_failures"] == 0
+
+
+@farpool.remote
+class Maker:
+    """Owns a large object on the head node and hands it out nested (the taker borrows it)."""
+
+    def make(self, n):
+        self.mine = farpool.put(np.arange(n, dtype=np.float64))
+        return [self.mine]
+
+
+def test_copies_go_when_their_owner_is_gone(started):
+    head, second, third = three_nodes(started)
+    maker = Maker.options(resources={"head": 1}).remote()
+    [ref] = farpool.get(maker.make.remote(N), timeout=120)
+    assert farpool.get(summed.options(resources={"second": 1}).remote(ref), timeout=120)[0] == second
+    assert store_stats(second)["copies"] == 1
+    # The owner was never connected to the second node's agent: that agent learns of its
+    # end from the head node's agent (WatchPeer), and frees the copy.
+    farpool.kill(maker)
+    wait_until(lambda: store_stats(second)["objects"] == 0, "the copy of a dead owner's object was never freed")
+    wait_until(lambda: store_stats(head)["objects"] == 0, "the dead owner's object was never freed")
+    with pytest.raises(farpool.ObjectLostError, match="its owner .* is gone"):
+        farpool.get(summed.options(resources={"third": 1}).remote(ref), timeout=120)
+
+
+def test_a_driver_that_leaves_a_shared_cluster_leaves_no_objects_behind(started):
+    head, second, third = three_nodes(started)
+    refs = [farpool.put(np.ones(N // 4)) for _ in range(3)]
+    assert farpool.get(summed.options(resources={"second": 1}).remote(refs[0]), timeout=120)[0] == second
+    assert store_stats(head)["objects"] == 3 and store_stats(second)["copies"] == 1
+    farpool.shutdown()  # without freeing its refs one by one
+    farpool.init(address="auto")
+    assert farpool.get(summed.options(resources={"second": 1}).remote(np.ones(4)), timeout=120)[0] == second
+    wait_until(lambda: store_stats(head)["objects"] == 0, "the objects of a driver that left were never freed")
+    wait_until(lambda: store_stats(second)["objects"] == 0, "the copy of a driver that left was never freed")

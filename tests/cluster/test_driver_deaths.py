@@ -1,5 +1,5 @@
 """A driver of a shared cluster that dies without a Goodbye ends its job: its actors end
-too, except detached ones, as when it shuts down.  The agent it is attached to notices
+too, except detached ones, and its objects go, as when it shuts down.  The agent it is attached to notices
 (its pid here; its connection, for a driver on another machine) and tells the head."""
 
 import os
@@ -20,6 +20,7 @@ from farpool_testing import TIMEOUT, wait_until
 # actors, then waits to be killed.
 DRIVER = textwrap.dedent("""
     import os, sys
+    import numpy as np
     import farpool
     from farpool._private import session
 
@@ -31,7 +32,10 @@ DRIVER = textwrap.dedent("""
         def pid(self):
             return os.getpid()
 
-    farpool.init(address=sys.argv[1])
+    # "pid": attached to this machine's node (its objects in the store); "connection": over TCP
+    farpool.init(address="auto" if sys.argv[2] == "pid" else sys.argv[1])
+    if farpool.api._state["client"].home.local:
+        kept_object = farpool.put(np.ones(1 << 20))
     mine = Pid.options(name="mine").remote()
     kept = Pid.options(name="kept", lifetime="detached").remote()
     print(farpool.get(mine.pid.remote(), timeout=60), farpool.get(kept.pid.remote(), timeout=60), flush=True)
@@ -77,10 +81,15 @@ def test_a_killed_driver_ends_its_actors_but_not_detached_ones(started, driver):
     assert line, f"the second driver failed: {driver.stderr.read()}"
     mine, kept = map(int, line.split())
     farpool.init(address=started.address, token=started.token)
+    client = farpool.api._state["client"]
+    stats, _ = client.agent_request(client.home, "StoreStats", ())
+    assert stats["objects"] == (1 if driver.args[-1] == "pid" else 0)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(timeout=TIMEOUT)
     wait_until(lambda: gone(mine), "the actor of the killed driver ending")
     wait_until(lambda: not named("mine"), "the name of the killed driver's actor freed")
+    wait_until(lambda: client.agent_request(client.home, "StoreStats", ())[0]["objects"] == 0,
+               "the objects of the killed driver freed")
     survivor = farpool.get_actor("kept")
     assert farpool.get(survivor.pid.remote(), timeout=TIMEOUT) == kept
     farpool.kill(survivor)

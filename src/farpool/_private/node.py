@@ -118,6 +118,7 @@ class NodeAgent:
         self.pull_timer = None
         self.peer_agents: dict[str, object] = {}      # node id -> our DEALER to that node's agent
         self.copy_counts = {"pulls": 0, "pulled_bytes": 0, "pull_failures": 0, "chunks_sent": 0}
+        self.watched_owners: set = set()  # owners on other nodes of copies we hold (WatchPeer)
         self.last_ack = time.monotonic()
         self.head = None
         self.cluster_nodes: list[dict] = []
@@ -366,10 +367,22 @@ class NodeAgent:
         self._send(client, "ObjectAllocated", request_id, seg.path, None)
 
     def _on_FreeObjects(self, client, store_ids: list) -> None:
+        self._free_objects(store_ids)
+
+    def _owner_gone(self, owner: str) -> None:
+        """A client that owned objects here left for good (Goodbye, death, its worker's exit,
+        or its agent told us): nobody frees them any more, so we do."""
+        self.watched_owners.discard(owner)
+        owned = self.store.owned_by(owner)
+        if owned:
+            log.info("freeing %d object(s) of %s, which is gone", len(owned), owner[:24])
+            self._free_objects(owned, f"its owner ({owner[:24]}) is gone: the object was lost with it")
+
+    def _free_objects(self, store_ids, why: str = "it was freed by its owner while it was being copied") -> None:
         for store_id in store_ids:
             copying = self.pulls_by_store.get(store_id)
-            if copying is not None:  # its owner let go while we copied it: nobody will read it
-                self._end_pull(copying, "it was freed by its owner while it was being copied")
+            if copying is not None:  # nobody will read it
+                self._end_pull(copying, why)
             self.store.free_object(store_id)
         self._tell_writers()
         if self.trim_timer is None and self.store.free:
@@ -406,10 +419,12 @@ class NodeAgent:
             self._send(client, "ObjectAllocated", request_id, seg.path, None)
 
     # --- copies from other nodes (pull.py) ---
-    def _on_PullObject(self, client, request_id, store_id: bytes, size: int, sources: list, owner: str,
+    def _on_PullObject(self, client, request_id, store_id: bytes, size: int, sources: list, owner: tuple,
                        what: str) -> None:
         """A reader on this node wants an object stored on other nodes: answer the path of a
-        local copy (ObjectAllocated), pulling it first unless we have it or are pulling it."""
+        local copy (ObjectCopied), pulling it first unless we have it or are pulling it.
+        ``owner`` (identity, node id) frees the copy, or we do when it is gone."""
+        owner_identity, owner_node = owner
         copying = self.pulls_by_store.get(store_id)
         if copying is not None:
             copying.waiters.append((client, request_id))
@@ -425,12 +440,19 @@ class NodeAgent:
             self._send(client, "ObjectCopied", request_id, seg.path, None, False)
             return
         try:
-            seg = self.store.allocate(store_id, size, owner, what, copy=True)
+            seg = self.store.allocate(store_id, size, owner_identity, what, copy=True)
         except MemoryError as exc:
             self._send(client, "ObjectCopied", request_id, None, str(exc), True)
             return
         finally:
             self._tell_writers()
+        seg.owner_node = owner_node
+        if owner_node != self.node_id and owner_identity not in self.watched_owners:
+            # Its agent tells us when it goes (PeerGone): the copies of what it owned go too.
+            sock, _ = self._peer_agent(owner_node)
+            if sock is not None:
+                transport.send(sock, encode("WatchPeer", (owner_identity.encode(),)))
+                self.watched_owners.add(owner_identity)
         job = pull.Pull(next(self.pull_ids), store_id, size, [s for s in sources if s != self.node_id])
         job.fd = store.open_to_fill(seg.path)
         job.path = seg.path
@@ -480,6 +502,8 @@ class NodeAgent:
                 tag, fields, buffers = protocol.decode([f.bytes if i < 2 else f.buffer for i, f in enumerate(frames)])
                 if tag == "Chunk":
                     self._on_chunk(node_id, *fields, buffers)
+                elif tag == "PeerGone":  # an owner of copies we hold (WatchPeer in _on_PullObject)
+                    self._owner_gone(fields[0].decode(errors="replace"))
             except (protocol.ProtocolError, TypeError, ValueError, IndexError) as exc:
                 log.warning("dropped a bad message from the agent of node %s: %s", node_id[:8], exc)
 
@@ -543,6 +567,9 @@ class NodeAgent:
     def _sources_died(self) -> None:
         """Nodes the head declared dead send nothing more: pulls go on from the other sources."""
         dead = {n["node_id"] for n in self.cluster_nodes if not n["alive"]}
+        orphans = [sid for sid, seg in self.store.objects.items() if seg.copy and seg.owner_node in dead]
+        if orphans:  # copies of objects whose owner died with its node
+            self._free_objects(orphans, "its owner died with its node: the object was lost with it")
         for node_id in dead & set(self.peer_agents):
             sock = self.peer_agents.pop(node_id)
             self.loop.remove_reader(sock)
@@ -614,9 +641,11 @@ class NodeAgent:
 
     def _peer_gone(self, client) -> None:
         """A client left (Goodbye, death, or its worker exited): tell those that sent it
-        ToPeer or WatchPeer."""
+        ToPeer or WatchPeer, and free the objects it owned here."""
         identity = client[1]
         self.connected.discard(identity)
+        if identity.startswith(b"c:"):
+            self._owner_gone(identity.decode(errors="replace"))
         for sender in self.peer_senders.pop(identity, ()):
             self._send(sender, "PeerGone", identity)
         for senders in self.peer_senders.values():

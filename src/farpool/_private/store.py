@@ -318,6 +318,7 @@ class Segment:
     created_at: str = ""
     freed_at: float = 0.0     # time.monotonic() when it went back to the free pool
     copy: bool = False        # a copy of an object stored on another node (see pull.py)
+    owner_node: str = ""      # a copy's: the node of its owner (the owner of the others is ours)
 
 
 class ObjectStore:
@@ -361,6 +362,7 @@ class ObjectStore:
         seg.created_at = where
         seg.spilled_to = None
         seg.copy = copy
+        seg.owner_node = ""
         self.objects[object_id] = seg
         return seg
 
@@ -448,6 +450,10 @@ class ObjectStore:
         # Keep the pool within capacity (objects still use their share).
         if self.bytes_in_shm > self.capacity:
             self._make_room(0)
+
+    def owned_by(self, owner: str) -> list[bytes]:
+        """Ids of the objects ``owner`` (a client identity) owns here: freed when it is gone."""
+        return [object_id for object_id, seg in self.objects.items() if seg.owner == owner]
 
     def trim_idle(self, idle_s: float = FREE_IDLE_S) -> float | None:
         """Unlink free segments unused for ``idle_s``; returns when the next one is due (or None)."""

@@ -473,12 +473,12 @@ class Worker:
                 result = (task_id, False, self._error(exc, fn_name), started, time.time())
         self._finish_concurrent(result, caller, out_buffers, reply)
 
-    def _allocate(self, store_id: bytes, size: int, what: str) -> str:
-        """A segment of the node store from the agent (a blocking round trip on our DEALER)."""
+    def _allocate(self, store_id: bytes, size: int, what: str, owner: str) -> str:
+        """A segment of the node store from the agent (a blocking round trip on our DEALER),
+        for a value ``owner`` (a client identity) frees, or the agent when that client is gone."""
         self._requests += 1
         request_id = self._requests
-        transport.send(self.agent, encode("AllocateObject", (request_id, store_id, size,
-                                                            f"worker {self.worker_id}", what)))
+        transport.send(self.agent, encode("AllocateObject", (request_id, store_id, size, owner, what)))
         while True:
             if not self.agent.poll(120_000):
                 raise RuntimeError("the node agent did not answer an object store allocation in 120 s")
@@ -768,7 +768,8 @@ class Worker:
                     inner = [(r._id, r._owner) for r in unique]
                 if bufs and self.store_results and store.value_size(data, bufs) >= store.INLINE_MAX:
                     store_id = task_id + bytes([i])
-                    path = self._allocate(store_id, store.value_size(data, bufs), what)
+                    owner = caller[0].decode() if caller else f"worker {self.worker_id}"
+                    path = self._allocate(store_id, store.value_size(data, bufs), what, owner)
                     size = store.write_segment(path, data, bufs)
                     payloads.append((("loc", path, size, store_id), 0, inner))
                     continue
