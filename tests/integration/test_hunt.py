@@ -123,3 +123,10 @@ def test_no_room_to_restore_a_spilled_object_is_object_store_full_not_lost(clust
     assert len(views) == 3
     with pytest.raises(farpool.ObjectStoreFullError):
         farpool.get(refs[0], timeout=TIMEOUT)
+
+
+# ---------------------------------------------------------------------------- wait
+@pytest.mark.xfail(strict=True, reason="wait([]) raises ValueError (num_returns 1 > 0 refs); Ray returns "
+                                       "([], []), so code waiting on a list that may be empty breaks")
+def test_wait_on_an_empty_list_returns_two_empty_lists(cluster):
+    assert farpool.wait([], timeout=TIMEOUT) == ([], [])
