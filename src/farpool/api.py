@@ -520,6 +520,9 @@ def wait(refs, *, num_returns: int = 1, timeout: float | None = None, fetch_loca
     if isinstance(refs, ObjectRef):
         raise TypeError("wait() takes a list of ObjectRefs, not a single ref: wait([ref])")
     ref_list, _ = _check_refs(refs, "wait")
+    if not ref_list:  # as Ray: nothing to wait for
+        _check_timeout(timeout)
+        return [], []
     if len(set(ref_list)) != len(ref_list):
         raise ValueError("wait() got the same ObjectRef more than once")
     if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
@@ -527,8 +530,6 @@ def wait(refs, *, num_returns: int = 1, timeout: float | None = None, fetch_loca
     if num_returns > len(ref_list):
         raise ValueError(f"`num_returns` ({num_returns}) is larger than the number of refs ({len(ref_list)})")
     _check_timeout(timeout)
-    if not ref_list:
-        return [], []
     flags = _client().wait_entries(ref_list, num_returns, timeout)
     ready, not_ready = [], []
     for ref, done in zip(ref_list, flags):

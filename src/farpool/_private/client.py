@@ -146,6 +146,8 @@ def _rebuild_ref(object_id: bytes, owner: tuple) -> ObjectRef:
             # A ref arrives in a worker: its client must exist to count it (we borrow it).
             from farpool import api
             api._client()
+    if _nested_refs.uncounted:
+        return ObjectRef(object_id, owner, _register=False)
     ref = ObjectRef(object_id, owner)
     arrivals = _nested_refs.arrivals
     if arrivals is not None:
@@ -156,6 +158,7 @@ def _rebuild_ref(object_id: bytes, owner: tuple) -> ObjectRef:
 class _NestedRefs(threading.local):
     collector: list | None = None   # refs pickled inside a value farpool is serializing
     arrivals: list | None = None    # weakrefs to refs unpickled from a task's arguments
+    uncounted: bool = False         # unpickling only to check that a value loads: count nothing
 
 
 _nested_refs = _NestedRefs()
@@ -817,7 +820,10 @@ class CoreClient:
             if agent is None:
                 raise exc_mod.ObjectLostError(f"object {store_id.hex()} lives on node {node_id[:8]}, "
                                               "which this process cannot reach") from None
-            new_path, error = self.agent_request(agent, "RestoreObject", (store_id,))
+            new_path, error, full = self.agent_request(agent, "RestoreObject", (store_id,))
+            if new_path is None and full:  # it is safe on disk: free some memory and ask again
+                raise exc_mod.ObjectStoreFullError(
+                    f"cannot bring object {store_id.hex()} back from disk on node {node_id[:8]}: {error}") from None
             if new_path is None:
                 raise exc_mod.ObjectLostError(f"object {store_id.hex()} is gone from node {node_id[:8]}: "
                                               f"{error}") from None
@@ -1264,13 +1270,13 @@ class CoreClient:
         return encode("ExecuteTask", (wire, self.peer_address), buffers)
 
     def _read_on(self, node_id: str, location: tuple, what: str, more_sources=(), owner=None) -> tuple:
-        """How a process on node ``node_id`` reads a stored value: ("loc", path, size) when it
+        """How a process on node ``node_id`` reads a stored value: ("loc", path, size, store_id) when it
         is in that node's store, else ("pull", store_id, size, sources, owner, what): that
         node's agent copies it from the nodes that hold it (pull.py), and frees the copy
         when ``owner`` ((identity, node id); default: us) is gone."""
         _, where, store_id, path, size = location
         if where == node_id:
-            return ("loc", path, size)
+            return ("loc", path, size, store_id)
         sources = [where, *(n for n in more_sources if n not in (where, node_id))]
         owner = owner or (self.identity.decode(), self.home.node_id)
         return ("pull", store_id, size, sources, owner, what)
@@ -1563,6 +1569,8 @@ class CoreClient:
             if task is None:  # ended already (its worker's exit was reported first, or cancelled)
                 if ok is True:
                     pos = self._discard_result(body, buffers, pos, sender)
+                elif ok is False and len(body) > 5:
+                    self._discard_error(body[5], sender)
                 continue
             lease = task.lease
             if lease is not None:
@@ -1592,16 +1600,19 @@ class CoreClient:
                     pos += nbuf
                 completed.append((task, values, nested))
             else:
-                payload, type_name, tb_text, fn_name, where = body
+                payload, type_name, tb_text, fn_name, where = body[:5]
+                inner = body[5] if len(body) > 5 else ()  # refs inside the exception (lent to us)
                 if task.cancelled:
+                    self._discard_error(inner, sender)
                     self._finish_failed(task, exc_mod.TaskCancelledError(f"task {task.name} was cancelled"))
                     continue
                 retry = task.retry_exceptions
                 if retry and task.attempts <= task.max_retries and self._retryable(retry, payload):
+                    self._discard_error(inner, sender)
                     task.state = "QUEUED"
                     self._enqueue(task, front=True)
                     continue
-                self._finish_failed(task, ("task", payload, type_name, tb_text, fn_name, where))
+                self._finish_failed(task, ("task", payload, type_name, tb_text, fn_name, where), inner, sender)
         if (lease is not None and not lease.inflight and not retiring and lease.key not in self.parked
                 and isinstance(lease.channel, DirectChannel)):
             kq = self.keys.get(lease.key)
@@ -1616,6 +1627,12 @@ class CoreClient:
                 self._drop_lease(lease)
                 self.leases[(lease.node_id, lease.lease_id)] = lease  # until WorkerExited arrives
             self._mark_dirty(lease.key)
+
+    def _discard_error(self, inner: list, sender) -> None:
+        """Refs inside an exception nobody will see: our borrow of them ends."""
+        if inner:
+            with self.lock:
+                self._discard_value((), inner, sender)
 
     def _discard_result(self, body, buffers, pos: int, sender) -> int:
         """The values of a finished task we no longer know, freed; returns the next buffer position."""
@@ -1701,20 +1718,28 @@ class CoreClient:
             entry.contains.append(inner_id)
         self._schedule_frees()
 
-    def _finish_failed(self, task: TaskRecord, error) -> None:
+    def _finish_failed(self, task: TaskRecord, error, inner=(), sender=None) -> None:
+        """``inner``: refs inside the exception (lent to us by the worker, ``sender``): they
+        live as long as the failed objects, as refs inside a result do."""
         fire = []
         with self.lock:
             self.tasks.pop(task.task_id, None)
             task.state = "DONE"
+            held = False
             for oid in task.return_ids:
                 entry = self.objects.get(oid)
                 if entry is None:
                     continue
+                if inner:
+                    self._hold_nested(entry, inner, sender)
+                    held = True
                 entry.state = FAILED
                 entry.error = error
                 entry.task = None
                 if entry.waiters:
                     fire.append(entry)
+            if inner and not held:  # nobody wants the error
+                self._discard_value((), inner, sender)
             self._unpin(task)
         for entry in fire:
             self._fire(entry)
@@ -2315,9 +2340,10 @@ class CoreClient:
             return
         self._reply_object(identity, object_id, READY, bytes(payload), buffers, None, remote=True)
 
-    def _serve_restored(self, identity, object_id, location, path, error) -> None:
+    def _serve_restored(self, identity, object_id, location, path, error, full) -> None:
         if path is None:
-            self._reply_object(identity, object_id, FAILED, None, [], exc_mod.ObjectLostError(
+            kind = exc_mod.ObjectStoreFullError if full else exc_mod.ObjectLostError
+            self._reply_object(identity, object_id, FAILED, None, [], kind(
                 f"object {object_id.hex()} was spilled and cannot be restored on node "
                 f"{location[1][:8]}: {error}"), remote=True)
         else:

@@ -407,16 +407,19 @@ class NodeAgent:
                 self.store_writers.discard(writer)  # gone
 
     def _on_RestoreObject(self, client, request_id, store_id: bytes) -> None:
+        """The path of an object of our store, brought back first if it was spilled:
+        ObjectCopied(path, error, no room for it)."""
         try:
             seg = self.store.restore(store_id)
-            self._tell_writers()
         except MemoryError as exc:
-            self._send(client, "ObjectAllocated", request_id, None, str(exc))
+            self._send(client, "ObjectCopied", request_id, None, str(exc), True)
             return
+        finally:
+            self._tell_writers()
         if seg is None:
-            self._send(client, "ObjectAllocated", request_id, None, "it was freed")
+            self._send(client, "ObjectCopied", request_id, None, "it was freed", False)
         else:
-            self._send(client, "ObjectAllocated", request_id, seg.path, None)
+            self._send(client, "ObjectCopied", request_id, seg.path, None, False)
 
     # --- copies from other nodes (pull.py) ---
     def _on_PullObject(self, client, request_id, store_id: bytes, size: int, sources: list, owner: tuple,
@@ -430,14 +433,11 @@ class NodeAgent:
             copying.waiters.append((client, request_id))
             return
         if store_id in self.store.objects:  # the original, or a copy pulled before
-            try:
-                seg = self.store.restore(store_id)  # when it was spilled
-            except MemoryError as exc:
-                self._send(client, "ObjectCopied", request_id, None, str(exc), True)
-                return
-            finally:
-                self._tell_writers()
-            self._send(client, "ObjectCopied", request_id, seg.path, None, False)
+            self._on_RestoreObject(client, request_id, store_id)
+            return
+        sources = [s for s in sources if s != self.node_id]
+        if not sources:  # (a reader of ours restoring an object we no longer have)
+            self._send(client, "ObjectCopied", request_id, None, "it is gone from this node's store", False)
             return
         try:
             seg = self.store.allocate(store_id, size, owner_identity, what, copy=True)
@@ -453,7 +453,7 @@ class NodeAgent:
             if sock is not None:
                 transport.send(sock, encode("WatchPeer", (owner_identity.encode(),)))
                 self.watched_owners.add(owner_identity)
-        job = pull.Pull(next(self.pull_ids), store_id, size, [s for s in sources if s != self.node_id])
+        job = pull.Pull(next(self.pull_ids), store_id, size, sources)
         job.fd = store.open_to_fill(seg.path)
         job.path = seg.path
         job.waiters.append((client, request_id))

@@ -175,6 +175,22 @@ def dumps(value, what: str = "value") -> tuple[bytes, list]:
         raise SerializationError(f"cannot pickle {what}: {text}.{_hint(text)}") from exc
 
 
+def dumps_inband(value, what: str = "value") -> bytes:
+    """Pickle ``value`` with every buffer in the pickle itself (one bytes object): for
+    values that travel without frames of their own (exceptions)."""
+    if not _main_is_interactive():
+        try:
+            return pickle.dumps(value, protocol=5)
+        except Exception:
+            pass
+    import cloudpickle
+    try:
+        return cloudpickle.dumps(value, protocol=5)
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        raise SerializationError(f"cannot pickle {what}: {text}.{_hint(text)}") from exc
+
+
 def _oob_filter(buffers: list):
     """A buffer_callback that keeps small buffers in-band (cheaper than a frame)."""
     def callback(buf: pickle.PickleBuffer) -> bool:

@@ -143,7 +143,7 @@ def _unpack(package: str) -> str:
 def _load_value(payload, bufs):
     """A value from a message, or mapped zero-copy (copy-on-write) from the node store.
 
-    ("loc", path, size): in this node's store.  ("pull", store_id, size, sources, owner,
+    ("loc", path, size, store_id): in this node's store (restored by the agent if spilled).  ("pull", store_id, size, sources, owner,
     what): in other nodes' stores; our agent copies it here first (pull.py), once for
     all the readers of this node.
     """
@@ -153,7 +153,11 @@ def _load_value(payload, bufs):
         except FileNotFoundError:  # spilled between the answer and the mapping: the agent restores it
             payload, bufs = store.read_segment(_store_puller.pull(*payload[1:]), payload[2], private=True)
     elif isinstance(payload, tuple):  # copy-on-write views: the task may mutate its arguments
-        payload, bufs = store.read_segment(payload[1], payload[2], private=True)
+        try:
+            payload, bufs = store.read_segment(payload[1], payload[2], private=True)
+        except FileNotFoundError:  # spilled since: our agent brings it back (PullObject of its own)
+            path = _store_puller.pull(payload[3], payload[2], [], ("", ""), "an argument on disk")
+            payload, bufs = store.read_segment(path, payload[2], private=True)
     return protocol.loads(payload, bufs)
 
 
@@ -403,7 +407,7 @@ class Worker:
             self.actor = cls(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001
             error = self._error(exc, f"{getattr(cls_bytes, '__name__', 'actor')}.__init__")
-            return (actor_id, False, error)
+            return (actor_id, False, error[:5])
         finally:
             context.task_name = None
         session.set_process_name("farpool-actor")
@@ -440,15 +444,17 @@ class Worker:
         task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns, caller = call
         started = time.time()
         out_buffers: list = []
+        args = kwargs = arrivals = None
         try:
             args, kwargs, arrivals = _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
             value = getattr(self.actor, fn_hash[6:].decode())(*args, **kwargs)
-            del args, kwargs
-            if arrivals:
-                self.loop.call_soon(self._note_borrowed, caller, _still_held(arrivals, caller))
+            args = kwargs = None
             result = self._package(task_id, value, num_returns, fn_name, started, out_buffers, caller)
         except BaseException as exc:  # noqa: BLE001
-            result = (task_id, False, self._error(exc, fn_name), started, time.time())
+            result = (task_id, False, self._error(exc, fn_name, caller), started, time.time())
+        args = kwargs = None  # (a failed call's), so that only refs kept elsewhere count
+        if arrivals:  # refs from the arguments the call kept, whether it returned or raised
+            self.loop.call_soon(self._note_borrowed, caller, _still_held(arrivals, caller))
         self._finish_concurrent(result, caller, out_buffers, reply)
 
     async def _run_async(self, call, reply) -> None:
@@ -459,18 +465,20 @@ class Worker:
         if self.actor_semaphore is None:
             import asyncio
             self.actor_semaphore = asyncio.Semaphore(self.actor_concurrency)
+        args = kwargs = arrivals = None
         async with self.actor_semaphore:
             try:
                 args, kwargs, arrivals = _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
                 value = getattr(self.actor, fn_hash[6:].decode())(*args, **kwargs)
-                del args, kwargs
+                args = kwargs = None
                 if inspect.isawaitable(value):
                     value = await value
-                if arrivals:
-                    self.loop.call_soon(self._note_borrowed, caller, _still_held(arrivals, caller))
                 result = self._package(task_id, value, num_returns, fn_name, started, out_buffers, caller)
             except BaseException as exc:  # noqa: BLE001
-                result = (task_id, False, self._error(exc, fn_name), started, time.time())
+                result = (task_id, False, self._error(exc, fn_name, caller), started, time.time())
+        args = kwargs = None
+        if arrivals:  # refs from the arguments the call kept, whether it returned or raised
+            self.loop.call_soon(self._note_borrowed, caller, _still_held(arrivals, caller))
         self._finish_concurrent(result, caller, out_buffers, reply)
 
     def _allocate(self, store_id: bytes, size: int, what: str, owner: str) -> str:
@@ -703,6 +711,7 @@ class Worker:
         context.task_id = task_id.hex()
         context.task_name = fn_name
         started = time.time()
+        args = kwargs = arrivals = None
         try:
             if job_setup is not None:
                 self._apply_job(job_setup)
@@ -723,12 +732,13 @@ class Worker:
                     self.functions[fn_hash] = fn
             args, kwargs, arrivals = _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
             value = _call_user(fn, args, kwargs)
-            del args, kwargs
+            args = kwargs = None
             if arrivals:
                 self._note_borrowed(caller, _still_held(arrivals, caller))
+                arrivals = None
             return self._package(task_id, value, num_returns, fn_name, started, out_buffers, caller)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the owner
-            return (task_id, False, self._error(exc, fn_name), started, time.time())
+            error = self._error(exc, fn_name, caller)
         finally:
             nested = client_mod.current()
             if nested is not None:
@@ -738,6 +748,12 @@ class Worker:
             context.task_id = None
             context.task_name = None
             context.cancel_pending = False
+        # The call raised (the exception and its frames are gone now): refs from its
+        # arguments that it kept anyway (in an actor's state, a global) are borrowed.
+        args = kwargs = None
+        if arrivals:
+            self._note_borrowed(caller, _still_held(arrivals, caller))
+        return (task_id, False, error, started, time.time())
 
     def _package(self, task_id, value, num_returns, fn_name, started, out_buffers, caller):
         """The result tuple of a finished call (pickling errors become the call's error)."""
@@ -780,17 +796,34 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001
             return (task_id, False, self._error(exc, fn_name), started, time.time())
 
-    def _error(self, exc: BaseException, fn_name: str):
+    def _error(self, exc: BaseException, fn_name: str, caller=None):
+        """The body of a failed call: (the exception pickled, or None when it cannot travel
+        (its text does), its type name, text, fn_name, where, refs inside it).  Its buffers
+        (a large array) stay in the pickle; refs inside it are lent to ``caller`` as refs
+        inside a result are."""
         text = protocol.format_exception_text(exc)
+        nested: list = []
+        client_mod._nested_refs.collector = nested
         try:
-            payload, bufs = protocol.dumps(exc, what="the exception")
-            if bufs:
-                payload = None
-            else:
-                protocol.loads(payload)  # must also load back, or the owner fails to decode it
+            payload = protocol.dumps_inband(exc, what="the exception")
         except Exception:
             payload = None
-        return (payload, type(exc).__qualname__, text, fn_name, self.where)
+        finally:
+            client_mod._nested_refs.collector = None
+        if payload is not None:
+            client_mod._nested_refs.uncounted = True
+            try:
+                protocol.loads(payload)  # must also load back, or the owner fails to decode it
+            except Exception:
+                payload = None
+            finally:
+                client_mod._nested_refs.uncounted = False
+        inner = ()
+        if payload is not None and nested and client_mod.current() is not None:
+            unique = list({r._id: r for r in nested}.values())
+            client_mod.current().lend_returned(unique, caller)
+            inner = [(r._id, r._owner) for r in unique]
+        return (payload, type(exc).__qualname__, text, fn_name, self.where, inner)
 
     def run(self) -> None:
         self.start()

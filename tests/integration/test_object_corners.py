@@ -1,4 +1,6 @@
-"""Bugs found by hunting through how objects and refs behave (each test is xfail until fixed).
+"""Corners of objects and refs where bugs were found (each test failed before its fix):
+refs kept by a call that raises, refs and large arrays inside exceptions, spilled
+arguments, restores without room, wait() on nothing.
 
 Each test runs on a 2-CPU embedded cluster of its own (a failure leaves nothing
 behind for the next); a hang fails by a get timeout, a leak by a deadline on the
@@ -49,8 +51,6 @@ class Keeper:
         return [float(farpool.get(r, timeout=TIMEOUT).sum()) for r in self.refs]
 
 
-@pytest.mark.xfail(strict=True, reason="a call that raises does not report the refs it kept: "
-                                       "the owner frees them while the actor still holds them")
 @pytest.mark.parametrize("n", [10, BIG])  # inline, and in the store
 def test_an_actor_call_that_raises_after_keeping_a_borrowed_ref_keeps_it_alive(cluster, n):
     keeper = Keeper.remote()
@@ -69,8 +69,6 @@ def raise_a_ref_it_made(n):
     raise ValueError(farpool.put(np.ones(n)))
 
 
-@pytest.mark.xfail(strict=True, reason="a ref inside a raised exception is pickled untracked "
-                                       "(worker _error): pinned until the session ends")
 def test_a_ref_inside_a_raised_exception_is_freed_when_nobody_holds_it(cluster):
     with pytest.raises(ValueError) as info:
         farpool.get(raise_a_ref_it_made.remote(BIG), timeout=TIMEOUT)
@@ -86,8 +84,6 @@ def raise_with_an_array(n):
     raise ValueError(np.ones(n))
 
 
-@pytest.mark.xfail(strict=True, reason="an exception whose pickle has out-of-band buffers (a large "
-                                       "array) is dropped: get raises a bare TaskError, not the ValueError")
 def test_an_exception_carrying_a_large_array_is_still_its_own_type(cluster):
     with pytest.raises(ValueError) as info:
         farpool.get(raise_with_an_array.remote(BIG), timeout=TIMEOUT)
@@ -108,15 +104,11 @@ def spilled_puts(count, mb=20):
     return refs
 
 
-@pytest.mark.xfail(strict=True, reason="worker _load_value maps a ('loc', path) argument without asking "
-                                       "the agent to restore it: FileNotFoundError from the task")
 def test_a_spilled_object_passed_to_a_task_is_restored_for_it(cluster):
     refs = spilled_puts(4)
     assert farpool.get(summed.remote(refs[0]), timeout=TIMEOUT) == 20 * MB // 8
 
 
-@pytest.mark.xfail(strict=True, reason="a restore that finds the store full of pinned objects raises "
-                                       "ObjectLostError ('is gone'), not ObjectStoreFullError")
 def test_no_room_to_restore_a_spilled_object_is_object_store_full_not_lost(cluster):
     refs = spilled_puts(4)
     views = farpool.get(refs[1:], timeout=TIMEOUT)  # 60 MiB pinned by this driver's views
@@ -126,7 +118,6 @@ def test_no_room_to_restore_a_spilled_object_is_object_store_full_not_lost(clust
 
 
 # ---------------------------------------------------------------------------- wait
-@pytest.mark.xfail(strict=True, reason="wait([]) raises ValueError (num_returns 1 > 0 refs); Ray returns "
-                                       "([], []), so code waiting on a list that may be empty breaks")
+
 def test_wait_on_an_empty_list_returns_two_empty_lists(cluster):
     assert farpool.wait([], timeout=TIMEOUT) == ([], [])
