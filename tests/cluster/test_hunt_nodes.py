@@ -5,7 +5,11 @@ third node started with the CLI on loopback, and a driver joined with address="a
 (it lives on the head node).
 """
 
+import os
+import signal
+
 import numpy as np
+import psutil
 import pytest
 
 import farpool
@@ -78,3 +82,33 @@ def test_a_large_result_of_a_task_on_another_node_is_kept_in_that_nodes_store(st
     assert farpool.get(summed.options(resources={"third": 1}).remote(ref), timeout=120) == (third, float(n))
     del ref
     wait_until(lambda: store_stats(second)["objects"] == 0, "the result on the second node was never freed")
+
+
+@farpool.remote
+def put_nested(n):
+    """Owned by the worker that runs it: a large object in its node's store, returned nested."""
+    return [farpool.put(np.ones(n))]
+
+
+@pytest.mark.xfail(strict=True, reason="a borrower keeps the location of a copy after the owner died with its node; "
+                                       "the agent frees the copy, the segment is reused and get returns other data")
+def test_a_borrowed_value_whose_owner_died_with_its_node_is_lost_not_another_objects_bytes(started, monkeypatch):
+    monkeypatch.setenv("FARPOOL_NODE_TIMEOUT_S", "5")
+    head, second, third = three_nodes(started)
+    n = 40 * MB // 8
+    assert farpool.get(where.options(resources={"head": 1}).remote(), timeout=60) == head
+    [ref] = farpool.get(put_nested.options(resources={"second": 1}).remote(n), timeout=120)
+    assert float(farpool.get(ref, timeout=120).sum()) == n  # copied to the driver's node (the head node)
+    pid = [node["pid"] for node in started.read_state()["nodes"] if node["node_id"] == second][0]
+    victims = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    os.kill(pid, signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=20)
+    wait_until(lambda: not next(node for node in farpool.nodes() if node["node_id"] == second)["alive"],
+               "the head never declared the killed node dead")
+    # The owner is gone: its objects are freed, the copy on the head node too.
+    wait_until(lambda: store_stats(head)["objects"] == 0, "the copy of a dead owner's object was never freed")
+    other = farpool.put(np.full(n, 7.0))  # takes the freed segment
+    with pytest.raises(farpool.ObjectLostError):
+        value = farpool.get(ref, timeout=60)
+        pytest.fail(f"read a value summing to {float(value.sum())} (the other object sums to {7.0 * n})")
+    del other
