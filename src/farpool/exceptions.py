@@ -78,7 +78,10 @@ class TaskError(FarpoolError):
         dual = _dual_class(cause_cls)
         if dual is None:
             return cls(function_name, traceback_text, cause, cause_type_name, where)
-        err = dual.__new__(dual)
+        try:
+            err = dual.__new__(dual)
+        except TypeError:  # MemoryError (and its subclasses) refuse a __new__ for a class not their own
+            err = BaseException.__new__(dual)
         # Fill both halves: the user's type sees its original args, TaskError its fields.
         original = cause.cause if isinstance(cause, TaskError) else cause
         err.args = original.args

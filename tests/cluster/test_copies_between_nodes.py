@@ -201,3 +201,26 @@ def test_a_driver_that_leaves_a_shared_cluster_leaves_no_objects_behind(started)
     assert farpool.get(summed.options(resources={"second": 1}).remote(np.ones(4)), timeout=120)[0] == second
     wait_until(lambda: store_stats(head)["objects"] == 0, "the objects of a driver that left were never freed")
     wait_until(lambda: store_stats(second)["objects"] == 0, "the copy of a driver that left was never freed")
+
+
+@farpool.remote
+def make_array(n):
+    return np.arange(n, dtype=np.float64)
+
+
+def test_a_large_result_stays_on_its_node_until_read_elsewhere(started):
+    head, second, third = three_nodes(started)
+    ref = make_array.options(resources={"second": 1}).remote(N)
+    farpool.wait([ref], timeout=120)
+    assert store_stats(second)["objects"] == 1  # stored where it was made, not sent to us
+    # A task on that node reads it where it is: no copy.
+    assert farpool.get(summed.options(resources={"second": 1}).remote(ref), timeout=120) == \
+        (second, float(np.arange(N).sum()), True)
+    assert store_stats(second)["pulls"] == 0
+    # We read it: our agent copies it once, and our later reads map that copy.
+    assert np.array_equal(farpool.get(ref, timeout=120), np.arange(N, dtype=np.float64))
+    assert float(farpool.get(ref, timeout=120).sum()) == float(np.arange(N).sum())
+    assert (store_stats(head)["pulls"], store_stats(head)["copies"]) == (1, 1)
+    del ref
+    wait_until(lambda: store_stats(second)["objects"] == 0, "the result was never freed on its node")
+    wait_until(lambda: store_stats(head)["objects"] == 0, "our copy of the result was never freed")

@@ -414,3 +414,22 @@ def test_tasks_queued_behind_a_long_one_are_taken_back_by_an_idle_worker(cluster
     assert len(ready) == len(shorts)
     open(gate, "w").close()
     assert farpool.get(long_one, timeout=60) is False
+
+
+@farpool.remote
+def fresh(i):
+    return i
+
+
+def test_tasks_taken_back_do_not_take_their_functions_code_with_them(cluster, tmp_path):
+    """A task carries its function's code the first time one goes to a worker; taken back
+    unrun, that code must stay with the worker for the tasks sent after it without."""
+    assert all(farpool.get([short_or_gated.remote() for _ in range(200)], timeout=60))
+    for round_ in range(3):
+        gate = str(tmp_path / f"gate-{round_}")
+        long_one = short_or_gated.remote(gate)
+        first = [fresh.remote(i) for i in range(60)]  # partly behind the gated task, taken back
+        assert farpool.get(first, timeout=60) == list(range(60))
+        open(gate, "w").close()
+        assert farpool.get(long_one, timeout=60) is False
+        assert farpool.get([fresh.remote(i) for i in range(200)], timeout=60) == list(range(200))

@@ -780,7 +780,7 @@ class CoreClient:
         if entry.state == FAILED:
             raise self._error_of(entry)
         if entry.location is not None:
-            payload, buffers = self.map_location(entry.location, private=writable)
+            payload, buffers = self.map_location(entry.location, private=writable, oid=ref._id, entry=entry)
         else:
             payload, buffers = entry.payload, entry.buffers
         if entry.owned:  # refs inside our own values are pinned by them (put, _hold_nested)
@@ -807,14 +807,29 @@ class CoreClient:
                                          (store_id, size, self.identity.decode(), what))
         if path is None:
             raise exc_mod.ObjectStoreFullError(error)
-        store.write_segment(path, payload, buffers)
+        store.write_segment(path, payload, buffers, store_id)
         return ("seg", self.home.node_id, store_id, path, size)
 
-    def map_location(self, location: tuple, private: bool = False):
-        """Zero-copy (payload, buffers) of a stored value on this node (restored if spilled)."""
+    def map_location(self, location: tuple, private: bool = False, oid: bytes | None = None, entry=None):
+        """Zero-copy (payload, buffers) of a stored value (restored if spilled).  A value in
+        another node's store (the result of a task that ran there) is copied into ours
+        first, by our agent (pull.py), once: the copy is freed with the original."""
         _, node_id, store_id, path, size = location
+        if entry is not None and self.home is not None and self.home.local and node_id != self.home.node_id:
+            spec = self._stored_for(self.home.node_id, oid, entry, f"object {oid.hex()[:16]}")
+            for attempt in (1, 2):  # again if the copy was spilled between the answer and the mapping
+                path, error, full = self.agent_request(self.home, "PullObject", spec[1:], timeout=3600)
+                if path is None:
+                    kind = exc_mod.ObjectStoreFullError if full else exc_mod.ObjectLostError
+                    raise kind(f"cannot get object {oid.hex()}: copying it to node {self.home.node_id[:8]} "
+                               f"failed: {error}")
+                try:
+                    return store.read_segment(path, size, private, store_id)
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
         try:
-            return store.read_segment(path, size, private)
+            return store.read_segment(path, size, private, store_id)
         except FileNotFoundError:
             agent = self.agents.get(node_id)
             if agent is None:
@@ -827,7 +842,7 @@ class CoreClient:
             if new_path is None:
                 raise exc_mod.ObjectLostError(f"object {store_id.hex()} is gone from node {node_id[:8]}: "
                                               f"{error}") from None
-            return store.read_segment(new_path, size, private)
+            return store.read_segment(new_path, size, private, store_id)
 
     def agent_request(self, agent: AgentConn, tag: str, fields: tuple, timeout: float = 60.0):
         """``tag(request_id, *fields)`` to an agent, wait for its answer. Any thread but the I/O one."""
@@ -1267,7 +1282,9 @@ class CoreClient:
             task.lease = lease
             task.attempts += 1
             task.submitted_at = now
-        return encode("ExecuteTask", (wire, self.peer_address), buffers)
+        # Large results into the worker's node store when we can read them from there (a
+        # store of our own to copy them into, or the worker on our node); else inline.
+        return encode("ExecuteTask", (wire, self.peer_address, self.home is not None and self.home.local), buffers)
 
     def _read_on(self, node_id: str, location: tuple, what: str, more_sources=(), owner=None) -> tuple:
         """How a process on node ``node_id`` reads a stored value: ("loc", path, size, store_id) when it
@@ -1639,8 +1656,10 @@ class CoreClient:
         with self.lock:
             for payload, nbuf, inner in body:
                 if isinstance(payload, tuple):  # ("loc", path, size, store_id): in the worker's node store
-                    # (only workers on our node store results for us: direct channels)
-                    self._discard_value(("seg", self.home.node_id, payload[3], payload[1], payload[2]), inner, sender)
+                    # (in the worker's node store: ours, or for a remote worker with a client of its
+                    # own, its node; else the copy stays until we leave: its agent frees it then)
+                    node_id = sender[1] if sender else self.home.node_id
+                    self._discard_value(("seg", node_id, payload[3], payload[1], payload[2]), inner, sender)
                 else:
                     self._discard_value((payload, None), inner, sender)
                 pos += nbuf
@@ -2297,7 +2316,10 @@ class CoreClient:
             spec = self._stored_for(node, object_id, entry, f"object {object_id.hex()[:16]}")
             self._reply_object(identity, object_id, READY, spec, [], None, remote)
         elif entry.state == READY and entry.location is not None and remote and node is None:
-            self._serve_stored(identity, object_id, entry.location)
+            if self.home.local and entry.location[1] != self.home.node_id:
+                self._serve_copied(identity, object_id, entry)
+            else:
+                self._serve_stored(identity, object_id, entry.location)
         elif entry.state == READY and entry.location is not None:  # in its node's store: it maps it
             self._reply_object(identity, object_id, READY, entry.location, [], None, remote)
         elif entry.state == READY:
@@ -2316,6 +2338,24 @@ class CoreClient:
             self.frees.setdefault(node_id, []).append(store_id)
         self._schedule_frees()
 
+    def _serve_copied(self, identity, object_id, entry: Entry) -> None:
+        """The bytes of our value stored on another node, for a borrower with no store to copy
+        it into (a driver joined over TCP): copied into our node's store first (pull.py)."""
+        spec = self._stored_for(self.home.node_id, object_id, entry, f"object {object_id.hex()[:16]}")
+        request_id = next(self._request_ids)
+
+        def copied(answer):
+            path, error, full = answer
+            if path is None:
+                kind = exc_mod.ObjectStoreFullError if full else exc_mod.ObjectLostError
+                self._reply_object(identity, object_id, FAILED, None, [], kind(
+                    f"cannot get object {object_id.hex()}: copying it to node {self.home.node_id[:8]} "
+                    f"failed: {error}"), remote=True)
+            else:
+                self._serve_stored(identity, object_id, ("seg", self.home.node_id, spec[1], path, spec[2]), path)
+        self.pending_requests[request_id] = copied
+        transport.send(self.home.socket, encode("PullObject", (request_id, *spec[1:])))
+
     def _serve_stored(self, identity, object_id, location: tuple, path: str | None = None) -> None:
         """Send a borrower on another node the bytes of a value in a node store.
 
@@ -2325,7 +2365,7 @@ class CoreClient:
         """
         _, node_id, store_id, stored_path, size = location
         try:
-            payload, buffers = store.read_segment(path or stored_path, size)
+            payload, buffers = store.read_segment(path or stored_path, size, store_id=store_id)
         except FileNotFoundError:
             agent = self.agents.get(node_id)
             if path is None and agent is not None:

@@ -15,9 +15,13 @@ exclusively, so memory is never reused under a reader, and a reader that is
 killed leaks nothing (the kernel drops its lock and mapping).  Reusing
 segments matters here: first-touch page faults make fresh memory slow.
 
-Segment layout: a header of little-endian u64s (payload length, buffer count,
-then each buffer's length), padded to 64 bytes, then the pickle payload, then
-each out-of-band buffer at a 64-byte-aligned offset (page-aligned from 64 KiB).
+Segment layout: the object's store id (a length byte, then the id, in 32 bytes),
+little-endian u64s (payload length, buffer count, then each buffer's length),
+padded to 64 bytes, then the pickle payload, then each out-of-band buffer at a
+64-byte-aligned offset (page-aligned from 64 KiB).  A reader checks the id under
+its lock: a location kept after its object was freed (its owner died) may name
+a segment that now holds another object, and must not read it as the old one.
+Writers hold the lock exclusively, so no reader maps a value being written.
 """
 
 from __future__ import annotations
@@ -58,9 +62,16 @@ def _round(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
+ID_FIELD = 32  # the store id at the start of a segment: a length byte, then the id
+
+
+class SegmentReused(FileNotFoundError):
+    """The segment no longer holds the object asked for (it was freed, and reused)."""
+
+
 def layout(payload_len: int, buf_lens: list[int]) -> tuple[int, list[int], int]:
     """(payload offset, buffer offsets, total size) of a segment."""
-    header = _round(8 * (2 + len(buf_lens)), ALIGN)
+    header = _round(ID_FIELD + 8 * (2 + len(buf_lens)), ALIGN)
     pos = header + payload_len
     offsets = []
     for n in buf_lens:
@@ -74,17 +85,24 @@ def value_size(payload: bytes, buffers: list) -> int:
     return layout(len(payload), [memoryview(b).nbytes for b in buffers])[2]
 
 
-def write_segment(path: str, payload: bytes, buffers: list) -> int:
+def _id_field(store_id: bytes) -> bytes:
+    if len(store_id) >= ID_FIELD:
+        raise ValueError(f"a store id of {len(store_id)} bytes does not fit a segment header")
+    return bytes([len(store_id)]) + store_id.ljust(ID_FIELD - 1, b"\0")
+
+
+def write_segment(path: str, payload: bytes, buffers: list, store_id: bytes) -> int:
     """Write a pickled value into an allocated segment file; returns the bytes used.
 
-    The writer holds a shared lock while it writes, so the agent never spills or
-    reuses a segment under a half-written value.
+    The writer holds the lock exclusively while it writes, so the agent never spills
+    or reuses a segment under a half-written value and no reader maps one.
     """
     views = [memoryview(b).cast("B") if memoryview(b).format != "B" or memoryview(b).ndim != 1
              else memoryview(b) for b in buffers]
     header_len, offsets, total = layout(len(payload), [v.nbytes for v in views])
     with _writer_maps.mapping(path, total) as m:
-        header = struct.pack(f"<{2 + len(views)}Q", len(payload), len(views), *[v.nbytes for v in views])
+        header = _id_field(store_id) + struct.pack(f"<{2 + len(views)}Q", len(payload), len(views),
+                                                   *[v.nbytes for v in views])
         m[:len(header)] = header
         m[header_len:header_len + len(payload)] = payload
         for off, v in zip(offsets, views):
@@ -137,7 +155,7 @@ class _WriterMaps:
                 raise
             cached = (fd, m, length, st.st_ino)
         fd, m = cached[0], cached[1]
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield m
         finally:
@@ -179,8 +197,9 @@ def clear_written() -> None:
     _writer_maps.clear()
 
 
-def read_segment(path: str, size: int, private: bool = False):
-    """(payload view, buffer views) of a segment, zero-copy.
+def read_segment(path: str, size: int, private: bool = False, store_id: bytes | None = None):
+    """(payload view, buffer views) of a segment, zero-copy; SegmentReused (a
+    FileNotFoundError) when it no longer holds the object ``store_id``.
 
     Read-only views, or with ``private`` copy-on-write ones: writable, pages are
     copied only when written, and the store never sees the writes (task
@@ -199,9 +218,12 @@ def read_segment(path: str, size: int, private: bool = False):
         os.close(fd)
         raise
     weakref.finalize(m, os.close, fd)
+    if store_id is not None and m[:ID_FIELD] != _id_field(store_id):
+        m.close()
+        raise SegmentReused(f"{path} no longer holds object {store_id.hex()}: it was freed")
     view = memoryview(m)
-    payload_len, count = struct.unpack_from("<2Q", m, 0)
-    lens = struct.unpack_from(f"<{count}Q", m, 16) if count else ()
+    payload_len, count = struct.unpack_from("<2Q", m, ID_FIELD)
+    lens = struct.unpack_from(f"<{count}Q", m, ID_FIELD + 16) if count else ()
     header_len, offsets, _ = layout(payload_len, list(lens))
     payload = view[header_len:header_len + payload_len]
     buffers = [view[off:off + n] if private else view[off:off + n].toreadonly() for off, n in zip(offsets, lens)]
@@ -223,11 +245,11 @@ def read_range(path: str, offset: int, length: int) -> bytes:
 def open_to_fill(path: str) -> int:
     """An fd for writing a segment in pieces (a copy arriving from another node).
 
-    It holds a shared lock, as writers do, so the agent neither spills nor reuses the
-    segment before it is complete; closing the fd drops the lock.
+    It holds the lock exclusively, as writers do, so the agent neither spills nor
+    reuses the segment before it is complete; closing the fd drops the lock.
     """
     fd = os.open(path, os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_SH)
+    fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
 

@@ -148,16 +148,18 @@ def _load_value(payload, bufs):
     all the readers of this node.
     """
     if isinstance(payload, tuple) and payload[0] == "pull":
+        store_id = payload[1]
         try:
-            payload, bufs = store.read_segment(_store_puller.pull(*payload[1:]), payload[2], private=True)
+            payload, bufs = store.read_segment(_store_puller.pull(*payload[1:]), payload[2], True, store_id)
         except FileNotFoundError:  # spilled between the answer and the mapping: the agent restores it
-            payload, bufs = store.read_segment(_store_puller.pull(*payload[1:]), payload[2], private=True)
+            payload, bufs = store.read_segment(_store_puller.pull(*payload[1:]), payload[2], True, store_id)
     elif isinstance(payload, tuple):  # copy-on-write views: the task may mutate its arguments
+        _, path, size, store_id = payload
         try:
-            payload, bufs = store.read_segment(payload[1], payload[2], private=True)
+            payload, bufs = store.read_segment(path, size, True, store_id)
         except FileNotFoundError:  # spilled since: our agent brings it back (PullObject of its own)
-            path = _store_puller.pull(payload[3], payload[2], [], ("", ""), "an argument on disk")
-            payload, bufs = store.read_segment(path, payload[2], private=True)
+            path = _store_puller.pull(store_id, size, [], ("", ""), "an argument on disk")
+            payload, bufs = store.read_segment(path, size, True, store_id)
     return protocol.loads(payload, bufs)
 
 
@@ -226,7 +228,8 @@ class _Batch:
     """An ExecuteTask message being worked through: the tasks not yet run, the results so far."""
     reply: object
     caller: tuple | None
-    store_results: bool
+    store_results: bool          # large results go into this node's store (the caller maps or copies them)
+    direct: bool                 # from an owner on this machine (not relayed by the agent)
     pending: deque
     results: list = field(default_factory=list)
     out_buffers: list = field(default_factory=list)
@@ -292,6 +295,8 @@ class Worker:
         self.loop.add_reader(self.agent, self._on_agent)
         self.loop.add_reader(cfg["lifeline_fd"], self._on_lifeline)
         self.functions: dict[bytes, object] = {}
+        self.carried_functions: dict[bytes, bytes] = {}  # code that came with tasks taken back
+        self.carried_job: dict | None = None              # a job setup that came with one
         self.job_id = None
         self.pool_key = None
         self.pool_ready = False
@@ -320,7 +325,7 @@ class Worker:
         self.loop.add_reader(self.doorbell.fileno(), self._on_doorbell)
         threading.Thread(target=self._watch_doorbell, name="farpool-takeback", daemon=True).start()
         self._agent_backlog: list = []
-        self.store_results = False  # set per message: only owners on this machine can map results
+        self.store_results = False  # set per message: for owners that read from a node store
         self.actor = None
         self.actor_executor = None  # None: calls run inline in order; a thread pool; or "async"
         self.gpu_ids: list[int] | None = None
@@ -347,7 +352,7 @@ class Worker:
 
     def _on_channel(self, channel) -> None:
         for frames in channel.read():
-            self._handle(frames, channel.send, store_results=True)  # a local owner: it maps results
+            self._handle(frames, channel.send, direct=True)  # a local owner: it maps results
         self._run_batches()
         if channel.eof:
             channel.close()
@@ -368,7 +373,7 @@ class Worker:
         else:
             log.warning("unexpected message from the agent: %r", frames[0][:32])
 
-    def _handle(self, frames, reply, store_results: bool = False) -> None:
+    def _handle(self, frames, reply, direct: bool = False) -> None:
         try:
             tag, fields, buffers = protocol.decode(frames)
         except protocol.ProtocolError as exc:
@@ -380,7 +385,11 @@ class Worker:
             caller = fields[1]
             if caller:
                 self.reply_to[caller[0]] = reply
-            self.batches.append(_Batch(reply, caller, store_results, deque(_split_batch(fields[0], buffers))))
+            # An owner on another node with a store of its own copies large results from ours
+            # (pull.py) when it reads them; one without (a driver joined over TCP) gets them inline.
+            store_results = direct or (len(fields) > 2 and bool(fields[2]))
+            self.batches.append(_Batch(reply, caller, store_results, direct,
+                                       deque(_split_batch(fields[0], buffers))))
         elif tag == "TakeBack":
             self._take_back(set(fields[0]), fields[1], reply)
         elif tag == "CreateActor":
@@ -563,7 +572,7 @@ class Worker:
             while self.batches:
                 batch = self.batches[0]
                 while batch.pending:
-                    if not batch.store_results and (len(batch.pending) > 1 or len(self.batches) > 1):
+                    if not batch.direct and (len(batch.pending) > 1 or len(self.batches) > 1):
                         self._absorb()  # relayed tasks: their TakeBack comes through the agent
                         if not batch.pending:
                             break
@@ -605,7 +614,7 @@ class Worker:
                 for channel in list(self.channels):
                     if not channel.closed:
                         for frames in channel.read():
-                            self._handle(frames, channel.send, store_results=True)
+                            self._handle(frames, channel.send, direct=True)
             reply = self.reply_to.get(caller)
             if reply is not None:
                 self._take_back(set(task_ids), token, reply)
@@ -649,6 +658,14 @@ class Worker:
                 for item in batch.pending:
                     (taken if item[0][0] in task_ids else keep).append(item)
                 batch.pending = keep
+        for item in taken:
+            # The owner counts what a task carried once per lease (its function's code, the job
+            # setup) as delivered: keep it for the tasks that come without it.
+            task = item[0]
+            if task[2] is not None and task[1] not in self.functions:
+                self.carried_functions.setdefault(task[1], task[2])
+            if task[8] is not None and self.carried_job is None:
+                self.carried_job = task[8]
         reply(encode("TakenBack", ([item[0][0] for item in taken], token)))
 
     def _apply_runtime_env(self, pool_key) -> None:
@@ -713,6 +730,9 @@ class Worker:
         started = time.time()
         args = kwargs = arrivals = None
         try:
+            if job_setup is None:
+                job_setup = self.carried_job
+            self.carried_job = None
             if job_setup is not None:
                 self._apply_job(job_setup)
                 self._apply_pool(job_setup.get("pool"))
@@ -726,6 +746,7 @@ class Worker:
             else:
                 fn = self.functions.get(fn_hash)
                 if fn is None:
+                    fn_bytes = fn_bytes or self.carried_functions.pop(fn_hash, None)
                     if fn_bytes is None:
                         raise RuntimeError(f"function {fn_name} was not shipped to this worker")
                     fn = protocol.loads_function(fn_bytes)
@@ -786,7 +807,7 @@ class Worker:
                     store_id = task_id + bytes([i])
                     owner = caller[0].decode() if caller else f"worker {self.worker_id}"
                     path = self._allocate(store_id, store.value_size(data, bufs), what, owner)
-                    size = store.write_segment(path, data, bufs)
+                    size = store.write_segment(path, data, bufs, store_id)
                     payloads.append((("loc", path, size, store_id), 0, inner))
                     continue
                 payloads.append((data, len(bufs), inner))

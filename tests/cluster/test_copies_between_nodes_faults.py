@@ -1,4 +1,4 @@
-"""Bugs found by the second hunt with several nodes and large objects (each xfail until fixed).
+"""Bugs found by the second hunt with several nodes and large objects (each failed before its fix).
 
 The layout is the one of test_copies_between_nodes.py: a head node, a second node and a
 third node started with the CLI on loopback, and a driver joined with address="auto"
@@ -54,8 +54,6 @@ def ones(n):
     return np.ones(n)
 
 
-@pytest.mark.xfail(strict=True, reason="a copy into a node store too small for it reaches get as a TypeError "
-                                       "(TaskError.wrap of the worker's ObjectStoreFullError), not ObjectStoreFullError")
 def test_a_copy_into_a_store_too_small_for_it_is_an_object_store_full_error(started):
     head, second, third = three_nodes(started, "--object-store-memory", str(32 * MB))
     ref = farpool.put(np.ones(40 * MB // 8))
@@ -66,8 +64,6 @@ def test_a_copy_into_a_store_too_small_for_it_is_an_object_store_full_error(star
     assert farpool.get(summed.options(resources={"second": 1}).remote(ref), timeout=120) == (second, 40 * MB / 8)
 
 
-@pytest.mark.xfail(strict=True, reason="a large result of a task on another node is not stored there: it travels "
-                                       "inline through the agents (worker store_results is False for remote owners)")
 def test_a_large_result_of_a_task_on_another_node_is_kept_in_that_nodes_store(started):
     head, second, third = three_nodes(started)
     n = 40 * MB // 8
@@ -75,6 +71,7 @@ def test_a_large_result_of_a_task_on_another_node_is_kept_in_that_nodes_store(st
     ref = ones.options(resources={"second": 1}).remote(n)
     ready, _ = farpool.wait([ref], timeout=120)
     assert ready == [ref]
+    del ready
     # The DESIGN: "large results go into the worker's node store and the owner is told where";
     # readers on other nodes copy it (pull.py).  Sent inline, the whole value goes through
     # the agents' event loops in one message (a few hundred MB stall their heartbeats).
@@ -90,8 +87,6 @@ def put_nested(n):
     return [farpool.put(np.ones(n))]
 
 
-@pytest.mark.xfail(strict=True, reason="a borrower keeps the location of a copy after the owner died with its node; "
-                                       "the agent frees the copy, the segment is reused and get returns other data")
 def test_a_borrowed_value_whose_owner_died_with_its_node_is_lost_not_another_objects_bytes(started, monkeypatch):
     monkeypatch.setenv("FARPOOL_NODE_TIMEOUT_S", "5")
     head, second, third = three_nodes(started)

@@ -1,4 +1,4 @@
-"""Bugs found by the second hunt that one node shows (each xfail until fixed)."""
+"""Bugs found by the second hunt that one node shows (each failed before its fix)."""
 
 import numpy as np
 import pytest
@@ -12,8 +12,6 @@ def raises_memory_error():
     raise MemoryError("no room for the scratch buffer")
 
 
-@pytest.mark.xfail(strict=True, reason="a remote MemoryError (or ObjectStoreFullError) reaches get as a TypeError "
-                                       "from TaskError.wrap: MemoryError.__new__(dual) is not safe")
 def test_a_remote_memory_error_is_raised_as_itself(cluster):
     with pytest.raises(MemoryError, match="no room for the scratch buffer") as info:
         farpool.get(raises_memory_error.remote(), timeout=60)
@@ -35,8 +33,6 @@ def _home_store_objects():
     return stats["objects"]
 
 
-@pytest.mark.xfail(strict=True, reason="a borrower keeps the store location of an object after its owner died and "
-                                       "the agent freed it: get returns the bytes of the object that reused the segment")
 def test_a_borrowed_value_whose_owner_died_is_lost_not_another_objects_bytes(cluster):
     n = 40 * (1 << 20) // 8
     maker = Maker.remote()
