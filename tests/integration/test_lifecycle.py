@@ -224,3 +224,66 @@ def test_embedded_node_agent_killed_fails_pending_gets_instead_of_hanging(tmp_pa
             farpool.get(ref, timeout=60)
     finally:
         farpool.shutdown()
+
+
+def test_embedded_node_agent_killed_fails_puts_instead_of_waiting_for_its_answer(tmp_path):
+    """A put waiting for the agent's AllocateObject answer, and a put after, fail with the
+    agent's death; they waited out their 60 s and blamed a silent agent before."""
+    import signal
+    import threading
+    import numpy as np
+    farpool.shutdown()
+    info = farpool.init(num_cpus=1)
+    try:
+        node_pid = int(open(os.path.join(info["session_dir"], "node.pid")).read())
+        os.kill(node_pid, signal.SIGSTOP)  # the put's request stays unanswered
+        errors = []
+
+        def put():
+            try:
+                farpool.put(np.ones(1 << 17))
+            except Exception as error:  # noqa: BLE001
+                errors.append(error)
+        thread = threading.Thread(target=put, daemon=True)
+        thread.start()
+        thread.join(0.5)  # most likely waiting for the answer by now (either order is tested)
+        os.kill(node_pid, signal.SIGKILL)
+        thread.join(90)
+        assert not thread.is_alive(), "put() still waits for an agent that is gone"
+        assert len(errors) == 1 and isinstance(errors[0], farpool.FarpoolError)
+        assert "exited unexpectedly" in str(errors[0]), errors[0]
+        with pytest.raises(farpool.FarpoolError, match="node agent .* exited unexpectedly"):
+            farpool.put(np.ones(1 << 17))
+    finally:
+        farpool.shutdown()
+
+
+def test_embedded_cluster_survives_a_pause_of_its_processes(monkeypatch):
+    """Head, agent and workers stopped together for longer than the heartbeat timeouts (a
+    frozen or starved machine): on resuming, the head judged the node by heartbeats it had
+    not read yet, declared it dead and the agent exited; the next put waited 60 s for it."""
+    import signal
+    import time
+    import numpy as np
+    monkeypatch.setenv("FARPOOL_NODE_TIMEOUT_S", "3")
+    monkeypatch.setenv("FARPOOL_HEAD_TIMEOUT_S", "4")
+    farpool.shutdown()
+    farpool.init(num_cpus=1)
+    try:
+        @farpool.remote
+        def total(a):
+            return float(a.sum())
+        assert farpool.get(total.remote(farpool.put(np.ones(1 << 17)))) == 1 << 17
+        runtime = children_of(os.getpid())
+        for p in runtime:
+            p.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(6)  # past both timeouts
+        finally:
+            for p in runtime:
+                p.send_signal(signal.SIGCONT)
+        ref = farpool.put(np.ones(1 << 17))
+        assert farpool.get(total.remote(ref), timeout=60) == 1 << 17
+        assert all(n["alive"] for n in farpool.nodes())
+    finally:
+        farpool.shutdown()

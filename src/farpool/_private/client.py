@@ -57,6 +57,8 @@ ACTOR_PIPELINE_DEPTH = 1000
 MAX_LEASE_REQUESTS = 64
 
 PENDING, READY, FAILED = 0, 1, 2
+# The answer of a request that nobody will answer: the client broke while it waited (_break).
+_BROKEN = object()
 
 
 class ObjectRef:
@@ -344,6 +346,7 @@ class CoreClient:
         self.agents: dict[str, AgentConn] = {}
         self.nodes: list[dict] = []
         self.pending_requests: dict[int, object] = {}
+        self._waiting_requests: dict[int, list] = {}  # slots of _request callers waiting (any thread)
         self.borrow_requests: dict[bytes, list] = {}
         self.owner_conns: dict[str, object] = {}    # ipc endpoint -> DEALER, to owners on our node
         self.remote_fetches: dict[bytes, tuple] = {}  # object id -> owner, asked through its agent
@@ -570,8 +573,12 @@ class CoreClient:
             self.callback_queue.put(None)
 
     def _break(self, error: BaseException) -> None:
-        """Fail every pending object with ``error`` (the cluster is gone)."""
+        """Fail every pending object and request with ``error`` (the cluster is gone)."""
         self.broken = error
+        for slot in list(self._waiting_requests.values()):
+            if len(slot) == 1:  # not answered yet
+                slot.append(_BROKEN)
+            slot[0].set()
         with self.lock:
             pending = [(oid, e) for oid, e in self.objects.items() if e.state == PENDING]
             for _, entry in pending:
@@ -853,17 +860,31 @@ class CoreClient:
         return self._request(self.head, "the head", tag, fields, timeout)
 
     def _request(self, sock, who: str, tag: str, fields: tuple, timeout: float):
-        """One request/answer exchange through the I/O thread (answers are matched by request id)."""
+        """One request/answer exchange through the I/O thread (answers are matched by request id).
+
+        A client that breaks (the embedded head or node agent died, the I/O thread failed)
+        fails the requests still waiting at once (``_break``): nobody is left to answer them.
+        """
         event = threading.Event()
         slot = [event]
         request_id = next(self._request_ids)
+        self._waiting_requests[id(slot)] = slot
+        try:
+            if self.broken is not None:
+                raise self.broken
 
-        def send():
-            self.pending_requests[request_id] = slot
-            transport.send(sock, encode(tag, (request_id, *fields)))
-        self.loop.call_soon(send)
-        if not event.wait(timeout):
-            raise exc_mod.FarpoolError(f"{who} did not answer {tag} within {timeout} s")
+            def send():
+                self.pending_requests[request_id] = slot
+                transport.send(sock, encode(tag, (request_id, *fields)))
+            self.loop.call_soon(send)
+            if not event.wait(timeout):
+                if self.broken is not None:
+                    raise self.broken
+                raise exc_mod.FarpoolError(f"{who} did not answer {tag} within {timeout} s")
+        finally:
+            self._waiting_requests.pop(id(slot), None)
+        if slot[1] is _BROKEN:
+            raise self.broken
         return slot[1]
 
     def _on_ObjectAllocated(self, conn, request_id, path, error) -> None:

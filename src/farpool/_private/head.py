@@ -64,6 +64,7 @@ class Head:
         self.actors = ActorTable()
         self.actor_requests: dict[int, str] = {}    # lease request id -> actor id
         self.client_job: dict[tuple, int] = {}      # (socket, identity) of a driver -> its job
+        self.check_due = time.monotonic() + CHECK_INTERVAL_S
         self.loop.call_later(CHECK_INTERVAL_S, self._check_nodes)
 
     # --- messages ---
@@ -325,9 +326,20 @@ class Head:
 
     def _check_nodes(self) -> None:
         now = time.monotonic()
+        if now - self.check_due > NODE_TIMEOUT_S / 2:
+            # We did not run for a while ourselves (stopped, frozen, starved): the nodes'
+            # heartbeats of that time are still unread in our sockets, or were not sent
+            # because the whole machine stood still.  Their silence says nothing about
+            # them: give every node a fresh NODE_TIMEOUT_S to be heard (timers run before
+            # sockets are read, so judging now would declare live nodes dead).
+            log.warning("the head did not run for %.0f s: not judging nodes by heartbeats missed "
+                        "meanwhile", now - self.check_due + CHECK_INTERVAL_S)
+            for node_id in self.last_seen:
+                self.last_seen[node_id] = now
         for node_id, seen in list(self.last_seen.items()):
             if self.nodes[node_id]["alive"] and now - seen > NODE_TIMEOUT_S:
                 self._mark_dead(node_id, f"no heartbeat for {now - seen:.0f} s")
+        self.check_due = now + CHECK_INTERVAL_S
         self.loop.call_later(CHECK_INTERVAL_S, self._check_nodes)
 
     def close(self) -> None:

@@ -139,6 +139,7 @@ class NodeAgent:
             reply = transport.connect_tcp(self.head, self.args.head_address, self.token, hello)
             self._on_head_message(reply)
         self.loop.add_reader(self.head, self._on_head)
+        self.heartbeat_due = time.monotonic() + HEARTBEAT_S
         self.loop.call_later(HEARTBEAT_S, self._heartbeat)
 
     def start_workers(self) -> None:
@@ -171,6 +172,13 @@ class NodeAgent:
             self.loop.stop()
 
     def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self.heartbeat_due > HEAD_TIMEOUT_S / 2:
+            # We did not run for a while ourselves (stopped, frozen, starved): what the head
+            # sent meanwhile is still unread (timers run before sockets are read), so its
+            # silence says nothing yet; give it a fresh HEAD_TIMEOUT_S.
+            self.last_ack = now
+        self.heartbeat_due = now + HEARTBEAT_S
         if time.monotonic() - self.last_ack > HEAD_TIMEOUT_S:
             log.error("the head has not answered for %.0f s: the cluster is gone; exiting",
                       time.monotonic() - self.last_ack)
