@@ -433,3 +433,18 @@ def test_tasks_taken_back_do_not_take_their_functions_code_with_them(cluster, tm
         open(gate, "w").close()
         assert farpool.get(long_one, timeout=60) is False
         assert farpool.get([fresh.remote(i) for i in range(200)], timeout=60) == list(range(200))
+
+
+@farpool.remote
+def chatty(lines):
+    row = "x" * 200
+    for i in range(lines):
+        print(i, row)
+    return lines
+
+
+def test_a_task_printing_megabytes_fast_leaves_the_runtime_working(cluster, capfd):
+    # Its output goes worker -> launcher -> agent -> driver; a full socket on the way must
+    # wait, not break the launcher's message framing (the launcher, then the agent, died).
+    assert farpool.get([chatty.remote(20000) for _ in range(2)], timeout=120) == [20000, 20000]
+    assert farpool.get(add.remote(1, 2), timeout=60) == 3

@@ -32,8 +32,15 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def send_msg(sock: socket.socket, msg) -> None:
+    """Send one message whole on a non-blocking stream, waiting for room when it is full
+    (sendall would raise midway and break the framing: a worker printing fast filled it)."""
     data = pickle.dumps(msg, protocol=5)
-    sock.sendall(_LEN.pack(len(data)) + data)
+    out = memoryview(_LEN.pack(len(data)) + data)
+    while out:
+        try:
+            out = out[sock.send(out):]
+        except BlockingIOError:
+            select.select([], [sock], [])
 
 
 class MessageReader:
