@@ -36,8 +36,11 @@ def tmp_root() -> str:
 def new_session_dir() -> str:
     path = os.path.join(tmp_root(), SESSION_PREFIX + secrets.token_hex(4))
     os.mkdir(path, 0o700)
-    with open(os.path.join(path, "owner.pid"), "w") as f:
+    # Written whole at once (rename): a process cleaning up dead sessions meanwhile must
+    # never read it empty, or it would take this new session for a dead one.
+    with open(os.path.join(path, "owner.pid.tmp"), "w") as f:
         f.write(str(os.getpid()))
+    os.rename(os.path.join(path, "owner.pid.tmp"), os.path.join(path, "owner.pid"))
     return path
 
 
@@ -108,9 +111,12 @@ def remove_dead_sessions() -> list[str]:
             try:
                 with open(os.path.join(path, pidfile)) as f:
                     pids.append(int(f.read().strip() or 0))
-            except (OSError, ValueError):
+            except OSError:
                 pass
-        if pids and not any(pid_alive(p) for p in pids if p):
+            except ValueError:  # being written: its process is starting
+                pids.append(0)
+        # A pid file still empty (0) is a session being made: not dead.
+        if pids and all(pids) and not any(pid_alive(p) for p in pids):
             remove_session(path)
             removed.append(path)
     # Object store segments of sessions whose directory is gone (crashed node agents).
