@@ -200,24 +200,35 @@ def _status(args) -> int:
 
 
 def _memory(args) -> int:
-    """The home node's object store: totals and the largest objects (to find leaks)."""
+    """Each live node's object store: totals and the largest objects (to find leaks)."""
     import farpool
     farpool.init(address=args.address)
     try:
         client = farpool.api._client()
-        stats, listing = client.agent_request(client.home, "StoreStats", ())
-        print(f"node {client.home.node_id[:8]} object store ({stats['directory']}): "
-              f"{stats['used'] / 1e6:.1f} MB used of {stats['capacity'] / 1e6:.1f} MB, "
-              f"{stats['objects']} object(s) ({stats.get('copies', 0)} copied from other nodes), "
-              f"{stats['spilled'] / 1e6:.1f} MB spilled, "
-              f"{stats['free_segments']} free segment(s) kept for reuse")
-        print(f"{'object id':34} {'size MB':>9} {'pinned':>6} {'spilled':>7} {'copy':>5}  owner / created by")
-        for row in listing[:args.limit]:
-            print(f"{row['object_id'][:32]:34} {row['size'] / 1e6:9.2f} {str(row['pinned']):>6} "
-                  f"{str(row['spilled']):>7} {str(row.get('copy', False)):>5}  {row['owner']} / {row['created_at']}")
+        nodes = [n["node_id"] for n in farpool.nodes() if n["alive"]]
+        for node_id in sorted(nodes, key=lambda n: n != client.home.node_id):  # ours first
+            try:
+                agent = client.home if node_id == client.home.node_id else client.agent_of(node_id)
+                _print_store(node_id, *client.agent_request(agent, "StoreStats", ()), args.limit)
+            except farpool.FarpoolError as exc:
+                print(f"node {node_id[:8]}: {exc}")
     finally:
         farpool.shutdown()
     return 0
+
+
+def _print_store(node_id: str, stats: dict, listing: list, limit: int) -> None:
+    print(f"node {node_id[:8]} object store ({stats['directory']}): "
+          f"{stats['used'] / 1e6:.1f} MB used of {stats['capacity'] / 1e6:.1f} MB, "
+          f"{stats['objects']} object(s) ({stats.get('copies', 0)} copied from other nodes), "
+          f"{stats['spilled'] / 1e6:.1f} MB spilled, "
+          f"{stats['free_segments']} free segment(s) kept for reuse, "
+          f"{stats.get('pulls_in_progress', 0)} copy(ies) arriving")
+    print(f"{'object id':34} {'size MB':>9} {'pinned':>6} {'spilled':>7} {'copy':>5}  owner / created by")
+    for row in listing[:limit]:
+        print(f"{row['object_id'][:32]:34} {row['size'] / 1e6:9.2f} {str(row['pinned']):>6} "
+              f"{str(row['spilled']):>7} {str(row.get('copy', False)):>5}  {row['owner']} / {row['created_at']}")
+    print()
 
 
 def _microbenchmark(args) -> int:

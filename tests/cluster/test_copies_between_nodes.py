@@ -224,3 +224,15 @@ def test_a_large_result_stays_on_its_node_until_read_elsewhere(started):
     del ref
     wait_until(lambda: store_stats(second)["objects"] == 0, "the result was never freed on its node")
     wait_until(lambda: store_stats(head)["objects"] == 0, "our copy of the result was never freed")
+
+
+def test_farpool_memory_lists_the_store_of_every_node_with_its_copies(started):
+    from conftest import farpool_cli
+    head, second, third = three_nodes(started)
+    ref = farpool.put(np.ones(N))
+    assert farpool.get(summed.options(resources={"second": 1}).remote(ref), timeout=120)[0] == second
+    out = farpool_cli("memory").stdout
+    assert f"node {head[:8]} object store" in out and f"node {second[:8]} object store" in out
+    assert f"node {third[:8]} object store" in out
+    rows = [line for line in out.splitlines() if line.startswith(ref.hex()[:32])]
+    assert len(rows) == 2 and sorted(row.split()[4] for row in rows) == ["False", "True"]  # original, copy

@@ -851,6 +851,22 @@ class CoreClient:
                                               f"{error}") from None
             return store.read_segment(new_path, size, private, store_id)
 
+    def agent_of(self, node_id: str, timeout: float = 30.0) -> AgentConn:
+        """Our connection to the agent of ``node_id`` (opened if needed). Any thread but the I/O one."""
+        done = threading.Event()
+        answer: list = []
+
+        def find():
+            answer.extend(self._agent_of(node_id))
+            done.set()
+        self.loop.call_soon(find)
+        if not done.wait(timeout):
+            raise exc_mod.FarpoolError(f"no answer looking for the agent of node {node_id[:8]}")
+        conn, why = answer
+        if conn is None:
+            raise exc_mod.FarpoolError(f"cannot reach the agent of node {node_id[:8]}: {why}")
+        return conn
+
     def agent_request(self, agent: AgentConn, tag: str, fields: tuple, timeout: float = 60.0):
         """``tag(request_id, *fields)`` to an agent, wait for its answer. Any thread but the I/O one."""
         return self._request(agent.socket, "the node agent", tag, fields, timeout)
