@@ -227,11 +227,14 @@ def test_a_large_result_stays_on_its_node_until_read_elsewhere(started):
 
 
 def test_farpool_memory_lists_the_store_of_every_node_with_its_copies(started):
-    from conftest import farpool_cli
+    import subprocess
+    import sys
     head, second, third = three_nodes(started)
     ref = farpool.put(np.ones(N))
     assert farpool.get(summed.options(resources={"second": 1}).remote(ref), timeout=120)[0] == second
-    out = farpool_cli("memory").stdout
+    result = subprocess.run([sys.executable, "-m", "farpool", "memory"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     assert f"node {head[:8]} object store" in out and f"node {second[:8]} object store" in out
     assert f"node {third[:8]} object store" in out
     rows = [line for line in out.splitlines() if line.startswith(ref.hex()[:32])]
