@@ -162,3 +162,41 @@ def run_script(tmp_path, body, env=None, timeout=120):
     script.write_text(textwrap.dedent(body))
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout,
                           cwd=tmp_path, env=env)
+
+
+# ---------------------------------------------------------------------------- clusters of node agents
+def node_ids(cluster):
+    """The node ids of a cluster started by tests/cluster's ``started`` fixture, head first."""
+    return [n["node_id"] for n in cluster.read_state()["nodes"]]
+
+
+def three_nodes(cluster, *third_args):
+    """A head node (resource "head"), a second node (2 CPUs, "second": 4) and a third ("third"),
+    with this process joined by address="auto" (on the head node); their node ids."""
+    import farpool
+    cluster.start_head("--num-cpus", "1", "--resources", '{"head": 1}')
+    cluster.add_node("--num-cpus", "2", "--resources", '{"second": 4}')
+    cluster.add_node("--num-cpus", "1", "--resources", '{"third": 1}', *third_args)
+    farpool.init(address="auto")
+    return node_ids(cluster)
+
+
+def store_stats_of(node_id):
+    """The object store counts of a node's agent (this driver leased there: it has its connection)."""
+    import farpool
+    client = farpool.api._state["client"]
+    stats, _listing = client.agent_request(client.agents[node_id], "StoreStats", ())
+    return stats
+
+
+class Mailbox:
+    """An actor (``farpool.remote(Mailbox)``) that hands over the refs it was given, keeping
+    none: the taker borrows them from their owner."""
+
+    def hold(self, box):
+        self.box = box
+        return True
+
+    def give(self):
+        box, self.box = self.box, None
+        return box

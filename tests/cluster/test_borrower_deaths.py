@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import farpool
+import farpool_testing
 from farpool._private import session
-from farpool_testing import TIMEOUT, wait_until
+from farpool_testing import TIMEOUT, node_ids, wait_until
 
 BIG = 200 * 1024 // 8  # float64s: a value above the node store's inline threshold
 
@@ -45,17 +46,7 @@ BORROWER = textwrap.dedent("""
 """)
 
 
-@farpool.remote
-class Mailbox:
-    """Hands over the refs it was given, keeping none: the taker borrows from their owner."""
-
-    def hold(self, box):
-        self.box = box
-        return True
-
-    def give(self):
-        box, self.box = self.box, None
-        return box
+Mailbox = farpool.remote(farpool_testing.Mailbox)
 
 
 @farpool.remote(resources={"special": 1})
@@ -73,10 +64,6 @@ class Keeper:
     def borrowers(self, oid):
         entry = farpool.api._state["client"].objects.get(oid)
         return None if entry is None else sorted(b.decode() for b in entry.borrowers)
-
-
-def node_ids(cluster):
-    return [n["node_id"] for n in cluster.read_state()["nodes"]]
 
 
 def client():

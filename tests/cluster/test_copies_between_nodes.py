@@ -15,7 +15,8 @@ import pytest
 
 import farpool
 from farpool._private import pull
-from farpool_testing import wait_until
+from farpool_testing import store_stats_of as store_stats
+from farpool_testing import three_nodes, wait_until
 
 MB = 1 << 20
 N = 40 * MB // 8  # float64s: ten chunks of pull.CHUNK (and a few bytes of header)
@@ -24,24 +25,6 @@ CHUNKS = 11
 
 def client():
     return farpool.api._state["client"]
-
-
-def node_ids(cluster):
-    return [n["node_id"] for n in cluster.read_state()["nodes"]]
-
-
-def store_stats(node_id):
-    """The object store counts of a node's agent (we leased there, so we have its connection)."""
-    stats, _listing = client().agent_request(client().agents[node_id], "StoreStats", ())
-    return stats
-
-
-def three_nodes(cluster):
-    cluster.start_head("--num-cpus", "1", "--resources", '{"head": 1}')
-    cluster.add_node("--num-cpus", "2", "--resources", '{"second": 4}')
-    cluster.add_node("--num-cpus", "1", "--resources", '{"third": 1}')
-    farpool.init(address="auto")
-    return node_ids(cluster)
 
 
 @farpool.remote

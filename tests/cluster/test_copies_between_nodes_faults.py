@@ -13,30 +13,14 @@ import psutil
 import pytest
 
 import farpool
-from farpool_testing import wait_until
+from farpool_testing import store_stats_of as store_stats
+from farpool_testing import three_nodes, wait_until
 
 MB = 1 << 20
 
 
 def client():
     return farpool.api._state["client"]
-
-
-def node_ids(cluster):
-    return [n["node_id"] for n in cluster.read_state()["nodes"]]
-
-
-def store_stats(node_id):
-    stats, _listing = client().agent_request(client().agents[node_id], "StoreStats", ())
-    return stats
-
-
-def three_nodes(cluster, *third_args):
-    cluster.start_head("--num-cpus", "1", "--resources", '{"head": 1}')
-    cluster.add_node("--num-cpus", "2", "--resources", '{"second": 4}')
-    cluster.add_node("--num-cpus", "1", "--resources", '{"third": 1}', *third_args)
-    farpool.init(address="auto")
-    return node_ids(cluster)
 
 
 @farpool.remote

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import farpool
+import farpool_testing
 from farpool._private import session
 from farpool_testing import TIMEOUT, wait_until
 
@@ -54,17 +55,7 @@ REMOTE_DRIVER = textwrap.dedent("""
 """)
 
 
-@farpool.remote
-class Mailbox:
-    """Hands over the refs it was given, keeping none: the taker borrows from their owner."""
-
-    def hold(self, box):
-        self.box = box
-        return True
-
-    def give(self):
-        box, self.box = self.box, None
-        return box
+Mailbox = farpool.remote(farpool_testing.Mailbox)
 
 
 @farpool.remote(resources={"slot": 1})

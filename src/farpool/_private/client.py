@@ -827,9 +827,7 @@ class CoreClient:
             for attempt in (1, 2):  # again if the copy was spilled between the answer and the mapping
                 path, error, full = self.agent_request(self.home, "PullObject", spec[1:], timeout=3600)
                 if path is None:
-                    kind = exc_mod.ObjectStoreFullError if full else exc_mod.ObjectLostError
-                    raise kind(f"cannot get object {oid.hex()}: copying it to node {self.home.node_id[:8]} "
-                               f"failed: {error}")
+                    raise self._copy_failed(oid, error, full)
                 try:
                     return store.read_segment(path, size, private, store_id)
                 except FileNotFoundError:
@@ -2186,14 +2184,10 @@ class CoreClient:
         conn = self.agents.get(node_id)
         if conn is not None:
             return conn, None
-        node = next((n for n in self.nodes if n["node_id"] == node_id), None)
-        if node is None:
-            return None, f"node {node_id[:8]} is not part of this cluster"
-        if not node["alive"]:
-            return None, f"node {node_id[:8]} died ({node.get('death_reason') or 'no reason given'})"
-        if not node.get("tcp"):
-            return None, f"node {node_id[:8]} listens on no TCP address (it was started without --host)"
-        return self._open_agent_nowait(node_id, node["tcp"]), None
+        address, why = scheduling.agent_address(self.nodes, node_id)
+        if address is None:
+            return None, why
+        return self._open_agent_nowait(node_id, address), None
 
     def _open_agent_nowait(self, node_id: str, address: str) -> AgentConn:
         """Like _open_agent over TCP, without blocking the I/O thread on the agent's answer:
@@ -2275,21 +2269,30 @@ class CoreClient:
         else:
             self._set_borrowed(object_id, FAILED, error)
 
-    def _pull_borrowed(self, object_id: bytes, spec: tuple) -> None:
-        """A borrowed value stored on other nodes: our agent copies it into our node's store."""
-        _, store_id, size, sources, owner, what = spec
+    def _copy_here(self, object_id: bytes, spec: tuple, copied, failed) -> None:
+        """(I/O thread) Our agent copies a value stored on other nodes into our node's store
+        (``spec``: a "pull" of _read_on): then ``copied(location)``, or ``failed(error)``."""
+        _, store_id, size = spec[:3]
         request_id = next(self._request_ids)
 
-        def copied(answer):
-            path, error, full = answer
-            if path is not None:
-                self._set_borrowed(object_id, READY, None, location=("seg", self.home.node_id, store_id, path, size))
-                return
-            kind = exc_mod.ObjectStoreFullError if full else exc_mod.ObjectLostError
-            self._set_borrowed(object_id, FAILED, kind(
-                f"cannot get object {object_id.hex()}: copying it to node {self.home.node_id[:8]} failed: {error}"))
-        self.pending_requests[request_id] = copied
-        transport.send(self.home.socket, encode("PullObject", (request_id, store_id, size, sources, owner, what)))
+        def answer(reply):
+            path, error, full = reply
+            if path is None:
+                failed(self._copy_failed(object_id, error, full))
+            else:
+                copied(("seg", self.home.node_id, store_id, path, size))
+        self.pending_requests[request_id] = answer
+        transport.send(self.home.socket, encode("PullObject", (request_id, *spec[1:])))
+
+    def _copy_failed(self, object_id: bytes, error: str, full: bool) -> BaseException:
+        kind = exc_mod.ObjectStoreFullError if full else exc_mod.ObjectLostError
+        return kind(f"cannot get object {object_id.hex()}: copying it to node {self.home.node_id[:8]} "
+                    f"failed: {error}")
+
+    def _pull_borrowed(self, object_id: bytes, spec: tuple) -> None:
+        """A borrowed value stored on other nodes: our agent copies it into our node's store."""
+        self._copy_here(object_id, spec, lambda location: self._set_borrowed(object_id, READY, None, location=location),
+                        lambda error: self._set_borrowed(object_id, FAILED, error))
 
     def _on_ObjectCopied(self, conn, request_id, path, error, full) -> None:
         self._answer(request_id, (path, error, full))
@@ -2379,19 +2382,9 @@ class CoreClient:
         """The bytes of our value stored on another node, for a borrower with no store to copy
         it into (a driver joined over TCP): copied into our node's store first (pull.py)."""
         spec = self._stored_for(self.home.node_id, object_id, entry, f"object {object_id.hex()[:16]}")
-        request_id = next(self._request_ids)
-
-        def copied(answer):
-            path, error, full = answer
-            if path is None:
-                kind = exc_mod.ObjectStoreFullError if full else exc_mod.ObjectLostError
-                self._reply_object(identity, object_id, FAILED, None, [], kind(
-                    f"cannot get object {object_id.hex()}: copying it to node {self.home.node_id[:8]} "
-                    f"failed: {error}"), remote=True)
-            else:
-                self._serve_stored(identity, object_id, ("seg", self.home.node_id, spec[1], path, spec[2]), path)
-        self.pending_requests[request_id] = copied
-        transport.send(self.home.socket, encode("PullObject", (request_id, *spec[1:])))
+        self._copy_here(object_id, spec,
+                        lambda location: self._serve_stored(identity, object_id, location, location[3]),
+                        lambda error: self._reply_object(identity, object_id, FAILED, None, [], error, remote=True))
 
     def _serve_stored(self, identity, object_id, location: tuple, path: str | None = None) -> None:
         """Send a borrower on another node the bytes of a value in a node store.

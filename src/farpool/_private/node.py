@@ -491,15 +491,11 @@ class NodeAgent:
         sock = self.peer_agents.get(node_id)
         if sock is not None:
             return sock, None
-        node = next((n for n in self.cluster_nodes if n["node_id"] == node_id), None)
-        if node is None:
-            return None, f"node {node_id[:8]} is not part of this cluster"
-        if not node["alive"]:
-            return None, f"node {node_id[:8]} died"
-        if not node.get("tcp"):
-            return None, f"node {node_id[:8]} listens on no TCP address (started without --host)"
+        address, why = scheduling.agent_address(self.cluster_nodes, node_id)
+        if address is None:
+            return None, why
         sock = transport.dealer(f"a:{self.node_id}".encode())
-        transport.start_tcp(sock, node["tcp"], self.token, encode("Hello", ("agent", {"node_id": self.node_id})))
+        transport.start_tcp(sock, address, self.token, encode("Hello", ("agent", {"node_id": self.node_id})))
         self.peer_agents[node_id] = sock
         self.loop.add_reader(sock, lambda: self._on_peer_agent(node_id, sock))
         return sock, None

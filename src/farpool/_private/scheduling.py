@@ -176,6 +176,19 @@ class NodeResources:
         return free[:whole]
 
 
+def agent_address(nodes: list[dict], node_id: str) -> tuple:
+    """(the TCP address of the agent of ``node_id``, None), or (None, why it cannot be reached),
+    from a node table (the head's NodeTable)."""
+    node = next((n for n in nodes if n["node_id"] == node_id), None)
+    if node is None:
+        return None, f"node {node_id[:8]} is not part of this cluster"
+    if not node["alive"]:
+        return None, f"node {node_id[:8]} died ({node.get('death_reason') or 'no reason given'})"
+    if not node.get("tcp"):
+        return None, f"node {node_id[:8]} listens on no TCP address (it was started without --host)"
+    return node["tcp"], None
+
+
 def choose_node(nodes: list[dict], shape: dict[str, int], exclude: str | None = None,
                 spread_counter: int = 0, strategy: str = "DEFAULT") -> str | None:
     """Pick a node id for ``shape`` from a resource view.
