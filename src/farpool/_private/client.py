@@ -565,7 +565,10 @@ class CoreClient:
                                                               self.job_id if not self.in_worker else None)))
             transport.send(self.head, encode("Goodbye", ("driver", self.identity.decode())))
             self.loop.stop()
-        self.loop.call_soon(bye)
+        try:
+            self.loop.call_soon(bye)
+        except OSError:  # the I/O thread ended (and closed its loop) since we looked
+            pass
         self._thread.join(timeout=10)
         self._thread = None
         self._break(exc_mod.FarpoolError("farpool was shut down while this was pending"))
