@@ -184,7 +184,7 @@ def three_nodes(cluster, *third_args):
 def store_stats_of(node_id):
     """The object store counts of a node's agent (this driver leased there: it has its connection)."""
     import farpool
-    client = farpool.api._state["client"]
+    client = farpool.api._client()
     stats, _listing = client.agent_request(client.agents[node_id], "StoreStats", ())
     return stats
 

@@ -11,7 +11,7 @@ import inspect
 import os
 
 from farpool import exceptions
-from farpool._private import protocol, scheduling
+from farpool._private import protocol, runtime, runtime_env, scheduling
 from farpool._private import client as client_mod  # noqa: F401 (used for the ref collector)
 from farpool._private.client import ObjectRef
 
@@ -95,8 +95,7 @@ class ActorClass:
         return {"class_name": self._cls.__qualname__, "methods": methods, "is_async": is_async}
 
     def remote(self, *args, **kwargs) -> "ActorHandle":
-        from farpool import api
-        client = api._client()
+        client = runtime.client()
         opts = self._options
         if opts.get("lifetime") == "detached" and client.embedded:
             raise ValueError(
@@ -110,8 +109,8 @@ class ActorClass:
             if parent is not None:
                 parent._cls_bytes = self._cls_bytes
         # Top-level ref arguments are resolved here, before the actor is registered.
-        args = [api.get(a) if isinstance(a, ObjectRef) else a for a in args]
-        kwargs = {k: api.get(v) if isinstance(v, ObjectRef) else v for k, v in kwargs.items()}
+        args = [client.get([a], None)[0] if isinstance(a, ObjectRef) else a for a in args]
+        kwargs = {k: client.get([v], None)[0] if isinstance(v, ObjectRef) else v for k, v in kwargs.items()}
         nested: list = []
         client_mod._nested_refs.collector = nested
         try:
@@ -127,10 +126,10 @@ class ActorClass:
             place["CPU"] = scheduling.UNIT  # counts one CPU when placing, so actors spread
         strategy = opts.get("scheduling_strategy")
         concurrency = opts.get("max_concurrency") or (1000 if meta["is_async"] else 1)
-        namespace = opts.get("namespace", api._state.get("namespace") if api._state else None)
+        namespace = opts.get("namespace", runtime.namespace())
         job_setup = dict(client.job_setup, pool_key=None)
         if opts.get("runtime_env"):
-            job_setup["pool_key"] = api._runtime_env_key(opts["runtime_env"])
+            job_setup["pool_key"] = runtime_env.key(opts["runtime_env"])
         spec = {
             "class_name": self._cls.__qualname__, "cls_bytes": self._cls_bytes, "args_payload": payload,
             "arg_bufs": [bytes(b.raw()) for b in bufs], "ref_values": [], "ref_bufs": [],
@@ -207,8 +206,7 @@ class ActorMethod:
         return bound
 
     def remote(self, *args, **kwargs):
-        from farpool import api
-        client = api._client()
+        client = runtime.client()
         handle = self._handle
         qualname = f"{handle._meta.get('class_name')}.{self._name}"
         refs = client.submit_actor_call(handle._actor_id, self._name, qualname, args, kwargs,
@@ -222,12 +220,11 @@ class ActorMethod:
 
 def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     """The handle of the live actor called ``name``; ValueError when there is none."""
-    from farpool import api
     if not isinstance(name, str):
         raise TypeError(f"get_actor() takes the actor's name (a str), got {type(name).__name__}")
-    client = api._client()
-    if namespace is None and api._state:
-        namespace = api._state.get("namespace")
+    client = runtime.client()
+    if namespace is None:
+        namespace = runtime.namespace()
     actor_id, error, meta = client.head_request("GetNamedActor", (name, namespace))
     if error is not None:
         raise ValueError(error)
@@ -236,10 +233,9 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
 
 def kill(handle: ActorHandle, *, no_restart: bool = True) -> None:
     """End the actor's process now; with ``no_restart`` later calls raise ActorDiedError."""
-    from farpool import api
     if not isinstance(handle, ActorHandle):
         raise TypeError(f"kill() takes an ActorHandle, got {type(handle).__name__}")
-    api._client().kill_actor(handle._actor_id, bool(no_restart))
+    runtime.client().kill_actor(handle._actor_id, bool(no_restart))
 
 
 del exceptions

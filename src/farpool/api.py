@@ -1,278 +1,56 @@
 """The native API: init/shutdown, @remote, get/put/wait/cancel and introspection.
 
-Called from user threads.  Holds the one ``CoreClient`` of this process (see
-_private/client.py) and, for an embedded cluster, the head and node agent
-processes it started.
+Called from user threads.  A thin face: checks arguments and turns them into
+calls on this process's ``CoreClient`` (_private/client.py); starting,
+joining and stopping clusters is _private/runtime.py's.
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
 import inspect
 import json
 import logging
-import os
-import sys
-import threading
 
-from farpool import exceptions
 from farpool._private import client as client_mod
-from farpool._private import protocol, scheduling, session
+from farpool._private import context as context_mod
+from farpool._private import runtime, runtime_env, scheduling
 from farpool._private.client import ObjectRef
 
 log = logging.getLogger("farpool")
-
-_lock = threading.RLock()
-_state: dict | None = None  # {"client", "procs", "session_dir", "info", "auto"}
 
 FUNCTION_OPTIONS = ("num_cpus", "num_gpus", "memory", "resources", "num_returns", "max_retries",
                     "retry_exceptions", "name", "scheduling_strategy", "runtime_env")
 # Private options the facades use: workers of their own (see CoreClient.register_pool).
 _PRIVATE_OPTIONS = ("_pool_key",)
-# How long init() waits for a freshly started embedded cluster.
-START_DEADLINE_S = 60
 
 
 def is_initialized() -> bool:
-    return _state is not None
+    """Whether this process has a client (``init`` ran, or a call started one)."""
+    return runtime.is_initialized()
 
 
 def init(address: str | None = None, *, num_cpus: float | None = None, num_gpus: float | None = None,
          resources: dict | None = None, object_store_memory: int | None = None,
          namespace: str | None = None, log_to_driver: bool = True, ignore_reinit_error: bool = False,
-         token: str | None = None, runtime_env: dict | None = None, _auto: bool = False) -> dict:
+         token: str | None = None, runtime_env: dict | None = None) -> dict:
     """Start an embedded cluster (``address=None``) or join one ("auto" or "HOST:PORT").
 
     Returns a dict with at least ``address``, ``node_id`` and ``session_dir``.
     """
-    global _state
-    with _lock:
-        if _state is not None:
-            if ignore_reinit_error:
-                return dict(_state["info"])
-            raise RuntimeError("farpool.init() was already called in this process; call "
-                               "farpool.shutdown() first, or pass ignore_reinit_error=True")
-        from farpool._private import worker as worker_mod
-        if worker_mod.worker_config is not None and address is None:
-            _state = _join_from_worker(worker_mod.worker_config)
-            return dict(_state["info"])
-        if address is None:
-            address = os.environ.get("FARPOOL_ADDRESS") or None
-        if address is None and worker_mod.context.worker_id is not None:
-            raise RuntimeError("farpool.init() inside a worker before its job was set up: a task cannot "
-                               "start a cluster of its own; it joins the cluster it runs on")
-        if address is None:
-            _state = _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespace,
-                                     log_to_driver)
-        else:
-            if any(v is not None for v in (num_cpus, num_gpus, resources, object_store_memory)):
-                raise ValueError(
-                    "num_cpus, num_gpus, resources and object_store_memory cannot be given when "
-                    f"joining an existing cluster ({address!r}): resources belong to the nodes. Pass them "
-                    "to `farpool start` on each node, or call init() without an address for a "
-                    "private cluster")
-            _state = _join(address, token, namespace, log_to_driver)
-        _state["auto"] = _auto
-        _state["namespace"] = namespace
-        return dict(_state["info"])
-
-
-def _job_setup(head_address: str | None, namespace) -> dict:
-    main = sys.modules.get("__main__")
-    main_path = getattr(main, "__file__", None)
-    spec = getattr(main, "__spec__", None)
-    main_module = spec.name if spec is not None and spec.name not in ("__main__",) else None
-    if main_path and (os.path.basename(main_path).startswith("ipython") or main_path.endswith("ipykernel_launcher.py")
-                      or not protocol.main_script_importable(main)):
-        main_path = None
-    return {"sys_path": [p if p else os.getcwd() for p in sys.path], "cwd": os.getcwd(),
-            "main_path": os.path.abspath(main_path) if main_path else None,
-            "main_module": main_module, "head_address": head_address, "namespace": namespace}
-
-
-def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespace, log_to_driver) -> dict:
-    # Validate before starting anything; the node agent computes the defaults itself
-    # (loky.cpu_count() costs 100 ms of imports we need not wait for here).
-    scheduling.make_totals(1 if num_cpus is None else num_cpus, num_gpus or 0, resources)
-    session.remove_dead_sessions()
-    session_dir = session.new_session_dir()
-    token = session.new_token()
-    node_id = os.urandom(8).hex()
-    head_address = session.ipc(session_dir, "head")
-    procs = []
-    client = None
-    try:
-        procs.append(session.spawn("farpool._private.head",
-                                   ["--session-dir", session_dir, "--embedded", "--lifeline"],
-                                   session_dir, "head.log", token, lifeline=True))
-        node_args = ["--session-dir", session_dir, "--head-address", head_address, "--node-id", node_id,
-                     "--resources", json.dumps(resources or {}), "--embedded", "--head-node", "--lifeline"]
-        if num_cpus is not None:
-            node_args += ["--num-cpus", str(num_cpus)]
-        if num_gpus is not None:
-            node_args += ["--num-gpus", str(num_gpus)]
-        if object_store_memory:
-            node_args += ["--object-store-memory", str(object_store_memory)]
-        procs.append(session.spawn("farpool._private.node", node_args, session_dir, "node.log", token,
-                                   lifeline=True))
-        cfg = {"head_address": head_address, "agent_address": session.ipc(session_dir, "node"),
-               "watch_pids": [(procs[0].pid, "head"), (procs[1].pid, "node agent")],
-               "node_id": node_id, "session_dir": session_dir, "token": token, "embedded": True,
-               "local": True, "start_deadline_s": START_DEADLINE_S, "log_to_driver": log_to_driver,
-               "job_setup": _job_setup(None, namespace)}
-        client = client_mod.CoreClient(cfg)
-        client_mod.set_current(client)
-        welcome = client.connect()
-    except BaseException:
-        client_mod.set_current(None)
-        if client is not None:
-            client.close_unstarted()
-        _stop_procs(procs)
-        session.remove_session(session_dir)
-        raise
-    client.job_setup["job_id"] = client.job_id
-    info = {"address": None, "node_id": node_id, "session_dir": session_dir, "job_id": client.job_id,
-            "dashboard_url": None, "embedded": True}
-    del welcome
-    return {"client": client, "procs": procs, "session_dir": session_dir, "info": info}
-
-
-def _join(address: str, token: str | None, namespace, log_to_driver) -> dict:
-    state = session.read_state()
-    local = False
-    if address == "auto":
-        if not state:
-            raise ConnectionError("init(address='auto') found no cluster started on this machine; "
-                                  "run `farpool start --head` first, or call init() for a private cluster")
-        head_address = session.ipc(state["session_dir"], "head")
-        session_dir = state["session_dir"]
-        local = True
-        token = token or _read_token(state)
-        shown = state.get("address")
-    else:
-        if ":" not in address:
-            raise ValueError(f"address must be 'HOST:PORT' or 'auto', got {address!r}")
-        head_address = address
-        session_dir = None
-        shown = address
-        if token is None:
-            token = os.environ.get("FARPOOL_TOKEN")
-        if token is None and state and state.get("address") == address:
-            token = _read_token(state)
-        if not token:
-            raise exceptions.AuthenticationError(
-                f"no token to join the cluster at {address}: set FARPOOL_TOKEN or pass "
-                "init(token=...) with the token `farpool start --head` printed")
-    private_dir = None if local else session.new_session_dir()  # for our owner ipc socket
-    cfg = {"head_address": head_address, "session_dir": session_dir if local else private_dir,
-           "token": token, "embedded": False, "local": local, "start_deadline_s": 10,
-           "log_to_driver": log_to_driver,
-           "job_setup": _job_setup(address, namespace)}
-    client = client_mod.CoreClient(cfg)
-    client_mod.set_current(client)
-    try:
-        client.connect()
-    except BaseException:
-        client_mod.set_current(None)
-        client.close_unstarted()
-        if private_dir:
-            session.remove_session(private_dir)
-        raise
-    client.job_setup["job_id"] = client.job_id
-    client.job_setup["head_address"] = client.head_address
-    info = {"address": shown, "node_id": client.home.node_id, "session_dir": session_dir,
-            "job_id": client.job_id, "dashboard_url": None, "embedded": False}
-    return {"client": client, "procs": [], "session_dir": None, "info": info}
-
-
-def _read_token(state: dict) -> str | None:
-    try:
-        with open(state["token_file"]) as f:
-            return f.read().strip()
-    except (OSError, KeyError):
-        return None
-
-
-def _join_from_worker(cfg: dict) -> dict:
-    """Inside a task: a client of the cluster this worker belongs to."""
-    setup = _job_setup(None, cfg.get("namespace"))
-    setup["job_id"] = cfg.get("job_id")
-    ccfg = {"head_address": cfg["cluster_head"], "agent_address": cfg["agent_address"],
-            "node_id": cfg["node_id"], "session_dir": cfg["session_dir"], "token": cfg.get("token"),
-            "in_worker": True, "worker_id": cfg["worker_id"], "job_id": cfg.get("job_id"), "local": True,
-            "job_setup": setup}
-    client = client_mod.CoreClient(ccfg)
-    client_mod.set_current(client)
-    client.connect()
-    info = {"address": None, "node_id": cfg["node_id"], "session_dir": cfg["session_dir"],
-            "job_id": cfg.get("job_id"), "dashboard_url": None, "embedded": False}
-    return {"client": client, "procs": [], "session_dir": None, "info": info, "in_worker": True}
-
-
-def _auto_init() -> None:
-    with _lock:
-        if _state is None:
-            init(_auto=True)
-
-
-def _client() -> client_mod.CoreClient:
-    state = _state
-    if state is None:
-        _auto_init()
-        state = _state
-    return state["client"]
+    return runtime.init(address, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
+                        object_store_memory=object_store_memory, namespace=namespace,
+                        log_to_driver=log_to_driver, ignore_reinit_error=ignore_reinit_error, token=token,
+                        runtime_env=runtime_env)
 
 
 def shutdown() -> None:
     """Disconnect; stop the embedded cluster if this process started it.  Idempotent."""
-    global _state
-    with _lock:
-        state, _state = _state, None
-        if state is None:
-            return
-        client = state["client"]
-        try:
-            client.shutdown()
-        finally:
-            client_mod.set_current(None)
-            _stop_procs(state["procs"])
-            if state.get("session_dir"):
-                session.remove_session(state["session_dir"])
-            elif not state.get("in_worker") and client.session_dir and not state["info"].get("session_dir"):
-                session.remove_session(client.session_dir)
-            from farpool._private import transport
-            if not state.get("in_worker"):
-                transport.term_context()
+    runtime.shutdown()
 
 
-def _stop_procs(procs) -> None:
-    for proc in procs:
-        try:
-            proc.stdin.close()  # the lifeline: they exit and clean up
-        except Exception:
-            pass
-    for proc in procs:
-        try:
-            proc.wait(timeout=10)
-        except Exception:
-            proc.kill()
-            proc.wait()
-
-
-atexit.register(shutdown)
-
-
-def _disable_in_forked_child() -> None:
-    """A user's fork() copies our client but not its I/O thread: the child must not use it."""
-    global _state
-    _state = None
-    client_mod.set_current(None)
-    from farpool._private import transport
-    transport.forget_context_after_fork()
-
-
-os.register_at_fork(after_in_child=_disable_in_forked_child)
+def _client() -> client_mod.CoreClient:
+    return runtime.client()
 
 
 # ---------------------------------------------------------------------- remote functions
@@ -300,7 +78,7 @@ def _check_options(opts: dict, allowed: tuple, what: str) -> dict:
         raise TypeError(f"`name` must be a str, got {type(name).__name__}")
     scheduling.make_request(opts.get("num_cpus", 1), opts.get("num_gpus", 0), opts.get("memory"),
                             opts.get("resources"))
-    _runtime_env_key(opts.get("runtime_env"))
+    runtime_env.key(opts.get("runtime_env"))
     return opts
 
 
@@ -316,85 +94,6 @@ class NodeAffinity:
 
 
 NodeAffinity.__module__ = "farpool"
-
-
-RUNTIME_ENV_KEYS = ("env_vars", "working_dir", "py_modules")
-
-
-def _runtime_env_key(runtime_env: dict | None) -> str | None:
-    """Tasks with a runtime_env get workers of their own, keyed by the env's canonical form."""
-    if not runtime_env:
-        return None
-    if not isinstance(runtime_env, dict):
-        raise TypeError(f"`runtime_env` must be a dict, got {type(runtime_env).__name__}")
-    unknown = sorted(set(runtime_env) - set(RUNTIME_ENV_KEYS))
-    if unknown:
-        raise ValueError(f"unknown runtime_env field(s) {', '.join(unknown)}; supported: "
-                         f"{', '.join(RUNTIME_ENV_KEYS)}")
-    env_vars = runtime_env.get("env_vars") or {}
-    if not isinstance(env_vars, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                  for k, v in env_vars.items()):
-        raise TypeError("runtime_env['env_vars'] must be a dict of str -> str")
-    canonical = dict(runtime_env)
-    # Code travels with the task: working_dir and py_modules are packaged (by content
-    # hash, uploaded once to the head) and unpacked on whichever node runs the task.
-    if canonical.get("working_dir"):
-        canonical["working_dir"] = _package(canonical["working_dir"], "working_dir")
-    if canonical.get("py_modules"):
-        if not isinstance(canonical["py_modules"], (list, tuple)):
-            raise TypeError("runtime_env['py_modules'] must be a list of paths")
-        canonical["py_modules"] = [_package(p, "py_modules") for p in canonical["py_modules"]]
-    return "runtime_env:" + json.dumps(canonical, sort_keys=True)
-
-
-_PACKAGES: dict = {}  # (path, newest mtime) -> package key, per driver process
-# Packages larger than this are refused: runtime_env is for code, not data (put() data).
-MAX_PACKAGE_BYTES = 100 * 1024 * 1024
-
-
-def _package(path: str, what: str) -> str:
-    """Zip a directory or .py file, upload it to the head once; returns "pkg:<hash>:<name>"."""
-    import hashlib
-    import io
-    import zipfile
-    if not isinstance(path, str) or not os.path.exists(path):
-        raise ValueError(f"runtime_env['{what}']: {path!r} does not exist on this machine")
-    path = os.path.abspath(path)
-    files = []
-    if os.path.isdir(path):
-        for root, dirs, names in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", ".git"))
-            for name in sorted(names):
-                if not name.endswith(".pyc"):
-                    full = os.path.join(root, name)
-                    files.append((full, os.path.relpath(full, os.path.dirname(path) if what == "py_modules"
-                                                        else path)))
-    else:
-        files.append((path, os.path.basename(path)))
-    stamp = (path, max((os.path.getmtime(f) for f, _ in files), default=0), len(files))
-    key = _PACKAGES.get(stamp)
-    if key is not None:
-        return key
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for full, arc in files:
-            info = zipfile.ZipInfo(arc, date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = (os.stat(full).st_mode & 0o777) << 16
-            with open(full, "rb") as f:
-                zf.writestr(info, f.read())
-    data = buf.getvalue()
-    if len(data) > MAX_PACKAGE_BYTES:
-        raise ValueError(f"runtime_env['{what}'] {path} packs to {len(data) / 1e6:.0f} MB, over the "
-                         f"{MAX_PACKAGE_BYTES / 1e6:.0f} MB limit: ship code here and data with farpool.put()")
-    key = f"pkg:{hashlib.sha256(data).hexdigest()[:32]}:{os.path.basename(path)}"
-    _client().head_request("KVPut", (key, data))
-    _PACKAGES[stamp] = key
-    return key
-
-
-def _pool_key(pool: str | None, runtime_env: dict | None) -> str | None:
-    env = _runtime_env_key(runtime_env)
-    return "|".join(k for k in (pool, env) if k) or None
 
 
 class RemoteFunction:
@@ -451,7 +150,7 @@ class RemoteFunction:
         refs = client.submit(info, args, kwargs, max(num_returns, 1), self._shape, opts.get("max_retries", 3),
                              opts.get("retry_exceptions", False), name,
                              opts.get("scheduling_strategy", "DEFAULT") or "DEFAULT",
-                             _pool_key(opts.get("_pool_key"), opts.get("runtime_env")))
+                             runtime_env.pool_key(opts.get("_pool_key"), opts.get("runtime_env")))
         if num_returns == 1:
             return refs[0]
         if num_returns == 0:
@@ -584,21 +283,19 @@ def available_resources() -> dict:
 
 
 def get_runtime_context():
-    from farpool._private import worker as worker_mod
-    ctx = worker_mod.context
+    ctx = context_mod.context
     if ctx.worker_id is None:
         client = _client()
-        ctx = worker_mod.RuntimeContext()
+        ctx = context_mod.RuntimeContext()
         ctx.node_id = client.home.node_id
         ctx.worker_id = client.client_id.hex()
         ctx.job_id = client.job_id
-        ctx.namespace = _state.get("namespace") if _state else None
+        ctx.namespace = runtime.namespace()
     return ctx
 
 
 def get_gpu_ids() -> list[int]:
-    from farpool._private import worker as worker_mod
-    return list(worker_mod.context.gpu_ids)
+    return list(context_mod.context.gpu_ids)
 
 
 def timeline(path: str | None = None) -> list[dict]:

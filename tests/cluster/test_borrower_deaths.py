@@ -40,7 +40,7 @@ BORROWER = textwrap.dedent("""
     farpool.init(address=address)
     [ref] = farpool.get(farpool.get_actor(what).give.remote(), timeout=60)
     farpool.get(ref, timeout=60)
-    client = farpool.api._state["client"]
+    client = farpool.api._client()
     print(client.identity.decode(), client.home.node_id, flush=True)
     sys.stdin.read()  # until killed
 """)
@@ -62,12 +62,12 @@ class Keeper:
         return [mine]  # lent to the caller; we keep nothing
 
     def borrowers(self, oid):
-        entry = farpool.api._state["client"].objects.get(oid)
+        entry = farpool.api._client().objects.get(oid)
         return None if entry is None else sorted(b.decode() for b in entry.borrowers)
 
 
 def client():
-    return farpool.api._state["client"]
+    return farpool.api._client()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ CHUNKS = 11
 
 
 def client():
-    return farpool.api._state["client"]
+    return farpool.api._client()
 
 
 @farpool.remote

@@ -20,7 +20,7 @@ MB = 1 << 20
 
 
 def client():
-    return farpool.api._state["client"]
+    return farpool.api._client()
 
 
 @farpool.remote

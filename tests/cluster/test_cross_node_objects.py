@@ -32,12 +32,12 @@ def kill_node(cluster, node_id):
 
 
 def client():
-    return farpool.api._state["client"]
+    return farpool.api._client()
 
 
 def ipc_owner_conns():
     """In any process: the ipc DEALERs it opened to owners (the same-node fast path)."""
-    return len(farpool.api._state["client"].owner_conns)
+    return len(farpool.api._client().owner_conns)
 
 
 @farpool.remote(resources={"special": 1})
@@ -75,7 +75,7 @@ class Keeper:
         return True
 
     def owns(self, oid):
-        return oid in farpool.api._state["client"].objects
+        return oid in farpool.api._client().objects
 
 
 def two_nodes(started):

@@ -34,7 +34,7 @@ DRIVER = textwrap.dedent("""
 
     # "pid": attached to this machine's node (its objects in the store); "connection": over TCP
     farpool.init(address="auto" if sys.argv[2] == "pid" else sys.argv[1])
-    if farpool.api._state["client"].home.local:
+    if farpool.api._client().home.local:
         kept_object = farpool.put(np.ones(1 << 20))
     mine = Pid.options(name="mine").remote()
     kept = Pid.options(name="kept", lifetime="detached").remote()
@@ -81,7 +81,7 @@ def test_a_killed_driver_ends_its_actors_but_not_detached_ones(started, driver):
     assert line, f"the second driver failed: {driver.stderr.read()}"
     mine, kept = map(int, line.split())
     farpool.init(address=started.address, token=started.token)
-    client = farpool.api._state["client"]
+    client = farpool.api._client()
     stats, _ = client.agent_request(client.home, "StoreStats", ())
     assert stats["objects"] == (1 if driver.args[-1] == "pid" else 0)
     os.kill(driver.pid, signal.SIGKILL)

@@ -42,7 +42,7 @@ REMOTE_DRIVER = textwrap.dedent("""
         time.sleep(3600)  # until its driver is gone and the agent ends it
 
     farpool.init(address=address)
-    client = farpool.api._state["client"]
+    client = farpool.api._client()
     assert not client.home.local, "expected a driver joined over TCP"
     [ref] = farpool.get(farpool.get_actor("mailbox").give.remote(), timeout=60)
     farpool.get(ref, timeout=60)
@@ -64,7 +64,7 @@ def use_slot():
 
 
 def client():
-    return farpool.api._state["client"]
+    return farpool.api._client()
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ def test_custom_resource_runs_on_the_second_node_through_its_tcp_port(started):
     assert farpool.cluster_resources()["CPU"] == 2.0
     assert set(farpool.get([where_special.remote() for _ in range(6)], timeout=60)) == {second}
     assert farpool.get(where_any.remote(), timeout=60) in (head_node, second)
-    client = farpool.api._state["client"]
+    client = farpool.api._client()
     # Tasks for the second node went through its agent's TCP port (relayed), not ipc.
     assert not client.agents[second].local
 
@@ -178,7 +178,7 @@ def test_borrows_held_on_a_node_that_dies_are_released(started, monkeypatch):
     started.add_node("--num-cpus", "1", "--resources", '{"special": 1}')
     farpool.init(address=started.address, token=started.token)
     head_node, second = node_ids(started)
-    client = farpool.api._state["client"]
+    client = farpool.api._client()
     ref = farpool.put(list(range(1000)))
     oid = ref.binary()
     keeper = RemoteKeeper.remote()

@@ -189,7 +189,7 @@ def test_token_is_not_on_any_command_line():
     farpool.shutdown()
     info = farpool.init(num_cpus=1)
     try:
-        token = farpool.api._state["client"].token
+        token = farpool.api._client().token
         for p in children_of(os.getpid()):
             assert token not in " ".join(p.cmdline())
     finally:

@@ -28,7 +28,7 @@ class Maker:
 
 
 def _home_store_objects():
-    client = farpool.api._state["client"]
+    client = farpool.api._client()
     stats, _listing = client.agent_request(client.home, "StoreStats", ())
     return stats["objects"]
 

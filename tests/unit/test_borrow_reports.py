@@ -38,11 +38,13 @@ def counted(owner, oid):
 
 def report(owner, oid, how):
     with owner.lock:
-        owner._add_borrower(oid, owner.objects[oid], B2, how)
+        owner.refs.add_borrower(oid, owner.objects[oid], B2, how)
+    owner.refs.validate_state()
 
 
 def release(owner, oid):
     owner._borrow_released(B2[0], oid)
+    owner.refs.validate_state()
 
 
 @pytest.mark.parametrize("order", [("direct", "chain"), ("chain", "direct")])
@@ -64,7 +66,7 @@ def test_a_chain_report_after_the_release_does_not_count_again(owner):
     assert not counted(owner, oid) and not owner.objects[oid].kept_reports
     owner.objects[oid].local_refs = 0
     with owner.lock:
-        owner._release_borrow(b"nobody", oid, owner.objects[oid])
+        owner.refs._release_borrow(b"nobody", oid, owner.objects[oid])
     assert oid not in owner.objects  # nothing holds it: freed
 
 
@@ -99,6 +101,7 @@ C = B2
 
 def on_wire(owner, sender, tag, fields):
     owner._on_owner_request(sender[0], tag, fields, remote=True)
+    owner.refs.validate_state()
 
 
 def lend_from_w(owner, oid):
@@ -146,7 +149,7 @@ O = (b"c:o", "node-o", None, 4444)
 def caller():
     c = client_mod.CoreClient({})
     c.loop.call_soon = lambda *a: None
-    c.peer_address = (c.identity, "node-c", None, 4545)
+    c.peer_address = c.refs.peer_address = (c.identity, "node-c", None, 4545)
     yield c
     c.loop.close()
 
@@ -154,7 +157,7 @@ def caller():
 def sent(client):
     """(tag, destination identity, fields) of the messages queued for owners, in order."""
     out = []
-    for owner, frames in client.owner_messages:
+    for owner, frames in client.refs.owner_messages:
         tag, fields, _ = client_mod.protocol.decode(frames)
         out.append((tag, owner[0], fields))
     return out
@@ -176,7 +179,7 @@ def test_the_caller_reports_a_returned_ref_it_now_borrows_unless_the_lender_owns
     result = finish(caller, [(from_o, O), (from_w, W), (ours, caller.owner_address or (caller.identity,))])
     assert sent(caller) == [("AddBorrower", O[0], (from_o, caller.peer_address, True))]
     assert caller.objects[from_o].registered and caller.objects[from_w].registered
-    caller.owner_messages.clear()
+    caller.refs.owner_messages.clear()
     caller.release_ref(result)  # the result goes, and our borrows with it: releases follow
     assert sent(caller) == [("BorrowReleased", O[0], (from_o,)), ("BorrowReleased", W[0], (from_w,))]
 
@@ -194,7 +197,7 @@ def test_a_ref_in_an_unwanted_result_that_the_caller_holds_itself_stays_counted(
     caller.objects[held] = client_mod.Entry(owned=False, owner=O, registered=True, local_refs=1)
     finish(caller, [(held, O)], wanted=False)
     assert sent(caller) == [("AddBorrower", O[0], (held, caller.peer_address, True))]  # no release
-    caller.owner_messages.clear()
+    caller.refs.owner_messages.clear()
     caller.release_ref(held)
     assert sent(caller) == [("BorrowReleased", O[0], (held,))]
 

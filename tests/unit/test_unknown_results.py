@@ -39,7 +39,7 @@ def test_an_unknown_result_in_the_store_is_freed(owner):
     store_id = b"gone" * 4 + b"\x00"
     results = [(b"gone" * 4, True, [(("loc", "/dev/shm/x/seg-1", 1 << 20, store_id), 0, [])], 0.0, 0.0)]
     owner._on_TaskFinished((results, False, None, (), ()), [])
-    assert owner.frees == {"node-a": [store_id]}
+    assert owner.refs.frees == {"node-a": [store_id]}
 
 
 def test_refs_inside_an_unknown_result_are_released(owner):
@@ -47,5 +47,5 @@ def test_refs_inside_an_unknown_result_are_released(owner):
     worker = (b"c:worker", "node-a", "ipc:///w", 8)
     results = [(b"gone" * 4, True, [(b"payload", 0, [(b"r" * 16, third)])], 0.0, 0.0)]
     owner._on_TaskFinished((results, False, worker, (), ()), [])
-    sent = [(o[0], m[0]) for o, m in owner.owner_messages]
+    sent = [(o[0], m[0]) for o, m in owner.refs.owner_messages]
     assert (b"c:third", b"BorrowReleased") in sent

@@ -34,7 +34,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from farpool import exceptions as exc_mod
+from farpool._private import context as context_mod
 from farpool._private import protocol, scheduling, session, store, transport
+from farpool._private.refs import FAILED, PENDING, READY, Entry, RefTable
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.client")
@@ -56,7 +58,6 @@ ACTOR_PIPELINE_DEPTH = 1000
 # Lease requests in flight per resource shape at most (each may bring a worker).
 MAX_LEASE_REQUESTS = 64
 
-PENDING, READY, FAILED = 0, 1, 2
 # The answer of a request that nobody will answer: the client broke while it waited (_break).
 _BROKEN = object()
 
@@ -142,12 +143,8 @@ ObjectRef.__module__ = "farpool"
 
 
 def _rebuild_ref(object_id: bytes, owner: tuple) -> ObjectRef:
-    if _current_client is None:
-        from farpool._private import worker as worker_mod
-        if worker_mod.worker_config is not None:
-            # A ref arrives in a worker: its client must exist to count it (we borrow it).
-            from farpool import api
-            api._client()
+    if _current_client is None and context_mod.worker_config is not None and _connect is not None:
+        _connect()  # a ref arrives in a worker: its client must exist to count it (we borrow it)
     if _nested_refs.uncounted:
         return ObjectRef(object_id, owner, _register=False)
     ref = ObjectRef(object_id, owner)
@@ -167,45 +164,22 @@ _nested_refs = _NestedRefs()
 _current_client: "CoreClient | None" = None
 
 
+# Starts or joins this process's cluster when a ref is used before init(): set by runtime.py,
+# which sits above this module (it creates clients), so that this one need not import it.
+_connect = None
+
+
+def set_connector(connect) -> None:
+    global _connect
+    _connect = connect
+
+
 def _require_client() -> "CoreClient":
+    if _current_client is None and _connect is not None:
+        _connect()
     if _current_client is None:
-        from farpool import api
-        api._auto_init()
+        raise exc_mod.FarpoolError("farpool is not initialized in this process: call farpool.init() first")
     return _current_client
-
-
-@dataclass
-class Entry:
-    """One object in this process's table."""
-    state: int = PENDING
-    payload: bytes | None = None
-    buffers: list = field(default_factory=list)
-    error: object = None          # a raised-later exception object, or an error tuple
-    local_refs: int = 0
-    task_pins: int = 0            # pending tasks that use it as an argument
-    owned: bool = True
-    waiters: list = field(default_factory=list)  # callables(entry) run on the I/O thread
-    task: object = None           # the TaskRecord that produces it (owner only)
-    size: int = 0
-    location: tuple | None = None  # ("seg", node_id, store_id, path, size) when in the node store
-    borrowers: set = field(default_factory=set)  # owner: identities of processes still holding it
-    registered: bool = False      # borrower: the owner counts us (so we tell it when we let go)
-    contains: list = field(default_factory=list)  # owner: ids of refs nested in this value (pinned)
-    pinned_forever: bool = False  # pickled outside farpool: never freed this session
-    actor_id: str | None = None   # an actor's handle token: freeing it ends the actor
-    fetched: bool = True          # borrower: value requested from the owner (or not needed)
-    owner: tuple | None = None    # borrower: the owner's address
-    copies: set | None = None     # owner of a stored value: other nodes we had copy it (pull.py)
-    kept_reports: dict | None = None  # owner: borrower -> its own reports of chained keeps
-    #                                   minus those relayed by the chain (see _add_borrower)
-
-
-@dataclass
-class BorrowerWatch:
-    """Owner side: a process that borrows some of our objects, watched so its death releases them."""
-    address: tuple               # (identity, node_id, endpoint, pid)
-    object_ids: set = field(default_factory=set)
-    fd: int | None = None        # a pidfd when the borrower runs on our node
 
 
 @dataclass
@@ -333,9 +307,10 @@ class CoreClient:
         self.in_worker = cfg.get("in_worker", False)
         self.worker_id = cfg.get("worker_id")
         self.embedded = cfg.get("embedded", False)
-        self.lock = threading.Lock()
-        self.objects: dict[bytes, Entry] = {}
-        self.released: deque = deque()
+        self.refs = RefTable(self.identity, self.in_worker)
+        # The table's lock and objects, under the names the rest of the client uses.
+        self.lock = self.refs.lock
+        self.objects: dict[bytes, Entry] = self.refs.objects
         self._release_scheduled = False
         self._ids = itertools.count(1)
         self._request_ids = itertools.count(1)
@@ -358,12 +333,7 @@ class CoreClient:
         self.pools: dict[str, dict] = {}     # pool_key -> {"initializer", "initargs", "max_tasks"}
         self.actor_method_infos: dict = {}
         self.actor_arg_pins: dict[str, list] = {}  # actor id -> ids in its constructor's arguments
-        self.ended_actors: deque = deque()  # actors whose last handle went (token freed)
-        self.frees: dict[str, list] = {}       # node_id -> store ids to free
-        self.owner_messages: deque = deque()   # (owner, frames) to send from the I/O thread, in order
-        self.watched: dict[bytes, BorrowerWatch] = {}  # owner: borrower identity -> what it holds
-        self.sub_borrowed: list = []      # worker: (oid, borrower, owner) to report with our next TaskFinished
-        self.early_releases: set = set()  # owner: (borrower, oid) released before its AddBorrower came
+        self.borrower_fds: dict[bytes, int] = {}  # owner: pidfds of borrowers on our node (refs.watches)
         self._free_scheduled = False
         self.callback_queue: queue.Queue | None = None
         self.broken: BaseException | None = None
@@ -421,7 +391,7 @@ class CoreClient:
                 "(docker run --shm-size=...), or lower object_store_memory.", RuntimeWarning, stacklevel=3)
         # (identity, node, ipc endpoint, pid): how refs name their owner and borrowers name themselves
         self.owner_address = (self.identity, node_id, self._owner_endpoint(), os.getpid())
-        self.peer_address = self.owner_address
+        self.peer_address = self.refs.peer_address = self.owner_address
         self.head_socket_handler = self._on_head
         self.loop.add_reader(self.head, self._on_head)
         for pid, what in cfg.get("watch_pids", ()):
@@ -535,9 +505,8 @@ class CoreClient:
                 pass
         if self.head is not None:
             self.head.close(0)
-        for watch in self.watched.values():
-            if watch.fd is not None:
-                os.close(watch.fd)
+        for fd in self.borrower_fds.values():
+            os.close(fd)
         for fd in self.owner_pidfds.values():
             os.close(fd)
         if self._doorbell_sock is not None:
@@ -595,83 +564,37 @@ class CoreClient:
         return self.client_id + next(self._ids).to_bytes(8, "little")
 
     def add_local_ref(self, ref: ObjectRef) -> None:
-        with self.lock:
-            entry = self.objects.get(ref._id)
-            if entry is None and ref._owner[0] != self.identity:
-                # A borrowed ref: counted here; the value is fetched from its owner on demand.
-                entry = self.objects[ref._id] = Entry(owned=False, fetched=False, owner=ref._owner)
-            if entry is not None:
-                entry.local_refs += 1
+        self.refs.add_local(ref._id, ref._owner)
 
     def release_ref(self, object_id: bytes) -> None:
-        """May run in __del__ on any thread, at any point (even while this thread holds the lock):
-        count down here when the lock is free, else queue the decrement and wake the loop once.
-        Counting here spares the I/O thread a wake-up per dropped ref; whatever the deletion
-        must tell others (frees, borrow releases) still leaves from the I/O thread."""
-        if self.lock.acquire(False):
-            try:
-                entry = self.objects.get(object_id)
-                if entry is not None:
-                    entry.local_refs -= 1
-                    if self._unreferenced(entry):
-                        self._delete(object_id, entry)
-            finally:
-                self.lock.release()
-            return
-        self.released.append(object_id)
-        if not self._release_scheduled:
-            self._release_scheduled = True
-            self.loop.call_soon(self._drain_released)
+        """May run in __del__ on any thread, at any point: see RefTable.release.  Whatever the
+        deletion must tell others (frees, borrow releases) leaves from the I/O thread."""
+        if self.refs.release(object_id):
+            if not self._release_scheduled:
+                self._release_scheduled = True
+                self.loop.call_soon(self._drain_released)
+        elif self.refs.has_output():
+            self._schedule_frees()
 
     def pin_quietly(self, refs: list) -> None:
         """Refs handed on where no borrower protocol reaches (results, actor arguments): keep them."""
-        with self.lock:
-            for ref in refs:
-                entry = self.objects.get(ref._id)
-                if entry is not None:
-                    entry.pinned_forever = True
+        self.refs.pin_quietly([ref._id for ref in refs])
 
     def mark_registered(self, refs: list, caller: tuple | None = None) -> None:
-        """Borrowed refs this process now reports holding (to ``caller``, in the reply of the
-        task that got them): their owner will count us until we release.  Refs whose owner is
-        not the caller are also reported to the owner ourselves: the report that climbs the
-        chain of callers is lost if one of them dies first (see _add_borrower)."""
-        with self.lock:
-            for ref in refs:
-                entry = self.objects.get(ref._id)
-                if entry is not None and not entry.owned:
-                    entry.registered = True
-                    if caller is not None and entry.owner is not None and caller[0] != entry.owner[0]:
-                        # Ahead of our release on the same FIFO, so the owner never sees it first.
-                        self.owner_messages.append((entry.owner, encode(
-                            "AddBorrower", (ref._id, self.peer_address, True))))
-                        self._schedule_frees()
+        """Borrowed refs this process now reports holding (see RefTable.mark_registered)."""
+        self.refs.mark_registered([ref._id for ref in refs], caller)
+        self._schedule_frees()
 
     def pin_forever(self, ref: ObjectRef) -> None:
-        with self.lock:
-            entry = self.objects.get(ref._id)
-            if entry is None or entry.pinned_forever:
-                return
-            entry.pinned_forever = True
-        warnings.warn(f"ObjectRef {ref.hex()} was pickled outside farpool (not as a task argument, "
-                      "result or put value); it stays pinned until this session ends. Pass refs to "
-                      "tasks, actors or put() so farpool can track who holds them.", RuntimeWarning,
-                      stacklevel=3)
+        if self.refs.pin_forever(ref._id):
+            warnings.warn(f"ObjectRef {ref.hex()} was pickled outside farpool (not as a task argument, "
+                          "result or put value); it stays pinned until this session ends. Pass refs to "
+                          "tasks, actors or put() so farpool can track who holds them.", RuntimeWarning,
+                          stacklevel=3)
 
     def _drain_released(self) -> None:
         self._release_scheduled = False
-        released = self.released
-        if not released:
-            return
-        with self.lock:
-            while released:
-                oid = released.popleft()
-                entry = self.objects.get(oid)
-                if entry is None:
-                    continue
-                entry.local_refs -= 1
-                if self._unreferenced(entry):
-                    self._delete(oid, entry)
+        self.refs.drain_released()
         self._flush_frees()
 
     # ------------------------------------------------------------------ put/get/wait (user threads)
@@ -793,7 +716,7 @@ class CoreClient:
             payload, buffers = self.map_location(entry.location, private=writable, oid=ref._id, entry=entry)
         else:
             payload, buffers = entry.payload, entry.buffers
-        if entry.owned:  # refs inside our own values are pinned by them (put, _hold_nested)
+        if entry.owned:  # refs inside our own values are pinned by them (put, RefTable.hold_nested)
             return protocol.loads(payload, buffers)
         arrivals: list = []
         outer, _nested_refs.arrivals = _nested_refs.arrivals, arrivals
@@ -1028,7 +951,7 @@ class CoreClient:
         for _, ref in ref_slots:
             self._entry_for(ref)
         if self.in_worker:
-            from farpool._private.worker import context
+            from farpool._private.context import context
             if context.task_id is not None:  # remember children, for cancel(recursive=True)
                 self.children.setdefault(context.task_id, []).append(task_id)
         if not (ref_slots or actor_key) and key in self.parked and self._submit_direct(task):
@@ -1350,7 +1273,7 @@ class CoreClient:
             with self.lock:
                 entry.copies = (entry.copies or set()) | {node_id}
         elif entry.owner is not None:
-            self.owner_messages.append((entry.owner, encode("AddCopy", (oid, entry.location[2], node_id))))
+            self.refs.report_copy(entry.owner, oid, entry.location[2], node_id)
             self._schedule_frees()
         return spec
 
@@ -1415,9 +1338,8 @@ class CoreClient:
         for node_id, reason in dead.items():
             self._owner_lost(lambda owner, n=node_id: owner[1] == n,
                              f"node {node_id[:8]} died ({reason or 'no reason given'})")
-        for identity, watch in list(self.watched.items()):
-            if watch.address[1] in dead:  # a borrower on a dead node holds nothing any more
-                self._borrower_died(identity)
+        for identity in self.refs.borrowers_on(dead):  # a borrower on a dead node holds nothing any more
+            self._borrower_died(identity)
         for (node_id, lease_id), lease in list(self.leases.items()):
             if node_id in dead:
                 self._on_WorkerExited(None, lease_id, {
@@ -1687,7 +1609,8 @@ class CoreClient:
         """Refs inside an exception nobody will see: our borrow of them ends."""
         if inner:
             with self.lock:
-                self._discard_value((), inner, sender)
+                self.refs.discard_value((), inner, sender)
+            self._schedule_frees()
 
     def _discard_result(self, body, buffers, pos: int, sender) -> int:
         """The values of a finished task we no longer know, freed; returns the next buffer position."""
@@ -1697,10 +1620,11 @@ class CoreClient:
                     # (in the worker's node store: ours, or for a remote worker with a client of its
                     # own, its node; else the copy stays until we leave: its agent frees it then)
                     node_id = sender[1] if sender else self.home.node_id
-                    self._discard_value(("seg", node_id, payload[3], payload[1], payload[2]), inner, sender)
+                    self.refs.discard_value(("seg", node_id, payload[3], payload[1], payload[2]), inner, sender)
                 else:
-                    self._discard_value((payload, None), inner, sender)
+                    self.refs.discard_value((payload, None), inner, sender)
                 pos += nbuf
+        self._schedule_frees()
         return pos
 
     @staticmethod
@@ -1723,10 +1647,10 @@ class CoreClient:
                 for oid, value, inner in zip(task.return_ids, values, nested):
                     entry = self.objects.get(oid)
                     if entry is None:
-                        self._discard_value(value, inner, sender)
+                        self.refs.discard_value(value, inner, sender)
                         continue
                     if inner:
-                        self._hold_nested(entry, inner, sender)
+                        self.refs.hold_nested(entry, inner, sender)
                     if len(value) == 5:
                         entry.location = value
                         entry.size = value[4]
@@ -1737,43 +1661,12 @@ class CoreClient:
                     entry.task = None
                     if entry.waiters:
                         fire.append(entry)
-                    elif self._unreferenced(entry):
-                        self._delete(oid, entry)
+                    else:
+                        self.refs.delete_if_unreferenced(oid, entry)
                 self._unpin(task)
+        self._schedule_frees()
         for entry in fire:
             self._fire(entry)
-
-    def _discard_value(self, value: tuple, inner: list, sender: tuple | None) -> None:
-        """(lock held) A result nobody wants (its refs were dropped, or its task ended
-        already): give its memory back, and our borrow of the refs inside it."""
-        if len(value) == 5:
-            self._free_location(value)
-        for inner_id, owner in inner:
-            if owner[0] == self.identity:
-                continue
-            self._report_returned(inner_id, owner, sender)
-            e = self.objects.get(inner_id)
-            if e is not None and not e.owned:
-                e.registered = True  # we hold it anyway: its release covers this one
-            else:
-                self.owner_messages.append((owner, encode("BorrowReleased", (inner_id,))))
-            self._schedule_frees()
-
-    def _hold_nested(self, entry: Entry, inner: list, sender: tuple | None = None) -> None:
-        """(lock held) Refs nested in a result (from ``sender``) live as long as it; we borrow
-        those owned elsewhere."""
-        for inner_id, owner in inner:
-            e = self.objects.get(inner_id)
-            if e is None:
-                if owner[0] == self.identity:
-                    continue  # ours and already freed: a get of it will say so
-                e = self.objects[inner_id] = Entry(owned=False, fetched=False, owner=tuple(owner))
-            if not e.owned:
-                e.registered = True  # the returning worker made the owner count us, and so do we
-                self._report_returned(inner_id, owner, sender)
-            e.task_pins += 1
-            entry.contains.append(inner_id)
-        self._schedule_frees()
 
     def _finish_failed(self, task: TaskRecord, error, inner=(), sender=None) -> None:
         """``inner``: refs inside the exception (lent to us by the worker, ``sender``): they
@@ -1788,7 +1681,7 @@ class CoreClient:
                 if entry is None:
                     continue
                 if inner:
-                    self._hold_nested(entry, inner, sender)
+                    self.refs.hold_nested(entry, inner, sender)
                     held = True
                 entry.state = FAILED
                 entry.error = error
@@ -1796,189 +1689,76 @@ class CoreClient:
                 if entry.waiters:
                     fire.append(entry)
             if inner and not held:  # nobody wants the error
-                self._discard_value((), inner, sender)
+                self.refs.discard_value((), inner, sender)
             self._unpin(task)
+        self._schedule_frees()
         for entry in fire:
             self._fire(entry)
 
     def _unpin(self, task: TaskRecord) -> None:
-        for oid in task.pinned:
-            e = self.objects.get(oid)
-            if e is not None:
-                e.task_pins -= 1
-                if self._unreferenced(e):
-                    self._delete(oid, e)
+        """(lock held) The task ended: its arguments are no longer pinned by it."""
+        self.refs.unpin(task.pinned)
         task.pinned = []
         if task.args_location is not None:
-            self._free_location(task.args_location, task.args_copies)
+            self.refs.free_location(task.args_location, task.args_copies)
             task.args_location = None
-
-    @staticmethod
-    def _unreferenced(entry: "Entry") -> bool:
-        """No local ref, no pending task, no borrower anywhere: the object can go."""
-        return (entry.local_refs <= 0 and entry.task_pins <= 0 and not entry.borrowers
-                and not entry.pinned_forever and (entry.state != PENDING or not entry.owned))
-
-    def _delete(self, oid: bytes, entry: "Entry") -> None:
-        """Forget an object (lock held, I/O thread): give back its memory, or our borrow."""
-        del self.objects[oid]
-        if entry.actor_id is not None:  # the actor's last handle is gone, here and everywhere
-            self.ended_actors.append(entry.actor_id)
-            self._schedule_frees()
-        for inner in entry.contains:  # refs nested in this value were pinned by it
-            e = self.objects.get(inner)
-            if e is not None:
-                e.task_pins -= 1
-                if self._unreferenced(e):
-                    self._delete(inner, e)
-        if not entry.owned:
-            if entry.registered and entry.owner is not None:
-                self.owner_messages.append((entry.owner, encode("BorrowReleased", (oid,))))
-                self._schedule_frees()
-            return
-        if entry.location is not None:
-            self._free_location(entry.location, entry.copies)
 
     def _schedule_frees(self) -> None:
         if not self._free_scheduled:
             self._free_scheduled = True
             self.loop.call_soon(self._flush_frees)
 
-    # Borrowers (DESIGN "Objects", Ray's borrower protocol).  Every borrow is counted
-    # by the object's owner, never along a chain of borrowers:
-    #   task arguments: the worker reports the refs it kept in its TaskFinished to the
-    #     submitter, which adds it (when it owns them) or sends AddBorrower to the owner;
-    #   refs nested in a returned value: the returning worker adds the caller (when it
-    #     owns them) or sends AddBorrower to the owner, before the reply leaves.
-    # A borrower sends BorrowReleased to the owner when its last local reference goes;
-    # a borrower that dies releases them all: a pidfd on our node, else its agent's
-    # PeerGone (WatchPeer: the agent watches its clients' pids), or its node's death.
-    # Messages to one owner leave in order, so a process's AddBorrower for someone else
-    # always precedes its own release; a release that overtakes the AddBorrower naming
-    # it (they come from different processes) is remembered and cancels it.
+    # Borrowers: the counting is the reference table's (refs.py); the client watches the
+    # borrowers it asks for (a pidfd on our node, else WatchPeer to the borrower's agent,
+    # whose PeerGone, like its node's death, ends its borrows) and sends what it says.
     def _on_borrowers(self, sender: tuple | None, object_ids: list, pairs: list = ()) -> None:
-        """A worker kept refs it got in a task's arguments (``object_ids``), or learned that
-        processes it passed them to keep them (``pairs`` of (id, borrower, owner, kept)): count them."""
-        with self.lock:
-            for oid in object_ids:
-                self._borrowed_by(oid, sender, kept=True)
-            for oid, borrower, owner, *kept in pairs:
-                self._borrowed_by(oid, borrower, owner, bool(kept and kept[0]), relayed=True)
+        self.refs.on_borrowers(sender, object_ids, pairs)
         self._schedule_frees()
 
-    def _borrowed_by(self, oid: bytes, borrower: tuple, owner: tuple | None = None, kept: bool = False,
-                     relayed: bool = False) -> None:
-        """(lock held) ``borrower`` holds ``oid``: count it if ours, else make its owner count it.
-        ``kept``: it kept a ref from a task's arguments, and reported that to the owner itself
-        too unless its caller is the owner (mark_registered); ``relayed``: we are not that caller."""
-        entry = self.objects.get(oid)
-        if entry is None:
-            if owner is not None and owner[0] != self.identity:  # not one we know: tell its owner
-                self.owner_messages.append((owner, encode("AddBorrower", (oid, borrower, kept))))
-            return
-        if entry.owned:
-            self._add_borrower(oid, entry, borrower, "chain" if kept and relayed else None)
-        elif entry.registered or not self.in_worker:
-            # Our own borrow is counted by the owner, and our release will follow this on
-            # the same socket: the object cannot go before the owner counts the new borrower.
-            if entry.owner is not None:
-                self.owner_messages.append((entry.owner, encode("AddBorrower", (oid, borrower, kept))))
-        else:
-            # We hold it only through the caller of our running task, which pins it until our
-            # TaskFinished arrives: the borrower travels up in that reply (the caller counts it).
-            self.sub_borrowed.append((oid, tuple(borrower), entry.owner, kept))
-
     def _register_arrivals(self, refs: list) -> None:
-        """Refs unpickled from a value we borrowed (their owner does not know we hold them):
-        become a counted borrower, as if they had come in a task's arguments."""
-        in_task = False
-        if self.in_worker:
-            from farpool._private.worker import context
-            in_task = context.task_id is not None
-        with self.lock:
-            for ref in refs:
-                entry = self.objects.get(ref._id)
-                if entry is None or entry.owned or entry.registered or ref._owner[0] == self.identity:
-                    continue
-                entry.registered = True
-                if in_task:  # our running task's caller pins the container: report with its reply
-                    self.sub_borrowed.append((ref._id, self.peer_address, ref._owner))
-                else:
-                    self.owner_messages.append((ref._owner, encode("AddBorrower", (ref._id, self.peer_address))))
+        in_task = self.in_worker and context_mod.context.task_id is not None
+        self.refs.register_arrivals(refs, in_task)
         self._schedule_frees()
 
     def take_sub_borrowed(self) -> list:
-        with self.lock:
-            pairs, self.sub_borrowed = self.sub_borrowed, []
-        return pairs
+        return self.refs.take_sub_borrowed()
 
-    # A chain of borrowers: we lend ``oid`` to B1, which passes it to B2, which keeps it.
-    # B2 reports that to its caller B1, and the report climbs the chain of callers to us
-    # (a TaskFinished's pairs, or AddBorrower from B1 when B1 is counted itself): while it
-    # climbs, each caller pins the ref, so we count B2 before we could free the object.
-    # But if B1 dies before passing it on, the report is lost and B2 would hold a ref we
-    # free.  So B2 also reports its keep to us itself ("direct", mark_registered), ahead of
-    # its release on the same FIFO.  Each keep then reaches us twice, in either order, or
-    # once if the chain broke; ``kept_reports[B2]`` counts direct minus chain reports:
-    #   direct: always counts B2;
-    #   chain:  counts B2 unless a direct report is waiting for it (count > 0): B2 was
-    #           counted then and may have released since (the chain must not revive it).
-    # Still lost (not fixable without a round trip before each hand-over): a keep whose
-    # direct report reaches us after we freed the object, i.e. B1 died (and we stopped
-    # pinning for it) while B2's task still ran.  A chain report lost for good leaves the
-    # count at 1; a later keep by B2 whose chain report overtakes its direct one is then
-    # not counted until the direct one arrives.  A ref returned inside a value by a worker
-    # that does not own it is reported the same two ways (see lend_returned).
-    def _add_borrower(self, oid: bytes, entry: Entry, borrower: tuple, report: str | None = None) -> None:
-        """(lock held) Count ``borrower`` as holding our object ``oid``; watch it for death.
-        ``report``: "direct" or "chain" for the two reports of a kept ref (see above)."""
-        identity = borrower[0]
-        if report is not None:
-            if entry.kept_reports is None:
-                entry.kept_reports = {}
-            waiting = entry.kept_reports.get(identity, 0)
-            waiting += 1 if report == "direct" else -1
-            if waiting:
-                entry.kept_reports[identity] = waiting
-            else:
-                entry.kept_reports.pop(identity, None)
-            if report == "chain" and waiting >= 0:
+    def lend_returned(self, refs: list, caller: tuple | None) -> None:
+        """Refs nested in a value this worker returns to ``caller``: the caller borrows them."""
+        if caller is None:
+            self.pin_quietly(refs)
+            return
+        self.refs.lend_returned(refs, caller)
+        self._schedule_frees()
+
+    def _borrow_released(self, borrower: bytes, oid: bytes) -> None:
+        self.refs.borrow_released(borrower, oid)
+        self._flush_frees()
+
+    def _borrower_died(self, identity: bytes) -> None:
+        """A borrower's process ended (or its node died): it holds nothing any more."""
+        self.refs.borrower_died(identity)
+        self._flush_frees()
+
+    def _watch_borrower(self, address: tuple) -> None:
+        """(I/O thread) Watch a new borrower: a pidfd when it runs on our node (both of us
+        attached to our node over ipc: a pid means something only there), else the agent of
+        its node tells us when it goes (WatchPeer -> PeerGone)."""
+        identity = address[0]
+        if self.home is not None and self.home.local and address[1] == self.home.node_id \
+                and len(address) > 3 and address[2] is not None:
+            try:
+                fd = os.pidfd_open(address[3])
+            except OSError:  # already gone: all its borrows end now
+                self.loop.call_soon(self._borrower_died, identity)
                 return
-        if (identity, oid) in self.early_releases:
-            self.early_releases.discard((identity, oid))
+            self.borrower_fds[identity] = fd
+            self.loop.add_reader(fd, lambda: self._borrower_died(identity))
             return
-        if identity == self.identity:
-            return
-        entry.borrowers.add(identity)
-        watch = self.watched.get(identity)
-        if watch is None:
-            watch = self.watched[identity] = BorrowerWatch(tuple(borrower))
-            # A pid means something only on our machine: both of us attached to our node over ipc.
-            if self.home is not None and self.home.local and borrower[1] == self.home.node_id \
-                    and len(borrower) > 3 and borrower[2] is not None:
-                try:
-                    watch.fd = os.pidfd_open(borrower[3])
-                except OSError:  # already gone: all its borrows end now
-                    self.loop.call_soon(self._borrower_died, identity)
-                else:
-                    self.loop.call_soon(self.loop.add_reader, watch.fd,
-                                        lambda i=identity: self._borrower_died(i))
-            else:  # its node's agent watches it for us: PeerGone(identity) when it goes
-                self.loop.call_soon(self._watch_remote_borrower, identity)
-        watch.object_ids.add(oid)
-
-    def _watch_remote_borrower(self, identity: bytes) -> None:
-        """(I/O thread) Ask the agent of a borrower's node to tell us when it goes (WatchPeer):
-        its Goodbye, its death, or at once if it is not connected there.  Once per watch, not
-        per object; a watch dropped since is not asked for (a PeerGone of an identity we no
-        longer watch is ignored, so there is nothing to undo)."""
-        watch = self.watched.get(identity)
-        if watch is None or watch.fd is not None:
-            return
-        node_id = watch.address[1]
+        node_id = address[1]
         node = next((n for n in self.nodes if n["node_id"] == node_id), None)
         if node is not None and not node["alive"]:  # _forget_dead_nodes ran before we counted it
-            self._borrower_died(identity)
+            self.loop.call_soon(self._borrower_died, identity)
             return
         conn = self.agents.get(node_id)
         if conn is None and node is not None and node.get("tcp"):
@@ -1991,105 +1771,29 @@ class CoreClient:
             return
         transport.send(conn.socket, encode("WatchPeer", (identity,)))
 
-    def _borrow_released(self, borrower: bytes, oid: bytes) -> None:
-        with self.lock:
-            entry = self.objects.get(oid)
-            if entry is None:
-                return
-            if borrower not in entry.borrowers:
-                self.early_releases.add((borrower, oid))
-                return
-            self._release_borrow(borrower, oid, entry)
-        self._flush_frees()
-
-    def _release_borrow(self, borrower: bytes, oid: bytes, entry: Entry) -> None:
-        """(lock held)"""
-        entry.borrowers.discard(borrower)
-        watch = self.watched.get(borrower)
-        if watch is not None:
-            watch.object_ids.discard(oid)
-            if not watch.object_ids:
-                self._unwatch(borrower)
-        if self._unreferenced(entry):
-            self._delete(oid, entry)
-
-    def _unwatch(self, identity: bytes) -> None:
-        watch = self.watched.pop(identity, None)
-        if watch is not None and watch.fd is not None:
-            fd = watch.fd
-            watch.fd = None
-
-            def close():
-                self.loop.remove_reader(fd)
-                os.close(fd)
-            self.loop.call_soon(close)
-
-    def _borrower_died(self, identity: bytes) -> None:
-        """A borrower's process ended (or its node died): it holds nothing any more."""
-        with self.lock:
-            watch = self.watched.get(identity)
-            if watch is None:
-                return
-            for oid in list(watch.object_ids):
-                entry = self.objects.get(oid)
-                if entry is not None:
-                    self._release_borrow(identity, oid, entry)
-            self._unwatch(identity)
-            self.early_releases = {(b, o) for b, o in self.early_releases if b != identity}
-        self._flush_frees()
-
-    # A ref returned inside a value to caller C and owned by a third party O (neither us
-    # nor C): we tell O that C borrows it, and C tells O itself when the value arrives
-    # (_report_returned), ahead of its release on the same FIFO.  Ours alone could reach O
-    # after C's release (they leave from different processes) and count C again, or never
-    # leave if we die first, and O would free the object under C.  So ours is the chain
-    # report of a kept ref and C's the direct one (see _add_borrower): O counts C from the
-    # first to arrive until C's release, and ours arriving after the release counts nothing.
-    # Still lost: O sees us die (and stops counting us) before C's report arrives, and no
-    # one else holds the object: O frees it under C (the window of a chain, _add_borrower).
-    def lend_returned(self, refs: list, caller: tuple | None) -> None:
-        """Refs nested in a value this worker returns to ``caller``: the caller borrows them."""
-        if caller is None:
-            self.pin_quietly(refs)
-            return
-        with self.lock:
-            for ref in refs:
-                owner = ref._owner
-                if owner[0] == caller[0]:
-                    continue  # the caller owns it: the value it stores pins it there
-                entry = self.objects.get(ref._id)
-                if owner[0] == self.identity:
-                    if entry is not None:
-                        self._add_borrower(ref._id, entry, caller)
-                else:  # a chain report, unless we are the caller (then C's report is not sent)
-                    self.owner_messages.append((owner, encode(
-                        "AddBorrower", (ref._id, caller, caller[0] != self.identity))))
-        self._schedule_frees()
-
-    def _report_returned(self, oid: bytes, owner: tuple, sender: tuple | None) -> None:
-        """(lock held) We got ``oid`` in a value returned by ``sender``, which reported us to the
-        owner (lend_returned): report us ourselves too, unless the sender is the owner (it
-        counted us before it replied) or us (see above)."""
-        if sender is not None and sender[0] in (owner[0], self.identity):
-            return
-        self.owner_messages.append((owner, encode("AddBorrower", (oid, self.peer_address, True))))
-
-    def _free_location(self, location: tuple, copies=()) -> None:
-        """Free a stored value: the original and every copy we had made on other nodes."""
-        _, node_id, store_id, _path, _size = location
-        for node in {node_id, *(copies or ())}:
-            self.frees.setdefault(node, []).append(store_id)
-        self._schedule_frees()
+    def _unwatch_borrower(self, identity: bytes) -> None:
+        fd = self.borrower_fds.pop(identity, None)
+        if fd is not None:
+            self.loop.remove_reader(fd)
+            os.close(fd)
 
     def _flush_frees(self) -> None:
+        """(I/O thread) Carry out the reference table's outbox, in order."""
         self._free_scheduled = False
-        while self.owner_messages:
-            owner, frames = self.owner_messages.popleft()
+        refs = self.refs
+        while refs.watches:
+            what, arg = refs.watches.popleft()
+            if what == "watch":
+                self._watch_borrower(arg)
+            else:
+                self._unwatch_borrower(arg)
+        while refs.owner_messages:
+            owner, frames = refs.owner_messages.popleft()
             self._send_owner(owner, frames)
-        while self.ended_actors:
-            transport.send(self.head, encode("KillActor", (self.ended_actors.popleft(), True)))
+        while refs.ended_actors:
+            transport.send(self.head, encode("KillActor", (refs.ended_actors.popleft(), True)))
         with self.lock:  # other threads add frees under the lock (release_ref)
-            frees, self.frees = self.frees, {}
+            frees, refs.frees = refs.frees, {}
         for node_id, ids in frees.items():
             agent = self.agents.get(node_id)
             if agent is None:  # a node that only holds copies: we never leased there
@@ -2226,7 +1930,7 @@ class CoreClient:
     def _on_PeerGone(self, conn, identity: bytes) -> None:
         """An agent could not deliver to ``identity``, or saw it leave: it answers nothing and holds nothing."""
         self._owner_lost(lambda owner: owner[0] == identity, "its process has exited")
-        if identity in self.watched:
+        if self.refs.is_watched(identity):
             self._borrower_died(identity)
 
     def _on_peer_message(self, frames) -> None:
@@ -2332,14 +2036,12 @@ class CoreClient:
             elif tag == "BorrowReleased":
                 self._borrow_released(identity, fields[0])
             elif tag == "AddBorrower":
-                oid, borrower, *kept = fields  # kept: a ref kept from a task's arguments (_add_borrower)
+                oid, borrower, *kept = fields  # kept: a ref kept from a task's arguments (add_borrower)
                 report = None
                 if kept and kept[0]:
                     report = "direct" if borrower[0] == identity else "chain"
-                with self.lock:
-                    entry = self.objects.get(oid)
-                    if entry is not None and entry.owned:
-                        self._add_borrower(oid, entry, borrower, report)
+                self.refs.borrower_reported(oid, borrower, report)
+                self._schedule_frees()
             else:
                 log.warning("an owner does not handle %s (from %r)", tag, identity[:24])
         except (TypeError, ValueError, IndexError) as exc:
@@ -2378,7 +2080,7 @@ class CoreClient:
             if entry is not None and entry.owned and entry.location is not None:
                 entry.copies = (entry.copies or set()) | {node_id}
                 return
-            self.frees.setdefault(node_id, []).append(store_id)
+            self.refs.free_copy(node_id, store_id)
         self._schedule_frees()
 
     def _serve_copied(self, identity, object_id, entry: Entry) -> None:
@@ -2486,12 +2188,7 @@ class CoreClient:
     def _on_ActorInfo(self, actor_id: str, info: dict) -> None:
         if info["state"] == "DEAD" and actor_id in self.actor_arg_pins:
             with self.lock:
-                for oid in self.actor_arg_pins.pop(actor_id):
-                    entry = self.objects.get(oid)
-                    if entry is not None:
-                        entry.task_pins -= 1
-                        if self._unreferenced(entry):
-                            self._delete(oid, entry)
+                self.refs.unpin(self.actor_arg_pins.pop(actor_id))
             self._flush_frees()
         kq = self.keys.get(("actor", actor_id))
         if kq is None:

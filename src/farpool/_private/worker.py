@@ -30,53 +30,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from farpool._private import client as client_mod
-from farpool._private import protocol, session, store, transport
+from farpool._private import context as context_mod
+from farpool._private import protocol, runtime, session, store, transport
+from farpool._private.context import context
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.worker")
-
-
-class RuntimeContext:
-    """What ``farpool.get_runtime_context()`` reports inside a task."""
-
-    def __init__(self):
-        self.node_id = None
-        self.worker_id = None
-        self.task_id = None
-        self.task_name = None
-        self.actor_id = None
-        self.namespace = None
-        self.job_id = None
-        self.gpu_ids: list[int] = []
-        self.in_user_code = False    # a cancel may interrupt only the task's own code
-        self.cancel_pending = False
-
-    def get_node_id(self):
-        return self.node_id
-
-    def get_worker_id(self):
-        return self.worker_id
-
-    def get_task_id(self):
-        return self.task_id
-
-    def get_namespace(self):
-        return self.namespace
-
-    def get_actor_id(self):
-        return self.actor_id
-
-    def get_job_id(self):
-        return self.job_id
-
-    def __repr__(self):
-        return (f"RuntimeContext(node_id={self.node_id!r}, worker_id={self.worker_id!r}, "
-                f"task_id={self.task_id!r}, actor_id={self.actor_id!r})")
-
-
-context = RuntimeContext()
-# Set in a worker process: what a nested client needs to join its cluster.
-worker_config: dict | None = None
 
 
 def _setup_main(main_path: str | None, main_module: str | None) -> None:
@@ -124,8 +83,7 @@ def _unpack(package: str) -> str:
     target = os.path.join(session.tmp_root(), "pkgs", digest)
     if os.path.isdir(target):
         return target
-    from farpool import api
-    client = api._client()  # this worker's own client: fetch the package from the head
+    client = runtime.client()  # this worker's own client: fetch the package from the head
     data = client.head_request("KVGet", (package,))
     if data is None:
         raise RuntimeError(f"runtime_env package {package} is not known to the head")
@@ -528,7 +486,7 @@ class Worker:
         client = client_mod.current()
         if client is None:
             return (None, (), ())
-        return (client.peer_address, borrowed, client.take_sub_borrowed() if client.sub_borrowed else ())
+        return (client.peer_address, borrowed, client.take_sub_borrowed() if client.refs.sub_borrowed else ())
 
     def _retire(self) -> None:
         """max_tasks_per_child reached: deliver what is queued, then exit (the agent replaces us)."""
@@ -702,8 +660,7 @@ class Worker:
             os.chdir(cwd)
         for key, value in (job_setup.get("env") or {}).items():
             os.environ[key] = value
-        global worker_config
-        worker_config = dict(self.cfg, job_id=self.job_id, namespace=job_setup.get("namespace"))
+        context_mod.worker_config = dict(self.cfg, job_id=self.job_id, namespace=job_setup.get("namespace"))
         context.namespace = job_setup.get("namespace")
         _setup_main(job_setup.get("main_path"), job_setup.get("main_module"))
 

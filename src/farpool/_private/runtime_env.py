@@ -1,0 +1,93 @@
+"""A task's or actor's ``runtime_env``: checked, made canonical, its code packaged and uploaded.
+
+Tasks with a runtime_env get workers of their own, keyed by the env's canonical
+JSON (see ``key``).  ``working_dir`` and ``py_modules`` are zipped by content
+hash and uploaded to the head's KV once per driver process; a worker unpacks
+them on its node (worker.py ``_unpack``).  Called from user threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from farpool._private import runtime
+
+RUNTIME_ENV_KEYS = ("env_vars", "working_dir", "py_modules")
+
+
+def key(runtime_env: dict | None) -> str | None:
+    """Tasks with a runtime_env get workers of their own, keyed by the env's canonical form."""
+    if not runtime_env:
+        return None
+    if not isinstance(runtime_env, dict):
+        raise TypeError(f"`runtime_env` must be a dict, got {type(runtime_env).__name__}")
+    unknown = sorted(set(runtime_env) - set(RUNTIME_ENV_KEYS))
+    if unknown:
+        raise ValueError(f"unknown runtime_env field(s) {', '.join(unknown)}; supported: "
+                         f"{', '.join(RUNTIME_ENV_KEYS)}")
+    env_vars = runtime_env.get("env_vars") or {}
+    if not isinstance(env_vars, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in env_vars.items()):
+        raise TypeError("runtime_env['env_vars'] must be a dict of str -> str")
+    canonical = dict(runtime_env)
+    # Code travels with the task: working_dir and py_modules are packaged (by content
+    # hash, uploaded once to the head) and unpacked on whichever node runs the task.
+    if canonical.get("working_dir"):
+        canonical["working_dir"] = package(canonical["working_dir"], "working_dir")
+    if canonical.get("py_modules"):
+        if not isinstance(canonical["py_modules"], (list, tuple)):
+            raise TypeError("runtime_env['py_modules'] must be a list of paths")
+        canonical["py_modules"] = [package(p, "py_modules") for p in canonical["py_modules"]]
+    return "runtime_env:" + json.dumps(canonical, sort_keys=True)
+
+
+_PACKAGES: dict = {}  # (path, newest mtime) -> package key, per driver process
+# Packages larger than this are refused: runtime_env is for code, not data (put() data).
+MAX_PACKAGE_BYTES = 100 * 1024 * 1024
+
+
+def package(path: str, what: str) -> str:
+    """Zip a directory or .py file, upload it to the head once; returns "pkg:<hash>:<name>"."""
+    import hashlib
+    import io
+    import zipfile
+    if not isinstance(path, str) or not os.path.exists(path):
+        raise ValueError(f"runtime_env['{what}']: {path!r} does not exist on this machine")
+    path = os.path.abspath(path)
+    files = []
+    if os.path.isdir(path):
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", ".git"))
+            for name in sorted(names):
+                if not name.endswith(".pyc"):
+                    full = os.path.join(root, name)
+                    files.append((full, os.path.relpath(full, os.path.dirname(path) if what == "py_modules"
+                                                        else path)))
+    else:
+        files.append((path, os.path.basename(path)))
+    stamp = (path, max((os.path.getmtime(f) for f, _ in files), default=0), len(files))
+    key = _PACKAGES.get(stamp)
+    if key is not None:
+        return key
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for full, arc in files:
+            info = zipfile.ZipInfo(arc, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = (os.stat(full).st_mode & 0o777) << 16
+            with open(full, "rb") as f:
+                zf.writestr(info, f.read())
+    data = buf.getvalue()
+    if len(data) > MAX_PACKAGE_BYTES:
+        raise ValueError(f"runtime_env['{what}'] {path} packs to {len(data) / 1e6:.0f} MB, over the "
+                         f"{MAX_PACKAGE_BYTES / 1e6:.0f} MB limit: ship code here and data with farpool.put()")
+    key = f"pkg:{hashlib.sha256(data).hexdigest()[:32]}:{os.path.basename(path)}"
+    runtime.client().head_request("KVPut", (key, data))
+    _PACKAGES[stamp] = key
+    return key
+
+
+def pool_key(pool: str | None, runtime_env: dict | None) -> str | None:
+    """The key of the workers a task needs: its pool's (facades) and its runtime_env's, or None."""
+    env = key(runtime_env)
+    return "|".join(k for k in (pool, env) if k) or None
