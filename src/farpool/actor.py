@@ -192,23 +192,30 @@ ActorHandle.__module__ = "farpool"
 
 
 class ActorMethod:
-    def __init__(self, handle: ActorHandle, name: str, num_returns: int):
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int, call_name: str | None = None):
         self._handle = handle
         self._name = name
         self._num_returns = num_returns
+        self._call_name = call_name  # shown in errors and the timeline instead of Class.method
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"actor method {self._name} cannot be called directly; use "
                         f"handle.{self._name}.remote(...)")
 
     def options(self, *, num_returns: int | None = None, name: str | None = None) -> "ActorMethod":
-        bound = ActorMethod(self._handle, self._name, self._num_returns if num_returns is None else num_returns)
-        return bound
+        """The same method with ``num_returns`` and/or a ``name`` for its calls (errors, timeline)."""
+        if num_returns is not None and (isinstance(num_returns, bool) or not isinstance(num_returns, int)
+                                        or num_returns < 0):
+            raise ValueError(f"`num_returns` must be an int >= 0, got {num_returns!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"`name` must be a str, got {type(name).__name__}")
+        return ActorMethod(self._handle, self._name, self._num_returns if num_returns is None else num_returns,
+                           self._call_name if name is None else name)
 
     def remote(self, *args, **kwargs):
         client = runtime.client()
         handle = self._handle
-        qualname = f"{handle._meta.get('class_name')}.{self._name}"
+        qualname = self._call_name or f"{handle._meta.get('class_name')}.{self._name}"
         refs = client.submit_actor_call(handle._actor_id, self._name, qualname, args, kwargs,
                                         max(self._num_returns, 1), handle._max_task_retries)
         if self._num_returns == 1:

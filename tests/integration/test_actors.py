@@ -80,6 +80,19 @@ def test_create_call_and_state(cluster):
     assert farpool.get(x, timeout=30) == 17 and farpool.get(list(y), timeout=30) == [17, -17]
 
 
+def test_a_named_method_call_shows_its_name_in_errors_and_the_timeline(cluster):
+    c = Counter.remote()
+    with pytest.raises(KeyError) as info:
+        farpool.get(c.fail.options(name="step-7").remote(), timeout=60)
+    assert "step-7" in str(info.value)
+    assert farpool.get(c.inc.options(name="bump").remote(), timeout=30) == 1
+    assert "bump" in {event["name"] for event in farpool.timeline()}
+    with pytest.raises(TypeError, match="`name` must be a str"):
+        c.inc.options(name=7)
+    with pytest.raises(ValueError, match="`num_returns` must be an int >= 0"):
+        c.inc.options(num_returns=-1)
+
+
 def test_a_thousand_calls_from_one_caller_run_in_order(cluster):
     log = Log.remote()
     refs = [log.add.remote(i) for i in range(1000)]

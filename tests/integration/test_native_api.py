@@ -111,6 +111,19 @@ def parent_of_interruptible(started, interrupted, gate):
 
 
 @farpool.remote
+def finishes_after_gate(started, done, gate):
+    write_atomically(started, str(os.getpid()))
+    wait_for_file(gate)
+    open(done, "w").close()
+    return "finished"
+
+
+@farpool.remote
+def parent_waiting_on_a_child(started, done, gate):
+    return farpool.get(finishes_after_gate.remote(started, done, gate), timeout=60)
+
+
+@farpool.remote
 def count_attempt_and_hang(attempts, started, gate):
     with open(attempts, "a") as f:
         f.write("x")
@@ -263,6 +276,19 @@ def test_recursive_cancel_cancels_the_children(cluster, tmp_path):
                    "the child of the cancelled task to be interrupted or killed")
     finally:
         gate.touch()
+
+
+def test_cancel_without_recursive_leaves_the_children_running(cluster, tmp_path):
+    started, done, gate = tmp_path / "child-started", tmp_path / "child-done", tmp_path / "gate"
+    ref = parent_waiting_on_a_child.remote(str(started), str(done), str(gate))
+    try:
+        wait_until(started.exists, "the child to start")
+        farpool.cancel(ref, recursive=False)
+        with pytest.raises(farpool.TaskCancelledError):
+            farpool.get(ref, timeout=DEADLINE_S)
+    finally:
+        gate.touch()
+    wait_until(done.exists, "the child of the cancelled parent to run to its end")
 
 
 # ---------------------------------------------------------------------- errors

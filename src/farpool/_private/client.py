@@ -2286,7 +2286,7 @@ class CoreClient:
 
     # ------------------------------------------------------------------ cancel
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
-        self.loop.call_soon(self._cancel, ref._id, force)
+        self.loop.call_soon(self._cancel, ref._id, force, recursive)
 
     def register_pool(self, pool_key: str, initializer=None, initargs=(), max_tasks: int | None = None) -> None:
         """Tasks submitted with ``pool_key`` get workers of their own that first run
@@ -2324,7 +2324,7 @@ class CoreClient:
             entry = self.objects.get(ref._id)
             task = entry.task if entry is not None else None
             if task is not None and not task.cancelled and task.state in ("WAITING", "QUEUED"):
-                self._cancel(ref._id, False)
+                self._cancel(ref._id, False, True)
                 answer[0] = True
             done.set()
         self.loop.call_soon(decide)
@@ -2342,9 +2342,11 @@ class CoreClient:
     def cancel_children(self, parent_task_id: str) -> None:
         """Cancel every task the given task (running in this worker) submitted. Any thread."""
         for child in self.children.pop(parent_task_id, []):
-            self.loop.call_soon(self._cancel, child, False)
+            self.loop.call_soon(self._cancel, child, False, True)
 
-    def _cancel(self, task_id: bytes, force: bool) -> None:
+    def _cancel(self, task_id: bytes, force: bool, recursive: bool) -> None:
+        """Queued: it never runs.  Running: SIGKILL its worker (``force``), else interrupt its
+        code (SIGINT, which cancels the tasks it submitted too; SIGUSR2 leaves them running)."""
         task = self.tasks.get(task_id)
         if task is None or task.cancelled:
             return
@@ -2359,7 +2361,7 @@ class CoreClient:
             import signal as _signal
             agent = self.agents.get(task.lease.node_id)
             if agent is not None:
-                sig = _signal.SIGKILL if force else _signal.SIGINT
+                sig = _signal.SIGKILL if force else _signal.SIGINT if recursive else _signal.SIGUSR2
                 transport.send(agent.socket, encode("SignalWorker", (task.lease.worker_id, int(sig))))
 
     # ------------------------------------------------------------------ introspection

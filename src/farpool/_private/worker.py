@@ -866,7 +866,8 @@ class TaskOutput(io.TextIOBase):
 
 
 def _on_sigint(signum, frame):
-    """cancel(force=False): interrupt the task's own code, never the worker's machinery.
+    """cancel(force=False): interrupt the task's own code, never the worker's machinery, and
+    cancel the tasks it submitted (recursive=True, the default; SIGUSR2 is recursive=False).
 
     Arriving while arguments load, it is held and raised as the function starts;
     arriving after the function returned, it is dropped (the task is done).
@@ -874,7 +875,7 @@ def _on_sigint(signum, frame):
     if context.task_id is None:
         return
     nested = client_mod.current()
-    if nested is not None:
+    if nested is not None and signum == signal.SIGINT:
         nested.cancel_children(context.task_id)
     if context.in_user_code:
         raise KeyboardInterrupt(f"task {context.task_id} was cancelled")
@@ -915,6 +916,7 @@ def main(cfg: dict) -> int:
     random.seed()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGUSR2, _on_sigint)
     os.environ["FARPOOL_WORKER"] = "1"  # for code that asks whether it runs inside a farpool worker
     worker = Worker(cfg)
     worker.run()
