@@ -243,7 +243,7 @@ def cancel(ref, *, force: bool = False, recursive: bool = True) -> None:
     client = _client()
     entry = client.objects.get(ref._id)
     task = entry.task if entry is not None else None
-    if force and task is not None and task.key[0] == "actor":
+    if force and task is not None and task.actor_id is not None:
         raise ValueError(f"cancel(force=True) is not allowed for actor calls ({task.name}): killing "
                          "the worker would kill the actor; use farpool.kill(handle) to end the actor, "
                          "or cancel(ref) to drop a queued call")

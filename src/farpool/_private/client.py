@@ -37,6 +37,8 @@ from farpool import exceptions as exc_mod
 from farpool._private import context as context_mod
 from farpool._private import protocol, scheduling, session, store, transport
 from farpool._private.refs import FAILED, PENDING, READY, Entry, RefTable
+from farpool._private.task_queues import (KeyQueue, LeaseState, RemoteFunctionInfo, TaskQueues, TaskRecord,
+                                          TaskState)
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.client")
@@ -45,18 +47,11 @@ log = logging.getLogger("farpool.client")
 # sequential submit/get loop reuses its worker without a lease round trip,
 # while another owner waits at most this long for the worker.
 LEASE_LINGER_S = 0.05
-# Tasks in flight per leased worker once tasks are seen to be short; 1 keeps
-# load balancing exact and lets queued tasks be cancelled, more hides latency.
-MAX_PIPELINE_DEPTH = 16
-# Tasks whose measured run time is below this are "short" and get pipelined.
-SHORT_TASK_S = 0.002
 # Finished tasks remembered for farpool.timeline(); more costs memory, fewer
 # shows less history.
 TIMELINE_EVENTS = 100_000
 # Calls in flight to one actor from one caller: deep, since an actor runs them in order anyway.
 ACTOR_PIPELINE_DEPTH = 1000
-# Lease requests in flight per resource shape at most (each may bring a worker).
-MAX_LEASE_REQUESTS = 64
 
 # The answer of a request that nobody will answer: the client broke while it waited (_break).
 _BROKEN = object()
@@ -183,81 +178,16 @@ def _require_client() -> "CoreClient":
 
 
 @dataclass
-class RemoteFunctionInfo:
-    name: str
-    fn_hash: bytes
-    fn_bytes: bytes
-
-
-@dataclass
-class TaskRecord:
-    task_id: bytes
-    fn: RemoteFunctionInfo
-    args_payload: bytes
-    arg_bufs: list
-    ref_slots: list                # [(slot, ObjectRef)]
-    return_ids: list
-    shape: dict
-    key: tuple
-    max_retries: int
-    retry_exceptions: object
-    pinned: list                   # ids pinned until the task finishes
-    name: str
-    strategy: str = "DEFAULT"
-    pool_key: object = None
-    attempts: int = 0
-    deps_left: int = 0
-    state: str = "WAITING"
-    lease: object = None
-    ref_values: list | None = None
-    submitted_at: float = 0.0
-    cancelled: bool = False
-    args_location: tuple | None = None  # large by-value arguments, stored once per call
-    args_copies: set | None = None      # nodes that copied them (workers there read them)
-
-
-@dataclass
-class LeaseState:
-    lease_id: int
-    worker_id: str
-    node_id: str
-    channel: object
-    gpu_ids: list
-    key: tuple
-    inflight: dict = field(default_factory=dict)
-    linger: list | None = None
-    shipped: set = field(default_factory=set)
-    job_sent: bool = False
-    retiring: bool = False
-    claimed: bool = False   # a caller thread sent a task on it; the I/O thread records it next
-    taking_back: bool = False  # a TakeBack request is out (answered by TakenBack)
-    nothing_to_take: bool = False  # the last TakeBack got nothing: not again before it reports
-
-
-@dataclass
-class ActorCallerState:
-    """What a caller knows of one actor: its state from the head and the channel to it."""
+class ActorQueue:
+    """One caller's calls to one actor, sent in submission order, each once its arguments are
+    ready (a later call never overtakes an earlier one), on the lease of the actor's worker."""
     actor_id: str
-    state: str = "UNKNOWN"      # UNKNOWN, PENDING, ALIVE, RESTARTING, DEAD
-    incarnation: int = -1
-    lease: object = None        # a LeaseState whose channel reaches the actor's worker
-    subscribed: bool = False
-    cause: str = ""
-
-
-@dataclass
-class KeyQueue:
-    """Tasks of one resource shape waiting for a leased worker."""
-    shape: dict
-    pool_key: object
-    strategy: str
     queue: deque = field(default_factory=deque)
-    leases: list = field(default_factory=list)
-    requests: dict = field(default_factory=dict)  # request_id -> agent connection
-    depth: int = 1
-    avg_run_s: float | None = None
-    warned_infeasible: bool = False
-    actor: object = None  # ActorCallerState for the calls of one actor
+    state: str = "UNKNOWN"      # as the head says: UNKNOWN, PENDING, ALIVE, RESTARTING, DEAD
+    incarnation: int = -1
+    lease: LeaseState | None = None  # reaches the actor's worker while it is ALIVE
+    subscribed: bool = False
+    cause: str = ""             # why it is DEAD
 
 
 class AgentConn:
@@ -315,9 +245,9 @@ class CoreClient:
         self._ids = itertools.count(1)
         self._request_ids = itertools.count(1)
         self.loop = transport.EventLoop()
-        self.keys: dict[tuple, KeyQueue] = {}
-        self.tasks: dict[bytes, TaskRecord] = {}
-        self.leases: dict[tuple, LeaseState] = {}   # (node_id, lease_id) -> lease
+        self.queues = TaskQueues(self.lock)
+        self.tasks: dict[bytes, TaskRecord] = self.queues.tasks  # submitted and not done
+        self.actor_queues: dict[str, ActorQueue] = {}
         self.agents: dict[str, AgentConn] = {}
         self.nodes: list[dict] = []
         self.pending_requests: dict[int, object] = {}
@@ -344,7 +274,7 @@ class CoreClient:
         self._thread: threading.Thread | None = None
         self._dispatch_scheduled = False
         self._dirty_keys: set = set()
-        self.parked: dict = {}  # key -> an idle lease on this node a caller thread may take (under lock)
+        self._dirty_actors: set = set()
         self._doorbell_sock = None  # datagrams to workers' doorbells (TakeBack), made on first use
         self.job_setup = cfg.get("job_setup") or {}
         self.blocked_depth = 0
@@ -898,7 +828,7 @@ class CoreClient:
     # ------------------------------------------------------------------ submit (user threads)
     def submit(self, fn: RemoteFunctionInfo, args: tuple, kwargs: dict, num_returns: int, shape: dict,
                max_retries: int, retry_exceptions, name: str, strategy="DEFAULT", pool_key=None,
-               actor_key=None) -> list:
+               actor_id: str | None = None) -> list:
         if self.broken is not None:
             raise self.broken
         ref_slots = []
@@ -934,9 +864,9 @@ class CoreClient:
         pinned = [r._id for _, r in ref_slots] + [r._id for r in collector]
         if not isinstance(strategy, str):  # NodeAffinity(node_id, soft)
             strategy = ("affinity", strategy.node_id, bool(strategy.soft))
-        key = actor_key or (tuple(sorted(shape.items())), pool_key, strategy)
+        key = ("actor", actor_id) if actor_id is not None else (tuple(sorted(shape.items())), pool_key, strategy)
         task = TaskRecord(task_id, fn, payload, bufs, ref_slots, return_ids, shape, key, max_retries,
-                          retry_exceptions, pinned, name, strategy, pool_key)
+                          retry_exceptions, pinned, name, strategy, pool_key, actor_id=actor_id)
         task.args_location = args_location
         with self.lock:
             for oid in return_ids:
@@ -950,11 +880,10 @@ class CoreClient:
         # (a ref that arrived inside a value has an entry, not yet fetched).
         for _, ref in ref_slots:
             self._entry_for(ref)
-        if self.in_worker:
-            from farpool._private.context import context
-            if context.task_id is not None:  # remember children, for cancel(recursive=True)
-                self.children.setdefault(context.task_id, []).append(task_id)
-        if not (ref_slots or actor_key) and key in self.parked and self._submit_direct(task):
+        if self.in_worker and context_mod.context.task_id is not None:
+            # remember children, for cancel(recursive=True)
+            self.children.setdefault(context_mod.context.task_id, []).append(task_id)
+        if not (ref_slots or actor_id) and key in self.queues.parked and self._submit_direct(task):
             return refs
         self.loop.call_soon(self._on_submit, task)
         return refs
@@ -963,33 +892,26 @@ class CoreClient:
         """The fast path of a sequential submit-then-get: send the task from this thread
         straight to an idle leased worker on this node, sparing the I/O thread's wake-up.
 
-        Whoever takes a parked lease out of ``self.parked`` (under the lock) owns it: a
+        Whoever takes a parked lease (TaskQueues.take_parked, under the lock) owns it: a
         caller here, or the I/O thread to dispatch queued tasks or to return it.  The
         bookkeeping (``_on_sent_direct``) is queued before the task leaves, and the loop runs
         queued calls before it reads sockets, so it always precedes the task's reply.
         """
-        with self.lock:
-            lease = self.parked.pop(task.key, None)
-            if lease is None:
-                return False
-            lease.claimed = True
+        lease = self.queues.take_parked(task.key)
+        if lease is None:
+            return False
+        task.state, task.lease = TaskState.RUNNING, lease  # in flight once _on_sent_direct records it
         frames = self._task_frames(lease, [task])
         self.loop.call_soon_lazy(self._on_sent_direct, task, lease)
         lease.channel.stream.send_from_thread(frames)
         return True
 
     def _on_sent_direct(self, task: TaskRecord, lease: LeaseState) -> None:
-        self.tasks[task.task_id] = task
-        with self.lock:
-            lease.claimed = False
         if lease.linger is not None:
             self.loop.cancel_timer(lease.linger)
             lease.linger = None
-        if self.leases.get((lease.node_id, lease.lease_id)) is lease:
-            lease.inflight[task.task_id] = task
-        else:  # its worker exited before the task reached it: run it elsewhere
-            task.attempts -= 1
-            self._enqueue(task, front=True)
+        if not self.queues.sent_direct(task, lease):  # its worker exited before the task reached it
+            self._mark_dirty(task.key)
 
     # ------------------------------------------------------------------ I/O thread: tasks
     def _on_submit(self, task: TaskRecord) -> None:
@@ -1004,38 +926,37 @@ class CoreClient:
                     waiting += 1
                     entry.waiters.append(lambda _e, t=task: self._dep_ready(t))
         task.deps_left = waiting
-        if task.key[0] == "actor":
+        if task.actor_id is not None:
             # Actor calls keep submission order: queued now, sent when first in line and ready.
-            task.state = "QUEUED"
-            self._actor_queue(task.key).queue.append(task)
-            self._mark_dirty(task.key)
+            task.state = TaskState.QUEUED
+            self._actor_queue(task.actor_id).queue.append(task)
+            self._mark_actor_dirty(task.actor_id)
         elif waiting == 0:
             self._enqueue(task)
 
     def _dep_ready(self, task: TaskRecord) -> None:
         task.deps_left -= 1
-        if task.key[0] == "actor":
-            self._mark_dirty(task.key)
+        if task.actor_id is not None:
+            self._mark_actor_dirty(task.actor_id)
         elif task.deps_left == 0:
             self._enqueue(task)
+
+    def _failed_argument(self, task: TaskRecord) -> Entry | None:
+        """The entry of a top-level argument that failed: the task fails without running."""
+        for _, ref in task.ref_slots:
+            entry = self.objects.get(ref._id)
+            if entry is not None and entry.state == FAILED:
+                return entry
+        return None
 
     def _enqueue(self, task: TaskRecord, front: bool = False) -> None:
         if task.cancelled:
             return
-        # A failed argument fails the task without running it.
-        for _, ref in task.ref_slots:
-            entry = self.objects.get(ref._id)
-            if entry is not None and entry.state == FAILED:
-                self._finish_failed(task, self._error_of(entry))
-                return
-        task.state = "QUEUED"
-        kq = self.keys.get(task.key)
-        if kq is None:
-            kq = self.keys[task.key] = KeyQueue(task.shape, task.pool_key, task.strategy)
-        if front:
-            kq.queue.appendleft(task)
-        else:
-            kq.queue.append(task)
+        failed = self._failed_argument(task)
+        if failed is not None:
+            self._finish_failed(task, self._error_of(failed))
+            return
+        self.queues.enqueue(task, front)
         self._mark_dirty(task.key)
 
     def _mark_dirty(self, key) -> None:
@@ -1044,79 +965,40 @@ class CoreClient:
             self._dispatch_scheduled = True
             self.loop.call_soon(self._dispatch_dirty)
 
+    def _mark_actor_dirty(self, actor_id: str) -> None:
+        self._dirty_actors.add(actor_id)
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            self.loop.call_soon(self._dispatch_dirty)
+
     def _dispatch_dirty(self) -> None:
         self._dispatch_scheduled = False
         keys, self._dirty_keys = self._dirty_keys, set()
         for key in keys:
-            self._dispatch(key)
+            if key in self.queues.keys:
+                self._dispatch(key)
+        actors, self._dirty_actors = self._dirty_actors, set()
+        for actor_id in actors:
+            self._dispatch_actor(self._actor_queue(actor_id))
 
     def _dispatch(self, key) -> None:
-        kq = self.keys[key]
-        if kq.actor is not None:
-            self._dispatch_actor(kq)
-            return
-        q = kq.queue
-        while q and q[0].cancelled:
-            q.popleft()
-        if q and key in self.parked:
-            with self.lock:  # ours again (unless a caller thread took it first: then it is claimed)
-                self.parked.pop(key, None)
-        if q and kq.leases:
-            # Pipeline (depth > 1) only into a deep backlog; a short queue goes one task per
-            # worker so that a few long tasks never wait behind each other.
-            slots = self._worker_slots(kq)
-            depth = 1 if len(q) <= slots else min(kq.depth, -(-len(q) // slots))
-            batches: dict = {}
-            leases = sorted((l for l in kq.leases if not l.claimed), key=lambda l: len(l.inflight))
-            progress = True
-            while q and progress:  # round robin, least loaded first
-                progress = False
-                for lease in leases:
-                    if not q:
-                        break
-                    if len(lease.inflight) + len(batches.get(id(lease), ())) >= depth:
-                        continue
-                    t = q.popleft()
-                    if not t.cancelled:
-                        batches.setdefault(id(lease), []).append(t)
-                    progress = True
-            for lease in leases:
-                batch = batches.get(id(lease))
-                if batch:
-                    self._send_tasks(lease, batch)
-        if q:
-            want = min(len(q), MAX_LEASE_REQUESTS) - len(kq.requests)
-            if want > 0:
-                agent, spillback_ok = self._agent_for(kq)
-                if agent is None:
-                    return
-                for _ in range(want):
-                    self._request_lease(kq, key, agent, spillback_ok)
-        # Leases with nothing to do linger, then go back; one of them waits for a caller
-        # thread's next task (the fast path of submit).
-        if q:
-            return
-        self._take_back_for_idle(kq)
-        for lease in kq.leases:
-            if not lease.inflight and not lease.claimed and lease.linger is None:
-                lease.linger = self.loop.call_later(LEASE_LINGER_S, self._return_idle, lease)
-            if (not lease.inflight and not lease.claimed and not lease.retiring and key not in self.parked
-                    and isinstance(lease.channel, DirectChannel)):
-                with self.lock:
-                    self.parked[key] = lease
+        plan = self.queues.dispatch(key, self._cluster_cpus())
+        for lease, batch in plan.sends:
+            self._send_tasks(lease, batch)
+        if plan.requests:
+            kq = self.queues.keys[key]
+            agent, spillback_ok = self._agent_for(kq, key)
+            if agent is None:
+                return
+            for _ in range(plan.requests):
+                self._request_lease(kq, key, agent, spillback_ok)
+        if plan.take_back is not None:
+            self._send_take_back(*plan.take_back)
+        for lease in plan.linger:
+            lease.linger = self.loop.call_later(LEASE_LINGER_S, self._return_idle, lease)
 
-    def _take_back_for_idle(self, kq: KeyQueue) -> None:
-        """A worker of this shape has nothing to do while another has tasks queued behind its
-        running one (pipelined): ask for the newer half of those back, to run them here."""
-        if not any(not l.inflight and not l.claimed and not l.retiring for l in kq.leases):
-            return
-        busy = max((l for l in kq.leases if len(l.inflight) >= 2 and not l.taking_back and not l.retiring
-                    and not l.nothing_to_take), key=lambda l: len(l.inflight), default=None)
-        if busy is None:
-            return
-        ids = list(busy.inflight)[-(len(busy.inflight) // 2):]
+    def _send_take_back(self, busy: LeaseState, ids: list) -> None:
         token = (busy.node_id, busy.lease_id)
-        busy.taking_back = True
         if isinstance(busy.channel, DirectChannel):
             # Its worker may be deep in a long task: the doorbell is answered even then.
             try:
@@ -1137,28 +1019,14 @@ class CoreClient:
 
     def _on_TakenBack(self, conn, task_ids, lease_key) -> None:
         """Tasks a worker handed back unstarted: first in line again (not an attempt)."""
-        lease = self.leases.get(tuple(lease_key))
-        if lease is None:  # its worker is gone meanwhile: WorkerExited requeued them
-            return
-        lease.taking_back = False
-        lease.nothing_to_take = not task_ids  # ask again once it has reported progress
-        for task_id in reversed(task_ids):  # each goes to the front: keep their order
-            task = lease.inflight.pop(task_id, None)
-            if task is not None:
-                task.attempts -= 1
-                task.lease = None
-                self._enqueue(task, front=True)
-        self._mark_dirty(lease.key)
+        lease = self.queues.taken_back(tuple(lease_key), task_ids)
+        if lease is not None:
+            self._mark_dirty(lease.key)
 
-    def _worker_slots(self, kq: KeyQueue) -> int:
-        """How many tasks of this shape the cluster can run at once (for pipelining decisions)."""
-        cpu = kq.shape.get("CPU", 0)
-        total = sum(n["total"].get("CPU", 0) for n in self.nodes if n.get("alive"))
-        if cpu <= 0 or total <= 0:
-            return max(1, len(kq.leases))
-        return max(1, total // cpu)
+    def _cluster_cpus(self) -> int:
+        return sum(n["total"].get("CPU", 0) for n in self.nodes if n.get("alive"))
 
-    def _agent_for(self, kq: KeyQueue) -> tuple:
+    def _agent_for(self, kq: KeyQueue, key) -> tuple:
         """Where to ask for leases: the home agent, or the node a NodeAffinity names."""
         if not isinstance(kq.strategy, tuple):
             return self.home, True
@@ -1172,7 +1040,7 @@ class CoreClient:
                     agent = self._open_agent(node_id, node["ipc"] if local else node["tcp"])
                 except Exception as error:  # noqa: BLE001
                     if not soft:
-                        self._fail_key(kq, exc_mod.NodeDiedError(
+                        self._fail_key(key, exc_mod.NodeDiedError(
                             f"NodeAffinity: cannot reach node {node_id} ({error}); use soft=True to "
                             "let the task run elsewhere"))
                         return None, False
@@ -1181,7 +1049,7 @@ class CoreClient:
         if soft:
             return self.home, True
         state = "is dead" if node is not None else "is not part of this cluster"
-        self._fail_key(kq, exc_mod.InfeasibleError(
+        self._fail_key(key, exc_mod.InfeasibleError(
             f"NodeAffinity: node {node_id} {state} (live nodes: "
             f"{', '.join(n['node_id'] for n in self.nodes if n['alive'])}); pick a live node from "
             "farpool.nodes(), or use NodeAffinity(node_id, soft=True) to allow any node"))
@@ -1189,23 +1057,20 @@ class CoreClient:
 
     def _request_lease(self, kq: KeyQueue, key, agent: AgentConn, spillback_ok: bool = True) -> None:
         request_id = next(self._request_ids)
-        kq.requests[request_id] = agent
-        self.pending_requests[request_id] = key
+        self.queues.request_sent(key, request_id, agent)
         strategy = kq.strategy if isinstance(kq.strategy, str) else "DEFAULT"
         transport.send(agent.socket, encode("RequestLease", (request_id, kq.shape, self.job_id, kq.pool_key,
                                                              strategy, spillback_ok)))
 
     def _send_tasks(self, lease: LeaseState, batch: list) -> None:
+        """Send a batch the queues already marked RUNNING on ``lease``."""
         if lease.linger is not None:
             self.loop.cancel_timer(lease.linger)
             lease.linger = None
-        frames = self._task_frames(lease, batch)
-        for task in batch:
-            lease.inflight[task.task_id] = task
-        lease.channel.send(frames)
+        lease.channel.send(self._task_frames(lease, batch))
 
     def _task_frames(self, lease: LeaseState, batch: list) -> list:
-        """The ExecuteTask message for a batch (marks its tasks RUNNING on this lease)."""
+        """The ExecuteTask message for a batch of tasks sent on this lease."""
         wire = []
         buffers: list = []
         now = time.perf_counter()
@@ -1239,9 +1104,6 @@ class CoreClient:
                          (lease.gpu_ids, task.shape.get("CPU", 0) / scheduling.UNIT)))
             buffers.extend(arg_bufs)
             buffers.extend(ref_bufs)
-            task.state = "RUNNING"
-            task.lease = lease
-            task.attempts += 1
             task.submitted_at = now
         # Large results into the worker's node store when we can read them from there (a
         # store of our own to copy them into, or the worker on our node); else inline.
@@ -1278,31 +1140,14 @@ class CoreClient:
         return spec
 
     def _return_idle(self, lease: LeaseState) -> None:
-        lease.linger = None
-        with self.lock:
-            if lease.claimed:
-                return
-            if self.parked.get(lease.key) is lease:
-                del self.parked[lease.key]
-        if lease.inflight:
-            return
-        kq = self.keys.get(lease.key)
-        if kq is not None and kq.queue:
+        """Its linger timer fired (see TaskQueues.idle)."""
+        what = self.queues.idle(lease)
+        if what == "dispatch":
             self._dispatch(lease.key)
-            return
-        self._drop_lease(lease)
-        agent = self.agents.get(lease.node_id)
-        if agent is not None:
-            transport.send(agent.socket, encode("ReturnLease", (lease.lease_id, False)))
-
-    def _drop_lease(self, lease: LeaseState) -> None:
-        with self.lock:
-            if self.parked.get(lease.key) is lease:
-                del self.parked[lease.key]
-        self.leases.pop((lease.node_id, lease.lease_id), None)
-        kq = self.keys.get(lease.key)
-        if kq is not None and lease in kq.leases:
-            kq.leases.remove(lease)
+        elif what == "return":
+            agent = self.agents.get(lease.node_id)
+            if agent is not None:
+                transport.send(agent.socket, encode("ReturnLease", (lease.lease_id, False)))
 
     def _close_worker_channel(self, node_id: str, worker_id: str) -> None:
         """The worker is gone: close our DEALER to it."""
@@ -1340,7 +1185,7 @@ class CoreClient:
                              f"node {node_id[:8]} died ({reason or 'no reason given'})")
         for identity in self.refs.borrowers_on(dead):  # a borrower on a dead node holds nothing any more
             self._borrower_died(identity)
-        for (node_id, lease_id), lease in list(self.leases.items()):
+        for (node_id, lease_id), lease in list(self.queues.leases.items()):
             if node_id in dead:
                 self._on_WorkerExited(None, lease_id, {
                     "node_id": node_id, "worker_id": lease.worker_id, "pid": "?", "exitcode": None,
@@ -1358,11 +1203,7 @@ class CoreClient:
         self.loop.cancel_timer(conn.hello_timer)
         self.loop.remove_reader(conn.socket)
         conn.socket.close(0)
-        for key, kq in self.keys.items():
-            for request_id, agent in list(kq.requests.items()):
-                if agent is conn:
-                    del kq.requests[request_id]
-                    self.pending_requests.pop(request_id, None)
+        for key in self.queues.forget_requests_to(conn):
             self._mark_dirty(key)
 
     def _answer(self, request_id, value) -> None:
@@ -1425,14 +1266,12 @@ class CoreClient:
         self._answer(request_id, nodes)
 
     def _on_LeaseGranted(self, conn: AgentConn, request_id, lease_id, worker_id, address, node_id, gpu_ids):
-        key = self.pending_requests.pop(request_id, None)
-        kq = self.keys.get(key) if key is not None else None
-        if kq is not None:
-            kq.requests.pop(request_id, None)
+        kq = self.queues.answered(request_id)
         if kq is None or not kq.queue:
             # Nothing left to run: give the worker straight back.
             transport.send(conn.socket, encode("ReturnLease", (lease_id, False)))
             return
+        key = kq.key
         if address is not None:
             channel = self.worker_channels.get(address)
             if channel is None:  # one stream per worker, kept across leases
@@ -1447,17 +1286,15 @@ class CoreClient:
                 channel = self.worker_channels[address] = DirectChannel(stream, address + ".tb")
         else:
             channel = RelayChannel(conn, worker_id)
-        lease = LeaseState(lease_id, worker_id, node_id, channel, gpu_ids, key)
-        self.leases[(node_id, lease_id)] = lease
-        kq.leases.append(lease)
+        lease = LeaseState(lease_id, worker_id, node_id, channel, gpu_ids, key,
+                           direct=isinstance(channel, DirectChannel))
+        self.queues.add_lease(lease)
         self._dispatch(key)
 
     def _on_LeaseSpillback(self, conn, request_id, node_id, tcp_address, ipc_address):
-        key = self.pending_requests.pop(request_id, None)
-        kq = self.keys.get(key) if key is not None else None
+        kq = self.queues.answered(request_id)
         if kq is None:
             return
-        kq.requests.pop(request_id, None)
         agent = self.agents.get(node_id)
         if agent is None:
             try:
@@ -1467,35 +1304,31 @@ class CoreClient:
                 else:
                     agent = self._open_agent(node_id, tcp_address)
             except Exception as error:  # noqa: BLE001
-                self._fail_key(kq, exc_mod.NodeDiedError(
+                self._fail_key(kq.key, exc_mod.NodeDiedError(
                     f"cannot reach node {node_id[:8]} at {tcp_address} that could run these tasks: {error}"))
                 return
         if kq.queue:
-            self._request_lease(kq, key, agent, spillback_ok=False)
+            self._request_lease(kq, kq.key, agent, spillback_ok=False)
 
     def _on_LeaseInfeasible(self, conn, request_id, message, fatal):
-        key = self.pending_requests.get(request_id)
-        kq = self.keys.get(key) if key is not None else None
+        kq = self.queues.answered(request_id, final=fatal)
         if kq is None:
             return
         if fatal:
-            self.pending_requests.pop(request_id, None)
-            kq.requests.pop(request_id, None)
-            self._fail_key(kq, exc_mod.InfeasibleError(message))
+            self._fail_key(kq.key, exc_mod.InfeasibleError(message))
         elif not kq.warned_infeasible:
             kq.warned_infeasible = True
             log.warning("%s", message)
             warnings.warn(message, RuntimeWarning, stacklevel=1)
 
-    def _fail_key(self, kq: KeyQueue, error: BaseException) -> None:
-        while kq.queue:
-            self._finish_failed(kq.queue.popleft(), error)
+    def _fail_key(self, key, error: BaseException) -> None:
+        for task in self.queues.drain(key):
+            self._finish_failed(task, error)
 
     def _on_WorkerExited(self, conn, lease_id, info) -> None:
-        lease = self.leases.get((info["node_id"], lease_id))
+        lease, lost = self.queues.worker_exited((info["node_id"], lease_id))
         if lease is None:
             return
-        self._drop_lease(lease)
         self._close_worker_channel(info["node_id"], info["worker_id"])
         if info.get("node_died") is not None:
             how = f"was lost with its node ({info['node_died']})"
@@ -1509,20 +1342,13 @@ class CoreClient:
                 how += " (if nobody killed it, this is usually the out-of-memory killer)"
         else:
             how = f"exited with code {info.get('exitcode')}"
-        retired = lease.retiring  # a planned exit (max_tasks_per_child): tasks sent meanwhile are not attempts
-        for task in list(lease.inflight.values()):
-            if retired and not task.cancelled:  # a clean exit (max_tasks_per_child): not an attempt
-                task.attempts -= 1
-                task.state = "QUEUED"
-                self._enqueue(task, front=True)
-                continue
+        for task in lost:
             what = (f"worker {info['worker_id']} on node {info['node_id'][:8]} (pid {info['pid']}) "
                     f"{how} while running {task.name}")
             if task.cancelled:
                 self._finish_failed(task, exc_mod.TaskCancelledError(f"task {task.name} was cancelled"))
-            elif task.attempts <= task.max_retries:
+            elif task.spend_attempt():
                 log.warning("%s; retrying (attempt %d of %d)", what, task.attempts + 1, task.max_retries + 1)
-                task.state = "QUEUED"
                 self._enqueue(task, front=True)
             else:
                 retries = f" after {task.attempts} attempts" if task.attempts > 1 else ""
@@ -1531,7 +1357,6 @@ class CoreClient:
                     f"{what}{retries}; no retries left (max_retries={task.max_retries}). "
                     "Raise max_retries if the crash is transient, or find why the process died "
                     f"(its log: worker-{info['worker_id']}.log in the session directory)."))
-        lease.inflight.clear()
         self._mark_dirty(lease.key)
 
     def _on_TaskFinished(self, fields, buffers) -> None:
@@ -1542,7 +1367,7 @@ class CoreClient:
         lease = None
         completed = []
         for task_id, ok, body, started, ended in results:
-            task = self.tasks.get(task_id)
+            task = self.queues.finished(task_id, ended - started)
             if task is None:  # ended already (its worker's exit was reported first, or cancelled)
                 if ok is True:
                     pos = self._discard_result(body, buffers, pos, sender)
@@ -1551,19 +1376,9 @@ class CoreClient:
                 continue
             lease = task.lease
             if lease is not None:
-                lease.inflight.pop(task_id, None)
-                lease.nothing_to_take = False
-                kq = self.keys.get(lease.key)
-                if kq is not None and kq.actor is None:
-                    # Pipeline deeper only for tasks that run for less than SHORT_TASK_S.
-                    run = ended - started
-                    kq.avg_run_s = run if kq.avg_run_s is None else 0.8 * kq.avg_run_s + 0.2 * run
-                    kq.depth = MAX_PIPELINE_DEPTH if kq.avg_run_s < SHORT_TASK_S else 1
                 self.timeline_events.append((task.name, started, ended, lease.node_id, lease.worker_id, ok))
             if ok == "retired":  # the worker retired before running it: not an attempt
-                task.attempts -= 1
-                task.state = "QUEUED"
-                self._enqueue(task, front=True)
+                self._requeue(task)
                 continue
             if ok:
                 values = []
@@ -1584,26 +1399,32 @@ class CoreClient:
                     self._finish_failed(task, exc_mod.TaskCancelledError(f"task {task.name} was cancelled"))
                     continue
                 retry = task.retry_exceptions
-                if retry and task.attempts <= task.max_retries and self._retryable(retry, payload):
+                if retry and self._retryable(retry, payload) and task.spend_attempt():
                     self._discard_error(inner, sender)
-                    task.state = "QUEUED"
-                    self._enqueue(task, front=True)
+                    self._requeue(task)
                     continue
                 self._finish_failed(task, ("task", payload, type_name, tb_text, fn_name, where), inner, sender)
-        if (lease is not None and not lease.inflight and not retiring and lease.key not in self.parked
-                and isinstance(lease.channel, DirectChannel)):
-            kq = self.keys.get(lease.key)
-            if kq is not None and kq.actor is None and not kq.queue:
-                with self.lock:  # before the waiters wake: the caller's next submit finds it
-                    self.parked[lease.key] = lease
+        if lease is not None and not retiring:
+            self.queues.park_if_idle(lease)
         if completed:
             self._finish_ok(completed, sender)
         if lease is not None:
             if retiring:  # it exits now (max_tasks_per_child): lease no more tasks to it
-                lease.retiring = True
-                self._drop_lease(lease)
-                self.leases[(lease.node_id, lease.lease_id)] = lease  # until WorkerExited arrives
-            self._mark_dirty(lease.key)
+                self.queues.retire(lease)
+            if lease.actor_id is None:
+                self._mark_dirty(lease.key)
+            else:
+                self._mark_actor_dirty(lease.actor_id)
+
+    def _requeue(self, task: TaskRecord) -> None:
+        """Run ``task`` again, first in line: on its actor, or on any worker of its shape."""
+        if task.actor_id is not None:
+            task.state = TaskState.QUEUED
+            task.lease = None
+            self._actor_queue(task.actor_id).queue.appendleft(task)
+            self._mark_actor_dirty(task.actor_id)
+        else:
+            self._enqueue(task, front=True)
 
     def _discard_error(self, inner: list, sender) -> None:
         """Refs inside an exception nobody will see: our borrow of them ends."""
@@ -1642,8 +1463,7 @@ class CoreClient:
         fire = []
         with self.lock:
             for task, values, nested in completed:
-                self.tasks.pop(task.task_id, None)
-                task.state = "DONE"
+                self.queues.done(task)
                 for oid, value, inner in zip(task.return_ids, values, nested):
                     entry = self.objects.get(oid)
                     if entry is None:
@@ -1673,8 +1493,7 @@ class CoreClient:
         live as long as the failed objects, as refs inside a result do."""
         fire = []
         with self.lock:
-            self.tasks.pop(task.task_id, None)
-            task.state = "DONE"
+            self.queues.done(task)
             held = False
             for oid in task.return_ids:
                 entry = self.objects.get(oid)
@@ -2137,40 +1956,36 @@ class CoreClient:
             transport.send(self.owner_socket, [identity, *frames])
 
     # ------------------------------------------------------------------ actors
-    def _actor_queue(self, key) -> KeyQueue:
-        kq = self.keys.get(key)
-        if kq is None:
-            kq = self.keys[key] = KeyQueue({}, None, "DEFAULT")
-            kq.actor = ActorCallerState(key[1])
-            kq.depth = ACTOR_PIPELINE_DEPTH
-        return kq
+    def _actor_queue(self, actor_id: str) -> "ActorQueue":
+        aq = self.actor_queues.get(actor_id)
+        if aq is None:
+            aq = self.actor_queues[actor_id] = ActorQueue(actor_id)
+        return aq
 
-    def _dispatch_actor(self, kq: KeyQueue) -> None:
-        actor = kq.actor
-        q = kq.queue
-        if actor.state == "DEAD":
-            error = exc_mod.ActorDiedError(actor.cause)
+    def _dispatch_actor(self, aq: "ActorQueue") -> None:
+        q = aq.queue
+        if aq.state == "DEAD":
+            error = exc_mod.ActorDiedError(aq.cause)
             while q:
                 self._finish_failed(q.popleft(), error)
             return
-        if not actor.subscribed:
-            actor.subscribed = True
-            transport.send(self.head, encode("WaitActor", (actor.actor_id,)))
-        lease = actor.lease
+        if not aq.subscribed:
+            aq.subscribed = True
+            transport.send(self.head, encode("WaitActor", (aq.actor_id,)))
+        lease = aq.lease
         if lease is None:
             return
         batch = []
-        while q and (q[0].cancelled or q[0].deps_left == 0) and len(lease.inflight) + len(batch) < kq.depth:
+        while q and (q[0].cancelled or q[0].deps_left == 0) and len(lease.inflight) + len(batch) < ACTOR_PIPELINE_DEPTH:
             task = q.popleft()
             if not task.cancelled:
-                # A failed argument fails the call without running it.
-                failed = next((self.objects[r._id] for _, r in task.ref_slots
-                               if r._id in self.objects and self.objects[r._id].state == FAILED), None)
+                failed = self._failed_argument(task)
                 if failed is not None:
                     self._finish_failed(task, self._error_of(failed))
                     continue
                 batch.append(task)
         if batch:
+            TaskQueues.start(lease, batch)
             self._send_tasks(lease, batch)
 
     def pin_for_actor(self, actor_id: str, refs: list) -> None:
@@ -2190,15 +2005,14 @@ class CoreClient:
             with self.lock:
                 self.refs.unpin(self.actor_arg_pins.pop(actor_id))
             self._flush_frees()
-        kq = self.keys.get(("actor", actor_id))
-        if kq is None:
+        actor = self.actor_queues.get(actor_id)
+        if actor is None:
             return
-        actor = kq.actor
         state, incarnation = info["state"], info["incarnation"]
         if actor.state == "DEAD":
             return  # killed from here, or dead already: final
         if actor.lease is not None and (state != "ALIVE" or incarnation != actor.incarnation):
-            self._actor_lost(kq, info)
+            self._actor_lost(actor, info)
         actor.state = state
         actor.cause = info.get("cause") or ""
         if state == "ALIVE" and actor.lease is None:
@@ -2206,10 +2020,11 @@ class CoreClient:
             channel = self._actor_channel(info)
             if channel is None:
                 return
-            lease = LeaseState(incarnation, info["worker_id"], info["node_id"], channel, [], ("actor", actor_id))
+            lease = LeaseState(incarnation, info["worker_id"], info["node_id"], channel, [], ("actor", actor_id),
+                               actor_id=actor_id)
             lease.job_sent = True  # the actor's worker was set up by its creation
             actor.lease = lease
-        self._dispatch_actor(kq)
+        self._dispatch_actor(actor)
 
     def _actor_channel(self, info: dict):
         path = info.get("path")
@@ -2231,26 +2046,27 @@ class CoreClient:
             agent = self._open_agent(info["node_id"], node["tcp"])
         return RelayChannel(agent, info["worker_id"])
 
-    def _actor_lost(self, kq: KeyQueue, info: dict) -> None:
+    def _actor_lost(self, actor: "ActorQueue", info: dict) -> None:
         """The actor's process died: retry calls in flight (max_task_retries) or fail them."""
-        lease = kq.actor.lease
-        kq.actor.lease = None
+        lease = actor.lease
+        actor.lease = None
         cause = info.get("cause") or "its process died"
         retry = []
         for task in sorted(lease.inflight.values(), key=lambda t: t.task_id):
             if task.cancelled:
                 self._finish_failed(task, exc_mod.TaskCancelledError(f"actor call {task.name} was cancelled"))
-            elif task.attempts <= task.max_retries:
-                task.state = "QUEUED"
+            elif task.spend_attempt():
+                task.state = TaskState.QUEUED
+                task.lease = None
                 retry.append(task)
             else:
                 self._finish_failed(task, exc_mod.ActorDiedError(
-                    f"actor {kq.actor.actor_id[:8]} died while running {task.name}: {cause}"
+                    f"actor {actor.actor_id[:8]} died while running {task.name}: {cause}"
                     + (f" (max_task_retries={task.max_retries} used up)" if task.max_retries else
                        "; set max_task_retries to retry calls on a restarted actor")))
         lease.inflight.clear()
         for task in reversed(retry):
-            kq.queue.appendleft(task)
+            actor.queue.appendleft(task)
 
     def submit_actor_call(self, actor_id: str, method: str, qualname: str, args, kwargs, num_returns: int,
                           max_task_retries: int) -> list:
@@ -2259,7 +2075,7 @@ class CoreClient:
             info = self.actor_method_infos[(actor_id, method)] = RemoteFunctionInfo(
                 qualname, b"actor:" + method.encode(), b"")
         return self.submit(info, args, kwargs, num_returns, {}, max_task_retries, False, qualname,
-                           actor_key=("actor", actor_id))
+                           actor_id=actor_id)
 
     def actor_token(self, actor_id: str) -> ObjectRef:
         """A small object whose lifetime is the actor's: freed -> the actor ends."""
@@ -2272,12 +2088,12 @@ class CoreClient:
         """Ask the head to end the actor; with no_restart, later calls from here fail at once."""
         def kill():
             if no_restart:
-                kq = self._actor_queue(("actor", actor_id))
-                kq.actor.state = "DEAD"
-                kq.actor.cause = "it was killed with farpool.kill()"
-                if kq.actor.lease is not None:
-                    self._actor_lost(kq, {"cause": kq.actor.cause})
-                self._dispatch_actor(kq)
+                actor = self._actor_queue(actor_id)
+                actor.state = "DEAD"
+                actor.cause = "it was killed with farpool.kill()"
+                if actor.lease is not None:
+                    self._actor_lost(actor, {"cause": actor.cause})
+                self._dispatch_actor(actor)
             transport.send(self.head, encode("KillActor", (actor_id, no_restart)))
         self.loop.call_soon(kill)
 
@@ -2323,7 +2139,7 @@ class CoreClient:
         def decide():
             entry = self.objects.get(ref._id)
             task = entry.task if entry is not None else None
-            if task is not None and not task.cancelled and task.state in ("WAITING", "QUEUED"):
+            if task is not None and not task.cancelled and task.state in (TaskState.WAITING, TaskState.QUEUED):
                 self._cancel(ref._id, False, True)
                 answer[0] = True
             done.set()
@@ -2337,7 +2153,7 @@ class CoreClient:
         # Through the object table: a task just submitted is there before the I/O thread sees it.
         entry = self.objects.get(ref._id)
         task = entry.task if entry is not None else None
-        return "DONE" if task is None else task.state
+        return "DONE" if task is None else task.state.value
 
     def cancel_children(self, parent_task_id: str) -> None:
         """Cancel every task the given task (running in this worker) submitted. Any thread."""
@@ -2351,13 +2167,16 @@ class CoreClient:
         if task is None or task.cancelled:
             return
         task.cancelled = True
-        if task.state in ("WAITING", "QUEUED"):
-            kq = self.keys.get(task.key)
-            if kq is not None and task in kq.queue:
-                kq.queue.remove(task)
+        if task.state in (TaskState.WAITING, TaskState.QUEUED):
+            if task.actor_id is not None:
+                actor = self.actor_queues.get(task.actor_id)
+                if actor is not None and task in actor.queue:
+                    actor.queue.remove(task)
+            else:
+                self.queues.remove_queued(task)
             self._finish_failed(task, exc_mod.TaskCancelledError(
                 f"task {task.name} was cancelled before it ran"))
-        elif task.state == "RUNNING" and task.lease is not None and task.key[0] != "actor":
+        elif task.state == TaskState.RUNNING and task.lease is not None and task.actor_id is None:
             import signal as _signal
             agent = self.agents.get(task.lease.node_id)
             if agent is not None:

@@ -1,0 +1,417 @@
+"""The task queues: tasks waiting for workers per resource shape, the leases that run them,
+pipelining, take-back, retries and the parked lease of the submit fast path.
+
+Pure state, no sockets or clocks: the client (client.py, the shell) feeds it
+events and carries out what it returns::
+
+    remote() ---> add ---> (arguments ready) enqueue ---> dispatch(key) ---> Plan
+                                                               |   sends:    (lease, tasks) to send now
+    LeaseGranted -> granted, add_lease ------------------------+   requests: how many leases to ask for
+    TaskFinished -> finished / requeue / retry_after_error        take_back:  (lease, task ids) to ask back
+    WorkerExited -> worker_exited -> (task, may retry) ...         linger:     idle leases that need a timer
+    TakenBack    -> taken_back                                 idle(lease) when a linger timer fires
+
+A task counts an attempt when one is spent (its worker died running it, or it
+raised an exception it may be retried for), never when it is sent: a task
+handed back unrun (take-back, a retiring worker, a worker gone before it got
+the task) has spent nothing.
+
+Threads: the I/O thread calls everything except ``take_parked`` (user threads,
+the fast path of a sequential submit-then-get), which takes ``lock``; the I/O
+thread takes it too wherever it touches ``parked`` or ``LeaseState.claimed``.
+Actor calls have a queue of their own (client.py ``ActorQueue``); none of
+their tasks come here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+# Tasks in flight per leased worker once tasks are seen to be short; 1 keeps
+# load balancing exact and lets queued tasks be cancelled, more hides latency.
+MAX_PIPELINE_DEPTH = 16
+# Tasks whose measured run time is below this are "short" and get pipelined.
+SHORT_TASK_S = 0.002
+# Lease requests in flight per resource shape at most (each may bring a worker).
+MAX_LEASE_REQUESTS = 64
+
+
+class TaskState(str, enum.Enum):
+    """Where a task is; the str values are what ``task_state`` reports."""
+    WAITING = "WAITING"   # for its arguments
+    QUEUED = "QUEUED"     # for a worker
+    RUNNING = "RUNNING"   # sent to a worker
+    DONE = "DONE"         # finished, failed or cancelled
+
+
+@dataclass
+class RemoteFunctionInfo:
+    name: str
+    fn_hash: bytes
+    fn_bytes: bytes
+
+
+@dataclass
+class TaskRecord:
+    task_id: bytes
+    fn: RemoteFunctionInfo
+    args_payload: bytes
+    arg_bufs: list
+    ref_slots: list                # [(slot, ObjectRef)]
+    return_ids: list
+    shape: dict
+    key: tuple
+    max_retries: int
+    retry_exceptions: object
+    pinned: list                   # ids pinned until the task finishes
+    name: str
+    strategy: str = "DEFAULT"
+    pool_key: object = None
+    attempts: int = 0              # runs spent: the worker died in it, or it raised a retryable error
+    deps_left: int = 0
+    state: TaskState = TaskState.WAITING
+    lease: object = None
+    ref_values: list | None = None
+    submitted_at: float = 0.0
+    cancelled: bool = False
+    args_location: tuple | None = None  # large by-value arguments, stored once per call
+    args_copies: set | None = None      # nodes that copied them (workers there read them)
+    actor_id: str | None = None         # an actor call: its actor (its queue is the actor's)
+
+    def spend_attempt(self) -> bool:
+        """A run of this task was spent; True while it may run again (``max_retries``)."""
+        self.attempts += 1
+        return self.attempts <= self.max_retries
+
+
+@dataclass
+class LeaseState:
+    lease_id: int
+    worker_id: str
+    node_id: str
+    channel: object
+    gpu_ids: list
+    key: tuple
+    inflight: dict = field(default_factory=dict)
+    linger: object = None          # the shell's timer returning it when idle (None: none set)
+    shipped: set = field(default_factory=set)
+    job_sent: bool = False
+    retiring: bool = False
+    claimed: bool = False   # a caller thread sent a task on it; the I/O thread records it next
+    taking_back: bool = False  # a TakeBack request is out (answered by TakenBack)
+    nothing_to_take: bool = False  # the last TakeBack got nothing: not again before it reports
+    direct: bool = False    # its worker is on our node, reached on its own stream: it may be parked
+    actor_id: str | None = None  # the lease of an actor's worker (client.py ActorQueue), not of a shape
+
+
+@dataclass
+class KeyQueue:
+    """Tasks of one resource shape waiting for a leased worker."""
+    shape: dict
+    pool_key: object
+    strategy: object
+    queue: deque = field(default_factory=deque)
+    leases: list = field(default_factory=list)
+    requests: dict = field(default_factory=dict)  # request_id -> agent connection
+    depth: int = 1
+    avg_run_s: float | None = None
+    warned_infeasible: bool = False
+    key: tuple = ()
+
+
+class Plan:
+    """What ``dispatch`` decided for one key."""
+    __slots__ = ("sends", "requests", "take_back", "linger")
+
+    def __init__(self):
+        self.sends: list = []          # (lease, [task, ...]): marked RUNNING on it; send them
+        self.requests = 0              # lease requests to make now
+        self.take_back = None          # (lease, task ids): ask its worker to hand them back
+        self.linger: list = []         # idle leases without a linger timer: start one
+
+
+class TaskQueues:
+    def __init__(self, lock):
+        self.lock = lock
+        self.tasks: dict[bytes, TaskRecord] = {}    # submitted and not done (actor calls too)
+        self.keys: dict[tuple, KeyQueue] = {}
+        self.leases: dict[tuple, LeaseState] = {}   # (node_id, lease_id) -> lease
+        self.parked: dict = {}  # key -> an idle lease on this node a caller thread may take (under lock)
+        self.lease_requests: dict[int, tuple] = {}  # request id -> key
+
+    # ------------------------------------------------------------------ submission
+    def enqueue(self, task: TaskRecord, front: bool = False) -> None:
+        task.state = TaskState.QUEUED
+        kq = self.keys.get(task.key)
+        if kq is None:
+            kq = self.keys[task.key] = KeyQueue(task.shape, task.pool_key, task.strategy, key=task.key)
+        if front:
+            kq.queue.appendleft(task)
+        else:
+            kq.queue.append(task)
+
+    def remove_queued(self, task: TaskRecord) -> None:
+        kq = self.keys.get(task.key)
+        if kq is not None and task in kq.queue:
+            kq.queue.remove(task)
+
+    def drain(self, key) -> list:
+        """Every task queued under ``key`` (they are to fail: the shape cannot run)."""
+        kq = self.keys.get(key)
+        if kq is None:
+            return []
+        tasks = list(kq.queue)
+        kq.queue.clear()
+        return tasks
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, key, cluster_cpus: int) -> Plan:
+        """Send queued tasks to the key's leases, ask for more leases or take tasks back, and
+        park or let linger the leases left idle.  ``cluster_cpus``: CPU units of live nodes."""
+        kq = self.keys[key]
+        plan = Plan()
+        q = kq.queue
+        while q and q[0].cancelled:
+            q.popleft()
+        if q and key in self.parked:
+            with self.lock:  # ours again (unless a caller thread took it first: then it is claimed)
+                self.parked.pop(key, None)
+        if q and kq.leases:
+            # Pipeline (depth > 1) only into a deep backlog; a short queue goes one task per
+            # worker so that a few long tasks never wait behind each other.
+            slots = self._worker_slots(kq, cluster_cpus)
+            depth = 1 if len(q) <= slots else min(kq.depth, -(-len(q) // slots))
+            batches: dict = {}
+            leases = sorted((lease for lease in kq.leases if not lease.claimed), key=lambda l: len(l.inflight))
+            progress = True
+            while q and progress:  # round robin, least loaded first
+                progress = False
+                for lease in leases:
+                    if not q:
+                        break
+                    if len(lease.inflight) + len(batches.get(id(lease), ())) >= depth:
+                        continue
+                    t = q.popleft()
+                    if not t.cancelled:
+                        batches.setdefault(id(lease), []).append(t)
+                    progress = True
+            for lease in leases:
+                batch = batches.get(id(lease))
+                if batch:
+                    self.start(lease, batch)
+                    plan.sends.append((lease, batch))
+        if q:
+            plan.requests = max(0, min(len(q), MAX_LEASE_REQUESTS) - len(kq.requests))
+            return plan
+        # Leases with nothing to do linger, then go back; one of them waits for a caller
+        # thread's next task (the fast path of submit).
+        plan.take_back = self._take_back_for_idle(kq)
+        for lease in kq.leases:
+            if not lease.inflight and not lease.claimed and lease.linger is None:
+                plan.linger.append(lease)
+            if (not lease.inflight and not lease.claimed and not lease.retiring and key not in self.parked
+                    and lease.direct):
+                with self.lock:
+                    self.parked[key] = lease
+        return plan
+
+    @staticmethod
+    def start(lease: LeaseState, batch: list) -> None:
+        """These tasks go to ``lease``'s worker now."""
+        for task in batch:
+            task.state = TaskState.RUNNING
+            task.lease = lease
+            lease.inflight[task.task_id] = task
+
+    @staticmethod
+    def _worker_slots(kq: KeyQueue, cluster_cpus: int) -> int:
+        """How many tasks of this shape the cluster can run at once (for pipelining decisions)."""
+        cpu = kq.shape.get("CPU", 0)
+        if cpu <= 0 or cluster_cpus <= 0:
+            return max(1, len(kq.leases))
+        return max(1, cluster_cpus // cpu)
+
+    @staticmethod
+    def _take_back_for_idle(kq: KeyQueue):
+        """A worker of this shape has nothing to do while another has tasks queued behind its
+        running one (pipelined): ask for the newer half of those back, to run them here."""
+        if not any(not l.inflight and not l.claimed and not l.retiring for l in kq.leases):
+            return None
+        busy = max((l for l in kq.leases if len(l.inflight) >= 2 and not l.taking_back and not l.retiring
+                    and not l.nothing_to_take), key=lambda l: len(l.inflight), default=None)
+        if busy is None:
+            return None
+        busy.taking_back = True
+        return busy, list(busy.inflight)[-(len(busy.inflight) // 2):]
+
+    def taken_back(self, lease_key: tuple, task_ids) -> LeaseState | None:
+        """Tasks a worker handed back unstarted: first in line again (no attempt spent)."""
+        lease = self.leases.get(lease_key)
+        if lease is None:  # its worker is gone meanwhile: worker_exited requeued them
+            return None
+        lease.taking_back = False
+        lease.nothing_to_take = not task_ids  # ask again once it has reported progress
+        for task_id in reversed(task_ids):  # each goes to the front: keep their order
+            task = lease.inflight.pop(task_id, None)
+            if task is not None:
+                task.lease = None
+                self.enqueue(task, front=True)
+        return lease
+
+    # ------------------------------------------------------------------ leases
+    def request_sent(self, key, request_id: int, agent) -> None:
+        self.keys[key].requests[request_id] = agent
+        self.lease_requests[request_id] = key
+
+    def answered(self, request_id: int, final: bool = True) -> KeyQueue | None:
+        """A reply to a lease request: its key's queue (None: forgotten).  ``final``: no more
+        replies come for it (a grant, a spillback, a fatal refusal)."""
+        key = self.lease_requests.pop(request_id, None) if final else self.lease_requests.get(request_id)
+        kq = self.keys.get(key) if key is not None else None
+        if kq is not None and final:
+            kq.requests.pop(request_id, None)
+        return kq
+
+    def forget_requests_to(self, agent) -> list:
+        """The connection of these requests is gone: they will not be answered; the keys to redo."""
+        keys = []
+        for key, kq in self.keys.items():
+            for request_id, to in list(kq.requests.items()):
+                if to is agent:
+                    del kq.requests[request_id]
+                    self.lease_requests.pop(request_id, None)
+            keys.append(key)
+        return keys
+
+    def add_lease(self, lease: LeaseState) -> None:
+        self.leases[(lease.node_id, lease.lease_id)] = lease
+        self.keys[lease.key].leases.append(lease)
+
+    def drop_lease(self, lease: LeaseState) -> None:
+        with self.lock:
+            if self.parked.get(lease.key) is lease:
+                del self.parked[lease.key]
+        self.leases.pop((lease.node_id, lease.lease_id), None)
+        kq = self.keys.get(lease.key)
+        if kq is not None and lease in kq.leases:
+            kq.leases.remove(lease)
+
+    def retire(self, lease: LeaseState) -> None:
+        """Its worker exits now (max_tasks_per_child): no more tasks to it, but it stays known
+        (by its id) until its WorkerExited hands back what it did not run."""
+        lease.retiring = True
+        self.drop_lease(lease)
+        self.leases[(lease.node_id, lease.lease_id)] = lease
+
+    def idle(self, lease: LeaseState) -> str:
+        """Its linger timer fired: "keep" (in use again), "dispatch" (its key has work) or
+        "return" (dropped here: give it back to its agent)."""
+        lease.linger = None
+        with self.lock:
+            if lease.claimed:
+                return "keep"
+            if self.parked.get(lease.key) is lease:
+                del self.parked[lease.key]
+        if lease.inflight:
+            return "keep"
+        kq = self.keys.get(lease.key)
+        if kq is not None and kq.queue:
+            return "dispatch"
+        self.drop_lease(lease)
+        return "return"
+
+    def worker_exited(self, lease_key: tuple) -> tuple[LeaseState | None, list]:
+        """The lease's worker is gone: the tasks it had.  Those of a retiring worker are queued
+        again at once (no attempt spent); the others the shell retries or fails (spend_attempt)."""
+        lease = self.leases.get(lease_key)
+        if lease is None:
+            return None, []
+        self.drop_lease(lease)
+        lost = []
+        for task in list(lease.inflight.values()):
+            if lease.retiring and not task.cancelled:
+                self.enqueue(task, front=True)
+            else:
+                lost.append(task)
+        lease.inflight.clear()
+        return lease, lost
+
+    # ------------------------------------------------------------------ completion
+    def finished(self, task_id: bytes, run_s: float) -> TaskRecord | None:
+        """A result (or error) of ``task_id`` came back after ``run_s`` of running."""
+        task = self.tasks.get(task_id)
+        if task is None:  # ended already (its worker's exit was reported first, or cancelled)
+            return None
+        lease = task.lease
+        if lease is not None:
+            lease.inflight.pop(task_id, None)
+            lease.nothing_to_take = False
+            kq = self.keys.get(lease.key) if task.actor_id is None else None
+            if kq is not None:
+                # Pipeline deeper only for tasks that run for less than SHORT_TASK_S.
+                kq.avg_run_s = run_s if kq.avg_run_s is None else 0.8 * kq.avg_run_s + 0.2 * run_s
+                kq.depth = MAX_PIPELINE_DEPTH if kq.avg_run_s < SHORT_TASK_S else 1
+        return task
+
+    def done(self, task: TaskRecord) -> None:
+        self.tasks.pop(task.task_id, None)
+        task.state = TaskState.DONE
+
+    def park_if_idle(self, lease: LeaseState) -> None:
+        """After a batch of results: an idle direct lease with nothing queued waits for the
+        caller's next submit (before the waiters wake, so that submit finds it)."""
+        if lease.inflight or lease.key in self.parked or not lease.direct or lease.retiring:
+            return
+        kq = self.keys.get(lease.key)
+        if kq is not None and not kq.queue:
+            with self.lock:
+                self.parked[lease.key] = lease
+
+    # ------------------------------------------------------------------ the fast path
+    def take_parked(self, key) -> LeaseState | None:
+        """(user thread) The idle lease of ``key`` parked for a caller's next task, claimed."""
+        with self.lock:
+            lease = self.parked.pop(key, None)
+            if lease is not None:
+                lease.claimed = True
+            return lease
+
+    def sent_direct(self, task: TaskRecord, lease: LeaseState) -> bool:
+        """(I/O thread) A caller thread sent ``task`` on a parked lease: record it.  False when
+        the lease's worker exited before the task reached it: the task is queued again."""
+        self.tasks[task.task_id] = task
+        with self.lock:
+            lease.claimed = False
+        if self.leases.get((lease.node_id, lease.lease_id)) is lease:
+            lease.inflight[task.task_id] = task
+            return True
+        self.enqueue(task, front=True)
+        return False
+
+    # ------------------------------------------------------------------ checks
+    def validate_state(self) -> None:
+        """Raise AssertionError if the queues contradict themselves (tests call it after each event)."""
+        for key, kq in self.keys.items():
+            for task in kq.queue:
+                assert task.key == key, (task.name, "queued under another key")
+                assert task.state == TaskState.QUEUED, (task.name, task.state, "in a queue but not QUEUED")
+                assert task.actor_id is None, (task.name, "an actor call in a task queue")
+            for lease in kq.leases:
+                assert self.leases.get((lease.node_id, lease.lease_id)) is lease, \
+                    (lease.lease_id, "a key's lease unknown to the table")
+                assert not lease.retiring, (lease.lease_id, "a retiring lease still takes tasks")
+            for request_id in kq.requests:
+                assert self.lease_requests.get(request_id) == key, (request_id, "a request under two keys")
+        for (node_id, lease_id), lease in self.leases.items():
+            assert (lease.node_id, lease.lease_id) == (node_id, lease_id)
+            kq = self.keys.get(lease.key)
+            assert lease.retiring or (kq is not None and lease in kq.leases), \
+                (lease_id, "a lease in the table but not with its key")
+            for task_id, task in lease.inflight.items():
+                assert task.task_id == task_id and task.lease is lease, (task.name, "in flight elsewhere")
+                assert task.state == TaskState.RUNNING, (task.name, task.state, "in flight but not RUNNING")
+        for key, lease in self.parked.items():
+            assert lease.key == key and not lease.inflight and lease.direct, (key, "a busy or remote lease parked")
+            assert self.leases.get((lease.node_id, lease.lease_id)) is lease, (key, "a parked lease unknown")

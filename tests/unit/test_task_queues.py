@@ -1,0 +1,230 @@
+"""The task queues (task_queues.py) fed events without any process, socket or clock.
+
+Each test drives TaskQueues the way the client does and checks the plan it
+returns, calling ``validate_state`` after every event.
+"""
+
+import threading
+
+import pytest
+
+from farpool._private.task_queues import (MAX_LEASE_REQUESTS, MAX_PIPELINE_DEPTH, KeyQueue, LeaseState, RemoteFunctionInfo,
+                                          TaskQueues, TaskRecord, TaskState)
+
+FN = RemoteFunctionInfo("f", b"h", b"")
+KEY = ((("CPU", 10000),), None, "DEFAULT")
+SHAPE = {"CPU": 10000}
+CPUS_2 = 2 * 10000
+_ids = iter(range(1, 1 << 30))
+
+
+def task(key=KEY, max_retries=3):
+    task_id = next(_ids).to_bytes(16, "little")
+    return TaskRecord(task_id, FN, b"", [], [], [task_id], dict(SHAPE), key, max_retries, False, [], "f")
+
+
+def lease(queues, lease_id=1, key=KEY, direct=True, node="node-a"):
+    l = LeaseState(lease_id, f"w{lease_id}", node, channel=None, gpu_ids=[], key=key, direct=direct)
+    queues.keys.setdefault(key, KeyQueue(dict(SHAPE), None, "DEFAULT", key=key))  # granted for a key asked for
+    queues.add_lease(l)
+    queues.validate_state()
+    return l
+
+
+@pytest.fixture
+def queues():
+    return TaskQueues(threading.Lock())
+
+
+def submit(queues, n, **kw):
+    tasks = [task(**kw) for _ in range(n)]
+    for t in tasks:
+        queues.tasks[t.task_id] = t
+        queues.enqueue(t)
+    queues.validate_state()
+    return tasks
+
+
+def dispatch(queues, key=KEY, cpus=CPUS_2):
+    plan = queues.dispatch(key, cpus)
+    queues.validate_state()
+    return plan
+
+
+def finish(queues, t, run_s=0.0):
+    got = queues.finished(t.task_id, run_s)
+    if got is not None:
+        queues.done(got)
+    queues.validate_state()
+    return got
+
+
+def test_queued_tasks_ask_for_leases_and_then_run_on_them(queues):
+    tasks = submit(queues, 3)
+    plan = dispatch(queues)
+    assert plan.requests == 3 and not plan.sends
+    queues.request_sent(KEY, 101, "agent")
+    assert dispatch(queues).requests == 2  # one is out already
+    kq = queues.answered(101)
+    assert kq.key == KEY and not kq.requests
+    l1 = lease(queues, 1)
+    plan = dispatch(queues)
+    assert plan.sends == [(l1, [tasks[0]])]  # depth 1: one task per worker while the queue is short
+    assert tasks[0].state == TaskState.RUNNING and tasks[0].lease is l1
+    assert plan.requests == 2
+
+
+def test_a_short_queue_goes_one_task_per_worker_and_a_deep_one_pipelines(queues):
+    l1, l2 = lease(queues, 1), lease(queues, 2)
+    first = submit(queues, 2)
+    plan = dispatch(queues)
+    assert sorted(len(b) for _, b in plan.sends) == [1, 1]
+    for t in first:
+        finish(queues, t, run_s=0.0001)  # short tasks: the key may pipeline now
+    assert queues.keys[KEY].depth == MAX_PIPELINE_DEPTH
+    submit(queues, 40)
+    plan = dispatch(queues)
+    sent = {id(l): len(b) for l, b in plan.sends}
+    assert sent == {id(l1): MAX_PIPELINE_DEPTH, id(l2): MAX_PIPELINE_DEPTH}
+
+
+def test_long_tasks_are_never_pipelined(queues):
+    lease(queues, 1)
+    (t,) = submit(queues, 1)
+    dispatch(queues)
+    finish(queues, t, run_s=1.0)
+    submit(queues, 10)
+    plan = dispatch(queues)
+    assert [len(b) for _, b in plan.sends] == [1]
+
+
+def test_lease_requests_are_capped_per_shape(queues):
+    submit(queues, MAX_LEASE_REQUESTS + 50)
+    assert dispatch(queues).requests == MAX_LEASE_REQUESTS
+
+
+def test_an_idle_direct_lease_is_parked_for_the_next_submit_and_can_be_claimed_once(queues):
+    l1 = lease(queues, 1)
+    plan = dispatch(queues)
+    assert plan.linger == [l1] and queues.parked[KEY] is l1
+    assert queues.take_parked(KEY) is l1 and l1.claimed
+    assert queues.take_parked(KEY) is None
+    t = task()
+    t.state, t.lease = TaskState.RUNNING, l1
+    assert queues.sent_direct(t, l1) is True
+    queues.validate_state()
+    assert l1.inflight == {t.task_id: t} and not l1.claimed
+
+
+def test_a_remote_lease_is_never_parked(queues):
+    lease(queues, 1, direct=False)
+    dispatch(queues)
+    assert KEY not in queues.parked
+
+
+def test_a_task_sent_on_a_lease_whose_worker_exited_is_queued_again(queues):
+    l1 = lease(queues, 1)
+    dispatch(queues)
+    queues.take_parked(KEY)
+    t = task()
+    t.state, t.lease = TaskState.RUNNING, l1
+    queues.worker_exited((l1.node_id, l1.lease_id))
+    assert queues.sent_direct(t, l1) is False
+    queues.validate_state()
+    assert list(queues.keys[KEY].queue) == [t] and t.attempts == 0
+
+
+def test_an_idle_busy_pair_takes_back_the_newer_half(queues):
+    l1, l2 = lease(queues, 1), lease(queues, 2)
+    queues.keys[KEY].depth = MAX_PIPELINE_DEPTH
+    tasks = submit(queues, 8)
+    TaskQueues.start(l1, tasks)  # all pipelined on l1; l2 idle
+    for t in tasks:
+        queues.keys[KEY].queue.remove(t)
+    queues.validate_state()
+    plan = dispatch(queues)
+    busy, ids = plan.take_back
+    assert busy is l1 and ids == [t.task_id for t in tasks[4:]] and l1.taking_back
+    assert dispatch(queues).take_back is None  # one request at a time
+    queues.taken_back((l1.node_id, l1.lease_id), ids)
+    queues.validate_state()
+    assert list(queues.keys[KEY].queue) == tasks[4:]  # in order, first in line
+    assert all(t.attempts == 0 for t in tasks)  # handed back unrun: nothing spent
+    assert not l1.taking_back
+
+
+def test_a_take_back_that_got_nothing_is_not_asked_again_before_progress(queues):
+    l1, _ = lease(queues, 1), lease(queues, 2)
+    tasks = submit(queues, 4)
+    TaskQueues.start(l1, tasks)
+    for t in tasks:
+        queues.keys[KEY].queue.remove(t)
+    busy, ids = dispatch(queues).take_back
+    queues.taken_back((l1.node_id, l1.lease_id), [])
+    assert dispatch(queues).take_back is None
+    finish(queues, tasks[0])  # progress: it may have more to give now
+    assert dispatch(queues).take_back is not None
+
+
+def test_a_dead_workers_tasks_spend_an_attempt_and_a_retiring_ones_do_not(queues):
+    l1 = lease(queues, 1)
+    (t,) = submit(queues, 1, max_retries=1)
+    dispatch(queues)
+    gone, lost = queues.worker_exited((l1.node_id, l1.lease_id))
+    queues.validate_state()
+    assert gone is l1 and lost == [t]
+    assert t.spend_attempt() is True and t.attempts == 1  # may run once more
+    queues.enqueue(t, front=True)
+    l2 = lease(queues, 2)
+    dispatch(queues)
+    queues.retire(l2)  # max_tasks_per_child: its worker exits after this batch
+    queues.validate_state()
+    gone, lost = queues.worker_exited((l2.node_id, l2.lease_id))
+    queues.validate_state()
+    assert lost == [] and list(queues.keys[KEY].queue) == [t] and t.attempts == 1
+    assert t.spend_attempt() is False  # a second crash: out of retries
+
+
+def test_a_linger_timer_returns_an_idle_lease_or_dispatches_queued_work(queues):
+    l1 = lease(queues, 1)
+    dispatch(queues)
+    l1.linger = "timer"
+    submit(queues, 1)
+    assert queues.idle(l1) == "dispatch" and l1.linger is None and KEY not in queues.parked
+    plan = dispatch(queues)
+    finish(queues, plan.sends[0][1][0])
+    assert queues.idle(l1) == "return"
+    queues.validate_state()
+    assert not queues.leases and not queues.keys[KEY].leases
+
+
+def test_a_claimed_lease_is_kept_when_its_timer_fires(queues):
+    l1 = lease(queues, 1)
+    dispatch(queues)
+    queues.take_parked(KEY)
+    assert queues.idle(l1) == "keep"
+
+
+def test_requests_to_a_lost_agent_are_forgotten(queues):
+    submit(queues, 2)
+    queues.request_sent(KEY, 7, "agent-a")
+    queues.request_sent(KEY, 8, "agent-b")
+    assert queues.forget_requests_to("agent-a") == [KEY]
+    queues.validate_state()
+    assert queues.answered(7) is None and list(queues.keys[KEY].requests) == [8]
+
+
+def test_cancelled_tasks_at_the_head_of_the_queue_are_dropped(queues):
+    lease(queues, 1)
+    a, b = submit(queues, 2)
+    a.cancelled = True
+    plan = dispatch(queues)
+    assert plan.sends and plan.sends[0][1] == [b]
+
+
+def test_validate_state_catches_a_task_in_flight_that_is_not_running(queues):
+    l1 = lease(queues, 1)
+    (t,) = submit(queues, 1)
+    l1.inflight[t.task_id] = t
+    with pytest.raises(AssertionError, match="in flight"):
+        queues.validate_state()
