@@ -210,6 +210,7 @@ def test_requests_to_a_lost_agent_are_forgotten(queues):
     queues.request_sent(KEY, 7, "agent-a")
     queues.request_sent(KEY, 8, "agent-b")
     assert queues.forget_requests_to("agent-a") == [KEY]
+    assert queues.forget_requests_to("agent-c") == []
     queues.validate_state()
     assert queues.answered(7) is None and list(queues.keys[KEY].requests) == [8]
 

@@ -249,6 +249,7 @@ class CoreClient:
         self.tasks: dict[bytes, TaskRecord] = self.queues.tasks  # submitted and not done
         self.actor_queues: dict[str, ActorQueue] = {}
         self.agents: dict[str, AgentConn] = {}
+        self.unreachable: dict[str, str] = {}  # node id -> why its agent could not be reached
         self.nodes: list[dict] = []
         self.pending_requests: dict[int, object] = {}
         self._waiting_requests: dict[int, list] = {}  # slots of _request callers waiting (any thread)
@@ -278,6 +279,7 @@ class CoreClient:
         self._doorbell_sock = None  # datagrams to workers' doorbells (TakeBack), made on first use
         self.job_setup = cfg.get("job_setup") or {}
         self.blocked_depth = 0
+        self._peer_tables()
 
     # ------------------------------------------------------------------ start/stop
     def connect(self) -> dict:
@@ -711,7 +713,7 @@ class CoreClient:
         answer: list = []
 
         def find():
-            answer.extend(self._agent_of(node_id))
+            answer.extend(self._agent_conn(node_id))
             done.set()
         self.loop.call_soon(find)
         if not done.wait(timeout):
@@ -1033,18 +1035,14 @@ class CoreClient:
         _, node_id, soft = kq.strategy
         node = next((n for n in self.nodes if n["node_id"] == node_id), None)
         if node is not None and node["alive"]:
-            agent = self.agents.get(node_id)
+            agent, why = self._agent_conn(node_id)
             if agent is None:
-                try:
-                    local = self.home.local and node.get("ipc") and os.path.exists(node["ipc"][len("ipc://"):])
-                    agent = self._open_agent(node_id, node["ipc"] if local else node["tcp"])
-                except Exception as error:  # noqa: BLE001
-                    if not soft:
-                        self._fail_key(key, exc_mod.NodeDiedError(
-                            f"NodeAffinity: cannot reach node {node_id} ({error}); use soft=True to "
-                            "let the task run elsewhere"))
-                        return None, False
-                    return self.home, True
+                if not soft:
+                    self._fail_key(key, exc_mod.NodeDiedError(
+                        f"NodeAffinity: cannot reach node {node_id} ({why}); use soft=True to "
+                        "let the task run elsewhere"))
+                    return None, False
+                return self.home, True
             return agent, False
         if soft:
             return self.home, True
@@ -1160,22 +1158,56 @@ class CoreClient:
                 del self.worker_channels[address]
 
     # ------------------------------------------------------------------ I/O thread: messages
+    # What each kind of peer may send us: (peer, fields, buffers) -> None.  Anything else
+    # is dropped and logged (_receive).
+    def _peer_tables(self) -> None:
+        def star(handler):
+            return lambda peer, fields, _buffers: handler(peer, *fields)
+
+        def answer(peer, fields, _buffers):
+            self._answer(fields[0], fields[1])
+
+        self._from_head = {
+            "NodeTable": lambda _peer, fields, _buffers: self._on_NodeTable(fields[0]),
+            "ActorInfo": lambda _peer, fields, _buffers: self._on_ActorInfo(*fields),
+            "ActorRegistered": lambda _peer, fields, _buffers: self._answer(fields[0], fields[1:]),
+            "Nodes": answer, "KVValue": answer}
+        self._from_worker = {
+            "TaskFinished": lambda _peer, fields, buffers: self._on_TaskFinished(fields, buffers),
+            "TakenBack": star(self._on_TakenBack)}
+        self._from_agent = {  # and what its remote workers send us through it
+            **self._from_worker,
+            **{tag: star(getattr(self, "_on_" + tag)) for tag in (
+                "Welcome", "Probe", "SegmentsDropped", "WorkerLog", "Nodes", "LeaseGranted", "LeaseSpillback",
+                "LeaseInfeasible", "WorkerExited", "ObjectAllocated", "StoreStats", "ObjectCopied", "PeerGone")}}
+
+    @staticmethod
+    def _decoded(frames, source: str):
+        """(tag, fields, buffers), or None for garbage (dropped and logged)."""
+        try:
+            return protocol.decode(frames)
+        except protocol.ProtocolError as exc:
+            log.warning("dropped a bad message from %s: %s", source, exc)
+            return None
+
+    def _receive(self, frames, peer, table: dict, source: str) -> None:
+        message = self._decoded(frames, source)
+        if message is None:
+            return
+        tag, fields, buffers = message
+        handler = table.get(tag)
+        if handler is None:
+            log.warning("dropped %s from %s: not a message it may send us", tag, source)
+            return
+        handler(peer, fields, buffers)
+
     def _on_head(self) -> None:
         for frames in transport.recv_all(self.head):
-            try:
-                tag, fields, _ = protocol.decode(frames)
-            except protocol.ProtocolError as exc:
-                log.warning("dropped a bad message from the head: %s", exc)
-                continue
-            if tag == "NodeTable":
-                self.nodes = fields[0]
-                self._forget_dead_nodes()
-            elif tag == "ActorInfo":
-                self._on_ActorInfo(*fields)
-            elif tag == "ActorRegistered":
-                self._answer(fields[0], fields[1:])
-            elif tag in ("Nodes", "KVValue"):
-                self._answer(fields[0], fields[1])
+            self._receive(frames, None, self._from_head, "the head")
+
+    def _on_NodeTable(self, nodes: list) -> None:
+        self.nodes = nodes
+        self._forget_dead_nodes()
 
     def _forget_dead_nodes(self) -> None:
         """Leases and lease requests on nodes the head declared dead are lost: retry elsewhere."""
@@ -1216,36 +1248,21 @@ class CoreClient:
 
     def _on_agent(self, conn: AgentConn) -> None:
         for frames in transport.recv_all(conn.socket):
-            self._on_message(frames, conn)
+            if frames[0] == b"FromPeer":  # an owner message routed by an agent (see _send_owner)
+                self._on_peer_message(frames)
+            else:
+                self._receive(frames, conn, self._from_agent, f"the agent of node {conn.node_id[:8]}")
         self._drain_released()
 
     def _on_worker(self, stream: transport.StreamChannel) -> None:
         for frames in stream.read():
-            self._on_message(frames, None)
+            self._receive(frames, None, self._from_worker, "a worker")
         if stream.eof:  # the worker exited; the agent's WorkerExited drives the retries
             stream.close()
             for address, channel in list(self.worker_channels.items()):
                 if channel.stream is stream:
                     del self.worker_channels[address]
         self._drain_released()
-
-    def _on_message(self, frames, conn) -> None:
-        if frames[0] == b"FromPeer":  # an owner message routed by an agent (see _send_owner)
-            self._on_peer_message(frames)
-            return
-        try:
-            tag, fields, buffers = protocol.decode(frames)
-        except protocol.ProtocolError as exc:
-            log.warning("dropped a bad message: %s", exc)
-            return
-        handler = getattr(self, "_on_" + tag, None)
-        if handler is None:
-            log.warning("the client does not handle %s", tag)
-            return
-        if tag == "TaskFinished":
-            handler(fields, buffers)
-        else:
-            handler(conn, *fields)
 
     def _on_Welcome(self, conn, info) -> None:
         if conn is not None and conn.hello_timer is not None:  # opened by _open_agent_nowait: it is up
@@ -1295,18 +1312,12 @@ class CoreClient:
         kq = self.queues.answered(request_id)
         if kq is None:
             return
-        agent = self.agents.get(node_id)
+        agent, why = self._agent_conn(node_id, tcp_address, ipc_address)
         if agent is None:
-            try:
-                if ipc_address and self.home.local and os.path.exists(ipc_address[len("ipc://"):]) \
-                        and not tcp_address:
-                    agent = self._open_agent(node_id, ipc_address)
-                else:
-                    agent = self._open_agent(node_id, tcp_address)
-            except Exception as error:  # noqa: BLE001
-                self._fail_key(kq.key, exc_mod.NodeDiedError(
-                    f"cannot reach node {node_id[:8]} at {tcp_address} that could run these tasks: {error}"))
-                return
+            self._fail_key(kq.key, exc_mod.NodeDiedError(
+                f"cannot reach node {node_id[:8]} at {tcp_address or ipc_address} that could run these "
+                f"tasks: {why}"))
+            return
         if kq.queue:
             self._request_lease(kq, kq.key, agent, spillback_ok=False)
 
@@ -1581,7 +1592,7 @@ class CoreClient:
             return
         conn = self.agents.get(node_id)
         if conn is None and node is not None and node.get("tcp"):
-            conn, _ = self._agent_of(node_id)
+            conn, _ = self._agent_conn(node_id)
         if conn is None:
             # A node our table does not show yet (or one without TCP): not watched; its death
             # still releases the borrows (_forget_dead_nodes), its Goodbye-less exit does not.
@@ -1616,7 +1627,7 @@ class CoreClient:
         for node_id, ids in frees.items():
             agent = self.agents.get(node_id)
             if agent is None:  # a node that only holds copies: we never leased there
-                agent, _ = self._agent_of(node_id)
+                agent, _ = self._agent_conn(node_id)
             if agent is not None:  # (a dead node took its copies with it)
                 transport.send(agent.socket, encode("FreeObjects", (ids,)))
 
@@ -1691,7 +1702,7 @@ class CoreClient:
         if identity == self.identity:
             return
         if not self._owner_is_local(owner):
-            conn, why = self._agent_of(node_id)
+            conn, why = self._agent_conn(node_id)
             if conn is None:  # the owner is gone with its node: nobody is left to answer or count
                 self._owner_lost(lambda o: o[1] == node_id, why)
                 return
@@ -1705,15 +1716,33 @@ class CoreClient:
             self.loop.add_reader(sock, lambda s=sock: self._on_owner_reply(s))
         transport.send(sock, frames)
 
-    def _agent_of(self, node_id: str) -> tuple:
-        """(connection to the agent of ``node_id``, None), or (None, why there is none)."""
+    def _agent_conn(self, node_id: str, tcp: str | None = None, ipc: str | None = None) -> tuple:
+        """(our connection to the agent of ``node_id``, None), or (None, why there is none): the
+        one way to reach an agent from the I/O thread, opened if needed without waiting for
+        its answer.  Its address: ``tcp``/``ipc`` when given (a spillback names a node our
+        table may not show yet), else the node table's; TCP when the node has it (the path a
+        real cluster takes), else its ipc socket when that is on this machine."""
         conn = self.agents.get(node_id)
         if conn is not None:
             return conn, None
-        address, why = scheduling.agent_address(self.nodes, node_id)
-        if address is None:
-            return None, why
-        return self._open_agent_nowait(node_id, address), None
+        if node_id in self.unreachable:
+            return None, self.unreachable[node_id]
+        if tcp is None and ipc is None:
+            tcp, why = scheduling.agent_address(self.nodes, node_id)
+            if tcp is None:
+                node = next((n for n in self.nodes if n["node_id"] == node_id), None)
+                ipc = node.get("ipc") if node is not None and node["alive"] else None
+                if not self._ipc_reachable(ipc):
+                    return None, why
+        if tcp:
+            return self._open_agent_nowait(node_id, tcp), None
+        if self._ipc_reachable(ipc):
+            return self._open_agent(node_id, ipc), None  # (an ipc connect never waits)
+        return None, f"node {node_id[:8]} has no address reachable from here"
+
+    def _ipc_reachable(self, address: str | None) -> bool:
+        return bool(address) and self.home is not None and self.home.local \
+            and os.path.exists(address[len("ipc://"):])
 
     def _open_agent_nowait(self, node_id: str, address: str) -> AgentConn:
         """Like _open_agent over TCP, without blocking the I/O thread on the agent's answer:
@@ -1730,10 +1759,12 @@ class CoreClient:
         if self.agents.get(conn.node_id) is not conn:
             return  # closed already (its node died)
         del self.agents[conn.node_id]
+        why = (f"the agent of node {conn.node_id[:8]} at {conn.address} did not answer within "
+               f"{transport.HELLO_DEADLINE_S:.0f} s (the node may be down, or its port unreachable from here)")
+        # Not tried again: leases asked of it go elsewhere or fail (_agent_conn says why).
+        self.unreachable[conn.node_id] = why
         self._close_agent(conn)
-        self._owner_lost(lambda owner: owner[1] == conn.node_id, (
-            f"the agent of node {conn.node_id[:8]} at {conn.address} did not answer within "
-            f"{transport.HELLO_DEADLINE_S:.0f} s (the node may be down, or its port unreachable from here)"))
+        self._owner_lost(lambda owner: owner[1] == conn.node_id, why)
 
     def _owner_lost(self, match, why: str) -> None:
         """Fail the values we asked owners that ``match`` for: they cannot answer, ``why``."""
@@ -1754,14 +1785,15 @@ class CoreClient:
 
     def _on_peer_message(self, frames) -> None:
         """FromPeer(sender, *message): an owner message from a process on another node."""
-        try:
-            if len(frames) < 4:
-                raise protocol.ProtocolError(f"FromPeer has {len(frames) - 1} frame(s), expected at least 3")
-            sender = bytes(frames[1])
-            tag, fields, buffers = protocol.decode(frames[2:])
-        except protocol.ProtocolError as exc:
-            log.warning("dropped a bad message routed by an agent: %s", exc)
+        if len(frames) < 4:
+            log.warning("dropped a bad message routed by an agent: FromPeer has %d frame(s), expected at "
+                        "least 3", len(frames) - 1)
             return
+        sender = bytes(frames[1])
+        message = self._decoded(frames[2:], "a process on another node")
+        if message is None:
+            return
+        tag, fields, buffers = message
         if tag != "ObjectValue":
             self._on_owner_request(sender, tag, fields, remote=True)
             return
@@ -1772,13 +1804,14 @@ class CoreClient:
 
     def _on_owner_reply(self, sock) -> None:
         for frames in transport.recv_all(sock):
-            try:
-                tag, fields, buffers = protocol.decode(frames)
-            except protocol.ProtocolError as exc:
-                log.warning("dropped a bad message from an owner: %s", exc)
+            message = self._decoded(frames, "an owner")
+            if message is None:
                 continue
+            tag, fields, buffers = message
             if tag == "ObjectValue":
                 self._take_object_value(fields, buffers, remote=False)
+            else:
+                log.warning("dropped %s from an owner: not a message it may send us", tag)
 
     def _take_object_value(self, fields, buffers, remote: bool) -> None:
         object_id, state, payload, error = fields
@@ -1838,12 +1871,9 @@ class CoreClient:
     def _on_owner_socket(self) -> None:
         for frames in transport.recv_all(self.owner_socket):
             identity = frames[0]
-            try:
-                tag, fields, _ = protocol.decode(frames[1:])
-            except protocol.ProtocolError as exc:
-                log.warning("dropped a bad message from a borrower: %s", exc)
-                continue
-            self._on_owner_request(identity, tag, fields, remote=False)
+            message = self._decoded(frames[1:], "a borrower")
+            if message is not None:
+                self._on_owner_request(identity, message[0], message[1], remote=False)
 
     def _on_owner_request(self, identity: bytes, tag: str, fields: tuple, remote: bool) -> None:
         """A borrower on our node (``remote`` False: our ipc ROUTER) or elsewhere (through our agent)."""
@@ -2040,10 +2070,9 @@ class CoreClient:
                 channel = self.worker_channels[path] = DirectChannel(stream)
             return channel
         if agent is None:
-            node = next((n for n in self.nodes if n["node_id"] == info["node_id"]), None)
-            if node is None or not node.get("tcp"):
-                return None
-            agent = self._open_agent(info["node_id"], node["tcp"])
+            agent, _ = self._agent_conn(info["node_id"])
+            if agent is None:
+                return None  # its node is gone or unknown yet: the head will say
         return RelayChannel(agent, info["worker_id"])
 
     def _actor_lost(self, actor: "ActorQueue", info: dict) -> None:

@@ -275,14 +275,16 @@ class TaskQueues:
         return kq
 
     def forget_requests_to(self, agent) -> list:
-        """The connection of these requests is gone: they will not be answered; the keys to redo."""
+        """The connection to ``agent`` is gone: its lease requests will not be answered; the
+        keys that had some (to dispatch again)."""
         keys = []
         for key, kq in self.keys.items():
             for request_id, to in list(kq.requests.items()):
                 if to is agent:
                     del kq.requests[request_id]
                     self.lease_requests.pop(request_id, None)
-            keys.append(key)
+                    if not keys or keys[-1] != key:
+                        keys.append(key)
         return keys
 
     def add_lease(self, lease: LeaseState) -> None:
