@@ -31,11 +31,11 @@ import time
 import warnings
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
 
 from farpool import exceptions as exc_mod
 from farpool._private import context as context_mod
 from farpool._private import protocol, scheduling, session, store, transport
+from farpool._private.actor_calls import ActorCalls, ActorQueue
 from farpool._private.refs import FAILED, PENDING, READY, Entry, RefTable
 from farpool._private.task_queues import (KeyQueue, LeaseState, RemoteFunctionInfo, TaskQueues, TaskRecord,
                                           TaskState)
@@ -50,8 +50,6 @@ LEASE_LINGER_S = 0.05
 # Finished tasks remembered for farpool.timeline(); more costs memory, fewer
 # shows less history.
 TIMELINE_EVENTS = 100_000
-# Calls in flight to one actor from one caller: deep, since an actor runs them in order anyway.
-ACTOR_PIPELINE_DEPTH = 1000
 
 # The answer of a request that nobody will answer: the client broke while it waited (_break).
 _BROKEN = object()
@@ -177,19 +175,6 @@ def _require_client() -> "CoreClient":
     return _current_client
 
 
-@dataclass
-class ActorQueue:
-    """One caller's calls to one actor, sent in submission order, each once its arguments are
-    ready (a later call never overtakes an earlier one), on the lease of the actor's worker."""
-    actor_id: str
-    queue: deque = field(default_factory=deque)
-    state: str = "UNKNOWN"      # as the head says: UNKNOWN, PENDING, ALIVE, RESTARTING, DEAD
-    incarnation: int = -1
-    lease: LeaseState | None = None  # reaches the actor's worker while it is ALIVE
-    subscribed: bool = False
-    cause: str = ""             # why it is DEAD
-
-
 class AgentConn:
     """A connection to a node agent (ipc on this machine, CURVE TCP elsewhere)."""
 
@@ -247,7 +232,7 @@ class CoreClient:
         self.loop = transport.EventLoop()
         self.queues = TaskQueues(self.lock)
         self.tasks: dict[bytes, TaskRecord] = self.queues.tasks  # submitted and not done
-        self.actor_queues: dict[str, ActorQueue] = {}
+        self.actor_calls = ActorCalls()
         self.agents: dict[str, AgentConn] = {}
         self.unreachable: dict[str, str] = {}  # node id -> why its agent could not be reached
         self.nodes: list[dict] = []
@@ -930,8 +915,7 @@ class CoreClient:
         task.deps_left = waiting
         if task.actor_id is not None:
             # Actor calls keep submission order: queued now, sent when first in line and ready.
-            task.state = TaskState.QUEUED
-            self._actor_queue(task.actor_id).queue.append(task)
+            self.actor_calls.add(task)
             self._mark_actor_dirty(task.actor_id)
         elif waiting == 0:
             self._enqueue(task)
@@ -981,7 +965,7 @@ class CoreClient:
                 self._dispatch(key)
         actors, self._dirty_actors = self._dirty_actors, set()
         for actor_id in actors:
-            self._dispatch_actor(self._actor_queue(actor_id))
+            self._dispatch_actor(self.actor_calls.actor(actor_id))
 
     def _dispatch(self, key) -> None:
         plan = self.queues.dispatch(key, self._cluster_cpus())
@@ -1430,9 +1414,7 @@ class CoreClient:
     def _requeue(self, task: TaskRecord) -> None:
         """Run ``task`` again, first in line: on its actor, or on any worker of its shape."""
         if task.actor_id is not None:
-            task.state = TaskState.QUEUED
-            task.lease = None
-            self._actor_queue(task.actor_id).queue.appendleft(task)
+            self.actor_calls.requeue(task)
             self._mark_actor_dirty(task.actor_id)
         else:
             self._enqueue(task, front=True)
@@ -1986,37 +1968,22 @@ class CoreClient:
             transport.send(self.owner_socket, [identity, *frames])
 
     # ------------------------------------------------------------------ actors
-    def _actor_queue(self, actor_id: str) -> "ActorQueue":
-        aq = self.actor_queues.get(actor_id)
-        if aq is None:
-            aq = self.actor_queues[actor_id] = ActorQueue(actor_id)
-        return aq
-
-    def _dispatch_actor(self, aq: "ActorQueue") -> None:
-        q = aq.queue
+    def _dispatch_actor(self, aq: ActorQueue) -> None:
         if aq.state == "DEAD":
-            error = exc_mod.ActorDiedError(aq.cause)
-            while q:
-                self._finish_failed(q.popleft(), error)
+            self._fail_calls(ActorCalls.fail_all(aq))
             return
         if not aq.subscribed:
             aq.subscribed = True
             transport.send(self.head, encode("WaitActor", (aq.actor_id,)))
-        lease = aq.lease
-        if lease is None:
-            return
-        batch = []
-        while q and (q[0].cancelled or q[0].deps_left == 0) and len(lease.inflight) + len(batch) < ACTOR_PIPELINE_DEPTH:
-            task = q.popleft()
-            if not task.cancelled:
-                failed = self._failed_argument(task)
-                if failed is not None:
-                    self._finish_failed(task, self._error_of(failed))
-                    continue
-                batch.append(task)
+        batch, failed = self.actor_calls.next_batch(aq, self._failed_argument)
+        for task, entry in failed:
+            self._finish_failed(task, self._error_of(entry))
         if batch:
-            TaskQueues.start(lease, batch)
-            self._send_tasks(lease, batch)
+            self._send_tasks(aq.lease, batch)
+
+    def _fail_calls(self, failed: list) -> None:
+        for task, error in failed:
+            self._finish_failed(task, error)
 
     def pin_for_actor(self, actor_id: str, refs: list) -> None:
         """Refs inside an actor's constructor arguments: kept until the actor is dead for good
@@ -2035,26 +2002,18 @@ class CoreClient:
             with self.lock:
                 self.refs.unpin(self.actor_arg_pins.pop(actor_id))
             self._flush_frees()
-        actor = self.actor_queues.get(actor_id)
-        if actor is None:
+        update = self.actor_calls.update(actor_id, info["state"], info["incarnation"], info.get("cause") or "")
+        if update is None:
             return
-        state, incarnation = info["state"], info["incarnation"]
-        if actor.state == "DEAD":
-            return  # killed from here, or dead already: final
-        if actor.lease is not None and (state != "ALIVE" or incarnation != actor.incarnation):
-            self._actor_lost(actor, info)
-        actor.state = state
-        actor.cause = info.get("cause") or ""
-        if state == "ALIVE" and actor.lease is None:
-            actor.incarnation = incarnation
+        self._fail_calls(update.failed)
+        aq = self.actor_calls.actor(actor_id)
+        if update.connect:
             channel = self._actor_channel(info)
             if channel is None:
                 return
-            lease = LeaseState(incarnation, info["worker_id"], info["node_id"], channel, [], ("actor", actor_id),
-                               actor_id=actor_id)
-            lease.job_sent = True  # the actor's worker was set up by its creation
-            actor.lease = lease
-        self._dispatch_actor(actor)
+            ActorCalls.set_lease(aq, LeaseState(aq.incarnation, info["worker_id"], info["node_id"], channel, [],
+                                                ("actor", actor_id), actor_id=actor_id))
+        self._dispatch_actor(aq)
 
     def _actor_channel(self, info: dict):
         path = info.get("path")
@@ -2074,28 +2033,6 @@ class CoreClient:
             if agent is None:
                 return None  # its node is gone or unknown yet: the head will say
         return RelayChannel(agent, info["worker_id"])
-
-    def _actor_lost(self, actor: "ActorQueue", info: dict) -> None:
-        """The actor's process died: retry calls in flight (max_task_retries) or fail them."""
-        lease = actor.lease
-        actor.lease = None
-        cause = info.get("cause") or "its process died"
-        retry = []
-        for task in sorted(lease.inflight.values(), key=lambda t: t.task_id):
-            if task.cancelled:
-                self._finish_failed(task, exc_mod.TaskCancelledError(f"actor call {task.name} was cancelled"))
-            elif task.spend_attempt():
-                task.state = TaskState.QUEUED
-                task.lease = None
-                retry.append(task)
-            else:
-                self._finish_failed(task, exc_mod.ActorDiedError(
-                    f"actor {actor.actor_id[:8]} died while running {task.name}: {cause}"
-                    + (f" (max_task_retries={task.max_retries} used up)" if task.max_retries else
-                       "; set max_task_retries to retry calls on a restarted actor")))
-        lease.inflight.clear()
-        for task in reversed(retry):
-            actor.queue.appendleft(task)
 
     def submit_actor_call(self, actor_id: str, method: str, qualname: str, args, kwargs, num_returns: int,
                           max_task_retries: int) -> list:
@@ -2117,12 +2054,7 @@ class CoreClient:
         """Ask the head to end the actor; with no_restart, later calls from here fail at once."""
         def kill():
             if no_restart:
-                actor = self._actor_queue(actor_id)
-                actor.state = "DEAD"
-                actor.cause = "it was killed with farpool.kill()"
-                if actor.lease is not None:
-                    self._actor_lost(actor, {"cause": actor.cause})
-                self._dispatch_actor(actor)
+                self._fail_calls(self.actor_calls.kill(actor_id)[1])
             transport.send(self.head, encode("KillActor", (actor_id, no_restart)))
         self.loop.call_soon(kill)
 
@@ -2198,9 +2130,7 @@ class CoreClient:
         task.cancelled = True
         if task.state in (TaskState.WAITING, TaskState.QUEUED):
             if task.actor_id is not None:
-                actor = self.actor_queues.get(task.actor_id)
-                if actor is not None and task in actor.queue:
-                    actor.queue.remove(task)
+                self.actor_calls.remove_queued(task)
             else:
                 self.queues.remove_queued(task)
             self._finish_failed(task, exc_mod.TaskCancelledError(
