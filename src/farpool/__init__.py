@@ -10,7 +10,7 @@ import importlib
 # without paying for the client and API modules.
 _EXPORTS = {
     "exceptions": "farpool.exceptions",
-    "ObjectRef": "farpool._private.client",
+    "ObjectRef": "farpool._private.object_ref",
     "DistributedExecutor": "farpool.executor", "Pool": "farpool.pool",
     **{name: "farpool.actor" for name in ("ActorClass", "ActorHandle", "get_actor", "kill", "method")},
     **{name: "farpool.api" for name in (

@@ -97,8 +97,8 @@ def _blocked_while_waiting():
 
     The native ``farpool.get`` does this itself; the facades wait on futures instead.
     """
-    from farpool._private import client as client_mod
-    client = client_mod.current() if _in_worker() else None
+    from farpool._private import object_ref
+    client = object_ref.current() if _in_worker() else None
     set_blocked = getattr(client, "_set_blocked", None)
     if set_blocked is None:
         yield
@@ -118,7 +118,7 @@ def _acquire_cluster(address: str | None = None):
     alone.  Any thread.
     """
     global _cluster_client, _cluster_users, _cluster_started, _cluster_timer
-    from farpool._private import client as client_mod
+    from farpool._private import object_ref
     with _cluster_lock:
         if _cluster_timer is not None:
             _cluster_timer.cancel()
@@ -127,7 +127,7 @@ def _acquire_cluster(address: str | None = None):
         if not farpool.is_initialized():
             farpool.init(address=address)
             started = not _in_worker()  # inside a task: the task's cluster, never ours to stop
-        client = client_mod.current()
+        client = object_ref.current()
         if client is None:  # the user shut it down concurrently
             raise _exc.FarpoolError("farpool was shut down while a facade was starting; create it again")
         if client is not _cluster_client:  # a new cluster: facades of an earlier one no longer count
@@ -176,13 +176,13 @@ class _ClusterHold:
 
 def _stop_idle_cluster() -> None:
     global _cluster_client, _cluster_started, _cluster_timer
-    from farpool._private import client as client_mod
+    from farpool._private import object_ref
     with _cluster_lock:
         _cluster_timer = None
         if _cluster_users or not _cluster_started:
             return
         client, _cluster_client, _cluster_started = _cluster_client, None, False
-        if client_mod.current() is client:
+        if object_ref.current() is client:
             log.info("stopping the embedded farpool cluster: the last facade using it shut down")
             try:
                 farpool.shutdown()
@@ -250,19 +250,17 @@ def _pack_plain(chunk: list) -> tuple[bool, bytes] | None:
     """(plain, the chunk pickled) when pickling finds no ObjectRef and no large buffer in it
     (nothing to share or resolve): a look at every item's type costs as much as the pickling.
     ``plain`` is False when an array might be inside (the worker then makes arrays writable)."""
-    from farpool._private import client as client_mod
+    from farpool._private import object_ref
     from farpool._private import protocol
     if protocol._main_is_interactive():
         return None  # values of __main__ travel by value (cloudpickle): the general path
     refs: list = []
     large: list = []
-    client_mod._nested_refs.collector = refs
     try:
-        data = protocol.pickle.dumps(chunk, protocol=5, buffer_callback=protocol._oob_filter(large))
+        with object_ref.collecting(refs):
+            data = protocol.pickle.dumps(chunk, protocol=5, buffer_callback=protocol._oob_filter(large))
     except Exception:  # noqa: BLE001 - e.g. a lambda among the items: the general path says why
         return None
-    finally:
-        client_mod._nested_refs.collector = None
     if refs or large:
         return None
     # Every pickled ndarray names a numpy function: without the name there is no array.

@@ -12,8 +12,8 @@ import os
 
 from farpool import exceptions
 from farpool._private import protocol, runtime, runtime_env, scheduling
-from farpool._private import client as client_mod  # noqa: F401 (used for the ref collector)
-from farpool._private.client import ObjectRef
+from farpool._private import object_ref
+from farpool._private.object_ref import ObjectRef
 
 ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory", "resources", "max_restarts", "max_task_retries",
                  "max_concurrency", "name", "namespace", "lifetime", "get_if_exists", "scheduling_strategy",
@@ -111,12 +111,8 @@ class ActorClass:
         # Top-level ref arguments are resolved here, before the actor is registered.
         args = [client.get([a], None)[0] if isinstance(a, ObjectRef) else a for a in args]
         kwargs = {k: client.get([v], None)[0] if isinstance(v, ObjectRef) else v for k, v in kwargs.items()}
-        nested: list = []
-        client_mod._nested_refs.collector = nested
-        try:
+        with object_ref.collecting([]) as nested:
             payload, bufs = protocol.dumps((tuple(args), kwargs), what=f"an argument of {self._cls.__name__}()")
-        finally:
-            client_mod._nested_refs.collector = None
         meta = self._meta()
         num_cpus = opts.get("num_cpus")
         hold = scheduling.make_request(num_cpus or 0, opts.get("num_gpus", 0), opts.get("memory"),

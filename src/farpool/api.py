@@ -15,7 +15,7 @@ import logging
 from farpool._private import client as client_mod
 from farpool._private import context as context_mod
 from farpool._private import runtime, runtime_env, scheduling
-from farpool._private.client import ObjectRef
+from farpool._private.object_ref import ObjectRef
 
 log = logging.getLogger("farpool")
 

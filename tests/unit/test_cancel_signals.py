@@ -11,7 +11,7 @@ import types
 import pytest
 
 from farpool._private import client as client_mod
-from farpool._private import protocol, worker
+from farpool._private import object_ref, protocol, worker
 from farpool._private.context import context
 
 
@@ -62,7 +62,7 @@ class Nested:
 @pytest.fixture
 def in_a_task(monkeypatch):
     nested = Nested()
-    monkeypatch.setattr(client_mod, "_current_client", nested)
+    monkeypatch.setattr(object_ref, "_current_client", nested)
     monkeypatch.setattr(context, "task_id", "t1")
     monkeypatch.setattr(context, "in_user_code", True)
     monkeypatch.setattr(context, "cancel_pending", False)

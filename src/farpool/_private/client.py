@@ -29,13 +29,13 @@ import sys
 import threading
 import time
 import warnings
-import weakref
 from collections import deque
 
 from farpool import exceptions as exc_mod
 from farpool._private import context as context_mod
 from farpool._private import protocol, scheduling, session, store, transport
 from farpool._private.actor_calls import ActorCalls, ActorQueue
+from farpool._private.object_ref import ObjectRef, arriving, collecting
 from farpool._private.refs import FAILED, PENDING, READY, Entry, RefTable
 from farpool._private.task_queues import (KeyQueue, LeaseState, RemoteFunctionInfo, TaskQueues, TaskRecord,
                                           TaskState)
@@ -53,126 +53,6 @@ TIMELINE_EVENTS = 100_000
 
 # The answer of a request that nobody will answer: the client broke while it waited (_break).
 _BROKEN = object()
-
-
-class ObjectRef:
-    """A reference to a (possibly future) value in the cluster.
-
-    Hashable, compared by id, picklable (the receiver becomes a borrower).
-    ``get(ref)`` returns the value; ``await ref`` works in asyncio;
-    ``ref.future()`` gives a ``concurrent.futures.Future``.
-    """
-
-    __slots__ = ("_id", "_owner", "_counted_by", "__weakref__")
-
-    def __init__(self, object_id: bytes, owner: tuple, _register: bool = True):
-        self._id = object_id
-        self._owner = owner
-        self._counted_by = None
-        if _register:
-            client = _current_client
-            if client is not None:
-                client.add_local_ref(self)
-                self._counted_by = client
-
-    def hex(self) -> str:
-        return self._id.hex()
-
-    def binary(self) -> bytes:
-        return self._id
-
-    def __hash__(self) -> int:
-        return hash(self._id)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, ObjectRef) and other._id == self._id
-
-    def __repr__(self) -> str:
-        return f"ObjectRef({self._id.hex()})"
-
-    def __reduce__(self):
-        collector = _nested_refs.collector
-        if collector is not None:
-            collector.append(self)
-        elif self._counted_by is not None:
-            # Pickled outside farpool (pickle.dumps by hand, a queue, a file): nobody will
-            # tell us when the copy is gone, so the object stays pinned for this session.
-            self._counted_by.pin_forever(self)
-        return (_rebuild_ref, (self._id, self._owner))
-
-    def __del__(self):
-        client = self._counted_by
-        if client is not None:
-            try:
-                client.release_ref(self._id)
-            except Exception:
-                pass
-
-    def future(self) -> concurrent.futures.Future:
-        """A ``concurrent.futures.Future`` completed with the value (or the error)."""
-        return _require_client().future_for(self)
-
-    def __await__(self):
-        import asyncio
-        loop = asyncio.get_running_loop()
-        afut = loop.create_future()
-        cfut = self.future()
-
-        def done(f):
-            def settle():
-                if afut.cancelled():
-                    return
-                error = f.exception()
-                if error is not None:
-                    afut.set_exception(error)
-                else:
-                    afut.set_result(f.result())
-            loop.call_soon_threadsafe(settle)
-        cfut.add_done_callback(done)
-        return afut.__await__()
-
-
-ObjectRef.__module__ = "farpool"
-
-
-def _rebuild_ref(object_id: bytes, owner: tuple) -> ObjectRef:
-    if _current_client is None and context_mod.worker_config is not None and _connect is not None:
-        _connect()  # a ref arrives in a worker: its client must exist to count it (we borrow it)
-    if _nested_refs.uncounted:
-        return ObjectRef(object_id, owner, _register=False)
-    ref = ObjectRef(object_id, owner)
-    arrivals = _nested_refs.arrivals
-    if arrivals is not None:
-        arrivals.append(weakref.ref(ref))
-    return ref
-
-
-class _NestedRefs(threading.local):
-    collector: list | None = None   # refs pickled inside a value farpool is serializing
-    arrivals: list | None = None    # weakrefs to refs unpickled from a task's arguments
-    uncounted: bool = False         # unpickling only to check that a value loads: count nothing
-
-
-_nested_refs = _NestedRefs()
-_current_client: "CoreClient | None" = None
-
-
-# Starts or joins this process's cluster when a ref is used before init(): set by runtime.py,
-# which sits above this module (it creates clients), so that this one need not import it.
-_connect = None
-
-
-def set_connector(connect) -> None:
-    global _connect
-    _connect = connect
-
-
-def _require_client() -> "CoreClient":
-    if _current_client is None and _connect is not None:
-        _connect()
-    if _current_client is None:
-        raise exc_mod.FarpoolError("farpool is not initialized in this process: call farpool.init() first")
-    return _current_client
 
 
 class AgentConn:
@@ -518,12 +398,8 @@ class CoreClient:
     def put(self, value) -> ObjectRef:
         if isinstance(value, ObjectRef):
             raise TypeError("put() of an ObjectRef is not allowed: pass the ref itself where it is needed")
-        collector: list = []
-        _nested_refs.collector = collector
-        try:
+        with collecting([]) as collector:
             payload, bufs = protocol.dumps(value, what="the value given to put()")
-        finally:
-            _nested_refs.collector = None
         oid = self.new_object_id()
         # put copies the user's buffers now (into the node store when large):
         # later mutation changes nothing put.
@@ -635,12 +511,8 @@ class CoreClient:
             payload, buffers = entry.payload, entry.buffers
         if entry.owned:  # refs inside our own values are pinned by them (put, RefTable.hold_nested)
             return protocol.loads(payload, buffers)
-        arrivals: list = []
-        outer, _nested_refs.arrivals = _nested_refs.arrivals, arrivals
-        try:
+        with arriving([]) as arrivals:
             value = protocol.loads(payload, buffers)
-        finally:
-            _nested_refs.arrivals = outer
         if arrivals:
             self._register_arrivals([r for r in (w() for w in arrivals) if r is not None])
         return value
@@ -832,12 +704,8 @@ class CoreClient:
                 if isinstance(v, ObjectRef):
                     ref_slots.append((k, v))
                     kwargs[k] = None
-        collector: list = []
-        _nested_refs.collector = collector
-        try:
+        with collecting([]) as collector:
             payload, bufs = protocol.dumps((args, kwargs), what=f"an argument of {name}")
-        finally:
-            _nested_refs.collector = None
         task_id = self.new_object_id()
         # Copy out-of-band buffers now: the caller may mutate its arrays after remote() returns.
         # Large arguments go into the node store once per call; workers map them.
@@ -2169,12 +2037,3 @@ def _write_output(stream: str, data: bytes) -> None:
 def function_info(fn, name: str, wrapper=None) -> RemoteFunctionInfo:
     data = protocol.dumps_function(fn, wrapper)
     return RemoteFunctionInfo(name, hashlib.sha1(data).digest(), data)
-
-
-def set_current(client: CoreClient | None) -> None:
-    global _current_client
-    _current_client = client
-
-
-def current() -> CoreClient | None:
-    return _current_client

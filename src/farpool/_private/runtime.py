@@ -23,6 +23,7 @@ import threading
 from farpool import exceptions
 from farpool._private import client as client_mod
 from farpool._private import context as context_mod
+from farpool._private import object_ref
 from farpool._private import protocol, scheduling, session
 
 _lock = threading.RLock()
@@ -119,10 +120,10 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
                "local": True, "start_deadline_s": START_DEADLINE_S, "log_to_driver": log_to_driver,
                "job_setup": _job_setup(None, namespace)}
         client = client_mod.CoreClient(cfg)
-        client_mod.set_current(client)
+        object_ref.set_current(client)
         welcome = client.connect()
     except BaseException:
-        client_mod.set_current(None)
+        object_ref.set_current(None)
         if client is not None:
             client.close_unstarted()
         _stop_procs(procs)
@@ -167,11 +168,11 @@ def _join(address: str, token: str | None, namespace, log_to_driver) -> dict:
            "log_to_driver": log_to_driver,
            "job_setup": _job_setup(address, namespace)}
     client = client_mod.CoreClient(cfg)
-    client_mod.set_current(client)
+    object_ref.set_current(client)
     try:
         client.connect()
     except BaseException:
-        client_mod.set_current(None)
+        object_ref.set_current(None)
         client.close_unstarted()
         if private_dir:
             session.remove_session(private_dir)
@@ -200,7 +201,7 @@ def _join_from_worker(cfg: dict) -> dict:
             "in_worker": True, "worker_id": cfg["worker_id"], "job_id": cfg.get("job_id"), "local": True,
             "job_setup": setup}
     client = client_mod.CoreClient(ccfg)
-    client_mod.set_current(client)
+    object_ref.set_current(client)
     client.connect()
     info = {"address": None, "node_id": cfg["node_id"], "session_dir": cfg["session_dir"],
             "job_id": cfg.get("job_id"), "dashboard_url": None, "embedded": False}
@@ -233,7 +234,7 @@ def shutdown() -> None:
         try:
             client.shutdown()
         finally:
-            client_mod.set_current(None)
+            object_ref.set_current(None)
             _stop_procs(state["procs"])
             if state.get("session_dir"):
                 session.remove_session(state["session_dir"])
@@ -265,7 +266,7 @@ def _disable_in_forked_child() -> None:
     """A user's fork() copies our client but not its I/O thread: the child must not use it."""
     global _state
     _state = None
-    client_mod.set_current(None)
+    object_ref.set_current(None)
     from farpool._private import transport
     transport.forget_context_after_fork()
 
@@ -281,4 +282,4 @@ def namespace() -> str | None:
     return state.get("namespace") if state else None
 
 
-client_mod.set_connector(auto_init)
+object_ref.set_connector(auto_init)

@@ -29,7 +29,7 @@ import types
 from collections import deque
 from dataclasses import dataclass, field
 
-from farpool._private import client as client_mod
+from farpool._private import object_ref
 from farpool._private import context as context_mod
 from farpool._private import protocol, runtime, session, store, transport
 from farpool._private.context import context
@@ -195,12 +195,8 @@ class _Batch:
 
 def _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs):
     """Arguments, plus weakrefs to the ObjectRefs that arrived in them (we borrow those)."""
-    arrivals: list = []
-    client_mod._nested_refs.arrivals = arrivals
-    try:
+    with object_ref.arriving([]) as arrivals:
         args, kwargs = _load_args(args_payload, arg_bufs, ref_values, ref_bufs)
-    finally:
-        client_mod._nested_refs.arrivals = None
     return args, kwargs, arrivals
 
 
@@ -210,7 +206,7 @@ def _still_held(arrivals: list, caller: tuple | None) -> list:
     From now on this process tells the owner when it lets go of them (see client._on_borrowers).
     """
     held = [r for r in (w() for w in arrivals) if r is not None]
-    client = client_mod.current()
+    client = object_ref.current()
     if held and client is not None:
         client.mark_registered(held, caller)
     return [r._id for r in held]
@@ -483,7 +479,7 @@ class Worker:
         """For a TaskFinished to ``caller``: (our client's address, ids of refs from its arguments
         we still hold, (id, address) of processes we passed such refs to that keep them)."""
         borrowed = self.borrowed.pop(caller[0] if caller else None, None) or ()
-        client = client_mod.current()
+        client = object_ref.current()
         if client is None:
             return (None, (), ())
         return (client.peer_address, borrowed, client.take_sub_borrowed() if client.refs.sub_borrowed else ())
@@ -718,7 +714,7 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the owner
             error = self._error(exc, fn_name, caller)
         finally:
-            nested = client_mod.current()
+            nested = object_ref.current()
             if nested is not None:
                 nested.children.pop(context.task_id, None)
             sys.stdout.flush()
@@ -748,17 +744,13 @@ class Worker:
             bufs_all = []
             for i, v in enumerate(values):
                 what = f"the result of {fn_name}" + (f" (return {i})" if num_returns > 1 else "")
-                nested: list = []
-                client_mod._nested_refs.collector = nested
-                try:
+                with object_ref.collecting([]) as nested:
                     data, bufs = protocol.dumps(v, what=what)
-                finally:
-                    client_mod._nested_refs.collector = None
                 inner = ()
-                if nested and client_mod.current() is not None:
+                if nested and object_ref.current() is not None:
                     # Refs in a returned value: the caller borrows them (owners are told first).
                     unique = list({r._id: r for r in nested}.values())
-                    client_mod.current().lend_returned(unique, caller)
+                    object_ref.current().lend_returned(unique, caller)
                     inner = [(r._id, r._owner) for r in unique]
                 if bufs and self.store_results and store.value_size(data, bufs) >= store.INLINE_MAX:
                     store_id = task_id + bytes([i])
@@ -780,26 +772,21 @@ class Worker:
         (a large array) stay in the pickle; refs inside it are lent to ``caller`` as refs
         inside a result are."""
         text = protocol.format_exception_text(exc)
-        nested: list = []
-        client_mod._nested_refs.collector = nested
-        try:
-            payload = protocol.dumps_inband(exc, what="the exception")
-        except Exception:
-            payload = None
-        finally:
-            client_mod._nested_refs.collector = None
-        if payload is not None:
-            client_mod._nested_refs.uncounted = True
+        with object_ref.collecting([]) as nested:
             try:
-                protocol.loads(payload)  # must also load back, or the owner fails to decode it
+                payload = protocol.dumps_inband(exc, what="the exception")
             except Exception:
                 payload = None
-            finally:
-                client_mod._nested_refs.uncounted = False
+        if payload is not None:
+            with object_ref.uncounted():
+                try:
+                    protocol.loads(payload)  # must also load back, or the owner fails to decode it
+                except Exception:
+                    payload = None
         inner = ()
-        if payload is not None and nested and client_mod.current() is not None:
+        if payload is not None and nested and object_ref.current() is not None:
             unique = list({r._id: r for r in nested}.values())
-            client_mod.current().lend_returned(unique, caller)
+            object_ref.current().lend_returned(unique, caller)
             inner = [(r._id, r._owner) for r in unique]
         return (payload, type(exc).__qualname__, text, fn_name, self.where, inner)
 
@@ -874,7 +861,7 @@ def _on_sigint(signum, frame):
     """
     if context.task_id is None:
         return
-    nested = client_mod.current()
+    nested = object_ref.current()
     if nested is not None and signum == signal.SIGINT:
         nested.cancel_children(context.task_id)
     if context.in_user_code:
