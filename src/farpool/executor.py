@@ -46,6 +46,7 @@ import concurrent.futures
 import copy
 import threading
 import time
+import weakref
 from typing import Callable, Iterable, Iterator
 
 from farpool import exceptions as _exc
@@ -90,11 +91,21 @@ def _ordered_results(feed: _Feed, end_time: float | None, convert: Callable | No
 
 # ---------------------------------------------------------------------------- the executor
 _interpreter_exiting = False
+# Every executor's dispatcher, for _python_exit (weak: an executor nobody uses any more, with
+# nothing in flight, is not waited for).
+_dispatchers: "weakref.WeakSet[_Dispatcher]" = weakref.WeakSet()
 
 
 def _python_exit() -> None:
+    """At interpreter exit (before atexit's farpool.shutdown), as the stdlib's executors do:
+    no new work, and the work already submitted runs to the end (shutdown(wait=False) too)."""
     global _interpreter_exiting
     _interpreter_exiting = True
+    from farpool._private import client as client_mod
+    for dispatcher in list(_dispatchers):
+        # Only on the cluster still connected: work on a lost one has failed (or is failing) already.
+        if dispatcher.client is client_mod.current() and dispatcher.client.broken is None:
+            dispatcher.wait_idle()
 
 
 threading._register_atexit(_python_exit)
@@ -157,6 +168,7 @@ class DistributedExecutor(concurrent.futures.Executor):
         self._max_workers = max_workers
         self._state = _ExecutorState(_Dispatcher(client, process_pool_errors=True), pool_key, nodes,
                                      bool(getattr(client, "embedded", False)))
+        _dispatchers.add(self._state.dispatcher)
         self._set_hints(hints)
 
     # -- resource hints -----------------------------------------------------
