@@ -826,10 +826,13 @@ class _Dispatcher:
         self.pump()
 
     def pump(self) -> None:
+        if self.broken is None and self.client.broken is not None:
+            # Every unfinished future fails now (an earlier version dropped them from the
+            # tables here without failing them: waiters on a dead cluster hung forever).
+            self.break_(f"the farpool cluster was lost: {self.client.broken}")
+            return
         failed = []
         with self.lock:
-            if self.broken is None and self.client.broken is not None:
-                self._break_locked(f"the farpool cluster was lost: {self.client.broken}")
             while self.pending and self.broken is None:
                 source = self.pending[0]
                 limit = source.limit
