@@ -1,4 +1,4 @@
-"""Run the three conformance suites and print their pass counts.
+"""Run the four conformance suites and print their pass counts.
 
     python compat/run.py            # everything (several minutes on 2 cores)
     python compat/run.py --quick    # a bounded subset for CI (about two minutes on 2 cores)
@@ -8,7 +8,11 @@
 2. ``cpython-pool``: CPython's installed ``test._test_multiprocessing`` pool tests
    with farpool.Pool (cpython_pool.py); skipped with a message where the
    interpreter has no test package.
-3. ``joblib``: joblib's installed ``joblib/test/test_parallel.py`` against the
+3. ``cpython-futures``: CPython's ``test_concurrent_futures.py`` executor tests
+   with farpool.DistributedExecutor (cpython_futures.py; the interpreter's own
+   file, else Debian's ``libpython3.11-testsuite``), each class in a process
+   of its own.  ``python compat/cpython_futures.py --repeat 20`` loops it.
+4. ``joblib``: joblib's installed ``joblib/test/test_parallel.py`` against the
    backend "farpool" where its tests are parametrized by backend (joblib_plugin.py).
 
 Each suite prints its counts and every test it leaves out, with the reason.
@@ -75,7 +79,8 @@ def suites(quick: bool) -> list[tuple[str, list[str]]]:
     pytest_common = [py, "-m", "pytest", "-c", os.path.join(HERE, "pytest.ini"), "-p", "count_plugin", "-q",
                      "-p", "no:warnings", "--timeout", "300"]
     out = [("futures", pytest_common + [os.path.join(HERE, "test_futures_behaviour.py")]),
-           ("cpython-pool", [py, os.path.join(HERE, "cpython_pool.py")] + (["--quick"] if quick else []))]
+           ("cpython-pool", [py, os.path.join(HERE, "cpython_pool.py")] + (["--quick"] if quick else [])),
+           ("cpython-futures", [py, os.path.join(HERE, "cpython_futures.py")] + (["--quick"] if quick else []))]
     joblib_tests = _joblib_tests()
     if joblib_tests:
         out.append(("joblib", pytest_common + ["-p", "joblib_plugin", joblib_tests]))
@@ -87,7 +92,7 @@ def suites(quick: bool) -> list[tuple[str, list[str]]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="farpool's conformance suites")
     parser.add_argument("--quick", action="store_true", help="a bounded subset (for CI)")
-    parser.add_argument("suite", nargs="*", help="only these suites (futures, cpython-pool, joblib)")
+    parser.add_argument("suite", nargs="*", help="only these suites (futures, cpython-pool, cpython-futures, joblib)")
     args = parser.parse_args(argv)
     totals = {"passed": 0, "failed": 0, "skipped": 0}
     lines = []

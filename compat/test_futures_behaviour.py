@@ -12,6 +12,7 @@ Run with ``python compat/run.py`` (or ``python -m pytest compat/test_futures_beh
 """
 
 import concurrent.futures as cf
+import concurrent.futures.process
 import multiprocessing
 import os
 import threading
@@ -26,7 +27,8 @@ from farpool_testing import TIMEOUT, Gate, add, get_value, pid_of, set_value, sq
 DIFFERENCES = {
     "test_worker_crash_breaks_the_executor": {
         "farpool": "a worker that dies is retried (max_retries) instead of breaking the executor; past the "
-                   "retries only that future fails, with WorkerCrashedError",
+                   "retries only that future fails, with a WorkerCrashedError that is also a BrokenProcessPool, "
+                   "and the executor goes on",
     },
     "test_lambda_cannot_be_submitted": {
         "farpool": "farpool ships lambdas and closures (cloudpickle); the stdlib cannot pickle them",
@@ -383,10 +385,18 @@ def test_max_tasks_per_child(make):
     assert all(pids.count(p) <= 2 for p in pids), pids
 
 
+def test_worker_crash_fails_its_future_with_broken_process_pool(make):
+    ex = make()
+    with pytest.raises(cf.process.BrokenProcessPool):
+        ex.submit(crash).result(timeout=TIMEOUT)
+
+
 def test_worker_crash_breaks_the_executor(make):
     ex = make()
-    with pytest.raises(cf.BrokenExecutor):
+    with pytest.raises(cf.process.BrokenProcessPool):
         ex.submit(crash).result(timeout=TIMEOUT)
+    with pytest.raises(cf.process.BrokenProcessPool):  # submit itself raises, or its future does
+        ex.submit(square, 2).result(timeout=TIMEOUT)
 
 
 def test_running_task_state(make, gate):

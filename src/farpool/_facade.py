@@ -409,15 +409,94 @@ def _user_error(error: BaseException, tb_cls=_RemoteTraceback, name: str | None 
 
 
 def _pickling_error(error: BaseException) -> BaseException:
-    """An argument that cannot be pickled: the original error (as the stdlib raises), with our advice."""
+    """A value that cannot be pickled: the original error (as the stdlib raises), with our advice."""
     from farpool._private import protocol
-    if isinstance(error, protocol.SerializationError) and error.__cause__ is not None:
-        original = error.__cause__
-        try:
+    if isinstance(error, protocol.SerializationError):
+        original = error.original if error.original is not None else error.__cause__
+        if original is not None:
             original.add_note(str(error))
-        except AttributeError:  # pragma: no cover
-            pass
-        return original
+            if error.__cause__ is not original:  # it came from a worker: keep the remote traceback
+                original.__cause__ = error.__cause__
+            return original
+    return error
+
+
+# ---------------------------------------------------------------------------- BrokenProcessPool, for one future
+# Where the stdlib's process pool breaks (a worker died; a task's arguments or its result would
+# not unpickle), the executor retries, then fails only that future, with an error that is
+# farpool's (or the pickling error) and also a BrokenProcessPool, so `except BrokenProcessPool`
+# keeps working; the executor itself goes on.
+_BROKEN_DUALS: dict[type, type | None] = {}
+
+
+def _broken_dual(cls: type) -> type | None:
+    """A class that is both ``cls`` and ``BrokenProcessPool`` (None if they do not combine)."""
+    if cls in _BROKEN_DUALS:
+        return _BROKEN_DUALS[cls]
+    try:
+        dual = type(cls.__name__, (cls, _BrokenBase),
+                    {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__str__": cls.__str__,
+                     "__reduce__": _reduce_broken, "_farpool_base": cls})
+    except TypeError:  # incompatible layouts, final classes
+        dual = None
+    _BROKEN_DUALS[cls] = dual
+    return dual
+
+
+def _reduce_broken(self):
+    return (_rebuild_broken, (self._farpool_base, self.args, dict(vars(self))))
+
+
+def _rebuild_broken(cls: type, args: tuple, state: dict) -> BaseException:
+    error = cls.__new__(cls)
+    error.args = args
+    vars(error).update(state)
+    return _as_broken(error)
+
+
+def _as_broken(error: BaseException) -> BaseException:
+    """``error`` as an instance of its own type and of BrokenProcessPool (same args, notes, cause)."""
+    if isinstance(error, _BrokenBase):
+        return error
+    dual = _broken_dual(type(error))
+    if dual is None:
+        broken = _BrokenBase(str(error))
+        broken.__cause__ = error
+        return broken
+    try:
+        new = dual.__new__(dual)
+    except TypeError:  # MemoryError and its kind refuse a __new__ for a class not their own
+        new = BaseException.__new__(dual)
+    new.args = error.args
+    vars(new).update(vars(error))
+    new.__cause__ = error.__cause__
+    new.__traceback__ = error.__traceback__
+    return new
+
+
+def _not_loaded(error: BaseException, what: str, name: str | None) -> BaseException:
+    """An error raised while unpickling ``what`` of task ``name``: the task's result or
+    arguments never arrived, as when the stdlib's pool breaks: also a BrokenProcessPool."""
+    if not isinstance(error, Exception):  # SystemExit, KeyboardInterrupt: unpickling could not finish
+        wrapped = pickle.UnpicklingError(f"unpickling {what} of {name} raised {error!r}")
+        wrapped.__cause__ = error.__cause__ if error.__cause__ is not None else error
+        error = wrapped
+    error.add_note(f"(farpool: raised while unpickling {what} of {name}, so the task's result cannot be "
+                   "had; this future fails with it and the executor goes on. Check that the objects "
+                   "passed and returned unpickle in a fresh process)")
+    return _as_broken(error)
+
+
+def _process_pool_error(error: BaseException, name: str | None) -> BaseException:
+    """The error ProcessPoolExecutor code expects for a failed task (``error`` as the user sees it)."""
+    from farpool._private import protocol
+    if isinstance(error, _exc.WorkerCrashedError):
+        return _as_broken(error)
+    if isinstance(error, protocol.SerializationError) and error.original is not None:
+        return _pickling_error(error)  # a result that would not pickle: its own error, as the stdlib's
+    if getattr(error, protocol.PHASE_ATTRIBUTE, None) == protocol.LOADING_ARGUMENTS:
+        delattr(error, protocol.PHASE_ATTRIBUTE)
+        return _not_loaded(error, "the arguments", name)
     return error
 
 
@@ -706,8 +785,11 @@ class _Dispatcher:
     back in) guards ``pending``, ``in_flight`` and ``broken``.
     """
 
-    def __init__(self, client, tb_cls=_RemoteTraceback, broken_cls: type = BrokenDistributedExecutor):
+    def __init__(self, client, tb_cls=_RemoteTraceback, broken_cls: type = BrokenDistributedExecutor,
+                 process_pool_errors: bool = False):
         self.client = client
+        # The executor's futures fail as ProcessPoolExecutor's do (see _process_pool_error).
+        self.process_pool_errors = process_pool_errors
         self.authkey = _AuthKey(_submitter_authkey())  # every task's first argument (see _AuthKey)
         self.tb_cls = tb_cls
         self.broken_cls = broken_cls
@@ -742,10 +824,13 @@ class _Dispatcher:
         self.pump()
 
     def pump(self) -> None:
+        if self.broken is None and self.client.broken is not None:
+            # Every unfinished future fails now (an earlier version dropped them from the
+            # tables here without failing them: waiters on a dead cluster hung forever).
+            self.break_(f"the farpool cluster was lost: {self.client.broken}")
+            return
         failed = []
         with self.lock:
-            if self.broken is None and self.client.broken is not None:
-                self._break_locked(f"the farpool cluster was lost: {self.client.broken}")
             while self.pending and self.broken is None:
                 source = self.pending[0]
                 limit = source.limit
@@ -799,6 +884,9 @@ class _Dispatcher:
                     try:
                         value = self.client.value_of(ref, writable=True)  # copy-on-write, no copy
                     except BaseException as error:  # noqa: BLE001
+                        if self.process_pool_errors and not isinstance(error, _exc.FarpoolError) \
+                                and not self.client.has_failed(ref):  # the result would not unpickle
+                            error = _not_loaded(error, "the result", future._name)
                         self._settle_error(future, error)
                     else:
                         future._set_result_safe(_fix_result(value, chunk))
@@ -820,7 +908,10 @@ class _Dispatcher:
             self.break_(f"the farpool cluster was lost: {self.client.broken}")
             future._set_exception_safe(self.broken_error())
         else:
-            future._set_exception_safe(_user_error(error, self.tb_cls, future._name))
+            error = _user_error(error, self.tb_cls, future._name)
+            if self.process_pool_errors:
+                error = _process_pool_error(error, future._name)
+            future._set_exception_safe(error)
 
     def cancel(self, future: DistributedFuture) -> bool:
         with self.lock:
@@ -834,12 +925,13 @@ class _Dispatcher:
         future._mark_running()
         return future.cancelled()
 
-    def cancel_pending(self, in_flight_too: bool = True) -> None:
-        """shutdown(cancel_futures=True): what has not started never will."""
+    def cancel_pending(self, keep_in_flight: int = 0) -> None:
+        """What has not started never will; of the tasks in flight, the oldest ``keep_in_flight``
+        go on (shutdown(cancel_futures=True): as the stdlib's work already handed to its workers)."""
         with self.lock:
             sources = list(self.pending)
             self.pending.clear()
-            flying = list(self.in_flight)
+            flying = list(self.in_flight)[keep_in_flight:]
         for source in sources:
             if isinstance(source, _Feed):
                 source.close(concurrent.futures.CancelledError())
@@ -847,9 +939,8 @@ class _Dispatcher:
                     self.cancel(future)
             else:
                 source.future._settle_cancelled()
-        if in_flight_too:
-            for future in flying:
-                self.cancel(future)
+        for future in flying:
+            self.cancel(future)
         self._notify()
 
     def terminate(self, error_factory: Callable[[], BaseException], force: bool = True) -> None:

@@ -20,9 +20,16 @@ How it differs from the stdlib (everything else matches ``ProcessPoolExecutor``)
   ``max_workers`` waits in this process; its ``object_ref`` is None until it
   is handed to the runtime.
 * A worker that dies is retried (``max_retries``); after that only its future
-  fails, with ``farpool.WorkerCrashedError``.  ``BrokenDistributedExecutor``
-  (a ``BrokenProcessPool``) is for an initializer that raised or a lost
-  cluster.
+  fails, with a ``farpool.WorkerCrashedError`` that is also a
+  ``BrokenProcessPool``, and the executor goes on.  So does a task whose
+  arguments (in the worker) or result (here) do not unpickle: its future
+  fails with the unpickling error, also a ``BrokenProcessPool``.  A result
+  that does not pickle fails with its own error, as the stdlib's does.
+  ``BrokenDistributedExecutor`` (a ``BrokenProcessPool``) is for an
+  initializer that raised or a lost cluster: the whole executor is broken.
+* ``shutdown(cancel_futures=True)`` lets the tasks already handed to the
+  runtime (at most ``max_workers``) finish, as the stdlib lets those it handed
+  to its workers, and cancels the rest.
 * ``map`` reads its inputs as work is handed out (a bounded prefetch), not all
   at once; an exception raised by the input iterator is raised when its item
   is reached (from ``map()`` itself when that happens at once).  A numpy array
@@ -39,6 +46,7 @@ import concurrent.futures
 import copy
 import threading
 import time
+import weakref
 from typing import Callable, Iterable, Iterator
 
 from farpool import exceptions as _exc
@@ -65,10 +73,16 @@ def _ordered_results(feed: _Feed, end_time: float | None, convert: Callable | No
                     chunk = future.result(end_time - time.monotonic())
             finally:
                 future.cancel()
+            del future  # (it holds the chunk too)
             if convert is not None:
                 chunk = convert(chunk)
-            yield from chunk  # (the stdlib pops item by item: twice the cost per item)
-            del chunk
+            # Item by item off the list, as the stdlib does: an item the caller let go of is
+            # freed at once, not kept by this iterator until the chunk is done (CPython issue 14406).
+            chunk.reverse()
+            pop = chunk.pop
+            while chunk:
+                yield pop()
+            del chunk, pop
     finally:
         feed.close()
         for future in feed.remaining_futures():
@@ -77,11 +91,21 @@ def _ordered_results(feed: _Feed, end_time: float | None, convert: Callable | No
 
 # ---------------------------------------------------------------------------- the executor
 _interpreter_exiting = False
+# Every executor's dispatcher, for _python_exit (weak: an executor nobody uses any more, with
+# nothing in flight, is not waited for).
+_dispatchers: "weakref.WeakSet[_Dispatcher]" = weakref.WeakSet()
 
 
 def _python_exit() -> None:
+    """At interpreter exit (before atexit's farpool.shutdown), as the stdlib's executors do:
+    no new work, and the work already submitted runs to the end (shutdown(wait=False) too)."""
     global _interpreter_exiting
     _interpreter_exiting = True
+    from farpool._private import client as client_mod
+    for dispatcher in list(_dispatchers):
+        # Only on the cluster still connected: work on a lost one has failed (or is failing) already.
+        if dispatcher.client is client_mod.current() and dispatcher.client.broken is None:
+            dispatcher.wait_idle()
 
 
 threading._register_atexit(_python_exit)
@@ -142,8 +166,9 @@ class DistributedExecutor(concurrent.futures.Executor):
         client, nodes, max_workers, pool_key = _open_facade(
             "executor", address, hints, max_workers, initializer, initargs, max_tasks_per_child)
         self._max_workers = max_workers
-        self._state = _ExecutorState(_Dispatcher(client), pool_key, nodes,
+        self._state = _ExecutorState(_Dispatcher(client, process_pool_errors=True), pool_key, nodes,
                                      bool(getattr(client, "embedded", False)))
+        _dispatchers.add(self._state.dispatcher)
         self._set_hints(hints)
 
     # -- resource hints -----------------------------------------------------
@@ -223,7 +248,9 @@ class DistributedExecutor(concurrent.futures.Executor):
         with state.lock:
             state.shutdown = True
         if cancel_futures:
-            state.dispatcher.cancel_pending()
+            # The tasks already handed to the runtime (up to max_workers) go on, as those the
+            # stdlib already handed to its workers do; the rest is cancelled.
+            state.dispatcher.cancel_pending(keep_in_flight=self._max_workers)
         if wait:
             state.dispatcher.wait_idle()
             state.hold.release()

@@ -63,6 +63,11 @@ INIT, RUN, CLOSE, TERMINATE = _mpp.INIT, _mpp.RUN, _mpp.CLOSE, _mpp.TERMINATE
 _job_counter = itertools.count()
 
 
+def _start_worker() -> None:
+    """A pool's first task in each of its workers (see Pool._start_workers); the worker ran
+    the initializer before it."""
+
+
 class BrokenPoolError(_exc.FarpoolError):
     """The pool cannot run anything more: its initializer raised, or the cluster was lost."""
 
@@ -385,6 +390,19 @@ class Pool:
         self._limit = _in_flight_limit(processes, hints, nodes)
         self._infeasible = _feasible(hints, nodes) if getattr(client, "embedded", False) else None
         self._state = RUN
+        if initializer is not None:
+            self._start_workers()
+
+    def _start_workers(self) -> None:
+        """As the stdlib's pool starts its processes at once, each running the initializer: an
+        empty task for each worker the pool may use at once, so that they start (and run the
+        initializer) before any work arrives.  An initializer that raises breaks the pool, as
+        at a first task."""
+        for _ in range(self._limit.strict):
+            future = DistributedFuture(self._dispatcher)
+            future._name = "the pool's initializer"
+            self._dispatcher.push(_WorkItem(future, self._tasks.call(_start_worker), (_start_worker, ()),
+                                            self._limit))
 
     # -- state -------------------------------------------------------------
     def _check_running(self) -> None:

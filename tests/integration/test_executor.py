@@ -8,7 +8,9 @@ essentials again, so that `pytest` alone covers them.
 
 import concurrent.futures as cf
 import os
+import pickle
 import threading
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
@@ -57,6 +59,46 @@ def make_array(n):
 def touch(path):
     open(path, "w").close()
     return path
+
+
+def _refuse_to_unpickle():
+    raise pickle.UnpicklingError("refused on purpose")
+
+
+def _exit_while_unpickling():
+    raise SystemExit(4)
+
+
+class BadUnpickle:
+    """Pickles fine; unpickling it raises (in a worker as an argument, here as a result)."""
+    def __reduce__(self):
+        return _refuse_to_unpickle, ()
+
+
+class ExitUnpickle:
+    def __reduce__(self):
+        return _exit_while_unpickling, ()
+
+
+class BadPickle:
+    def __reduce__(self):
+        raise pickle.PicklingError("cannot pickle this on purpose")
+
+
+def identity(x):
+    return x
+
+
+def make_bad_unpickle():
+    return BadUnpickle()
+
+
+def make_exit_unpickle():
+    return ExitUnpickle()
+
+
+def make_bad_pickle():
+    return BadPickle()
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -272,6 +314,17 @@ def test_initializer_that_raises_breaks_the_executor(cluster):
     ex.shutdown()
 
 
+def test_a_multiprocessing_queue_in_initargs_is_refused_at_construction_with_the_way_out(cluster):
+    import multiprocessing
+    queue = multiprocessing.get_context("forkserver").Queue()
+    try:
+        with pytest.raises(TypeError, match=r"through inheritance.*Manager\(\)\.Queue\(\)"):
+            DistributedExecutor(initializer=set_value, initargs=(queue,))
+    finally:
+        queue.close()
+        queue.join_thread()
+
+
 def test_max_tasks_per_child_replaces_workers(cluster):
     with DistributedExecutor(max_workers=1, max_tasks_per_child=2) as ex:
         pids = [ex.submit(pid_of).result(timeout=TIMEOUT) for _ in range(6)]
@@ -289,10 +342,39 @@ def test_worker_crash_past_retries_fails_only_that_future(cluster):
     with DistributedExecutor(max_retries=0) as ex:
         doomed = ex.submit(crash_always)
         fine = [ex.submit(square, i) for i in range(10)]
-        with pytest.raises(farpool.WorkerCrashedError):
+        with pytest.raises(farpool.WorkerCrashedError) as info:
             doomed.result(timeout=TIMEOUT)
+        assert isinstance(info.value, BrokenProcessPool)  # what ProcessPoolExecutor code catches
+        assert "crash_always" in str(info.value) and "max_retries=0" in str(info.value)
         assert [f.result(timeout=TIMEOUT) for f in fine] == [i * i for i in range(10)]
         assert ex.submit(square, 4).result(timeout=TIMEOUT) == 16
+        # It pickles (and stays both) like any exception a program may pass on.
+        again = pickle.loads(pickle.dumps(info.value))
+        assert isinstance(again, farpool.WorkerCrashedError) and isinstance(again, BrokenProcessPool)
+        assert str(again) == str(info.value)
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda ex: ex.submit(identity, BadUnpickle()), pickle.UnpicklingError),   # arguments, in the worker
+    (lambda ex: ex.submit(identity, ExitUnpickle()), pickle.UnpicklingError),
+    (lambda ex: ex.submit(make_bad_unpickle), pickle.UnpicklingError),         # the result, here
+    (lambda ex: ex.submit(make_exit_unpickle), pickle.UnpicklingError),
+], ids=["args-raise", "args-exit", "result-raise", "result-exit"])
+def test_what_does_not_unpickle_fails_its_future_as_broken_process_pool(ex, make, expected):
+    with pytest.raises(expected) as info:
+        make(ex).result(timeout=TIMEOUT)
+    assert isinstance(info.value, BrokenProcessPool)
+    assert "raised while unpickling" in "\n".join(getattr(info.value, "__notes__", []))
+    assert not hasattr(info.value, "_farpool_phase")
+    assert ex.submit(square, 3).result(timeout=TIMEOUT) == 9  # the executor goes on
+
+
+def test_a_result_that_does_not_pickle_raises_its_own_error(ex):
+    with pytest.raises(pickle.PicklingError, match="cannot pickle this on purpose") as info:
+        ex.submit(make_bad_pickle).result(timeout=TIMEOUT)
+    assert not isinstance(info.value, BrokenProcessPool)  # the stdlib's worker reports it as itself
+    assert "cannot pickle the result of make_bad_pickle" in "\n".join(info.value.__notes__)
+    assert isinstance(info.value.__cause__, cf.process._RemoteTraceback)
 
 
 def test_unpicklable_argument_fails_that_future_with_the_original_error(ex):

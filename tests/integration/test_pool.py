@@ -220,11 +220,25 @@ def test_initializer_and_maxtasksperchild(cluster):
     assert all(pids.count(x) <= 2 for x in pids), pids
 
 
+def touch(path):
+    open(path, "w").close()
+
+
+def test_initializer_runs_in_an_idle_pool(cluster, tmp_path):
+    """The stdlib's pool starts its processes at once, each running the initializer: so does ours."""
+    marker = tmp_path / "initialized"
+    p = Pool(1, initializer=touch, initargs=(str(marker),))
+    p.close()
+    p.join()
+    assert marker.exists()
+
+
 def test_initializer_that_raises_breaks_the_pool(cluster):
     with Pool(1, initializer=bad_initializer) as p:
-        r = p.apply_async(square, (2,))
+        # The pool starts its worker at once: apply_async itself raises if the initializer
+        # already failed there, else the result does.
         with pytest.raises(BrokenPoolError, match="pool initializer failed on purpose"):
-            r.get(timeout=TIMEOUT)
+            p.apply_async(square, (2,)).get(timeout=TIMEOUT)
         with pytest.raises(BrokenPoolError):
             p.apply_async(square, (3,))
 

@@ -1984,6 +1984,11 @@ class CoreClient:
         task = entry.task if entry is not None else None
         return "DONE" if task is None else task.state.value
 
+    def has_failed(self, ref: ObjectRef) -> bool:
+        """True if the ref's task failed (value_of raises its error, not an unpickling one). Any thread."""
+        entry = self.objects.get(ref._id)
+        return entry is not None and entry.state == FAILED
+
     def cancel_children(self, parent_task_id: str) -> None:
         """Cancel every task the given task (running in this worker) submitted. Any thread."""
         for child in self.children.pop(parent_task_id, []):

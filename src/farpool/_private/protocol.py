@@ -133,8 +133,21 @@ def reset_interactive_cache() -> None:
     _main_by_value = None
 
 
+# The phase of a task an exception interrupted, set by the worker as an attribute of the
+# exception itself (so it travels in its __dict__): the facades tell a task that could not
+# start (its arguments did not unpickle: the stdlib's BrokenProcessPool) from its function raising.
+PHASE_ATTRIBUTE = "_farpool_phase"
+LOADING_ARGUMENTS = "unpickling the arguments"
+
+
 class SerializationError(TypeError):
-    """A value cannot be pickled; the message says what and the likely culprit."""
+    """A value cannot be pickled; the message says what and the likely culprit.
+
+    ``original`` is the exception pickling raised (it travels with this one, where
+    ``__cause__`` would not), so a facade can raise it as the stdlib does.
+    """
+
+    original: BaseException | None = None
 
 
 _CULPRITS = (
@@ -146,6 +159,11 @@ _CULPRITS = (
 
 
 def _hint(text: str) -> str:
+    if "through inheritance" in text:  # multiprocessing's Queue, Lock, Semaphore, Event, ...
+        return (" It looks like a multiprocessing synchronization object (a Queue, Lock, Event, ...): the "
+                "stdlib hands those to its child processes by inheritance, but farpool's workers are not "
+                "our children and may run on other machines. Use a Manager's instead "
+                "(multiprocessing.Manager().Queue(), .Lock(), ...), which any process can reach.")
     for needle, what in _CULPRITS:
         if needle in text:
             return (f" It looks like {what}: such objects cannot travel to another process; "
@@ -171,8 +189,18 @@ def dumps(value, what: str = "value") -> tuple[bytes, list]:
         data = cloudpickle.dumps(value, protocol=5, buffer_callback=_oob_filter(buffers))
         return data, buffers
     except Exception as exc:
-        text = f"{type(exc).__name__}: {exc}"
-        raise SerializationError(f"cannot pickle {what}: {text}.{_hint(text)}") from exc
+        raise _serialization_error(exc, what) from exc
+
+
+def _serialization_error(exc: Exception, what: str) -> SerializationError:
+    text = f"{type(exc).__name__}: {exc}"
+    error = SerializationError(f"cannot pickle {what}: {text}.{_hint(text)}")
+    try:
+        pickle.loads(pickle.dumps(exc, protocol=5))  # it travels with us only if it can
+    except Exception:  # noqa: BLE001 - then the text alone says what happened
+        return error
+    error.original = exc
+    return error
 
 
 def dumps_inband(value, what: str = "value") -> bytes:
@@ -187,8 +215,7 @@ def dumps_inband(value, what: str = "value") -> bytes:
     try:
         return cloudpickle.dumps(value, protocol=5)
     except Exception as exc:
-        text = f"{type(exc).__name__}: {exc}"
-        raise SerializationError(f"cannot pickle {what}: {text}.{_hint(text)}") from exc
+        raise _serialization_error(exc, what) from exc
 
 
 def _oob_filter(buffers: list):

@@ -193,6 +193,14 @@ class _Batch:
     out_buffers: list = field(default_factory=list)
 
 
+def _mark_phase(exc: BaseException, phase: str) -> None:
+    """Note on ``exc`` the phase of the task it interrupted (see protocol.PHASE_ATTRIBUTE)."""
+    try:
+        setattr(exc, protocol.PHASE_ATTRIBUTE, phase)
+    except (AttributeError, TypeError):  # an exception type without a __dict__
+        pass
+
+
 def _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs):
     """Arguments, plus weakrefs to the ObjectRefs that arrived in them (we borrow those)."""
     with object_ref.arriving([]) as arrivals:
@@ -704,7 +712,11 @@ class Worker:
                         raise RuntimeError(f"function {fn_name} was not shipped to this worker")
                     fn = protocol.loads_function(fn_bytes)
                     self.functions[fn_hash] = fn
-            args, kwargs, arrivals = _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
+            try:
+                args, kwargs, arrivals = _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
+            except BaseException as exc:
+                _mark_phase(exc, protocol.LOADING_ARGUMENTS)
+                raise
             value = _call_user(fn, args, kwargs)
             args = kwargs = None
             if arrivals:
