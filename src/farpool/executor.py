@@ -101,10 +101,10 @@ def _python_exit() -> None:
     no new work, and the work already submitted runs to the end (shutdown(wait=False) too)."""
     global _interpreter_exiting
     _interpreter_exiting = True
-    from farpool._private import client as client_mod
+    from farpool._private import object_ref
     for dispatcher in list(_dispatchers):
         # Only on the cluster still connected: work on a lost one has failed (or is failing) already.
-        if dispatcher.client is client_mod.current() and dispatcher.client.broken is None:
+        if dispatcher.client is object_ref.current() and dispatcher.client.broken is None:
             dispatcher.wait_idle()
 
 
