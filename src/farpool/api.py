@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import logging
+import time
 
 from farpool._private import client as client_mod
 from farpool._private import context as context_mod
@@ -215,7 +216,13 @@ def put(value) -> ObjectRef:
 
 
 def wait(refs, *, num_returns: int = 1, timeout: float | None = None, fetch_local: bool = True):
-    """(ready, not_ready): the first ``num_returns`` refs done, in the order given."""
+    """(ready, not_ready): the first ``num_returns`` refs done, in the order given.
+
+    With ``fetch_local`` (the default) a ref counts as ready once its value can be read on
+    this node: a value stored on another node is copied into this node's store first (a
+    driver joined over TCP, with no store, reads every value from where it is).  With
+    ``fetch_local=False`` it is ready as soon as it exists anywhere in the cluster.
+    """
     if isinstance(refs, ObjectRef):
         raise TypeError("wait() takes a list of ObjectRefs, not a single ref: wait([ref])")
     ref_list, _ = _check_refs(refs, "wait")
@@ -229,7 +236,14 @@ def wait(refs, *, num_returns: int = 1, timeout: float | None = None, fetch_loca
     if num_returns > len(ref_list):
         raise ValueError(f"`num_returns` ({num_returns}) is larger than the number of refs ({len(ref_list)})")
     _check_timeout(timeout)
-    flags = _client().wait_entries(ref_list, num_returns, timeout)
+    if not isinstance(fetch_local, bool):
+        raise TypeError(f"`fetch_local` must be a bool, got {type(fetch_local).__name__}")
+    client = _client()
+    started = time.monotonic()
+    flags = client.wait_entries(ref_list, num_returns, timeout)
+    if fetch_local:  # ready means readable here: values in other nodes' stores are copied to ours first
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        flags = client.fetch_here(ref_list, flags, num_returns, left)
     ready, not_ready = [], []
     for ref, done in zip(ref_list, flags):
         (ready if done and len(ready) < num_returns else not_ready).append(ref)

@@ -209,6 +209,21 @@ def test_a_large_result_stays_on_its_node_until_read_elsewhere(started):
     wait_until(lambda: store_stats(head)["objects"] == 0, "our copy of the result was never freed")
 
 
+def test_wait_with_fetch_local_copies_a_value_from_another_node_before_it_is_ready(started):
+    head, second, third = three_nodes(started)
+    ref = make_array.options(resources={"second": 1}).remote(N)
+    ready, _ = farpool.wait([ref], timeout=120, fetch_local=False)
+    assert ready == [ref]
+    assert store_stats(head)["pulls"] == 0  # ready where it was made: nothing copied here
+    ready, _ = farpool.wait([ref], timeout=120)  # fetch_local=True, the default
+    assert ready == [ref]
+    assert (store_stats(head)["pulls"], store_stats(head)["copies"]) == (1, 1)
+    assert float(farpool.get(ref, timeout=120).sum()) == float(np.arange(N).sum())
+    assert store_stats(head)["pulls"] == 1  # get reads the copy wait made
+    with pytest.raises(TypeError, match="`fetch_local` must be a bool"):
+        farpool.wait([ref], fetch_local="yes")
+
+
 def test_farpool_memory_lists_the_store_of_every_node_with_its_copies(started):
     import subprocess
     import sys

@@ -471,6 +471,35 @@ class CoreClient:
                                 pass
         return [e.state != PENDING for e in entries]
 
+    def fetch_here(self, refs: list, flags: list, num_returns: int, timeout: float | None) -> list[bool]:
+        """wait(fetch_local=True): of the first ``num_returns`` ready ``refs`` (``flags``), those
+        whose value lives in another node's store are copied into our node's store (pull.py)
+        before they count as ready; True for each ready here now (a failed copy counts: get
+        raises its error).  Nothing to do without a store of our own, or for values here."""
+        home = self.home
+        if home is None or not home.local:
+            return flags
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out = list(flags)
+        counted = 0
+        for i, (ref, ready) in enumerate(zip(refs, flags)):
+            if not ready or counted >= num_returns:
+                continue
+            counted += 1
+            entry = self.objects.get(ref._id)
+            if entry is None or entry.state != READY or entry.location is None or entry.location[1] == home.node_id:
+                continue
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                out[i] = False
+                continue
+            spec = self._stored_for(home.node_id, ref._id, entry, f"object {ref.hex()[:16]}")
+            try:
+                self.agent_request(home, "PullObject", spec[1:], timeout=3600 if left is None else left)
+            except exc_mod.FarpoolError:  # no answer in time: not here yet
+                out[i] = False
+        return out
+
     def _set_blocked(self, blocked: bool) -> None:
         """Inside a worker's task: tell the agent we wait, so it lends our CPU (no deadlock)."""
         if not self.in_worker or self.worker_id is None:
