@@ -24,7 +24,7 @@ import time
 
 import signal as _signal
 
-from farpool._private import protocol, session, transport
+from farpool._private import addresses, protocol, session, transport
 from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
@@ -37,7 +37,8 @@ CHECK_INTERVAL_S = 1.0
 
 
 class Head:
-    def __init__(self, session_dir: str, token: str, host: str | None, port: int, embedded: bool):
+    def __init__(self, session_dir: str, token: str, host: str | None, port: int, embedded: bool,
+                 advertise: str | None = None):
         self.session_dir = session_dir
         self.token = token
         self.embedded = embedded
@@ -48,6 +49,7 @@ class Head:
         self.tcp = None
         self.port = None
         self.host = host
+        self.advertise = advertise or host  # what others connect to (``host`` may be 0.0.0.0)
         if host is not None:
             self.zap = transport.ZapHandler(token)
             self.loop.add_reader(self.zap.socket, self.zap.handle)
@@ -299,7 +301,7 @@ class Head:
         return list(self.nodes.values())
 
     def address(self) -> str | None:
-        return f"{self.host}:{self.port}" if self.tcp is not None else None
+        return addresses.join(self.advertise, self.port) if self.tcp is not None else None
 
     def _broadcast(self) -> None:
         frames = encode("NodeTable", (self._table(),))
@@ -352,6 +354,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="farpool-head")
     parser.add_argument("--session-dir", required=True)
     parser.add_argument("--host", default=None, help="also listen on TCP at this address")
+    parser.add_argument("--advertise-host", default=None,
+                        help="the address others connect to, when --host is 0.0.0.0 (default: --host)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--embedded", action="store_true")
     parser.add_argument("--lifeline", action="store_true", help="exit when stdin closes")
@@ -359,7 +363,7 @@ def main(argv=None) -> int:
     session.set_process_name("farpool-head")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = os.environ.pop("FARPOOL_TOKEN", "")
-    head = Head(args.session_dir, token, args.host, args.port, args.embedded)
+    head = Head(args.session_dir, token, args.host, args.port, args.embedded, args.advertise_host)
     with open(os.path.join(args.session_dir, "head.pid"), "w") as f:
         f.write(str(os.getpid()))
     if head.port is not None:

@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 
-from farpool._private import launcher, protocol, pull, scheduling, session, store, transport
+from farpool._private import addresses, launcher, protocol, pull, scheduling, session, store, transport
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.protocol import encode
 
@@ -88,7 +88,8 @@ class NodeAgent:
             self.tcp = transport.router()
             transport.make_curve_server(self.tcp, token)
             port = transport.bind_tcp(self.tcp, args.host, args.port)
-            self.tcp_address = f"{args.host}:{port}"
+            # What others connect to: --node-ip when we listen on more than one address.
+            self.tcp_address = addresses.join(args.node_ip or args.host, port)
             self.sockets[TCP] = self.tcp
             self.loop.add_reader(self.tcp, lambda: self._on_socket(TCP))
             self.tcp_watch = transport.DisconnectWatch(self.tcp)
@@ -739,6 +740,8 @@ def main(argv=None) -> int:
     parser.add_argument("--object-store-memory", type=float, default=None)
     parser.add_argument("--memory", type=float, default=None, help="bytes of memory tasks may reserve")
     parser.add_argument("--host", default=None, help="also listen on TCP at this address")
+    parser.add_argument("--node-ip", default=None,
+                        help="the address registered for others to connect to (default: --host)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--embedded", action="store_true")
     parser.add_argument("--head-node", action="store_true")
