@@ -86,10 +86,10 @@ class HostsCluster:
             self.joined.append(host)
         return out
 
-    def driver(self, host, code, timeout=90, check=True, env=None):
+    def driver(self, host, code, args=(), timeout=90, check=True, env=None):
         """Run ``code`` as a driver program on ``host``; it joins with FARPOOL_ADDRESS/TOKEN."""
         env = dict({"FARPOOL_ADDRESS": self.address, "FARPOOL_TOKEN": self.token}, **(env or {}))
-        return host.run([sys.executable, "-c", code], env=env, timeout=timeout, check=check, cwd=TESTS)
+        return host.run([sys.executable, "-c", code, *args], env=env, timeout=timeout, check=check, cwd=TESTS)
 
     def stop(self):
         for host in [*self.joined, self.head_host]:
