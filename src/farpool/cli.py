@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         return {"start": _start, "stop": _stop, "status": _status, "memory": _memory,
                 "microbenchmark": _microbenchmark}[
             args.command](args)
-    except (ValueError, ConnectionError, OSError) as exc:
+    except (ValueError, ConnectionError, OSError, RuntimeError) as exc:
         print(f"farpool {args.command}: {exc}", file=sys.stderr)
         return 1
 

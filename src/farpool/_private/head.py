@@ -24,7 +24,7 @@ import time
 
 import signal as _signal
 
-from farpool._private import addresses, protocol, session, transport
+from farpool._private import addresses, protocol, session, transport, versions
 from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
@@ -90,7 +90,18 @@ class Head:
     def _on_Ping(self, sock, identity, *args) -> None:
         self._reply(sock, identity, "Pong", *args)
 
+    def _refused(self, sock, identity, what: str, info: dict) -> bool:
+        """Refuse a joining peer whose farpool or Python version differs from ours (and say so)."""
+        why = versions.mismatch(info.get("versions"), what, f"the head at {self.address() or 'this machine'}")
+        if why is None:
+            return False
+        log.warning("refused %s", why)
+        self._reply(sock, identity, "Error", "version-mismatch", why)
+        return True
+
     def _on_Hello(self, sock, identity, kind: str, info: dict) -> None:
+        if self._refused(sock, identity, f"this {kind} (pid {info.get('pid')})", info):
+            return
         job_id = None
         if kind == "driver":
             job_id = self.next_job
@@ -100,11 +111,13 @@ class Head:
             self.client_job[(sock, identity)] = job_id
         self._reply(sock, identity, "Welcome", {
             "job_id": job_id, "embedded": self.embedded, "session_dir": self.session_dir,
-            "nodes": self._table(), "address": self.address(),
+            "nodes": self._table(), "address": self.address(), "versions": versions.ours(),
         })
 
     def _on_RegisterNode(self, sock, identity, info: dict) -> None:
         node_id = info["node_id"]
+        if self._refused(sock, identity, f"node agent {node_id[:8]} on {info.get('hostname')}", info):
+            return
         record = dict(info)
         record["alive"] = True
         record.setdefault("available", dict(info["total"]))

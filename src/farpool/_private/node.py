@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 
-from farpool._private import addresses, launcher, protocol, pull, scheduling, session, store, transport
+from farpool._private import addresses, launcher, protocol, pull, scheduling, session, store, transport, versions
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.protocol import encode
 
@@ -130,7 +130,8 @@ class NodeAgent:
                 "ipc": session.ipc(self.session_dir, "node"), "tcp": self.tcp_address,
                 "session_dir": self.session_dir, "hostname": os.uname().nodename,
                 "pid": os.getpid(), "is_head_node": self.args.head_node,
-                "store_dir": self.store.directory, "store_in_shm": self.store_in_shm}
+                "store_dir": self.store.directory, "store_in_shm": self.store_in_shm,
+                "versions": versions.ours()}
         hello = encode("RegisterNode", (info,))
         self.head = transport.dealer(f"node:{self.node_id}".encode())
         if self.args.head_address.startswith("ipc://"):
@@ -138,6 +139,9 @@ class NodeAgent:
             transport.send(self.head, hello)
         else:
             reply = transport.connect_tcp(self.head, self.args.head_address, self.token, hello)
+            tag, fields, _ = protocol.decode(reply)
+            if tag == "Error" and fields[0] == "version-mismatch":
+                raise ConnectionError(f"the head refused this node: {fields[1]}")
             self._on_head_message(reply)
         self.loop.add_reader(self.head, self._on_head)
         self.heartbeat_due = time.monotonic() + HEARTBEAT_S
