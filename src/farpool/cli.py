@@ -106,12 +106,21 @@ def _start(args) -> int:
         head = session.spawn("farpool._private.head", ["--session-dir", session_dir, "--host", listen,
                                                        "--advertise-host", advertise, "--port", str(args.port)],
                              session_dir, "head.log", token, lifeline=False)
-        port = _wait_file(os.path.join(session_dir, "head.port"), head, "head")
+        try:
+            port = _wait_file(os.path.join(session_dir, "head.port"), head, "head")
+        except RuntimeError:
+            session.remove_session(session_dir)
+            raise
         address = addresses.join(advertise, int(port))
         node = session.spawn("farpool._private.node",
                              ["--head-address", session.ipc(session_dir, "head"), "--head-node"] + common,
                              session_dir, "node.log", token, lifeline=False)
-        node_address = _wait_file(os.path.join(session_dir, "node.address"), node, "node agent")
+        try:
+            node_address = _wait_file(os.path.join(session_dir, "node.address"), node, "node agent")
+        except RuntimeError:  # no cluster without its node: stop the head too
+            session.terminate([p.pid for p in (node, head)])
+            session.remove_session(session_dir)
+            raise
         state = {"address": address, "session_dir": session_dir, "token_file": token_file,
                  "head_pid": head.pid, "nodes": [{"pid": node.pid, "session_dir": session_dir,
                                                    "node_id": node_id}]}

@@ -376,7 +376,11 @@ def main(argv=None) -> int:
     session.set_process_name("farpool-head")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = os.environ.pop("FARPOOL_TOKEN", "")
-    head = Head(args.session_dir, token, args.host, args.port, args.embedded, args.advertise_host)
+    try:
+        head = Head(args.session_dir, token, args.host, args.port, args.embedded, args.advertise_host)
+    except OSError as exc:  # the port is taken, the host is not ours: say so, no traceback
+        print(f"farpool-head: {exc.strerror or exc}", flush=True)
+        return 1
     with open(os.path.join(args.session_dir, "head.pid"), "w") as f:
         f.write(str(os.getpid()))
     if head.port is not None:

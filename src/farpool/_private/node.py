@@ -773,12 +773,18 @@ def main(argv=None) -> int:
         pass
     with open(os.path.join(args.session_dir, "node.pid"), "w") as f:
         f.write(str(os.getpid()))
-    agent = NodeAgent(args, token, launcher_pid, launcher_sock)
+    try:
+        agent = NodeAgent(args, token, launcher_pid, launcher_sock)
+    except OSError as exc:  # the port is taken, the host is not ours: say so, no traceback
+        print(f"farpool-node: {exc.strerror or exc}", flush=True)
+        _stop_launcher(launcher_pid, launcher_sock)
+        return 1
     agent.start_workers()
     try:
         agent.connect_head()
     except Exception as exc:  # wrong token or address: say so and exit
         print(f"farpool-node: cannot join the head at {args.head_address}: {exc}", flush=True)
+        _stop_launcher(launcher_pid, launcher_sock)
         return 2
 
     def on_lifeline():
@@ -799,11 +805,7 @@ def main(argv=None) -> int:
             transport.send(agent.head, encode("Goodbye", ("node", agent.node_id)))
         except Exception:
             pass
-        launcher_sock.close()  # the launcher sees EOF and kills the workers
-        try:
-            os.waitpid(launcher_pid, 0)
-        except ChildProcessError:
-            pass
+        _stop_launcher(launcher_pid, launcher_sock)
         agent.close()
         agent.store.close()
         if agent.share is not None:
@@ -819,6 +821,14 @@ def main(argv=None) -> int:
                     except OSError:
                         pass
     return 0
+
+
+def _stop_launcher(launcher_pid: int, launcher_sock) -> None:
+    launcher_sock.close()  # the launcher sees EOF and kills the workers
+    try:
+        os.waitpid(launcher_pid, 0)
+    except ChildProcessError:
+        pass
 
 
 if __name__ == "__main__":
