@@ -41,6 +41,10 @@ def main(argv=None) -> int:
     start.add_argument("--token", help="the cluster token (visible to other users in ps: prefer FARPOOL_TOKEN)")
     start.add_argument("--block", action="store_true", help="stay in the foreground until Ctrl-C")
     _resource_args(start)
+    up = sub.add_parser("up", help="start a cluster over SSH from CLUSTER.yaml (head, then every worker)")
+    up.add_argument("config", help="CLUSTER.yaml: cluster_name, ssh, python, setup, head, workers")
+    down = sub.add_parser("down", help="stop what `farpool up CLUSTER.yaml` started")
+    down.add_argument("config")
     stop = sub.add_parser("stop", help="stop what `farpool start` started on this machine")
     del stop
     status = sub.add_parser("status", help="nodes, resources and workers of a cluster")
@@ -52,7 +56,7 @@ def main(argv=None) -> int:
     bench.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     try:
-        return {"start": _start, "stop": _stop, "status": _status, "memory": _memory,
+        return {"start": _start, "up": _up, "down": _down, "stop": _stop, "status": _status, "memory": _memory,
                 "microbenchmark": _microbenchmark}[
             args.command](args)
     except (ValueError, ConnectionError, OSError, RuntimeError) as exc:
@@ -159,6 +163,37 @@ def _start(args) -> int:
                 time.sleep(3600)
         except KeyboardInterrupt:
             return _stop(args)
+    return 0
+
+
+def _up(args) -> int:
+    from farpool._private.launchers import ssh
+    cfg = ssh.load(args.config)
+    try:
+        state = ssh.up(cfg)
+    except ssh.HostFailed as exc:
+        print(f"farpool up: the head did not start, so nothing did: {exc}", file=sys.stderr)
+        return 1
+    print(f"farpool cluster {cfg.cluster_name!r} is up at {state['address']} with "
+          f"{1 + len(state['workers'])} node(s).")
+    print("To connect a program, on a machine that reaches the head:")
+    print(f"  FARPOOL_TOKEN=$(cat {state['token_file']}) python -c "
+          f"'import farpool; farpool.init(address=\"{state['address']}\")'")
+    print(f"  (the token is in {state['token_file']}, readable by you only)")
+    print(f"To stop it: farpool down {args.config}")
+    if state["failed"]:
+        print(f"{len(state['failed'])} host(s) did not start (the others are up and working): "
+              + ", ".join(f["host"] for f in state["failed"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _down(args) -> int:
+    from farpool._private.launchers import ssh
+    failed = ssh.down(ssh.load(args.config))
+    if failed:
+        print(f"farpool down: could not stop {', '.join(failed)}; run `farpool stop` there", file=sys.stderr)
+        return 1
     return 0
 
 
