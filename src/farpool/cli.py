@@ -29,12 +29,22 @@ def main(argv=None) -> int:
     start = sub.add_parser("start", help="start a head (--head) or join a node (--address)")
     start.add_argument("--head", action="store_true", help="start the head of a new cluster")
     start.add_argument("--address", help="HOST:PORT of the head to join")
-    start.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    start.add_argument("--port", type=int, default=0, help="head port (default: any free port)")
+    start.add_argument("--host", default=None,
+                       help="address to listen on (a head: default 127.0.0.1; a node: default --node-ip)")
+    start.add_argument("--port", type=int, default=0, help="head port (default: any free port, printed)")
+    start.add_argument("--node-ip", default=None,
+                       help="the address other nodes and drivers reach this node at (default: the local "
+                            "address on the route to the head; a head node: --host)")
+    start.add_argument("--node-port", type=int, default=0,
+                       help="this node agent's TCP port (default: any free port, printed)")
     start.add_argument("--token-file", help="file holding the cluster token (else FARPOOL_TOKEN)")
     start.add_argument("--token", help="the cluster token (visible to other users in ps: prefer FARPOOL_TOKEN)")
     start.add_argument("--block", action="store_true", help="stay in the foreground until Ctrl-C")
     _resource_args(start)
+    up = sub.add_parser("up", help="start a cluster over SSH from CLUSTER.yaml (head, then every worker)")
+    up.add_argument("config", help="CLUSTER.yaml: cluster_name, ssh, python, setup, head, workers")
+    down = sub.add_parser("down", help="stop what `farpool up CLUSTER.yaml` started")
+    down.add_argument("config")
     stop = sub.add_parser("stop", help="stop what `farpool start` started on this machine")
     del stop
     status = sub.add_parser("status", help="nodes, resources and workers of a cluster")
@@ -46,10 +56,10 @@ def main(argv=None) -> int:
     bench.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     try:
-        return {"start": _start, "stop": _stop, "status": _status, "memory": _memory,
+        return {"start": _start, "up": _up, "down": _down, "stop": _stop, "status": _status, "memory": _memory,
                 "microbenchmark": _microbenchmark}[
             args.command](args)
-    except (ValueError, ConnectionError, OSError) as exc:
+    except (ValueError, ConnectionError, OSError, RuntimeError) as exc:
         print(f"farpool {args.command}: {exc}", file=sys.stderr)
         return 1
 
@@ -64,7 +74,7 @@ def _token(args) -> str | None:
 
 
 def _start(args) -> int:
-    from farpool._private import scheduling, session
+    from farpool._private import addresses, scheduling, session
     resources = json.loads(args.resources or "{}")
     scheduling.make_totals(args.num_cpus or 1, args.num_gpus or 0, resources)  # validate early
     if args.head == bool(args.address):
@@ -73,12 +83,23 @@ def _start(args) -> int:
     if args.head and state.get("head_pid") and session.pid_alive(state["head_pid"]):
         raise ValueError(f"a farpool head is already running here (pid {state['head_pid']}, "
                          f"address {state.get('address')}); run `farpool stop` first")
+    if args.head:
+        listen = args.host or "127.0.0.1"
+        advertise = addresses.node_ip(None, args.node_ip, listen)
+    else:
+        head_host = addresses.split(args.address)[0]
+        advertise = addresses.node_ip(args.address, args.node_ip, args.host)
+        listen = args.host or advertise
+        if addresses.is_loopback(advertise) and not addresses.is_loopback(head_host):
+            raise ValueError(f"this node would register {advertise}, a loopback address, with the head at "
+                             f"{args.address}: no other machine could reach it. Give --node-ip an address "
+                             "of this machine that the head's machine can reach (or leave it out)")
     session.remove_dead_sessions()
     session_dir = session.new_session_dir()
     os.unlink(os.path.join(session_dir, "owner.pid"))
     node_id = os.urandom(8).hex()
     common = ["--session-dir", session_dir, "--node-id", node_id, "--resources", json.dumps(resources),
-              "--host", args.host]
+              "--host", listen, "--node-ip", advertise, "--port", str(args.node_port)]
     for flag, value in (("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus),
                         ("--object-store-memory", args.object_store_memory)):
         if value is not None:
@@ -86,26 +107,36 @@ def _start(args) -> int:
     if args.head:
         token = _token(args) or session.new_token()
         token_file = session.write_token(session_dir, token)
-        head = session.spawn("farpool._private.head", ["--session-dir", session_dir, "--host", args.host,
-                                                       "--port", str(args.port)],
+        head = session.spawn("farpool._private.head", ["--session-dir", session_dir, "--host", listen,
+                                                       "--advertise-host", advertise, "--port", str(args.port)],
                              session_dir, "head.log", token, lifeline=False)
-        port = _wait_file(os.path.join(session_dir, "head.port"), head, "head")
-        address = f"{args.host}:{port}"
+        try:
+            port = _wait_file(os.path.join(session_dir, "head.port"), head, "head")
+        except RuntimeError:
+            session.remove_session(session_dir)
+            raise
+        address = addresses.join(advertise, int(port))
         node = session.spawn("farpool._private.node",
                              ["--head-address", session.ipc(session_dir, "head"), "--head-node"] + common,
                              session_dir, "node.log", token, lifeline=False)
-        _wait_file(os.path.join(session_dir, "node.address"), node, "node agent")
+        try:
+            node_address = _wait_file(os.path.join(session_dir, "node.address"), node, "node agent")
+        except RuntimeError:  # no cluster without its node: stop the head too
+            session.terminate([p.pid for p in (node, head)])
+            session.remove_session(session_dir)
+            raise
         state = {"address": address, "session_dir": session_dir, "token_file": token_file,
                  "head_pid": head.pid, "nodes": [{"pid": node.pid, "session_dir": session_dir,
                                                    "node_id": node_id}]}
         session.write_state(state)
         print(f"farpool head started at {address} (node {node_id[:8]}, session {session_dir})")
+        print(f"Ports to open in a firewall: {port} (head), {addresses.split(node_address)[1]} (this node agent)")
         print("To join another machine to this cluster, run there:")
         print(f"  FARPOOL_TOKEN=$(cat {token_file}) farpool start --address {address}")
         print("  (copy the token file to that machine first; the token never goes on a command line)")
         print(f"To connect a program: farpool.init(address=\"{address}\") with FARPOOL_TOKEN set, "
               "or init(address=\"auto\") on this machine.")
-        if args.host in ("127.0.0.1", "localhost", "::1"):
+        if addresses.is_loopback(advertise):
             print("The head listens on loopback only: other machines cannot reach it. To open the "
                   "cluster to them, restart with --host set to an address they can reach.")
     else:
@@ -116,7 +147,7 @@ def _start(args) -> int:
         node = session.spawn("farpool._private.node", ["--head-address", args.address] + common,
                              session_dir, "node.log", token, lifeline=False)
         try:
-            _wait_file(os.path.join(session_dir, "node.address"), node, "node agent")
+            node_address = _wait_file(os.path.join(session_dir, "node.address"), node, "node agent")
         except RuntimeError:
             session.remove_session(session_dir)
             raise
@@ -124,13 +155,45 @@ def _start(args) -> int:
         state.setdefault("nodes", []).append({"pid": node.pid, "session_dir": session_dir, "node_id": node_id,
                                               "joined": args.address})
         session.write_state(state)
-        print(f"farpool node {node_id[:8]} joined the cluster at {args.address}")
+        print(f"farpool node {node_id[:8]} joined the cluster at {args.address}; other nodes and drivers "
+              f"reach it at {node_address} (port {addresses.split(node_address)[1]} must be open to them)")
     if args.block:
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             return _stop(args)
+    return 0
+
+
+def _up(args) -> int:
+    from farpool._private.launchers import ssh
+    cfg = ssh.load(args.config)
+    try:
+        state = ssh.up(cfg)
+    except ssh.HostFailed as exc:
+        print(f"farpool up: the head did not start, so nothing did: {exc}", file=sys.stderr)
+        return 1
+    print(f"farpool cluster {cfg.cluster_name!r} is up at {state['address']} with "
+          f"{1 + len(state['workers'])} node(s).")
+    print("To connect a program, on a machine that reaches the head:")
+    print(f"  FARPOOL_TOKEN=$(cat {state['token_file']}) python -c "
+          f"'import farpool; farpool.init(address=\"{state['address']}\")'")
+    print(f"  (the token is in {state['token_file']}, readable by you only)")
+    print(f"To stop it: farpool down {args.config}")
+    if state["failed"]:
+        print(f"{len(state['failed'])} host(s) did not start (the others are up and working): "
+              + ", ".join(f["host"] for f in state["failed"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _down(args) -> int:
+    from farpool._private.launchers import ssh
+    failed = ssh.down(ssh.load(args.config))
+    if failed:
+        print(f"farpool down: could not stop {', '.join(failed)}; run `farpool stop` there", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -33,7 +33,7 @@ from collections import deque
 
 from farpool import exceptions as exc_mod
 from farpool._private import context as context_mod
-from farpool._private import protocol, scheduling, session, store, transport
+from farpool._private import protocol, scheduling, session, store, transport, versions
 from farpool._private.actor_calls import ActorCalls, ActorQueue
 from farpool._private.object_ref import ObjectRef, arriving, collecting
 from farpool._private.refs import FAILED, PENDING, READY, Entry, RefTable
@@ -152,7 +152,7 @@ class CoreClient:
         cfg = self.cfg
         self.head = transport.dealer(self.identity)
         hello = encode("Hello", ("driver" if not self.in_worker else "worker",
-                                 {"pid": os.getpid(), "client": self.identity}))
+                                 {"pid": os.getpid(), "client": self.identity, "versions": versions.ours()}))
         if cfg["head_address"].startswith("ipc://"):
             self.head.connect(cfg["head_address"])
             transport.send(self.head, hello)
@@ -160,9 +160,14 @@ class CoreClient:
         else:
             reply = transport.connect_tcp(self.head, cfg["head_address"], self.token, hello)
         tag, fields, _ = protocol.decode(reply)
+        if tag == "Error" and fields[0] == "version-mismatch":
+            raise ConnectionError(f"the head refused this program: {fields[1]}")
         if tag != "Welcome":
             raise ConnectionError(f"unexpected answer from the head: {tag}")
         welcome = fields[0]
+        why = versions.mismatch(welcome.get("versions"), f"the head at {cfg['head_address']}", "this program")
+        if why is not None:
+            raise ConnectionError(why)
         if self.job_id is None:
             self.job_id = welcome["job_id"]
         self.nodes = welcome["nodes"]

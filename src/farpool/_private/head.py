@@ -24,7 +24,7 @@ import time
 
 import signal as _signal
 
-from farpool._private import protocol, session, transport
+from farpool._private import addresses, protocol, session, transport, versions
 from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
@@ -37,7 +37,8 @@ CHECK_INTERVAL_S = 1.0
 
 
 class Head:
-    def __init__(self, session_dir: str, token: str, host: str | None, port: int, embedded: bool):
+    def __init__(self, session_dir: str, token: str, host: str | None, port: int, embedded: bool,
+                 advertise: str | None = None):
         self.session_dir = session_dir
         self.token = token
         self.embedded = embedded
@@ -48,6 +49,7 @@ class Head:
         self.tcp = None
         self.port = None
         self.host = host
+        self.advertise = advertise or host  # what others connect to (``host`` may be 0.0.0.0)
         if host is not None:
             self.zap = transport.ZapHandler(token)
             self.loop.add_reader(self.zap.socket, self.zap.handle)
@@ -88,7 +90,18 @@ class Head:
     def _on_Ping(self, sock, identity, *args) -> None:
         self._reply(sock, identity, "Pong", *args)
 
+    def _refused(self, sock, identity, what: str, info: dict) -> bool:
+        """Refuse a joining peer whose farpool or Python version differs from ours (and say so)."""
+        why = versions.mismatch(info.get("versions"), what, f"the head at {self.address() or 'this machine'}")
+        if why is None:
+            return False
+        log.warning("refused %s", why)
+        self._reply(sock, identity, "Error", "version-mismatch", why)
+        return True
+
     def _on_Hello(self, sock, identity, kind: str, info: dict) -> None:
+        if self._refused(sock, identity, f"this {kind} (pid {info.get('pid')})", info):
+            return
         job_id = None
         if kind == "driver":
             job_id = self.next_job
@@ -98,11 +111,13 @@ class Head:
             self.client_job[(sock, identity)] = job_id
         self._reply(sock, identity, "Welcome", {
             "job_id": job_id, "embedded": self.embedded, "session_dir": self.session_dir,
-            "nodes": self._table(), "address": self.address(),
+            "nodes": self._table(), "address": self.address(), "versions": versions.ours(),
         })
 
     def _on_RegisterNode(self, sock, identity, info: dict) -> None:
         node_id = info["node_id"]
+        if self._refused(sock, identity, f"node agent {node_id[:8]} on {info.get('hostname')}", info):
+            return
         record = dict(info)
         record["alive"] = True
         record.setdefault("available", dict(info["total"]))
@@ -299,7 +314,7 @@ class Head:
         return list(self.nodes.values())
 
     def address(self) -> str | None:
-        return f"{self.host}:{self.port}" if self.tcp is not None else None
+        return addresses.join(self.advertise, self.port) if self.tcp is not None else None
 
     def _broadcast(self) -> None:
         frames = encode("NodeTable", (self._table(),))
@@ -352,6 +367,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="farpool-head")
     parser.add_argument("--session-dir", required=True)
     parser.add_argument("--host", default=None, help="also listen on TCP at this address")
+    parser.add_argument("--advertise-host", default=None,
+                        help="the address others connect to, when --host is 0.0.0.0 (default: --host)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--embedded", action="store_true")
     parser.add_argument("--lifeline", action="store_true", help="exit when stdin closes")
@@ -359,7 +376,11 @@ def main(argv=None) -> int:
     session.set_process_name("farpool-head")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = os.environ.pop("FARPOOL_TOKEN", "")
-    head = Head(args.session_dir, token, args.host, args.port, args.embedded)
+    try:
+        head = Head(args.session_dir, token, args.host, args.port, args.embedded, args.advertise_host)
+    except OSError as exc:  # the port is taken, the host is not ours: say so, no traceback
+        print(f"farpool-head: {exc.strerror or exc}", flush=True)
+        return 1
     with open(os.path.join(args.session_dir, "head.pid"), "w") as f:
         f.write(str(os.getpid()))
     if head.port is not None:

@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 
-from farpool._private import launcher, protocol, pull, scheduling, session, store, transport
+from farpool._private import addresses, launcher, protocol, pull, scheduling, session, store, transport, versions
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.protocol import encode
 
@@ -88,7 +88,8 @@ class NodeAgent:
             self.tcp = transport.router()
             transport.make_curve_server(self.tcp, token)
             port = transport.bind_tcp(self.tcp, args.host, args.port)
-            self.tcp_address = f"{args.host}:{port}"
+            # What others connect to: --node-ip when we listen on more than one address.
+            self.tcp_address = addresses.join(args.node_ip or args.host, port)
             self.sockets[TCP] = self.tcp
             self.loop.add_reader(self.tcp, lambda: self._on_socket(TCP))
             self.tcp_watch = transport.DisconnectWatch(self.tcp)
@@ -129,7 +130,8 @@ class NodeAgent:
                 "ipc": session.ipc(self.session_dir, "node"), "tcp": self.tcp_address,
                 "session_dir": self.session_dir, "hostname": os.uname().nodename,
                 "pid": os.getpid(), "is_head_node": self.args.head_node,
-                "store_dir": self.store.directory, "store_in_shm": self.store_in_shm}
+                "store_dir": self.store.directory, "store_in_shm": self.store_in_shm,
+                "versions": versions.ours()}
         hello = encode("RegisterNode", (info,))
         self.head = transport.dealer(f"node:{self.node_id}".encode())
         if self.args.head_address.startswith("ipc://"):
@@ -137,6 +139,9 @@ class NodeAgent:
             transport.send(self.head, hello)
         else:
             reply = transport.connect_tcp(self.head, self.args.head_address, self.token, hello)
+            tag, fields, _ = protocol.decode(reply)
+            if tag == "Error" and fields[0] == "version-mismatch":
+                raise ConnectionError(f"the head refused this node: {fields[1]}")
             self._on_head_message(reply)
         self.loop.add_reader(self.head, self._on_head)
         self.heartbeat_due = time.monotonic() + HEARTBEAT_S
@@ -739,6 +744,8 @@ def main(argv=None) -> int:
     parser.add_argument("--object-store-memory", type=float, default=None)
     parser.add_argument("--memory", type=float, default=None, help="bytes of memory tasks may reserve")
     parser.add_argument("--host", default=None, help="also listen on TCP at this address")
+    parser.add_argument("--node-ip", default=None,
+                        help="the address registered for others to connect to (default: --host)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--embedded", action="store_true")
     parser.add_argument("--head-node", action="store_true")
@@ -766,12 +773,18 @@ def main(argv=None) -> int:
         pass
     with open(os.path.join(args.session_dir, "node.pid"), "w") as f:
         f.write(str(os.getpid()))
-    agent = NodeAgent(args, token, launcher_pid, launcher_sock)
+    try:
+        agent = NodeAgent(args, token, launcher_pid, launcher_sock)
+    except OSError as exc:  # the port is taken, the host is not ours: say so, no traceback
+        print(f"farpool-node: {exc.strerror or exc}", flush=True)
+        _stop_launcher(launcher_pid, launcher_sock)
+        return 1
     agent.start_workers()
     try:
         agent.connect_head()
     except Exception as exc:  # wrong token or address: say so and exit
         print(f"farpool-node: cannot join the head at {args.head_address}: {exc}", flush=True)
+        _stop_launcher(launcher_pid, launcher_sock)
         return 2
 
     def on_lifeline():
@@ -792,11 +805,7 @@ def main(argv=None) -> int:
             transport.send(agent.head, encode("Goodbye", ("node", agent.node_id)))
         except Exception:
             pass
-        launcher_sock.close()  # the launcher sees EOF and kills the workers
-        try:
-            os.waitpid(launcher_pid, 0)
-        except ChildProcessError:
-            pass
+        _stop_launcher(launcher_pid, launcher_sock)
         agent.close()
         agent.store.close()
         if agent.share is not None:
@@ -812,6 +821,14 @@ def main(argv=None) -> int:
                     except OSError:
                         pass
     return 0
+
+
+def _stop_launcher(launcher_pid: int, launcher_sock) -> None:
+    launcher_sock.close()  # the launcher sees EOF and kills the workers
+    try:
+        os.waitpid(launcher_pid, 0)
+    except ChildProcessError:
+        pass
 
 
 if __name__ == "__main__":

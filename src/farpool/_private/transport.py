@@ -20,6 +20,7 @@ with different errors instead of zmq's silent endless reconnect.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import heapq
 import itertools
@@ -195,8 +196,21 @@ def reachable(sock: zmq.Socket, identity: bytes, frames: list) -> bool:
 
 
 def bind_tcp(sock: zmq.Socket, host: str, port: int = 0) -> int:
-    """Bind to host:port (0: any free port, no race) and return the bound port."""
-    sock.bind(f"tcp://{host}:{port}")
+    """Bind to host:port (0: any free port, no race) and return the bound port.
+
+    Raises OSError that says what to do when the port is taken or the host is not ours."""
+    try:
+        sock.bind(f"tcp://{host}:{port}")
+    except zmq.ZMQError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"port {port} on {host} is already in use (by another farpool "
+                                     "cluster or another program); choose another port, or leave the "
+                                     "port out to get a free one") from None
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.EINVAL):
+            raise OSError(exc.errno, f"cannot listen on {host}: it is not an address of this machine "
+                                     f"({exc.strerror}); give one of its addresses (`ip addr`), or "
+                                     "0.0.0.0 for all of them") from None
+        raise
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
     return int(endpoint.rsplit(":", 1)[1])
 

@@ -1,0 +1,1 @@
+"""Ways to start one cluster on the machines users already have (each ends in `farpool start`)."""
