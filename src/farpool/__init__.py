@@ -38,7 +38,7 @@ def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-__version__ = "0.1.0"
+from farpool._version import __version__  # noqa: E402
 
 __all__ = [
     "ActorClass", "ActorHandle", "get_actor", "kill", "method", "DistributedExecutor", "Pool",

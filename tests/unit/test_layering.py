@@ -15,7 +15,7 @@ import farpool
 
 PACKAGE_DIR = os.path.dirname(farpool.__file__)
 # What _private may import from above it: leaves that import nothing of farpool.
-PRIVATE_MAY_IMPORT = {"farpool.exceptions"}
+PRIVATE_MAY_IMPORT = {"farpool.exceptions", "farpool._version"}
 
 
 def _module_name(path: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from farpool import __version__
+from farpool._version import __version__
 
 FARPOOL_VERSION = __version__
 PYTHON_VERSION = f"{sys.version_info[0]}.{sys.version_info[1]}"
