@@ -500,7 +500,9 @@ class CoreClient:
     def _runtime_died(self, fd: int, pid: int, what: str) -> None:
         self.loop.remove_reader(fd)
         os.close(fd)
-        log_file = os.path.join(self.session_dir or "", "head.log" if what == "head" else "node.log")
+        # The session directory goes at shutdown: the logs go where they outlive it.
+        kept = session.keep_logs(self.session_dir) if self.session_dir else ""
+        log_file = os.path.join(kept, "head.log" if what == "head" else "node.log")
         tail = ""
         try:
             with open(log_file) as f:
@@ -509,7 +511,8 @@ class CoreClient:
             pass
         self._break(exc_mod.FarpoolError(
             f"the embedded cluster's {what} (pid {pid}) exited unexpectedly; everything pending fails. "
-            f"Call farpool.shutdown() and init() again. Last lines of its log {log_file}:\n{tail}"))
+            f"Call farpool.shutdown() and init() again. Its logs are kept in {kept}; the last lines of "
+            f"{log_file}:\n{tail}"))
 
     def _run(self) -> None:
         try:
