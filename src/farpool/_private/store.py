@@ -221,9 +221,10 @@ def read_segment(path: str, size: int, private: bool = False, store_id: bytes | 
     except BaseException:
         os.close(fd)
         raise
-    weakref.finalize(m, os.close, fd)
+    release = weakref.finalize(m, os.close, fd)
     if store_id is not None and m[:ID_FIELD] != _id_field(store_id):
         m.close()
+        release()  # now: the traceback keeps ``m`` alive, and its lock would pin the segment
         raise SegmentReused(f"{path} no longer holds object {store_id.hex()}: it was freed")
     view = memoryview(m)
     payload_len, count = struct.unpack_from("<2Q", m, ID_FIELD)
@@ -407,9 +408,10 @@ class ObjectStore:
         freed while SPILLING/RESTORING: marked, and dropped when its move is done
 
     A reader gets a path only for a complete object: SPILLING still has its segment,
-    RESTORING answers when done.  A spill unlinks its segment only under the exclusive
-    lock (no reader maps it); a reader that opened the path just before checks the link
-    count under its own lock and asks for a restore instead (read_segment).
+    RESTORING answers when done.  A spill that ends gives its segment to the free pool
+    only if no reader maps it (else the object stays in memory); a reader holding the
+    old location then finds another object's id in it, or no file (read_segment checks
+    both under its lock), and asks for a restore.
     """
 
     def __init__(self, directory: str, capacity: int, spill_dir: str):
@@ -470,14 +472,19 @@ class ObjectStore:
                 reserved += want.size
                 continue
             self.wants.remove(want)
-            if room == NOW:
-                self._grant(want, acts)
-            else:
-                self._on_disk(want, acts)
+            try:
+                if room == NOW:
+                    self._grant(want, acts)
+                else:
+                    self._on_disk(want, acts)
+            except OSError as exc:  # (the store directory was removed under us, ...): say so, no hang
+                log.warning("no segment for object %s: %s", want.object_id.hex()[:16], exc)
+                acts.answers.extend((w, None, f"the node's object store failed: {exc}", False)
+                                    for w in want.waiters)
 
     def _room(self, need: int, reserved: int, acts: StoreActions) -> str:
         over = self.bytes_in_shm + reserved + need - self.capacity
-        if over <= 0:
+        if over <= 0 or (not reserved and self._reusable(need) is not None):
             return NOW
         for seg in sorted(self.free, key=lambda s: -s.size):  # free segments nobody maps go first
             if over <= 0:
@@ -540,6 +547,8 @@ class ObjectStore:
         path = os.path.join(self.spill_dir, "fallback-" + want.object_id.hex())
         try:
             os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+            if self.disk_free() < want.size + DISK_RESERVE:
+                raise OSError(errno.ENOSPC, f"less than {DISK_RESERVE >> 20} MB would be left on its disk")
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:  # reserve the blocks now: a full disk fails here, not with SIGBUS in the writer
                 os.posix_fallocate(fd, 0, want.size)
@@ -558,12 +567,19 @@ class ObjectStore:
                  want.object_id.hex()[:16], want.size / 1e6, self.spill_dir)
         acts.answers.extend((w, seg, None, False) for w in want.waiters)
 
-    def _take_segment(self, size: int) -> tuple[str, int]:
-        """(path, size) of a free segment that fits and that no reader maps, or of a new one."""
+    def _reusable(self, size: int) -> Segment | None:
+        """The smallest free segment that fits ``size`` (not much larger) and no reader maps."""
         for seg in sorted(self.free, key=lambda s: s.size):
             if seg.size >= size and seg.size <= max(2 * size, size + SIZE_STEP) and _unlocked(seg.path):
-                self.free.remove(seg)
-                return seg.path, seg.size
+                return seg
+        return None
+
+    def _take_segment(self, size: int) -> tuple[str, int]:
+        """(path, size) of a free segment that fits and that no reader maps, or of a new one."""
+        seg = self._reusable(size)
+        if seg is not None:
+            self.free.remove(seg)
+            return seg.path, seg.size
         need = _round(size, SIZE_STEP)
         self._seq += 1
         path = os.path.join(self.directory, f"seg-{self._seq}")
@@ -584,8 +600,9 @@ class ObjectStore:
             self.spilling.discard(seg)
             if error is not None:
                 self.counts["spill_failures"] += 1
-                if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EBUSY):
-                    seg.unspillable = True
+                # Not tried again (a full disk would fail it again and again); a request
+                # that needs its room goes on disk instead, or fails naming the directory.
+                seg.unspillable = error.errno != errno.EBUSY
                 log.warning("could not spill object %s (%.1f MB) to %s: %s; it stays in memory",
                             move.object_id.hex()[:16], move.length / 1e6, move.target, error)
                 seg.state = State.IN_MEMORY
@@ -594,12 +611,15 @@ class ObjectStore:
             elif seg.freed:
                 _remove(move.target)
                 self._to_free_pool(seg)
-            elif not _unlink_unless_mapped(seg.path):  # a reader mapped it meanwhile: it stays
+            elif not _unlocked(seg.path):  # a reader mapped it meanwhile: it stays
                 _remove(move.target)
                 seg.state = State.IN_MEMORY
             else:
-                self.bytes_in_shm -= seg.size
-                self.dropped.append(seg.path)
+                # Its memory goes back to the free pool, to be reused at once by what waits
+                # for room (its pages are touched: reuse is fast); a reader with the old
+                # location finds another object's id there and asks for a restore.
+                path, size = seg.path, seg.size
+                self._to_free_pool(Segment(path, size))
                 seg.state, seg.spilled_to = State.SPILLED, move.target
                 self.counts["spills"] += 1
                 self.counts["spilled_bytes_total"] += move.length
@@ -774,24 +794,6 @@ def _idle_and_sealed(path: str, store_id: bytes) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def _unlink_unless_mapped(path: str) -> bool:
-    """Unlink a segment under its exclusive lock; False (and kept) when a reader maps it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return False
-    try:
-        os.unlink(path)
-    finally:
-        os.close(fd)
-    return True
 
 
 def _remove(path: str | None) -> None:
