@@ -36,8 +36,11 @@ def st(tmp_path):
 
 
 def answer(acts):
+    """Do what the agent does with StoreActions, but the moves (the test runs those)."""
     for waiter, seg, error, full in acts.answers:
         waiter(seg, error, full)
+    for path in acts.removals:
+        os.unlink(path)
     return acts
 
 
@@ -92,7 +95,13 @@ def test_a_request_waits_for_a_spill_then_the_spilled_object_comes_back(st):
     answer(st.move_done(restore_a, run(restore_a)))
     assert st.objects[b"a"].state is State.IN_MEMORY
     assert value(r1.seg, size, b"a")[-1] == 1 and r2.seg is r1.seg
-    assert os.listdir(st.spill_dir) == [b"b".hex()]          # a's spill file went with the restore
+    # a's spill file stays while "a" lives: a clean copy, so evicting it again writes nothing
+    assert sorted(os.listdir(st.spill_dir)) == [b"a".hex(), b"b".hex()]
+    w3 = Waiter()
+    acts = answer(st.allocate(w3, b"c", size))
+    assert acts.moves == [] and st.objects[b"a"].state is State.SPILLED and w3.seg is not None
+    answer(st.free_object(b"a"))
+    assert sorted(os.listdir(st.spill_dir)) == [b"b".hex()]
 
 
 def test_an_object_mapped_by_a_reader_while_it_spills_stays_in_memory(st):
@@ -103,7 +112,7 @@ def test_an_object_mapped_by_a_reader_while_it_spills_stays_in_memory(st):
     view = value(w1.seg, size, b"a")                          # a reader maps it mid-spill
     answer(st.move_done(move, run(move)))
     assert st.objects[b"a"].state is State.IN_MEMORY and view[7] == 1
-    assert os.listdir(st.spill_dir) == [f"fallback-{b'b'.hex()}"]  # the spill file went
+    assert sorted(os.listdir(st.spill_dir)) == [b"a".hex(), f"fallback-{b'b'.hex()}"]  # a clean copy
     # Nothing else can spill: "b" lives in a file of the spill directory, counted as such.
     assert w2.seg.state is State.ON_DISK and st.stats()["on_disk"] == w2.seg.used
     assert st.counts["on_disk_allocations"] == 1

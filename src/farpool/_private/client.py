@@ -846,14 +846,19 @@ class CoreClient:
             if agent is None:
                 raise exc_mod.ObjectLostError(f"object {store_id.hex()} lives on node {node_id[:8]}, "
                                               "which this process cannot reach") from None
-            new_path, error, full = self.agent_request(agent, "RestoreObject", (store_id,))
-            if new_path is None and full:  # it is safe on disk: free some memory and ask again
-                raise exc_mod.ObjectStoreFullError(
-                    f"cannot bring object {store_id.hex()} back from disk on node {node_id[:8]}: {error}") from None
-            if new_path is None:
-                raise exc_mod.ObjectLostError(f"object {store_id.hex()} is gone from node {node_id[:8]}: "
-                                              f"{error}") from None
-            return store.read_segment(new_path, size, private, store_id)
+            for attempt in range(store.READ_ATTEMPTS):  # again if it spilled between answer and mapping
+                new_path, error, full = self.agent_request(agent, "RestoreObject", (store_id,))
+                if new_path is None and full:  # it is safe on disk: free some memory and ask again
+                    raise exc_mod.ObjectStoreFullError(
+                        f"cannot bring object {store_id.hex()} back from disk on node {node_id[:8]}: {error}") from None
+                if new_path is None:
+                    raise exc_mod.ObjectLostError(f"object {store_id.hex()} is gone from node {node_id[:8]}: "
+                                                  f"{error}") from None
+                try:
+                    return store.read_segment(new_path, size, private, store_id)
+                except FileNotFoundError:
+                    if attempt == store.READ_ATTEMPTS - 1:
+                        raise
 
     def agent_of(self, node_id: str, timeout: float = 30.0) -> AgentConn:
         """Our connection to the agent of ``node_id`` (opened if needed). Any thread but the I/O one."""

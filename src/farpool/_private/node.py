@@ -402,6 +402,8 @@ class NodeAgent:
         """Start the store's byte moves on the I/O threads, answer whom it answers."""
         for move in acts.moves:
             self.mover.submit(move)
+        for path in acts.removals:
+            self.mover.remove(path)
         for waiter, seg, error, full in acts.answers:
             waiter(seg, error, full)
         self._tell_writers()
@@ -633,6 +635,8 @@ class NodeAgent:
 
     def _store_stats(self) -> dict:
         return dict(self.store.stats(), **self.copy_counts, pulls_in_progress=len(self.pulls),
+                    spill_busy_seconds=self.mover.busy[spill.SPILL],
+                    restore_busy_seconds=self.mover.busy[spill.RESTORE],
                     heartbeat_gap_max_s=self.pulse.max_gap if self.pulse else None,
                     loop_lag_max_s=self.loop_lag_max)
 

@@ -128,6 +128,12 @@ class Mover:
         self._call_soon = call_soon
         self._done = done
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # Seconds during which at least one move of a kind was running: bytes / busy is the
+        # rate the disk saw, however many threads shared it.
+        self.busy = {SPILL: 0.0, RESTORE: 0.0}
+        self._active = {SPILL: 0, RESTORE: 0}
+        self._since = {SPILL: 0.0, RESTORE: 0.0}
+        self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, name=f"farpool-spill-{i}", daemon=True)
                          for i in range(threads)]
         for thread in self._threads:
@@ -136,13 +142,25 @@ class Mover:
     def submit(self, move: Move) -> None:
         self._queue.put(move)
 
+    def remove(self, path: str) -> None:
+        """Unlink a spill file here: unlinking a large file with pages still being written
+        back can block for a while, and the agent's loop must not."""
+        self._queue.put(path)
+
     def _run(self) -> None:
         import time
         while True:
             move = self._queue.get()
             if move is None:
                 return
+            if isinstance(move, str):
+                _remove(move)
+                continue
             start = time.perf_counter()
+            with self._lock:
+                if self._active[move.kind] == 0:
+                    self._since[move.kind] = start
+                self._active[move.kind] += 1
             error = None
             try:
                 (spill_file if move.kind == SPILL else restore_file)(move)
@@ -151,7 +169,12 @@ class Mover:
             except Exception as exc:  # a bug must not lose the move: the store hears of it
                 log.exception("moving object %s failed", move.object_id.hex()[:16])
                 error = OSError(errno.EIO, repr(exc))
-            move.seconds = time.perf_counter() - start
+            end = time.perf_counter()
+            move.seconds = end - start
+            with self._lock:
+                self._active[move.kind] -= 1
+                if self._active[move.kind] == 0:
+                    self.busy[move.kind] += end - self._since[move.kind]
             try:
                 self._call_soon(self._done, move, error)
             except OSError:  # the loop is closed: the agent is stopping

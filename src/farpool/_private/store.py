@@ -51,6 +51,10 @@ PAGE = 4096
 # instead of travelling inline in messages.  Lower saves copies of medium
 # values, higher saves the allocation round trip for small ones.
 INLINE_MAX = 100 * 1024
+# A reader whose object was spilled again between the agent's answer and its mapping
+# asks again this many times in all.  More rides out a store thrashing under many
+# readers; fewer fails sooner when something else is wrong.
+READ_ATTEMPTS = 5
 # Default capacity: this fraction of the memory available when the agent starts.
 DEFAULT_FRACTION = 0.3
 # Segments are sized in these steps so that freed ones fit later objects.
@@ -351,7 +355,8 @@ class Segment:
     used: int = 0             # bytes of the object in it
     owner: str = ""
     state: State = State.IN_MEMORY
-    spilled_to: str | None = None   # the spill file (SPILLED, RESTORING)
+    spilled_to: str | None = None   # the spill file (SPILLED, RESTORING; IN_MEMORY after a
+    #                                 restore: a clean copy, so spilling it again writes nothing)
     created_at: str = ""
     freed_at: float = 0.0     # time.monotonic() when it went back to the free pool
     copy: bool = False        # a copy of an object stored on another node (see pull.py)
@@ -385,6 +390,7 @@ class StoreActions:
     """What the agent does after a store event: start moves, answer waiters."""
     moves: list = field(default_factory=list)    # spill.Move, for the I/O threads
     answers: list = field(default_factory=list)  # (waiter, Segment | None, error | None, no room)
+    removals: list = field(default_factory=list)  # spill files to unlink (on the I/O threads)
 
 
 NOW, WAIT, NO_ROOM = "now", "wait", "no room"
@@ -459,8 +465,14 @@ class ObjectStore:
                 self.wants.append(Want(RESTORE, object_id, _round(seg.used, SIZE_STEP), [waiter]))
                 self._serve_wants(acts)
         else:
+            self._touch(object_id)
             acts.answers.append((waiter, seg, None, False))
         return acts
+
+    def _touch(self, object_id: bytes) -> None:
+        """An object just asked for goes last in line to spill (``objects`` is oldest first):
+        its reader maps it after our answer, and must find it still there."""
+        self.objects[object_id] = self.objects.pop(object_id)
 
     def _serve_wants(self, acts: StoreActions) -> None:
         """Grant the requests that fit now, in order; start spills for the others; put on
@@ -483,18 +495,16 @@ class ObjectStore:
                                     for w in want.waiters)
 
     def _room(self, need: int, reserved: int, acts: StoreActions) -> str:
+        if self._fits(need, reserved):
+            return NOW
+        for seg in list(self.objects.values()):  # restored objects whose copy on disk is whole
+            if (seg.spilled_to is not None and seg.state is State.IN_MEMORY
+                    and _idle_and_sealed(seg.path, seg.object_id)):
+                self._to_free_pool(Segment(seg.path, seg.size))  # spilled again, nothing written
+                seg.state = State.SPILLED
+                if self._fits(need, reserved):
+                    return NOW
         over = self.bytes_in_shm + reserved + need - self.capacity
-        if over <= 0 or (not reserved and self._reusable(need) is not None):
-            return NOW
-        for seg in sorted(self.free, key=lambda s: -s.size):  # free segments nobody maps go first
-            if over <= 0:
-                break
-            if _unlocked(seg.path):
-                self.free.remove(seg)
-                self._unlink(seg)
-                over -= seg.size
-        if over <= 0:
-            return NOW
         coming = sum(s.size for s in self.spilling)
         for seg in list(self.objects.values()):  # insertion order: oldest first
             if coming >= over:
@@ -504,8 +514,23 @@ class ObjectStore:
                 coming += seg.size
         return WAIT if coming >= over else NO_ROOM
 
+    def _fits(self, need: int, reserved: int) -> bool:
+        """Room for ``need`` more bytes after what earlier requests wait for, once free
+        segments nobody maps are dropped (a free segment that fits is reused instead)."""
+        over = self.bytes_in_shm + reserved + need - self.capacity
+        if over <= 0 or (not reserved and self._reusable(need) is not None):
+            return True
+        for seg in sorted(self.free, key=lambda s: -s.size):
+            if over <= 0:
+                break
+            if _unlocked(seg.path):
+                self.free.remove(seg)
+                self._unlink(seg)
+                over -= seg.size
+        return over <= 0
+
     def _spillable(self, seg: Segment) -> bool:
-        return (seg.state is State.IN_MEMORY and seg.used > 0 and not seg.unspillable
+        return (seg.state is State.IN_MEMORY and seg.spilled_to is None and seg.used > 0 and not seg.unspillable
                 and self.disk_free() >= seg.used + DISK_RESERVE and _idle_and_sealed(seg.path, seg.object_id))
 
     def _start_spill(self, seg: Segment, acts: StoreActions) -> None:
@@ -609,11 +634,10 @@ class ObjectStore:
                 if seg.freed:
                     self._to_free_pool(seg)
             elif seg.freed:
-                _remove(move.target)
+                acts.removals.append(move.target)
                 self._to_free_pool(seg)
-            elif not _unlocked(seg.path):  # a reader mapped it meanwhile: it stays
-                _remove(move.target)
-                seg.state = State.IN_MEMORY
+            elif not _unlocked(seg.path):  # a reader mapped it meanwhile: it stays (with a clean copy)
+                seg.state, seg.spilled_to = State.IN_MEMORY, move.target
             else:
                 # Its memory goes back to the free pool, to be reused at once by what waits
                 # for room (its pages are touched: reuse is fast); a reader with the old
@@ -636,16 +660,16 @@ class ObjectStore:
                 why = f"restoring it from {source} failed: {error}"
                 acts.answers.extend((w, None, why, False) for w in waiters)
             else:
-                _remove(source)
-                seg.spilled_to = None
                 self.counts["restores"] += 1
                 self.counts["restored_bytes_total"] += move.length
                 self.counts["restore_seconds"] += move.seconds
                 if seg.freed:
+                    acts.removals.append(source)
                     self._to_free_pool(seg)
                     acts.answers.extend((w, None, "it was freed", False) for w in waiters)
                 else:
                     seg.state = State.IN_MEMORY
+                    self._touch(seg.object_id)
                     acts.answers.extend((w, seg, None, False) for w in waiters)
         self._serve_wants(acts)
         return acts
@@ -670,18 +694,20 @@ class ObjectStore:
         if seg.state in (State.SPILLING, State.RESTORING):
             seg.freed = True  # dropped when its move is done
         elif seg.state is State.SPILLED:
-            _remove(seg.spilled_to)
+            acts.removals.append(seg.spilled_to)
         elif seg.state is State.ON_DISK:
-            _remove(seg.path)
+            acts.removals.append(seg.path)
             self.bytes_on_disk -= seg.size
             self.dropped.append(seg.path)
         else:
+            if seg.spilled_to is not None:  # its clean copy
+                acts.removals.append(seg.spilled_to)
             self._to_free_pool(seg)
         self._serve_wants(acts)
         return acts
 
     def _to_free_pool(self, seg: Segment) -> None:
-        seg.object_id = None
+        seg.object_id = seg.spilled_to = None
         seg.used = 0
         seg.state = State.IN_MEMORY
         seg.freed = seg.copy = False
