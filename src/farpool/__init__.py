@@ -38,7 +38,7 @@ def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-from farpool._version import __version__  # noqa: E402
+from farpool._version import __version__  # noqa: E402,F401
 
 __all__ = [
     "ActorClass", "ActorHandle", "get_actor", "kill", "method", "DistributedExecutor", "Pool",

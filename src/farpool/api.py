@@ -34,15 +34,18 @@ def is_initialized() -> bool:
 def init(address: str | None = None, *, num_cpus: float | None = None, num_gpus: float | None = None,
          resources: dict | None = None, object_store_memory: int | None = None,
          namespace: str | None = None, log_to_driver: bool = True, ignore_reinit_error: bool = False,
-         token: str | None = None, runtime_env: dict | None = None) -> dict:
+         token: str | None = None, runtime_env: dict | None = None, spill_dir: str | None = None) -> dict:
     """Start an embedded cluster (``address=None``) or join one ("auto" or "HOST:PORT").
+
+    ``spill_dir``: where objects go when the object store is full (default: the session's
+    directory under the tmp root); the node uses a directory of its own inside it.
 
     Returns a dict with at least ``address``, ``node_id`` and ``session_dir``.
     """
     return runtime.init(address, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
                         object_store_memory=object_store_memory, namespace=namespace,
                         log_to_driver=log_to_driver, ignore_reinit_error=ignore_reinit_error, token=token,
-                        runtime_env=runtime_env)
+                        runtime_env=runtime_env, spill_dir=spill_dir)
 
 
 def shutdown() -> None:

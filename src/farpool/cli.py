@@ -21,6 +21,8 @@ def _resource_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs (default: the ones detected)")
     p.add_argument("--resources", default="{}", help='custom resources as JSON, e.g. \'{"ssd": 1}\'')
     p.add_argument("--object-store-memory", type=float, default=None, help="bytes of object store")
+    p.add_argument("--spill-dir", default=None,
+                   help="where objects spill when the store is full (default: the session directory)")
 
 
 def main(argv=None) -> int:
@@ -101,7 +103,8 @@ def _start(args) -> int:
     common = ["--session-dir", session_dir, "--node-id", node_id, "--resources", json.dumps(resources),
               "--host", listen, "--node-ip", advertise, "--port", str(args.node_port)]
     for flag, value in (("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus),
-                        ("--object-store-memory", args.object_store_memory)):
+                        ("--object-store-memory", args.object_store_memory),
+                        ("--spill-dir", args.spill_dir and os.path.abspath(args.spill_dir))):
         if value is not None:
             common += [flag, str(value)]
     if args.head:
@@ -256,7 +259,8 @@ def _status(args) -> int:
             store = n.get("object_store") or {}
             if store:
                 print(f"    object store: {store['used'] / 1e6:.1f} MB used of {store['capacity'] / 1e6:.1f} MB "
-                      f"in {store['objects']} object(s), {store['spilled'] / 1e6:.1f} MB spilled")
+                      f"in {store['objects']} object(s), {store['spilled'] / 1e6:.1f} MB spilled"
+                      f"{_disk_part(store)}")
     finally:
         farpool.shutdown()
     return 0
@@ -280,13 +284,26 @@ def _memory(args) -> int:
     return 0
 
 
+def _disk_part(stats: dict) -> str:
+    """What of a store is on disk: spilled bytes are in ``spilled``; this adds the rest."""
+    if "spill_dir" not in stats:  # an agent of an older version
+        return ""
+    return (f", {stats['on_disk'] / 1e6:.1f} MB allocated on disk, in {stats['spill_dir']} "
+            f"({stats['spill_dir_free'] / 1e9:.1f} GB free); {stats['spills']} spill(s) "
+            f"({stats['spilled_bytes_total'] / 1e6:.1f} MB), {stats['restores']} restore(s) "
+            f"({stats['restored_bytes_total'] / 1e6:.1f} MB) so far")
+
+
 def _print_store(node_id: str, stats: dict, listing: list, limit: int) -> None:
     print(f"node {node_id[:8]} object store ({stats['directory']}): "
           f"{stats['used'] / 1e6:.1f} MB used of {stats['capacity'] / 1e6:.1f} MB, "
           f"{stats['objects']} object(s) ({stats.get('copies', 0)} copied from other nodes), "
-          f"{stats['spilled'] / 1e6:.1f} MB spilled, "
+          f"{stats['spilled'] / 1e6:.1f} MB spilled{_disk_part(stats)}, "
           f"{stats['free_segments']} free segment(s) kept for reuse, "
           f"{stats.get('pulls_in_progress', 0)} copy(ies) arriving")
+    if stats.get("heartbeat_gap_max_s") is not None:
+        print(f"liveness: largest heartbeat gap {stats['heartbeat_gap_max_s']:.2f} s, largest agent loop delay "
+              f"{stats['loop_lag_max_s']:.2f} s")
     print(f"{'object id':34} {'size MB':>9} {'pinned':>6} {'spilled':>7} {'copy':>5}  owner / created by")
     for row in listing[:limit]:
         print(f"{row['object_id'][:32]:34} {row['size'] / 1e6:9.2f} {str(row['pinned']):>6} "

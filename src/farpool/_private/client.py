@@ -272,7 +272,9 @@ class CoreClient:
     def _runtime_died(self, fd: int, pid: int, what: str) -> None:
         self.loop.remove_reader(fd)
         os.close(fd)
-        log_file = os.path.join(self.session_dir or "", "head.log" if what == "head" else "node.log")
+        # The session directory goes at shutdown: the logs go where they outlive it.
+        kept = session.keep_logs(self.session_dir) if self.session_dir else ""
+        log_file = os.path.join(kept, "head.log" if what == "head" else "node.log")
         tail = ""
         try:
             with open(log_file) as f:
@@ -281,7 +283,8 @@ class CoreClient:
             pass
         self._break(exc_mod.FarpoolError(
             f"the embedded cluster's {what} (pid {pid}) exited unexpectedly; everything pending fails. "
-            f"Call farpool.shutdown() and init() again. Last lines of its log {log_file}:\n{tail}"))
+            f"Call farpool.shutdown() and init() again. Its logs are kept in {kept}; the last lines of "
+            f"{log_file}:\n{tail}"))
 
     def _run(self) -> None:
         try:
@@ -589,14 +592,19 @@ class CoreClient:
             if agent is None:
                 raise exc_mod.ObjectLostError(f"object {store_id.hex()} lives on node {node_id[:8]}, "
                                               "which this process cannot reach") from None
-            new_path, error, full = self.agent_request(agent, "RestoreObject", (store_id,))
-            if new_path is None and full:  # it is safe on disk: free some memory and ask again
-                raise exc_mod.ObjectStoreFullError(
-                    f"cannot bring object {store_id.hex()} back from disk on node {node_id[:8]}: {error}") from None
-            if new_path is None:
-                raise exc_mod.ObjectLostError(f"object {store_id.hex()} is gone from node {node_id[:8]}: "
-                                              f"{error}") from None
-            return store.read_segment(new_path, size, private, store_id)
+            for attempt in range(store.READ_ATTEMPTS):  # again if it spilled between answer and mapping
+                new_path, error, full = self.agent_request(agent, "RestoreObject", (store_id,))
+                if new_path is None and full:  # it is safe on disk: free some memory and ask again
+                    raise exc_mod.ObjectStoreFullError(
+                        f"cannot bring object {store_id.hex()} back from disk on node {node_id[:8]}: {error}") from None
+                if new_path is None:
+                    raise exc_mod.ObjectLostError(f"object {store_id.hex()} is gone from node {node_id[:8]}: "
+                                                  f"{error}") from None
+                try:
+                    return store.read_segment(new_path, size, private, store_id)
+                except FileNotFoundError:
+                    if attempt == store.READ_ATTEMPTS - 1:
+                        raise
 
     def agent_of(self, node_id: str, timeout: float = 30.0) -> AgentConn:
         """Our connection to the agent of ``node_id`` (opened if needed). Any thread but the I/O one."""

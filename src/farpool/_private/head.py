@@ -5,12 +5,17 @@ event loop.  Not on the per-task path: clients talk to it when they join, when
 they need the node table, and for introspection::
 
     node agents --RegisterNode/Heartbeat--> +------+ --NodeTable--> agents, drivers
+    agents' liveness threads --NodeAlive--> |      |
     drivers -----Hello/GetNodes/KV--------> | head |
     lifeline (embedded only) -------------> +------+
 
 Listens on ``ipc://<session>/head`` and, for a cluster from ``farpool start``,
 on a CURVE-protected TCP port.  A node that misses heartbeats for
-``NODE_TIMEOUT_S`` is marked dead and every subscriber is told.
+``NODE_TIMEOUT_S`` is marked dead and every subscriber is told; heartbeats come
+from a thread of the agent that nothing blocks (pulse.py), so a busy node is not a
+dead one.  The embedded cluster's agent is judged by its process instead (a pidfd:
+the driver started both, on one machine): it is dead when it exits, never for
+being late.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class Head:
         self.nodes: dict[str, dict] = {}        # node_id -> public record
         self.node_peers: dict[str, tuple] = {}  # node_id -> (socket, identity)
         self.last_seen: dict[str, float] = {}
+        self.node_pidfds: dict[str, int] = {}   # embedded: node id -> pidfd of its agent
         self.subscribers: dict[tuple, bool] = {}  # (socket, identity) -> True
         self.kv: dict[str, bytes] = {}
         self.next_job = 1
@@ -122,11 +128,17 @@ class Head:
         record["alive"] = True
         record.setdefault("available", dict(info["total"]))
         record["actors"] = 0
+        rejoined = node_id in self.nodes
         self.nodes[node_id] = record
         self.node_peers[node_id] = (sock, identity)
         self.last_seen[node_id] = time.monotonic()
         self.subscribers[(sock, identity)] = True
-        log.info("node %s joined with %s", node_id, info["total"])
+        if rejoined:
+            log.warning("node %s joined again after it was declared dead", node_id)
+        else:
+            log.info("node %s joined with %s", node_id, info["total"])
+        if self.embedded and info.get("pid") and node_id not in self.node_pidfds:
+            self._watch_node_process(node_id, info["pid"])
         self._reply(sock, identity, "NodeRegistered", self._table(), self.address())
         self._broadcast()
         for record in list(self.actors.actors.values()):
@@ -146,6 +158,33 @@ class Head:
         record.update(stats)
         if changed:
             self._broadcast()
+
+    def _on_NodeAlive(self, sock, identity, node_id: str, beat: int) -> None:
+        """From an agent's liveness thread (pulse.py): it lives, however busy its loop is."""
+        record = self.nodes.get(node_id)
+        if record is None or not record["alive"]:
+            self._reply(sock, identity, "Error", "unknown-node",
+                        f"node {node_id} is not registered (it was declared dead: "
+                        f"{record.get('death_reason') if record else 'never joined'})")
+            return
+        self.last_seen[node_id] = time.monotonic()
+        self._reply(sock, identity, "NodeAliveAck", beat)
+
+    def _watch_node_process(self, node_id: str, pid: int) -> None:
+        """Embedded: the agent is our sibling on this machine; it is dead when its process is."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            self._mark_dead(node_id, f"its agent (pid {pid}) is gone")
+            return
+        self.node_pidfds[node_id] = fd
+
+        def exited():
+            self.loop.remove_reader(fd)
+            os.close(fd)
+            self.node_pidfds.pop(node_id, None)
+            self._mark_dead(node_id, f"its agent (pid {pid}) exited")
+        self.loop.add_reader(fd, exited)
 
     def _on_GetNodes(self, sock, identity, request_id) -> None:
         self._reply(sock, identity, "Nodes", request_id, self._table())
@@ -352,6 +391,8 @@ class Head:
             for node_id in self.last_seen:
                 self.last_seen[node_id] = now
         for node_id, seen in list(self.last_seen.items()):
+            if node_id in self.node_pidfds:  # judged by its process, not by heartbeats
+                continue
             if self.nodes[node_id]["alive"] and now - seen > NODE_TIMEOUT_S:
                 self._mark_dead(node_id, f"no heartbeat for {now - seen:.0f} s")
         self.check_due = now + CHECK_INTERVAL_S
@@ -387,20 +428,29 @@ def main(argv=None) -> int:
         with open(os.path.join(args.session_dir, "head.port"), "w") as f:
             f.write(str(head.port))
 
+    clean = []  # why we stop, when it is on purpose (else the logs are kept: see session.keep_logs)
+
     def on_lifeline():
         if not os.read(0, 4096):
             log.info("lifeline closed: the driver is gone; stopping")
+            clean.append("lifeline")
             head.loop.stop()
     if args.lifeline:
         head.loop.add_reader(0, on_lifeline)
-    signal.signal(signal.SIGTERM, lambda *_: head.loop.stop())
+    signal.signal(signal.SIGTERM, lambda *_: (clean.append("SIGTERM"), head.loop.stop()))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print(f"farpool-head ready pid={os.getpid()} port={head.port}", flush=True)
     try:
         head.loop.run()
+    except BaseException:
+        log.exception("the head failed")
+        raise
     finally:
         head.close()
         if args.embedded:
+            if not clean:  # the cluster fails with us: keep the logs that say why
+                log.error("the head stops on its own; its logs are kept in %s",
+                          session.keep_logs(args.session_dir))
             session.remove_session(args.session_dir)
     return 0
 

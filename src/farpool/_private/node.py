@@ -30,7 +30,8 @@ import signal
 import sys
 import time
 
-from farpool._private import addresses, launcher, protocol, pull, scheduling, session, store, transport, versions
+from farpool._private import (addresses, launcher, protocol, pull, pulse, scheduling, session, spill, store,
+                              transport, versions)
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.protocol import encode
 
@@ -69,13 +70,23 @@ class NodeAgent:
             os.path.join(session.tmp_root(), "agents"))
         capacity = int(args.object_store_memory or self.share.capacity())
         directory, self.store_in_shm = store.choose_dir(self.session_dir, self.node_id, capacity)
-        self.store = store.ObjectStore(directory, capacity, os.path.join(self.session_dir, "spill"))
+        # A directory of our own, also inside a spill directory that the user named (and
+        # that others may share): we remove ours when we stop, never theirs.
+        spill_dir = (os.path.join(os.path.abspath(args.spill_dir),
+                                  f"farpool-{os.path.basename(self.session_dir)}-{self.node_id[:8]}")
+                     if args.spill_dir else os.path.join(self.session_dir, "spill"))
+        self.store = store.ObjectStore(directory, capacity, spill_dir)
         import psutil
         memory = args.memory if args.memory is not None else psutil.virtual_memory().total - capacity
         totals = scheduling.make_totals(args.num_cpus, args.num_gpus, json.loads(args.resources or "{}"),
                                         memory=max(0, memory), object_store_memory=capacity)
         self.leases = LeaseManager(self.node_id, totals, embedded=args.embedded)
         self.loop = transport.EventLoop()
+        self.mover = spill.Mover(self.loop.call_soon, self._on_move_done)
+        self.allocating: dict[bytes, list] = {}  # store id -> readers of a copy whose segment awaits room
+        self.pulse: pulse.Pulse | None = None
+        self.rejoining = False
+        self.loop_lag_max = 0.0  # the agent loop's largest lateness (its heartbeat timer), seconds
         self.sockets = {}
         self.ipc = transport.router()
         self.ipc.bind(session.ipc(self.session_dir, "node"))
@@ -146,6 +157,26 @@ class NodeAgent:
         self.loop.add_reader(self.head, self._on_head)
         self.heartbeat_due = time.monotonic() + HEARTBEAT_S
         self.loop.call_later(HEARTBEAT_S, self._heartbeat)
+        self.register_info = info
+        self.pulse = pulse.Pulse(self.node_id, self.args.head_address, self.token,
+                                 lambda why: self.loop.call_soon(self._declared_dead, why))
+        self.pulse.start()
+
+    def _declared_dead(self, why: str) -> None:
+        """The head took us for dead (late, not gone: it heard nothing for NODE_TIMEOUT_S).
+        Clients have given up our leases and retried their tasks elsewhere; we end those
+        tasks too (their results would go nowhere) and register again, with what we hold."""
+        if self.rejoining:
+            return
+        self.rejoining = True
+        log.warning("the head declared this node dead (%s); ending its leased tasks and joining again", why)
+        acts = None
+        for lease_id in list(self.leases.leases):
+            more = self.leases.return_lease(lease_id, kill=True)
+            acts = more if acts is None else acts.extend(more)
+        if acts is not None:
+            self._apply(acts)
+        transport.send(self.head, encode("RegisterNode", (self.register_info,)))
 
     def start_workers(self) -> None:
         self._apply(self.leases.prestart())
@@ -169,15 +200,20 @@ class NodeAgent:
         if tag in ("RequestLease", "ReturnLease", "SignalWorker"):
             getattr(self, "_on_" + tag)(HEAD_CLIENT, *fields)
         elif tag in ("NodeRegistered", "NodeTable"):
+            if tag == "NodeRegistered" and self.rejoining:
+                log.warning("this node joined the cluster again")
+                self.rejoining = False
             self.cluster_nodes = fields[0]
             self._apply(self.leases.set_cluster_view(self.cluster_nodes))
             self._sources_died()
         elif tag == "Error" and fields[0] == "unknown-node":
-            log.error("the head no longer knows this node (%s); exiting", fields[1])
-            self.loop.stop()
+            self._declared_dead(fields[1])
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
+        self.loop_lag_max = max(self.loop_lag_max, now - self.heartbeat_due)
+        if self.pulse is not None:  # the liveness thread hears the head even while we are busy
+            self.last_ack = max(self.last_ack, self.pulse.last_ack)
         if now - self.heartbeat_due > HEAD_TIMEOUT_S / 2:
             # We did not run for a while ourselves (stopped, frozen, starved): what the head
             # sent meanwhile is still unread (timers run before sockets are read), so its
@@ -368,16 +404,27 @@ class NodeAgent:
                 pass
 
     # --- object store ---
+    def _apply_store(self, acts: store.StoreActions) -> None:
+        """Start the store's byte moves on the I/O threads, answer whom it answers."""
+        for move in acts.moves:
+            self.mover.submit(move)
+        for path in acts.removals:
+            self.mover.remove(path)
+        for waiter, seg, error, full in acts.answers:
+            waiter(seg, error, full)
+        self._tell_writers()
+
+    def _on_move_done(self, move, error) -> None:
+        self._apply_store(self.store.move_done(move, error))
+
     def _on_AllocateObject(self, client, request_id, store_id: bytes, size: int, owner: str, what: str) -> None:
+        """A segment for a new object (put, task result, large argument): at once, or once
+        spills made room (the writer waits; this loop does not)."""
         self.store_writers.add(client)
-        try:
-            seg = self.store.allocate(store_id, size, owner, what)
-        except MemoryError as exc:
-            self._send(client, "ObjectAllocated", request_id, None, str(exc))
-            return
-        finally:
-            self._tell_writers()
-        self._send(client, "ObjectAllocated", request_id, seg.path, None)
+
+        def answer(seg, error, full):
+            self._send(client, "ObjectAllocated", request_id, seg and seg.path, error)
+        self._apply_store(self.store.allocate(answer, store_id, size, owner, what))
 
     def _on_FreeObjects(self, client, store_ids: list) -> None:
         self._free_objects(store_ids)
@@ -396,8 +443,9 @@ class NodeAgent:
             copying = self.pulls_by_store.get(store_id)
             if copying is not None:  # nobody will read it
                 self._end_pull(copying, why)
-            self.store.free_object(store_id)
-        self._tell_writers()
+            for reader, reader_request in self.allocating.pop(store_id, ()):  # (its segment awaited room)
+                self._send(reader, "ObjectCopied", reader_request, None, why, False)
+            self._apply_store(self.store.free_object(store_id))
         if self.trim_timer is None and self.store.free:
             self.trim_timer = self.loop.call_later(store.FREE_IDLE_S, self._trim_store)
 
@@ -421,18 +469,10 @@ class NodeAgent:
 
     def _on_RestoreObject(self, client, request_id, store_id: bytes) -> None:
         """The path of an object of our store, brought back first if it was spilled:
-        ObjectCopied(path, error, no room for it)."""
-        try:
-            seg = self.store.restore(store_id)
-        except MemoryError as exc:
-            self._send(client, "ObjectCopied", request_id, None, str(exc), True)
-            return
-        finally:
-            self._tell_writers()
-        if seg is None:
-            self._send(client, "ObjectCopied", request_id, None, "it was freed", False)
-        else:
-            self._send(client, "ObjectCopied", request_id, seg.path, None, False)
+        ObjectCopied(path, error, no room for it), when the object is whole there."""
+        def answer(seg, error, full):
+            self._send(client, "ObjectCopied", request_id, seg and seg.path, error, full)
+        self._apply_store(self.store.restore(answer, store_id))
 
     # --- copies from other nodes (pull.py) ---
     def _on_PullObject(self, client, request_id, store_id: bytes, size: int, sources: list, owner: tuple,
@@ -445,6 +485,9 @@ class NodeAgent:
         if copying is not None:
             copying.waiters.append((client, request_id))
             return
+        if store_id in self.allocating:  # its segment waits for room: so does this reader
+            self.allocating[store_id].append((client, request_id))
+            return
         if store_id in self.store.objects:  # the original, or a copy pulled before
             self._on_RestoreObject(client, request_id, store_id)
             return
@@ -452,13 +495,21 @@ class NodeAgent:
         if not sources:  # (a reader of ours restoring an object we no longer have)
             self._send(client, "ObjectCopied", request_id, None, "it is gone from this node's store", False)
             return
-        try:
-            seg = self.store.allocate(store_id, size, owner_identity, what, copy=True)
-        except MemoryError as exc:
-            self._send(client, "ObjectCopied", request_id, None, str(exc), True)
-            return
-        finally:
-            self._tell_writers()
+        self.allocating[store_id] = [(client, request_id)]
+
+        def allocated(seg, error, full):
+            readers = self.allocating.pop(store_id, [])
+            if seg is None:
+                for reader, reader_request in readers:
+                    self._send(reader, "ObjectCopied", reader_request, None, error, full)
+            elif readers:
+                self._start_pull(seg, store_id, size, sources, owner, readers)
+            else:  # every reader gave up meanwhile (its owner freed it)
+                self._apply_store(self.store.free_object(store_id))
+        self._apply_store(self.store.allocate(allocated, store_id, size, owner_identity, what, copy=True))
+
+    def _start_pull(self, seg, store_id: bytes, size: int, sources: list, owner: tuple, readers: list) -> None:
+        owner_identity, owner_node = owner
         seg.owner_node = owner_node
         if owner_node != self.node_id and owner_identity not in self.watched_owners:
             # Its agent tells us when it goes (PeerGone): the copies of what it owned go too.
@@ -469,7 +520,7 @@ class NodeAgent:
         job = pull.Pull(next(self.pull_ids), store_id, size, sources)
         job.fd = store.open_to_fill(seg.path)
         job.path = seg.path
-        job.waiters.append((client, request_id))
+        job.waiters.extend(readers)
         self.pulls[job.pull_id] = job
         self.pulls_by_store[store_id] = job
         self.copy_counts["pulls"] += 1
@@ -527,7 +578,7 @@ class NodeAgent:
         else:
             try:
                 frames = encode("Chunk", (pull_id, offset, None),
-                                [store.read_range(seg.spilled_to or seg.path, offset, length)])
+                                [store.read_range(seg.read_path(), offset, length)])
                 self.copy_counts["chunks_sent"] += 1
             except OSError as exc:
                 frames = encode("Chunk", (pull_id, offset, f"reading it failed: {exc}"))
@@ -558,7 +609,7 @@ class NodeAgent:
         if error is not None:
             log.warning("copying object %s to this node failed: %s", job.store_id.hex()[:16], error)
             self.copy_counts["pull_failures"] += 1
-            self.store.free_object(job.store_id)
+            self._apply_store(self.store.free_object(job.store_id))
         for client, request_id in job.waiters:
             self._send(client, "ObjectCopied", request_id, None if error else job.path, error, False)
 
@@ -589,7 +640,11 @@ class NodeAgent:
             self._pump(job)
 
     def _store_stats(self) -> dict:
-        return dict(self.store.stats(), **self.copy_counts, pulls_in_progress=len(self.pulls))
+        return dict(self.store.stats(), **self.copy_counts, pulls_in_progress=len(self.pulls),
+                    spill_busy_seconds=self.mover.busy[spill.SPILL],
+                    restore_busy_seconds=self.mover.busy[spill.RESTORE],
+                    heartbeat_gap_max_s=self.pulse.max_gap if self.pulse else None,
+                    loop_lag_max_s=self.loop_lag_max)
 
     def _on_StoreStats(self, client, request_id) -> None:
         self._send(client, "StoreStats", request_id, self._store_stats(), self.store.listing())
@@ -721,6 +776,9 @@ class NodeAgent:
             self._send(lease.client, "WorkerExited", lease.lease_id, info)
 
     def close(self) -> None:
+        if self.pulse is not None:
+            self.pulse.stop()
+        self.mover.close()
         for job in list(self.pulls.values()):
             os.close(job.fd)
         for client in list(self.client_pidfds):
@@ -743,6 +801,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resources", default="{}")
     parser.add_argument("--object-store-memory", type=float, default=None)
     parser.add_argument("--memory", type=float, default=None, help="bytes of memory tasks may reserve")
+    parser.add_argument("--spill-dir", default=None,
+                        help="where objects spill when the store is full (default: the session directory)")
     parser.add_argument("--host", default=None, help="also listen on TCP at this address")
     parser.add_argument("--node-ip", default=None,
                         help="the address registered for others to connect to (default: --host)")
@@ -787,19 +847,25 @@ def main(argv=None) -> int:
         _stop_launcher(launcher_pid, launcher_sock)
         return 2
 
+    clean = []  # why we stop, when it is on purpose (else the logs are kept: see session.keep_logs)
+
     def on_lifeline():
         if not os.read(0, 4096):
             log.info("lifeline closed: the driver is gone; stopping")
+            clean.append("lifeline")
             agent.loop.stop()
     if args.lifeline:
         agent.loop.add_reader(0, on_lifeline)
-    signal.signal(signal.SIGTERM, lambda *_: agent.loop.stop())
+    signal.signal(signal.SIGTERM, lambda *_: (clean.append("SIGTERM"), agent.loop.stop()))
     if agent.tcp_address:
         with open(os.path.join(args.session_dir, "node.address"), "w") as f:
             f.write(agent.tcp_address)
     print(f"farpool-node ready pid={os.getpid()} node={args.node_id} tcp={agent.tcp_address}", flush=True)
     try:
         agent.loop.run()
+    except BaseException:
+        log.exception("the node agent failed")
+        raise
     finally:
         try:
             transport.send(agent.head, encode("Goodbye", ("node", agent.node_id)))
@@ -812,6 +878,9 @@ def main(argv=None) -> int:
             agent.share.close()
         transport.term_context()
         if args.embedded or args.lifeline:
+            if not clean:  # the cluster fails with us: keep the logs that say why
+                log.error("the node agent stops on its own; its logs are kept in %s",
+                          session.keep_logs(args.session_dir))
             session.remove_session(args.session_dir)
         else:
             for name in os.listdir(args.session_dir):

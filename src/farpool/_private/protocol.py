@@ -33,6 +33,8 @@ TAGS = frozenset({
     "Hello", "Welcome", "RegisterNode", "NodeRegistered", "Heartbeat", "HeartbeatAck",
     "NodeTable", "GetNodes", "Nodes", "KVPut", "KVGet", "KVValue", "Goodbye",
     "DriverDied",
+    # node agent's liveness thread <-> head (pulse.py)
+    "NodeAlive", "NodeAliveAck",
     # client <-> node agent
     "RequestLease", "LeaseGranted", "LeaseSpillback", "LeaseInfeasible", "LeaseRejected",
     "ReturnLease", "WorkerExited", "CancelLease", "Relay", "Relayed", "SignalWorker",

@@ -40,7 +40,8 @@ def is_initialized() -> bool:
 def init(address: str | None = None, *, num_cpus: float | None = None, num_gpus: float | None = None,
          resources: dict | None = None, object_store_memory: int | None = None,
          namespace: str | None = None, log_to_driver: bool = True, ignore_reinit_error: bool = False,
-         token: str | None = None, runtime_env: dict | None = None, _auto: bool = False) -> dict:
+         token: str | None = None, runtime_env: dict | None = None, spill_dir: str | None = None,
+         _auto: bool = False) -> dict:
     """Start an embedded cluster (``address=None``) or join one ("auto" or "HOST:PORT").
 
     Returns a dict with at least ``address``, ``node_id`` and ``session_dir``.
@@ -62,11 +63,11 @@ def init(address: str | None = None, *, num_cpus: float | None = None, num_gpus:
                                "start a cluster of its own; it joins the cluster it runs on")
         if address is None:
             _state = _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespace,
-                                     log_to_driver)
+                                     log_to_driver, spill_dir)
         else:
-            if any(v is not None for v in (num_cpus, num_gpus, resources, object_store_memory)):
+            if any(v is not None for v in (num_cpus, num_gpus, resources, object_store_memory, spill_dir)):
                 raise ValueError(
-                    "num_cpus, num_gpus, resources and object_store_memory cannot be given when "
+                    "num_cpus, num_gpus, resources, object_store_memory and spill_dir cannot be given when "
                     f"joining an existing cluster ({address!r}): resources belong to the nodes. Pass them "
                     "to `farpool start` on each node, or call init() without an address for a "
                     "private cluster")
@@ -89,10 +90,13 @@ def _job_setup(head_address: str | None, namespace) -> dict:
             "main_module": main_module, "head_address": head_address, "namespace": namespace}
 
 
-def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespace, log_to_driver) -> dict:
+def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespace, log_to_driver,
+                    spill_dir=None) -> dict:
     # Validate before starting anything; the node agent computes the defaults itself
     # (loky.cpu_count() costs 100 ms of imports we need not wait for here).
     scheduling.make_totals(1 if num_cpus is None else num_cpus, num_gpus or 0, resources)
+    if spill_dir is not None:
+        _check_spill_dir(spill_dir)
     session.remove_dead_sessions()
     session_dir = session.new_session_dir()
     token = session.new_token()
@@ -112,6 +116,8 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
             node_args += ["--num-gpus", str(num_gpus)]
         if object_store_memory:
             node_args += ["--object-store-memory", str(object_store_memory)]
+        if spill_dir is not None:
+            node_args += ["--spill-dir", os.path.abspath(spill_dir)]
         procs.append(session.spawn("farpool._private.node", node_args, session_dir, "node.log", token,
                                    lifeline=True))
         cfg = {"head_address": head_address, "agent_address": session.ipc(session_dir, "node"),
@@ -134,6 +140,18 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
             "dashboard_url": None, "embedded": True}
     del welcome
     return {"client": client, "procs": procs, "session_dir": session_dir, "info": info}
+
+
+def _check_spill_dir(spill_dir) -> None:
+    if not isinstance(spill_dir, (str, os.PathLike)) or not str(spill_dir):
+        raise ValueError(f"`spill_dir` must be a directory path, got {spill_dir!r}")
+    try:
+        os.makedirs(spill_dir, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"`spill_dir` {str(spill_dir)!r} cannot be created: {exc}") from None
+    if not os.access(spill_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"`spill_dir` {str(spill_dir)!r} is not writable by this user; pick a directory "
+                         "on a disk with room for what does not fit in memory")
 
 
 def _join(address: str, token: str | None, namespace, log_to_driver) -> dict:

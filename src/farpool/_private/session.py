@@ -93,6 +93,38 @@ def remove_session(session_dir: str) -> None:
         pass
 
 
+# Logs of failed sessions kept for the user to read (the newest ones; older go).  More
+# keeps evidence of older failures, fewer keeps the tmp root small.
+KEPT_LOGS = 10
+KEPT_PREFIX = "failed-"
+
+
+def keep_logs(session_dir: str) -> str:
+    """Copy a failing session's logs to ``<tmp root>/failed-<session>/`` (outside the session
+    directory, which goes at shutdown) and return that directory; errors name its files.
+
+    Idempotent (a later call copies the newer text); only the newest KEPT_LOGS are kept.
+    """
+    root = os.path.dirname(session_dir.rstrip("/")) or tmp_root()
+    kept = os.path.join(root, KEPT_PREFIX + os.path.basename(session_dir.rstrip("/")))
+    try:
+        os.makedirs(kept, mode=0o700, exist_ok=True)
+        for name in os.listdir(session_dir):
+            if name.endswith(".log"):
+                try:
+                    shutil.copyfile(os.path.join(session_dir, name), os.path.join(kept, name))
+                except OSError:
+                    pass
+        failed = sorted((os.path.join(root, n) for n in os.listdir(root) if n.startswith(KEPT_PREFIX)),
+                        key=lambda p: os.stat(p).st_mtime)
+        for old in failed[:-KEPT_LOGS]:
+            if old != kept:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        pass
+    return kept
+
+
 def shm_root() -> str:
     """Where object store segments live (FARPOOL_SHM_PATH overrides, e.g. for tests)."""
     return os.environ.get("FARPOOL_SHM_PATH", "/dev/shm")

@@ -27,6 +27,8 @@ Writers hold the lock exclusively, so no reader maps a value being written.
 from __future__ import annotations
 
 import contextlib
+import enum
+import errno
 import fcntl
 import logging
 import mmap
@@ -36,7 +38,7 @@ import struct
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger("farpool.store")
 
@@ -49,6 +51,10 @@ PAGE = 4096
 # instead of travelling inline in messages.  Lower saves copies of medium
 # values, higher saves the allocation round trip for small ones.
 INLINE_MAX = 100 * 1024
+# A reader whose object was spilled again between the agent's answer and its mapping
+# asks again this many times in all.  More rides out a store thrashing under many
+# readers; fewer fails sooner when something else is wrong.
+READ_ATTEMPTS = 5
 # Default capacity: this fraction of the memory available when the agent starts.
 DEFAULT_FRACTION = 0.3
 # Segments are sized in these steps so that freed ones fit later objects.
@@ -210,6 +216,8 @@ def read_segment(path: str, size: int, private: bool = False, store_id: bytes | 
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
+        if os.fstat(fd).st_nlink == 0:  # spilled (unlinked) between our open and our lock
+            raise FileNotFoundError(errno.ENOENT, f"{path} was spilled to disk: ask for a restore")
         if private:
             m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         else:
@@ -217,9 +225,10 @@ def read_segment(path: str, size: int, private: bool = False, store_id: bytes | 
     except BaseException:
         os.close(fd)
         raise
-    weakref.finalize(m, os.close, fd)
+    release = weakref.finalize(m, os.close, fd)
     if store_id is not None and m[:ID_FIELD] != _id_field(store_id):
         m.close()
+        release()  # now: the traceback keeps ``m`` alive, and its lock would pin the segment
         raise SegmentReused(f"{path} no longer holds object {store_id.hex()}: it was freed")
     view = memoryview(m)
     payload_len, count = struct.unpack_from("<2Q", m, ID_FIELD)
@@ -329,22 +338,87 @@ class MachineShare:
             pass
 
 
-@dataclass
+class State(enum.Enum):
+    """Where an object's bytes are (see ObjectStore)."""
+    IN_MEMORY = "in memory"    # a segment of the store directory; readers map it
+    SPILLING = "spilling"      # still in memory (readers map it) while an I/O thread copies it to disk
+    SPILLED = "spilled"        # only in its spill file: a reader asks for a restore (RestoreObject)
+    RESTORING = "restoring"    # being copied back into a segment: readers wait for it
+    ON_DISK = "on disk"        # allocated in the spill directory: pins left no room in memory
+
+
+@dataclass(eq=False)
 class Segment:
     path: str
     size: int                 # file size (capacity of the segment)
     object_id: bytes | None = None
     used: int = 0             # bytes of the object in it
     owner: str = ""
-    spilled_to: str | None = None
+    state: State = State.IN_MEMORY
+    spilled_to: str | None = None   # the spill file (SPILLED, RESTORING; IN_MEMORY after a
+    #                                 restore: a clean copy, so spilling it again writes nothing)
     created_at: str = ""
     freed_at: float = 0.0     # time.monotonic() when it went back to the free pool
     copy: bool = False        # a copy of an object stored on another node (see pull.py)
     owner_node: str = ""      # a copy's: the node of its owner (the owner of the others is ours)
+    freed: bool = False       # freed by its owner while its bytes were moving (SPILLING, RESTORING)
+    unspillable: bool = False  # its spill failed for a reason that would repeat
+    waiters: list = field(default_factory=list)  # RESTORING: who waits for it
+
+    def read_path(self) -> str:
+        """A file holding all of the object's bytes now (for chunks sent to other nodes)."""
+        return self.spilled_to if self.state in (State.SPILLED, State.RESTORING) else self.path
+
+
+ALLOCATE, RESTORE = "allocate", "restore"
+
+
+@dataclass(eq=False)
+class Want:
+    """Room asked for that is not there yet: it waits for spills to finish (FIFO)."""
+    kind: str                 # ALLOCATE (a new object) or RESTORE (a spilled one)
+    object_id: bytes
+    size: int
+    waiters: list
+    owner: str = ""
+    where: str = ""
+    copy: bool = False
+
+
+@dataclass
+class StoreActions:
+    """What the agent does after a store event: start moves, answer waiters."""
+    moves: list = field(default_factory=list)    # spill.Move, for the I/O threads
+    answers: list = field(default_factory=list)  # (waiter, Segment | None, error | None, no room)
+    removals: list = field(default_factory=list)  # spill files to unlink (on the I/O threads)
+
+
+NOW, WAIT, NO_ROOM = "now", "wait", "no room"
+# Room left free on the spill directory's disk when choosing what to spill: a disk
+# filled to the last byte makes every other program on it fail too.
+DISK_RESERVE = 64 << 20
 
 
 class ObjectStore:
-    """The agent's side: segments, the free pool, accounting and spilling (one thread)."""
+    """The agent's side: segments, the free pool, accounting, spilling (the agent's thread only).
+
+    Every object is in one State.  Room is asked for by ``allocate`` (a new object) and
+    ``restore`` (a spilled one); when it is not there, the request waits in ``wants``
+    while cold objects spill (Moves for the I/O threads, see spill.py), and is granted
+    as ``move_done`` reports them, in order.  Where readers pin so much that spilling
+    cannot make room, the object goes ON_DISK: a file in the spill directory, mapped
+    like a segment (Ray's fallback allocation).  Methods return StoreActions::
+
+        IN_MEMORY --spill--> SPILLING --done, unmapped--> SPILLED --restore--> RESTORING --done--> IN_MEMORY
+                                 |  mapped by a reader meanwhile: stays IN_MEMORY        no room: ON_DISK
+        freed while SPILLING/RESTORING: marked, and dropped when its move is done
+
+    A reader gets a path only for a complete object: SPILLING still has its segment,
+    RESTORING answers when done.  A spill that ends gives its segment to the free pool
+    only if no reader maps it (else the object stays in memory); a reader holding the
+    old location then finds another object's id in it, or no file (read_segment checks
+    both under its lock), and asks for a restore.
+    """
 
     def __init__(self, directory: str, capacity: int, spill_dir: str):
         self.directory = directory
@@ -352,99 +426,253 @@ class ObjectStore:
         self.spill_dir = spill_dir
         self.objects: dict[bytes, Segment] = {}
         self.free: list[Segment] = []
-        self.bytes_in_shm = 0          # sum of segment file sizes in the store directory
+        self.wants: list[Want] = []
+        self.spilling: set = set()       # segments being spilled (also those freed meanwhile)
+        self.restoring = 0
+        self.bytes_in_shm = 0            # sum of segment file sizes in the store directory
+        self.bytes_on_disk = 0           # ON_DISK objects' files in the spill directory
         self._seq = 0
-        self.dropped: list[str] = []   # segment paths unlinked since the agent last told writers
+        self.dropped: list[str] = []     # segment paths unlinked since the agent last told writers
+        self.counts = {"spills": 0, "spilled_bytes_total": 0, "spill_seconds": 0.0, "restores": 0,
+                       "restored_bytes_total": 0, "restore_seconds": 0.0, "spill_failures": 0,
+                       "on_disk_allocations": 0}
 
-    # --- allocation ---
-    def allocate(self, object_id: bytes, size: int, owner: str = "", where: str = "",
-                 copy: bool = False) -> Segment:
-        """A segment for ``size`` bytes, reusing a free one when possible.
-
-        Raises MemoryError (ObjectStoreFullError is raised by the caller) with sizes.
-        """
+    # --- room ---
+    def allocate(self, waiter, object_id: bytes, size: int, owner: str = "", where: str = "",
+                 copy: bool = False) -> StoreActions:
+        """A segment for ``size`` bytes for ``waiter``: now, or once spills made room."""
+        acts = StoreActions()
         if size > self.capacity:
-            raise MemoryError(f"an object of {size / 1e6:.1f} MB is larger than the whole object store "
-                              f"({self.capacity / 1e6:.1f} MB); raise object_store_memory")
-        seg = self._reuse(size)
+            acts.answers.append((waiter, None, self._too_large(size), True))
+            return acts
+        self.wants.append(Want(ALLOCATE, object_id, size, [waiter], owner, where, copy))
+        self._serve_wants(acts)
+        return acts
+
+    def restore(self, waiter, object_id: bytes) -> StoreActions:
+        """The segment of an object, for ``waiter``: brought back first if it was spilled."""
+        acts = StoreActions()
+        seg = self.objects.get(object_id)
         if seg is None:
-            need = _round(size, SIZE_STEP)
-            self._make_room(need)
-            self._seq += 1
-            seg = Segment(os.path.join(self.directory, f"seg-{self._seq}"), need)
-            fd = os.open(seg.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            acts.answers.append((waiter, None, "it was freed", False))
+        elif seg.state is State.RESTORING:
+            seg.waiters.append(waiter)
+        elif seg.state is State.SPILLED:
+            want = next((w for w in self.wants if w.kind == RESTORE and w.object_id == object_id), None)
+            if want is not None:
+                want.waiters.append(waiter)
+            else:
+                self.wants.append(Want(RESTORE, object_id, _round(seg.used, SIZE_STEP), [waiter]))
+                self._serve_wants(acts)
+        else:
+            self._touch(object_id)
+            acts.answers.append((waiter, seg, None, False))
+        return acts
+
+    def _touch(self, object_id: bytes) -> None:
+        """An object just asked for goes last in line to spill (``objects`` is oldest first):
+        its reader maps it after our answer, and must find it still there."""
+        self.objects[object_id] = self.objects.pop(object_id)
+
+    def _serve_wants(self, acts: StoreActions) -> None:
+        """Grant the requests that fit now, in order; start spills for the others; put on
+        disk those for which spilling cannot make room."""
+        reserved = 0  # bytes earlier requests still wait for: later ones do not take them
+        for want in list(self.wants):
+            room = self._room(want.size, reserved, acts)
+            if room == WAIT:
+                reserved += want.size
+                continue
+            self.wants.remove(want)
             try:
-                os.ftruncate(fd, need)
-            finally:
-                os.close(fd)
-            self.bytes_in_shm += need
-        seg.object_id = object_id
-        seg.used = size
-        seg.owner = owner
-        seg.created_at = where
-        seg.spilled_to = None
-        seg.copy = copy
-        seg.owner_node = ""
-        self.objects[object_id] = seg
-        return seg
+                if room == NOW:
+                    self._grant(want, acts)
+                else:
+                    self._on_disk(want, acts)
+            except OSError as exc:  # (the store directory was removed under us, ...): say so, no hang
+                log.warning("no segment for object %s: %s", want.object_id.hex()[:16], exc)
+                acts.answers.extend((w, None, f"the node's object store failed: {exc}", False)
+                                    for w in want.waiters)
 
-    def _reuse(self, size: int) -> Segment | None:
-        """The smallest free segment that fits and that no reader still maps."""
-        for seg in sorted(self.free, key=lambda s: s.size):
-            if seg.size >= size and seg.size <= max(2 * size, size + SIZE_STEP) and _unlocked(seg.path):
-                self.free.remove(seg)
-                return seg
-        return None
+    def _room(self, need: int, reserved: int, acts: StoreActions) -> str:
+        if self._fits(need, reserved):
+            return NOW
+        for seg in list(self.objects.values()):  # restored objects whose copy on disk is whole
+            if (seg.spilled_to is not None and seg.state is State.IN_MEMORY
+                    and _idle_and_sealed(seg.path, seg.object_id)):
+                self._to_free_pool(Segment(seg.path, seg.size))  # spilled again, nothing written
+                seg.state = State.SPILLED
+                if self._fits(need, reserved):
+                    return NOW
+        over = self.bytes_in_shm + reserved + need - self.capacity
+        coming = sum(s.size for s in self.spilling)
+        for seg in list(self.objects.values()):  # insertion order: oldest first
+            if coming >= over:
+                break
+            if self._spillable(seg):
+                self._start_spill(seg, acts)
+                coming += seg.size
+        return WAIT if coming >= over else NO_ROOM
 
-    def _make_room(self, need: int) -> None:
-        """Drop free segments, then spill cold objects, until ``need`` more bytes fit."""
+    def _fits(self, need: int, reserved: int) -> bool:
+        """Room for ``need`` more bytes after what earlier requests wait for, once free
+        segments nobody maps are dropped (a free segment that fits is reused instead)."""
+        over = self.bytes_in_shm + reserved + need - self.capacity
+        if over <= 0 or (not reserved and self._reusable(need) is not None):
+            return True
         for seg in sorted(self.free, key=lambda s: -s.size):
-            if self.bytes_in_shm + need <= self.capacity:
-                return
+            if over <= 0:
+                break
             if _unlocked(seg.path):
                 self.free.remove(seg)
                 self._unlink(seg)
-        for seg in list(self.objects.values()):  # insertion order: oldest first
-            if self.bytes_in_shm + need <= self.capacity:
-                return
-            if seg.spilled_to is None and seg.used and _unlocked(seg.path):
-                self._spill(seg)
-        if self.bytes_in_shm + need > self.capacity:
-            pinned = sum(s.size for s in self.objects.values() if s.spilled_to is None)
-            raise MemoryError(
-                f"the object store is full: {need / 1e6:.1f} MB requested, {self.bytes_in_shm / 1e6:.1f} of "
-                f"{self.capacity / 1e6:.1f} MB in use ({pinned / 1e6:.1f} MB held by objects still mapped "
-                "by readers or not spillable). Free references you no longer need (del ref), or raise "
-                "object_store_memory")
+                over -= seg.size
+        return over <= 0
 
-    def _spill(self, seg: Segment) -> None:
-        os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
-        target = os.path.join(self.spill_dir, os.path.basename(seg.path) + "-" + seg.object_id.hex()[:16])
-        try:
-            shutil.copyfile(seg.path, target)
-        except OSError as exc:
-            log.warning("could not spill %s to %s: %s", seg.path, target, exc)
+    def _spillable(self, seg: Segment) -> bool:
+        return (seg.state is State.IN_MEMORY and seg.spilled_to is None and seg.used > 0 and not seg.unspillable
+                and self.disk_free() >= seg.used + DISK_RESERVE and _idle_and_sealed(seg.path, seg.object_id))
+
+    def _start_spill(self, seg: Segment, acts: StoreActions) -> None:
+        from farpool._private import spill
+        seg.state = State.SPILLING
+        self.spilling.add(seg)
+        target = os.path.join(self.spill_dir, seg.object_id.hex())
+        acts.moves.append(spill.Move(spill.SPILL, seg.object_id, seg.path, target, seg.used, token=seg))
+
+    def _grant(self, want: Want, acts: StoreActions) -> None:
+        from farpool._private import spill
+        if want.kind == ALLOCATE:
+            path, size = self._take_segment(want.size)
+            seg = Segment(path, size, want.object_id, want.size, want.owner, created_at=want.where,
+                          copy=want.copy)
+            self.objects[want.object_id] = seg
+            acts.answers.extend((w, seg, None, False) for w in want.waiters)
             return
-        self._unlink(seg)
-        seg.spilled_to = target
-        log.info("spilled object %s (%.1f MB) to %s", seg.object_id.hex()[:16], seg.used / 1e6, target)
+        seg = self.objects.get(want.object_id)
+        if seg is None or seg.state is not State.SPILLED:  # (freed: answered by free_object)
+            acts.answers.extend((w, seg, None if seg else "it was freed", False) for w in want.waiters)
+            return
+        seg.path, seg.size = self._take_segment(want.size)
+        seg.state = State.RESTORING
+        seg.waiters = list(want.waiters)
+        self.restoring += 1
+        acts.moves.append(spill.Move(spill.RESTORE, seg.object_id, seg.spilled_to, seg.path, seg.used, token=seg))
 
-    def restore(self, object_id: bytes) -> Segment | None:
-        """Bring a spilled object back into shared memory; returns its segment."""
-        seg = self.objects.get(object_id)
-        if seg is None or seg.spilled_to is None:
-            return seg
-        source = seg.spilled_to
-        need = _round(seg.used, SIZE_STEP)
-        self._make_room(need)
+    def _on_disk(self, want: Want, acts: StoreActions) -> None:
+        """Spilling cannot make room (readers pin the rest): the object lives in a file of
+        the spill directory instead (slower to read, but nothing fails)."""
+        if want.kind == RESTORE:  # its spill file is that file already
+            seg = self.objects.get(want.object_id)
+            if seg is not None and seg.state is State.SPILLED:
+                seg.path, seg.spilled_to, seg.size, seg.state = seg.spilled_to, None, seg.used, State.ON_DISK
+                self.bytes_on_disk += seg.size
+            acts.answers.extend((w, seg, None if seg else "it was freed", False) for w in want.waiters)
+            return
+        path = os.path.join(self.spill_dir, "fallback-" + want.object_id.hex())
+        try:
+            os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+            if self.disk_free() < want.size + DISK_RESERVE:
+                raise OSError(errno.ENOSPC, f"less than {DISK_RESERVE >> 20} MB would be left on its disk")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:  # reserve the blocks now: a full disk fails here, not with SIGBUS in the writer
+                os.posix_fallocate(fd, 0, want.size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            _remove(path)
+            acts.answers.extend((w, None, self._no_room(want.size, exc), True) for w in want.waiters)
+            return
+        seg = Segment(path, want.size, want.object_id, want.size, want.owner, State.ON_DISK,
+                      created_at=want.where, copy=want.copy)
+        self.objects[want.object_id] = seg
+        self.bytes_on_disk += want.size
+        self.counts["on_disk_allocations"] += 1
+        log.info("object %s (%.1f MB) allocated on disk in %s: readers pin the memory store",
+                 want.object_id.hex()[:16], want.size / 1e6, self.spill_dir)
+        acts.answers.extend((w, seg, None, False) for w in want.waiters)
+
+    def _reusable(self, size: int) -> Segment | None:
+        """The smallest free segment that fits ``size`` (not much larger) and no reader maps."""
+        for seg in sorted(self.free, key=lambda s: s.size):
+            if seg.size >= size and seg.size <= max(2 * size, size + SIZE_STEP) and _unlocked(seg.path):
+                return seg
+        return None
+
+    def _take_segment(self, size: int) -> tuple[str, int]:
+        """(path, size) of a free segment that fits and that no reader maps, or of a new one."""
+        seg = self._reusable(size)
+        if seg is not None:
+            self.free.remove(seg)
+            return seg.path, seg.size
+        need = _round(size, SIZE_STEP)
         self._seq += 1
-        seg.path = os.path.join(self.directory, f"seg-{self._seq}")
-        shutil.copyfile(source, seg.path)
-        seg.size = os.path.getsize(seg.path)
-        self.bytes_in_shm += seg.size
-        os.unlink(source)
-        seg.spilled_to = None
-        return seg
+        path = os.path.join(self.directory, f"seg-{self._seq}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, need)
+        finally:
+            os.close(fd)
+        self.bytes_in_shm += need
+        return path, need
+
+    # --- moves done (spill.Mover, through the agent's loop) ---
+    def move_done(self, move, error: OSError | None) -> StoreActions:
+        from farpool._private import spill
+        acts = StoreActions()
+        seg = move.token
+        if move.kind == spill.SPILL:
+            self.spilling.discard(seg)
+            if error is not None:
+                self.counts["spill_failures"] += 1
+                # Not tried again (a full disk would fail it again and again); a request
+                # that needs its room goes on disk instead, or fails naming the directory.
+                seg.unspillable = error.errno != errno.EBUSY
+                log.warning("could not spill object %s (%.1f MB) to %s: %s; it stays in memory",
+                            move.object_id.hex()[:16], move.length / 1e6, move.target, error)
+                seg.state = State.IN_MEMORY
+                if seg.freed:
+                    self._to_free_pool(seg)
+            elif seg.freed:
+                acts.removals.append(move.target)
+                self._to_free_pool(seg)
+            elif not _unlocked(seg.path):  # a reader mapped it meanwhile: it stays (with a clean copy)
+                seg.state, seg.spilled_to = State.IN_MEMORY, move.target
+            else:
+                # Its memory goes back to the free pool, to be reused at once by what waits
+                # for room (its pages are touched: reuse is fast); a reader with the old
+                # location finds another object's id there and asks for a restore.
+                path, size = seg.path, seg.size
+                self._to_free_pool(Segment(path, size))
+                seg.state, seg.spilled_to = State.SPILLED, move.target
+                self.counts["spills"] += 1
+                self.counts["spilled_bytes_total"] += move.length
+                self.counts["spill_seconds"] += move.seconds
+                log.info("spilled object %s (%.1f MB) to %s in %.2f s", move.object_id.hex()[:16],
+                         move.length / 1e6, move.target, move.seconds)
+        else:
+            self.restoring -= 1
+            waiters, seg.waiters = seg.waiters, []
+            source = seg.spilled_to
+            if error is not None:  # the segment goes; the object stays safe on disk
+                self._unlink(seg)
+                seg.state = State.SPILLED
+                why = f"restoring it from {source} failed: {error}"
+                acts.answers.extend((w, None, why, False) for w in waiters)
+            else:
+                self.counts["restores"] += 1
+                self.counts["restored_bytes_total"] += move.length
+                self.counts["restore_seconds"] += move.seconds
+                if seg.freed:
+                    acts.removals.append(source)
+                    self._to_free_pool(seg)
+                    acts.answers.extend((w, None, "it was freed", False) for w in waiters)
+                else:
+                    seg.state = State.IN_MEMORY
+                    self._touch(seg.object_id)
+                    acts.answers.extend((w, seg, None, False) for w in waiters)
+        self._serve_wants(acts)
+        return acts
 
     def _unlink(self, seg: Segment) -> None:
         try:
@@ -455,23 +683,43 @@ class ObjectStore:
         self.dropped.append(seg.path)
 
     # --- freeing ---
-    def free_object(self, object_id: bytes) -> None:
+    def free_object(self, object_id: bytes) -> StoreActions:
+        acts = StoreActions()
         seg = self.objects.pop(object_id, None)
+        for want in [w for w in self.wants if w.kind == RESTORE and w.object_id == object_id]:
+            self.wants.remove(want)
+            acts.answers.extend((w, None, "it was freed", False) for w in want.waiters)
         if seg is None:
-            return
-        if seg.spilled_to is not None:
-            try:
-                os.unlink(seg.spilled_to)
-            except OSError:
-                pass
-            return
-        seg.object_id = None
+            return acts
+        if seg.state in (State.SPILLING, State.RESTORING):
+            seg.freed = True  # dropped when its move is done
+        elif seg.state is State.SPILLED:
+            acts.removals.append(seg.spilled_to)
+        elif seg.state is State.ON_DISK:
+            acts.removals.append(seg.path)
+            self.bytes_on_disk -= seg.size
+            self.dropped.append(seg.path)
+        else:
+            if seg.spilled_to is not None:  # its clean copy
+                acts.removals.append(seg.spilled_to)
+            self._to_free_pool(seg)
+        self._serve_wants(acts)
+        return acts
+
+    def _to_free_pool(self, seg: Segment) -> None:
+        seg.object_id = seg.spilled_to = None
         seg.used = 0
+        seg.state = State.IN_MEMORY
+        seg.freed = seg.copy = False
         seg.freed_at = time.monotonic()
         self.free.append(seg)
         # Keep the pool within capacity (objects still use their share).
-        if self.bytes_in_shm > self.capacity:
-            self._make_room(0)
+        for other in sorted(self.free, key=lambda s: -s.size):
+            if self.bytes_in_shm <= self.capacity:
+                break
+            if _unlocked(other.path):
+                self.free.remove(other)
+                self._unlink(other)
 
     def owned_by(self, owner: str) -> list[bytes]:
         """Ids of the objects ``owner`` (a client identity) owns here: freed when it is gone."""
@@ -491,21 +739,51 @@ class ObjectStore:
                 due.append(now + idle_s)
         return min(due, default=None)
 
+    # --- messages for the user ---
+    def disk_free(self) -> int:
+        try:
+            os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+            st = os.statvfs(self.spill_dir)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
+    def _too_large(self, size: int) -> str:
+        return (f"an object of {size / 1e6:.1f} MB is larger than the whole object store "
+                f"({self.capacity / 1e6:.1f} MB); raise object_store_memory above it "
+                "(farpool.init(object_store_memory=...), or `farpool start --object-store-memory` "
+                "on each node), or split the value into smaller ones")
+
+    def _no_room(self, size: int, exc: OSError) -> str:
+        pinned = sum(s.size for s in self.objects.values()
+                     if s.state is State.IN_MEMORY and not _unlocked(s.path))
+        return (f"no room for an object of {size / 1e6:.1f} MB: the object store holds "
+                f"{self.bytes_in_shm / 1e6:.1f} of {self.capacity / 1e6:.1f} MB in memory "
+                f"({pinned / 1e6:.1f} MB mapped by readers), and the spill directory {self.spill_dir} "
+                f"has {self.disk_free() / 1e6:.1f} MB free ({exc.strerror or exc}). Nothing was lost. "
+                "Free references you no longer need (del ref), give the spill directory more room "
+                "(farpool.init(spill_dir=...) or `farpool start --spill-dir`), or raise object_store_memory")
+
     def stats(self) -> dict:
-        used = sum(s.used for s in self.objects.values() if s.spilled_to is None)
-        spilled = sum(s.used for s in self.objects.values() if s.spilled_to is not None)
+        by_state = {state: 0 for state in State}
+        for seg in self.objects.values():
+            by_state[seg.state] += seg.used
         copies = sum(1 for s in self.objects.values() if s.copy)
-        return {"capacity": self.capacity, "used": used, "spilled": spilled, "objects": len(self.objects),
-                "copies": copies,
-                "shm_bytes": self.bytes_in_shm, "free_segments": len(self.free), "directory": self.directory}
+        return {"capacity": self.capacity, "objects": len(self.objects), "copies": copies,
+                "used": by_state[State.IN_MEMORY] + by_state[State.SPILLING] + by_state[State.RESTORING],
+                "spilled": by_state[State.SPILLED], "on_disk": by_state[State.ON_DISK],
+                "spilling": len(self.spilling), "restoring": self.restoring,
+                "waiting_for_room": sum(len(w.waiters) for w in self.wants),
+                "shm_bytes": self.bytes_in_shm, "free_segments": len(self.free), "directory": self.directory,
+                "spill_dir": self.spill_dir, "spill_dir_free": self.disk_free(), **self.counts}
 
     def listing(self, limit: int = 20) -> list[dict]:
         rows = []
         for object_id, seg in sorted(self.objects.items(), key=lambda kv: -kv[1].used)[:limit]:
             rows.append({"object_id": object_id.hex(), "size": seg.used, "owner": seg.owner,
-                         "pinned": not _unlocked(seg.path) if seg.spilled_to is None else False,
-                         "spilled": seg.spilled_to is not None, "created_at": seg.created_at,
-                         "copy": seg.copy})
+                         "pinned": seg.state is State.IN_MEMORY and not _unlocked(seg.path),
+                         "spilled": seg.state in (State.SPILLED, State.RESTORING), "state": seg.state.value,
+                         "created_at": seg.created_at, "copy": seg.copy})
         return rows
 
     def close(self) -> None:
@@ -526,3 +804,28 @@ def _unlocked(path: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def _idle_and_sealed(path: str, store_id: bytes) -> bool:
+    """True when nobody maps or writes the segment and its writer finished (the header
+    names the object: a segment allocated but not written yet must not be spilled)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return os.pread(fd, ID_FIELD, 0) == _id_field(store_id)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str | None) -> None:
+    if path is None:
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -113,11 +113,14 @@ def _load_value(payload, bufs):
             payload, bufs = store.read_segment(_store_puller.pull(*payload[1:]), payload[2], True, store_id)
     elif isinstance(payload, tuple):  # copy-on-write views: the task may mutate its arguments
         _, path, size, store_id = payload
-        try:
-            payload, bufs = store.read_segment(path, size, True, store_id)
-        except FileNotFoundError:  # spilled since: our agent brings it back (PullObject of its own)
-            path = _store_puller.pull(store_id, size, [], ("", ""), "an argument on disk")
-            payload, bufs = store.read_segment(path, size, True, store_id)
+        for attempt in range(store.READ_ATTEMPTS):
+            try:
+                payload, bufs = store.read_segment(path, size, True, store_id)
+                break
+            except FileNotFoundError:  # spilled since: our agent brings it back (PullObject of its own)
+                if attempt == store.READ_ATTEMPTS - 1:
+                    raise
+                path = _store_puller.pull(store_id, size, [], ("", ""), "an argument on disk")
     return protocol.loads(payload, bufs)
 
 
