@@ -109,12 +109,16 @@ def test_a_spilled_object_passed_to_a_task_is_restored_for_it(cluster):
     assert farpool.get(summed.remote(refs[0]), timeout=TIMEOUT) == 20 * MB // 8
 
 
-def test_no_room_to_restore_a_spilled_object_is_object_store_full_not_lost(cluster):
+def test_a_spilled_object_is_restored_even_when_readers_pin_the_whole_store(cluster):
+    # Issue #18: where pinned objects leave no room, the restored object is mapped from a
+    # disk-backed segment in the spill directory (it was ObjectStoreFullError before).
     refs = spilled_puts(4)
-    views = farpool.get(refs[1:], timeout=TIMEOUT)  # 60 MiB pinned by this driver's views
+    views = farpool.get(refs[1:], timeout=TIMEOUT)  # 60 MiB of the 64 MiB store pinned by our views
     assert len(views) == 3
-    with pytest.raises(farpool.ObjectStoreFullError):
-        farpool.get(refs[0], timeout=TIMEOUT)
+    value = farpool.get(refs[0], timeout=TIMEOUT)
+    assert value.shape == (20 * MB // 8,) and float(value.sum()) == 20 * MB // 8
+    listing = {entry["object_id"]: entry for entry in store_objects()}
+    assert listing[refs[0].hex()]["state"] == "on disk"  # restored into the spill directory
 
 
 # ---------------------------------------------------------------------------- wait

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from farpool._private import protocol
-from farpool._private.refs import FAILED, PENDING, READY, Entry, RefTable
+from farpool._private.refs import FAILED, PENDING, READY, Entry, Location, RefTable
 
 ME = b"c:me"
 OWNER = (b"c:owner", "node-o", None, 11)
@@ -52,7 +52,7 @@ def own(table, oid, state=READY, location=None):
 
 
 def test_an_owned_object_goes_with_its_last_local_ref_and_frees_its_segment(table):
-    location = ("seg", "node-me", b"s1", "/dev/shm/x", 4096)
+    location = Location("seg", "node-me", b"s1", "/dev/shm/x", 4096)
     own(table, b"o1", location=location)
     table.add_local(b"o1", (ME,))
     assert table.release(b"o1") is False
@@ -65,7 +65,7 @@ def test_an_owned_object_goes_with_its_last_local_ref_and_frees_its_segment(tabl
 
 
 def test_copies_are_freed_with_the_original(table):
-    own(table, b"o1", location=("seg", "node-me", b"s1", "/p", 10))
+    own(table, b"o1", location=Location("seg", "node-me", b"s1", "/p", 10))
     table.objects[b"o1"].copies = {"node-2", "node-3"}
     table.release(b"o1")
     assert table.frees == {"node-me": [b"s1"], "node-2": [b"s1"], "node-3": [b"s1"]}
@@ -187,7 +187,7 @@ def test_refs_nested_in_a_result_live_as_long_as_the_result(table):
 
 def test_a_result_nobody_wants_gives_back_its_memory_and_borrows(table):
     with table.lock:
-        table.discard_value(("seg", "node-w", b"s9", "/p", 10), [(b"x", OWNER)], OTHER)
+        table.discard_value(Location("seg", "node-w", b"s9", "/p", 10), [(b"x", OWNER)], OTHER)
     check(table)
     assert table.frees == {"node-w": [b"s9"]}
     assert sent(table) == [("AddBorrower", OWNER[0], (b"x", table.peer_address, True)),

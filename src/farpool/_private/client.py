@@ -36,7 +36,7 @@ from farpool._private import context as context_mod
 from farpool._private import protocol, scheduling, session, store, transport, versions
 from farpool._private.actor_calls import ActorCalls, ActorQueue
 from farpool._private.object_ref import ObjectRef, arriving, collecting
-from farpool._private.refs import FAILED, PENDING, READY, Entry, RefTable
+from farpool._private.refs import FAILED, PENDING, READY, Entry, Location, RefTable
 from farpool._private.task_queues import (KeyQueue, LeaseState, RemoteFunctionInfo, TaskQueues, TaskRecord,
                                           TaskState)
 from farpool._private.protocol import encode
@@ -413,7 +413,7 @@ class CoreClient:
         # later mutation changes nothing put.
         location = self.store_value(oid, payload, bufs, "put")
         if location is not None:
-            entry = Entry(state=READY, location=location, size=location[4])
+            entry = Entry(state=READY, location=location, size=location.size)
         else:
             bufs = [bytes(b.raw()) if isinstance(b, protocol.pickle.PickleBuffer) else b for b in bufs]
             entry = Entry(state=READY, payload=payload, buffers=bufs,
@@ -495,7 +495,7 @@ class CoreClient:
                 continue
             counted += 1
             entry = self.objects.get(ref._id)
-            if entry is None or entry.state != READY or entry.location is None or entry.location[1] == home.node_id:
+            if entry is None or entry.state != READY or entry.location is None or entry.location.node_id == home.node_id:
                 continue
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -567,7 +567,7 @@ class CoreClient:
         if path is None:
             raise exc_mod.ObjectStoreFullError(error)
         store.write_segment(path, payload, buffers, store_id)
-        return ("seg", self.home.node_id, store_id, path, size)
+        return Location("seg", self.home.node_id, store_id, path, size)
 
     def map_location(self, location: tuple, private: bool = False, oid: bytes | None = None, entry=None):
         """Zero-copy (payload, buffers) of a stored value (restored if spilled).  A value in
@@ -991,7 +991,7 @@ class CoreClient:
             if not lease.job_sent:
                 job_setup = dict(self.job_setup, pool_key=task.pool_key, pool=self.pools.get(task.pool_key))
                 lease.job_sent = True
-            wire.append((task.task_id, fn.fn_hash, fn_bytes, task.name, args_payload, len(arg_bufs),
+            wire.append((task.task_id, fn.fn_hash, fn_bytes, task.name, args_payload, len(arg_bufs),  # a TaskSpec
                          ref_values, len(task.return_ids), job_setup,
                          (lease.gpu_ids, task.shape.get("CPU", 0) / scheduling.UNIT)))
             buffers.extend(arg_bufs)
@@ -1027,7 +1027,7 @@ class CoreClient:
             with self.lock:
                 entry.copies = (entry.copies or set()) | {node_id}
         elif entry.owner is not None:
-            self.refs.report_copy(entry.owner, oid, entry.location[2], node_id)
+            self.refs.report_copy(entry.owner, oid, entry.location.store_id, node_id)
             self._schedule_frees()
         return spec
 
@@ -1271,13 +1271,13 @@ class CoreClient:
         pos = 0
         lease = None
         completed = []
-        for task_id, ok, body, started, ended in results:
+        for task_id, ok, body, started, ended in results:  # TaskResults
             task = self.queues.finished(task_id, ended - started)
             if task is None:  # ended already (its worker's exit was reported first, or cancelled)
                 if ok is True:
                     pos = self._discard_result(body, buffers, pos, sender)
-                elif ok is False and len(body) > 5:
-                    self._discard_error(body[5], sender)
+                elif ok is False:
+                    self._discard_error(protocol.TaskFailure._make(body).inner, sender)
                 continue
             lease = task.lease
             if lease is not None:
@@ -1289,26 +1289,27 @@ class CoreClient:
                 values = []
                 nested = []
                 for payload, nbuf, inner in body:
-                    if isinstance(payload, tuple):  # ("loc", path, size, store_id): in the worker's node store
-                        values.append(("seg", lease.node_id if lease else "", payload[3], payload[1], payload[2]))
+                    if isinstance(payload, tuple):  # in the worker's node store
+                        at = protocol.StoredAt._make(payload)
+                        values.append(Location("seg", lease.node_id if lease else "", at.store_id, at.path, at.size))
                     else:
                         values.append((payload, buffers[pos:pos + nbuf]))
                     nested.append(inner)
                     pos += nbuf
                 completed.append((task, values, nested))
             else:
-                payload, type_name, tb_text, fn_name, where = body[:5]
-                inner = body[5] if len(body) > 5 else ()  # refs inside the exception (lent to us)
+                failure = protocol.TaskFailure._make(body)
+                inner = failure.inner  # refs inside the exception (lent to us)
                 if task.cancelled:
                     self._discard_error(inner, sender)
                     self._finish_failed(task, exc_mod.TaskCancelledError(f"task {task.name} was cancelled"))
                     continue
                 retry = task.retry_exceptions
-                if retry and self._retryable(retry, payload) and task.spend_attempt():
+                if retry and self._retryable(retry, failure.payload) and task.spend_attempt():
                     self._discard_error(inner, sender)
                     self._requeue(task)
                     continue
-                self._finish_failed(task, ("task", payload, type_name, tb_text, fn_name, where), inner, sender)
+                self._finish_failed(task, ("task", *failure[:5]), inner, sender)
         if lease is not None and not retiring:
             self.queues.park_if_idle(lease)
         if completed:
@@ -1340,11 +1341,12 @@ class CoreClient:
         """The values of a finished task we no longer know, freed; returns the next buffer position."""
         with self.lock:
             for payload, nbuf, inner in body:
-                if isinstance(payload, tuple):  # ("loc", path, size, store_id): in the worker's node store
+                if isinstance(payload, tuple):
                     # (in the worker's node store: ours, or for a remote worker with a client of its
                     # own, its node; else the copy stays until we leave: its agent frees it then)
                     node_id = sender[1] if sender else self.home.node_id
-                    self.refs.discard_value(("seg", node_id, payload[3], payload[1], payload[2]), inner, sender)
+                    at = protocol.StoredAt._make(payload)
+                    self.refs.discard_value(Location("seg", node_id, at.store_id, at.path, at.size), inner, sender)
                 else:
                     self.refs.discard_value((payload, None), inner, sender)
                 pos += nbuf
@@ -1374,9 +1376,9 @@ class CoreClient:
                         continue
                     if inner:
                         self.refs.hold_nested(entry, inner, sender)
-                    if len(value) == 5:
+                    if isinstance(value, Location):
                         entry.location = value
-                        entry.size = value[4]
+                        entry.size = value.size
                     else:
                         entry.payload, entry.buffers = value
                         entry.size = len(value[0]) + sum(len(b) for b in value[1])
@@ -1713,8 +1715,8 @@ class CoreClient:
             return
         if state == READY and isinstance(payload, tuple) and payload[0] == "pull":
             self._pull_borrowed(object_id, payload)
-        elif state == READY and isinstance(payload, tuple):
-            self._set_borrowed(object_id, READY, None, location=payload)
+        elif state == READY and isinstance(payload, tuple):  # a Location, as a tuple on the wire
+            self._set_borrowed(object_id, READY, None, location=Location._make(payload))
         elif state == READY:
             self._set_borrowed(object_id, READY, None, payload, list(buffers))
         else:
@@ -1731,7 +1733,7 @@ class CoreClient:
             if path is None:
                 failed(self._copy_failed(object_id, error, full))
             else:
-                copied(("seg", self.home.node_id, store_id, path, size))
+                copied(Location("seg", self.home.node_id, store_id, path, size))
         self.pending_requests[request_id] = answer
         transport.send(self.home.socket, encode("PullObject", (request_id, *spec[1:])))
 
@@ -1798,16 +1800,16 @@ class CoreClient:
             with self.lock:
                 entry.waiters.append(lambda e, i=identity, o=object_id: self._serve_object(i, o, remote, node))
         elif entry.state == READY and entry.location is not None and node is not None \
-                and node != entry.location[1]:  # its agent copies it (pull.py)
+                and node != entry.location.node_id:  # its agent copies it (pull.py)
             spec = self._stored_for(node, object_id, entry, f"object {object_id.hex()[:16]}")
             self._reply_object(identity, object_id, READY, spec, [], None, remote)
         elif entry.state == READY and entry.location is not None and remote and node is None:
-            if self.home.local and entry.location[1] != self.home.node_id:
+            if self.home.local and entry.location.node_id != self.home.node_id:
                 self._serve_copied(identity, object_id, entry)
             else:
                 self._serve_stored(identity, object_id, entry.location)
         elif entry.state == READY and entry.location is not None:  # in its node's store: it maps it
-            self._reply_object(identity, object_id, READY, entry.location, [], None, remote)
+            self._reply_object(identity, object_id, READY, tuple(entry.location), [], None, remote)
         elif entry.state == READY:
             self._reply_object(identity, object_id, READY, entry.payload, entry.buffers, None, remote)
         else:
@@ -1829,7 +1831,7 @@ class CoreClient:
         it into (a driver joined over TCP): copied into our node's store first (pull.py)."""
         spec = self._stored_for(self.home.node_id, object_id, entry, f"object {object_id.hex()[:16]}")
         self._copy_here(object_id, spec,
-                        lambda location: self._serve_stored(identity, object_id, location, location[3]),
+                        lambda location: self._serve_stored(identity, object_id, location, location.path),
                         lambda error: self._reply_object(identity, object_id, FAILED, None, [], error, remote=True))
 
     def _serve_stored(self, identity, object_id, location: tuple, path: str | None = None) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+from typing import NamedTuple
 
 
 # Values pickled at least this large are not inlined in a message header but
@@ -89,6 +90,51 @@ def decode(frames: list) -> tuple[str, tuple, list]:
     if not isinstance(fields, tuple):
         raise ProtocolError(f"header of {tag} is a {type(fields).__name__}, expected a tuple")
     return tag, fields, frames[2:]
+
+
+# --- compound values inside messages -------------------------------------
+# They travel as plain tuples (the wire format is the tuple); the receiver reads them
+# by name through ``_make``, the sender builds them by name and sends ``tuple(...)``.
+
+class TaskSpec(NamedTuple):
+    """One task of ExecuteTask((specs, caller, store_results), arg and ref buffers...)."""
+    task_id: bytes
+    fn_hash: bytes
+    fn_bytes: bytes | None      # the function's code, the first time it goes to this lease
+    name: str
+    args: object                # pickled (args, kwargs), or ("loc"|"pull", ...) when stored
+    n_arg_bufs: int
+    ref_values: list            # [(slot, payload or ("loc"|"pull", ...), n buffers)]
+    num_returns: int
+    job_setup: dict | None      # the job's set-up, the first time it goes to this lease
+    lease: tuple                # (gpu ids, CPUs) of the lease it runs on
+
+
+class TaskResult(NamedTuple):
+    """One result of TaskFinished((results, retiring, sender, borrowed, pairs), buffers...)."""
+    task_id: bytes
+    ok: object                  # True, False (body is a TaskFailure) or "retired" (not run)
+    body: object                # ok: [(payload or ("loc", path, size, store_id), n buffers, nested refs)]
+    started: float
+    ended: float
+
+
+class StoredAt(NamedTuple):
+    """A value in a node's store, as a message names it (a result's payload, an argument)."""
+    kind: str                   # "loc"
+    path: str
+    size: int
+    store_id: bytes
+
+
+class TaskFailure(NamedTuple):
+    """The body of a failed TaskResult."""
+    payload: bytes | None       # the exception pickled; None when it cannot travel (its text does)
+    type_name: str
+    traceback: str
+    function: str
+    where: str
+    inner: list = ()            # refs inside the exception, lent to the caller
 
 
 # --- values ---------------------------------------------------------------

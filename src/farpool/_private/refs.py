@@ -33,10 +33,20 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from farpool._private.protocol import encode
 
 PENDING, READY, FAILED = 0, 1, 2
+
+
+class Location(NamedTuple):
+    """Where an object of ours lives in a node's store."""
+    kind: str                   # "seg"
+    node_id: str
+    store_id: bytes
+    path: str
+    size: int
 
 
 @dataclass
@@ -52,7 +62,7 @@ class Entry:
     waiters: list = field(default_factory=list)  # callables(entry) run on the I/O thread
     task: object = None           # the TaskRecord that produces it (owner only)
     size: int = 0
-    location: tuple | None = None  # ("seg", node_id, store_id, path, size) when in the node store
+    location: Location | None = None  # when in a node's store
     borrowers: set = field(default_factory=set)  # owner: identities of processes still holding it
     registered: bool = False      # borrower: the owner counts us (so we tell it when we let go)
     contains: list = field(default_factory=list)  # owner: ids of refs nested in this value (pinned)
@@ -208,8 +218,9 @@ class RefTable:
 
     def discard_value(self, value: tuple, inner: list, sender: tuple | None) -> None:
         """(lock held) A result nobody wants (its refs were dropped, or its task ended
-        already): give its memory back, and our borrow of the refs inside it."""
-        if len(value) == 5:
+        already): give its memory back, and our borrow of the refs inside it.  ``value``:
+        a Location, or (payload, buffers)."""
+        if isinstance(value, Location):
             self.free_location(value)
         for inner_id, owner in inner:
             if owner[0] == self.identity:

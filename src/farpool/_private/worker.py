@@ -28,6 +28,7 @@ import time
 import types
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from farpool._private import object_ref
 from farpool._private import context as context_mod
@@ -173,15 +174,27 @@ def _split_batch(tasks, buffers):
     buffers, then the buffers of each of its resolved ref arguments.
     """
     pos = 0
-    for task in tasks:
-        n_arg_bufs, ref_values = task[5], task[6]
-        arg_bufs = buffers[pos:pos + n_arg_bufs]
-        pos += n_arg_bufs
+    for task in map(protocol.TaskSpec._make, tasks):
+        arg_bufs = buffers[pos:pos + task.n_arg_bufs]
+        pos += task.n_arg_bufs
         ref_bufs = []
-        for _slot, _payload, nbuf in ref_values:
+        for _slot, _payload, nbuf in task.ref_values:
             ref_bufs.append(buffers[pos:pos + nbuf])
             pos += nbuf
         yield task, arg_bufs, ref_bufs
+
+
+class _ActorCall(NamedTuple):
+    """A call to a threaded or async actor, run off the main thread."""
+    task_id: bytes
+    fn_hash: bytes
+    name: str
+    args: object
+    arg_bufs: list
+    ref_values: list
+    ref_bufs: list
+    num_returns: int
+    caller: tuple | None
 
 
 @dataclass
@@ -402,8 +415,8 @@ class Worker:
     def _execute_concurrent(self, tasks, caller, buffers, reply) -> None:
         """Threaded or async actor: run each call off the main thread; reply from the loop."""
         for task, arg_bufs, ref_bufs in _split_batch(tasks, buffers):
-            (task_id, fn_hash, _fn_bytes, fn_name, args_payload, _n, ref_values, num_returns, _job, _lease) = task
-            call = (task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns, caller)
+            call = _ActorCall(task.task_id, task.fn_hash, task.name, task.args, arg_bufs, task.ref_values, ref_bufs,
+                              task.num_returns, caller)
             if self.actor_executor == "async":
                 import asyncio
                 asyncio.run_coroutine_threadsafe(self._run_async(call, reply), self.actor_loop)
@@ -414,46 +427,48 @@ class Worker:
         self.loop.call_soon(lambda: reply(encode("TaskFinished", ([result], False) + self._take_borrowed(caller),
                                                  out_buffers)))
 
-    def _run_threaded(self, call, reply) -> None:
-        task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns, caller = call
-        started = time.time()
-        out_buffers: list = []
-        args = kwargs = arrivals = None
+    def _run_threaded(self, call: "_ActorCall", reply) -> None:
+        started, out_buffers, arrivals = time.time(), [], []
         try:
-            args, kwargs, arrivals = _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
-            value = getattr(self.actor, fn_hash[6:].decode())(*args, **kwargs)
-            args = kwargs = None
-            result = self._package(task_id, value, num_returns, fn_name, started, out_buffers, caller)
+            value = self._invoke(call, arrivals)
+            result = self._package(call.task_id, value, call.num_returns, call.name, started, out_buffers, call.caller)
         except BaseException as exc:  # noqa: BLE001
-            result = (task_id, False, self._error(exc, fn_name, caller), started, time.time())
-        args = kwargs = None  # (a failed call's), so that only refs kept elsewhere count
-        if arrivals:  # refs from the arguments the call kept, whether it returned or raised
-            self.loop.call_soon(self._note_borrowed, caller, _still_held(arrivals, caller))
-        self._finish_concurrent(result, caller, out_buffers, reply)
+            result = (call.task_id, False, self._error(exc, call.name, call.caller), started, time.time())
+        value = None
+        self._end_call(call, result, out_buffers, arrivals, reply)
 
-    async def _run_async(self, call, reply) -> None:
+    async def _run_async(self, call: "_ActorCall", reply) -> None:
         import inspect
-        task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns, caller = call
-        started = time.time()
-        out_buffers: list = []
         if self.actor_semaphore is None:
             import asyncio
             self.actor_semaphore = asyncio.Semaphore(self.actor_concurrency)
-        args = kwargs = arrivals = None
+        started, out_buffers, arrivals = time.time(), [], []
+        value = None
         async with self.actor_semaphore:
             try:
-                args, kwargs, arrivals = _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
-                value = getattr(self.actor, fn_hash[6:].decode())(*args, **kwargs)
-                args = kwargs = None
+                value = self._invoke(call, arrivals)
                 if inspect.isawaitable(value):
                     value = await value
-                result = self._package(task_id, value, num_returns, fn_name, started, out_buffers, caller)
+                result = self._package(call.task_id, value, call.num_returns, call.name, started, out_buffers,
+                                       call.caller)
             except BaseException as exc:  # noqa: BLE001
-                result = (task_id, False, self._error(exc, fn_name, caller), started, time.time())
-        args = kwargs = None
-        if arrivals:  # refs from the arguments the call kept, whether it returned or raised
-            self.loop.call_soon(self._note_borrowed, caller, _still_held(arrivals, caller))
-        self._finish_concurrent(result, caller, out_buffers, reply)
+                result = (call.task_id, False, self._error(exc, call.name, call.caller), started, time.time())
+        value = None
+        self._end_call(call, result, out_buffers, arrivals, reply)
+
+    def _invoke(self, call: "_ActorCall", arrivals: list):
+        """Load a threaded or async actor call's arguments (the refs that arrived in them go
+        into ``arrivals``, even if the call raises) and call its method."""
+        args, kwargs, got = _load_args_tracked(call.args, call.arg_bufs, call.ref_values, call.ref_bufs)
+        arrivals.extend(got)
+        return getattr(self.actor, call.fn_hash[6:].decode())(*args, **kwargs)
+
+    def _end_call(self, call: "_ActorCall", result, out_buffers, arrivals, reply) -> None:
+        """Refs from the arguments that the call kept, whether it returned or raised, are
+        borrowed; then its result goes back from the loop."""
+        if arrivals:
+            self.loop.call_soon(self._note_borrowed, call.caller, _still_held(arrivals, call.caller))
+        self._finish_concurrent(result, call.caller, out_buffers, reply)
 
     def _allocate(self, store_id: bytes, size: int, what: str, owner: str) -> str:
         """A segment of the node store from the agent (a blocking round trip on our DEALER),
@@ -595,13 +610,12 @@ class Worker:
             with self.io_lock:
                 self._on_doorbell()
 
-    def _run_one(self, task, arg_bufs, ref_bufs, batch: _Batch):
-        (task_id, fn_hash, fn_bytes, fn_name, args_payload, _n, ref_values,
-         num_returns, job_setup, lease_info) = task
+    def _run_one(self, task: protocol.TaskSpec, arg_bufs, ref_bufs, batch: _Batch):
         if self.tasks_left is not None and self.tasks_left <= 0:
-            return (task_id, RETIRED, None, 0.0, 0.0)  # not run: the owner requeues it
-        return self._execute(task_id, fn_hash, fn_bytes, fn_name, args_payload, arg_bufs, ref_values,
-                             ref_bufs, num_returns, job_setup, lease_info, batch.out_buffers, batch.caller)
+            return (task.task_id, RETIRED, None, 0.0, 0.0)  # not run (a TaskResult): the owner requeues it
+        return self._execute(task.task_id, task.fn_hash, task.fn_bytes, task.name, task.args, arg_bufs,
+                             task.ref_values, ref_bufs, task.num_returns, task.job_setup, task.lease,
+                             batch.out_buffers, batch.caller)
 
     def _absorb(self) -> None:
         """Read, without waiting, what the agent relayed meanwhile (new tasks queue behind
@@ -618,20 +632,20 @@ class Worker:
         not started yet."""
         taken = []
         for batch in self.batches:
-            if any(item[0][0] in task_ids for item in batch.pending):
+            if any(item[0].task_id in task_ids for item in batch.pending):
                 keep = deque()
                 for item in batch.pending:
-                    (taken if item[0][0] in task_ids else keep).append(item)
+                    (taken if item[0].task_id in task_ids else keep).append(item)
                 batch.pending = keep
         for item in taken:
             # The owner counts what a task carried once per lease (its function's code, the job
             # setup) as delivered: keep it for the tasks that come without it.
             task = item[0]
-            if task[2] is not None and task[1] not in self.functions:
-                self.carried_functions.setdefault(task[1], task[2])
-            if task[8] is not None and self.carried_job is None:
-                self.carried_job = task[8]
-        reply(encode("TakenBack", ([item[0][0] for item in taken], token)))
+            if task.fn_bytes is not None and task.fn_hash not in self.functions:
+                self.carried_functions.setdefault(task.fn_hash, task.fn_bytes)
+            if task.job_setup is not None and self.carried_job is None:
+                self.carried_job = task.job_setup
+        reply(encode("TakenBack", ([item[0].task_id for item in taken], token)))
 
     def _apply_runtime_env(self, pool_key) -> None:
         """A worker dedicated to a runtime_env applies it once, before its first task."""
@@ -777,7 +791,7 @@ class Worker:
                 payloads.append((data, len(bufs), inner))
                 bufs_all.extend(bufs)
             out_buffers.extend(bufs_all)
-            return (task_id, True, payloads, started, time.time())
+            return (task_id, True, payloads, started, time.time())  # a TaskResult
         except BaseException as exc:  # noqa: BLE001
             return (task_id, False, self._error(exc, fn_name), started, time.time())
 
@@ -803,7 +817,7 @@ class Worker:
             unique = list({r._id: r for r in nested}.values())
             object_ref.current().lend_returned(unique, caller)
             inner = [(r._id, r._owner) for r in unique]
-        return (payload, type(exc).__qualname__, text, fn_name, self.where, inner)
+        return (payload, type(exc).__qualname__, text, fn_name, self.where, inner)  # a TaskFailure
 
     def run(self) -> None:
         self.start()
