@@ -11,7 +11,7 @@ import types
 import pytest
 
 from farpool._private import client as client_mod
-from farpool._private import object_ref, protocol, worker
+from farpool._private import object_ref, protocol, worker_process
 from farpool._private.context import context
 
 
@@ -73,5 +73,5 @@ def in_a_task(monkeypatch):
 def test_the_worker_interrupts_the_task_and_its_children_only_when_recursive(in_a_task, signum,
                                                                                children_cancelled):
     with pytest.raises(KeyboardInterrupt, match="task t1 was cancelled"):
-        worker._on_sigint(signum, None)
+        worker_process.on_sigint(signum, None)
     assert in_a_task.cancelled == children_cancelled

@@ -14,58 +14,36 @@ A worker serves one job: the first task of an owner carries the job set-up
 multiprocessing's spawn does, so functions defined in the driver's script are
 pickled by reference and share one module's globals).  Functions arrive once
 per owner and worker and are cached by content hash.
+
+Beside it: task_args.py reads a task's arguments (from the message or the node
+stores), worker_process.py sets up the process around the tasks (the driver's
+main script, runtime_env packages, output, cancel signals).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-import types
 from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from farpool._private import object_ref
 from farpool._private import context as context_mod
-from farpool._private import protocol, runtime, session, store, transport
+from farpool._private import protocol, session, store, transport
+from farpool._private import runtime  # noqa: F401 - sets the client's connector: a ref used before init joins
 from farpool._private.context import context
+from farpool._private.task_args import (load_args, load_args_tracked, mark_phase, split_batch, still_held,
+                                        store_puller)
+from farpool._private.worker_process import (TaskOutput, call_user, limit_thread_pools, on_sigint, setup_main,
+                                             unpack)
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.worker")
-
-
-def _setup_main(main_path: str | None, main_module: str | None) -> None:
-    """Load the driver's script as __mp_main__ (and alias __main__), like spawn does."""
-    if main_module and main_module not in ("__main__", "__mp_main__"):
-        try:
-            module = __import__(main_module, fromlist=["*"])
-        except ImportError:
-            return
-        except BaseException as exc:  # code outside a __main__ guard (sys.exit, a crash): keep going
-            log.warning("importing the driver's main module %s failed: %r", main_module, exc)
-            return
-    elif main_path and os.path.exists(main_path):
-        import runpy
-        module = types.ModuleType("__mp_main__")
-        sys.modules["__mp_main__"] = module
-        sys.modules["__main__"] = module
-        try:
-            code_globals = runpy.run_path(main_path, run_name="__mp_main__")
-        except BaseException as exc:  # the script may fail outside __main__ guard; keep going
-            log.warning("loading the driver's script %s as __mp_main__ failed: %r", main_path, exc)
-            return
-        module.__dict__.update(code_globals)
-        module.__file__ = main_path
-        return
-    else:
-        return
-    sys.modules["__mp_main__"] = module
-    sys.modules["__main__"] = module
 
 
 # Status of a task a retiring worker hands back unrun (max_tasks_per_child reached).
@@ -74,114 +52,6 @@ RETIRED = "retired"
 
 class InitializerError(RuntimeError):
     """The pool initializer of this worker raised: no task of that pool can run here."""
-
-
-def _unpack(package: str) -> str:
-    """The directory where a runtime_env package ("pkg:<hash>:<name>") is unpacked on this node."""
-    import io
-    import zipfile
-    digest = package.split(":")[1]
-    target = os.path.join(session.tmp_root(), "pkgs", digest)
-    if os.path.isdir(target):
-        return target
-    client = runtime.client()  # this worker's own client: fetch the package from the head
-    data = client.head_request("KVGet", (package,))
-    if data is None:
-        raise RuntimeError(f"runtime_env package {package} is not known to the head")
-    staging = f"{target}.{os.getpid()}.tmp"
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        zf.extractall(staging)
-    try:
-        os.rename(staging, target)
-    except OSError:  # another worker unpacked it first
-        import shutil
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _load_value(payload, bufs):
-    """A value from a message, or mapped zero-copy (copy-on-write) from the node store.
-
-    ("loc", path, size, store_id): in this node's store (restored by the agent if spilled).  ("pull", store_id, size, sources, owner,
-    what): in other nodes' stores; our agent copies it here first (pull.py), once for
-    all the readers of this node.
-    """
-    if isinstance(payload, tuple) and payload[0] == "pull":
-        store_id = payload[1]
-        try:
-            payload, bufs = store.read_segment(_store_puller.pull(*payload[1:]), payload[2], True, store_id)
-        except FileNotFoundError:  # spilled between the answer and the mapping: the agent restores it
-            payload, bufs = store.read_segment(_store_puller.pull(*payload[1:]), payload[2], True, store_id)
-    elif isinstance(payload, tuple):  # copy-on-write views: the task may mutate its arguments
-        _, path, size, store_id = payload
-        for attempt in range(store.READ_ATTEMPTS):
-            try:
-                payload, bufs = store.read_segment(path, size, True, store_id)
-                break
-            except FileNotFoundError:  # spilled since: our agent brings it back (PullObject of its own)
-                if attempt == store.READ_ATTEMPTS - 1:
-                    raise
-                path = _store_puller.pull(store_id, size, [], ("", ""), "an argument on disk")
-    return protocol.loads(payload, bufs)
-
-
-class _StorePuller:
-    """Asks this node's agent for a local copy of an object stored on other nodes.
-
-    A socket of its own (any thread may need a copy: threaded actors), used by one
-    thread at a time; the agent answers every PullObject, with a path or an error.
-    """
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.address: str | None = None
-        self.sock = None
-        self.requests = 0
-
-    def pull(self, store_id: bytes, size: int, sources: list, owner: str, what: str) -> str:
-        with self.lock:
-            if self.sock is None:
-                self.sock = transport.dealer()
-                self.sock.connect(self.address)
-            self.requests += 1
-            transport.send(self.sock, encode("PullObject", (self.requests, store_id, size, sources, owner, what)))
-            while True:
-                if not self.sock.poll(3600_000):
-                    raise RuntimeError(f"the node agent did not deliver a copy of {what} within an hour")
-                tag, fields, _ = protocol.decode(self.sock.recv_multipart())
-                if tag == "ObjectCopied" and fields[0] == self.requests:
-                    break
-        _, path, error, full = fields
-        if path is None:
-            from farpool.exceptions import ObjectLostError, ObjectStoreFullError
-            raise (ObjectStoreFullError if full else ObjectLostError)(f"cannot read {what}: {error}")
-        return path
-
-    def close(self) -> None:
-        with self.lock:
-            if self.sock is not None:
-                self.sock.close(0)
-                self.sock = None
-
-
-_store_puller = _StorePuller()
-
-
-def _split_batch(tasks, buffers):
-    """Each task of an ExecuteTask message with its argument and ref-value buffers.
-
-    The message's buffers follow the tasks in order: each task's argument
-    buffers, then the buffers of each of its resolved ref arguments.
-    """
-    pos = 0
-    for task in map(protocol.TaskSpec._make, tasks):
-        arg_bufs = buffers[pos:pos + task.n_arg_bufs]
-        pos += task.n_arg_bufs
-        ref_bufs = []
-        for _slot, _payload, nbuf in task.ref_values:
-            ref_bufs.append(buffers[pos:pos + nbuf])
-            pos += nbuf
-        yield task, arg_bufs, ref_bufs
 
 
 class _ActorCall(NamedTuple):
@@ -209,55 +79,6 @@ class _Batch:
     out_buffers: list = field(default_factory=list)
 
 
-def _mark_phase(exc: BaseException, phase: str) -> None:
-    """Note on ``exc`` the phase of the task it interrupted (see protocol.PHASE_ATTRIBUTE)."""
-    try:
-        setattr(exc, protocol.PHASE_ATTRIBUTE, phase)
-    except (AttributeError, TypeError):  # an exception type without a __dict__
-        pass
-
-
-def _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs):
-    """Arguments, plus weakrefs to the ObjectRefs that arrived in them (we borrow those)."""
-    with object_ref.arriving([]) as arrivals:
-        args, kwargs = _load_args(args_payload, arg_bufs, ref_values, ref_bufs)
-    return args, kwargs, arrivals
-
-
-def _still_held(arrivals: list, caller: tuple | None) -> list:
-    """Ids of borrowed refs that outlived the call (stored somewhere): the owner must keep them.
-
-    From now on this process tells the owner when it lets go of them (see client._on_borrowers).
-    """
-    held = [r for r in (w() for w in arrivals) if r is not None]
-    client = object_ref.current()
-    if held and client is not None:
-        client.mark_registered(held, caller)
-    return [r._id for r in held]
-
-
-def _load_args(args_payload, arg_bufs, ref_values, ref_bufs):
-    args, kwargs = _load_value(args_payload, arg_bufs)
-    if ref_values:
-        args = list(args)
-        for (slot, payload, _nbuf), bufs in zip(ref_values, ref_bufs):
-            value = _load_value(payload, bufs)
-            if isinstance(slot, int):
-                args[slot] = value
-            else:
-                kwargs[slot] = value
-    return args, kwargs
-
-
-def _limit_thread_pools(threads: int) -> None:
-    """Resize BLAS/OpenMP pools already loaded (env vars alone act only at load time)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
-    threadpool_limits(threads)
-
-
 class Worker:
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -268,7 +89,7 @@ class Worker:
         self.listener = transport.listen_unix(os.path.join(cfg["session_dir"], f"w-{self.worker_id}"))
         self.agent = transport.dealer(b"w:" + self.worker_id.encode())
         self.agent.connect(cfg["agent_address"])
-        _store_puller.address = cfg["agent_address"]
+        store_puller.address = cfg["agent_address"]
         self.loop.add_reader(self.listener.fileno(), self._on_accept)
         self.loop.add_reader(self.agent, self._on_agent)
         self.loop.add_reader(cfg["lifeline_fd"], self._on_lifeline)
@@ -367,7 +188,7 @@ class Worker:
             # (pull.py) when it reads them; one without (a driver joined over TCP) gets them inline.
             store_results = direct or (len(fields) > 2 and bool(fields[2]))
             self.batches.append(_Batch(reply, caller, store_results, direct,
-                                       deque(_split_batch(fields[0], buffers))))
+                                       deque(split_batch(fields[0], buffers))))
         elif tag == "TakeBack":
             self._take_back(set(fields[0]), fields[1], reply)
         elif tag == "CreateActor":
@@ -389,7 +210,7 @@ class Worker:
             pos += nbuf
         try:
             cls = protocol.loads_function(cls_bytes)
-            args, kwargs = _load_args(args_payload, buffers[:n_arg_bufs], ref_values, ref_bufs)
+            args, kwargs = load_args(args_payload, buffers[:n_arg_bufs], ref_values, ref_bufs)
             context.task_name = f"{cls.__name__}.__init__"
             self.actor = cls(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001
@@ -414,7 +235,7 @@ class Worker:
 
     def _execute_concurrent(self, tasks, caller, buffers, reply) -> None:
         """Threaded or async actor: run each call off the main thread; reply from the loop."""
-        for task, arg_bufs, ref_bufs in _split_batch(tasks, buffers):
+        for task, arg_bufs, ref_bufs in split_batch(tasks, buffers):
             call = _ActorCall(task.task_id, task.fn_hash, task.name, task.args, arg_bufs, task.ref_values, ref_bufs,
                               task.num_returns, caller)
             if self.actor_executor == "async":
@@ -459,7 +280,7 @@ class Worker:
     def _invoke(self, call: "_ActorCall", arrivals: list):
         """Load a threaded or async actor call's arguments (the refs that arrived in them go
         into ``arrivals``, even if the call raises) and call its method."""
-        args, kwargs, got = _load_args_tracked(call.args, call.arg_bufs, call.ref_values, call.ref_bufs)
+        args, kwargs, got = load_args_tracked(call.args, call.arg_bufs, call.ref_values, call.ref_bufs)
         arrivals.extend(got)
         return getattr(self.actor, call.fn_hash[6:].decode())(*args, **kwargs)
 
@@ -467,7 +288,7 @@ class Worker:
         """Refs from the arguments that the call kept, whether it returned or raised, are
         borrowed; then its result goes back from the loop."""
         if arrivals:
-            self.loop.call_soon(self._note_borrowed, call.caller, _still_held(arrivals, call.caller))
+            self.loop.call_soon(self._note_borrowed, call.caller, still_held(arrivals, call.caller))
         self._finish_concurrent(result, call.caller, out_buffers, reply)
 
     def _allocate(self, store_id: bytes, size: int, what: str, owner: str) -> str:
@@ -516,7 +337,7 @@ class Worker:
             channel.flush_blocking()
         self.agent.setsockopt(transport.LINGER, 2000)
         self.agent.close()
-        _store_puller.close()
+        store_puller.close()
         transport.term_context()
         os._exit(0)
 
@@ -657,10 +478,10 @@ class Worker:
         for key, value in (env.get("env_vars") or {}).items():
             os.environ[str(key)] = str(value)
         for package in reversed(env.get("py_modules") or []):
-            sys.path.insert(0, _unpack(package))
+            sys.path.insert(0, unpack(package))
         working_dir = env.get("working_dir")
         if working_dir:
-            directory = _unpack(working_dir)
+            directory = unpack(working_dir)
             os.chdir(directory)
             sys.path.insert(0, directory)
 
@@ -683,7 +504,7 @@ class Worker:
             os.environ[key] = value
         context_mod.worker_config = dict(self.cfg, job_id=self.job_id, namespace=job_setup.get("namespace"))
         context.namespace = job_setup.get("namespace")
-        _setup_main(job_setup.get("main_path"), job_setup.get("main_module"))
+        setup_main(job_setup.get("main_path"), job_setup.get("main_module"))
 
     def _apply_lease(self, lease_info) -> None:
         gpu_ids, num_cpus = lease_info
@@ -694,7 +515,7 @@ class Worker:
             for var in managed:
                 os.environ[var] = str(threads)
             if managed:
-                _limit_thread_pools(threads)
+                limit_thread_pools(threads)
         if gpu_ids != self.gpu_ids:
             self.gpu_ids = gpu_ids
             context.gpu_ids = list(gpu_ids)
@@ -730,14 +551,14 @@ class Worker:
                     fn = protocol.loads_function(fn_bytes)
                     self.functions[fn_hash] = fn
             try:
-                args, kwargs, arrivals = _load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
+                args, kwargs, arrivals = load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs)
             except BaseException as exc:
-                _mark_phase(exc, protocol.LOADING_ARGUMENTS)
+                mark_phase(exc, protocol.LOADING_ARGUMENTS)
                 raise
-            value = _call_user(fn, args, kwargs)
+            value = call_user(fn, args, kwargs)
             args = kwargs = None
             if arrivals:
-                self._note_borrowed(caller, _still_held(arrivals, caller))
+                self._note_borrowed(caller, still_held(arrivals, caller))
                 arrivals = None
             return self._package(task_id, value, num_returns, fn_name, started, out_buffers, caller)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the owner
@@ -755,7 +576,7 @@ class Worker:
         # arguments that it kept anyway (in an actor's state, a global) are borrowed.
         args = kwargs = None
         if arrivals:
-            self._note_borrowed(caller, _still_held(arrivals, caller))
+            self._note_borrowed(caller, still_held(arrivals, caller))
         return (task_id, False, error, started, time.time())
 
     def _package(self, task_id, value, num_returns, fn_name, started, out_buffers, caller):
@@ -824,92 +645,6 @@ class Worker:
         self.loop.run()
 
 
-class TaskOutput(io.TextIOBase):
-    """sys.stdout/stderr of a worker: each line prefixed with the task, pid and node, unbuffered.
-
-    Written straight to the fd (a pipe to the launcher), so output printed just
-    before a crash is not lost in a buffer.
-    """
-
-    def __init__(self, fd: int, name: str):
-        self._fd = fd
-        self._name = name
-        self._at_line_start = True
-        self._pending = ""
-
-    @property
-    def encoding(self):
-        return "utf-8"
-
-    def writable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def isatty(self) -> bool:
-        return False
-
-    def write(self, text: str) -> int:
-        if not text:
-            return 0
-        # A partial line waits for its end (print() writes the text and "\n" separately),
-        # so lines reach the driver whole; flush() sends it anyway.
-        self._pending += text
-        if "\n" in self._pending:
-            complete, _, self._pending = self._pending.rpartition("\n")
-            self._emit(complete + "\n")
-        return len(text)
-
-    def _emit(self, text: str) -> None:
-        prefix = f"({context.task_name or 'worker'} pid={os.getpid()}, node={(context.node_id or '')[:8]}) "
-        out = []
-        for line in text.splitlines(keepends=True):
-            out.append(prefix + line if self._at_line_start else line)
-            self._at_line_start = line.endswith("\n")
-        data = "".join(out).encode("utf-8", "replace")
-        while data:
-            try:
-                n = os.write(self._fd, data)
-            except InterruptedError:
-                continue
-            data = data[n:]
-
-    def flush(self) -> None:
-        if self._pending:
-            pending, self._pending = self._pending, ""
-            self._emit(pending)
-
-
-def _on_sigint(signum, frame):
-    """cancel(force=False): interrupt the task's own code, never the worker's machinery, and
-    cancel the tasks it submitted (recursive=True, the default; SIGUSR2 is recursive=False).
-
-    Arriving while arguments load, it is held and raised as the function starts;
-    arriving after the function returned, it is dropped (the task is done).
-    """
-    if context.task_id is None:
-        return
-    nested = object_ref.current()
-    if nested is not None and signum == signal.SIGINT:
-        nested.cancel_children(context.task_id)
-    if context.in_user_code:
-        raise KeyboardInterrupt(f"task {context.task_id} was cancelled")
-    context.cancel_pending = True
-
-
-def _call_user(fn, args, kwargs):
-    """Run the task's function where a cancel may interrupt it."""
-    if context.cancel_pending:
-        context.cancel_pending = False
-        raise KeyboardInterrupt(f"task {context.task_id} was cancelled")
-    context.in_user_code = True
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        context.in_user_code = False
-
-
 def main(cfg: dict) -> int:
     transport.forget_context_after_fork()
     session.set_process_name("farpool-worker")
@@ -931,8 +666,8 @@ def main(cfg: dict) -> int:
     import random
     random.seed()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, _on_sigint)
-    signal.signal(signal.SIGUSR2, _on_sigint)
+    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGUSR2, on_sigint)
     os.environ["FARPOOL_WORKER"] = "1"  # for code that asks whether it runs inside a farpool worker
     worker = Worker(cfg)
     worker.run()
