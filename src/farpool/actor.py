@@ -213,7 +213,7 @@ class ActorMethod:
         handle = self._handle
         qualname = self._call_name or f"{handle._meta.get('class_name')}.{self._name}"
         refs = client.submit_actor_call(handle._actor_id, self._name, qualname, args, kwargs,
-                                        max(self._num_returns, 1), handle._max_task_retries)
+                                        max(self._num_returns, 1), handle._max_task_retries, handle._token)
         if self._num_returns == 1:
             return refs[0]
         if self._num_returns == 0:
@@ -232,6 +232,20 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     if error is not None:
         raise ValueError(error)
     return ActorHandle(actor_id, meta)
+
+
+def exit_actor() -> None:
+    """End the actor this runs in once the current call returns, for good (no restart).
+
+    The call itself finishes and its caller gets its result; calls after it raise
+    ``ActorDiedError`` saying the actor exited.  Like ``sys.exit`` for an actor, but
+    it returns: code after it in the method still runs.
+    """
+    from farpool._private.context import context
+    if context.actor_id is None:
+        raise RuntimeError("exit_actor() must be called inside an actor's method; to end an actor "
+                           "from outside, use farpool.kill(handle)")
+    context.exit_requested = True
 
 
 def kill(handle: ActorHandle, *, no_restart: bool = True) -> None:

@@ -20,6 +20,7 @@ class RuntimeContext:
         self.namespace = None
         self.job_id = None
         self.gpu_ids: list[int] = []
+        self.exit_requested = False  # an actor called exit_actor(): end after this call
         self.in_user_code = False    # a cancel may interrupt only the task's own code
         self.cancel_pending = False
 

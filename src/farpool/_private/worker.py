@@ -408,8 +408,11 @@ class Worker:
                 self.actor_executor.submit(self._run_threaded, call, reply)
 
     def _finish_concurrent(self, result, caller, out_buffers, reply) -> None:
-        self.loop.call_soon(lambda: reply(encode("TaskFinished", ([result], False) + self._take_borrowed(caller),
-                                                 out_buffers)))
+        def send():
+            reply(encode("TaskFinished", ([result], False) + self._take_borrowed(caller), out_buffers))
+            if context.exit_requested:  # exit_actor() in a threaded or async actor
+                self._retire(protocol.ACTOR_EXIT_CODE)
+        self.loop.call_soon(send)
 
     def _run_threaded(self, call, reply) -> None:
         task_id, fn_hash, fn_name, args_payload, arg_bufs, ref_values, ref_bufs, num_returns, caller = call
@@ -492,15 +495,16 @@ class Worker:
             return (None, (), ())
         return (client.peer_address, borrowed, client.take_sub_borrowed() if client.refs.sub_borrowed else ())
 
-    def _retire(self) -> None:
-        """max_tasks_per_child reached: deliver what is queued, then exit (the agent replaces us)."""
+    def _retire(self, code: int = 0) -> None:
+        """max_tasks_per_child reached: deliver what is queued, then exit (the agent replaces us).
+        An actor that called exit_actor() leaves the same way, with ACTOR_EXIT_CODE."""
         for channel in list(self.channels):
             channel.flush_blocking()
         self.agent.setsockopt(transport.LINGER, 2000)
         self.agent.close()
         _store_puller.close()
         transport.term_context()
-        os._exit(0)
+        os._exit(code)
 
     def _apply_pool(self, setup: dict | None) -> str | None:
         """Workers of an executor/pool: run its initializer once; count tasks for retirement.
@@ -553,6 +557,8 @@ class Worker:
                                        batch.out_buffers))
                 if retiring:
                     self._retire()
+                if context.exit_requested:
+                    self._retire(protocol.ACTOR_EXIT_CODE)
         finally:
             self.running = False
 
