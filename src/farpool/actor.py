@@ -11,6 +11,7 @@ import inspect
 import os
 
 from farpool import exceptions
+from farpool._private import context as context_mod
 from farpool._private import protocol, runtime, runtime_env, scheduling
 from farpool._private import object_ref
 from farpool._private.object_ref import ObjectRef
@@ -55,6 +56,19 @@ def _check_actor_options(opts: dict, cls_name: str) -> dict:
     return opts
 
 
+def _class_meta(cls) -> dict:
+    """What a handle knows of its actor's class: method names and their num_returns."""
+    methods = {}
+    is_async = False
+    for name, member in inspect.getmembers(cls, predicate=inspect.isfunction):
+        if name.startswith("__") and name != "__call__":
+            continue
+        methods[name] = getattr(member, "__farpool_num_returns__", 1)
+        if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
+            is_async = True
+    return {"class_name": cls.__qualname__, "methods": methods, "is_async": is_async}
+
+
 class ActorClass:
     """What ``@farpool.remote`` makes of a class: ``Cls.remote(*args)`` creates an actor."""
 
@@ -84,15 +98,7 @@ class ActorClass:
         return bound
 
     def _meta(self) -> dict:
-        methods = {}
-        is_async = False
-        for name, member in inspect.getmembers(self._cls, predicate=inspect.isfunction):
-            if name.startswith("__") and name != "__call__":
-                continue
-            methods[name] = getattr(member, "__farpool_num_returns__", 1)
-            if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
-                is_async = True
-        return {"class_name": self._cls.__qualname__, "methods": methods, "is_async": is_async}
+        return _class_meta(self._cls)
 
     def remote(self, *args, **kwargs) -> "ActorHandle":
         client = runtime.client()
@@ -131,7 +137,8 @@ class ActorClass:
             "arg_bufs": [bytes(b.raw()) for b in bufs], "ref_values": [], "ref_bufs": [],
             "job_setup": job_setup,
             "options": {"max_concurrency": concurrency, "is_async": meta["is_async"],
-                        "class_name": self._cls.__qualname__},
+                        "class_name": self._cls.__qualname__,
+                        "resources": hold, "num_cpus": num_cpus or 1},
             "hold_shape": hold, "place_shape": place, "max_restarts": opts.get("max_restarts", 0),
             "name": opts.get("name"), "namespace": namespace, "get_if_exists": opts.get("get_if_exists", False),
             "detached": opts.get("lifetime") == "detached", "job_id": client.job_id, "meta": meta,
@@ -254,5 +261,12 @@ def kill(handle: ActorHandle, *, no_restart: bool = True) -> None:
         raise TypeError(f"kill() takes an ActorHandle, got {type(handle).__name__}")
     runtime.client().kill_actor(handle._actor_id, bool(no_restart))
 
+
+def _current_actor_handle(actor_id: str, cls) -> "ActorHandle":
+    """RuntimeContext.current_actor: a handle that does not count (the actor's creator's do)."""
+    return ActorHandle(actor_id, _class_meta(cls) if cls is not None else {"class_name": "?", "methods": {}})
+
+
+context_mod.actor_handle_factory = _current_actor_handle
 
 del exceptions

@@ -297,6 +297,9 @@ def available_resources() -> dict:
 
 
 def get_runtime_context():
+    """Where this code runs: ids, ``get_assigned_resources()``, ``get_accelerator_ids()``,
+    ``current_actor``."""
+    import farpool.actor  # noqa: F401  (current_actor makes handles with it)
     ctx = context_mod.context
     if ctx.worker_id is None:
         client = _client()

@@ -987,7 +987,7 @@ class CoreClient:
                 lease.job_sent = True
             wire.append((task.task_id, fn.fn_hash, fn_bytes, task.name, args_payload, len(arg_bufs),
                          ref_values, len(task.return_ids), job_setup,
-                         (lease.gpu_ids, task.shape.get("CPU", 0) / scheduling.UNIT)))
+                         (lease.gpu_ids, task.shape.get("CPU", 0) / scheduling.UNIT, task.shape)))
             buffers.extend(arg_bufs)
             buffers.extend(ref_bufs)
             task.submitted_at = now

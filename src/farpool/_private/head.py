@@ -262,8 +262,9 @@ class Head:
             return
         record.lease_id, record.worker_id, record.path = lease_id, worker_id, address
         spec = record.spec
+        options = dict(spec["options"], gpu_ids=list(gpu_ids or []))  # the GPUs it holds (as tasks get them)
         fields = (record.actor_id, spec["cls_bytes"], spec["args_payload"], len(spec["arg_bufs"]),
-                  spec["ref_values"], spec["job_setup"], spec["options"])
+                  spec["ref_values"], spec["job_setup"], options)
         frames = encode("CreateActor", fields, list(spec["arg_bufs"]) + list(spec["ref_bufs"]))
         transport.send(sock, [identity, b"Relay", worker_id.encode(), *frames])
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from farpool._private import object_ref
 from farpool._private import context as context_mod
-from farpool._private import protocol, runtime, session, store, transport
+from farpool._private import protocol, runtime, scheduling, session, store, transport
 from farpool._private.context import context
 from farpool._private.protocol import encode
 
@@ -291,6 +291,7 @@ class Worker:
         self.actor = None
         self.actor_executor = None  # None: calls run inline in order; a thread pool; or "async"
         self.gpu_ids: list[int] | None = None
+        self.shape: dict | None = None  # the resource shape of the last task's lease
         self.threads = 1
         context.node_id = self.node_id
         context.worker_id = self.worker_id
@@ -375,6 +376,9 @@ class Worker:
             cls = protocol.loads_function(cls_bytes)
             args, kwargs = _load_args(args_payload, buffers[:n_arg_bufs], ref_values, ref_bufs)
             context.task_name = f"{cls.__name__}.__init__"
+            context.actor_class = cls
+            self._apply_lease((options.get("gpu_ids") or [], options.get("num_cpus") or 1,
+                               options.get("resources") or {}))
             self.actor = cls(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001
             error = self._error(exc, f"{getattr(cls_bytes, '__name__', 'actor')}.__init__")
@@ -675,7 +679,10 @@ class Worker:
         _setup_main(job_setup.get("main_path"), job_setup.get("main_module"))
 
     def _apply_lease(self, lease_info) -> None:
-        gpu_ids, num_cpus = lease_info
+        gpu_ids, num_cpus, *rest = lease_info
+        if rest and rest[0] is not self.shape:  # (the same dict for a batch of one shape)
+            self.shape = rest[0]
+            context.assigned_resources = scheduling.as_floats(rest[0])
         threads = max(1, int(num_cpus))
         if threads != self.threads:
             self.threads = threads
@@ -703,7 +710,8 @@ class Worker:
             if job_setup is not None:
                 self._apply_job(job_setup)
                 self._apply_pool(job_setup.get("pool"))
-            self._apply_lease(lease_info)
+            if self.actor is None:  # an actor holds what the head leased it (see _create_actor)
+                self._apply_lease(lease_info)
             if self.tasks_left is not None:
                 self.tasks_left -= 1
             if self.pool_error is not None:
