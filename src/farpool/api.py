@@ -13,6 +13,7 @@ import json
 import logging
 import time
 
+from farpool import exceptions
 from farpool._private import client as client_mod
 from farpool._private import context as context_mod
 from farpool._private import runtime, runtime_env, scheduling
@@ -266,33 +267,61 @@ def cancel(ref, *, force: bool = False, recursive: bool = True) -> None:
 
 # ---------------------------------------------------------------------- introspection
 def nodes() -> list[dict]:
+    """Every node the head knows: ids, address, liveness, resources, workers, actors, store use.
+
+    ``object_store_memory`` in a node's resources is its store's capacity (total) and its
+    free bytes (available), as of the node's last heartbeat (at most a second old).
+    """
     out = []
     for n in _client().request_nodes():
+        store = n.get("stats", {}).get("object_store")
+        total = scheduling.as_floats(n["total"])
+        available = scheduling.as_floats(n["available"])
+        if store:
+            total["object_store_memory"] = float(store["capacity"])
+            available["object_store_memory"] = float(max(0, store["capacity"] - store["used"]))
         out.append({"node_id": n["node_id"], "address": n.get("tcp") or n.get("ipc"), "alive": n["alive"],
                     "hostname": n.get("hostname"),
-                    "resources_total": scheduling.as_floats(n["total"]),
-                    "resources_available": scheduling.as_floats(n["available"]),
+                    "resources_total": total, "resources_available": available,
                     "workers": n.get("stats", {}).get("workers"), "actors": n.get("actors", 0),
-                    "object_store": n.get("stats", {}).get("object_store"),
+                    "object_store": store,
                     "is_head_node": n.get("is_head_node", False)})
     return out
 
 
+def _live_nodes_with_fresh_store() -> list[dict]:
+    """``nodes()``, alive only, with this process's own node's store counted now rather than at
+    its last heartbeat: what this process just put (or freed) shows at once."""
+    client = _client()
+    live = [n for n in nodes() if n["alive"]]
+    home = client.home
+    for n in live:
+        if home is not None and n["node_id"] == home.node_id:
+            try:
+                store, _listing = client.agent_request(home, "StoreStats", (), timeout=10)
+            except (exceptions.FarpoolError, TimeoutError, OSError):
+                break  # the heartbeat's counts then
+            n["resources_total"]["object_store_memory"] = float(store["capacity"])
+            n["resources_available"]["object_store_memory"] = float(max(0, store["capacity"] - store["used"]))
+    return live
+
+
 def cluster_resources() -> dict:
+    """The live nodes' total resources as floats (``object_store_memory``: the stores' capacity in bytes)."""
     totals: dict = {}
-    for n in nodes():
-        if n["alive"]:
-            for k, v in n["resources_total"].items():
-                totals[k] = totals.get(k, 0.0) + v
+    for n in _live_nodes_with_fresh_store():
+        for k, v in n["resources_total"].items():
+            totals[k] = totals.get(k, 0.0) + v
     return totals
 
 
 def available_resources() -> dict:
+    """What is free now (``object_store_memory``: the stores' free bytes; this node's counted now,
+    others' as of their last heartbeat, at most a second old)."""
     totals: dict = {}
-    for n in nodes():
-        if n["alive"]:
-            for k, v in n["resources_available"].items():
-                totals[k] = totals.get(k, 0.0) + v
+    for n in _live_nodes_with_fresh_store():
+        for k, v in n["resources_available"].items():
+            totals[k] = totals.get(k, 0.0) + v
     return totals
 
 
