@@ -12,7 +12,7 @@ import os
 
 from farpool import exceptions
 from farpool._private import context as context_mod
-from farpool._private import protocol, runtime, runtime_env, scheduling
+from farpool._private import options, protocol, runtime, runtime_env, scheduling
 from farpool._private import object_ref
 from farpool._private.object_ref import ObjectRef
 
@@ -33,6 +33,7 @@ def method(*, num_returns: int = 1):
 
 
 def _check_actor_options(opts: dict, cls_name: str) -> dict:
+    options.check_ray_only_options(opts, f"actor {cls_name}")
     unknown = sorted(set(opts) - set(ACTOR_OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for actor {cls_name}; valid options: "
@@ -51,6 +52,7 @@ def _check_actor_options(opts: dict, cls_name: str) -> dict:
     name = opts.get("name")
     if name is not None and (not isinstance(name, str) or not name):
         raise ValueError(f"`name` must be a non-empty str, got {name!r}")
+    options.check_scheduling_strategy(opts.get("scheduling_strategy"))
     scheduling.make_request(opts.get("num_cpus") or 0, opts.get("num_gpus", 0), opts.get("memory"),
                             opts.get("resources"))
     return opts

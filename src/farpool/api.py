@@ -17,6 +17,7 @@ from farpool import exceptions
 from farpool._private import client as client_mod
 from farpool._private import context as context_mod
 from farpool._private import runtime, runtime_env, scheduling
+from farpool._private.options import NodeAffinity, check_ray_only_options, check_scheduling_strategy
 from farpool._private.object_ref import ObjectRef
 
 log = logging.getLogger("farpool")
@@ -57,10 +58,14 @@ def _client() -> client_mod.CoreClient:
 
 # ---------------------------------------------------------------------- remote functions
 def _check_options(opts: dict, allowed: tuple, what: str) -> dict:
+    check_ray_only_options(opts, what)
     unknown = sorted(set(opts) - set(allowed) - set(_PRIVATE_OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for {what}; valid options: {', '.join(allowed)}")
     num_returns = opts.get("num_returns", 1)
+    if num_returns in ("dynamic", "streaming"):
+        raise ValueError(f"{what}: num_returns={num_returns!r} (Ray's generator tasks) is not supported by "
+                         "farpool yet; return a list of values (num_returns=1), or submit one task per item")
     if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
         raise ValueError(f"`num_returns` must be an int >= 0, got {num_returns!r}")
     max_retries = opts.get("max_retries", 3)
@@ -71,10 +76,7 @@ def _check_options(opts: dict, allowed: tuple, what: str) -> dict:
         if not isinstance(retry, (list, tuple)) or not all(
                 isinstance(t, type) and issubclass(t, BaseException) for t in retry):
             raise TypeError(f"`retry_exceptions` must be a bool or a list of exception types, got {retry!r}")
-    strategy = opts.get("scheduling_strategy", "DEFAULT") or "DEFAULT"
-    if not (strategy in ("DEFAULT", "SPREAD") or isinstance(strategy, NodeAffinity)):
-        raise ValueError(f"`scheduling_strategy` must be 'DEFAULT', 'SPREAD' or farpool.NodeAffinity(...), "
-                         f"got {strategy!r}")
+    check_scheduling_strategy(opts.get("scheduling_strategy", "DEFAULT") or "DEFAULT")
     name = opts.get("name")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"`name` must be a str, got {type(name).__name__}")
@@ -84,18 +86,6 @@ def _check_options(opts: dict, allowed: tuple, what: str) -> dict:
     return opts
 
 
-class NodeAffinity:
-    """Run on ``node_id``; with ``soft=True`` fall back to any node when it cannot."""
-
-    def __init__(self, node_id: str, soft: bool = False):
-        self.node_id = node_id
-        self.soft = soft
-
-    def __repr__(self):
-        return f"NodeAffinity({self.node_id!r}, soft={self.soft})"
-
-
-NodeAffinity.__module__ = "farpool"
 
 
 class RemoteFunction:

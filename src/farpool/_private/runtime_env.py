@@ -23,6 +23,11 @@ def key(runtime_env: dict | None) -> str | None:
     if not isinstance(runtime_env, dict):
         raise TypeError(f"`runtime_env` must be a dict, got {type(runtime_env).__name__}")
     unknown = sorted(set(runtime_env) - set(RUNTIME_ENV_KEYS))
+    installs = [k for k in unknown if k in ("pip", "conda", "uv", "container", "image_uri")]
+    if installs:
+        raise ValueError(f"runtime_env[{installs[0]!r}] is not supported by farpool: it does not install "
+                         "packages per task; install them on every node first (farpool up's `setup:` commands, "
+                         "or your image), and ship your own code with working_dir or py_modules")
     if unknown:
         raise ValueError(f"unknown runtime_env field(s) {', '.join(unknown)}; supported: "
                          f"{', '.join(RUNTIME_ENV_KEYS)}")
