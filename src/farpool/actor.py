@@ -131,9 +131,7 @@ class ActorClass:
         strategy = opts.get("scheduling_strategy")
         concurrency = opts.get("max_concurrency") or (1000 if meta["is_async"] else 1)
         namespace = opts.get("namespace", runtime.namespace())
-        job_setup = dict(client.job_setup, pool_key=None)
-        if opts.get("runtime_env"):
-            job_setup["pool_key"] = runtime_env.key(opts["runtime_env"])
+        job_setup = dict(client.job_setup, pool_key=runtime_env.key(opts.get("runtime_env")))  # (with the job's)
         spec = {
             "class_name": self._cls.__qualname__, "cls_bytes": self._cls_bytes, "args_payload": payload,
             "arg_bufs": [bytes(b.raw()) for b in bufs], "ref_values": [], "ref_bufs": [],

@@ -17,6 +17,7 @@ from farpool import exceptions
 from farpool._private import client as client_mod
 from farpool._private import context as context_mod
 from farpool._private import runtime, runtime_env, scheduling
+from farpool._private import runtime_env as runtime_env_mod
 from farpool._private.options import NodeAffinity, check_ray_only_options, check_scheduling_strategy
 from farpool._private.object_ref import ObjectRef
 
@@ -39,12 +40,23 @@ def init(address: str | None = None, *, num_cpus: float | None = None, num_gpus:
          token: str | None = None, runtime_env: dict | None = None) -> dict:
     """Start an embedded cluster (``address=None``) or join one ("auto" or "HOST:PORT").
 
+    ``runtime_env`` applies to every task and actor of this job, on every node; a task's
+    or actor's own ``runtime_env`` adds to it (see ``runtime_env.merge``).
     Returns a dict with at least ``address``, ``node_id`` and ``session_dir``.
     """
-    return runtime.init(address, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
+    runtime_env_mod.check(runtime_env, "init(runtime_env=...)")  # before anything starts
+    if runtime.is_initialized() and ignore_reinit_error:
+        return runtime.init(ignore_reinit_error=True)
+    info = runtime.init(address, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
                         object_store_memory=object_store_memory, namespace=namespace,
-                        log_to_driver=log_to_driver, ignore_reinit_error=ignore_reinit_error, token=token,
-                        runtime_env=runtime_env)
+                        log_to_driver=log_to_driver, ignore_reinit_error=ignore_reinit_error, token=token)
+    if runtime_env:
+        try:  # its code is packaged and uploaded to the head once, here
+            runtime.set_job_runtime_env(runtime_env_mod.canonical(runtime_env))
+        except BaseException:
+            runtime.shutdown()
+            raise
+    return info
 
 
 def shutdown() -> None:
@@ -82,7 +94,7 @@ def _check_options(opts: dict, allowed: tuple, what: str) -> dict:
         raise TypeError(f"`name` must be a str, got {type(name).__name__}")
     scheduling.make_request(opts.get("num_cpus", 1), opts.get("num_gpus", 0), opts.get("memory"),
                             opts.get("resources"))
-    runtime_env.key(opts.get("runtime_env"))
+    runtime_env.check(opts.get("runtime_env"))
     return opts
 
 

@@ -674,7 +674,8 @@ class Worker:
             os.chdir(cwd)
         for key, value in (job_setup.get("env") or {}).items():
             os.environ[key] = value
-        context_mod.worker_config = dict(self.cfg, job_id=self.job_id, namespace=job_setup.get("namespace"))
+        context_mod.worker_config = dict(self.cfg, job_id=self.job_id, namespace=job_setup.get("namespace"),
+                                         runtime_env=job_setup.get("runtime_env"))
         context.namespace = job_setup.get("namespace")
         _setup_main(job_setup.get("main_path"), job_setup.get("main_module"))
 
