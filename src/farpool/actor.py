@@ -11,7 +11,8 @@ import inspect
 import os
 
 from farpool import exceptions
-from farpool._private import protocol, runtime, runtime_env, scheduling
+from farpool._private import context as context_mod
+from farpool._private import options, protocol, runtime, runtime_env, scheduling
 from farpool._private import object_ref
 from farpool._private.object_ref import ObjectRef
 
@@ -32,6 +33,7 @@ def method(*, num_returns: int = 1):
 
 
 def _check_actor_options(opts: dict, cls_name: str) -> dict:
+    options.check_ray_only_options(opts, f"actor {cls_name}")
     unknown = sorted(set(opts) - set(ACTOR_OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for actor {cls_name}; valid options: "
@@ -50,9 +52,23 @@ def _check_actor_options(opts: dict, cls_name: str) -> dict:
     name = opts.get("name")
     if name is not None and (not isinstance(name, str) or not name):
         raise ValueError(f"`name` must be a non-empty str, got {name!r}")
+    options.check_scheduling_strategy(opts.get("scheduling_strategy"))
     scheduling.make_request(opts.get("num_cpus") or 0, opts.get("num_gpus", 0), opts.get("memory"),
                             opts.get("resources"))
     return opts
+
+
+def _class_meta(cls) -> dict:
+    """What a handle knows of its actor's class: method names and their num_returns."""
+    methods = {}
+    is_async = False
+    for name, member in inspect.getmembers(cls, predicate=inspect.isfunction):
+        if name.startswith("__") and name != "__call__":
+            continue
+        methods[name] = getattr(member, "__farpool_num_returns__", 1)
+        if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
+            is_async = True
+    return {"class_name": cls.__qualname__, "methods": methods, "is_async": is_async}
 
 
 class ActorClass:
@@ -84,15 +100,7 @@ class ActorClass:
         return bound
 
     def _meta(self) -> dict:
-        methods = {}
-        is_async = False
-        for name, member in inspect.getmembers(self._cls, predicate=inspect.isfunction):
-            if name.startswith("__") and name != "__call__":
-                continue
-            methods[name] = getattr(member, "__farpool_num_returns__", 1)
-            if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
-                is_async = True
-        return {"class_name": self._cls.__qualname__, "methods": methods, "is_async": is_async}
+        return _class_meta(self._cls)
 
     def remote(self, *args, **kwargs) -> "ActorHandle":
         client = runtime.client()
@@ -123,15 +131,14 @@ class ActorClass:
         strategy = opts.get("scheduling_strategy")
         concurrency = opts.get("max_concurrency") or (1000 if meta["is_async"] else 1)
         namespace = opts.get("namespace", runtime.namespace())
-        job_setup = dict(client.job_setup, pool_key=None)
-        if opts.get("runtime_env"):
-            job_setup["pool_key"] = runtime_env.key(opts["runtime_env"])
+        job_setup = dict(client.job_setup, pool_key=runtime_env.key(opts.get("runtime_env")))  # (with the job's)
         spec = {
             "class_name": self._cls.__qualname__, "cls_bytes": self._cls_bytes, "args_payload": payload,
             "arg_bufs": [bytes(b.raw()) for b in bufs], "ref_values": [], "ref_bufs": [],
             "job_setup": job_setup,
             "options": {"max_concurrency": concurrency, "is_async": meta["is_async"],
-                        "class_name": self._cls.__qualname__},
+                        "class_name": self._cls.__qualname__,
+                        "resources": hold, "num_cpus": num_cpus or 1},
             "hold_shape": hold, "place_shape": place, "max_restarts": opts.get("max_restarts", 0),
             "name": opts.get("name"), "namespace": namespace, "get_if_exists": opts.get("get_if_exists", False),
             "detached": opts.get("lifetime") == "detached", "job_id": client.job_id, "meta": meta,
@@ -213,7 +220,7 @@ class ActorMethod:
         handle = self._handle
         qualname = self._call_name or f"{handle._meta.get('class_name')}.{self._name}"
         refs = client.submit_actor_call(handle._actor_id, self._name, qualname, args, kwargs,
-                                        max(self._num_returns, 1), handle._max_task_retries)
+                                        max(self._num_returns, 1), handle._max_task_retries, handle._token)
         if self._num_returns == 1:
             return refs[0]
         if self._num_returns == 0:
@@ -234,11 +241,32 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     return ActorHandle(actor_id, meta)
 
 
+def exit_actor() -> None:
+    """End the actor this runs in once the current call returns, for good (no restart).
+
+    The call itself finishes and its caller gets its result; calls after it raise
+    ``ActorDiedError`` saying the actor exited.  Like ``sys.exit`` for an actor, but
+    it returns: code after it in the method still runs.
+    """
+    from farpool._private.context import context
+    if context.actor_id is None:
+        raise RuntimeError("exit_actor() must be called inside an actor's method; to end an actor "
+                           "from outside, use farpool.kill(handle)")
+    context.exit_requested = True
+
+
 def kill(handle: ActorHandle, *, no_restart: bool = True) -> None:
     """End the actor's process now; with ``no_restart`` later calls raise ActorDiedError."""
     if not isinstance(handle, ActorHandle):
         raise TypeError(f"kill() takes an ActorHandle, got {type(handle).__name__}")
     runtime.client().kill_actor(handle._actor_id, bool(no_restart))
 
+
+def _current_actor_handle(actor_id: str, cls) -> "ActorHandle":
+    """RuntimeContext.current_actor: a handle that does not count (the actor's creator's do)."""
+    return ActorHandle(actor_id, _class_meta(cls) if cls is not None else {"class_name": "?", "methods": {}})
+
+
+context_mod.actor_handle_factory = _current_actor_handle
 
 del exceptions

@@ -13,9 +13,12 @@ import json
 import logging
 import time
 
+from farpool import exceptions
 from farpool._private import client as client_mod
 from farpool._private import context as context_mod
 from farpool._private import runtime, runtime_env, scheduling
+from farpool._private import runtime_env as runtime_env_mod
+from farpool._private.options import NodeAffinity, check_ray_only_options, check_scheduling_strategy
 from farpool._private.object_ref import ObjectRef
 
 log = logging.getLogger("farpool")
@@ -40,12 +43,25 @@ def init(address: str | None = None, *, num_cpus: float | None = None, num_gpus:
     ``spill_dir``: where objects go when the object store is full (default: the session's
     directory under the tmp root); the node uses a directory of its own inside it.
 
+    ``runtime_env`` applies to every task and actor of this job, on every node; a task's
+    or actor's own ``runtime_env`` adds to it (see ``runtime_env.merge``).
+
     Returns a dict with at least ``address``, ``node_id`` and ``session_dir``.
     """
-    return runtime.init(address, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
+    runtime_env_mod.check(runtime_env, "init(runtime_env=...)")  # before anything starts
+    if runtime.is_initialized() and ignore_reinit_error:
+        return runtime.init(ignore_reinit_error=True)
+    info = runtime.init(address, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
                         object_store_memory=object_store_memory, namespace=namespace,
                         log_to_driver=log_to_driver, ignore_reinit_error=ignore_reinit_error, token=token,
-                        runtime_env=runtime_env, spill_dir=spill_dir)
+                        spill_dir=spill_dir)
+    if runtime_env:
+        try:  # its code is packaged and uploaded to the head once, here
+            runtime.set_job_runtime_env(runtime_env_mod.canonical(runtime_env))
+        except BaseException:
+            runtime.shutdown()
+            raise
+    return info
 
 
 def shutdown() -> None:
@@ -59,10 +75,14 @@ def _client() -> client_mod.CoreClient:
 
 # ---------------------------------------------------------------------- remote functions
 def _check_options(opts: dict, allowed: tuple, what: str) -> dict:
+    check_ray_only_options(opts, what)
     unknown = sorted(set(opts) - set(allowed) - set(_PRIVATE_OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for {what}; valid options: {', '.join(allowed)}")
     num_returns = opts.get("num_returns", 1)
+    if num_returns in ("dynamic", "streaming"):
+        raise ValueError(f"{what}: num_returns={num_returns!r} (Ray's generator tasks) is not supported by "
+                         "farpool yet; return a list of values (num_returns=1), or submit one task per item")
     if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
         raise ValueError(f"`num_returns` must be an int >= 0, got {num_returns!r}")
     max_retries = opts.get("max_retries", 3)
@@ -73,31 +93,16 @@ def _check_options(opts: dict, allowed: tuple, what: str) -> dict:
         if not isinstance(retry, (list, tuple)) or not all(
                 isinstance(t, type) and issubclass(t, BaseException) for t in retry):
             raise TypeError(f"`retry_exceptions` must be a bool or a list of exception types, got {retry!r}")
-    strategy = opts.get("scheduling_strategy", "DEFAULT") or "DEFAULT"
-    if not (strategy in ("DEFAULT", "SPREAD") or isinstance(strategy, NodeAffinity)):
-        raise ValueError(f"`scheduling_strategy` must be 'DEFAULT', 'SPREAD' or farpool.NodeAffinity(...), "
-                         f"got {strategy!r}")
+    check_scheduling_strategy(opts.get("scheduling_strategy", "DEFAULT") or "DEFAULT")
     name = opts.get("name")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"`name` must be a str, got {type(name).__name__}")
     scheduling.make_request(opts.get("num_cpus", 1), opts.get("num_gpus", 0), opts.get("memory"),
                             opts.get("resources"))
-    runtime_env.key(opts.get("runtime_env"))
+    runtime_env.check(opts.get("runtime_env"))
     return opts
 
 
-class NodeAffinity:
-    """Run on ``node_id``; with ``soft=True`` fall back to any node when it cannot."""
-
-    def __init__(self, node_id: str, soft: bool = False):
-        self.node_id = node_id
-        self.soft = soft
-
-    def __repr__(self):
-        return f"NodeAffinity({self.node_id!r}, soft={self.soft})"
-
-
-NodeAffinity.__module__ = "farpool"
 
 
 class RemoteFunction:
@@ -269,37 +274,68 @@ def cancel(ref, *, force: bool = False, recursive: bool = True) -> None:
 
 # ---------------------------------------------------------------------- introspection
 def nodes() -> list[dict]:
+    """Every node the head knows: ids, address, liveness, resources, workers, actors, store use.
+
+    ``object_store_memory`` in a node's resources is its store's capacity (total) and its
+    free bytes (available), as of the node's last heartbeat (at most a second old).
+    """
     out = []
     for n in _client().request_nodes():
+        store = n.get("stats", {}).get("object_store")
+        total = scheduling.as_floats(n["total"])
+        available = scheduling.as_floats(n["available"])
+        if store:
+            total["object_store_memory"] = float(store["capacity"])
+            available["object_store_memory"] = float(max(0, store["capacity"] - store["used"]))
         out.append({"node_id": n["node_id"], "address": n.get("tcp") or n.get("ipc"), "alive": n["alive"],
                     "hostname": n.get("hostname"),
-                    "resources_total": scheduling.as_floats(n["total"]),
-                    "resources_available": scheduling.as_floats(n["available"]),
+                    "resources_total": total, "resources_available": available,
                     "workers": n.get("stats", {}).get("workers"), "actors": n.get("actors", 0),
-                    "object_store": n.get("stats", {}).get("object_store"),
+                    "object_store": store,
                     "is_head_node": n.get("is_head_node", False)})
     return out
 
 
+def _live_nodes_with_fresh_store() -> list[dict]:
+    """``nodes()``, alive only, with this process's own node's store counted now rather than at
+    its last heartbeat: what this process just put (or freed) shows at once."""
+    client = _client()
+    live = [n for n in nodes() if n["alive"]]
+    home = client.home
+    for n in live:
+        if home is not None and n["node_id"] == home.node_id:
+            try:
+                store, _listing = client.agent_request(home, "StoreStats", (), timeout=10)
+            except (exceptions.FarpoolError, TimeoutError, OSError):
+                break  # the heartbeat's counts then
+            n["resources_total"]["object_store_memory"] = float(store["capacity"])
+            n["resources_available"]["object_store_memory"] = float(max(0, store["capacity"] - store["used"]))
+    return live
+
+
 def cluster_resources() -> dict:
+    """The live nodes' total resources as floats (``object_store_memory``: the stores' capacity in bytes)."""
     totals: dict = {}
-    for n in nodes():
-        if n["alive"]:
-            for k, v in n["resources_total"].items():
-                totals[k] = totals.get(k, 0.0) + v
+    for n in _live_nodes_with_fresh_store():
+        for k, v in n["resources_total"].items():
+            totals[k] = totals.get(k, 0.0) + v
     return totals
 
 
 def available_resources() -> dict:
+    """What is free now (``object_store_memory``: the stores' free bytes; this node's counted now,
+    others' as of their last heartbeat, at most a second old)."""
     totals: dict = {}
-    for n in nodes():
-        if n["alive"]:
-            for k, v in n["resources_available"].items():
-                totals[k] = totals.get(k, 0.0) + v
+    for n in _live_nodes_with_fresh_store():
+        for k, v in n["resources_available"].items():
+            totals[k] = totals.get(k, 0.0) + v
     return totals
 
 
 def get_runtime_context():
+    """Where this code runs: ids, ``get_assigned_resources()``, ``get_accelerator_ids()``,
+    ``current_actor``."""
+    import farpool.actor  # noqa: F401  (current_actor makes handles with it)
     ctx = context_mod.context
     if ctx.worker_id is None:
         client = _client()

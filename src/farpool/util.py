@@ -1,7 +1,10 @@
-"""Helpers over the native API: ``ActorPool`` spreads work over a fixed set of actors."""
+"""Helpers over the native API: ``ActorPool`` spreads work over a fixed set of actors;
+``Queue`` is a queue.Queue shared by drivers, tasks and actors."""
 
 from __future__ import annotations
 
+import asyncio
+import queue as _queue
 from collections import deque
 
 import farpool
@@ -91,3 +94,120 @@ class ActorPool:
             self.submit(fn, v)
         while self.has_next():
             yield self.get_next_unordered()
+
+
+class _QueueActor:
+    """The state behind a ``Queue``: an asyncio.Queue on the actor's event loop.
+
+    An async actor runs its calls concurrently on one loop, so a ``get`` that waits
+    for an item never blocks a ``put`` from another caller, and nobody polls.
+    Answers are (ok, item) rather than exceptions: the caller raises queue.Empty/Full.
+    """
+
+    def __init__(self, maxsize: int):
+        self.queue = asyncio.Queue(maxsize)
+
+    async def put(self, item, timeout):
+        try:
+            await asyncio.wait_for(self.queue.put(item), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def get(self, timeout):
+        try:
+            return True, await asyncio.wait_for(self.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return False, None
+
+    async def put_nowait(self, item):
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def get_nowait(self):
+        try:
+            return True, self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return False, None
+
+    async def qsize(self):
+        return self.queue.qsize()
+
+
+_queue_actor_class = None  # farpool.remote(_QueueActor), made on first use
+
+
+class Queue:
+    """A FIFO queue shared by drivers, tasks and actors, with ``queue.Queue``'s methods.
+
+    ``put``/``get`` block (``block``, ``timeout`` in seconds) and raise ``queue.Full`` /
+    ``queue.Empty`` as the stdlib's do; ``maxsize`` <= 0 means unbounded.  The items
+    live in an actor (``actor_options`` are its options, e.g. ``{"num_cpus": 0}`` or a
+    ``name``); pass the Queue to tasks and actors like any value: they all use the same
+    one.  It ends with the last copy of it (or ``shutdown()``).  Items are pickled, so a
+    ``get`` returns a copy.  Thread-safe.
+    """
+
+    def __init__(self, maxsize: int = 0, actor_options: dict | None = None):
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            raise TypeError(f"`maxsize` must be an int, got {type(maxsize).__name__}")
+        self.maxsize = maxsize
+        global _queue_actor_class
+        if _queue_actor_class is None:
+            _queue_actor_class = farpool.remote(_QueueActor)
+        self.actor = _queue_actor_class.options(**(actor_options or {})).remote(maxsize)
+
+    @staticmethod
+    def _check_timeout(block, timeout):
+        if not block:
+            return 0.0
+        if timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+        return timeout
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        """Add ``item``; when full, wait (up to ``timeout`` s) for room, else raise queue.Full."""
+        timeout = self._check_timeout(block, timeout)
+        ok = farpool.get(self.actor.put_nowait.remote(item) if timeout == 0.0 else
+                         self.actor.put.remote(item, timeout))
+        if not ok:
+            raise _queue.Full
+        return None
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        """Remove and return the first item; when empty, wait (up to ``timeout`` s), else queue.Empty."""
+        timeout = self._check_timeout(block, timeout)
+        ok, item = farpool.get(self.actor.get_nowait.remote() if timeout == 0.0 else
+                               self.actor.get.remote(timeout))
+        if not ok:
+            raise _queue.Empty
+        return item
+
+    def put_nowait(self, item) -> None:
+        return self.put(item, block=False)
+
+    def get_nowait(self):
+        return self.get(block=False)
+
+    def qsize(self) -> int:
+        """The number of items now (others may change it at once)."""
+        return farpool.get(self.actor.qsize.remote())
+
+    def size(self) -> int:
+        return self.qsize()
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= self.qsize()
+
+    def shutdown(self) -> None:
+        """End the queue's actor now; its items are lost, later calls raise ActorDiedError."""
+        farpool.kill(self.actor)
+
+    def __repr__(self) -> str:
+        return f"Queue(maxsize={self.maxsize})"

@@ -20,6 +20,14 @@ from farpool._private import scheduling
 
 PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
 
+# Why an actor was ended for good, as its callers' ActorDiedError says it.
+KILLED = "it was killed with farpool.kill()"
+RELEASED = ("all its handles were released (the last handle went out of scope and no call was "
+            "pending), so it ended; keep a handle, or give it a name or lifetime='detached', to keep it")
+EXITED = "it exited by calling farpool.actor.exit_actor() and is not restarted"
+# KillActor's reasons (sent by clients): the text each stands for.
+KILL_REASONS = {"kill": KILLED, "released": RELEASED}
+
 
 @dataclass
 class ActorRecord:
@@ -35,6 +43,7 @@ class ActorRecord:
     request_id: int | None = None
     cause: str = ""
     killed: bool = False
+    kill_cause: str = ""   # why it was ended for good (killed, released, exited, its job ended)
     subscribers: set = field(default_factory=set)
 
     def info(self) -> dict:
@@ -102,7 +111,12 @@ class ActorTable:
             return False
         if record.killed or record.restarts_left == 0:
             record.state = DEAD
-            record.cause = why if not record.killed else "it was killed with farpool.kill()"
+            if record.killed:
+                record.cause = record.kill_cause or KILLED
+            elif record.spec.get("max_restarts", 0) > 0:
+                record.cause = f"{why}, and it had no restarts left (max_restarts={record.spec['max_restarts']} used up)"
+            else:
+                record.cause = f"{why}; it is not restarted (max_restarts=0: pass max_restarts to restart it)"
             return False
         if record.restarts_left > 0:
             record.restarts_left -= 1

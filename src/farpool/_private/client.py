@@ -729,7 +729,7 @@ class CoreClient:
     # ------------------------------------------------------------------ submit (user threads)
     def submit(self, fn: RemoteFunctionInfo, args: tuple, kwargs: dict, num_returns: int, shape: dict,
                max_retries: int, retry_exceptions, name: str, strategy="DEFAULT", pool_key=None,
-               actor_id: str | None = None) -> list:
+               actor_id: str | None = None, token=None) -> list:
         if self.broken is not None:
             raise self.broken
         ref_slots = []
@@ -759,6 +759,8 @@ class CoreClient:
             bufs = [bytes(b.raw()) for b in bufs]
         return_ids = [task_id] + [self.new_object_id() for _ in range(num_returns - 1)]
         pinned = [r._id for _, r in ref_slots] + [r._id for r in collector]
+        if token is not None:  # an actor call keeps its actor alive (the handles' token) until it ends
+            pinned.append(token._id)
         if not isinstance(strategy, str):  # NodeAffinity(node_id, soft)
             strategy = ("affinity", strategy.node_id, bool(strategy.soft))
         key = ("actor", actor_id) if actor_id is not None else (tuple(sorted(shape.items())), pool_key, strategy)
@@ -993,7 +995,7 @@ class CoreClient:
                 lease.job_sent = True
             wire.append((task.task_id, fn.fn_hash, fn_bytes, task.name, args_payload, len(arg_bufs),  # a TaskSpec
                          ref_values, len(task.return_ids), job_setup,
-                         (lease.gpu_ids, task.shape.get("CPU", 0) / scheduling.UNIT)))
+                         (lease.gpu_ids, task.shape.get("CPU", 0) / scheduling.UNIT, task.shape)))
             buffers.extend(arg_bufs)
             buffers.extend(ref_bufs)
             task.submitted_at = now
@@ -1515,7 +1517,7 @@ class CoreClient:
             owner, frames = refs.owner_messages.popleft()
             self._send_owner(owner, frames)
         while refs.ended_actors:
-            transport.send(self.head, encode("KillActor", (refs.ended_actors.popleft(), True)))
+            transport.send(self.head, encode("KillActor", (refs.ended_actors.popleft(), True, "released")))
         with self.lock:  # other threads add frees under the lock (release_ref)
             frees, refs.frees = refs.frees, {}
         for node_id, ids in frees.items():
@@ -1947,13 +1949,13 @@ class CoreClient:
         return RelayChannel(agent, info["worker_id"])
 
     def submit_actor_call(self, actor_id: str, method: str, qualname: str, args, kwargs, num_returns: int,
-                          max_task_retries: int) -> list:
+                          max_task_retries: int, token=None) -> list:
         info = self.actor_method_infos.get((actor_id, method))
         if info is None:
             info = self.actor_method_infos[(actor_id, method)] = RemoteFunctionInfo(
                 qualname, b"actor:" + method.encode(), b"")
         return self.submit(info, args, kwargs, num_returns, {}, max_task_retries, False, qualname,
-                           actor_id=actor_id)
+                           actor_id=actor_id, token=token)
 
     def actor_token(self, actor_id: str) -> ObjectRef:
         """A small object whose lifetime is the actor's: freed -> the actor ends."""

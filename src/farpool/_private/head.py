@@ -29,7 +29,7 @@ import time
 
 import signal as _signal
 
-from farpool._private import addresses, protocol, session, transport, versions
+from farpool._private import actor_table, addresses, protocol, session, transport, versions
 from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
@@ -247,14 +247,16 @@ class Head:
         record.subscribers.add((sock, identity))
         self._reply(sock, identity, "ActorInfo", actor_id, record.info())
 
-    def _on_KillActor(self, sock, identity, actor_id: str, no_restart: bool) -> None:
+    def _on_KillActor(self, sock, identity, actor_id: str, no_restart: bool, reason: str = "kill") -> None:
+        """``reason``: "kill" (farpool.kill) or "released" (its last handle and pending call went)."""
         record = self.actors.actors.get(actor_id)
         if record is not None and record.state != DEAD:
-            self._kill_actor(record, no_restart, "it was killed with farpool.kill()")
+            self._kill_actor(record, no_restart, actor_table.KILL_REASONS.get(reason, actor_table.KILLED))
 
     def _kill_actor(self, record, no_restart: bool, why: str) -> None:
         if no_restart:
             record.killed = True
+            record.kill_cause = why
         if record.worker_id is not None and record.node_id in self.node_peers:
             sock, ident = self.node_peers[record.node_id]
             transport.send(sock, [ident, *encode("SignalWorker", (record.worker_id, int(_signal.SIGKILL)))])
@@ -299,8 +301,9 @@ class Head:
             return
         record.lease_id, record.worker_id, record.path = lease_id, worker_id, address
         spec = record.spec
+        options = dict(spec["options"], gpu_ids=list(gpu_ids or []))  # the GPUs it holds (as tasks get them)
         fields = (record.actor_id, spec["cls_bytes"], spec["args_payload"], len(spec["arg_bufs"]),
-                  spec["ref_values"], spec["job_setup"], spec["options"])
+                  spec["ref_values"], spec["job_setup"], options)
         frames = encode("CreateActor", fields, list(spec["arg_bufs"]) + list(spec["ref_bufs"]))
         transport.send(sock, [identity, b"Relay", worker_id.encode(), *frames])
 
@@ -330,7 +333,10 @@ class Head:
     def _on_WorkerExited(self, sock, identity, lease_id, info: dict) -> None:
         for record in self.actors.actors.values():
             if record.lease_id == lease_id and record.node_id == info.get("node_id"):
-                how = (f"killed by signal {info['signal']}" if info.get("signal")
+                if info.get("exitcode") == protocol.ACTOR_EXIT_CODE and not info.get("signal"):
+                    record.killed = True  # exit_actor(): for good
+                    record.kill_cause = record.kill_cause or actor_table.EXITED
+                how = (f"was killed by {_signal_name(info['signal'])}" if info.get("signal")
                        else f"exited with code {info.get('exitcode')}")
                 why = f"its worker (pid {info.get('pid')}) on node {str(info.get('node_id'))[:8]} {how}"
                 if self.actors.died(record, why):
@@ -402,6 +408,15 @@ class Head:
         for sock in (self.ipc, self.tcp):
             if sock is not None:
                 sock.close(0)
+
+
+def _signal_name(number) -> str:
+    try:
+        name = _signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+    hint = " (often the out-of-memory killer, or someone's kill -9)" if number == _signal.SIGKILL else ""
+    return f"{name}{hint}"
 
 
 def main(argv=None) -> int:

@@ -28,6 +28,9 @@ from typing import NamedTuple
 # Values pickled at least this large are not inlined in a message header but
 # sent as separate zero-copy frames (or, later, put in the node store).
 OOB_MIN_BYTES = 64 * 1024
+# The exit code of an actor's worker that ended itself with farpool.actor.exit_actor():
+# the head reads it in WorkerExited and ends the actor for good (no restart).
+ACTOR_EXIT_CODE = 77
 
 TAGS = frozenset({
     # client <-> head

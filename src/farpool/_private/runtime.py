@@ -40,8 +40,7 @@ def is_initialized() -> bool:
 def init(address: str | None = None, *, num_cpus: float | None = None, num_gpus: float | None = None,
          resources: dict | None = None, object_store_memory: int | None = None,
          namespace: str | None = None, log_to_driver: bool = True, ignore_reinit_error: bool = False,
-         token: str | None = None, runtime_env: dict | None = None, spill_dir: str | None = None,
-         _auto: bool = False) -> dict:
+         token: str | None = None, spill_dir: str | None = None, _auto: bool = False) -> dict:
     """Start an embedded cluster (``address=None``) or join one ("auto" or "HOST:PORT").
 
     Returns a dict with at least ``address``, ``node_id`` and ``session_dir``.
@@ -214,6 +213,7 @@ def _join_from_worker(cfg: dict) -> dict:
     """Inside a task: a client of the cluster this worker belongs to."""
     setup = _job_setup(None, cfg.get("namespace"))
     setup["job_id"] = cfg.get("job_id")
+    setup["runtime_env"] = cfg.get("runtime_env")
     ccfg = {"head_address": cfg["cluster_head"], "agent_address": cfg["agent_address"],
             "node_id": cfg["node_id"], "session_dir": cfg["session_dir"], "token": cfg.get("token"),
             "in_worker": True, "worker_id": cfg["worker_id"], "job_id": cfg.get("job_id"), "local": True,
@@ -223,7 +223,8 @@ def _join_from_worker(cfg: dict) -> dict:
     client.connect()
     info = {"address": None, "node_id": cfg["node_id"], "session_dir": cfg["session_dir"],
             "job_id": cfg.get("job_id"), "dashboard_url": None, "embedded": False}
-    return {"client": client, "procs": [], "session_dir": None, "info": info, "in_worker": True}
+    return {"client": client, "procs": [], "session_dir": None, "info": info, "in_worker": True,
+            "runtime_env": cfg.get("runtime_env")}
 
 
 def auto_init() -> None:
@@ -292,6 +293,22 @@ def _disable_in_forked_child() -> None:
 os.register_at_fork(after_in_child=_disable_in_forked_child)
 
 
+
+
+def set_job_runtime_env(env: dict | None) -> None:
+    """init(runtime_env=...): ``env`` (packaged: see runtime_env.canonical) applies to every task
+    and actor of this job; workers get it with the job set-up, for the tasks they submit."""
+    state = _state
+    if state is None:
+        raise RuntimeError("set_job_runtime_env() before init()")
+    state["runtime_env"] = env
+    state["client"].job_setup["runtime_env"] = env
+
+
+def job_runtime_env() -> dict | None:
+    """The job's runtime_env (packaged), or None."""
+    state = _state
+    return state.get("runtime_env") if state else None
 
 
 def namespace() -> str | None:

@@ -16,30 +16,87 @@ from farpool._private import runtime
 RUNTIME_ENV_KEYS = ("env_vars", "working_dir", "py_modules")
 
 
-def key(runtime_env: dict | None) -> str | None:
-    """Tasks with a runtime_env get workers of their own, keyed by the env's canonical form."""
+def check(runtime_env: dict | None, what: str = "runtime_env") -> None:
+    """Validate a runtime_env without packaging anything (nothing starts, nothing is uploaded)."""
     if not runtime_env:
-        return None
+        return
     if not isinstance(runtime_env, dict):
-        raise TypeError(f"`runtime_env` must be a dict, got {type(runtime_env).__name__}")
+        raise TypeError(f"`{what}` must be a dict, got {type(runtime_env).__name__}")
     unknown = sorted(set(runtime_env) - set(RUNTIME_ENV_KEYS))
+    installs = [k for k in unknown if k in ("pip", "conda", "uv", "container", "image_uri")]
+    if installs:
+        raise ValueError(f"{what}[{installs[0]!r}] is not supported by farpool: it does not install "
+                         "packages per task; install them on every node first (farpool up's `setup:` commands, "
+                         "or your image), and ship your own code with working_dir or py_modules")
     if unknown:
-        raise ValueError(f"unknown runtime_env field(s) {', '.join(unknown)}; supported: "
+        raise ValueError(f"unknown {what} field(s) {', '.join(unknown)}; supported: "
                          f"{', '.join(RUNTIME_ENV_KEYS)}")
     env_vars = runtime_env.get("env_vars") or {}
     if not isinstance(env_vars, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                   for k, v in env_vars.items()):
-        raise TypeError("runtime_env['env_vars'] must be a dict of str -> str")
-    canonical = dict(runtime_env)
+        raise TypeError(f"{what}['env_vars'] must be a dict of str -> str, got {env_vars!r}")
+    paths = [("working_dir", runtime_env.get("working_dir"))] if runtime_env.get("working_dir") else []
+    if runtime_env.get("py_modules"):
+        if not isinstance(runtime_env["py_modules"], (list, tuple)):
+            raise TypeError(f"{what}['py_modules'] must be a list of paths, got {runtime_env['py_modules']!r}")
+        paths += [("py_modules", p) for p in runtime_env["py_modules"]]
+    for field_name, path in paths:
+        if not (isinstance(path, str) and (path.startswith("pkg:") or os.path.exists(path))):
+            raise ValueError(f"{what}['{field_name}']: {path!r} does not exist on this machine")
+
+
+def canonical(runtime_env: dict | None) -> dict | None:
+    """The env with its code packaged ("pkg:<hash>:<name>", uploaded to the head once)."""
+    if not runtime_env:
+        return None
+    check(runtime_env)
+    out = dict(runtime_env)
     # Code travels with the task: working_dir and py_modules are packaged (by content
     # hash, uploaded once to the head) and unpacked on whichever node runs the task.
-    if canonical.get("working_dir"):
-        canonical["working_dir"] = package(canonical["working_dir"], "working_dir")
-    if canonical.get("py_modules"):
-        if not isinstance(canonical["py_modules"], (list, tuple)):
-            raise TypeError("runtime_env['py_modules'] must be a list of paths")
-        canonical["py_modules"] = [package(p, "py_modules") for p in canonical["py_modules"]]
-    return "runtime_env:" + json.dumps(canonical, sort_keys=True)
+    if out.get("working_dir"):
+        out["working_dir"] = package(out["working_dir"], "working_dir")
+    if out.get("py_modules"):
+        out["py_modules"] = [package(p, "py_modules") for p in out["py_modules"]]
+    if not out.get("env_vars"):
+        out.pop("env_vars", None)
+    return out
+
+
+def merge(job: dict | None, task: dict | None) -> dict | None:
+    """The job's runtime_env (init) with a task's or actor's on top: env_vars merged, the task's
+    winning on conflicts; the task's working_dir replaces the job's; py_modules: the job's, then
+    the task's."""
+    if not job:
+        return task or None
+    if not task:
+        return job
+    out = dict(job)
+    if task.get("env_vars"):
+        out["env_vars"] = {**(job.get("env_vars") or {}), **task["env_vars"]}
+    if task.get("working_dir"):
+        out["working_dir"] = task["working_dir"]
+    if task.get("py_modules"):
+        out["py_modules"] = list(job.get("py_modules") or []) + [
+            m for m in task["py_modules"] if m not in (job.get("py_modules") or [])]
+    return out
+
+
+_job_key: tuple = (None, None)  # (the job's env, its key)
+
+
+def key(runtime_env: dict | None) -> str | None:
+    """Tasks with a runtime_env get workers of their own, keyed by the env's canonical form
+    (the job's, from init(runtime_env=...), with this one on top)."""
+    global _job_key
+    job = runtime.job_runtime_env()
+    if not runtime_env:
+        if not job:
+            return None
+        if _job_key[0] is not job:  # (once per job, not per task)
+            _job_key = (job, "runtime_env:" + json.dumps(job, sort_keys=True))
+        return _job_key[1]
+    env = merge(job, canonical(runtime_env))
+    return "runtime_env:" + json.dumps(env, sort_keys=True)
 
 
 _PACKAGES: dict = {}  # (path, newest mtime) -> package key, per driver process
@@ -52,6 +109,8 @@ def package(path: str, what: str) -> str:
     import hashlib
     import io
     import zipfile
+    if isinstance(path, str) and path.startswith("pkg:"):
+        return path  # packaged already (the job's env, as a worker got it)
     if not isinstance(path, str) or not os.path.exists(path):
         raise ValueError(f"runtime_env['{what}']: {path!r} does not exist on this machine")
     path = os.path.abspath(path)
@@ -88,6 +147,7 @@ def package(path: str, what: str) -> str:
 
 
 def pool_key(pool: str | None, runtime_env: dict | None) -> str | None:
-    """The key of the workers a task needs: its pool's (facades) and its runtime_env's, or None."""
+    """The key of the workers a task needs: its pool's (facades) and its runtime_env's (with
+    the job's), or None."""
     env = key(runtime_env)
     return "|".join(k for k in (pool, env) if k) or None

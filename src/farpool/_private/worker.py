@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 from farpool._private import object_ref
 from farpool._private import context as context_mod
-from farpool._private import protocol, session, store, transport
+from farpool._private import protocol, scheduling, session, store, transport
 from farpool._private import runtime  # noqa: F401 - sets the client's connector: a ref used before init joins
 from farpool._private.context import context
 from farpool._private.task_args import (load_args, load_args_tracked, mark_phase, split_batch, still_held,
@@ -128,6 +128,7 @@ class Worker:
         self.actor = None
         self.actor_executor = None  # None: calls run inline in order; a thread pool; or "async"
         self.gpu_ids: list[int] | None = None
+        self.shape: dict | None = None  # the resource shape of the last task's lease
         self.threads = 1
         context.node_id = self.node_id
         context.worker_id = self.worker_id
@@ -212,6 +213,9 @@ class Worker:
             cls = protocol.loads_function(cls_bytes)
             args, kwargs = load_args(args_payload, buffers[:n_arg_bufs], ref_values, ref_bufs)
             context.task_name = f"{cls.__name__}.__init__"
+            context.actor_class = cls
+            self._apply_lease((options.get("gpu_ids") or [], options.get("num_cpus") or 1,
+                               options.get("resources") or {}))
             self.actor = cls(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001
             error = self._error(exc, f"{getattr(cls_bytes, '__name__', 'actor')}.__init__")
@@ -245,8 +249,11 @@ class Worker:
                 self.actor_executor.submit(self._run_threaded, call, reply)
 
     def _finish_concurrent(self, result, caller, out_buffers, reply) -> None:
-        self.loop.call_soon(lambda: reply(encode("TaskFinished", ([result], False) + self._take_borrowed(caller),
-                                                 out_buffers)))
+        def send():
+            reply(encode("TaskFinished", ([result], False) + self._take_borrowed(caller), out_buffers))
+            if context.exit_requested:  # exit_actor() in a threaded or async actor
+                self._retire(protocol.ACTOR_EXIT_CODE)
+        self.loop.call_soon(send)
 
     def _run_threaded(self, call: "_ActorCall", reply) -> None:
         started, out_buffers, arrivals = time.time(), [], []
@@ -331,15 +338,16 @@ class Worker:
             return (None, (), ())
         return (client.peer_address, borrowed, client.take_sub_borrowed() if client.refs.sub_borrowed else ())
 
-    def _retire(self) -> None:
-        """max_tasks_per_child reached: deliver what is queued, then exit (the agent replaces us)."""
+    def _retire(self, code: int = 0) -> None:
+        """max_tasks_per_child reached: deliver what is queued, then exit (the agent replaces us).
+        An actor that called exit_actor() leaves the same way, with ACTOR_EXIT_CODE."""
         for channel in list(self.channels):
             channel.flush_blocking()
         self.agent.setsockopt(transport.LINGER, 2000)
         self.agent.close()
         store_puller.close()
         transport.term_context()
-        os._exit(0)
+        os._exit(code)
 
     def _apply_pool(self, setup: dict | None) -> str | None:
         """Workers of an executor/pool: run its initializer once; count tasks for retirement.
@@ -392,6 +400,8 @@ class Worker:
                                        batch.out_buffers))
                 if retiring:
                     self._retire()
+                if context.exit_requested:
+                    self._retire(protocol.ACTOR_EXIT_CODE)
         finally:
             self.running = False
 
@@ -502,12 +512,16 @@ class Worker:
             os.chdir(cwd)
         for key, value in (job_setup.get("env") or {}).items():
             os.environ[key] = value
-        context_mod.worker_config = dict(self.cfg, job_id=self.job_id, namespace=job_setup.get("namespace"))
+        context_mod.worker_config = dict(self.cfg, job_id=self.job_id, namespace=job_setup.get("namespace"),
+                                         runtime_env=job_setup.get("runtime_env"))
         context.namespace = job_setup.get("namespace")
         setup_main(job_setup.get("main_path"), job_setup.get("main_module"))
 
     def _apply_lease(self, lease_info) -> None:
-        gpu_ids, num_cpus = lease_info
+        gpu_ids, num_cpus, *rest = lease_info
+        if rest and rest[0] is not self.shape:  # (the same dict for a batch of one shape)
+            self.shape = rest[0]
+            context.assigned_resources = scheduling.as_floats(rest[0])
         threads = max(1, int(num_cpus))
         if threads != self.threads:
             self.threads = threads
@@ -535,7 +549,8 @@ class Worker:
             if job_setup is not None:
                 self._apply_job(job_setup)
                 self._apply_pool(job_setup.get("pool"))
-            self._apply_lease(lease_info)
+            if self.actor is None:  # an actor holds what the head leased it (see _create_actor)
+                self._apply_lease(lease_info)
             if self.tasks_left is not None:
                 self.tasks_left -= 1
             if self.pool_error is not None:
