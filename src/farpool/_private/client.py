@@ -1080,11 +1080,7 @@ class CoreClient:
     @staticmethod
     def _decoded(frames, source: str):
         """(tag, fields, buffers), or None for garbage (dropped and logged)."""
-        try:
-            return protocol.decode(frames)
-        except protocol.ProtocolError as exc:
-            log.warning("dropped a bad message from %s: %s", source, exc)
-            return None
+        return protocol.decode_or_log(frames, source, log)
 
     def _receive(self, frames, peer, table: dict, source: str) -> None:
         message = self._decoded(frames, source)

@@ -125,33 +125,29 @@ _nested_refs = _NestedRefs()
 
 
 @contextlib.contextmanager
+def _nested(name: str, value):
+    """Set one of ``_nested_refs``' fields for a ``with`` block, then restore the outer value."""
+    outer = getattr(_nested_refs, name)
+    setattr(_nested_refs, name, value)
+    try:
+        yield value
+    finally:
+        setattr(_nested_refs, name, outer)
+
+
 def collecting(refs: list):
     """Refs pickled inside a value meanwhile (on this thread) are appended to ``refs``."""
-    outer, _nested_refs.collector = _nested_refs.collector, refs
-    try:
-        yield refs
-    finally:
-        _nested_refs.collector = outer
+    return _nested("collector", refs)
 
 
-@contextlib.contextmanager
 def arriving(refs: list):
     """Weakrefs to the refs unpickled meanwhile (on this thread) are appended to ``refs``."""
-    outer, _nested_refs.arrivals = _nested_refs.arrivals, refs
-    try:
-        yield refs
-    finally:
-        _nested_refs.arrivals = outer
+    return _nested("arrivals", refs)
 
 
-@contextlib.contextmanager
 def uncounted():
     """Refs unpickled meanwhile (on this thread) are not counted (the value is only checked)."""
-    outer, _nested_refs.uncounted = _nested_refs.uncounted, True
-    try:
-        yield
-    finally:
-        _nested_refs.uncounted = outer
+    return _nested("uncounted", True)
 
 
 _current_client = None  # this process's CoreClient (runtime.py sets it)

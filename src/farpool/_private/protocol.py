@@ -95,6 +95,15 @@ def decode(frames: list) -> tuple[str, tuple, list]:
     return tag, fields, frames[2:]
 
 
+def decode_or_log(frames: list, source: str, logger) -> tuple | None:
+    """``decode``, or None for garbage, which is dropped with one warning naming ``source``."""
+    try:
+        return decode(frames)
+    except ProtocolError as exc:
+        logger.warning("dropped a bad message from %s: %s", source, exc)
+        return None
+
+
 # --- compound values inside messages -------------------------------------
 # They travel as plain tuples (the wire format is the tuple); the receiver reads them
 # by name through ``_make``, the sender builds them by name and sends ``tuple(...)``.

@@ -87,11 +87,10 @@ class Pulse:
             sock.close(0)
 
     def _on_head(self, frames) -> None:
-        try:
-            tag, fields, _ = protocol.decode(frames)
-        except protocol.ProtocolError as exc:
-            log.warning("dropped a bad message from the head: %s", exc)
+        message = protocol.decode_or_log(frames, "the head", log)
+        if message is None:
             return
+        tag, fields, _ = message
         self.last_ack = time.monotonic()
         if tag == "Error" and fields and fields[0] == "unknown-node":
             self.on_unknown(fields[1])
