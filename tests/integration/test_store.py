@@ -122,8 +122,8 @@ def test_spills_to_disk_over_capacity_and_restores_on_read(small_store):
     assert stats["spilled"] > 0
     # This process keeps mappings of segments it wrote (fast rewrites), but never of one the
     # agent spilled or dropped: that would keep the memory the spill was meant to free.
-    from farpool._private import store
-    assert store._writer_maps.maps and all(os.path.exists(p) for p in store._writer_maps.maps)
+    from farpool._private import segments
+    assert segments._writer_maps.maps and all(os.path.exists(p) for p in segments._writer_maps.maps)
     for i, ref in enumerate(refs):
         assert (farpool.get(ref) == float(i)).all()
 

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from farpool._private import spill, store
+from farpool._private import segments, spill, store
 from farpool._private.store import State
 
 MB = 1 << 20
@@ -55,14 +55,14 @@ def run(move):
 def put(st, oid: bytes, fill: int, mb: int = 3):
     """Allocate and write an object of ``mb`` MB (its moves must be run by the test)."""
     array = np.full(mb * MB // 8 - 64, fill, dtype=np.float64)
-    size = store.value_size(b"p", [array])
+    size = segments.value_size(b"p", [array])
     w = Waiter()
     acts = answer(st.allocate(w, oid, size))
-    return w, acts, (lambda: store.write_segment(w.seg.path, b"p", [array], oid)), size
+    return w, acts, (lambda: segments.write_segment(w.seg.path, b"p", [array], oid)), size
 
 
 def value(seg, size, oid):
-    _, buffers = store.read_segment(seg.path, size, store_id=oid)
+    _, buffers = segments.read_segment(seg.path, size, store_id=oid)
     return np.frombuffer(buffers[0], dtype=np.float64)
 
 

@@ -33,7 +33,7 @@ from collections import deque
 
 from farpool import exceptions as exc_mod
 from farpool._private import context as context_mod
-from farpool._private import protocol, scheduling, session, store, transport, versions
+from farpool._private import protocol, scheduling, segments, session, transport, versions
 from farpool._private.actor_calls import ActorCalls, ActorQueue
 from farpool._private.object_ref import ObjectRef, arriving, collecting
 from farpool._private.refs import FAILED, PENDING, READY, Entry, Location, RefTable
@@ -316,7 +316,7 @@ class CoreClient:
             os.close(fd)
         if self._doorbell_sock is not None:
             self._doorbell_sock.close()
-        store.clear_written()  # the session's segments go away: do not keep their memory mapped
+        segments.clear_written()  # the session's segments go away: do not keep their memory mapped
         self.loop.close()
 
     def close_unstarted(self) -> None:
@@ -559,14 +559,14 @@ class CoreClient:
         """Write a large pickled value into this node's store; None when it stays inline."""
         if self.home is None or not self.home.local:
             return None
-        size = store.value_size(payload, buffers)
-        if size < store.INLINE_MAX:
+        size = segments.value_size(payload, buffers)
+        if size < segments.INLINE_MAX:
             return None
         path, error = self.agent_request(self.home, "AllocateObject",
                                          (store_id, size, self.identity.decode(), what))
         if path is None:
             raise exc_mod.ObjectStoreFullError(error)
-        store.write_segment(path, payload, buffers, store_id)
+        segments.write_segment(path, payload, buffers, store_id)
         return Location("seg", self.home.node_id, store_id, path, size)
 
     def map_location(self, location: tuple, private: bool = False, oid: bytes | None = None, entry=None):
@@ -581,18 +581,18 @@ class CoreClient:
                 if path is None:
                     raise self._copy_failed(oid, error, full)
                 try:
-                    return store.read_segment(path, size, private, store_id)
+                    return segments.read_segment(path, size, private, store_id)
                 except FileNotFoundError:
                     if attempt == 2:
                         raise
         try:
-            return store.read_segment(path, size, private, store_id)
+            return segments.read_segment(path, size, private, store_id)
         except FileNotFoundError:
             agent = self.agents.get(node_id)
             if agent is None:
                 raise exc_mod.ObjectLostError(f"object {store_id.hex()} lives on node {node_id[:8]}, "
                                               "which this process cannot reach") from None
-            for attempt in range(store.READ_ATTEMPTS):  # again if it spilled between answer and mapping
+            for attempt in range(segments.READ_ATTEMPTS):  # again if it spilled between answer and mapping
                 new_path, error, full = self.agent_request(agent, "RestoreObject", (store_id,))
                 if new_path is None and full:  # it is safe on disk: free some memory and ask again
                     raise exc_mod.ObjectStoreFullError(
@@ -601,9 +601,9 @@ class CoreClient:
                     raise exc_mod.ObjectLostError(f"object {store_id.hex()} is gone from node {node_id[:8]}: "
                                                   f"{error}") from None
                 try:
-                    return store.read_segment(new_path, size, private, store_id)
+                    return segments.read_segment(new_path, size, private, store_id)
                 except FileNotFoundError:
-                    if attempt == store.READ_ATTEMPTS - 1:
+                    if attempt == segments.READ_ATTEMPTS - 1:
                         raise
 
     def agent_of(self, node_id: str, timeout: float = 30.0) -> AgentConn:
@@ -1165,7 +1165,7 @@ class CoreClient:
         """An agent we reach over TCP checked that our connection is up (node.py): nothing to do."""
 
     def _on_SegmentsDropped(self, conn, paths) -> None:
-        store.forget_written(paths)
+        segments.forget_written(paths)
 
     def _on_WorkerLog(self, conn, stream: str, data: bytes) -> None:
         """Worker output for this driver: written on the callback thread, never here."""
@@ -1841,7 +1841,7 @@ class CoreClient:
         """
         _, node_id, store_id, stored_path, size = location
         try:
-            payload, buffers = store.read_segment(path or stored_path, size, store_id=store_id)
+            payload, buffers = segments.read_segment(path or stored_path, size, store_id=store_id)
         except FileNotFoundError:
             agent = self.agents.get(node_id)
             if path is None and agent is not None:

@@ -30,8 +30,8 @@ import signal
 import sys
 import time
 
-from farpool._private import (addresses, launcher, protocol, pull, pulse, scheduling, session, spill, store,
-                              transport, versions)
+from farpool._private import (addresses, launcher, protocol, pull, pulse, scheduling, segments, session, spill,
+                              store, transport, versions)
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.protocol import encode
 
@@ -459,7 +459,7 @@ class NodeAgent:
 
     def _tell_writers(self) -> None:
         """Segments we unlinked (dropped or spilled): writers keep mappings of segments
-        they wrote (store._WriterMaps), which would hold the memory until they let go."""
+        they wrote (segments._WriterMaps), which would hold the memory until they let go."""
         if not self.store.dropped:
             return
         dropped, self.store.dropped = self.store.dropped, []
@@ -518,7 +518,7 @@ class NodeAgent:
                 transport.send(sock, encode("WatchPeer", (owner_identity.encode(),)))
                 self.watched_owners.add(owner_identity)
         job = pull.Pull(next(self.pull_ids), store_id, size, sources)
-        job.fd = store.open_to_fill(seg.path)
+        job.fd = segments.open_to_fill(seg.path)
         job.path = seg.path
         job.waiters.extend(readers)
         self.pulls[job.pull_id] = job
@@ -578,7 +578,7 @@ class NodeAgent:
         else:
             try:
                 frames = encode("Chunk", (pull_id, offset, None),
-                                [store.read_range(seg.read_path(), offset, length)])
+                                [segments.read_range(seg.read_path(), offset, length)])
                 self.copy_counts["chunks_sent"] += 1
             except OSError as exc:
                 frames = encode("Chunk", (pull_id, offset, f"reading it failed: {exc}"))

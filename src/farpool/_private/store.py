@@ -1,5 +1,8 @@
 """The node object store: large values in shared-memory segments, read zero-copy.
 
+The segment file format and the helpers every process uses on it are in
+segments.py; this module is the node agent's side.
+
 Owned by the node agent (allocation, reuse, accounting, spilling, cleanup);
 writers (put, task results, large arguments) and readers (get) in any process
 of the node use the module-level helpers on segment files directly::
@@ -26,240 +29,28 @@ Writers hold the lock exclusively, so no reader maps a value being written.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import shutil
-import struct
-import threading
 import time
-import weakref
 from dataclasses import dataclass, field
+
+from farpool._private.segments import ID_FIELD, id_field, round_up
 
 log = logging.getLogger("farpool.store")
 
-ALIGN = 64
-# Large buffers start on a page boundary: memcpy into a destination a few cache lines
-# off the source's page offset runs at a third of its speed here (1 GB: 0.3 s, not 0.1 s).
-PAGE_ALIGN_MIN = 64 * 1024
-PAGE = 4096
-# Values whose pickled size (payload + buffers) reaches this go to the store
-# instead of travelling inline in messages.  Lower saves copies of medium
-# values, higher saves the allocation round trip for small ones.
-INLINE_MAX = 100 * 1024
-# A reader whose object was spilled again between the agent's answer and its mapping
-# asks again this many times in all.  More rides out a store thrashing under many
-# readers; fewer fails sooner when something else is wrong.
-READ_ATTEMPTS = 5
 # Default capacity: this fraction of the memory available when the agent starts.
 DEFAULT_FRACTION = 0.3
+
 # Segments are sized in these steps so that freed ones fit later objects.
 SIZE_STEP = 1 << 20
+
 # A freed segment waits this long for reuse (its pages are touched: reuse is fast), then
 # it is unlinked so that the memory really comes back when the program stops using it.
 FREE_IDLE_S = float(os.environ.get("FARPOOL_STORE_FREE_IDLE_S", "10"))
-
-
-def _round(n: int, to: int) -> int:
-    return (n + to - 1) // to * to
-
-
-ID_FIELD = 32  # the store id at the start of a segment: a length byte, then the id
-
-
-class SegmentReused(FileNotFoundError):
-    """The segment no longer holds the object asked for (it was freed, and reused)."""
-
-
-def layout(payload_len: int, buf_lens: list[int]) -> tuple[int, list[int], int]:
-    """(payload offset, buffer offsets, total size) of a segment."""
-    header = _round(ID_FIELD + 8 * (2 + len(buf_lens)), ALIGN)
-    pos = header + payload_len
-    offsets = []
-    for n in buf_lens:
-        pos = _round(pos, PAGE if n >= PAGE_ALIGN_MIN else ALIGN)
-        offsets.append(pos)
-        pos += n
-    return header, offsets, max(pos, 1)
-
-
-def value_size(payload: bytes, buffers: list) -> int:
-    return layout(len(payload), [memoryview(b).nbytes for b in buffers])[2]
-
-
-def _id_field(store_id: bytes) -> bytes:
-    if len(store_id) >= ID_FIELD:
-        raise ValueError(f"a store id of {len(store_id)} bytes does not fit a segment header")
-    return bytes([len(store_id)]) + store_id.ljust(ID_FIELD - 1, b"\0")
-
-
-def write_segment(path: str, payload: bytes, buffers: list, store_id: bytes) -> int:
-    """Write a pickled value into an allocated segment file; returns the bytes used.
-
-    The writer holds the lock exclusively while it writes, so the agent never spills
-    or reuses a segment under a half-written value and no reader maps one.
-    """
-    views = [memoryview(b).cast("B") if memoryview(b).format != "B" or memoryview(b).ndim != 1
-             else memoryview(b) for b in buffers]
-    header_len, offsets, total = layout(len(payload), [v.nbytes for v in views])
-    with _writer_maps.mapping(path, total) as m:
-        header = _id_field(store_id) + struct.pack(f"<{2 + len(views)}Q", len(payload), len(views),
-                                                   *[v.nbytes for v in views])
-        m[:len(header)] = header
-        m[header_len:header_len + len(payload)] = payload
-        for off, v in zip(offsets, views):
-            m[off:off + v.nbytes] = v
-    return total
-
-
-class _WriterMaps:
-    """This process's mappings of segments it wrote, kept for the next write to the same segment.
-
-    The agent hands freed segments out again; a writer that still maps one writes
-    at memcpy speed, where a fresh mapping costs a page-table fill (MAP_POPULATE)
-    and an unmap, about as much again as the copy.  The cached mappings share the
-    segments' pages, so they cost no memory while the segments exist; when the
-    agent drops or spills a segment it tells its writers (SegmentsDropped) and
-    they let go here, so the memory really comes back.
-    """
-
-    MIN_SIZE = 1 << 20   # smaller segments: mapping them is cheap, not worth a slot
-    MAX_ENTRIES = 32
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.maps: dict[str, tuple] = {}   # path -> (fd, mmap, length, inode), oldest first
-
-    @contextlib.contextmanager
-    def mapping(self, path: str, total: int):
-        with self.lock:
-            cached = self.maps.pop(path, None)
-        if cached is not None:
-            fd, m, length, inode = cached
-            try:
-                current = os.stat(path).st_ino
-            except OSError:
-                current = None
-            if current != inode or length < total:
-                self._close(cached)
-                cached = None
-        if cached is None:
-            fd = os.open(path, os.O_RDWR)
-            try:
-                st = os.fstat(fd)
-                length = max(st.st_size, total)
-                if st.st_size < total:
-                    os.ftruncate(fd, total)
-                # MAP_POPULATE fills every page table entry at once: far cheaper than one fault per page.
-                m = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-            except BaseException:
-                os.close(fd)
-                raise
-            cached = (fd, m, length, st.st_ino)
-        fd, m = cached[0], cached[1]
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield m
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            if cached[2] < self.MIN_SIZE:
-                self._close(cached)
-            else:
-                with self.lock:
-                    self.maps[path] = cached
-                    evicted = [self.maps.pop(p) for p in list(self.maps)[:-self.MAX_ENTRIES]]
-                for entry in evicted:
-                    self._close(entry)
-
-    def forget(self, paths) -> None:
-        """The agent dropped or spilled these segments: unmap them so their memory is freed."""
-        with self.lock:
-            gone = [self.maps.pop(p) for p in paths if p in self.maps]
-        for entry in gone:
-            self._close(entry)
-
-    def clear(self) -> None:
-        self.forget(list(self.maps))
-
-    @staticmethod
-    def _close(entry) -> None:
-        fd, m = entry[0], entry[1]
-        m.close()
-        os.close(fd)
-
-
-_writer_maps = _WriterMaps()
-
-
-def forget_written(paths) -> None:
-    _writer_maps.forget(paths)
-
-
-def clear_written() -> None:
-    _writer_maps.clear()
-
-
-def read_segment(path: str, size: int, private: bool = False, store_id: bytes | None = None):
-    """(payload view, buffer views) of a segment, zero-copy; SegmentReused (a
-    FileNotFoundError) when it no longer holds the object ``store_id``.
-
-    Read-only views, or with ``private`` copy-on-write ones: writable, pages are
-    copied only when written, and the store never sees the writes (task
-    arguments, so code that mutates its argument works as with the stdlib).
-    The views keep the mapping (and a shared lock on the file) alive; when the
-    last of them dies the fd closes and the lock goes.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        if os.fstat(fd).st_nlink == 0:  # spilled (unlinked) between our open and our lock
-            raise FileNotFoundError(errno.ENOENT, f"{path} was spilled to disk: ask for a restore")
-        if private:
-            m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        else:
-            m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    except BaseException:
-        os.close(fd)
-        raise
-    release = weakref.finalize(m, os.close, fd)
-    if store_id is not None and m[:ID_FIELD] != _id_field(store_id):
-        m.close()
-        release()  # now: the traceback keeps ``m`` alive, and its lock would pin the segment
-        raise SegmentReused(f"{path} no longer holds object {store_id.hex()}: it was freed")
-    view = memoryview(m)
-    payload_len, count = struct.unpack_from("<2Q", m, ID_FIELD)
-    lens = struct.unpack_from(f"<{count}Q", m, ID_FIELD + 16) if count else ()
-    header_len, offsets, _ = layout(payload_len, list(lens))
-    payload = view[header_len:header_len + payload_len]
-    buffers = [view[off:off + n] if private else view[off:off + n].toreadonly() for off, n in zip(offsets, lens)]
-    return payload, buffers
-
-
-def read_range(path: str, offset: int, length: int) -> bytes:
-    """``length`` bytes of a segment (or spill) file from ``offset``: a chunk sent to another node."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-    if len(data) != length:
-        raise OSError(f"{path} holds {offset + len(data)} bytes, expected at least {offset + length}")
-    return data
-
-
-def open_to_fill(path: str) -> int:
-    """An fd for writing a segment in pieces (a copy arriving from another node).
-
-    It holds the lock exclusively, as writers do, so the agent neither spills nor
-    reuses the segment before it is complete; closing the fd drops the lock.
-    """
-    fd = os.open(path, os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
 
 
 def choose_dir(session_dir: str, node_id: str, capacity: int) -> tuple[str, bool]:
@@ -462,7 +253,7 @@ class ObjectStore:
             if want is not None:
                 want.waiters.append(waiter)
             else:
-                self.wants.append(Want(RESTORE, object_id, _round(seg.used, SIZE_STEP), [waiter]))
+                self.wants.append(Want(RESTORE, object_id, round_up(seg.used, SIZE_STEP), [waiter]))
                 self._serve_wants(acts)
         else:
             self._touch(object_id)
@@ -605,7 +396,7 @@ class ObjectStore:
         if seg is not None:
             self.free.remove(seg)
             return seg.path, seg.size
-        need = _round(size, SIZE_STEP)
+        need = round_up(size, SIZE_STEP)
         self._seq += 1
         path = os.path.join(self.directory, f"seg-{self._seq}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -815,7 +606,7 @@ def _idle_and_sealed(path: str, store_id: bytes) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return os.pread(fd, ID_FIELD, 0) == _id_field(store_id)
+        return os.pread(fd, ID_FIELD, 0) == id_field(store_id)
     except BlockingIOError:
         return False
     finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 
-from farpool._private import object_ref, protocol, store, transport
+from farpool._private import object_ref, protocol, segments, transport
 from farpool._private.protocol import encode
 
 
@@ -25,17 +25,17 @@ def load_value(payload, bufs):
     if isinstance(payload, tuple) and payload[0] == "pull":
         store_id = payload[1]
         try:
-            payload, bufs = store.read_segment(store_puller.pull(*payload[1:]), payload[2], True, store_id)
+            payload, bufs = segments.read_segment(store_puller.pull(*payload[1:]), payload[2], True, store_id)
         except FileNotFoundError:  # spilled between the answer and the mapping: the agent restores it
-            payload, bufs = store.read_segment(store_puller.pull(*payload[1:]), payload[2], True, store_id)
+            payload, bufs = segments.read_segment(store_puller.pull(*payload[1:]), payload[2], True, store_id)
     elif isinstance(payload, tuple):  # copy-on-write views: the task may mutate its arguments
         _, path, size, store_id = payload
-        for attempt in range(store.READ_ATTEMPTS):
+        for attempt in range(segments.READ_ATTEMPTS):
             try:
-                payload, bufs = store.read_segment(path, size, True, store_id)
+                payload, bufs = segments.read_segment(path, size, True, store_id)
                 break
             except FileNotFoundError:  # spilled since: our agent brings it back (PullObject of its own)
-                if attempt == store.READ_ATTEMPTS - 1:
+                if attempt == segments.READ_ATTEMPTS - 1:
                     raise
                 path = store_puller.pull(store_id, size, [], ("", ""), "an argument on disk")
     return protocol.loads(payload, bufs)

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 from farpool._private import object_ref
 from farpool._private import context as context_mod
-from farpool._private import protocol, scheduling, session, store, transport
+from farpool._private import protocol, scheduling, segments, session, transport
 from farpool._private import runtime  # noqa: F401 - sets the client's connector: a ref used before init joins
 from farpool._private.context import context
 from farpool._private.task_args import (load_args, load_args_tracked, mark_phase, split_batch, still_held,
@@ -169,7 +169,7 @@ class Worker:
             self._handle(frames[2:], lambda reply, o=origin: transport.send(
                 self.agent, [b"Relay", o, *reply]))
         elif frames[0] == b"SegmentsDropped":
-            store.forget_written(protocol.decode(frames)[1][0])
+            segments.forget_written(protocol.decode(frames)[1][0])
         else:
             log.warning("unexpected message from the agent: %r", frames[0][:32])
 
@@ -617,11 +617,11 @@ class Worker:
                     unique = list({r._id: r for r in nested}.values())
                     object_ref.current().lend_returned(unique, caller)
                     inner = [(r._id, r._owner) for r in unique]
-                if bufs and self.store_results and store.value_size(data, bufs) >= store.INLINE_MAX:
+                if bufs and self.store_results and segments.value_size(data, bufs) >= segments.INLINE_MAX:
                     store_id = task_id + bytes([i])
                     owner = caller[0].decode() if caller else f"worker {self.worker_id}"
-                    path = self._allocate(store_id, store.value_size(data, bufs), what, owner)
-                    size = store.write_segment(path, data, bufs, store_id)
+                    path = self._allocate(store_id, segments.value_size(data, bufs), what, owner)
+                    size = segments.write_segment(path, data, bufs, store_id)
                     payloads.append((("loc", path, size, store_id), 0, inner))
                     continue
                 payloads.append((data, len(bufs), inner))
