@@ -54,12 +54,16 @@ def main(argv=None) -> int:
     memory = sub.add_parser("memory", help="object store use and the largest live objects")
     memory.add_argument("--address", default="auto")
     memory.add_argument("--limit", type=int, default=20)
+    stack = sub.add_parser("stack", help="the Python stack of every thread of every worker, with its task")
+    stack.add_argument("--address", default="auto")
+    stack.add_argument("--node", default=None, help="only this node (its id or a prefix of it)")
+    stack.add_argument("--pid", type=int, default=None, help="only the worker with this pid")
     bench = sub.add_parser("microbenchmark", help="run the standard micro-benchmarks (under a minute)")
     bench.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     try:
         return {"start": _start, "up": _up, "down": _down, "stop": _stop, "status": _status, "memory": _memory,
-                "microbenchmark": _microbenchmark}[
+                "stack": _stack, "microbenchmark": _microbenchmark}[
             args.command](args)
     except (ValueError, ConnectionError, OSError, RuntimeError) as exc:
         print(f"farpool {args.command}: {exc}", file=sys.stderr)
@@ -281,6 +285,66 @@ def _memory(args) -> int:
                 print(f"node {node_id[:8]}: {exc}")
     finally:
         farpool.shutdown()
+    return 0
+
+
+def live_agents(client, node: str | None = None) -> list:
+    """(node id, agent connection) of each live node (ours first), or of the one whose id
+    starts with ``node``."""
+    import farpool
+    nodes = sorted((n["node_id"] for n in farpool.nodes() if n["alive"]), key=lambda n: n != client.home.node_id)
+    if node is not None:
+        nodes = [n for n in nodes if n.startswith(node)]
+        if not nodes:
+            raise ValueError(f"no live node has an id starting with {node!r}; `farpool status` lists the nodes")
+    return [(n, client.home if n == client.home.node_id else client.agent_of(n)) for n in nodes]
+
+
+def collect_stacks(client, node: str | None = None, pid: int | None = None) -> list[dict]:
+    """Each node's answer to DumpStacks: {"node_id", "workers": [{"pid", "worker_id", "task",
+    "status", "stack"}]} (nodes that did not answer: {"node_id", "error"})."""
+    import farpool
+    out = []
+    for node_id, agent in live_agents(client, node):
+        try:
+            out.append(client.agent_request(agent, "DumpStacks", (pid,)))
+        except farpool.FarpoolError as exc:
+            out.append({"node_id": node_id, "error": str(exc)})
+    return out
+
+
+def format_stacks(answers: list[dict]) -> str:
+    lines = []
+    for answer in answers:
+        if "error" in answer:
+            lines.append(f"node {answer['node_id'][:8]}: no answer: {answer['error']}")
+            continue
+        lines.append(f"node {answer['node_id'][:8]}: {len(answer['workers'])} worker(s)")
+        for w in answer["workers"]:
+            task = w["task"]
+            doing = (f"running {task['name']}" + (f" (task {task['task_id']})" if task["task_id"] else "")
+                     if task else "idle")
+            note = {"complete": "", "incomplete": " [the dump did not finish in time: it may be cut short]",
+                    "no answer": " [no stack: the worker did not answer the signal (stopped, or blocking it)]",
+                    "starting": " [no stack: the worker is still starting]"}[w["status"]]
+            lines.append(f"  worker {w['worker_id']} pid {w['pid']}: {doing}{note}")
+            lines.extend("    " + line for line in w["stack"].rstrip("\n").splitlines())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _stack(args) -> int:
+    """The stacks of every worker (or of one node's, or of one pid): where a hung task hangs."""
+    import farpool
+    farpool.init(address=args.address)
+    try:
+        answers = collect_stacks(farpool.api._client(), args.node, args.pid)
+    finally:
+        farpool.shutdown()
+    if args.pid is not None and not any(a.get("workers") for a in answers):
+        raise ValueError(f"no worker has pid {args.pid} on {'node ' + args.node if args.node else 'any live node'}; "
+                         "`farpool stack` without --pid lists every worker's pid")
+    print(format_stacks(answers))
     return 0
 
 

@@ -1072,7 +1072,7 @@ class CoreClient:
             "TaskFinished": lambda _peer, fields, buffers: self._on_TaskFinished(fields, buffers),
             "TakenBack": star(self._on_TakenBack)}
         self._from_agent = {  # and what its remote workers send us through it
-            **self._from_worker,
+            **self._from_worker, "Reply": answer,
             **{tag: star(getattr(self, "_on_" + tag)) for tag in (
                 "Welcome", "Probe", "SegmentsDropped", "WorkerLog", "Nodes", "LeaseGranted", "LeaseSpillback",
                 "LeaseInfeasible", "WorkerExited", "ObjectAllocated", "StoreStats", "ObjectCopied", "PeerGone")}}
