@@ -61,8 +61,8 @@ class TaskBoard:
 
     def started(self, task_id: str | None, name: str | None) -> None:
         """A task (or actor call) started: ``task_id name``, NUL padded. Main thread."""
-        data = f"{task_id or '-'} {name or '?'}".encode("utf-8", "replace")[:TASK_BOARD_BYTES]
-        self._map[:] = data.ljust(TASK_BOARD_BYTES, b"\0")
+        data = f"{task_id or '-'} {name or '?'}".encode("utf-8", "replace")[:TASK_BOARD_BYTES - 1] + b"\0"
+        self._map[:len(data)] = data  # the reader stops at the first NUL
 
     def ended(self) -> None:
         self._map[:1] = b"\0"
