@@ -63,3 +63,43 @@ def test_stack_cli_shows_the_hung_task_and_filters_by_pid_and_node(started, gate
         farpool.cancel(ref, force=True)
         with pytest.raises(farpool.exceptions.TaskCancelledError):
             farpool.get(ref, timeout=TIMEOUT)
+
+
+@farpool.remote
+def say(text):
+    print(text)
+    return os.getpid()
+
+
+def test_logs_cli_prints_kept_worker_output_by_pid_and_follows_new_lines(started):
+    import signal
+    import subprocess
+    import sys
+    started.start_head("--num-cpus", "2")
+    farpool.init(address="auto")
+    node_id = started.read_state()["nodes"][0]["node_id"]
+    pid = farpool.get(say.remote("first line from a task"), timeout=TIMEOUT)
+
+    out = farpool_cli("logs").stdout
+    assert f"[node {node_id[:8]} pid {pid}] (say pid={pid}, node={node_id[:8]}) first line from a task" in out, out
+    other = farpool_cli("logs", "--pid", str(pid + 100000), check=False)
+    assert other.returncode == 1 and f"no worker with pid {pid + 100000} left output" in other.stderr
+    assert "first line from a task" in farpool_cli("logs", "--pid", str(pid), "--node", node_id[:8]).stdout
+
+    follower = subprocess.Popen([sys.executable, "-m", "farpool", "logs", "--follow"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        for line in follower.stdout:  # what was kept comes first
+            if "first line from a task" in line:
+                break
+        farpool.get(say.remote("a later line"), timeout=TIMEOUT)
+        for line in follower.stdout:  # then what workers print after
+            if "a later line" in line:
+                break
+        else:
+            pytest.fail(f"farpool logs --follow ended without the new line: {follower.stderr.read()}")
+    finally:
+        follower.send_signal(signal.SIGINT)  # Ctrl-C: it leaves the cluster and ends
+        assert follower.wait(timeout=TIMEOUT) == 0, follower.stderr.read()
+        follower.stdout.close()
+        follower.stderr.close()

@@ -31,7 +31,7 @@ import sys
 import time
 
 from farpool._private import (addresses, launcher, protocol, pull, pulse, scheduling, session, spill, stacks,
-                              store, transport, versions)
+                              store, transport, versions, worker_logs)
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.protocol import encode
 
@@ -110,6 +110,7 @@ class NodeAgent:
         self.launcher_reader = launcher.MessageReader(launcher_sock)
         self.loop.add_reader(launcher_sock.fileno(), self._on_launcher)
         self.worker_pids: dict[str, int] = {}
+        self.pids_ever: dict[str, int] = {}  # worker id -> pid, also of exited workers (their logs stay)
         self.stack_requests: list = []  # DumpStacks waiting, the first one in progress (see _on_DumpStacks)
         self.client_jobs: dict[tuple, object] = {}
         self.log_clients: dict[object, set] = {}  # job_id -> drivers that want worker output
@@ -450,6 +451,23 @@ class NodeAgent:
         if self.stack_requests:
             self._start_stack_dump()
 
+    # --- logs (farpool logs) ---
+    def _on_ReadLogs(self, client, request_id, pid, cursors: dict) -> None:
+        """Worker output kept here after each worker's cursor (see worker_logs): Reply(request_id,
+        {"node_id", "workers": [{"worker_id", "pid", "alive", "data", "cursor"}]}), at most
+        worker_logs.READ_BYTES_PER_REPLY bytes in all (ask again with the cursors for more)."""
+        budget = worker_logs.READ_BYTES_PER_REPLY
+        workers = []
+        for wid, files in sorted(worker_logs.worker_logs(self.session_dir).items(),
+                                 key=lambda item: self.pids_ever.get(item[0], 0)):
+            if pid is not None and self.pids_ever.get(wid) != pid:
+                continue
+            data, cursor = worker_logs.read(files, cursors.get(wid), budget)
+            budget -= len(data)
+            workers.append({"worker_id": wid, "pid": self.pids_ever.get(wid), "alive": wid in self.worker_pids,
+                            "data": data, "cursor": cursor})
+        self._send(client, "Reply", request_id, {"node_id": self.node_id, "workers": workers})
+
     # --- object store ---
     def _apply_store(self, acts: store.StoreActions) -> None:
         """Start the store's byte moves on the I/O threads, answer whom it answers."""
@@ -776,6 +794,7 @@ class NodeAgent:
             elif msg[0] == "started":
                 _, worker_id, pid = msg
                 self.worker_pids[worker_id] = pid
+                self.pids_ever[worker_id] = pid
             elif msg[0] == "exited":
                 _, worker_id, pid, code, sig = msg
                 self.worker_pids.pop(worker_id, None)

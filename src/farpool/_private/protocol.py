@@ -59,7 +59,7 @@ TAGS = frozenset({
     # copies between node stores (pull.py): reader -> its agent, agent -> agent, owner <- borrower
     "PullObject", "ObjectCopied", "ReadChunk", "Chunk", "AddCopy",
     # observing (farpool stack/logs): client -> node agent, answered by Reply(request_id, value)
-    "DumpStacks", "Reply",
+    "DumpStacks", "ReadLogs", "Reply",
     # actors: client <-> head <-> agent <-> worker
     "CreateActor", "ActorRegistered", "ActorCreated", "WaitActor", "ActorInfo", "KillActor",
     "GetNamedActor",
