@@ -33,7 +33,7 @@ from collections import deque
 
 from farpool import exceptions as exc_mod
 from farpool._private import context as context_mod
-from farpool._private import protocol, scheduling, session, store, transport, versions
+from farpool._private import log_repeats, protocol, scheduling, session, store, transport, versions
 from farpool._private.actor_calls import ActorCalls, ActorQueue
 from farpool._private.object_ref import ObjectRef, arriving, collecting
 from farpool._private.refs import FAILED, PENDING, READY, Entry, Location, RefTable
@@ -2079,7 +2079,7 @@ class CoreClient:
 def _write_output(stream: str, data: bytes) -> None:
     out = sys.stdout if stream == "stdout" else sys.stderr
     try:
-        out.write(data.decode("utf-8", "replace"))
+        out.write(log_repeats.driver_filter.filter(data.decode("utf-8", "replace"), time.monotonic()))
         out.flush()
     except (OSError, ValueError):
         pass
