@@ -54,12 +54,21 @@ def main(argv=None) -> int:
     memory = sub.add_parser("memory", help="object store use and the largest live objects")
     memory.add_argument("--address", default="auto")
     memory.add_argument("--limit", type=int, default=20)
+    stack = sub.add_parser("stack", help="the Python stack of every thread of every worker, with its task")
+    stack.add_argument("--address", default="auto")
+    stack.add_argument("--node", default=None, help="only this node (its id or a prefix of it)")
+    stack.add_argument("--pid", type=int, default=None, help="only the worker with this pid")
+    logs = sub.add_parser("logs", help="worker output kept by each node (stdout and stderr)")
+    logs.add_argument("--address", default="auto")
+    logs.add_argument("--node", default=None, help="only this node (its id or a prefix of it)")
+    logs.add_argument("--pid", type=int, default=None, help="only the worker with this pid")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new output until Ctrl-C")
     bench = sub.add_parser("microbenchmark", help="run the standard micro-benchmarks (under a minute)")
     bench.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     try:
         return {"start": _start, "up": _up, "down": _down, "stop": _stop, "status": _status, "memory": _memory,
-                "microbenchmark": _microbenchmark}[
+                "stack": _stack, "logs": _logs, "microbenchmark": _microbenchmark}[
             args.command](args)
     except (ValueError, ConnectionError, OSError, RuntimeError) as exc:
         print(f"farpool {args.command}: {exc}", file=sys.stderr)
@@ -279,6 +288,133 @@ def _memory(args) -> int:
                 _print_store(node_id, *client.agent_request(agent, "StoreStats", ()), args.limit)
             except farpool.FarpoolError as exc:
                 print(f"node {node_id[:8]}: {exc}")
+    finally:
+        farpool.shutdown()
+    return 0
+
+
+def live_agents(client, node: str | None = None) -> list:
+    """(node id, agent connection) of each live node (ours first), or of the one whose id
+    starts with ``node``."""
+    import farpool
+    nodes = sorted((n["node_id"] for n in farpool.nodes() if n["alive"]), key=lambda n: n != client.home.node_id)
+    if node is not None:
+        nodes = [n for n in nodes if n.startswith(node)]
+        if not nodes:
+            raise ValueError(f"no live node has an id starting with {node!r}; `farpool status` lists the nodes")
+    return [(n, client.home if n == client.home.node_id else client.agent_of(n)) for n in nodes]
+
+
+def collect_stacks(client, node: str | None = None, pid: int | None = None) -> list[dict]:
+    """Each node's answer to DumpStacks: {"node_id", "workers": [{"pid", "worker_id", "task",
+    "status", "stack"}]} (nodes that did not answer: {"node_id", "error"})."""
+    import farpool
+    out = []
+    for node_id, agent in live_agents(client, node):
+        try:
+            out.append(client.agent_request(agent, "DumpStacks", (pid,)))
+        except farpool.FarpoolError as exc:
+            out.append({"node_id": node_id, "error": str(exc)})
+    return out
+
+
+def format_stacks(answers: list[dict]) -> str:
+    lines = []
+    for answer in answers:
+        if "error" in answer:
+            lines.append(f"node {answer['node_id'][:8]}: no answer: {answer['error']}")
+            continue
+        lines.append(f"node {answer['node_id'][:8]}: {len(answer['workers'])} worker(s)")
+        for w in answer["workers"]:
+            task = w["task"]
+            doing = (f"running {task['name']}" + (f" (task {task['task_id']})" if task["task_id"] else "")
+                     if task else "idle")
+            note = {"complete": "", "incomplete": " [the dump did not finish in time: it may be cut short]",
+                    "no answer": " [no stack: the worker did not answer the signal (stopped, or blocking it)]",
+                    "starting": " [no stack: the worker is still starting]"}[w["status"]]
+            lines.append(f"  worker {w['worker_id']} pid {w['pid']}: {doing}{note}")
+            lines.extend("    " + line for line in w["stack"].rstrip("\n").splitlines())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _stack(args) -> int:
+    """The stacks of every worker (or of one node's, or of one pid): where a hung task hangs."""
+    import farpool
+    farpool.init(address=args.address)
+    try:
+        answers = collect_stacks(farpool.api._client(), args.node, args.pid)
+    finally:
+        farpool.shutdown()
+    if args.pid is not None and not any(a.get("workers") for a in answers):
+        raise ValueError(f"no worker has pid {args.pid} on {'node ' + args.node if args.node else 'any live node'}; "
+                         "`farpool stack` without --pid lists every worker's pid")
+    print(format_stacks(answers))
+    return 0
+
+
+# `farpool logs --follow` asks each node for new output this often, as `tail -f` does
+# (it polls every second): shorter shows lines sooner, longer costs the agents less.
+FOLLOW_POLL_S = 0.5
+
+
+class LogReader:
+    """Reads the worker output kept by each node, from where it last stopped (any thread but
+    the client's I/O one)."""
+
+    def __init__(self, client, node: str | None = None, pid: int | None = None):
+        self.client = client
+        self.node = node
+        self.pid = pid
+        self.cursors: dict = {}   # node id -> {worker id: cursor}
+        self.partial: dict = {}   # (node id, worker id) -> the start of a line not yet ended
+        self.seen_pid = False
+
+    def lines(self) -> list[str]:
+        """Every whole line written since the last call, each prefixed with its node and pid."""
+        import farpool
+        out = []
+        for node_id, agent in live_agents(self.client, self.node):
+            while True:
+                try:
+                    answer = self.client.agent_request(agent, "ReadLogs", (self.pid, self.cursors.get(node_id, {})))
+                except farpool.FarpoolError as exc:
+                    out.append(f"[node {node_id[:8]}] no answer: {exc}")
+                    break
+                got = 0
+                for w in answer["workers"]:
+                    self.seen_pid = True
+                    self.cursors.setdefault(node_id, {})[w["worker_id"]] = w["cursor"]
+                    got += len(w["data"])
+                    key = (node_id, w["worker_id"])
+                    text = self.partial.pop(key, "") + w["data"].decode("utf-8", "replace")
+                    *whole, rest = text.split("\n")
+                    if rest:
+                        self.partial[key] = rest
+                    out.extend(f"[node {node_id[:8]} pid {w['pid']}] {line}" for line in whole)
+                if not got:
+                    break
+        return out
+
+
+def _logs(args) -> int:
+    """Worker output kept by the nodes; with --follow, new output as it comes until Ctrl-C."""
+    import farpool
+    farpool.init(address=args.address)
+    try:
+        reader = LogReader(farpool.api._client(), args.node, args.pid)
+        for line in reader.lines():
+            print(line, flush=True)
+        if args.pid is not None and not reader.seen_pid:
+            raise ValueError(f"no worker with pid {args.pid} left output on "
+                             f"{'node ' + args.node if args.node else 'any live node'}; "
+                             "`farpool logs` without --pid shows every worker's")
+        while args.follow:
+            time.sleep(FOLLOW_POLL_S)
+            for line in reader.lines():
+                print(line, flush=True)
+    except KeyboardInterrupt:
+        pass
     finally:
         farpool.shutdown()
     return 0

@@ -33,7 +33,7 @@ from collections import deque
 
 from farpool import exceptions as exc_mod
 from farpool._private import context as context_mod
-from farpool._private import protocol, scheduling, segments, session, transport, versions
+from farpool._private import log_repeats, protocol, scheduling, segments, session, transport, versions
 from farpool._private.actor_calls import ActorCalls, ActorQueue
 from farpool._private.object_ref import ObjectRef, arriving, collecting
 from farpool._private.refs import FAILED, PENDING, READY, Entry, Location, RefTable
@@ -1072,7 +1072,7 @@ class CoreClient:
             "TaskFinished": lambda _peer, fields, buffers: self._on_TaskFinished(fields, buffers),
             "TakenBack": star(self._on_TakenBack)}
         self._from_agent = {  # and what its remote workers send us through it
-            **self._from_worker,
+            **self._from_worker, "Reply": answer,
             **{tag: star(getattr(self, "_on_" + tag)) for tag in (
                 "Welcome", "Probe", "SegmentsDropped", "WorkerLog", "Nodes", "LeaseGranted", "LeaseSpillback",
                 "LeaseInfeasible", "WorkerExited", "ObjectAllocated", "StoreStats", "ObjectCopied", "PeerGone")}}
@@ -2075,7 +2075,7 @@ class CoreClient:
 def _write_output(stream: str, data: bytes) -> None:
     out = sys.stdout if stream == "stdout" else sys.stderr
     try:
-        out.write(data.decode("utf-8", "replace"))
+        out.write(log_repeats.driver_filter.filter(data.decode("utf-8", "replace"), time.monotonic()))
         out.flush()
     except (OSError, ValueError):
         pass

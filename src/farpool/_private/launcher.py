@@ -85,7 +85,7 @@ def start(worker_main_args: dict) -> tuple[int, socket.socket]:
 
 
 def _run(sock: socket.socket, common: dict) -> None:
-    from farpool._private import session
+    from farpool._private import session, worker_logs
     session.set_process_name("farpool-launch")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -107,7 +107,7 @@ def _run(sock: socket.socket, common: dict) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children: dict[int, str] = {}
-    outputs: dict[int, tuple] = {}   # pipe read fd -> (worker_id, stream name, log file fd)
+    outputs: dict[int, tuple] = {}   # pipe read fd -> (worker_id, stream name, its RotatingLog)
     pipes_of: dict[int, list] = {}   # pid -> its pipe read fds
     reader = MessageReader(sock)
     sock.setblocking(False)
@@ -119,7 +119,7 @@ def _run(sock: socket.socket, common: dict) -> None:
         (EAGAIN) or at EOF.  Never waits: a process the worker started may still hold
         the pipe open after the worker exits.
         """
-        worker_id, stream, log_fd = outputs[fd]
+        worker_id, stream, worker_log = outputs[fd]
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
@@ -129,10 +129,10 @@ def _run(sock: socket.socket, common: dict) -> None:
         if not data:
             os.close(fd)
             del outputs[fd]
-            if not any(entry[2] == log_fd for entry in outputs.values()):
-                os.close(log_fd)
+            if not any(entry[2] is worker_log for entry in outputs.values()):
+                worker_log.close()
             return False
-        os.write(log_fd, data)
+        worker_log.write(data)
         send_msg(sock, ("output", worker_id, stream, data))
         return True
 
@@ -186,7 +186,7 @@ def _run(sock: socket.socket, common: dict) -> None:
                     _, worker_id, env = msg
                     out_r, out_w = os.pipe()
                     err_r, err_w = os.pipe()
-                    log_path = os.path.join(common["session_dir"], f"worker-{worker_id}.log")
+                    log_path = worker_logs.log_path(common["session_dir"], worker_id)
                     pid = os.fork()
                     if pid == 0:
                         signal.set_wakeup_fd(-1)
@@ -195,7 +195,7 @@ def _run(sock: socket.socket, common: dict) -> None:
                         os.dup2(out_w, 1)
                         os.dup2(err_w, 2)
                         for fd in (lifeline_w, wake_r, wake_w, out_r, out_w, err_r, err_w, *outputs,
-                                   *{entry[2] for entry in outputs.values()}):
+                                   *{entry[2].fd for entry in outputs.values()}):
                             try:
                                 os.close(fd)
                             except OSError:
@@ -216,10 +216,10 @@ def _run(sock: socket.socket, common: dict) -> None:
                             os._exit(code or 0)
                     os.close(out_w)
                     os.close(err_w)
-                    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                    worker_log = worker_logs.RotatingLog(log_path)
                     for fd, stream in ((out_r, "stdout"), (err_r, "stderr")):
                         os.set_blocking(fd, False)
-                        outputs[fd] = (worker_id, stream, log_fd)
+                        outputs[fd] = (worker_id, stream, worker_log)
                     pipes_of[pid] = [out_r, err_r]
                     children[pid] = worker_id
                     send_msg(sock, ("started", worker_id, pid))

@@ -31,7 +31,7 @@ import sys
 import time
 
 from farpool._private import (addresses, launcher, protocol, pull, pulse, scheduling, segments, session, spill,
-                              store, transport, versions)
+                              stacks, store, transport, versions, worker_logs)
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.protocol import encode
 
@@ -110,6 +110,8 @@ class NodeAgent:
         self.launcher_reader = launcher.MessageReader(launcher_sock)
         self.loop.add_reader(launcher_sock.fileno(), self._on_launcher)
         self.worker_pids: dict[str, int] = {}
+        self.pids_ever: dict[str, int] = {}  # worker id -> pid, also of exited workers (their logs stay)
+        self.stack_requests: list = []  # DumpStacks waiting, the first one in progress (see _on_DumpStacks)
         self.client_jobs: dict[tuple, object] = {}
         self.log_clients: dict[object, set] = {}  # job_id -> drivers that want worker output
         self.worker_clients: dict[str, set] = {}  # worker_id -> the nested clients inside it
@@ -402,6 +404,69 @@ class NodeAgent:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+    # --- stacks (farpool stack) ---
+    def _on_DumpStacks(self, client, request_id, pid) -> None:
+        """Every worker's (or the one ``pid``'s) threads' stacks and task: Reply(request_id, {...}).
+
+        One request at a time: each truncates the workers' stack files before signalling."""
+        self.stack_requests.append((client, request_id, pid))
+        if len(self.stack_requests) == 1:
+            self._start_stack_dump()
+
+    def _start_stack_dump(self) -> None:
+        client, request_id, pid = self.stack_requests[0]
+        chosen = {wid: p for wid, p in self.worker_pids.items() if pid is None or p == pid}
+        ready = {}
+        for wid, p in chosen.items():
+            worker = self.leases.workers.get(wid)
+            if worker is None or worker.state == "STARTING":  # not yet able to dump: see stacks.install
+                continue
+            path = stacks.stack_path(self.session_dir, wid)
+            try:
+                os.truncate(path, 0)
+                os.kill(p, stacks.DUMP_SIGNAL)
+            except OSError:  # it exited meanwhile (or never made its file)
+                continue
+            ready[p] = wid
+        collection = stacks.StackCollection(list(ready), time.monotonic())
+        self._check_stack_dump(chosen, ready, collection)
+
+    def _check_stack_dump(self, chosen: dict, ready: dict, collection) -> None:
+        sizes = {p: stacks.size_of(stacks.stack_path(self.session_dir, wid)) for p, wid in ready.items()}
+        if not collection.observe(sizes, time.monotonic()):
+            self.loop.call_later(stacks.DUMP_SETTLE_S / 5, self._check_stack_dump, chosen, ready, collection)
+            return
+        workers = []
+        for wid, p in sorted(chosen.items(), key=lambda item: item[1]):
+            if p in ready:
+                status = collection.done[p]
+                stack = stacks.read_dump(stacks.stack_path(self.session_dir, wid))
+            else:
+                status, stack = "starting", ""
+            workers.append({"pid": p, "worker_id": wid, "status": status, "stack": stack,
+                            "task": stacks.read_task(stacks.task_path(self.session_dir, wid))})
+        client, request_id, pid = self.stack_requests.pop(0)
+        self._send(client, "Reply", request_id, {"node_id": self.node_id, "workers": workers})
+        if self.stack_requests:
+            self._start_stack_dump()
+
+    # --- logs (farpool logs) ---
+    def _on_ReadLogs(self, client, request_id, pid, cursors: dict) -> None:
+        """Worker output kept here after each worker's cursor (see worker_logs): Reply(request_id,
+        {"node_id", "workers": [{"worker_id", "pid", "alive", "data", "cursor"}]}), at most
+        worker_logs.READ_BYTES_PER_REPLY bytes in all (ask again with the cursors for more)."""
+        budget = worker_logs.READ_BYTES_PER_REPLY
+        workers = []
+        for wid, files in sorted(worker_logs.worker_logs(self.session_dir).items(),
+                                 key=lambda item: self.pids_ever.get(item[0], 0)):
+            if pid is not None and self.pids_ever.get(wid) != pid:
+                continue
+            data, cursor = worker_logs.read(files, cursors.get(wid), budget)
+            budget -= len(data)
+            workers.append({"worker_id": wid, "pid": self.pids_ever.get(wid), "alive": wid in self.worker_pids,
+                            "data": data, "cursor": cursor})
+        self._send(client, "Reply", request_id, {"node_id": self.node_id, "workers": workers})
 
     # --- object store ---
     def _apply_store(self, acts: store.StoreActions) -> None:
@@ -729,6 +794,7 @@ class NodeAgent:
             elif msg[0] == "started":
                 _, worker_id, pid = msg
                 self.worker_pids[worker_id] = pid
+                self.pids_ever[worker_id] = pid
             elif msg[0] == "exited":
                 _, worker_id, pid, code, sig = msg
                 self.worker_pids.pop(worker_id, None)

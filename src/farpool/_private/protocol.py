@@ -58,6 +58,8 @@ TAGS = frozenset({
     "AllocateObject", "ObjectAllocated", "FreeObjects", "RestoreObject", "StoreStats", "SegmentsDropped",
     # copies between node stores (pull.py): reader -> its agent, agent -> agent, owner <- borrower
     "PullObject", "ObjectCopied", "ReadChunk", "Chunk", "AddCopy",
+    # observing (farpool stack/logs): client -> node agent, answered by Reply(request_id, value)
+    "DumpStacks", "ReadLogs", "Reply",
     # actors: client <-> head <-> agent <-> worker
     "CreateActor", "ActorRegistered", "ActorCreated", "WaitActor", "ActorInfo", "KillActor",
     "GetNamedActor",

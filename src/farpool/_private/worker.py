@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 from farpool._private import object_ref
 from farpool._private import context as context_mod
-from farpool._private import protocol, scheduling, segments, session, transport
+from farpool._private import protocol, scheduling, segments, session, stacks, transport
 from farpool._private import runtime  # noqa: F401 - sets the client's connector: a ref used before init joins
 from farpool._private.context import context
 from farpool._private.task_args import (load_args, load_args_tracked, mark_phase, split_batch, still_held,
@@ -213,6 +213,7 @@ class Worker:
             cls = protocol.loads_function(cls_bytes)
             args, kwargs = load_args(args_payload, buffers[:n_arg_bufs], ref_values, ref_bufs)
             context.task_name = f"{cls.__name__}.__init__"
+            stacks.board.started(None, context.task_name)
             context.actor_class = cls
             self._apply_lease((options.get("gpu_ids") or [], options.get("num_cpus") or 1,
                                options.get("resources") or {}))
@@ -222,6 +223,7 @@ class Worker:
             return (actor_id, False, error[:5])
         finally:
             context.task_name = None
+            stacks.board.ended()
         session.set_process_name("farpool-actor")
         concurrency = options.get("max_concurrency") or 1
         if options.get("is_async"):
@@ -540,6 +542,7 @@ class Worker:
                  ref_bufs, num_returns, job_setup, lease_info, out_buffers, caller):
         context.task_id = task_id.hex()
         context.task_name = fn_name
+        stacks.board.started(context.task_id, fn_name)  # for `farpool stack` (one slice assignment)
         started = time.time()
         args = kwargs = arrivals = None
         try:
@@ -587,6 +590,7 @@ class Worker:
             context.task_id = None
             context.task_name = None
             context.cancel_pending = False
+            stacks.board.ended()
         # The call raised (the exception and its frames are gone now): refs from its
         # arguments that it kept anyway (in an actor's state, a global) are borrowed.
         args = kwargs = None
@@ -684,6 +688,7 @@ def main(cfg: dict) -> int:
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGUSR2, on_sigint)
     os.environ["FARPOOL_WORKER"] = "1"  # for code that asks whether it runs inside a farpool worker
+    stacks.install(cfg["session_dir"], cfg["worker_id"])  # before WorkerReady: the agent may signal then
     worker = Worker(cfg)
     worker.run()
     return 0
