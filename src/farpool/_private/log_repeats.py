@@ -50,12 +50,17 @@ class RepeatFilter:
         return "".join(out)
 
     def _closed(self, now: float) -> list[str]:
+        """Summaries of the windows that closed: ``seen`` is in the order lines were first
+        printed, so only its expired head is looked at (a chunk costs what it closes, not
+        what is remembered)."""
         out = []
-        for text, (first, copies) in list(self.seen.items()):
-            if now - first >= self.window_s:
-                del self.seen[text]
-                if copies:
-                    out.append(_summary(text, copies))
+        while self.seen:
+            text, (first, copies) = next(iter(self.seen.items()))
+            if now - first < self.window_s:
+                break
+            del self.seen[text]
+            if copies:
+                out.append(_summary(text, copies))
         return out
 
 
