@@ -50,6 +50,22 @@ def main(argv=None) -> int:
     up.add_argument("config", help="CLUSTER.yaml: cluster_name, ssh, python, setup, head, workers")
     down = sub.add_parser("down", help="stop what `farpool up CLUSTER.yaml` started")
     down.add_argument("config")
+    k8s = sub.add_parser("k8s", help="Kubernetes: `farpool k8s render` prints the manifests of a cluster")
+    k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
+    render = k8s_sub.add_parser("render", help="manifests: a Secret with a new token, the head Deployment and "
+                                               "Service, the node agents' Deployment")
+    render.add_argument("--name", default="farpool", help="name prefix of every object (default: farpool)")
+    render.add_argument("--image", default=None,
+                        help="the image built from the repository's Dockerfile (default: farpool:VERSION)")
+    render.add_argument("--workers", type=int, default=1, help="node agent pods beside the head's (default: 1)")
+    render.add_argument("--num-cpus", "--cpus", dest="num_cpus", type=float, default=None,
+                        help="CPUs each pod requests and its node offers")
+    render.add_argument("--memory", default=None, help="memory each pod requests and is limited to, e.g. 8Gi")
+    render.add_argument("--num-gpus", "--gpus", dest="num_gpus", type=float, default=None,
+                        help="GPUs (nvidia.com/gpu) each pod requests")
+    render.add_argument("--namespace", default="default")
+    render.add_argument("-o", "--output", default=None,
+                        help="write to this file (made 0600: it holds the token) instead of stdout")
     stop = sub.add_parser("stop", help="stop what `farpool start` started on this machine")
     del stop
     status = sub.add_parser("status", help="nodes, resources and workers of a cluster")
@@ -61,7 +77,7 @@ def main(argv=None) -> int:
     bench.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     try:
-        return {"start": _start, "up": _up, "down": _down, "stop": _stop, "status": _status, "memory": _memory,
+        return {"start": _start, "up": _up, "down": _down, "k8s": _k8s, "stop": _stop, "status": _status, "memory": _memory,
                 "microbenchmark": _microbenchmark}[
             args.command](args)
     except (ValueError, ConnectionError, OSError, RuntimeError) as exc:
@@ -235,6 +251,29 @@ def _down(args) -> int:
     if failed:
         print(f"farpool down: could not stop {', '.join(failed)}; run `farpool stop` there", file=sys.stderr)
         return 1
+    return 0
+
+
+def _k8s(args) -> int:
+    from farpool._private import session
+    from farpool._private.launchers import k8s
+    from farpool._version import __version__
+    docs = k8s.render(args.name, args.image or f"farpool:{__version__}", args.workers, session.new_token(),
+                      namespace=args.namespace, num_cpus=args.num_cpus, memory=args.memory,
+                      num_gpus=args.num_gpus)
+    text = k8s.to_yaml(docs)
+    if args.output:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        where = args.output
+    else:
+        sys.stdout.write(text)
+        where = "the manifests above"
+    head = f"{args.name}-head.{args.namespace}.svc:{k8s.HEAD_PORT}"
+    print(f"farpool k8s: {where} hold a new cluster token in the Secret {args.name}-token: keep them "
+          f"private. Apply with `kubectl apply -f`; programs in the cluster connect with "
+          f"farpool.init(address=\"{head}\") and FARPOOL_TOKEN from that Secret.", file=sys.stderr)
     return 0
 
 
