@@ -26,7 +26,8 @@ JOB = textwrap.dedent("""
     import os, sys
     import farpool
 
-    farpool.init()  # joins the MPI job's cluster: FARPOOL_ADDRESS and FARPOOL_TOKEN are set
+    # joins the MPI job's cluster: FARPOOL_ADDRESS and FARPOOL_TOKEN are set ("auto" works too)
+    farpool.init(address=os.environ.get("JOB_ADDRESS"))
 
     @farpool.remote(num_cpus=0.5)
     def where(x):
@@ -102,7 +103,7 @@ def test_three_ranks_run_tasks_pinned_to_each(job, tmp_root):
 
 
 def test_a_job_that_raises_exits_non_zero_with_its_traceback(job):
-    proc = _mpiexec(job, 2, "fail")
+    proc = _mpiexec(job, 2, "fail", env={"JOB_ADDRESS": "auto"})
     out, err = _finish(proc)
     assert proc.returncode != 0
     assert "results: [('0', 0), ('1', 1)]" in out

@@ -233,6 +233,9 @@ def _run(me: Rank, host: str) -> int:
     errors = comm.gather(error, root=0)
     code = 0
     if me.rank == 0:
+        # The driver's session goes in rank 0's root too (removed with it), and there
+        # init(address="auto") finds this cluster as it finds one `farpool start` made.
+        os.environ["FARPOOL_TMPDIR"] = me.root
         failed = [(r, e) for r, e in enumerate(errors) if e]
         if failed:
             print("farpool.mpi: these ranks' node agents did not join the head at "
@@ -271,7 +274,8 @@ def _wait_for_ranks(address: str, token: str, size: int) -> int:
 
 
 def _run_script(opts: Options, address: str, token: str) -> int:
-    """Rank 0: the user's script as ``__main__``; ``farpool.init()`` in it joins this cluster."""
+    """Rank 0: the user's script as ``__main__``; ``farpool.init()`` (or ``init("auto")``) in it
+    joins this cluster."""
     from farpool._private import runtime
     os.environ["FARPOOL_ADDRESS"] = address
     os.environ["FARPOOL_TOKEN"] = token
