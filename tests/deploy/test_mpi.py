@@ -79,6 +79,15 @@ def _leftovers(tmp_root):
     return procs, dirs
 
 
+def _swept_after_force(family):
+    """After a job was ended by force: nothing of it runs, and what ranks killed before they
+    could tidy up (their tmp roots) is removed by the sweep the next job's rank 0 does."""
+    gone, alive = psutil.wait_procs(family, timeout=30)  # hang guard: lifelines end them at once
+    assert not alive, f"still running after the job was ended: {alive}"
+    mpi_launcher.remove_dead_roots()
+    session.remove_dead_sessions()
+
+
 @pytest.fixture
 def job(tmp_path, tmp_root):
     path = tmp_path / "job.py"
@@ -123,12 +132,7 @@ def test_a_rank_that_dies_ends_the_job_without_leftovers(job, tmp_root):
     rank1[0].kill()
     out, err = _finish(proc)
     assert proc.returncode != 0
-    gone, alive = psutil.wait_procs(family, timeout=30)  # hang guard: lifelines end them at once
-    assert not alive, f"still running after rank 1 died: {alive}"
-    # SIGKILLed ranks cannot tidy up: their tmp roots and rank 0's driver session stay until the
-    # next job's rank 0 sweeps them, as here.
-    mpi_launcher.remove_dead_roots()
-    session.remove_dead_sessions()
+    _swept_after_force(family)
 
 
 def test_no_token_on_any_command_line(job, tmp_root):
@@ -142,8 +146,9 @@ def test_no_token_on_any_command_line(job, tmp_root):
     assert len(tokens) == 1
     token = tokens.pop()
     assert not [c for c in family if token in " ".join(c.cmdline())]
-    os.killpg(proc.pid, signal.SIGTERM)  # mpiexec passes it on to every rank
+    proc.send_signal(signal.SIGTERM)  # as a user or a scheduler ends a job: mpiexec passes it on
     _finish(proc)
+    _swept_after_force(family)
 
 
 def test_missing_ranks_are_named():
