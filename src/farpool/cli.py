@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -41,12 +42,30 @@ def main(argv=None) -> int:
                        help="this node agent's TCP port (default: any free port, printed)")
     start.add_argument("--token-file", help="file holding the cluster token (else FARPOOL_TOKEN)")
     start.add_argument("--token", help="the cluster token (visible to other users in ps: prefer FARPOOL_TOKEN)")
-    start.add_argument("--block", action="store_true", help="stay in the foreground until Ctrl-C")
+    start.add_argument("--block", action="store_true",
+                       help="stay in the foreground until Ctrl-C or SIGTERM, then stop what this started; "
+                            "what it started also stops when this command dies (for launchers: MPI, containers)")
     _resource_args(start)
     up = sub.add_parser("up", help="start a cluster over SSH from CLUSTER.yaml (head, then every worker)")
     up.add_argument("config", help="CLUSTER.yaml: cluster_name, ssh, python, setup, head, workers")
     down = sub.add_parser("down", help="stop what `farpool up CLUSTER.yaml` started")
     down.add_argument("config")
+    k8s = sub.add_parser("k8s", help="Kubernetes: `farpool k8s render` prints the manifests of a cluster")
+    k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
+    render = k8s_sub.add_parser("render", help="manifests: a Secret with a new token, the head Deployment and "
+                                               "Service, the node agents' Deployment")
+    render.add_argument("--name", default="farpool", help="name prefix of every object (default: farpool)")
+    render.add_argument("--image", default=None,
+                        help="the image built from the repository's Dockerfile (default: farpool:VERSION)")
+    render.add_argument("--workers", type=int, default=1, help="node agent pods beside the head's (default: 1)")
+    render.add_argument("--num-cpus", "--cpus", dest="num_cpus", type=float, default=None,
+                        help="CPUs each pod requests and its node offers")
+    render.add_argument("--memory", default=None, help="memory each pod requests and is limited to, e.g. 8Gi")
+    render.add_argument("--num-gpus", "--gpus", dest="num_gpus", type=float, default=None,
+                        help="GPUs (nvidia.com/gpu) each pod requests")
+    render.add_argument("--namespace", default="default")
+    render.add_argument("-o", "--output", default=None,
+                        help="write to this file (made 0600: it holds the token) instead of stdout")
     stop = sub.add_parser("stop", help="stop what `farpool start` started on this machine")
     del stop
     status = sub.add_parser("status", help="nodes, resources and workers of a cluster")
@@ -67,8 +86,8 @@ def main(argv=None) -> int:
     bench.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     try:
-        return {"start": _start, "up": _up, "down": _down, "stop": _stop, "status": _status, "memory": _memory,
-                "stack": _stack, "logs": _logs, "microbenchmark": _microbenchmark}[
+        return {"start": _start, "up": _up, "down": _down, "k8s": _k8s, "stop": _stop, "status": _status,
+                "memory": _memory, "stack": _stack, "logs": _logs, "microbenchmark": _microbenchmark}[
             args.command](args)
     except (ValueError, ConnectionError, OSError, RuntimeError) as exc:
         print(f"farpool {args.command}: {exc}", file=sys.stderr)
@@ -106,6 +125,7 @@ def _start(args) -> int:
                              f"{args.address}: no other machine could reach it. Give --node-ip an address "
                              "of this machine that the head's machine can reach (or leave it out)")
     session.remove_dead_sessions()
+    lifeline = ["--lifeline"] if args.block else []  # --block: they stop when this command goes
     session_dir = session.new_session_dir()
     os.unlink(os.path.join(session_dir, "owner.pid"))
     node_id = os.urandom(8).hex()
@@ -120,8 +140,9 @@ def _start(args) -> int:
         token = _token(args) or session.new_token()
         token_file = session.write_token(session_dir, token)
         head = session.spawn("farpool._private.head", ["--session-dir", session_dir, "--host", listen,
-                                                       "--advertise-host", advertise, "--port", str(args.port)],
-                             session_dir, "head.log", token, lifeline=False)
+                                                       "--advertise-host", advertise, "--port", str(args.port),
+                                                       *lifeline],
+                             session_dir, "head.log", token, lifeline=args.block)
         try:
             port = _wait_file(os.path.join(session_dir, "head.port"), head, "head")
         except RuntimeError:
@@ -129,8 +150,8 @@ def _start(args) -> int:
             raise
         address = addresses.join(advertise, int(port))
         node = session.spawn("farpool._private.node",
-                             ["--head-address", session.ipc(session_dir, "head"), "--head-node"] + common,
-                             session_dir, "node.log", token, lifeline=False)
+                             ["--head-address", session.ipc(session_dir, "head"), "--head-node"] + common
+                             + lifeline, session_dir, "node.log", token, lifeline=args.block)
         try:
             node_address = _wait_file(os.path.join(session_dir, "node.address"), node, "node agent")
         except RuntimeError:  # no cluster without its node: stop the head too
@@ -156,8 +177,8 @@ def _start(args) -> int:
         if not token:
             raise ValueError("no cluster token: set FARPOOL_TOKEN or pass --token-file PATH "
                              "(the token printed by `farpool start --head`)")
-        node = session.spawn("farpool._private.node", ["--head-address", args.address] + common,
-                             session_dir, "node.log", token, lifeline=False)
+        node = session.spawn("farpool._private.node", ["--head-address", args.address] + common + lifeline,
+                             session_dir, "node.log", token, lifeline=args.block)
         try:
             node_address = _wait_file(os.path.join(session_dir, "node.address"), node, "node agent")
         except RuntimeError:
@@ -170,12 +191,45 @@ def _start(args) -> int:
         print(f"farpool node {node_id[:8]} joined the cluster at {args.address}; other nodes and drivers "
               f"reach it at {node_address} (port {addresses.split(node_address)[1]} must be open to them)")
     if args.block:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            return _stop(args)
+        sys.stdout.flush()
+        return _block(args, [node, head] if args.head else [node], session_dir)
     return 0
+
+
+def _block(args, procs, session_dir: str) -> int:
+    """``--block``: wait until Ctrl-C or SIGTERM (0) or until a started process exits (1, saying
+    which), then stop them all.  They also hold a lifeline from this process: if it is killed,
+    they see EOF and stop themselves."""
+    from farpool._private import session
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    code = 0
+    try:
+        pid, status = os.wait()  # our only children are the processes started above
+        gone = next((p for p in procs if p.pid == pid), None)
+        if gone is not None:
+            gone.returncode = os.waitstatus_to_exitcode(status)
+            what, log = ("head", "head.log") if args.head and gone is procs[-1] else ("node agent", "node.log")
+            kept = session.keep_logs(session_dir)
+            print(f"farpool start: the {what} (pid {pid}) exited with code {gone.returncode}, so this "
+                  f"stops the rest; read why in {os.path.join(kept, log)}", file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for proc in procs:  # close the lifelines first: they stop at once, on their own
+        try:
+            proc.stdin.close()
+        except (OSError, AttributeError):
+            pass
+    _stop(args)
+    for proc in procs:
+        if proc.returncode is None:
+            proc.wait()
+    return code
 
 
 def _up(args) -> int:
@@ -206,6 +260,29 @@ def _down(args) -> int:
     if failed:
         print(f"farpool down: could not stop {', '.join(failed)}; run `farpool stop` there", file=sys.stderr)
         return 1
+    return 0
+
+
+def _k8s(args) -> int:
+    from farpool._private import session
+    from farpool._private.launchers import k8s
+    from farpool._version import __version__
+    docs = k8s.render(args.name, args.image or f"farpool:{__version__}", args.workers, session.new_token(),
+                      namespace=args.namespace, num_cpus=args.num_cpus, memory=args.memory,
+                      num_gpus=args.num_gpus)
+    text = k8s.to_yaml(docs)
+    if args.output:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        where = args.output
+    else:
+        sys.stdout.write(text)
+        where = "the manifests above"
+    head = f"{args.name}-head.{args.namespace}.svc:{k8s.HEAD_PORT}"
+    print(f"farpool k8s: {where} hold a new cluster token in the Secret {args.name}-token: keep them "
+          f"private. Apply with `kubectl apply -f`; programs in the cluster connect with "
+          f"farpool.init(address=\"{head}\") and FARPOOL_TOKEN from that Secret.", file=sys.stderr)
     return 0
 
 
