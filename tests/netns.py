@@ -118,6 +118,20 @@ while True:
 """
 
 
+def _kept_under_tmp() -> list[str]:
+    """The directories right under /tmp that hold this interpreter, this checkout or the
+    working directory: hosts get a private /tmp, but must still run our Python and code."""
+    kept = []
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in (sys.prefix, os.path.realpath(sys.executable), here, os.getcwd()):
+        parts = os.path.realpath(path).split(os.sep)
+        if len(parts) > 2 and parts[1] == "tmp":
+            top = os.sep.join(parts[:3])
+            if top not in kept:
+                kept.append(top)
+    return kept
+
+
 class Host:
     """One host of a bed: a network namespace with an address, and private /tmp and /dev/shm."""
 
@@ -132,8 +146,15 @@ class Host:
         # Mount and pid namespaces of its own, tmpfs on /tmp and /dev/shm, then pid 1 of the
         # host: it reaps orphans (daemons started on the host are reparented to it) and exits
         # at EOF on stdin (our pipe), when we close it or die; the kernel then kills the rest.
-        script = ("mount -t tmpfs -o mode=1777 tmpfs /tmp && mount -t tmpfs -o mode=1777 tmpfs /dev/shm "
-                  f"&& exec {sys.executable} -c {shlex.quote(_INIT)}")
+        # What lives under our /tmp and the host must still see (a checkout or venv there, as CI's
+        # clone may be): bound to a staging tmpfs on /mnt, then back on top of the host's /tmp.
+        keep = _kept_under_tmp()
+        stage = [f"mkdir -p /mnt/{i} && mount --bind {shlex.quote(p)} /mnt/{i}" for i, p in enumerate(keep)]
+        back = [f"mkdir -p {shlex.quote(p)} && mount --bind /mnt/{i} {shlex.quote(p)}" for i, p in enumerate(keep)]
+        steps = ((["mount -t tmpfs tmpfs /mnt"] + stage if keep else [])
+                 + ["mount -t tmpfs -o mode=1777 tmpfs /tmp"] + back
+                 + ["mount -t tmpfs -o mode=1777 tmpfs /dev/shm", f"exec {sys.executable} -c {shlex.quote(_INIT)}"])
+        script = " && ".join(steps)
         self.holder = subprocess.Popen(
             ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private",
              "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c", script],
