@@ -14,10 +14,20 @@ PY = sys.executable
 
 
 def children_of(pid):
+    """farpool's runtime processes among ``pid``'s descendants (not, e.g., the resource
+    tracker that an earlier test's multiprocessing.Queue left running under pytest)."""
     try:
-        return psutil.Process(pid).children(recursive=True)
+        children = psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+    found = []
+    for p in children:
+        try:
+            if p.name().startswith("farpool-") or "farpool._private" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 def run_script(tmp_path, body, timeout=120, env=None):

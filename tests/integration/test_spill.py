@@ -154,6 +154,10 @@ def test_a_cluster_that_dies_names_logs_that_still_exist(fresh):
     client = farpool.api._client()
     with open(os.path.join(info["session_dir"], "node.pid")) as f:
         node_pid = int(f.read())
+    node_log = os.path.join(info["session_dir"], "node.log")
+    ready = f"farpool-node ready pid={node_pid}"
+    # The agent may print its ready line just after init() returns: a log to keep must hold it.
+    wait_until(lambda: ready in open(node_log).read(), "the node agent's ready line in its log")
     os.kill(node_pid, signal.SIGKILL)
     wait_until(lambda: client.broken is not None, "the driver to notice its agent died")
     with pytest.raises(farpool.FarpoolError, match="exited unexpectedly") as failure:
@@ -163,7 +167,7 @@ def test_a_cluster_that_dies_names_logs_that_still_exist(fresh):
     assert not os.path.exists(info["session_dir"])
     try:
         with open(os.path.join(kept, "node.log")) as f:
-            assert f"farpool-node ready pid={node_pid}" in f.read()
+            assert ready in f.read()
         assert os.path.isfile(os.path.join(kept, "head.log"))
     finally:
         shutil.rmtree(kept)
