@@ -156,10 +156,11 @@ class RemoteFunction:
         num_returns = opts.get("num_returns", 1)
         info = self._function_info()
         name = opts.get("name") or info.name
+        pool, env = opts.get("_pool_key"), opts.get("runtime_env")
         refs = client.submit(info, args, kwargs, max(num_returns, 1), self._shape, opts.get("max_retries", 3),
                              opts.get("retry_exceptions", False), name,
                              opts.get("scheduling_strategy", "DEFAULT") or "DEFAULT",
-                             runtime_env.pool_key(opts.get("_pool_key"), opts.get("runtime_env")))
+                             runtime_env.pool_key(pool, env) if pool or env or runtime.has_job_runtime_env() else None)
         if num_returns == 1:
             return refs[0]
         if num_returns == 0:

@@ -47,14 +47,14 @@ def sent(table):
 
 def own(table, oid, state=READY, location=None):
     table.objects[oid] = Entry(state=state, location=location, size=location[4] if location else 0)
-    table.add_local(oid, (ME,))
+    table.add_ref(Ref(oid, (ME,)))
     check(table)
 
 
 def test_an_owned_object_goes_with_its_last_local_ref_and_frees_its_segment(table):
     location = Location("seg", "node-me", b"s1", "/dev/shm/x", 4096)
     own(table, b"o1", location=location)
-    table.add_local(b"o1", (ME,))
+    table.add_ref(Ref(b"o1", (ME,)))
     assert table.release(b"o1") is False
     check(table)
     assert b"o1" in table.objects and not table.frees
@@ -108,12 +108,12 @@ def test_a_release_from_another_thread_never_waits_for_the_lock(table):
 
 
 def test_a_borrowed_ref_is_released_to_its_owner_only_once_registered(table):
-    table.add_local(b"b1", OWNER)
+    table.add_ref(Ref(b"b1", OWNER))
     check(table)
     table.release(b"b1")
     check(table)
     assert b"b1" not in table.objects and sent(table) == []  # never counted: nothing to say
-    table.add_local(b"b2", OWNER)
+    table.add_ref(Ref(b"b2", OWNER))
     table.mark_registered([b"b2"])
     table.release(b"b2")
     check(table)
@@ -121,7 +121,7 @@ def test_a_borrowed_ref_is_released_to_its_owner_only_once_registered(table):
 
 
 def test_a_kept_ref_from_a_caller_that_is_not_its_owner_is_reported_to_the_owner_too(table):
-    table.add_local(b"b1", OWNER)
+    table.add_ref(Ref(b"b1", OWNER))
     table.mark_registered([b"b1"], caller=OTHER)
     check(table)
     assert sent(table) == [("AddBorrower", OWNER[0], (b"b1", table.peer_address, True))]
@@ -216,7 +216,7 @@ def test_task_pins_keep_arguments_until_the_task_ends(table):
 def test_in_a_worker_a_ref_held_through_the_caller_is_reported_with_the_reply():
     table = RefTable(b"c:w", in_worker=True)
     table.peer_address = (b"c:w", "node-w", None, 20)
-    table.add_local(b"b1", OWNER)  # got in a task's arguments: not registered with the owner
+    table.add_ref(Ref(b"b1", OWNER))  # got in a task's arguments: not registered with the owner
     table.on_borrowers(OTHER, [b"b1"])  # a nested task we ran kept it
     check(table)
     assert sent(table) == []
@@ -225,7 +225,7 @@ def test_in_a_worker_a_ref_held_through_the_caller_is_reported_with_the_reply():
 
 
 def test_arrivals_in_a_borrowed_value_become_counted_borrows(table):
-    table.add_local(b"a1", OWNER)
+    table.add_ref(Ref(b"a1", OWNER))
     table.register_arrivals([Ref(b"a1", OWNER)], in_task=False)
     check(table)
     assert sent(table) == [("AddBorrower", OWNER[0], (b"a1", table.peer_address))]

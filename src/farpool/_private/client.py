@@ -35,7 +35,7 @@ from farpool import exceptions as exc_mod
 from farpool._private import context as context_mod
 from farpool._private import log_repeats, protocol, scheduling, segments, session, transport, versions
 from farpool._private.actor_calls import ActorCalls, ActorQueue
-from farpool._private.object_ref import ObjectRef, arriving, collecting
+from farpool._private.object_ref import ObjectRef, _nested_refs, arriving, collecting
 from farpool._private.refs import FAILED, PENDING, READY, Entry, Location, RefTable
 from farpool._private.task_queues import (KeyQueue, LeaseState, RemoteFunctionInfo, TaskQueues, TaskRecord,
                                           TaskState)
@@ -103,6 +103,7 @@ class CoreClient:
         self.worker_id = cfg.get("worker_id")
         self.embedded = cfg.get("embedded", False)
         self.refs = RefTable(self.identity, self.in_worker)
+        self.add_local_ref = self.refs.add_ref  # what ObjectRef calls as it is made (on the task path)
         # The table's lock and objects, under the names the rest of the client uses.
         self.lock = self.refs.lock
         self.objects: dict[bytes, Entry] = self.refs.objects
@@ -367,9 +368,6 @@ class CoreClient:
     # ------------------------------------------------------------------ refs
     def new_object_id(self) -> bytes:
         return self.client_id + next(self._ids).to_bytes(8, "little")
-
-    def add_local_ref(self, ref: ObjectRef) -> None:
-        self.refs.add_local(ref._id, ref._owner)
 
     def release_ref(self, object_id: bytes) -> None:
         """May run in __del__ on any thread, at any point: see RefTable.release.  Whatever the
@@ -746,8 +744,13 @@ class CoreClient:
                 if isinstance(v, ObjectRef):
                     ref_slots.append((k, v))
                     kwargs[k] = None
-        with collecting([]) as collector:
+        collector: list = []
+        nested = _nested_refs  # (on the task path: save and restore by hand, cheaper than a with block)
+        outer, nested.collector = nested.collector, collector
+        try:
             payload, bufs = protocol.dumps((args, kwargs), what=f"an argument of {name}")
+        finally:
+            nested.collector = outer
         task_id = self.new_object_id()
         # Copy out-of-band buffers now: the caller may mutate its arrays after remote() returns.
         # Large arguments go into the node store once per call; workers map them.
@@ -1419,8 +1422,9 @@ class CoreClient:
 
     def _unpin(self, task: TaskRecord) -> None:
         """(lock held) The task ended: its arguments are no longer pinned by it."""
-        self.refs.unpin(task.pinned)
-        task.pinned = []
+        if task.pinned:
+            self.refs.unpin(task.pinned)
+            task.pinned = []
         if task.args_location is not None:
             self.refs.free_location(task.args_location, task.args_copies)
             task.args_location = None

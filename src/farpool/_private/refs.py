@@ -16,7 +16,7 @@ what they make the process do goes into the table's outbox, which the client
                       node's agent) and calls ``borrower_died`` when it goes
 
 Every method takes ``lock`` itself, or says "(lock held)" when its caller must
-hold it; user threads call ``add_local``, ``release``, ``pin_quietly``,
+hold it; user threads call ``add_ref``, ``release``, ``pin_quietly``,
 ``mark_registered``, ``pin_forever``, ``register_arrivals``, ``lend_returned``
 and ``take_sub_borrowed``; the rest run on the I/O thread.  ``release`` may run
 in ``ObjectRef.__del__`` on any thread at any point, even inside a locked
@@ -103,12 +103,13 @@ class RefTable:
         return bool(self.owner_messages or self.ended_actors or self.frees or self.watches)
 
     # ------------------------------------------------------------------ local refs (any thread)
-    def add_local(self, object_id: bytes, owner: tuple) -> None:
+    def add_ref(self, ref) -> None:
+        """An ObjectRef (anything with ``_id`` and ``_owner``) was made in this process."""
         with self.lock:
-            entry = self.objects.get(object_id)
-            if entry is None and owner[0] != self.identity:
+            entry = self.objects.get(ref._id)
+            if entry is None and ref._owner[0] != self.identity:
                 # A borrowed ref: counted here; the value is fetched from its owner on demand.
-                entry = self.objects[object_id] = Entry(owned=False, fetched=False, owner=owner)
+                entry = self.objects[ref._id] = Entry(owned=False, fetched=False, owner=ref._owner)
             if entry is not None:
                 entry.local_refs += 1
 

@@ -305,6 +305,11 @@ def set_job_runtime_env(env: dict | None) -> None:
     state["client"].job_setup["runtime_env"] = env
 
 
+def has_job_runtime_env() -> bool:
+    state = _state
+    return bool(state and state.get("runtime_env"))
+
+
 def job_runtime_env() -> dict | None:
     """The job's runtime_env (packaged), or None."""
     state = _state

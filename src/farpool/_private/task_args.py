@@ -110,8 +110,13 @@ def mark_phase(exc: BaseException, phase: str) -> None:
 
 def load_args_tracked(args_payload, arg_bufs, ref_values, ref_bufs):
     """Arguments, plus weakrefs to the ObjectRefs that arrived in them (we borrow those)."""
-    with object_ref.arriving([]) as arrivals:
+    arrivals: list = []
+    nested = object_ref._nested_refs  # (per task: save and restore by hand, cheaper than a with block)
+    outer, nested.arrivals = nested.arrivals, arrivals
+    try:
         args, kwargs = load_args(args_payload, arg_bufs, ref_values, ref_bufs)
+    finally:
+        nested.arrivals = outer
     return args, kwargs, arrivals
 
 

@@ -613,8 +613,13 @@ class Worker:
             bufs_all = []
             for i, v in enumerate(values):
                 what = f"the result of {fn_name}" + (f" (return {i})" if num_returns > 1 else "")
-                with object_ref.collecting([]) as nested:
+                nested: list = []
+                refs = object_ref._nested_refs  # (per result: save and restore by hand, cheaper than a with block)
+                outer, refs.collector = refs.collector, nested
+                try:
                     data, bufs = protocol.dumps(v, what=what)
+                finally:
+                    refs.collector = outer
                 inner = ()
                 if nested and object_ref.current() is not None:
                     # Refs in a returned value: the caller borrows them (owners are told first).
