@@ -1255,7 +1255,7 @@ class CoreClient:
             if task.cancelled:
                 self._finish_failed(task, exc_mod.TaskCancelledError(f"task {task.name} was cancelled"))
             elif task.spend_attempt():
-                log.warning("%s; retrying (attempt %d of %d)", what, task.attempts + 1, task.max_retries + 1)
+                log.warning("%s; retrying (%s)", what, task.attempt_text())
                 self._enqueue(task, front=True)
             else:
                 retries = f" after {task.attempts} attempts" if task.attempts > 1 else ""
