@@ -110,6 +110,7 @@ def test_the_agent_handles_what_a_kind_of_peer_may_send(deliver, caplog, socket_
 @pytest.mark.parametrize("frames, handled", [
     (message("RequestLease", 1, {"CPU": 1}, None, None, "DEFAULT", False), "RequestLease"),
     (message("NodeTable", []), "node table"),
+    (message("NodeRegistered", [], "127.0.0.1:6379"), "node table"),  # (its table, the head's address)
     (message("HeartbeatAck"), None),
 ])
 def test_the_agent_handles_what_the_head_may_send(caplog, frames, handled):
@@ -181,3 +182,13 @@ def test_a_client_cannot_say_goodbye_for_a_node():
     assert dead == []
     h._on_Goodbye("sock", b"node:n1", "node", "n1")
     assert dead == ["n1"]
+
+
+@pytest.mark.parametrize("spec", [{}, {"hold_shape": {"CPU": -1}, "place_shape": {}}, "not a dict"])
+def test_the_head_checks_an_actor_spec_before_its_table_holds_it(spec):
+    from farpool._private.actor_table import ActorTable
+    h = head.Head.__new__(head.Head)
+    h.actors = ActorTable()
+    with pytest.raises(ValueError):
+        h._on_CreateActor("sock", b"c:driver", 1, "a" * 32, spec)
+    assert h.actors.actors == {}  # a bad spec leaves no actor behind

@@ -29,7 +29,7 @@ import time
 
 import signal as _signal
 
-from farpool._private import actor_table, addresses, protocol, session, transport, versions
+from farpool._private import actor_table, addresses, protocol, scheduling, session, transport, versions
 from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
@@ -252,6 +252,10 @@ class Head:
 
     # --- actors ---
     def _on_CreateActor(self, sock, identity, request_id, actor_id: str, spec: dict) -> None:
+        if not isinstance(actor_id, str) or not isinstance(spec, dict):
+            raise ValueError(f"CreateActor of {actor_id!r} with a {type(spec).__name__} for its spec")
+        for key in ("hold_shape", "place_shape"):  # checked before the table holds the actor
+            scheduling.check_shape(spec.get(key))
         used_id, error = self.actors.register(actor_id, spec)
         meta = self.actors.actors[used_id].spec.get("meta") if used_id else None
         self._reply(sock, identity, "ActorRegistered", request_id, used_id, error, meta)

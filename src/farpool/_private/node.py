@@ -212,7 +212,7 @@ class NodeAgent:
             "RequestLease": lambda *fields: self._on_RequestLease(HEAD_CLIENT, *fields),
             "ReturnLease": lambda *fields: self._on_ReturnLease(HEAD_CLIENT, *fields),
             "SignalWorker": lambda *fields: self._on_SignalWorker(HEAD_CLIENT, *fields),
-            "NodeRegistered": lambda nodes: self._on_node_table("NodeRegistered", nodes),
+            "NodeRegistered": lambda nodes, head_address: self._on_node_table("NodeRegistered", nodes),
             "NodeTable": lambda nodes: self._on_node_table("NodeTable", nodes),
             "Error": self._on_head_error,
             "HeartbeatAck": lambda *_: None,  # the head heard us: every message from it sets last_ack
@@ -363,6 +363,13 @@ class NodeAgent:
                                        "nodes": self.cluster_nodes})
 
     def _on_RequestLease(self, client, request_id, shape, job_id, pool_key, strategy, spillback_ok) -> None:
+        hash((request_id, job_id, pool_key, strategy))  # keys of the tables that hold them: TypeError here, not later
+        try:
+            scheduling.check_shape(shape)
+        except ValueError as exc:
+            log.warning("refused a lease request from %r: %s", client[1][:24], exc)
+            self._send(client, "LeaseInfeasible", request_id, f"this lease request cannot be granted: {exc}", True)
+            return
         self.client_jobs.setdefault(client, job_id)
         req = LeaseRequest(client, request_id, shape, job_id, pool_key, strategy, spillback_ok)
         self._apply(self.leases.request(req))
