@@ -157,8 +157,10 @@ def test_bad_arguments_to_the_api(cluster):
 
 def test_unpicklable_argument_fails_at_remote(cluster):
     import threading
-    with pytest.raises(TypeError, match="cannot pickle an argument of .*threading lock"):
+    with pytest.raises(TypeError, match=r"cannot pickle argument 0 of echo \(a lock\): .*threading lock"):
         echo.remote(threading.Lock())
+    with pytest.raises(TypeError, match=r"cannot pickle keyword argument 'b' of add \(a lock\)"):
+        add.remote(1, b=threading.Lock())
 
 
 def test_unpicklable_result_fails_at_get(cluster):

@@ -546,10 +546,16 @@ class CoreClient:
             payload, buffers = self.map_location(entry.location, private=writable, oid=ref._id, entry=entry)
         else:
             payload, buffers = entry.payload, entry.buffers
-        if entry.owned:  # refs inside our own values are pinned by them (put, RefTable.hold_nested)
-            return protocol.loads(payload, buffers)
-        with arriving([]) as arrivals:
-            value = protocol.loads(payload, buffers)
+        try:
+            if entry.owned:  # refs inside our own values are pinned by them (put, RefTable.hold_nested)
+                return protocol.loads(payload, buffers)
+            with arriving([]) as arrivals:
+                value = protocol.loads(payload, buffers)
+        except Exception as exc:  # the value's own unpickling code raised: keep its type, say where
+            task = getattr(entry.task, "name", None)
+            exc.add_note(f"(farpool: while unpickling {f'the result of task {task}' if task else 'the value'} "
+                         f"of object {ref.hex()} in get(); the error comes from that value's unpickling code)")
+            raise
         if arrivals:
             self._register_arrivals([r for r in (w() for w in arrivals) if r is not None])
         return value
@@ -747,7 +753,7 @@ class CoreClient:
                     ref_slots.append((k, v))
                     kwargs[k] = None
         with collecting([]) as collector:
-            payload, bufs = protocol.dumps((args, kwargs), what=f"an argument of {name}")
+            payload, bufs = protocol.dumps_call(args, kwargs, name)
         task_id = self.new_object_id()
         # Copy out-of-band buffers now: the caller may mutate its arrays after remote() returns.
         # Large arguments go into the node store once per call; workers map them.
