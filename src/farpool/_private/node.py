@@ -381,6 +381,12 @@ class NodeAgent:
         self._apply(self.leases.return_lease(lease_id, kill))
 
     def _on_Goodbye(self, client, kind: str, job_id) -> None:
+        own = self.client_jobs.get(client)
+        if kind == "driver" and job_id is not None and job_id != own:
+            # Its job's workers end with it: only the job it said at its Hello, never another's.
+            log.warning("a Goodbye from %r names job %r, but it joined for job %r: ending only what it held",
+                        client[1][:24], job_id, own)
+            job_id = None
         self._client_left(client, kind, job_id)
 
     def _client_left(self, client, kind: str, job_id, kill_running: bool = False) -> None:
