@@ -195,6 +195,37 @@ def test_restart_after_os_exit_resets_state_and_retries(cluster):
     assert farpool.get(c.pid.remote(), timeout=30) != first_pid
 
 
+def test_unlimited_restarts_and_call_retries_survive_repeated_sigkills(cluster, tmp_path):
+    import signal
+
+    @farpool.remote(max_restarts=-1, max_task_retries=-1)
+    class Fragile:
+        def pid(self):
+            return os.getpid()
+
+        def killed_until(self, path, n):
+            """SIGKILLs its own worker until ``path`` records n runs."""
+            with open(path, "a") as f:
+                f.write("x")
+            with open(path) as f:
+                if len(f.read()) <= n:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return "answered"
+    f = Fragile.remote()
+    pids = {farpool.get(f.pid.remote(), timeout=60)}
+    count = tmp_path / "runs"
+    assert farpool.get(f.killed_until.remote(str(count), 3), timeout=60) == "answered"
+    assert count.read_text() == "xxxx"
+    pids.add(farpool.get(f.pid.remote(), timeout=60))
+    assert len(pids) == 2  # a restarted process answers
+
+
+@pytest.mark.parametrize("key", ["max_restarts", "max_task_retries"])
+def test_actor_retry_limits_below_minus_one_are_refused(key):
+    with pytest.raises(ValueError, match=rf"`{key}` must be an int >= -1 \(-1: forever\), got -2"):
+        farpool.remote(**{key: -2})(type("Plain", (), {}))
+
+
 def test_no_restarts_means_dead(cluster):
     c = Counter.remote()
     farpool.get(c.inc.remote(), timeout=60)

@@ -157,8 +157,10 @@ def test_bad_arguments_to_the_api(cluster):
 
 def test_unpicklable_argument_fails_at_remote(cluster):
     import threading
-    with pytest.raises(TypeError, match="cannot pickle an argument of .*threading lock"):
+    with pytest.raises(TypeError, match=r"cannot pickle argument 0 of echo \(a lock\): .*threading lock"):
         echo.remote(threading.Lock())
+    with pytest.raises(TypeError, match=r"cannot pickle keyword argument 'b' of add \(a lock\)"):
+        add.remote(1, b=threading.Lock())
 
 
 def test_unpicklable_result_fails_at_get(cluster):
@@ -235,6 +237,27 @@ def test_worker_killed_mid_task_is_retried(cluster, tmp_path):
             os.kill(os.getpid(), signal.SIGKILL)
         return "second attempt"
     assert farpool.get(die_once.remote(str(flag)), timeout=60) == "second attempt"
+
+
+def test_max_retries_minus_one_retries_without_limit(cluster, tmp_path):
+    count = tmp_path / "attempts"
+
+    @farpool.remote(max_retries=-1)
+    def die_three_times(path):
+        with open(path, "a") as f:
+            f.write("x")
+        with open(path) as f:
+            if len(f.read()) <= 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return "fourth attempt"
+    assert farpool.get(die_three_times.remote(str(count)), timeout=60) == "fourth attempt"
+    assert count.read_text() == "xxxx"
+
+
+@pytest.mark.parametrize("value", [-2, -10])
+def test_max_retries_below_minus_one_is_refused(value):
+    with pytest.raises(ValueError, match=rf"`max_retries` must be an int >= -1 \(-1: retry forever\), got {value}"):
+        farpool.remote(max_retries=value)(add)
 
 
 @pytest.mark.parametrize("how", ["sigkill", "os_exit", "segfault"])

@@ -132,3 +132,17 @@ def test_validate_state_catches_a_dead_actor_holding_calls(calls):
     aq.state = "DEAD"
     with pytest.raises(AssertionError, match="dead actor"):
         calls.validate_state()
+
+
+def test_calls_in_flight_with_max_task_retries_minus_one_are_retried_at_every_death(calls):
+    alive(calls)
+    aq = calls.actor("a1")
+    t = call(max_retries=-1)
+    calls.add(t)
+    for incarnation in range(1, 6):
+        batch, _ = calls.next_batch(aq, no_failed_argument)
+        assert batch == [t]
+        assert calls.lost(aq, "its worker was killed by SIGKILL") == []  # retried, never "-1 used up"
+        calls.validate_state()
+        alive(calls, incarnation=incarnation)
+    assert t.attempts == 5 and t.state == TaskState.QUEUED

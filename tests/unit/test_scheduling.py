@@ -83,3 +83,15 @@ def test_choose_node_prefers_available_then_least_loaded():
 
 def test_describe():
     assert scheduling.describe(make_request(2, 0.5, None, {"ssd": 1})) == "{CPU: 2, GPU: 0.5, ssd: 1}"
+
+
+@pytest.mark.parametrize("shape", [{"CPU": -1}, {"CPU": True}, {"CPU": 1.5}, {"CPU": "many"}, {1: 10000},
+                                   [("CPU", 1)], None])
+def test_a_shape_from_the_wire_is_checked(shape):
+    with pytest.raises(ValueError, match="a resource shape"):
+        scheduling.check_shape(shape)
+
+
+def test_a_good_shape_passes_the_check():
+    assert scheduling.check_shape({"CPU": 10000, "GPU": 0, "memory": 1 << 40}) == {"CPU": 10000, "GPU": 0,
+                                                                                    "memory": 1 << 40}

@@ -229,3 +229,16 @@ def test_validate_state_catches_a_task_in_flight_that_is_not_running(queues):
     l1.inflight[t.task_id] = t
     with pytest.raises(AssertionError, match="in flight"):
         queues.validate_state()
+
+
+def test_max_retries_minus_one_never_runs_out():
+    t = task(max_retries=-1)
+    assert all(t.spend_attempt() for _ in range(1000))  # -1: no limit, as in Ray
+    assert t.attempts == 1000
+
+
+@pytest.mark.parametrize("max_retries, runs", [(0, 1), (1, 2), (3, 4)])
+def test_a_limit_of_n_retries_allows_n_plus_one_runs(max_retries, runs):
+    t = task(max_retries=max_retries)
+    spent = [t.spend_attempt() for _ in range(runs)]
+    assert spent == [True] * (runs - 1) + [False]

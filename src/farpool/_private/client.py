@@ -544,10 +544,16 @@ class CoreClient:
             payload, buffers = self.map_location(entry.location, private=writable, oid=ref._id, entry=entry)
         else:
             payload, buffers = entry.payload, entry.buffers
-        if entry.owned:  # refs inside our own values are pinned by them (put, RefTable.hold_nested)
-            return protocol.loads(payload, buffers)
-        with arriving([]) as arrivals:
-            value = protocol.loads(payload, buffers)
+        try:
+            if entry.owned:  # refs inside our own values are pinned by them (put, RefTable.hold_nested)
+                return protocol.loads(payload, buffers)
+            with arriving([]) as arrivals:
+                value = protocol.loads(payload, buffers)
+        except Exception as exc:  # the value's own unpickling code raised: keep its type, say where
+            task = getattr(entry.task, "name", None)
+            exc.add_note(f"(farpool: while unpickling {f'the result of task {task}' if task else 'the value'} "
+                         f"of object {ref.hex()} in get(); the error comes from that value's unpickling code)")
+            raise
         if arrivals:
             self._register_arrivals([r for r in (w() for w in arrivals) if r is not None])
         return value
@@ -748,7 +754,7 @@ class CoreClient:
         nested = _nested_refs  # (on the task path: save and restore by hand, cheaper than a with block)
         outer, nested.collector = nested.collector, collector
         try:
-            payload, bufs = protocol.dumps((args, kwargs), what=f"an argument of {name}")
+            payload, bufs = protocol.dumps_call(args, kwargs, name)
         finally:
             nested.collector = outer
         task_id = self.new_object_id()
@@ -1254,7 +1260,7 @@ class CoreClient:
             if task.cancelled:
                 self._finish_failed(task, exc_mod.TaskCancelledError(f"task {task.name} was cancelled"))
             elif task.spend_attempt():
-                log.warning("%s; retrying (attempt %d of %d)", what, task.attempts + 1, task.max_retries + 1)
+                log.warning("%s; retrying (%s)", what, task.attempt_text())
                 self._enqueue(task, front=True)
             else:
                 retries = f" after {task.attempts} attempts" if task.attempts > 1 else ""

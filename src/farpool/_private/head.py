@@ -29,7 +29,7 @@ import time
 
 import signal as _signal
 
-from farpool._private import actor_table, addresses, protocol, session, transport, versions
+from farpool._private import actor_table, addresses, protocol, scheduling, session, transport, versions
 from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
@@ -39,6 +39,28 @@ log = logging.getLogger("farpool.head")
 # sooner; longer tolerates a node stalled by swapping or a long GC pause.
 NODE_TIMEOUT_S = float(os.environ.get("FARPOOL_NODE_TIMEOUT_S", "10"))
 CHECK_INTERVAL_S = 1.0
+
+# What each kind of peer may send the head; anything else is dropped with one log line
+# naming the peer's kind and the tag.  A peer's kind is the prefix of the identity it
+# connects with (peer_kind), on the ipc socket and the TCP one alike.
+MAY_SEND = {
+    # a node agent, "node:<node id>": it joins, beats, and answers the head's leases for actors
+    "node agent": frozenset({"Ping", "RegisterNode", "Heartbeat", "Goodbye", "DriverDied", "LeaseGranted",
+                             "LeaseInfeasible", "WorkerExited", "ActorCreated"}),
+    # an agent's liveness thread (pulse.py), "pulse:<node id>:<pid>"
+    "liveness thread": frozenset({"NodeAlive"}),
+    # a driver's or a worker's client (and the CLI's), "c:<client id>"
+    "client": frozenset({"Ping", "Hello", "Goodbye", "GetNodes", "KVPut", "KVGet", "CreateActor",
+                         "GetNamedActor", "WaitActor", "KillActor"}),
+}
+
+
+def peer_kind(identity: bytes) -> str | None:
+    """The kind of peer (a key of MAY_SEND) behind ``identity``; None for one no peer uses."""
+    for prefix, kind in ((b"node:", "node agent"), (b"pulse:", "liveness thread"), (b"c:", "client")):
+        if identity.startswith(prefix):
+            return kind
+    return None
 
 
 class Head:
@@ -74,18 +96,26 @@ class Head:
         self.client_job: dict[tuple, int] = {}      # (socket, identity) of a driver -> its job
         self.check_due = time.monotonic() + CHECK_INTERVAL_S
         self.loop.call_later(CHECK_INTERVAL_S, self._check_nodes)
+        self.handlers = self._build_handlers()
 
     # --- messages ---
+    def _build_handlers(self) -> dict:
+        """MAY_SEND as handlers, built once: kind -> tag -> handler(sock, identity, *fields)."""
+        return {kind: {tag: getattr(self, "_on_" + tag) for tag in tags} for kind, tags in MAY_SEND.items()}
+
     def _on_socket(self, sock) -> None:
         for frames in transport.recv_all(sock):
             identity, rest = frames[0], frames[1:]
             try:
                 tag, fields, _ = protocol.decode(rest)
-                handler = getattr(self, "_on_" + tag, None)
+                peer = peer_kind(identity)
+                handler = self.handlers.get(peer, {}).get(tag)
                 if handler is None:
-                    raise protocol.ProtocolError(f"the head does not handle {tag}")
+                    log.warning("dropped %s from %s %r: a %s may not send it", tag, peer or "an unknown peer",
+                                identity[:24], peer or "peer with such an identity")
+                    continue
                 handler(sock, identity, *fields)
-            except (protocol.ProtocolError, TypeError, ValueError) as exc:
+            except (protocol.ProtocolError, TypeError, ValueError, KeyError, IndexError) as exc:
                 log.warning("dropped a bad message from %r: %s", identity[:16], exc)
             except Exception:  # a bug handling one message must not take the whole node down
                 log.exception("failed to handle a message from %r; still serving", identity[:24])
@@ -198,7 +228,7 @@ class Head:
 
     def _on_Goodbye(self, sock, identity, kind: str, ident: str) -> None:
         self.subscribers.pop((sock, identity), None)
-        if kind == "node" and ident in self.nodes:
+        if kind == "node" and ident in self.nodes and identity == f"node:{ident}".encode():  # itself only
             self._mark_dead(ident, "it shut down")
         job_id = self.client_job.pop((sock, identity), None)
         if job_id is not None:
@@ -222,6 +252,10 @@ class Head:
 
     # --- actors ---
     def _on_CreateActor(self, sock, identity, request_id, actor_id: str, spec: dict) -> None:
+        if not isinstance(actor_id, str) or not isinstance(spec, dict):
+            raise ValueError(f"CreateActor of {actor_id!r} with a {type(spec).__name__} for its spec")
+        for key in ("hold_shape", "place_shape"):  # checked before the table holds the actor
+            scheduling.check_shape(spec.get(key))
         used_id, error = self.actors.register(actor_id, spec)
         meta = self.actors.actors[used_id].spec.get("meta") if used_id else None
         self._reply(sock, identity, "ActorRegistered", request_id, used_id, error, meta)

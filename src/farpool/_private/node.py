@@ -57,6 +57,46 @@ CHECK_COALESCE_S = 0.25
 IPC, TCP, HEAD = "ipc", "tcp", "head"
 HEAD_CLIENT = (HEAD, b"")  # the head leases workers for actors like any client
 
+# What each kind of peer may send the agent; anything else is dropped with one log
+# line naming the peer's kind and the tag.  A peer's kind is its socket and the prefix
+# of the identity it connects with (see peer_kind).  Relay and ToPeer are routed raw.
+_CLIENT_ANYWHERE = frozenset({
+    "Hello", "Ping", "Goodbye", "RequestLease", "CancelLease", "ReturnLease", "SignalWorker",
+    "FreeObjects", "RestoreObject", "StoreStats", "GetNodes", "WatchPeer", "Relay", "ToPeer"})
+MAY_SEND = {
+    # a client on this machine (a driver, a worker's own client, the CLI), ipc, "c:..."
+    "local client": _CLIENT_ANYWHERE | {"WorkerBlocked", "WorkerUnblocked", "AllocateObject", "PullObject"},
+    # a client on another machine, TCP, "c:...": nothing that needs this machine's store
+    "remote client": _CLIENT_ANYWHERE,
+    # one of our workers, ipc, "w:<worker id>": Relay carries its answers back to clients
+    "worker": frozenset({"WorkerReady", "AllocateObject", "Relay"}),
+    # a worker's argument reader (task_args.py), ipc, an identity zmq made up
+    "argument reader": frozenset({"PullObject"}),
+    # the agent of another node copying our objects (pull.py), TCP, "a:<node id>"
+    "peer agent": frozenset({"Hello", "Ping", "ReadChunk", "WatchPeer"}),
+    # the head, on our connection to it (Relay: it creates an actor in one of our workers)
+    "head": frozenset({"Relay", "RequestLease", "ReturnLease", "SignalWorker", "NodeRegistered", "NodeTable",
+                       "Error", "HeartbeatAck"}),
+}
+# What the launcher (a forked child, over a pipe) may report.
+LAUNCHER_MAY_SEND = frozenset({"output", "started", "exited"})
+
+
+def peer_kind(socket_kind: str, identity: bytes) -> str | None:
+    """The kind of peer (a key of MAY_SEND) behind ``identity`` on our ``socket_kind`` socket;
+    None for an identity no kind of peer of that socket uses."""
+    if socket_kind == IPC:
+        if identity.startswith(b"c:"):
+            return "local client"
+        if identity.startswith(b"w:"):
+            return "worker"
+        return "argument reader" if identity[:1] == b"\x00" else None  # zmq's ids start with a 0 byte
+    if identity.startswith(b"c:"):
+        return "remote client"
+    if identity.startswith(b"a:"):
+        return "peer agent"
+    return None
+
 
 class NodeAgent:
     def __init__(self, args, token: str, launcher_pid: int, launcher_sock):
@@ -108,6 +148,7 @@ class NodeAgent:
         self.launcher_pid = launcher_pid
         self.launcher_sock = launcher_sock
         self.launcher_reader = launcher.MessageReader(launcher_sock)
+        self.handlers = self._build_handlers()
         self.loop.add_reader(launcher_sock.fileno(), self._on_launcher)
         self.worker_pids: dict[str, int] = {}
         self.pids_ever: dict[str, int] = {}  # worker id -> pid, also of exited workers (their logs stay)
@@ -164,6 +205,22 @@ class NodeAgent:
                                  lambda why: self.loop.call_soon(self._declared_dead, why))
         self.pulse.start()
 
+    def _build_handlers(self) -> dict:
+        """MAY_SEND as handlers, built once: kind -> tag -> handler(client, *fields); the head's
+        take (*fields) (they come on our connection to it; Relay and ToPeer are routed raw)."""
+        handlers = {kind: {tag: getattr(self, "_on_" + tag) for tag in tags - {"Relay", "ToPeer"}}
+                    for kind, tags in MAY_SEND.items() if kind != HEAD}
+        handlers[HEAD] = {
+            "RequestLease": lambda *fields: self._on_RequestLease(HEAD_CLIENT, *fields),
+            "ReturnLease": lambda *fields: self._on_ReturnLease(HEAD_CLIENT, *fields),
+            "SignalWorker": lambda *fields: self._on_SignalWorker(HEAD_CLIENT, *fields),
+            "NodeRegistered": lambda nodes, head_address: self._on_node_table("NodeRegistered", nodes),
+            "NodeTable": lambda nodes: self._on_node_table("NodeTable", nodes),
+            "Error": self._on_head_error,
+            "HeartbeatAck": lambda *_: None,  # the head heard us: every message from it sets last_ack
+        }
+        return handlers
+
     def _declared_dead(self, why: str) -> None:
         """The head took us for dead (late, not gone: it heard nothing for NODE_TIMEOUT_S).
         Clients have given up our leases and retried their tasks elsewhere; we end those
@@ -189,27 +246,36 @@ class NodeAgent:
             self._on_head_message(frames)
 
     def _on_head_message(self, frames) -> None:
-        if frames[0] == b"Relay":  # the head creating an actor in one of our workers
-            if not transport.send(self.ipc, [b"w:" + frames[1], b"Relayed", b"c:head:", *frames[2:]]):
-                log.warning("relay from the head to worker %s failed: it is gone", frames[1])
-            return
         try:
+            if frames[0] == b"Relay":  # the head creating an actor in one of our workers
+                if not transport.send(self.ipc, [b"w:" + frames[1], b"Relayed", b"c:head:", *frames[2:]]):
+                    log.warning("relay from the head to worker %s failed: it is gone", frames[1])
+                return
             tag, fields, _ = protocol.decode(frames)
-        except protocol.ProtocolError as exc:
+            handler = self.handlers[HEAD].get(tag)
+            if handler is None:
+                log.warning("dropped %s from the head: the head may not send it to a node agent", tag)
+                return
+            self.last_ack = time.monotonic()
+            handler(*fields)
+        except (protocol.ProtocolError, TypeError, ValueError, KeyError, IndexError) as exc:
             log.warning("dropped a bad message from the head: %s", exc)
-            return
-        self.last_ack = time.monotonic()
-        if tag in ("RequestLease", "ReturnLease", "SignalWorker"):
-            getattr(self, "_on_" + tag)(HEAD_CLIENT, *fields)
-        elif tag in ("NodeRegistered", "NodeTable"):
-            if tag == "NodeRegistered" and self.rejoining:
-                log.warning("this node joined the cluster again")
-                self.rejoining = False
-            self.cluster_nodes = fields[0]
-            self._apply(self.leases.set_cluster_view(self.cluster_nodes))
-            self._sources_died()
-        elif tag == "Error" and fields[0] == "unknown-node":
-            self._declared_dead(fields[1])
+        except Exception:  # a bug handling one message must not take the whole node down
+            log.exception("failed to handle a message from the head; still serving")
+
+    def _on_node_table(self, tag: str, nodes) -> None:
+        if tag == "NodeRegistered" and self.rejoining:
+            log.warning("this node joined the cluster again")
+            self.rejoining = False
+        if not isinstance(nodes, list):
+            raise protocol.ProtocolError(f"{tag} carries a {type(nodes).__name__}, expected the node table")
+        self.cluster_nodes = nodes
+        self._apply(self.leases.set_cluster_view(self.cluster_nodes))
+        self._sources_died()
+
+    def _on_head_error(self, code, *details) -> None:
+        if code == "unknown-node":
+            self._declared_dead(details[0])
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -244,21 +310,33 @@ class NodeAgent:
         for frames in transport.recv_all(sock):
             identity = frames[0]
             try:
-                if frames[1] == b"Relay":
-                    self._relay(kind, identity, frames)
-                    continue
-                if frames[1] == b"ToPeer":
-                    self._to_peer(kind, identity, frames)
+                peer = peer_kind(kind, identity)
+                may_send = MAY_SEND.get(peer, ())
+                if frames[1] in (b"Relay", b"ToPeer"):
+                    tag = frames[1].decode()
+                    if tag not in may_send:
+                        self._refuse(peer, identity, tag)
+                    elif tag == "Relay":
+                        self._relay(kind, identity, frames)
+                    else:
+                        self._to_peer(kind, identity, frames)
                     continue
                 tag, fields, _ = protocol.decode(frames[1:])
-                handler = getattr(self, "_on_" + tag, None)
+                handler = self.handlers.get(peer, {}).get(tag)
                 if handler is None:
-                    raise protocol.ProtocolError(f"the node agent does not handle {tag}")
+                    self._refuse(peer, identity, tag)
+                    continue
                 handler((kind, identity), *fields)
             except (protocol.ProtocolError, TypeError, ValueError, KeyError, IndexError) as exc:
                 log.warning("dropped a bad message from %r: %s", identity[:24], exc)
             except Exception:  # a bug handling one message must not take the whole node down
                 log.exception("failed to handle a message from %r; still serving", identity[:24])
+
+    @staticmethod
+    def _refuse(peer: str | None, identity: bytes, tag: str) -> None:
+        """A message of a tag its kind of peer may not send (MAY_SEND): dropped, changes nothing."""
+        log.warning("dropped %s from %s %r: a %s may not send it", tag, peer or "an unknown peer", identity[:24],
+                    peer or "peer with such an identity")
 
     def _send(self, client, tag, *fields) -> bool:
         kind, identity = client
@@ -287,6 +365,13 @@ class NodeAgent:
                                        "nodes": self.cluster_nodes})
 
     def _on_RequestLease(self, client, request_id, shape, job_id, pool_key, strategy, spillback_ok) -> None:
+        hash((request_id, job_id, pool_key, strategy))  # keys of the tables that hold them: TypeError here, not later
+        try:
+            scheduling.check_shape(shape)
+        except ValueError as exc:
+            log.warning("refused a lease request from %r: %s", client[1][:24], exc)
+            self._send(client, "LeaseInfeasible", request_id, f"this lease request cannot be granted: {exc}", True)
+            return
         self.client_jobs.setdefault(client, job_id)
         req = LeaseRequest(client, request_id, shape, job_id, pool_key, strategy, spillback_ok)
         self._apply(self.leases.request(req))
@@ -298,6 +383,12 @@ class NodeAgent:
         self._apply(self.leases.return_lease(lease_id, kill))
 
     def _on_Goodbye(self, client, kind: str, job_id) -> None:
+        own = self.client_jobs.get(client)
+        if kind == "driver" and job_id is not None and job_id != own:
+            # Its job's workers end with it: only the job it said at its Hello, never another's.
+            log.warning("a Goodbye from %r names job %r, but it joined for job %r: ending only what it held",
+                        client[1][:24], job_id, own)
+            job_id = None
         self._client_left(client, kind, job_id)
 
     def _client_left(self, client, kind: str, job_id, kill_running: bool = False) -> None:
@@ -788,7 +879,9 @@ class NodeAgent:
             self.loop.stop()
             return
         for msg in msgs:
-            if msg[0] == "output":
+            if msg[0] not in LAUNCHER_MAY_SEND:
+                log.warning("dropped %r from the launcher: it may not send it", msg[0])
+            elif msg[0] == "output":
                 _, worker_id, stream, data = msg
                 self._forward_output(worker_id, stream, data)
             elif msg[0] == "started":

@@ -254,6 +254,18 @@ def dumps(value, what: str = "value") -> tuple[bytes, list]:
         raise _serialization_error(exc, what) from exc
 
 
+def dumps_call(args: tuple, kwargs: dict, name: str) -> tuple[bytes, list]:
+    """``dumps((args, kwargs))`` for a call of ``name``; when that fails, the error names the
+    first argument that cannot be pickled, and its type (each is tried alone, on failure only)."""
+    try:
+        return dumps((args, kwargs), what=f"an argument of {name}")
+    except SerializationError:
+        for key, value in [*enumerate(args), *kwargs.items()]:
+            label = f"argument {key}" if isinstance(key, int) else f"keyword argument {key!r}"
+            dumps(value, what=f"{label} of {name} (a {type(value).__name__})")
+        raise  # only together they cannot be pickled
+
+
 def _serialization_error(exc: Exception, what: str) -> SerializationError:
     text = f"{type(exc).__name__}: {exc}"
     error = SerializationError(f"cannot pickle {what}: {text}.{_hint(text)}")

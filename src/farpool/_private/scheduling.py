@@ -102,6 +102,18 @@ def as_floats(shape: dict[str, int]) -> dict[str, float]:
     return {name: to_float(amount) for name, amount in shape.items()}
 
 
+def check_shape(shape) -> dict[str, int]:
+    """A shape from the wire, checked before anything holds it: a dict of resource names to
+    amounts in fixed point (ints >= 0).  A negative amount would *add* to a node's free
+    resources when acquired (and leak when released, which stops at the total)."""
+    if not isinstance(shape, dict):
+        raise ValueError(f"a resource shape must be a dict, got {type(shape).__name__}")
+    for name, amount in shape.items():
+        if not isinstance(name, str) or isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            raise ValueError(f"a resource shape maps names to ints >= 0 (fixed point), got {name!r}: {amount!r}")
+    return shape
+
+
 def fits(available: dict[str, int], shape: dict[str, int]) -> bool:
     return all(available.get(name, 0) >= amount for name, amount in shape.items())
 

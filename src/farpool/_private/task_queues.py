@@ -36,6 +36,8 @@ MAX_PIPELINE_DEPTH = 16
 SHORT_TASK_S = 0.002
 # Lease requests in flight per resource shape at most (each may bring a worker).
 MAX_LEASE_REQUESTS = 64
+# max_retries / max_task_retries / max_restarts of -1: no limit, as in Ray.
+UNLIMITED = -1
 
 
 class TaskState(str, enum.Enum):
@@ -63,7 +65,7 @@ class TaskRecord:
     return_ids: list
     shape: dict
     key: tuple
-    max_retries: int
+    max_retries: int               # runs after the first at most; -1: no limit (UNLIMITED)
     retry_exceptions: object
     pinned: list                   # ids pinned until the task finishes
     name: str
@@ -81,9 +83,15 @@ class TaskRecord:
     actor_id: str | None = None         # an actor call: its actor (its queue is the actor's)
 
     def spend_attempt(self) -> bool:
-        """A run of this task was spent; True while it may run again (``max_retries``)."""
+        """A run of this task was spent; True while it may run again (``max_retries``, -1: always)."""
         self.attempts += 1
-        return self.attempts <= self.max_retries
+        return self.max_retries == UNLIMITED or self.attempts <= self.max_retries
+
+    def attempt_text(self) -> str:
+        """The next run, for messages: "attempt 3 of 4", or "attempt 3" with no limit."""
+        if self.max_retries == UNLIMITED:
+            return f"attempt {self.attempts + 1}, retries without limit (max_retries=-1)"
+        return f"attempt {self.attempts + 1} of {self.max_retries + 1}"
 
 
 @dataclass
