@@ -45,8 +45,10 @@ def pytest_sessionfinish(session, exitstatus):
     gone, alive = psutil.wait_procs(leftovers, timeout=10)
     sessions = [d for d in os.listdir(_ROOT) if d.startswith("s-")] if os.path.isdir(_ROOT) else []
     shm = os.listdir(_SHM) if os.path.isdir(_SHM) else []
-    shm += [name for name in set(os.listdir("/dev/shm")) - _SHM_BEFORE
+    new_shm = set(os.listdir("/dev/shm")) - _SHM_BEFORE
+    shm += [name for name in new_shm
             if name.startswith(("sem.loky-", "joblib_memmapping_folder_")) and _creator_gone(name)]
+    shm += [name for name in new_shm if name.startswith("mpich_shm_")]  # MPI jobs' (tests/deploy)
     problems = []
     if alive:
         problems.append("processes left behind: " + ", ".join(f"{p.pid} {p.name()}" for p in alive))
