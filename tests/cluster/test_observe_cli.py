@@ -8,7 +8,7 @@ import pytest
 import farpool
 from farpool_testing import TIMEOUT, Gate
 
-from conftest import farpool_cli
+from farpool_testing import farpool_cli
 
 
 @farpool.remote
