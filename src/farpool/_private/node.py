@@ -62,7 +62,8 @@ HEAD_CLIENT = (HEAD, b"")  # the head leases workers for actors like any client
 # of the identity it connects with (see peer_kind).  Relay and ToPeer are routed raw.
 _CLIENT_ANYWHERE = frozenset({
     "Hello", "Ping", "Goodbye", "RequestLease", "CancelLease", "ReturnLease", "SignalWorker",
-    "FreeObjects", "RestoreObject", "StoreStats", "GetNodes", "WatchPeer", "Relay", "ToPeer"})
+    "FreeObjects", "RestoreObject", "StoreStats", "GetNodes", "WatchPeer", "Relay", "ToPeer",
+    "DumpStacks", "ReadLogs"})  # farpool stack / farpool logs (a CLI is a client)
 MAY_SEND = {
     # a client on this machine (a driver, a worker's own client, the CLI), ipc, "c:..."
     "local client": _CLIENT_ANYWHERE | {"WorkerBlocked", "WorkerUnblocked", "AllocateObject", "PullObject"},
