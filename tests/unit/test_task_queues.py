@@ -107,28 +107,52 @@ def test_an_idle_direct_lease_is_parked_for_the_next_submit_and_can_be_claimed_o
     l1 = lease(queues, 1)
     plan = dispatch(queues)
     assert plan.linger == [l1] and queues.parked[KEY] is l1
-    assert queues.take_parked(KEY) is l1 and l1.claimed
-    assert queues.take_parked(KEY) is None
     t = task()
-    t.state, t.lease = TaskState.RUNNING, l1
+    assert queues.take_parked(KEY, t) is l1 and l1.claimed
+    assert queues.take_parked(KEY, task()) is None
+    assert t.state == TaskState.RUNNING and l1.inflight == {t.task_id: t}  # in flight before it is sent
     assert queues.sent_direct(t, l1) is True
     queues.validate_state()
     assert l1.inflight == {t.task_id: t} and not l1.claimed
 
 
-def test_a_remote_lease_is_never_parked(queues):
-    lease(queues, 1, direct=False)
+def test_a_direct_tasks_reply_may_come_before_the_io_thread_hears_it_was_sent(queues):
+    # The caller thread sends; the worker answers; the I/O thread reads the answer (it was
+    # reading that worker's stream anyway) before it runs sent_direct: the task must be known.
+    l1 = lease(queues, 1)
     dispatch(queues)
-    assert KEY not in queues.parked
+    t = task()
+    queues.take_parked(KEY, t)
+    assert finish(queues, t) is t  # the reply: found, not taken for a task that ended already
+    queues.park_if_idle(l1)
+    assert KEY not in queues.parked  # still claimed: not parked for another caller yet
+    assert queues.sent_direct(t, l1) is True
+    queues.validate_state()
+    assert not l1.inflight and not l1.claimed and t.task_id not in queues.tasks
 
 
 def test_a_task_sent_on_a_lease_whose_worker_exited_is_queued_again(queues):
     l1 = lease(queues, 1)
     dispatch(queues)
-    queues.take_parked(KEY)
     t = task()
-    t.state, t.lease = TaskState.RUNNING, l1
-    queues.worker_exited((l1.node_id, l1.lease_id))
+    queues.worker_exited((l1.node_id, l1.lease_id))  # before the caller's task was recorded
+    assert queues.take_parked(KEY, t) is None  # the lease went with its worker
+    l2 = lease(queues, 2)
+    dispatch(queues)
+    queues.take_parked(KEY, t)
+    gone, lost = queues.worker_exited((l2.node_id, l2.lease_id))  # after: it is among the lost
+    assert lost == [t]
+    assert queues.sent_direct(t, l2) is True  # worker_exited handled it: nothing more here
+    queues.validate_state()
+
+
+def test_a_task_recorded_after_its_workers_exit_was_handled_is_queued_again(queues):
+    l1 = lease(queues, 1)
+    dispatch(queues)
+    t = task()
+    assert queues.take_parked(KEY, t) is l1
+    queues.leases.pop((l1.node_id, l1.lease_id))  # the worker's exit dropped the lease...
+    queues.keys[KEY].leases.remove(l1)            # ...and the caller's record came after
     assert queues.sent_direct(t, l1) is False
     queues.validate_state()
     assert list(queues.keys[KEY].queue) == [t] and t.attempts == 0
@@ -201,7 +225,7 @@ def test_a_linger_timer_returns_an_idle_lease_or_dispatches_queued_work(queues):
 def test_a_claimed_lease_is_kept_when_its_timer_fires(queues):
     l1 = lease(queues, 1)
     dispatch(queues)
-    queues.take_parked(KEY)
+    queues.take_parked(KEY, task())
     assert queues.idle(l1) == "keep"
 
 

@@ -47,6 +47,10 @@ log = logging.getLogger("farpool.client")
 # sequential submit/get loop reuses its worker without a lease round trip,
 # while another owner waits at most this long for the worker.
 LEASE_LINGER_S = 0.05
+# How long shutdown waits for the callback thread to finish what arrived before it (worker
+# output, future callbacks): longer delivers more of a flood of output, shorter bounds
+# shutdown when a user callback blocks.
+CALLBACKS_AT_SHUTDOWN_S = 5.0
 # Finished tasks remembered for farpool.timeline(); more costs memory, fewer
 # shows less history.
 TIMELINE_EVENTS = 100_000
@@ -133,6 +137,7 @@ class CoreClient:
         self.borrower_fds: dict[bytes, int] = {}  # owner: pidfds of borrowers on our node (refs.watches)
         self._free_scheduled = False
         self.callback_queue: queue.Queue | None = None
+        self.callback_thread: threading.Thread | None = None
         self.broken: BaseException | None = None
         self.owner_address = None
         self.peer_address = None
@@ -349,6 +354,10 @@ class CoreClient:
         self._break(exc_mod.FarpoolError("farpool was shut down while this was pending"))
         if self.callback_queue is not None:
             self.callback_queue.put(None)
+            # Worker output and callbacks that arrived before shutdown run before it returns
+            # (bounded: a callback that blocks does not hold shutdown up for long).
+            if self.callback_thread is not None and self.callback_thread is not threading.current_thread():
+                self.callback_thread.join(timeout=CALLBACKS_AT_SHUTDOWN_S)
 
     def _break(self, error: BaseException) -> None:
         """Fail every pending object and request with ``error`` (the cluster is gone)."""
@@ -713,8 +722,10 @@ class CoreClient:
             with self.lock:
                 if self.callback_queue is None:
                     self.callback_queue = queue.Queue()
-                    threading.Thread(target=self._callback_loop, args=(self.callback_queue,),
-                                     name="farpool-callbacks", daemon=True).start()
+                    self.callback_thread = threading.Thread(
+                        target=self._callback_loop, args=(self.callback_queue,), name="farpool-callbacks",
+                        daemon=True)
+                    self.callback_thread.start()
         self.callback_queue.put((fn, args))
 
     @staticmethod
@@ -801,14 +812,15 @@ class CoreClient:
         straight to an idle leased worker on this node, sparing the I/O thread's wake-up.
 
         Whoever takes a parked lease (TaskQueues.take_parked, under the lock) owns it: a
-        caller here, or the I/O thread to dispatch queued tasks or to return it.  The
-        bookkeeping (``_on_sent_direct``) is queued before the task leaves, and the loop runs
-        queued calls before it reads sockets, so it always precedes the task's reply.
+        caller here, or the I/O thread to dispatch queued tasks or to return it.  The task
+        is recorded in flight here, before it leaves: its reply can reach the I/O thread
+        before ``_on_sent_direct`` does (the loop may be reading that worker's stream for
+        an earlier reply when this one arrives), and a reply for a task not yet recorded
+        was taken for one already ended, leaving the task in flight for ever.
         """
-        lease = self.queues.take_parked(task.key)
+        lease = self.queues.take_parked(task.key, task)  # (recorded in flight there already)
         if lease is None:
             return False
-        task.state, task.lease = TaskState.RUNNING, lease  # in flight once _on_sent_direct records it
         frames = self._task_frames(lease, [task])
         self.loop.call_soon_lazy(self._on_sent_direct, task, lease)
         lease.channel.stream.send_from_thread(frames)

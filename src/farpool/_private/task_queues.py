@@ -339,13 +339,15 @@ class TaskQueues:
         if lease is None:
             return None, []
         self.drop_lease(lease)
+        with self.lock:  # a caller thread that claimed it may be recording a task in it (take_parked)
+            tasks = list(lease.inflight.values())
+            lease.inflight.clear()
         lost = []
-        for task in list(lease.inflight.values()):
+        for task in tasks:
             if lease.retiring and not task.cancelled:
                 self.enqueue(task, front=True)
             else:
                 lost.append(task)
-        lease.inflight.clear()
         return lease, lost
 
     # ------------------------------------------------------------------ completion
@@ -372,7 +374,7 @@ class TaskQueues:
     def park_if_idle(self, lease: LeaseState) -> None:
         """After a batch of results: an idle direct lease with nothing queued waits for the
         caller's next submit (before the waiters wake, so that submit finds it)."""
-        if lease.inflight or lease.key in self.parked or not lease.direct or lease.retiring:
+        if lease.inflight or lease.claimed or lease.key in self.parked or not lease.direct or lease.retiring:
             return
         kq = self.keys.get(lease.key)
         if kq is not None and not kq.queue:
@@ -380,25 +382,31 @@ class TaskQueues:
                 self.parked[lease.key] = lease
 
     # ------------------------------------------------------------------ the fast path
-    def take_parked(self, key) -> LeaseState | None:
-        """(user thread) The idle lease of ``key`` parked for a caller's next task, claimed."""
+    def take_parked(self, key, task: TaskRecord) -> LeaseState | None:
+        """(user thread) Claim the idle lease of ``key`` parked for a caller's next task, and
+        record ``task`` in flight on it, before the caller sends it: its result may come back
+        before the I/O thread runs ``sent_direct``, and must find the task known."""
         with self.lock:
             lease = self.parked.pop(key, None)
-            if lease is not None:
-                lease.claimed = True
+            if lease is None:
+                return None
+            lease.claimed = True
+            task.state, task.lease = TaskState.RUNNING, lease
+            self.tasks[task.task_id] = task
+            lease.inflight[task.task_id] = task
             return lease
 
     def sent_direct(self, task: TaskRecord, lease: LeaseState) -> bool:
-        """(I/O thread) A caller thread sent ``task`` on a parked lease: record it.  False when
-        the lease's worker exited before the task reached it: the task is queued again."""
-        self.tasks[task.task_id] = task
+        """(I/O thread) The caller thread that claimed ``lease`` has sent ``task``: the lease is
+        the I/O thread's again.  False when its worker exited first (worker_exited did not
+        see the task): the task is queued again."""
         with self.lock:
             lease.claimed = False
-        if self.leases.get((lease.node_id, lease.lease_id)) is lease:
-            lease.inflight[task.task_id] = task
-            return True
-        self.enqueue(task, front=True)
-        return False
+            orphaned = (self.leases.get((lease.node_id, lease.lease_id)) is not lease
+                        and lease.inflight.pop(task.task_id, None) is not None)
+        if orphaned:
+            self.enqueue(task, front=True)
+        return not orphaned
 
     # ------------------------------------------------------------------ checks
     def validate_state(self) -> None:
