@@ -82,3 +82,20 @@ def _creator_gone(name: str) -> bool:
 @pytest.fixture(scope="session")
 def tmp_root():
     return _ROOT
+
+
+@pytest.fixture
+def started(tmp_root):
+    """A head and its node agent started with the CLI, on loopback TCP (see farpool_testing.Cluster),
+    for the cluster and chaos layers.  Everything it started is stopped afterwards, even when
+    the test's own shutdown fails."""
+    import farpool
+    from farpool_testing import Cluster
+    farpool.shutdown()
+    cluster = Cluster(tmp_root)
+    yield cluster
+    try:
+        farpool.shutdown()
+    finally:  # a failing shutdown must not leave the cluster to the next test
+        alive = cluster.stop()
+    assert not alive, f"farpool stop left {alive} running"

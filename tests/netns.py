@@ -41,6 +41,8 @@ import subprocess
 import sys
 import time
 
+from farpool._private.session import pid_alive
+
 PREFIX = "fpt"          # network namespace names: fpt<pid>-<bed>-<host>
 SUBNET = "10.231.0"     # only inside the bed's own switch: nothing else sees it
 READY_TIMEOUT_S = 30
@@ -63,7 +65,7 @@ def remove_stale() -> list[str]:
     removed = []
     for name in netns_list():
         m = re.fullmatch(rf"{PREFIX}(\d+)-.*", name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             for pid in _ip("netns", "pids", name, check=False).stdout.split():
                 try:
                     os.kill(int(pid), signal.SIGKILL)
@@ -72,16 +74,6 @@ def remove_stale() -> list[str]:
             _ip("netns", "del", name, check=False)
             removed.append(name)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def host_env(extra: dict | None = None) -> dict:
