@@ -252,13 +252,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if "FARPOOL_TMPDIR" not in os.environ:  # run by hand: keep the sessions in a root of our own
-        import shutil
-        import tempfile
-        root = os.environ["FARPOOL_TMPDIR"] = tempfile.mkdtemp(prefix="fpc-", dir="/tmp")
-        try:
-            code = main()
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-        sys.exit(code)
-    sys.exit(main())
+    import own_root  # beside this script
+    own_root.run(main)
