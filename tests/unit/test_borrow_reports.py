@@ -43,7 +43,7 @@ def report(owner, oid, how):
 
 
 def release(owner, oid):
-    owner._borrow_released(B2[0], oid)
+    owner.borrowing.borrow_released(B2[0], oid)
     owner.refs.validate_state()
 
 
@@ -100,7 +100,7 @@ C = B2
 
 
 def on_wire(owner, sender, tag, fields):
-    owner._on_owner_request(sender[0], tag, fields, remote=True)
+    owner.object_service.on_request(sender[0], tag, fields, remote=True)
     owner.refs.validate_state()
 
 
@@ -169,7 +169,7 @@ def finish(client, inner, wanted=True):
     task = client_mod.TaskRecord(task_id, None, b"", [], [], [task_id], {}, (), 0, False, [], "t")
     if wanted:
         client.objects[task_id] = client_mod.Entry(task=task, local_refs=1)
-    client._finish_ok([(task, [(b"payload", [])], [inner])], W)
+    client.completion.finish_ok([(task, [(b"payload", [])], [inner])], W)
     return task_id
 
 

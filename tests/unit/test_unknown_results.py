@@ -12,7 +12,7 @@ from farpool._private import client as client_mod
 def owner():
     c = client_mod.CoreClient({})
     c.loop.call_soon = lambda *a: None  # the I/O thread does not run
-    c.home = types.SimpleNamespace(node_id="node-a", local=True)
+    c.conns.home = types.SimpleNamespace(node_id="node-a", local=True)
     yield c
     c.loop.close()
 
@@ -30,7 +30,7 @@ def test_buffers_of_an_unknown_result_do_not_shift_the_next_results_buffers(owne
     known = known_task(owner)
     results = [(b"gone" * 4, True, [(b"payload-of-gone", 1, [])], 0.0, 0.0),
                (known, True, [(b"payload", 1, [])], 0.0, 0.0)]
-    owner._on_TaskFinished((results, False, None, (), ()), [b"wrong", b"right"])
+    owner.completion.on_task_finished((results, False, None, (), ()), [b"wrong", b"right"])
     entry = owner.objects[known]
     assert entry.state == client_mod.READY and entry.buffers == [b"right"]
 
@@ -38,7 +38,7 @@ def test_buffers_of_an_unknown_result_do_not_shift_the_next_results_buffers(owne
 def test_an_unknown_result_in_the_store_is_freed(owner):
     store_id = b"gone" * 4 + b"\x00"
     results = [(b"gone" * 4, True, [(("loc", "/dev/shm/x/seg-1", 1 << 20, store_id), 0, [])], 0.0, 0.0)]
-    owner._on_TaskFinished((results, False, None, (), ()), [])
+    owner.completion.on_task_finished((results, False, None, (), ()), [])
     assert owner.refs.frees == {"node-a": [store_id]}
 
 
@@ -46,6 +46,6 @@ def test_refs_inside_an_unknown_result_are_released(owner):
     third = (b"c:third", "node-b", None, 7)
     worker = (b"c:worker", "node-a", "ipc:///w", 8)
     results = [(b"gone" * 4, True, [(b"payload", 0, [(b"r" * 16, third)])], 0.0, 0.0)]
-    owner._on_TaskFinished((results, False, worker, (), ()), [])
+    owner.completion.on_task_finished((results, False, worker, (), ()), [])
     sent = [(o[0], m[0]) for o, m in owner.refs.owner_messages]
     assert (b"c:third", b"BorrowReleased") in sent

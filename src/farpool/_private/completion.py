@@ -1,0 +1,269 @@
+"""Completion: what comes back from workers, and what it does to tasks and objects.
+
+Owns: ``TaskFinished`` (results inline or in the worker's node store, errors, tasks a
+retiring worker did not run), ``WorkerExited`` (the tasks its worker had in flight: an
+attempt spent and retried first in line, or failed with why the worker died), the
+retry decision (``retry_exceptions``, ``max_retries``; -1 is no limit: TaskRecord counts
+an attempt when it is spent), and finishing a task: its return objects become READY or
+FAILED, their waiters fire, its arguments are unpinned, refs nested in results or
+errors are held (or released when nobody wants the value: a result for a task already
+ended, an error nobody will see).  Also the recent task history ``timeline()`` shows.
+
+Who may touch it: the I/O thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections import deque
+
+from farpool import exceptions as exc_mod
+from farpool._private import protocol
+from farpool._private.client_part import ClientPart
+from farpool._private.refs import FAILED, READY, Location
+from farpool._private.task_queues import TaskRecord
+
+log = logging.getLogger("farpool.client")
+
+# Finished tasks remembered for farpool.timeline(); more costs memory, fewer
+# shows less history.
+TIMELINE_EVENTS = 100_000
+
+
+class Completion(ClientPart):
+    """See the module docstring.  ``c``: the CoreClient shell."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.timeline_events: deque = deque(maxlen=TIMELINE_EVENTS)
+
+    def bind(self) -> None:
+        """The sibling parts' calls this one makes (after the shell made them all)."""
+        c = self.c
+        self.mark_dirty = c.submitter.mark_dirty
+        self.mark_actor_dirty = c.submitter.mark_actor_dirty
+        self.enqueue = c.submitter.enqueue
+        self.schedule_frees = c.borrowing.schedule_frees
+
+    # ------------------------------------------------------------------ TaskFinished
+    def on_task_finished(self, fields, buffers) -> None:
+        results, retiring, sender, borrowed, pairs = fields
+        if borrowed or pairs:
+            self.c.borrowing.on_borrowers(sender, borrowed, pairs)
+        pos = 0
+        lease = None
+        completed = []
+        queues = self.queues
+        for task_id, ok, body, started, ended in results:  # TaskResults
+            task = queues.finished(task_id, ended - started)
+            if task is None:  # ended already (its worker's exit was reported first, or cancelled)
+                if ok is True:
+                    pos = self._discard_result(body, buffers, pos, sender)
+                elif ok is False:
+                    self._discard_error(protocol.TaskFailure._make(body).inner, sender)
+                continue
+            lease = task.lease
+            if lease is not None:
+                self.timeline_events.append((task.name, started, ended, lease.node_id, lease.worker_id, ok))
+            if ok == "retired":  # the worker retired before running it: not an attempt
+                self.requeue(task)
+                continue
+            if ok:
+                values = []
+                nested = []
+                for payload, nbuf, inner in body:
+                    if isinstance(payload, tuple):  # in the worker's node store
+                        at = protocol.StoredAt._make(payload)
+                        values.append(Location("seg", lease.node_id if lease else "", at.store_id, at.path, at.size))
+                    else:
+                        values.append((payload, buffers[pos:pos + nbuf]))
+                    nested.append(inner)
+                    pos += nbuf
+                completed.append((task, values, nested))
+            else:
+                failure = protocol.TaskFailure._make(body)
+                inner = failure.inner  # refs inside the exception (lent to us)
+                if task.cancelled:
+                    self._discard_error(inner, sender)
+                    self.finish_failed(task, exc_mod.TaskCancelledError(f"task {task.name} was cancelled"))
+                    continue
+                retry = task.retry_exceptions
+                if retry and self._retryable(retry, failure.payload) and task.spend_attempt():
+                    self._discard_error(inner, sender)
+                    self.requeue(task)
+                    continue
+                self.finish_failed(task, ("task", *failure[:5]), inner, sender)
+        if lease is not None and not retiring:
+            queues.park_if_idle(lease)
+        if completed:
+            self.finish_ok(completed, sender)
+        if lease is not None:
+            if retiring:  # it exits now (max_tasks_per_child): lease no more tasks to it
+                queues.retire(lease)
+            if lease.actor_id is None:
+                self.mark_dirty(lease.key)
+            else:
+                self.mark_actor_dirty(lease.actor_id)
+
+    def requeue(self, task: TaskRecord) -> None:
+        """Run ``task`` again, first in line: on its actor, or on any worker of its shape."""
+        if task.actor_id is not None:
+            self.c.actor_calls.requeue(task)
+            self.mark_actor_dirty(task.actor_id)
+        else:
+            self.enqueue(task, front=True)
+
+    def _discard_error(self, inner: list, sender) -> None:
+        """Refs inside an exception nobody will see: our borrow of them ends."""
+        if inner:
+            with self.lock:
+                self.refs.discard_value((), inner, sender)
+            self.schedule_frees()
+
+    def _discard_result(self, body, buffers, pos: int, sender) -> int:
+        """The values of a finished task we no longer know, freed; returns the next buffer position."""
+        with self.lock:
+            for payload, nbuf, inner in body:
+                if isinstance(payload, tuple):
+                    # (in the worker's node store: ours, or for a remote worker with a client of its
+                    # own, its node; else the copy stays until we leave: its agent frees it then)
+                    node_id = sender[1] if sender else self.conns.home.node_id
+                    at = protocol.StoredAt._make(payload)
+                    self.refs.discard_value(Location("seg", node_id, at.store_id, at.path, at.size), inner, sender)
+                else:
+                    self.refs.discard_value((payload, None), inner, sender)
+                pos += nbuf
+        self.schedule_frees()
+        return pos
+
+    @staticmethod
+    def _retryable(retry, payload) -> bool:
+        if retry is True:
+            return True
+        try:
+            error = protocol.loads(payload) if payload is not None else None
+        except Exception:
+            return False
+        return error is not None and isinstance(error, tuple(retry))
+
+    # ------------------------------------------------------------------ WorkerExited
+    def on_worker_exited(self, lease_id, info) -> None:
+        lease, lost = self.queues.worker_exited((info["node_id"], lease_id))
+        if lease is None:
+            return
+        self.conns.close_worker_channel(info["node_id"], info["worker_id"])
+        how = _how_it_died(info)
+        for task in lost:
+            what = (f"worker {info['worker_id']} on node {info['node_id'][:8]} (pid {info['pid']}) "
+                    f"{how} while running {task.name}")
+            if task.cancelled:
+                self.finish_failed(task, exc_mod.TaskCancelledError(f"task {task.name} was cancelled"))
+            elif task.spend_attempt():
+                log.warning("%s; retrying (%s)", what, task.attempt_text())
+                self.enqueue(task, front=True)
+            else:
+                retries = f" after {task.attempts} attempts" if task.attempts > 1 else ""
+                error_cls = exc_mod.NodeDiedError if info.get("node_died") is not None else exc_mod.WorkerCrashedError
+                self.finish_failed(task, error_cls(
+                    f"{what}{retries}; no retries left (max_retries={task.max_retries}). "
+                    "Raise max_retries if the crash is transient, or find why the process died "
+                    f"(its log: worker-{info['worker_id']}.log in the session directory)."))
+        self.mark_dirty(lease.key)
+
+    # ------------------------------------------------------------------ finishing
+    def finish_ok(self, completed, sender: tuple | None = None) -> None:
+        """Results of tasks that ran on ``sender`` (the worker's client address)."""
+        fire = []
+        refs = self.refs
+        with self.lock:
+            for task, values, nested in completed:
+                self.queues.done(task)
+                for oid, value, inner in zip(task.return_ids, values, nested):
+                    entry = self.objects.get(oid)
+                    if entry is None:
+                        refs.discard_value(value, inner, sender)
+                        continue
+                    if inner:
+                        refs.hold_nested(entry, inner, sender)
+                    if isinstance(value, Location):
+                        entry.location = value
+                        entry.size = value.size
+                    else:
+                        entry.payload, entry.buffers = value
+                        entry.size = len(value[0]) + sum(len(b) for b in value[1])
+                    entry.state = READY
+                    entry.task = None
+                    if entry.waiters:
+                        fire.append(entry)
+                    else:
+                        refs.delete_if_unreferenced(oid, entry)
+                self._unpin(task)
+        self.schedule_frees()
+        for entry in fire:
+            self.c.values.fire(entry)
+
+    def finish_failed(self, task: TaskRecord, error, inner=(), sender=None) -> None:
+        """``inner``: refs inside the exception (lent to us by the worker, ``sender``): they
+        live as long as the failed objects, as refs inside a result do."""
+        fire = []
+        with self.lock:
+            self.queues.done(task)
+            held = False
+            for oid in task.return_ids:
+                entry = self.objects.get(oid)
+                if entry is None:
+                    continue
+                if inner:
+                    self.refs.hold_nested(entry, inner, sender)
+                    held = True
+                entry.state = FAILED
+                entry.error = error
+                entry.task = None
+                if entry.waiters:
+                    fire.append(entry)
+            if inner and not held:  # nobody wants the error
+                self.refs.discard_value((), inner, sender)
+            self._unpin(task)
+        self.schedule_frees()
+        for entry in fire:
+            self.c.values.fire(entry)
+
+    def fail_all(self, failed: list) -> None:
+        """Finish each (task, error) of ``failed`` as failed."""
+        for task, error in failed:
+            self.finish_failed(task, error)
+
+    def _unpin(self, task: TaskRecord) -> None:
+        """(lock held) The task ended: its arguments are no longer pinned by it."""
+        if task.pinned:
+            self.refs.unpin(task.pinned)
+            task.pinned = []
+        if task.args_location is not None:
+            self.refs.free_location(task.args_location, task.args_copies)
+            task.args_location = None
+
+    def timeline(self) -> list[dict]:
+        """Chrome-trace events ("X" complete events, microseconds) of recent finished tasks."""
+        events = []
+        for name, started, ended, node_id, worker_id, ok in list(self.timeline_events):
+            events.append({"name": name, "cat": "task" if ok else "task,error", "ph": "X",
+                           "ts": started * 1e6, "dur": max(0.0, ended - started) * 1e6,
+                           "pid": f"node {node_id[:8]}", "tid": f"worker {worker_id}",
+                           "args": {"ok": ok}})
+        return events
+
+
+def _how_it_died(info: dict) -> str:
+    """How a worker ended, in words, from the agent's WorkerExited."""
+    if info.get("node_died") is not None:
+        return f"was lost with its node ({info['node_died']})"
+    if info.get("signal"):
+        try:
+            how = f"killed by {signal.Signals(info['signal']).name}"
+        except ValueError:
+            how = f"killed by signal {info['signal']}"
+        if info["signal"] == 9:
+            how += " (if nobody killed it, this is usually the out-of-memory killer)"
+        return how
+    return f"exited with code {info.get('exitcode')}"

@@ -1,0 +1,164 @@
+"""Values in node stores, as the client reads and writes them.
+
+Owns: writing a large value into our node's store (``store_value``), mapping a stored
+value zero-copy (``map_location``: restored first if it was spilled, copied into our
+node's store first if it lives on another node), how a process on some node reads a
+value (``read_on``: in place, or a copy its agent makes: pull.py), recording the copies
+that reading makes so they are freed with the original (``stored_for``), and having our
+agent copy a value here without blocking the I/O thread (``copy_here``).
+
+The read-restore-retry loop and the error it raises live here once: a store answers a
+path, the segment may be spilled between that answer and the mapping, so the read is
+asked again (``segments.READ_ATTEMPTS``); "full" means the value is safe on disk and
+memory must be freed (ObjectStoreFullError), anything else that it is gone
+(ObjectLostError).
+
+Who may touch it: user threads (store_value, map_location, fetch_here: they wait on agent
+requests) and the I/O thread (read_on, stored_for, copy_here: they never wait).
+"""
+
+from __future__ import annotations
+
+import time
+
+from farpool import exceptions as exc_mod
+from farpool._private import segments
+from farpool._private.client_part import ClientPart
+from farpool._private.refs import READY, Entry, Location
+
+
+class StoreReads(ClientPart):
+    """See the module docstring.  ``c``: the CoreClient shell."""
+
+    def store_value(self, store_id: bytes, payload: bytes, buffers: list, what: str) -> Location | None:
+        """Write a large pickled value into this node's store; None when it stays inline."""
+        home = self.conns.home
+        if home is None or not home.local:
+            return None
+        size = segments.value_size(payload, buffers)
+        if size < segments.INLINE_MAX:
+            return None
+        path, error = self.conns.agent_request(home, "AllocateObject", (store_id, size, self.c.identity.decode(), what))
+        if path is None:
+            raise exc_mod.ObjectStoreFullError(error)
+        segments.write_segment(path, payload, buffers, store_id)
+        return Location("seg", home.node_id, store_id, path, size)
+
+    def map_location(self, location: tuple, private: bool = False, oid: bytes | None = None, entry=None):
+        """Zero-copy (payload, buffers) of a stored value (restored if spilled).  A value in
+        another node's store (the result of a task that ran there) is copied into ours
+        first, by our agent (pull.py), once: the copy is freed with the original."""
+        _, node_id, store_id, path, size = location
+        home = self.conns.home
+        if entry is not None and home is not None and home.local and node_id != home.node_id:
+            spec = self.stored_for(home.node_id, oid, entry, f"object {oid.hex()[:16]}")
+            return self._read(home, "PullObject", spec[1:], size, private, store_id,
+                              lambda error, full: self.copy_failed(oid, error, full), timeout=3600)
+        try:
+            return segments.read_segment(path, size, private, store_id)
+        except FileNotFoundError:
+            agent = self.conns.agents.get(node_id)
+            if agent is None:
+                raise exc_mod.ObjectLostError(f"object {store_id.hex()} lives on node {node_id[:8]}, "
+                                              "which this process cannot reach") from None
+
+            def restore_failed(error, full):
+                if full:  # it is safe on disk: free some memory and ask again
+                    return exc_mod.ObjectStoreFullError(
+                        f"cannot bring object {store_id.hex()} back from disk on node {node_id[:8]}: {error}")
+                return exc_mod.ObjectLostError(f"object {store_id.hex()} is gone from node {node_id[:8]}: {error}")
+            return self._read(agent, "RestoreObject", (store_id,), size, private, store_id, restore_failed)
+
+    def _read(self, agent, tag: str, fields: tuple, size: int, private: bool, store_id: bytes, failed,
+              timeout: float = 60.0):
+        """Ask ``agent`` for a path to the value (``tag``: a copy or a restore) and map it;
+        again if it was spilled between the answer and the mapping.  ``failed(error, full)``:
+        the exception when the agent has no path to give."""
+        for attempt in range(segments.READ_ATTEMPTS):
+            path, error, full = self.conns.agent_request(agent, tag, fields, timeout=timeout)
+            if path is None:
+                raise failed(error, full) from None
+            try:
+                return segments.read_segment(path, size, private, store_id)
+            except FileNotFoundError:
+                if attempt == segments.READ_ATTEMPTS - 1:
+                    raise
+
+    def copy_failed(self, object_id: bytes, error: str, full: bool) -> BaseException:
+        kind = exc_mod.ObjectStoreFullError if full else exc_mod.ObjectLostError
+        return kind(f"cannot get object {object_id.hex()}: copying it to node {self.conns.home.node_id[:8]} "
+                    f"failed: {error}")
+
+    def read_on(self, node_id: str, location: tuple, what: str, more_sources=(), owner=None) -> tuple:
+        """How a process on node ``node_id`` reads a stored value: ("loc", path, size, store_id) when it
+        is in that node's store, else ("pull", store_id, size, sources, owner, what): that
+        node's agent copies it from the nodes that hold it (pull.py), and frees the copy
+        when ``owner`` ((identity, node id); default: us) is gone."""
+        _, where, store_id, path, size = location
+        if where == node_id:
+            return ("loc", path, size, store_id)
+        sources = [where, *(n for n in more_sources if n not in (where, node_id))]
+        owner = owner or (self.c.identity.decode(), self.conns.home.node_id)
+        return ("pull", store_id, size, sources, owner, what)
+
+    def stored_for(self, node_id: str, oid: bytes, entry: Entry, what: str) -> tuple:
+        """``read_on`` for an object of our table, recording the copy it makes: we free the
+        copies of what we own; the owner of what we borrow is told (AddCopy) before our
+        borrow can end, so it frees that copy too."""
+        with self.lock:
+            copies = list(entry.copies or ())
+        owner = None if entry.owned or entry.owner is None else (entry.owner[0].decode(), entry.owner[1])
+        spec = self.read_on(node_id, entry.location, what, copies, owner)
+        if spec[0] != "pull":
+            return spec
+        if entry.owned:
+            with self.lock:
+                entry.copies = (entry.copies or set()) | {node_id}
+        elif entry.owner is not None:
+            self.c.refs.report_copy(entry.owner, oid, entry.location.store_id, node_id)
+            self.c.borrowing.schedule_frees()
+        return spec
+
+    def copy_here(self, object_id: bytes, spec: tuple, copied, failed) -> None:
+        """(I/O thread) Our agent copies a value stored on other nodes into our node's store
+        (``spec``: a "pull" of read_on): then ``copied(location)``, or ``failed(error)``."""
+        _, store_id, size = spec[:3]
+        home = self.conns.home
+
+        def answer(reply):
+            path, error, full = reply
+            if path is None:
+                failed(self.copy_failed(object_id, error, full))
+            else:
+                copied(Location("seg", home.node_id, store_id, path, size))
+        self.conns.request_async(home.socket, "PullObject", spec[1:], answer)
+
+    def fetch_here(self, refs: list, flags: list, num_returns: int, timeout: float | None) -> list[bool]:
+        """wait(fetch_local=True): of the first ``num_returns`` ready ``refs`` (``flags``), those
+        whose value lives in another node's store are copied into our node's store (pull.py)
+        before they count as ready; True for each ready here now (a failed copy counts: get
+        raises its error).  Nothing to do without a store of our own, or for values here."""
+        home = self.conns.home
+        if home is None or not home.local:
+            return flags
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out = list(flags)
+        counted = 0
+        for i, (ref, ready) in enumerate(zip(refs, flags)):
+            if not ready or counted >= num_returns:
+                continue
+            counted += 1
+            entry = self.objects.get(ref._id)
+            if entry is None or entry.state != READY or entry.location is None \
+                    or entry.location.node_id == home.node_id:
+                continue
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                out[i] = False
+                continue
+            spec = self.stored_for(home.node_id, ref._id, entry, f"object {ref.hex()[:16]}")
+            try:
+                self.conns.agent_request(home, "PullObject", spec[1:], timeout=3600 if left is None else left)
+            except exc_mod.FarpoolError:  # no answer in time: not here yet
+                out[i] = False
+        return out

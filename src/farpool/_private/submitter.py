@@ -1,0 +1,423 @@
+"""Submission: from ``remote()`` to a task on a leased worker.
+
+Owns the task path up to the worker: pickling a call and its arguments on the caller's
+thread (large arguments into the node store once per call), waiting for argument
+objects, the queues per resource shape (task_queues.py, pure, decides; this part applies
+its Plan), lease requests and their answers (granted, spilled back to another node,
+infeasible), sending batches of tasks (``ExecuteTask``), taking queued tasks back from a
+busy worker, returning idle leases, and the fast path of a sequential submit-then-get
+(``submit_direct``: the caller's thread sends to a parked lease, sparing the I/O thread's
+wake-up).  Actor calls share the pickling and argument waiting; their order and channels
+are the ``actor_client`` part's.
+
+Dispatch is batched: anything that may let tasks go marks its queue dirty, and one
+``dispatch_dirty`` per loop turn serves every dirty queue.
+
+Who may touch it: ``submit`` from any user thread; everything else on the I/O thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+import warnings
+
+from farpool import exceptions as exc_mod
+from farpool._private import context as context_mod
+from farpool._private import protocol, scheduling, transport
+from farpool._private.client_part import ClientPart
+from farpool._private.connections import AgentConn, DirectChannel, RelayChannel
+from farpool._private.object_ref import ObjectRef, _nested_refs
+from farpool._private.protocol import encode
+from farpool._private.refs import FAILED, PENDING, Entry
+from farpool._private.task_queues import KeyQueue, LeaseState, RemoteFunctionInfo, TaskRecord
+
+log = logging.getLogger("farpool.client")
+
+# An idle lease is kept this long before it is returned to the agent: a
+# sequential submit/get loop reuses its worker without a lease round trip,
+# while another owner waits at most this long for the worker.
+LEASE_LINGER_S = 0.05
+
+
+class Submitter(ClientPart):
+    """See the module docstring.  ``c``: the CoreClient shell."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.tasks = c.queues.tasks
+        self.children: dict[str, list] = {}  # in a worker: task id (hex) -> tasks it submitted
+        self.pools: dict[str, dict] = {}     # pool_key -> {"initializer", "initargs", "max_tasks"}
+        self._dispatch_scheduled = False
+        self._dirty_keys: set = set()
+        self._dirty_actors: set = set()
+
+    def bind(self) -> None:
+        """The sibling parts' calls this one makes (after the shell made them all)."""
+        c = self.c
+        self.store_value = c.stored.store_value
+        self.stored_for = c.stored.stored_for
+        self.entry_for = c.values.entry_for
+
+    # ------------------------------------------------------------------ submit (user threads)
+    def submit(self, fn: RemoteFunctionInfo, args: tuple, kwargs: dict, num_returns: int, shape: dict,
+               max_retries: int, retry_exceptions, name: str, strategy="DEFAULT", pool_key=None,
+               actor_id: str | None = None, token=None) -> list:
+        c = self.c
+        if c.broken is not None:
+            raise c.broken
+        ref_slots = []
+        if any(isinstance(a, ObjectRef) for a in args):
+            args = list(args)
+            for i, a in enumerate(args):
+                if isinstance(a, ObjectRef):
+                    ref_slots.append((i, a))
+                    args[i] = None
+            args = tuple(args)
+        if kwargs and any(isinstance(v, ObjectRef) for v in kwargs.values()):
+            kwargs = dict(kwargs)
+            for k, v in list(kwargs.items()):
+                if isinstance(v, ObjectRef):
+                    ref_slots.append((k, v))
+                    kwargs[k] = None
+        collector: list = []
+        nested = _nested_refs  # (on the task path: save and restore by hand, cheaper than a with block)
+        outer, nested.collector = nested.collector, collector
+        try:
+            payload, bufs = protocol.dumps_call(args, kwargs, name)
+        finally:
+            nested.collector = outer
+        task_id = c.new_object_id()
+        # Copy out-of-band buffers now: the caller may mutate its arrays after remote() returns.
+        # Large arguments go into the node store once per call; workers map them.
+        args_location = self.store_value(task_id + b"args", payload, bufs, f"arguments of {name}") \
+            if bufs else None
+        if args_location is not None:
+            payload, bufs = b"", []
+        else:
+            bufs = [bytes(b.raw()) for b in bufs]
+        return_ids = [task_id] + [c.new_object_id() for _ in range(num_returns - 1)]
+        pinned = [r._id for _, r in ref_slots] + [r._id for r in collector]
+        if token is not None:  # an actor call keeps its actor alive (the handles' token) until it ends
+            pinned.append(token._id)
+        if not isinstance(strategy, str):  # NodeAffinity(node_id, soft)
+            strategy = ("affinity", strategy.node_id, bool(strategy.soft))
+        key = ("actor", actor_id) if actor_id is not None else (tuple(sorted(shape.items())), pool_key, strategy)
+        task = TaskRecord(task_id, fn, payload, bufs, ref_slots, return_ids, shape, key, max_retries,
+                          retry_exceptions, pinned, name, strategy, pool_key, actor_id=actor_id)
+        task.args_location = args_location
+        with self.lock:
+            for oid in return_ids:
+                self.objects[oid] = Entry(task=task)
+            for oid in pinned:
+                e = self.objects.get(oid)
+                if e is not None:
+                    e.task_pins += 1
+        owner = c.owner_address
+        refs = [ObjectRef(oid, owner) for oid in return_ids]
+        # Borrowed top-level refs need the owner's value: ask for it unless asked already
+        # (a ref that arrived inside a value has an entry, not yet fetched).
+        for _, ref in ref_slots:
+            self.entry_for(ref)
+        if c.in_worker and context_mod.context.task_id is not None:
+            # remember children, for cancel(recursive=True)
+            self.children.setdefault(context_mod.context.task_id, []).append(task_id)
+        if not (ref_slots or actor_id) and key in self.queues.parked and self.submit_direct(task):
+            return refs
+        self.loop.call_soon(self.on_submit, task)
+        return refs
+
+    def submit_direct(self, task: TaskRecord) -> bool:
+        """The fast path of a sequential submit-then-get: send the task from this thread
+        straight to an idle leased worker on this node, sparing the I/O thread's wake-up.
+
+        Whoever takes a parked lease (TaskQueues.take_parked, under the lock) owns it: a
+        caller here, or the I/O thread to dispatch queued tasks or to return it.  The task
+        is recorded in flight here, before it leaves: its reply can reach the I/O thread
+        before ``_sent_direct`` does (the loop may be reading that worker's stream for
+        an earlier reply when this one arrives), and a reply for a task not yet recorded
+        was taken for one already ended, leaving the task in flight for ever.
+        """
+        lease = self.queues.take_parked(task.key, task)  # (recorded in flight there already)
+        if lease is None:
+            return False
+        frames = self.task_frames(lease, [task])
+        self.loop.call_soon_lazy(self._sent_direct, task, lease)
+        lease.channel.stream.send_from_thread(frames)
+        return True
+
+    def _sent_direct(self, task: TaskRecord, lease: LeaseState) -> None:
+        if lease.linger is not None:
+            self.loop.cancel_timer(lease.linger)
+            lease.linger = None
+        if not self.queues.sent_direct(task, lease):  # its worker exited before the task reached it
+            self.mark_dirty(task.key)
+
+    # ------------------------------------------------------------------ arguments (I/O thread)
+    def on_submit(self, task: TaskRecord) -> None:
+        self.tasks[task.task_id] = task
+        waiting = 0
+        with self.lock:
+            for _, ref in task.ref_slots:
+                entry = self.objects.get(ref._id)
+                if entry is None:
+                    continue
+                if entry.state == PENDING:
+                    waiting += 1
+                    entry.waiters.append(lambda _e, t=task: self._dep_ready(t))
+        task.deps_left = waiting
+        if task.actor_id is not None:
+            # Actor calls keep submission order: queued now, sent when first in line and ready.
+            self.c.actor_calls.add(task)
+            self.mark_actor_dirty(task.actor_id)
+        elif waiting == 0:
+            self.enqueue(task)
+
+    def _dep_ready(self, task: TaskRecord) -> None:
+        task.deps_left -= 1
+        if task.actor_id is not None:
+            self.mark_actor_dirty(task.actor_id)
+        elif task.deps_left == 0:
+            self.enqueue(task)
+
+    def failed_argument(self, task: TaskRecord) -> Entry | None:
+        """The entry of a top-level argument that failed: the task fails without running."""
+        for _, ref in task.ref_slots:
+            entry = self.objects.get(ref._id)
+            if entry is not None and entry.state == FAILED:
+                return entry
+        return None
+
+    def enqueue(self, task: TaskRecord, front: bool = False) -> None:
+        if task.cancelled:
+            return
+        failed = self.failed_argument(task)
+        if failed is not None:
+            self.c.completion.finish_failed(task, self.c.values.error_of(failed))
+            return
+        self.queues.enqueue(task, front)
+        self.mark_dirty(task.key)
+
+    # ------------------------------------------------------------------ dispatch (I/O thread)
+    def mark_dirty(self, key) -> None:
+        self._dirty_keys.add(key)
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            self.loop.call_soon(self._dispatch_dirty)
+
+    def mark_actor_dirty(self, actor_id: str) -> None:
+        self._dirty_actors.add(actor_id)
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            self.loop.call_soon(self._dispatch_dirty)
+
+    def _dispatch_dirty(self) -> None:
+        self._dispatch_scheduled = False
+        keys, self._dirty_keys = self._dirty_keys, set()
+        for key in keys:
+            if key in self.queues.keys:
+                self.dispatch(key)
+        actors, self._dirty_actors = self._dirty_actors, set()
+        if actors:
+            actor_client = self.c.actor_client
+            for actor_id in actors:
+                actor_client.dispatch(actor_id)
+
+    def dispatch(self, key) -> None:
+        plan = self.queues.dispatch(key, self._cluster_cpus())
+        for lease, batch in plan.sends:
+            self.send_tasks(lease, batch)
+        if plan.requests:
+            kq = self.queues.keys[key]
+            agent, spillback_ok = self._agent_for(kq, key)
+            if agent is None:
+                return
+            for _ in range(plan.requests):
+                self._request_lease(kq, key, agent, spillback_ok)
+        if plan.take_back is not None:
+            self._send_take_back(*plan.take_back)
+        for lease in plan.linger:
+            lease.linger = self.loop.call_later(LEASE_LINGER_S, self._return_idle, lease)
+
+    def _cluster_cpus(self) -> int:
+        return sum(n["total"].get("CPU", 0) for n in self.c.nodes if n.get("alive"))
+
+    def _send_take_back(self, busy: LeaseState, ids: list) -> None:
+        token = (busy.node_id, busy.lease_id)
+        if isinstance(busy.channel, DirectChannel):
+            # Its worker may be deep in a long task: the doorbell is answered even then.
+            data = pickle.dumps((ids, token, self.c.identity), protocol=5)
+            if not self.conns.send_doorbell(data, busy.channel.doorbell):
+                busy.taking_back = False  # gone, or its queue is full: try again at the next chance
+        else:  # on another machine: its agent relays it, answered between tasks
+            busy.channel.send(encode("TakeBack", (ids, token)))
+
+    def on_taken_back(self, task_ids, lease_key) -> None:
+        """Tasks a worker handed back unstarted: first in line again (not an attempt)."""
+        lease = self.queues.taken_back(tuple(lease_key), task_ids)
+        if lease is not None:
+            self.mark_dirty(lease.key)
+
+    def _agent_for(self, kq: KeyQueue, key) -> tuple:
+        """Where to ask for leases: the home agent, or the node a NodeAffinity names."""
+        home = self.conns.home
+        if not isinstance(kq.strategy, tuple):
+            return home, True
+        _, node_id, soft = kq.strategy
+        nodes = self.c.nodes
+        node = next((n for n in nodes if n["node_id"] == node_id), None)
+        if node is not None and node["alive"]:
+            agent, why = self.conns.agent_conn(node_id, nodes)
+            if agent is None:
+                if not soft:
+                    self.fail_key(key, exc_mod.NodeDiedError(
+                        f"NodeAffinity: cannot reach node {node_id} ({why}); use soft=True to "
+                        "let the task run elsewhere"))
+                    return None, False
+                return home, True
+            return agent, False
+        if soft:
+            return home, True
+        state = "is dead" if node is not None else "is not part of this cluster"
+        self.fail_key(key, exc_mod.InfeasibleError(
+            f"NodeAffinity: node {node_id} {state} (live nodes: "
+            f"{', '.join(n['node_id'] for n in nodes if n['alive'])}); pick a live node from "
+            "farpool.nodes(), or use NodeAffinity(node_id, soft=True) to allow any node"))
+        return None, False
+
+    def _request_lease(self, kq: KeyQueue, key, agent: AgentConn, spillback_ok: bool = True) -> None:
+        request_id = self.conns.next_request_id()
+        self.queues.request_sent(key, request_id, agent)
+        strategy = kq.strategy if isinstance(kq.strategy, str) else "DEFAULT"
+        transport.send(agent.socket, encode("RequestLease", (request_id, kq.shape, self.c.job_id, kq.pool_key,
+                                                             strategy, spillback_ok)))
+
+    def send_tasks(self, lease: LeaseState, batch: list) -> None:
+        """Send a batch the queues already marked RUNNING on ``lease``."""
+        if lease.linger is not None:
+            self.loop.cancel_timer(lease.linger)
+            lease.linger = None
+        lease.channel.send(self.task_frames(lease, batch))
+
+    def task_frames(self, lease: LeaseState, batch: list) -> list:
+        """The ExecuteTask message for a batch of tasks sent on this lease."""
+        wire = []
+        buffers: list = []
+        now = time.perf_counter()
+        objects = self.objects
+        for task in batch:
+            fn = task.fn
+            fn_bytes = None
+            if fn.fn_hash not in lease.shipped:
+                fn_bytes = fn.fn_bytes
+                lease.shipped.add(fn.fn_hash)
+            ref_values = []
+            ref_bufs = []
+            for slot, ref in task.ref_slots:
+                entry = objects[ref._id]
+                if entry.location is not None:
+                    ref_values.append((slot, self.stored_for(lease.node_id, ref._id, entry,
+                                                             f"an argument of {task.name}"), 0))
+                else:
+                    ref_values.append((slot, entry.payload, len(entry.buffers)))
+                    ref_bufs.extend(entry.buffers)
+            args_payload, arg_bufs = task.args_payload, task.arg_bufs
+            if task.args_location is not None:
+                args_payload = self.c.stored.read_on(lease.node_id, task.args_location, f"the arguments of {task.name}")
+                if args_payload[0] == "pull":
+                    task.args_copies = (task.args_copies or set()) | {lease.node_id}
+            job_setup = None
+            if not lease.job_sent:
+                job_setup = dict(self.c.job_setup, pool_key=task.pool_key, pool=self.pools.get(task.pool_key))
+                lease.job_sent = True
+            wire.append((task.task_id, fn.fn_hash, fn_bytes, task.name, args_payload, len(arg_bufs),  # a TaskSpec
+                         ref_values, len(task.return_ids), job_setup,
+                         (lease.gpu_ids, task.shape.get("CPU", 0) / scheduling.UNIT, task.shape)))
+            buffers.extend(arg_bufs)
+            buffers.extend(ref_bufs)
+            task.submitted_at = now
+        # Large results into the worker's node store when we can read them from there (a
+        # store of our own to copy them into, or the worker on our node); else inline.
+        home = self.conns.home
+        return encode("ExecuteTask", (wire, self.c.peer_address, home is not None and home.local), buffers)
+
+    def _return_idle(self, lease: LeaseState) -> None:
+        """Its linger timer fired (see TaskQueues.idle)."""
+        what = self.queues.idle(lease)
+        if what == "dispatch":
+            self.dispatch(lease.key)
+        elif what == "return":
+            agent = self.conns.agents.get(lease.node_id)
+            if agent is not None:
+                transport.send(agent.socket, encode("ReturnLease", (lease.lease_id, False)))
+
+    # ------------------------------------------------------------------ lease answers (I/O thread)
+    def on_lease_granted(self, conn: AgentConn, request_id, lease_id, worker_id, address, node_id, gpu_ids):
+        kq = self.queues.answered(request_id)
+        if kq is None or not kq.queue:
+            # Nothing left to run: give the worker straight back.
+            transport.send(conn.socket, encode("ReturnLease", (lease_id, False)))
+            return
+        key = kq.key
+        if address is not None:
+            try:
+                channel = self.conns.worker_channel(address)
+            except OSError as error:
+                log.warning("cannot connect to worker %s at %s: %s", worker_id, address, error)
+                transport.send(conn.socket, encode("ReturnLease", (lease_id, True)))
+                self.mark_dirty(key)
+                return
+        else:
+            channel = RelayChannel(conn, worker_id)
+        lease = LeaseState(lease_id, worker_id, node_id, channel, gpu_ids, key,
+                           direct=isinstance(channel, DirectChannel))
+        self.queues.add_lease(lease)
+        self.dispatch(key)
+
+    def on_lease_spillback(self, request_id, node_id, tcp_address, ipc_address):
+        kq = self.queues.answered(request_id)
+        if kq is None:
+            return
+        agent, why = self.conns.agent_conn(node_id, self.c.nodes, tcp_address, ipc_address)
+        if agent is None:
+            self.fail_key(kq.key, exc_mod.NodeDiedError(
+                f"cannot reach node {node_id[:8]} at {tcp_address or ipc_address} that could run these "
+                f"tasks: {why}"))
+            return
+        if kq.queue:
+            self._request_lease(kq, kq.key, agent, spillback_ok=False)
+
+    def on_lease_infeasible(self, request_id, message, fatal):
+        kq = self.queues.answered(request_id, final=fatal)
+        if kq is None:
+            return
+        if fatal:
+            self.fail_key(kq.key, exc_mod.InfeasibleError(message))
+        elif not kq.warned_infeasible:
+            kq.warned_infeasible = True
+            log.warning("%s", message)
+            warnings.warn(message, RuntimeWarning, stacklevel=1)
+
+    def fail_key(self, key, error: BaseException) -> None:
+        for task in self.queues.drain(key):
+            self.c.completion.finish_failed(task, error)
+
+    def agent_closed(self, conn: AgentConn) -> None:
+        """An agent connection closed: lease requests made on it are asked again."""
+        for key in self.queues.forget_requests_to(conn):
+            self.mark_dirty(key)
+
+    # ------------------------------------------------------------------ pools
+    def register_pool(self, pool_key: str, initializer=None, initargs=(), max_tasks: int | None = None) -> None:
+        """Tasks submitted with ``pool_key`` get workers of their own that first run
+        ``initializer(*initargs)`` and retire after ``max_tasks`` tasks (facades' hooks)."""
+        setup = {"max_tasks": max_tasks, "initializer": None, "initargs": None}
+        if initializer is not None:
+            setup["initializer"] = protocol.dumps_function(initializer)
+            import cloudpickle
+            try:
+                setup["initargs"] = cloudpickle.dumps(tuple(initargs), protocol=5)
+            except Exception as exc:
+                raise protocol.SerializationError(f"cannot pickle initargs: {exc}") from exc
+        self.pools[pool_key] = setup

@@ -1,0 +1,277 @@
+"""Values for user threads: put, wait, get, futures and completion callbacks.
+
+Owns: how a user thread waits for objects of the reference table (waiters on their
+entries, woken by ``fire`` on the I/O thread), how a value is unpickled where ``get`` is
+called (results stay pickled until then), the errors ``get`` raises for failed objects,
+the callback thread that runs user callbacks and worker output (never the I/O thread),
+and, inside a worker, telling its agent that the task blocks in ``get`` (so it lends the
+CPU: no deadlock).
+
+Who may touch it: user threads (put, wait_entries, get, value_of, future_for,
+add_done_callback); the I/O thread calls ``fire`` and ``run_callback``.  Store reads go
+through the client's ``stored`` part; a borrowed value is asked of its owner through the
+``borrowing`` part, once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+
+from farpool import exceptions as exc_mod
+from farpool._private import protocol
+from farpool._private.client_part import ClientPart
+from farpool._private.object_ref import ObjectRef, arriving, collecting
+from farpool._private.refs import FAILED, PENDING, READY, Entry
+
+log = logging.getLogger("farpool.client")
+
+
+class Values(ClientPart):
+    """See the module docstring.  ``c``: the CoreClient shell."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.callback_queue: queue.Queue | None = None
+        self.callback_thread: threading.Thread | None = None
+        self.blocked_depth = 0
+
+    # ------------------------------------------------------------------ put
+    def put(self, value) -> ObjectRef:
+        if isinstance(value, ObjectRef):
+            raise TypeError("put() of an ObjectRef is not allowed: pass the ref itself where it is needed")
+        with collecting([]) as collector:
+            payload, bufs = protocol.dumps(value, what="the value given to put()")
+        c = self.c
+        oid = c.new_object_id()
+        # put copies the user's buffers now (into the node store when large):
+        # later mutation changes nothing put.
+        location = c.stored.store_value(oid, payload, bufs, "put")
+        if location is not None:
+            entry = Entry(state=READY, location=location, size=location.size)
+        else:
+            bufs = [bytes(b.raw()) if isinstance(b, protocol.pickle.PickleBuffer) else b for b in bufs]
+            entry = Entry(state=READY, payload=payload, buffers=bufs,
+                          size=len(payload) + sum(len(b) for b in bufs))
+        with self.lock:
+            self.objects[oid] = entry
+            for inner in collector:  # refs inside the value live as long as it does
+                e = self.objects.get(inner._id)
+                if e is not None:
+                    e.task_pins += 1
+                    entry.contains.append(inner._id)
+        return ObjectRef(oid, c.owner_address)
+
+    # ------------------------------------------------------------------ waiting
+    def entry_for(self, ref: ObjectRef) -> Entry:
+        entry = self.objects.get(ref._id)
+        if entry is not None and entry.fetched:
+            return entry
+        # A borrowed ref: ask its owner for the value (once) and keep a local copy.
+        with self.lock:
+            entry = self.objects.get(ref._id)
+            if entry is None:  # a ref made before this client existed: not counted, kept
+                entry = self.objects[ref._id] = Entry(owned=False, fetched=False, owner=ref._owner)
+            fetch = not entry.fetched
+            entry.fetched = True
+        if fetch:
+            self.loop.call_soon(self.c.borrowing.fetch, ref._id, ref._owner)
+        return entry
+
+    def when_done(self, entry: Entry, fn) -> bool:
+        """Call ``fn(entry)`` (on the I/O thread) when ``entry`` is no longer pending; False
+        (and no call) when it is done already."""
+        with self.lock:
+            if entry.state != PENDING:
+                return False
+            entry.waiters.append(fn)
+            return True
+
+    def wait_entries(self, refs: list, num_returns: int, timeout: float | None) -> list[bool]:
+        """Block until ``num_returns`` of ``refs`` are done (or timeout); readiness flags."""
+        entries = [self.entry_for(r) for r in refs]
+        done = threading.Lock()  # held until enough are done (a bare lock: cheaper than an Event)
+        done.acquire()
+        remaining = [num_returns]
+        registered = []
+
+        def on_done(_entry):  # on the I/O thread
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                done.release()
+
+        with self.lock:
+            for e in entries:
+                if e.state != PENDING:
+                    remaining[0] -= 1
+            if remaining[0] > 0:
+                for e in entries:
+                    if e.state == PENDING:
+                        e.waiters.append(on_done)
+                        registered.append(e)
+        if remaining[0] > 0:
+            self.set_blocked(True)
+            try:
+                done.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+            finally:
+                self.set_blocked(False)
+                if registered:
+                    with self.lock:
+                        for e in registered:
+                            try:
+                                e.waiters.remove(on_done)
+                            except ValueError:
+                                pass
+        return [e.state != PENDING for e in entries]
+
+    def set_blocked(self, blocked: bool) -> None:
+        """Inside a worker's task: tell the agent we wait, so it lends our CPU (no deadlock)."""
+        c = self.c
+        if not c.in_worker or c.worker_id is None:
+            return
+        if blocked:
+            self.blocked_depth += 1
+            if self.blocked_depth == 1:
+                self.loop.call_soon(c.send_home, "WorkerBlocked", (c.worker_id,))
+        else:
+            self.blocked_depth -= 1
+            if self.blocked_depth == 0:
+                self.loop.call_soon(c.send_home, "WorkerUnblocked", (c.worker_id,))
+
+    def fire(self, entry: Entry) -> None:
+        """Run the entry's waiters (they wake user threads): on the I/O thread, last thing
+        before it sleeps (EventLoop.call_last)."""
+        if self.loop.in_loop_thread():
+            self.loop.call_last(self._fire_now, entry)
+        else:
+            self._fire_now(entry)
+
+    def _fire_now(self, entry: Entry) -> None:
+        with self.lock:
+            waiters, entry.waiters = entry.waiters, []
+        for waiter in waiters:
+            try:
+                waiter(entry)
+            except Exception:
+                log.exception("an internal completion waiter failed")
+
+    def fail_pending(self, error: BaseException) -> None:
+        """Every pending object fails with ``error`` (the cluster is gone)."""
+        with self.lock:
+            pending = [e for e in self.objects.values() if e.state == PENDING]
+            for entry in pending:
+                entry.state = FAILED
+                entry.error = error
+        for entry in pending:
+            self.fire(entry)
+
+    # ------------------------------------------------------------------ values
+    def get(self, refs: list, timeout: float | None) -> list:
+        ready = self.wait_entries(refs, len(refs), timeout)
+        if not all(ready):
+            n = ready.count(False)
+            raise exc_mod.GetTimeoutError(
+                f"get() timed out after {timeout} s with {n} of {len(refs)} object(s) not ready "
+                f"(first: {refs[ready.index(False)].hex()}); raise the timeout, or use wait() to "
+                "take results as they come")
+        return [self.value_of(r) for r in refs]
+
+    def value_of(self, ref: ObjectRef, writable: bool = False):
+        """The value (unpickled here). ``writable``: store-backed arrays come as
+        copy-on-write views instead of read-only ones (the facades' stdlib semantics)."""
+        entry = self.objects.get(ref._id)
+        if entry is None:
+            raise exc_mod.ObjectLostError(f"object {ref.hex()} is no longer known to this process")
+        if entry.state == FAILED:
+            raise self.error_of(entry)
+        if entry.location is not None:
+            payload, buffers = self.c.stored.map_location(entry.location, private=writable, oid=ref._id,
+                                                          entry=entry)
+        else:
+            payload, buffers = entry.payload, entry.buffers
+        try:
+            if entry.owned:  # refs inside our own values are pinned by them (put, RefTable.hold_nested)
+                return protocol.loads(payload, buffers)
+            with arriving([]) as arrivals:
+                value = protocol.loads(payload, buffers)
+        except Exception as exc:  # the value's own unpickling code raised: keep its type, say where
+            task = getattr(entry.task, "name", None)
+            exc.add_note(f"(farpool: while unpickling {f'the result of task {task}' if task else 'the value'} "
+                         f"of object {ref.hex()} in get(); the error comes from that value's unpickling code)")
+            raise
+        if arrivals:
+            self.c.borrowing.register_arrivals([r for r in (w() for w in arrivals) if r is not None])
+        return value
+
+    @staticmethod
+    def error_of(entry: Entry) -> BaseException:
+        """The exception ``get`` raises for a failed object."""
+        error = entry.error
+        if isinstance(error, BaseException):
+            return error
+        kind = error[0]
+        if kind == "task":
+            _, payload, type_name, tb_text, fn_name, where = error
+            cause = None
+            if payload is not None:
+                try:
+                    cause = protocol.loads(payload)
+                except Exception:
+                    cause = None
+            return exc_mod.TaskError.wrap(fn_name, tb_text, cause, type_name, where)
+        raise AssertionError(kind)
+
+    # ------------------------------------------------------------------ futures and callbacks
+    def future_for(self, ref: ObjectRef) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self.add_done_callback(ref, lambda ref: self._complete_future(fut, ref))
+        return fut
+
+    def _complete_future(self, fut, ref) -> None:
+        if fut.done():
+            return
+        try:
+            fut.set_result(self.value_of(ref))
+        except BaseException as error:  # noqa: BLE001
+            fut.set_exception(error)
+
+    def add_done_callback(self, ref: ObjectRef, fn) -> None:
+        """Call ``fn(ref)`` on the callback thread once the object is ready or failed. Any thread."""
+        if not self.when_done(self.entry_for(ref), lambda _entry: self.run_callback(fn, ref)):
+            self.run_callback(fn, ref)
+
+    def run_callback(self, fn, *args) -> None:
+        """Run fn on the one callback thread (never on the I/O thread)."""
+        if self.callback_queue is None:
+            with self.lock:
+                if self.callback_queue is None:
+                    self.callback_queue = queue.Queue()
+                    self.callback_thread = threading.Thread(
+                        target=self._callback_loop, args=(self.callback_queue,), name="farpool-callbacks",
+                        daemon=True)
+                    self.callback_thread.start()
+        self.callback_queue.put((fn, args))
+
+    @staticmethod
+    def _callback_loop(q: queue.Queue) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("a farpool completion callback raised")
+            del item, fn, args  # do not keep the last callback (and what it holds) alive
+
+    def stop_callbacks(self, timeout_s: float) -> None:
+        """What arrived before now runs, then the callback thread ends (bounded: a callback
+        that blocks does not hold the caller up for long)."""
+        if self.callback_queue is None:
+            return
+        self.callback_queue.put(None)
+        if self.callback_thread is not None and self.callback_thread is not threading.current_thread():
+            self.callback_thread.join(timeout=timeout_s)
