@@ -395,8 +395,8 @@ class CoreClient:
             log.warning("dropped a bad ObjectValue from %r: %s", sender[:24], exc)
 
     def _on_node_table(self, nodes: list) -> None:
-        """The head's node table: leases, lease requests, borrowers and owners on nodes it
-        declared dead are lost (retried elsewhere, released, failed)."""
+        """The head's node table: leases, lease requests, borrowers, owners and stored objects
+        on nodes it declared dead are lost (retried elsewhere, released, failed, rebuilt)."""
         self.nodes = nodes
         dead = {n["node_id"]: n.get("death_reason", "") for n in nodes if not n["alive"]}
         for node_id, reason in dead.items():
@@ -409,6 +409,10 @@ class CoreClient:
                 self.completion.on_worker_exited(lease_id, {
                     "node_id": node_id, "worker_id": lease.worker_id, "pid": "?", "exitcode": None,
                     "signal": None, "node_died": dead[node_id]})
+        if dead:  # our stored objects whose every copy was there: rebuilt, or failed (lineage)
+            with self.lock:
+                lost = self.refs.lost_on(dead)
+            self.completion.objects_lost(lost, dead)
         for node_id in dead:
             conn = self.agents.get(node_id)
             if conn is not None and conn is not self.conns.home:

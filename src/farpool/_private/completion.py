@@ -21,8 +21,8 @@ from collections import deque
 from farpool import exceptions as exc_mod
 from farpool._private import protocol
 from farpool._private.client_part import ClientPart
-from farpool._private.refs import FAILED, READY, Location
-from farpool._private.task_queues import TaskRecord
+from farpool._private.refs import FAILED, PENDING, READY, Location
+from farpool._private.task_queues import TaskRecord, TaskState
 
 log = logging.getLogger("farpool.client")
 
@@ -179,6 +179,7 @@ class Completion(ClientPart):
         with self.lock:
             for task, values, nested in completed:
                 self.queues.done(task)
+                stored = False
                 for oid, value, inner in zip(task.return_ids, values, nested):
                     entry = self.objects.get(oid)
                     if entry is None:
@@ -189,6 +190,7 @@ class Completion(ClientPart):
                     if isinstance(value, Location):
                         entry.location = value
                         entry.size = value.size
+                        stored = True
                     else:
                         entry.payload, entry.buffers = value
                         entry.size = len(value[0]) + sum(len(b) for b in value[1])
@@ -198,7 +200,7 @@ class Completion(ClientPart):
                         fire.append(entry)
                     else:
                         refs.delete_if_unreferenced(oid, entry)
-                self._unpin(task)
+                self._ended(task, stored)
         self.schedule_frees()
         for entry in fire:
             self.c.values.fire(entry)
@@ -224,7 +226,7 @@ class Completion(ClientPart):
                     fire.append(entry)
             if inner and not held:  # nobody wants the error
                 self.refs.discard_value((), inner, sender)
-            self._unpin(task)
+            self._ended(task)
         self.schedule_frees()
         for entry in fire:
             self.c.values.fire(entry)
@@ -234,14 +236,88 @@ class Completion(ClientPart):
         for task, error in failed:
             self.finish_failed(task, error)
 
-    def _unpin(self, task: TaskRecord) -> None:
-        """(lock held) The task ended: its arguments are no longer pinned by it."""
-        if task.pinned:
-            self.refs.unpin(task.pinned)
-            task.pinned = []
-        if task.args_location is not None:
-            self.refs.free_location(task.args_location, task.args_copies)
-            task.args_location = None
+    def _ended(self, task: TaskRecord, stored: bool = False) -> None:
+        """(lock held) The run of ``task`` ended.  Its arguments stay pinned while it is kept as
+        the lineage of results in a node store (``stored``), which could be lost with their
+        node; else they are released now."""
+        if task.lineage_kept:
+            return
+        if stored and task.actor_id is None and task.max_retries != 0:
+            self.refs.keep_lineage(task)
+            return
+        if stored:
+            why = (f"it is a result of the actor call {task.name}: actor results are not rebuilt"
+                   if task.actor_id is not None else
+                   f"the task {task.name} that made it has max_retries=0; give it retries to let farpool "
+                   "re-run it when its result is lost")
+            for oid in task.return_ids:
+                entry = self.objects.get(oid)
+                if entry is not None:
+                    entry.no_lineage = why
+        self.refs.release_task(task)
+
+    # ------------------------------------------------------------------ lost objects (lineage)
+    def objects_lost(self, lost: list, reasons: dict) -> None:
+        """Objects of ours whose every copy is gone (``lost``: (id, entry); ``reasons``: node id
+        -> why it is gone): their tasks run again when they may (lineage, ``max_retries``),
+        recursively for lost arguments; else they fail with ObjectLostError saying why."""
+        rerun, fire = [], []
+        with self.lock:
+            for oid, entry in lost:
+                location = entry.location
+                if entry.state != READY or location is None:
+                    continue  # handled already (a result of a task already re-running)
+                node = location.node_id
+                where = (f"object {oid.hex()} was lost: its only copy was in the store of node {node[:8]}, "
+                         f"which is gone ({reasons.get(node) or 'no reason given'})")
+                record = entry.lineage
+                task = record.task if record is not None else None
+                if task is not None and task.spend_attempt():
+                    self._rerun(task, reasons)
+                    rerun.append(task)
+                    log.warning("%s; re-running the task %s that made it (%s)", where, task.name, task.attempt_text())
+                    continue
+                if task is not None:
+                    why = (f"the task {task.name} that made it has no retries left (max_retries={task.max_retries}, "
+                           f"{task.attempts} runs spent)")
+                else:
+                    why = entry.no_lineage or "no lineage was kept for it"
+                entry.state = FAILED
+                entry.location = None
+                entry.error = exc_mod.ObjectLostError(f"{where}; it cannot be rebuilt: {why}.")
+                if entry.waiters:
+                    fire.append(entry)
+        for entry in fire:
+            self.c.values.fire(entry)
+        for task in rerun:
+            self.c.submitter.on_submit(task)
+
+    def _rerun(self, task: TaskRecord, reasons: dict) -> None:
+        """(lock held) Make ``task``'s results pending again, for a new run."""
+        task.state = TaskState.WAITING
+        task.lease = None
+        for oid in task.return_ids:
+            entry = self.objects.get(oid)
+            if entry is None:
+                continue
+            if entry.location is not None and entry.location.node_id not in reasons:
+                self.refs.free_location(entry.location, entry.copies)  # a copy that survived: replaced
+            self.refs.unpin(entry.contains)
+            entry.contains = []
+            entry.state = PENDING
+            entry.location = None
+            entry.copies = None
+            entry.payload = None
+            entry.buffers = []
+            entry.error = None
+            entry.task = task
+
+    def object_lost(self, oid: bytes, location, why: str) -> None:
+        """A reader found our stored object gone (``why``), maybe before the head said its node
+        died: rebuilt as if it were (once: a later report of the same copy does nothing)."""
+        entry = self.objects.get(oid)
+        if entry is not None and entry.state == READY and entry.location is location:
+            self.objects_lost([(oid, entry)], {location.node_id: why})
 
     def timeline(self) -> list[dict]:
         """Chrome-trace events ("X" complete events, microseconds) of recent finished tasks."""

@@ -22,6 +22,13 @@ and ``take_sub_borrowed``; the rest run on the I/O thread.  ``release`` may run
 in ``ObjectRef.__del__`` on any thread at any point, even inside a locked
 section of the same thread, so it never waits for the lock.
 
+Lineage (the owner's): a task result stored in a node store can be lost with its node.
+The table keeps the task that made it (its arguments stay pinned) while any of its
+results is referenced and the task may run again, up to ``LINEAGE_MAX_BYTES`` of
+lineage, evicting the oldest first; ``lost_on`` names the objects whose every copy
+was on dead nodes, and the client re-runs their tasks (completion.py).  An object
+without lineage says why in ``Entry.no_lineage``.
+
 Counting (DESIGN "Objects", Ray's borrower protocol): an object lives while it
 has local refs, pending tasks that use it (``task_pins``), borrowers, or a
 value of ours that contains it; the borrower rules are spelled out above
@@ -30,14 +37,22 @@ value of ours that contains it; the borrower rules are spelled out above
 
 from __future__ import annotations
 
+import os
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from farpool._private.protocol import encode
 
 PENDING, READY, FAILED = 0, 1, 2
+# The most bytes of lineage (the arguments of finished tasks whose stored results may
+# need re-running) an owner keeps; beyond it the oldest is dropped, and its results
+# cannot be rebuilt if lost.  More rebuilds more; less holds less memory (and store
+# memory: large arguments stay in the store while their lineage is kept).
+LINEAGE_MAX_BYTES = int(os.environ.get("FARPOOL_LINEAGE_MAX_BYTES", str(256 << 20)))
+# What a lineage record costs besides its arguments (the record, its ids).
+LINEAGE_OVERHEAD = 256
 
 
 class Location(NamedTuple):
@@ -73,6 +88,16 @@ class Entry:
     copies: set | None = None     # owner of a stored value: other nodes we had copy it (pull.py)
     kept_reports: dict | None = None  # owner: borrower -> its own reports of chained keeps
     #                                   minus those relayed by the chain (see add_borrower)
+    lineage: object = None        # owner: the Lineage that can make it again (see keep_lineage)
+    no_lineage: str = ""          # owner of a stored value without lineage: why it cannot be rebuilt
+
+
+@dataclass
+class Lineage:
+    """A finished task kept so that its stored results can be made again."""
+    task: object                  # the TaskRecord (its arguments stay pinned while kept)
+    size: int                     # bytes it holds (its arguments)
+    live: int = 0                 # its results still in the table
 
 
 @dataclass
@@ -98,6 +123,10 @@ class RefTable:
         self.ended_actors: deque = deque()
         self.frees: dict[str, list] = {}
         self.watches: deque = deque()
+        # Lineage kept, oldest first (task id -> Lineage), and its bytes (see keep_lineage).
+        self.lineage: OrderedDict = OrderedDict()
+        self.lineage_bytes = 0
+        self.lineage_max_bytes = LINEAGE_MAX_BYTES
 
     def has_output(self) -> bool:
         return bool(self.owner_messages or self.ended_actors or self.frees or self.watches)
@@ -186,6 +215,12 @@ class RefTable:
             return
         if entry.location is not None:
             self.free_location(entry.location, entry.copies)
+        if entry.lineage is not None:
+            record = entry.lineage
+            record.live -= 1
+            if record.live == 0 and self.lineage.pop(record.task.task_id, None) is not None:
+                self.lineage_bytes -= record.size
+                self.release_task(record.task)
 
     def free_location(self, location: tuple, copies=()) -> None:
         """(lock held) Free a stored value: the original and every copy we had made on other nodes."""
@@ -200,6 +235,57 @@ class RefTable:
     def free_copy(self, node_id: str, store_id: bytes) -> None:
         """(lock held) A copy on ``node_id`` nobody counts (its object is gone): free it there."""
         self.frees.setdefault(node_id, []).append(store_id)
+
+    # ------------------------------------------------------------------ lineage
+    def release_task(self, task) -> None:
+        """(lock held) A task ended for good: its arguments are no longer pinned by it."""
+        if task.pinned:
+            self.unpin(task.pinned)
+            task.pinned = []
+        if task.args_location is not None:
+            self.free_location(task.args_location, task.args_copies)
+            task.args_location = None
+
+    def keep_lineage(self, task) -> None:
+        """(lock held) ``task`` finished with results in a node store and may run again: keep
+        it (and its arguments) while any of its results lives, so a lost one can be rebuilt."""
+        record = Lineage(task, LINEAGE_OVERHEAD + len(task.args_payload) + sum(len(b) for b in task.arg_bufs)
+                         + (task.args_location.size if task.args_location is not None else 0))
+        for oid in task.return_ids:
+            entry = self.objects.get(oid)
+            if entry is not None:
+                entry.lineage = record
+                record.live += 1
+        if record.live == 0:
+            self.release_task(task)
+            return
+        task.lineage_kept = True
+        self.lineage[task.task_id] = record
+        self.lineage_bytes += record.size
+        while self.lineage_bytes > self.lineage_max_bytes and len(self.lineage) > 1:
+            _, oldest = self.lineage.popitem(last=False)
+            self.lineage_bytes -= oldest.size
+            why = (f"its lineage (the task {oldest.task.name} that made it) was evicted: this process keeps "
+                   f"at most {self.lineage_max_bytes} bytes of lineage (FARPOOL_LINEAGE_MAX_BYTES), dropping "
+                   "the oldest first; raise it to rebuild more")
+            for oid in oldest.task.return_ids:
+                entry = self.objects.get(oid)
+                if entry is not None and entry.lineage is oldest:
+                    entry.lineage = None
+                    entry.no_lineage = why
+            oldest.task.lineage_kept = False
+            if oldest.task.state == "DONE":  # (else being rebuilt: released when that run ends)
+                self.release_task(oldest.task)
+
+    def lost_on(self, dead_nodes) -> list:
+        """(lock held) (id, entry) of our stored objects whose every copy was on ``dead_nodes``."""
+        lost = []
+        for oid, entry in self.objects.items():
+            location = entry.location
+            if entry.owned and entry.state == READY and location is not None and location.node_id in dead_nodes \
+                    and not any(n not in dead_nodes for n in entry.copies or ()):
+                lost.append((oid, entry))
+        return lost
 
     # ------------------------------------------------------------------ values that hold refs
     def hold_nested(self, entry: Entry, inner: list, sender: tuple | None = None) -> None:
@@ -470,6 +556,14 @@ class RefTable:
                     entry = self.objects.get(oid)
                     assert entry is not None and identity in entry.borrowers, \
                         (identity, oid.hex(), "a watch names an object its borrower does not hold")
+            live: dict = {}
+            for entry in self.objects.values():
+                if entry.lineage is not None:
+                    live[id(entry.lineage)] = live.get(id(entry.lineage), 0) + 1
+            for task_id, record in self.lineage.items():
+                assert record.task.task_id == task_id and record.task.lineage_kept, (task_id.hex(), "lineage misfiled")
+                assert live.get(id(record), 0) == record.live > 0, (task_id.hex(), "lineage counts its results wrong")
+            assert self.lineage_bytes == sum(r.size for r in self.lineage.values()), "lineage bytes miscounted"
             for inner, count in pins.items():
                 entry = self.objects.get(inner)
                 assert entry is None or entry.task_pins >= count, \

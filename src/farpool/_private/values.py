@@ -50,7 +50,8 @@ class Values(ClientPart):
         # later mutation changes nothing put.
         location = c.stored.store_value(oid, payload, bufs, "put")
         if location is not None:
-            entry = Entry(state=READY, location=location, size=location.size)
+            entry = Entry(state=READY, location=location, size=location.size,
+                          no_lineage="it was made by put(), which keeps no lineage: put it again")
         else:
             bufs = [bytes(b.raw()) if isinstance(b, protocol.pickle.PickleBuffer) else b for b in bufs]
             entry = Entry(state=READY, payload=payload, buffers=bufs,
@@ -180,17 +181,28 @@ class Values(ClientPart):
 
     def value_of(self, ref: ObjectRef, writable: bool = False):
         """The value (unpickled here). ``writable``: store-backed arrays come as
-        copy-on-write views instead of read-only ones (the facades' stdlib semantics)."""
+        copy-on-write views instead of read-only ones (the facades' stdlib semantics).
+        A stored value of ours found lost is rebuilt first when its lineage allows."""
         entry = self.objects.get(ref._id)
         if entry is None:
             raise exc_mod.ObjectLostError(f"object {ref.hex()} is no longer known to this process")
-        if entry.state == FAILED:
-            raise self.error_of(entry)
-        if entry.location is not None:
-            payload, buffers = self.c.stored.map_location(entry.location, private=writable, oid=ref._id,
-                                                          entry=entry)
-        else:
-            payload, buffers = entry.payload, entry.buffers
+        while True:
+            with self.lock:  # (a consistent view: the I/O thread may be making it pending again)
+                state, location, payload, buffers = entry.state, entry.location, entry.payload, entry.buffers
+            if state == FAILED:
+                raise self.error_of(entry)
+            if state == PENDING:  # being rebuilt from its lineage
+                self.wait_entries([ref], 1, None)
+                continue
+            if location is None:
+                break
+            try:
+                payload, buffers = self.c.stored.map_location(location, private=writable, oid=ref._id, entry=entry)
+                break
+            except exc_mod.ObjectLostError as error:
+                if not entry.owned or entry.lineage is None:
+                    raise
+                self._report_lost(ref._id, location, str(error))
         try:
             if entry.owned:  # refs inside our own values are pinned by them (put, RefTable.hold_nested)
                 return protocol.loads(payload, buffers)
@@ -204,6 +216,19 @@ class Values(ClientPart):
         if arrivals:
             self.c.borrowing.register_arrivals([r for r in (w() for w in arrivals) if r is not None])
         return value
+
+    def _report_lost(self, oid: bytes, location, why: str) -> None:
+        """Tell the I/O thread a stored object of ours is gone, and wait until it has made it
+        pending again (a rebuild) or failed."""
+        done = threading.Event()
+
+        def report():
+            try:
+                self.c.completion.object_lost(oid, location, why)
+            finally:
+                done.set()
+        self.loop.call_soon(report)
+        done.wait()
 
     @staticmethod
     def error_of(entry: Entry) -> BaseException:
