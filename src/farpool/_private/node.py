@@ -43,7 +43,7 @@ import time
 from farpool._private import (addresses, launcher, protocol, pull, pulse, scheduling, session, spill, store, transport,
                               versions)
 from farpool._private.leases import LeaseManager, LeaseRequest
-from farpool._private.node_clients import HEAD, IPC, TCP, ClientsPart
+from farpool._private.node_clients import HEAD, IPC, TCP, Client, ClientsPart
 from farpool._private.node_diagnostics import DiagnosticsPart
 from farpool._private.node_objects import ObjectsPart
 from farpool._private.protocol import encode
@@ -54,7 +54,7 @@ HEARTBEAT_S = 1.0
 # The head silent this long means the cluster is gone: the agent exits.
 HEAD_TIMEOUT_S = float(os.environ.get("FARPOOL_HEAD_TIMEOUT_S", "15"))
 
-HEAD_CLIENT = (HEAD, b"")  # the head leases workers for actors like any client
+HEAD_CLIENT = Client(HEAD, b"")  # the head leases workers for actors like any client
 
 # What each kind of peer may send the agent; anything else is dropped with one log
 # line naming the peer's kind and the tag.  A peer's kind is its socket and the prefix
@@ -194,8 +194,9 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         else:
             reply = transport.connect_tcp(self.head, self.args.head_address, self.token, hello)
             tag, fields, _ = protocol.decode(reply)
-            if tag == "Error" and fields[0] == "version-mismatch":
-                raise ConnectionError(f"the head refused this node: {fields[1]}")
+            error = protocol.Error._make(fields) if tag == "Error" else None
+            if error is not None and error.code == "version-mismatch":
+                raise ConnectionError(f"the head refused this node: {error.detail}")
             self._on_head_message(reply)
         self.loop.add_reader(self.head, self._on_head)
         self.heartbeat_due = time.monotonic() + HEARTBEAT_S
@@ -276,9 +277,9 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
     def _on_GetNodes(self, client, request_id) -> None:
         self._send(client, "Nodes", request_id, self.cluster_nodes)
 
-    def _on_head_error(self, code, *details) -> None:
+    def _on_head_error(self, code: str, detail: str) -> None:
         if code == "unknown-node":
-            self._declared_dead(details[0])
+            self._declared_dead(detail)
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -329,7 +330,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                 if handler is None:
                     self._refuse(peer, identity, tag)
                     continue
-                handler((kind, identity), *fields)
+                handler(Client(kind, identity), *fields)
             except (protocol.ProtocolError, TypeError, ValueError, KeyError, IndexError) as exc:
                 log.warning("dropped a bad message from %r: %s", identity[:24], exc)
             except Exception:  # a bug handling one message must not take the whole node down
@@ -355,7 +356,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         try:
             scheduling.check_shape(shape)
         except ValueError as exc:
-            log.warning("refused a lease request from %r: %s", client[1][:24], exc)
+            log.warning("refused a lease request from %r: %s", client.identity[:24], exc)
             self._send(client, "LeaseInfeasible", request_id, f"this lease request cannot be granted: {exc}", True)
             return
         self.client_jobs.setdefault(client, job_id)
@@ -392,18 +393,18 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
             log.error("the worker launcher died; exiting")
             self.loop.stop()
             return
-        for msg in msgs:
-            if msg[0] not in LAUNCHER_MAY_SEND:
-                log.warning("dropped %r from the launcher: it may not send it", msg[0])
-            elif msg[0] == "output":
-                _, worker_id, stream, data = msg
+        for tag, *fields in msgs:
+            if tag not in LAUNCHER_MAY_SEND:
+                log.warning("dropped %r from the launcher: it may not send it", tag)
+            elif tag == "output":
+                worker_id, stream, data = fields
                 self._forward_output(worker_id, stream, data)
-            elif msg[0] == "started":
-                _, worker_id, pid = msg
+            elif tag == "started":
+                worker_id, pid = fields
                 self.worker_pids[worker_id] = pid
                 self.pids_ever[worker_id] = pid
-            elif msg[0] == "exited":
-                _, worker_id, pid, code, sig = msg
+            elif tag == "exited":
+                worker_id, pid, code, sig = fields
                 self.worker_pids.pop(worker_id, None)
                 info = {"worker_id": worker_id, "pid": pid, "exitcode": code, "signal": sig,
                         "node_id": self.node_id}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import NamedTuple
 
 from farpool._private import protocol, transport
 from farpool._private.protocol import encode
@@ -41,8 +42,20 @@ CLOSE_SETTLE_S = min(0.5, CLIENT_GRACE_S)
 # Checks of the TCP clients due this close together are done once.
 CHECK_COALESCE_S = 0.25
 
-# A client is (socket kind, identity): our ipc socket, our TCP port, or the head's connection.
-IPC, TCP, HEAD = "ipc", "tcp", "head"
+IPC, TCP, HEAD = "ipc", "tcp", "head"  # the kinds of socket a client reaches us on
+
+
+class Client(NamedTuple):
+    """A client of this agent (never sent): the key of what it holds here (leases, watches)."""
+    kind: str                   # IPC (this machine), TCP (another), HEAD (the head leasing for actors)
+    identity: bytes             # its zmq routing id on that socket (b"" for the head)
+
+
+class ClientWatch(NamedTuple):
+    """How a client on this machine is watched (client_pidfds): its death is its Goodbye."""
+    pidfd: int | None           # None: it was gone before we could watch it
+    driver: bool
+    job_id: object
 
 
 class ClientsPart:
@@ -58,9 +71,9 @@ class ClientsPart:
             self.client_jobs[client] = info["job_id"]
             if info.get("log_to_driver"):
                 self.log_clients.setdefault(info["job_id"], set()).add(client)
-        self.connected.add(client[1])
+        self.connected.add(client.identity)
         self._watch_client(client, info)
-        if client[0] == TCP and kind == "client" and client not in self.client_pidfds:
+        if client.kind == TCP and kind == "client" and client not in self.client_pidfds:
             self.tcp_clients[client] = (bool(info.get("driver")), info.get("job_id"))
             self.unreachable.pop(client, None)
         self._send(client, "Welcome", {"node_id": self.node_id, "session_dir": self.session_dir,
@@ -71,7 +84,7 @@ class ClientsPart:
         if kind == "driver" and job_id is not None and job_id != own:
             # Its job's workers end with it: only the job it said at its Hello, never another's.
             log.warning("a Goodbye from %r names job %r, but it joined for job %r: ending only what it held",
-                        client[1][:24], job_id, own)
+                        client.identity[:24], job_id, own)
             job_id = None
         self._client_left(client, kind, job_id)
 
@@ -98,23 +111,23 @@ class ClientsPart:
         another machine is watched by its connection instead (_check_tcp_clients)."""
         pid = info.get("pid")
         if (not pid or self.pid_space is None or info.get("pid_space") != self.pid_space
-                or client in self.client_pidfds or client[0] == HEAD
+                or client in self.client_pidfds or client.kind == HEAD
                 or (info.get("worker_id") is not None and info.get("node_id") == self.node_id)):
             return
         try:
             fd = os.pidfd_open(pid)
         except OSError:  # gone already
-            self.client_pidfds[client] = (None, info.get("driver", False), info.get("job_id"))
+            self.client_pidfds[client] = ClientWatch(None, info.get("driver", False), info.get("job_id"))
             self.loop.call_soon(self._client_died, client)
             return
-        self.client_pidfds[client] = (fd, info.get("driver", False), info.get("job_id"))
+        self.client_pidfds[client] = ClientWatch(fd, info.get("driver", False), info.get("job_id"))
         self.loop.add_reader(fd, lambda: self._client_died(client))
 
-    def _unwatch_client(self, client) -> tuple | None:
+    def _unwatch_client(self, client) -> ClientWatch | None:
         watch = self.client_pidfds.pop(client, None)
-        if watch is not None and watch[0] is not None:
-            self.loop.remove_reader(watch[0])
-            os.close(watch[0])
+        if watch is not None and watch.pidfd is not None:
+            self.loop.remove_reader(watch.pidfd)
+            os.close(watch.pidfd)
         return watch
 
     def _client_died(self, client) -> None:
@@ -123,9 +136,9 @@ class ClientsPart:
         watch = self._unwatch_client(client)
         if watch is None:
             return  # it said Goodbye first
-        _, driver, job_id = watch
-        log.info("client %r (a %s) exited without a goodbye", client[1][:24], "driver" if driver else "client")
-        self._client_left(client, "driver" if driver else "client", job_id, kill_running=True)
+        kind = "driver" if watch.driver else "client"
+        log.info("client %r (a %s) exited without a goodbye", client.identity[:24], kind)
+        self._client_left(client, kind, watch.job_id, kill_running=True)
 
     def _on_tcp_closed(self) -> None:
         """Connections to our TCP port closed (whose, the monitor does not say): look for
@@ -151,7 +164,7 @@ class ClientsPart:
         now = time.monotonic()
         probe = encode("Probe", ())
         for client, (driver, job_id) in list(self.tcp_clients.items()):
-            if transport.reachable(self.tcp, client[1], probe):
+            if transport.reachable(self.tcp, client.identity, probe):
                 self.unreachable.pop(client, None)
                 continue
             since = self.unreachable.setdefault(client, now)
@@ -160,7 +173,7 @@ class ClientsPart:
                 continue
             log.warning("client %r (a %s) on TCP has had no connection for %.1f s: taken for dead "
                         "(its process, its machine or the network is gone); releasing what it held",
-                        client[1][:24], "driver" if driver else "client", now - since)
+                        client.identity[:24], "driver" if driver else "client", now - since)
             self._client_left(client, "driver" if driver else "client", job_id, kill_running=True)
 
     # --- routing between peers ---
@@ -192,7 +205,7 @@ class ClientsPart:
         if not target.startswith(b"c:"):
             raise protocol.ProtocolError(f"ToPeer to {target[:24]!r}, which is not a client")
         out = [b"FromPeer", sender, *frames[3:]]
-        sender_client = (kind, sender)
+        sender_client = Client(kind, sender)
         if transport.send(self.ipc, [target, *out]) or (
                 TCP in self.sockets and transport.send(self.sockets[TCP], [target, *out])):
             # Remember who talks to ``target``, to tell them when it goes (_peer_gone).
@@ -218,7 +231,7 @@ class ClientsPart:
     def _peer_gone(self, client) -> None:
         """A client left (Goodbye, death, or its worker exited): tell those that sent it
         ToPeer or WatchPeer, and free the objects it owned here."""
-        identity = client[1]
+        identity = client.identity
         self.connected.discard(identity)
         if identity.startswith(b"c:"):
             self._owner_gone(identity.decode(errors="replace"))

@@ -189,7 +189,8 @@ class ObjectsPart:
                 if tag == "Chunk":
                     self._on_chunk(node_id, *fields, buffers)
                 elif tag == "PeerGone":  # an owner of copies we hold (WatchPeer in _on_PullObject)
-                    self._owner_gone(fields[0].decode(errors="replace"))
+                    (owner,) = fields
+                    self._owner_gone(owner.decode(errors="replace"))
             except (protocol.ProtocolError, TypeError, ValueError, IndexError) as exc:
                 log.warning("dropped a bad message from the agent of node %s: %s", node_id[:8], exc)
 
