@@ -198,7 +198,7 @@ def test_the_head_checks_an_actor_spec_before_its_table_holds_it(spec):
 def test_a_drivers_goodbye_ends_only_its_own_job(said_at_hello, in_goodbye, ended):
     """Goodbye("driver", job) kills the job's workers: a client may end the job it joined for, no other."""
     agent = node.NodeAgent.__new__(node.NodeAgent)
-    client = (node.TCP, b"c:driver")
+    client = node.Client(node.TCP, b"c:driver")
     agent.client_jobs = {} if said_at_hello is None else {client: said_at_hello}
     left = []
     agent._client_left = lambda c, kind, job_id: left.append((c, kind, job_id))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from farpool._private import scheduling
+from farpool._private import protocol, scheduling
 
 PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
 
@@ -85,11 +85,11 @@ class ActorTable:
         live = [n for n in nodes if n["alive"] and scheduling.fits(n["total"], place_shape)]
         if not live:
             return None
-        affinity = spec.get("node_affinity")
-        if affinity:
-            match = [n for n in live if n["node_id"] == affinity[0]]
-            if match or not affinity[1]:
-                return match[0]["node_id"] if match else None
+        if spec.get("node_affinity"):
+            affinity = protocol.NodeAffinity._make(spec["node_affinity"])
+            match = [n["node_id"] for n in live if n["node_id"] == affinity.node_id]
+            if match or not affinity.soft:
+                return affinity.node_id if match else None
         counts = {n["node_id"]: 0 for n in live}
         for other in self.actors.values():
             if other.state in (ALIVE, PENDING, RESTARTING) and other.node_id in counts:

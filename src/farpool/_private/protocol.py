@@ -110,6 +110,41 @@ def decode_or_log(frames: list, source: str, logger) -> tuple | None:
 # They travel as plain tuples (the wire format is the tuple); the receiver reads them
 # by name through ``_make``, the sender builds them by name and sends ``tuple(...)``.
 
+class ExecuteTask(NamedTuple):
+    """The fields of ExecuteTask((specs, caller, store_results), arg and ref buffers...)."""
+    specs: list                 # TaskSpec tuples, in the order they run
+    caller: tuple | None        # the owner's OwnerAddress (a plain tuple: the worker passes it on)
+    store_results: bool = False  # large results into the worker's node store (else inline)
+
+
+class Error(NamedTuple):
+    """The fields of Error(code, detail): a refusal, e.g. "version-mismatch", "unknown-node"."""
+    code: str
+    detail: str
+
+
+class TakeBack(NamedTuple):
+    """The fields of TakeBack(task_ids, token): an owner wants queued tasks back."""
+    task_ids: list
+    token: object               # echoed in TakenBack
+
+
+class OwnerAddress(NamedTuple):
+    """How a client is reached by the processes holding its refs: ObjectRef._owner,
+    ExecuteTask.caller, AddBorrower's borrower, TaskFinished's sender."""
+    identity: bytes             # b"c:<client id>"
+    node_id: str                # its home node
+    endpoint: str               # its owner service (ipc://...)
+    pid: int
+
+
+class TaskLease(NamedTuple):
+    """TaskSpec.lease: what the lease a task runs on holds."""
+    gpu_ids: list
+    num_cpus: float
+    shape: dict                 # the task's resources (the same dict for a batch of one shape)
+
+
 class TaskSpec(NamedTuple):
     """One task of ExecuteTask((specs, caller, store_results), arg and ref buffers...)."""
     task_id: bytes
@@ -121,7 +156,7 @@ class TaskSpec(NamedTuple):
     ref_values: list            # [(slot, payload or ("loc"|"pull", ...), n buffers)]
     num_returns: int
     job_setup: dict | None      # the job's set-up, the first time it goes to this lease
-    lease: tuple                # (gpu ids, CPUs) of the lease it runs on
+    lease: tuple                # a TaskLease: (gpu ids, CPUs, resources) of the lease it runs on
 
 
 class TaskResult(NamedTuple):
@@ -139,6 +174,35 @@ class StoredAt(NamedTuple):
     path: str
     size: int
     store_id: bytes
+
+
+class PullFrom(NamedTuple):
+    """A value in other nodes' stores, as a message names it (an argument): the reader's
+    agent copies it into this node's store first (PullObject, pull.py)."""
+    kind: str                   # "pull"
+    store_id: bytes
+    size: int
+    sources: list               # ids of the nodes that hold it
+    owner: tuple                # (owner identity, its node id): it frees the copy
+    what: str                   # what the value is, for errors
+
+
+_STORED_KINDS = {"loc": StoredAt, "pull": PullFrom}
+
+
+def stored_value(payload) -> StoredAt | PullFrom | None:
+    """A payload a message carries, named when it is stored (a StoredAt or a PullFrom,
+    told apart by their ``kind``); None for a pickle carried in the message itself."""
+    if not isinstance(payload, tuple):
+        return None
+    kind = payload[0]
+    return _STORED_KINDS[kind]._make(payload)
+
+
+class NodeAffinity(NamedTuple):
+    """An actor spec's "node_affinity": where to place the actor."""
+    node_id: str
+    soft: bool                  # elsewhere when that node is gone (else never)
 
 
 class TaskFailure(NamedTuple):
@@ -354,15 +418,17 @@ def dumps_function(fn, wrapper=None) -> bytes:
 
 def loads_function(data: bytes):
     kind, *rest = pickle.loads(data)
-    if kind == "ref":
+    if kind == "ref":  # ("ref", module, qualname) or ("ref", module, qualname, the function by value)
+        module_name, qualname, *fallback = rest
         try:
-            fn = _resolve(rest[0], rest[1])
+            fn = _resolve(module_name, qualname)
         except (AttributeError, ImportError):
-            if len(rest) < 3:
+            if not fallback:
                 raise
-            fn = pickle.loads(rest[2])
-    else:
-        fn = rest[0]
+            (by_value,) = fallback
+            fn = pickle.loads(by_value)
+    else:  # ("value", fn)
+        (fn,) = rest
     return getattr(fn, "_farpool_function", fn)
 
 

@@ -10,6 +10,7 @@ arguments are recorded (``load_args_tracked``) so that those the call keeps are 
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 from farpool._private import object_ref, protocol, segments, transport
 from farpool._private.protocol import encode
@@ -22,14 +23,17 @@ def load_value(payload, bufs):
     what): in other nodes' stores; our agent copies it here first (pull.py), once for
     all the readers of this node.
     """
-    if isinstance(payload, tuple) and payload[0] == "pull":
-        store_id = payload[1]
+    stored = protocol.stored_value(payload)
+    if isinstance(stored, protocol.PullFrom):
+        def read_copy():
+            path = store_puller.pull(stored.store_id, stored.size, stored.sources, stored.owner, stored.what)
+            return segments.read_segment(path, stored.size, True, stored.store_id)
         try:
-            payload, bufs = segments.read_segment(store_puller.pull(*payload[1:]), payload[2], True, store_id)
+            payload, bufs = read_copy()
         except FileNotFoundError:  # spilled between the answer and the mapping: the agent restores it
-            payload, bufs = segments.read_segment(store_puller.pull(*payload[1:]), payload[2], True, store_id)
-    elif isinstance(payload, tuple):  # copy-on-write views: the task may mutate its arguments
-        _, path, size, store_id = payload
+            payload, bufs = read_copy()
+    elif stored is not None:  # copy-on-write views: the task may mutate its arguments
+        path, size, store_id = stored.path, stored.size, stored.store_id
         for attempt in range(segments.READ_ATTEMPTS):
             try:
                 payload, bufs = segments.read_segment(path, size, True, store_id)
@@ -54,7 +58,7 @@ class StorePuller:
         self.sock = None
         self.requests = 0
 
-    def pull(self, store_id: bytes, size: int, sources: list, owner: str, what: str) -> str:
+    def pull(self, store_id: bytes, size: int, sources: list, owner: tuple, what: str) -> str:
         with self.lock:
             if self.sock is None:
                 self.sock = transport.dealer()
@@ -65,9 +69,10 @@ class StorePuller:
                 if not self.sock.poll(3600_000):
                     raise RuntimeError(f"the node agent did not deliver a copy of {what} within an hour")
                 tag, fields, _ = protocol.decode(self.sock.recv_multipart())
-                if tag == "ObjectCopied" and fields[0] == self.requests:
-                    break
-        _, path, error, full = fields
+                if tag == "ObjectCopied":
+                    answered, path, error, full = fields
+                    if answered == self.requests:
+                        break
         if path is None:
             from farpool.exceptions import ObjectLostError, ObjectStoreFullError
             raise (ObjectStoreFullError if full else ObjectLostError)(f"cannot read {what}: {error}")
@@ -81,6 +86,13 @@ class StorePuller:
 
 
 store_puller = StorePuller()
+
+
+class QueuedTask(NamedTuple):
+    """One task of an ExecuteTask message with its buffers, queued in the worker (never sent)."""
+    task: protocol.TaskSpec
+    arg_bufs: list              # the buffers of its pickled arguments
+    ref_bufs: list              # per ref value, its buffers
 
 
 def split_batch(tasks, buffers):
@@ -97,7 +109,7 @@ def split_batch(tasks, buffers):
         for _slot, _payload, nbuf in task.ref_values:
             ref_bufs.append(buffers[pos:pos + nbuf])
             pos += nbuf
-        yield task, arg_bufs, ref_bufs
+        yield QueuedTask(task, arg_bufs, ref_bufs)
 
 
 def mark_phase(exc: BaseException, phase: str) -> None:

@@ -67,6 +67,12 @@ class _ActorCall(NamedTuple):
     caller: tuple | None
 
 
+def _identity(caller: tuple | None) -> bytes | None:
+    """The client identity in ``caller``, an OwnerAddress kept as the plain tuple it came as
+    (it is passed on as one, in AddBorrower); None for no caller."""
+    return protocol.OwnerAddress._make(caller).identity if caller else None
+
+
 @dataclass
 class _Batch:
     """An ExecuteTask message being worked through: the tasks not yet run, the results so far."""
@@ -74,7 +80,7 @@ class _Batch:
     caller: tuple | None
     store_results: bool          # large results go into this node's store (the caller maps or copies them)
     direct: bool                 # from an owner on this machine (not relayed by the agent)
-    pending: deque
+    pending: deque               # task_args.QueuedTask
     results: list = field(default_factory=list)
     out_buffers: list = field(default_factory=list)
 
@@ -169,7 +175,8 @@ class Worker:
             self._handle(frames[2:], lambda reply, o=origin: transport.send(
                 self.agent, [b"Relay", o, *reply]))
         elif frames[0] == b"SegmentsDropped":
-            segments.forget_written(protocol.decode(frames)[1][0])
+            _, (dropped,), _ = protocol.decode(frames)
+            segments.forget_written(dropped)
         else:
             log.warning("unexpected message from the agent: %r", frames[0][:32])
 
@@ -180,18 +187,21 @@ class Worker:
             log.warning("dropped a bad message: %s", exc)
             return
         if tag == "ExecuteTask" and self.actor_executor is not None:
-            self._execute_concurrent(fields[0], fields[1], buffers, reply)
+            message = protocol.ExecuteTask._make(fields)
+            self._execute_concurrent(message.specs, message.caller, buffers, reply)
         elif tag == "ExecuteTask":  # run by _run_batches, in order
-            caller = fields[1]
+            message = protocol.ExecuteTask._make(fields)
+            caller = message.caller
             if caller:
-                self.reply_to[caller[0]] = reply
+                self.reply_to[_identity(caller)] = reply
             # An owner on another node with a store of its own copies large results from ours
             # (pull.py) when it reads them; one without (a driver joined over TCP) gets them inline.
-            store_results = direct or (len(fields) > 2 and bool(fields[2]))
+            store_results = direct or bool(message.store_results)
             self.batches.append(_Batch(reply, caller, store_results, direct,
-                                       deque(split_batch(fields[0], buffers))))
+                                       deque(split_batch(message.specs, buffers))))
         elif tag == "TakeBack":
-            self._take_back(set(fields[0]), fields[1], reply)
+            message = protocol.TakeBack._make(fields)
+            self._take_back(set(message.task_ids), message.token, reply)
         elif tag == "CreateActor":
             reply(encode("ActorCreated", self._create_actor(fields, buffers)))
         elif tag == "Ping":
@@ -311,9 +321,8 @@ class Worker:
                 raise RuntimeError("the node agent did not answer an object store allocation in 120 s")
             frames = self.agent.recv_multipart()
             if frames[0] == b"ObjectAllocated":
-                _, fields, _ = protocol.decode(frames)
-                if fields[0] == request_id:
-                    path, error = fields[1], fields[2]
+                _, (answered, path, error), _ = protocol.decode(frames)
+                if answered == request_id:
                     if path is None:
                         from farpool.exceptions import ObjectStoreFullError
                         raise ObjectStoreFullError(error)
@@ -329,12 +338,12 @@ class Worker:
 
     def _note_borrowed(self, caller, ids: list) -> None:
         if ids:
-            self.borrowed.setdefault(caller[0] if caller else None, []).extend(ids)
+            self.borrowed.setdefault(_identity(caller), []).extend(ids)
 
     def _take_borrowed(self, caller) -> tuple:
         """For a TaskFinished to ``caller``: (our client's address, ids of refs from its arguments
         we still hold, (id, address) of processes we passed such refs to that keep them)."""
-        borrowed = self.borrowed.pop(caller[0] if caller else None, None) or ()
+        borrowed = self.borrowed.pop(_identity(caller), None) or ()
         client = object_ref.current()
         if client is None:
             return (None, (), ())
@@ -465,20 +474,20 @@ class Worker:
         not started yet."""
         taken = []
         for batch in self.batches:
-            if any(item[0].task_id in task_ids for item in batch.pending):
+            if any(item.task.task_id in task_ids for item in batch.pending):
                 keep = deque()
                 for item in batch.pending:
-                    (taken if item[0].task_id in task_ids else keep).append(item)
+                    (taken if item.task.task_id in task_ids else keep).append(item)
                 batch.pending = keep
         for item in taken:
             # The owner counts what a task carried once per lease (its function's code, the job
             # setup) as delivered: keep it for the tasks that come without it.
-            task = item[0]
+            task = item.task
             if task.fn_bytes is not None and task.fn_hash not in self.functions:
                 self.carried_functions.setdefault(task.fn_hash, task.fn_bytes)
             if task.job_setup is not None and self.carried_job is None:
                 self.carried_job = task.job_setup
-        reply(encode("TakenBack", ([item[0].task_id for item in taken], token)))
+        reply(encode("TakenBack", ([item.task.task_id for item in taken], token)))
 
     def _apply_runtime_env(self, pool_key) -> None:
         """A worker dedicated to a runtime_env applies it once, before its first task."""
@@ -520,10 +529,10 @@ class Worker:
         setup_main(job_setup.get("main_path"), job_setup.get("main_module"))
 
     def _apply_lease(self, lease_info) -> None:
-        gpu_ids, num_cpus, *rest = lease_info
-        if rest and rest[0] is not self.shape:  # (the same dict for a batch of one shape)
-            self.shape = rest[0]
-            context.assigned_resources = scheduling.as_floats(rest[0])
+        gpu_ids, num_cpus, shape = protocol.TaskLease._make(lease_info)
+        if shape is not self.shape:  # (the same dict for a batch of one shape)
+            self.shape = shape
+            context.assigned_resources = scheduling.as_floats(shape)
         threads = max(1, int(num_cpus))
         if threads != self.threads:
             self.threads = threads
@@ -628,7 +637,7 @@ class Worker:
                     inner = [(r._id, r._owner) for r in unique]
                 if bufs and self.store_results and segments.value_size(data, bufs) >= segments.INLINE_MAX:
                     store_id = task_id + bytes([i])
-                    owner = caller[0].decode() if caller else f"worker {self.worker_id}"
+                    owner = _identity(caller).decode() if caller else f"worker {self.worker_id}"
                     path = self._allocate(store_id, segments.value_size(data, bufs), what, owner)
                     size = segments.write_segment(path, data, bufs, store_id)
                     payloads.append((("loc", path, size, store_id), 0, inner))
