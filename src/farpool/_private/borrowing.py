@@ -108,14 +108,14 @@ class Borrowing(ClientPart):
         """Watch a new borrower: a pidfd when it runs on our node (both of us attached to our
         node over ipc: a pid means something only there), else the agent of its node tells
         us when it goes (WatchPeer -> PeerGone)."""
-        identity = address[0]
+        address = protocol.owner_address(address)
+        identity, node_id = address.identity, address.node_id
         home = self.conns.home
-        if home is not None and home.local and address[1] == home.node_id \
-                and len(address) > 3 and address[2] is not None:
-            if not self.conns.watch_pid(("borrower", identity), address[3], lambda: self.borrower_died(identity)):
+        if home is not None and home.local and node_id == home.node_id and address.endpoint is not None \
+                and address.pid is not None:
+            if not self.conns.watch_pid(("borrower", identity), address.pid, lambda: self.borrower_died(identity)):
                 self.loop.call_soon(self.borrower_died, identity)  # already gone: all its borrows end now
             return
-        node_id = address[1]
         node = next((n for n in self.c.nodes if n["node_id"] == node_id), None)
         if node is not None and not node["alive"]:  # forget_dead_nodes ran before we counted it
             self.loop.call_soon(self.borrower_died, identity)
@@ -134,50 +134,52 @@ class Borrowing(ClientPart):
     # ------------------------------------------------------------------ values we borrow
     def _owner_is_local(self, owner: tuple) -> bool:
         home = self.conns.home
-        return owner[2] is not None and home is not None and home.local and owner[1] == home.node_id
+        return owner.endpoint is not None and home is not None and home.local and owner.node_id == home.node_id
 
     def fetch(self, object_id: bytes, owner: tuple) -> None:
         """Ask ``owner`` for the value of ``object_id`` (once: Values.entry_for)."""
-        if owner[0] == self.c.identity:
+        owner = protocol.owner_address(owner)
+        if owner.identity == self.c.identity:
             return
         if not self._owner_is_local(owner):
             self.remote_fetches[object_id] = owner
         else:
             self.local_fetches[object_id] = owner
-            if len(owner) > 3:  # watch the owner: if it dies before it answers, say so (no hang)
+            if owner.pid is not None:  # watch the owner: if it dies before it answers, say so (no hang)
                 self._watch_owner(owner)
         home = self.conns.home
         node = home.node_id if home is not None and home.local else None
         self.send_owner(owner, encode("GetObject", (object_id, node)))
 
     def _watch_owner(self, owner: tuple) -> None:
-        identity = owner[0]
+        identity = owner.identity
         key = ("owner", identity)
         if key in self.conns.pidfds:
             return
-        if not self.conns.watch_pid(key, owner[3], lambda: self._local_owner_died(identity)):
+        if not self.conns.watch_pid(key, owner.pid, lambda: self._local_owner_died(identity)):
             self._local_owner_died(identity)  # already gone
 
     def _local_owner_died(self, identity: bytes) -> None:
         self.conns.unwatch_pid(("owner", identity))
-        lost = [oid for oid, owner in self.local_fetches.items() if owner[0] == identity]
+        lost = [oid for oid, owner in self.local_fetches.items() if owner.identity == identity]
         for oid in lost:
             self.remote_fetches[oid] = self.local_fetches.pop(oid)
-        self.owner_lost(lambda owner: owner[0] == identity, "its process has exited")
+        self.owner_lost(lambda owner: owner.identity == identity, "its process has exited")
 
     def send_owner(self, owner: tuple, frames: list) -> None:
         """To an object's owner (I/O thread); messages to one owner leave in order."""
-        identity, node_id, endpoint = owner[:3]
+        owner = protocol.owner_address(owner)
+        identity, node_id = owner.identity, owner.node_id
         if identity == self.c.identity:
             return
         if not self._owner_is_local(owner):
             conn, why = self.conns.agent_conn(node_id, self.c.nodes)
             if conn is None:  # the owner is gone with its node: nobody is left to answer or count
-                self.owner_lost(lambda o: o[1] == node_id, why)
+                self.owner_lost(lambda o: o.node_id == node_id, why)
                 return
             transport.send(conn.socket, [b"ToPeer", identity, *frames])
             return
-        transport.send(self.conns.owner_dealer(endpoint), frames)
+        transport.send(self.conns.owner_dealer(owner.endpoint), frames)
 
     def owner_lost(self, match, why: str) -> None:
         """Fail the values we asked owners that ``match`` for: they cannot answer, ``why``."""
@@ -185,14 +187,14 @@ class Borrowing(ClientPart):
         for oid, owner in lost:
             del self.remote_fetches[oid]
             self._set_borrowed(oid, FAILED, exc_mod.OwnerDiedError(
-                f"cannot get object {oid.hex()}: its owner, a process on node {owner[1][:8]}, cannot "
+                f"cannot get object {oid.hex()}: its owner, a process on node {owner.node_id[:8]}, cannot "
                 f"answer: {why}. The value was lost with its owner; create it again (re-run the task "
                 "that made it, or put() it), from a process that lives as long as its readers "
                 "(the driver, or an actor) if it must outlive the process that made it."))
 
     def peer_gone(self, identity: bytes) -> None:
         """An agent could not deliver to ``identity``, or saw it leave: it answers nothing and holds nothing."""
-        self.owner_lost(lambda owner: owner[0] == identity, "its process has exited")
+        self.owner_lost(lambda owner: owner.identity == identity, "its process has exited")
         if self.refs.is_watched(identity):
             self.borrower_died(identity)
 
@@ -214,13 +216,13 @@ class Borrowing(ClientPart):
         fetches = self.remote_fetches if remote else self.local_fetches
         if fetches.pop(object_id, None) is None:
             return  # not asked for, or given up on already
-        if state == READY and isinstance(payload, tuple) and payload[0] == "pull":
-            # stored on other nodes: our agent copies it into our node's store
-            self.c.stored.copy_here(object_id, payload,
+        stored = protocol.stored_value(payload) if state == READY else None
+        if isinstance(stored, protocol.PullFrom):  # stored on other nodes: our agent copies it here
+            self.c.stored.copy_here(object_id, stored,
                                     lambda location: self._set_borrowed(object_id, READY, None, location=location),
                                     lambda error: self._set_borrowed(object_id, FAILED, error))
-        elif state == READY and isinstance(payload, tuple):  # a Location, as a tuple on the wire
-            self._set_borrowed(object_id, READY, None, location=Location._make(payload))
+        elif isinstance(stored, Location):  # in our node's store: we map it
+            self._set_borrowed(object_id, READY, None, location=stored)
         elif state == READY:
             self._set_borrowed(object_id, READY, None, payload, list(buffers))
         else:

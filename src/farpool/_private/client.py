@@ -119,14 +119,14 @@ class CoreClient:
     def _entry_points(self) -> None:
         """The parts' entry points, under the names the public modules call (bound once:
         no extra call on the task path)."""
-        v, s, b, a, conns = self.values, self.submitter, self.borrowing, self.actor_client, self.conns
+        v, s, a, conns = self.values, self.submitter, self.actor_client, self.conns
         self.add_local_ref = self.refs.add_ref  # what ObjectRef calls as it is made (on the task path)
         self.put, self.get, self.value_of = v.put, v.get, v.value_of
         self.wait_entries, self.future_for, self.add_done_callback = v.wait_entries, v.future_for, v.add_done_callback
         self.run_callback = v.run_callback
         self.fetch_here = self.stored.fetch_here
         self.submit, self.register_pool, self.children = s.submit, s.register_pool, s.children
-        self.lend_returned, self.take_sub_borrowed = b.lend_returned, self.refs.take_sub_borrowed
+        self.take_sub_borrowed = self.refs.take_sub_borrowed
         self.submit_actor_call, self.actor_token = a.submit_call, a.token
         self.pin_for_actor, self.kill_actor = a.pin_arguments, a.kill
         self.agent_request, self.head_request = conns.agent_request, conns.head_request
@@ -184,8 +184,9 @@ class CoreClient:
             endpoint = conns.bind_owner_socket(self.session_dir, f"o-{self.client_id.hex()}",
                                                self.object_service.on_socket)
         # (identity, node, ipc endpoint, pid): how refs name their owner and borrowers name themselves
-        self.owner_address = (self.identity, node_id, endpoint, os.getpid())
-        self.peer_address = self.refs.peer_address = self.owner_address
+        self.owner_address = protocol.OwnerAddress(self.identity, node_id, endpoint, os.getpid())
+        # (as it goes in messages: the plain tuple, as pickling a named one costs more)
+        self.peer_address = self.refs.peer_address = tuple(self.owner_address)
         self.loop.add_reader(conns.head, self._on_head)
         for pid, what in cfg.get("watch_pids", ()):
             # The embedded head and node agent: if one dies, fail everything at once, no hang.
@@ -315,6 +316,10 @@ class CoreClient:
         self.refs.mark_registered([ref._id for ref in refs], caller)
         self.borrowing.schedule_frees()
 
+    def lend_returned(self, refs: list, caller: tuple | None) -> None:
+        """Refs nested in a value this worker returns to ``caller``: the caller borrows them."""
+        self.borrowing.lend_returned(refs, caller)
+
     def pin_forever(self, ref: ObjectRef) -> None:
         if self.refs.pin_forever(ref._id):
             warnings.warn(f"ObjectRef {ref.hex()} was pickled outside farpool (not as a task argument, "
@@ -400,7 +405,7 @@ class CoreClient:
         self.nodes = nodes
         dead = {n["node_id"]: n.get("death_reason", "") for n in nodes if not n["alive"]}
         for node_id, reason in dead.items():
-            self.borrowing.owner_lost(lambda owner, n=node_id: owner[1] == n,
+            self.borrowing.owner_lost(lambda owner, n=node_id: owner.node_id == n,
                                       f"node {node_id[:8]} died ({reason or 'no reason given'})")
         for identity in self.refs.borrowers_on(dead):  # a borrower on a dead node holds nothing any more
             self.borrowing.borrower_died(identity)
@@ -426,7 +431,7 @@ class CoreClient:
     def _agent_silent(self, conn: AgentConn, why: str) -> None:
         """An agent we opened never answered (Connections gave it up and closed it)."""
         self.submitter.agent_closed(conn)
-        self.borrowing.owner_lost(lambda owner: owner[1] == conn.node_id, why)
+        self.borrowing.owner_lost(lambda owner: owner.node_id == conn.node_id, why)
 
     def send_home(self, tag: str, fields: tuple) -> None:
         """(I/O thread) A message to our home agent."""

@@ -49,6 +49,8 @@ class Completion(ClientPart):
     # ------------------------------------------------------------------ TaskFinished
     def on_task_finished(self, fields, buffers) -> None:
         results, retiring, sender, borrowed, pairs = fields
+        if sender is not None:
+            sender = protocol.owner_address(sender)
         if borrowed or pairs:
             self.c.borrowing.on_borrowers(sender, borrowed, pairs)
         pos = 0
@@ -93,7 +95,7 @@ class Completion(ClientPart):
                     self._discard_error(inner, sender)
                     self.requeue(task)
                     continue
-                self.finish_failed(task, ("task", *failure[:5]), inner, sender)
+                self.finish_failed(task, failure, inner, sender)
         if lease is not None and not retiring:
             queues.park_if_idle(lease)
         if completed:
@@ -128,7 +130,7 @@ class Completion(ClientPart):
                 if isinstance(payload, tuple):
                     # (in the worker's node store: ours, or for a remote worker with a client of its
                     # own, its node; else the copy stays until we leave: its agent frees it then)
-                    node_id = sender[1] if sender else self.conns.home.node_id
+                    node_id = sender.node_id if sender else self.conns.home.node_id
                     at = protocol.StoredAt._make(payload)
                     self.refs.discard_value(Location("seg", node_id, at.store_id, at.path, at.size), inner, sender)
                 else:

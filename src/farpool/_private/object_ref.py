@@ -20,6 +20,7 @@ import weakref
 
 from farpool import exceptions as exc_mod
 from farpool._private import context as context_mod
+from farpool._private.protocol import OwnerAddress
 
 
 class ObjectRef:
@@ -65,7 +66,7 @@ class ObjectRef:
             # Pickled outside farpool (pickle.dumps by hand, a queue, a file): nobody will
             # tell us when the copy is gone, so the object stays pinned for this session.
             self._counted_by.pin_forever(self)
-        return (_rebuild_ref, (self._id, self._owner))
+        return (_rebuild_ref, (self._id, tuple(self._owner)))  # (the plain tuple: cheaper to pickle)
 
     def __del__(self):
         client = self._counted_by
@@ -103,6 +104,7 @@ ObjectRef.__module__ = "farpool"
 
 
 def _rebuild_ref(object_id: bytes, owner: tuple) -> ObjectRef:
+    owner = OwnerAddress(*owner)
     if _current_client is None and context_mod.worker_config is not None and _connect is not None:
         _connect()  # a ref arrives in a worker: its client must exist to count it (we borrow it)
     if _nested_refs.uncounted:

@@ -73,7 +73,7 @@ class ObjectService(ClientPart):
         elif entry.state == READY and entry.location is not None and node is not None \
                 and node != entry.location.node_id:  # its agent copies it (pull.py)
             spec = self.c.stored.stored_for(node, object_id, entry, f"object {object_id.hex()[:16]}")
-            self._reply(identity, object_id, READY, spec, [], None, remote)
+            self._reply(identity, object_id, READY, tuple(spec), [], None, remote)
         elif entry.state == READY and entry.location is not None and remote and node is None:
             if home.local and entry.location.node_id != home.node_id:
                 self._serve_copied(identity, object_id, entry)

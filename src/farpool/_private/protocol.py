@@ -131,11 +131,17 @@ class TakeBack(NamedTuple):
 
 class OwnerAddress(NamedTuple):
     """How a client is reached by the processes holding its refs: ObjectRef._owner,
-    ExecuteTask.caller, AddBorrower's borrower, TaskFinished's sender."""
+    ExecuteTask.caller, AddBorrower's borrower, TaskFinished's sender.  Sent as the plain
+    tuple (see ``owner_address``); tests name a process by its identity alone."""
     identity: bytes             # b"c:<client id>"
-    node_id: str                # its home node
-    endpoint: str               # its owner service (ipc://...)
-    pid: int
+    node_id: str | None = None  # its home node
+    endpoint: str | None = None  # its owner service (ipc://...), None when reached through its agent
+    pid: int | None = None
+
+
+def owner_address(address) -> OwnerAddress:
+    """An address as it came in a message (a plain tuple), named."""
+    return address if type(address) is OwnerAddress else OwnerAddress(*address)
 
 
 class TaskLease(NamedTuple):
@@ -187,12 +193,22 @@ class PullFrom(NamedTuple):
     what: str                   # what the value is, for errors
 
 
-_STORED_KINDS = {"loc": StoredAt, "pull": PullFrom}
+class Location(NamedTuple):
+    """Where an owner's object lives in a node's store (the owner's table; an ObjectValue's
+    payload for a borrower on the same node, which maps it)."""
+    kind: str                   # "seg"
+    node_id: str
+    store_id: bytes
+    path: str
+    size: int
 
 
-def stored_value(payload) -> StoredAt | PullFrom | None:
-    """A payload a message carries, named when it is stored (a StoredAt or a PullFrom,
-    told apart by their ``kind``); None for a pickle carried in the message itself."""
+_STORED_KINDS = {"loc": StoredAt, "pull": PullFrom, "seg": Location}
+
+
+def stored_value(payload) -> StoredAt | PullFrom | Location | None:
+    """A payload a message carries, named when it is stored (a StoredAt, PullFrom or
+    Location, told apart by their ``kind``); None for a pickle carried in the message itself."""
     if not isinstance(payload, tuple):
         return None
     kind = payload[0]

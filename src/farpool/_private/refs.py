@@ -41,9 +41,7 @@ import os
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
-
-from farpool._private.protocol import encode
+from farpool._private.protocol import Location, encode, owner_address  # noqa: F401 - Location: named here too
 
 PENDING, READY, FAILED = 0, 1, 2
 # The most bytes of lineage (the arguments of finished tasks whose stored results may
@@ -53,15 +51,6 @@ PENDING, READY, FAILED = 0, 1, 2
 LINEAGE_MAX_BYTES = int(os.environ.get("FARPOOL_LINEAGE_MAX_BYTES", str(256 << 20)))
 # What a lineage record costs besides its arguments (the record, its ids).
 LINEAGE_OVERHEAD = 256
-
-
-class Location(NamedTuple):
-    """Where an object of ours lives in a node's store."""
-    kind: str                   # "seg"
-    node_id: str
-    store_id: bytes
-    path: str
-    size: int
 
 
 @dataclass
@@ -103,7 +92,7 @@ class Lineage:
 @dataclass
 class BorrowerWatch:
     """Owner side: a process that borrows some of our objects, watched so its death releases them."""
-    address: tuple               # (identity, node_id, endpoint, pid)
+    address: tuple               # an OwnerAddress (identity, node_id, endpoint, pid)
     object_ids: set = field(default_factory=set)
 
 
@@ -136,9 +125,9 @@ class RefTable:
         """An ObjectRef (anything with ``_id`` and ``_owner``) was made in this process."""
         with self.lock:
             entry = self.objects.get(ref._id)
-            if entry is None and ref._owner[0] != self.identity:
+            if entry is None and owner_address(ref._owner).identity != self.identity:
                 # A borrowed ref: counted here; the value is fetched from its owner on demand.
-                entry = self.objects[ref._id] = Entry(owned=False, fetched=False, owner=ref._owner)
+                entry = self.objects[ref._id] = Entry(owned=False, fetched=False, owner=owner_address(ref._owner))
             if entry is not None:
                 entry.local_refs += 1
 
@@ -292,11 +281,12 @@ class RefTable:
         """(lock held) Refs nested in a result (from ``sender``) live as long as it; we borrow
         those owned elsewhere."""
         for inner_id, owner in inner:
+            owner = owner_address(owner)
             e = self.objects.get(inner_id)
             if e is None:
-                if owner[0] == self.identity:
+                if owner.identity == self.identity:
                     continue  # ours and already freed: a get of it will say so
-                e = self.objects[inner_id] = Entry(owned=False, fetched=False, owner=tuple(owner))
+                e = self.objects[inner_id] = Entry(owned=False, fetched=False, owner=owner)
             if not e.owned:
                 e.registered = True  # the returning worker made the owner count us, and so do we
                 self.report_returned(inner_id, owner, sender)
@@ -310,7 +300,8 @@ class RefTable:
         if isinstance(value, Location):
             self.free_location(value)
         for inner_id, owner in inner:
-            if owner[0] == self.identity:
+            owner = owner_address(owner)
+            if owner.identity == self.identity:
                 continue
             self.report_returned(inner_id, owner, sender)
             e = self.objects.get(inner_id)
@@ -340,7 +331,8 @@ class RefTable:
                 entry = self.objects.get(oid)
                 if entry is not None and not entry.owned:
                     entry.registered = True
-                    if caller is not None and entry.owner is not None and caller[0] != entry.owner[0]:
+                    if caller is not None and entry.owner is not None \
+                            and owner_address(caller).identity != entry.owner.identity:
                         # Ahead of our release on the same FIFO, so the owner never sees it first.
                         self.owner_messages.append((entry.owner, encode(
                             "AddBorrower", (oid, self.peer_address, True))))
@@ -350,18 +342,20 @@ class RefTable:
         processes it passed them to keep them (``pairs`` of (id, borrower, owner, kept)): count them."""
         with self.lock:
             for oid in object_ids:
-                self.borrowed_by(oid, sender, kept=True)
-            for oid, borrower, owner, *kept in pairs:
-                self.borrowed_by(oid, borrower, owner, bool(kept and kept[0]), relayed=True)
+                self.borrowed_by(oid, owner_address(sender), kept=True)
+            for oid, borrower, owner, *kept in pairs:  # (kept: sent by newer workers only)
+                self.borrowed_by(oid, owner_address(borrower), owner_address(owner), any(kept), relayed=True)
 
     def borrowed_by(self, oid: bytes, borrower: tuple, owner: tuple | None = None, kept: bool = False,
                     relayed: bool = False) -> None:
         """(lock held) ``borrower`` holds ``oid``: count it if ours, else make its owner count it.
         ``kept``: it kept a ref from a task's arguments, and reported that to the owner itself
         too unless its caller is the owner (mark_registered); ``relayed``: we are not that caller."""
+        borrower = owner_address(borrower)
+        owner = owner_address(owner) if owner is not None else None
         entry = self.objects.get(oid)
         if entry is None:
-            if owner is not None and owner[0] != self.identity:  # not one we know: tell its owner
+            if owner is not None and owner.identity != self.identity:  # not one we know: tell its owner
                 self.owner_messages.append((owner, encode("AddBorrower", (oid, borrower, kept))))
             return
         if entry.owned:
@@ -383,7 +377,8 @@ class RefTable:
         with self.lock:
             for ref in refs:
                 entry = self.objects.get(ref._id)
-                if entry is None or entry.owned or entry.registered or ref._owner[0] == self.identity:
+                if entry is None or entry.owned or entry.registered \
+                        or owner_address(ref._owner).identity == self.identity:
                     continue
                 entry.registered = True
                 if in_task:
@@ -416,7 +411,8 @@ class RefTable:
     def add_borrower(self, oid: bytes, entry: Entry, borrower: tuple, report: str | None = None) -> None:
         """(lock held) Count ``borrower`` as holding our object ``oid``; watch it for death.
         ``report``: "direct" or "chain" for the two reports of a kept ref (see above)."""
-        identity = borrower[0]
+        borrower = owner_address(borrower)
+        identity = borrower.identity
         if report is not None:
             if entry.kept_reports is None:
                 entry.kept_reports = {}
@@ -436,7 +432,7 @@ class RefTable:
         entry.borrowers.add(identity)
         watch = self.watched.get(identity)
         if watch is None:
-            watch = self.watched[identity] = BorrowerWatch(tuple(borrower))
+            watch = self.watched[identity] = BorrowerWatch(borrower)
             self.watches.append(("watch", watch.address))
         watch.object_ids.add(oid)
 
@@ -445,7 +441,7 @@ class RefTable:
         with self.lock:
             entry = self.objects.get(oid)
             if entry is not None and entry.owned:
-                self.add_borrower(oid, entry, borrower, report)
+                self.add_borrower(oid, entry, owner_address(borrower), report)
 
     def borrow_released(self, borrower: bytes, oid: bytes) -> None:
         with self.lock:
@@ -487,7 +483,7 @@ class RefTable:
     def borrowers_on(self, node_ids) -> list[bytes]:
         """Identities of the borrowers we watch that run on these nodes."""
         with self.lock:
-            return [i for i, w in self.watched.items() if w.address[1] in node_ids]
+            return [i for i, w in self.watched.items() if w.address.node_id in node_ids]
 
     def is_watched(self, identity: bytes) -> bool:
         with self.lock:
@@ -509,24 +505,25 @@ class RefTable:
     # one else holds the object: O frees it under C (the window of a chain, add_borrower).
     def lend_returned(self, refs: list, caller: tuple) -> None:
         """Refs nested in a value this worker returns to ``caller``: the caller borrows them."""
+        caller = owner_address(caller)
         with self.lock:
             for ref in refs:
-                owner = ref._owner
-                if owner[0] == caller[0]:
+                owner = owner_address(ref._owner)
+                if owner.identity == caller.identity:
                     continue  # the caller owns it: the value it stores pins it there
                 entry = self.objects.get(ref._id)
-                if owner[0] == self.identity:
+                if owner.identity == self.identity:
                     if entry is not None:
                         self.add_borrower(ref._id, entry, caller)
                 else:  # a chain report, unless we are the caller (then C's report is not sent)
                     self.owner_messages.append((owner, encode(
-                        "AddBorrower", (ref._id, caller, caller[0] != self.identity))))
+                        "AddBorrower", (ref._id, caller, caller.identity != self.identity))))
 
     def report_returned(self, oid: bytes, owner: tuple, sender: tuple | None) -> None:
         """(lock held) We got ``oid`` in a value returned by ``sender``, which reported us to the
         owner (lend_returned): report us ourselves too, unless the sender is the owner (it
         counted us before it replied) or us (see above)."""
-        if sender is not None and sender[0] in (owner[0], self.identity):
+        if sender is not None and owner_address(sender).identity in (owner.identity, self.identity):
             return
         self.owner_messages.append((owner, encode("AddBorrower", (oid, self.peer_address, True))))
 
@@ -540,7 +537,7 @@ class RefTable:
                 assert entry.task_pins >= 0, (oid.hex(), "negative task pins")
                 assert entry.owned or not entry.borrowers, (oid.hex(), "a borrowed object has borrowers")
                 assert entry.owned or entry.owner is not None, (oid.hex(), "borrowed without an owner")
-                assert entry.owned or entry.owner[0] != self.identity, (oid.hex(), "we borrow from us")
+                assert entry.owned or entry.owner.identity != self.identity, (oid.hex(), "we borrow from us")
                 assert entry.owned or not entry.copies, (oid.hex(), "a borrower records copies")
                 for inner in entry.contains:
                     pins[inner] = pins.get(inner, 0) + 1

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 
 from farpool import exceptions as exc_mod
-from farpool._private import segments
+from farpool._private import protocol, segments
 from farpool._private.client_part import ClientPart
 from farpool._private.refs import READY, Entry, Location
 
@@ -52,7 +52,7 @@ class StoreReads(ClientPart):
         home = self.conns.home
         if entry is not None and home is not None and home.local and node_id != home.node_id:
             spec = self.stored_for(home.node_id, oid, entry, f"object {oid.hex()[:16]}")
-            return self._read(home, "PullObject", spec[1:], size, private, store_id,
+            return self._read(home, "PullObject", _pull_fields(spec), size, private, store_id,
                               lambda error, full: self.copy_failed(oid, error, full), timeout=3600)
         try:
             return segments.read_segment(path, size, private, store_id)
@@ -89,17 +89,17 @@ class StoreReads(ClientPart):
         return kind(f"cannot get object {object_id.hex()}: copying it to node {self.conns.home.node_id[:8]} "
                     f"failed: {error}")
 
-    def read_on(self, node_id: str, location: tuple, what: str, more_sources=(), owner=None) -> tuple:
-        """How a process on node ``node_id`` reads a stored value: ("loc", path, size, store_id) when it
-        is in that node's store, else ("pull", store_id, size, sources, owner, what): that
-        node's agent copies it from the nodes that hold it (pull.py), and frees the copy
-        when ``owner`` ((identity, node id); default: us) is gone."""
-        _, where, store_id, path, size = location
+    def read_on(self, node_id: str, location: Location, what: str, more_sources=(), owner=None):
+        """How a process on node ``node_id`` reads a stored value: a StoredAt when it is in that
+        node's store, else a PullFrom: that node's agent copies it from the nodes that hold
+        it (pull.py), and frees the copy when ``owner`` ((identity, node id); default: us)
+        is gone."""
+        where = location.node_id
         if where == node_id:
-            return ("loc", path, size, store_id)
+            return protocol.StoredAt("loc", location.path, location.size, location.store_id)
         sources = [where, *(n for n in more_sources if n not in (where, node_id))]
         owner = owner or (self.c.identity.decode(), self.conns.home.node_id)
-        return ("pull", store_id, size, sources, owner, what)
+        return protocol.PullFrom("pull", location.store_id, location.size, sources, owner, what)
 
     def stored_for(self, node_id: str, oid: bytes, entry: Entry, what: str) -> tuple:
         """``read_on`` for an object of our table, recording the copy it makes: we free the
@@ -107,9 +107,9 @@ class StoreReads(ClientPart):
         borrow can end, so it frees that copy too."""
         with self.lock:
             copies = list(entry.copies or ())
-        owner = None if entry.owned or entry.owner is None else (entry.owner[0].decode(), entry.owner[1])
+        owner = None if entry.owned or entry.owner is None else (entry.owner.identity.decode(), entry.owner.node_id)
         spec = self.read_on(node_id, entry.location, what, copies, owner)
-        if spec[0] != "pull":
+        if not isinstance(spec, protocol.PullFrom):
             return spec
         if entry.owned:
             with self.lock:
@@ -119,10 +119,11 @@ class StoreReads(ClientPart):
             self.c.borrowing.schedule_frees()
         return spec
 
-    def copy_here(self, object_id: bytes, spec: tuple, copied, failed) -> None:
+    def copy_here(self, object_id: bytes, spec, copied, failed) -> None:
         """(I/O thread) Our agent copies a value stored on other nodes into our node's store
-        (``spec``: a "pull" of read_on): then ``copied(location)``, or ``failed(error)``."""
-        _, store_id, size = spec[:3]
+        (``spec``: a PullFrom): then ``copied(location)``, or ``failed(error)``."""
+        spec = protocol.PullFrom._make(spec)
+        store_id, size = spec.store_id, spec.size
         home = self.conns.home
 
         def answer(reply):
@@ -131,7 +132,7 @@ class StoreReads(ClientPart):
                 failed(self.copy_failed(object_id, error, full))
             else:
                 copied(Location("seg", home.node_id, store_id, path, size))
-        self.conns.request_async(home.socket, "PullObject", spec[1:], answer)
+        self.conns.request_async(home.socket, "PullObject", _pull_fields(spec), answer)
 
     def fetch_here(self, refs: list, flags: list, num_returns: int, timeout: float | None) -> list[bool]:
         """wait(fetch_local=True): of the first ``num_returns`` ready ``refs`` (``flags``), those
@@ -158,7 +159,12 @@ class StoreReads(ClientPart):
                 continue
             spec = self.stored_for(home.node_id, ref._id, entry, f"object {ref.hex()[:16]}")
             try:
-                self.conns.agent_request(home, "PullObject", spec[1:], timeout=3600 if left is None else left)
+                self.conns.agent_request(home, "PullObject", _pull_fields(spec), timeout=3600 if left is None else left)
             except exc_mod.FarpoolError:  # no answer in time: not here yet
                 out[i] = False
         return out
+
+
+def _pull_fields(spec) -> tuple:
+    """PullObject's fields (after its request id) for a PullFrom."""
+    return (spec.store_id, spec.size, spec.sources, spec.owner, spec.what)

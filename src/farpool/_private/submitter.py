@@ -317,16 +317,17 @@ class Submitter(ClientPart):
             for slot, ref in task.ref_slots:
                 entry = objects[ref._id]
                 if entry.location is not None:
-                    ref_values.append((slot, self.stored_for(lease.node_id, ref._id, entry,
-                                                             f"an argument of {task.name}"), 0))
+                    spec = self.stored_for(lease.node_id, ref._id, entry, f"an argument of {task.name}")
+                    ref_values.append((slot, tuple(spec), 0))  # (plain on the wire)
                 else:
                     ref_values.append((slot, entry.payload, len(entry.buffers)))
                     ref_bufs.extend(entry.buffers)
             args_payload, arg_bufs = task.args_payload, task.arg_bufs
             if task.args_location is not None:
-                args_payload = self.c.stored.read_on(lease.node_id, task.args_location, f"the arguments of {task.name}")
-                if args_payload[0] == "pull":
+                spec = self.c.stored.read_on(lease.node_id, task.args_location, f"the arguments of {task.name}")
+                if isinstance(spec, protocol.PullFrom):
                     task.args_copies = (task.args_copies or set()) | {lease.node_id}
+                args_payload = tuple(spec)
             job_setup = None
             if not lease.job_sent:
                 job_setup = dict(self.c.job_setup, pool_key=task.pool_key, pool=self.pools.get(task.pool_key))

@@ -74,7 +74,7 @@ class Values(ClientPart):
         with self.lock:
             entry = self.objects.get(ref._id)
             if entry is None:  # a ref made before this client existed: not counted, kept
-                entry = self.objects[ref._id] = Entry(owned=False, fetched=False, owner=ref._owner)
+                entry = self.objects[ref._id] = Entry(owned=False, fetched=False, owner=protocol.owner_address(ref._owner))
             fetch = not entry.fetched
             entry.fetched = True
         if fetch:
@@ -236,17 +236,14 @@ class Values(ClientPart):
         error = entry.error
         if isinstance(error, BaseException):
             return error
-        kind = error[0]
-        if kind == "task":
-            _, payload, type_name, tb_text, fn_name, where = error
-            cause = None
-            if payload is not None:
-                try:
-                    cause = protocol.loads(payload)
-                except Exception:
-                    cause = None
-            return exc_mod.TaskError.wrap(fn_name, tb_text, cause, type_name, where)
-        raise AssertionError(kind)
+        # A TaskFailure of the task that made it (its exception still pickled: unpickled here)
+        cause = None
+        if error.payload is not None:
+            try:
+                cause = protocol.loads(error.payload)
+            except Exception:
+                cause = None
+        return exc_mod.TaskError.wrap(error.function, error.traceback, cause, error.type_name, error.where)
 
     # ------------------------------------------------------------------ futures and callbacks
     def future_for(self, ref: ObjectRef) -> concurrent.futures.Future:
