@@ -43,7 +43,8 @@ class ObjectService(ClientPart):
         """A borrower on our node (``remote`` False: our ipc ROUTER) or elsewhere (through our agent)."""
         try:
             if tag == "GetObject":
-                self.serve(identity, fields[0], remote, fields[1] if len(fields) > 1 else None)
+                object_id, node = fields  # node: the borrower's, None when it has no store
+                self.serve(identity, object_id, remote, node)
             elif tag == "AddCopy":
                 self._add_copy(*fields)
             elif tag == "BorrowReleased":
