@@ -101,9 +101,9 @@ class ObjectService(ClientPart):
     def _serve_copied(self, identity, object_id, entry: Entry) -> None:
         """The bytes of our value stored on another node, for a borrower with no store to copy
         it into (a driver joined over TCP): copied into our node's store first (pull.py)."""
-        stored = self.c.stored
-        spec = stored.stored_for(self.conns.home.node_id, object_id, entry, f"object {object_id.hex()[:16]}")
-        stored.copy_here(object_id, spec,
+        reads = self.c.stored
+        spec = reads.stored_for(self.conns.home.node_id, object_id, entry, f"object {object_id.hex()[:16]}")
+        reads.copy_here(object_id, spec,
                          lambda location: self._serve_stored(identity, object_id, location, location.path),
                          lambda error: self._reply(identity, object_id, FAILED, None, [], error, remote=True))
 
@@ -131,10 +131,8 @@ class ObjectService(ClientPart):
 
     def _serve_restored(self, identity, object_id, location, path, error, full) -> None:
         if path is None:
-            kind = exc_mod.ObjectStoreFullError if full else exc_mod.ObjectLostError
-            self._reply(identity, object_id, FAILED, None, [], kind(
-                f"object {object_id.hex()} was spilled and cannot be restored on node "
-                f"{location[1][:8]}: {error}"), remote=True)
+            error = self.c.stored.restore_failed(location.store_id, location.node_id, error, full)
+            self._reply(identity, object_id, FAILED, None, [], error, remote=True)
         else:
             self._serve_stored(identity, object_id, location, path)
 

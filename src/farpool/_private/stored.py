@@ -62,12 +62,8 @@ class StoreReads(ClientPart):
                 raise exc_mod.ObjectLostError(f"object {store_id.hex()} lives on node {node_id[:8]}, "
                                               "which this process cannot reach") from None
 
-            def restore_failed(error, full):
-                if full:  # it is safe on disk: free some memory and ask again
-                    return exc_mod.ObjectStoreFullError(
-                        f"cannot bring object {store_id.hex()} back from disk on node {node_id[:8]}: {error}")
-                return exc_mod.ObjectLostError(f"object {store_id.hex()} is gone from node {node_id[:8]}: {error}")
-            return self._read(agent, "RestoreObject", (store_id,), size, private, store_id, restore_failed)
+            return self._read(agent, "RestoreObject", (store_id,), size, private, store_id,
+                              lambda error, full: self.restore_failed(store_id, node_id, error, full))
 
     def _read(self, agent, tag: str, fields: tuple, size: int, private: bool, store_id: bytes, failed,
               timeout: float = 60.0):
@@ -83,6 +79,15 @@ class StoreReads(ClientPart):
             except FileNotFoundError:
                 if attempt == segments.READ_ATTEMPTS - 1:
                     raise
+
+    @staticmethod
+    def restore_failed(store_id: bytes, node_id: str, error: str, full: bool) -> BaseException:
+        """The error for a spilled value its node's agent could not bring back: ``full``, it is
+        safe on disk and memory must be freed first (ObjectStoreFullError); else it is gone."""
+        if full:
+            return exc_mod.ObjectStoreFullError(f"cannot bring object {store_id.hex()} back from disk on node "
+                                                f"{node_id[:8]}: {error}; free some memory and ask again")
+        return exc_mod.ObjectLostError(f"object {store_id.hex()} was spilled and is gone from node {node_id[:8]}: {error}")
 
     def copy_failed(self, object_id: bytes, error: str, full: bool) -> BaseException:
         kind = exc_mod.ObjectStoreFullError if full else exc_mod.ObjectLostError
@@ -168,3 +173,4 @@ class StoreReads(ClientPart):
 def _pull_fields(spec) -> tuple:
     """PullObject's fields (after its request id) for a PullFrom."""
     return (spec.store_id, spec.size, spec.sources, spec.owner, spec.what)
+
