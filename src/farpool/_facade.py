@@ -99,15 +99,14 @@ def _blocked_while_waiting():
     """
     from farpool._private import object_ref
     client = object_ref.current() if _in_worker() else None
-    set_blocked = getattr(client, "_set_blocked", None)
-    if set_blocked is None:
+    if client is None:
         yield
         return
-    set_blocked(True)
+    client.set_blocked(True)
     try:
         yield
     finally:
-        set_blocked(False)
+        client.set_blocked(False)
 
 
 def _acquire_cluster(address: str | None = None):

@@ -123,7 +123,7 @@ class CoreClient:
         self.add_local_ref = self.refs.add_ref  # what ObjectRef calls as it is made (on the task path)
         self.put, self.get, self.value_of = v.put, v.get, v.value_of
         self.wait_entries, self.future_for, self.add_done_callback = v.wait_entries, v.future_for, v.add_done_callback
-        self.run_callback = v.run_callback
+        self.run_callback, self.set_blocked = v.run_callback, v.set_blocked
         self.fetch_here = self.stored.fetch_here
         self.submit, self.register_pool, self.children = s.submit, s.register_pool, s.children
         self.take_sub_borrowed = self.refs.take_sub_borrowed
