@@ -34,26 +34,34 @@ import time
 import unittest
 
 MODULE_NAME = "cpython_test_concurrent_futures"
-_PRIVATE = "reads ProcessPoolExecutor's private attribute `{}`"
-_SCRIPT = ("runs a subprocess script that imports the executor by name from concurrent.futures "
-           "(`from concurrent.futures import DistributedExecutor` cannot work); the same script with "
-           "farpool's import is tests/integration/test_executor_back_to_back.py::{}")
+_CANNOT = "cannot apply to DistributedExecutor"
+_PROCESSES = ("it reads ProcessPoolExecutor's private attribute `_processes` (the executor's own child processes), "
+              "which " + _CANNOT + ", whose workers are the cluster's processes, started, shared "
+              "and replaced by the node agents of any of its machines, not children of the executor")
+_MANAGER = ("it reads ProcessPoolExecutor's private attribute `_executor_manager_thread`, which " + _CANNOT
+            + ": it has no manager thread (completions arrive on the core client's callback thread)")
+_STDLIB = "it builds a concurrent.futures.ProcessPoolExecutor itself (never the executor under test) and "
+_SCRIPT = ("it runs a subprocess script that imports the executor by its name from concurrent.futures, where only "
+           "the stdlib's executors live, so it " + _CANNOT + "; the same script with farpool's "
+           "import passes in tests/integration/test_executor_back_to_back.py::{}")
 # test name -> reason it is not run against farpool.
 EXCLUDED = {
-    "test_killed_child": _PRIVATE.format("_processes") + " to kill a worker (farpool retries a killed "
-                         "worker's task: tests/integration/test_executor.py::test_worker_crash_is_retried)",
-    "test_saturation": _PRIVATE.format("_processes"),
-    "test_idle_process_reuse_one": _PRIVATE.format("_processes"),
-    "test_idle_process_reuse_multiple": _PRIVATE.format("_processes"),
-    "test_max_tasks_per_child": _PRIVATE.format("_processes") + " (the worker replacement it checks is "
+    "test_killed_child": _PROCESSES + " (farpool retries a killed worker's task: "
+                         "tests/integration/test_executor.py::test_worker_crash_is_retried)",
+    "test_saturation": _PROCESSES,
+    "test_idle_process_reuse_one": _PROCESSES,
+    "test_idle_process_reuse_multiple": _PROCESSES,
+    "test_max_tasks_per_child": _PROCESSES + " (the worker replacement it checks is "
                                 "tests/integration/test_executor.py::test_max_tasks_per_child_replaces_workers)",
-    "test_max_tasks_per_child_defaults_to_spawn_context": _PRIVATE.format("_mp_context"),
-    "test_processes_terminate": _PRIVATE.format("_processes"),
-    "test_context_manager_shutdown": "builds a ProcessPoolExecutor itself and " + _PRIVATE.format("_processes"),
-    "test_del_shutdown": "builds a ProcessPoolExecutor itself and " + _PRIVATE.format("_executor_manager_thread"),
-    "test_shutdown_no_wait": "builds a ProcessPoolExecutor itself and "
-                             + _PRIVATE.format("_executor_manager_thread"),
-    "test_shutdown_deadlock_pickle": _PRIVATE.format("_executor_manager_thread") + " (the rest of it: "
+    "test_max_tasks_per_child_defaults_to_spawn_context":
+        "it reads ProcessPoolExecutor's private attribute `_mp_context`, which " + _CANNOT
+        + ": it starts no multiprocessing context (mp_context is accepted and ignored; workers are the "
+        "cluster's)",
+    "test_processes_terminate": _PROCESSES,
+    "test_context_manager_shutdown": _STDLIB + _PROCESSES.removeprefix("it "),
+    "test_del_shutdown": _STDLIB + _MANAGER.removeprefix("it "),
+    "test_shutdown_no_wait": _STDLIB + _MANAGER.removeprefix("it "),
+    "test_shutdown_deadlock_pickle": _MANAGER + " (the rest of it: "
                                      "tests/integration/test_executor_back_to_back.py::"
                                      "test_unpicklable_task_then_shutdown_without_wait)",
     "test_interpreter_shutdown": _SCRIPT.format("test_interpreter_exit_runs_pending_work"),
@@ -63,8 +71,9 @@ EXCLUDED = {
 # test name -> what farpool does differently, on purpose (not run, reported as such).
 EXPECTED_DIFFERENCES = {
     "FailingInitializerTest.test_initializer":
-        "passes a multiprocessing.Queue in initargs, which reaches the stdlib's workers by inheritance; "
-        "farpool's workers may be on other machines, so the executor refuses it at construction and "
+        "passes a multiprocessing.Queue in initargs, which reaches the stdlib's workers only by inheritance "
+        "(they are the executor's children); it cannot reach farpool's workers, which may be on other "
+        "machines, so the executor refuses it at construction and "
         "names the way out (a Manager().Queue() or farpool.util.Queue); a failing initializer breaking "
         "the executor is tests/integration/test_executor.py::test_initializer_that_raises_breaks_the_executor",
 }

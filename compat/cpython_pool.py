@@ -24,16 +24,19 @@ import unittest
 # test name -> reason it is not run against farpool.
 EXCLUDED = {
     "test_pool_worker_lifetime":
-        "reads the pids of the pool's own worker processes from the private `_pool` list and calls the "
-        "private `_repopulate_pool()`; farpool's workers are the cluster's (the replacement itself is "
-        "covered by tests/integration/test_pool.py::test_initializer_and_maxtasksperchild)",
+        "it reads the pids of the pool's own worker processes from the private `_pool` list and calls the "
+        "private `_repopulate_pool()`, which cannot apply to farpool.Pool: its workers are the cluster's "
+        "processes, started and replaced by the node agents of any of its machines (the replacement after "
+        "maxtasksperchild is tests/integration/test_pool.py::test_initializer_and_maxtasksperchild)",
     "test_unpickleable_result":
-        "farpool serializes results with cloudpickle when plain pickle cannot, so the lambda the task "
-        "returns arrives instead of raising MaybeEncodingError (results that even cloudpickle cannot "
-        "pickle do raise MaybeEncodingError)",
+        "it expects a task returning a lambda to fail with MaybeEncodingError, which cannot happen with "
+        "farpool.Pool: results travel with cloudpickle where plain pickle cannot, so the lambda arrives (a "
+        "program that works with the stdlib works the same); a result nothing can pickle is a "
+        "MaybeEncodingError and the pool goes on: tests/integration/test_pool.py::"
+        "test_a_result_that_cannot_be_pickled_is_a_maybe_encoding_error_and_the_pool_goes_on",
     "test_worker_finalization_via_atexit_handler_of_multiprocessing":
-        "runs `from multiprocessing import Pool` in a child interpreter: it tests the stdlib pool, not "
-        "farpool's",
+        "it runs `from multiprocessing import Pool` in a child interpreter, so it tests the stdlib's pool and "
+        "cannot apply to farpool.Pool",
 }
 # --quick runs them all too: the whole suite takes seconds.
 SLOW: set[str] = set()

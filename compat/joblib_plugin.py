@@ -20,28 +20,31 @@ import os
 import pytest
 
 # test name (without parameters) -> reason; applied to its farpool variants.
+_UNREGISTERED = (
+    "the outer loop runs in loky's worker processes and names the backend 'farpool' by its string there; it "
+    "cannot apply to a third-party backend: joblib looks names up in a registry of each process, and loky "
+    "runs the caller's functions without importing its modules, so nothing registered 'farpool' in those "
+    "workers (farpool patches nothing of joblib). Named by its object, a farpool Parallel runs inside loky's "
+    "workers: tests/integration/test_joblib.py::test_a_farpool_parallel_inside_lokys_workers_named_by_its_object")
+_MEMMAP = ("cannot apply to backend 'farpool', which does not use joblib's memmapping: big arrays are put in the "
+           "cluster once per call and arrive as read-only ndarrays, not np.memmap files")
+# test name (without parameters) -> reason; applied to its farpool variants.
 EXCLUDED: dict[str, str] = {
     "test_parallel_with_interactively_defined_functions":
-        "runs `python -c` code that names backend 'farpool' without importing farpool.joblib: a "
-        "third-party backend exists only in processes that registered it",
+        "its `python -c` script names backend 'farpool' without importing farpool.joblib, which cannot work "
+        "for a third-party backend: it exists only in processes that registered it; with the import the same "
+        "script passes: tests/integration/test_joblib.py::test_functions_defined_in_python_c_run_with_the_backend",
     "test_auto_memmap_on_arrays_from_generator":
-        "checks that arguments arrive as np.memmap files of joblib's memmapping; farpool shares big "
-        "arrays through the cluster instead (read-only ndarrays, tested in tests/integration/test_joblib.py)",
+        "it checks that arguments arrive as np.memmap: " + _MEMMAP + "; what it guards (arrays made by the "
+        "input generator arrive intact) is tests/integration/test_joblib.py::"
+        "test_arrays_made_by_a_generator_arrive_intact",
     "test_memmapping_leaks":
-        "checks the np.memmap files and temp folder of joblib's memmapping, which farpool does not use "
-        "(big arrays are put in the cluster once per call)",
-    "test_nested_loop[loky-farpool]":
-        "the outer loop runs in loky's worker processes, where nobody registered the third-party backend "
-        "'farpool' (a backend must be registered in every process that names it)",
-    "test_nested_loop[back_compat_backend-farpool]":
-        "the outer loop runs in loky's worker processes (back_compat_backend is loky's), where nobody "
-        "registered the third-party backend 'farpool'",
-    "test_backend_nesting_level[parallel_config-farpool-loky]":
-        "the outer loop runs in loky's worker processes, where nobody registered the third-party backend "
-        "'farpool'",
-    "test_backend_nesting_level[parallel_backend-farpool-loky]":
-        "the outer loop runs in loky's worker processes, where nobody registered the third-party backend "
-        "'farpool'",
+        "it checks the np.memmap files in joblib's temp folder: " + _MEMMAP + ", freed when the call ends "
+        "(FarpoolBackend.stop_call drops them)",
+    "test_nested_loop[loky-farpool]": _UNREGISTERED,
+    "test_nested_loop[back_compat_backend-farpool]": _UNREGISTERED + " (back_compat_backend is loky's)",
+    "test_backend_nesting_level[parallel_config-farpool-loky]": _UNREGISTERED,
+    "test_backend_nesting_level[parallel_backend-farpool-loky]": _UNREGISTERED,
 }
 # Tests run by `run.py --quick` (a bounded subset, a few seconds each on 2 cores).
 QUICK = {

@@ -7,7 +7,7 @@ The whole change for existing code is one import::
 Runs in the user's process, on the threads that call it and on the core
 client's one callback thread; it owns no thread, socket or process of its own.
 The dispatcher, the map feeds and the task functions it submits with are the
-facades' shared machinery (``_facade.py``, which also shows the data flow);
+facades' shared machinery (the ``_facade`` package, whose opening docstring also shows the data flow);
 this module is the ``Executor`` interface over them.
 
 How it differs from the stdlib (everything else matches ``ProcessPoolExecutor``):
@@ -33,7 +33,7 @@ How it differs from the stdlib (everything else matches ``ProcessPoolExecutor``)
 * ``map`` reads its inputs as work is handed out (a bounded prefetch), not all
   at once; an exception raised by the input iterator is raised when its item
   is reached (from ``map()`` itself when that happens at once).  A numpy array
-  of at least ``_facade.SHARE_MIN_BYTES`` (1 MiB) passed to many calls of one
+  of at least ``_facade.dispatcher.SHARE_MIN_BYTES`` (1 MiB) passed to many calls of one
   ``map`` is stored once; an ``ObjectRef`` passed as an argument is resolved to
   its value.
 * ``options(num_gpus=1, ...)`` returns a view of the same executor that submits

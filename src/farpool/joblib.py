@@ -13,7 +13,7 @@ joblib's current interface (``submit`` with a completion callback,
 ``get_nested_backend``, ``retrieval_context``); nothing of joblib is patched.
 It runs in the process that calls ``Parallel`` (a driver, or a task running a
 nested ``Parallel``), on the caller's thread and the core client's callback
-thread, and is built on the facades' dispatcher (_facade.py)::
+thread, and is built on the facades' dispatcher (_facade/dispatcher.py)::
 
     Parallel --BatchedCalls--> FarpoolBackend.submit --> _Dispatcher --> task `_call(_run_batch, ...)`
     Parallel <--BatchCompletionCallBack (callback thread) <-- DistributedFuture

@@ -7,7 +7,7 @@ The whole change for existing code is one import::
 Runs in the user's process on the threads that call it and on the core
 client's one callback thread (where ``callback``/``error_callback`` run, as
 they run on the stdlib pool's result-handler thread).  Built on the same
-dispatcher as ``DistributedExecutor`` (see _facade.py): at most ``processes``
+dispatcher as ``DistributedExecutor`` (see the _facade package): at most ``processes``
 tasks in flight, each chunk of a map one task, handed to whichever worker is
 free (no chunk is pinned to a worker).
 

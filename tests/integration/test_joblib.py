@@ -185,3 +185,67 @@ def test_a_cluster_the_backend_started_stops_after_the_last_call(tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[0,", "1,", "4,", "9]", "False"]
+
+
+# ---------------------------------------------------------------------------- joblib's tests left out in compat/
+# The user-facing behaviour behind each test of joblib's test_parallel.py that compat/joblib_plugin.py
+# leaves out (its EXCLUDED says why the test itself cannot apply).
+def _python(tmp_path, *args: str) -> list[str]:
+    """``python *args`` in tmp_path; its output, split."""
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout.split()
+
+
+@pytest.mark.timeout(300)
+def test_functions_defined_in_python_c_run_with_the_backend(tmp_path):
+    # joblib's test_parallel_with_interactively_defined_functions, with the import that registers the
+    # backend (its script names "farpool" in a process where nothing registered it).
+    out = _python(tmp_path, "-c", textwrap.dedent("""
+        import farpool.joblib
+        from joblib import Parallel, delayed
+        farpool.joblib.register()
+        def square(x):
+            return x ** 2
+        print(Parallel(n_jobs=2, backend="farpool")(delayed(square)(i) for i in range(5)))
+        """))
+    assert out == ["[0,", "1,", "4,", "9,", "16]"]
+
+
+def generated_arrays(n):
+    for i in range(n):
+        yield np.ones(10, dtype=np.float32) * i
+
+
+def test_arrays_made_by_a_generator_arrive_intact():
+    # What joblib's test_auto_memmap_on_arrays_from_generator guards (arrays the input generator
+    # made, shared with max_nbytes=1 while the generator runs on), without its np.memmap check.
+    with parallel_config(backend="farpool", n_jobs=2):
+        got = Parallel(max_nbytes=1)(delayed(np.asarray)(a) for a in generated_arrays(60))
+    for result, expected in zip(got, generated_arrays(60), strict=True):
+        np.testing.assert_array_equal(result, expected)
+
+
+@pytest.mark.timeout(300)
+def test_a_farpool_parallel_inside_lokys_workers_named_by_its_object(tmp_path):
+    # joblib's test_nested_loop[loky-farpool] names the backend by its string inside loky's workers,
+    # where nothing registered it (loky runs __main__'s functions without importing __main__).  The
+    # backend object pickles by reference, so the worker imports farpool.joblib and it works.
+    script = tmp_path / "nested.py"
+    script.write_text(textwrap.dedent("""
+        import farpool.joblib
+        from joblib import Parallel, delayed
+        from joblib.externals.loky import get_reusable_executor
+
+        def square(x):
+            return x * x
+
+        def inner(n):
+            return sum(Parallel(n_jobs=2, backend=farpool.joblib.FarpoolBackend())(
+                delayed(square)(i) for i in range(n)))
+
+        if __name__ == "__main__":
+            print(Parallel(n_jobs=2, backend="loky")(delayed(inner)(n) for n in range(4)))
+            get_reusable_executor().shutdown(wait=True)  # loky's workers end now, with their clusters
+    """))
+    assert _python(tmp_path, str(script)) == ["[0,", "0,", "1,", "5]"]

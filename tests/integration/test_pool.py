@@ -291,3 +291,22 @@ def test_map_items_of_every_kind_arrive_as_with_the_stdlib(pool):
 
 def apply_it(f):
     return f()
+
+
+def a_lock(_=None):
+    import threading
+    return threading.Lock()
+
+
+def test_a_result_that_cannot_be_pickled_is_a_maybe_encoding_error_and_the_pool_goes_on(pool):
+    # CPython's test_unpickleable_result (left out in compat/: its lambda result arrives with farpool,
+    # which ships what cloudpickle can), with a result nothing can pickle: each time the caller and the
+    # error callback get a MaybeEncodingError, and the pool keeps its workers.
+    for _ in range(5):
+        seen = []
+        res = pool.apply_async(a_lock, error_callback=seen.append)
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError) as info:
+            res.get(timeout=TIMEOUT)
+        assert seen and isinstance(seen[0], multiprocessing.pool.MaybeEncodingError)
+        assert info.value.exc is not None and info.value.value is not None
+    assert pool.map(square, range(4)) == [0, 1, 4, 9]

@@ -158,12 +158,36 @@ def remove_dead_sessions() -> list[str]:
         entries = []
     for name in entries:
         if name.startswith("farpool-" + SESSION_PREFIX):
-            session_name = name[len("farpool-"):].rsplit("-", 1)[0]
             path = os.path.join(shm_root(), name)
-            if not os.path.isdir(os.path.join(root, session_name)) and _owned_by_us(path):
+            if _owned_by_us(path) and _segments_orphaned(path):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(name)
     return removed
+
+
+# In a node agent's directory of segments in /dev/shm (one per machine, shared by every tmp root):
+# the absolute path of the agent's session directory, which may be under any FARPOOL_TMPDIR.
+SEGMENTS_OWNER_FILE = "session"
+
+
+def mark_segments_owner(segments_dir: str, session_dir: str) -> None:
+    with open(os.path.join(segments_dir, SEGMENTS_OWNER_FILE), "w") as f:
+        f.write(os.path.abspath(session_dir))
+
+
+def _segments_orphaned(segments_dir: str) -> bool:
+    """True if the session that made these segments is gone.
+
+    Judged by the session directory the segments name, never by our own tmp root: a live
+    session of another root (another user's run, another suite) is not in ours.  Without
+    the name (being made this instant, or made by an older farpool) they are left alone.
+    """
+    try:
+        with open(os.path.join(segments_dir, SEGMENTS_OWNER_FILE)) as f:
+            owner = f.read().strip()
+    except OSError:
+        return False
+    return bool(owner) and not os.path.isdir(owner)
 
 
 def _owned_by_us(path: str) -> bool:

@@ -55,7 +55,7 @@ FREE_IDLE_S = float(os.environ.get("FARPOOL_STORE_FREE_IDLE_S", "10"))
 
 def choose_dir(session_dir: str, node_id: str, capacity: int) -> tuple[str, bool]:
     """A directory for the segments: /dev/shm when it has room, else disk (with a warning)."""
-    from farpool._private.session import shm_root
+    from farpool._private.session import mark_segments_owner, shm_root
     name = f"farpool-{os.path.basename(session_dir)}-{node_id[:8]}"
     try:
         st = os.statvfs(shm_root())
@@ -65,6 +65,7 @@ def choose_dir(session_dir: str, node_id: str, capacity: int) -> tuple[str, bool
     if shm_free >= capacity:
         path = os.path.join(shm_root(), name)
         os.makedirs(path, mode=0o700, exist_ok=True)
+        mark_segments_owner(path, session_dir)  # how a later sweep knows whose they are (any tmp root)
         return path, True
     path = os.path.join(session_dir, "store")
     os.makedirs(path, mode=0o700, exist_ok=True)

@@ -1,0 +1,155 @@
+"""The task functions the facades submit, and the markers that travel with them.
+
+``_call`` (submit / apply_async), ``_run_chunk`` (map-like calls) and
+``_run_initializer`` run in the workers; ``_Shared`` and ``_AuthKey`` travel
+inside their arguments.  All are pickled by reference: workers import them
+from this module, so their names and signatures are a contract between the
+submitting process and the workers of the same version.  The submitter's side
+of that contract is here too: ``_pack_plain`` (a chunk pickled up front when
+it holds nothing to share), ``_submitter_authkey`` and ``_fix_result``
+(values handed back writable, as the stdlib does).  Imports nothing of the
+other ``_facade`` modules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import pickle
+
+class _Shared:
+    """Marks an argument that travels as the task's ``index``-th top-level ref argument."""
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __reduce__(self):
+        return (_Shared, (self.index,))
+
+
+# Types that never need a look (the per-item fast path of maps).
+_PLAIN = frozenset({int, float, str, bytes, bool, complex, type(None), tuple, list, dict})
+
+
+def _all_plain(values) -> bool:
+    """True if no value needs a look (the per-item fast path, at C speed)."""
+    return set(map(type, values)) <= _PLAIN
+
+
+def _writable(value):
+    """The stdlib hands tasks and callers fresh, writable arrays: so do we (copy read-only ones)."""
+    if type(value) in _PLAIN or type(value).__name__ != "ndarray":
+        return value
+    return value if value.flags.writeable else value.copy()
+
+
+def _adopt_authkey(authkey: bytes | None) -> None:
+    """Take the submitter's multiprocessing authkey, as a child process of the stdlib's pools does.
+
+    ``multiprocessing.Manager`` proxies passed to tasks authenticate with it.
+    """
+    if authkey is not None:
+        process = multiprocessing.current_process()
+        if process.authkey != authkey:
+            process.authkey = authkey
+
+
+def _call(authkey: bytes | None, fn, kwnames: tuple, *values):
+    """The task behind ``submit``/``apply_async``: ``values`` are the positional
+    arguments then the keyword values, all top level so that refs among them
+    are resolved by the runtime."""
+    _adopt_authkey(authkey)
+    if kwnames:
+        n = len(values) - len(kwnames)
+        args = [_writable(v) for v in values[:n]]
+        kwargs = {k: _writable(v) for k, v in zip(kwnames, values[n:])}
+        return fn(*args, **kwargs)
+    return fn(*[_writable(v) for v in values])
+
+
+def _restore(value, shared: tuple):
+    return _writable(shared[value.index] if type(value) is _Shared else value)
+
+
+def _pack_plain(chunk: list) -> tuple[bool, bytes] | None:
+    """(plain, the chunk pickled) when pickling finds no ObjectRef and no large buffer in it
+    (nothing to share or resolve): a look at every item's type costs as much as the pickling.
+    ``plain`` is False when an array might be inside (the worker then makes arrays writable)."""
+    from farpool._private import object_ref
+    from farpool._private import protocol
+    if protocol._main_is_interactive():
+        return None  # values of __main__ travel by value (cloudpickle): the general path
+    refs: list = []
+    large: list = []
+    try:
+        with object_ref.collecting(refs):
+            data = protocol.pickle.dumps(chunk, protocol=5, buffer_callback=protocol._oob_filter(large))
+    except Exception:  # noqa: BLE001 - e.g. a lambda among the items: the general path says why
+        return None
+    if refs or large:
+        return None
+    # Every pickled ndarray names a numpy function: without the name there is no array.
+    return b"numpy" not in data, data
+
+
+def _run_chunk(authkey: bytes | None, fn, star: bool, plain: bool, chunk, *shared):
+    """The task behind map-like calls: ``fn`` over a chunk of items (argument tuples if ``star``).
+
+    ``chunk`` is a list, or the list pickled by the submitter (_pack_plain).  ``plain``:
+    the submitter found only plain values in it (nothing to restore, no need to look
+    again).  ``shared`` are the values of the refs that the chunk's ``_Shared`` markers
+    point at.
+    """
+    _adopt_authkey(authkey)
+    if type(chunk) is bytes:
+        chunk = pickle.loads(chunk)
+    if star:
+        if plain:
+            return list(itertools.starmap(fn, chunk))
+        return [fn(*[_restore(a, shared) for a in args]) for args in chunk]
+    if plain:
+        return list(map(fn, chunk))
+    return [fn(x if type(x) in _PLAIN else _restore(x, shared)) for x in chunk]
+
+
+def _run_initializer(authkey: bytes | None, payload: bytes) -> None:
+    """A facade's initializer, in the worker: the authkey first, then ``initializer(*initargs)``.
+
+    The pair travels pickled so that Manager proxies among ``initargs`` are
+    rebuilt only once the authkey is in place.
+    """
+    from farpool._private import protocol
+    _adopt_authkey(authkey)
+    initializer, initargs = protocol.loads(payload)
+    initializer(*initargs)
+
+
+def _submitter_authkey() -> bytes:
+    return bytes(multiprocessing.current_process().authkey)
+
+
+def _adopted_authkey(authkey: bytes) -> bytes:
+    _adopt_authkey(authkey)
+    return authkey
+
+
+class _AuthKey:
+    """The submitter's authkey as a task's first argument: adopted while the arguments are unpickled.
+
+    Pickle rebuilds a tuple's items in order, so Manager proxies among the
+    later arguments find the authkey in place when they reconnect.
+    """
+    __slots__ = ("key",)
+
+    def __init__(self, key: bytes):
+        self.key = key
+
+    def __reduce__(self):
+        return (_adopted_authkey, (self.key,))
+
+
+def _fix_result(value, chunk: bool = False):
+    if chunk and type(value) is list:
+        return value if _all_plain(value) else [v if type(v) in _PLAIN else _writable(v) for v in value]
+    return _writable(value)
