@@ -214,8 +214,10 @@ class DistributedExecutor(concurrent.futures.Executor):
             future = DistributedFuture(dispatcher)
             future._name = _task_name(fn)
             values = args + tuple(kwargs.values()) if kwargs else args
+            # Futures among the arguments are resolved to their values before fn runs (dispatcher)
+            deps = any(isinstance(v, DistributedFuture) for v in values)
             item = _WorkItem(future, self._tasks.call(fn), (fn, tuple(kwargs), *values),
-                             self._limit)
+                             self._limit, deps=deps)
             dispatcher.push(item)
         return future
 

@@ -58,16 +58,49 @@ class _Limit(NamedTuple):
 class _WorkItem:
     """One task not yet handed to the runtime: ``remote.remote(*args)`` makes it.
 
-    It waits while ``limit`` or more tasks are in flight.
+    It waits while ``limit`` or more tasks are in flight.  ``deps``: futures are among
+    its arguments (see ``_dependency``).
     """
-    __slots__ = ("future", "remote", "args", "chunk", "limit")
+    __slots__ = ("future", "remote", "args", "chunk", "limit", "deps")
 
-    def __init__(self, future: DistributedFuture, remote, args: tuple, limit: _Limit, chunk: bool = False):
+    def __init__(self, future: DistributedFuture, remote, args: tuple, limit: _Limit, chunk: bool = False,
+                 deps: bool = False):
         self.future = future
         self.remote = remote
         self.args = args
         self.limit = limit
         self.chunk = chunk
+        self.deps = deps
+
+
+class _DependencyFailed(Exception):
+    """A future given as an argument ended without a value: its error is the dependent's."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _dependency(future: DistributedFuture):
+    """A future passed as an argument (the Dask idiom): the ref of its task, which the runtime
+    resolves to the value before the function runs (nobody waits here; a failed task fails
+    the dependent with its error).  A future of this executor always has its ref by the
+    time a later submission is handed out (first in, first out)."""
+    ref = future._ref
+    if ref is not None:
+        return ref
+    if future.cancelled():
+        raise _DependencyFailed(concurrent.futures.CancelledError(
+            f"an argument of this call was the future of {future._name or 'a task'}, which was cancelled"))
+    if future.done():
+        error = future.exception()
+        if error is not None:
+            raise _DependencyFailed(error)
+        return farpool.put(future.result())
+    raise _DependencyFailed(ValueError(
+        f"an argument of this call is the future of {future._name or 'a task'} that another executor has not "
+        "handed to its cluster yet (it waits behind that executor's max_workers): pass future.result() "
+        "instead, or submit both calls to one executor"))
 
 
 class _Feed:
@@ -157,6 +190,8 @@ class _Feed:
     def _marker(self, a, refs: list, index_of: dict) -> _Shared | None:
         if isinstance(a, farpool.ObjectRef):
             ref = a
+        elif isinstance(a, DistributedFuture) and a._ref is not None:  # resolved by the runtime
+            ref = a._ref
         elif type(a).__name__ == "ndarray" and getattr(a, "nbytes", 0) >= SHARE_MIN_BYTES:
             cached = self._shared.get(id(a))
             if cached is None or cached[0] is not a:
@@ -303,7 +338,10 @@ class _Dispatcher:
                     if item.future._state != _PENDING:  # cancelled while it waited here
                         continue
                 try:
-                    ref = item.remote.remote(self.authkey, *item.args)
+                    args = item.args
+                    if item.deps:
+                        args = tuple(_dependency(a) if isinstance(a, DistributedFuture) else a for a in args)
+                    ref = item.remote.remote(self.authkey, *args)
                 except BaseException as error:  # noqa: BLE001 - it belongs to that future
                     failed.append((item.future, error))
                     continue
@@ -318,7 +356,8 @@ class _Dispatcher:
             if self.client.broken is not None:
                 self.break_(f"the farpool cluster was lost: {self.client.broken}")
             else:
-                future._set_exception_safe(_pickling_error(error))
+                future._set_exception_safe(error.error if isinstance(error, _DependencyFailed)
+                                           else _pickling_error(error))
         if failed:
             self._notify()
 

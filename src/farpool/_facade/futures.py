@@ -39,6 +39,11 @@ class DistributedFuture(concurrent.futures.Future):
     def object_ref(self):
         return self._ref
 
+    def __reduce__(self):
+        raise TypeError("a DistributedFuture cannot be pickled: pass it as an argument of submit() or map() "
+                        "itself (not inside a container), where farpool gives the function its value, or pass "
+                        "future.result() (or future.object_ref to a native farpool task)")
+
     def result(self, timeout: float | None = None):
         if not self.done() and _in_worker():
             with _blocked_while_waiting():
