@@ -84,6 +84,12 @@ def main(argv=None) -> int:
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing new output until Ctrl-C")
     bench = sub.add_parser("microbenchmark", help="run the standard micro-benchmarks (under a minute)")
     bench.add_argument("--quick", action="store_true")
+    slurm = sub.add_parser("slurm", help="SLURM: `srun --ntasks-per-node=1 farpool slurm -- CMD` runs CMD on a "
+                                         "cluster of the step's nodes; `farpool slurm sbatch` prints its script")
+    slurm.add_argument("args", nargs=argparse.REMAINDER, help="[sbatch] [options] -- CMD...")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["slurm"]:
+        return _slurm(argv[1:])  # its own parsers: options before `--`, the command after
     args = parser.parse_args(argv)
     try:
         return {"start": _start, "up": _up, "down": _down, "k8s": _k8s, "stop": _stop, "status": _status,
@@ -204,7 +210,7 @@ def _block(args, procs, session_dir: str) -> int:
 
     def interrupt(*_):
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, session.sigterm_handler(interrupt))
     code = 0
     try:
         pid, status = os.wait()  # our only children are the processes started above
@@ -261,6 +267,15 @@ def _down(args) -> int:
         print(f"farpool down: could not stop {', '.join(failed)}; run `farpool stop` there", file=sys.stderr)
         return 1
     return 0
+
+
+def _slurm(argv: list) -> int:
+    from farpool._private.launchers import slurm
+    try:
+        return slurm.cli_main(argv)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"farpool slurm: {exc}", file=sys.stderr)
+        return 1
 
 
 def _k8s(args) -> int:

@@ -486,7 +486,7 @@ def main(argv=None) -> int:
             head.loop.stop()
     if args.lifeline:
         head.loop.add_reader(0, on_lifeline)
-    signal.signal(signal.SIGTERM, lambda *_: (clean.append("SIGTERM"), head.loop.stop()))
+    signal.signal(signal.SIGTERM, session.sigterm_handler(lambda *_: (clean.append("SIGTERM"), head.loop.stop())))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print(f"farpool-head ready pid={os.getpid()} port={head.port}", flush=True)
     try:

@@ -88,7 +88,7 @@ def _run(sock: socket.socket, common: dict) -> None:
     from farpool._private import session, worker_logs
     session.set_process_name("farpool-launch")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, session.sigterm_handler(signal.SIG_DFL))
     # Thread pools of BLAS/OpenMP size themselves when numpy loads, here: start
     # them at 1 thread (a worker's default num_cpus); workers adjust per lease.
     managed = [var for var in THREAD_VARS if var not in os.environ]

@@ -530,7 +530,7 @@ def main(argv=None) -> int:
             agent.loop.stop()
     if args.lifeline:
         agent.loop.add_reader(0, on_lifeline)
-    signal.signal(signal.SIGTERM, lambda *_: (clean.append("SIGTERM"), agent.loop.stop()))
+    signal.signal(signal.SIGTERM, session.sigterm_handler(lambda *_: (clean.append("SIGTERM"), agent.loop.stop())))
     if agent.tcp_address:
         with open(os.path.join(args.session_dir, "node.address"), "w") as f:
             f.write(agent.tcp_address)

@@ -229,6 +229,18 @@ def set_process_name(name: str) -> None:
         pass
 
 
+# Set by a launcher whose scheduler signals every process of a job at once (SLURM: SIGTERM at the
+# walltime or on scancel, SIGKILL after KillWait): the runtime processes it starts ignore that
+# SIGTERM, so tasks in flight still deliver their results to the job's command; the launcher
+# stops them through their lifelines once that command has ended.
+IGNORE_SIGTERM_VAR = "FARPOOL_IGNORE_SIGTERM"
+
+
+def sigterm_handler(handler):
+    """What a runtime process installs for SIGTERM: ``handler``, or SIG_IGN under such a launcher."""
+    return signal.SIG_IGN if os.environ.get(IGNORE_SIGTERM_VAR) == "1" else handler
+
+
 def terminate(pids: list[int], grace_s: float = 3.0) -> None:
     """SIGTERM, then SIGKILL what is still alive after ``grace_s``."""
     for pid in pids:

@@ -28,12 +28,14 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 
 import zmq
 import struct
 from zmq.utils import z85
 
+from farpool._private import fragments
 from farpool.exceptions import AuthenticationError
 
 log = logging.getLogger(__name__)
@@ -472,27 +474,61 @@ class EventLoop:
 
 
 def send(sock: zmq.Socket, frames: list) -> bool:
-    """Send without blocking; False when the peer is gone or unknown (ROUTER)."""
+    """Send without blocking; False when the peer is gone or unknown (ROUTER).  Over TCP a
+    message with a frame over fragments.SPLIT_ABOVE goes in pieces (see fragments.py)."""
     try:
+        if fragments.needs_split(frames) and sock.getsockopt(zmq.MECHANISM) == zmq.CURVE:
+            envelope = frames[:1] if sock.type == zmq.ROUTER else []
+            for piece in fragments.split(frames[len(envelope):]):
+                sock.send_multipart(envelope + piece, copy=False, flags=zmq.NOBLOCK)
+            return True
         sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
         return True
     except zmq.ZMQError as exc:
         if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-            return False
+            return False  # (a message cut short by EAGAIN is dropped by its receiver)
         raise
 
 
+_reassemblers: "weakref.WeakKeyDictionary[zmq.Socket, fragments.Reassembler]" = weakref.WeakKeyDictionary()
+
+
 def recv_all(sock: zmq.Socket, limit: int = 1000, copy: bool = True):
-    """Yield up to ``limit`` messages already queued on ``sock`` (never blocks).
+    """Yield up to ``limit`` messages already queued on ``sock`` (never blocks); a message
+    sent in pieces (fragments.py) is yielded once, whole.
 
     ``copy=False``: frames are zmq Frames (their ``.buffer`` is a view of zmq's memory),
     for large payloads that are written somewhere at once (chunks of a copy).
     """
     for _ in range(limit):
         try:
-            yield sock.recv_multipart(flags=zmq.NOBLOCK, copy=copy)
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             return
+        if 3 <= len(frames) <= 4 and (fragments.is_fragment(frames) or fragments.is_fragment(frames, 1)):
+            frames = _reassemble(sock, frames, copy)
+            if frames is None:
+                continue
+        yield frames
+
+
+def _reassemble(sock: zmq.Socket, frames: list, copy: bool) -> list | None:
+    envelope = frames[:len(frames) - 3]
+    peer = bytes(envelope[0]) if envelope else None
+    assembler = _reassemblers.get(sock)
+    if assembler is None:
+        assembler = _reassemblers[sock] = fragments.Reassembler()
+    try:
+        whole = assembler.feed(peer, frames[-2], frames[-1] if copy else frames[-1].buffer, copy)
+    except (ValueError, struct.error) as exc:
+        assembler.forget(peer)
+        log.warning("dropped a message sent in pieces by %r: %s", peer, exc)
+        return None
+    if whole is None:
+        return None
+    if not copy:
+        whole = [zmq.Frame(f, copy=False) for f in whole]
+    return envelope + whole
 
 
 Again = zmq.Again

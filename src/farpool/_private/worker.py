@@ -698,7 +698,7 @@ def main(cfg: dict) -> int:
         pass
     import random
     random.seed()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, session.sigterm_handler(signal.SIG_DFL))
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGUSR2, on_sigint)
     os.environ["FARPOOL_WORKER"] = "1"  # for code that asks whether it runs inside a farpool worker

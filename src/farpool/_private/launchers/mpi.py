@@ -73,14 +73,15 @@ def missing_ranks(nodes: list[dict], size: int) -> list[int]:
     return [rank for rank in range(size) if rank not in present]
 
 
-def remove_dead_roots() -> list[str]:
+def remove_dead_roots(prefix: str = ROOT_PREFIX) -> list[str]:
     """Remove the tmp roots of ranks that were killed (SIGKILL leaves them): those whose state
-    file names processes that are all gone.  A root still without one is starting: kept."""
+    file names processes that are all gone.  A root still without one is starting: kept.
+    (``prefix``: the SLURM launcher's roots are removed the same way.)"""
     removed = []
     base = session.tmp_root()
     for name in os.listdir(base):
         path = os.path.join(base, name)
-        if not name.startswith(ROOT_PREFIX) or not os.path.isdir(path):
+        if not name.startswith(prefix) or not os.path.isdir(path):
             continue
         try:
             with open(os.path.join(path, "cluster.json")) as f:
