@@ -371,8 +371,8 @@ def test_nodes_and_resources(cluster):
 
 def test_leases_returned_and_granted_again_to_the_same_workers(cluster, monkeypatch):
     """Regression: a re-leased worker must still reach us (reconnect with the same identity)."""
-    from farpool._private import client as client_mod
-    monkeypatch.setattr(client_mod, "LEASE_LINGER_S", 0.0)  # return every lease as soon as it idles
+    from farpool._private import submitter
+    monkeypatch.setattr(submitter, "LEASE_LINGER_S", 0.0)  # return every lease as soon as it idles
     pids = set()
     for i in range(60):
         assert farpool.get(add.remote(i, 1), timeout=30) == i + 1
