@@ -70,10 +70,10 @@ class _ActorCall(NamedTuple):
 def _identity(caller: tuple | None) -> bytes | None:
     """The client identity in ``caller``, a protocol.OwnerAddress kept as the plain tuple it
     came as (it is passed on as one, in AddBorrower); None for no caller.  Unpacked, not
-    ``_make``: twice per batch on the task path, and unpacking costs a tenth."""
+    named with ``_make``: twice per batch on the task path, and unpacking costs a tenth."""
     if not caller:
         return None
-    identity, _node_id, _endpoint, _pid = caller
+    identity, *_ = caller  # an OwnerAddress starts with its identity (and may be only that)
     return identity
 
 
