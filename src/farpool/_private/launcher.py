@@ -26,6 +26,7 @@ import signal
 import socket
 import struct
 import sys
+from typing import NamedTuple
 
 _LEN = struct.Struct("!I")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -84,6 +85,13 @@ def start(worker_main_args: dict) -> tuple[int, socket.socket]:
     return pid, ours
 
 
+class _Output(NamedTuple):
+    """A pipe of a worker's output, as the launcher reads it."""
+    worker_id: str
+    stream: str                 # "stdout" or "stderr"
+    log: object                 # the worker's worker_logs.RotatingLog (both its pipes share it)
+
+
 def _run(sock: socket.socket, common: dict) -> None:
     from farpool._private import session, worker_logs
     session.set_process_name("farpool-launch")
@@ -107,7 +115,7 @@ def _run(sock: socket.socket, common: dict) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children: dict[int, str] = {}
-    outputs: dict[int, tuple] = {}   # pipe read fd -> (worker_id, stream name, its RotatingLog)
+    outputs: dict[int, _Output] = {}   # pipe read fd -> the worker output it carries
     pipes_of: dict[int, list] = {}   # pid -> its pipe read fds
     reader = MessageReader(sock)
     sock.setblocking(False)
@@ -129,7 +137,7 @@ def _run(sock: socket.socket, common: dict) -> None:
         if not data:
             os.close(fd)
             del outputs[fd]
-            if not any(entry[2] is worker_log for entry in outputs.values()):
+            if not any(output.log is worker_log for output in outputs.values()):
                 worker_log.close()
             return False
         worker_log.write(data)
@@ -181,9 +189,9 @@ def _run(sock: socket.socket, common: dict) -> None:
                     except ChildProcessError:
                         pass
                 return
-            for msg in msgs:
-                if msg[0] == "spawn":
-                    _, worker_id, env = msg
+            for tag, *fields in msgs:
+                if tag == "spawn":
+                    worker_id, env = fields
                     out_r, out_w = os.pipe()
                     err_r, err_w = os.pipe()
                     log_path = worker_logs.log_path(common["session_dir"], worker_id)
@@ -195,7 +203,7 @@ def _run(sock: socket.socket, common: dict) -> None:
                         os.dup2(out_w, 1)
                         os.dup2(err_w, 2)
                         for fd in (lifeline_w, wake_r, wake_w, out_r, out_w, err_r, err_w, *outputs,
-                                   *{entry[2].fd for entry in outputs.values()}):
+                                   *{output.log.fd for output in outputs.values()}):
                             try:
                                 os.close(fd)
                             except OSError:
@@ -219,12 +227,12 @@ def _run(sock: socket.socket, common: dict) -> None:
                     worker_log = worker_logs.RotatingLog(log_path)
                     for fd, stream in ((out_r, "stdout"), (err_r, "stderr")):
                         os.set_blocking(fd, False)
-                        outputs[fd] = (worker_id, stream, worker_log)
+                        outputs[fd] = _Output(worker_id, stream, worker_log)
                     pipes_of[pid] = [out_r, err_r]
                     children[pid] = worker_id
                     send_msg(sock, ("started", worker_id, pid))
-                elif msg[0] == "kill":
-                    _, pid, sig = msg
+                elif tag == "kill":
+                    pid, sig = fields
                     if pid in children:
                         try:
                             os.kill(pid, sig)

@@ -92,8 +92,15 @@ class Pulse:
             return
         tag, fields, _ = message
         self.last_ack = time.monotonic()
-        if tag == "Error" and fields and fields[0] == "unknown-node":
-            self.on_unknown(fields[1])
+        if tag != "Error":
+            return
+        try:
+            error = protocol.Error._make(fields)
+        except TypeError:  # this thread must go on: its heartbeats are what keeps us alive
+            log.warning("dropped a bad Error from the head: %d field(s), expected (code, detail)", len(fields))
+            return
+        if error.code == "unknown-node":
+            self.on_unknown(error.detail)
 
     def stop(self) -> None:
         os.eventfd_write(self._stop_fd, 1)

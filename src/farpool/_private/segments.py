@@ -32,6 +32,7 @@ import os
 import struct
 import threading
 import weakref
+from typing import NamedTuple
 
 ALIGN = 64
 # Large buffers start on a page boundary: memcpy into a destination a few cache lines
@@ -100,6 +101,14 @@ def write_segment(path: str, payload: bytes, buffers: list, store_id: bytes) -> 
     return total
 
 
+class _Mapping(NamedTuple):
+    """A segment this process wrote, still mapped (_WriterMaps)."""
+    fd: int
+    mapped: mmap.mmap
+    length: int
+    inode: int
+
+
 class _WriterMaps:
     """This process's mappings of segments it wrote, kept for the next write to the same segment.
 
@@ -116,19 +125,18 @@ class _WriterMaps:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.maps: dict[str, tuple] = {}   # path -> (fd, mmap, length, inode), oldest first
+        self.maps: dict[str, _Mapping] = {}   # path -> its mapping, oldest first
 
     @contextlib.contextmanager
     def mapping(self, path: str, total: int):
         with self.lock:
             cached = self.maps.pop(path, None)
         if cached is not None:
-            fd, m, length, inode = cached
             try:
                 current = os.stat(path).st_ino
             except OSError:
                 current = None
-            if current != inode or length < total:
+            if current != cached.inode or cached.length < total:
                 self._close(cached)
                 cached = None
         if cached is None:
@@ -143,14 +151,13 @@ class _WriterMaps:
             except BaseException:
                 os.close(fd)
                 raise
-            cached = (fd, m, length, st.st_ino)
-        fd, m = cached[0], cached[1]
-        fcntl.flock(fd, fcntl.LOCK_EX)
+            cached = _Mapping(fd, m, length, st.st_ino)
+        fcntl.flock(cached.fd, fcntl.LOCK_EX)
         try:
-            yield m
+            yield cached.mapped
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            if cached[2] < self.MIN_SIZE:
+            fcntl.flock(cached.fd, fcntl.LOCK_UN)
+            if cached.length < self.MIN_SIZE:
                 self._close(cached)
             else:
                 with self.lock:
@@ -170,10 +177,9 @@ class _WriterMaps:
         self.forget(list(self.maps))
 
     @staticmethod
-    def _close(entry) -> None:
-        fd, m = entry[0], entry[1]
-        m.close()
-        os.close(fd)
+    def _close(entry: _Mapping) -> None:
+        entry.mapped.close()
+        os.close(entry.fd)
 
 
 _writer_maps = _WriterMaps()

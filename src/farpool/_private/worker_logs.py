@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import NamedTuple
 
 # A worker's log file is rotated when it grows past this: smaller files lose less
 # at once when the oldest goes, larger ones mean fewer renames.
@@ -86,6 +87,12 @@ def worker_logs(session_dir: str) -> dict[str, list[tuple[str, int, int]]]:
     return out
 
 
+class LogCursor(NamedTuple):
+    """Where a reader of a worker's output stopped (it travels as a plain tuple: Reply, ReadLogs)."""
+    inode: int                  # of the file it stopped in (kept across a rotation)
+    offset: int                 # bytes into that file
+
+
 def plan(files: list, cursor: tuple | None, budget: int) -> tuple[list, tuple | None]:
     """What to read of one worker's ``files`` (oldest first, (path, inode, size)) after
     ``cursor`` (None: from the oldest kept byte), at most ``budget`` bytes.
@@ -94,9 +101,10 @@ def plan(files: list, cursor: tuple | None, budget: int) -> tuple[list, tuple | 
     rotated away starts again at the oldest file kept."""
     start_at, offset = 0, 0
     if cursor is not None:
+        stopped = LogCursor._make(cursor)
         for i, (_path, inode, size) in enumerate(files):
-            if inode == cursor[0]:
-                start_at, offset = i, min(cursor[1], size)
+            if inode == stopped.inode:
+                start_at, offset = i, min(stopped.offset, size)
                 break
     reads = []
     new_cursor = cursor
