@@ -15,8 +15,8 @@ _EXPORTS = {
     **{name: "farpool.actor" for name in ("ActorClass", "ActorHandle", "get_actor", "kill", "method")},
     **{name: "farpool.api" for name in (
         "NodeAffinity", "available_resources", "cancel", "cluster_resources", "get", "get_gpu_ids",
-        "get_runtime_context", "init", "is_initialized", "nodes", "put", "remote", "shutdown", "timeline",
-        "wait")},
+        "get_runtime_context", "init", "is_initialized", "nodes", "put", "remote", "shutdown", "wait")},
+    **{name: "farpool.observe" for name in ("progress", "status", "timeline")},
     **{name: "farpool.exceptions" for name in (
         "ActorDiedError", "AuthenticationError", "FarpoolError", "GetTimeoutError", "InfeasibleError",
         "NodeDiedError", "ObjectLostError", "ObjectStoreFullError", "OwnerDiedError",
@@ -46,5 +46,5 @@ __all__ = [
     "NodeAffinity", "NodeDiedError", "ObjectLostError", "ObjectRef", "ObjectStoreFullError",
     "OwnerDiedError", "TaskCancelledError", "TaskError", "WorkerCrashedError", "available_resources",
     "cancel", "cluster_resources", "exceptions", "get", "get_gpu_ids", "get_runtime_context", "init",
-    "is_initialized", "nodes", "put", "remote", "shutdown", "timeline", "wait",
+    "is_initialized", "nodes", "progress", "put", "remote", "shutdown", "status", "timeline", "wait",
 ]

@@ -68,8 +68,19 @@ def main(argv=None) -> int:
                         help="write to this file (made 0600: it holds the token) instead of stdout")
     stop = sub.add_parser("stop", help="stop what `farpool start` started on this machine")
     del stop
-    status = sub.add_parser("status", help="nodes, resources and workers of a cluster")
+    status = sub.add_parser("status", help="nodes, resources, tasks by function, actors, store use")
     status.add_argument("--address", default="auto")
+    status.add_argument("--json", action="store_true", help="print farpool.status() as JSON")
+    lister = sub.add_parser("list", help="the detail behind status: tasks, actors, objects, nodes, placement groups")
+    lister.add_argument("kind", choices=("tasks", "actors", "objects", "nodes", "placement-groups"))
+    lister.add_argument("--address", default="auto")
+    lister.add_argument("--state", default=None, help="only rows in this state (e.g. RUNNING, FAILED, ALIVE)")
+    lister.add_argument("--node", default=None, help="only this node (its id or a prefix of it)")
+    lister.add_argument("--limit", type=int, default=100, help="at most this many rows (default: 100)")
+    lister.add_argument("--json", action="store_true", help="JSON instead of a table")
+    timeline = sub.add_parser("timeline", help="write a Chrome-trace JSON of the whole cluster's recent tasks")
+    timeline.add_argument("path", help="the file to write (open it in chrome://tracing or ui.perfetto.dev)")
+    timeline.add_argument("--address", default="auto")
     memory = sub.add_parser("memory", help="object store use and the largest live objects")
     memory.add_argument("--address", default="auto")
     memory.add_argument("--limit", type=int, default=20)
@@ -93,7 +104,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"start": _start, "up": _up, "down": _down, "k8s": _k8s, "stop": _stop, "status": _status,
-                "memory": _memory, "stack": _stack, "logs": _logs, "microbenchmark": _microbenchmark}[
+                "list": _list, "timeline": _timeline, "memory": _memory, "stack": _stack, "logs": _logs, "microbenchmark": _microbenchmark}[
             args.command](args)
     except (ValueError, ConnectionError, OSError, RuntimeError) as exc:
         print(f"farpool {args.command}: {exc}", file=sys.stderr)
@@ -347,23 +358,40 @@ def _stop(args) -> int:
 
 def _status(args) -> int:
     import farpool
+    from farpool import observe
     farpool.init(address=args.address)
     try:
-        nodes = farpool.nodes()
-        print(f"{len([n for n in nodes if n['alive']])} live node(s)")
-        for n in nodes:
-            total = ", ".join(f"{k} {v:g}" for k, v in sorted(n["resources_total"].items()))
-            avail = ", ".join(f"{k} {v:g}" for k, v in sorted(n["resources_available"].items()))
-            state = "alive" if n["alive"] else "DEAD"
-            print(f"  node {n['node_id'][:8]} {state} at {n['address']}: total {{{total}}}, "
-                  f"available {{{avail}}}, workers {n.get('workers')}, actors {n.get('actors')}")
-            store = n.get("object_store") or {}
-            if store:
-                print(f"    object store: {store['used'] / 1e6:.1f} MB used of {store['capacity'] / 1e6:.1f} MB "
-                      f"in {store['objects']} object(s), {store['spilled'] / 1e6:.1f} MB spilled"
-                      f"{_disk_part(store)}")
+        data = observe.status()
     finally:
         farpool.shutdown()
+    print(json.dumps(data, indent=1) if args.json else observe.format_status(data))
+    return 0
+
+
+def _list(args) -> int:
+    import farpool
+    from farpool import observe
+    if args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    farpool.init(address=args.address)
+    try:
+        rows = observe.list_state(args.kind, args.state, args.node, args.limit)
+    finally:
+        farpool.shutdown()
+    print(json.dumps(rows, indent=1) if args.json else observe.format_table(args.kind, rows))
+    return 0
+
+
+def _timeline(args) -> int:
+    import farpool
+    from farpool import observe
+    farpool.init(address=args.address)
+    try:
+        events = observe.timeline(args.path)
+    finally:
+        farpool.shutdown()
+    runs = sum(1 for e in events if e.get("ph") in ("X", "B"))
+    print(f"wrote {runs} task run(s) to {args.path}: open it in chrome://tracing or https://ui.perfetto.dev")
     return 0
 
 
