@@ -40,6 +40,9 @@ def main(argv=None) -> int:
                             "address on the route to the head; a head node: --host)")
     start.add_argument("--node-port", type=int, default=0,
                        help="this node agent's TCP port (default: any free port, printed)")
+    start.add_argument("--dashboard-host", default=None,
+                       help="a head: where its dashboard listens (default 127.0.0.1: this machine only)")
+    start.add_argument("--dashboard-port", type=int, default=0, help="a head: the dashboard's port (default: any)")
     start.add_argument("--token-file", help="file holding the cluster token (else FARPOOL_TOKEN)")
     start.add_argument("--token", help="the cluster token (visible to other users in ps: prefer FARPOOL_TOKEN)")
     start.add_argument("--block", action="store_true",
@@ -158,7 +161,9 @@ def _start(args) -> int:
         token_file = session.write_token(session_dir, token)
         head = session.spawn("farpool._private.head", ["--session-dir", session_dir, "--host", listen,
                                                        "--advertise-host", advertise, "--port", str(args.port),
-                                                       *lifeline],
+                                                       "--dashboard-port", str(args.dashboard_port),
+                                                       *(["--dashboard-host", args.dashboard_host]
+                                                         if args.dashboard_host else []), *lifeline],
                              session_dir, "head.log", token, lifeline=args.block)
         try:
             port = _wait_file(os.path.join(session_dir, "head.port"), head, "head")
@@ -186,6 +191,10 @@ def _start(args) -> int:
         print("  (copy the token file to that machine first; the token never goes on a command line)")
         print(f"To connect a program: farpool.init(address=\"{address}\") with FARPOOL_TOKEN set, "
               "or init(address=\"auto\") on this machine.")
+        link = _read_file(os.path.join(session_dir, "dashboard.link"))
+        if link:
+            print(f"Dashboard (this link logs in one browser, once; init() returns a new one as "
+                  f"dashboard_url): {link}")
         if addresses.is_loopback(advertise):
             print("The head listens on loopback only: other machines cannot reach it. To open the "
                   "cluster to them, restart with --host set to an address they can reach.")
@@ -310,6 +319,14 @@ def _k8s(args) -> int:
           f"private. Apply with `kubectl apply -f`; programs in the cluster connect with "
           f"farpool.init(address=\"{head}\") and FARPOOL_TOKEN from that Secret.", file=sys.stderr)
     return 0
+
+
+def _read_file(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _wait_file(path: str, proc, what: str, timeout: float = 30) -> str:

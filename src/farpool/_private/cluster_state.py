@@ -53,6 +53,9 @@ def query(head, what: str, params: dict | None = None):
         return head.history.timeline(min(_limit(params, TIMELINE_LIMIT), TIMELINE_LIMIT))
     if what == "summary":
         return head.history.summary()
+    if what == "dashboard_link":  # (not in WHATS: the dashboard's own API does not mint links)
+        dashboard = getattr(head, "dashboard", None)
+        return dashboard.new_link() if dashboard is not None else None
     raise ValueError(f"unknown question {what!r}: ask one of {', '.join(WHATS)}")
 
 
@@ -98,7 +101,8 @@ def nodes(head) -> list[dict]:
             "actors": n.get("actors", 0), "store_used": store.get("used"), "store_capacity": store.get("capacity"),
             "spilled": store.get("spilled"), "resources_total": scheduling.as_floats(n["total"]),
             "resources_available": scheduling.as_floats(n.get("available") or {}),
-            "is_head_node": n.get("is_head_node", False), "death_reason": n.get("death_reason")})
+            "is_head_node": n.get("is_head_node", False), "death_reason": n.get("death_reason"),
+            "ipc": n.get("ipc"), "tcp": n.get("tcp")})
     return rows
 
 

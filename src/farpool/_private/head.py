@@ -480,6 +480,9 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--embedded", action="store_true")
     parser.add_argument("--lifeline", action="store_true", help="exit when stdin closes")
+    parser.add_argument("--dashboard-host", default=None, help="where the dashboard listens (default 127.0.0.1)")
+    parser.add_argument("--dashboard-port", type=int, default=0)
+    parser.add_argument("--no-dashboard", action="store_true")
     args = parser.parse_args(argv)
     session.set_process_name("farpool-head")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -491,6 +494,15 @@ def main(argv=None) -> int:
         return 1
     with open(os.path.join(args.session_dir, "head.pid"), "w") as f:
         f.write(str(os.getpid()))
+    head.dashboard = None
+    if not args.no_dashboard and os.environ.get("FARPOOL_DASHBOARD", "1") != "0":
+        from farpool._private import dashboard
+        try:
+            head.dashboard = dashboard.start(head, token, args.dashboard_host, args.dashboard_port,
+                                             args.advertise_host or args.host, args.session_dir)
+        except OSError as exc:  # the cluster works without it: say why there is none
+            log.warning("no dashboard: cannot listen on %s:%s: %s", args.dashboard_host or "127.0.0.1",
+                        args.dashboard_port, exc)
     if head.port is not None:
         with open(os.path.join(args.session_dir, "head.port"), "w") as f:
             f.write(str(head.port))
@@ -513,6 +525,8 @@ def main(argv=None) -> int:
         log.exception("the head failed")
         raise
     finally:
+        if head.dashboard is not None:
+            head.dashboard.close()
         head.close()
         if args.embedded:
             if not clean:  # the cluster fails with us: keep the logs that say why
