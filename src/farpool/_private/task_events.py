@@ -5,20 +5,22 @@ tasks).  Events are recorded on whichever thread sees them (a user thread in
 ``submit`` and on the direct path, the I/O thread for the rest) and taken in
 batches by the I/O thread only::
 
-    submit() ---------- Submitted --+
-    task sent to a worker -- Running -+--> TaskEventBuffer (bounded deque; full: dropped, counted)
-    result / failure ---- Ended ----+              |
-    no node fits -------- Waiting --+              | take(): a timer every FLUSH_INTERVAL_S, or at
-                                                   v         BATCH_EVENTS (one wake-up per batch)
-                                      TaskEvents(batch) --> head (task_history.py)
+    submit() -------------- (task, t) --------+
+    task sent to a worker - the task record --+--> TaskEventBuffer: a bounded deque
+    result / failure ------ (task, t, ...) ---+    (full: dropped, counted)
+    no node fits ---------- (task, t, ..., why) +                  |
+                                                                   | take(): on a timer (FLUSH_INTERVAL_S)
+                                                                   v   or at BATCH_EVENTS, one wake-up
+         TaskEvents(Batch: one TaskUpdate per task, its events merged) --> head (task_history.py)
 
-Nothing is sent per task: recording is a ``time.time()``, a tuple and a deque append.
-An event is a plain tuple on the task path; its fields are those of the NamedTuple of
-its kind below (the head reads them with ``decode``).  ``FARPOOL_TASK_EVENTS=0`` turns
-recording off (the benchmark of its cost compares both).
+Nothing is sent per task.  Recording is a ``time.time()``, a small tuple holding the
+task record itself, and a deque append: the task's fields are read, and its events
+merged into one update per task, when the I/O thread takes the batch (a short task
+submitted, run and finished within one interval costs the head one update, not three).
+``FARPOOL_TASK_EVENTS=0`` turns recording off (the benchmark of its cost compares both).
 
-The buffer (``TaskEventBuffer``) is pure: events in, batches out, no clock or socket;
-``Reporter`` is the small shell that flushes it on the client's event loop.
+The buffer (``TaskEventBuffer``) is pure: events in, batches out, no clock of its own
+or sockets; ``Reporter`` is the small shell that flushes it on the client's event loop.
 """
 
 from __future__ import annotations
@@ -29,82 +31,63 @@ from collections import deque
 from typing import NamedTuple
 
 # Events an owner holds between flushes.  More rides out a longer burst (or a slow
-# head) without losing events; fewer bounds the owner's memory (~100 bytes an event).
-# Beyond it events are dropped and counted: the head shows the count.
+# head) without losing events; fewer bounds the owner's memory (an event holds its
+# task record up to one interval longer).  Beyond it events are dropped and counted:
+# the head shows the count.
 BUFFER_EVENTS = int(os.environ.get("FARPOOL_TASK_EVENTS_BUFFER", "100000"))
 # A batch this large is sent without waiting for the timer: larger batches cost the
 # owner's I/O thread fewer sends, smaller ones keep the head's view fresher under load.
-BATCH_EVENTS = 5000
+BATCH_EVENTS = 20_000
 # How old the head's view of an owner's tasks may be: shorter is fresher, longer sends
-# fewer (larger) batches from an owner that runs a few tasks a second.
+# fewer (larger) batches and merges more events per task.
 FLUSH_INTERVAL_S = 1.0
 # Recording on (the default) or off: FARPOOL_TASK_EVENTS=0.
 ENABLED = os.environ.get("FARPOOL_TASK_EVENTS", "1") not in ("0", "false", "no", "off")
 
-# Kinds of event (the first field of each).
-SUBMITTED, RUNNING, ENDED, WAITING = "S", "R", "E", "W"
-# How a task ended (Ended.state).
-FINISHED, FAILED = "FINISHED", "FAILED"
+# Task states, as the head shows them.
+PENDING, RUNNING_STATE, FINISHED, FAILED = "PENDING", "RUNNING", "FINISHED", "FAILED"
+STATES = (PENDING, RUNNING_STATE, FINISHED, FAILED)
 
 
-class Submitted(NamedTuple):
-    """The owner accepted the task (``remote()`` returned)."""
-    kind: str
+class TaskUpdate(NamedTuple):
+    """What a batch says of one task: its events since the last batch, merged.  ``None``
+    is "nothing new"; the fields of ``Submitted`` come only in the task's first update."""
     task_id: bytes
-    at: float                   # time.time()
-    name: str                   # function name, or Class.method for actor calls
-    shape: dict                 # resources, fixed-point (scheduling.UNIT)
+    name: str | None            # function name, or Class.method for actor calls
+    shape: dict | None          # resources, fixed-point (scheduling.UNIT)
     actor_id: str | None
-
-
-class Running(NamedTuple):
-    """The task was sent to a worker (a task is RUNNING once dispatched)."""
-    kind: str
-    task_id: bytes
-    at: float
-    node_id: str
-    worker_id: str
-
-
-class Ended(NamedTuple):
-    """The task finished or failed for good (or one run of it ended, before a retry)."""
-    kind: str
-    task_id: bytes
-    at: float                   # when it ended (the worker's clock when it ran)
-    state: str                  # FINISHED or FAILED
-    started: float | None       # when its run started on the worker; None if it never ran
+    submitted: float | None     # time.time() when remote() accepted it
+    state: str | None           # its latest state (STATES)
+    started: float | None       # when its (latest) run started: sent to a worker, then the worker's clock
+    ended: float | None
     node_id: str | None
     worker_id: str | None
     error_type: str | None      # the exception's type name when it failed
+    reason: str | None          # why it waits (no node can run it now)
+    runs: int                   # runs started since the last update
 
 
-class Waiting(NamedTuple):
-    """No node can run the task now (its resources): it waits, and this says why."""
-    kind: str
-    task_id: bytes
-    at: float
-    reason: str
-
-
-_KINDS = {SUBMITTED: Submitted, RUNNING: Running, ENDED: Ended, WAITING: Waiting}
-
-
-def decode(event: tuple):
-    """The NamedTuple of a wire event; ValueError for anything else (a peer's garbage)."""
-    if not isinstance(event, tuple) or not event:
-        raise ValueError(f"a task event must be a non-empty tuple, got {type(event).__name__}")
-    cls = _KINDS.get(event[0])
-    if cls is None or len(event) != len(cls._fields):
-        raise ValueError(f"unknown task event {event[0]!r} with {len(event)} fields")
-    return cls._make(event)
+def decode(update) -> TaskUpdate:
+    """The TaskUpdate of a wire tuple; ValueError for anything else (a peer's garbage)."""
+    if not isinstance(update, tuple) or len(update) != len(TaskUpdate._fields):
+        raise ValueError(f"a task update must be a tuple of {len(TaskUpdate._fields)} fields, "
+                         f"got {type(update).__name__} of {len(update) if isinstance(update, tuple) else '?'}")
+    u = TaskUpdate._make(update)
+    if not isinstance(u.task_id, bytes) or (u.state is not None and u.state not in STATES) \
+            or not isinstance(u.runs, int):
+        raise ValueError(f"a malformed task update for {u.task_id!r}")
+    return u
 
 
 class Batch(NamedTuple):
-    """What TaskEvents carries: the events since the last batch, and how many were dropped."""
-    events: list
+    """What TaskEvents carries: the updates since the last batch, and how many events were dropped."""
+    updates: list
     dropped: int
     job_id: object              # the owner's job (a worker's nested tasks: its task's job)
     pid: int
+
+
+_time = time.time
 
 
 class TaskEventBuffer:
@@ -125,69 +108,112 @@ class TaskEventBuffer:
         self.dropped_total = 0
         self.on_batch_ready = None  # called once when a batch fills (the reporter wakes the I/O thread)
         self._ready_signalled = False
+        self._threshold = min(batch, capacity)  # below it, recording checks nothing else
         self._events: deque = deque()
+        if not enabled:  # the hooks do nothing (still one call each)
+            self.submitted = self.running = self.ran = self.failed = self.waiting = _nothing
 
     def __len__(self) -> int:
         return len(self._events)
 
-    def record(self, event: tuple) -> None:
-        events = self._events
-        n = len(events)
-        if n >= self.capacity:
+    def _full(self) -> bool:
+        """(rarely) The buffer reached a batch: wake the reporter once; True when it is full."""
+        if len(self._events) >= self.capacity:
             self.dropped += 1
-            return
-        events.append(event)
-        if n + 1 >= self.batch and not self._ready_signalled and self.on_batch_ready is not None:
+            return True
+        if not self._ready_signalled and self.on_batch_ready is not None:
             self._ready_signalled = True
             self.on_batch_ready()
+        return False
 
-    # The owner's hooks (on the task path: keep them a tuple and an append).
+    # The owner's hooks, on the task path: each is one call, a length check and an append.
+    # An event is (task, time) when submitted, the task record itself when sent to a
+    # worker (its time and worker are read from it at take()), and an 8-tuple when it ended.
     def submitted(self, task) -> None:
-        if self.enabled:
-            self.record((SUBMITTED, task.task_id, time.time(), task.name, task.shape, task.actor_id))
+        if len(self._events) < self._threshold or not self._full():
+            self._events.append((task, _time()))
 
-    def running(self, task, node_id: str, worker_id: str) -> None:
-        if self.enabled:
-            self.record((RUNNING, task.task_id, time.time(), node_id, worker_id))
+    def running(self, task, node_id: str = "", worker_id: str = "") -> None:
+        """``task`` was sent to a worker (its ``lease`` and ``submitted_at``, a perf_counter time, say
+        where and when)."""
+        if len(self._events) < self._threshold or not self._full():
+            self._events.append(task)
 
     def ran(self, task, ok, started: float, ended: float, node_id: str, worker_id: str,
             error_type: str | None = None) -> None:
         """One run ended on a worker (``ok``: True, False, or "retired" when it never ran)."""
-        if not self.enabled or ok == "retired":
-            return
-        self.record((ENDED, task.task_id, ended, FINISHED if ok else FAILED, started, node_id, worker_id,
-                     error_type))
+        if ok != "retired" and (len(self._events) < self._threshold or not self._full()):
+            self._events.append((task, ended, FINISHED if ok else FAILED, started, node_id, worker_id, error_type,
+                                 None))
 
     def failed(self, task, error) -> None:
         """The task failed for good without a run to report (crash, cancel, no node, bad argument)."""
-        if self.enabled:
-            self.record((ENDED, task.task_id, time.time(), FAILED, None, None, None, error_type_of(error)))
+        if len(self._events) < self._threshold or not self._full():
+            self._events.append((task, _time(), FAILED, None, None, None, error_type_of(error), None))
 
     def waiting(self, tasks, reason: str) -> None:
-        if self.enabled:
-            now = time.time()
-            for task in tasks:
-                self.record((WAITING, task.task_id, now, reason))
+        """No node can run these tasks now (``reason``); they wait."""
+        now = _time()
+        for task in tasks:
+            if len(self._events) < self._threshold or not self._full():
+                self._events.append((task, now, None, None, None, None, None, reason))
 
     def take(self, job_id=None, pid: int = 0) -> Batch | None:
-        """The next batch (at most ``batch`` events), or None when there is nothing to say."""
+        """The next batch (the events of at most ``batch`` records, merged per task), or None
+        when there is nothing to say."""
         events = self._events
         n = min(len(events), self.batch)
         dropped = self.dropped
+        self._ready_signalled = False  # the next record past a batch signals again
         if n == 0 and not dropped:
-            self._ready_signalled = False
             return None
-        out = [events.popleft() for _ in range(n)]
+        merged: dict = {}
+        pop = events.popleft
+        wall = _time() - time.perf_counter()  # perf_counter -> time.time()
+        for _ in range(n):
+            event = pop()
+            if type(event) is not tuple:  # sent to a worker
+                task = event
+                u = merged.get(task.task_id)
+                if u is None:
+                    u = merged[task.task_id] = [task.task_id, None, None, None, None, None, None, None, None,
+                                                None, None, None, 0]
+                lease = task.lease
+                u[5], u[6], u[7], u[11] = RUNNING_STATE, task.submitted_at + wall, None, None
+                if lease is not None:
+                    u[8], u[9] = lease.node_id, lease.worker_id
+                u[12] += 1
+                continue
+            task = event[0]
+            u = merged.get(task.task_id)
+            if u is None:
+                u = merged[task.task_id] = [task.task_id, None, None, None, None, None, None, None, None, None,
+                                            None, None, 0]
+            if len(event) == 2:  # submitted
+                u[1], u[2], u[3], u[4], u[5] = task.name, task.shape, task.actor_id, event[1], PENDING
+            elif event[2] is not None:  # ended
+                u[5], u[7] = event[2], event[1]
+                if event[3] is not None:
+                    u[6], u[8], u[9] = event[3], event[4], event[5]
+                if event[6] is not None:
+                    u[10] = event[6]
+            else:  # waiting
+                u[11] = event[7]
         self.dropped -= dropped
         self.dropped_total += dropped
-        self._ready_signalled = False  # the next record past a batch signals again
-        return Batch(out, dropped, job_id, pid)
+        return Batch([tuple(u) for u in merged.values()], dropped, job_id, pid)
 
     def validate_state(self) -> None:
         assert 0 <= len(self._events) <= self.capacity, (len(self._events), self.capacity)
         assert self.dropped >= 0 and self.dropped_total >= 0
         for event in self._events:
-            decode(event)
+            task = event[0] if type(event) is tuple else event
+            assert isinstance(task.task_id, bytes), event
+            assert type(event) is not tuple or len(event) in (2, 8), event
+
+
+def _nothing(*_args) -> None:
+    pass
 
 
 def error_type_of(error) -> str:

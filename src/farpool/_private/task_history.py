@@ -25,8 +25,8 @@ from farpool._private import task_events as ev
 # are forgotten first; tasks still pending or running only beyond twice this.
 HISTORY_TASKS = int(os.environ.get("FARPOOL_TASK_HISTORY", "100000"))
 
-PENDING, RUNNING, FINISHED, FAILED = "PENDING", "RUNNING", ev.FINISHED, ev.FAILED
-STATES = (PENDING, RUNNING, FINISHED, FAILED)
+PENDING, RUNNING, FINISHED, FAILED = ev.STATES
+STATES = ev.STATES
 LIVE = (PENDING, RUNNING)
 
 
@@ -77,64 +77,48 @@ class TaskHistory:
     # --- input ---
     def add_batch(self, batch) -> None:
         """Fold in one owner's batch (a task_events.Batch as it came off the wire)."""
-        events, dropped, job_id, pid = batch
+        updates, dropped, job_id, pid = batch
         if isinstance(dropped, int) and dropped > 0:
             self.dropped += dropped
-        for raw in events:
+        for raw in updates:
             try:
-                event = ev.decode(raw)
+                update = ev.decode(raw)
             except ValueError:
                 self.bad_events += 1
                 continue
-            self._apply(event, job_id, pid)
+            self._apply(update, job_id, pid)
         self._trim()
 
-    def _entry(self, task_id, job_id, pid) -> TaskEntry | None:
-        if not isinstance(task_id, bytes):
-            self.bad_events += 1
-            return None
-        entry = self.records.get(task_id)
+    def _apply(self, u, job_id, pid) -> None:
+        entry = self.records.get(u.task_id)
         if entry is None:
-            entry = self.records[task_id] = TaskEntry(task_id, job_id, pid)
+            entry = self.records[u.task_id] = TaskEntry(u.task_id, job_id, pid)
             self._count(entry, +1)
-        return entry
-
-    def _apply(self, event, job_id, pid) -> None:
-        entry = self._entry(event.task_id, job_id, pid)
-        if entry is None:
-            return
-        kind = event.kind
-        if kind == ev.SUBMITTED:
+        if u.name is not None:  # its first update: what it is
             self._count(entry, -1)
-            entry.name = str(event.name)
-            entry.shape = self._shape_text(event.shape)
-            entry.actor_id = event.actor_id
-            entry.submitted = event.at
+            entry.name = str(u.name)
+            entry.shape = self._shape_text(u.shape)
+            entry.actor_id = u.actor_id
+            entry.submitted = u.submitted
             self._count(entry, +1)
-        elif kind == ev.RUNNING:
-            self._set_state(entry, RUNNING)
-            entry.node_id, entry.worker_id = event.node_id, event.worker_id
-            entry.started = event.at  # (until the worker says when it really started)
-            entry.ended = None
+        if u.started is not None:
+            entry.started = u.started
+            entry.node_id, entry.worker_id = u.node_id, u.worker_id
+        entry.runs += u.runs
+        if u.state is not None:
+            self._set_state(entry, u.state)
+            if u.state not in LIVE:
+                self.ended_order.append(entry.task_id)
+        if entry.state in LIVE:
+            entry.ended = None  # (running again after a failed run)
+            entry.reason = str(u.reason) if u.reason is not None and entry.state == PENDING else (
+                entry.reason if entry.state == PENDING else None)
+        else:
             entry.reason = None
-            entry.runs += 1
-        elif kind == ev.ENDED:
-            if event.state not in (FINISHED, FAILED):
-                self.bad_events += 1
-                return
-            self._set_state(entry, event.state)
-            entry.ended = event.at
-            if event.started is not None:
-                entry.started = event.started
-            if event.node_id is not None:
-                entry.node_id, entry.worker_id = event.node_id, event.worker_id
-            if event.error_type is not None:
-                entry.error_type = event.error_type
-            entry.reason = None
-            self.ended_order.append(entry.task_id)
-        elif kind == ev.WAITING:
-            if entry.state == PENDING:
-                entry.reason = str(event.reason)
+            if u.ended is not None:
+                entry.ended = u.ended
+            if u.error_type is not None:
+                entry.error_type = u.error_type
 
     def _shape_text(self, shape) -> str:
         try:
