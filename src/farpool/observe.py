@@ -103,7 +103,9 @@ def timeline(path: str | None = None) -> list[dict]:
 
 # ---------------------------------------------------------------------- text, for the CLI
 def _mb(n) -> str:
-    return "-" if n is None else f"{n / 1e6:.1f} MB"
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.1f} GB" if n >= 1e10 else f"{n / 1e6:.1f} MB"
 
 
 def _res(d: dict) -> str:
@@ -115,7 +117,8 @@ def format_status(s: dict) -> str:
     lines = [f"{s['nodes_alive']} live node(s), {s['nodes_dead']} dead"]
     for n in s["nodes"]:
         cpu = "" if n.get("cpu_percent") is None else f", CPU {n['cpu_percent']:.0f}%"
-        mem = "" if not n.get("memory_total") else f", memory {_mb(n['memory_used'])} of {_mb(n['memory_total'])}"
+        mem = "" if not n.get("memory_total") else (f", memory {n['memory_used'] / 1e9:.1f} GB of "
+                                                    f"{n['memory_total'] / 1e9:.1f} GB")
         lines.append(f"  node {n['node_id'][:8]} {n['state']} at {n['address']}: total {{{_res(n['resources_total'])}}}, "
                      f"available {{{_res(n['resources_available'])}}}, workers {n.get('workers')}, "
                      f"actors {n.get('actors')}{cpu}{mem}")
@@ -157,7 +160,7 @@ _TABLE_COLUMNS = {
     "nodes": ("node_id", "state", "address", "workers", "actors", "cpu_percent", "store_used"),
     "placement-groups": cluster_state.PLACEMENT_GROUP_COLUMNS,
 }
-_SHORT = {"actor_id": 16, "object_id": 16, "node_id": 8, "cause": 50, "waiting_for": 50}
+_SHORT = {"actor_id": 16, "node_id": 8, "cause": 50, "waiting_for": 50}
 
 
 def format_table(kind: str, rows: list[dict]) -> str:

@@ -65,7 +65,7 @@ const HISTORY = 120;
 const $ = id => document.getElementById(id);
 function esc(v){ return String(v === null || v === undefined ? "-" : v).replace(/[&<>"']/g,
   c => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c])); }
-function mb(n){ return n === null || n === undefined ? "-" : n >= 1e10 ? (n/1e9).toFixed(1) + " GB" : (n/1e6).toFixed(1) + " MB"; }
+function mb(n){ return n === null || n === undefined ? "-" : n >= 1e9 ? (n/1e9).toFixed(1) + " GB" : (n/1e6).toFixed(1) + " MB"; }
 function amount(k, v){ return /memory/.test(k) ? (v/1e9).toFixed(1) + "G" : String(+v.toFixed(2)); }
 async function api(path){
   const r = await fetch("/api/" + path, {credentials: "same-origin", cache: "no-store"});
@@ -192,7 +192,7 @@ async function refreshObjects(){
   const rows = await api("objects?limit=50");
   table($("objects"), [["object_id","object"],["node_id","node"],["size","size","num"],["state","state"],["owner","owner"]],
     rows, (r, c) => {
-      if(c === "object_id") return esc((r.object_id || "-").slice(0,16));
+      if(c === "object_id") return `<span title="${esc(r.object_id)}">${esc((r.object_id || "-").slice(0,6) + ".." + (r.object_id || "").slice(16,22))}</span>`;
       if(c === "node_id") return esc((r.node_id || "-").slice(0,8));
       if(c === "size") return mb(r.size);
       if(c === "owner") return esc(r.error || r.owner);

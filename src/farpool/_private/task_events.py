@@ -68,10 +68,10 @@ class TaskUpdate(NamedTuple):
 
 
 def decode(update) -> TaskUpdate:
-    """The TaskUpdate of a wire tuple; ValueError for anything else (a peer's garbage)."""
-    if not isinstance(update, tuple) or len(update) != len(TaskUpdate._fields):
-        raise ValueError(f"a task update must be a tuple of {len(TaskUpdate._fields)} fields, "
-                         f"got {type(update).__name__} of {len(update) if isinstance(update, tuple) else '?'}")
+    """The TaskUpdate of a wire list; ValueError for anything else (a peer's garbage)."""
+    if not isinstance(update, (list, tuple)) or len(update) != len(TaskUpdate._fields):
+        raise ValueError(f"a task update must be a list of {len(TaskUpdate._fields)} fields, got "
+                         f"{type(update).__name__} of {len(update) if isinstance(update, (list, tuple)) else '?'}")
     u = TaskUpdate._make(update)
     if not isinstance(u.task_id, bytes) or (u.state is not None and u.state not in STATES) \
             or not isinstance(u.runs, int):
@@ -168,40 +168,42 @@ class TaskEventBuffer:
         if n == 0 and not dropped:
             return None
         merged: dict = {}
+        get = merged.get
         pop = events.popleft
         wall = _time() - time.perf_counter()  # perf_counter -> time.time()
         for _ in range(n):
             event = pop()
-            if type(event) is not tuple:  # sent to a worker
-                task = event
-                u = merged.get(task.task_id)
+            if type(event) is not tuple:  # sent to a worker: the task record itself
+                u = get(event.task_id)
                 if u is None:
-                    u = merged[task.task_id] = [task.task_id, None, None, None, None, None, None, None, None,
-                                                None, None, None, 0]
-                lease = task.lease
-                u[5], u[6], u[7], u[11] = RUNNING_STATE, task.submitted_at + wall, None, None
+                    u = merged[event.task_id] = [event.task_id, None, None, None, None, None, None, None, None,
+                                                 None, None, None, 0]
+                lease = event.lease
+                u[5], u[6], u[7], u[11] = RUNNING_STATE, event.submitted_at + wall, None, None
                 if lease is not None:
                     u[8], u[9] = lease.node_id, lease.worker_id
                 u[12] += 1
-                continue
-            task = event[0]
-            u = merged.get(task.task_id)
-            if u is None:
-                u = merged[task.task_id] = [task.task_id, None, None, None, None, None, None, None, None, None,
-                                            None, None, 0]
-            if len(event) == 2:  # submitted
-                u[1], u[2], u[3], u[4], u[5] = task.name, task.shape, task.actor_id, event[1], PENDING
-            elif event[2] is not None:  # ended
-                u[5], u[7] = event[2], event[1]
-                if event[3] is not None:
-                    u[6], u[8], u[9] = event[3], event[4], event[5]
-                if event[6] is not None:
-                    u[10] = event[6]
-            else:  # waiting
-                u[11] = event[7]
+            elif len(event) == 2:  # submitted: a task's first event ever
+                task = event[0]
+                merged[task.task_id] = [task.task_id, task.name, task.shape, task.actor_id, event[1], PENDING,
+                                        None, None, None, None, None, None, 0]
+            else:
+                task_id = event[0].task_id
+                u = get(task_id)
+                if u is None:
+                    u = merged[task_id] = [task_id, None, None, None, None, None, None, None, None, None, None,
+                                           None, 0]
+                if event[2] is not None:  # ended
+                    u[5], u[7] = event[2], event[1]
+                    if event[3] is not None:
+                        u[6], u[8], u[9] = event[3], event[4], event[5]
+                    if event[6] is not None:
+                        u[10] = event[6]
+                else:  # waiting
+                    u[11] = event[7]
         self.dropped -= dropped
         self.dropped_total += dropped
-        return Batch([tuple(u) for u in merged.values()], dropped, job_id, pid)
+        return Batch(list(merged.values()), dropped, job_id, pid)  # (updates travel as lists)
 
     def validate_state(self) -> None:
         assert 0 <= len(self._events) <= self.capacity, (len(self._events), self.capacity)
