@@ -25,9 +25,9 @@ import json
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from farpool._private import cluster_state, dashboard_page, protocol, session, transport
@@ -56,15 +56,25 @@ class Dashboard:
         self._lock = threading.Lock()
         self._links: dict[str, float] = {}     # one-time code -> when made
         self._sessions: dict[str, float] = {}  # cookie value -> when made
-        self.server = ThreadingHTTPServer((host, port), _Handler)
-        self.server.daemon_threads = True
-        self.server.dashboard = self
+        # Listen at once (the port and the links are known now); serve from a thread that first
+        # imports http.server (tens of ms the head's start-up does not wait for).
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.listener.bind((host, port))
+            self.listener.listen(64)
+        except OSError:
+            self.listener.close()
+            raise
+        self.server = None
+        self._closed = False
         self.host = host
-        self.port = self.server.server_address[1]
+        self.port = self.listener.getsockname()[1]
         shown = advertise if host in ("0.0.0.0", "::") and advertise else host
         self.shown_host = shown
         self.allowed_hosts = {h.strip("[]").lower() for h in (host, shown, *LOOPBACK_NAMES) if h}
-        self.thread = threading.Thread(target=self.server.serve_forever, name="farpool-dashboard", daemon=True)
+        self.thread = threading.Thread(target=self._serve, name="farpool-dashboard", daemon=True)
 
     @property
     def url(self) -> str:
@@ -75,9 +85,29 @@ class Dashboard:
         self.thread.start()
         return self
 
+    def _serve(self) -> None:
+        """Accept connections until close(); a thread per request (http.server's ThreadingMixIn)."""
+        from http.server import ThreadingHTTPServer
+        server = ThreadingHTTPServer(self.listener.getsockname()[:2], _handler_class(), bind_and_activate=False)
+        server.socket.close()
+        server.socket = self.listener
+        server.daemon_threads = True
+        server.dashboard = self
+        self.server = server
+        while not self._closed:
+            try:
+                conn, address = self.listener.accept()
+            except OSError:  # closed (close() shuts the socket down: accept returns at once)
+                return
+            server.process_request(conn, address)
+
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._closed = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
 
     # --- who may use it ---
     def new_link(self) -> str:
@@ -204,7 +234,19 @@ def start(head, token: str, host: str | None, port: int, advertise: str | None, 
     return dash
 
 
-class _Handler(BaseHTTPRequestHandler):
+def _handler_class():
+    """The request handler (defined on first use: http.server is imported by the serving thread)."""
+    global _Handler
+    if _Handler is None:
+        from http.server import BaseHTTPRequestHandler
+        _Handler = type("DashboardHandler", (_HandlerMixin, BaseHTTPRequestHandler), {})
+    return _Handler
+
+
+_Handler = None
+
+
+class _HandlerMixin:
     server_version = "farpool-dashboard"
     protocol_version = "HTTP/1.1"
 

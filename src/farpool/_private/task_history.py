@@ -255,9 +255,9 @@ class TaskHistory:
             if e.submitted is not None and e.submitted < e.started:
                 out.append({"name": "submitted " + e.name, "cat": "submit", "ph": "i", "s": "t",
                             "ts": e.submitted * 1e6, "pid": pid, "tid": tid, "args": {"task_id": e.task_id.hex()}})
-        meta = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"node {node[:8]}"}}
+        meta = [{"name": "process_name", "ph": "M", "ts": 0, "pid": pid, "args": {"name": f"node {node[:8]}"}}
                 for node, pid in nodes.items()]
-        meta += [{"name": "thread_name", "ph": "M", "pid": nodes[node], "tid": tid,
+        meta += [{"name": "thread_name", "ph": "M", "ts": 0, "pid": nodes[node], "tid": tid,
                   "args": {"name": f"worker {worker}"}} for (node, worker), tid in lanes.items()]
         return meta + out
 
