@@ -9,7 +9,7 @@ import importlib
 # Re-exports, loaded on first use: runtime processes import farpool._private.*
 # without paying for the client and API modules.
 _EXPORTS = {
-    "exceptions": "farpool.exceptions",
+    "exceptions": "farpool.exceptions", "observe": "farpool.observe",
     "ObjectRef": "farpool._private.object_ref",
     "DistributedExecutor": "farpool.executor", "Pool": "farpool.pool",
     **{name: "farpool.actor" for name in ("ActorClass", "ActorHandle", "get_actor", "kill", "method")},
@@ -29,7 +29,7 @@ def __getattr__(name: str):
     if module_name is None:
         raise AttributeError(f"module 'farpool' has no attribute {name!r}")
     module = importlib.import_module(module_name)
-    value = module if name == "exceptions" else getattr(module, name)
+    value = module if name in ("exceptions", "observe") else getattr(module, name)
     globals()[name] = value
     return value
 
@@ -46,5 +46,5 @@ __all__ = [
     "NodeAffinity", "NodeDiedError", "ObjectLostError", "ObjectRef", "ObjectStoreFullError",
     "OwnerDiedError", "TaskCancelledError", "TaskError", "WorkerCrashedError", "available_resources",
     "cancel", "cluster_resources", "exceptions", "get", "get_gpu_ids", "get_runtime_context", "init",
-    "is_initialized", "nodes", "progress", "put", "remote", "shutdown", "status", "timeline", "wait",
+    "is_initialized", "nodes", "observe", "progress", "put", "remote", "shutdown", "status", "timeline", "wait",
 ]
