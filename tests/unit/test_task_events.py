@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from farpool._private import task_events as ev
+from farpool._private.protocol import TaskFailure
 from farpool._private.task_history import FAILED, FINISHED, PENDING, RUNNING, TaskHistory
 
 
@@ -97,6 +98,7 @@ def test_failures_carry_the_error_type_and_a_retired_run_is_not_an_event():
     for record, expected in [
             (lambda b: b.ran(t, False, 1.0, 2.0, "n", "w", "ZeroDivisionError"), "ZeroDivisionError"),
             (lambda b: b.failed(t, ("task", b"", "KeyError", "tb", "f", "where")), "KeyError"),
+            (lambda b: b.failed(t, TaskFailure(b"", "IndexError", "tb", "f", "where")), "IndexError"),
             (lambda b: b.failed(t, TimeoutError("no")), "TimeoutError")]:
         buf = ev.TaskEventBuffer()
         buf.ran(t, "retired", 1.0, 1.0, "n", "w")

@@ -219,8 +219,11 @@ def _nothing(*_args) -> None:
 
 
 def error_type_of(error) -> str:
-    """The type name of a failure: a worker's TaskFailure tuple ("task", payload, type name, ...)
-    or an exception raised here."""
+    """The type name of a failure: a worker's (protocol.TaskFailure, with its ``type_name``; older
+    callers pass ("task", payload, type name, ...)) or an exception raised here."""
+    type_name = getattr(error, "type_name", None)
+    if isinstance(type_name, str):
+        return type_name
     if isinstance(error, tuple) and len(error) > 2 and error[0] == "task":
         return str(error[2])
     return type(error).__name__
