@@ -248,6 +248,7 @@ _Handler = None
 
 class _HandlerMixin:
     server_version = "farpool-dashboard"
+    timeout = 60  # an idle kept-alive connection (and its thread) ends after this many seconds
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt, *args) -> None:  # to the head's log, not stderr

@@ -73,6 +73,7 @@ class TaskHistory:
         self.forgotten_live = 0     # ... of them, still pending or running
         self.bad_events = 0         # events that did not decode (a peer's garbage)
         self._shapes: dict = {}     # shape tuple -> its text (few distinct shapes)
+        self.waiting: dict[bytes, TaskEntry] = {}  # pending tasks no node can run now (they have a reason)
 
     # --- input ---
     def add_batch(self, batch) -> None:
@@ -119,6 +120,10 @@ class TaskHistory:
                 entry.ended = u.ended
             if u.error_type is not None:
                 entry.error_type = u.error_type
+        if entry.reason is not None:
+            self.waiting[entry.task_id] = entry
+        else:
+            self.waiting.pop(entry.task_id, None)
 
     def _shape_text(self, shape) -> str:
         try:
@@ -149,9 +154,11 @@ class TaskHistory:
             entry = records.get(self.ended_order.popleft())
             if entry is not None and entry.state not in LIVE:
                 del records[entry.task_id]
+                self.waiting.pop(entry.task_id, None)
                 self.forgotten += 1
         while len(records) > 2 * self.max_tasks:  # all live: the oldest go (their counts stay)
             entry = records.pop(next(iter(records)))
+            self.waiting.pop(entry.task_id, None)
             self._count(entry, -1)  # (a later event of it makes a new record)
             self.forgotten += 1
             self.forgotten_live += 1
@@ -166,7 +173,8 @@ class TaskHistory:
             if entry.job_id == job_id and entry.state in LIVE:
                 self._set_state(entry, FAILED)
                 entry.error_type = "JobEnded"
-                entry.reason = why
+                entry.reason = None
+                self.waiting.pop(entry.task_id, None)
                 self.ended_order.append(entry.task_id)
                 n += 1
         return n
@@ -184,7 +192,7 @@ class TaskHistory:
             for s in STATES:
                 totals[s] += g[s]
         waiting: dict = {}
-        for entry in self.records.values():
+        for entry in self.waiting.values():
             if entry.reason is not None and entry.state == PENDING:
                 w = waiting.setdefault((entry.name, entry.shape, entry.reason),
                                        {"name": entry.name, "shape": entry.shape, "reason": entry.reason, "tasks": 0})
@@ -272,3 +280,5 @@ class TaskHistory:
             assert counted == live[state], (state, counted, live[state])
         for group in self.counts.values():
             assert all(v >= 0 for v in group.values()), group
+        for task_id, entry in self.waiting.items():
+            assert self.records.get(task_id) is entry and entry.state == PENDING and entry.reason, entry.as_dict()
