@@ -38,12 +38,15 @@ import farpool_bench as fb  # noqa: E402
 from farpool_bench import NA, Adapter  # noqa: E402
 
 SYSTEMS = ["farpool", "mp_pool", "ppe", "loky", "joblib", "dask", "ray"]
+#: run only when named in --only: farpool with task event recording off (FARPOOL_TASK_EVENTS=0),
+#: to measure what recording costs the task path in the same run
+EXTRA_SYSTEMS = ["farpool_noevents"]
 ALIASES = {"multiprocessing": "mp_pool", "mp": "mp_pool", "pool": "mp_pool",
            "processpoolexecutor": "ppe", "concurrent": "ppe",
            "distributed": "dask"}
 LABELS = {"farpool": "farpool", "mp_pool": "multiprocessing.Pool",
           "ppe": "ProcessPoolExecutor", "loky": "loky", "joblib": "joblib (loky)",
-          "dask": "Dask distributed", "ray": "Ray"}
+          "dask": "Dask distributed", "ray": "Ray", "farpool_noevents": "farpool, task events off"}
 #: distributions whose versions are recorded
 DISTS = ["farpool", "numpy", "psutil", "cloudpickle", "pyzmq", "loky", "joblib",
          "dask", "distributed", "ray"]
@@ -340,9 +343,10 @@ class RayAdapter(Adapter):
 
 
 ADAPTERS = {"farpool": fb.FarpoolAdapter, "mp_pool": MpPoolAdapter, "ppe": PpeAdapter,
-            "loky": LokyAdapter, "joblib": JoblibAdapter, "dask": DaskAdapter, "ray": RayAdapter}
+            "loky": LokyAdapter, "joblib": JoblibAdapter, "dask": DaskAdapter, "ray": RayAdapter,
+            "farpool_noevents": fb.FarpoolAdapter}
 #: what must import for a system to count as installed
-PROBES = {"farpool": ["farpool"], "mp_pool": ["multiprocessing"], "ppe": ["concurrent.futures"],
+PROBES = {"farpool": ["farpool"], "farpool_noevents": ["farpool"], "mp_pool": ["multiprocessing"], "ppe": ["concurrent.futures"],
           "loky": ["loky"], "joblib": ["joblib"], "dask": ["dask", "distributed"], "ray": ["ray"]}
 
 
@@ -358,7 +362,7 @@ def _import_probe(system):
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
             top = mod.split(".")[0]
-            if system == "farpool" and e.name == "farpool" and os.path.isdir(os.path.join(REPO, "src", "farpool")):
+            if system.startswith("farpool") and e.name == "farpool" and os.path.isdir(os.path.join(REPO, "src", "farpool")):
                 # a checkout without `pip install -e .`: use src/ (workers too)
                 src = os.path.join(REPO, "src")
                 sys.path.insert(0, src)
@@ -396,7 +400,7 @@ def child_main(ns):
             out["sizes"] = cfg
             cls = ADAPTERS[system]
             out["notes"] = dict(getattr(cls, "notes", {}))
-            if system == "farpool":
+            if system.startswith("farpool"):
                 import farpool
                 out["version"] = getattr(farpool, "__version__", None)
                 out["farpool_file"] = getattr(farpool, "__file__", None)
@@ -610,6 +614,8 @@ def run_child(system, workloads, args, cfg, tmpdir):
         cmd += ["--cpu-iters", str(cfg["cpu_iters"]), "--cpu-task-s", repr(cfg["cpu_measured_s"])]
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if system == "farpool_noevents":
+        env["FARPOOL_TASK_EVENTS"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     try:
         load = [round(x, 2) for x in os.getloadavg()]
@@ -762,7 +768,7 @@ def parent_main(args):
         only = []
         for s in args.only.split(","):
             s = ALIASES.get(s.strip().lower(), s.strip().lower())
-            if s not in SYSTEMS:
+            if s not in SYSTEMS + EXTRA_SYSTEMS:
                 sys.exit(f"unknown system {s!r}; choose from {','.join(SYSTEMS)}")
             if s not in only:
                 only.append(s)
@@ -834,7 +840,7 @@ def main(argv=None):
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 if a system crashed, timed out or a workload raised")
     # child mode (internal)
-    ap.add_argument("--child", default=None, choices=SYSTEMS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", default=None, choices=SYSTEMS + EXTRA_SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--progress", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cpu-iters", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cpu-task-s", type=float, default=None, help=argparse.SUPPRESS)

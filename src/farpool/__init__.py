@@ -9,14 +9,14 @@ import importlib
 # Re-exports, loaded on first use: runtime processes import farpool._private.*
 # without paying for the client and API modules.
 _EXPORTS = {
-    "exceptions": "farpool.exceptions",
+    "exceptions": "farpool.exceptions", "observe": "farpool.observe",
     "ObjectRef": "farpool._private.object_ref",
     "DistributedExecutor": "farpool.executor", "Pool": "farpool.pool",
     **{name: "farpool.actor" for name in ("ActorClass", "ActorHandle", "get_actor", "kill", "method")},
     **{name: "farpool.api" for name in (
         "NodeAffinity", "available_resources", "cancel", "cluster_resources", "get", "get_gpu_ids",
-        "get_runtime_context", "init", "is_initialized", "nodes", "put", "remote", "shutdown", "timeline",
-        "wait")},
+        "get_runtime_context", "init", "is_initialized", "nodes", "put", "remote", "shutdown", "wait")},
+    **{name: "farpool.observe" for name in ("progress", "status", "timeline")},
     **{name: "farpool.exceptions" for name in (
         "ActorDiedError", "AuthenticationError", "FarpoolError", "GetTimeoutError", "InfeasibleError",
         "NodeDiedError", "ObjectLostError", "ObjectStoreFullError", "OwnerDiedError",
@@ -29,7 +29,7 @@ def __getattr__(name: str):
     if module_name is None:
         raise AttributeError(f"module 'farpool' has no attribute {name!r}")
     module = importlib.import_module(module_name)
-    value = module if name == "exceptions" else getattr(module, name)
+    value = module if name in ("exceptions", "observe") else getattr(module, name)
     globals()[name] = value
     return value
 
@@ -46,5 +46,5 @@ __all__ = [
     "NodeAffinity", "NodeDiedError", "ObjectLostError", "ObjectRef", "ObjectStoreFullError",
     "OwnerDiedError", "TaskCancelledError", "TaskError", "WorkerCrashedError", "available_resources",
     "cancel", "cluster_resources", "exceptions", "get", "get_gpu_ids", "get_runtime_context", "init",
-    "is_initialized", "nodes", "put", "remote", "shutdown", "timeline", "wait",
+    "is_initialized", "nodes", "observe", "progress", "put", "remote", "shutdown", "status", "timeline", "wait",
 ]

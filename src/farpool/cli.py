@@ -40,6 +40,9 @@ def main(argv=None) -> int:
                             "address on the route to the head; a head node: --host)")
     start.add_argument("--node-port", type=int, default=0,
                        help="this node agent's TCP port (default: any free port, printed)")
+    start.add_argument("--dashboard-host", default=None,
+                       help="a head: where its dashboard listens (default 127.0.0.1: this machine only)")
+    start.add_argument("--dashboard-port", type=int, default=0, help="a head: the dashboard's port (default: any)")
     start.add_argument("--token-file", help="file holding the cluster token (else FARPOOL_TOKEN)")
     start.add_argument("--token", help="the cluster token (visible to other users in ps: prefer FARPOOL_TOKEN)")
     start.add_argument("--block", action="store_true",
@@ -68,8 +71,19 @@ def main(argv=None) -> int:
                         help="write to this file (made 0600: it holds the token) instead of stdout")
     stop = sub.add_parser("stop", help="stop what `farpool start` started on this machine")
     del stop
-    status = sub.add_parser("status", help="nodes, resources and workers of a cluster")
+    status = sub.add_parser("status", help="nodes, resources, tasks by function, actors, store use")
     status.add_argument("--address", default="auto")
+    status.add_argument("--json", action="store_true", help="print farpool.status() as JSON")
+    lister = sub.add_parser("list", help="the detail behind status: tasks, actors, objects, nodes, placement groups")
+    lister.add_argument("kind", choices=("tasks", "actors", "objects", "nodes", "placement-groups"))
+    lister.add_argument("--address", default="auto")
+    lister.add_argument("--state", default=None, help="only rows in this state (e.g. RUNNING, FAILED, ALIVE)")
+    lister.add_argument("--node", default=None, help="only this node (its id or a prefix of it)")
+    lister.add_argument("--limit", type=int, default=100, help="at most this many rows (default: 100)")
+    lister.add_argument("--json", action="store_true", help="JSON instead of a table")
+    timeline = sub.add_parser("timeline", help="write a Chrome-trace JSON of the whole cluster's recent tasks")
+    timeline.add_argument("path", help="the file to write (open it in chrome://tracing or ui.perfetto.dev)")
+    timeline.add_argument("--address", default="auto")
     memory = sub.add_parser("memory", help="object store use and the largest live objects")
     memory.add_argument("--address", default="auto")
     memory.add_argument("--limit", type=int, default=20)
@@ -93,7 +107,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"start": _start, "up": _up, "down": _down, "k8s": _k8s, "stop": _stop, "status": _status,
-                "memory": _memory, "stack": _stack, "logs": _logs, "microbenchmark": _microbenchmark}[
+                "list": _list, "timeline": _timeline, "memory": _memory, "stack": _stack, "logs": _logs, "microbenchmark": _microbenchmark}[
             args.command](args)
     except (ValueError, ConnectionError, OSError, RuntimeError) as exc:
         print(f"farpool {args.command}: {exc}", file=sys.stderr)
@@ -147,7 +161,9 @@ def _start(args) -> int:
         token_file = session.write_token(session_dir, token)
         head = session.spawn("farpool._private.head", ["--session-dir", session_dir, "--host", listen,
                                                        "--advertise-host", advertise, "--port", str(args.port),
-                                                       *lifeline],
+                                                       "--dashboard-port", str(args.dashboard_port),
+                                                       *(["--dashboard-host", args.dashboard_host]
+                                                         if args.dashboard_host else []), *lifeline],
                              session_dir, "head.log", token, lifeline=args.block)
         try:
             port = _wait_file(os.path.join(session_dir, "head.port"), head, "head")
@@ -175,6 +191,10 @@ def _start(args) -> int:
         print("  (copy the token file to that machine first; the token never goes on a command line)")
         print(f"To connect a program: farpool.init(address=\"{address}\") with FARPOOL_TOKEN set, "
               "or init(address=\"auto\") on this machine.")
+        link = _read_file(os.path.join(session_dir, "dashboard.link"))
+        if link:
+            print(f"Dashboard (this link logs in one browser, once; init() returns a new one as "
+                  f"dashboard_url): {link}")
         if addresses.is_loopback(advertise):
             print("The head listens on loopback only: other machines cannot reach it. To open the "
                   "cluster to them, restart with --host set to an address they can reach.")
@@ -301,6 +321,14 @@ def _k8s(args) -> int:
     return 0
 
 
+def _read_file(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _wait_file(path: str, proc, what: str, timeout: float = 30) -> str:
     """Wait for a process to publish a file (its port), or report its log if it exits."""
     deadline = time.monotonic() + timeout
@@ -347,23 +375,40 @@ def _stop(args) -> int:
 
 def _status(args) -> int:
     import farpool
+    from farpool import observe
     farpool.init(address=args.address)
     try:
-        nodes = farpool.nodes()
-        print(f"{len([n for n in nodes if n['alive']])} live node(s)")
-        for n in nodes:
-            total = ", ".join(f"{k} {v:g}" for k, v in sorted(n["resources_total"].items()))
-            avail = ", ".join(f"{k} {v:g}" for k, v in sorted(n["resources_available"].items()))
-            state = "alive" if n["alive"] else "DEAD"
-            print(f"  node {n['node_id'][:8]} {state} at {n['address']}: total {{{total}}}, "
-                  f"available {{{avail}}}, workers {n.get('workers')}, actors {n.get('actors')}")
-            store = n.get("object_store") or {}
-            if store:
-                print(f"    object store: {store['used'] / 1e6:.1f} MB used of {store['capacity'] / 1e6:.1f} MB "
-                      f"in {store['objects']} object(s), {store['spilled'] / 1e6:.1f} MB spilled"
-                      f"{_disk_part(store)}")
+        data = observe.status()
     finally:
         farpool.shutdown()
+    print(json.dumps(data, indent=1) if args.json else observe.format_status(data))
+    return 0
+
+
+def _list(args) -> int:
+    import farpool
+    from farpool import observe
+    if args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    farpool.init(address=args.address)
+    try:
+        rows = observe.list_state(args.kind, args.state, args.node, args.limit)
+    finally:
+        farpool.shutdown()
+    print(json.dumps(rows, indent=1) if args.json else observe.format_table(args.kind, rows))
+    return 0
+
+
+def _timeline(args) -> int:
+    import farpool
+    from farpool import observe
+    farpool.init(address=args.address)
+    try:
+        events = observe.timeline(args.path)
+    finally:
+        farpool.shutdown()
+    runs = sum(1 for e in events if e.get("ph") in ("X", "B"))
+    print(f"wrote {runs} task run(s) to {args.path}: open it in chrome://tracing or https://ui.perfetto.dev")
     return 0
 
 

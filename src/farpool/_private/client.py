@@ -43,7 +43,7 @@ import time
 import warnings
 
 from farpool import exceptions as exc_mod
-from farpool._private import log_repeats, protocol, segments, session, transport, versions
+from farpool._private import log_repeats, protocol, segments, session, task_events, transport, versions
 from farpool._private.actor_calls import ActorCalls
 from farpool._private.actor_client import ActorClient
 from farpool._private.borrowing import Borrowing
@@ -97,6 +97,7 @@ class CoreClient:
         self.queues = TaskQueues(self.lock)
         self.tasks: dict[bytes, TaskRecord] = self.queues.tasks  # submitted and not done
         self.actor_calls = ActorCalls()
+        self.events = task_events.TaskEventBuffer()  # reported to the head in batches (task_events.py)
         # The parts that act.
         self.conns = Connections(self.identity, self.token, self.loop, self._agent_hello,
                                  on_agent=self._on_agent, on_agent_silent=self._agent_silent,
@@ -191,6 +192,9 @@ class CoreClient:
         for pid, what in cfg.get("watch_pids", ()):
             # The embedded head and node agent: if one dies, fail everything at once, no hang.
             conns.watch_pid(("runtime", pid), pid, lambda pid=pid, what=what: self._runtime_died(pid, what))
+        self.reporter = task_events.Reporter(
+            self.events, self.loop, lambda b: transport.send(conns.head, encode("TaskEvents", tuple(b))), self.job_id)
+        self.loop.call_soon(self.reporter.start)
         self._thread = threading.Thread(target=self._run, name="farpool-io", daemon=True)
         self._thread.start()
         return welcome
@@ -270,6 +274,7 @@ class CoreClient:
             for conn in self.agents.values():
                 transport.send(conn.socket, encode("Goodbye", ("driver" if not self.in_worker else "worker",
                                                               self.job_id if not self.in_worker else None)))
+            self.reporter.stop()  # the last task events, before the Goodbye
             transport.send(self.conns.head, encode("Goodbye", ("driver", self.identity.decode())))
             self.loop.stop()
         try:
@@ -342,7 +347,7 @@ class CoreClient:
         self._from_head = {
             "NodeTable": lambda _peer, fields, _buffers: self._on_node_table(fields[0]),
             "ActorInfo": lambda _peer, fields, _buffers: self.actor_client.on_actor_info(*fields),
-            "ActorRegistered": answer_rest, "Nodes": answer, "KVValue": answer}
+            "ActorRegistered": answer_rest, "Nodes": answer, "KVValue": answer, "Reply": answer}
         self._from_worker = {
             "TaskFinished": lambda _peer, fields, buffers: done.on_task_finished(fields, buffers),
             "TakenBack": lambda _peer, fields, _buffers: s.on_taken_back(*fields)}

@@ -68,6 +68,7 @@ class Completion(ClientPart):
             lease = task.lease
             if lease is not None:
                 self.timeline_events.append((task.name, started, ended, lease.node_id, lease.worker_id, ok))
+                self.c.events.ran(task, ok, started, ended, lease.node_id, lease.worker_id, None if ok else body[1])
             if ok == "retired":  # the worker retired before running it: not an attempt
                 self.requeue(task)
                 continue
@@ -210,6 +211,7 @@ class Completion(ClientPart):
     def finish_failed(self, task: TaskRecord, error, inner=(), sender=None) -> None:
         """``inner``: refs inside the exception (lent to us by the worker, ``sender``): they
         live as long as the failed objects, as refs inside a result do."""
+        self.c.events.failed(task, error)
         fire = []
         with self.lock:
             self.queues.done(task)

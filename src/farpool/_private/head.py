@@ -29,7 +29,8 @@ import time
 
 import signal as _signal
 
-from farpool._private import actor_table, addresses, protocol, scheduling, session, transport, versions
+from farpool._private import (actor_table, addresses, cluster_state, protocol, scheduling, session, task_history,
+                              transport, versions)
 from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
@@ -51,7 +52,8 @@ MAY_SEND = {
     "liveness thread": frozenset({"NodeAlive"}),
     # a driver's or a worker's client (and the CLI's), "c:<client id>"
     "client": frozenset({"Ping", "Hello", "Goodbye", "GetNodes", "KVPut", "KVGet", "CreateActor",
-                         "GetNamedActor", "WaitActor", "KillActor"}),
+                         "GetNamedActor", "WaitActor", "KillActor",
+                         "TaskEvents", "GetState"}),  # task events in batches; status/list/timeline
 }
 
 
@@ -94,6 +96,7 @@ class Head:
         self.actors = ActorTable()
         self.actor_requests: dict[int, str] = {}    # lease request id -> actor id
         self.client_job: dict[tuple, int] = {}      # (socket, identity) of a driver -> its job
+        self.history = task_history.TaskHistory()   # every owner's tasks, bounded (FARPOOL_TASK_HISTORY)
         self.check_due = time.monotonic() + CHECK_INTERVAL_S
         self.loop.call_later(CHECK_INTERVAL_S, self._check_nodes)
         self.handlers = self._build_handlers()
@@ -226,6 +229,20 @@ class Head:
     def _on_KVGet(self, sock, identity, request_id, key: str) -> None:
         self._reply(sock, identity, "KVValue", request_id, self.kv.get(key))
 
+    def _on_TaskEvents(self, sock, identity, *batch) -> None:
+        self.history.add_batch(batch)
+
+    def _on_GetState(self, sock, identity, request_id, what: str, params: dict) -> None:
+        """status, list, timeline: answered as {"ok": data} or {"error": text} (cluster_state.py)."""
+        try:
+            answer = {"ok": cluster_state.query(self, what, params)}
+        except ValueError as exc:
+            answer = {"error": str(exc)}
+        except Exception as exc:  # a bug here must not leave the asker waiting
+            log.exception("failed to answer GetState %r", what)
+            answer = {"error": f"the head failed to answer {what!r}: {exc!r} (see head.log)"}
+        self._reply(sock, identity, "Reply", request_id, answer)
+
     def _on_Goodbye(self, sock, identity, kind: str, ident: str) -> None:
         self.subscribers.pop((sock, identity), None)
         if kind == "node" and ident in self.nodes and identity == f"node:{ident}".encode():  # itself only
@@ -244,6 +261,7 @@ class Head:
 
     def _job_ended(self, job_id, why: str) -> None:
         """A job's actors end with it, except detached ones (idempotent)."""
+        self.history.job_ended(job_id, why)
         for record in list(self.actors.actors.values()):
             if record.spec.get("job_id") == job_id and not record.spec.get("detached") \
                     and record.state != DEAD:
@@ -462,6 +480,9 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--embedded", action="store_true")
     parser.add_argument("--lifeline", action="store_true", help="exit when stdin closes")
+    parser.add_argument("--dashboard-host", default=None, help="where the dashboard listens (default 127.0.0.1)")
+    parser.add_argument("--dashboard-port", type=int, default=0)
+    parser.add_argument("--no-dashboard", action="store_true")
     args = parser.parse_args(argv)
     session.set_process_name("farpool-head")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -473,6 +494,15 @@ def main(argv=None) -> int:
         return 1
     with open(os.path.join(args.session_dir, "head.pid"), "w") as f:
         f.write(str(os.getpid()))
+    head.dashboard = None
+    if not args.no_dashboard and os.environ.get("FARPOOL_DASHBOARD", "1") != "0":
+        from farpool._private import dashboard
+        try:
+            head.dashboard = dashboard.start(head, token, args.dashboard_host, args.dashboard_port,
+                                             args.advertise_host or args.host, args.session_dir)
+        except OSError as exc:  # the cluster works without it: say why there is none
+            log.warning("no dashboard: cannot listen on %s:%s: %s", args.dashboard_host or "127.0.0.1",
+                        args.dashboard_port, exc)
     if head.port is not None:
         with open(os.path.join(args.session_dir, "head.port"), "w") as f:
             f.write(str(head.port))
@@ -495,6 +525,8 @@ def main(argv=None) -> int:
         log.exception("the head failed")
         raise
     finally:
+        if head.dashboard is not None:
+            head.dashboard.close()
         head.close()
         if args.embedded:
             if not clean:  # the cluster fails with us: keep the logs that say why

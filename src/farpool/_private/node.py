@@ -40,8 +40,8 @@ import signal
 import sys
 import time
 
-from farpool._private import (addresses, launcher, protocol, pull, pulse, scheduling, session, spill, store, transport,
-                              versions)
+from farpool._private import (addresses, host_usage, launcher, protocol, pull, pulse, scheduling, session, spill,
+                              store, transport, versions)
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.node_clients import HEAD, IPC, TCP, Client, ClientsPart
 from farpool._private.node_diagnostics import DiagnosticsPart
@@ -303,7 +303,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                 log.info("object store capacity %.0f MB -> %.0f MB (shared by the agents on this machine)",
                          self.store.capacity / 1e6, capacity / 1e6)
                 self.store.capacity = capacity
-        stats = dict(self.leases.stats(), object_store=self._store_stats())
+        stats = dict(self.leases.stats(), object_store=self._store_stats(), host=host_usage.host())
         transport.send(self.head, encode("Heartbeat", (self.node_id, self.leases.resources.available,
                                                        {"stats": stats})))
         self.loop.call_later(HEARTBEAT_S, self._heartbeat)

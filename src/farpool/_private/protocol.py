@@ -37,6 +37,8 @@ TAGS = frozenset({
     "Hello", "Welcome", "RegisterNode", "NodeRegistered", "Heartbeat", "HeartbeatAck",
     "NodeTable", "GetNodes", "Nodes", "KVPut", "KVGet", "KVValue", "Goodbye",
     "DriverDied",
+    # owners' task events, in batches (task_events.py); status/list/timeline questions (cluster_state.py)
+    "TaskEvents", "GetState",
     # node agent's liveness thread <-> head (pulse.py)
     "NodeAlive", "NodeAliveAck",
     # client <-> node agent

@@ -136,7 +136,7 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
         raise
     client.job_setup["job_id"] = client.job_id
     info = {"address": None, "node_id": node_id, "session_dir": session_dir, "job_id": client.job_id,
-            "dashboard_url": None, "embedded": True}
+            "dashboard_url": dashboard_url(client), "embedded": True}
     del welcome
     return {"client": client, "procs": procs, "session_dir": session_dir, "info": info}
 
@@ -197,8 +197,17 @@ def _join(address: str, token: str | None, namespace, log_to_driver) -> dict:
     client.job_setup["job_id"] = client.job_id
     client.job_setup["head_address"] = client.head_address
     info = {"address": shown, "node_id": client.home.node_id, "session_dir": session_dir,
-            "job_id": client.job_id, "dashboard_url": None, "embedded": False}
+            "job_id": client.job_id, "dashboard_url": dashboard_url(client), "embedded": False}
     return {"client": client, "procs": [], "session_dir": None, "info": info}
+
+
+def dashboard_url(client) -> str | None:
+    """A new one-time link to the head's dashboard (None when it serves none, or is older)."""
+    try:
+        answer = client.head_request("GetState", ("dashboard_link", {}), timeout=10)
+    except Exception:  # noqa: BLE001 - a cluster without a dashboard is still a cluster
+        return None
+    return answer.get("ok") if isinstance(answer, dict) else None
 
 
 def _read_token(state: dict) -> str | None:

@@ -107,6 +107,7 @@ class Submitter(ClientPart):
         task = TaskRecord(task_id, fn, payload, bufs, ref_slots, return_ids, shape, key, max_retries,
                           retry_exceptions, pinned, name, strategy, pool_key, actor_id=actor_id)
         task.args_location = args_location
+        c.events.submitted(task)
         with self.lock:
             for oid in return_ids:
                 self.objects[oid] = Entry(task=task)
@@ -338,6 +339,7 @@ class Submitter(ClientPart):
             buffers.extend(arg_bufs)
             buffers.extend(ref_bufs)
             task.submitted_at = now
+            self.c.events.running(task)
         # Large results into the worker's node store when we can read them from there (a
         # store of our own to copy them into, or the worker on our node); else inline.
         home = self.conns.home
@@ -397,6 +399,7 @@ class Submitter(ClientPart):
             self.fail_key(kq.key, exc_mod.InfeasibleError(message))
         elif not kq.warned_infeasible:
             kq.warned_infeasible = True
+            self.c.events.waiting(kq.queue, message)
             log.warning("%s", message)
             warnings.warn(message, RuntimeWarning, stacklevel=1)
 

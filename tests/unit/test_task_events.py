@@ -1,0 +1,257 @@
+"""Task events: the owner's bounded buffer (task_events.py) and the head's history (task_history.py)."""
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from farpool._private import task_events as ev
+from farpool._private.protocol import TaskFailure
+from farpool._private.task_history import FAILED, FINISHED, PENDING, RUNNING, TaskHistory
+
+
+class Task:
+    def __init__(self, n, name="f", shape=None, actor_id=None):
+        self.task_id = n.to_bytes(16, "little")
+        self.name = name
+        self.shape = shape if shape is not None else {"CPU": 10_000}
+        self.actor_id = actor_id
+        self.lease = None
+        self.submitted_at = 0.0
+
+
+def start(buf, task, node, worker):
+    """What the client does as it sends ``task`` to a worker: lease and time on the record, then the hook."""
+    task.lease = SimpleNamespace(node_id=node, worker_id=worker)
+    task.submitted_at = time.perf_counter()
+    buf.running(task)
+
+
+def _updates(batch):
+    return [ev.decode(u) for u in batch.updates]
+
+
+def test_a_tasks_events_in_one_batch_become_one_update():
+    buf = ev.TaskEventBuffer(capacity=100, batch=100)
+    a, b = Task(1, "train"), Task(2)
+    buf.submitted(a)
+    start(buf, a, "n1", "w1")
+    buf.submitted(b)
+    buf.ran(a, True, 1.0, 2.0, "n1", "w1")
+    batch = buf.take(job_id=7, pid=42)
+    assert batch.job_id == 7 and batch.pid == 42 and batch.dropped == 0
+    first, second = _updates(batch)
+    assert (first.name, first.state, first.started, first.ended, first.node_id, first.runs) == (
+        "train", FINISHED, 1.0, 2.0, "n1", 1)
+    assert second.state == PENDING and second.started is None
+    assert buf.take() is None
+    buf.validate_state()
+
+
+def test_a_batch_holds_at_most_batch_events_and_the_rest_follow():
+    buf = ev.TaskEventBuffer(capacity=100, batch=3)
+    t = Task(1)
+    buf.submitted(t)
+    start(buf, t, "n", "w")
+    buf.submitted(Task(2))
+    buf.ran(t, False, 1.0, 2.0, "n", "w", "ValueError")
+    assert [u.state for u in _updates(buf.take())] == [RUNNING, PENDING]
+    (later,) = _updates(buf.take())
+    assert later.name is None and later.state == FAILED and later.error_type == "ValueError"
+
+
+def test_a_full_buffer_drops_and_counts_and_says_so_in_the_next_batch():
+    buf = ev.TaskEventBuffer(capacity=2, batch=10)
+    for i in range(5):
+        buf.submitted(Task(i))
+    assert len(buf) == 2 and buf.dropped == 3
+    batch = buf.take()
+    assert len(batch.updates) == 2 and batch.dropped == 3
+    assert buf.dropped == 0 and buf.dropped_total == 3
+    assert buf.take() is None
+    buf.validate_state()
+
+
+def test_a_filled_batch_signals_once_until_taken():
+    calls = []
+    buf = ev.TaskEventBuffer(capacity=100, batch=2)
+    buf.on_batch_ready = lambda: calls.append(1)
+    for i in range(5):
+        buf.submitted(Task(i))
+    assert calls == [1]
+    while buf.take() is not None:
+        pass
+    for i in range(3):
+        buf.submitted(Task(10 + i))
+    assert calls == [1, 1]
+
+
+def test_recording_off_records_nothing():
+    buf = ev.TaskEventBuffer(enabled=False)
+    buf.submitted(Task(1))
+    buf.failed(Task(1), ValueError("x"))
+    assert len(buf) == 0 and buf.take() is None
+
+
+def test_failures_carry_the_error_type_and_a_retired_run_is_not_an_event():
+    t = Task(1)
+    for record, expected in [
+            (lambda b: b.ran(t, False, 1.0, 2.0, "n", "w", "ZeroDivisionError"), "ZeroDivisionError"),
+            (lambda b: b.failed(t, ("task", b"", "KeyError", "tb", "f", "where")), "KeyError"),
+            (lambda b: b.failed(t, TaskFailure(b"", "IndexError", "tb", "f", "where")), "IndexError"),
+            (lambda b: b.failed(t, TimeoutError("no")), "TimeoutError")]:
+        buf = ev.TaskEventBuffer()
+        buf.ran(t, "retired", 1.0, 1.0, "n", "w")
+        record(buf)
+        (u,) = _updates(buf.take())
+        assert (u.state, u.error_type) == (FAILED, expected)
+    buf = ev.TaskEventBuffer()
+    buf.ran(t, "retired", 1.0, 1.0, "n", "w")
+    assert buf.take() is None
+
+
+def test_decode_refuses_garbage():
+    good = (b"t" * 16, None, None, None, None, FINISHED, None, None, None, None, None, None, 0)
+    assert ev.decode(good).state == FINISHED
+    for bad in [(), ("S",), "S", None, good[:-1], ("x",) + good[1:], good[:5] + ("WEIRD",) + good[6:],
+                good[:-1] + ("1",)]:
+        with pytest.raises(ValueError):
+            ev.decode(bad)
+
+
+class FakeLoop:
+    def __init__(self):
+        self.timers = []
+        self.soon = []
+
+    def call_later(self, delay, fn, *args):
+        entry = [delay, fn, args]
+        self.timers.append(entry)
+        return entry
+
+    def cancel_timer(self, entry):
+        self.timers.remove(entry)
+
+    def call_soon(self, fn, *args):
+        self.soon.append((fn, args))
+
+
+def test_the_reporter_flushes_on_its_timer_at_a_full_batch_and_at_stop():
+    loop, sent = FakeLoop(), []
+    buf = ev.TaskEventBuffer(capacity=100, batch=2)
+    rep = ev.Reporter(buf, loop, sent.append, job_id=3, interval_s=1.0)
+    rep.start()
+    assert len(loop.timers) == 1
+    buf.submitted(Task(1))
+    _, tick, _ = loop.timers.pop()
+    tick()
+    assert len(sent) == 1 and sent[0].job_id == 3 and len(loop.timers) == 1  # rearmed
+    for i in range(3):
+        buf.submitted(Task(2 + i))  # past a full batch: the I/O thread is woken once
+    assert len(loop.soon) == 1
+    fn, args = loop.soon.pop()
+    fn(*args)
+    assert len(sent) == 3 and [len(b.updates) for b in sent[1:]] == [2, 1]
+    buf.submitted(Task(9))
+    rep.stop()
+    assert len(sent) == 4 and loop.timers == []
+
+
+def _feed(history, record, job=1):
+    """Events recorded on an owner's buffer, taken as a batch, folded into ``history``."""
+    buf = ev.TaskEventBuffer()
+    record(buf)
+    history.add_batch(tuple(buf.take(job_id=job, pid=10)))
+
+
+def test_the_history_follows_a_task_through_its_states_and_counts_by_function_and_shape():
+    h = TaskHistory(max_tasks=10)
+    a, b = Task(1, "train", {"CPU": 20_000}), Task(2, "train", {"CPU": 20_000})
+    _feed(h, lambda buf: (buf.submitted(a), buf.submitted(b)))
+    assert h.summary()["totals"][PENDING] == 2
+    _feed(h, lambda buf: start(buf, a, "node1", "w1"))
+    assert h.tasks(state=RUNNING)[0]["node_id"] == "node1"
+    _feed(h, lambda buf: (buf.ran(a, True, 101.5, 103.0, "node1", "w1"), start(buf, b, "node1", "w2"),
+                          buf.ran(b, False, 101.2, 102.0, "node1", "w2", "ValueError")))
+    groups = h.summary()["groups"]
+    assert groups == [{"name": "train", "shape": "{CPU: 2}", PENDING: 0, RUNNING: 0, FINISHED: 1, FAILED: 1}]
+    rows = h.tasks()
+    assert [r["state"] for r in rows] == [FAILED, FINISHED]  # newest first
+    assert rows[0]["error_type"] == "ValueError" and rows[1]["started"] == 101.5 and rows[1]["ended"] == 103.0
+    assert h.tasks(state=FAILED, limit=5)[0]["task_id"] == b.task_id.hex()
+    assert h.tasks(node="nodeX") == [] and len(h.tasks(node="node")) == 2
+    h.validate_state()
+
+
+def test_a_retried_run_goes_back_to_running_and_a_late_final_failure_keeps_the_run():
+    h = TaskHistory()
+    t = Task(1)
+    _feed(h, lambda buf: (buf.submitted(t), start(buf, t, "n", "w1"), buf.ran(t, False, 2.1, 3.0, "n", "w1", "OSError")))
+    _feed(h, lambda buf: start(buf, t, "n", "w2"))
+    row = h.tasks()[0]
+    assert row["state"] == RUNNING and row["runs"] == 2 and row["ended"] is None
+    _feed(h, lambda buf: (buf.ran(t, False, 4.1, 5.0, "n", "w2", "OSError"), buf.failed(t, OSError("x"))))
+    row = h.tasks()[0]
+    assert row["state"] == FAILED and row["worker_id"] == "w2" and row["started"] == 4.1
+    assert h.summary()["totals"][FAILED] == 1
+    h.validate_state()
+
+
+def test_the_history_is_bounded_and_forgets_ended_tasks_first():
+    h = TaskHistory(max_tasks=5)
+    live = [Task(i, "live") for i in range(3)]
+    done = [Task(100 + i, "short") for i in range(10)]
+    _feed(h, lambda buf: [buf.submitted(t) for t in live])
+    _feed(h, lambda buf: [(buf.submitted(t), buf.ran(t, True, 1.5, 2.0, "n", "w")) for t in done])
+    assert len(h.records) == 5
+    assert len([r for r in h.tasks(limit=None) if r["name"] == "live"]) == 3
+    s = h.summary()
+    assert s["totals"][FINISHED] == 10 and s["totals"][PENDING] == 3  # counts cover the forgotten
+    assert s["forgotten"] == 8
+    _feed(h, lambda buf: [buf.submitted(Task(200 + i, "live")) for i in range(20)])
+    assert len(h.records) <= 10
+    h.validate_state()
+
+
+def test_the_tasks_of_an_ended_job_are_not_left_running():
+    h = TaskHistory()
+    f, g = Task(1, "f"), Task(2, "g")
+    _feed(h, lambda buf: (buf.submitted(f), start(buf, f, "n", "w")), job=4)
+    _feed(h, lambda buf: buf.submitted(g), job=5)
+    assert h.job_ended(4, "its driver died") == 1
+    assert {r["name"]: r["state"] for r in h.tasks()} == {"f": FAILED, "g": PENDING}
+    h.validate_state()
+
+
+def test_waiting_tasks_are_listed_with_the_reason_until_they_run():
+    h = TaskHistory()
+    t = Task(1, "big", {"GPU": 80_000})
+    _feed(h, lambda buf: (buf.submitted(t), buf.waiting([t], "no node has 8 GPUs")))
+    assert h.summary()["infeasible"] == [{"name": "big", "shape": "{GPU: 8}", "reason": "no node has 8 GPUs",
+                                          "tasks": 1}]
+    _feed(h, lambda buf: start(buf, t, "n", "w"))
+    assert h.summary()["infeasible"] == []
+
+
+def test_garbage_updates_are_counted_and_skipped():
+    h = TaskHistory()
+    h.add_batch(([("S", "not bytes"), 7, None], 0, 1, 1))
+    assert h.bad_events == 3 and h.records == {}
+    with pytest.raises(ValueError):
+        h.add_batch(([],))
+    h.validate_state()
+
+
+def test_the_timeline_has_a_lane_per_worker_and_names_them():
+    h = TaskHistory()
+    f, g, never = Task(1, "f"), Task(2, "g"), Task(3, "h")
+    _feed(h, lambda buf: (buf.submitted(f), buf.ran(f, True, 2.0, 3.0, "nodeA", "w1"),
+                          buf.submitted(g), buf.ran(g, True, 2.5, 3.5, "nodeA", "w2"), buf.submitted(never)))
+    events = h.timeline()
+    runs = [e for e in events if e["ph"] == "X"]
+    assert sorted(e["name"] for e in runs) == ["f", "g"]  # one that never ran is not there
+    assert len({e["tid"] for e in runs}) == 2 and len({e["pid"] for e in runs}) == 1
+    run_f = next(e for e in runs if e["name"] == "f")
+    assert run_f["ts"] == 2.0e6 and run_f["dur"] == 1.0e6 and run_f["args"]["waited_ms"] >= 0
+    names = {e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert names == {"node nodeA", "worker w1", "worker w2"}
