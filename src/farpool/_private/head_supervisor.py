@@ -1,0 +1,167 @@
+"""The head's supervisor: restarts the head of a started cluster when it dies.
+
+Runs as its own process (``python -m farpool._private.head_supervisor``, ``ps`` name
+``farpool-headmon``), started by ``farpool start --head`` in place of the head; one
+thread.  It starts the head (the arguments after ``--``) with a lifeline, so the head
+never outlives it, waits for it to exit, and starts it again on the same session
+directory, port, token and database (head_store.py), so the agents and drivers that
+lose it reconnect to the new one by themselves::
+
+    farpool start --head --> supervisor --spawn, lifeline--> head (epoch 1)
+                                 |  <---------- exits ---------'
+                                 |  wait RESTART_FIRST_S, doubling up to RESTART_MAX_S
+                                 '--spawn--> head (epoch 2, on the same head.db) ...
+
+Limit: a head that exits within STABLE_S of its start counts as a failed start;
+after MAX_RESTARTS failed starts in a row the supervisor gives up, writes why to
+``<session>/head.gone`` and exits with code 1 (agents and drivers then give up after
+their FARPOOL_HEAD_TIMEOUT_S).  A head that ran STABLE_S or longer resets the count.
+SIGTERM (``farpool stop``) or the end of its own lifeline (``--block``) stops the head
+and then the supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+
+from farpool._private import session
+
+log = logging.getLogger("farpool.head_supervisor")
+
+# Seconds before the first restart, doubled after each failed start up to RESTART_MAX_S.
+# Shorter brings the head back sooner; longer spares a machine a head that cannot start.
+RESTART_FIRST_S = 0.2
+RESTART_MAX_S = 4.0
+# Failed starts in a row (each within STABLE_S of its start) before the supervisor gives
+# up.  With the waits above, the last restart comes about 8 s after the first death:
+# within FARPOOL_HEAD_TIMEOUT_S (15 s), the time agents and drivers wait for a head.
+MAX_RESTARTS = int(os.environ.get("FARPOOL_HEAD_MAX_RESTARTS", "5"))
+STABLE_S = 10.0
+# How long a stopped head may take to exit on SIGTERM before it is killed.
+STOP_GRACE_S = 5.0
+
+
+def describe_exit(code: int) -> str:
+    """``Popen.returncode`` in words."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Supervisor:
+    def __init__(self, session_dir: str, head_args: list[str], lifeline: bool):
+        self.session_dir = session_dir
+        self.head_args = head_args
+        self.lifeline = lifeline
+        self.stopping = False
+        self.failures = 0
+        self.restarts = 0
+        self.proc = None
+        self.sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "signal")
+        if lifeline:
+            self.sel.register(0, selectors.EVENT_READ, "lifeline")
+
+    def _on_signal(self, *_):
+        self.stopping = True
+
+    def run(self) -> int:
+        while not self.stopping:
+            started = time.monotonic()
+            self.proc = session.spawn("farpool._private.head", self.head_args, self.session_dir, "head.log",
+                                      None, lifeline=True)
+            pidfd = os.pidfd_open(self.proc.pid)
+            self.sel.register(pidfd, selectors.EVENT_READ, "head")
+            log.info("started the head (pid %d)%s", self.proc.pid,
+                     f", restart {self.restarts}" if self.restarts else "")
+            while not self.stopping and self.proc.poll() is None:
+                self._wait(None)
+            self.sel.unregister(pidfd)
+            os.close(pidfd)
+            if self.stopping:
+                break
+            ran = time.monotonic() - started
+            if not self.restarts and not self._was_ready():
+                # It never started (a port in use, a bad argument): nothing to restart.
+                log.error("the head (pid %d) %s while starting; not restarting it",
+                          self.proc.pid, describe_exit(self.proc.returncode))
+                return 1
+            how = describe_exit(self.proc.returncode)
+            self.failures = 1 if ran >= STABLE_S else self.failures + 1
+            if self.failures > MAX_RESTARTS:
+                why = (f"the head (pid {self.proc.pid}) {how}; it failed {self.failures} times in a row, each "
+                       f"within {STABLE_S:.0f} s of its start, so the supervisor gave up (MAX_RESTARTS="
+                       f"{MAX_RESTARTS}); read why in {os.path.join(self.session_dir, 'head.log')}")
+                log.error("%s", why)
+                with open(os.path.join(self.session_dir, "head.gone"), "w") as f:
+                    f.write(why + "\n")
+                return 1
+            delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** (self.failures - 1))
+            log.warning("the head (pid %d) %s after %.1f s; restarting it in %.1f s (failed start %d of %d "
+                        "allowed)", self.proc.pid, how, ran, delay, self.failures, MAX_RESTARTS)
+            end = time.monotonic() + delay
+            while not self.stopping and time.monotonic() < end:
+                self._wait(end - time.monotonic())
+            self.restarts += 1
+        self._stop_head()
+        return 0
+
+    def _was_ready(self) -> bool:
+        """The head wrote its pid file (head.py does once it listens)."""
+        try:
+            with open(os.path.join(self.session_dir, "head.pid")) as f:
+                return f.read().strip() == str(self.proc.pid)
+        except OSError:
+            return False
+
+    def _wait(self, timeout) -> None:
+        for key, _ in self.sel.select(timeout):
+            if key.data == "signal":
+                try:
+                    os.read(self._wake_r, 512)
+                except BlockingIOError:
+                    pass
+            elif key.data == "lifeline" and not os.read(0, 4096):
+                log.info("lifeline closed: stopping the head")
+                self.stopping = True
+
+    def _stop_head(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(STOP_GRACE_S)
+        except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: it did not stop
+            self.proc.kill()
+            self.proc.wait()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="farpool-headmon")
+    parser.add_argument("--session-dir", required=True)
+    parser.add_argument("--lifeline", action="store_true", help="stop (and stop the head) when stdin closes")
+    parser.add_argument("head_args", nargs=argparse.REMAINDER, help="-- then the head's arguments")
+    args = parser.parse_args(argv)
+    head_args = args.head_args[1:] if args.head_args[:1] == ["--"] else args.head_args
+    session.set_process_name("farpool-headmon")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    with open(os.path.join(args.session_dir, "headmon.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    return Supervisor(args.session_dir, head_args, args.lifeline).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
