@@ -106,8 +106,10 @@ class Supervisor:
                        f"within {STABLE_S:.0f} s of its start, so the supervisor gave up (MAX_RESTARTS="
                        f"{MAX_RESTARTS}); read why in {os.path.join(self.session_dir, 'head.log')}")
                 log.error("%s", why)
-                with open(os.path.join(self.session_dir, "head.gone"), "w") as f:
+                gone = os.path.join(self.session_dir, "head.gone")
+                with open(gone + ".tmp", "w") as f:  # whole at once: readers never see it empty
                     f.write(why + "\n")
+                os.replace(gone + ".tmp", gone)
                 return 1
             delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** (self.failures - 1))
             log.warning("the head (pid %d) %s after %.1f s; restarting it in %.1f s (failed start %d of %d "
