@@ -23,7 +23,7 @@ import pytest
 
 import farpool
 from farpool import DistributedExecutor
-from farpool._private import head_link, head_store
+from farpool._private import head_store
 from farpool_testing import TIMEOUT, Gate, node_ids, square, wait_at_gate, wait_until
 
 
@@ -149,30 +149,56 @@ def test_restore_from_a_directory_without_a_database_says_what_is_missing(starte
     assert not [d for d in os.listdir(started.root) if d.startswith("s-")]
 
 
-def test_when_the_supervisor_gives_up_drivers_get_a_clear_error_within_seconds(started, monkeypatch, gate):
+def test_when_the_supervisor_gives_up_drivers_and_agents_are_told_at_once(started, monkeypatch, gate):
     monkeypatch.setenv("FARPOOL_HEAD_MAX_RESTARTS", "0")   # the supervisor gives up at the first death
-    monkeypatch.setenv("FARPOOL_HEAD_TIMEOUT_S", "3")      # the agents' wait for the head
-    monkeypatch.setattr(head_link, "HEAD_TIMEOUT_S", 3.0)  # this driver's (read when it joins)
     started.start_head()
     farpool.init(address="auto")
+    client = farpool.api._client()
     session_dir = started.read_state()["session_dir"]
+    agent = psutil.Process(started.read_state()["nodes"][0]["pid"])
     ex = DistributedExecutor(max_workers=1)
     running = ex.submit(wait_at_gate, gate.path, 1)
     waiting = [ex.submit(square, i) for i in range(4)]  # still in this process (max_workers)
     gate.wait_arrivals(1)
-    kill_head(started)
-    wait_until(lambda: os.path.exists(os.path.join(session_dir, "head.gone")), "the supervisor to give up")
+    _, killed_at = kill_head(started)
+    # The supervisor answers in the head's place: no one waits out FARPOOL_HEAD_TIMEOUT_S (15 s).
+    wait_until(lambda: client.broken is not None, "the driver to learn that the head is gone")
+    print(f"\nhead killed, supervisor gave up -> driver failed: {time.monotonic() - killed_at:.2f} s")
     with open(os.path.join(session_dir, "head.gone")) as f:
         assert "so the supervisor gave up (MAX_RESTARTS=0)" in f.read()
-    with pytest.raises(farpool.FarpoolError, match="head at .* (has been away|has been unreachable)"):
-        farpool.nodes()  # waits for the head (bounded), then says why not
+    with pytest.raises(farpool.FarpoolError, match="the head at .* is gone and will not come back: the head "
+                                                   r"\(pid \d+\) was killed by SIGKILL"):
+        farpool.nodes()
     # concurrent.futures.wait must return (a generous bound on the wait itself, not a timed assertion).
     done, not_done = cf.wait([running, *waiting], timeout=TIMEOUT)
     assert not not_done, f"{len(not_done)} futures still pending after the head was lost"
     for fut in waiting:
         assert isinstance(fut.exception(timeout=0), cf.BrokenExecutor)
-        assert "did not come back: the cluster is lost" in str(fut.exception(timeout=0))
+        assert "is gone and will not come back" in str(fut.exception(timeout=0))
     with pytest.raises(cf.BrokenExecutor, match="the head at"):
         ex.submit(square, 1)
     ex.shutdown()
     gate.open()
+    agent.wait(timeout=TIMEOUT)  # the node agent was told too, and exited
+    with open(os.path.join(session_dir, "node.log")) as f:
+        assert "the head is gone for good" in f.read()
+
+
+def test_a_driver_waits_for_a_head_away_then_says_so(started, monkeypatch):
+    """No supervisor answer (its head restarts too slowly): calls that need the head wait up to
+    FARPOOL_HEAD_TIMEOUT_S, then the driver gives up with a clear error."""
+    started.start_head()
+    farpool.init(address="auto")
+    client = farpool.api._client()
+    supervisor = psutil.Process(started.read_state()["head_pid"])
+    monkeypatch.setattr(client.head_link.state, "timeout_s", 2.0)
+    supervisor.suspend()  # it cannot restart the head while stopped
+    try:
+        kill_head(started)
+        with pytest.raises(farpool.FarpoolError, match=r"farpool.nodes\(\) needs the head, and the head at .* "
+                                                       r"has been away for \d+ s"):
+            client.head_request("GetNodes", (), 1)  # what farpool.nodes() asks, with a short timeout
+        wait_until(lambda: client.broken is not None, "the driver to give up on the head")
+        assert "has been unreachable for 2 s" in str(client.broken)
+    finally:
+        supervisor.resume()

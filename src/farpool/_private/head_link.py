@@ -149,7 +149,10 @@ class HeadLink:
             self.client._on_NodeTable(welcome["nodes"])
 
     def _on_error(self, code, why="", *_) -> None:
-        if code == "version-mismatch" and self.state.state == AWAY:
+        if code == "head-gone" and self.state.state != GIVEN_UP:  # its supervisor gave up
+            self._give_up(f"the head at {self.where} is gone and will not come back: {why}. Everything "
+                          "pending fails; call farpool.shutdown(), start the cluster again, and init() again")
+        elif code == "version-mismatch" and self.state.state == AWAY:
             self._give_up(f"the head at {self.where} came back, but refused this program: {why}")
         else:
             log.warning("the head at %s reported an error: %s %s", self.where, code, why)

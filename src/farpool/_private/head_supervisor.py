@@ -13,9 +13,12 @@ lose it reconnect to the new one by themselves::
                                  '--spawn--> head (epoch 2, on the same head.db) ...
 
 Limit: a head that exits within STABLE_S of its start counts as a failed start;
-after MAX_RESTARTS failed starts in a row the supervisor gives up, writes why to
-``<session>/head.gone`` and exits with code 1 (agents and drivers then give up after
-their FARPOOL_HEAD_TIMEOUT_S).  A head that ran STABLE_S or longer resets the count.
+after MAX_RESTARTS failed starts in a row the supervisor gives up: it writes why to
+``<session>/head.gone``, and for HEAD_TIMEOUT_S (the time agents and drivers wait for
+a head) it listens where the head did and answers everything with
+``Error("head-gone", why)``, so node agents exit and drivers fail at once, saying why,
+instead of waiting out their timeout; then it exits with code 1.  A head that ran
+STABLE_S or longer resets the count.
 SIGTERM (``farpool stop``) or the end of its own lifeline (``--block``) stops the head
 and then the supervisor.
 """
@@ -30,7 +33,7 @@ import signal
 import sys
 import time
 
-from farpool._private import session
+from farpool._private import protocol, session, transport
 
 log = logging.getLogger("farpool.head_supervisor")
 
@@ -45,6 +48,9 @@ MAX_RESTARTS = int(os.environ.get("FARPOOL_HEAD_MAX_RESTARTS", "5"))
 STABLE_S = 10.0
 # How long a stopped head may take to exit on SIGTERM before it is killed.
 STOP_GRACE_S = 5.0
+# How long agents and drivers wait for a head that went away (node.py, head_link.py):
+# how long a supervisor that gave up answers in the head's place.
+HEAD_TIMEOUT_S = float(os.environ.get("FARPOOL_HEAD_TIMEOUT_S", "15"))
 
 
 def describe_exit(code: int) -> str:
@@ -110,6 +116,7 @@ class Supervisor:
                 with open(gone + ".tmp", "w") as f:  # whole at once: readers never see it empty
                     f.write(why + "\n")
                 os.replace(gone + ".tmp", gone)
+                self._answer_gone(why)
                 return 1
             delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** (self.failures - 1))
             log.warning("the head (pid %d) %s after %.1f s; restarting it in %.1f s (failed start %d of %d "
@@ -120,6 +127,64 @@ class Supervisor:
             self.restarts += 1
         self._stop_head()
         return 0
+
+    def _answer_gone(self, why: str) -> None:
+        """Listen where the head did and answer every message ``Error("head-gone", why)`` for
+        HEAD_TIMEOUT_S, or until stopped: whoever reconnects learns at once that it is over."""
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("--host", default=None)
+        head, _ = parser.parse_known_args(self.head_args)
+        sockets = []
+        zap = None
+        try:
+            ipc = transport.router()
+            ipc.bind(session.ipc(self.session_dir, "head"))
+            sockets.append(ipc)
+            with open(os.path.join(self.session_dir, "head.port")) as f:
+                port = int(f.read().strip() or 0)
+            if head.host and port:
+                token = os.environ.get("FARPOOL_TOKEN", "")
+                zap = transport.ZapHandler(token)
+                sockets.append(zap.socket)
+                tcp = transport.router()
+                transport.make_curve_server(tcp, token)
+                transport.bind_tcp(tcp, head.host, port)
+                sockets.append(tcp)
+        except (OSError, ValueError, transport.ZMQError) as exc:
+            log.warning("cannot answer in the head's place (%s): agents and drivers give up after their "
+                        "own %.0f s", exc, HEAD_TIMEOUT_S)
+        answer = protocol.encode("Error", ("head-gone", why))
+        loop = transport.EventLoop()
+
+        def answer_all(sock):
+            for frames in transport.recv_all(sock):
+                transport.send(sock, [frames[0], *answer])
+
+        def on_wake():
+            try:
+                os.read(self._wake_r, 512)
+            except BlockingIOError:
+                pass
+            if self.stopping:
+                loop.stop()
+
+        def on_lifeline():
+            if not os.read(0, 4096):
+                loop.stop()
+        for sock in sockets:
+            loop.add_reader(sock, zap.handle if zap is not None and sock is zap.socket
+                            else lambda sock=sock: answer_all(sock))
+        loop.add_reader(self._wake_r, on_wake)
+        if self.lifeline:
+            loop.add_reader(0, on_lifeline)
+        loop.call_later(HEAD_TIMEOUT_S, loop.stop)
+        try:
+            if not self.stopping:
+                loop.run()
+        finally:
+            for sock in sockets:
+                sock.close(0)
+            loop.close()
 
     def _was_ready(self) -> bool:
         """The head wrote its pid file (head.py does once it listens)."""

@@ -282,6 +282,9 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
             self._declared_dead(detail)
         elif code == "head-restarted":  # a new head on the old one's tables: keep working, tell it
             self._register_again()
+        elif code == "head-gone":  # its supervisor gave up (head_supervisor.py): nobody to wait for
+            log.error("the head is gone for good: %s; exiting", details[0] if details else "")
+            self.loop.stop()
 
     def _register_again(self) -> None:
         """Register with a restarted head, with the actors' leases and requests it granted
