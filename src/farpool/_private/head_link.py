@@ -236,7 +236,10 @@ class HeadLink:
                 raise exc_mod.FarpoolError(f"the head did not answer {tag} within {timeout:g} s")
         finally:
             client._waiting_requests.pop(id(slot), None)
-            client.loop.call_soon(self._forget, request_id)
+            try:
+                client.loop.call_soon(self._forget, request_id)
+            except OSError:  # the I/O thread has ended (and closed its loop): nothing to forget
+                pass
         if slot[1] is _AWAY:
             return _AWAY
         if slot[1] is self.broken:
