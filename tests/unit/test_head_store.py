@@ -238,3 +238,26 @@ def test_an_actor_whose_worker_ended_while_the_head_was_away_is_restarted(tmp_pa
         assert lease and lease[0][1] >= head_tables.first_request_id(2)  # never one of the old head's ids
     finally:
         second.close()
+
+
+def test_a_node_that_registers_again_twice_is_reconciled_once(tmp_path, monkeypatch):
+    """Heartbeats queued while the head was away each get "register again": the second
+    RegisterNode must not ask for the actor a second time."""
+    sent = Recorder(monkeypatch)
+    monkeypatch.setattr(head_mod.versions, "mismatch", lambda *a: None)
+    first = _head(tmp_path)
+    sock = object()
+    first._on_RegisterNode(sock, b"node:n1", dict(NODE))
+    first._on_CreateActor(sock, b"c:driver", 2, "a1", _actor_spec("keeper"))  # its lease request is out
+    assert first.store.flush()
+    first.loop.close()
+    first.ipc.close(0)
+    sent.sent.clear()
+    second = _head(tmp_path)
+    try:
+        held = {"leases": [], "requests": []}  # the request went with the old head
+        second._on_RegisterNode(sock, b"node:n1", dict(NODE, held=held))
+        second._on_RegisterNode(sock, b"node:n1", dict(NODE, held=held))
+        assert len([t for t in sent.tags() if t[0] == "RequestLease"]) == 1
+    finally:
+        second.close()

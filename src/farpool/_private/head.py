@@ -240,6 +240,7 @@ class Head:
         record.setdefault("available", dict(info["total"]))
         record["actors"] = 0
         rejoined = node_id in self.nodes and node_id not in self.unconfirmed
+        first_again = node_id in self.unconfirmed or node_id not in self.nodes
         self.unconfirmed.discard(node_id)
         self.nodes[node_id] = record
         self.node_peers[node_id] = (sock, identity)
@@ -247,9 +248,11 @@ class Head:
         self.subscribers[(sock, identity)] = True
         self._save("nodes", node_id, record)
         if held is not None:
-            log.info("node %s registered again after the head restarted, holding %d leases of actors",
-                     node_id, len(held.get("leases", ())))
-            self._reconcile(node_id, sock, identity, held)
+            # Heartbeats queued while we were away each got "register again": reconcile once.
+            if first_again:
+                log.info("node %s registered again after the head restarted, holding %d leases of actors",
+                         node_id, len(held.get("leases", ())))
+                self._reconcile(node_id, sock, identity, held)
         elif rejoined:
             log.warning("node %s joined again after it was declared dead", node_id)
         else:
