@@ -115,6 +115,9 @@ class Head:
         self.client_job: dict[tuple, int] = {}      # (socket, identity) of a driver -> its job
         self.unconfirmed: set[str] = set()          # restored nodes that have not registered again
         self.unconfirmed_jobs: set = set()          # restored jobs whose driver has not said Hello again
+        # Placement groups' rows (head_store "placement_groups"), for the code that owns them to
+        # take back when it starts; it writes them with self._save("placement_groups", id, record).
+        self.restored_placement_groups: dict = {}
         if saved and meta:  # a database a head wrote before
             self._restore(saved)
         self._save("meta", "epoch", self.epoch)
