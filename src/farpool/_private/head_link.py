@@ -13,6 +13,8 @@ calls that need the head wait::
     head --Welcome--> CONNECTED <--------------+
     timer: away HEAD_TIMEOUT_S --> GIVEN_UP: the client breaks (every waiter fails,
                                    executors and pools become broken)
+    Error("head-gone", why) -----> GIVEN_UP at once (the head's supervisor gave up and
+                                   answers in its place: head_supervisor.py)
 
 A re-registration says what the head must know of this client: its job (a driver's
 job keeps its id, so its actors stay its own) and the actors it calls or whose
