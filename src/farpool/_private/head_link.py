@@ -26,6 +26,7 @@ is never restarted: its death breaks the client at once (client._runtime_died).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import struct
@@ -50,6 +51,7 @@ CONNECTED, AWAY, GIVEN_UP = "CONNECTED", "AWAY", "GIVEN_UP"
 
 # The answer of a head request whose head went away before answering: send it again.
 _AWAY = object()
+_monitor_ids = itertools.count(1)
 
 
 class LinkState:
@@ -105,7 +107,10 @@ class HeadLink:
         self.inflight: dict[int, list] = {}    # request id -> slot, of requests sent to the head
         self.monitor = None
         if not client.cluster_embedded:  # an embedded head never comes back (see the docstring)
-            self.monitor = client.head.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            # An address of our own: pyzmq's default names the socket's fd, which a closed
+            # client's socket may have had while its monitor's endpoint is not unbound yet.
+            self.monitor = client.head.get_monitor_socket(
+                zmq.EVENT_DISCONNECTED, addr=f"inproc://farpool-head-link-{os.getpid()}-{next(_monitor_ids)}")
             client.loop.add_reader(self.monitor, self._on_monitor)
         client._from_head["Welcome"] = lambda _peer, fields, _buffers: self._on_welcome(fields[0])
         client._from_head["Error"] = lambda _peer, fields, _buffers: self._on_error(*fields)
