@@ -1,9 +1,10 @@
 """The client's link to the head: connected, away since t, or given up; and what a
 client tells a head that came back.
 
-Owned by the client (client.py): ``CoreClient.connect`` makes one ``HeadLink`` once its
-head socket is connected; its I/O thread runs the monitor and message handlers here;
-user threads call ``request`` (every request to the head goes through it).  The head
+A part of the client (client.py, client_part.py): ``CoreClient.connect`` makes one once
+its head socket (connections.py) is connected; its I/O thread runs the monitor and
+message handlers here; user threads call ``request`` (``CoreClient.head_request``: every
+request to the head goes through it).  The head
 is off the task path: while it is away, tasks on leases the client holds go on; only
 calls that need the head wait::
 
@@ -37,6 +38,8 @@ import zmq
 
 from farpool import exceptions as exc_mod
 from farpool._private import transport, versions
+from farpool._private.client_part import ClientPart
+from farpool._private.connections import BROKEN, Waiter
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.head_link")
@@ -94,26 +97,24 @@ class LinkState:
         return 0.0 if self.state != AWAY else max(0.0, self.since + self.timeout_s - now)
 
 
-class HeadLink:
-    """See the module docstring.  ``client`` is the CoreClient whose ``head`` socket this watches;
-    ``broken`` the value its ``_break`` answers waiting requests with."""
+class HeadLink(ClientPart):
+    """See the module docstring.  ``c`` is the CoreClient whose head socket this watches."""
 
-    def __init__(self, client, broken):
-        self.client = client
-        self.broken = broken
-        self.where = client.head_address or client.cfg.get("head_address")
+    def __init__(self, c):
+        super().__init__(c)
+        self.where = c.head_address or c.cfg.get("head_address")
         self.state = LinkState(HEAD_TIMEOUT_S)
         self.cond = threading.Condition()
-        self.inflight: dict[int, list] = {}    # request id -> slot, of requests sent to the head
+        self.inflight: dict[int, Waiter] = {}  # request id -> waiter, of requests sent to the head
         self.monitor = None
-        if not client.cluster_embedded:  # an embedded head never comes back (see the docstring)
+        if not c.cluster_embedded:  # an embedded head never comes back (see the docstring)
             # An address of our own: pyzmq's default names the socket's fd, which a closed
             # client's socket may have had while its monitor's endpoint is not unbound yet.
-            self.monitor = client.head.get_monitor_socket(
+            self.monitor = self.conns.head.get_monitor_socket(
                 zmq.EVENT_DISCONNECTED, addr=f"inproc://farpool-head-link-{os.getpid()}-{next(_monitor_ids)}")
-            client.loop.add_reader(self.monitor, self._on_monitor)
-        client._from_head["Welcome"] = lambda _peer, fields, _buffers: self._on_welcome(fields[0])
-        client._from_head["Error"] = lambda _peer, fields, _buffers: self._on_error(*fields)
+            self.loop.add_reader(self.monitor, self._on_monitor)
+        c._from_head["Welcome"] = lambda _peer, fields, _buffers: self._on_welcome(fields[0])
+        c._from_head["Error"] = lambda _peer, fields, _buffers: self._on_error(*fields)
 
     # --- I/O thread ---
     def _on_monitor(self) -> None:
@@ -126,25 +127,26 @@ class HeadLink:
             started = self.state.lost(time.monotonic())
             interrupted = list(self.inflight.values())
             self.inflight.clear()
-        for slot in interrupted:  # their head is gone: their callers send them again
-            if len(slot) == 1:
-                slot.append(_AWAY)
-            slot[0].set()
+        for waiter in interrupted:  # their head is gone: their callers send them again
+            if not waiter.answered:
+                waiter.answered = True
+                waiter.value = _AWAY
+            waiter.event.set()
         if started:
             log.warning("lost the head at %s: waiting up to %.0f s for it to come back (tasks already "
                         "submitted go on)", self.where, self.state.timeout_s)
-            self.client.loop.call_later(self.state.timeout_s, self._check_expired)
+            self.loop.call_later(self.state.timeout_s, self._check_expired)
         self._register_again()
 
     def _register_again(self) -> None:
         """Queue what the next head must know of us: it gets these before anything we send later."""
-        client = self.client
-        info = {"pid": os.getpid(), "client": client.identity, "versions": versions.ours(),
-                "job_id": None if client.in_worker else client.job_id, "rejoin": True}
-        transport.send(client.head, encode("Hello", ("driver" if not client.in_worker else "worker", info)))
-        watched = {aq.actor_id for aq in client.actor_calls.actors.values() if aq.subscribed}
-        for actor_id in sorted(watched | set(client.actor_arg_pins)):
-            transport.send(client.head, encode("WaitActor", (actor_id,)))
+        c, head = self.c, self.conns.head
+        info = {"pid": os.getpid(), "client": c.identity, "versions": versions.ours(),
+                "job_id": None if c.in_worker else c.job_id, "rejoin": True}
+        transport.send(head, encode("Hello", ("driver" if not c.in_worker else "worker", info)))
+        watched = {aq.actor_id for aq in c.actor_calls.actors.values() if aq.subscribed}
+        for actor_id in sorted(watched | set(c.actor_client.arg_pins)):
+            transport.send(head, encode("WaitActor", (actor_id,)))
 
     def _on_welcome(self, welcome: dict) -> None:
         with self.cond:
@@ -153,7 +155,7 @@ class HeadLink:
         if away is not None:
             log.warning("the head at %s is back after %.1f s; this client registered again", self.where, away)
         if isinstance(welcome, dict) and isinstance(welcome.get("nodes"), list):
-            self.client._on_NodeTable(welcome["nodes"])
+            self.c._on_node_table(welcome["nodes"])
 
     def _on_error(self, code, why="", *_) -> None:
         if code == "head-gone" and self.state.state != GIVEN_UP:  # its supervisor gave up
@@ -178,33 +180,33 @@ class HeadLink:
         with self.cond:
             self.state.give_up()
             self.cond.notify_all()
-        self.client._break(exc_mod.FarpoolError(why))
+        self.c._break(exc_mod.FarpoolError(why))
 
     def close(self) -> None:
         if self.monitor is not None:
             try:
-                self.client.head.disable_monitor()
+                self.conns.head.disable_monitor()
             except zmq.ZMQError:
                 pass
             self.monitor.close(0)
             self.monitor = None
 
     # --- user threads ---
-    def request(self, tag: str, fields: tuple, timeout: float):
+    def request(self, tag: str, fields: tuple, timeout: float = 30.0):
         """``tag(request_id, *fields)`` to the head and its answer; while the head is away,
         wait for it (up to ``timeout`` and HEAD_TIMEOUT_S), then raise FarpoolError saying so."""
         deadline = time.monotonic() + timeout
         while True:
             self._wait_connected(tag, deadline, timeout)
-            answer = self._send_and_wait(tag, fields, deadline, timeout)
+            answer = self._send_and_wait(tag, fields, deadline, timeout)  # _AWAY: ask the next head
             if answer is not _AWAY:
                 return answer
 
     def _wait_connected(self, tag: str, deadline: float, timeout: float) -> None:
         with self.cond:
             while True:
-                if self.client.broken is not None:
-                    raise self.client.broken
+                if self.c.broken is not None:
+                    raise self.c.broken
                 now = time.monotonic()
                 if self.state.state == CONNECTED:
                     return
@@ -219,44 +221,43 @@ class HeadLink:
                 self.cond.wait(left)
 
     def _send_and_wait(self, tag: str, fields: tuple, deadline: float, timeout: float):
-        client = self.client
-        slot = [threading.Event()]
-        request_id = next(client._request_ids)
-        client._waiting_requests[id(slot)] = slot
+        """Like Connections.request, and the answer is _AWAY when the head went away first."""
+        conns = self.conns
+        waiter = Waiter()
+        request_id = conns.next_request_id()
+        conns._waiting.add(waiter)
         try:
-            if client.broken is not None:
-                raise client.broken
+            if conns.broken is not None:
+                raise conns.broken
 
             def send():
-                client.pending_requests[request_id] = slot
                 with self.cond:
                     if self.state.state != CONNECTED:  # it went away meanwhile: wait for the next
-                        slot.append(_AWAY)
-                        slot[0].set()
+                        waiter.answered, waiter.value = True, _AWAY
+                        waiter.event.set()
                         return
-                    self.inflight[request_id] = slot
-                transport.send(client.head, encode(tag, (request_id, *fields)))
-            client.loop.call_soon(send)
-            if not slot[0].wait(max(0.0, deadline - time.monotonic())):
-                if client.broken is not None:
-                    raise client.broken
+                    self.inflight[request_id] = waiter
+                conns.pending[request_id] = waiter
+                transport.send(conns.head, encode(tag, (request_id, *fields)))
+            self.loop.call_soon(send)
+            if not waiter.event.wait(max(0.0, deadline - time.monotonic())):
+                if conns.broken is not None:
+                    raise conns.broken
                 raise exc_mod.FarpoolError(f"the head did not answer {tag} within {timeout:g} s")
         finally:
-            client._waiting_requests.pop(id(slot), None)
+            conns._waiting.discard(waiter)
             try:
-                client.loop.call_soon(self._forget, request_id)
+                self.loop.call_soon(self._forget, request_id)
             except OSError:  # the I/O thread has ended (and closed its loop): nothing to forget
                 pass
-        if slot[1] is _AWAY:
-            return _AWAY
-        if slot[1] is self.broken:
-            raise client.broken
-        return slot[1]
+        if waiter.value is BROKEN:
+            raise conns.broken
+        return waiter.value
 
     def _forget(self, request_id: int) -> None:
         with self.cond:
             self.inflight.pop(request_id, None)
-        self.client.pending_requests.pop(request_id, None)
+        self.conns.pending.pop(request_id, None)
 
 
 def _what(tag: str) -> str:
