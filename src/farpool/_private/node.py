@@ -283,7 +283,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         elif code == "head-restarted":  # a new head on the old one's tables: keep working, tell it
             self._register_again()
         elif code == "head-gone":  # its supervisor gave up (head_supervisor.py): nobody to wait for
-            log.error("the head is gone for good: %s; exiting", details[0] if details else "")
+            log.error("the head is gone for good: %s; exiting", detail)
             self.loop.stop()
 
     def _register_again(self) -> None:
