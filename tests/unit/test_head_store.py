@@ -132,6 +132,7 @@ def test_reconcile_keeps_held_actors_and_finds_lost_unconfirmed_and_stray_ones()
             "requests": [10]}
     found = head_tables.reconcile(table, "n1", held)
     assert [r.actor_id for r in found.lost] == ["lost"]
+    assert sorted(r.actor_id for r in found.kept) == ["kept", "waiting"]
     assert sorted(r.actor_id for r in found.recreate) == ["lost_request", "unconfirmed"]
     assert sorted(found.stray) == [3, 5]  # 5: no actor holds it; 3: created again, its worker goes
 

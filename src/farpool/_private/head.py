@@ -282,6 +282,8 @@ class Head:
         for record in found.recreate:  # not a restart: its creation was never confirmed
             record.worker_id = record.path = record.lease_id = record.request_id = None
             self._schedule_actor(record)
+        for record in found.kept:  # callers that asked meanwhile were not answered yet
+            self._notify_actor(record)
 
     def _on_Heartbeat(self, sock, identity, node_id: str, available: dict, stats: dict) -> None:
         record = self.nodes.get(node_id)
@@ -403,6 +405,8 @@ class Head:
                 "cause": "this actor is unknown to the cluster (its cluster was restarted?)"})
             return
         record.subscribers.add((sock, identity))
+        if record.node_id in self.unconfirmed and record.state != DEAD:
+            return  # told when its node registers again, or is declared dead (a restarted head)
         self._reply(sock, identity, "ActorInfo", actor_id, record.info())
 
     def _on_KillActor(self, sock, identity, actor_id: str, no_restart: bool, reason: str = "kill") -> None:

@@ -57,6 +57,7 @@ def restore_actors(table: ActorTable, rows: dict, epoch: int) -> dict[int, str]:
 @dataclass
 class Reconciled:
     """What a node's re-registration means for the actors the head placed there."""
+    kept: list = field(default_factory=list)       # records whose worker the node still holds
     lost: list = field(default_factory=list)       # records whose worker is gone (restart or end them)
     recreate: list = field(default_factory=list)   # records created without a confirmation: again
     stray: list = field(default_factory=list)      # lease ids no actor holds: give them back (kill)
@@ -76,10 +77,14 @@ def reconcile(table: ActorTable, node_id: str, held: dict) -> Reconciled:
             claimed.add(record.lease_id)
             if record.state != ALIVE:  # created or not: the head never heard; do it again
                 out.recreate.append(record)
+            else:
+                out.kept.append(record)
         elif record.lease_id is not None:
             out.lost.append(record)
         elif record.request_id is not None and record.request_id not in requests:
             out.recreate.append(record)  # its request (or its grant) went with the previous head
+        else:
+            out.kept.append(record)      # its request is still waiting on the node
     out.stray = [lease_id for lease_id in leases if lease_id not in claimed]
     out.stray += [r.lease_id for r in out.recreate if r.lease_id is not None]
     return out
