@@ -12,13 +12,13 @@ lose it reconnect to the new one by themselves::
                                  |  wait RESTART_FIRST_S, doubling up to RESTART_MAX_S
                                  '--spawn--> head (epoch 2, on the same head.db) ...
 
-Limit: a head that exits within STABLE_S of its start counts as a failed start;
-after MAX_RESTARTS failed starts in a row the supervisor gives up: it writes why to
-``<session>/head.gone``, and for HEAD_TIMEOUT_S (the time agents and drivers wait for
-a head) it listens where the head did and answers everything with
-``Error("head-gone", why)``, so node agents exit and drivers fail at once, saying why,
-instead of waiting out their timeout; then it exits with code 1.  A head that ran
-STABLE_S or longer resets the count.
+Limit: a head that exits within STABLE_S of its start counts as a failed start; after
+MAX_RESTARTS restarts in a row that failed so, the supervisor gives up at the next
+failure: it writes why to ``<session>/head.gone``, and for HEAD_TIMEOUT_S (the time
+agents and drivers wait for a head) it listens where the head did and answers
+everything with ``Error("head-gone", why)``, so node agents exit and drivers fail at
+once, saying why, instead of waiting out their timeout; then it exits with code 1.  A
+head that ran STABLE_S or longer resets the count.
 SIGTERM (``farpool stop``) or the end of its own lifeline (``--block``) stops the head
 and then the supervisor.
 """
@@ -41,9 +41,11 @@ log = logging.getLogger("farpool.head_supervisor")
 # Shorter brings the head back sooner; longer spares a machine a head that cannot start.
 RESTART_FIRST_S = 0.2
 RESTART_MAX_S = 4.0
-# Failed starts in a row (each within STABLE_S of its start) before the supervisor gives
-# up.  With the waits above, the last restart comes about 8 s after the first death:
-# within FARPOOL_HEAD_TIMEOUT_S (15 s), the time agents and drivers wait for a head.
+# Restarts in a row of a head that dies within STABLE_S of its start; the next such death
+# and the supervisor gives up.  More rides out a longer bad spell; fewer tells everyone
+# sooner.  With the waits above, the last restart comes about 6 s (plus the heads' start
+# times) after the first death: within FARPOOL_HEAD_TIMEOUT_S (15 s), the time agents and
+# drivers wait for a head.
 MAX_RESTARTS = int(os.environ.get("FARPOOL_HEAD_MAX_RESTARTS", "5"))
 STABLE_S = 10.0
 # How long a stopped head may take to exit on SIGTERM before it is killed.
