@@ -45,6 +45,10 @@ def main(argv=None) -> int:
     start.add_argument("--dashboard-port", type=int, default=0, help="a head: the dashboard's port (default: any)")
     start.add_argument("--token-file", help="file holding the cluster token (else FARPOOL_TOKEN)")
     start.add_argument("--token", help="the cluster token (visible to other users in ps: prefer FARPOOL_TOKEN)")
+    start.add_argument("--restore", metavar="DIR", default=None,
+                       help="with --head: start from the head database saved in DIR (the session directory "
+                            "of a head that ran before, or a copy of its head.db): its nodes, actors, "
+                            "jobs and keys; its token and port too unless given")
     start.add_argument("--block", action="store_true",
                        help="stay in the foreground until Ctrl-C or SIGTERM, then stop what this started; "
                             "what it started also stops when this command dies (for launchers: MPI, containers)")
@@ -129,6 +133,8 @@ def _start(args) -> int:
     scheduling.make_totals(args.num_cpus or 1, args.num_gpus or 0, resources)  # validate early
     if args.head == bool(args.address):
         raise ValueError("give either --head (a new cluster) or --address HOST:PORT (join one)")
+    if args.restore and not args.head:
+        raise ValueError("--restore DIR restarts a head: give it with --head")
     state = session.read_state() or {}
     if args.head and state.get("head_pid") and session.pid_alive(state["head_pid"]):
         raise ValueError(f"a farpool head is already running here (pid {state['head_pid']}, "
@@ -157,13 +163,29 @@ def _start(args) -> int:
         if value is not None:
             common += [flag, str(value)]
     if args.head:
-        token = _token(args) or session.new_token()
+        from farpool._private import head_store
+        db_path = os.path.join(session_dir, head_store.DB_NAME)
+        restore = []
+        token = _token(args)
+        if args.restore:
+            try:
+                head_store.copy_database(args.restore, session_dir)
+            except (ValueError, OSError) as exc:
+                session.remove_session(session_dir)
+                raise ValueError(str(exc)) from None
+            restore = ["--restore"]
+            if token is None and os.path.isfile(os.path.join(args.restore, "token")):
+                with open(os.path.join(args.restore, "token")) as f:  # the token its peers hold
+                    token = f.read().strip()
+        token = token or session.new_token()
         token_file = session.write_token(session_dir, token)
-        head = session.spawn("farpool._private.head", ["--session-dir", session_dir, "--host", listen,
-                                                       "--advertise-host", advertise, "--port", str(args.port),
-                                                       "--dashboard-port", str(args.dashboard_port),
-                                                       *(["--dashboard-host", args.dashboard_host]
-                                                         if args.dashboard_host else []), *lifeline],
+        # The supervisor (head_supervisor.py) runs the head and restarts it on its database.
+        head_args = ["--session-dir", session_dir, "--host", listen, "--advertise-host", advertise,
+                     "--port", str(args.port), "--db", db_path, "--lifeline", *restore,
+                     "--dashboard-port", str(args.dashboard_port),
+                     *(["--dashboard-host", args.dashboard_host] if args.dashboard_host else [])]
+        head = session.spawn("farpool._private.head_supervisor",
+                             ["--session-dir", session_dir, *lifeline, "--", *head_args],
                              session_dir, "head.log", token, lifeline=args.block)
         try:
             port = _wait_file(os.path.join(session_dir, "head.port"), head, "head")
@@ -181,7 +203,7 @@ def _start(args) -> int:
             session.remove_session(session_dir)
             raise
         state = {"address": address, "session_dir": session_dir, "token_file": token_file,
-                 "head_pid": head.pid, "nodes": [{"pid": node.pid, "session_dir": session_dir,
+                 "head_pid": head.pid, "supervised": True, "nodes": [{"pid": node.pid, "session_dir": session_dir,
                                                    "node_id": node_id}]}
         session.write_state(state)
         print(f"farpool head started at {address} (node {node_id[:8]}, session {session_dir})")

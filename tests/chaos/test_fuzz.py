@@ -142,7 +142,8 @@ def _alive(pids) -> None:
 def cluster(started):
     started.start_head()
     state = started.read_state()
-    pids = {"head": state["head_pid"], "node agent": state["nodes"][0]["pid"]}
+    with open(os.path.join(state["session_dir"], "head.pid")) as f:  # the head itself, not its supervisor
+        pids = {"head": int(f.read()), "head's supervisor": state["head_pid"], "node agent": state["nodes"][0]["pid"]}
     head = Peer(started.address, started.token, b"c:fuzz-head-", protocol.encode(*_hello()))
     _, (welcome,), _ = head.welcome
     agent_address = welcome["nodes"][0]["tcp"]

@@ -49,6 +49,7 @@ from farpool._private.actor_client import ActorClient
 from farpool._private.borrowing import Borrowing
 from farpool._private.completion import Completion
 from farpool._private.connections import AgentConn, Connections
+from farpool._private.head_link import HeadLink
 from farpool._private.object_ref import ObjectRef
 from farpool._private.object_service import ObjectService
 from farpool._private.protocol import encode
@@ -189,6 +190,8 @@ class CoreClient:
         # (as it goes in messages: the plain tuple, as pickling a named one costs more)
         self.peer_address = self.refs.peer_address = tuple(self.owner_address)
         self.loop.add_reader(conns.head, self._on_head)
+        self.head_link = HeadLink(self)  # the head may go away and come back: every request waits for it
+        self.head_request = self.head_link.request
         for pid, what in cfg.get("watch_pids", ()):
             # The embedded head and node agent: if one dies, fail everything at once, no hang.
             conns.watch_pid(("runtime", pid), pid, lambda pid=pid, what=what: self._runtime_died(pid, what))
@@ -252,6 +255,8 @@ class CoreClient:
             self._close_sockets()
 
     def _close_sockets(self) -> None:
+        if getattr(self, "head_link", None) is not None:
+            self.head_link.close()
         self.conns.close_all()
         segments.clear_written()  # the session's segments go away: do not keep their memory mapped
         self.loop.close()
@@ -451,7 +456,7 @@ class CoreClient:
         return self.conns.agent_of(node_id, lambda: self.nodes, timeout)
 
     def request_nodes(self, timeout: float = 10) -> list[dict]:
-        return self.conns.head_request("GetNodes", (), timeout)
+        return self.head_request("GetNodes", (), timeout)
 
     # ------------------------------------------------------------------ cancel
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:

@@ -29,8 +29,8 @@ import time
 
 import signal as _signal
 
-from farpool._private import (actor_table, addresses, cluster_state, protocol, scheduling, session, task_history,
-                              transport, versions)
+from farpool._private import (actor_table, addresses, cluster_state, head_store, head_tables, protocol,
+                              scheduling, session, task_history, transport, versions)
 from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
@@ -40,6 +40,11 @@ log = logging.getLogger("farpool.head")
 # sooner; longer tolerates a node stalled by swapping or a long GC pause.
 NODE_TIMEOUT_S = float(os.environ.get("FARPOOL_NODE_TIMEOUT_S", "10"))
 CHECK_INTERVAL_S = 1.0
+# A head restarted on its database waits this long for the drivers of the jobs it had to
+# say Hello again; a job whose driver did not ends (its actors, detached ones excepted).
+# Longer spares a driver whose network is slow to come back; shorter frees sooner what
+# a driver that died meanwhile held.
+REJOIN_GRACE_S = float(os.environ.get("FARPOOL_REJOIN_GRACE_S", "10"))
 
 # What each kind of peer may send the head; anything else is dropped with one log line
 # naming the peer's kind and the tag.  A peer's kind is the prefix of the identity it
@@ -67,8 +72,14 @@ def peer_kind(identity: bytes) -> str | None:
 
 class Head:
     def __init__(self, session_dir: str, token: str, host: str | None, port: int, embedded: bool,
-                 advertise: str | None = None):
+                 advertise: str | None = None, db_path: str | None = None, restore: bool = False):
         self.session_dir = session_dir
+        # The tables on disk (started clusters: a supervisor may restart us on them).
+        self.store = head_store.HeadStore(db_path) if db_path else None
+        saved = self.store.load() if self.store is not None else None
+        meta = saved["meta"] if saved else {}
+        self.epoch = meta.get("epoch", 0) + 1
+        port = port or meta.get("port", 0)  # a restarted head listens where its peers reconnect
         self.token = token
         self.embedded = embedded
         self.loop = transport.EventLoop()
@@ -84,7 +95,14 @@ class Head:
             self.loop.add_reader(self.zap.socket, self.zap.handle)
             self.tcp = transport.router()
             transport.make_curve_server(self.tcp, token)
-            self.port = transport.bind_tcp(self.tcp, host, port)
+            try:
+                self.port = transport.bind_tcp(self.tcp, host, port)
+            except OSError:
+                if not (restore and port == meta.get("port")):
+                    raise
+                log.warning("port %s of the saved head is taken on this machine: listening on a free one "
+                            "(start the node agents with the new address)", port)
+                self.port = transport.bind_tcp(self.tcp, host, 0)
             self.loop.add_reader(self.tcp, lambda: self._on_socket(self.tcp))
         self.nodes: dict[str, dict] = {}        # node_id -> public record
         self.node_peers: dict[str, tuple] = {}  # node_id -> (socket, identity)
@@ -97,9 +115,63 @@ class Head:
         self.actor_requests: dict[int, str] = {}    # lease request id -> actor id
         self.client_job: dict[tuple, int] = {}      # (socket, identity) of a driver -> its job
         self.history = task_history.TaskHistory()   # every owner's tasks, bounded (FARPOOL_TASK_HISTORY)
+        self.unconfirmed: set[str] = set()          # restored nodes that have not registered again
+        self.unconfirmed_jobs: set = set()          # restored jobs whose driver has not said Hello again
+        # Placement groups' rows (head_store "placement_groups"), for the code that owns them to
+        # take back when it starts; it writes them with self._save("placement_groups", id, record).
+        self.restored_placement_groups: dict = {}
+        if saved and meta:  # a database a head wrote before
+            self._restore(saved)
+        self._save("meta", "epoch", self.epoch)
+        self._save("meta", "port", self.port)
+        self._save("meta", "address", self.address())
         self.check_due = time.monotonic() + CHECK_INTERVAL_S
         self.loop.call_later(CHECK_INTERVAL_S, self._check_nodes)
         self.handlers = self._build_handlers()
+
+    # --- the tables on disk (head_store.py) ---
+    def _save(self, table: str, key, value) -> None:
+        if self.store is not None:
+            self.store.put(table, key, value)
+
+    def _save_actor(self, record, new: bool = False) -> None:
+        if self.store is not None:
+            self.store.put_actor(record.actor_id, record.spec if new else None, head_tables.actor_state(record))
+
+    def _restore(self, saved: dict) -> None:
+        """Start from the tables a previous head left: every node it had alive is unconfirmed
+        until its agent registers again (NODE_TIMEOUT_S, then dead), every job running until
+        its driver says Hello again (REJOIN_GRACE_S, then ended)."""
+        now = time.monotonic()
+        meta = saved["meta"]
+        self.next_job = meta.get("next_job", 1)
+        self.kv = dict(saved["kv"])
+        for node_id, record in saved["nodes"].items():
+            self.nodes[node_id] = record
+            if record.get("alive"):
+                self.unconfirmed.add(node_id)
+                self.last_seen[node_id] = now
+        self.actor_requests = head_tables.restore_actors(self.actors, saved["actors"], self.epoch)
+        for job_id, job in saved["jobs"].items():
+            if job.get("running"):
+                self.unconfirmed_jobs.add(job["job_id"])
+        self.restored_placement_groups = saved["placement_groups"]  # for the code that owns them
+        if self.unconfirmed_jobs:
+            self.loop.call_later(REJOIN_GRACE_S, self._jobs_not_back)
+        log.info("the head starts again (epoch %d) on its database: %d nodes to confirm, %d actors (%d named), "
+                 "%d jobs to confirm, %d keys", self.epoch, len(self.unconfirmed), len(self.actors.actors),
+                 len(self.actors.names), len(self.unconfirmed_jobs), len(self.kv))
+
+    def _jobs_not_back(self) -> None:
+        for job_id in sorted(self.unconfirmed_jobs):
+            self._job_ended(job_id, f"its driver did not come back within {REJOIN_GRACE_S:.0f} s of the "
+                                    "head's restart")
+        self.unconfirmed_jobs.clear()
+
+    def _restarted(self, node_id: str) -> bool:
+        """A node this head has not heard register: one it restored, or (the database lost
+        it) one it never knew although a head ran before it."""
+        return node_id in self.unconfirmed or (node_id not in self.nodes and self.epoch > 1)
 
     # --- messages ---
     def _build_handlers(self) -> dict:
@@ -142,12 +214,22 @@ class Head:
         if self._refused(sock, identity, f"this {kind} (pid {info.get('pid')})", info):
             return
         job_id = None
-        if kind == "driver":
+        if kind == "driver" and info.get("job_id") is not None:  # its head restarted: the same job
+            job_id = info["job_id"]
+            self.unconfirmed_jobs.discard(job_id)
+            if isinstance(job_id, int) and job_id >= self.next_job:
+                self.next_job = job_id + 1
+                self._save("meta", "next_job", self.next_job)
+            log.info("the driver of job %s (pid %s) is back", job_id, info.get("pid"))
+        elif kind == "driver":
             job_id = self.next_job
             self.next_job += 1
+            self._save("meta", "next_job", self.next_job)
         self.subscribers[(sock, identity)] = True
         if job_id is not None:
             self.client_job[(sock, identity)] = job_id
+            self._save("jobs", job_id, {"job_id": job_id, "running": True, "pid": info.get("pid"),
+                                        "driver": identity.decode(errors="replace"), "since": time.time()})
         self._reply(sock, identity, "Welcome", {
             "job_id": job_id, "embedded": self.embedded, "session_dir": self.session_dir,
             "nodes": self._table(), "address": self.address(), "versions": versions.ours(),
@@ -158,15 +240,25 @@ class Head:
         if self._refused(sock, identity, f"node agent {node_id[:8]} on {info.get('hostname')}", info):
             return
         record = dict(info)
+        held = record.pop("held", None)  # a node registering again after the head restarted
         record["alive"] = True
         record.setdefault("available", dict(info["total"]))
         record["actors"] = 0
-        rejoined = node_id in self.nodes
+        rejoined = node_id in self.nodes and node_id not in self.unconfirmed
+        first_again = node_id in self.unconfirmed or node_id not in self.nodes
+        self.unconfirmed.discard(node_id)
         self.nodes[node_id] = record
         self.node_peers[node_id] = (sock, identity)
         self.last_seen[node_id] = time.monotonic()
         self.subscribers[(sock, identity)] = True
-        if rejoined:
+        self._save("nodes", node_id, record)
+        if held is not None:
+            # Heartbeats queued while we were away each got "register again": reconcile once.
+            if first_again:
+                log.info("node %s registered again after the head restarted, holding %d leases of actors",
+                         node_id, len(held.get("leases", ())))
+                self._reconcile(node_id, sock, identity, held)
+        elif rejoined:
             log.warning("node %s joined again after it was declared dead", node_id)
         else:
             log.info("node %s joined with %s", node_id, info["total"])
@@ -178,8 +270,29 @@ class Head:
             if record.state == PENDING and record.node_id is None and record.request_id is None:
                 self._schedule_actor(record)
 
+    def _reconcile(self, node_id: str, sock, identity, held: dict) -> None:
+        """What the node still holds against what the previous head wrote (head_tables.reconcile)."""
+        found = head_tables.reconcile(self.actors, node_id, held)
+        for lease_id in found.stray:
+            transport.send(sock, [identity, *encode("ReturnLease", (lease_id, True))])
+        for record in found.lost:
+            why = f"its worker on node {node_id[:8]} ended while the head was away"
+            if self.actors.died(record, why):
+                log.warning("actor %s: %s; restarting it", record.actor_id[:8], why)
+                self._schedule_actor(record)
+            self._notify_actor(record)
+        for record in found.recreate:  # not a restart: its creation was never confirmed
+            record.worker_id = record.path = record.lease_id = record.request_id = None
+            self._schedule_actor(record)
+        for record in found.kept:  # callers that asked meanwhile were not answered yet
+            self._notify_actor(record)
+
     def _on_Heartbeat(self, sock, identity, node_id: str, available: dict, stats: dict) -> None:
         record = self.nodes.get(node_id)
+        if self._restarted(node_id):
+            self._reply(sock, identity, "Error", "head-restarted",
+                        f"the head restarted (epoch {self.epoch}); register again with what you hold")
+            return
         if record is None or not record["alive"]:
             self._reply(sock, identity, "Error", "unknown-node",
                         f"node {node_id} is not registered (it was declared dead); restart it")
@@ -195,6 +308,11 @@ class Head:
     def _on_NodeAlive(self, sock, identity, node_id: str, beat: int) -> None:
         """From an agent's liveness thread (pulse.py): it lives, however busy its loop is."""
         record = self.nodes.get(node_id)
+        if self._restarted(node_id):  # its agent's loop registers again (answer to its Heartbeat)
+            if node_id in self.unconfirmed:
+                self.last_seen[node_id] = time.monotonic()
+            self._reply(sock, identity, "Error", "head-restarted", f"the head restarted (epoch {self.epoch})")
+            return
         if record is None or not record["alive"]:
             self._reply(sock, identity, "Error", "unknown-node",
                         f"node {node_id} is not registered (it was declared dead: "
@@ -224,6 +342,7 @@ class Head:
 
     def _on_KVPut(self, sock, identity, request_id, key: str, value: bytes) -> None:
         self.kv[key] = value
+        self._save("kv", key, value)
         self._reply(sock, identity, "KVValue", request_id, True)
 
     def _on_KVGet(self, sock, identity, request_id, key: str) -> None:
@@ -262,6 +381,7 @@ class Head:
     def _job_ended(self, job_id, why: str) -> None:
         """A job's actors end with it, except detached ones (idempotent)."""
         self.history.job_ended(job_id, why)
+        self._save("jobs", job_id, {"job_id": job_id, "running": False, "why": why, "ended": time.time()})
         for record in list(self.actors.actors.values()):
             if record.spec.get("job_id") == job_id and not record.spec.get("detached") \
                     and record.state != DEAD:
@@ -274,10 +394,15 @@ class Head:
             raise ValueError(f"CreateActor of {actor_id!r} with a {type(spec).__name__} for its spec")
         for key in ("hold_shape", "place_shape"):  # checked before the table holds the actor
             scheduling.check_shape(spec.get(key))
+        known = self.actors.actors.get(actor_id)
+        if known is not None:  # asked again (its answer was lost with a restarted head): the same answer
+            self._reply(sock, identity, "ActorRegistered", request_id, actor_id, None, known.spec.get("meta"))
+            return
         used_id, error = self.actors.register(actor_id, spec)
         meta = self.actors.actors[used_id].spec.get("meta") if used_id else None
         self._reply(sock, identity, "ActorRegistered", request_id, used_id, error, meta)
         if used_id == actor_id:
+            self._save_actor(self.actors.actors[actor_id], new=True)
             self._schedule_actor(self.actors.actors[actor_id])
 
     def _on_GetNamedActor(self, sock, identity, request_id, name: str, namespace) -> None:
@@ -297,6 +422,8 @@ class Head:
                 "cause": "this actor is unknown to the cluster (its cluster was restarted?)"})
             return
         record.subscribers.add((sock, identity))
+        if record.node_id in self.unconfirmed and record.state != DEAD:
+            return  # told when its node registers again, or is declared dead (a restarted head)
         self._reply(sock, identity, "ActorInfo", actor_id, record.info())
 
     def _on_KillActor(self, sock, identity, actor_id: str, no_restart: bool, reason: str = "kill") -> None:
@@ -309,6 +436,7 @@ class Head:
         if no_restart:
             record.killed = True
             record.kill_cause = why
+            self._save_actor(record)
         if record.worker_id is not None and record.node_id in self.node_peers:
             sock, ident = self.node_peers[record.node_id]
             transport.send(sock, [ident, *encode("SignalWorker", (record.worker_id, int(_signal.SIGKILL)))])
@@ -334,11 +462,13 @@ class Head:
                 record.state = PENDING
                 record.node_id = None
                 record.request_id = None
+                self._save_actor(record)
             return
         record.node_id = node_id
         request_id = self.actors.next_request()
         record.request_id = request_id
         self.actor_requests[request_id] = record.actor_id
+        self._save_actor(record)
         sock, ident = self.node_peers[node_id]
         pool_key = f"actor:{record.actor_id}:{record.incarnation}"
         transport.send(sock, [ident, *encode("RequestLease", (request_id, record.spec["hold_shape"],
@@ -352,6 +482,7 @@ class Head:
             transport.send(sock, [identity, *encode("ReturnLease", (lease_id, True))])
             return
         record.lease_id, record.worker_id, record.path = lease_id, worker_id, address
+        self._save_actor(record)
         spec = record.spec
         options = dict(spec["options"], gpu_ids=list(gpu_ids or []))  # the GPUs it holds (as tasks get them)
         fields = (record.actor_id, spec["cls_bytes"], spec["args_payload"], len(spec["arg_bufs"]),
@@ -398,6 +529,7 @@ class Head:
                 return
 
     def _notify_actor(self, record) -> None:
+        self._save_actor(record)
         frames = encode("ActorInfo", (record.actor_id, record.info()))
         for sock, identity in list(record.subscribers):
             if not transport.send(sock, [identity, *frames]):
@@ -425,6 +557,8 @@ class Head:
             return
         record["alive"] = False
         record["death_reason"] = why
+        self.unconfirmed.discard(node_id)
+        self._save("nodes", node_id, record)
         peer = self.node_peers.pop(node_id, None)
         if peer:
             self.subscribers.pop(peer, None)
@@ -460,6 +594,8 @@ class Head:
         for sock in (self.ipc, self.tcp):
             if sock is not None:
                 sock.close(0)
+        if self.store is not None:
+            self.store.close()
 
 
 def _signal_name(number) -> str:
@@ -483,12 +619,16 @@ def main(argv=None) -> int:
     parser.add_argument("--dashboard-host", default=None, help="where the dashboard listens (default 127.0.0.1)")
     parser.add_argument("--dashboard-port", type=int, default=0)
     parser.add_argument("--no-dashboard", action="store_true")
+    parser.add_argument("--db", default=None, help="keep the tables in this SQLite file (and start from it)")
+    parser.add_argument("--restore", action="store_true",
+                        help="the database comes from another machine or boot: its port may be taken")
     args = parser.parse_args(argv)
     session.set_process_name("farpool-head")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = os.environ.pop("FARPOOL_TOKEN", "")
     try:
-        head = Head(args.session_dir, token, args.host, args.port, args.embedded, args.advertise_host)
+        head = Head(args.session_dir, token, args.host, args.port, args.embedded, args.advertise_host,
+                    args.db, args.restore)
     except OSError as exc:  # the port is taken, the host is not ours: say so, no traceback
         print(f"farpool-head: {exc.strerror or exc}", flush=True)
         return 1
@@ -518,7 +658,7 @@ def main(argv=None) -> int:
         head.loop.add_reader(0, on_lifeline)
     signal.signal(signal.SIGTERM, session.sigterm_handler(lambda *_: (clean.append("SIGTERM"), head.loop.stop())))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print(f"farpool-head ready pid={os.getpid()} port={head.port}", flush=True)
+    print(f"farpool-head ready pid={os.getpid()} port={head.port} epoch={head.epoch}", flush=True)
     try:
         head.loop.run()
     except BaseException:

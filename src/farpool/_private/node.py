@@ -280,6 +280,23 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
     def _on_head_error(self, code: str, detail: str) -> None:
         if code == "unknown-node":
             self._declared_dead(detail)
+        elif code == "head-restarted":  # a new head on the old one's tables: keep working, tell it
+            self._register_again()
+        elif code == "head-gone":  # its supervisor gave up (head_supervisor.py): nobody to wait for
+            log.error("the head is gone for good: %s; exiting", detail)
+            self.loop.stop()
+
+    def _register_again(self) -> None:
+        """Register with a restarted head, with the actors' leases and requests it granted
+        before (it reconciles them: head_tables.reconcile).  Tasks on our leases go on."""
+        head_leases = [(lease.lease_id, lease.worker_id, self.leases.workers[lease.worker_id].pool_key)
+                       for lease in self.leases.leases.values()
+                       if lease.client == HEAD_CLIENT and lease.worker_id in self.leases.workers]
+        requests = [req.request_id for req in self.leases.pending if req.client == HEAD_CLIENT]
+        info = dict(self.register_info, available=self.leases.resources.available,
+                    held={"leases": head_leases, "requests": requests})
+        log.warning("the head restarted: registering again (holding %d leases of actors)", len(head_leases))
+        transport.send(self.head, encode("RegisterNode", (info,)))
 
     def _heartbeat(self) -> None:
         now = time.monotonic()

@@ -139,7 +139,7 @@ def remove_dead_sessions() -> list[str]:
         if not name.startswith(SESSION_PREFIX) or not os.path.isdir(path):
             continue
         pids = []
-        for pidfile in ("owner.pid", "head.pid", "node.pid"):
+        for pidfile in ("owner.pid", "head.pid", "node.pid", "headmon.pid"):  # headmon: the head's supervisor
             try:
                 with open(os.path.join(path, pidfile)) as f:
                     pids.append(int(f.read().strip() or 0))
