@@ -40,10 +40,13 @@ class PlacementGroup:
 
     def ready(self):
         """An ObjectRef that becomes ``True`` once every bundle is reserved; its ``get`` raises
-        ``InfeasibleError`` if the group is removed first.  The same ref on every call."""
-        if self._ready_ref is None:
-            self._ready_ref = _ready_task().remote(self.id, self.name)
-        return self._ready_ref
+        ``InfeasibleError`` if the group is removed first.  The same ref while it is pending
+        (a task waits for the head's word: one per group, however often you ask)."""
+        import farpool
+        ref = self._ready_ref
+        if ref is None or farpool.wait([ref], timeout=0, fetch_local=False)[0]:
+            ref = self._ready_ref = _ready_task().remote(self.id, self.name)  # (asked again: the state now)
+        return ref
 
     def wait(self, timeout_seconds: float | None = 30) -> bool:
         """Block until the group is reserved (True) or ``timeout_seconds`` pass (False)."""

@@ -467,6 +467,7 @@ class Head:
 
     def _on_BundlesCommitted(self, sock, identity, group_id, attempt, node_id, total, available) -> None:
         self._bundles_answer(node_id, total, available)
+        self._apply_groups(self.pgs.nodes_changed(list(self.nodes.values())))  # (the next group sees it)
         acts = self.pgs.committed(group_id, attempt, node_id)
         self._broadcast()  # before the group's waiters hear: the agents learn where its bundles are
         self._apply_groups(acts)
