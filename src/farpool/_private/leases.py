@@ -288,7 +288,7 @@ class LeaseManager:
 
     def release_bundles(self, group: str, attempt: int | None, why: str = "") -> Actions:
         """Give back the group's bundles held here: those of ``attempt`` (an aborted reservation),
-        or all (None: the group was removed; its leases end and its waiting requests fail)."""
+        or all (None: the group was removed: its waiting requests fail; see end_group_leases)."""
         acts = Actions()
         for (g, index), bundle in list(self.bundles.items()):
             if g == group and (attempt is None or bundle.attempt == attempt):
@@ -303,10 +303,14 @@ class LeaseManager:
                 (acts.refused.append((req, why)) if placement_groups.group_of(req.shape) == group
                  else still.append(req))
             self.pending = still
-            for lease in self.leases.values():
-                if placement_groups.group_of(lease.alloc.shape) == group:
-                    acts.kills.append(lease.worker_id)  # its tasks fail, or are retried and then fail
         return self._schedule(acts)
+
+    def end_group_leases(self, group: str) -> Actions:
+        """The leases of a removed group that are still held: their workers are killed (their tasks
+        fail, or are retried and then refused).  The shell calls it a moment after the removal,
+        so that idle leases a client still keeps (client.LEASE_LINGER_S) come back unharmed."""
+        return Actions(kills=[lease.worker_id for lease in self.leases.values()
+                              if placement_groups.group_of(lease.alloc.shape) == group])
 
     def drop_all_bundles(self) -> None:
         """The head took this node for dead: it places the bundles held here elsewhere."""

@@ -54,6 +54,11 @@ HEARTBEAT_S = 1.0
 # The head silent this long means the cluster is gone: the agent exits.
 HEAD_TIMEOUT_S = float(os.environ.get("FARPOOL_HEAD_TIMEOUT_S", "15"))
 
+# A removed placement group's leases still held this long after the removal are ended (their
+# workers killed).  Longer spares the idle leases clients keep for a moment (client.LEASE_LINGER_S:
+# their workers need not be started again); shorter ends the group's running tasks sooner.
+REMOVED_GROUP_GRACE_S = 0.25
+
 HEAD_CLIENT = Client(HEAD, b"")  # the head leases workers for actors like any client
 
 # What each kind of peer may send the agent; anything else is dropped with one log
@@ -242,6 +247,8 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
     def _on_ReleaseBundles(self, group: str, attempt, why: str) -> None:
         self._apply(self.leases.release_bundles(group, attempt, why))
         self._bundles_changed("BundlesReleased", group)
+        if attempt is None:  # removed: what its leases still run ends a moment later
+            self.loop.call_later(REMOVED_GROUP_GRACE_S, lambda: self._apply(self.leases.end_group_leases(group)))
 
     def _declared_dead(self, why: str) -> None:
         """The head took us for dead (late, not gone: it heard nothing for NODE_TIMEOUT_S).
