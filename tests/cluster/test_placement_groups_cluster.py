@@ -2,12 +2,16 @@
 nodes, a node joining makes a waiting group fit, and two competing groups that a naive
 reservation (each group takes what it can, bundle by bundle) would deadlock."""
 
+import os
+import signal
+
+import psutil
 import pytest
 
 import farpool
 from farpool import PlacementGroupScheduling
 from farpool.util import placement_group, placement_group_table, remove_placement_group
-from farpool_testing import node_ids
+from farpool_testing import node_ids, wait_until
 
 TIMEOUT = 60
 
@@ -74,3 +78,27 @@ def test_two_competing_groups_are_placed_one_after_the_other(started):
     assert b.wait(TIMEOUT) is True
     assert farpool.get(where.options(scheduling_strategy=PlacementGroupScheduling(b, 0)).remote(),
                        timeout=TIMEOUT) == placement_group_table(b)["bundles_to_node_id"][0]
+
+
+def test_bundles_on_a_node_that_dies_are_placed_again_when_a_node_fits(started, monkeypatch):
+    monkeypatch.setenv("FARPOOL_NODE_TIMEOUT_S", "2")
+    started.start_head("--num-cpus", "1")
+    started.add_node("--num-cpus", "1")
+    farpool.init(address=started.address, token=started.token)
+    head_node, second = node_ids(started)
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD")
+    assert pg.wait(TIMEOUT)
+    before = placement_group_table(pg)["bundles_to_node_id"]
+    lost = next(i for i, n in before.items() if n == second)
+    node_pid = next(n["pid"] for n in started.read_state()["nodes"] if n["node_id"] == second)
+    victims = [psutil.Process(node_pid)] + psutil.Process(node_pid).children(recursive=True)
+    os.kill(node_pid, signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=20)
+    wait_until(lambda: placement_group_table(pg)["state"] == "PENDING", "the group to lose its bundle")
+    queued = where.options(scheduling_strategy=PlacementGroupScheduling(pg, lost)).remote()
+    started.add_node("--num-cpus", "1")
+    third = node_ids(started)[2]
+    wait_until(lambda: placement_group_table(pg)["state"] == "CREATED", "the lost bundle to be placed again")
+    after = placement_group_table(pg)["bundles_to_node_id"]
+    assert after == {lost: third, 1 - lost: head_node}  # the kept bundle stayed where it was
+    assert farpool.get(queued, timeout=TIMEOUT) == third
