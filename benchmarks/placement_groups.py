@@ -124,10 +124,12 @@ def main() -> int:
             if r is None:
                 print(f"| {system} | {label} | failed | |")
             else:
-                print(f"| {system} | {label} | {r[label]['round_trip_ms']:.1f} ms | {r[label]['with_task_ms']:.1f} ms |")
+                trip, task = r[label]["round_trip_ms"], r[label]["with_task_ms"]
+                print(f"| {system} | {label} | {trip:.1f} ms | {task:.1f} ms |")
     if rows.get("farpool") and rows.get("ray"):
-        ratios = ", ".join(f"{label} {rows['farpool'][label]['round_trip_ms'] / rows['ray'][label]['round_trip_ms']:.2f}x"
-                           for label in SHAPES)
+        ratios = ", ".join(
+            f"{label} {rows['farpool'][label]['round_trip_ms'] / rows['ray'][label]['round_trip_ms']:.2f}x"
+            for label in SHAPES)
         print(f"\nfarpool/ray round trip: {ratios} (below 1: farpool faster)")
     if args.json:
         with open(args.json, "w") as f:

@@ -6,7 +6,7 @@ import pytest
 from farpool._private import options, placement_groups as pgs
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.placement_groups import COMMITTING, CREATED, PENDING, PREPARING, REMOVED, PlacementGroups
-from farpool._private.scheduling import UNIT, make_request, make_totals
+from farpool._private.scheduling import UNIT, make_totals
 
 G1, G2 = "a" * 16, "b" * 16
 
