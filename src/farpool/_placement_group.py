@@ -121,7 +121,7 @@ def placement_group(bundles: list[dict], strategy: str = "PACK", name: str = "",
     error, warning = client.head_request("CreatePlacementGroup", (pg_id, shapes, strategy, name,
                                                                   lifetime == "detached", client.job_id))
     if error is not None:
-        if "already exists" in error or "`strategy`" in error:
+        if "already exists" in error:  # (a name taken; anything else: it can never fit)
             raise ValueError(error)
         raise exceptions.InfeasibleError(error)
     if warning:

@@ -358,3 +358,14 @@ def test_a_blocked_worker_in_a_bundle_lends_the_bundles_cpu():
     child = LeaseRequest("c", 2, pgs.task_shape(G1, -1, cpu(1), capture=True), job_id=1)
     assert not mgr.request(child).grants
     assert [r.request_id for r, _ in mgr.worker_blocked(parent.worker_id).grants] == [2]
+
+
+def test_the_table_forgets_the_oldest_removed_groups(monkeypatch):
+    monkeypatch.setattr(pgs, "REMEMBER_REMOVED", 2)
+    t = table([node("n1", 4)])
+    ids = [f"{i:016x}" for i in range(4)]
+    for pg_id in ids:
+        reserve(t, t.create(pg_id, [cpu(1)], "PACK")[0])
+        t.remove(pg_id, "done")
+    assert list(t.groups) == ids[2:]
+    t.validate_state()

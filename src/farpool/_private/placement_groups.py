@@ -52,9 +52,10 @@ MARKER_SHARE = 10  # 0.001
 CAPTURE = "capture"
 # Steps the search for a placement may take before it gives up (many bundles on
 # many nodes with STRICT_SPREAD): bounds the head's time per attempt.
-SEARCH_BUDGET = 20_000
+SEARCH_BUDGET = 5_000
 # How many removed groups each agent remembers, to fail late lease requests
-# for them at once (rather than let them wait for a group that never comes).
+# for them at once (rather than let them wait for a group that never comes), and
+# the head keeps in its table (placement_group_table shows them REMOVED).
 REMEMBER_REMOVED = 10_000
 
 _NAME = re.compile(r"^(.+)_group_([0-9a-f]{16})(?:_(\d+))?$")
@@ -189,6 +190,8 @@ def place(strategy: str, bundles: list[dict], capacity: dict[str, dict], fixed: 
     used: dict[str, int] = {}
     for node in fixed.values():
         used[node] = used.get(node, 0) + 1
+    if strategy == "STRICT_SPREAD" and len(todo) > len(set(free) - set(used)):
+        return None  # (not enough nodes: no search)
     chosen: dict[int, str] = {}
     budget = [SEARCH_BUDGET]
 
@@ -275,6 +278,7 @@ class PlacementGroups:
         self.names: dict[str, str] = {}       # name -> pg id (live groups)
         self.nodes: dict[str, dict] = {}      # node id -> {"alive", "total", "available"} (the head's view)
         self.in_flight: str | None = None
+        self.removed_order: list[str] = []    # removed groups still in the table, oldest first
 
     # --- events ---
     def create(self, pg_id: str, bundles: list, strategy: str, name: str = "", job_id=None,
@@ -362,6 +366,9 @@ class PlacementGroups:
             del self.names[group.name]
         if self.in_flight == pg_id:
             self.in_flight = None
+        self.removed_order.append(pg_id)
+        while len(self.removed_order) > REMEMBER_REMOVED:  # the oldest removed ones leave the table
+            self.groups.pop(self.removed_order.pop(0), None)
         acts = Actions(removed=[group])
         return acts.extend(self._next())
 
