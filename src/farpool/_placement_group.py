@@ -15,7 +15,7 @@ import os
 import warnings
 
 from farpool import exceptions
-from farpool._private import placement_groups, runtime, scheduling
+from farpool._private import options, placement_groups, runtime, scheduling
 
 log = logging.getLogger("farpool")
 
@@ -93,6 +93,22 @@ def _ready_task():
     return _ready_fn
 
 
+_bundles_of: dict[str, list] = {}  # group id -> its bundles (fixed point), as the head gave them
+
+
+def captured(shape: dict, group: str | None, what: str) -> tuple[dict, str]:
+    """(shape, strategy) of a task or actor started without a strategy by code in ``group``
+    (capture_child_tasks); the group's bundles are asked of the head once per process."""
+    if group is None:
+        return shape, "DEFAULT"
+    bundles = _bundles_of.get(group)
+    if bundles is None:
+        info = runtime.client().head_request("GetPlacementGroups", (group,))
+        if group in info:
+            bundles = _bundles_of[group] = placement_groups.check_bundles(list(info[group]["bundles"].values()))
+    return options.captured(shape, group, bundles, what)
+
+
 def placement_group(bundles: list[dict], strategy: str = "PACK", name: str = "", lifetime: str | None = None,
                     _max_cpu_fraction_per_node=None) -> PlacementGroup:
     """Reserve ``bundles`` (dicts of resource name -> amount) on the cluster's nodes, all or none.
@@ -142,10 +158,9 @@ def placement_group_table(placement_group: PlacementGroup | None = None) -> dict
     """Every group of the cluster by id (or the one given): ``state`` (PENDING, PREPARING,
     COMMITTING, CREATED, REMOVED), ``strategy``, ``name``, ``bundles`` (index -> resources),
     ``bundles_to_node_id`` (index -> node id, once CREATED)."""
-    table = runtime.client().head_request("GetPlacementGroups", ())
     if placement_group is not None:
-        return table.get(placement_group.id, {})
-    return table
+        return runtime.client().head_request("GetPlacementGroups", (placement_group.id,)).get(placement_group.id, {})
+    return runtime.client().head_request("GetPlacementGroups", ())
 
 
 def get_placement_group(name: str) -> PlacementGroup:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 
-from farpool import exceptions
+from farpool import _placement_group, exceptions
 from farpool._private import context as context_mod
 from farpool._private import options, placement_groups, protocol, runtime, runtime_env, scheduling
 from farpool._private import object_ref
@@ -130,7 +130,8 @@ class ActorClass:
             place["CPU"] = scheduling.UNIT  # counts one CPU when placing, so actors spread
         hold, strategy = options.placement(opts, hold, f"actor {self._cls.__name__}")
         if strategy is None:  # none given: created by code whose placement group captures its children?
-            hold, strategy = options.captured(hold, context_mod.context.capture_group)
+            hold, strategy = _placement_group.captured(hold, context_mod.context.capture_group,
+                                                       f"actor {self._cls.__name__}")
         group = placement_groups.group_of(hold)
         if group is not None:
             place = dict(hold)  # in its bundle, by what it holds

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 
-from farpool import exceptions
+from farpool import _placement_group, exceptions
 from farpool._private import client as client_mod
 from farpool._private import context as context_mod
 from farpool._private import runtime, runtime_env, scheduling
@@ -165,7 +165,9 @@ class RemoteFunction:
         pool, env = opts.get("_pool_key"), opts.get("runtime_env")
         shape, strategy = self._shape, self._strategy
         if strategy is None:  # none given: in a task whose placement group captures its children, that group
-            shape, strategy = options_mod.captured(shape, context_mod.context.capture_group)
+            group = context_mod.context.capture_group
+            shape, strategy = (shape, "DEFAULT") if group is None else \
+                _placement_group.captured(shape, group, f"remote function {name}")
         refs = client.submit(info, args, kwargs, max(num_returns, 1), shape, opts.get("max_retries", 3),
                              opts.get("retry_exceptions", False), name, strategy,
                              runtime_env.pool_key(pool, env) if pool or env or runtime.has_job_runtime_env() else None)

@@ -159,6 +159,18 @@ def test_children_stay_in_the_group_when_captured(pg_cluster, cleanup):
     assert farpool.get(child_group.options(scheduling_strategy=plain).remote(True), timeout=TIMEOUT) == (None, None)
 
 
+def test_a_captured_child_no_bundle_can_hold_is_refused_not_left_waiting(pg_cluster, cleanup):
+    pg = placement_group([{"CPU": 1}])
+    cleanup.append(pg)
+
+    @farpool.remote
+    def parent():
+        return farpool.get(gpu_ids.options(num_gpus=1).remote(), timeout=TIMEOUT)
+    with pytest.raises(ValueError, match="which no bundle of it can hold"):
+        farpool.get(parent.options(scheduling_strategy=PlacementGroupScheduling(pg, 0, capture_child_tasks=True))
+                    .remote(), timeout=TIMEOUT)
+
+
 def test_a_parent_waiting_on_its_child_lends_the_bundles_cpu(pg_cluster, cleanup):
     """One CPU in the bundle, a parent and its captured child both need it: the parent blocked
     in get() lends it, as it lends a node's CPU (no deadlock)."""

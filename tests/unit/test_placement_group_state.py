@@ -269,6 +269,9 @@ def test_options_translate_a_strategy_into_the_bundles_shape_and_refuse_what_can
     assert options.placement({}, cpu(1), "f") == (cpu(1), None)
     assert options.captured(cpu(1), None) == (cpu(1), "DEFAULT")
     assert pgs.captured_group(options.captured(cpu(1), G1)[0]) == G1
+    with pytest.raises(ValueError, match=r"g is started inside placement group a+, which captures its children, "
+                                         r"and needs \{GPU: 1\}, which no bundle of it can hold \(\{CPU: 1\}\)"):
+        options.captured({"GPU": UNIT}, G1, [cpu(1)], "g")
 
 
 # ---------------------------------------------------------------------- the node's bundles

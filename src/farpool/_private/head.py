@@ -451,8 +451,14 @@ class Head:
         else:
             self.pg_waiters.setdefault(group_id, []).append((sock, identity, request_id))
 
-    def _on_GetPlacementGroups(self, sock, identity, request_id) -> None:
-        self._reply(sock, identity, "PlacementGroupReply", request_id, self.pgs.table())
+    def _on_GetPlacementGroups(self, sock, identity, request_id, group_id=None) -> None:
+        """Every group's info by id, or only ``group_id``'s ({} when unknown)."""
+        if group_id is None:
+            table = self.pgs.table()
+        else:
+            group = self.pgs.get(group_id)
+            table = {group_id: group.info()} if group is not None else {}
+        self._reply(sock, identity, "PlacementGroupReply", request_id, table)
 
     def _bundles_answer(self, node_id: str, total: dict, available: dict) -> None:
         """An agent's bundles changed its resources: take its word for them (totals too)."""

@@ -79,11 +79,17 @@ def placement(opts: dict, shape: dict, what: str) -> tuple[dict, object]:
     return shape, strategy
 
 
-def captured(shape: dict, group: str | None) -> tuple[dict, str]:
+def captured(shape: dict, group: str | None, bundles: list | None = None, what: str = "") -> tuple[dict, str]:
     """(shape, strategy) of a task or actor that gave no strategy, started by code running in
-    ``group`` with capture_child_tasks (None: not in such a group)."""
+    ``group`` with capture_child_tasks (None: not in such a group).  ``bundles``: the group's
+    (fixed point), to refuse at once a shape no bundle could hold (it would wait for ever)."""
     if group is None:
         return shape, "DEFAULT"
+    if bundles is not None and not any(scheduling.fits(b, shape) for b in bundles):
+        raise ValueError(f"{what} is started inside placement group {group}, which captures its children, "
+                         f"and needs {scheduling.describe(shape)}, which no bundle of it can hold "
+                         f"({', '.join(scheduling.describe(b) for b in bundles)}); give it a scheduling_strategy "
+                         "of its own ('DEFAULT' runs it outside the group), or ask for less")
     return placement_groups.task_shape(group, -1, shape, capture=True), "DEFAULT"
 
 
