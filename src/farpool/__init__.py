@@ -14,7 +14,7 @@ _EXPORTS = {
     "DistributedExecutor": "farpool.executor", "Pool": "farpool.pool",
     **{name: "farpool.actor" for name in ("ActorClass", "ActorHandle", "get_actor", "kill", "method")},
     **{name: "farpool.api" for name in (
-        "NodeAffinity", "available_resources", "cancel", "cluster_resources", "get", "get_gpu_ids",
+        "NodeAffinity", "PlacementGroupScheduling", "available_resources", "cancel", "cluster_resources", "get", "get_gpu_ids",
         "get_runtime_context", "init", "is_initialized", "nodes", "put", "remote", "shutdown", "wait")},
     **{name: "farpool.observe" for name in ("progress", "status", "timeline")},
     **{name: "farpool.exceptions" for name in (
@@ -44,7 +44,7 @@ __all__ = [
     "ActorClass", "ActorHandle", "get_actor", "kill", "method", "DistributedExecutor", "Pool",
     "ActorDiedError", "AuthenticationError", "FarpoolError", "GetTimeoutError", "InfeasibleError",
     "NodeAffinity", "NodeDiedError", "ObjectLostError", "ObjectRef", "ObjectStoreFullError",
-    "OwnerDiedError", "TaskCancelledError", "TaskError", "WorkerCrashedError", "available_resources",
+    "OwnerDiedError", "PlacementGroupScheduling", "TaskCancelledError", "TaskError", "WorkerCrashedError", "available_resources",
     "cancel", "cluster_resources", "exceptions", "get", "get_gpu_ids", "get_runtime_context", "init",
     "is_initialized", "nodes", "observe", "progress", "put", "remote", "shutdown", "status", "timeline", "wait",
 ]

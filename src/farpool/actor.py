@@ -10,9 +10,9 @@ from __future__ import annotations
 import inspect
 import os
 
-from farpool import exceptions
+from farpool import _placement_group, exceptions
 from farpool._private import context as context_mod
-from farpool._private import options, protocol, runtime, runtime_env, scheduling
+from farpool._private import options, placement_groups, protocol, runtime, runtime_env, scheduling
 from farpool._private import object_ref
 from farpool._private.object_ref import ObjectRef
 
@@ -128,7 +128,13 @@ class ActorClass:
         place = dict(hold)
         if num_cpus is None:
             place["CPU"] = scheduling.UNIT  # counts one CPU when placing, so actors spread
-        strategy = opts.get("scheduling_strategy")
+        hold, strategy = options.placement(opts, hold, f"actor {self._cls.__name__}")
+        if strategy is None:  # none given: created by code whose placement group captures its children?
+            hold, strategy = _placement_group.captured(hold, context_mod.context.capture_group,
+                                                       f"actor {self._cls.__name__}")
+        group = placement_groups.group_of(hold)
+        if group is not None:
+            place = dict(hold)  # in its bundle, by what it holds
         concurrency = opts.get("max_concurrency") or (1000 if meta["is_async"] else 1)
         namespace = opts.get("namespace", runtime.namespace())
         job_setup = dict(client.job_setup, pool_key=runtime_env.key(opts.get("runtime_env")))  # (with the job's)
@@ -144,6 +150,7 @@ class ActorClass:
             "detached": opts.get("lifetime") == "detached", "job_id": client.job_id, "meta": meta,
             "node_affinity": (strategy.node_id, strategy.soft) if strategy is not None
             and not isinstance(strategy, str) else None,
+            "placement_group": group,
         }
         actor_id = os.urandom(16).hex()
         used_id, error, known_meta = client.head_request("CreateActor", (actor_id, spec))

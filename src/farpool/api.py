@@ -13,12 +13,14 @@ import json
 import logging
 import time
 
-from farpool import exceptions
+from farpool import _placement_group, exceptions
 from farpool._private import client as client_mod
 from farpool._private import context as context_mod
 from farpool._private import runtime, runtime_env, scheduling
 from farpool._private import runtime_env as runtime_env_mod
-from farpool._private.options import NodeAffinity, check_ray_only_options, check_scheduling_strategy
+from farpool._private import options as options_mod
+from farpool._private.options import (NodeAffinity, PlacementGroupScheduling, check_ray_only_options,  # noqa: F401
+                                      check_scheduling_strategy)
 from farpool._private.object_ref import ObjectRef
 
 log = logging.getLogger("farpool")
@@ -112,9 +114,14 @@ class RemoteFunction:
         self._fn = fn
         self._options = _check_options(dict(options), FUNCTION_OPTIONS, f"remote function {fn.__qualname__}")
         self._info: client_mod.RemoteFunctionInfo | None = None
-        self._shape = scheduling.make_request(self._options.get("num_cpus", 1), self._options.get("num_gpus", 0),
-                                              self._options.get("memory"), self._options.get("resources"))
+        self._shape, self._strategy = self._placement(self._options)
         functools.update_wrapper(self, fn)
+
+    def _placement(self, opts: dict) -> tuple:
+        """(shape, strategy): in a placement group, the shape of its bundle (options.placement)."""
+        shape = scheduling.make_request(opts.get("num_cpus", 1), opts.get("num_gpus", 0), opts.get("memory"),
+                                        opts.get("resources"))
+        return options_mod.placement(opts, shape, f"remote function {self._fn.__qualname__}")
 
     @property
     def _farpool_function(self):
@@ -133,8 +140,7 @@ class RemoteFunction:
         bound._fn = self._fn
         bound._options = _check_options(merged, FUNCTION_OPTIONS, f"remote function {self._fn.__qualname__}")
         bound._info = self._info
-        bound._shape = scheduling.make_request(merged.get("num_cpus", 1), merged.get("num_gpus", 0),
-                                               merged.get("memory"), merged.get("resources"))
+        bound._shape, bound._strategy = bound._placement(merged)
         bound._parent = self
         functools.update_wrapper(bound, self._fn)
         return bound
@@ -157,9 +163,13 @@ class RemoteFunction:
         info = self._function_info()
         name = opts.get("name") or info.name
         pool, env = opts.get("_pool_key"), opts.get("runtime_env")
-        refs = client.submit(info, args, kwargs, max(num_returns, 1), self._shape, opts.get("max_retries", 3),
-                             opts.get("retry_exceptions", False), name,
-                             opts.get("scheduling_strategy", "DEFAULT") or "DEFAULT",
+        shape, strategy = self._shape, self._strategy
+        if strategy is None:  # none given: in a task whose placement group captures its children, that group
+            group = context_mod.context.capture_group
+            shape, strategy = (shape, "DEFAULT") if group is None else \
+                _placement_group.captured(shape, group, f"remote function {name}")
+        refs = client.submit(info, args, kwargs, max(num_returns, 1), shape, opts.get("max_retries", 3),
+                             opts.get("retry_exceptions", False), name, strategy,
                              runtime_env.pool_key(pool, env) if pool or env or runtime.has_job_runtime_env() else None)
         if num_returns == 1:
             return refs[0]

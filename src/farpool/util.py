@@ -1,5 +1,7 @@
 """Helpers over the native API: ``ActorPool`` spreads work over a fixed set of actors;
-``Queue`` is a queue.Queue shared by drivers, tasks and actors."""
+``Queue`` is a queue.Queue shared by drivers, tasks and actors; placement groups
+(``placement_group``, ``remove_placement_group``, ``placement_group_table``: see
+_placement_group.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import queue as _queue
 from collections import deque
 
 import farpool
+from farpool._placement_group import (PlacementGroup, get_placement_group, placement_group,  # noqa: F401
+                                      placement_group_table, remove_placement_group)
 
 
 class ActorPool:

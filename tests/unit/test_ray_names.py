@@ -33,11 +33,12 @@ def test_node_affinity_object_names_farpool_node_affinity():
         farpool.remote(scheduling_strategy="NodeAffinitySchedulingStrategy")(f)
 
 
-def test_placement_group_strategy_says_not_available_yet():
+def test_placement_group_strategy_names_farpool_placement_group_scheduling():
     for make in (lambda **o: farpool.remote(**o)(f), lambda **o: farpool.remote(**o)(A)):
-        with pytest.raises(ValueError, match="placement groups are not available in this version"):
+        with pytest.raises(ValueError, match=r"Ray's PlacementGroupSchedulingStrategy: farpool spells it "
+                                             r"scheduling_strategy=farpool\.PlacementGroupScheduling\(pg"):
             make(scheduling_strategy=PlacementGroupSchedulingStrategy(object()))
-    with pytest.raises(ValueError, match="PlacementGroupScheduling"):
+    with pytest.raises(ValueError, match=r"Ray's option `placement_group`.*farpool\.PlacementGroupScheduling"):
         farpool.remote(placement_group=object())(f)
 
 

@@ -352,7 +352,8 @@ class CoreClient:
         self._from_head = {
             "NodeTable": lambda _peer, fields, _buffers: self._on_node_table(fields[0]),
             "ActorInfo": lambda _peer, fields, _buffers: self.actor_client.on_actor_info(*fields),
-            "ActorRegistered": answer_rest, "Nodes": answer, "KVValue": answer, "Reply": answer}
+            "ActorRegistered": answer_rest, "Nodes": answer, "KVValue": answer, "Reply": answer,
+            "PlacementGroupReply": answer}
         self._from_worker = {
             "TaskFinished": lambda _peer, fields, buffers: done.on_task_finished(fields, buffers),
             "TakenBack": lambda _peer, fields, _buffers: s.on_taken_back(*fields)}

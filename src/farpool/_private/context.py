@@ -21,6 +21,7 @@ class RuntimeContext:
         self.job_id = None
         self.gpu_ids: list[int] = []
         self.assigned_resources: dict[str, float] = {}  # what the task or actor holds
+        self.capture_group: str | None = None  # its placement group, when that takes its children too
         self.actor_class = None       # in an actor's worker: its class (for current_actor)
         self.exit_requested = False  # an actor called exit_actor(): end after this call
         self.in_user_code = False    # a cancel may interrupt only the task's own code

@@ -29,8 +29,8 @@ import time
 
 import signal as _signal
 
-from farpool._private import (actor_table, addresses, cluster_state, head_store, head_tables, protocol,
-                              scheduling, session, task_history, transport, versions)
+from farpool._private import (actor_table, addresses, cluster_state, head_store, head_tables, placement_groups,
+                              protocol, scheduling, session, task_history, transport, versions)
 from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
@@ -52,13 +52,15 @@ REJOIN_GRACE_S = float(os.environ.get("FARPOOL_REJOIN_GRACE_S", "10"))
 MAY_SEND = {
     # a node agent, "node:<node id>": it joins, beats, and answers the head's leases for actors
     "node agent": frozenset({"Ping", "RegisterNode", "Heartbeat", "Goodbye", "DriverDied", "LeaseGranted",
-                             "LeaseInfeasible", "WorkerExited", "ActorCreated"}),
+                             "LeaseInfeasible", "WorkerExited", "ActorCreated",
+                             "BundlesPrepared", "BundlesCommitted", "BundlesReleased"}),
     # an agent's liveness thread (pulse.py), "pulse:<node id>:<pid>"
     "liveness thread": frozenset({"NodeAlive"}),
     # a driver's or a worker's client (and the CLI's), "c:<client id>"
     "client": frozenset({"Ping", "Hello", "Goodbye", "GetNodes", "KVPut", "KVGet", "CreateActor",
                          "GetNamedActor", "WaitActor", "KillActor",
-                         "TaskEvents", "GetState"}),  # task events in batches; status/list/timeline
+                         "TaskEvents", "GetState",  # task events in batches; status/list/timeline
+                         "CreatePlacementGroup", "RemovePlacementGroup", "WaitPlacementGroup", "GetPlacementGroups"}),
 }
 
 
@@ -114,6 +116,8 @@ class Head:
         self.actors = ActorTable()
         self.actor_requests: dict[int, str] = {}    # lease request id -> actor id
         self.client_job: dict[tuple, int] = {}      # (socket, identity) of a driver -> its job
+        self.pgs = placement_groups.PlacementGroups(embedded)
+        self.pg_waiters: dict[str, list] = {}       # group id -> (socket, identity, request id) of WaitPlacementGroup
         self.history = task_history.TaskHistory()   # every owner's tasks, bounded (FARPOOL_TASK_HISTORY)
         self.unconfirmed: set[str] = set()          # restored nodes that have not registered again
         self.unconfirmed_jobs: set = set()          # restored jobs whose driver has not said Hello again
@@ -387,6 +391,7 @@ class Head:
                     and record.state != DEAD:
                 log.info("ending actor %s: %s", record.actor_id[:16], why)
                 self._kill_actor(record, no_restart=True, why=why)
+        self._apply_groups(self.pgs.job_ended(job_id))
 
     # --- actors ---
     def _on_CreateActor(self, sock, identity, request_id, actor_id: str, spec: dict) -> None:
@@ -446,6 +451,19 @@ class Head:
             self._notify_actor(record)
 
     def _schedule_actor(self, record) -> None:
+        group_id = record.spec.get("placement_group")
+        if group_id is not None:
+            group = self.pgs.get(group_id)
+            if group is None or group.state == placement_groups.REMOVED:
+                record.state = DEAD
+                record.cause = (group.cause if group is not None else
+                                f"its placement group {group_id} is unknown to the cluster")
+                self._notify_actor(record)
+                return
+            if group.state != placement_groups.CREATED:  # placed when the group is (_apply_groups)
+                record.state = PENDING
+                record.node_id = record.request_id = None
+                return
         node_id = self.actors.place(record, self._table())
         if node_id is None or node_id not in self.node_peers:
             shape = record.spec["place_shape"]
@@ -550,6 +568,100 @@ class Head:
         for sock, identity in list(self.subscribers):
             if not transport.send(sock, [identity, *frames]):
                 self.subscribers.pop((sock, identity), None)
+        self._apply_groups(self.pgs.nodes_changed(list(self.nodes.values())))
+
+    # --- placement groups (decisions: placement_groups.py; bundles held by the agents) ---
+    def _on_CreatePlacementGroup(self, sock, identity, request_id, group_id: str, bundles: list, strategy: str,
+                                 name: str, detached: bool, job_id) -> None:
+        if not isinstance(group_id, str) or not isinstance(bundles, list) or not bundles:
+            raise ValueError(f"CreatePlacementGroup of {group_id!r} with bundles {bundles!r}")
+        for shape in bundles:
+            scheduling.check_shape(shape)
+        self._apply_groups(self.pgs.nodes_changed(list(self.nodes.values())))
+        acts, error = self.pgs.create(group_id, bundles, strategy, name, job_id, detached)
+        warning = acts.warnings[0] if acts.warnings else None
+        self._reply(sock, identity, "PlacementGroupReply", request_id, (error, warning))
+        self._apply_groups(acts)
+
+    def _on_RemovePlacementGroup(self, sock, identity, request_id, group_id: str) -> None:
+        group = self.pgs.get(group_id)
+        what = f"placement group {group.name or group_id}" if group else f"placement group {group_id}"
+        self._apply_groups(self.pgs.remove(group_id, f"{what} was removed (farpool.util.remove_placement_group)"))
+        self._reply(sock, identity, "PlacementGroupReply", request_id, group is not None)
+
+    def _on_WaitPlacementGroup(self, sock, identity, request_id, group_id: str) -> None:
+        """Answered once the group is CREATED or REMOVED: (state, why)."""
+        group = self.pgs.get(group_id)
+        if group is None:
+            self._reply(sock, identity, "PlacementGroupReply", request_id,
+                        (placement_groups.REMOVED, f"placement group {group_id} is unknown to this cluster"))
+        elif group.state in (placement_groups.CREATED, placement_groups.REMOVED):
+            self._reply(sock, identity, "PlacementGroupReply", request_id, (group.state, group.cause))
+        else:
+            self.pg_waiters.setdefault(group_id, []).append((sock, identity, request_id))
+
+    def _on_GetPlacementGroups(self, sock, identity, request_id, group_id=None) -> None:
+        """Every group's info by id, or only ``group_id``'s ({} when unknown)."""
+        if group_id is None:
+            table = self.pgs.table()
+        else:
+            group = self.pgs.get(group_id)
+            table = {group_id: group.info()} if group is not None else {}
+        self._reply(sock, identity, "PlacementGroupReply", request_id, table)
+
+    def _bundles_answer(self, node_id: str, total: dict, available: dict) -> None:
+        """An agent's bundles changed its resources: take its word for them (totals too)."""
+        record = self.nodes.get(node_id)
+        if record is not None and record["alive"]:
+            record["total"], record["available"] = total, available
+
+    def _on_BundlesPrepared(self, sock, identity, group_id, attempt, ok, why, node_id, total, available) -> None:
+        self._bundles_answer(node_id, total, available)
+        self._apply_groups(self.pgs.nodes_changed(list(self.nodes.values())))  # (a refusal is judged in it)
+        self._apply_groups(self.pgs.prepared(group_id, attempt, node_id, ok, why))
+
+    def _on_BundlesCommitted(self, sock, identity, group_id, attempt, node_id, total, available) -> None:
+        self._bundles_answer(node_id, total, available)
+        self._apply_groups(self.pgs.nodes_changed(list(self.nodes.values())))  # (the next group sees it)
+        acts = self.pgs.committed(group_id, attempt, node_id)
+        self._broadcast()  # before the group's waiters hear: the agents learn where its bundles are
+        self._apply_groups(acts)
+
+    def _on_BundlesReleased(self, sock, identity, group_id, node_id, total, available) -> None:
+        self._bundles_answer(node_id, total, available)
+        self._broadcast()
+
+    def _apply_groups(self, acts) -> None:
+        for node_id, group_id, attempt, items in acts.prepare:
+            self._to_node(node_id, "PrepareBundles", group_id, attempt, items)
+        for node_id, group_id, attempt, indexes in acts.commit:
+            self._to_node(node_id, "CommitBundles", group_id, attempt, indexes)
+        for node_id, group_id, attempt in acts.abort:
+            self._to_node(node_id, "ReleaseBundles", group_id, attempt, "")
+        for message in acts.warnings:
+            log.warning("%s", message)
+        for group in acts.removed:
+            for record in list(self.actors.actors.values()):
+                if record.spec.get("placement_group") == group.pg_id and record.state != DEAD:
+                    self._kill_actor(record, no_restart=True, why=group.cause)
+            for node_id in list(self.node_peers):  # also those that only heard of it: late requests fail
+                self._to_node(node_id, "ReleaseBundles", group.pg_id, None, group.cause)
+            self._wake_group_waiters(group)
+        for group in acts.created:
+            self._wake_group_waiters(group)
+            for record in list(self.actors.actors.values()):
+                if record.spec.get("placement_group") == group.pg_id and record.state == PENDING \
+                        and record.request_id is None:
+                    self._schedule_actor(record)
+
+    def _wake_group_waiters(self, group) -> None:
+        for sock, identity, request_id in self.pg_waiters.pop(group.pg_id, ()):
+            self._reply(sock, identity, "PlacementGroupReply", request_id, (group.state, group.cause))
+
+    def _to_node(self, node_id: str, tag: str, *fields) -> None:
+        peer = self.node_peers.get(node_id)
+        if peer is not None:
+            transport.send(peer[0], [peer[1], *encode(tag, fields)])
 
     def _mark_dead(self, node_id: str, why: str) -> None:
         record = self.nodes.get(node_id)

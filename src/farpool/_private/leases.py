@@ -20,7 +20,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from farpool._private import scheduling
+from farpool._private import placement_groups, scheduling
 from farpool._private.scheduling import Allocation, NodeResources
 
 STARTING, IDLE, LEASED = "STARTING", "IDLE", "LEASED"
@@ -65,6 +65,16 @@ class Lease:
 
 
 @dataclass
+class Bundle:
+    """A placement group bundle held here: prepared (its resources taken), then committed
+    (its resources of its own added, see placement_groups.bundle_resources)."""
+    attempt: int
+    shape: dict
+    alloc: Allocation
+    committed: bool = False
+
+
+@dataclass
 class Actions:
     grants: list = field(default_factory=list)       # (LeaseRequest, Lease)
     spawns: list = field(default_factory=list)       # (worker_id, Allocation-less env hints)
@@ -72,9 +82,10 @@ class Actions:
     spillbacks: list = field(default_factory=list)   # (LeaseRequest, node_id)
     infeasible: list = field(default_factory=list)   # (LeaseRequest, message)
     lost: list = field(default_factory=list)         # (Lease, exit info)
+    refused: list = field(default_factory=list)      # (LeaseRequest, message): fails, on any cluster
 
     def extend(self, other: "Actions") -> "Actions":
-        for name in ("grants", "spawns", "kills", "spillbacks", "infeasible", "lost"):
+        for name in ("grants", "spawns", "kills", "spillbacks", "infeasible", "lost", "refused"):
             getattr(self, name).extend(getattr(other, name))
         return self
 
@@ -96,6 +107,8 @@ class LeaseManager:
         self.cluster_view: list[dict] = []
         self._ids = itertools.count(1)
         self._spread = itertools.count()
+        self.bundles: dict[tuple, Bundle] = {}    # (group id, bundle index) -> held here
+        self.removed_groups: dict[str, str] = {}  # group id -> why (the last REMEMBER_REMOVED)
 
     # --- events ---
     def prestart(self) -> Actions:
@@ -106,6 +119,19 @@ class LeaseManager:
 
     def request(self, req: LeaseRequest) -> Actions:
         acts = Actions()
+        group = placement_groups.group_of(req.shape)
+        if group is not None and not self.resources.feasible(req.shape):
+            # In a placement group whose bundle is not here: where it is, or wait for it quietly
+            # (the group is being placed, or waits for nodes); a removed group's fails.
+            if group in self.removed_groups:
+                acts.refused.append((req, self.removed_groups[group]))
+                return acts
+            target = scheduling.choose_node(self.cluster_view, req.shape, exclude=self.node_id)
+            if target is not None and req.spillback_ok:
+                acts.spillbacks.append((req, target))
+            else:
+                self.pending.append(req)
+            return acts
         if not self.resources.feasible(req.shape) or (
                 req.strategy == "SPREAD" and req.spillback_ok and self._spread_elsewhere(req)):
             target = scheduling.choose_node(self.cluster_view, req.shape, exclude=self.node_id,
@@ -217,18 +243,89 @@ class LeaseManager:
     def set_cluster_view(self, nodes: list[dict]) -> Actions:
         self.cluster_view = nodes
         acts = Actions()
-        if not self.embedded:
-            # Requests waiting for a node that fits may go there now.
+        # Requests waiting for a node that fits (on an embedded cluster: for a placement
+        # group's bundle) may go there now.
+        still = deque()
+        for req in self.pending:
+            if not self.resources.feasible(req.shape):
+                target = scheduling.choose_node(nodes, req.shape, exclude=self.node_id)
+                if target is not None:
+                    acts.spillbacks.append((req, target))
+                    continue
+            still.append(req)
+        self.pending = still
+        return acts
+
+    # --- placement group bundles (the head decides: placement_groups.py) ---
+    def prepare_bundles(self, group: str, attempt: int, items: list) -> tuple[bool, str]:
+        """Take the resources of bundles ``items`` ((index, shape)) now, all or none: (ok, why not)."""
+        taken = []
+        for index, shape in items:
+            scheduling.check_shape(shape)
+            old = self.bundles.pop((group, index), None)
+            if old is not None:  # an earlier attempt's, never released (its abort is on the way)
+                self._drop_bundle(group, index, old)
+            alloc = self.resources.acquire(shape) if self.resources.can_acquire(shape) else None
+            if alloc is None:
+                for key in taken:
+                    self.resources.release(self.bundles.pop(key).alloc)
+                return False, (f"bundle {index} needs {scheduling.describe(shape)} and this node has "
+                               f"{scheduling.describe(self._plain(self.resources.available))} free")
+            self.bundles[(group, index)] = Bundle(attempt, dict(shape), alloc)
+            taken.append((group, index))
+        return True, ""
+
+    def commit_bundles(self, group: str, attempt: int, indexes: list) -> Actions:
+        """The prepared bundles become resources only the group's tasks and actors ask for."""
+        for index in indexes:
+            bundle = self.bundles.get((group, index))
+            if bundle is None or bundle.attempt != attempt or bundle.committed:
+                continue
+            bundle.committed = True
+            self.resources.add_bundle(group, index, placement_groups.bundle_resources(group, index, bundle.shape),
+                                      bundle.alloc.gpu_ids)
+        return self._schedule(Actions())
+
+    def release_bundles(self, group: str, attempt: int | None, why: str = "") -> Actions:
+        """Give back the group's bundles held here: those of ``attempt`` (an aborted reservation),
+        or all (None: the group was removed: its waiting requests fail; see end_group_leases)."""
+        acts = Actions()
+        for (g, index), bundle in list(self.bundles.items()):
+            if g == group and (attempt is None or bundle.attempt == attempt):
+                del self.bundles[(g, index)]
+                self._drop_bundle(g, index, bundle)
+        if attempt is None:
+            self.removed_groups[group] = why
+            while len(self.removed_groups) > placement_groups.REMEMBER_REMOVED:
+                del self.removed_groups[next(iter(self.removed_groups))]
             still = deque()
             for req in self.pending:
-                if not self.resources.feasible(req.shape):
-                    target = scheduling.choose_node(nodes, req.shape, exclude=self.node_id)
-                    if target is not None:
-                        acts.spillbacks.append((req, target))
-                        continue
-                still.append(req)
+                (acts.refused.append((req, why)) if placement_groups.group_of(req.shape) == group
+                 else still.append(req))
             self.pending = still
-        return acts
+        return self._schedule(acts)
+
+    def end_group_leases(self, group: str) -> Actions:
+        """The leases of a removed group that are still held: their workers are killed (their tasks
+        fail, or are retried and then refused).  The shell calls it a moment after the removal,
+        so that idle leases a client still keeps (client.LEASE_LINGER_S) come back unharmed."""
+        return Actions(kills=[lease.worker_id for lease in self.leases.values()
+                              if placement_groups.group_of(lease.alloc.shape) == group])
+
+    def drop_all_bundles(self) -> None:
+        """The head took this node for dead: it places the bundles held here elsewhere."""
+        for (group, index), bundle in list(self.bundles.items()):
+            del self.bundles[(group, index)]
+            self._drop_bundle(group, index, bundle)
+
+    def _drop_bundle(self, group: str, index: int, bundle: Bundle) -> None:
+        if bundle.committed:
+            self.resources.remove_bundle(group, index, placement_groups.bundle_resources(group, index, bundle.shape))
+        self.resources.release(bundle.alloc)
+
+    @staticmethod
+    def _plain(resources: dict) -> dict:
+        return {k: v for k, v in resources.items() if "_group_" not in k}
 
     # --- internals ---
     def _spread_elsewhere(self, req: LeaseRequest) -> bool:
@@ -237,7 +334,7 @@ class LeaseManager:
 
     def _release_blocked(self, alloc: Allocation) -> None:
         # A blocked worker already lent its CPU: give back everything but that.
-        shape = {k: v for k, v in alloc.shape.items() if k != "CPU"}
+        shape = {k: v for k, v in alloc.shape.items() if not scheduling.is_cpu(k)}
         self.resources.release(Allocation(shape, alloc.gpu_ids, alloc.gpu_share))
 
     def _new_worker(self, job_id, pool_key) -> str:
@@ -321,7 +418,7 @@ class LeaseManager:
 
     def infeasible_message(self, shape: dict) -> str:
         totals = [n["total"] for n in self.cluster_view if n.get("alive")] or [self.resources.total]
-        described = ", ".join(scheduling.describe(t) for t in totals)
+        described = ", ".join(scheduling.describe(self._plain(t)) for t in totals)
         where = ("this embedded cluster cannot grow" if self.embedded
                  else "it waits until a node that fits joins")
         return (f"no node can run a task that needs {scheduling.describe(shape)}: the cluster's "

@@ -54,6 +54,11 @@ HEARTBEAT_S = 1.0
 # The head silent this long means the cluster is gone: the agent exits.
 HEAD_TIMEOUT_S = float(os.environ.get("FARPOOL_HEAD_TIMEOUT_S", "15"))
 
+# A removed placement group's leases still held this long after the removal are ended (their
+# workers killed).  Longer spares the idle leases clients keep for a moment (client.LEASE_LINGER_S:
+# their workers need not be started again); shorter ends the group's running tasks sooner.
+REMOVED_GROUP_GRACE_S = 0.25
+
 HEAD_CLIENT = Client(HEAD, b"")  # the head leases workers for actors like any client
 
 # What each kind of peer may send the agent; anything else is dropped with one log
@@ -76,7 +81,7 @@ MAY_SEND = {
     "peer agent": frozenset({"Hello", "Ping", "ReadChunk", "WatchPeer"}),
     # the head, on our connection to it (Relay: it creates an actor in one of our workers)
     "head": frozenset({"Relay", "RequestLease", "ReturnLease", "SignalWorker", "NodeRegistered", "NodeTable",
-                       "Error", "HeartbeatAck"}),
+                       "Error", "HeartbeatAck", "PrepareBundles", "CommitBundles", "ReleaseBundles"}),
 }
 # What the launcher (a forked child, over a pipe) may report.
 LAUNCHER_MAY_SEND = frozenset({"output", "started", "exited"})
@@ -219,8 +224,31 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
             "NodeTable": lambda nodes: self._on_node_table("NodeTable", nodes),
             "Error": self._on_head_error,
             "HeartbeatAck": lambda *_: None,  # the head heard us: every message from it sets last_ack
+            "PrepareBundles": self._on_PrepareBundles, "CommitBundles": self._on_CommitBundles,
+            "ReleaseBundles": self._on_ReleaseBundles,
         }
         return handlers
+
+    # --- placement group bundles (two phases, driven by the head: placement_groups.py) ---
+    def _bundles_changed(self, tag: str, *fields) -> None:
+        """Answer the head with what we have now (bundles change our totals)."""
+        resources = self.leases.resources
+        transport.send(self.head, encode(tag, (*fields, self.node_id, dict(resources.total),
+                                               dict(resources.available))))
+
+    def _on_PrepareBundles(self, group: str, attempt: int, items: list) -> None:
+        ok, why = self.leases.prepare_bundles(group, attempt, [(int(i), shape) for i, shape in items])
+        self._bundles_changed("BundlesPrepared", group, attempt, ok, why)
+
+    def _on_CommitBundles(self, group: str, attempt: int, indexes: list) -> None:
+        self._apply(self.leases.commit_bundles(group, attempt, indexes))
+        self._bundles_changed("BundlesCommitted", group, attempt)
+
+    def _on_ReleaseBundles(self, group: str, attempt, why: str) -> None:
+        self._apply(self.leases.release_bundles(group, attempt, why))
+        self._bundles_changed("BundlesReleased", group)
+        if attempt is None:  # removed: what its leases still run ends a moment later
+            self.loop.call_later(REMOVED_GROUP_GRACE_S, lambda: self._apply(self.leases.end_group_leases(group)))
 
     def _declared_dead(self, why: str) -> None:
         """The head took us for dead (late, not gone: it heard nothing for NODE_TIMEOUT_S).
@@ -236,6 +264,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
             acts = more if acts is None else acts.extend(more)
         if acts is not None:
             self._apply(acts)
+        self.leases.drop_all_bundles()  # the head places them again (on us too, once we are back)
         transport.send(self.head, encode("RegisterNode", (self.register_info,)))
 
     def start_workers(self) -> None:
@@ -463,6 +492,8 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                        node and node.get("tcp"), node and node.get("ipc"))
         for req, message in acts.infeasible:
             self._send(req.client, "LeaseInfeasible", req.request_id, message, self.embedded)
+        for req, message in acts.refused:
+            self._send(req.client, "LeaseInfeasible", req.request_id, message, True)
         for lease, info in acts.lost:
             self._send(lease.client, "WorkerExited", lease.lease_id, info)
 

@@ -65,6 +65,10 @@ TAGS = frozenset({
     # actors: client <-> head <-> agent <-> worker
     "CreateActor", "ActorRegistered", "ActorCreated", "WaitActor", "ActorInfo", "KillActor",
     "GetNamedActor",
+    # placement groups: client <-> head (PlacementGroupReply answers each), head <-> agent (two phases)
+    "CreatePlacementGroup", "RemovePlacementGroup", "WaitPlacementGroup", "GetPlacementGroups",
+    "PlacementGroupReply", "PrepareBundles", "BundlesPrepared", "CommitBundles", "BundlesCommitted",
+    "ReleaseBundles", "BundlesReleased",
     # anything
     "Error", "Ping", "Pong",
 })

@@ -93,6 +93,8 @@ def describe(shape: dict[str, int]) -> str:
         return "{}"
     parts = []
     for name, amount in sorted(shape.items()):
+        if not amount:  # a tag (placement_groups.CAPTURE), not a resource
+            continue
         value = to_float(amount)
         parts.append(f"{name}: {int(value) if value == int(value) else value}")
     return "{" + ", ".join(parts) + "}"
@@ -114,6 +116,11 @@ def check_shape(shape) -> dict[str, int]:
     return shape
 
 
+def is_cpu(name: str) -> bool:
+    """CPU, also as a placement group's bundle has it (``CPU_group_...``): what a blocked worker lends."""
+    return name == "CPU" or name.startswith("CPU_group_")
+
+
 def fits(available: dict[str, int], shape: dict[str, int]) -> bool:
     return all(available.get(name, 0) >= amount for name, amount in shape.items())
 
@@ -123,6 +130,7 @@ class Allocation:
     shape: dict[str, int]
     gpu_ids: list[int] = field(default_factory=list)
     gpu_share: int = 0  # per GPU id, in fixed point
+    gpu_group: str | None = None  # the placement group whose reserved GPUs these are (None: the node's)
 
 
 class NodeResources:
@@ -132,18 +140,30 @@ class NodeResources:
         self.total = dict(totals)
         self.available = dict(totals)
         self._gpu_free = [UNIT] * (self.total.get("GPU", 0) // UNIT)
+        # GPUs reserved by placement group bundles here: group -> {gpu id: share free}, and
+        # (group, bundle index) -> its GPU ids; tasks in a bundle get ids from these.
+        self._group_gpu_free: dict[str, dict[int, int]] = {}
+        self._bundle_gpus: dict[tuple, list[int]] = {}
 
     def feasible(self, shape: dict[str, int]) -> bool:
         """Could this node ever run the shape (ignoring what is in use)?"""
         return fits(self.total, shape)
 
     def can_acquire(self, shape: dict[str, int]) -> bool:
-        return fits(self.available, shape) and self._pick_gpus(shape.get("GPU", 0)) is not None
+        if not fits(self.available, shape):
+            return False
+        group = self._gpu_group(shape)
+        if group is not None:
+            return self._pick_group_gpus(shape, group) is not None
+        return self._pick_gpus(shape.get("GPU", 0)) is not None
 
     def acquire(self, shape: dict[str, int]) -> Allocation | None:
         """Take the shape's resources, or None when they are not free now."""
         if not fits(self.available, shape):
             return None
+        group = self._gpu_group(shape)
+        if group is not None:
+            return self._acquire_in_group(shape, group)
         gpu = shape.get("GPU", 0)
         ids = self._pick_gpus(gpu)
         if ids is None:
@@ -152,24 +172,88 @@ class NodeResources:
         for i in ids:
             self._gpu_free[i] -= share
         for name, amount in shape.items():
-            self.available[name] -= amount
+            if amount:  # (a zero amount is a tag, such as placement_groups.CAPTURE)
+                self.available[name] -= amount
         return Allocation(dict(shape), ids, share if ids else 0)
 
     def release(self, alloc: Allocation) -> None:
         for name, amount in alloc.shape.items():
-            self.available[name] = min(self.total.get(name, 0), self.available.get(name, 0) + amount)
-        for i in alloc.gpu_ids:
-            self._gpu_free[i] = min(UNIT, self._gpu_free[i] + alloc.gpu_share)
+            if name in self.total:  # (a placement group's resources may be gone: it was removed)
+                self.available[name] = min(self.total[name], self.available.get(name, 0) + amount)
+        free = self._gpu_free if alloc.gpu_group is None else self._group_gpu_free.get(alloc.gpu_group)
+        if free is not None:
+            for i in alloc.gpu_ids:
+                free[i] = min(UNIT, free[i] + alloc.gpu_share)
+
+    # --- placement group bundles (names: placement_groups.py) ---
+    def add_bundle(self, group: str, index: int, added: dict[str, int], gpu_ids: list[int]) -> None:
+        """A committed bundle: its own resources (``added``) and the GPU ids it reserved."""
+        for name, amount in added.items():
+            self.total[name] = self.total.get(name, 0) + amount
+            self.available[name] = self.available.get(name, 0) + amount
+        if gpu_ids:
+            self._bundle_gpus[(group, index)] = list(gpu_ids)
+            free = self._group_gpu_free.setdefault(group, {})
+            for i in gpu_ids:
+                free[i] = UNIT
+
+    def remove_bundle(self, group: str, index: int, added: dict[str, int]) -> None:
+        """Undo ``add_bundle``: a name whose total reaches 0 is gone (what leases still hold of it
+        is dropped when they end)."""
+        for name, amount in added.items():
+            left = self.total.get(name, 0) - amount
+            if left <= 0:
+                self.total.pop(name, None)
+                self.available.pop(name, None)
+            else:
+                self.total[name] = left
+                self.available[name] = self.available.get(name, 0) - amount
+        for i in self._bundle_gpus.pop((group, index), ()):
+            self._group_gpu_free.get(group, {}).pop(i, None)
+        if not self._group_gpu_free.get(group, True):
+            del self._group_gpu_free[group]
+
+    @staticmethod
+    def _gpu_group(shape: dict[str, int]) -> str | None:
+        """The group of a shape asking GPUs of a placement group's bundles (``GPU_group_<g>``)."""
+        for name in shape:
+            if name.startswith("GPU_group_") and name.count("_") == 2:
+                return name[10:]
+        return None
+
+    def _pick_group_gpus(self, shape: dict[str, int], group: str) -> list[int] | None:
+        gpu = shape[f"GPU_group_{group}"]
+        free = self._group_gpu_free.get(group, {})
+        index = next((int(n.rsplit("_", 1)[1]) for n in shape if n.startswith(f"GPU_group_{group}_")), None)
+        ids = self._bundle_gpus.get((group, index), []) if index is not None else sorted(free)
+        if gpu < UNIT:
+            candidates = [i for i in ids if free.get(i, 0) >= gpu]
+            return [min(candidates, key=lambda i: (free[i], i))] if candidates else None
+        whole = [i for i in ids if free.get(i, 0) == UNIT]
+        return whole[:gpu // UNIT] if len(whole) >= gpu // UNIT else None
+
+    def _acquire_in_group(self, shape: dict[str, int], group: str) -> Allocation | None:
+        ids = self._pick_group_gpus(shape, group)
+        if ids is None:
+            return None
+        gpu = shape[f"GPU_group_{group}"]
+        share = gpu if gpu < UNIT else UNIT
+        for i in ids:
+            self._group_gpu_free[group][i] -= share
+        for name, amount in shape.items():
+            if amount:
+                self.available[name] -= amount
+        return Allocation(dict(shape), ids, share if ids else 0, group)
 
     def lend(self, shape: dict[str, int]) -> None:
         """Give back CPU of a blocked worker (nested get); ``reclaim`` takes it again."""
         for name, amount in shape.items():
-            if name == "CPU":
+            if is_cpu(name) and name in self.available:
                 self.available[name] += amount
 
     def reclaim(self, shape: dict[str, int]) -> None:
         for name, amount in shape.items():
-            if name == "CPU":
+            if is_cpu(name) and name in self.available:
                 self.available[name] -= amount
 
     def _pick_gpus(self, gpu: int) -> list[int] | None:

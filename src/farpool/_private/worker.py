@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 from farpool._private import object_ref
 from farpool._private import context as context_mod
-from farpool._private import protocol, scheduling, segments, session, stacks, transport
+from farpool._private import placement_groups, protocol, scheduling, segments, session, stacks, transport
 from farpool._private import runtime  # noqa: F401 - sets the client's connector: a ref used before init joins
 from farpool._private.context import context
 from farpool._private.task_args import (load_args, load_args_tracked, mark_phase, split_batch, still_held,
@@ -536,7 +536,10 @@ class Worker:
         gpu_ids, num_cpus, shape = protocol.TaskLease._make(lease_info)
         if shape is not self.shape:  # (the same dict for a batch of one shape)
             self.shape = shape
-            context.assigned_resources = scheduling.as_floats(shape)
+            context.assigned_resources = scheduling.as_floats(placement_groups.plain_resources(shape))
+            context.capture_group = placement_groups.captured_group(shape)
+        if not num_cpus and shape:  # in a placement group's bundle: its CPUs go by another name
+            num_cpus = context.assigned_resources.get("CPU", 0)
         threads = max(1, int(num_cpus))
         if threads != self.threads:
             self.threads = threads
