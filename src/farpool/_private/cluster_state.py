@@ -93,13 +93,17 @@ def nodes(head) -> list[dict]:
         stats = n.get("stats") or {}
         store = stats.get("object_store") or {}
         host = stats.get("host") or {}
+        total = scheduling.as_floats(n["total"])
+        capacity = store.get("capacity")
+        if capacity is None and total.get("object_store_memory"):  # no heartbeat yet: its registered size
+            capacity = int(total["object_store_memory"])
         rows.append({
             "node_id": n["node_id"], "state": "ALIVE" if n["alive"] else "DEAD",
             "address": n.get("tcp") or n.get("ipc"), "hostname": n.get("hostname"),
             "cpu_percent": host.get("cpu_percent"), "memory_used": host.get("memory_used"),
             "memory_total": host.get("memory_total"), "workers": stats.get("workers"),
-            "actors": n.get("actors", 0), "store_used": store.get("used"), "store_capacity": store.get("capacity"),
-            "spilled": store.get("spilled"), "resources_total": scheduling.as_floats(n["total"]),
+            "actors": n.get("actors", 0), "store_used": store.get("used"), "store_capacity": capacity,
+            "spilled": store.get("spilled"), "resources_total": total,
             "resources_available": scheduling.as_floats(n.get("available") or {}),
             "is_head_node": n.get("is_head_node", False), "death_reason": n.get("death_reason"),
             "ipc": n.get("ipc"), "tcp": n.get("tcp")})

@@ -600,6 +600,10 @@ class Head:
         else:
             self.pg_waiters.setdefault(group_id, []).append((sock, identity, request_id))
 
+    def placement_group_rows(self) -> list[dict]:
+        """The groups as `farpool list placement-groups` shows them (cluster_state)."""
+        return [{**info, "nodes": sorted(set(info["bundles_to_node_id"].values()))} for info in self.pgs.table().values()]
+
     def _on_GetPlacementGroups(self, sock, identity, request_id, group_id=None) -> None:
         """Every group's info by id, or only ``group_id``'s ({} when unknown)."""
         if group_id is None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import struct
 import threading
@@ -195,6 +196,8 @@ class HeadLink(ClientPart):
     def request(self, tag: str, fields: tuple, timeout: float = 30.0):
         """``tag(request_id, *fields)`` to the head and its answer; while the head is away,
         wait for it (up to ``timeout`` and HEAD_TIMEOUT_S), then raise FarpoolError saying so."""
+        if timeout is None:  # (as long as it takes, while the head is there)
+            timeout = math.inf
         deadline = time.monotonic() + timeout
         while True:
             self._wait_connected(tag, deadline, timeout)
@@ -240,7 +243,8 @@ class HeadLink(ClientPart):
                 conns.pending[request_id] = waiter
                 transport.send(conns.head, encode(tag, (request_id, *fields)))
             self.loop.call_soon(send)
-            if not waiter.event.wait(max(0.0, deadline - time.monotonic())):
+            left = deadline - time.monotonic()
+            if not waiter.event.wait(None if left == math.inf else max(0.0, left)):
                 if conns.broken is not None:
                     raise conns.broken
                 raise exc_mod.FarpoolError(f"the head did not answer {tag} within {timeout:g} s")
