@@ -59,7 +59,7 @@ JOB = textwrap.dedent("""
 def slurm(bed):
     missing = slurm_bed.missing_tools()
     if missing:
-        pytest.skip(f"SLURM is missing ({', '.join(missing)}): install Debian's slurm-wlm and munge "
+        pytest.fail(f"SLURM is missing ({', '.join(missing)}): install Debian's slurm-wlm and munge "
                     "(`apt-get install slurm-wlm munge`; .ci/run does)")
     cluster = slurm_bed.SlurmBed(bed)
     try:

@@ -29,7 +29,7 @@ def _keygen(path):
 @pytest.fixture(scope="module")
 def ssh_hosts(bed):
     if not os.access(SSHD, os.X_OK):
-        pytest.skip("sshd is missing: install Debian's openssh-server (`apt-get install openssh-server`; "
+        pytest.fail("sshd is missing: install Debian's openssh-server (`apt-get install openssh-server`; "
                     ".ci/run does)")
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
     h1, h2, h3 = bed.hosts
