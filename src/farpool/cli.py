@@ -429,8 +429,10 @@ def _timeline(args) -> int:
         events = observe.timeline(args.path)
     finally:
         farpool.shutdown()
-    runs = sum(1 for e in events if e.get("ph") in ("X", "B"))
-    print(f"wrote {runs} task run(s) to {args.path}: open it in chrome://tracing or https://ui.perfetto.dev")
+    runs = sum(1 for e in events if e.get("ph") in ("X", "B") and str(e.get("cat", "")).startswith("task"))
+    copies = sum(1 for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("copy in"))
+    print(f"wrote {runs} task run(s) and {copies} object copy(ies) between nodes to {args.path}: "
+          "open it in chrome://tracing or https://ui.perfetto.dev")
     return 0
 
 

@@ -50,7 +50,9 @@ def query(head, what: str, params: dict | None = None):
     if what == "placement_groups":
         return _filtered(placement_groups(head), params, node_key=None)
     if what == "timeline":
-        return head.history.timeline(min(_limit(params, TIMELINE_LIMIT), TIMELINE_LIMIT))
+        limit = min(_limit(params, TIMELINE_LIMIT), TIMELINE_LIMIT)
+        copies = getattr(head, "copies", None)
+        return head.history.timeline(limit, copies=copies.newest(limit) if copies is not None else ())
     if what == "summary":
         return head.history.summary()
     if what == "dashboard_link":  # (not in WHATS: the dashboard's own API does not mint links)

@@ -29,8 +29,8 @@ import time
 
 import signal as _signal
 
-from farpool._private import (actor_table, addresses, cluster_state, head_store, head_tables, placement_groups,
-                              protocol, scheduling, session, task_history, transport, versions)
+from farpool._private import (actor_table, addresses, cluster_state, copy_events, head_store, head_tables,
+                              placement_groups, protocol, scheduling, session, task_history, transport, versions)
 from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
@@ -119,6 +119,7 @@ class Head:
         self.pgs = placement_groups.PlacementGroups(embedded)
         self.pg_waiters: dict[str, list] = {}       # group id -> (socket, identity, request id) of WaitPlacementGroup
         self.history = task_history.TaskHistory()   # every owner's tasks, bounded (FARPOOL_TASK_HISTORY)
+        self.copies = copy_events.CopyHistory()     # copies of objects between nodes (FARPOOL_COPY_HISTORY)
         self.unconfirmed: set[str] = set()          # restored nodes that have not registered again
         self.unconfirmed_jobs: set = set()          # restored jobs whose driver has not said Hello again
         # Placement groups' rows (head_store "placement_groups"), for the code that owns them to
@@ -303,6 +304,9 @@ class Head:
             return
         self.last_seen[node_id] = time.monotonic()
         self._reply(sock, identity, "HeartbeatAck")
+        copies = stats.pop("copies", None)  # for the timeline, not the node table
+        if copies is not None:
+            self.copies.add(copies)
         changed = record["available"] != available
         record["available"] = available
         record.update(stats)

@@ -40,8 +40,8 @@ import signal
 import sys
 import time
 
-from farpool._private import (addresses, host_usage, launcher, protocol, pull, pulse, scheduling, session, spill,
-                              store, transport, versions)
+from farpool._private import (addresses, copy_events, host_usage, launcher, protocol, pull, pulse, scheduling,
+                              session, spill, store, transport, versions)
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.node_clients import HEAD, IPC, TCP, Client, ClientsPart
 from farpool._private.node_diagnostics import DiagnosticsPart
@@ -178,6 +178,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.pull_timer = None
         self.peer_agents: dict[str, object] = {}      # node id -> our DEALER to that node's agent
         self.copy_counts = {"pulls": 0, "pulled_bytes": 0, "pull_failures": 0, "chunks_sent": 0}
+        self.copy_log = copy_events.CopyLog()  # copies made, for the timeline: each heartbeat takes them
         self.watched_owners: set = set()  # owners on other nodes of copies we hold (WatchPeer)
         self.last_ack = time.monotonic()
         self.head = None
@@ -350,8 +351,11 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                          self.store.capacity / 1e6, capacity / 1e6)
                 self.store.capacity = capacity
         stats = dict(self.leases.stats(), object_store=self._store_stats(), host=host_usage.host())
-        transport.send(self.head, encode("Heartbeat", (self.node_id, self.leases.resources.available,
-                                                       {"stats": stats})))
+        beat = {"stats": stats}
+        copies = self.copy_log.take()
+        if copies is not None:  # (the head keeps them apart from our record: copy_events.py)
+            beat["copies"] = copies
+        transport.send(self.head, encode("Heartbeat", (self.node_id, self.leases.resources.available, beat)))
         self.loop.call_later(HEARTBEAT_S, self._heartbeat)
 
     # --- clients and workers ---

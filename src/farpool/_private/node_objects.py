@@ -11,7 +11,7 @@ pull.Pull (pure); this is the I/O around them::
 
 It uses the agent's state set in ``NodeAgent.__init__`` (``store``, ``mover``,
 ``allocating``, ``store_writers``, ``trim_timer``, ``pulls``, ``pulls_by_store``,
-``pull_ids``, ``pull_timer``, ``peer_agents``, ``copy_counts``, ``watched_owners``) and
+``pull_ids``, ``pull_timer``, ``peer_agents``, ``copy_counts``, ``copy_log``, ``watched_owners``) and
 the agent's ``_send`` and ``cluster_nodes``.
 """
 
@@ -21,7 +21,7 @@ import logging
 import os
 import time
 
-from farpool._private import protocol, pull, scheduling, segments, spill, store, transport
+from farpool._private import copy_events, protocol, pull, scheduling, segments, spill, store, transport
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.node")
@@ -129,12 +129,13 @@ class ObjectsPart:
                 for reader, reader_request in readers:
                     self._send(reader, "ObjectCopied", reader_request, None, error, full)
             elif readers:
-                self._start_pull(seg, store_id, size, sources, owner, readers)
+                self._start_pull(seg, store_id, size, sources, owner, readers, what)
             else:  # every reader gave up meanwhile (its owner freed it)
                 self._apply_store(self.store.free_object(store_id))
         self._apply_store(self.store.allocate(allocated, store_id, size, owner_identity, what, copy=True))
 
-    def _start_pull(self, seg, store_id: bytes, size: int, sources: list, owner: tuple, readers: list) -> None:
+    def _start_pull(self, seg, store_id: bytes, size: int, sources: list, owner: tuple, readers: list,
+                    what: str) -> None:
         owner_identity, owner_node = owner
         seg.owner_node = owner_node
         if owner_node != self.node_id and owner_identity not in self.watched_owners:
@@ -147,6 +148,8 @@ class ObjectsPart:
         job.fd = segments.open_to_fill(seg.path)
         job.path = seg.path
         job.waiters.extend(readers)
+        job.what = what
+        job.started_at = time.time()  # (wall clock: the timeline lines copies up with tasks)
         self.pulls[job.pull_id] = job
         self.pulls_by_store[store_id] = job
         self.copy_counts["pulls"] += 1
@@ -233,6 +236,8 @@ class ObjectsPart:
         del self.pulls[job.pull_id]
         del self.pulls_by_store[job.store_id]
         os.close(job.fd)  # drops the fill lock
+        self.copy_log.add(copy_events.CopyRecord(job.store_id, job.size, job.what, self.node_id, list(job.sent.items()),
+                                                 job.started_at, time.time(), error))
         if error is not None:
             log.warning("copying object %s to this node failed: %s", job.store_id.hex()[:16], error)
             self.copy_counts["pull_failures"] += 1

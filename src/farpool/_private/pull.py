@@ -45,6 +45,7 @@ class Pull:
         self.todo = deque(range(0, size, chunk))
         self.inflight: dict[int, object] = {}   # offset -> source asked for it
         self.load: dict[object, int] = {s: 0 for s in dict.fromkeys(sources)}
+        self.sent: dict[object, int] = dict.fromkeys(self.load, 0)  # source -> bytes it sent (the timeline's)
         self.received = 0
         self.failures: list[str] = []
         self.waiters: list = []                 # whoever asked for the object, answered at the end
@@ -85,6 +86,7 @@ class Pull:
         if source in self.load:
             self.load[source] -= 1
         self.received += length
+        self.sent[source] = self.sent.get(source, 0) + length
         self.heard[source] = time.monotonic()
         return True
 

@@ -234,9 +234,10 @@ class TaskHistory:
                 bins[i] += 1
         return bins
 
-    def timeline(self, limit: int | None = None) -> list[dict]:
+    def timeline(self, limit: int | None = None, copies=()) -> list[dict]:
         """Chrome-trace events of the tasks kept: a process per node, a lane (thread) per worker,
-        a complete ("X") event per run, and the time each waited between submit and start."""
+        a complete ("X") event per run, and the time each waited between submit and start; and
+        of ``copies`` (copy_events.CopyRecord) on lanes of their own (see _copy_events)."""
         lanes: dict = {}      # (node, worker) -> tid
         nodes: dict = {}      # node -> pid
         out = []
@@ -263,10 +264,15 @@ class TaskHistory:
             if e.submitted is not None and e.submitted < e.started:
                 out.append({"name": "submitted " + e.name, "cat": "submit", "ph": "i", "s": "t",
                             "ts": e.submitted * 1e6, "pid": pid, "tid": tid, "args": {"task_id": e.task_id.hex()}})
+        copy_lanes: dict = {}  # (node, n) -> tid
+        out += _copy_events(copies, nodes, lanes, copy_lanes)
         meta = [{"name": "process_name", "ph": "M", "ts": 0, "pid": pid, "args": {"name": f"node {node[:8]}"}}
                 for node, pid in nodes.items()]
         meta += [{"name": "thread_name", "ph": "M", "ts": 0, "pid": nodes[node], "tid": tid,
                   "args": {"name": f"worker {worker}"}} for (node, worker), tid in lanes.items()]
+        meta += [{"name": "thread_name", "ph": "M", "ts": 0, "pid": nodes[node], "tid": tid,
+                  "args": {"name": "object copies" + (f" {n + 1}" if n else "")}}
+                 for (node, n), tid in copy_lanes.items()]
         return meta + out
 
     def validate_state(self) -> None:
@@ -282,3 +288,50 @@ class TaskHistory:
             assert all(v >= 0 for v in group.values()), group
         for task_id, entry in self.waiting.items():
             assert self.records.get(task_id) is entry and entry.state == PENDING and entry.reason, entry.as_dict()
+
+
+COPY_LANES_MAX = 8  # lanes for one node's overlapping copies; past it, copies share the last
+
+
+def _copy_events(copies, nodes: dict, lanes: dict, copy_lanes: dict) -> list[dict]:
+    """Each copy as a bar on its reader's node ("copy in": from which nodes, how many bytes)
+    and one on each node that sent part of it ("copy out"), in that node's "object copies"
+    lanes.  Bars that overlap in time go to further lanes of the node ("object copies 2",
+    ...): a Chrome-trace lane shows nested bars only.  Fills ``nodes`` (node -> pid) and
+    ``copy_lanes`` ((node, n) -> tid); tids follow those of ``lanes``."""
+    bars = []  # (node, start, end, event without pid/tid)
+    for c in sorted(copies, key=lambda c: c.started):
+        object_id = c.object_id.hex()
+        ended = max(c.ended, c.started)
+        sent_by = {node: n for node, n in c.sources}
+        args = {"object_id": object_id, "bytes": c.size, "what": c.what, "to": c.to_node,
+                "from": {node: n for node, n in c.sources if n}, "MB/s": round(c.size / max(1e-6, ended - c.started) / 1e6, 1)}
+        if c.error is not None:
+            args["error"] = c.error
+            args.pop("MB/s")
+        cat = "copy" if c.error is None else "copy,error"
+        senders = ", ".join(node[:8] for node, n in sent_by.items() if n) or "-"
+        bars.append((c.to_node, c.started, ended, {"name": f"copy in from {senders}: {c.what}", "cat": cat,
+                                                   "args": args}))
+        for node, n in sent_by.items():
+            if n:
+                bars.append((node, c.started, ended, {
+                    "name": f"copy out to {c.to_node[:8]}: {c.what}", "cat": cat,
+                    "args": {"object_id": object_id, "bytes": n, "of": c.size, "what": c.what, "to": c.to_node}}))
+    busy_until: dict = {}  # node -> [end of its lanes' last bar]
+    out = []
+    for node, start, end, event in sorted(bars, key=lambda b: b[1]):
+        pid = nodes.setdefault(node, len(nodes) + 1)
+        ends = busy_until.setdefault(node, [])
+        n = next((i for i, e in enumerate(ends) if e <= start), None)
+        if n is None:
+            n = len(ends) if len(ends) < COPY_LANES_MAX else COPY_LANES_MAX - 1
+            if n == len(ends):
+                ends.append(end)
+        ends[n] = max(ends[n], end)
+        tid = copy_lanes.get((node, n))
+        if tid is None:
+            tid = copy_lanes[(node, n)] = len(lanes) + len(copy_lanes) + 1
+        event.update(ph="X", ts=start * 1e6, dur=(end - start) * 1e6, pid=pid, tid=tid)
+        out.append(event)
+    return out
