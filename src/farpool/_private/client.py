@@ -32,7 +32,6 @@ each other through the shell (``c.submitter``), never by importing each other.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
@@ -532,5 +531,6 @@ def _write_output(stream: str, data: bytes) -> None:
 
 
 def function_info(fn, name: str, wrapper=None) -> RemoteFunctionInfo:
+    import hashlib  # (here: OpenSSL costs every worker about 4 MB, and most never submit)
     data = protocol.dumps_function(fn, wrapper)
     return RemoteFunctionInfo(name, hashlib.sha1(data).digest(), data)

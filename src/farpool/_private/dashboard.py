@@ -20,11 +20,9 @@ cannot reach it through DNS rebinding.  The page loads nothing from the internet
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -86,19 +84,24 @@ class Dashboard:
         return self
 
     def _serve(self) -> None:
-        """Accept connections until close(); a thread per request (http.server's ThreadingMixIn)."""
-        from http.server import ThreadingHTTPServer
-        server = ThreadingHTTPServer(self.listener.getsockname()[:2], _handler_class(), bind_and_activate=False)
-        server.socket.close()
-        server.socket = self.listener
-        server.daemon_threads = True
-        server.dashboard = self
-        self.server = server
+        """Accept connections until close(); a thread per request (http.server's ThreadingMixIn).
+        http.server is imported when the first connection comes: with what it pulls in (email,
+        http.client, ssl and OpenSSL) it would be about a third of an idle head's memory."""
+        server = None
         while not self._closed:
             try:
                 conn, address = self.listener.accept()
             except OSError:  # closed (close() shuts the socket down: accept returns at once)
                 return
+            if server is None:
+                from http.server import ThreadingHTTPServer
+                server = ThreadingHTTPServer(self.listener.getsockname()[:2], _handler_class(),
+                                             bind_and_activate=False)
+                server.socket.close()
+                server.socket = self.listener
+                server.daemon_threads = True
+                server.dashboard = self
+                self.server = server
             server.process_request(conn, address)
 
     def close(self) -> None:
@@ -112,7 +115,7 @@ class Dashboard:
     # --- who may use it ---
     def new_link(self) -> str:
         """A URL that logs one browser in, once."""
-        code = secrets.token_urlsafe(24)
+        code = session.random_text(24)
         with self._lock:
             self._links[code] = time.time()
             while len(self._links) > MAX_LINKS:
@@ -124,13 +127,14 @@ class Dashboard:
         with self._lock:
             if self._links.pop(code, None) is None:
                 return None
-            cookie = secrets.token_urlsafe(32)
+            cookie = session.random_text(32)
             self._sessions[cookie] = time.time()
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.pop(next(iter(self._sessions)))
             return cookie
 
     def authorized(self, headers) -> bool:
+        import hmac  # (imported by the first request: an idle head never loads OpenSSL)
         auth = headers.get("Authorization", "")
         if auth.startswith("Bearer ") and self.token and hmac.compare_digest(auth[7:].strip().encode(),
                                                                              self.token.encode()):

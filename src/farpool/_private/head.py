@@ -29,8 +29,8 @@ import time
 
 import signal as _signal
 
-from farpool._private import (actor_table, addresses, cluster_state, copy_events, head_store, head_tables,
-                              placement_groups, protocol, scheduling, session, task_history, transport, versions)
+from farpool._private import (actor_table, addresses, cluster_state, copy_events, head_tables, placement_groups,
+                              protocol, scheduling, session, task_history, transport, versions)
 from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
@@ -77,7 +77,10 @@ class Head:
                  advertise: str | None = None, db_path: str | None = None, restore: bool = False):
         self.session_dir = session_dir
         # The tables on disk (started clusters: a supervisor may restart us on them).
-        self.store = head_store.HeadStore(db_path) if db_path else None
+        self.store = None
+        if db_path:  # (imported here: sqlite3 costs the embedded head, which has no tables on disk, 1.5 MB)
+            from farpool._private import head_store
+            self.store = head_store.HeadStore(db_path)
         saved = self.store.load() if self.store is not None else None
         meta = saved["meta"] if saved else {}
         self.epoch = meta.get("epoch", 0) + 1

@@ -121,8 +121,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                                   f"farpool-{os.path.basename(self.session_dir)}-{self.node_id[:8]}")
                      if args.spill_dir else os.path.join(self.session_dir, "spill"))
         self.store = store.ObjectStore(directory, capacity, spill_dir)
-        import psutil
-        memory = args.memory if args.memory is not None else psutil.virtual_memory().total - capacity
+        memory = args.memory if args.memory is not None else host_usage.memory()[0] - capacity
         totals = scheduling.make_totals(args.num_cpus, args.num_gpus, json.loads(args.resources or "{}"),
                                         memory=max(0, memory), object_store_memory=capacity)
         self.leases = LeaseManager(self.node_id, totals, embedded=args.embedded)

@@ -9,10 +9,10 @@ leftovers.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -34,7 +34,7 @@ def tmp_root() -> str:
 
 
 def new_session_dir() -> str:
-    path = os.path.join(tmp_root(), SESSION_PREFIX + secrets.token_hex(4))
+    path = os.path.join(tmp_root(), SESSION_PREFIX + os.urandom(4).hex())
     os.mkdir(path, 0o700)
     # Written whole at once (rename): a process cleaning up dead sessions meanwhile must
     # never read it empty, or it would take this new session for a dead one.
@@ -45,7 +45,13 @@ def new_session_dir() -> str:
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(24)
+    return random_text(24)
+
+
+def random_text(nbytes: int) -> str:
+    """``nbytes`` random bytes as URL-safe text, as ``secrets.token_urlsafe`` makes them (secrets
+    imports hashlib, whose OpenSSL costs every runtime process about 4 MB of memory)."""
+    return base64.urlsafe_b64encode(os.urandom(nbytes)).rstrip(b"=").decode("ascii")
 
 
 def write_token(session_dir: str, token: str) -> str:

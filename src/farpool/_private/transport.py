@@ -21,7 +21,6 @@ with different errors instead of zmq's silent endless reconnect.
 from __future__ import annotations
 
 import errno
-import hashlib
 import heapq
 import itertools
 import logging
@@ -89,6 +88,7 @@ def forget_context_after_fork() -> None:
 # --- keys -------------------------------------------------------------------
 
 def _keypair(token: str, role: str) -> tuple[bytes, bytes]:
+    import hashlib  # (here: OpenSSL costs about 4 MB in processes that never use TCP)
     secret = hashlib.sha256(f"farpool-curve-{role}:{token}".encode()).digest()
     secret_z85 = z85.encode(secret)
     return zmq.curve_public(secret_z85), secret_z85
