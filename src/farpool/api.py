@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import logging
+import sys
 import time
 
 from farpool import _placement_group, exceptions
@@ -234,13 +235,16 @@ def put(value) -> ObjectRef:
     return _client().put(value)
 
 
-def wait(refs, *, num_returns: int = 1, timeout: float | None = None, fetch_local: bool = True):
+def wait(refs, *, num_returns: int = 1, timeout: float | None = None, fetch_local: bool = True,
+         progress: bool = False):
     """(ready, not_ready): the first ``num_returns`` refs done, in the order given.
 
     With ``fetch_local`` (the default) a ref counts as ready once its value can be read on
     this node: a value stored on another node is copied into this node's store first (a
     driver joined over TCP, with no store, reads every value from where it is).  With
     ``fetch_local=False`` it is ready as soon as it exists anywhere in the cluster.
+    With ``progress=True`` a bar on stderr counts the refs done towards ``num_returns``
+    while it waits, when stderr is a terminal (nothing otherwise; see ``farpool.progress``).
     """
     if isinstance(refs, ObjectRef):
         raise TypeError("wait() takes a list of ObjectRefs, not a single ref: wait([ref])")
@@ -257,9 +261,15 @@ def wait(refs, *, num_returns: int = 1, timeout: float | None = None, fetch_loca
     _check_timeout(timeout)
     if not isinstance(fetch_local, bool):
         raise TypeError(f"`fetch_local` must be a bool, got {type(fetch_local).__name__}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"`progress` must be a bool, got {type(progress).__name__}")
     client = _client()
     started = time.monotonic()
-    flags = client.wait_entries(ref_list, num_returns, timeout)
+    if progress:
+        from farpool import observe
+        flags = observe.wait_with_bar(client, ref_list, num_returns, timeout, sys.stderr)
+    else:
+        flags = client.wait_entries(ref_list, num_returns, timeout)
     if fetch_local:  # ready means readable here: values in other nodes' stores are copied to ours first
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
         flags = client.fetch_here(ref_list, flags, num_returns, left)

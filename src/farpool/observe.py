@@ -206,6 +206,27 @@ def progress(refs, *, desc: str | None = None, file=None, min_interval_s: float 
     return refs
 
 
+def wait_with_bar(client, refs: list, num_returns: int, timeout: float | None, out, desc: str = "wait",
+                  min_interval_s: float = 0.2) -> list[bool]:
+    """``client.wait_entries`` with a bar of the refs done towards ``num_returns`` on ``out`` (a
+    terminal; elsewhere the plain wait).  Waits in slices of ``min_interval_s``: each looks at
+    every ref once, so the bar costs the same however many refs there are."""
+    bar = _Bar(num_returns, desc, out, min_interval_s)
+    if not bar.shown:
+        return client.wait_entries(refs, num_returns, timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            flags = client.wait_entries(refs, num_returns, min_interval_s if left is None else min(left, min_interval_s))
+            done = min(num_returns, sum(flags))
+            bar.update(done - bar.done)
+            if done >= num_returns or left is not None and left <= min_interval_s:
+                return flags
+    finally:
+        bar.close()
+
+
 class _Bar:
     """tqdm if it is installed, else a minimal bar; silent when ``out`` is not a terminal."""
 

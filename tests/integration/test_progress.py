@@ -1,15 +1,18 @@
 """Progress bars: tqdm around the facades' iterators works as with the stdlib, and
-farpool.progress(refs) draws one on a terminal and nothing elsewhere."""
+farpool.progress(refs) and farpool.wait(..., progress=True) draw one on a terminal and
+nothing elsewhere."""
 
 import io
+import sys
 
 import joblib
+import pytest
 from tqdm import tqdm
 
 import farpool
 import farpool.joblib
 from farpool import DistributedExecutor, Pool
-from farpool_testing import TIMEOUT
+from farpool_testing import TIMEOUT, wait_at_gate
 
 
 def square(x):
@@ -51,3 +54,27 @@ def test_progress_draws_a_bar_on_a_terminal_and_nothing_elsewhere(cluster):
     log = io.StringIO()
     farpool.progress([task.remote(2)], file=log)
     assert log.getvalue() == ""
+
+
+def test_wait_with_progress_counts_towards_num_returns_on_a_terminal_and_is_silent_elsewhere(cluster, gate,
+                                                                                         monkeypatch):
+    task = farpool.remote(square)
+    refs = [task.remote(i) for i in range(6)]
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    ready, not_ready = farpool.wait(refs, num_returns=6, timeout=TIMEOUT, progress=True)
+    assert (ready, not_ready) == (refs, []) and "6/6" in screen.getvalue(), screen.getvalue()
+    # one that never ends in time: the bar shows what was done when the timeout ran out
+    held = farpool.remote(wait_at_gate).remote(gate.path, "late")
+    gate.wait_arrivals(1)
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    ready, not_ready = farpool.wait([refs[0], held], num_returns=2, timeout=0.5, progress=True)
+    assert (ready, not_ready) == ([refs[0]], [held]) and "1/2" in screen.getvalue(), screen.getvalue()
+    gate.open()
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    assert farpool.wait([held], timeout=TIMEOUT, progress=True) == ([held], [])
+    assert log.getvalue() == "" and farpool.get(held, timeout=TIMEOUT) == "late"
+    with pytest.raises(TypeError, match="`progress` must be a bool, got str"):
+        farpool.wait(refs, progress="yes")
