@@ -96,6 +96,18 @@ def test_placement_groups_are_an_empty_table_with_its_columns(cluster):
     assert header.split() == ["PLACEMENT_GROUP_ID", "NAME", "STATE", "STRATEGY", "BUNDLES", "NODES"]
 
 
+def test_objects_are_listed_from_the_stores_largest_first(cluster):
+    import numpy as np
+    small, large = farpool.put(np.zeros(1 << 17)), farpool.put(np.zeros(3 << 17))  # 1 MB, 3 MB
+    rows = {r["object_id"]: r for r in observe.list_objects(limit=1000)}
+    assert rows[small.hex()]["size"] >= 1 << 20 and rows[large.hex()]["size"] >= 3 << 20, rows
+    assert rows[large.hex()]["state"] == "IN_MEMORY" and rows[large.hex()]["node_id"] == cluster["node_id"]
+    ours = [r["object_id"] for r in observe.list_objects(limit=1000) if r["object_id"] in (small.hex(), large.hex())]
+    assert ours == [large.hex(), small.hex()]
+    assert not [r for r in observe.list_objects(state="spilled") if r["object_id"] in rows]
+    assert large.hex()[:16] in observe.format_table("objects", observe.list_objects(limit=1000))
+
+
 def test_list_rejects_a_bad_kind_and_a_bad_limit(cluster):
     with pytest.raises(ValueError, match="farpool list takes one of tasks, actors"):
         observe.list_state("jobs")
