@@ -17,7 +17,7 @@ import time
 from farpool import _placement_group, exceptions
 from farpool._private import client as client_mod
 from farpool._private import context as context_mod
-from farpool._private import runtime, runtime_env, scheduling
+from farpool._private import progress_bar, runtime, runtime_env, scheduling
 from farpool._private import runtime_env as runtime_env_mod
 from farpool._private import options as options_mod
 from farpool._private.options import (NodeAffinity, PlacementGroupScheduling, check_ray_only_options,  # noqa: F401
@@ -266,8 +266,7 @@ def wait(refs, *, num_returns: int = 1, timeout: float | None = None, fetch_loca
     client = _client()
     started = time.monotonic()
     if progress:
-        from farpool import observe
-        flags = observe.wait_with_bar(client, ref_list, num_returns, timeout, sys.stderr)
+        flags = progress_bar.wait_with_bar(client, ref_list, num_returns, timeout, sys.stderr)
     else:
         flags = client.wait_entries(ref_list, num_returns, timeout)
     if fetch_local:  # ready means readable here: values in other nodes' stores are copied to ours first
