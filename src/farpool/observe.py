@@ -57,6 +57,11 @@ def list_placement_groups(state: str | None = None, limit: int = 100) -> list[di
 
 def list_objects(state: str | None = None, node: str | None = None, limit: int = 100) -> list[dict]:
     """The objects in every live node's store, largest first (``state``: SPILLED or IN_MEMORY)."""
+    limit = cluster_state._limit({"limit": limit})
+    wanted = str(state).upper() if state else None
+    if wanted not in (None, "SPILLED", "IN_MEMORY"):
+        raise ValueError(f"an object's state is SPILLED or IN_MEMORY, got {state!r}")
+    spilled = None if wanted is None else wanted == "SPILLED"
     client = runtime.client()
     rows = []
     for n in client.request_nodes():
@@ -64,7 +69,7 @@ def list_objects(state: str | None = None, node: str | None = None, limit: int =
             continue
         try:
             agent = client.home if n["node_id"] == client.home.node_id else client.agent_of(n["node_id"])
-            _stats, listing = client.agent_request(agent, "StoreStats", (), timeout=10)
+            _stats, listing = client.agent_request(agent, "StoreStats", (limit, spilled), timeout=10)
         except Exception as exc:  # noqa: BLE001 - one silent node must not hide the others
             rows.append({"object_id": None, "node_id": n["node_id"], "state": "UNKNOWN", "error": str(exc)})
             continue

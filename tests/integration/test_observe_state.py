@@ -106,6 +106,16 @@ def test_objects_are_listed_from_the_stores_largest_first(cluster):
     assert ours == [large.hex(), small.hex()]
     assert not [r for r in observe.list_objects(state="spilled") if r["object_id"] in rows]
     assert large.hex()[:16] in observe.format_table("objects", observe.list_objects(limit=1000))
+    with pytest.raises(ValueError, match="SPILLED or IN_MEMORY, got 'lost'"):
+        observe.list_objects(state="lost")
+
+
+def test_objects_past_a_stores_twenty_largest_are_listed_up_to_the_limit(cluster):
+    import numpy as np
+    refs = [farpool.put(np.full(1 << 15, i)) for i in range(30)]  # 256 KB each: in the store
+    ids = {r.hex() for r in refs}
+    assert ids <= {r["object_id"] for r in observe.list_objects(limit=1000)}
+    assert len(observe.list_objects(limit=25)) == 25
 
 
 def test_list_rejects_a_bad_kind_and_a_bad_limit(cluster):

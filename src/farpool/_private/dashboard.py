@@ -302,7 +302,8 @@ class _HandlerMixin:
                 return
             if what == "objects":
                 rows = []
-                for record, answer in dash.ask_agents("StoreStats", (), node):
+                limit = cluster_state._limit(query)
+                for record, answer in dash.ask_agents("StoreStats", (limit,), node):
                     if not isinstance(answer, tuple):
                         rows.append({"node_id": record.get("node_id"), "error": answer})
                         continue
@@ -310,7 +311,7 @@ class _HandlerMixin:
                         rows.append(dict(row, node_id=record.get("node_id"),
                                          state="SPILLED" if row.get("spilled") else "IN_MEMORY"))
                 rows.sort(key=lambda r: -(r.get("size") or 0))
-                self._send(200, rows[:cluster_state._limit(query)])
+                self._send(200, rows[:limit])
                 return
         except ValueError as exc:
             self._send(400, {"error": str(exc)})

@@ -278,5 +278,12 @@ class ObjectsPart:
                     heartbeat_gap_max_s=self.pulse.max_gap if self.pulse else None,
                     loop_lag_max_s=self.loop_lag_max)
 
-    def _on_StoreStats(self, client, request_id) -> None:
-        self._send(client, "StoreStats", request_id, self._store_stats(), self.store.listing())
+    def _on_StoreStats(self, client, request_id, limit: int = store.LISTING_DEFAULT, spilled=None) -> None:
+        """Our store's counts and its largest objects: ``limit`` of them (`farpool memory` shows
+        20, `farpool list objects` asks for its --limit), only the spilled ones (or only those
+        in memory) when ``spilled`` is True (False)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            limit = store.LISTING_DEFAULT
+        spilled = spilled if isinstance(spilled, bool) else None
+        self._send(client, "StoreStats", request_id, self._store_stats(),
+                   self.store.listing(min(limit, store.LISTING_MAX), spilled))

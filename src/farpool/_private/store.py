@@ -52,6 +52,11 @@ SIZE_STEP = 1 << 20
 # it is unlinked so that the memory really comes back when the program stops using it.
 FREE_IDLE_S = float(os.environ.get("FARPOOL_STORE_FREE_IDLE_S", "10"))
 
+# Objects one store listing names (StoreStats: `farpool memory`, `farpool list objects`, the
+# dashboard): by default, and at most (each costs the agent's loop a lock test of its file).
+LISTING_DEFAULT = 20
+LISTING_MAX = 10_000
+
 
 def choose_dir(session_dir: str, node_id: str, capacity: int) -> tuple[str, bool]:
     """A directory for the segments: /dev/shm when it has room, else disk (with a warning)."""
@@ -569,9 +574,14 @@ class ObjectStore:
                 "shm_bytes": self.bytes_in_shm, "free_segments": len(self.free), "directory": self.directory,
                 "spill_dir": self.spill_dir, "spill_dir_free": self.disk_free(), **self.counts}
 
-    def listing(self, limit: int = 20) -> list[dict]:
+    def listing(self, limit: int = LISTING_DEFAULT, spilled: bool | None = None) -> list[dict]:
+        """The largest ``limit`` objects (only the spilled, or only those in memory, when
+        ``spilled`` is True or False)."""
         rows = []
-        for object_id, seg in sorted(self.objects.items(), key=lambda kv: -kv[1].used)[:limit]:
+        objects = self.objects.items()
+        if spilled is not None:
+            objects = [(i, seg) for i, seg in objects if (seg.state in (State.SPILLED, State.RESTORING)) == spilled]
+        for object_id, seg in sorted(objects, key=lambda kv: -kv[1].used)[:limit]:
             rows.append({"object_id": object_id.hex(), "size": seg.used, "owner": seg.owner,
                          "pinned": seg.state is State.IN_MEMORY and not _unlocked(seg.path),
                          "spilled": seg.state in (State.SPILLED, State.RESTORING), "state": seg.state.value,
