@@ -154,6 +154,10 @@ def format_status(s: dict) -> str:
         lines.append("actors: none")
     pgs = s.get("placement_groups") or {}
     lines.append("placement groups: " + (", ".join(f"{v} {k.lower()}" for k, v in sorted(pgs.items())) or "none"))
+    c = s.get("object_copies") or {}
+    if c.get("copies"):
+        failed = f", {c['failed']} failed" if c.get("failed") else ""
+        lines.append(f"object copies between nodes: {c['copies']} ({_mb(c['bytes'])}{failed}; farpool timeline shows them)")
     return "\n".join(lines)
 
 

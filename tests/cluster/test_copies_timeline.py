@@ -53,6 +53,10 @@ def test_a_large_object_read_on_another_node_is_a_copy_on_the_timeline(started, 
     runs = [e for e in events if e.get("cat") == "task" and e["name"] == "total"]
     assert [processes[e["pid"]] for e in runs] == [f"node {second[:8]}"]
 
+    status = farpool.status()["object_copies"]
+    assert (status["copies"], status["failed"]) == (1, 0) and status["bytes"] == args["bytes"], status
+    assert "object copies between nodes: 1 (12.6 MB" in farpool_cli("status").stdout
+
     trace = tmp_path / "trace.json"
     said = farpool_cli("timeline", str(trace)).stdout
     assert "1 task run(s)" in said and "1 object copy(ies) between nodes" in said, said

@@ -40,6 +40,8 @@ def test_the_history_keeps_the_newest_and_skips_garbage():
     history.add("not a batch")
     assert [r.started for r in history.newest()] == [1.0, 2.0]
     assert (history.total, history.dropped, history.bad) == (3, 4, 2)
+    history.add({"records": [tuple(record(error="node a died"))], "dropped": 0})
+    assert (history.total, history.failed, history.total_bytes) == (4, 1, 300)
     with pytest.raises(ValueError, match="at least 1"):
         CopyHistory(limit=0)
 

@@ -151,4 +151,13 @@ def status(head) -> dict:
         "actors": [{"class_name": c, **states} for c, states in sorted(by_class.items(), key=lambda i: str(i[0]))],
         "placement_groups": pg_states,
         "tasks_per_second": head.history.tasks_per_second(time.time()),
+        "object_copies": copies_summary(head),
     }
+
+
+def copies_summary(head) -> dict:
+    """Copies of objects between nodes the head heard of (copy_events.CopyHistory)."""
+    copies = getattr(head, "copies", None)
+    if copies is None:
+        return {"copies": 0, "bytes": 0, "failed": 0, "dropped": 0}
+    return {"copies": copies.total, "bytes": copies.total_bytes, "failed": copies.failed, "dropped": copies.dropped}

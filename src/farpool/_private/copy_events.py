@@ -72,8 +72,9 @@ class CopyHistory:
         self.records: deque = deque(maxlen=limit)
         self.dropped = 0      # copies agents did not keep (their log was full)
         self.bad = 0          # records that did not decode (a peer's garbage)
-        self.total = 0        # copies ever heard of
-        self.total_bytes = 0
+        self.total = 0        # copies ever heard of (failed ones too)
+        self.total_bytes = 0  # ... the bytes of those that did not fail
+        self.failed = 0
 
     def add(self, batch) -> None:
         """Fold in one heartbeat's ``copies`` (CopyLog.take's dict, as it came off the wire)."""
@@ -95,7 +96,10 @@ class CopyHistory:
                 continue
             self.records.append(record)
             self.total += 1
-            self.total_bytes += record.size if record.error is None else 0
+            if record.error is None:
+                self.total_bytes += record.size
+            else:
+                self.failed += 1
 
     def newest(self, limit: int | None = None) -> list[CopyRecord]:
         records = list(self.records)
