@@ -446,7 +446,7 @@ def _memory(args) -> int:
         for node_id in sorted(nodes, key=lambda n: n != client.home.node_id):  # ours first
             try:
                 agent = client.home if node_id == client.home.node_id else client.agent_of(node_id)
-                _print_store(node_id, *client.agent_request(agent, "StoreStats", ()), args.limit)
+                _print_store(node_id, *client.agent_request(agent, "StoreStats", (max(1, args.limit),)), args.limit)
             except farpool.FarpoolError as exc:
                 print(f"node {node_id[:8]}: {exc}")
     finally:
