@@ -157,7 +157,8 @@ def format_status(s: dict) -> str:
     c = s.get("object_copies") or {}
     if c.get("copies"):
         failed = f", {c['failed']} failed" if c.get("failed") else ""
-        lines.append(f"object copies between nodes: {c['copies']} ({_mb(c['bytes'])}{failed}; farpool timeline shows them)")
+        lines.append(f"object copies between nodes: {c['copies']} ({_mb(c['bytes'])}{failed}; "
+                     "farpool timeline shows them)")
     return "\n".join(lines)
 
 

@@ -21,7 +21,8 @@ def wait_with_bar(client, refs: list, num_returns: int, timeout: float | None, o
     try:
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            flags = client.wait_entries(refs, num_returns, min_interval_s if left is None else min(left, min_interval_s))
+            step = min_interval_s if left is None else min(left, min_interval_s)
+            flags = client.wait_entries(refs, num_returns, step)
             done = min(num_returns, sum(flags))
             bar.update(done - bar.done)
             if done >= num_returns or left is not None and left <= min_interval_s:

@@ -305,10 +305,11 @@ def _copy_events(copies, nodes: dict, lanes: dict, copy_lanes: dict) -> list[dic
         ended = max(c.ended, c.started)
         sent_by = {node: n for node, n in c.sources}
         args = {"object_id": object_id, "bytes": c.size, "what": c.what, "to": c.to_node,
-                "from": {node: n for node, n in c.sources if n}, "MB/s": round(c.size / max(1e-6, ended - c.started) / 1e6, 1)}
-        if c.error is not None:
+                "from": {node: n for node, n in c.sources if n}}
+        if c.error is None:
+            args["MB/s"] = round(c.size / max(1e-6, ended - c.started) / 1e6, 1)
+        else:
             args["error"] = c.error
-            args.pop("MB/s")
         cat = "copy" if c.error is None else "copy,error"
         senders = ", ".join(node[:8] for node, n in sent_by.items() if n) or "-"
         bars.append((c.to_node, c.started, ended, {"name": f"copy in from {senders}: {c.what}", "cat": cat,
