@@ -4,8 +4,10 @@ the whole cluster's tasks, every driver's, from the head's history."""
 import json
 import re
 
+import pytest
+
 import farpool
-from farpool_testing import TIMEOUT, farpool_cli, run_script
+from farpool_testing import TIMEOUT, farpool_cli, run_script, wait_until
 
 
 @farpool.remote
@@ -59,3 +61,27 @@ def test_list_status_and_timeline_show_every_drivers_tasks(started, tmp_path):
     assert "wrote" in farpool_cli("timeline", str(trace)).stdout
     events = json.loads(trace.read_text())
     assert sum(e["name"] == "from_other_driver" and e["ph"] == "X" for e in events) == 5
+
+
+@farpool.remote(resources={"tpu": 1})
+def needs_tpu():
+    return 1
+
+
+def test_status_names_the_tasks_no_node_can_run_and_why(started):
+    started.start_head("--num-cpus", "1")
+    farpool.init(address="auto")
+    with pytest.warns(RuntimeWarning, match="no node can run"):
+        refs = [needs_tpu.remote() for _ in range(2)]
+        assert farpool.wait(refs, num_returns=1, timeout=0.5) == ([], refs)  # waiting, not failed
+
+    def waiting():
+        return [w for w in farpool.status()["tasks"]["infeasible"] if w["name"] == "needs_tpu"]
+    (row,) = wait_until(waiting, "the waiting tasks in farpool.status()")
+    assert row["tasks"] == 2 and "tpu" in row["shape"] and row["reason"], row
+    said = farpool_cli("status").stdout
+    assert re.search(r"waiting, no node can run it: 2 x needs_tpu \{CPU: 1, tpu: 1\}: \S", said), said
+    rows = json.loads(farpool_cli("list", "tasks", "--state", "pending", "--json").stdout)
+    assert [r["waiting_for"] for r in rows if r["name"] == "needs_tpu"] == [row["reason"]] * 2, rows
+    for ref in refs:
+        farpool.cancel(ref)
