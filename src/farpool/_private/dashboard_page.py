@@ -130,7 +130,9 @@ async function refreshStatus(){
   const s = await api("status");
   const t = s.tasks.totals;
   $("summary").textContent = `${s.address || "embedded cluster"} · ${s.nodes_alive} node(s) alive, ${s.nodes_dead} dead · tasks: ` +
-    `${t.PENDING} pending, ${t.RUNNING} running, ${t.FINISHED} finished, ${t.FAILED} failed`;
+    `${t.PENDING} pending, ${t.RUNNING} running, ${t.FINISHED} finished, ${t.FAILED} failed` +
+    (s.object_copies && s.object_copies.copies ?
+     ` · object copies between nodes: ${s.object_copies.copies} (${(s.object_copies.bytes / 1e6).toFixed(1)} MB)` : "");
   const now = s.time;
   s.nodes.forEach(n => {
     const h = history[n.node_id] = history[n.node_id] || [];
