@@ -54,6 +54,7 @@ from farpool._private.object_ref import ObjectRef
 from farpool._private.object_service import ObjectService
 from farpool._private.protocol import encode
 from farpool._private.refs import FAILED, READY, Entry, RefTable
+from farpool._private.shared_args import SharedArgs
 from farpool._private.stored import StoreReads
 from farpool._private.submitter import Submitter
 from farpool._private.task_queues import RemoteFunctionInfo, TaskQueues, TaskRecord, TaskState
@@ -108,6 +109,7 @@ class CoreClient:
         self.owner_conns = self.conns.owner_conns
         self.values = Values(self)
         self.stored = StoreReads(self)
+        self.shared_args = SharedArgs(self)  # large by-value arguments stored once
         self.borrowing = Borrowing(self)
         self.object_service = ObjectService(self)
         self.submitter = Submitter(self)
@@ -124,6 +126,7 @@ class CoreClient:
         v, s, a, conns = self.values, self.submitter, self.actor_client, self.conns
         self.add_local_ref = self.refs.add_ref  # what ObjectRef calls as it is made (on the task path)
         self.put, self.get, self.value_of = v.put, v.get, v.value_of
+        self.put_shared = self.shared_args.put
         self.wait_entries, self.future_for, self.add_done_callback = v.wait_entries, v.future_for, v.add_done_callback
         self.run_callback, self.set_blocked = v.run_callback, v.set_blocked
         self.fetch_here = self.stored.fetch_here

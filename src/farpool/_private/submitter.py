@@ -1,7 +1,8 @@
 """Submission: from ``remote()`` to a task on a leased worker.
 
 Owns the task path up to the worker: pickling a call and its arguments on the caller's
-thread (large arguments into the node store once per call), waiting for argument
+thread (large arguments into the node store once per call, or once for as long as the
+same bytes are passed again: shared_args.py), waiting for argument
 objects, the queues per resource shape (task_queues.py, pure, decides; this part applies
 its Plan), lease requests and their answers (granted, spilled back to another node,
 infeasible), sending batches of tasks (``ExecuteTask``), taking queued tasks back from a
@@ -31,6 +32,7 @@ from farpool._private.connections import AgentConn, DirectChannel, RelayChannel
 from farpool._private.object_ref import ObjectRef, _nested_refs
 from farpool._private.protocol import encode
 from farpool._private.refs import FAILED, PENDING, Entry
+from farpool._private.shared_args import has_large_buffer
 from farpool._private.task_queues import KeyQueue, LeaseState, RemoteFunctionInfo, TaskRecord
 
 log = logging.getLogger("farpool.client")
@@ -86,6 +88,12 @@ class Submitter(ClientPart):
         outer, nested.collector = nested.collector, collector
         try:
             payload, bufs = protocol.dumps_call(args, kwargs, name)
+            if bufs and has_large_buffer(bufs):  # stored once by content, passed as refs
+                n_slots = len(ref_slots)
+                args, kwargs = c.shared_args.share(args, kwargs, ref_slots, name)
+                if len(ref_slots) > n_slots:
+                    collector.clear()
+                    payload, bufs = protocol.dumps_call(args, kwargs, name)
         finally:
             nested.collector = outer
         task_id = c.new_object_id()

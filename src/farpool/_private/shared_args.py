@@ -1,0 +1,122 @@
+"""Large by-value arguments stored once: the same bytes passed again reuse the stored copy.
+
+Owns: finding the large top-level arguments of a call, their content digest, and turning
+each into a ref of a stored object, reused while that object lives::
+
+    submit(args) -- pickled args have a buffer >= SHARE_MIN_BYTES --> share(args, kwargs)
+      each top-level argument alone: pickled (zero-copy), digest of payload + buffers (xxh3)
+        digest known and its object alive (RefTable.by_content) --> a ref of that object
+        else --> stored in the node store, then known by its digest until it is freed
+      the argument travels as that ref: the worker maps it as it maps any by-value argument
+
+The result is what copying gives: the digest is taken at every call, so an array changed
+between calls hashes differently and is stored again; a reused copy is mapped
+copy-on-write by each task, as a per-call copy is.  An argument given twice in one call
+(the same object), or one holding refs, stays by value (identity and borrowing as before).
+xxh3 is not cryptographic: two different values with one 128-bit digest are possible in
+theory only by construction, and would be only the caller's own data.
+
+Who may touch it: ``share`` and ``put`` on user threads (the submitter's caller, the
+facades); the table lives in the RefTable, under its lock.
+"""
+
+from __future__ import annotations
+
+from farpool._private import protocol
+from farpool._private.client_part import ClientPart
+from farpool._private.object_ref import ObjectRef, collecting, counted
+from farpool._private.refs import READY, Entry
+
+# A top-level argument whose pickled buffers reach this many bytes is stored once by
+# content and passed as a ref; smaller ones travel with their call.  Lower shares more
+# calls' data, at one digest per argument per call (xxh3: ~7 GB/s here, a third of a
+# copy into fresh store pages); higher hashes less.  joblib memory-maps above 1 MB.
+SHARE_MIN_BYTES = 1 << 20
+
+
+def has_large_buffer(bufs: list) -> bool:
+    """True if any pickled out-of-band buffer is large enough to share (``share``'s trigger)."""
+    for b in bufs:
+        if b.raw().nbytes >= SHARE_MIN_BYTES:
+            return True
+    return False
+
+
+def digest_of(payload: bytes, bufs: list) -> bytes:
+    """A 128-bit content digest of a pickled value: its payload and every buffer, with lengths."""
+    import xxhash  # (only on this path: most programs never pass a large argument)
+    h = xxhash.xxh3_128()
+    h.update(len(payload).to_bytes(8, "little"))
+    h.update(payload)
+    for b in bufs:
+        raw = b.raw() if isinstance(b, protocol.pickle.PickleBuffer) else memoryview(b).cast("B")
+        h.update(raw.nbytes.to_bytes(8, "little"))
+        h.update(raw)
+    return h.digest()
+
+
+class SharedArgs(ClientPart):
+    """See the module docstring.  ``c``: the CoreClient shell."""
+
+    def share(self, args: tuple, kwargs: dict, ref_slots: list, name: str) -> tuple[tuple, dict]:
+        """``args``/``kwargs`` with each large top-level value replaced by None and a ref of its
+        stored copy appended to ``ref_slots`` (as the submitter does for refs given by the user)."""
+        home = self.conns.home
+        if home is None or not home.local:  # no store of ours to keep a copy in
+            return args, kwargs
+        slots = [(i, v) for i, v in enumerate(args)] + list(kwargs.items())
+        seen: dict[int, int] = {}
+        for _, value in slots:
+            seen[id(value)] = seen.get(id(value), 0) + 1
+        new_args, new_kwargs = None, None
+        for slot, value in slots:
+            if value is None or seen[id(value)] > 1 or isinstance(value, ObjectRef):
+                continue
+            ref = self._shared_ref(value, f"{_label(slot)} of {name}")
+            if ref is None:
+                continue
+            ref_slots.append((slot, ref))
+            if isinstance(slot, int):
+                new_args = new_args or list(args)
+                new_args[slot] = None
+            else:
+                new_kwargs = new_kwargs or dict(kwargs)
+                new_kwargs[slot] = None
+        return (args if new_args is None else tuple(new_args)), (kwargs if new_kwargs is None else new_kwargs)
+
+    def put(self, value) -> ObjectRef:
+        """``put(value)`` of a large value whose same bytes may be stored already: that object
+        then (the facades share big map arguments this way); otherwise a plain put."""
+        ref = self._shared_ref(value, "a shared argument") if self.conns.home is not None \
+            and self.conns.home.local else None
+        return ref if ref is not None else self.c.values.put(value)
+
+    def _shared_ref(self, value, what: str) -> ObjectRef | None:
+        """A ref of the stored copy of ``value`` (reused, or stored now); None when ``value`` is
+        small, holds refs, or cannot be pickled alone (it then travels as before)."""
+        nested: list = []
+        try:
+            with collecting(nested):
+                payload, bufs = protocol.dumps(value, what=what)
+        except Exception:  # noqa: BLE001 - dumps_call of the whole call reports it as before
+            return None
+        if nested or not has_large_buffer(bufs):
+            return None
+        digest = digest_of(payload, bufs)
+        c = self.c
+        owner = c.owner_address
+        oid = self.refs.reuse_stored(digest)
+        if oid is not None:
+            return counted(oid, owner)
+        oid = c.new_object_id()
+        location = c.stored.store_value(oid, payload, bufs, what)
+        if location is None:
+            return None
+        entry = Entry(state=READY, location=location, size=location.size, local_refs=1,
+                      no_lineage="it was a by-value argument, stored once and kept no lineage")
+        self.refs.add_stored(oid, entry, digest)
+        return counted(oid, owner)
+
+
+def _label(slot) -> str:
+    return f"argument {slot}" if isinstance(slot, int) else f"keyword argument {slot!r}"
