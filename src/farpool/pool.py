@@ -301,7 +301,15 @@ class IMapIterator:
                 raise item.error
             return item
 
-    __next__ = next
+    def __next__(self):
+        """``next(it)``: an item already here without the lock (a deque pops atomically), else ``next()``."""
+        try:
+            item = self._items.popleft()
+        except IndexError:
+            return self.next()
+        if type(item) is _ItemError:
+            raise item.error
+        return item
 
 
 class IMapUnorderedIterator:
@@ -366,7 +374,15 @@ class IMapUnorderedIterator:
             raise item.error
         return item
 
-    __next__ = next
+    def __next__(self):
+        """``next(it)``: an item already here without the lock (a deque pops atomically), else ``next()``."""
+        try:
+            item = self._items.popleft()
+        except IndexError:
+            return self.next()
+        if type(item) is _ItemError:
+            raise item.error
+        return item
 
 
 class _WorkerSlot:
