@@ -305,8 +305,14 @@ class FarpoolAdapter(Adapter):
             ex = fp.DistributedExecutor(max_workers=w)
             return (lambda fn, items, cs: list(ex.map(fn, items, chunksize=cs))), ex.shutdown
 
+        def open_imap():
+            if not hasattr(fp, "Pool"):
+                raise NA("farpool.Pool not available yet")
+            pool = fp.Pool(w)
+            return (lambda fn, items, cs: list(pool.imap(fn, items))), pool.terminate
+
         return [("items_per_s", open_pool), ("executor_items_per_s", open_executor),
-                self.chunked_mapper()]
+                ("imap_items_per_s", open_imap), self.chunked_mapper()]
 
     def actor_new(self, cls):
         try:
@@ -947,6 +953,8 @@ def metric_rows(cfg):
         ("map", "items_per_s", f"map {cfg['map']:,} items (Pool.map / native)", "items/s", "higher", None),
         ("map", "executor_items_per_s", f"map {cfg['map']:,} items (executor.map)", "items/s", "higher",
          "items_per_s"),
+        ("map", "imap_items_per_s", f"imap {cfg['map']:,} items, chunksize 1 (imap's default)", "items/s",
+         "higher", None),
         ("map", "chunked_items_per_s", f"map {cfg['map']:,} items (chunks as tasks)", "items/s", "higher",
          None),
         ("bigarg", "put_s", f"{mb} MB to {cfg['bigarg_tasks']} tasks via put/scatter", "s", "lower", None),

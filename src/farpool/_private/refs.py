@@ -84,6 +84,7 @@ class Entry:
     lineage: object = None        # owner: the Lineage that can make it again (see keep_lineage)
     no_lineage: str = ""          # owner of a stored value without lineage: why it cannot be rebuilt
     digest: bytes | None = None   # owner: content digest of a by-value argument stored once (shared_args.py)
+    #                               (kept after RefTable.by_content forgets it: it marks such arguments)
 
 
 @dataclass
@@ -201,8 +202,7 @@ class RefTable:
             self.by_content[digest] = oid
             self.by_content.move_to_end(digest)
             while len(self.by_content) > SHARED_MAX:
-                old, old_oid = self.by_content.popitem(last=False)
-                self.objects[old_oid].digest = None
+                self.by_content.popitem(last=False)  # (its object keeps its digest: see keep_lineage)
 
     def unpin(self, object_ids) -> None:
         """(lock held) A task that used these as arguments ended."""
@@ -272,8 +272,13 @@ class RefTable:
     def keep_lineage(self, task) -> None:
         """(lock held) ``task`` finished with results in a node store and may run again: keep
         it (and its arguments) while any of its results lives, so a lost one can be rebuilt."""
+        shared = 0  # large by-value arguments stored once (shared_args.py) count as if stored per call
+        for oid in task.pinned:
+            entry = self.objects.get(oid)
+            if entry is not None and entry.digest is not None:
+                shared += entry.size
         record = Lineage(task, LINEAGE_OVERHEAD + len(task.args_payload) + sum(len(b) for b in task.arg_bufs)
-                         + (task.args_location.size if task.args_location is not None else 0))
+                         + (task.args_location.size if task.args_location is not None else 0) + shared)
         for oid in task.return_ids:
             entry = self.objects.get(oid)
             if entry is not None:
