@@ -115,3 +115,21 @@ def test_pool_maps_of_one_array_share_its_copy(cluster, gate):
 def _first_at_gate(a, gate_path):
     wait_at_gate(gate_path)
     return float(a[0])
+
+
+def test_calls_one_after_another_reuse_the_copy_while_it_lingers(cluster, monkeypatch):
+    from farpool._private import shared_args
+    monkeypatch.setattr(shared_args, "SHARED_LINGER_S", 3600.0)  # (no clock in the test: it lingers)
+    arr = np.full(BIG // 8, 9.0)
+    table = object_ref.current().refs
+    earlier = set(table.by_content)  # (other tests' arguments may still linger)
+    assert farpool.get(first.remote(arr), timeout=60) == 9.0  # its task has ended here
+    ours = set(table.by_content) - earlier
+    assert len(ours) == 1
+    digest = ours.pop()
+    oid = table.by_content[digest]
+    assert farpool.get(first.remote(arr), timeout=60) == 9.0
+    assert table.by_content[digest] == oid
+    arr[0] = 1.0  # changed: stored anew
+    assert farpool.get(first.remote(arr), timeout=60) == 1.0
+    assert len(set(table.by_content) - earlier) == 2

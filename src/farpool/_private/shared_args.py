@@ -6,7 +6,8 @@ each into a ref of a stored object, reused while that object lives::
     submit(args) -- pickled args have a buffer >= SHARE_MIN_BYTES --> share(args, kwargs)
       each top-level argument alone: pickled (zero-copy), digest of payload + buffers (xxh3)
         digest known and its object alive (RefTable.by_content) --> a ref of that object
-        else --> stored in the node store, then known by its digest until it is freed
+        else --> stored in the node store, then known by its digest until it is freed: when
+                 no task uses it and SHARED_LINGER_S passed since the last call that passed it
       the argument travels as that ref: the worker maps it as it maps any by-value argument
 
 The result is what copying gives: the digest is taken at every call, so an array changed
@@ -32,6 +33,12 @@ from farpool._private.refs import READY, Entry
 # calls' data, at one digest per argument per call (xxh3: ~7 GB/s here, a third of a
 # copy into fresh store pages); higher hashes less.  joblib memory-maps above 1 MB.
 SHARE_MIN_BYTES = 1 << 20
+
+
+# A stored argument stays this long after the last call that passed it (or while a task uses
+# it): the next call with the same bytes reuses it.  Longer reuses it across slower loops of
+# calls; shorter gives the memory back sooner.
+SHARED_LINGER_S = 1.0
 
 
 def has_large_buffer(bufs: list) -> bool:
@@ -83,6 +90,20 @@ class SharedArgs(ClientPart):
                 new_kwargs = new_kwargs or dict(kwargs)
                 new_kwargs[slot] = None
         return (args if new_args is None else tuple(new_args)), (kwargs if new_kwargs is None else new_kwargs)
+
+    def held_by_task(self, slots: list) -> None:
+        """The task that ``share`` made these refs for pins their objects now: the refs stop
+        counting (task events keep records a while), and the count they held is given back
+        SHARED_LINGER_S from now, so an object goes that long after its last call's task ends."""
+        ids = []
+        for _, ref in slots:
+            ref._counted_by = None
+            ids.append(ref._id)
+        self.loop.call_soon(self.loop.call_later, SHARED_LINGER_S, self._linger_ended, ids)
+
+    def _linger_ended(self, ids: list) -> None:
+        for oid in ids:
+            self.c.release_ref(oid)
 
     def put(self, value) -> ObjectRef:
         """``put(value)`` of a large value whose same bytes may be stored already: that object

@@ -86,12 +86,14 @@ class Submitter(ClientPart):
         collector: list = []
         nested = _nested_refs  # (on the task path: save and restore by hand, cheaper than a with block)
         outer, nested.collector = nested.collector, collector
+        shared = ()
         try:
             payload, bufs = protocol.dumps_call(args, kwargs, name)
             if bufs and has_large_buffer(bufs):  # stored once by content, passed as refs
                 n_slots = len(ref_slots)
                 args, kwargs = c.shared_args.share(args, kwargs, ref_slots, name)
                 if len(ref_slots) > n_slots:
+                    shared = ref_slots[n_slots:]
                     collector.clear()
                     payload, bufs = protocol.dumps_call(args, kwargs, name)
         finally:
@@ -123,6 +125,8 @@ class Submitter(ClientPart):
                 e = self.objects.get(oid)
                 if e is not None:
                     e.task_pins += 1
+        if shared:  # the task's pins hold them now (not its record's refs: they go when the pins do)
+            c.shared_args.held_by_task(shared)
         owner = c.owner_address
         refs = [ObjectRef(oid, owner) for oid in return_ids]
         # Borrowed top-level refs need the owner's value: ask for it unless asked already
