@@ -25,6 +25,7 @@ returns ``{"metrics": {...}, "na": {metric: reason}, "note": str}``.  An
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import signal
@@ -560,6 +561,17 @@ def w_map(a, cfg):
     return _result(metrics, na, note=f"chunksize={cs}")
 
 
+_fresh_arrays = itertools.count(2)
+
+
+def _fresh_array(np, n):
+    """A new touched array of ones whose last element differs from every earlier one's: no
+    system may reuse an earlier copy, by identity or by content (farpool's shared_args)."""
+    arr = np.ones(n)
+    arr[-1] = next(_fresh_arrays)
+    return arr
+
+
 def w_bigarg(a, cfg):
     np = _need_numpy()
     n = int(cfg["array_mb"] * 1e6 / 8)
@@ -569,7 +581,7 @@ def w_bigarg(a, cfg):
     reps = Reps(cfg)
     for _ in reps:
         # a fresh (touched) array each time: no system may reuse an earlier copy
-        arr = np.ones(n)
+        arr = _fresh_array(np, n)
         _collect()
         t0 = time.perf_counter()
         out = a.run_many(first, [(arr,)] * k)
@@ -578,7 +590,7 @@ def w_bigarg(a, cfg):
         _collect()
         if "put_s" in na:
             continue
-        arr = np.ones(n)
+        arr = _fresh_array(np, n)
         _collect()
         try:
             t0 = time.perf_counter()
@@ -618,7 +630,7 @@ def _bigarg_facade(a, np, n, k, cfg, na):
         out = run(first, [np.ones(250_000)] * k)
         assert list(out) == [1.0] * k, out
         for _ in reps:
-            arr = np.ones(n)
+            arr = _fresh_array(np, n)
             _collect()
             t0 = time.perf_counter()
             out = run(first, [arr] * k)
