@@ -133,3 +133,18 @@ def test_calls_one_after_another_reuse_the_copy_while_it_lingers(cluster, monkey
     arr[0] = 1.0  # changed: stored anew
     assert farpool.get(first.remote(arr), timeout=60) == 1.0
     assert len(set(table.by_content) - earlier) == 2
+
+
+def test_the_copy_goes_when_its_source_value_goes(cluster, monkeypatch):
+    from farpool._private import shared_args
+    monkeypatch.setattr(shared_args, "SHARED_LINGER_S", 3600.0)
+    table = object_ref.current().refs
+    earlier = set(table.by_content)
+    arr = np.full(BIG // 8, 5.0)
+    assert farpool.get(first.remote(arr), timeout=60) == 5.0
+    ours = set(table.by_content) - earlier
+    assert len(ours) == 1
+    del arr
+    gc.collect()
+    wait_until(lambda: not (ours & set(table.by_content)), "the copy of a dropped array to be freed")
+    table.validate_state()

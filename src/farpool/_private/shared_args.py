@@ -7,7 +7,7 @@ each into a ref of a stored object, reused while that object lives::
       each top-level argument alone: pickled (zero-copy), digest of payload + buffers (xxh3)
         digest known and its object alive (RefTable.by_content) --> a ref of that object
         else --> stored in the node store, then known by its digest until it is freed: when
-                 no task uses it and SHARED_LINGER_S passed since the last call that passed it
+                 no task uses it and its source value is gone or SHARED_LINGER_S passed
       the argument travels as that ref: the worker maps it as it maps any by-value argument
 
 The result is what copying gives: the digest is taken at every call, so an array changed
@@ -23,6 +23,8 @@ facades); the table lives in the RefTable, under its lock.
 
 from __future__ import annotations
 
+import weakref
+
 from farpool._private import protocol
 from farpool._private.client_part import ClientPart
 from farpool._private.object_ref import ObjectRef, collecting, counted
@@ -35,9 +37,9 @@ from farpool._private.refs import READY, Entry
 SHARE_MIN_BYTES = 1 << 20
 
 
-# A stored argument stays this long after the last call that passed it (or while a task uses
-# it): the next call with the same bytes reuses it.  Longer reuses it across slower loops of
-# calls; shorter gives the memory back sooner.
+# A stored argument stays while a task uses it, then while the value it was made from lives,
+# at most this long after the last call that passed it: a next call with the same bytes
+# reuses it.  Longer reuses it across slower loops of calls; shorter gives memory back sooner.
 SHARED_LINGER_S = 1.0
 
 
@@ -65,12 +67,14 @@ def digest_of(payload: bytes, bufs: list) -> bytes:
 class SharedArgs(ClientPart):
     """See the module docstring.  ``c``: the CoreClient shell."""
 
-    def share(self, args: tuple, kwargs: dict, ref_slots: list, name: str) -> tuple[tuple, dict]:
+    def share(self, args: tuple, kwargs: dict, ref_slots: list, name: str) -> tuple[tuple, dict, list]:
         """``args``/``kwargs`` with each large top-level value replaced by None and a ref of its
-        stored copy appended to ``ref_slots`` (as the submitter does for refs given by the user)."""
+        stored copy appended to ``ref_slots`` (as the submitter does for refs given by the user),
+        and the (ref, value) pairs for ``held_by_task`` once the task pins them."""
+        lingering: list = []
         home = self.conns.home
         if home is None or not home.local:  # no store of ours to keep a copy in
-            return args, kwargs
+            return args, kwargs, lingering
         slots = [(i, v) for i, v in enumerate(args)] + list(kwargs.items())
         seen: dict[int, int] = {}
         for _, value in slots:
@@ -83,27 +87,31 @@ class SharedArgs(ClientPart):
             if ref is None:
                 continue
             ref_slots.append((slot, ref))
+            lingering.append((ref, value))
             if isinstance(slot, int):
                 new_args = new_args or list(args)
                 new_args[slot] = None
             else:
                 new_kwargs = new_kwargs or dict(kwargs)
                 new_kwargs[slot] = None
-        return (args if new_args is None else tuple(new_args)), (kwargs if new_kwargs is None else new_kwargs)
+        return (args if new_args is None else tuple(new_args)), (kwargs if new_kwargs is None else new_kwargs), \
+            lingering
 
-    def held_by_task(self, slots: list) -> None:
-        """The task that ``share`` made these refs for pins their objects now: the refs stop
-        counting (task events keep records a while), and the count they held is given back
-        SHARED_LINGER_S from now, so an object goes that long after its last call's task ends."""
-        ids = []
-        for _, ref in slots:
-            ref._counted_by = None
-            ids.append(ref._id)
-        self.loop.call_soon(self.loop.call_later, SHARED_LINGER_S, self._linger_ended, ids)
-
-    def _linger_ended(self, ids: list) -> None:
-        for oid in ids:
-            self.c.release_ref(oid)
+    def held_by_task(self, lingering: list) -> None:
+        """The task that ``share`` made these refs for pins their objects now.  The count each
+        ref held is given back when its source value (the caller's array) is garbage, or
+        SHARED_LINGER_S from now, whichever comes first: so a copy outlives its last task
+        only while the caller may still pass the same value again.  ``lingering``: (ref,
+        source value) pairs from ``share``."""
+        for ref, source in lingering:
+            ref._counted_by = None  # (task events keep task records, and their refs, a while)
+            release = _Release(self.c, ref._id)
+            try:
+                release.finalizer = weakref.finalize(source, release)
+                release.finalizer.atexit = False
+            except TypeError:  # not weakly referenceable: the timer alone
+                pass
+            self.loop.call_soon(self.loop.call_later, SHARED_LINGER_S, release)
 
     def put(self, value) -> ObjectRef:
         """``put(value)`` of a large value whose same bytes may be stored already: that object
@@ -137,6 +145,27 @@ class SharedArgs(ClientPart):
                       no_lineage="it was a by-value argument, stored once and kept no lineage")
         self.refs.add_stored(oid, entry, digest)
         return counted(oid, owner)
+
+
+class _Release:
+    """Gives back one local count of a stored argument, once: from the finalizer of its source
+    value (any thread) or from the linger timer (the I/O thread), whichever runs first."""
+    __slots__ = ("c", "ids", "finalizer")
+
+    def __init__(self, c, oid: bytes):
+        self.c = c
+        self.ids = [oid]
+        self.finalizer = None
+
+    def __call__(self) -> None:
+        try:
+            oid = self.ids.pop()  # (atomic: only the first caller gets it)
+        except IndexError:
+            return
+        if self.finalizer is not None:
+            self.finalizer.detach()  # (a value passed many times keeps no finalizer per call)
+            self.finalizer = None
+        self.c.release_ref(oid)
 
 
 def _label(slot) -> str:

@@ -90,10 +90,8 @@ class Submitter(ClientPart):
         try:
             payload, bufs = protocol.dumps_call(args, kwargs, name)
             if bufs and has_large_buffer(bufs):  # stored once by content, passed as refs
-                n_slots = len(ref_slots)
-                args, kwargs = c.shared_args.share(args, kwargs, ref_slots, name)
-                if len(ref_slots) > n_slots:
-                    shared = ref_slots[n_slots:]
+                args, kwargs, shared = c.shared_args.share(args, kwargs, ref_slots, name)
+                if shared:
                     collector.clear()
                     payload, bufs = protocol.dumps_call(args, kwargs, name)
         finally:
