@@ -261,10 +261,13 @@ class RefTable:
 
     # ------------------------------------------------------------------ lineage
     def release_task(self, task) -> None:
-        """(lock held) A task ended for good: its arguments are no longer pinned by it."""
+        """(lock held) A task ended for good: its arguments are no longer pinned by it, nor
+        held by the refs in its record (task events keep records a while: an argument's
+        memory comes back now, for the next value to reuse)."""
         if task.pinned:
             self.unpin(task.pinned)
             task.pinned = []
+        task.ref_slots = []  # (a new list: a submitting thread may still read the old one)
         if task.args_location is not None:
             self.free_location(task.args_location, task.args_copies)
             task.args_location = None
