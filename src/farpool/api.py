@@ -234,12 +234,6 @@ def put(value) -> ObjectRef:
     return _client().put(value)
 
 
-def _put_shared(value) -> ObjectRef:
-    """``put(value)``, but a large value whose same bytes this process stored already and
-    still holds comes back as a ref of that object (the facades' big map arguments)."""
-    return _client().put_shared(value)
-
-
 def wait(refs, *, num_returns: int = 1, timeout: float | None = None, fetch_local: bool = True):
     """(ready, not_ready): the first ``num_returns`` refs done, in the order given.
 

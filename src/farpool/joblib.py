@@ -250,7 +250,7 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             with self._lock:
                 cached = self._shared.get(id(value))
                 if cached is None or cached[0] is not value:
-                    cached = (value, farpool.api._put_shared(value))
+                    cached = (value, farpool.put(value))
                     self._shared[id(value)] = cached
             ref = cached[1]
             k = index_of.get(id(ref))

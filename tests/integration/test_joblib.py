@@ -122,8 +122,8 @@ def test_nested_parallel_runs_on_the_cluster_without_deadlock():
 
 def test_big_arrays_are_put_once_and_arrive_read_only(monkeypatch):
     puts = []
-    real_put = farpool.api._put_shared  # (a put that reuses a stored copy of the same bytes)
-    monkeypatch.setattr(farpool.api, "_put_shared", lambda v: puts.append(v) or real_put(v))
+    real_put = farpool.put
+    monkeypatch.setattr(farpool, "put", lambda v: puts.append(v) or real_put(v))
     big = np.arange(200_000, dtype=np.float64)  # 1.6 MB > joblib's 1 MB max_nbytes
     with parallel_config(backend="farpool", n_jobs=2):
         got = Parallel(batch_size=1)(delayed(array_info)(big, i) for i in range(12))

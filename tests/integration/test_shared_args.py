@@ -1,7 +1,6 @@
 """A large by-value argument is stored once while it lives (shared_args.py), and results are
 what copying gives: a change between calls is seen, a task's change is its own."""
 
-import functools
 import gc
 
 import numpy as np
@@ -99,17 +98,15 @@ def test_the_executor_stores_an_array_once(cluster, gate):
         assert [f.result(timeout=60) for f in futures] == [4.0] * 8
 
 
-def test_pool_maps_of_one_array_share_its_copy(cluster, gate):
+def test_pool_apply_async_calls_share_one_copy(cluster, gate):
     arr = np.full(BIG // 8, 6.0)
     before = big_copies(cluster["node_id"], arr.nbytes)
     with farpool.Pool(2) as pool:
-        first_map = pool.map_async(functools.partial(_first_at_gate, gate_path=gate.path), [arr] * 4, chunksize=1)
-        second_map = pool.starmap_async(_first_at_gate, [(arr, gate.path)] * 4, chunksize=1)
+        results = [pool.apply_async(_first_at_gate, (arr, gate.path)) for _ in range(4)]
         gate.wait_arrivals(2)
         assert big_copies(cluster["node_id"], arr.nbytes) == before + 1
         gate.open()
-        assert first_map.get(timeout=60) == [6.0] * 4
-        assert second_map.get(timeout=60) == [6.0] * 4
+        assert [r.get(timeout=60) for r in results] == [6.0] * 4
 
 
 def _first_at_gate(a, gate_path):

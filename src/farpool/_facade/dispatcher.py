@@ -248,7 +248,7 @@ class _Feed:
         elif type(a).__name__ == "ndarray" and getattr(a, "nbytes", 0) >= SHARE_MIN_BYTES:
             cached = self._shared.get(id(a))
             if cached is None or cached[0] is not a:
-                cached = (a, farpool.api._put_shared(a))
+                cached = (a, farpool.put(a))
                 self._shared[id(a)] = cached
             ref = cached[1]
         else:

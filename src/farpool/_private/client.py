@@ -126,7 +126,6 @@ class CoreClient:
         v, s, a, conns = self.values, self.submitter, self.actor_client, self.conns
         self.add_local_ref = self.refs.add_ref  # what ObjectRef calls as it is made (on the task path)
         self.put, self.get, self.value_of = v.put, v.get, v.value_of
-        self.put_shared = self.shared_args.put
         self.wait_entries, self.future_for, self.add_done_callback = v.wait_entries, v.future_for, v.add_done_callback
         self.run_callback, self.set_blocked = v.run_callback, v.set_blocked
         self.fetch_here = self.stored.fetch_here

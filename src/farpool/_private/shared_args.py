@@ -17,8 +17,10 @@ copy-on-write by each task, as a per-call copy is.  An argument given twice in o
 xxh3 is not cryptographic: two different values with one 128-bit digest are possible in
 theory only by construction, and would be only the caller's own data.
 
-Who may touch it: ``share`` and ``put`` on user threads (the submitter's caller, the
-facades); the table lives in the RefTable, under its lock.
+Who may touch it: ``share`` and ``held_by_task`` on user threads (the submitter's caller);
+the releases on any thread (a finalizer) or the I/O thread (the timer); the table lives in
+the RefTable, under its lock.  (The facades' map-like calls put a big array once per call
+themselves; their ``submit``/``apply_async`` calls come through here.)
 """
 
 from __future__ import annotations
@@ -112,13 +114,6 @@ class SharedArgs(ClientPart):
             except TypeError:  # not weakly referenceable: the timer alone
                 pass
             self.loop.call_soon(self.loop.call_later, SHARED_LINGER_S, release)
-
-    def put(self, value) -> ObjectRef:
-        """``put(value)`` of a large value whose same bytes may be stored already: that object
-        then (the facades share big map arguments this way); otherwise a plain put."""
-        ref = self._shared_ref(value, "a shared argument") if self.conns.home is not None \
-            and self.conns.home.local else None
-        return ref if ref is not None else self.c.values.put(value)
 
     def _shared_ref(self, value, what: str) -> ObjectRef | None:
         """A ref of the stored copy of ``value`` (reused, or stored now); None when ``value`` is
