@@ -52,6 +52,8 @@ from typing import Any, Callable, Iterable
 from farpool import exceptions as _exc
 from farpool._facade import (DistributedFuture, _ClusterHold, _Dispatcher, _feasible, _Feed, _in_flight_limit,
                              _open_facade, _task_name, _TaskMaker, _WorkItem)
+from farpool._facade.errors import _user_error
+from farpool._facade.tasks import _ChunkFailed, _fix_result, _Grouped
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,30 @@ def _chunk_values(future: concurrent.futures.Future) -> list:
     if not ok:
         raise value
     return value
+
+
+class _ItemError:
+    """In an imap iterator's queue: the error of a chunk of a grouped task, raised at its place."""
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _items_of(future, tb_cls) -> list:
+    """The items of a finished imap task, in order; a chunk of a group that failed leaves one
+    ``_ItemError`` in its place, the error its own task would have raised.  Raises the task's error."""
+    value = _chunk_values(future)
+    if type(value) is not _Grouped:
+        return value
+    items: list = []
+    for part in value:
+        if type(part) is _ChunkFailed:
+            error = _exc.TaskError.wrap(future._name, part.text, part.error, part.type_name, part.where)
+            items.append(_ItemError(_pool_error(_user_error(error, tb_cls, future._name))))
+        else:
+            items.extend(_fix_result(part, chunk=True))
+    return items
 
 
 def _weak(method: Callable) -> Callable:
@@ -235,6 +261,7 @@ class IMapIterator:
     def __init__(self, pool: "Pool", feed: _Feed):
         self._pool = pool
         self._feed = feed
+        self._tb_cls = pool._dispatcher.tb_cls
         self._items: deque = deque()
         self._current: DistributedFuture | None = None
         self._lock = threading.Lock()
@@ -268,10 +295,21 @@ class IMapIterator:
                 except concurrent.futures.CancelledError:
                     pass
                 self._current = None
-                self._items.extend(_chunk_values(future))
-            return self._items.popleft()
+                self._items.extend(_items_of(future, self._tb_cls))
+            item = self._items.popleft()
+            if type(item) is _ItemError:
+                raise item.error
+            return item
 
-    __next__ = next
+    def __next__(self):
+        """``next(it)``: an item already here without the lock (a deque pops atomically), else ``next()``."""
+        try:
+            item = self._items.popleft()
+        except IndexError:
+            return self.next()
+        if type(item) is _ItemError:
+            raise item.error
+        return item
 
 
 class IMapUnorderedIterator:
@@ -279,6 +317,7 @@ class IMapUnorderedIterator:
 
     def __init__(self, pool: "Pool"):
         self._pool = pool
+        self._tb_cls = pool._dispatcher.tb_cls
         self._cond = threading.Condition(threading.Lock())
         self._finished: deque = deque()
         self._created = 0
@@ -329,10 +368,21 @@ class IMapUnorderedIterator:
                     raise StopIteration
                 future = self._finished.popleft()
                 self._delivered += 1
-            self._items.extend(_chunk_values(future))
-        return self._items.popleft()
+            self._items.extend(_items_of(future, self._tb_cls))
+        item = self._items.popleft()
+        if type(item) is _ItemError:
+            raise item.error
+        return item
 
-    __next__ = next
+    def __next__(self):
+        """``next(it)``: an item already here without the lock (a deque pops atomically), else ``next()``."""
+        try:
+            item = self._items.popleft()
+        except IndexError:
+            return self.next()
+        if type(item) is _ItemError:
+            raise item.error
+        return item
 
 
 class _WorkerSlot:
@@ -526,7 +576,7 @@ class Pool:
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
         feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, iter(iterable), chunksize, False,
-                     self._limit)
+                     self._limit, grouped=self._tasks.chunks(func))
         self._dispatcher.push(feed)
         return IMapIterator(self, feed)
 
@@ -538,7 +588,7 @@ class Pool:
         result = IMapUnorderedIterator(self)
         feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, iter(iterable), chunksize, False,
                      self._limit, on_future=_weak(result._on_future), on_finish=_weak(result._on_finish),
-                     keep_futures=False)
+                     keep_futures=False, grouped=self._tasks.chunks(func))
         result._feed = feed
         self._dispatcher.push(feed)
         return result

@@ -127,6 +127,65 @@ def test_imap_reads_a_generator_lazily_and_raises_its_error_in_place(pool):
         next(it)
 
 
+def fail_every_500th(x):
+    if x % 500 == 7:
+        raise KeyError(x)
+    return x
+
+
+@pytest.fixture
+def grouping(monkeypatch):
+    """imap groups small chunks into tasks at once (however slowly tasks come back on a loaded
+    machine); the sizes of the groups read are recorded."""
+    from farpool._facade import dispatcher
+    monkeypatch.setattr(dispatcher, "GROUP_TASK_S", 3600.0)
+    sizes = []
+    read = dispatcher._Feed._read
+
+    def spy(feed, want):
+        sizes.append(want // feed.chunksize)
+        return read(feed, want)
+    monkeypatch.setattr(dispatcher._Feed, "_read", spy)
+    return sizes
+
+
+def outcomes(it, n):
+    out = []
+    for _ in range(n):
+        try:
+            out.append(it.next(timeout=TIMEOUT))
+        except KeyError as error:
+            out.append(("error", error.args[0], type(error.__cause__).__name__))
+    with pytest.raises(StopIteration):
+        it.next(timeout=TIMEOUT)
+    return out
+
+
+def test_imap_groups_small_chunks_and_each_fails_alone(pool, grouping):
+    expected = [("error", i, "RemoteTraceback") if i % 500 == 7 else i for i in range(3000)]
+    assert outcomes(pool.imap(fail_every_500th, range(3000)), 3000) == expected
+    assert max(grouping) > 1, grouping
+    grouping.clear()
+    got = outcomes(pool.imap_unordered(fail_every_500th, range(3000)), 3000)
+    assert sorted(got, key=repr) == sorted(expected, key=repr)
+    assert max(grouping) > 1, grouping
+    # chunks of 3: a failing chunk fails alone, its neighbours in the group arrive
+    expected = [i for i in range(3000) if i // 3 not in {j // 3 for j in range(7, 3000, 500)}]
+    got = [x for x in outcomes(pool.imap(fail_every_500th, range(3000), 3), len(expected) + 6) if type(x) is int]
+    assert got == expected
+
+
+def test_imap_input_error_inside_a_group_comes_after_the_whole_chunks_before_it(pool, grouping):
+    def numbers(n):
+        yield from range(n)
+        raise ValueError("input broke")
+    it = pool.imap(square, numbers(1501), 2)  # the error inside the chunk (1500, ...)
+    assert [it.next(timeout=TIMEOUT) for _ in range(1500)] == [i * i for i in range(1500)]
+    with pytest.raises(ValueError, match="input broke"):
+        it.next(timeout=TIMEOUT)
+    assert max(grouping) > 1, grouping
+
+
 def test_imap_next_timeout(pool, gate):
     it = pool.imap(wait_at_gate, [gate.path])
     with pytest.raises(multiprocessing.TimeoutError):

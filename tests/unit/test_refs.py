@@ -253,3 +253,74 @@ def test_validate_state_catches_an_unreferenced_object_left_behind(table):
     table.objects[b"o1"] = Entry(state=READY)
     with pytest.raises(AssertionError, match="unreferenced"):
         table.validate_state()
+
+
+# ---------------------------------------------------------------------------- stored once by content
+def stored_arg(table, oid, digest, node="node-me"):
+    entry = Entry(state=READY, location=Location("seg", node, oid, "/p", 4 << 20), size=4 << 20, local_refs=1)
+    table.add_stored(oid, entry, digest)
+    return entry
+
+
+def test_a_stored_argument_is_reused_while_it_lives(table):
+    stored_arg(table, b"o1", b"d1")
+    check(table)
+    assert table.reuse_stored(b"d1") == b"o1" and table.objects[b"o1"].local_refs == 2
+    assert table.reuse_stored(b"d2") is None
+    table.release(b"o1")
+    table.release(b"o1")
+    assert b"o1" not in table.objects and table.by_content == {}
+    assert table.frees == {"node-me": [b"o1"]}
+    assert table.reuse_stored(b"d1") is None
+    check(table)
+
+
+def test_the_digest_stays_while_a_task_pins_the_argument(table):
+    entry = stored_arg(table, b"o1", b"d1")
+    entry.task_pins += 1
+    table.release(b"o1")
+    assert table.reuse_stored(b"d1") == b"o1"
+    table.release(b"o1")
+    table.unpin([b"o1"])
+    assert table.by_content == {} and table.objects == {}
+    check(table)
+
+
+def test_the_content_table_is_bounded(table, monkeypatch):
+    from farpool._private import refs
+    monkeypatch.setattr(refs, "SHARED_MAX", 2)
+    for i in range(3):
+        stored_arg(table, b"o%d" % i, b"d%d" % i)
+    assert list(table.by_content) == [b"d1", b"d2"]
+    assert b"o0" in table.objects  # it lives on, no longer offered
+    assert table.reuse_stored(b"d0") is None
+    table.release(b"o0")
+    assert list(table.by_content) == [b"d1", b"d2"]
+    check(table)
+
+
+def test_lineage_counts_a_stored_once_argument(table):
+    class Task:
+        task_id, name, state, lineage_kept = b"t1", "f", "DONE", False
+        args_payload, arg_bufs, args_location, args_copies = b"", [], None, ()
+        return_ids = [b"r1"]
+        pinned = [b"o1"]
+    entry = stored_arg(table, b"o1", b"d1")
+    entry.task_pins += 1
+    own(table, b"r1", location=Location("seg", "node-me", b"r1", "/r", 100))
+    table.keep_lineage(Task())
+    assert table.lineage_bytes >= 4 << 20
+    check(table)
+
+
+def test_a_newer_copy_of_the_same_bytes_keeps_its_digest(table, monkeypatch):
+    """Two objects with one digest (the first was forgotten, the bytes stored again): freeing
+    the older one leaves the newer one offered."""
+    from farpool._private import refs
+    monkeypatch.setattr(refs, "SHARED_MAX", 1)
+    stored_arg(table, b"o1", b"d1")
+    stored_arg(table, b"o3", b"d3")  # d1 forgotten, o1 lives on
+    stored_arg(table, b"o2", b"d1")  # the same bytes again: stored again
+    table.release(b"o1")
+    assert table.reuse_stored(b"d1") == b"o2"
+    check(table)

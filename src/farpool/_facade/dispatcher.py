@@ -47,6 +47,13 @@ OVERSUBSCRIBE = 16
 OVERSUBSCRIBE_AFTER = 16
 OVERSUBSCRIBE_GUARD_MIN_S = 0.002
 OVERSUBSCRIBE_GUARD_FACTOR = 8
+# imap/imap_unordered with a small chunksize (the stdlib's default is 1) send several
+# chunks per task while tasks come back within GROUP_TASK_S seconds, up to GROUP_MAX
+# chunks: a task costs ~100x a tiny item, so grouping reaches the stdlib's throughput.
+# Larger values group more (faster for tiny items); smaller ones keep fewer items queued
+# behind a slow one in the same task, and deliver the first results sooner.
+GROUP_TASK_S = 0.02
+GROUP_MAX = 64
 
 
 class _Limit(NamedTuple):
@@ -104,7 +111,9 @@ def _dependency(future: DistributedFuture):
 
 
 class _Feed:
-    """The inputs of one map-like call, read lazily: one chunk per task handed out.
+    """The inputs of one map-like call, read lazily: one chunk per task handed out, or with
+    ``grouped`` (a ``_run_chunks`` remote) several small chunks per task once tasks come back
+    quickly (see GROUP_TASK_S); each chunk of a group still succeeds or fails alone.
 
     ``next_item`` runs under the dispatcher's lock (on whichever thread pumps);
     consumers wait on ``cond`` for the chunk futures in input order.
@@ -112,10 +121,13 @@ class _Feed:
 
     def __init__(self, dispatcher: "_Dispatcher", remote, fn, iterator: Iterator, chunksize: int,
                  star: bool, limit: _Limit, on_future: Callable | None = None,
-                 on_finish: Callable | None = None, keep_futures: bool = True):
+                 on_finish: Callable | None = None, keep_futures: bool = True, grouped=None):
         self.dispatcher = dispatcher
         self.limit = limit
         self.remote = remote
+        self.grouped = grouped
+        self.group = 1                      # chunks per task now (see _group_size)
+        self.input_error: BaseException | None = None  # the input raised after the chunks read
         self.fn = fn
         self.name = _task_name(fn)
         self.iterator = iterator
@@ -134,11 +146,13 @@ class _Feed:
         """The next chunk as a work item, or None when the inputs are exhausted (or failed)."""
         if self.done:
             return None
+        if self.input_error is not None:  # after the whole chunks read before it (see _read)
+            self._finish(self.input_error)
+            return None
+        groups = self._group_size() if self.grouped is not None else 1
+        want = self.chunksize * groups
         try:
-            if self.star:
-                chunk = list(map(tuple, itertools.islice(self.iterator, self.chunksize)))
-            else:
-                chunk = list(itertools.islice(self.iterator, self.chunksize))
+            chunk = self._read(want)
         except BaseException as error:  # noqa: BLE001 - raised to the consumer at that point
             self._finish(error)
             return None
@@ -162,9 +176,48 @@ class _Feed:
             with self.cond:
                 self.futures.append(future)
                 self.cond.notify_all()
-        if n < self.chunksize:
+        if n < want and self.input_error is None:
             self._finish(None)
+        if n > self.chunksize:  # a group of chunks (_run_chunks)
+            return _WorkItem(future, self.grouped, (self.fn, self.star, plain, self.chunksize, chunk, *refs),
+                             self.limit, chunk=True)
         return _WorkItem(future, self.remote, (self.fn, self.star, plain, chunk, *refs), self.limit, chunk=True)
+
+    def _read(self, want: int) -> list:
+        """Up to ``want`` inputs.  A group is read chunk by chunk: when the input raises inside
+        it, the whole chunks read before are still handed out and the error (``input_error``)
+        is raised to the consumer after them, where the stdlib raises it (the part of a chunk
+        read before the error is dropped, as there)."""
+        if self.star:
+            take = lambda n: list(map(tuple, itertools.islice(self.iterator, n)))  # noqa: E731
+        else:
+            take = lambda n: list(itertools.islice(self.iterator, n))  # noqa: E731
+        if want == self.chunksize:
+            return take(want)
+        out: list = []
+        while len(out) < want:
+            try:
+                part = take(self.chunksize)
+            except BaseException as error:  # noqa: BLE001 - see next_item
+                if not out:
+                    raise
+                self.input_error = error
+                return out
+            out.extend(part)
+            if len(part) < self.chunksize:
+                break
+        return out
+
+    def _group_size(self) -> int:
+        """Chunks for the next task: doubled while tasks come back within GROUP_TASK_S (the
+        dispatcher's moving average), halved when they take twice that.  (Dispatcher's lock held.)"""
+        d = self.dispatcher
+        if d.returned >= OVERSUBSCRIBE_AFTER:
+            if d.return_s < GROUP_TASK_S:
+                self.group = min(self.group * 2, GROUP_MAX)
+            elif d.return_s > 2 * GROUP_TASK_S:
+                self.group = max(1, self.group // 2)
+        return self.group
 
     def _share(self, chunk: list, refs: list) -> list:
         """Replace refs and big arrays among the arguments by markers of top-level ref arguments."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import farpool
 from farpool._facade.dispatcher import OVERSUBSCRIBE, _Limit
 from farpool._facade.errors import _task_name
-from farpool._facade.tasks import _call, _run_chunk
+from farpool._facade.tasks import _call, _run_chunk, _run_chunks
 
 # Task names (shown in errors and the timeline) are cached per function name;
 # more entries cost memory, fewer cost an options() rebuild per submit.
@@ -26,7 +26,8 @@ class _TaskMaker:
         opts = {k: v for k, v in hints.items() if v is not None}
         if pool_key is not None:
             opts["_pool_key"] = pool_key
-        self._bases = (farpool.remote(_call).options(**opts), farpool.remote(_run_chunk).options(**opts))
+        self._bases = (farpool.remote(_call).options(**opts), farpool.remote(_run_chunk).options(**opts),
+                       farpool.remote(_run_chunks).options(**opts))
         self._named: dict = {}
 
     def _named_after(self, which: int, fn):
@@ -46,6 +47,10 @@ class _TaskMaker:
     def chunk(self, fn):
         """For ``_run_chunk(authkey, fn, star, plain, chunk, *shared)``."""
         return self._named_after(1, fn)
+
+    def chunks(self, fn):
+        """For ``_run_chunks(authkey, fn, star, plain, chunksize, chunk, *shared)``."""
+        return self._named_after(2, fn)
 
 
 def _feasible(hints: dict, nodes: list) -> str | None:

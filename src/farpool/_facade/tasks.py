@@ -104,6 +104,10 @@ def _run_chunk(authkey: bytes | None, fn, star: bool, plain: bool, chunk, *share
     _adopt_authkey(authkey)
     if type(chunk) is bytes:
         chunk = pickle.loads(chunk)
+    return _apply(fn, star, plain, chunk, shared)
+
+
+def _apply(fn, star: bool, plain: bool, chunk: list, shared: tuple) -> list:
     if star:
         if plain:
             return list(itertools.starmap(fn, chunk))
@@ -111,6 +115,55 @@ def _run_chunk(authkey: bytes | None, fn, star: bool, plain: bool, chunk, *share
     if plain:
         return list(map(fn, chunk))
     return [fn(x if type(x) in _PLAIN else _restore(x, shared)) for x in chunk]
+
+
+class _Grouped(list):
+    """The result of a grouped task (``_run_chunks``): per chunk, its results or a ``_ChunkFailed``."""
+    __slots__ = ()
+
+
+class _ChunkFailed:
+    """A chunk of a grouped task raised: what a failed task of its own would have reported."""
+    __slots__ = ("error", "type_name", "text", "where")
+
+    def __init__(self, error: BaseException | None, type_name: str, text: str, where: str):
+        self.error = error          # None when the exception cannot travel (its text does)
+        self.type_name = type_name
+        self.text = text
+        self.where = where
+
+    def __reduce__(self):
+        return (_ChunkFailed, (self.error, self.type_name, self.text, self.where))
+
+    @classmethod
+    def of(cls, error: Exception) -> "_ChunkFailed":
+        import os
+        from farpool._private import context, protocol
+        try:
+            pickle.loads(pickle.dumps(error, protocol=5))
+            travels = error
+        except Exception:  # noqa: BLE001 - as a task's own unpicklable exception: the text only
+            travels = None
+        ctx = context.context
+        where = f"node {(getattr(ctx, 'node_id', None) or '?')[:8]} worker {getattr(ctx, 'worker_id', '?')} " \
+                f"(pid {os.getpid()})"
+        return cls(travels, type(error).__qualname__, protocol.format_exception_text(error), where)
+
+
+def _run_chunks(authkey: bytes | None, fn, star: bool, plain: bool, chunksize: int, chunk, *shared):
+    """The task behind a group of small chunks of imap/imap_unordered (see _Feed.next_item):
+    ``fn`` over each ``chunksize`` items of ``chunk``; a chunk that raises fails alone, as its
+    own task would have (``_ChunkFailed``), and the next chunks run."""
+    _adopt_authkey(authkey)
+    if type(chunk) is bytes:
+        chunk = pickle.loads(chunk)
+    out = _Grouped()
+    for i in range(0, len(chunk), chunksize):
+        try:
+            out.append(_apply(fn, star, plain, chunk[i:i + chunksize], shared))
+        except Exception as error:  # noqa: BLE001 - that chunk's outcome (BaseExceptions end the task)
+            out.append(_ChunkFailed.of(error))
+    return out
 
 
 def _run_initializer(authkey: bytes | None, payload: bytes) -> None:

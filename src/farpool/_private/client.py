@@ -53,6 +53,7 @@ from farpool._private.object_ref import ObjectRef
 from farpool._private.object_service import ObjectService
 from farpool._private.protocol import encode
 from farpool._private.refs import FAILED, READY, Entry, RefTable
+from farpool._private.shared_args import SharedArgs
 from farpool._private.stored import StoreReads
 from farpool._private.submitter import Submitter
 from farpool._private.task_queues import RemoteFunctionInfo, TaskQueues, TaskRecord, TaskState
@@ -107,6 +108,7 @@ class CoreClient:
         self.owner_conns = self.conns.owner_conns
         self.values = Values(self)
         self.stored = StoreReads(self)
+        self.shared_args = SharedArgs(self)  # large by-value arguments stored once
         self.borrowing = Borrowing(self)
         self.object_service = ObjectService(self)
         self.submitter = Submitter(self)

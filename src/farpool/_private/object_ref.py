@@ -116,6 +116,14 @@ def _rebuild_ref(object_id: bytes, owner: tuple) -> ObjectRef:
     return ref
 
 
+def counted(object_id: bytes, owner: tuple) -> ObjectRef:
+    """A ref of ours whose local count the reference table took already (under its lock,
+    where the object was found alive: RefTable.reuse_stored / add_stored)."""
+    ref = ObjectRef(object_id, owner, _register=False)
+    ref._counted_by = _current_client
+    return ref
+
+
 class _NestedRefs(threading.local):
     collector: list | None = None   # refs pickled inside a value farpool is serializing
     arrivals: list | None = None    # weakrefs to refs unpickled from a task's arguments

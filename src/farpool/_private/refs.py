@@ -51,6 +51,10 @@ PENDING, READY, FAILED = 0, 1, 2
 LINEAGE_MAX_BYTES = int(os.environ.get("FARPOOL_LINEAGE_MAX_BYTES", str(256 << 20)))
 # What a lineage record costs besides its arguments (the record, its ids).
 LINEAGE_OVERHEAD = 256
+# The most stored by-value arguments whose content digest is kept for reuse; beyond it the
+# oldest is forgotten (its object lives on, it is just not offered again).  Each costs
+# ~100 bytes: more lets more distinct large arguments be stored once at the same time.
+SHARED_MAX = 1024
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Entry:
     #                                   minus those relayed by the chain (see add_borrower)
     lineage: object = None        # owner: the Lineage that can make it again (see keep_lineage)
     no_lineage: str = ""          # owner of a stored value without lineage: why it cannot be rebuilt
+    digest: bytes | None = None   # owner: content digest of a by-value argument stored once (shared_args.py)
+    #                               (kept after RefTable.by_content forgets it: it marks such arguments)
 
 
 @dataclass
@@ -116,6 +122,9 @@ class RefTable:
         self.lineage: OrderedDict = OrderedDict()
         self.lineage_bytes = 0
         self.lineage_max_bytes = LINEAGE_MAX_BYTES
+        # Large by-value arguments stored once (shared_args.py): content digest -> object id,
+        # an entry only while its object lives (``delete`` drops it), at most SHARED_MAX.
+        self.by_content: OrderedDict = OrderedDict()
 
     def has_output(self) -> bool:
         return bool(self.owner_messages or self.ended_actors or self.frees or self.watches)
@@ -172,6 +181,29 @@ class RefTable:
             entry.pinned_forever = True
             return True
 
+    # ------------------------------------------------------------------ stored once (any thread)
+    def reuse_stored(self, digest: bytes) -> bytes | None:
+        """The id of a live stored object with content ``digest``, counted as one more local
+        ref (the caller makes the ObjectRef with ``counted=True``); None when there is none."""
+        with self.lock:
+            oid = self.by_content.get(digest)
+            if oid is None:
+                return None
+            entry = self.objects[oid]  # (delete drops the digest with the object)
+            entry.local_refs += 1
+            return oid
+
+    def add_stored(self, oid: bytes, entry: Entry, digest: bytes) -> None:
+        """A by-value argument just stored as ``entry`` (one local ref counted already), to be
+        reused while it lives."""
+        with self.lock:
+            entry.digest = digest
+            self.objects[oid] = entry
+            self.by_content[digest] = oid
+            self.by_content.move_to_end(digest)
+            while len(self.by_content) > SHARED_MAX:
+                self.by_content.popitem(last=False)  # (its object keeps its digest: see keep_lineage)
+
     def unpin(self, object_ids) -> None:
         """(lock held) A task that used these as arguments ended."""
         for oid in object_ids:
@@ -195,6 +227,8 @@ class RefTable:
     def delete(self, oid: bytes, entry: Entry) -> None:
         """(lock held) Forget an object: give back its memory, or our borrow."""
         del self.objects[oid]
+        if entry.digest is not None and self.by_content.get(entry.digest) == oid:
+            del self.by_content[entry.digest]
         if entry.actor_id is not None:  # the actor's last handle is gone, here and everywhere
             self.ended_actors.append(entry.actor_id)
         self.unpin(entry.contains)  # refs nested in this value were pinned by it
@@ -227,10 +261,13 @@ class RefTable:
 
     # ------------------------------------------------------------------ lineage
     def release_task(self, task) -> None:
-        """(lock held) A task ended for good: its arguments are no longer pinned by it."""
+        """(lock held) A task ended for good: its arguments are no longer pinned by it, nor
+        held by the refs in its record (task events keep records a while: an argument's
+        memory comes back now, for the next value to reuse)."""
         if task.pinned:
             self.unpin(task.pinned)
             task.pinned = []
+        task.ref_slots = []  # (a new list: a submitting thread may still read the old one)
         if task.args_location is not None:
             self.free_location(task.args_location, task.args_copies)
             task.args_location = None
@@ -238,8 +275,13 @@ class RefTable:
     def keep_lineage(self, task) -> None:
         """(lock held) ``task`` finished with results in a node store and may run again: keep
         it (and its arguments) while any of its results lives, so a lost one can be rebuilt."""
+        shared = 0  # large by-value arguments stored once (shared_args.py) count as if stored per call
+        for oid in task.pinned:
+            entry = self.objects.get(oid)
+            if entry is not None and entry.digest is not None:
+                shared += entry.size
         record = Lineage(task, LINEAGE_OVERHEAD + len(task.args_payload) + sum(len(b) for b in task.arg_bufs)
-                         + (task.args_location.size if task.args_location is not None else 0))
+                         + (task.args_location.size if task.args_location is not None else 0) + shared)
         for oid in task.return_ids:
             entry = self.objects.get(oid)
             if entry is not None:
@@ -561,6 +603,9 @@ class RefTable:
                 assert record.task.task_id == task_id and record.task.lineage_kept, (task_id.hex(), "lineage misfiled")
                 assert live.get(id(record), 0) == record.live > 0, (task_id.hex(), "lineage counts its results wrong")
             assert self.lineage_bytes == sum(r.size for r in self.lineage.values()), "lineage bytes miscounted"
+            for digest, oid in self.by_content.items():
+                entry = self.objects.get(oid)
+                assert entry is not None and entry.digest == digest, (oid.hex(), "a digest outlived its object")
             for inner, count in pins.items():
                 entry = self.objects.get(inner)
                 assert entry is None or entry.task_pins >= count, \

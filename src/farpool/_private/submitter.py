@@ -1,7 +1,8 @@
 """Submission: from ``remote()`` to a task on a leased worker.
 
 Owns the task path up to the worker: pickling a call and its arguments on the caller's
-thread (large arguments into the node store once per call), waiting for argument
+thread (large arguments into the node store once per call, or once for as long as the
+same bytes are passed again: shared_args.py), waiting for argument
 objects, the queues per resource shape (task_queues.py, pure, decides; this part applies
 its Plan), lease requests and their answers (granted, spilled back to another node,
 infeasible), sending batches of tasks (``ExecuteTask``), taking queued tasks back from a
@@ -31,6 +32,7 @@ from farpool._private.connections import AgentConn, DirectChannel, RelayChannel
 from farpool._private.object_ref import ObjectRef, _nested_refs
 from farpool._private.protocol import encode
 from farpool._private.refs import FAILED, PENDING, Entry
+from farpool._private.shared_args import has_large_buffer
 from farpool._private.task_queues import KeyQueue, LeaseState, RemoteFunctionInfo, TaskRecord
 
 log = logging.getLogger("farpool.client")
@@ -84,8 +86,14 @@ class Submitter(ClientPart):
         collector: list = []
         nested = _nested_refs  # (on the task path: save and restore by hand, cheaper than a with block)
         outer, nested.collector = nested.collector, collector
+        shared = ()
         try:
             payload, bufs = protocol.dumps_call(args, kwargs, name)
+            if bufs and has_large_buffer(bufs):  # stored once by content, passed as refs
+                args, kwargs, shared = c.shared_args.share(args, kwargs, ref_slots, name)
+                if shared:
+                    collector.clear()
+                    payload, bufs = protocol.dumps_call(args, kwargs, name)
         finally:
             nested.collector = outer
         task_id = c.new_object_id()
@@ -115,6 +123,8 @@ class Submitter(ClientPart):
                 e = self.objects.get(oid)
                 if e is not None:
                     e.task_pins += 1
+        if shared:  # the task's pins hold them now (not its record's refs: they go when the pins do)
+            c.shared_args.held_by_task(shared)
         owner = c.owner_address
         refs = [ObjectRef(oid, owner) for oid in return_ids]
         # Borrowed top-level refs need the owner's value: ask for it unless asked already
