@@ -369,6 +369,8 @@ class CoreClient:
             "LeaseSpillback": lambda _conn, fields, _buffers: s.on_lease_spillback(*fields),
             "LeaseInfeasible": lambda _conn, fields, _buffers: s.on_lease_infeasible(*fields),
             "WorkerExited": lambda _conn, fields, _buffers: done.on_worker_exited(*fields),
+            # a put of ours into our node's store on another machine, and reading it back (stored.py)
+            "ChunkWritten": answer_rest, "Chunk": lambda _conn, fields, buffers: conns.answer(fields[0], (*fields[1:], buffers)),
             "PeerGone": lambda _conn, fields, _buffers: b.peer_gone(*fields)}
 
     def _on_head(self) -> None:

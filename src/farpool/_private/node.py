@@ -45,7 +45,7 @@ from farpool._private import (addresses, host_usage, launcher, protocol, pull, p
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.node_clients import HEAD, IPC, TCP, Client, ClientsPart
 from farpool._private.node_diagnostics import DiagnosticsPart
-from farpool._private.node_objects import ObjectsPart
+from farpool._private.node_objects import ObjectsPart, Upload
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.node")
@@ -71,8 +71,9 @@ _CLIENT_ANYWHERE = frozenset({
 MAY_SEND = {
     # a client on this machine (a driver, a worker's own client, the CLI), ipc, "c:..."
     "local client": _CLIENT_ANYWHERE | {"WorkerBlocked", "WorkerUnblocked", "AllocateObject", "PullObject"},
-    # a client on another machine, TCP, "c:...": nothing that needs this machine's store
-    "remote client": _CLIENT_ANYWHERE,
+    # a client on another machine, TCP, "c:...": nothing that maps this machine's store; it
+    # puts large values here in chunks (UploadObject, WriteChunk) and reads them back (ReadChunk)
+    "remote client": _CLIENT_ANYWHERE | {"UploadObject", "WriteChunk", "ReadChunk"},
     # one of our workers, ipc, "w:<worker id>": Relay carries its answers back to clients
     "worker": frozenset({"WorkerReady", "AllocateObject", "Relay"}),
     # a worker's argument reader (task_args.py), ipc, an identity zmq made up
@@ -84,6 +85,8 @@ MAY_SEND = {
                        "Error", "HeartbeatAck", "PrepareBundles", "CommitBundles", "ReleaseBundles"}),
 }
 # What the launcher (a forked child, over a pipe) may report.
+# Tags whose handler also takes the message's buffers (the bytes of a chunk), last.
+TAKES_BUFFERS = frozenset({"WriteChunk"})
 LAUNCHER_MAY_SEND = frozenset({"output", "started", "exited"})
 
 
@@ -177,7 +180,9 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.pull_ids = itertools.count(1)
         self.pull_timer = None
         self.peer_agents: dict[str, object] = {}      # node id -> our DEALER to that node's agent
-        self.copy_counts = {"pulls": 0, "pulled_bytes": 0, "pull_failures": 0, "chunks_sent": 0}
+        self.uploads: dict[bytes, Upload] = {}         # store id -> a remote client's put arriving
+        self.copy_counts = {"pulls": 0, "pulled_bytes": 0, "pull_failures": 0, "chunks_sent": 0,
+                            "uploaded_bytes": 0}
         self.watched_owners: set = set()  # owners on other nodes of copies we hold (WatchPeer)
         self.last_ack = time.monotonic()
         self.head = None
@@ -371,12 +376,15 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                     else:
                         self._to_peer(kind, identity, frames)
                     continue
-                tag, fields, _ = protocol.decode(frames[1:])
+                tag, fields, buffers = protocol.decode(frames[1:])
                 handler = self.handlers.get(peer, {}).get(tag)
                 if handler is None:
                     self._refuse(peer, identity, tag)
                     continue
-                handler(Client(kind, identity), *fields)
+                if tag in TAKES_BUFFERS:
+                    handler(Client(kind, identity), *fields, buffers)
+                else:
+                    handler(Client(kind, identity), *fields)
             except (protocol.ProtocolError, TypeError, ValueError, KeyError, IndexError) as exc:
                 log.warning("dropped a bad message from %r: %s", identity[:24], exc)
             except Exception:  # a bug handling one message must not take the whole node down
