@@ -40,8 +40,8 @@ import signal
 import sys
 import time
 
-from farpool._private import (addresses, host_usage, launcher, protocol, pull, pulse, scheduling, session, spill,
-                              store, transport, versions)
+from farpool._private import (addresses, host_usage, launcher, node_table, protocol, pull, pulse, scheduling, session,
+                              spill, store, transport, versions)
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.node_clients import HEAD, IPC, TCP, Client, ClientsPart
 from farpool._private.node_diagnostics import DiagnosticsPart
@@ -82,11 +82,12 @@ MAY_SEND = {
     "peer agent": frozenset({"Hello", "Ping", "ReadChunk", "WatchPeer"}),
     # the head, on our connection to it (Relay: it creates an actor in one of our workers)
     "head": frozenset({"Relay", "RequestLease", "ReturnLease", "SignalWorker", "NodeRegistered", "NodeTable",
+                       "NodeTableDelta",
                        "Error", "HeartbeatAck", "PrepareBundles", "CommitBundles", "ReleaseBundles"}),
 }
-# What the launcher (a forked child, over a pipe) may report.
 # Tags whose handler also takes the message's buffers (the bytes of a chunk), last.
 TAKES_BUFFERS = frozenset({"WriteChunk"})
+# What the launcher (a forked child, over a pipe) may report.
 LAUNCHER_MAY_SEND = frozenset({"output", "started", "exited"})
 
 
@@ -179,14 +180,16 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.pulls_by_store: dict[bytes, pull.Pull] = {}
         self.pull_ids = itertools.count(1)
         self.pull_timer = None
-        self.peer_agents: dict[str, object] = {}      # node id -> our DEALER to that node's agent
         self.uploads: dict[bytes, Upload] = {}         # store id -> a remote client's put arriving
+        self.peer_agents: dict[str, object] = {}      # node id -> our DEALER to that node's agent
         self.copy_counts = {"pulls": 0, "pulled_bytes": 0, "pull_failures": 0, "chunks_sent": 0,
                             "uploaded_bytes": 0}
         self.watched_owners: set = set()  # owners on other nodes of copies we hold (WatchPeer)
         self.last_ack = time.monotonic()
         self.head = None
         self.cluster_nodes: list[dict] = []
+        self.table = node_table.NodeTable()  # the head's node table: whole, then changes
+        self.table_syncing = False           # we asked for the whole table (SyncNodes) after a gap
 
     # --- start ---
     def connect_head(self) -> None:
@@ -225,8 +228,10 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
             "RequestLease": lambda *fields: self._on_RequestLease(HEAD_CLIENT, *fields),
             "ReturnLease": lambda *fields: self._on_ReturnLease(HEAD_CLIENT, *fields),
             "SignalWorker": lambda *fields: self._on_SignalWorker(HEAD_CLIENT, *fields),
-            "NodeRegistered": lambda nodes, head_address: self._on_node_table("NodeRegistered", nodes),
-            "NodeTable": lambda nodes: self._on_node_table("NodeTable", nodes),
+            "NodeRegistered": lambda nodes, head_address, version=None:
+                self._on_node_table("NodeRegistered", nodes, version),
+            "NodeTable": lambda nodes, version=None: self._on_node_table("NodeTable", nodes, version),
+            "NodeTableDelta": self._on_node_delta,
             "Error": self._on_head_error,
             "HeartbeatAck": lambda *_: None,  # the head heard us: every message from it sets last_ack
             "PrepareBundles": self._on_PrepareBundles, "CommitBundles": self._on_CommitBundles,
@@ -298,13 +303,27 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         except Exception:  # a bug handling one message must not take the whole node down
             log.exception("failed to handle a message from the head; still serving")
 
-    def _on_node_table(self, tag: str, nodes) -> None:
+    def _on_node_table(self, tag: str, nodes, version) -> None:
+        """The head's whole node table (when we join, or after SyncNodes)."""
         if tag == "NodeRegistered" and self.rejoining:
             log.warning("this node joined the cluster again")
             self.rejoining = False
         if not isinstance(nodes, list):
             raise protocol.ProtocolError(f"{tag} carries a {type(nodes).__name__}, expected the node table")
-        self.cluster_nodes = nodes
+        self.table_syncing = False
+        self._new_cluster_view(self.table.full(version, nodes))
+
+    def _on_node_delta(self, base, version, changes) -> None:
+        """Changes of the head's node table (node_table.py); after a gap, the whole table again."""
+        rows = self.table.delta(base, version, changes)
+        if rows is not None:
+            self._new_cluster_view(rows)
+        elif not self.table_syncing:
+            self.table_syncing = True
+            transport.send(self.head, encode("SyncNodes", ()))
+
+    def _new_cluster_view(self, rows: list) -> None:
+        self.cluster_nodes = rows
         self._apply(self.leases.set_cluster_view(self.cluster_nodes))
         self._sources_died()
 

@@ -35,7 +35,7 @@ ACTOR_EXIT_CODE = 77
 TAGS = frozenset({
     # client <-> head
     "Hello", "Welcome", "RegisterNode", "NodeRegistered", "Heartbeat", "HeartbeatAck",
-    "NodeTable", "GetNodes", "Nodes", "KVPut", "KVGet", "KVValue", "Goodbye",
+    "NodeTable", "NodeTableDelta", "SyncNodes", "GetNodes", "Nodes", "KVPut", "KVGet", "KVValue", "Goodbye",
     "DriverDied",
     # owners' task events, in batches (task_events.py); status/list/timeline questions (cluster_state.py)
     "TaskEvents", "GetState",
