@@ -77,7 +77,7 @@ def serve(link: socket.socket, bed) -> None:
 def test_the_cluster_tests_pass_with_each_node_on_its_own_host(bed, module):
     ours, theirs = socket.socketpair()
     basetemp = f"/var/tmp/fpt-hosts-{os.getpid()}-{module[:-3]}"  # tmp_path every host sees (/tmp is theirs)
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={basetemp}",
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0", f"--basetemp={basetemp}",
             *[f"{TESTS}/cluster/{module}::{name}" for name in SELECTED[module]]]
     env = {"FARPOOL_TEST_HOSTS_FD": str(theirs.fileno()),
            "FARPOOL_TEST_HOSTS": ",".join(h.address for h in bed.hosts)}
@@ -94,6 +94,7 @@ def test_the_cluster_tests_pass_with_each_node_on_its_own_host(bed, module):
             proc.communicate()
         server.join(timeout=60)
         shutil.rmtree(basetemp, ignore_errors=True)
+    print(output)  # (its timings, with pytest -s)
     assert proc.returncode == 0, f"tests/cluster/{module} on separate hosts:\n{output}"
     assert f"{len(SELECTED[module])} passed" in output, output
     for host in bed.hosts:  # the tests stopped every runtime process of every host

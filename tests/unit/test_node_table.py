@@ -84,3 +84,19 @@ def test_a_change_applied_twice_is_harmless():
     sub.full(head.version, [dict(n) for n in nodes.values()])  # already shows 0.5
     rows = sub.delta(*head.take(nodes))
     assert rows[0]["available"] == {"CPU": 0.5} and sub.version == head.version
+
+
+def test_a_subscriber_that_joins_between_batches_gets_the_table_as_sent_then_the_rest():
+    """The head answers a joining node with the rows as last sent (node_table.Changes.rows):
+    what changed since, its own record included, comes in the next delta."""
+    head = Changes(epoch=2)
+    nodes = {"a": record("a")}
+    head.take(nodes)
+    nodes["b"] = record("b")                  # joins; not sent yet (the batch is still open)
+    nodes["a"]["available"] = {"CPU": 2.0}
+    sub = NodeTable()
+    rows = sub.full(head.version, head.rows())
+    assert [r["node_id"] for r in rows] == ["a"] and rows[0]["available"] == {"CPU": 4.0}
+    assert all("stats" not in r for r in rows)
+    rows = sub.delta(*head.take(nodes))
+    assert [r["node_id"] for r in rows] == ["a", "b"] and rows[0]["available"] == {"CPU": 2.0}

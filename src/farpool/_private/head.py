@@ -19,8 +19,9 @@ being late.
 
 Subscribers (agents, clients) get the node table whole when they join (NodeRegistered,
 Welcome) or ask (SyncNodes, after a version gap), and then only its changes, versioned
-(node_table.py): at once when a node joins or dies, at most every ``TABLE_BATCH_S`` when
-nodes only report other free resources.
+(node_table.py): at once when a node dies, else at most every ``TABLE_BATCH_S`` (the
+first change after a quiet spell at once), so 500 nodes joining or reporting other free
+resources cost one diff and one message per subscriber per batch, not one per change.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ CHECK_INTERVAL_S = 1.0
 # Longer spares a driver whose network is slow to come back; shorter frees sooner what
 # a driver that died meanwhile held.
 REJOIN_GRACE_S = float(os.environ.get("FARPOOL_REJOIN_GRACE_S", "10"))
-# Changes of free resources are sent to subscribers at most this often (joins and deaths
-# at once).  Shorter gives agents a fresher view for spilling leases back; longer sends
-# fewer, larger messages when many nodes are busy.
+# Changes of the node table (joins, free resources) are sent to subscribers at most this
+# often (deaths at once).  Shorter gives agents a fresher view for spilling leases back;
+# longer sends fewer, larger messages when many nodes are busy or join together.
 TABLE_BATCH_S = float(os.environ.get("FARPOOL_TABLE_BATCH_S", "0.2"))
 
 # What each kind of peer may send the head; anything else is dropped with one log line
@@ -123,6 +124,7 @@ class Head:
         self.subscribers: dict[tuple, bool] = {}  # (socket, identity) -> True
         self.table_changes = node_table.Changes(self.epoch)  # what subscribers have of the node table
         self.table_flush = None                  # the timer of a batch of changes (TABLE_BATCH_S)
+        self.table_sent_at = float("-inf")       # when changes were last sent
         self.kv: dict[str, bytes] = {}
         self.next_job = 1
         self.actors = ActorTable()
@@ -248,7 +250,8 @@ class Head:
                                         "driver": identity.decode(errors="replace"), "since": time.time()})
         self._reply(sock, identity, "Welcome", {
             "job_id": job_id, "embedded": self.embedded, "session_dir": self.session_dir,
-            "nodes": self._table(), "nodes_version": self.table_changes.version, "address": self.address(),
+            "nodes": self.table_changes.rows(), "nodes_version": self.table_changes.version,
+            "address": self.address(),
             "versions": versions.ours(),
         })
 
@@ -280,9 +283,10 @@ class Head:
             log.info("node %s joined with %s", node_id, info["total"])
         if self.embedded and info.get("pid") and node_id not in self.node_pidfds:
             self._watch_node_process(node_id, info["pid"])
-        self._broadcast()  # (before it subscribes: its own table comes whole, next)
-        self.subscribers[(sock, identity)] = True
-        self._reply(sock, identity, "NodeRegistered", self._table(), self.address(), self.table_changes.version)
+        self._table_changed()
+        self.subscribers[(sock, identity)] = True  # the table as last sent, then the changes (its own record)
+        self._reply(sock, identity, "NodeRegistered", self.table_changes.rows(), self.address(),
+                    self.table_changes.version)
         for record in list(self.actors.actors.values()):
             if record.state == PENDING and record.node_id is None and record.request_id is None:
                 self._schedule_actor(record)
@@ -319,8 +323,8 @@ class Head:
         changed = record["available"] != available
         record["available"] = available
         record.update(stats)
-        if changed and self.table_flush is None:  # sent with others in a moment
-            self.table_flush = self.loop.call_later(TABLE_BATCH_S, self._broadcast)
+        if changed:
+            self._table_changed()
 
     def _on_NodeAlive(self, sock, identity, node_id: str, beat: int) -> None:
         """From an agent's liveness thread (pulse.py): it lives, however busy its loop is."""
@@ -358,11 +362,9 @@ class Head:
         self._reply(sock, identity, "Nodes", request_id, self._table())
 
     def _on_SyncNodes(self, sock, identity) -> None:
-        """A subscriber missed a change (a version gap): the whole table again.  The rows as
-        they are now, at the version last sent: changes still to come set fields to values
-        they may already have, which is harmless."""
+        """A subscriber missed a change (a version gap): the whole table again, as last sent."""
         if (sock, identity) in self.subscribers:
-            self._reply(sock, identity, "NodeTable", self._table(), self.table_changes.version)
+            self._reply(sock, identity, "NodeTable", self.table_changes.rows(), self.table_changes.version)
 
     def _on_KVPut(self, sock, identity, request_id, key: str, value: bytes) -> None:
         self.kv[key] = value
@@ -583,10 +585,22 @@ class Head:
     def address(self) -> str | None:
         return addresses.join(self.advertise, self.port) if self.tcp is not None else None
 
+    def _table_changed(self) -> None:
+        """The node table changed: send it now if nothing was sent for TABLE_BATCH_S, else with
+        whatever else changes until then."""
+        if self.table_flush is not None:
+            return
+        wait = self.table_sent_at + TABLE_BATCH_S - time.monotonic()
+        if wait <= 0:
+            self._broadcast()
+        else:
+            self.table_flush = self.loop.call_later(wait, self._broadcast)
+
     def _broadcast(self) -> None:
         """Send every subscriber what changed in the node table since the last time (node_table.py)."""
         self.loop.cancel_timer(self.table_flush)
         self.table_flush = None
+        self.table_sent_at = time.monotonic()
         delta = self.table_changes.take({n["node_id"]: n for n in self._table()})
         if delta is not None:
             frames = encode("NodeTableDelta", delta)

@@ -50,6 +50,11 @@ class Changes:
     def version(self) -> tuple[int, int]:
         return (self.epoch, self.count)
 
+    def rows(self) -> list[dict]:
+        """The table at ``version``, as subscribers have it: what a new one gets whole (changes
+        made since come in the next delta, which a subscriber at ``version`` applies)."""
+        return list(self.sent.values())
+
     def take(self, nodes: dict[str, dict]) -> tuple[tuple, tuple, list[dict]] | None:
         """What changed in ``nodes`` (node id -> record) since the last take: (base version,
         new version, changes), or None when nothing did.  Each change is a dict with
