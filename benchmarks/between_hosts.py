@@ -3,13 +3,16 @@ against a bare CURVE ZeroMQ socket pair moving the same bytes between the same h
 in the same run.  Needs root (tests/netns.py builds the hosts).
 
 - farpool: head on h1 (`farpool start --head --host`), a node on h2 joined with the
-  printed command; a driver on h1 (`init(address="auto")`: the array goes into h1's store) puts the array, a task pinned to h2 reads it (the
-  h2 agent pulls it over CURVE from h1's store).  Time from submit to the result.
+  printed command; a driver on h1 puts the array, a task pinned to h2 reads it (the
+  h2 agent pulls it over CURVE from h1's store).  Time from submit to the result, and
+  the put's own time beside it.  Two drivers: `init(address="auto")` writes the array
+  into h1's store through shared memory; `init(address="h1:port")` (a driver joined by
+  address, as from a machine with no node) sends it to h1's store over CURVE first.
 - bare CURVE: a ROUTER on h2 with the same CURVE setup as farpool's sockets, a DEALER
   on h1 sending the bytes as 4 MB messages; time on the receiver, first to last byte
   plus the connection (the sender starts after the receiver is bound).
 
-    sudo python benchmarks/between_hosts.py [--mb 1024] [--reps 3] [--modes local,tcp]
+    sudo python benchmarks/between_hosts.py [--mb 1024] [--reps 3] [--modes local,tcp] [--before-src DIR]
 """
 
 from __future__ import annotations
@@ -38,14 +41,17 @@ DRIVER = textwrap.dedent("""
     mb, reps = int(sys.argv[1]), int(sys.argv[2])
     farpool.init()
     farpool.get(nbytes.remote(np.ones(8)), timeout=120)  # a worker up on h2
-    times = []
+    times, puts = [], []
     for _ in range(reps):
-        ref = farpool.put(np.ones(mb * 2**20 // 8))
+        a = np.ones(mb * 2**20 // 8)
+        t = time.perf_counter()
+        ref = farpool.put(a)
+        puts.append(time.perf_counter() - t)
         t = time.perf_counter()
         assert farpool.get(nbytes.remote(ref), timeout=600) == mb * 2**20
         times.append(time.perf_counter() - t)
         del ref
-    print(json.dumps(times))
+    print(json.dumps([times, puts]))
     farpool.shutdown()
 """)
 
@@ -106,6 +112,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--modes", default="local,tcp", help="local: the driver init('auto') on h1; "
                         "tcp: init('h1:port') on h1 (the driver holds the put itself)")
+    parser.add_argument("--before-src", help="also run the tcp driver with the client code of this src "
+                        "directory (e.g. a checkout before a change), against the same cluster: mode tcp-before")
     args = parser.parse_args()
     with netns.HostBed(2) as bed:
         h1, h2 = bed[0], bed[1]
@@ -121,13 +129,17 @@ def main() -> None:
                 f"--object-store-memory {3 * args.mb * 2**20}"])
         modes = {"local": {"FARPOOL_ADDRESS": "auto"},  # the driver's put goes into h1's store
                  "tcp": {"FARPOOL_ADDRESS": join.group(3), "FARPOOL_TOKEN": token}}  # joined by address
-        modes = {m: modes[m] for m in args.modes.split(",")}
-        farpool_s, curve_s = {m: [] for m in modes}, []
+        if args.before_src:
+            modes["tcp-before"] = dict(modes["tcp"], PYTHONPATH=os.path.abspath(args.before_src))
+        modes = {m: modes[m] for m in args.modes.split(",") + (["tcp-before"] if args.before_src else [])}
+        farpool_s, put_s, curve_s = {m: [] for m in modes}, {m: [] for m in modes}, []
         for _ in range(args.reps):  # interleaved: the same load for both
             curve_s.append(bare_curve(bed, args.mb))
             for mode, env in modes.items():
                 out = h1.run([sys.executable, "-c", DRIVER, str(args.mb), "1"], timeout=900, env=env)
-                farpool_s[mode] += json.loads(out.stdout.splitlines()[-1])
+                times, puts = json.loads(out.stdout.splitlines()[-1])
+                farpool_s[mode] += times
+                put_s[mode] += puts
         for host in (h2, h1):
             host.run([sys.executable, "-m", "farpool", "stop"], check=False)
     gb = args.mb * 2**20 / 1e9
@@ -136,9 +148,12 @@ def main() -> None:
     print(f"  bare CURVE zmq pair h1 -> h2: {c:.2f} s, {gb / c:.2f} GB/s   runs {[round(t, 2) for t in curve_s]}")
     for mode, times in farpool_s.items():
         f = statistics.median(times)
-        what = {"local": "driver init('auto') on h1", "tcp": "driver init('h1:port') on h1"}[mode]
+        what = {"local": "driver init('auto') on h1", "tcp": "driver init('h1:port') on h1",
+                "tcp-before": f"the same, client from {args.before_src}"}[mode]
         print(f"  farpool, {what}, task on h2: {f:.2f} s, {gb / f:.2f} GB/s ({c / f:.2f}x the bare pair)"
               f"   runs {[round(t, 2) for t in times]}")
+        p = statistics.median(put_s[mode])
+        print(f"    its put() took {p:.2f} s; put and task together {c / (p + f):.2f}x the bare pair")
 
 
 if __name__ == "__main__":

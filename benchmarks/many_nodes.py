@@ -11,13 +11,16 @@ connections a real agent opens (``node:<id>`` and its liveness thread's
     CreateActor -> ActorCreated), as an agent that starts an actor does.
 
 Measured per N: the head's CPU (its /proc utime+stime over a window) and resident
-memory, with the fakes idle (resources unchanged, so no NodeTable broadcast) and busy
-(every heartbeat reports other resources available, as when tasks come and go: each one
-makes the head broadcast the node table to every node); heartbeats answered per second;
-and the head's scheduling throughput: actors a driver creates (CreateActor) placed on
-fake nodes and alive, per second.
+memory, with the fakes idle (resources unchanged, so nothing to send them) and busy
+(every heartbeat reports other resources available, as when tasks come and go: the
+head sends every node the change, batched: node_table.py); heartbeats answered per
+second; the bytes of node tables and their changes all nodes receive per second; and
+the head's scheduling throughput: actors a driver creates (CreateActor) placed on fake
+nodes and alive, per second.  ``--before-src DIR`` measures a head of another checkout
+right after ours, size by size, for a before/after in one run.
 
-    python benchmarks/many_nodes.py [--nodes 100,500] [--busy 20,50] [--window 10] [--actors 1000] [--json OUT]
+    python benchmarks/many_nodes.py [--nodes 100,500] [--busy 20,50] [--window 10] [--actors 1000]
+                                    [--before-src DIR] [--json OUT]
 
 Busy clusters are measured small: all the fakes share one process on this machine, which
 must decrypt every table the head broadcasts (N nodes x N changes/s x a table of N
@@ -65,7 +68,7 @@ for i in range(n):
                   "leases": 0})
 by_sock = {f["sock"]: f for f in fakes}
 by_beat = {f["beat"]: f for f in fakes}
-counts = {"acks": 0, "alive_acks": 0, "tables": 0, "leases": 0, "errors": 0, "table_kb": 0, "sent": 0}
+counts = {"acks": 0, "alive_acks": 0, "tables": 0, "leases": 0, "errors": 0, "table_bytes": 0, "sent": 0}
 stats = {"workers": 4, "leased": 0, "pending_leases": 0,
          "object_store": {"used": 0, "capacity": 4e9, "objects": 0, "spilled": 0, "pulls": 0,
                           "pulled_bytes": 0, "pull_failures": 0, "chunks_sent": 0}}
@@ -115,9 +118,9 @@ while True:
             tag = bytes(frames[0])
             if tag == b"HeartbeatAck":
                 counts["acks"] += 1
-            elif tag == b"NodeTable":
+            elif tag in (b"NodeTable", b"NodeTableDelta"):  # the whole table, or its changes
                 counts["tables"] += 1
-                counts["table_kb"] = sum(len(x) for x in frames) / 1024
+                counts["table_bytes"] += sum(len(x) for x in frames)
             elif tag == b"NodeRegistered":
                 f["registered"] = True
             elif tag == b"RequestLease":
@@ -198,11 +201,11 @@ def create_actors(address: str, token: str, count: int) -> float:
     return count / seconds
 
 
-def run(n: int, window: float, actors: int, busy: bool) -> dict:
+def run(n: int, window: float, actors: int, busy: bool, src: str) -> dict:
     from farpool._private import session
     tmp = tempfile.mkdtemp(prefix="fp-many-")
     token = session.new_token()
-    env = dict(os.environ, FARPOOL_TOKEN=token, PYTHONPATH=os.path.join(HERE, "..", "src"))
+    env = dict(os.environ, FARPOOL_TOKEN=token, PYTHONPATH=src)
     log = open(os.path.join(tmp, "head.log"), "w")  # (a pipe nobody reads would stall the head's logging)
     head = subprocess.Popen([sys.executable, "-m", "farpool._private.head", "--session-dir", tmp, "--host",
                              "127.0.0.1", "--port", "0", "--lifeline"], env=env, stdin=subprocess.PIPE, stdout=log,
@@ -235,6 +238,7 @@ def run(n: int, window: float, actors: int, busy: bool) -> dict:
         rate = create_actors(address, token, actors) if actors else 0.0
         after_rss = rss_mb(head.pid)
         c2 = c3 = c4 = counts()
+        table_mb_idle = (c1["table_bytes"] - c0["table_bytes"]) / window / 1e6
         busy_cpu = busy_rss = 0.0
         if busy:  # (last: the broadcasts it causes queue up in the fakes' process when it lags)
             fakes.stdin.write("busy\n")
@@ -254,7 +258,8 @@ def run(n: int, window: float, actors: int, busy: bool) -> dict:
                 "busy_head_cpu": busy_cpu, "busy_rss_mb": busy_rss, "busy_acks_per_s": (c3["acks"] - c2["acks"]) / window,
                 "busy_tables_per_s": (c3["tables"] - c2["tables"]) / window,
                 "actors_per_s": rate, "actors": actors, "head_rss_mb_with_actors": after_rss,
-                "errors": c4["errors"], "table_kb": c4["table_kb"],
+                "errors": c4["errors"], "idle_table_mb_per_s": table_mb_idle,
+                "busy_table_mb_per_s": (c3["table_bytes"] - c2["table_bytes"]) / window / 1e6,
                 "idle_sent_per_s": (c1["sent"] - c0["sent"]) / window, "busy_sent_per_s": (c3["sent"] - c2["sent"]) / window}
     finally:
         if fakes is not None:
@@ -282,28 +287,32 @@ def main() -> None:
     parser.add_argument("--busy", default="20,50", help="node counts measured busy (the fakes' own process must "
                                                         "keep up with the broadcasts it receives: small ones)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--before-src", default=None, help="also measure the head of this src directory "
+                        "(a checkout before a change), each size right after ours")
     args = parser.parse_args()
+    srcs = {"this": os.path.join(HERE, "..", "src")}
+    if args.before_src:
+        srcs["before"] = os.path.abspath(args.before_src)
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the fakes hold 2 sockets per node
     results = []
-    for n in args.nodes.split(","):
-        results.append(run(int(n), args.window, args.actors, busy=False))
+    for n, (which, src) in [(n, s) for n in args.nodes.split(",") for s in srcs.items()]:
+        results.append(dict(run(int(n), args.window, args.actors, busy=False, src=src), head=which))
         r = results[-1]
-        print(f"{r['nodes']} fake nodes: joined in {r['join_s']:.1f} s; head RSS {r['head_rss_mb']:.0f} MB "
+        print(f"[{which}] {r['nodes']} fake nodes: joined in {r['join_s']:.1f} s; head RSS {r['head_rss_mb']:.0f} MB "
               f"({r['rss_kb_per_node']:.0f} kB per node); idle: head CPU {100 * r['idle_head_cpu']:.1f}% of a core "
               f"({r['idle_cpu_per_node_pct']:.3f}% per node), {r['idle_acks_per_s']:.0f} heartbeats + "
               f"{r['idle_alive_acks_per_s']:.0f} liveness beats answered/s (sent: {r['idle_sent_per_s']:.0f} "
               f"heartbeats/s); {r['actors_per_s']:.0f} actors placed/s ({r['actors']}), "
               f"head RSS after {r['head_rss_mb_with_actors']:.0f} MB; errors {r['errors']}", flush=True)
-    for n in args.busy.split(","):
-        results.append(run(int(n), args.window, 0, busy=True))
+    for n, (which, src) in [(n, s) for n in args.busy.split(",") for s in srcs.items()]:
+        results.append(dict(run(int(n), args.window, 0, busy=True, src=src), head=which))
         r = results[-1]
-        tables_mb = r["busy_tables_per_s"] * r["table_kb"] / 1024
-        print(f"{r['nodes']} busy fake nodes (each heartbeat reports other resources available): head CPU "
+        print(f"[{which}] {r['nodes']} busy fake nodes (each heartbeat reports other resources available): head CPU "
               f"{100 * r['busy_head_cpu']:.0f}% of a core, RSS {r['busy_rss_mb']:.0f} MB, {r['busy_acks_per_s']:.0f} "
               f"of {r['busy_sent_per_s']:.0f} heartbeats/s answered, {r['busy_tables_per_s']:.0f} node tables "
-              f"({r['table_kb']:.1f} kB each, {tables_mb:.1f} MB/s) received/s by all nodes; errors {r['errors']}",
+              f"or changes of it ({r['busy_table_mb_per_s']:.2f} MB/s) received/s by all nodes; errors {r['errors']}",
               flush=True)
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
     if args.json:

@@ -87,12 +87,17 @@ def tmp_root():
 @pytest.fixture
 def started(tmp_root):
     """A head and its node agent started with the CLI, on loopback TCP (see farpool_testing.Cluster),
-    for the cluster and chaos layers.  Everything it started is stopped afterwards, even when
+    for the cluster and chaos layers; or, when tests/hosts runs this layer on separate hosts,
+    the head here and each added node on a host of its own (farpool_testing.HostsCluster).  Everything it started is stopped afterwards, even when
     the test's own shutdown fails."""
     import farpool
-    from farpool_testing import Cluster
+    from farpool_testing import Cluster, HostsCluster
     farpool.shutdown()
-    cluster = Cluster(tmp_root)
+    if os.environ.get("FARPOOL_TEST_HOSTS_FD"):  # each node on a host of its own (tests/hosts)
+        cluster = HostsCluster(tmp_root, int(os.environ["FARPOOL_TEST_HOSTS_FD"]),
+                               os.environ["FARPOOL_TEST_HOSTS"].split(","))
+    else:
+        cluster = Cluster(tmp_root)
     yield cluster
     try:
         farpool.shutdown()

@@ -11,6 +11,7 @@ Not ``helpers``: a test of ``runtime_env`` ships a package of that name.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -217,9 +218,15 @@ def farpool_cli(*args, env=None, check=True, timeout=60):
 class Cluster:
     """A head (with its node) and extra node agents started with the CLI, on loopback."""
 
+    host_address = "127.0.0.1"  # where the head listens
+
     def __init__(self, root):
         self.root = root
         self.state_path = os.path.join(root, "cluster.json")
+
+    def node_address(self, i: int) -> str:
+        """The address of the ``i``-th node added (0: the head's node)."""
+        return self.host_address
 
     def start_head(self, *args):
         out = farpool_cli("start", "--head", "--num-cpus", "1", *args)
@@ -241,10 +248,109 @@ class Cluster:
         state = self.read_state()
         return [state["head_pid"]] + [n["pid"] for n in state["nodes"]]
 
+    def kill_node(self, node_id):
+        """kill -9 a node agent; returns once it and its workers (which follow it through their
+        lifelines) are gone."""
+        pid = [n["pid"] for n in self.read_state()["nodes"] if n["node_id"] == node_id][0]
+        victims = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+        os.kill(pid, signal.SIGKILL)
+        psutil.wait_procs(victims, timeout=20)
+
     def stop(self):
         procs = []
         if os.path.exists(self.state_path):
             for pid in self.pids():
+                try:
+                    procs.append(psutil.Process(pid))
+                    procs.extend(psutil.Process(pid).children(recursive=True))
+                except psutil.NoSuchProcess:
+                    pass
+            farpool_cli("stop")
+        gone, alive = psutil.wait_procs(procs, timeout=15)
+        return alive
+
+
+# ---------------------------------------------------------------------------- the same cluster on separate hosts
+# The cluster as tests/hosts/test_cluster_layer_on_hosts.py runs tests/cluster: this process
+# (pytest) runs on the first namespace host, with the head; node agents join from the
+# others.  Commands on another host go through a socket the outer run passed us
+# (FARPOOL_TEST_HOSTS_FD), which it serves with tests/netns.py hosts.
+HOSTS_ROOT = "/tmp/fpt-host"  # FARPOOL_TMPDIR of the agents on the other hosts (each its own /tmp)
+KILL_AGENT = ("import os, signal, sys, psutil\n"
+              "p = psutil.Process(int(sys.argv[1]))\n"
+              "victims = [p] + p.children(recursive=True)\n"
+              "os.kill(p.pid, signal.SIGKILL)\n"
+              "psutil.wait_procs(victims, timeout=20)\n")
+
+
+class HostsCluster(Cluster):
+    """``Cluster`` with the head on this host (``--host`` its address) and each node added
+    on the next of the other hosts, in turn."""
+
+    def __init__(self, root, fd: int, addresses: list):
+        super().__init__(root)
+        self.link = socket.socket(fileno=os.dup(fd))
+        self.link_file = self.link.makefile("rw")
+        self.addresses = addresses
+        self.added = 0
+        self.used_hosts = []
+        self.host_address = addresses[0]
+
+    def node_address(self, i: int) -> str:
+        return self.addresses[0 if i == 0 else 1 + (i - 1) % (len(self.addresses) - 1)]
+
+    def on_host(self, host: int, argv: list, env=None, timeout=90) -> subprocess.CompletedProcess:
+        """Run ``argv`` on host ``host`` (not this one), as the outer run does for us."""
+        self.link_file.write(json.dumps({"host": host, "argv": argv, "env": env or {}, "timeout": timeout}) + "\n")
+        self.link_file.flush()
+        answer = json.loads(self.link_file.readline())
+        return subprocess.CompletedProcess(argv, answer["returncode"], answer["stdout"], answer["stderr"])
+
+    def start_head(self, *args):
+        return super().start_head("--host", self.addresses[0], *args)
+
+    def add_node(self, *args, token=None):
+        host = 1 + self.added % (len(self.addresses) - 1)
+        self.added += 1
+        env = {k: v for k, v in os.environ.items()  # what the test set for its nodes (FARPOOL_*_S ...)
+               if k.startswith("FARPOOL_") and k not in ("FARPOOL_TMPDIR", "FARPOOL_SHM_PATH", "FARPOOL_TEST_HOSTS_FD")}
+        env.update(FARPOOL_TMPDIR=HOSTS_ROOT, FARPOOL_TOKEN=token or self.token)
+        result = self.on_host(host, [sys.executable, "-m", "farpool", "start", "--address", self.address, *args], env)
+        if result.returncode == 0 and host not in self.used_hosts:
+            self.used_hosts.append(host)
+        if token is None and result.returncode != 0:
+            raise AssertionError(f"farpool start on host {host + 1} failed: {result.stdout}\n{result.stderr}")
+        return result
+
+    def read_state(self):
+        """This host's state (the head and its node), then the nodes of every other host (with
+        ``host``: where their pids are)."""
+        state = super().read_state()
+        for host in self.used_hosts:
+            out = self.on_host(host, ["cat", os.path.join(HOSTS_ROOT, "cluster.json")])
+            if out.returncode == 0:
+                state["nodes"] += [dict(n, host=host) for n in json.loads(out.stdout)["nodes"]]
+        return state
+
+    def kill_node(self, node_id):
+        node = [n for n in self.read_state()["nodes"] if n["node_id"] == node_id][0]
+        if "host" not in node:
+            return super().kill_node(node_id)
+        out = self.on_host(node["host"], [sys.executable, "-c", KILL_AGENT, str(node["pid"])])
+        assert out.returncode == 0, f"killing node {node_id[:8]} on host {node['host'] + 1} failed: {out.stderr}"
+
+    def pids(self):
+        raise NotImplementedError("nodes on other hosts have pids this host cannot see")
+
+    def stop(self):
+        for host in self.used_hosts:
+            self.on_host(host, [sys.executable, "-m", "farpool", "stop"], {"FARPOOL_TMPDIR": HOSTS_ROOT})
+        self.used_hosts = []
+        self.added = 0
+        procs = []
+        if os.path.exists(self.state_path):
+            state = super().read_state()
+            for pid in [state["head_pid"]] + [n["pid"] for n in state["nodes"]]:
                 try:
                     procs.append(psutil.Process(pid))
                     procs.extend(psutil.Process(pid).children(recursive=True))

@@ -6,9 +6,6 @@ agent pulls once (from every node that holds one), and the owner frees every cop
 Each test checks the agents' own counts (StoreStats), not only the values.
 """
 
-import os
-import signal
-
 import numpy as np
 import psutil
 import pytest
@@ -101,10 +98,7 @@ def test_a_copy_comes_from_the_other_holders_when_one_node_died(started, monkeyp
     array = np.arange(N, dtype=np.float64)
     ref = farpool.put(array)
     assert farpool.get(summed.options(resources={"second": 1}).remote(ref), timeout=120)[0] == second
-    pid = [n["pid"] for n in started.read_state()["nodes"] if n["node_id"] == second][0]
-    victims = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-    os.kill(pid, signal.SIGKILL)
-    psutil.wait_procs(victims, timeout=20)
+    started.kill_node(second)
     wait_until(lambda: not next(n for n in farpool.nodes() if n["node_id"] == second)["alive"],
                "the head never declared the killed node dead")
     assert farpool.get(summed.options(resources={"third": 1}).remote(ref), timeout=120) == \

@@ -5,11 +5,7 @@ third node started with the CLI on loopback, and a driver joined with address="a
 (it lives on the head node).
 """
 
-import os
-import signal
-
 import numpy as np
-import psutil
 import pytest
 
 import farpool
@@ -78,10 +74,7 @@ def test_a_borrowed_value_whose_owner_died_with_its_node_is_lost_not_another_obj
     assert farpool.get(where.options(resources={"head": 1}).remote(), timeout=60) == head
     [ref] = farpool.get(put_nested.options(resources={"second": 1}).remote(n), timeout=120)
     assert float(farpool.get(ref, timeout=120).sum()) == n  # copied to the driver's node (the head node)
-    pid = [node["pid"] for node in started.read_state()["nodes"] if node["node_id"] == second][0]
-    victims = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-    os.kill(pid, signal.SIGKILL)
-    psutil.wait_procs(victims, timeout=20)
+    started.kill_node(second)
     wait_until(lambda: not next(node for node in farpool.nodes() if node["node_id"] == second)["alive"],
                "the head never declared the killed node dead")
     # The owner is gone: its objects are freed, the copy on the head node too.

@@ -6,8 +6,6 @@ checks that the borrower opened no ipc connection to an owner
 (``client.owner_conns``) and keeps what it read in its own memory.
 """
 
-import os
-import signal
 import time
 
 import numpy as np
@@ -21,14 +19,6 @@ BIG = 200 * 1024 // 8  # float64s: a value above the node store's inline thresho
 
 def node_ids(cluster):
     return [n["node_id"] for n in cluster.read_state()["nodes"]]
-
-
-def kill_node(cluster, node_id):
-    """kill -9 the node agent (its workers follow through their lifelines); wait until all are gone."""
-    pid = [n["pid"] for n in cluster.read_state()["nodes"] if n["node_id"] == node_id][0]
-    victims = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-    os.kill(pid, signal.SIGKILL)
-    psutil.wait_procs(victims, timeout=20)
 
 
 def client():
@@ -154,7 +144,7 @@ def test_a_borrowed_value_of_a_killed_node_fails_clearly(started, monkeypatch):
     head_node, second = two_nodes(started)
     keeper = Keeper.remote()
     [ref] = farpool.get(keeper.make.remote(), timeout=60)  # owned by the actor; not fetched yet
-    kill_node(started, second)
+    started.kill_node(second)
     with pytest.raises(farpool.OwnerDiedError, match=f"node {second[:8]}") as info:
         farpool.get(ref, timeout=60)
     assert ref.hex() in str(info.value)

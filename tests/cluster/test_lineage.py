@@ -7,11 +7,7 @@ loopback, the driver joined on the head node; results are placed on the second n
 a soft NodeAffinity, so that once it is gone their tasks may run again elsewhere.
 """
 
-import os
-import signal
-
 import numpy as np
-import psutil
 import pytest
 
 import farpool
@@ -41,13 +37,6 @@ def on(node_id):
     return {"scheduling_strategy": farpool.NodeAffinity(node_id, soft=True)}
 
 
-def kill_node(cluster, node_id):
-    pid = [node["pid"] for node in cluster.read_state()["nodes"] if node["node_id"] == node_id][0]
-    victims = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-    os.kill(pid, signal.SIGKILL)
-    psutil.wait_procs(victims, timeout=20)
-
-
 def node_dead(node_id):
     return not next(node for node in farpool.nodes() if node["node_id"] == node_id)["alive"]
 
@@ -61,7 +50,7 @@ def test_results_lost_with_their_node_are_rebuilt_with_their_lost_arguments(star
     assert len(ready) == 2
     del ready
     assert store_stats(second)["objects"] == 2  # both results live only on the second node
-    kill_node(started, second)
+    started.kill_node(second)
     wait_until(lambda: node_dead(second), "the head never declared the killed node dead")
     node, value = farpool.get(then, timeout=120)
     assert node != second and value.shape == (N,) and float(value.sum()) == 2.0 * N
@@ -74,7 +63,7 @@ def test_a_lost_result_is_rebuilt_when_get_finds_it_gone_first(started):
     head, second, third = three_nodes(started)
     ref = full.options(**on(second)).remote(N, 3.0)
     farpool.wait([ref], timeout=120, fetch_local=False)
-    kill_node(started, second)
+    started.kill_node(second)
     node, value = farpool.get(ref, timeout=120)
     assert node != second and float(value.sum()) == 3.0 * N
 
@@ -84,7 +73,7 @@ def test_a_lost_result_whose_task_has_no_retries_is_an_object_lost_error_saying_
     head, second, third = three_nodes(started)
     ref = full_once.options(**on(second)).remote(N, 1.0)
     farpool.wait([ref], timeout=120, fetch_local=False)
-    kill_node(started, second)
+    started.kill_node(second)
     wait_until(lambda: node_dead(second), "the head never declared the killed node dead")
     with pytest.raises(farpool.ObjectLostError) as error:
         farpool.get(ref, timeout=60)

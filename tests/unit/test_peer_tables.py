@@ -28,6 +28,7 @@ class RecordingAgent(node.NodeAgent):
         self._relay = lambda *args: self.calls.append(("Relay", args))
         self._to_peer = lambda *args: self.calls.append(("ToPeer", args))
         self._on_node_table = lambda *args: self.calls.append(("node table", args))
+        self._on_node_delta = lambda *args: self.calls.append(("node delta", args))
         self._on_head_error = lambda *args: self.calls.append(("Error", args))
         self.handlers = self._build_handlers()
 
@@ -90,6 +91,10 @@ AGENT_ALLOWED = [
     (node.IPC, b"c:driver", [b"ToPeer", b"c:other", b"GetObject", b"x"], "ToPeer"),
     (node.TCP, b"c:remote", [b"Relay", b"w1", b"ExecuteTask", b"x"], "Relay"),
     (node.TCP, b"c:remote", message("FreeObjects", [b"id"]), "FreeObjects"),
+    # a driver joined by address puts its large values into the store here, and reads them back
+    (node.TCP, b"c:remote", message("UploadObject", 1, b"id", 10, "o", "x"), "UploadObject"),
+    (node.TCP, b"c:remote", protocol.encode("WriteChunk", (2, b"id", 0, True), [b"0123456789"]), "WriteChunk"),
+    (node.TCP, b"c:remote", message("ReadChunk", 3, b"id", 0, 10), "ReadChunk"),
     (node.IPC, b"w:w1", message("WorkerReady", "w1", 4242), "WorkerReady"),
     (node.IPC, b"w:w1", [b"Relay", b"c:ipc:c:driver", b"TaskFinished", b"x"], "Relay"),
     (node.IPC, b"\x00\x12\x34\x56\x78", message("PullObject", 1, b"id", 10, [], "o", "x"), "PullObject"),
@@ -110,6 +115,8 @@ def test_the_agent_handles_what_a_kind_of_peer_may_send(deliver, caplog, socket_
 @pytest.mark.parametrize("frames, handled", [
     (message("RequestLease", 1, {"CPU": 1}, None, None, "DEFAULT", False), "RequestLease"),
     (message("NodeTable", []), "node table"),
+    (message("NodeTable", [], (1, 4)), "node table"),
+    (message("NodeTableDelta", (1, 4), (1, 5), []), "node delta"),
     (message("NodeRegistered", [], "127.0.0.1:6379"), "node table"),  # (its table, the head's address)
     (message("HeartbeatAck"), None),
 ])
@@ -204,3 +211,12 @@ def test_a_drivers_goodbye_ends_only_its_own_job(said_at_hello, in_goodbye, ende
     agent._client_left = lambda c, kind, job_id: left.append((c, kind, job_id))
     agent._on_Goodbye(client, "driver", in_goodbye)
     assert left == [(client, "driver", ended)]
+
+
+def test_a_chunk_written_by_a_remote_client_reaches_its_handler_with_its_bytes(deliver):
+    agent = RecordingAgent()
+    deliver(lambda: agent._on_socket(node.TCP),
+            [b"c:remote", *protocol.encode("WriteChunk", (2, b"id", 64, False), [b"bytes"])])
+    [(tag, (client, *fields))] = agent.calls
+    assert tag == "WriteChunk" and client == (node.TCP, b"c:remote")
+    assert fields[:4] == [2, b"id", 64, False] and [bytes(b) for b in fields[4]] == [b"bytes"]

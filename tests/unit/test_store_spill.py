@@ -182,3 +182,26 @@ def test_no_room_in_memory_nor_on_disk_names_the_spill_directory(tmp_path):
     assert seg is None and full
     assert f"the spill directory {tmp_path / 'not-a-dir'} has" in error and "Nothing was lost" in error
     assert st.objects[b"a"].state is State.IN_MEMORY
+
+
+def test_a_segment_sent_in_pieces_reads_back_as_the_value(tmp_path):
+    """What a driver on another machine sends to fill a segment (segments.pieces), put
+    together at the offsets given, is the segment write_segment makes."""
+    import numpy as np
+    from farpool._private import protocol
+    value = {"a": np.arange(300_000, dtype=np.float64), "b": np.ones(70_000, dtype=np.uint8), "c": "small"}
+    payload, buffers = protocol.dumps(value, what="a test value")
+    size = segments.value_size(payload, buffers)
+    whole = bytearray(size)
+    pieces = segments.pieces(payload, buffers, b"sid", 64 * 1024)
+    assert all(len(p) <= 64 * 1024 for _, p in pieces) and len(pieces) > size // (64 * 1024)
+    for offset, piece in pieces:
+        whole[offset:offset + len(piece)] = piece
+    back = protocol.loads(*segments.parse(memoryview(whole)))
+    assert np.array_equal(back["a"], value["a"]) and np.array_equal(back["b"], value["b"]) and back["c"] == "small"
+    path = tmp_path / "seg"
+    path.write_bytes(bytes(size))
+    segments.write_segment(str(path), payload, buffers, b"sid")
+    written = path.read_bytes()
+    for offset, piece in pieces:  # the same bytes where write_segment puts them
+        assert written[offset:offset + len(piece)] == bytes(piece)

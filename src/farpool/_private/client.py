@@ -49,6 +49,7 @@ from farpool._private.borrowing import Borrowing
 from farpool._private.completion import Completion
 from farpool._private.connections import AgentConn, Connections
 from farpool._private.head_link import HeadLink
+from farpool._private.node_table import NodeTable
 from farpool._private.object_ref import ObjectRef
 from farpool._private.object_service import ObjectService
 from farpool._private.protocol import encode
@@ -84,6 +85,8 @@ class CoreClient:
         self.embedded = cfg.get("embedded", False)
         self.job_setup = cfg.get("job_setup") or {}
         self.nodes: list[dict] = []
+        self.node_table = NodeTable()  # the head's, whole then changes (node_table.py); rows in self.nodes
+        self.table_syncing = False     # we asked the head for it whole (SyncNodes) after a gap
         self.broken: BaseException | None = None
         self.owner_address = None
         self.peer_address = None
@@ -162,7 +165,7 @@ class CoreClient:
             raise ConnectionError(why)
         if self.job_id is None:
             self.job_id = welcome["job_id"]
-        self.nodes = welcome["nodes"]
+        self.nodes = self.node_table.full(welcome.get("nodes_version"), welcome["nodes"])
         self.cluster_embedded = welcome["embedded"]
         self.head_address = welcome.get("address")
         # The home agent: ours on this machine, else the head node's over TCP.
@@ -214,9 +217,14 @@ class CoreClient:
             if not head.poll(max(1, (deadline - time.monotonic()) * 1000)):
                 break
             tag, fields, _ = protocol.decode(head.recv_multipart())
-            if tag == "NodeTable":
-                nodes = [n for n in fields[0] if n.get("alive")]
-                self.nodes = fields[0]
+            if tag in ("NodeTable", "NodeTableDelta"):
+                rows = self.node_table.full(fields[1], fields[0]) if tag == "NodeTable" \
+                    else self.node_table.delta(*fields)
+                if rows is None:  # (a gap: the head sends the table whole)
+                    transport.send(head, encode("SyncNodes", ()))
+                    continue
+                self.nodes = rows
+                nodes = [n for n in rows if n.get("alive")]
                 if nodes:
                     return next((n for n in nodes if n.get("is_head_node")), nodes[0])
         raise ConnectionError("the cluster has no live node agent (none registered with the head in time); "
@@ -351,7 +359,8 @@ class CoreClient:
             conns.answer(fields[0], tuple(fields[1:]))
 
         self._from_head = {
-            "NodeTable": lambda _peer, fields, _buffers: self._on_node_table(fields[0]),
+            "NodeTable": lambda _peer, fields, _buffers: self._on_whole_node_table(*fields),
+            "NodeTableDelta": lambda _peer, fields, _buffers: self._on_node_delta(*fields),
             "ActorInfo": lambda _peer, fields, _buffers: self.actor_client.on_actor_info(*fields),
             "ActorRegistered": answer_rest, "Nodes": answer, "KVValue": answer, "Reply": answer,
             "PlacementGroupReply": answer}
@@ -361,6 +370,8 @@ class CoreClient:
         self._from_agent = {  # and what its remote workers send us through it
             **self._from_worker, "Reply": answer, "Nodes": answer,
             "ObjectAllocated": answer_rest, "StoreStats": answer_rest, "ObjectCopied": answer_rest,
+            # a put of ours into our node's store on another machine, and reading it back (stored.py)
+            "ChunkWritten": answer_rest, "Chunk": lambda _conn, fields, buffers: conns.answer(fields[0], (*fields[1:], buffers)),
             "Welcome": lambda conn, _fields, _buffers: conns.agent_answered(conn),
             "Probe": lambda _conn, _fields, _buffers: None,  # an agent checked our TCP connection is up
             "SegmentsDropped": lambda _conn, fields, _buffers: segments.forget_written(fields[0]),
@@ -410,6 +421,19 @@ class CoreClient:
             self.borrowing.take_value(fields, buffers, remote=True)
         except (TypeError, ValueError) as exc:
             log.warning("dropped a bad ObjectValue from %r: %s", sender[:24], exc)
+
+    def _on_whole_node_table(self, nodes: list, version=None) -> None:
+        self.table_syncing = False
+        self._on_node_table(self.node_table.full(version, nodes))
+
+    def _on_node_delta(self, base, version, changes: list) -> None:
+        """Changes of the head's node table; after a gap (one missed), the whole table again."""
+        rows = self.node_table.delta(base, version, changes)
+        if rows is not None:
+            self._on_node_table(rows)
+        elif not self.table_syncing:
+            self.table_syncing = True
+            transport.send(self.conns.head, encode("SyncNodes", ()))
 
     def _on_node_table(self, nodes: list) -> None:
         """The head's node table: leases, lease requests, borrowers, owners and stored objects

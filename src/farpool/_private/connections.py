@@ -314,6 +314,60 @@ class Connections:
         self.pending[request_id] = continuation
         transport.send(sock, encode(tag, (request_id, *fields)))
 
+    def request_window(self, sock, who: str, requests: list, window: int, silent_s: float) -> list:
+        """``requests_async`` from a user thread: wait for every answer; the answers, in order.
+        Fails when ``who`` answers nothing for ``silent_s`` seconds, or the client breaks."""
+        waiter = Waiter()
+
+        def done(answers):
+            waiter.answered, waiter.value = True, answers
+            waiter.event.set()
+        self._waiting.add(waiter)
+        try:
+            if self.broken is not None:
+                raise self.broken
+            progress = {"answered": 0}
+            self.loop.call_soon(self.requests_async, sock, requests, window, done, progress)
+            seen = -1
+            while not waiter.event.wait(silent_s):
+                if progress["answered"] == seen or self.broken is not None:
+                    raise self.broken or exc_mod.FarpoolError(
+                        f"{who} answered nothing for {silent_s} s ({seen} of {len(requests)} "
+                        f"{requests[0][0]} answered)")
+                seen = progress["answered"]
+        finally:
+            self._waiting.discard(waiter)
+        if waiter.value is BROKEN:
+            raise self.broken
+        return waiter.value
+
+    def requests_async(self, sock, requests: list, window: int, done, progress: dict | None = None) -> None:
+        """(I/O thread) Send ``requests`` ((tag, fields, buffers) each; the request id goes first
+        in the fields) with at most ``window`` unanswered; ``done(answers)``, in order, once all
+        are answered.  A stream of chunks: enough in flight to keep the link busy, never so
+        many that a socket's high-water mark drops one.  ``progress["answered"]`` counts."""
+        answers = [None] * len(requests)
+        progress = progress if progress is not None else {}
+        progress.update(sent=0, answered=0)
+
+        def send_more():
+            while progress["sent"] < len(requests) and progress["sent"] - progress["answered"] < window:
+                i = progress["sent"]
+                progress["sent"] += 1
+                request_id = next(self._request_ids)
+                self.pending[request_id] = lambda value, i=i: answered(i, value)
+                tag, fields, buffers = requests[i]
+                transport.send(sock, encode(tag, (request_id, *fields), buffers))
+
+        def answered(i, value):
+            answers[i] = value
+            progress["answered"] += 1
+            if progress["answered"] == len(requests):
+                done(answers)
+            else:
+                send_more()
+        send_more()
+
     def answer(self, request_id, value) -> None:
         entry = self.pending.pop(request_id, None)
         if isinstance(entry, Waiter):

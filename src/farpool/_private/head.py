@@ -4,7 +4,7 @@ Runs as its own process (``python -m farpool._private.head``), one thread, one
 event loop.  Not on the per-task path: clients talk to it when they join, when
 they need the node table, and for introspection::
 
-    node agents --RegisterNode/Heartbeat--> +------+ --NodeTable--> agents, drivers
+    node agents --RegisterNode/Heartbeat--> +------+ --NodeTableDelta--> agents, drivers
     agents' liveness threads --NodeAlive--> |      |
     drivers -----Hello/GetNodes/KV--------> | head |
     lifeline (embedded only) -------------> +------+
@@ -16,6 +16,12 @@ from a thread of the agent that nothing blocks (pulse.py), so a busy node is not
 dead one.  The embedded cluster's agent is judged by its process instead (a pidfd:
 the driver started both, on one machine): it is dead when it exits, never for
 being late.
+
+Subscribers (agents, clients) get the node table whole when they join (NodeRegistered,
+Welcome) or ask (SyncNodes, after a version gap), and then only its changes, versioned
+(node_table.py): at once when a node dies, else at most every ``TABLE_BATCH_S`` (the
+first change after a quiet spell at once), so 500 nodes joining or reporting other free
+resources cost one diff and one message per subscriber per batch, not one per change.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ import time
 
 import signal as _signal
 
-from farpool._private import (actor_table, addresses, cluster_state, copy_events, head_tables, placement_groups,
-                              protocol, scheduling, session, task_history, transport, versions)
+from farpool._private import (actor_table, addresses, cluster_state, copy_events, head_tables, node_table,
+                              placement_groups, protocol, scheduling, session, task_history, transport, versions)
 from farpool._private.actor_table import ALIVE, DEAD, PENDING, ActorTable
 from farpool._private.protocol import encode
 
@@ -45,6 +51,10 @@ CHECK_INTERVAL_S = 1.0
 # Longer spares a driver whose network is slow to come back; shorter frees sooner what
 # a driver that died meanwhile held.
 REJOIN_GRACE_S = float(os.environ.get("FARPOOL_REJOIN_GRACE_S", "10"))
+# Changes of the node table (joins, free resources) are sent to subscribers at most this
+# often (deaths at once).  Shorter gives agents a fresher view for spilling leases back;
+# longer sends fewer, larger messages when many nodes are busy or join together.
+TABLE_BATCH_S = float(os.environ.get("FARPOOL_TABLE_BATCH_S", "0.2"))
 
 # What each kind of peer may send the head; anything else is dropped with one log line
 # naming the peer's kind and the tag.  A peer's kind is the prefix of the identity it
@@ -52,12 +62,13 @@ REJOIN_GRACE_S = float(os.environ.get("FARPOOL_REJOIN_GRACE_S", "10"))
 MAY_SEND = {
     # a node agent, "node:<node id>": it joins, beats, and answers the head's leases for actors
     "node agent": frozenset({"Ping", "RegisterNode", "Heartbeat", "Goodbye", "DriverDied", "LeaseGranted",
+                             "SyncNodes",
                              "LeaseInfeasible", "WorkerExited", "ActorCreated",
                              "BundlesPrepared", "BundlesCommitted", "BundlesReleased"}),
     # an agent's liveness thread (pulse.py), "pulse:<node id>:<pid>"
     "liveness thread": frozenset({"NodeAlive"}),
     # a driver's or a worker's client (and the CLI's), "c:<client id>"
-    "client": frozenset({"Ping", "Hello", "Goodbye", "GetNodes", "KVPut", "KVGet", "CreateActor",
+    "client": frozenset({"Ping", "Hello", "Goodbye", "GetNodes", "SyncNodes", "KVPut", "KVGet", "CreateActor",
                          "GetNamedActor", "WaitActor", "KillActor",
                          "TaskEvents", "GetState",  # task events in batches; status/list/timeline
                          "CreatePlacementGroup", "RemovePlacementGroup", "WaitPlacementGroup", "GetPlacementGroups"}),
@@ -114,6 +125,9 @@ class Head:
         self.last_seen: dict[str, float] = {}
         self.node_pidfds: dict[str, int] = {}   # embedded: node id -> pidfd of its agent
         self.subscribers: dict[tuple, bool] = {}  # (socket, identity) -> True
+        self.table_changes = node_table.Changes(self.epoch)  # what subscribers have of the node table
+        self.table_flush = None                  # the timer of a batch of changes (TABLE_BATCH_S)
+        self.table_sent_at = float("-inf")       # when changes were last sent
         self.kv: dict[str, bytes] = {}
         self.next_job = 1
         self.actors = ActorTable()
@@ -240,7 +254,9 @@ class Head:
                                         "driver": identity.decode(errors="replace"), "since": time.time()})
         self._reply(sock, identity, "Welcome", {
             "job_id": job_id, "embedded": self.embedded, "session_dir": self.session_dir,
-            "nodes": self._table(), "address": self.address(), "versions": versions.ours(),
+            "nodes": self.table_changes.rows(), "nodes_version": self.table_changes.version,
+            "address": self.address(),
+            "versions": versions.ours(),
         })
 
     def _on_RegisterNode(self, sock, identity, info: dict) -> None:
@@ -258,7 +274,6 @@ class Head:
         self.nodes[node_id] = record
         self.node_peers[node_id] = (sock, identity)
         self.last_seen[node_id] = time.monotonic()
-        self.subscribers[(sock, identity)] = True
         self._save("nodes", node_id, record)
         if held is not None:
             # Heartbeats queued while we were away each got "register again": reconcile once.
@@ -272,8 +287,10 @@ class Head:
             log.info("node %s joined with %s", node_id, info["total"])
         if self.embedded and info.get("pid") and node_id not in self.node_pidfds:
             self._watch_node_process(node_id, info["pid"])
-        self._reply(sock, identity, "NodeRegistered", self._table(), self.address())
-        self._broadcast()
+        self._table_changed()
+        self.subscribers[(sock, identity)] = True  # the table as last sent, then the changes (its own record)
+        self._reply(sock, identity, "NodeRegistered", self.table_changes.rows(), self.address(),
+                    self.table_changes.version)
         for record in list(self.actors.actors.values()):
             if record.state == PENDING and record.node_id is None and record.request_id is None:
                 self._schedule_actor(record)
@@ -314,7 +331,7 @@ class Head:
         record["available"] = available
         record.update(stats)
         if changed:
-            self._broadcast()
+            self._table_changed()
 
     def _on_NodeAlive(self, sock, identity, node_id: str, beat: int) -> None:
         """From an agent's liveness thread (pulse.py): it lives, however busy its loop is."""
@@ -350,6 +367,11 @@ class Head:
 
     def _on_GetNodes(self, sock, identity, request_id) -> None:
         self._reply(sock, identity, "Nodes", request_id, self._table())
+
+    def _on_SyncNodes(self, sock, identity) -> None:
+        """A subscriber missed a change (a version gap): the whole table again, as last sent."""
+        if (sock, identity) in self.subscribers:
+            self._reply(sock, identity, "NodeTable", self.table_changes.rows(), self.table_changes.version)
 
     def _on_KVPut(self, sock, identity, request_id, key: str, value: bytes) -> None:
         self.kv[key] = value
@@ -570,11 +592,28 @@ class Head:
     def address(self) -> str | None:
         return addresses.join(self.advertise, self.port) if self.tcp is not None else None
 
+    def _table_changed(self) -> None:
+        """The node table changed: send it now if nothing was sent for TABLE_BATCH_S, else with
+        whatever else changes until then."""
+        if self.table_flush is not None:
+            return
+        wait = self.table_sent_at + TABLE_BATCH_S - time.monotonic()
+        if wait <= 0:
+            self._broadcast()
+        else:
+            self.table_flush = self.loop.call_later(wait, self._broadcast)
+
     def _broadcast(self) -> None:
-        frames = encode("NodeTable", (self._table(),))
-        for sock, identity in list(self.subscribers):
-            if not transport.send(sock, [identity, *frames]):
-                self.subscribers.pop((sock, identity), None)
+        """Send every subscriber what changed in the node table since the last time (node_table.py)."""
+        self.loop.cancel_timer(self.table_flush)
+        self.table_flush = None
+        self.table_sent_at = time.monotonic()
+        delta = self.table_changes.take({n["node_id"]: n for n in self._table()})
+        if delta is not None:
+            frames = encode("NodeTableDelta", delta)
+            for sock, identity in list(self.subscribers):
+                if not transport.send(sock, [identity, *frames]):
+                    self.subscribers.pop((sock, identity), None)
         self._apply_groups(self.pgs.nodes_changed(list(self.nodes.values())))
 
     # --- placement groups (decisions: placement_groups.py; bundles held by the agents) ---

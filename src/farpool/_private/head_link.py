@@ -156,7 +156,7 @@ class HeadLink(ClientPart):
         if away is not None:
             log.warning("the head at %s is back after %.1f s; this client registered again", self.where, away)
         if isinstance(welcome, dict) and isinstance(welcome.get("nodes"), list):
-            self.c._on_node_table(welcome["nodes"])
+            self.c._on_whole_node_table(welcome["nodes"], welcome.get("nodes_version"))
 
     def _on_error(self, code, why="", *_) -> None:
         if code == "head-gone" and self.state.state != GIVEN_UP:  # its supervisor gave up

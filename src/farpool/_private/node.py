@@ -40,12 +40,12 @@ import signal
 import sys
 import time
 
-from farpool._private import (addresses, copy_events, host_usage, launcher, protocol, pull, pulse, scheduling,
-                              session, spill, store, transport, versions)
+from farpool._private import (addresses, copy_events, host_usage, launcher, node_table, protocol, pull, pulse,
+                              scheduling, session, spill, store, transport, versions)
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.node_clients import HEAD, IPC, TCP, Client, ClientsPart
 from farpool._private.node_diagnostics import DiagnosticsPart
-from farpool._private.node_objects import ObjectsPart
+from farpool._private.node_objects import ObjectsPart, Upload
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.node")
@@ -71,8 +71,9 @@ _CLIENT_ANYWHERE = frozenset({
 MAY_SEND = {
     # a client on this machine (a driver, a worker's own client, the CLI), ipc, "c:..."
     "local client": _CLIENT_ANYWHERE | {"WorkerBlocked", "WorkerUnblocked", "AllocateObject", "PullObject"},
-    # a client on another machine, TCP, "c:...": nothing that needs this machine's store
-    "remote client": _CLIENT_ANYWHERE,
+    # a client on another machine, TCP, "c:...": nothing that maps this machine's store; it
+    # puts large values here in chunks (UploadObject, WriteChunk) and reads them back (ReadChunk)
+    "remote client": _CLIENT_ANYWHERE | {"UploadObject", "WriteChunk", "ReadChunk"},
     # one of our workers, ipc, "w:<worker id>": Relay carries its answers back to clients
     "worker": frozenset({"WorkerReady", "AllocateObject", "Relay"}),
     # a worker's argument reader (task_args.py), ipc, an identity zmq made up
@@ -81,8 +82,11 @@ MAY_SEND = {
     "peer agent": frozenset({"Hello", "Ping", "ReadChunk", "WatchPeer"}),
     # the head, on our connection to it (Relay: it creates an actor in one of our workers)
     "head": frozenset({"Relay", "RequestLease", "ReturnLease", "SignalWorker", "NodeRegistered", "NodeTable",
+                       "NodeTableDelta",
                        "Error", "HeartbeatAck", "PrepareBundles", "CommitBundles", "ReleaseBundles"}),
 }
+# Tags whose handler also takes the message's buffers (the bytes of a chunk), last.
+TAKES_BUFFERS = frozenset({"WriteChunk"})
 # What the launcher (a forked child, over a pipe) may report.
 LAUNCHER_MAY_SEND = frozenset({"output", "started", "exited"})
 
@@ -175,13 +179,17 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.pulls_by_store: dict[bytes, pull.Pull] = {}
         self.pull_ids = itertools.count(1)
         self.pull_timer = None
+        self.uploads: dict[bytes, Upload] = {}         # store id -> a remote client's put arriving
         self.peer_agents: dict[str, object] = {}      # node id -> our DEALER to that node's agent
-        self.copy_counts = {"pulls": 0, "pulled_bytes": 0, "pull_failures": 0, "chunks_sent": 0}
+        self.copy_counts = {"pulls": 0, "pulled_bytes": 0, "pull_failures": 0, "chunks_sent": 0,
+                            "uploaded_bytes": 0}
         self.copy_log = copy_events.CopyLog()  # copies made, for the timeline: each heartbeat takes them
         self.watched_owners: set = set()  # owners on other nodes of copies we hold (WatchPeer)
         self.last_ack = time.monotonic()
         self.head = None
         self.cluster_nodes: list[dict] = []
+        self.table = node_table.NodeTable()  # the head's node table: whole, then changes
+        self.table_syncing = False           # we asked for the whole table (SyncNodes) after a gap
 
     # --- start ---
     def connect_head(self) -> None:
@@ -220,8 +228,10 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
             "RequestLease": lambda *fields: self._on_RequestLease(HEAD_CLIENT, *fields),
             "ReturnLease": lambda *fields: self._on_ReturnLease(HEAD_CLIENT, *fields),
             "SignalWorker": lambda *fields: self._on_SignalWorker(HEAD_CLIENT, *fields),
-            "NodeRegistered": lambda nodes, head_address: self._on_node_table("NodeRegistered", nodes),
-            "NodeTable": lambda nodes: self._on_node_table("NodeTable", nodes),
+            "NodeRegistered": lambda nodes, head_address, version=None:
+                self._on_node_table("NodeRegistered", nodes, version),
+            "NodeTable": lambda nodes, version=None: self._on_node_table("NodeTable", nodes, version),
+            "NodeTableDelta": self._on_node_delta,
             "Error": self._on_head_error,
             "HeartbeatAck": lambda *_: None,  # the head heard us: every message from it sets last_ack
             "PrepareBundles": self._on_PrepareBundles, "CommitBundles": self._on_CommitBundles,
@@ -293,13 +303,27 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         except Exception:  # a bug handling one message must not take the whole node down
             log.exception("failed to handle a message from the head; still serving")
 
-    def _on_node_table(self, tag: str, nodes) -> None:
+    def _on_node_table(self, tag: str, nodes, version) -> None:
+        """The head's whole node table (when we join, or after SyncNodes)."""
         if tag == "NodeRegistered" and self.rejoining:
             log.warning("this node joined the cluster again")
             self.rejoining = False
         if not isinstance(nodes, list):
             raise protocol.ProtocolError(f"{tag} carries a {type(nodes).__name__}, expected the node table")
-        self.cluster_nodes = nodes
+        self.table_syncing = False
+        self._new_cluster_view(self.table.full(version, nodes))
+
+    def _on_node_delta(self, base, version, changes) -> None:
+        """Changes of the head's node table (node_table.py); after a gap, the whole table again."""
+        rows = self.table.delta(base, version, changes)
+        if rows is not None:
+            self._new_cluster_view(rows)
+        elif not self.table_syncing:
+            self.table_syncing = True
+            transport.send(self.head, encode("SyncNodes", ()))
+
+    def _new_cluster_view(self, rows: list) -> None:
+        self.cluster_nodes = rows
         self._apply(self.leases.set_cluster_view(self.cluster_nodes))
         self._sources_died()
 
@@ -374,12 +398,15 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                     else:
                         self._to_peer(kind, identity, frames)
                     continue
-                tag, fields, _ = protocol.decode(frames[1:])
+                tag, fields, buffers = protocol.decode(frames[1:])
                 handler = self.handlers.get(peer, {}).get(tag)
                 if handler is None:
                     self._refuse(peer, identity, tag)
                     continue
-                handler(Client(kind, identity), *fields)
+                if tag in TAKES_BUFFERS:
+                    handler(Client(kind, identity), *fields, buffers)
+                else:
+                    handler(Client(kind, identity), *fields)
             except (protocol.ProtocolError, TypeError, ValueError, KeyError, IndexError) as exc:
                 log.warning("dropped a bad message from %r: %s", identity[:24], exc)
             except Exception:  # a bug handling one message must not take the whole node down

@@ -8,6 +8,8 @@ pull.Pull (pure); this is the I/O around them::
     writer --AllocateObject--> ObjectAllocated(path)     reader --RestoreObject/PullObject--> ObjectCopied(path)
     owner --FreeObjects--> segment freed                  owner gone (PeerGone, Goodbye) --> its objects freed
     this agent --ReadChunk--> other node's agent --Chunk--> pwrite into the copy's segment
+    client on another machine --UploadObject--> ObjectAllocated, --WriteChunk + bytes--> ChunkWritten
+        (pwrite into the segment; the last chunk closes it; ReadChunk reads it back)
 
 It uses the agent's state set in ``NodeAgent.__init__`` (``store``, ``mover``,
 ``allocating``, ``store_writers``, ``trim_timer``, ``pulls``, ``pulls_by_store``,
@@ -20,11 +22,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import NamedTuple
 
 from farpool._private import copy_events, protocol, pull, scheduling, segments, spill, store, transport
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.node")
+
+
+class Upload(NamedTuple):
+    """A value a client on another machine is writing into our store (UploadObject)."""
+    client: tuple   # who writes it: only that client's chunks are taken
+    fd: int         # open_to_fill: holds the segment's lock until the last chunk
+    size: int       # the segment's bytes
 
 class ObjectsPart:
     """NodeAgent's object store and copies from other nodes."""
@@ -52,6 +62,41 @@ class ObjectsPart:
             self._send(client, "ObjectAllocated", request_id, seg and seg.path, error)
         self._apply_store(self.store.allocate(answer, store_id, size, owner, what))
 
+    # --- values put by a client on another machine (a driver joined by address) ---
+    def _on_UploadObject(self, client, request_id, store_id: bytes, size: int, owner: str, what: str) -> None:
+        """A client with no store on this machine puts a large value here: a segment now (or
+        once spills made room), then its bytes in chunks (WriteChunk).  It cannot map the
+        segment, so it is not told when segments drop (store_writers)."""
+        def answer(seg, error, full):
+            if seg is not None:
+                self.uploads[store_id] = Upload(client, segments.open_to_fill(seg.path), seg.used)
+            self._send(client, "ObjectAllocated", request_id, seg and seg.path, error)
+        self._apply_store(self.store.allocate(answer, store_id, size, owner, what))
+
+    def _on_WriteChunk(self, client, request_id, store_id: bytes, offset: int, last: bool, buffers) -> None:
+        """Bytes of an upload at ``offset``; the ``last`` chunk seals it (readable from then on).
+        ChunkWritten(error) answers each, so the writer keeps a few in flight, no more."""
+        upload = self.uploads.get(store_id)
+        data = buffers[0] if len(buffers) == 1 else b""
+        if upload is None or upload.client != client:
+            error = "no upload of it is open here: it was freed, or never allocated"
+        elif not (0 <= offset and offset + len(data) <= upload.size):
+            error = f"bad range: {len(data)} bytes at {offset} of {upload.size}"
+        else:
+            error = None
+            os.pwrite(upload.fd, data, offset)
+            self.copy_counts["uploaded_bytes"] += len(data)
+        if upload is not None and (last or error is not None):
+            self._end_upload(store_id)
+            if error is not None:
+                self._apply_store(self.store.free_object(store_id))
+        self._send(client, "ChunkWritten", request_id, error)
+
+    def _end_upload(self, store_id: bytes) -> None:
+        upload = self.uploads.pop(store_id, None)
+        if upload is not None:
+            os.close(upload.fd)  # drops the fill lock
+
     def _on_FreeObjects(self, client, store_ids: list) -> None:
         self._free_objects(store_ids)
 
@@ -69,6 +114,7 @@ class ObjectsPart:
             copying = self.pulls_by_store.get(store_id)
             if copying is not None:  # nobody will read it
                 self._end_pull(copying, why)
+            self._end_upload(store_id)
             for reader, reader_request in self.allocating.pop(store_id, ()):  # (its segment awaited room)
                 self._send(reader, "ObjectCopied", reader_request, None, why, False)
             self._apply_store(self.store.free_object(store_id))
@@ -200,7 +246,7 @@ class ObjectsPart:
     def _on_ReadChunk(self, client, pull_id: int, store_id: bytes, offset: int, length: int) -> None:
         """Another node's agent copies one of our objects: send it ``length`` bytes from ``offset``."""
         seg = self.store.objects.get(store_id)
-        if seg is None or store_id in self.pulls_by_store:
+        if seg is None or store_id in self.pulls_by_store or store_id in self.uploads:
             error = "it is not in its store (freed, or still arriving)"
             frames = encode("Chunk", (pull_id, offset, error))
         elif not (0 <= offset and 0 < length <= pull.MAX_CHUNK and offset + length <= seg.used):

@@ -10,7 +10,8 @@ pending -> answered when it is done; inline -> its bytes; in a node store, for a
 with a store of its own on another node -> a "pull" its agent carries out; in our node's
 store, for a borrower on our node -> the location, which it maps; for a borrower with no
 store (a driver joined over TCP) -> the bytes, as views of the mapping (restored first if
-spilled, copied to our node first if stored on another, neither blocking the I/O thread).
+spilled, copied to our node first if stored on another, neither blocking the I/O thread),
+or, when we are such a driver ourselves, read back from our node's store first.
 
 Who may touch it: the I/O thread only.
 """
@@ -78,6 +79,12 @@ class ObjectService(ClientPart):
         elif entry.state == READY and entry.location is not None and remote and node is None:
             if home.local and entry.location.node_id != home.node_id:
                 self._serve_copied(identity, object_id, entry)
+            elif not home.local:  # our own put, in our node's store on another machine
+                self.c.stored.download_async(
+                    entry.location.store_id, entry.location.size,
+                    lambda payload, buffers: self._reply(identity, object_id, READY, bytes(payload), buffers,
+                                                         None, remote=True),
+                    lambda error: self._reply(identity, object_id, FAILED, None, [], error, remote=True))
             else:
                 self._serve_stored(identity, object_id, entry.location)
         elif entry.state == READY and entry.location is not None:  # in its node's store: it maps it

@@ -35,7 +35,7 @@ ACTOR_EXIT_CODE = 77
 TAGS = frozenset({
     # client <-> head
     "Hello", "Welcome", "RegisterNode", "NodeRegistered", "Heartbeat", "HeartbeatAck",
-    "NodeTable", "GetNodes", "Nodes", "KVPut", "KVGet", "KVValue", "Goodbye",
+    "NodeTable", "NodeTableDelta", "SyncNodes", "GetNodes", "Nodes", "KVPut", "KVGet", "KVValue", "Goodbye",
     "DriverDied",
     # owners' task events, in batches (task_events.py); status/list/timeline questions (cluster_state.py)
     "TaskEvents", "GetState",
@@ -60,6 +60,8 @@ TAGS = frozenset({
     "AllocateObject", "ObjectAllocated", "FreeObjects", "RestoreObject", "StoreStats", "SegmentsDropped",
     # copies between node stores (pull.py): reader -> its agent, agent -> agent, owner <- borrower
     "PullObject", "ObjectCopied", "ReadChunk", "Chunk", "AddCopy",
+    # a client on another machine puts a large value into its agent's store, and reads it back
+    "UploadObject", "WriteChunk", "ChunkWritten",
     # observing (farpool stack/logs): client -> node agent, answered by Reply(request_id, value)
     "DumpStacks", "ReadLogs", "Reply",
     # actors: client <-> head <-> agent <-> worker

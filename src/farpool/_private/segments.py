@@ -220,13 +220,35 @@ def read_segment(path: str, size: int, private: bool = False, store_id: bytes | 
         m.close()
         release()  # now: the traceback keeps ``m`` alive, and its lock would pin the segment
         raise SegmentReused(f"{path} no longer holds object {store_id.hex()}: it was freed")
-    view = memoryview(m)
-    payload_len, count = struct.unpack_from("<2Q", m, ID_FIELD)
-    lens = struct.unpack_from(f"<{count}Q", m, ID_FIELD + 16) if count else ()
+    return parse(memoryview(m), private)
+
+
+def parse(view: memoryview, private: bool = False):
+    """(payload view, buffer views) of a whole segment's bytes (a mapping, or a copy read
+    back from another machine); the buffers writable only with ``private``."""
+    payload_len, count = struct.unpack_from("<2Q", view, ID_FIELD)
+    lens = struct.unpack_from(f"<{count}Q", view, ID_FIELD + 16) if count else ()
     header_len, offsets, _ = layout(payload_len, list(lens))
     payload = view[header_len:header_len + payload_len]
     buffers = [view[off:off + n] if private else view[off:off + n].toreadonly() for off, n in zip(offsets, lens)]
     return payload, buffers
+
+
+def pieces(payload: bytes, buffers: list, store_id: bytes, chunk: int) -> list[tuple[int, memoryview]]:
+    """A segment as (offset, bytes) pieces of at most ``chunk`` bytes, views of the value's
+    own buffers (no copy): what a client on another machine sends to fill one
+    (the gaps between them are padding, never read)."""
+    views = [memoryview(b).cast("B") if memoryview(b).format != "B" or memoryview(b).ndim != 1
+             else memoryview(b) for b in buffers]
+    header_len, offsets, _ = layout(len(payload), [v.nbytes for v in views])
+    header = id_field(store_id) + struct.pack(f"<{2 + len(views)}Q", len(payload), len(views),
+                                               *[v.nbytes for v in views])
+    head = memoryview(header.ljust(header_len, b"\0") + bytes(payload))
+    out = []
+    for start, view in [(0, head), *zip(offsets, views)]:
+        for i in range(0, view.nbytes, chunk):
+            out.append((start + i, view[i:i + chunk]))
+    return out
 
 
 def read_range(path: str, offset: int, length: int) -> bytes:

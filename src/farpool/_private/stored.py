@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 
 from farpool import exceptions as exc_mod
-from farpool._private import protocol, segments
+from farpool._private import protocol, pull, segments
 from farpool._private.client_part import ClientPart
 from farpool._private.refs import READY, Entry, Location
 
@@ -33,16 +33,60 @@ class StoreReads(ClientPart):
     def store_value(self, store_id: bytes, payload: bytes, buffers: list, what: str) -> Location | None:
         """Write a large pickled value into this node's store; None when it stays inline."""
         home = self.conns.home
-        if home is None or not home.local:
+        if home is None:
             return None
         size = segments.value_size(payload, buffers)
         if size < segments.INLINE_MAX:
             return None
+        if not home.local:
+            return self._upload(home, store_id, payload, buffers, size, what)
         path, error = self.conns.agent_request(home, "AllocateObject", (store_id, size, self.c.identity.decode(), what))
         if path is None:
             raise exc_mod.ObjectStoreFullError(error)
         segments.write_segment(path, payload, buffers, store_id)
         return Location("seg", home.node_id, store_id, path, size)
+
+    def _upload(self, home, store_id: bytes, payload: bytes, buffers: list, size: int, what: str) -> Location:
+        """A client on another machine than its node (a driver joined by address) puts a large
+        value into that node's store: chunks sent straight from the value's buffers, a few
+        in flight.  Readers on other nodes then copy it as they copy any stored value
+        (pull.py), instead of getting it through us and two relays."""
+        path, error = self.conns.agent_request(home, "UploadObject", (store_id, size, self.c.identity.decode(), what))
+        if path is None:
+            raise exc_mod.ObjectStoreFullError(f"cannot put {what} ({size} bytes) into the store of node "
+                                               f"{home.node_id[:8]}: {error}")
+        pieces = segments.pieces(payload, buffers, store_id, pull.CHUNK)
+        requests = [("WriteChunk", (store_id, offset, i == len(pieces) - 1), [piece])
+                    for i, (offset, piece) in enumerate(pieces)]
+        answers = self.conns.request_window(home.socket, f"the agent of node {home.node_id[:8]}", requests,
+                                            pull.WINDOW, pull.SILENT_S)
+        errors = [a[0] for a in answers if a[0] is not None]
+        if errors:
+            raise exc_mod.ObjectLostError(f"sending {what} ({size} bytes) to the store of node "
+                                          f"{home.node_id[:8]} failed: {errors[0]}")
+        return Location("seg", home.node_id, store_id, path, size)
+
+    def _download(self, home, store_id: bytes, size: int, private: bool):
+        """The bytes of a value our node holds, when we are on another machine (our own large
+        put, read back): in chunks, a few in flight, into memory of our own."""
+        requests = _read_back_requests(store_id, size)
+        answers = self.conns.request_window(home.socket, f"the agent of node {home.node_id[:8]}", requests,
+                                            pull.WINDOW, pull.SILENT_S)
+        return _assembled(home, store_id, size, requests, answers, private)
+
+    def download_async(self, store_id: bytes, size: int, done, failed) -> None:
+        """(I/O thread) ``_download`` without waiting: ``done(payload, buffers)`` or ``failed(error)``."""
+        home = self.conns.home
+        requests = _read_back_requests(store_id, size)
+
+        def answered(answers):
+            try:
+                payload, buffers = _assembled(home, store_id, size, requests, answers, False)
+            except exc_mod.ObjectLostError as error:
+                failed(error)
+                return
+            done(payload, buffers)
+        self.conns.requests_async(home.socket, requests, pull.WINDOW, answered)
 
     def map_location(self, location: tuple, private: bool = False, oid: bytes | None = None, entry=None):
         """Zero-copy (payload, buffers) of a stored value (restored if spilled).  A value in
@@ -54,6 +98,8 @@ class StoreReads(ClientPart):
             spec = self.stored_for(home.node_id, oid, entry, f"object {oid.hex()[:16]}")
             return self._read(home, "PullObject", _pull_fields(spec), size, private, store_id,
                               lambda error, full: self.copy_failed(oid, error, full), timeout=3600)
+        if home is not None and not home.local and node_id == home.node_id:  # our node is on another machine
+            return self._download(home, store_id, size, private)
         try:
             return segments.read_segment(path, size, private, store_id)
         except FileNotFoundError:
@@ -168,6 +214,22 @@ class StoreReads(ClientPart):
             except exc_mod.FarpoolError:  # no answer in time: not here yet
                 out[i] = False
         return out
+
+
+def _read_back_requests(store_id: bytes, size: int) -> list:
+    return [("ReadChunk", (store_id, offset, min(pull.CHUNK, size - offset)), [])
+            for offset in range(0, size, pull.CHUNK)]
+
+
+def _assembled(home, store_id: bytes, size: int, requests: list, answers: list, private: bool):
+    """(payload, buffers) of the chunks read back (``_read_back_requests``, answered)."""
+    data = bytearray(size)
+    for (_, (_, offset, length), _), (_, error, chunk) in zip(requests, answers):
+        if error is not None or len(chunk) != 1 or len(chunk[0]) != length:
+            raise exc_mod.ObjectLostError(f"object {store_id.hex()} cannot be read back from the store of node "
+                                          f"{home.node_id[:8]}: {error or 'a chunk came back short'}")
+        data[offset:offset + length] = chunk[0]
+    return segments.parse(memoryview(data), private)
 
 
 def _pull_fields(spec) -> tuple:

@@ -1,0 +1,101 @@
+"""The cluster tests that matter for separate addresses, run again with each node on a host
+of its own: two nodes, objects and copies between nodes, actors across nodes, lineage,
+a driver joined by address.
+
+Each case runs pytest on those tests *inside* host h1 (the driver and the head live
+there, as on the loopback cluster, where the test process is the driver); their
+``started`` cluster (tests/conftest.py, farpool_testing.HostsCluster) starts the head
+with ``--host`` h1's address and each added node on h2, then h3, in turn.  What the
+tests do on other hosts (start a node agent, read its state file, kill -9 it, stop it)
+they ask of this process over a socket pair it passes them; it runs the command on the
+host (tests/netns.py).  One bed serves the whole module.
+
+Tests left out, and why: those about one machine (agents sharing its memory, ``auto``
+address, ``farpool stop`` ending a machine's processes) or that read another node's
+agent process with psutil (a pid of another host); the wrong-token and wrong-address
+cases, which tests/hosts/test_cluster_on_hosts.py covers between hosts already.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SELECTED = {
+    "test_two_nodes.py": [
+        "test_custom_resource_runs_on_the_second_node_through_its_tcp_port",
+        "test_worker_killed_on_the_remote_node_is_retried",
+        "test_killed_node_agent_is_declared_dead_and_its_tasks_fail_over",
+        "test_borrows_held_on_a_node_that_dies_are_released",
+    ],
+    "test_cross_node_objects.py": [
+        "test_a_task_on_another_node_reads_borrowed_refs_through_the_agents",
+        "test_an_actor_on_another_node_reads_a_kept_ref_later",
+        "test_the_driver_reads_a_value_owned_by_a_worker_on_another_node",
+        "test_releases_reach_owners_on_other_nodes",
+        "test_a_borrowed_value_of_a_killed_node_fails_clearly",
+    ],
+    "test_copies_between_nodes.py": [
+        "test_readers_on_another_node_share_one_copy_that_the_owner_frees",
+        "test_a_copy_is_pulled_from_every_node_that_holds_one",
+        "test_a_large_argument_by_value_is_copied_for_the_call_and_freed_after_it",
+        "test_a_copy_comes_from_the_other_holders_when_one_node_died",
+        "test_a_large_result_stays_on_its_node_until_read_elsewhere",
+    ],
+    "test_actors_cluster.py": ["test_actor_on_another_node_is_called_through_its_agent"],
+    "test_lineage.py": [
+        "test_results_lost_with_their_node_are_rebuilt_with_their_lost_arguments",
+        "test_a_lost_result_whose_task_has_no_retries_is_an_object_lost_error_saying_why",
+    ],
+    "test_tcp_driver_puts.py": ["test_a_large_put_goes_to_the_node_store_and_every_reader_finds_it"],
+}
+
+
+def serve(link: socket.socket, bed) -> None:
+    """Run on the bed's hosts what the inner run asks (one JSON line per command, one back),
+    until it closes its end."""
+    with link, link.makefile("rw") as f:
+        for line in f:
+            ask = json.loads(line)
+            try:
+                out = bed[ask["host"]].run(ask["argv"], env=ask["env"], timeout=ask["timeout"], check=False)
+                answer = {"returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr}
+            except subprocess.TimeoutExpired as exc:
+                answer = {"returncode": -1, "stdout": "", "stderr": f"timed out: {exc}"}
+            f.write(json.dumps(answer) + "\n")
+            f.flush()
+
+
+@pytest.mark.parametrize("module", list(SELECTED))
+def test_the_cluster_tests_pass_with_each_node_on_its_own_host(bed, module):
+    ours, theirs = socket.socketpair()
+    basetemp = f"/var/tmp/fpt-hosts-{os.getpid()}-{module[:-3]}"  # tmp_path every host sees (/tmp is theirs)
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0", f"--basetemp={basetemp}",
+            *[f"{TESTS}/cluster/{module}::{name}" for name in SELECTED[module]]]
+    env = {"FARPOOL_TEST_HOSTS_FD": str(theirs.fileno()),
+           "FARPOOL_TEST_HOSTS": ",".join(h.address for h in bed.hosts)}
+    proc = bed[0].popen(argv, env=env, cwd=os.path.dirname(TESTS), pass_fds=(theirs.fileno(),),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    theirs.close()
+    server = threading.Thread(target=serve, args=(ours, bed), daemon=True)
+    server.start()
+    try:
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        server.join(timeout=60)
+        shutil.rmtree(basetemp, ignore_errors=True)
+    print(output)  # (its timings, with pytest -s)
+    assert proc.returncode == 0, f"tests/cluster/{module} on separate hosts:\n{output}"
+    assert f"{len(SELECTED[module])} passed" in output, output
+    for host in bed.hosts:  # the tests stopped every runtime process of every host
+        assert host.processes() == [], f"processes left on {host.name}: {host.processes()}"
