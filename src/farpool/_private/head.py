@@ -303,7 +303,7 @@ class Head:
             return
         self.last_seen[node_id] = time.monotonic()
         self._reply(sock, identity, "HeartbeatAck")
-        changed = record["available"] != available
+        changed = record["available"] != available or record.get("draining", False) != stats.get("draining", False)
         record["available"] = available
         record.update(stats)
         if changed:
