@@ -158,3 +158,18 @@ def test_what_waits_at_a_draining_node_moves_to_a_node_that_joins():
     assert not mgr.drain().spillbacks and [r.request_id for r in mgr.pending] == [2]  # nowhere to go yet
     moved = mgr.set_cluster_view(_view(("n1", 0, True), ("n2", 0, False)))  # busy, but it will run there
     assert [(r.request_id, node) for r, node in moved.spillbacks] == [(2, "n2")] and not mgr.pending
+
+
+# ---------------------------------------------------------------------------- spilling a burst
+def test_a_burst_is_spread_over_the_room_other_nodes_have_not_sent_to_one_node():
+    mgr = LeaseManager("n1", make_totals(1), embedded=False)
+    ready_all(mgr, mgr.prestart())
+    mgr.set_cluster_view(_view(("n1", 0, False), ("n2", 2, False), ("n3", 1, False)))
+    acts = [mgr.request(LeaseRequest("c", i, make_request(1), job_id=1)) for i in range(6)]
+    assert len(acts[0].grants) == 1
+    spilled = [node for a in acts for _, node in a.spillbacks]
+    assert sorted(spilled) == ["n2", "n2", "n3"]  # as much as each has free, no more
+    assert [r.request_id for r in mgr.pending] == [4, 5]  # the rest waits here for the next table
+    later = mgr.set_cluster_view(_view(("n1", 0, False), ("n2", 0, False), ("n3", 1, False)))
+    assert [(r.request_id, node) for r, node in later.spillbacks] == [(4, "n3")]
+    assert [r.request_id for r in mgr.pending] == [5]

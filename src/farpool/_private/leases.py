@@ -115,6 +115,7 @@ class LeaseManager:
         self.bundles: dict[tuple, Bundle] = {}    # (group id, bundle index) -> held here
         self.removed_groups: dict[str, str] = {}  # group id -> why (the last REMEMBER_REMOVED)
         self.draining = False
+        self.spilled: dict[str, dict] = {}  # node id -> shapes sent there since the last table
 
     # --- events ---
     def prestart(self) -> Actions:
@@ -154,14 +155,30 @@ class LeaseManager:
                 return acts
         if req.spillback_ok and not self.resources.can_acquire(req.shape):
             # Busy here but free elsewhere now: send the owner there instead of queueing.
-            ready = [n for n in self.cluster_view if n["alive"] and n["node_id"] != self.node_id
-                     and scheduling.fits(n["available"], req.shape)]
-            target = scheduling.choose_node(ready, req.shape)
+            target = self._room_elsewhere(req.shape)
             if target is not None:
                 acts.spillbacks.append((req, target))
                 return acts
         self.pending.append(req)
         return self._schedule(acts)
+
+    def _room_elsewhere(self, shape: dict) -> str | None:
+        """Another node with ``shape`` free now, by the head's last table less what we already
+        sent there since (``spilled``), which it takes; None when there is none.  Without
+        that count every request of a burst would go to the one node that looked least loaded
+        (a spilled request stays where it is sent: the others stay idle)."""
+        ready = []
+        for n in self.cluster_view:
+            if n["alive"] and n["node_id"] != self.node_id:
+                free = _minus(n["available"], self.spilled.get(n["node_id"]))
+                if scheduling.fits(free, shape):
+                    ready.append(dict(n, available=free))
+        target = scheduling.choose_node(ready, shape)
+        if target is not None:
+            sent = self.spilled.setdefault(target, {})
+            for name, amount in shape.items():
+                sent[name] = sent.get(name, 0) + amount
+        return target
 
     def cancel_request(self, client, request_id) -> None:
         self.pending = deque(r for r in self.pending
@@ -250,6 +267,7 @@ class LeaseManager:
 
     def set_cluster_view(self, nodes: list[dict]) -> Actions:
         self.cluster_view = nodes
+        self.spilled = {}  # (the new table counts what went there)
         acts = Actions()
         if self.draining:  # what waits here may go to a node that joined or has room now
             waiting, self.pending = self.pending, deque()
@@ -258,10 +276,20 @@ class LeaseManager:
             return acts
         # Requests waiting for a node that fits (on an embedded cluster: for a placement
         # group's bundle) may go there now.
+        # Requests waiting here for room that another node has free now go there (room here
+        # goes to the first in line: only those it would not reach move).
         still = deque()
+        room = dict(self.resources.available)
         for req in self.pending:
             if not self.resources.feasible(req.shape):
                 target = scheduling.choose_node(nodes, req.shape, exclude=self.node_id)
+                if target is not None:
+                    acts.spillbacks.append((req, target))
+                    continue
+            elif scheduling.fits(room, req.shape):
+                room = _minus(room, req.shape)
+            elif req.spillback_ok and placement_groups.group_of(req.shape) is None:
+                target = self._room_elsewhere(req.shape)
                 if target is not None:
                     acts.spillbacks.append((req, target))
                     continue
