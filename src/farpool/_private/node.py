@@ -393,8 +393,12 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                        for lease in self.leases.leases.values()
                        if lease.client == HEAD_CLIENT and lease.worker_id in self.leases.workers]
         requests = [req.request_id for req in self.leases.pending if req.client == HEAD_CLIENT]
-        info = dict(self.register_info, available=self.leases.resources.available,
-                    held={"leases": head_leases, "requests": requests})
+        bundles = [(group, index, bundle.attempt, bundle.committed)
+                   for (group, index), bundle in self.leases.bundles.items()]
+        # (its totals now: committed bundles add resources of their own)
+        info = dict(self.register_info, total=dict(self.leases.resources.total),
+                    available=self.leases.resources.available,
+                    held={"leases": head_leases, "requests": requests, "bundles": bundles})
         log.warning("the head restarted: registering again (holding %d leases of actors)", len(head_leases))
         transport.send(self.head, encode("RegisterNode", (info,)))
 
