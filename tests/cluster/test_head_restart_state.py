@@ -5,10 +5,14 @@ test_head_restart.py:
   where each bundle is (the nodes keep holding them), which one still waits for a node; tasks
   and actors placed in them run as before; a group waiting for a node is placed when one that
   fits joins after the restart; a group removed after the restart frees its resources;
+- a kill the head got but never acted on (it died first) is not lost: the driver sends it
+  again to the next head.
 """
 
 import os
 import signal
+
+import psutil
 
 import farpool
 from farpool import util
@@ -22,6 +26,9 @@ def where():
 class Keeper:
     def node(self):
         return farpool.get_runtime_context().node_id
+
+    def pid(self):
+        return os.getpid()
 
 
 def head_pid(cluster) -> int:
@@ -76,3 +83,26 @@ def test_a_restarted_head_knows_its_placement_groups(started):
                "the removed group's CPUs to be free again")
     assert util.placement_group_table(spread)["state"] == "REMOVED"
 
+
+def test_a_kill_the_head_got_but_never_acted_on_reaches_the_next_head(started):
+    started.start_head("--num-cpus", "2")
+    farpool.init(address=started.address, token=started.token)
+    client = farpool.api._client()
+    keeper = farpool.remote(Keeper).options(name="keeper", namespace="ns", lifetime="detached").remote()
+    worker = psutil.Process(farpool.get(keeper.pid.remote(), timeout=TIMEOUT))
+    head = psutil.Process(head_pid(started))
+    head.suspend()  # it gets the kill (the socket takes it) but never acts on it ...
+    farpool.kill(keeper)
+    os.kill(head.pid, signal.SIGKILL)  # ... and dies with it unread
+    wait_until(lambda: client.head_link.state.outages, "the driver to register again with the new head",
+               timeout=TIMEOUT)
+    wait_until(lambda: _gone("keeper"), "the next head to end the killed actor", timeout=TIMEOUT)
+    worker.wait(timeout=TIMEOUT)  # its process ended too
+
+
+def _gone(name) -> bool:
+    try:
+        farpool.get_actor(name, namespace="ns")
+    except ValueError:
+        return True
+    return False
