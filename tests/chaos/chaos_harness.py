@@ -9,12 +9,14 @@ Layout: a head (started with the CLI, supervised, so a killed head comes back) w
 node, and NODES more node agents on loopback; this process is the driver. Threads::
 
     faults ----- plan (times, kinds, picks from the seed) --> SIGKILL a worker / a node
-                 agent (and start a new one in its place) / the head (once)
+                 agent (and start a new one in its place) / the head (once); drain a
+                 node (farpool stop --node, and start a new one in its place)
     chains ----- rounds of dependent task chains (max_retries=-1): every sum checked
     mapping ---- DistributedExecutor.map (default max_retries=3): squares checked
     actor ------ calls to an actor with max_restarts=-1, max_task_retries=-1
-    arrays ----- 4 MB arrays made on one node and summed on another; older ones read
-                 again later (rebuilt by lineage when their node died)
+    arrays ----- 4 MB arrays made on one node and summed on another; one more made there
+                 each round and read by the driver KEPT_ARRAYS rounds later (its only
+                 copy on that node: rebuilt by lineage if the node died meanwhile)
 
 Every call either returns the right value or raises one of the documented errors
 (DOCUMENTED); a wrong value, another error or a call that outlives CALL_TIMEOUT_S is a
@@ -53,11 +55,13 @@ NODE_TIMEOUT_S = 4.0
 # A call that takes longer than this many seconds is logged as it ends (with the faults
 # around it, the log shows what held it up).
 SLOW_S = 10.0
+# Seconds a drained node waits for its running tasks (farpool stop --drain-timeout).
+DRAIN_TIMEOUT_S = 10.0
 # Node agents besides the head's node; a killed one is replaced by a new one.
 NODES = 3
 # Elements of the arrays moved between nodes (8 bytes each): 4 MB, over the size kept inline.
 ARRAY_N = 512 * 1024
-# Arrays kept to be read again later (each a lineage to rebuild when its node is lost).
+# Arrays kept to be read later (each a lineage to rebuild when its node is lost meanwhile).
 KEPT_ARRAYS = 4
 # Seconds between rounds of actor calls: without a pause one actor's calls take most of the
 # machine from the other workloads.
@@ -96,18 +100,18 @@ class Echo:
 @dataclasses.dataclass(frozen=True)
 class Fault:
     at_s: float   # seconds after the workload started
-    kind: str     # "worker", "node" or "head"
+    kind: str     # "worker", "node", "drain" or "head"
     pick: int     # which victim, as an index into those alive then (sorted)
 
 
 def fault_plan(seed: int, seconds: float, worker_every_s: float = 6.0, node_every_s: float = 20.0,
-               quiet_s: float = 3.0) -> list[Fault]:
-    """Faults for a run of ``seconds``: worker kills and node kills at exponential intervals
-    of the given means, and one head kill in the middle half; none in the first and last
-    ``quiet_s`` seconds (the cluster warms up; the last results come in)."""
+               drain_every_s: float = 30.0, quiet_s: float = 3.0) -> list[Fault]:
+    """Faults for a run of ``seconds``: worker kills, node kills and node drains at exponential
+    intervals of the given means, and one head kill in the middle half; none in the first and
+    last ``quiet_s`` seconds (the cluster warms up; the last results come in)."""
     rng = random.Random(seed)
     faults = []
-    for kind, mean in (("worker", worker_every_s), ("node", node_every_s)):
+    for kind, mean in (("worker", worker_every_s), ("node", node_every_s), ("drain", drain_every_s)):
         t = quiet_s + rng.expovariate(1 / mean)
         while t < seconds - quiet_s:
             faults.append(Fault(round(t, 2), kind, rng.randrange(1 << 16)))
@@ -136,6 +140,7 @@ class RetryCounter(logging.Handler):
 class Report:
     seed: int
     seconds: float = 0.0
+    started: float = 0.0  # monotonic time the workload started
     faults: list = dataclasses.field(default_factory=list)        # (Fault, monotonic time, what)
     calls: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     tasks: int = 0
@@ -145,6 +150,7 @@ class Report:
     slowest: dict = dataclasses.field(default_factory=dict)       # workload -> longest call (s)
     retried: int = 0
     rebuilt: int = 0
+    head_outages: list = dataclasses.field(default_factory=list)  # s from losing the head to registered again
     leftovers: list = dataclasses.field(default_factory=list)
 
     def recovery_times(self) -> list[tuple[str, float | None, float | None]]:
@@ -152,7 +158,7 @@ class Report:
         workload), and to the time every workload had a right result after it (None: never)."""
         by_workload = collections.defaultdict(list)
         for at, what in self.results_at:
-            if what in WORKLOADS:  # (the arrays read again count as their own, "after" comes last)
+            if what in WORKLOADS:  # (the arrays read later count as their own, "after" comes last)
                 by_workload[what].append(at)
         for times in by_workload.values():
             times.sort()
@@ -182,12 +188,14 @@ class Report:
                      "every workload):")
         recovery = self.recovery_times()
         for (fault, at, what), (_, first, every) in zip(self.faults, recovery):
-            lines.append(f"    {fault.at_s:7.2f} {fault.kind:6} {what}: {_secs(first)} / {_secs(every)}")
+            lines.append(f"    {at - self.started:7.2f} {fault.kind:6} {what}: {_secs(first)} / {_secs(every)}")
         by_kind = collections.defaultdict(list)
         for kind, _, every in recovery:
             by_kind[kind].append(every)
         lines.append("  every workload answering again after a fault, worst by kind: "
                      + ", ".join(f"{k} {_secs(None if None in v else max(v))}" for k, v in sorted(by_kind.items())))
+        lines.append("  head away (the driver lost it until it registered again with the next): "
+                     + (", ".join(f"{t:.2f} s" for t in self.head_outages) or "never"))
         lines.append(f"  left behind: {self.leftovers or 'nothing'}")
         return "\n".join(lines)
 
@@ -216,6 +224,9 @@ class Chaos:
         began = time.monotonic()
         try:
             value = call()
+        except exceptions.TaskError as exc:  # (our functions never raise: a runtime error in disguise)
+            self.fail(f"{what}: {type(exc).__name__}: {exc}")
+            return None
         except DOCUMENTED as exc:
             with self.lock:
                 self.report.errors[type(exc).__name__] += 1
@@ -276,7 +287,7 @@ class Chaos:
     def arrays(self):
         maker = farpool.remote(make_array).options(max_retries=-1, name="chaos-make")
         summer = farpool.remote(total).options(max_retries=-1, name="chaos-total")
-        kept = collections.deque(maxlen=KEPT_ARRAYS)
+        kept = collections.deque()
         while not self.stop.is_set():
             nodes = self.alive_node_ids()
             if len(nodes) < 2:
@@ -286,12 +297,17 @@ class Chaos:
             value = float(self.rng.randrange(1, 100))
             ref = maker.options(scheduling_strategy=farpool.NodeAffinity(here, soft=True)).remote(ARRAY_N, value)
             summed = summer.options(scheduling_strategy=farpool.NodeAffinity(there, soft=True)).remote(ref)
-            self.check("arrays", lambda: farpool.get(summed, timeout=CALL_TIMEOUT_S), ARRAY_N * value, 2)
-            kept.append((ref, value))
-            if len(kept) > 1:  # read an older one again: rebuilt if its node is gone
-                old, old_value = kept[self.rng.randrange(len(kept) - 1)]
-                self.check("arrays-again", lambda: float(farpool.get(old, timeout=CALL_TIMEOUT_S).sum()),
+            self.check("arrays", lambda: farpool.get(summed, timeout=CALL_TIMEOUT_S), ARRAY_N * value, 3)
+            # One more made there and left alone (its only copy on that node) to read later.
+            lone = maker.options(scheduling_strategy=farpool.NodeAffinity(here, soft=True)).remote(ARRAY_N, value + 1)
+            kept.append((lone, value + 1))
+            if len(kept) > KEPT_ARRAYS:  # read for the first time some rounds later: rebuilt if its node is gone
+                old, old_value = kept.popleft()
+                self.check("arrays-later", lambda: float(farpool.get(old, timeout=CALL_TIMEOUT_S).sum()),
                            ARRAY_N * old_value, 0)
+        for old, old_value in kept:  # and those still kept, at the end (after the last faults)
+            self.check("arrays-later", lambda: float(farpool.get(old, timeout=CALL_TIMEOUT_S).sum()),
+                       ARRAY_N * old_value, 0)
 
     def alive_node_ids(self) -> list[str]:
         try:
@@ -340,6 +356,15 @@ class Chaos:
         self.cluster.add_node(*self.node_args)  # a node in its place (a new node id)
         return f"SIGKILL node agent pid {agent['pid']} (node {agent['node_id'][:8]}); a new node joined"
 
+    def _kill_drain(self, pick: int) -> str:
+        agents = self._agents()
+        agent = agents[pick % len(agents)]
+        started = time.monotonic()
+        self.cluster.stop_node(agent["node_id"], "--drain-timeout", str(DRAIN_TIMEOUT_S))
+        took = time.monotonic() - started
+        self.cluster.add_node(*self.node_args)
+        return f"drained node {agent['node_id'][:8]} (pid {agent['pid']}) in {took:.1f} s; a new node joined"
+
     def _kill_head(self, pick: int) -> str:
         session_dir = self.cluster.read_state()["session_dir"]
         with open(os.path.join(session_dir, "head.pid")) as f:
@@ -362,8 +387,9 @@ class Chaos:
         try:
             for _ in range(NODES):
                 self.cluster.add_node(*self.node_args)
-            farpool.init(address=self.cluster.address, token=self.cluster.token)
+            farpool.init(address="auto")  # (on the head node: results stay in the node stores, as lineage needs)
             self._run(plan)
+            self.report.head_outages = list(farpool.api._client().head_link.state.outages)
             # Afterwards the cluster still answers.
             self.check("after", lambda: farpool.get(farpool.remote(square).remote(12), timeout=CALL_TIMEOUT_S), 144)
         finally:
@@ -380,7 +406,7 @@ class Chaos:
     def _run(self, plan):
         workloads = [threading.Thread(target=self._guard, args=(fn,), name=f"chaos-{fn.__name__}", daemon=True)
                      for fn in (self.chains, self.mapping, self.actor, self.arrays)]
-        started = time.monotonic()
+        started = self.report.started = time.monotonic()
         for t in workloads:
             t.start()
         injector = threading.Thread(target=self.inject, args=(plan, started), name="chaos-faults", daemon=True)

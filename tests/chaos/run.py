@@ -14,6 +14,10 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _print(text: str) -> None:
+    print(text, flush=True)  # (a long run's log is followed as it grows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos.run", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=None, help="the fault plan's seed (default: a new one, printed)")
@@ -30,7 +34,7 @@ def main(argv=None) -> int:
     from farpool_testing import Cluster
     try:
         chaos = chaos_harness.Chaos(Cluster(root), seed, args.minutes * 60,
-                                    log=(lambda *_: None) if args.quiet else print)
+                                    log=(lambda *_: None) if args.quiet else _print)
         report = chaos.run()
         report.leftovers += chaos_harness.leftovers(root, shm) + chaos_harness.processes_left(root)
     finally:
