@@ -331,7 +331,26 @@ class Completion(ClientPart):
                     fire.append(entry)
         for entry in fire:
             self.c.values.fire(entry)
+        if rerun:
+            self._wait_again({oid for task in rerun for oid in task.return_ids})
         for task in rerun:
+            self.c.submitter.on_submit(task)
+
+    def _wait_again(self, rebuilt: set) -> None:
+        """Tasks queued for a worker with an argument that is being rebuilt now wait for it
+        again (sent now, they would carry nothing for it)."""
+        again = []
+        with self.queues.lock:
+            for kq in self.queues.keys.values():
+                if not any(ref._id in rebuilt for task in kq.queue for _, ref in task.ref_slots):
+                    continue
+                keep = []
+                for task in kq.queue:
+                    (again if any(ref._id in rebuilt for _, ref in task.ref_slots) else keep).append(task)
+                kq.queue.clear()
+                kq.queue.extend(keep)
+        for task in again:
+            task.state = TaskState.WAITING
             self.c.submitter.on_submit(task)
 
     def _rerun(self, task: TaskRecord, reasons: dict) -> None:
