@@ -240,6 +240,10 @@ class Cluster:
         return farpool_cli("start", "--address", self.address, *args, env={"FARPOOL_TOKEN": token or self.token},
                            check=token is None)
 
+    def stop_node(self, node_id, *args):
+        """``farpool stop --node node_id``: drain that node agent, then stop it."""
+        return farpool_cli("stop", "--node", node_id, *args, timeout=120)
+
     def read_state(self):
         with open(self.state_path) as f:
             return json.load(f)

@@ -73,8 +73,17 @@ def main(argv=None) -> int:
     render.add_argument("--namespace", default="default")
     render.add_argument("-o", "--output", default=None,
                         help="write to this file (made 0600: it holds the token) instead of stdout")
-    stop = sub.add_parser("stop", help="stop what `farpool start` started on this machine")
-    del stop
+    stop = sub.add_parser("stop", help="stop what `farpool start` started on this machine",
+                          description="Stop what `farpool start` started on this machine. A head stops at "
+                                      "once with everything here. A node agent that joined a head elsewhere "
+                                      "drains first: it takes no new tasks, lets its running tasks finish "
+                                      "(up to --drain-timeout seconds), then leaves; the owners of its "
+                                      "objects rebuild them on demand.")
+    stop.add_argument("--node", default=None, metavar="ID",
+                      help="drain and stop only the node agent with this node id (or a prefix of it)")
+    stop.add_argument("--drain-timeout", type=float, default=None, metavar="S",
+                      help="seconds a draining node waits for its running tasks (default: "
+                           "FARPOOL_DRAIN_TIMEOUT_S, else 30)")
     status = sub.add_parser("status", help="nodes, resources, tasks by function, actors, store use")
     status.add_argument("--address", default="auto")
     status.add_argument("--json", action="store_true", help="print farpool.status() as JSON")
@@ -380,6 +389,11 @@ def _stop(args) -> int:
     if not state:
         print("farpool stop: nothing was started on this machine")
         return 0
+    if args.node is not None:
+        return _stop_node(args, state)
+    head_here = bool(state.get("head_pid")) and session.pid_alive(state["head_pid"])
+    nodes = [n for n in state.get("nodes", []) if session.pid_alive(n["pid"])]
+    drained = [] if head_here else _drain([(n["pid"], n["session_dir"]) for n in nodes], args.drain_timeout)
     pids = [n["pid"] for n in state.get("nodes", [])]
     if state.get("head_pid"):
         pids.append(state["head_pid"])
@@ -391,8 +405,48 @@ def _stop(args) -> int:
     for d in dirs:
         session.remove_session(d)
     os.unlink(session.state_file())
-    print(f"farpool stopped {len(alive)} process(es)")
+    print(f"farpool stopped {len(alive) + len(drained)} process(es)"
+          + (f" ({len(drained)} node agent(s) drained first)" if drained else ""))
     return 0
+
+
+def _stop_node(args, state: dict) -> int:
+    """``farpool stop --node ID``: drain one node agent started here, then stop it."""
+    from farpool._private import session
+    match = [n for n in state.get("nodes", []) if n["node_id"].startswith(args.node)]
+    if len(match) != 1:
+        known = ", ".join(n["node_id"][:8] for n in state.get("nodes", [])) or "none"
+        raise ValueError(f"{'no' if not match else 'more than one'} node agent started here has an id "
+                         f"starting with {args.node!r} (started here: {known})")
+    node = match[0]
+    if node["session_dir"] == state.get("session_dir"):
+        raise ValueError(f"node {node['node_id'][:8]} is the head's own node: it stops with the head "
+                         "(`farpool stop` without --node stops the whole cluster started here)")
+    drained = _drain([(node["pid"], node["session_dir"])], args.drain_timeout)
+    session.remove_session(node["session_dir"])
+    state["nodes"] = [n for n in state["nodes"] if n is not node]
+    session.write_state(state)
+    print(f"farpool node {node['node_id'][:8]} " + ("drained and stopped" if drained else "was not running"))
+    return 0
+
+
+# Seconds past its drain timeout a node agent may take to stop before it is killed.
+DRAIN_GRACE_S = 5.0
+
+
+def _drain(agents: list[tuple[int, str]], timeout_s: float | None) -> list[int]:
+    """Ask node agents (pid, session directory) to drain and stop (node.ask_to_drain), wait for
+    them (the drain timeout and DRAIN_GRACE_S), and stop the ones still running; returns the
+    pids that were running."""
+    from farpool._private import node, session
+    timeout_s = node.DRAIN_TIMEOUT_S if timeout_s is None else timeout_s
+    running = [pid for pid, session_dir in agents if node.ask_to_drain(pid, session_dir, timeout_s)]
+    deadline = time.monotonic() + timeout_s + DRAIN_GRACE_S
+    for pid in running:
+        while session.pid_alive(pid) and not session._reaped(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    session.terminate([p for p in running if session.pid_alive(p)])
+    return running
 
 
 def _status(args) -> int:

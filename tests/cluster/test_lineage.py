@@ -81,3 +81,19 @@ def test_a_lost_result_whose_task_has_no_retries_is_an_object_lost_error_saying_
     assert ref.hex() in text and second[:8] in text and "max_retries=0" in text
     # The cluster still runs tasks.
     assert float(farpool.get(full.remote(10, 1.0), timeout=60)[1].sum()) == 10.0
+
+
+@farpool.remote(max_retries=1)
+def total_of(made):
+    return farpool.get_runtime_context().node_id, float(made[1].sum())
+
+
+def test_a_task_whose_argument_is_lost_as_it_reads_it_runs_again_once_it_is_rebuilt(started):
+    # The head takes its node timeout (10 s) to declare the node dead: the task is sent before
+    # it does, and its worker finds the argument's only copy gone.
+    head, second, third = three_nodes(started)
+    ref = full.options(**on(second)).remote(N, 2.0)
+    farpool.wait([ref], timeout=120, fetch_local=False)
+    kill_node(started, second)
+    node, value = farpool.get(total_of.options(**on(third)).remote(ref), timeout=120)
+    assert value == 2.0 * N and node != second

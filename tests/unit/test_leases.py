@@ -122,3 +122,54 @@ def test_client_gone_returns_its_leases():
     assert not mgr.pending and not mgr.leases
     assert all(w.state == IDLE for w in mgr.workers.values())
     assert LEASED not in {w.state for w in mgr.workers.values()}
+
+
+# ---------------------------------------------------------------------------- draining
+def _view(*nodes):
+    """A head's node table: (node id, free CPUs, draining) each, 2 CPUs in total."""
+    return [{"node_id": n, "alive": True, "draining": d, "total": make_totals(2), "available": make_totals(free)}
+            for n, free, d in nodes]
+
+
+def test_a_draining_node_grants_nothing_and_sends_what_waits_to_a_node_that_fits():
+    mgr = LeaseManager("n1", make_totals(1), embedded=False)
+    ready_all(mgr, mgr.prestart())
+    mgr.set_cluster_view(_view(("n1", 0, False), ("n2", 2, False), ("n3", 2, True)))
+    held = mgr.request(LeaseRequest("c", 1, make_request(1), job_id=1)).grants[0][1]
+    waiting = mgr.request(LeaseRequest("c", 2, make_request(1), job_id=1, spillback_ok=False))
+    assert not waiting.grants and not waiting.spillbacks
+    acts = mgr.drain()
+    # A request that may not be sent on waits here (its client asks elsewhere once we are gone).
+    assert not acts.spillbacks and [r.request_id for r in mgr.pending] == [2]
+    arriving = mgr.request(LeaseRequest("d", 3, make_request(1), job_id=2))
+    assert [(r.request_id, node) for r, node in arriving.spillbacks] == [(3, "n2")]  # never n3: it drains too
+    assert mgr.client_leases("head") == [held]
+    after = mgr.return_lease(held.lease_id)
+    assert not after.grants and mgr.client_leases("head") == []  # the freed worker goes to nobody
+    assert not mgr.worker_exited(held.worker_id, {}).spawns     # and no worker replaces it
+
+
+def test_what_waits_at_a_draining_node_moves_to_a_node_that_joins():
+    mgr = LeaseManager("n1", make_totals(1), embedded=False)
+    ready_all(mgr, mgr.prestart())
+    mgr.set_cluster_view(_view(("n1", 0, False)))
+    mgr.request(LeaseRequest("c", 1, make_request(1), job_id=1))
+    mgr.request(LeaseRequest("c", 2, make_request(1), job_id=1))
+    assert not mgr.drain().spillbacks and [r.request_id for r in mgr.pending] == [2]  # nowhere to go yet
+    moved = mgr.set_cluster_view(_view(("n1", 0, True), ("n2", 0, False)))  # busy, but it will run there
+    assert [(r.request_id, node) for r, node in moved.spillbacks] == [(2, "n2")] and not mgr.pending
+
+
+# ---------------------------------------------------------------------------- spilling a burst
+def test_a_burst_is_spread_over_the_room_other_nodes_have_not_sent_to_one_node():
+    mgr = LeaseManager("n1", make_totals(1), embedded=False)
+    ready_all(mgr, mgr.prestart())
+    mgr.set_cluster_view(_view(("n1", 0, False), ("n2", 2, False), ("n3", 1, False)))
+    acts = [mgr.request(LeaseRequest("c", i, make_request(1), job_id=1)) for i in range(6)]
+    assert len(acts[0].grants) == 1
+    spilled = [node for a in acts for _, node in a.spillbacks]
+    assert sorted(spilled) == ["n2", "n2", "n3"]  # as much as each has free, no more
+    assert [r.request_id for r in mgr.pending] == [4, 5]  # the rest waits here for the next table
+    later = mgr.set_cluster_view(_view(("n1", 0, False), ("n2", 0, False), ("n3", 1, False)))
+    assert [(r.request_id, node) for r, node in later.spillbacks] == [(4, "n3")]
+    assert [r.request_id for r in mgr.pending] == [5]

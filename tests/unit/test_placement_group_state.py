@@ -372,3 +372,59 @@ def test_the_table_forgets_the_oldest_removed_groups(monkeypatch):
         t.remove(pg_id, "done")
     assert list(t.groups) == ids[2:]
     t.validate_state()
+
+
+# ---------------------------------------------------------------------- a restarted head
+def restarted(t, nodes):
+    """A new table from the rows ``t`` would write (creation order), as a restarted head builds it."""
+    again = PlacementGroups(False)
+    again.restore([g.row() for g in t.groups.values()], nodes)
+    again.validate_state()
+    return again
+
+
+def test_a_restarted_head_keeps_its_groups_where_they_were_and_the_nodes_keep_their_bundles():
+    nodes = [node("n1", 2), node("n2", 2)]
+    t = table(nodes)
+    reserve(t, t.create(G1, [cpu(1), cpu(1)], "STRICT_SPREAD", name="spread")[0])
+    t.create(G2, [cpu(8)], "PACK", name="too big")  # waits for a node that fits
+    placed = list(t.get(G1).nodes)
+    again = restarted(t, nodes)
+    assert again.get(G1).state == CREATED and again.get(G1).nodes == placed
+    assert again.get(G2).state == PENDING and again.names == {"spread": G1, "too big": G2}
+    for node_id in ("n1", "n2"):  # each holds its committed bundle: nothing to release
+        i = placed.index(node_id)
+        acts = again.node_back(node_id, [(G1, i, t.get(G1).attempt, True)])
+        assert not acts.abort and not acts.prepare
+    assert again.get(G1).state == CREATED
+    # The too big one is placed when a node that fits joins.
+    acts = again.nodes_changed(nodes + [node("n3", 8)])
+    assert [(n, g) for n, g, _, _ in acts.prepare] == [("n3", G2)]
+
+
+def test_a_reservation_in_flight_when_the_head_died_is_released_and_made_again():
+    nodes = [node("n1", 2), node("n2", 2)]
+    t = table(nodes)
+    acts, _ = t.create(G1, [cpu(1), cpu(1)], "STRICT_SPREAD")
+    first = acts.prepare[0][2]
+    t.prepared(G1, first, acts.prepare[0][0], True)  # one node prepared, the other not yet: the head dies
+    again = restarted(t, nodes)
+    assert again.get(G1).state == PENDING and again.get(G1).nodes == [None, None]
+    back = again.node_back(acts.prepare[0][0], [(G1, 0, first, False)])
+    assert back.abort == [(acts.prepare[0][0], G1, first)]   # what it prepared goes back
+    assert back.prepare and all(attempt == first + 1 for _, _, attempt, _ in back.prepare)  # a new attempt
+    again.validate_state()
+
+
+def test_a_bundle_a_node_lost_while_the_head_was_away_is_placed_again_and_a_removed_group_released():
+    nodes = [node("n1", 2), node("n2", 2)]
+    t = table(nodes)
+    reserve(t, t.create(G1, [cpu(1)], "PACK")[0])
+    reserve(t, t.create(G2, [cpu(1)], "PACK")[0])
+    where, attempt2 = t.get(G1).nodes[0], t.get(G2).attempt
+    t.remove(G2, "removed by its owner")
+    again = restarted(t, nodes)
+    assert again.get(G2).state == REMOVED
+    acts = again.node_back(where, [(G2, 0, attempt2, True)])  # G1's bundle is gone, G2's stayed
+    assert (where, G2, attempt2) in acts.abort
+    assert again.get(G1).state == PREPARING and [n for n, g, _, _ in acts.prepare if g == G1]

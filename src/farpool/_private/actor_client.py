@@ -120,5 +120,6 @@ class ActorClient(ClientPart):
         def kill():
             if no_restart:
                 self.c.completion.fail_all(self.calls.kill(actor_id)[1])
+                self.c.head_link.sent_kill(actor_id, "kill")  # (sent again to a head that comes back)
             transport.send(self.conns.head, encode("KillActor", (actor_id, no_restart)))
         self.loop.call_soon(kill)

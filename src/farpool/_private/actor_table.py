@@ -82,7 +82,7 @@ class ActorTable:
         """A node for the actor: feasible for what it holds and counts, fewest actors first."""
         spec = record.spec
         place_shape = spec["place_shape"]
-        live = [n for n in nodes if n["alive"] and scheduling.fits(n["total"], place_shape)]
+        live = [n for n in nodes if n["alive"] and not n.get("draining") and scheduling.fits(n["total"], place_shape)]
         if not live:
             return None
         if spec.get("node_affinity"):

@@ -66,7 +66,9 @@ class Borrowing(ClientPart):
             owner, frames = refs.owner_messages.popleft()
             self.send_owner(owner, frames)
         while refs.ended_actors:
-            transport.send(self.conns.head, encode("KillActor", (refs.ended_actors.popleft(), True, "released")))
+            actor_id = refs.ended_actors.popleft()
+            self.c.head_link.sent_kill(actor_id, "released")  # (sent again to a head that comes back)
+            transport.send(self.conns.head, encode("KillActor", (actor_id, True, "released")))
         with self.lock:  # other threads add frees under the lock (release_ref)
             frees, refs.frees = refs.frees, {}
         for node_id, ids in frees.items():

@@ -91,6 +91,11 @@ class Completion(ClientPart):
                     self._discard_error(inner, sender)
                     self.finish_failed(task, exc_mod.TaskCancelledError(f"task {task.name} was cancelled"))
                     continue
+                unread = self._unreadable_argument(task, failure)
+                if unread is not None and task.spend_attempt():
+                    self._discard_error(inner, sender)
+                    self._wait_for_lost_arguments(task, unread)
+                    continue
                 retry = task.retry_exceptions
                 if retry and self._retryable(retry, failure.payload) and task.spend_attempt():
                     self._discard_error(inner, sender)
@@ -139,6 +144,39 @@ class Completion(ClientPart):
                 pos += nbuf
         self.schedule_frees()
         return pos
+
+    @staticmethod
+    def _unreadable_argument(task: TaskRecord, failure) -> str | None:
+        """The text of the ObjectLostError a worker raised reading ``task``'s stored arguments
+        (every copy it was told of was gone: their node died), else None."""
+        if task.actor_id is not None or failure.type_name != "ObjectLostError" or failure.payload is None:
+            return None
+        try:
+            error = protocol.loads(failure.payload)
+        except Exception:
+            return None
+        if getattr(error, protocol.PHASE_ATTRIBUTE, None) != protocol.LOADING_ARGUMENTS:
+            return None
+        return str(error)
+
+    def _wait_for_lost_arguments(self, task: TaskRecord, why: str) -> None:
+        """A worker could not read a stored argument of ``task`` (its node died, maybe before
+        the head said so): our arguments the error names are rebuilt as lost (lineage), and
+        the task runs again once they are ready (an attempt spent, as for a lost worker)."""
+        lost = []
+        with self.lock:
+            for _, ref in task.ref_slots:
+                entry = self.objects.get(ref._id)
+                location = entry.location if entry is not None and entry.state == READY else None
+                if isinstance(location, Location) and location.store_id.hex()[:16] in why:
+                    lost.append((ref._id, location))
+            task.state = TaskState.WAITING
+            task.lease = None
+        log.warning("task %s could not read its arguments (%s); running it again once they are ready (%s)",
+                    task.name, why, task.attempt_text())
+        for oid, location in lost:
+            self.object_lost(oid, location, f"a worker reading it found: {why}")
+        self.c.submitter.on_submit(task)
 
     @staticmethod
     def _retryable(retry, payload) -> bool:
@@ -293,7 +331,26 @@ class Completion(ClientPart):
                     fire.append(entry)
         for entry in fire:
             self.c.values.fire(entry)
+        if rerun:
+            self._wait_again({oid for task in rerun for oid in task.return_ids})
         for task in rerun:
+            self.c.submitter.on_submit(task)
+
+    def _wait_again(self, rebuilt: set) -> None:
+        """Tasks queued for a worker with an argument that is being rebuilt now wait for it
+        again (sent now, they would carry nothing for it)."""
+        again = []
+        with self.queues.lock:
+            for kq in self.queues.keys.values():
+                if not any(ref._id in rebuilt for task in kq.queue for _, ref in task.ref_slots):
+                    continue
+                keep = []
+                for task in kq.queue:
+                    (again if any(ref._id in rebuilt for _, ref in task.ref_slots) else keep).append(task)
+                kq.queue.clear()
+                kq.queue.extend(keep)
+        for task in again:
+            task.state = TaskState.WAITING
             self.c.submitter.on_submit(task)
 
     def _rerun(self, task: TaskRecord, reasons: dict) -> None:

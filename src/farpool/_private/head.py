@@ -139,9 +139,9 @@ class Head:
         self.copies = copy_events.CopyHistory()     # copies of objects between nodes (FARPOOL_COPY_HISTORY)
         self.unconfirmed: set[str] = set()          # restored nodes that have not registered again
         self.unconfirmed_jobs: set = set()          # restored jobs whose driver has not said Hello again
-        # Placement groups' rows (head_store "placement_groups"), for the code that owns them to
-        # take back when it starts; it writes them with self._save("placement_groups", id, record).
-        self.restored_placement_groups: dict = {}
+        # Placement groups' rows as last written (head_store "placement_groups"): group id ->
+        # (creation order, row); see _save_groups.
+        self.pg_rows: dict[str, tuple] = {}
         if saved and meta:  # a database a head wrote before
             self._restore(saved)
         self._save("meta", "epoch", self.epoch)
@@ -177,12 +177,15 @@ class Head:
         for job_id, job in saved["jobs"].items():
             if job.get("running"):
                 self.unconfirmed_jobs.add(job["job_id"])
-        self.restored_placement_groups = saved["placement_groups"]  # for the code that owns them
+        self.pg_rows = {pg_id: (seq, row) for pg_id, (seq, row) in saved["placement_groups"].items()}
+        self.pgs.restore([row for _, row in sorted(self.pg_rows.values(), key=lambda item: item[0])],
+                         list(self.nodes.values()))
         if self.unconfirmed_jobs:
             self.loop.call_later(REJOIN_GRACE_S, self._jobs_not_back)
         log.info("the head starts again (epoch %d) on its database: %d nodes to confirm, %d actors (%d named), "
-                 "%d jobs to confirm, %d keys", self.epoch, len(self.unconfirmed), len(self.actors.actors),
-                 len(self.actors.names), len(self.unconfirmed_jobs), len(self.kv))
+                 "%d jobs to confirm, %d keys, %d placement groups", self.epoch, len(self.unconfirmed),
+                 len(self.actors.actors), len(self.actors.names), len(self.unconfirmed_jobs), len(self.kv),
+                 len(self.pg_rows))
 
     def _jobs_not_back(self) -> None:
         for job_id in sorted(self.unconfirmed_jobs):
@@ -311,6 +314,8 @@ class Head:
             self._schedule_actor(record)
         for record in found.kept:  # callers that asked meanwhile were not answered yet
             self._notify_actor(record)
+        # Its placement group bundles: those the table places there stay, the others go.
+        self._apply_groups(self.pgs.node_back(node_id, held.get("bundles", ())))
 
     def _on_Heartbeat(self, sock, identity, node_id: str, available: dict, stats: dict) -> None:
         record = self.nodes.get(node_id)
@@ -327,7 +332,7 @@ class Head:
         copies = stats.pop("copies", None)  # for the timeline, not the node table
         if copies is not None:
             self.copies.add(copies)
-        changed = record["available"] != available
+        changed = record["available"] != available or record.get("draining", False) != stats.get("draining", False)
         record["available"] = available
         record.update(stats)
         if changed:
@@ -703,6 +708,19 @@ class Head:
                 if record.spec.get("placement_group") == group.pg_id and record.state == PENDING \
                         and record.request_id is None:
                     self._schedule_actor(record)
+        self._save_groups(acts.removed)
+
+    def _save_groups(self, removed: list) -> None:
+        """Write the rows of the groups that changed (a restarted head takes them back:
+        placement_groups.restore): every live one is compared with its row as last written."""
+        if self.store is None:
+            return
+        for group in [g for g in self.pgs.groups.values() if g.state != placement_groups.REMOVED] + removed:
+            row = group.row()
+            seq, saved = self.pg_rows.get(group.pg_id, (len(self.pg_rows), None))
+            if row != saved:
+                self.pg_rows[group.pg_id] = (seq, row)
+                self._save("placement_groups", group.pg_id, (seq, row))
 
     def _wake_group_waiters(self, group) -> None:
         for sock, identity, request_id in self.pg_waiters.pop(group.pg_id, ()):

@@ -21,12 +21,15 @@ A re-registration says what the head must know of this client: its job (a driver
 job keeps its id, so its actors stay its own) and the actors it calls or whose
 arguments it pins (the head tells their state changes to those who asked).  Requests
 sent to a head that died before answering are sent again to the next one (the head
-answers each kind of request the same when asked twice).  The embedded cluster's head
+answers each kind of request the same when asked twice), and so are the actor kills sent
+in the last KILL_RESEND_S (``sent_kill``): a head that died before it acted on one would
+leave that actor alive; ending it twice ends it once.  The embedded cluster's head
 is never restarted: its death breaks the client at once (client._runtime_died).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import math
@@ -50,6 +53,11 @@ log = logging.getLogger("farpool.head_link")
 # the head's supervisor restarts within it (head_supervisor.py).  Longer rides out a
 # slower restart; shorter fails a driver sooner when the head is gone for good.
 HEAD_TIMEOUT_S = float(os.environ.get("FARPOOL_HEAD_TIMEOUT_S", "15"))
+
+# Seconds a KillActor for good (no_restart) is sent again to each head that comes back.
+# Longer covers a head that died later after it got the kill (it writes its tables as it
+# acts); shorter sends fewer (they are no-ops for actors already dead).
+KILL_RESEND_S = 60.0
 
 CONNECTED, AWAY, GIVEN_UP = "CONNECTED", "AWAY", "GIVEN_UP"
 
@@ -108,6 +116,7 @@ class HeadLink(ClientPart):
         self.cond = threading.Condition()
         self.inflight: dict[int, Waiter] = {}  # request id -> waiter, of requests sent to the head
         self.monitor = None
+        self.kills: collections.deque = collections.deque()  # (when, KillActor fields), I/O thread
         if not c.cluster_embedded:  # an embedded head never comes back (see the docstring)
             # An address of our own: pyzmq's default names the socket's fd, which a closed
             # client's socket may have had while its monitor's endpoint is not unbound yet.
@@ -148,6 +157,19 @@ class HeadLink(ClientPart):
         watched = {aq.actor_id for aq in c.actor_calls.actors.values() if aq.subscribed}
         for actor_id in sorted(watched | set(c.actor_client.arg_pins)):
             transport.send(head, encode("WaitActor", (actor_id,)))
+        self._forget_kills(time.monotonic())
+        for _, fields in self.kills:
+            transport.send(head, encode("KillActor", fields))
+
+    def sent_kill(self, actor_id: str, reason: str) -> None:
+        """I/O thread: a KillActor(actor_id, no_restart=True, reason) went to the head."""
+        now = time.monotonic()
+        self._forget_kills(now)
+        self.kills.append((now, (actor_id, True, reason)))
+
+    def _forget_kills(self, now: float) -> None:
+        while self.kills and now - self.kills[0][0] > KILL_RESEND_S:
+            self.kills.popleft()
 
     def _on_welcome(self, welcome: dict) -> None:
         with self.cond:

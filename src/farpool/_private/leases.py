@@ -12,6 +12,11 @@ bind to the first job that leases them.  Leases hold the shape's resources
 until returned.  Requests that cannot be met now wait in FIFO order; requests
 this node can never meet are spilled back to a node that can (from the head's
 view) or reported infeasible.
+
+A draining node (``farpool stop`` on it: ``drain()``) grants nothing more: every
+request waiting or arriving goes to another node that fits (spillback) if it may, or
+waits here until the node stops (its clients then ask elsewhere); no worker is started;
+``drained()`` says when no client's task can still be running here.
 """
 
 from __future__ import annotations
@@ -109,6 +114,8 @@ class LeaseManager:
         self._spread = itertools.count()
         self.bundles: dict[tuple, Bundle] = {}    # (group id, bundle index) -> held here
         self.removed_groups: dict[str, str] = {}  # group id -> why (the last REMEMBER_REMOVED)
+        self.draining = False
+        self.spilled: dict[str, dict] = {}  # node id -> shapes sent there since the last table
 
     # --- events ---
     def prestart(self) -> Actions:
@@ -119,6 +126,8 @@ class LeaseManager:
 
     def request(self, req: LeaseRequest) -> Actions:
         acts = Actions()
+        if self.draining:
+            return self._elsewhere(req, acts)
         group = placement_groups.group_of(req.shape)
         if group is not None and not self.resources.feasible(req.shape):
             # In a placement group whose bundle is not here: where it is, or wait for it quietly
@@ -146,14 +155,30 @@ class LeaseManager:
                 return acts
         if req.spillback_ok and not self.resources.can_acquire(req.shape):
             # Busy here but free elsewhere now: send the owner there instead of queueing.
-            ready = [n for n in self.cluster_view if n["alive"] and n["node_id"] != self.node_id
-                     and scheduling.fits(n["available"], req.shape)]
-            target = scheduling.choose_node(ready, req.shape)
+            target = self._room_elsewhere(req.shape)
             if target is not None:
                 acts.spillbacks.append((req, target))
                 return acts
         self.pending.append(req)
         return self._schedule(acts)
+
+    def _room_elsewhere(self, shape: dict) -> str | None:
+        """Another node with ``shape`` free now, by the head's last table less what we already
+        sent there since (``spilled``), which it takes; None when there is none.  Without
+        that count every request of a burst would go to the one node that looked least loaded
+        (a spilled request stays where it is sent: the others stay idle)."""
+        ready = []
+        for n in self.cluster_view:
+            if n["alive"] and n["node_id"] != self.node_id:
+                free = _minus(n["available"], self.spilled.get(n["node_id"]))
+                if scheduling.fits(free, shape):
+                    ready.append(dict(n, available=free))
+        target = scheduling.choose_node(ready, shape)
+        if target is not None:
+            sent = self.spilled.setdefault(target, {})
+            for name, amount in shape.items():
+                sent[name] = sent.get(name, 0) + amount
+        return target
 
     def cancel_request(self, client, request_id) -> None:
         self.pending = deque(r for r in self.pending
@@ -181,7 +206,7 @@ class LeaseManager:
             acts.lost.append((lease, info))
         # Keep the prestarted pool full.
         unbound = sum(1 for w in self.workers.values() if w.job_id is None)
-        if len(self.workers) < self.base_workers and unbound == 0:
+        if len(self.workers) < self.base_workers and unbound == 0 and not self.draining:
             acts.spawns.append(self._new_worker(None, None))
         return self._schedule(acts)
 
@@ -242,19 +267,59 @@ class LeaseManager:
 
     def set_cluster_view(self, nodes: list[dict]) -> Actions:
         self.cluster_view = nodes
+        self.spilled = {}  # (the new table counts what went there)
         acts = Actions()
+        if self.draining:  # what waits here may go to a node that joined or has room now
+            waiting, self.pending = self.pending, deque()
+            for req in waiting:
+                self._elsewhere(req, acts)
+            return acts
         # Requests waiting for a node that fits (on an embedded cluster: for a placement
         # group's bundle) may go there now.
+        # Requests waiting here for room that another node has free now go there (room here
+        # goes to the first in line: only those it would not reach move).
         still = deque()
+        room = dict(self.resources.available)
         for req in self.pending:
             if not self.resources.feasible(req.shape):
                 target = scheduling.choose_node(nodes, req.shape, exclude=self.node_id)
                 if target is not None:
                     acts.spillbacks.append((req, target))
                     continue
+            elif scheduling.fits(room, req.shape):
+                room = _minus(room, req.shape)
+            elif req.spillback_ok and placement_groups.group_of(req.shape) is None:
+                target = self._room_elsewhere(req.shape)
+                if target is not None:
+                    acts.spillbacks.append((req, target))
+                    continue
             still.append(req)
         self.pending = still
         return acts
+
+    # --- draining (farpool stop on this node) ---
+    def drain(self) -> Actions:
+        """Take no more leases: what waits goes to other nodes where one fits (else it waits
+        here until the node stops).  Leases granted stay until returned or their worker exits."""
+        self.draining = True
+        acts = Actions()
+        waiting, self.pending = self.pending, deque()
+        for req in waiting:
+            self._elsewhere(req, acts)
+        return acts
+
+    def _elsewhere(self, req: LeaseRequest, acts: Actions) -> Actions:
+        target = scheduling.choose_node(self.cluster_view, req.shape, exclude=self.node_id) \
+            if req.spillback_ok else None
+        if target is not None:
+            acts.spillbacks.append((req, target))
+        else:  # (a request that may not be sent on: its client asks elsewhere once we are gone)
+            self.pending.append(req)
+        return acts
+
+    def client_leases(self, owner) -> list[Lease]:
+        """Leases held by clients other than ``owner`` (the head, whose leases hold actors)."""
+        return [lease for lease in self.leases.values() if lease.client != owner]
 
     # --- placement group bundles (the head decides: placement_groups.py) ---
     def prepare_bundles(self, group: str, attempt: int, items: list) -> tuple[bool, str]:
@@ -344,7 +409,7 @@ class LeaseManager:
 
     def _schedule(self, acts: Actions) -> Actions:
         """Grant what can be granted, in FIFO order per shape; start workers where needed."""
-        if not self.pending:
+        if not self.pending or self.draining:
             return acts
         still: deque[LeaseRequest] = deque()
         # Resources promised in this pass to requests waiting for a starting

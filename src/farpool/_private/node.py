@@ -59,6 +59,37 @@ HEAD_TIMEOUT_S = float(os.environ.get("FARPOOL_HEAD_TIMEOUT_S", "15"))
 # their workers need not be started again); shorter ends the group's running tasks sooner.
 REMOVED_GROUP_GRACE_S = 0.25
 
+# Seconds a draining node (``farpool stop`` on it, SIGUSR1 to its agent) waits for the tasks
+# running on it to finish before it stops anyway (those tasks are then retried elsewhere, an
+# attempt spent).  Longer lets longer tasks finish; shorter frees the machine sooner.
+DRAIN_TIMEOUT_S = float(os.environ.get("FARPOOL_DRAIN_TIMEOUT_S", "30"))
+# The signal that asks a node agent to drain and then stop (SIGTERM stops it at once).
+DRAIN_SIGNAL = signal.SIGUSR1
+
+# In the agent's session directory: the drain timeout (seconds) that came with the signal.
+DRAIN_FILE = "drain"
+
+
+def ask_to_drain(pid: int, session_dir: str, timeout_s: float) -> bool:
+    """Ask the node agent ``pid`` to drain for at most ``timeout_s`` and then stop (what
+    ``farpool stop`` does); False when it is not running."""
+    with open(os.path.join(session_dir, DRAIN_FILE), "w") as f:
+        f.write(repr(float(timeout_s)))
+    try:
+        os.kill(pid, DRAIN_SIGNAL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _drain_timeout(session_dir: str) -> float:
+    try:
+        with open(os.path.join(session_dir, DRAIN_FILE)) as f:
+            return float(f.read())
+    except (OSError, ValueError):
+        return DRAIN_TIMEOUT_S
+
+
 HEAD_CLIENT = Client(HEAD, b"")  # the head leases workers for actors like any client
 
 # What each kind of peer may send the agent; anything else is dropped with one log
@@ -190,6 +221,8 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.cluster_nodes: list[dict] = []
         self.table = node_table.NodeTable()  # the head's node table: whole, then changes
         self.table_syncing = False           # we asked for the whole table (SyncNodes) after a gap
+        self.drain_deadline: float | None = None  # draining (farpool stop on this node) until then
+        self.drained = None  # called once, when drained or at the deadline (main(): stop the loop)
 
     # --- start ---
     def connect_head(self) -> None:
@@ -277,6 +310,44 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.leases.drop_all_bundles()  # the head places them again (on us too, once we are back)
         transport.send(self.head, encode("RegisterNode", (self.register_info,)))
 
+    # --- draining (farpool stop on this node: SIGUSR1) ---
+    def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        """Stop taking leases (waiting requests go to other nodes), tell the head (it places
+        nothing here more and the other agents send nothing here), ask every worker leased to a
+        client to retire after its running task (it hands back the tasks queued behind it: their
+        owners run them elsewhere, no attempt spent), and call ``self.drained`` once no client's
+        lease is left, or after ``timeout_s``.  Actors stay until the node stops: the head then
+        restarts them elsewhere (max_restarts).  Objects in our store are not copied: their
+        owners rebuild them on demand (lineage) once the node is gone."""
+        if self.drain_deadline is not None:
+            return
+        self.drain_deadline = time.monotonic() + timeout_s
+        leases = self.leases.client_leases(HEAD_CLIENT)
+        log.warning("draining: no new tasks; waiting up to %.0f s for the %d lease(s) of clients to end",
+                    timeout_s, len(leases))
+        self._apply(self.leases.drain())
+        self._send_heartbeat()  # the head hears of it now, not at the next beat
+        for lease in leases:
+            transport.send(self.ipc, [b"w:" + lease.worker_id.encode(), *encode("Retire", ())])
+        self.loop.call_later(timeout_s, self._drain_timed_out)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self.drain_deadline is None or self.drained is None or self.leases.client_leases(HEAD_CLIENT):
+            return
+        log.warning("drained: no task of a client runs here any more; stopping")
+        done, self.drained = self.drained, None
+        done()
+
+    def _drain_timed_out(self) -> None:
+        if self.drained is None:
+            return
+        left = self.leases.client_leases(HEAD_CLIENT)
+        log.warning("draining: %d lease(s) still held at the drain timeout; stopping anyway "
+                    "(their tasks are retried elsewhere)", len(left))
+        done, self.drained = self.drained, None
+        done()
+
     def start_workers(self) -> None:
         self._apply(self.leases.prestart())
 
@@ -346,8 +417,12 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                        for lease in self.leases.leases.values()
                        if lease.client == HEAD_CLIENT and lease.worker_id in self.leases.workers]
         requests = [req.request_id for req in self.leases.pending if req.client == HEAD_CLIENT]
-        info = dict(self.register_info, available=self.leases.resources.available,
-                    held={"leases": head_leases, "requests": requests})
+        bundles = [(group, index, bundle.attempt, bundle.committed)
+                   for (group, index), bundle in self.leases.bundles.items()]
+        # (its totals now: committed bundles add resources of their own)
+        info = dict(self.register_info, total=dict(self.leases.resources.total),
+                    available=self.leases.resources.available,
+                    held={"leases": head_leases, "requests": requests, "bundles": bundles})
         log.warning("the head restarted: registering again (holding %d leases of actors)", len(head_leases))
         transport.send(self.head, encode("RegisterNode", (info,)))
 
@@ -373,13 +448,16 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                 log.info("object store capacity %.0f MB -> %.0f MB (shared by the agents on this machine)",
                          self.store.capacity / 1e6, capacity / 1e6)
                 self.store.capacity = capacity
+        self._send_heartbeat()
+        self.loop.call_later(HEARTBEAT_S, self._heartbeat)
+
+    def _send_heartbeat(self) -> None:
         stats = dict(self.leases.stats(), object_store=self._store_stats(), host=host_usage.host())
-        beat = {"stats": stats}
+        beat = {"stats": stats, "draining": self.leases.draining}
         copies = self.copy_log.take()
         if copies is not None:  # (the head keeps them apart from our record: copy_events.py)
             beat["copies"] = copies
         transport.send(self.head, encode("Heartbeat", (self.node_id, self.leases.resources.available, beat)))
-        self.loop.call_later(HEARTBEAT_S, self._heartbeat)
 
     # --- clients and workers ---
     def _on_socket(self, kind: str) -> None:
@@ -526,6 +604,8 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
             self._send(req.client, "LeaseInfeasible", req.request_id, message, True)
         for lease, info in acts.lost:
             self._send(lease.client, "WorkerExited", lease.lease_id, info)
+        if self.drain_deadline is not None:
+            self._check_drained()
 
     def close(self) -> None:
         if self.pulse is not None:
@@ -609,6 +689,12 @@ def main(argv=None) -> int:
     if args.lifeline:
         agent.loop.add_reader(0, on_lifeline)
     signal.signal(signal.SIGTERM, session.sigterm_handler(lambda *_: (clean.append("SIGTERM"), agent.loop.stop())))
+
+    def on_drain_signal(*_):
+        agent.drained = lambda: (clean.append("drained"), agent.loop.stop())
+        agent.loop.call_soon(agent.drain, _drain_timeout(args.session_dir))
+        agent.loop.wake()
+    signal.signal(DRAIN_SIGNAL, on_drain_signal)
     if agent.tcp_address:
         with open(os.path.join(args.session_dir, "node.address"), "w") as f:
             f.write(agent.tcp_address)

@@ -244,6 +244,12 @@ class Group:
     warned: bool = False
     cause: str = ""                # why it was removed
 
+    def row(self) -> dict:
+        """What the head's database keeps of it (head_store "placement_groups"; see restore)."""
+        return {"pg_id": self.pg_id, "bundles": self.bundles, "strategy": self.strategy, "name": self.name,
+                "job_id": self.job_id, "detached": self.detached, "state": self.state, "nodes": list(self.nodes),
+                "attempt": self.attempt, "attempt_indexes": sorted(self.attempt_indexes), "cause": self.cause}
+
     def info(self) -> dict:
         """What placement_group_table() shows of it (resources as floats)."""
         return {"placement_group_id": self.pg_id, "name": self.name, "strategy": self.strategy,
@@ -379,6 +385,54 @@ class PlacementGroups:
             if group.job_id == job_id and not group.detached and group.state != REMOVED:
                 acts.extend(self.remove(group.pg_id, f"the job that created it (job {job_id}) ended"))
         return acts
+
+    # --- a restarted head (head.py: its database, then each node registering again) ---
+    def restore(self, rows: list[dict], nodes: list[dict]) -> None:
+        """Take back the groups a previous head wrote (``rows`` in creation order) and its node
+        table.  A reservation it had in flight is given up: those bundles go back to waiting
+        (what the nodes prepared of it they release when they register again: ``node_back``);
+        the next attempt has a new number, so late answers to that one match nothing."""
+        self.nodes = {n["node_id"]: {"alive": n["alive"], "total": dict(n["total"]),
+                                     "available": dict(n.get("available", n["total"]))} for n in nodes}
+        for row in rows:
+            group = Group(row["pg_id"], [dict(b) for b in row["bundles"]], row["strategy"], row["name"],
+                          row["job_id"], row["detached"], row["state"], list(row["nodes"]), row["attempt"],
+                          cause=row.get("cause", ""))
+            if group.state in (PREPARING, COMMITTING):
+                for i in row.get("attempt_indexes", ()):
+                    group.nodes[i] = None
+                group.state = PENDING
+            self.groups[group.pg_id] = group
+            if group.state == REMOVED:
+                self.removed_order.append(group.pg_id)
+            elif group.name:
+                self.names[group.name] = group.pg_id
+
+    def node_back(self, node_id: str, held: list) -> Actions:
+        """A node registered again with a restarted head, holding ``held`` bundles ((group,
+        index, attempt, committed) each): those the table places there stay; the others it
+        releases (a removed group, an attempt given up on); a bundle the table places there
+        that the node no longer holds is placed again."""
+        acts = Actions()
+        holds = set()
+        release = set()
+        for group_id, index, attempt, committed in held:
+            group = self.groups.get(group_id)
+            if (group is not None and group.state in (PENDING, CREATED) and committed
+                    and 0 <= index < len(group.nodes) and group.nodes[index] == node_id):
+                holds.add((group_id, index))
+            else:
+                release.add((node_id, group_id, attempt))
+        acts.abort.extend(sorted(release))
+        for group in self.groups.values():
+            if group.state in (PENDING, CREATED):
+                lost = [i for i, n in enumerate(group.nodes) if n == node_id and (group.pg_id, i) not in holds]
+                for i in lost:
+                    group.nodes[i] = None
+                if lost and group.state == CREATED:
+                    group.state = PENDING
+                    group.failed_view = None
+        return acts.extend(self._next())
 
     # --- reading ---
     def get(self, pg_id: str) -> Group | None:

@@ -51,8 +51,8 @@ TAGS = frozenset({
     # FromPeer(sender, *message) out (raw frames, like Relay); PeerGone(identity), also
     # the answer to WatchPeer(identity) when that client leaves or is not connected
     "ToPeer", "FromPeer", "PeerGone", "WatchPeer",
-    # worker <-> node agent
-    "WorkerReady", "WorkerLog",
+    # worker <-> node agent (Retire: the node drains; finish the running task, hand back the rest, exit)
+    "WorkerReady", "WorkerLog", "Retire",
     # client <-> worker
     "ExecuteTask", "TaskFinished", "GetObject", "ObjectValue", "CancelTask", "BorrowReleased", "AddBorrower",
     "TakeBack", "TakenBack",

@@ -292,9 +292,11 @@ def choose_node(nodes: list[dict], shape: dict[str, int], exclude: str | None = 
     ``nodes``: dicts with ``node_id``, ``alive``, ``total`` and ``available``
     (fixed point).  Prefers nodes with the shape available now, least loaded
     first; falls back to any feasible node (the task queues there).  None when
-    no live node could ever run it.
+    no live node could ever run it.  A draining node (``farpool stop`` on it) is
+    never chosen.
     """
-    live = [n for n in nodes if n["alive"] and n["node_id"] != exclude and fits(n["total"], shape)]
+    live = [n for n in nodes if n["alive"] and not n.get("draining") and n["node_id"] != exclude
+            and fits(n["total"], shape)]
     if not live:
         return None
     ready = [n for n in live if fits(n["available"], shape)]

@@ -181,6 +181,8 @@ class Worker:
         elif frames[0] == b"SegmentsDropped":
             _, (dropped,), _ = protocol.decode(frames)
             segments.forget_written(dropped)
+        elif frames[0] == b"Retire":
+            self._retire_soon()
         else:
             log.warning("unexpected message from the agent: %r", frames[0][:32])
 
@@ -363,6 +365,18 @@ class Worker:
         store_puller.close()
         transport.term_context()
         os._exit(code)
+
+    def _retire_soon(self) -> None:
+        """Our node drains: finish the running task, hand back those queued behind it (RETIRED:
+        their owners run them elsewhere without spending an attempt), then exit.  Idle, we
+        wait: tasks our lease holder sent meanwhile are handed back the same way (exiting now
+        would lose them, an attempt spent), else it returns the lease and the node stops us.
+        An actor stays: it ends when the node stops, and its head restarts it elsewhere."""
+        if self.actor_executor is not None or self.actor is not None:
+            return
+        self.tasks_left = 0
+        if self.batches and not self.running:
+            self._run_batches()
 
     def _apply_pool(self, setup: dict | None) -> str | None:
         """Workers of an executor/pool: run its initializer once; count tasks for retirement.

@@ -1,0 +1,122 @@
+"""Draining a node (#13): ``farpool stop --node ID`` (and ``farpool stop`` on a machine whose
+node agents joined a head elsewhere) drains the node: it takes no new tasks, the task running
+there finishes (once: no retry), the tasks queued behind it run elsewhere without spending an
+attempt, and then it leaves; a result stored only there is rebuilt on demand afterwards. A task
+that outlives the drain timeout is retried elsewhere once the node has stopped.
+
+The layout is farpool_testing.three_nodes (a head node, a second node with 2 CPUs, a third);
+the driver joined on the head node.
+"""
+
+import os
+import shutil
+import tempfile
+import threading
+
+import numpy as np
+import pytest
+
+import farpool
+from farpool_testing import TIMEOUT, Gate, farpool_cli, three_nodes, wait_at_gate, wait_until
+
+
+def runs_logged(path, value):
+    """Appends a line per run to ``path``; returns ``value`` and where it ran."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return value, farpool.get_runtime_context().node_id
+
+
+def gated(gate_path, log_path, value):
+    with open(log_path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return wait_at_gate(gate_path, value), farpool.get_runtime_context().node_id
+
+
+def made_on(n, value):
+    return farpool.get_runtime_context().node_id, np.full(n, value)
+
+
+@pytest.fixture
+def gate():
+    directory = tempfile.mkdtemp(prefix="g-", dir="/tmp")  # a short path: Unix sockets allow 107 bytes
+    g = Gate(os.path.join(directory, "gate"))
+    yield g
+    g.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def on(node_id):
+    return {"scheduling_strategy": farpool.NodeAffinity(node_id, soft=True)}
+
+
+def stop_in_background(node_id, *args):
+    """``farpool stop --node node_id`` in a thread (it blocks while the node drains)."""
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(result=farpool_cli("stop", "--node", node_id, *args,
+                                                                           timeout=TIMEOUT)))
+    thread.start()
+    return thread, out
+
+
+def line_count(path):
+    with open(path) as f:
+        return len(f.read().splitlines())
+
+
+def test_a_stopped_node_drains_its_running_task_finishes_once_and_its_queue_moves(started, gate, tmp_path):
+    head, second, third = three_nodes(started)
+    made = farpool.remote(made_on).options(max_retries=2, **on(second)).remote(1 << 20, 2.0)
+    assert farpool.wait([made], timeout=TIMEOUT, fetch_local=False)[0]  # stored on the second node only
+    running_log, queued_log = tmp_path / "running", tmp_path / "queued"
+    # Both CPUs of the second node busy until the gate opens.
+    running = [farpool.remote(gated).options(max_retries=0, **on(second)).remote(gate.path, str(running_log), r)
+               for r in "ab"]
+    gate.wait_arrivals(2)
+    # Queued behind them for the second node (soft affinity: they may run elsewhere once it is gone).
+    queued = [farpool.remote(runs_logged).options(max_retries=0, **on(second)).remote(str(queued_log), i)
+              for i in range(6)]
+    thread, out = stop_in_background(second)
+    wait_until(lambda: next(n for n in farpool.nodes() if n["node_id"] == second).get("alive") is False
+               or _draining(second), "the head to hear that the second node drains")
+    gate.open()
+    assert farpool.get(running, timeout=TIMEOUT) == [("a", second), ("b", second)]  # finished where they ran
+    assert line_count(running_log) == 2                           # once each: not retried
+    results = farpool.get(queued, timeout=TIMEOUT)                 # max_retries=0: none was lost
+    assert [value for value, _ in results] == list(range(6)) and line_count(queued_log) == 6
+    thread.join(timeout=TIMEOUT)
+    assert not thread.is_alive()
+    assert f"farpool node {second[:8]} drained and stopped" in out["result"].stdout
+    wait_until(lambda: not next(n for n in farpool.nodes() if n["node_id"] == second)["alive"],
+               "the head to mark the drained node gone")
+    node, value = farpool.get(made, timeout=TIMEOUT)  # its only copy left with the node: rebuilt
+    assert node != second and float(value.sum()) == 2.0 * (1 << 20)
+    # New work goes to the nodes left.
+    assert farpool.get(farpool.remote(runs_logged).remote(str(queued_log), "new"), timeout=TIMEOUT)[1] != second
+
+
+def test_a_task_that_outlives_the_drain_timeout_is_retried_elsewhere(started, gate, tmp_path):
+    head, second, third = three_nodes(started)
+    log_path = tmp_path / "runs"
+    ref = farpool.remote(gated).options(max_retries=1, **on(second)).remote(gate.path, str(log_path), "late")
+    gate.wait_arrivals(1)
+    thread, out = stop_in_background(second, "--drain-timeout", "1")
+    thread.join(timeout=TIMEOUT)
+    assert not thread.is_alive() and out["result"].returncode == 0
+    gate.wait_arrivals(1)  # run again, on another node
+    gate.open()
+    value, node = farpool.get(ref, timeout=TIMEOUT)
+    assert value == "late" and node != second and line_count(log_path) == 2
+
+
+def test_stop_node_refuses_the_head_node_and_an_unknown_id(started):
+    head, second, third = three_nodes(started)
+    out = farpool_cli("stop", "--node", head, check=False)
+    assert out.returncode == 1 and "is the head's own node: it stops with the head" in out.stderr
+    out = farpool_cli("stop", "--node", "zz", check=False)
+    assert out.returncode == 1 and "no node agent started here has an id starting with 'zz'" in out.stderr
+
+
+def _draining(node_id):
+    client = farpool.api._client()
+    return any(n["node_id"] == node_id and n.get("draining") for n in client.request_nodes())
