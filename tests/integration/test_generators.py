@@ -254,9 +254,18 @@ def test_back_pressure_bounds_the_store_to_max_pending_items(cluster, tmp_path):
     before = _used(cluster)
     peak = 0
     seen = 0
-    for ref in arrays.options(max_pending_items=pending).remote(n, size_mb, progress):
-        made = len(open(progress).read().split())
-        assert made - seen <= pending + 1, f"the producer made {made} items with {seen} read"
+
+    def made():
+        with open(progress) as f:
+            return len(f.read().split())
+    gen = arrays.options(max_pending_items=pending).remote(n, size_mb, progress)
+    for ref in gen:
+        # With this one handed out, the producer may make up to `pending` more: once the last of
+        # them has arrived here, it has had its chance to start one more (it would, without
+        # back-pressure: its progress line is the first thing it writes), and has not.
+        allowed = min(seen + 1 + pending, n)
+        wait_until(lambda: gen._state.arrived >= allowed, f"{allowed} items to arrive")
+        assert made() == allowed, f"the producer made {made()} items with {seen + 1} handed out"
         peak = max(peak, _used(cluster) - before)
         assert farpool.get(ref, timeout=TIMEOUT)[0] == seen % 256
         seen += 1
