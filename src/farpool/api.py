@@ -242,6 +242,9 @@ def _check_refs(refs, what: str) -> tuple[list, bool]:
             if not isinstance(r, ObjectRef):
                 raise TypeError(f"{what}() takes ObjectRefs; item {i} is a {type(r).__name__}")
         return list(refs), False
+    if isinstance(refs, ObjectRefGenerator):
+        raise TypeError(f"{what}() takes ObjectRefs, not an ObjectRefGenerator: iterate it and {what}() each "
+                        f"ref as it comes (for ref in gen: {what}(ref)), or {what}(list(gen)) for all of them")
     raise TypeError(f"{what}() takes an ObjectRef or a list of ObjectRefs, got {type(refs).__name__}")
 
 

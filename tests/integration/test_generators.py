@@ -72,6 +72,31 @@ def killed_once(marker, pid_file, gate):
 
 
 @farpool.remote
+async def async_count(n):
+    for i in range(n):
+        await asyncio.sleep(0)
+        yield i
+
+
+@farpool.remote
+def unpicklable_second():
+    import threading
+    yield 1
+    yield threading.Lock()
+
+
+@farpool.remote
+def boxes(n):
+    for i in range(n):
+        yield [farpool.put(i * 100)]  # a ref owned by the worker, inside an item
+
+
+@farpool.remote
+def consume(n):
+    return sum(farpool.get(ref) for ref in count.remote(n))
+
+
+@farpool.remote
 class Producer:
     def items(self, n):
         for i in range(n):
@@ -148,8 +173,9 @@ def test_an_error_mid_stream_is_raised_by_the_next_ref_then_the_iteration_ends(c
     with pytest.raises(ValueError, match="failed after 2 items") as info:
         farpool.get(refs[2], timeout=TIMEOUT)
     assert isinstance(info.value, farpool.TaskError)
+    gen = fails_after.remote(0)  # (kept: a generator dropped before its end cancels its task)
     with pytest.raises(ValueError):
-        farpool.get(fails_after.remote(0).completed(), timeout=TIMEOUT)
+        farpool.get(gen.completed(), timeout=TIMEOUT)
 
 
 def test_async_for_takes_the_refs_in_asyncio(cluster):
@@ -159,6 +185,23 @@ def test_async_for_takes_the_refs_in_asyncio(cluster):
             out.append(await ref)
         return out
     assert asyncio.run(asyncio.wait_for(main(), TIMEOUT)) == [0, 1, 2, 3]
+
+
+def test_an_async_generator_function_streams(cluster):
+    assert farpool.get(list(async_count.remote(3)), timeout=TIMEOUT) == [0, 1, 2]
+
+
+def test_an_item_that_cannot_be_pickled_fails_the_stream_there(cluster):
+    refs = list(unpicklable_second.remote())
+    assert len(refs) == 2 and farpool.get(refs[0], timeout=TIMEOUT) == 1
+    with pytest.raises(TypeError, match="item 1 of unpicklable_second"):
+        farpool.get(refs[1], timeout=TIMEOUT)
+
+
+def test_a_task_consumes_a_stream_and_get_says_to_iterate_a_generator(cluster):
+    assert farpool.get(consume.remote(5), timeout=TIMEOUT) == 10
+    with pytest.raises(TypeError, match=r"not an ObjectRefGenerator: iterate it"):
+        farpool.get(count.remote(1))
 
 
 # ---------------------------------------------------------------------- actors
@@ -246,6 +289,8 @@ def test_items_are_passed_to_tasks_and_nested_in_values(cluster):
     assert farpool.get(first_of_box.remote([refs[2]]), timeout=TIMEOUT) == 2
     view = farpool.get(refs[1], timeout=TIMEOUT)
     assert not view.flags.writeable  # zero-copy from the node store, like any stored result
+    inner = [farpool.get(ref, timeout=TIMEOUT)[0] for ref in boxes.remote(3)]  # refs lent inside items
+    assert farpool.get(inner, timeout=TIMEOUT) == [0, 100, 200]
 
 
 def test_back_pressure_bounds_the_store_to_max_pending_items(cluster, tmp_path):
