@@ -18,8 +18,8 @@ loop itself, so messages keep being read), on an actor's thread pool (waits on t
 Producer's condition) or on an async actor's event loop (awaits it).  On a retry the
 owner's StreamSpec says how many items it has already: they are made again and dropped.
 
-Who may touch it: ``credit``/``stop`` on the worker's loop thread; a Producer is read by the
-thread that runs its stream.
+Who may touch it: ``credit``/``stop`` on the worker's loop thread; the ``run_*`` on the thread
+that runs the stream; the tables of producers and ended streams under ``lock``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
+from collections import OrderedDict
 
 from farpool._private import object_ref, protocol
 from farpool._private.context import context
@@ -37,6 +38,10 @@ from farpool._private.worker_process import call_user
 # read what we sent, before it looks again at the cancel flags a signal handler set.  Longer
 # wakes less; shorter notices a cancel that came as a signal sooner.
 WAIT_TURN_S = 0.2
+# Streams that ended here, remembered so that an owner's late StreamCredit or StopStream (sent
+# before it learned of the end) is dropped, not kept for a start that never comes.  More
+# remembers longer; each costs a few dozen bytes.
+ENDED_REMEMBERED = 1024
 
 
 class Producer:
@@ -70,16 +75,29 @@ class WorkerStreams:
     def __init__(self, w):
         self.w = w
         self.producers: dict[bytes, Producer] = {}
+        self.ended: OrderedDict = OrderedDict()  # task ids of streams that ended here, oldest first
+        self.lock = threading.Lock()  # the two tables: an actor's threads start and end streams too
 
     # ------------------------------------------------------------------ owner messages (loop thread)
-    def _producer(self, task_id: bytes) -> Producer:
-        producer = self.producers.get(task_id)
-        if producer is None:  # a message for a stream not started yet: kept for its start
-            producer = self.producers[task_id] = Producer(task_id)
-        return producer
+    def _producer(self, task_id: bytes) -> Producer | None:
+        with self.lock:
+            producer = self.producers.get(task_id)
+            if producer is None and task_id not in self.ended:  # not started yet: kept for its start
+                producer = self.producers[task_id] = Producer(task_id)
+            return producer
+
+    def _ended(self, task_id: bytes) -> None:
+        """The stream of ``task_id`` is over here."""
+        with self.lock:
+            self.producers.pop(task_id, None)
+            self.ended[task_id] = None
+            while len(self.ended) > ENDED_REMEMBERED:
+                self.ended.popitem(last=False)
 
     def credit(self, task_id: bytes, limit: int) -> None:
         producer = self._producer(task_id)
+        if producer is None:
+            return
         with producer.cond:
             if producer.limit is not None and limit > producer.limit:
                 producer.limit = limit
@@ -87,6 +105,8 @@ class WorkerStreams:
 
     def stop(self, task_id: bytes) -> None:
         producer = self._producer(task_id)
+        if producer is None:
+            return
         with producer.cond:
             producer.stopped = True
             producer.changed()
@@ -106,6 +126,8 @@ class WorkerStreams:
         return KeyboardInterrupt(f"task {task_id.hex()} was cancelled")
 
     def _begin(self, task_id: bytes, spec: protocol.StreamSpec) -> Producer:
+        with self.lock:
+            self.ended.pop(task_id, None)  # (a retry on the worker that ran an attempt before)
         producer = self._producer(task_id)
         producer.start(spec)
         return producer
@@ -115,8 +137,8 @@ class WorkerStreams:
         """Iterate ``gen`` on the main thread (inside _execute; the worker's io_lock is not held);
         returns the number of items."""
         w = self.w
-        producer = self._begin(task_id, spec)
         step = _stepper(gen, name)
+        producer = self._begin(task_id, spec)
         channel = batch.channel  # a local owner's stream (None: relayed by the agent, zmq queues it)
         index = 0
         try:
@@ -145,14 +167,14 @@ class WorkerStreams:
                             w.loop.run_once(WAIT_TURN_S)
                 index += 1
         finally:
-            self.producers.pop(task_id, None)
-            _close(gen)
+            self._ended(task_id)
+            _close(gen, step)
 
     # ------------------------------------------------------------------ on an actor's threads
     def run_threaded(self, task_id: bytes, gen, spec: protocol.StreamSpec, name: str, reply, caller) -> int:
         """Iterate ``gen`` on a threaded actor's pool thread; items leave from the loop thread."""
-        producer = self._begin(task_id, spec)
         step = _stepper(gen, name)
+        producer = self._begin(task_id, spec)
         index = 0
         try:
             while True:
@@ -170,15 +192,15 @@ class WorkerStreams:
                 value = None
                 index += 1
         finally:
-            self.w.loop.call_soon(self.producers.pop, task_id, None)
-            _close(gen)
+            self._ended(task_id)
+            _close(gen, step)
 
     async def run_async(self, task_id: bytes, gen, spec: protocol.StreamSpec, name: str, reply, caller) -> int:
         """Iterate ``gen`` (async or not) on an async actor's event loop."""
         loop = asyncio.get_running_loop()
-        producer = self._begin(task_id, spec)
         is_async = inspect.isasyncgen(gen)
         step = None if is_async else _stepper(gen, name)
+        producer = self._begin(task_id, spec)
         index = 0
         try:
             while True:
@@ -201,7 +223,7 @@ class WorkerStreams:
                 value = None
                 index += 1
         finally:
-            self.w.loop.call_soon(self.producers.pop, task_id, None)
+            self._ended(task_id)
             if is_async:
                 await gen.aclose()
             else:
@@ -214,29 +236,41 @@ def _stepper(gen, name: str):
     if inspect.isgenerator(gen):
         return gen.__next__
     if inspect.isasyncgen(gen):
-        loop = asyncio.new_event_loop()
-
-        def step():
-            try:
-                return loop.run_until_complete(gen.__anext__())
-            except StopAsyncIteration:
-                loop.run_until_complete(gen.aclose())
-                loop.close()
-                raise StopIteration from None
-        return step
+        return _AsyncStepper(gen)
     if hasattr(gen, "__next__"):  # an iterator returned by a num_returns="streaming" function
         return gen.__next__
     if hasattr(gen, "__iter__"):
         return iter(gen).__next__
-    raise TypeError(f"{name} is a streaming task (num_returns='streaming') but returned a "
+    raise TypeError(f"{name} is a streaming task (num_returns='streaming') but returned a value of type "
                     f"{type(gen).__name__}, not a generator or iterator; yield its items instead")
 
 
-def _close(gen) -> None:
-    """Let the generator's finally blocks run now (it was stopped, or it ended)."""
-    close = getattr(gen, "close", None)
-    if close is not None and inspect.isgenerator(gen):
+class _AsyncStepper:
+    """An async generator run step by step on an event loop of its own (a task, not an actor)."""
+
+    def __init__(self, gen):
+        self.gen = gen
+        self.loop = asyncio.new_event_loop()
+
+    def __call__(self):
         try:
-            close()
-        except Exception:  # noqa: BLE001 - its cleanup raising must not hide how the stream ended
-            pass
+            return self.loop.run_until_complete(self.gen.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.gen.aclose())
+        finally:
+            self.loop.close()
+
+
+def _close(gen, step=None) -> None:
+    """Let the generator's finally blocks run now (it was stopped, or it ended)."""
+    try:
+        if isinstance(step, _AsyncStepper):
+            step.close()
+        elif inspect.isgenerator(gen):
+            gen.close()
+    except Exception:  # noqa: BLE001 - its cleanup raising must not hide how the stream ended
+        pass
