@@ -17,7 +17,8 @@ per owner and worker and are cached by content hash.
 
 Beside it: task_args.py reads a task's arguments (from the message or the node
 stores), worker_process.py sets up the process around the tasks (the driver's
-main script, runtime_env packages, output, cancel signals).
+main script, runtime_env packages, output, cancel signals), worker_streams.py runs streaming
+generator tasks (items sent as they are yielded, the owner's credit and stop).
 """
 
 from __future__ import annotations
