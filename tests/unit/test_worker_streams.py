@@ -81,3 +81,11 @@ def test_closing_a_stopped_generator_runs_its_finally():
     step()
     _close(g, step)
     assert closed == [True]
+
+
+def test_a_retry_that_yields_fewer_items_than_were_delivered_fails():
+    from farpool._private.worker_streams import _count
+    assert _count(5, StreamSpec(3, None), "g") == 5
+    with pytest.raises(RuntimeError, match="the retry of streaming task g yielded 2 items, but its earlier "
+                                           "attempt had already delivered 3"):
+        _count(2, StreamSpec(3, None), "g")

@@ -153,7 +153,7 @@ class WorkerStreams:
                 try:
                     value = call_user(step, (), {})  # (a cancel signal interrupts the user's code only)
                 except StopIteration:
-                    return index
+                    return _count(index, spec, name)
                 if index >= spec.skip:
                     frames = self._item_frames(task_id, index, value, name, caller)
                     value = None
@@ -186,7 +186,7 @@ class WorkerStreams:
                 try:
                     value = step()
                 except StopIteration:
-                    return index
+                    return _count(index, spec, name)
                 if index >= spec.skip:
                     self.w.loop.call_soon(reply, self._item_frames(task_id, index, value, name, caller))
                 value = None
@@ -217,7 +217,7 @@ class WorkerStreams:
                 try:
                     value = await gen.__anext__() if is_async else step()
                 except (StopIteration, StopAsyncIteration):
-                    return index
+                    return _count(index, spec, name)
                 if index >= spec.skip:
                     self.w.loop.call_soon(reply, self._item_frames(task_id, index, value, name, caller))
                 value = None
@@ -228,6 +228,18 @@ class WorkerStreams:
                 await gen.aclose()
             else:
                 _close(gen)
+
+
+def _count(index: int, spec: protocol.StreamSpec, name: str) -> int:
+    """The stream ended after ``index`` items: its count, unless a retry made fewer than the owner
+    already has (the generator is not deterministic: the items would not match)."""
+    if index < spec.skip:
+        raise RuntimeError(
+            f"the retry of streaming task {name} yielded {index} items, but its earlier attempt had already "
+            f"delivered {spec.skip}: a generator must yield the same items when it runs again (max_retries "
+            "re-runs it from the start and skips what was delivered); make it deterministic, or give it "
+            "max_retries=0")
+    return index
 
 
 def _stepper(gen, name: str):
