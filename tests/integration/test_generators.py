@@ -277,8 +277,16 @@ def test_a_dropped_generator_stops_the_producer_and_frees_its_items(cluster, tmp
     wait_until(lambda: _used(cluster) <= before, "the dropped generator's items to be freed")
     gen = forever.remote(stopped)
     assert farpool.get(next(gen), timeout=TIMEOUT) == 0
+    task_id = gen.completed().binary()
     del gen
     wait_for_file(stopped)  # the producer was stopped, not left running
+    client = farpool.api._client()
+    wait_until(lambda: task_id not in client.objects, "the ended task's own object to be forgotten")
+    gen = count.remote(2)  # dropped while its task may still finish normally
+    task_id = gen.completed().binary()
+    del gen
+    wait_until(lambda: task_id not in client.objects, "the task's own object to be forgotten")
+    client.refs.validate_state()
 
 
 # ---------------------------------------------------------------------- items are ordinary objects

@@ -166,6 +166,9 @@ class Streams(ClientPart):
             self.running.pop(state.task_id, None)
             state.end(failure)
             self._wake(state)
+        with self.lock:  # the generator (its last ref) may have gone while the task ran: nothing keeps it
+            if self.objects.get(state.task_id) is entry:
+                self.refs.delete_if_unreferenced(state.task_id, entry)
 
     def _grant(self, state: StreamState) -> None:
         """An item was handed out: the running producer may make one more (StreamCredit)."""
