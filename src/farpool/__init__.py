@@ -10,7 +10,7 @@ import importlib
 # without paying for the client and API modules.
 _EXPORTS = {
     "exceptions": "farpool.exceptions", "observe": "farpool.observe",
-    "ObjectRef": "farpool._private.object_ref",
+    "ObjectRef": "farpool._private.object_ref", "ObjectRefGenerator": "farpool._generator",
     "DistributedExecutor": "farpool.executor", "Pool": "farpool.pool",
     **{name: "farpool.actor" for name in ("ActorClass", "ActorHandle", "get_actor", "kill", "method")},
     **{name: "farpool.api" for name in (
@@ -43,7 +43,7 @@ from farpool._version import __version__  # noqa: E402,F401
 __all__ = [
     "ActorClass", "ActorHandle", "get_actor", "kill", "method", "DistributedExecutor", "Pool",
     "ActorDiedError", "AuthenticationError", "FarpoolError", "GetTimeoutError", "InfeasibleError",
-    "NodeAffinity", "NodeDiedError", "ObjectLostError", "ObjectRef", "ObjectStoreFullError",
+    "NodeAffinity", "NodeDiedError", "ObjectLostError", "ObjectRef", "ObjectRefGenerator", "ObjectStoreFullError",
     "OwnerDiedError", "PlacementGroupScheduling", "TaskCancelledError", "TaskError", "WorkerCrashedError", "available_resources",
     "cancel", "cluster_resources", "exceptions", "get", "get_gpu_ids", "get_runtime_context", "init",
     "is_initialized", "nodes", "observe", "progress", "put", "remote", "shutdown", "status", "timeline", "wait",

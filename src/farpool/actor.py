@@ -11,20 +11,28 @@ import inspect
 import os
 
 from farpool import _placement_group, exceptions
+from farpool._generator import ObjectRefGenerator
 from farpool._private import context as context_mod
 from farpool._private import options, placement_groups, protocol, runtime, runtime_env, scheduling
 from farpool._private import object_ref
 from farpool._private.object_ref import ObjectRef
+from farpool._private.streams import StreamState
 
 ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory", "resources", "max_restarts", "max_task_retries",
                  "max_concurrency", "name", "namespace", "lifetime", "get_if_exists", "scheduling_strategy",
                  "runtime_env")
 
 
-def method(*, num_returns: int = 1):
-    """``@farpool.method(num_returns=2)`` on an actor method sets its default."""
-    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
-        raise ValueError(f"`num_returns` must be an int >= 0, got {num_returns!r}")
+def _check_num_returns(num_returns) -> None:
+    if num_returns != "streaming" and (isinstance(num_returns, bool) or not isinstance(num_returns, int)
+                                       or num_returns < 0):
+        raise ValueError(f"`num_returns` must be an int >= 0 or 'streaming', got {num_returns!r}")
+
+
+def method(*, num_returns: int | str = 1):
+    """``@farpool.method(num_returns=2)`` on an actor method sets its default ("streaming": its
+    calls return an ObjectRefGenerator, as a generator method's do without it)."""
+    _check_num_returns(num_returns)
 
     def mark(fn):
         fn.__farpool_num_returns__ = num_returns
@@ -59,13 +67,15 @@ def _check_actor_options(opts: dict, cls_name: str) -> dict:
 
 
 def _class_meta(cls) -> dict:
-    """What a handle knows of its actor's class: method names and their num_returns."""
+    """What a handle knows of its actor's class: method names and their num_returns
+    ("streaming" for generator methods, sync or async: decided here, once per class)."""
     methods = {}
     is_async = False
     for name, member in inspect.getmembers(cls, predicate=inspect.isfunction):
         if name.startswith("__") and name != "__call__":
             continue
-        methods[name] = getattr(member, "__farpool_num_returns__", 1)
+        default = "streaming" if inspect.isgeneratorfunction(member) or inspect.isasyncgenfunction(member) else 1
+        methods[name] = getattr(member, "__farpool_num_returns__", default)
         if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
             is_async = True
     return {"class_name": cls.__qualname__, "methods": methods, "is_async": is_async}
@@ -202,30 +212,44 @@ ActorHandle.__module__ = "farpool"
 
 
 class ActorMethod:
-    def __init__(self, handle: ActorHandle, name: str, num_returns: int, call_name: str | None = None):
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int | str, call_name: str | None = None,
+                 max_pending_items: int | None = None):
         self._handle = handle
         self._name = name
-        self._num_returns = num_returns
+        self._num_returns = num_returns  # or "streaming": a generator method
         self._call_name = call_name  # shown in errors and the timeline instead of Class.method
+        self._max_pending_items = max_pending_items
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"actor method {self._name} cannot be called directly; use "
                         f"handle.{self._name}.remote(...)")
 
-    def options(self, *, num_returns: int | None = None, name: str | None = None) -> "ActorMethod":
-        """The same method with ``num_returns`` and/or a ``name`` for its calls (errors, timeline)."""
-        if num_returns is not None and (isinstance(num_returns, bool) or not isinstance(num_returns, int)
-                                        or num_returns < 0):
-            raise ValueError(f"`num_returns` must be an int >= 0, got {num_returns!r}")
+    def options(self, *, num_returns: int | str | None = None, name: str | None = None,
+                max_pending_items: int | None = None) -> "ActorMethod":
+        """The same method with ``num_returns`` and/or a ``name`` for its calls (errors, timeline);
+        ``max_pending_items`` for a generator method: its call pauses while that many items are unread."""
+        if num_returns is not None:
+            _check_num_returns(num_returns)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"`name` must be a str, got {type(name).__name__}")
-        return ActorMethod(self._handle, self._name, self._num_returns if num_returns is None else num_returns,
-                           self._call_name if name is None else name)
+        options.check_max_pending_items(max_pending_items)
+        num_returns = self._num_returns if num_returns is None else num_returns
+        pending = self._max_pending_items if max_pending_items is None else max_pending_items
+        if pending is not None and num_returns != "streaming":
+            raise ValueError(f"`max_pending_items` applies to generator methods only; {self._name} returns "
+                             "its result at once")
+        return ActorMethod(self._handle, self._name, num_returns, self._call_name if name is None else name,
+                           pending)
 
     def remote(self, *args, **kwargs):
         client = runtime.client()
         handle = self._handle
         qualname = self._call_name or f"{handle._meta.get('class_name')}.{self._name}"
+        if self._num_returns.__class__ is str:  # "streaming": a generator method
+            state = StreamState(self._max_pending_items)
+            refs = client.submit_actor_call(handle._actor_id, self._name, qualname, args, kwargs, 1,
+                                            handle._max_task_retries, handle._token, stream=state)
+            return ObjectRefGenerator(refs[0], state, client)
         refs = client.submit_actor_call(handle._actor_id, self._name, qualname, args, kwargs,
                                         max(self._num_returns, 1), handle._max_task_retries, handle._token)
         if self._num_returns == 1:

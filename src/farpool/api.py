@@ -15,6 +15,7 @@ import sys
 import time
 
 from farpool import _placement_group, exceptions
+from farpool._generator import ObjectRefGenerator
 from farpool._private import client as client_mod
 from farpool._private import context as context_mod
 from farpool._private import progress_bar, runtime, runtime_env, scheduling
@@ -23,11 +24,12 @@ from farpool._private import options as options_mod
 from farpool._private.options import (NodeAffinity, PlacementGroupScheduling, check_ray_only_options,  # noqa: F401
                                       check_scheduling_strategy)
 from farpool._private.object_ref import ObjectRef
+from farpool._private.streams import StreamState
 
 log = logging.getLogger("farpool")
 
 FUNCTION_OPTIONS = ("num_cpus", "num_gpus", "memory", "resources", "num_returns", "max_retries",
-                    "retry_exceptions", "name", "scheduling_strategy", "runtime_env")
+                    "retry_exceptions", "name", "scheduling_strategy", "runtime_env", "max_pending_items")
 # Private options the facades use: workers of their own (see CoreClient.register_pool).
 _PRIVATE_OPTIONS = ("_pool_key",)
 
@@ -83,11 +85,14 @@ def _check_options(opts: dict, allowed: tuple, what: str) -> dict:
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for {what}; valid options: {', '.join(allowed)}")
     num_returns = opts.get("num_returns", 1)
-    if num_returns in ("dynamic", "streaming"):
-        raise ValueError(f"{what}: num_returns={num_returns!r} (Ray's generator tasks) is not supported by "
-                         "farpool yet; return a list of values (num_returns=1), or submit one task per item")
-    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
-        raise ValueError(f"`num_returns` must be an int >= 0, got {num_returns!r}")
+    if num_returns == "dynamic":
+        raise ValueError(f"{what}: num_returns='dynamic' (Ray's older generator tasks) is not supported by "
+                         "farpool; a generator function streams its items: num_returns='streaming' (the "
+                         "default for generator functions) gives an ObjectRefGenerator")
+    if num_returns != "streaming" and (isinstance(num_returns, bool) or not isinstance(num_returns, int)
+                                       or num_returns < 0):
+        raise ValueError(f"`num_returns` must be an int >= 0 or 'streaming', got {num_returns!r}")
+    options_mod.check_max_pending_items(opts.get("max_pending_items"))
     max_retries = opts.get("max_retries", 3)
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < -1:
         raise ValueError(f"`max_retries` must be an int >= -1 (-1: retry forever), got {max_retries!r}")
@@ -109,13 +114,20 @@ def _check_options(opts: dict, allowed: tuple, what: str) -> dict:
 
 
 class RemoteFunction:
-    """What ``@farpool.remote`` makes of a function: call ``.remote()``, not the function."""
+    """What ``@farpool.remote`` makes of a function: call ``.remote()``, not the function.
+
+    A generator function (or one with ``num_returns="streaming"``) streams: ``.remote()``
+    returns an ObjectRefGenerator (decided here, once: no per-call check).
+    """
 
     def __init__(self, fn, options: dict):
         self._fn = fn
-        self._options = _check_options(dict(options), FUNCTION_OPTIONS, f"remote function {fn.__qualname__}")
+        what = f"remote function {fn.__qualname__}"
+        self._options = _check_options(dict(options), FUNCTION_OPTIONS, what)
         self._info: client_mod.RemoteFunctionInfo | None = None
         self._shape, self._strategy = self._placement(self._options)
+        if options_mod.streams(fn, self._options, what):
+            self.remote = self._remote_stream
         functools.update_wrapper(self, fn)
 
     def _placement(self, opts: dict) -> tuple:
@@ -142,6 +154,8 @@ class RemoteFunction:
         bound._options = _check_options(merged, FUNCTION_OPTIONS, f"remote function {self._fn.__qualname__}")
         bound._info = self._info
         bound._shape, bound._strategy = bound._placement(merged)
+        if options_mod.streams(self._fn, bound._options, f"remote function {self._fn.__qualname__}"):
+            bound.remote = bound._remote_stream
         bound._parent = self
         functools.update_wrapper(bound, self._fn)
         return bound
@@ -178,6 +192,25 @@ class RemoteFunction:
             return None
         return refs
 
+    def _remote_stream(self, *args, **kwargs) -> ObjectRefGenerator:
+        """``remote`` of a generator function: an ObjectRefGenerator, at once."""
+        client = _client()
+        opts = self._options
+        info = self._function_info()
+        name = opts.get("name") or info.name
+        pool, env = opts.get("_pool_key"), opts.get("runtime_env")
+        shape, strategy = self._shape, self._strategy
+        if strategy is None:
+            group = context_mod.context.capture_group
+            shape, strategy = (shape, "DEFAULT") if group is None else \
+                _placement_group.captured(shape, group, f"remote function {name}")
+        state = StreamState(opts.get("max_pending_items"))
+        refs = client.submit(info, args, kwargs, 1, shape, opts.get("max_retries", 3),
+                             opts.get("retry_exceptions", False), name, strategy,
+                             runtime_env.pool_key(pool, env) if pool or env or runtime.has_job_runtime_env() else None,
+                             stream=state)
+        return ObjectRefGenerator(refs[0], state, client)
+
 
 RemoteFunction.__module__ = "farpool"
 
@@ -210,6 +243,9 @@ def _check_refs(refs, what: str) -> tuple[list, bool]:
             if not isinstance(r, ObjectRef):
                 raise TypeError(f"{what}() takes ObjectRefs; item {i} is a {type(r).__name__}")
         return list(refs), False
+    if isinstance(refs, ObjectRefGenerator):
+        raise TypeError(f"{what}() takes ObjectRefs, not an ObjectRefGenerator: iterate it and {what}() each "
+                        f"ref as it comes (for ref in gen: {what}(ref)), or {what}(list(gen)) for all of them")
     raise TypeError(f"{what}() takes an ObjectRef or a list of ObjectRefs, got {type(refs).__name__}")
 
 
@@ -279,7 +315,10 @@ def wait(refs, *, num_returns: int = 1, timeout: float | None = None, fetch_loca
 
 
 def cancel(ref, *, force: bool = False, recursive: bool = True) -> None:
-    """Cancel the task that makes ``ref``: queued tasks never run, running ones are interrupted."""
+    """Cancel the task that makes ``ref``: queued tasks never run, running ones are interrupted.
+    For an ObjectRefGenerator, its producer stops: refs it had not yielded are never handed out."""
+    if isinstance(ref, ObjectRefGenerator):
+        ref = ref.completed()
     if not isinstance(ref, ObjectRef):
         raise TypeError(f"cancel() takes an ObjectRef, got {type(ref).__name__}")
     client = _client()

@@ -67,9 +67,28 @@ def test_ray_only_actor_options(option, advice):
         farpool.remote(**{option: 1})(A)
 
 
-def test_dynamic_num_returns():
-    with pytest.raises(ValueError, match=r"num_returns='dynamic' .* not supported by farpool yet"):
+def test_dynamic_num_returns_names_streaming():
+    with pytest.raises(ValueError, match=r"num_returns='dynamic' .* not supported by farpool; .*"
+                                         r"num_returns='streaming'"):
         farpool.remote(num_returns="dynamic")(f)
+
+
+def test_generator_backpressure_option_names_max_pending_items():
+    with pytest.raises(ValueError, match=r"`_generator_backpressure_num_objects` .* max_pending_items=N"):
+        farpool.remote(_generator_backpressure_num_objects=2)(f)
+
+
+def test_max_pending_items_is_checked_and_only_for_generators():
+    def gen():
+        yield 1
+    with pytest.raises(ValueError, match=r"`max_pending_items` must be an int >= 1 \(or None: no limit\), got 0"):
+        farpool.remote(max_pending_items=0)(gen)
+    with pytest.raises(ValueError, match=r"remote function f: `max_pending_items` applies to generator functions"):
+        farpool.remote(max_pending_items=2)(f)
+    with pytest.raises(ValueError, match=r"`num_returns` must be an int >= 0 or 'streaming', got 'stream'"):
+        farpool.remote(num_returns="stream")(gen)
+    farpool.remote(max_pending_items=2)(gen)  # accepted: decided once, here
+    farpool.remote(num_returns="streaming", max_pending_items=1)(f)
 
 
 def test_runtime_env_pip_says_install_on_the_nodes():

@@ -88,13 +88,13 @@ class ActorClient(ClientPart):
 
     # ------------------------------------------------------------------ any thread
     def submit_call(self, actor_id: str, method: str, qualname: str, args, kwargs, num_returns: int,
-                    max_task_retries: int, token=None) -> list:
+                    max_task_retries: int, token=None, stream=None) -> list:
         info = self.method_infos.get((actor_id, method))
         if info is None:
             info = self.method_infos[(actor_id, method)] = RemoteFunctionInfo(
                 qualname, b"actor:" + method.encode(), b"")
         return self.c.submitter.submit(info, args, kwargs, num_returns, {}, max_task_retries, False, qualname,
-                                       actor_id=actor_id, token=token)
+                                       actor_id=actor_id, token=token, stream=stream)
 
     def token(self, actor_id: str) -> ObjectRef:
         """A small object whose lifetime is the actor's: freed -> the actor ends."""

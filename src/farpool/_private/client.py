@@ -23,6 +23,7 @@ The parts, each in its own module, each owning one concern:
     submitter              remote() to a leased worker: queues, leases, dispatch
     completion             TaskFinished / WorkerExited: results, retries, failures
     actor_client           actor calls: subscriptions, channels, what an actor pins
+    stream_client          streaming generator tasks: items as they come, credit, stop (streams.py: pure)
 
 This shell makes them, connects to the cluster, turns each peer's messages into calls
 on the parts (one table per kind of peer: anything else is dropped and logged), and
@@ -56,6 +57,7 @@ from farpool._private.protocol import encode
 from farpool._private.refs import FAILED, READY, Entry, RefTable
 from farpool._private.shared_args import SharedArgs
 from farpool._private.stored import StoreReads
+from farpool._private.stream_client import Streams
 from farpool._private.submitter import Submitter
 from farpool._private.task_queues import RemoteFunctionInfo, TaskQueues, TaskRecord, TaskState
 from farpool._private.values import Values
@@ -117,6 +119,7 @@ class CoreClient:
         self.submitter = Submitter(self)
         self.completion = Completion(self)
         self.actor_client = ActorClient(self)
+        self.streams = Streams(self)
         self.submitter.bind()
         self.completion.bind()
         self._entry_points()
@@ -366,7 +369,8 @@ class CoreClient:
             "PlacementGroupReply": answer}
         self._from_worker = {
             "TaskFinished": lambda _peer, fields, buffers: done.on_task_finished(fields, buffers),
-            "TakenBack": lambda _peer, fields, _buffers: s.on_taken_back(*fields)}
+            "TakenBack": lambda _peer, fields, _buffers: s.on_taken_back(*fields),
+            "ItemReady": lambda _peer, fields, buffers: self.streams.on_item_ready(fields, buffers)}
         self._from_agent = {  # and what its remote workers send us through it
             **self._from_worker, "Reply": answer, "Nodes": answer,
             "ObjectAllocated": answer_rest, "StoreStats": answer_rest, "ObjectCopied": answer_rest,
@@ -540,7 +544,10 @@ class CoreClient:
                 self.queues.remove_queued(task)
             self.completion.finish_failed(task, exc_mod.TaskCancelledError(
                 f"task {task.name} was cancelled before it ran"))
-        elif task.state == TaskState.RUNNING and task.lease is not None and task.actor_id is None:
+            return
+        if task.stream is not None and task.state == TaskState.RUNNING and task.lease is not None:
+            self.streams.stop_running(task)  # its producer stops before its next item (actor methods too)
+        if task.state == TaskState.RUNNING and task.lease is not None and task.actor_id is None:
             agent = self.agents.get(task.lease.node_id)
             if agent is not None:
                 sig = signal.SIGKILL if force else signal.SIGINT if recursive else signal.SIGUSR2

@@ -9,6 +9,8 @@ placement group is translated here into the resource shape of its bundle
 
 from __future__ import annotations
 
+import inspect
+
 from farpool._private import placement_groups, scheduling
 
 
@@ -107,7 +109,8 @@ RAY_ONLY_OPTIONS = {
     "placement_group": _NO_PLACEMENT_GROUPS,
     "placement_group_bundle_index": _NO_PLACEMENT_GROUPS,
     "placement_group_capture_child_tasks": _NO_PLACEMENT_GROUPS,
-    "_generator_backpressure_num_objects": "farpool does not stream generators from tasks yet",
+    "_generator_backpressure_num_objects": "farpool spells it max_pending_items=N (the producer pauses while N "
+                                           "items are unread)",
     "enable_task_events": "farpool records its tasks for farpool.timeline() always; there is nothing to enable",
     "concurrency_groups": "farpool has no concurrency groups; max_concurrency=N runs N calls at once "
                           "(an actor with async methods runs them on one event loop)",
@@ -117,6 +120,25 @@ RAY_ONLY_OPTIONS = {
                            "farpool start --object-store-memory",
     "_labels": "farpool has no labels; use name=... to tell tasks and actors apart",
 }
+
+
+def check_max_pending_items(value) -> None:
+    """``max_pending_items``: None (no back-pressure), or an int >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`max_pending_items` must be an int >= 1 (or None: no limit), got {value!r}")
+
+
+def streams(fn, opts: dict, what: str) -> bool:
+    """Whether calls of ``fn`` stream (decided once, when the function, method or its options
+    are made, never per call): a generator function (sync or async) does unless it gives an int
+    ``num_returns``; ``num_returns="streaming"`` says so explicitly."""
+    num_returns = opts.get("num_returns")
+    streaming = num_returns == "streaming" or (
+        num_returns is None and (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)))
+    if not streaming and opts.get("max_pending_items") is not None:
+        raise ValueError(f"{what}: `max_pending_items` applies to generator functions only (it pauses a "
+                         "streaming task while that many items are unread); this one returns its result at once")
+    return streaming
 
 
 def check_ray_only_options(opts: dict, what: str) -> None:

@@ -56,6 +56,9 @@ TAGS = frozenset({
     # client <-> worker
     "ExecuteTask", "TaskFinished", "GetObject", "ObjectValue", "CancelTask", "BorrowReleased", "AddBorrower",
     "TakeBack", "TakenBack",
+    # streaming generator tasks (streams.py, worker_streams.py): worker -> owner, each item as it is
+    # yielded; owner -> worker, how many items it may have made (back-pressure), and stop
+    "ItemReady", "StreamCredit", "StopStream",
     # node object store
     "AllocateObject", "ObjectAllocated", "FreeObjects", "RestoreObject", "StoreStats", "SegmentsDropped",
     # copies between node stores (pull.py): reader -> its agent, agent -> agent, owner <- borrower
@@ -168,9 +171,37 @@ class TaskSpec(NamedTuple):
     args: object                # pickled (args, kwargs), or ("loc"|"pull", ...) when stored
     n_arg_bufs: int
     ref_values: list            # [(slot, payload or ("loc"|"pull", ...), n buffers)]
-    num_returns: int
+    num_returns: int            # or a StreamSpec: a streaming generator task
     job_setup: dict | None      # the job's set-up, the first time it goes to this lease
     lease: tuple                # a TaskLease: (gpu ids, CPUs, resources) of the lease it runs on
+
+
+class StreamSpec(NamedTuple):
+    """TaskSpec.num_returns of a streaming generator task (told from a count by its type: an int
+    is an ordinary task).  The task's one return value is the number of items it yielded."""
+    skip: int                   # items the owner has already (a retry): made again, not sent
+    limit: int | None           # items the owner lets it make in all for now (None: no limit)
+
+
+def item_id(task_id: bytes, index: int) -> bytes:
+    """The object id of item ``index`` of the streaming task ``task_id`` (owner and worker agree)."""
+    return task_id + b"#" + index.to_bytes(4, "little")
+
+
+class ItemReady(NamedTuple):
+    """The fields of ItemReady((task_id, index, item, sender), buffers...): an item a streaming
+    task yielded, sent before the task goes on (see StreamCredit)."""
+    task_id: bytes
+    index: int                  # 0, 1, ... in the order yielded
+    item: tuple                 # as a result: (payload or ("loc", path, size, store_id), n buffers, nested refs)
+    sender: tuple | None        # the worker's client address (refs nested in the item are lent by it)
+
+
+class StreamCredit(NamedTuple):
+    """The fields of StreamCredit(task_id, limit): the streaming task may make items up to
+    ``limit`` in all (the owner handed out ``limit - max_pending_items``)."""
+    task_id: bytes
+    limit: int
 
 
 class TaskResult(NamedTuple):

@@ -65,7 +65,9 @@ class Submitter(ClientPart):
     # ------------------------------------------------------------------ submit (user threads)
     def submit(self, fn: RemoteFunctionInfo, args: tuple, kwargs: dict, num_returns: int, shape: dict,
                max_retries: int, retry_exceptions, name: str, strategy="DEFAULT", pool_key=None,
-               actor_id: str | None = None, token=None) -> list:
+               actor_id: str | None = None, token=None, stream=None) -> list:
+        """The task's return refs.  ``stream``: a streams.StreamState for a streaming generator
+        task (its items go there as they come; its one return object is their count)."""
         c = self.c
         if c.broken is not None:
             raise c.broken
@@ -125,6 +127,9 @@ class Submitter(ClientPart):
                     e.task_pins += 1
         if shared:  # the task's pins hold them now (not its record's refs: they go when the pins do)
             c.shared_args.held_by_task(shared)
+        if stream is not None:
+            task.stream = stream
+            c.streams.opened(task)  # (before it can be dispatched: its end must find the stream)
         owner = c.owner_address
         refs = [ObjectRef(oid, owner) for oid in return_ids]
         # Borrowed top-level refs need the owner's value: ask for it unless asked already
@@ -344,7 +349,8 @@ class Submitter(ClientPart):
                 job_setup = dict(self.c.job_setup, pool_key=task.pool_key, pool=self.pools.get(task.pool_key))
                 lease.job_sent = True
             wire.append((task.task_id, fn.fn_hash, fn_bytes, task.name, args_payload, len(arg_bufs),  # a TaskSpec
-                         ref_values, len(task.return_ids), job_setup,
+                         ref_values, len(task.return_ids) if task.stream is None else self.c.streams.spec(task.stream),
+                         job_setup,
                          (lease.gpu_ids, task.shape.get("CPU", 0) / scheduling.UNIT, task.shape)))
             buffers.extend(arg_bufs)
             buffers.extend(ref_bufs)

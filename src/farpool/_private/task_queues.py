@@ -82,6 +82,7 @@ class TaskRecord:
     args_copies: set | None = None      # nodes that copied them (workers there read them)
     actor_id: str | None = None         # an actor call: its actor (its queue is the actor's)
     lineage_kept: bool = False          # finished, kept to rebuild its results (refs.keep_lineage)
+    stream: object = None               # a streaming generator task: its streams.StreamState
 
     def spend_attempt(self) -> bool:
         """A run of this task was spent; True while it may run again (``max_retries``, -1: always)."""

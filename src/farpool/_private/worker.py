@@ -17,7 +17,8 @@ per owner and worker and are cached by content hash.
 
 Beside it: task_args.py reads a task's arguments (from the message or the node
 stores), worker_process.py sets up the process around the tasks (the driver's
-main script, runtime_env packages, output, cancel signals).
+main script, runtime_env packages, output, cancel signals), worker_streams.py runs streaming
+generator tasks (items sent as they are yielded, the owner's credit and stop).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from farpool._private.task_args import (load_args, load_args_tracked, mark_phase
                                         store_puller)
 from farpool._private.worker_process import (TaskOutput, call_user, limit_thread_pools, on_sigint, setup_main,
                                              unpack)
+from farpool._private.worker_streams import WorkerStreams
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.worker")
@@ -85,6 +87,7 @@ class _Batch:
     store_results: bool          # large results go into this node's store (the caller maps or copies them)
     direct: bool                 # from an owner on this machine (not relayed by the agent)
     pending: deque               # (TaskSpec, arg buffers, ref buffers): see task_args.split_batch
+    channel: object = None       # the local owner's StreamChannel (None: relayed by the agent)
     results: list = field(default_factory=list)
     out_buffers: list = field(default_factory=list)
 
@@ -140,6 +143,7 @@ class Worker:
         self.gpu_ids: list[int] | None = None
         self.shape: dict | None = None  # the resource shape of the last task's lease
         self.threads = 1
+        self.streams = WorkerStreams(self)  # streaming generator tasks running here (worker_streams.py)
         context.node_id = self.node_id
         context.worker_id = self.worker_id
 
@@ -162,7 +166,7 @@ class Worker:
 
     def _on_channel(self, channel) -> None:
         for frames in channel.read():
-            self._handle(frames, channel.send, direct=True)  # a local owner: it maps results
+            self._handle(frames, channel.send, direct=True, channel=channel)  # a local owner: it maps results
         self._run_batches()
         if channel.eof:
             channel.close()
@@ -186,7 +190,7 @@ class Worker:
         else:
             log.warning("unexpected message from the agent: %r", frames[0][:32])
 
-    def _handle(self, frames, reply, direct: bool = False) -> None:
+    def _handle(self, frames, reply, direct: bool = False, channel=None) -> None:
         try:
             tag, fields, buffers = protocol.decode(frames)
         except protocol.ProtocolError as exc:
@@ -204,12 +208,16 @@ class Worker:
             # (pull.py) when it reads them; one without (a driver joined over TCP) gets them inline.
             store_results = direct or bool(message.store_results)
             self.batches.append(_Batch(reply, caller, store_results, direct,
-                                       deque(split_batch(message.specs, buffers))))
+                                       deque(split_batch(message.specs, buffers)), channel=channel))
         elif tag == "TakeBack":
             message = protocol.TakeBack._make(fields)
             self._take_back(set(message.task_ids), message.token, reply)
         elif tag == "CreateActor":
             reply(encode("ActorCreated", self._create_actor(fields, buffers)))
+        elif tag == "StreamCredit":
+            self.streams.credit(*protocol.StreamCredit._make(fields))
+        elif tag == "StopStream":
+            self.streams.stop(fields[0])
         elif tag == "Ping":
             reply(encode("Pong", fields))
         else:
@@ -275,9 +283,14 @@ class Worker:
 
     def _run_threaded(self, call: "_ActorCall", reply) -> None:
         started, out_buffers, arrivals = time.time(), [], []
+        num_returns = call.num_returns
         try:
             value = self._invoke(call, arrivals)
-            result = self._package(call.task_id, value, call.num_returns, call.name, started, out_buffers, call.caller)
+            if num_returns.__class__ is not int:  # a streaming generator method
+                value = self.streams.run_threaded(call.task_id, value, protocol.StreamSpec._make(num_returns),
+                                                  call.name, reply, call.caller)
+                num_returns = 1
+            result = self._package(call.task_id, value, num_returns, call.name, started, out_buffers, call.caller)
         except BaseException as exc:  # noqa: BLE001
             result = (call.task_id, False, self._error(exc, call.name, call.caller), started, time.time())
         value = None
@@ -290,12 +303,17 @@ class Worker:
             self.actor_semaphore = asyncio.Semaphore(self.actor_concurrency)
         started, out_buffers, arrivals = time.time(), [], []
         value = None
+        num_returns = call.num_returns
         async with self.actor_semaphore:
             try:
                 value = self._invoke(call, arrivals)
-                if inspect.isawaitable(value):
+                if num_returns.__class__ is not int:  # a streaming generator method (async or not)
+                    value = await self.streams.run_async(call.task_id, value, protocol.StreamSpec._make(num_returns),
+                                                         call.name, reply, call.caller)
+                    num_returns = 1
+                elif inspect.isawaitable(value):
                     value = await value
-                result = self._package(call.task_id, value, call.num_returns, call.name, started, out_buffers,
+                result = self._package(call.task_id, value, num_returns, call.name, started, out_buffers,
                                        call.caller)
             except BaseException as exc:  # noqa: BLE001
                 result = (call.task_id, False, self._error(exc, call.name, call.caller), started, time.time())
@@ -454,7 +472,7 @@ class Worker:
                 for channel in list(self.channels):
                     if not channel.closed:
                         for frames in channel.read():
-                            self._handle(frames, channel.send, direct=True)
+                            self._handle(frames, channel.send, direct=True, channel=channel)
             reply = self.reply_to.get(caller)
             if reply is not None:
                 self._take_back(set(task_ids), token, reply)
@@ -475,7 +493,7 @@ class Worker:
             return (task.task_id, RETIRED, None, 0.0, 0.0)  # not run (a TaskResult): the owner requeues it
         return self._execute(task.task_id, task.fn_hash, task.fn_bytes, task.name, task.args, arg_bufs,
                              task.ref_values, ref_bufs, task.num_returns, task.job_setup, task.lease,
-                             batch.out_buffers, batch.caller)
+                             batch.out_buffers, batch.caller, batch)
 
     def _absorb(self) -> None:
         """Read, without waiting, what the agent relayed meanwhile (new tasks queue behind
@@ -569,7 +587,7 @@ class Worker:
                 os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)
 
     def _execute(self, task_id, fn_hash, fn_bytes, fn_name, args_payload, arg_bufs, ref_values,
-                 ref_bufs, num_returns, job_setup, lease_info, out_buffers, caller):
+                 ref_bufs, num_returns, job_setup, lease_info, out_buffers, caller, batch):
         context.task_id = task_id.hex()
         context.task_name = fn_name
         stacks.board.started(context.task_id, fn_name)  # for `farpool stack` (one slice assignment)
@@ -605,6 +623,10 @@ class Worker:
                 raise
             value = call_user(fn, args, kwargs)
             args = kwargs = None
+            if num_returns.__class__ is not int:  # a streaming generator task: its items go as they come
+                value = self.streams.run_inline(task_id, value, protocol.StreamSpec._make(num_returns), fn_name,
+                                                batch, caller)
+                num_returns = 1  # (its result: how many items it made)
             if arrivals:
                 self._note_borrowed(caller, still_held(arrivals, caller))
                 arrivals = None
@@ -640,35 +662,39 @@ class Worker:
                         else type(value).__name__
                     raise ValueError(f"task {fn_name} declared num_returns={num_returns} but returned a {got}")
             payloads = []
-            bufs_all = []
+            bufs_all: list = []
             for i, v in enumerate(values):
                 what = f"the result of {fn_name}" + (f" (return {i})" if num_returns > 1 else "")
-                nested: list = []
-                refs = object_ref._nested_refs  # (per result: save and restore by hand, cheaper than a with block)
-                outer, refs.collector = refs.collector, nested
-                try:
-                    data, bufs = protocol.dumps(v, what=what)
-                finally:
-                    refs.collector = outer
-                inner = ()
-                if nested and object_ref.current() is not None:
-                    # Refs in a returned value: the caller borrows them (owners are told first).
-                    unique = list({r._id: r for r in nested}.values())
-                    object_ref.current().lend_returned(unique, caller)
-                    inner = [(r._id, r._owner) for r in unique]
-                if bufs and self.store_results and segments.value_size(data, bufs) >= segments.INLINE_MAX:
-                    store_id = task_id + bytes([i])
-                    owner = _identity(caller).decode() if caller else f"worker {self.worker_id}"
-                    path = self._allocate(store_id, segments.value_size(data, bufs), what, owner)
-                    size = segments.write_segment(path, data, bufs, store_id)
-                    payloads.append((("loc", path, size, store_id), 0, inner))
-                    continue
-                payloads.append((data, len(bufs), inner))
-                bufs_all.extend(bufs)
+                payloads.append(self._pack_one(task_id + bytes([i]), v, what, caller, bufs_all))
             out_buffers.extend(bufs_all)
             return (task_id, True, payloads, started, time.time())  # a TaskResult
         except BaseException as exc:  # noqa: BLE001
             return (task_id, False, self._error(exc, fn_name), started, time.time())
+
+    def _pack_one(self, store_id: bytes, v, what: str, caller, out_buffers: list) -> tuple:
+        """One value as a result carries it: (payload or ("loc", ...) when it went into the node
+        store as ``store_id``, n buffers (appended to ``out_buffers``), nested refs).  Raises
+        when it cannot be pickled or stored."""
+        nested: list = []
+        refs = object_ref._nested_refs  # (per result: save and restore by hand, cheaper than a with block)
+        outer, refs.collector = refs.collector, nested
+        try:
+            data, bufs = protocol.dumps(v, what=what)
+        finally:
+            refs.collector = outer
+        inner = ()
+        if nested and object_ref.current() is not None:
+            # Refs in a returned value: the caller borrows them (owners are told first).
+            unique = list({r._id: r for r in nested}.values())
+            object_ref.current().lend_returned(unique, caller)
+            inner = [(r._id, r._owner) for r in unique]
+        if bufs and self.store_results and segments.value_size(data, bufs) >= segments.INLINE_MAX:
+            owner = _identity(caller).decode() if caller else f"worker {self.worker_id}"
+            path = self._allocate(store_id, segments.value_size(data, bufs), what, owner)
+            size = segments.write_segment(path, data, bufs, store_id)
+            return (("loc", path, size, store_id), 0, inner)
+        out_buffers.extend(bufs)
+        return (data, len(bufs), inner)
 
     def _error(self, exc: BaseException, fn_name: str, caller=None):
         """The body of a failed call: (the exception pickled, or None when it cannot travel
