@@ -11,7 +11,7 @@ import pytest
 
 import farpool
 from farpool_testing import TIMEOUT, three_nodes, wait_until
-from test_lineage import kill_node, node_dead
+from test_lineage import node_dead
 
 MB = 1 << 20
 
@@ -51,7 +51,7 @@ def test_a_stream_item_lost_with_its_node_is_an_object_lost_error_saying_streams
     refs = list(gen)
     ready, _ = farpool.wait(refs, num_returns=2, timeout=TIMEOUT, fetch_local=False)
     assert len(ready) == 2
-    kill_node(started, second)
+    started.kill_node(second)
     wait_until(lambda: node_dead(second), "the head to declare the killed node dead")
     with pytest.raises(farpool.ObjectLostError) as error:
         farpool.get(refs[1], timeout=TIMEOUT)

@@ -94,6 +94,6 @@ def test_a_task_whose_argument_is_lost_as_it_reads_it_runs_again_once_it_is_rebu
     head, second, third = three_nodes(started)
     ref = full.options(**on(second)).remote(N, 2.0)
     farpool.wait([ref], timeout=120, fetch_local=False)
-    kill_node(started, second)
+    started.kill_node(second)
     node, value = farpool.get(total_of.options(**on(third)).remote(ref), timeout=120)
     assert value == 2.0 * N and node != second
