@@ -8,7 +8,6 @@ time is the intended use (two threads share the items between them).
 
 from __future__ import annotations
 
-import asyncio
 
 from farpool._private.object_ref import ObjectRef
 
@@ -61,6 +60,7 @@ class ObjectRefGenerator:
                     return streams.take(self._state, 0)
                 except StopIteration:
                     raise StopAsyncIteration from None
+            import asyncio  # (here: asyncio brings ssl into processes that never iterate asynchronously)
             await asyncio.wrap_future(future)
 
     def completed(self) -> ObjectRef:

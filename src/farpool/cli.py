@@ -282,7 +282,7 @@ def _block(args, procs, session_dir: str) -> int:
             proc.stdin.close()
         except (OSError, AttributeError):
             pass
-    _stop(args)
+    _stop(args, drain=False)  # (its own processes: they stop now, as at Ctrl-C)
     for proc in procs:
         if proc.returncode is None:
             proc.wait()
@@ -383,17 +383,20 @@ def _wait_file(path: str, proc, what: str, timeout: float = 30) -> str:
     raise RuntimeError(f"the {what} did not start within {timeout:.0f} s")
 
 
-def _stop(args) -> int:
+def _stop(args, drain: bool = True) -> int:
+    """`farpool stop` (``drain``: node agents that joined a head elsewhere drain first), and the
+    end of `farpool start --block` (``args`` are start's: everything it started stops now)."""
     from farpool._private import session
     state = session.read_state()
     if not state:
         print("farpool stop: nothing was started on this machine")
         return 0
-    if args.node is not None:
+    if drain and args.node is not None:
         return _stop_node(args, state)
     head_here = bool(state.get("head_pid")) and session.pid_alive(state["head_pid"])
     nodes = [n for n in state.get("nodes", []) if session.pid_alive(n["pid"])]
-    drained = [] if head_here else _drain([(n["pid"], n["session_dir"]) for n in nodes], args.drain_timeout)
+    drained = [] if head_here or not drain else \
+        _drain([(n["pid"], n["session_dir"]) for n in nodes], args.drain_timeout)
     pids = [n["pid"] for n in state.get("nodes", [])]
     if state.get("head_pid"):
         pids.append(state["head_pid"])
@@ -614,8 +617,13 @@ class LogReader:
 
 def _logs(args) -> int:
     """Worker output kept by the nodes; with --follow, new output as it comes until Ctrl-C."""
+    import threading
     import farpool
     farpool.init(address=args.address)
+    # Ctrl-C (SIGINT) ends --follow between two reads: as an exception it could land inside a
+    # request to an agent, and the shutdown after it could wait on what it left half done.
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
         reader = LogReader(farpool.api._client(), args.node, args.pid)
         for line in reader.lines():
@@ -624,13 +632,11 @@ def _logs(args) -> int:
             raise ValueError(f"no worker with pid {args.pid} left output on "
                              f"{'node ' + args.node if args.node else 'any live node'}; "
                              "`farpool logs` without --pid shows every worker's")
-        while args.follow:
-            time.sleep(FOLLOW_POLL_S)
+        while args.follow and not interrupted.wait(FOLLOW_POLL_S):
             for line in reader.lines():
                 print(line, flush=True)
-    except KeyboardInterrupt:
-        pass
     finally:
+        signal.signal(signal.SIGINT, previous)
         farpool.shutdown()
     return 0
 

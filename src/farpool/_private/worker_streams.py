@@ -24,7 +24,6 @@ that runs the stream; the tables of producers and ended streams under ``lock``.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import threading
 from collections import OrderedDict
@@ -197,6 +196,7 @@ class WorkerStreams:
 
     async def run_async(self, task_id: bytes, gen, spec: protocol.StreamSpec, name: str, reply, caller) -> int:
         """Iterate ``gen`` (async or not) on an async actor's event loop."""
+        import asyncio  # (here: asyncio brings ssl, about 6 MB, into every worker that never needs it)
         loop = asyncio.get_running_loop()
         is_async = inspect.isasyncgen(gen)
         step = None if is_async else _stepper(gen, name)
@@ -261,6 +261,7 @@ class _AsyncStepper:
     """An async generator run step by step on an event loop of its own (a task, not an actor)."""
 
     def __init__(self, gen):
+        import asyncio
         self.gen = gen
         self.loop = asyncio.new_event_loop()
 
