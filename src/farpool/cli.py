@@ -401,7 +401,9 @@ def _stop(args, drain: bool = True) -> int:
     if state.get("head_pid"):
         pids.append(state["head_pid"])
     alive = [p for p in pids if session.pid_alive(p)]
+    family = _descendants(alive)  # launchers and workers: they follow their agent out on their own
     session.terminate(alive)
+    _wait_gone(family)
     dirs = {n["session_dir"] for n in state.get("nodes", [])}
     if state.get("session_dir"):
         dirs.add(state["session_dir"])
@@ -411,6 +413,34 @@ def _stop(args, drain: bool = True) -> int:
     print(f"farpool stopped {len(alive) + len(drained)} process(es)"
           + (f" ({len(drained)} node agent(s) drained first)" if drained else ""))
     return 0
+
+
+# How long `farpool stop` waits for workers to follow their node agent out before killing them.
+FOLLOW_OUT_S = 10.0
+
+
+def _descendants(pids: list[int]) -> list:
+    import psutil
+    out = []
+    for pid in pids:
+        try:
+            out.extend(psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            pass
+    return out
+
+
+def _wait_gone(procs: list) -> None:
+    """Return once ``procs`` (psutil processes) have exited: `farpool stop` ends when what it
+    stopped is gone, not while workers are still on their way out; the stragglers are killed."""
+    import psutil
+    _, alive = psutil.wait_procs(procs, timeout=FOLLOW_OUT_S)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=FOLLOW_OUT_S)
 
 
 def _stop_node(args, state: dict) -> int:

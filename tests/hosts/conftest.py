@@ -97,10 +97,19 @@ class HostsCluster:
         self.joined = []
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"{pid}: " + f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return f"{pid}: (gone)"
+
+
 @pytest.fixture
 def hosts_cluster(bed):
     cluster = HostsCluster(bed)
     yield cluster
     cluster.stop()
     for host in bed.hosts:  # `farpool stop` ended every runtime process of every host
-        assert host.processes() == [], f"processes left on {host.name}: {host.processes()}"
+        left = host.processes()
+        assert left == [], f"processes left on {host.name}: {[_cmdline(pid) for pid in left]}"
