@@ -70,6 +70,7 @@ class Supervisor:
         self.session_dir = session_dir
         self.head_args = head_args
         self.lifeline = lifeline
+        self.orphaned = False  # our lifeline closed: the process that started us is gone
         self.stopping = False
         self.failures = 0
         self.restarts = 0
@@ -128,6 +129,8 @@ class Supervisor:
                 self._wait(end - time.monotonic())
             self.restarts += 1
         self._stop_head()
+        if self.orphaned:  # whoever started us is gone and cannot clean up; the head wrote until it exited
+            session.remove_session(self.session_dir)
         return 0
 
     def _answer_gone(self, why: str) -> None:
@@ -205,7 +208,7 @@ class Supervisor:
                     pass
             elif key.data == "lifeline" and not os.read(0, 4096):
                 log.info("lifeline closed: stopping the head")
-                self.stopping = True
+                self.stopping = self.orphaned = True
 
     def _stop_head(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
