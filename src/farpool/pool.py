@@ -255,7 +255,27 @@ class MapResult(ApplyResult):
         self._pool = None
 
 
-class IMapIterator:
+def _unwrap(item):
+    """An item of a chunk's results: its value, or its error raised."""
+    if type(item) is _ItemError:
+        raise item.error
+    return item
+
+
+class _ItemsIterator:
+    """What both imap iterators share: ``self._items`` (a deque of results already here) and
+    ``next()`` (which waits for more)."""
+
+    def __next__(self):
+        """``next(it)``: an item already here without the lock (a deque pops atomically), else ``next()``."""
+        try:
+            item = self._items.popleft()
+        except IndexError:
+            return self.next()
+        return _unwrap(item)
+
+
+class IMapIterator(_ItemsIterator):
     """The iterator ``imap`` returns: results in input order; ``next(timeout)`` as in the stdlib."""
 
     def __init__(self, pool: "Pool", feed: _Feed):
@@ -296,23 +316,10 @@ class IMapIterator:
                     pass
                 self._current = None
                 self._items.extend(_items_of(future, self._tb_cls))
-            item = self._items.popleft()
-            if type(item) is _ItemError:
-                raise item.error
-            return item
-
-    def __next__(self):
-        """``next(it)``: an item already here without the lock (a deque pops atomically), else ``next()``."""
-        try:
-            item = self._items.popleft()
-        except IndexError:
-            return self.next()
-        if type(item) is _ItemError:
-            raise item.error
-        return item
+            return _unwrap(self._items.popleft())
 
 
-class IMapUnorderedIterator:
+class IMapUnorderedIterator(_ItemsIterator):
     """The iterator ``imap_unordered`` returns: chunks' results as they finish."""
 
     def __init__(self, pool: "Pool"):
@@ -369,20 +376,7 @@ class IMapUnorderedIterator:
                 future = self._finished.popleft()
                 self._delivered += 1
             self._items.extend(_items_of(future, self._tb_cls))
-        item = self._items.popleft()
-        if type(item) is _ItemError:
-            raise item.error
-        return item
-
-    def __next__(self):
-        """``next(it)``: an item already here without the lock (a deque pops atomically), else ``next()``."""
-        try:
-            item = self._items.popleft()
-        except IndexError:
-            return self.next()
-        if type(item) is _ItemError:
-            raise item.error
-        return item
+        return _unwrap(self._items.popleft())
 
 
 class _WorkerSlot:
