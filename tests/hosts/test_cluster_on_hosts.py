@@ -160,9 +160,14 @@ def test_nothing_a_task_carries_is_plaintext_on_the_wire(three_hosts, bed, tmp_p
             h2.python(f"import socket; socket.create_connection(('{h1.address}', {port}), timeout=10)"
                       f".sendall(b'{plain_marker}')")
             assert server.stdout.readline().strip() == plain_marker
+            # The echo exits by itself once it printed: wait for it rather than kill it.
+            # Killing ends only `nsenter`, and the echo, orphaned to the host's pid 1, may
+            # still be exiting when the fixture checks that nothing is left on h1.
+            server.wait(timeout=30)
         finally:
-            server.kill()
-            server.wait(timeout=10)
+            if server.poll() is None:
+                server.kill()
+                server.wait(timeout=10)
             server.stdout.close()
     assert cap.contains(plain_marker.encode()), "the capture saw nothing in the clear: it is broken"
     head_port = int(three_hosts.address.rsplit(":", 1)[1])
