@@ -159,8 +159,13 @@ class Submitter(ClientPart):
         if lease is None:
             return False
         frames = self.task_frames(lease, [task])
-        self.loop.call_soon_lazy(self._sent_direct, task, lease)
+        # Send, then hand the lease back: once _sent_direct runs, the I/O thread may send on this
+        # worker's stream again (a batch dispatched from its queue), so every byte of ours must
+        # be in the socket or in the stream's queue first.  (Handed back first, the loop could
+        # run _sent_direct while sendmsg had the GIL released, and dispatch a batch whose bytes
+        # went in before the rest of ours: a garbled message, a task lost.)
         lease.channel.stream.send_from_thread(frames)
+        self.loop.call_soon_lazy(self._sent_direct, task, lease)
         return True
 
     def _sent_direct(self, task: TaskRecord, lease: LeaseState) -> None:

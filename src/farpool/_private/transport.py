@@ -619,7 +619,9 @@ class StreamChannel:
     def send_from_thread(self, frames) -> None:
         """``send`` from a thread other than the loop's, by one that owns the stream for the
         moment (the loop sends nothing on it meanwhile): what the kernel does not take at
-        once is handed to the loop, which sends it in order."""
+        once is handed to the loop, which sends it in order.  The caller hands the stream
+        back to the loop only after this returns, through the loop's calls (after the
+        hand-over of the rest queued here)."""
         if self._out or self.closed:
             self.loop.call_soon(self.send, frames)
             return
