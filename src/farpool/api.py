@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import sys
 import time
@@ -408,15 +407,3 @@ def get_runtime_context():
 
 def get_gpu_ids() -> list[int]:
     return list(context_mod.context.gpu_ids)
-
-
-def timeline(path: str | None = None) -> list[dict]:
-    """Chrome-trace JSON of the recent tasks this process submitted (open in chrome://tracing or Perfetto).
-
-    Writes the events to ``path`` when given, and returns them.
-    """
-    events = _client().timeline()
-    if path is not None:
-        with open(path, "w") as f:
-            json.dump(events, f)
-    return events

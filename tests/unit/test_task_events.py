@@ -1,5 +1,6 @@
 """Task events: the owner's bounded buffer (task_events.py) and the head's history (task_history.py)."""
 
+import pickle
 import time
 from types import SimpleNamespace
 
@@ -16,19 +17,24 @@ class Task:
         self.name = name
         self.shape = shape if shape is not None else {"CPU": 10_000}
         self.actor_id = actor_id
-        self.lease = None
-        self.submitted_at = 0.0
+
+
+def lease(node, worker):
+    return SimpleNamespace(node_id=node, worker_id=worker)
 
 
 def start(buf, task, node, worker):
-    """What the client does as it sends ``task`` to a worker: lease and time on the record, then the hook."""
-    task.lease = SimpleNamespace(node_id=node, worker_id=worker)
-    task.submitted_at = time.perf_counter()
-    buf.running(task)
+    """What the client does as it sends ``task`` to a worker (one batch of one)."""
+    buf.sent([task], lease(node, worker), time.perf_counter())
+
+
+def ran(buf, task, ok, started, ended, node, worker, error_type=None):
+    buf.ran(task, lease(node, worker), started, ended, True if ok else error_type)
 
 
 def _updates(batch):
-    return [ev.decode(u) for u in batch.updates]
+    """What the head makes of a batch (after a trip through pickle, as on the wire)."""
+    return [ev.decode(u) for u in ev.updates_of(pickle.loads(pickle.dumps(tuple(batch), protocol=5)))]
 
 
 def test_a_tasks_events_in_one_batch_become_one_update():
@@ -37,7 +43,7 @@ def test_a_tasks_events_in_one_batch_become_one_update():
     buf.submitted(a)
     start(buf, a, "n1", "w1")
     buf.submitted(b)
-    buf.ran(a, True, 1.0, 2.0, "n1", "w1")
+    ran(buf, a, True, 1.0, 2.0, "n1", "w1")
     batch = buf.take(job_id=7, pid=42)
     assert batch.job_id == 7 and batch.pid == 42 and batch.dropped == 0
     first, second = _updates(batch)
@@ -48,16 +54,31 @@ def test_a_tasks_events_in_one_batch_become_one_update():
     buf.validate_state()
 
 
-def test_a_batch_holds_at_most_batch_events_and_the_rest_follow():
+def test_a_tasks_events_over_two_batches_say_what_is_new_in_each():
     buf = ev.TaskEventBuffer(capacity=100, batch=3)
     t = Task(1)
     buf.submitted(t)
     start(buf, t, "n", "w")
     buf.submitted(Task(2))
-    buf.ran(t, False, 1.0, 2.0, "n", "w", "ValueError")
-    assert [u.state for u in _updates(buf.take())] == [RUNNING, PENDING]
+    (running, pending) = _updates(buf.take())
+    assert (running.state, running.runs, pending.state) == (RUNNING, 1, PENDING)
+    ran(buf, t, False, 1.0, 2.0, "n", "w", "ValueError")
     (later,) = _updates(buf.take())
-    assert later.name is None and later.state == FAILED and later.error_type == "ValueError"
+    assert later.name is None and later.state == FAILED and later.error_type == "ValueError" and later.runs == 0
+
+
+def test_a_failed_run_and_its_retry_in_one_batch_leave_the_task_running_then_finished():
+    buf = ev.TaskEventBuffer()
+    t = Task(1)
+    buf.submitted(t)
+    start(buf, t, "n", "w1")
+    ran(buf, t, False, 1.0, 2.0, "n", "w1", "OSError")
+    start(buf, t, "n", "w2")  # retried: recorded after the failed run, so it wins
+    (u,) = _updates(buf.take())
+    assert (u.state, u.worker_id, u.runs, u.ended, u.error_type) == (RUNNING, "w2", 2, None, None)
+    ran(buf, t, True, 3.0, 4.0, "n", "w2")
+    (u,) = _updates(buf.take())
+    assert (u.state, u.worker_id, u.started, u.ended) == (FINISHED, "w2", 3.0, 4.0)
 
 
 def test_a_full_buffer_drops_and_counts_and_says_so_in_the_next_batch():
@@ -66,7 +87,7 @@ def test_a_full_buffer_drops_and_counts_and_says_so_in_the_next_batch():
         buf.submitted(Task(i))
     assert len(buf) == 2 and buf.dropped == 3
     batch = buf.take()
-    assert len(batch.updates) == 2 and batch.dropped == 3
+    assert len(_updates(batch)) == 2 and batch.dropped == 3
     assert buf.dropped == 0 and buf.dropped_total == 3
     assert buf.take() is None
     buf.validate_state()
@@ -89,25 +110,23 @@ def test_a_filled_batch_signals_once_until_taken():
 def test_recording_off_records_nothing():
     buf = ev.TaskEventBuffer(enabled=False)
     buf.submitted(Task(1))
+    start(buf, Task(1), "n", "w")
+    ran(buf, Task(1), True, 1.0, 2.0, "n", "w")
     buf.failed(Task(1), ValueError("x"))
     assert len(buf) == 0 and buf.take() is None
 
 
-def test_failures_carry_the_error_type_and_a_retired_run_is_not_an_event():
+def test_failures_carry_the_error_type():
     t = Task(1)
     for record, expected in [
-            (lambda b: b.ran(t, False, 1.0, 2.0, "n", "w", "ZeroDivisionError"), "ZeroDivisionError"),
+            (lambda b: ran(b, t, False, 1.0, 2.0, "n", "w", "ZeroDivisionError"), "ZeroDivisionError"),
             (lambda b: b.failed(t, ("task", b"", "KeyError", "tb", "f", "where")), "KeyError"),
             (lambda b: b.failed(t, TaskFailure(b"", "IndexError", "tb", "f", "where")), "IndexError"),
             (lambda b: b.failed(t, TimeoutError("no")), "TimeoutError")]:
         buf = ev.TaskEventBuffer()
-        buf.ran(t, "retired", 1.0, 1.0, "n", "w")
         record(buf)
         (u,) = _updates(buf.take())
         assert (u.state, u.error_type) == (FAILED, expected)
-    buf = ev.TaskEventBuffer()
-    buf.ran(t, "retired", 1.0, 1.0, "n", "w")
-    assert buf.take() is None
 
 
 def test_decode_refuses_garbage():
@@ -117,6 +136,20 @@ def test_decode_refuses_garbage():
                 good[:-1] + ("1",)]:
         with pytest.raises(ValueError):
             ev.decode(bad)
+
+
+def test_updates_of_refuses_a_batch_whose_columns_do_not_match():
+    buf = ev.TaskEventBuffer()
+    buf.submitted(Task(1))
+    ran(buf, Task(1), True, 1.0, 2.0, "n", "w")
+    batch = tuple(buf.take())
+    ids, created, names, shapes, actors = batch[1]
+    for bad in [(ids[:-1], created, names, shapes, actors), (ids, created, names[:0], shapes, actors)]:
+        with pytest.raises(ValueError):
+            ev.updates_of((batch[0], bad) + batch[2:])
+    seqs, joined, started, ended, results, nodes, workers = batch[3]
+    with pytest.raises(ValueError):
+        ev.updates_of(batch[:3] + ((seqs, joined, started, ended, results, nodes, workers[:0]),) + batch[4:])
 
 
 class FakeLoop:
@@ -151,17 +184,17 @@ def test_the_reporter_flushes_on_its_timer_at_a_full_batch_and_at_stop():
     assert len(loop.soon) == 1
     fn, args = loop.soon.pop()
     fn(*args)
-    assert len(sent) == 3 and [len(b.updates) for b in sent[1:]] == [2, 1]
+    assert len(sent) == 2 and len(_updates(sent[1])) == 3  # (a take sends everything recorded)
     buf.submitted(Task(9))
     rep.stop()
-    assert len(sent) == 4 and loop.timers == []
+    assert len(sent) == 3 and loop.timers == []
 
 
 def _feed(history, record, job=1):
     """Events recorded on an owner's buffer, taken as a batch, folded into ``history``."""
     buf = ev.TaskEventBuffer()
     record(buf)
-    history.add_batch(tuple(buf.take(job_id=job, pid=10)))
+    history.add_batch(pickle.loads(pickle.dumps(tuple(buf.take(job_id=job, pid=10)), protocol=5)))
 
 
 def test_the_history_follows_a_task_through_its_states_and_counts_by_function_and_shape():
@@ -171,8 +204,8 @@ def test_the_history_follows_a_task_through_its_states_and_counts_by_function_an
     assert h.summary()["totals"][PENDING] == 2
     _feed(h, lambda buf: start(buf, a, "node1", "w1"))
     assert h.tasks(state=RUNNING)[0]["node_id"] == "node1"
-    _feed(h, lambda buf: (buf.ran(a, True, 101.5, 103.0, "node1", "w1"), start(buf, b, "node1", "w2"),
-                          buf.ran(b, False, 101.2, 102.0, "node1", "w2", "ValueError")))
+    _feed(h, lambda buf: (ran(buf, a, True, 101.5, 103.0, "node1", "w1"), start(buf, b, "node1", "w2"),
+                          ran(buf, b, False, 101.2, 102.0, "node1", "w2", "ValueError")))
     groups = h.summary()["groups"]
     assert groups == [{"name": "train", "shape": "{CPU: 2}", PENDING: 0, RUNNING: 0, FINISHED: 1, FAILED: 1}]
     rows = h.tasks()
@@ -186,11 +219,11 @@ def test_the_history_follows_a_task_through_its_states_and_counts_by_function_an
 def test_a_retried_run_goes_back_to_running_and_a_late_final_failure_keeps_the_run():
     h = TaskHistory()
     t = Task(1)
-    _feed(h, lambda buf: (buf.submitted(t), start(buf, t, "n", "w1"), buf.ran(t, False, 2.1, 3.0, "n", "w1", "OSError")))
+    _feed(h, lambda buf: (buf.submitted(t), start(buf, t, "n", "w1"), ran(buf, t, False, 2.1, 3.0, "n", "w1", "OSError")))
     _feed(h, lambda buf: start(buf, t, "n", "w2"))
     row = h.tasks()[0]
     assert row["state"] == RUNNING and row["runs"] == 2 and row["ended"] is None
-    _feed(h, lambda buf: (buf.ran(t, False, 4.1, 5.0, "n", "w2", "OSError"), buf.failed(t, OSError("x"))))
+    _feed(h, lambda buf: (ran(buf, t, False, 4.1, 5.0, "n", "w2", "OSError"), buf.failed(t, OSError("x"))))
     row = h.tasks()[0]
     assert row["state"] == FAILED and row["worker_id"] == "w2" and row["started"] == 4.1
     assert h.summary()["totals"][FAILED] == 1
@@ -202,7 +235,7 @@ def test_the_history_is_bounded_and_forgets_ended_tasks_first():
     live = [Task(i, "live") for i in range(3)]
     done = [Task(100 + i, "short") for i in range(10)]
     _feed(h, lambda buf: [buf.submitted(t) for t in live])
-    _feed(h, lambda buf: [(buf.submitted(t), buf.ran(t, True, 1.5, 2.0, "n", "w")) for t in done])
+    _feed(h, lambda buf: [(buf.submitted(t), ran(buf, t, True, 1.5, 2.0, "n", "w")) for t in done])
     assert len(h.records) == 5
     assert len([r for r in h.tasks(limit=None) if r["name"] == "live"]) == 3
     s = h.summary()
@@ -233,10 +266,12 @@ def test_waiting_tasks_are_listed_with_the_reason_until_they_run():
     assert h.summary()["infeasible"] == []
 
 
-def test_garbage_updates_are_counted_and_skipped():
+def test_garbage_batches_are_counted_and_skipped():
     h = TaskHistory()
-    h.add_batch(([("S", "not bytes"), 7, None], 0, 1, 1))
-    assert h.bad_events == 3 and h.records == {}
+    h.add_batch((16, ("S", "not bytes"), 7, None, [], [], 0.0, 0, 1, 1))
+    h.add_batch((16, (b"x" * 15, [1.0], ["f"], [{}], [None]), ((), b"", (), (), [], []),
+                 ((), b"", (), (), [], [], []), [], [], 0.0, 0, 1, 1))  # an id of the wrong size
+    assert h.bad_events == 2 and h.records == {}
     with pytest.raises(ValueError):
         h.add_batch(([],))
     h.validate_state()
@@ -245,8 +280,8 @@ def test_garbage_updates_are_counted_and_skipped():
 def test_the_timeline_has_a_lane_per_worker_and_names_them():
     h = TaskHistory()
     f, g, never = Task(1, "f"), Task(2, "g"), Task(3, "h")
-    _feed(h, lambda buf: (buf.submitted(f), buf.ran(f, True, 2.0, 3.0, "nodeA", "w1"),
-                          buf.submitted(g), buf.ran(g, True, 2.5, 3.5, "nodeA", "w2"), buf.submitted(never)))
+    _feed(h, lambda buf: (buf.submitted(f), ran(buf, f, True, 2.0, 3.0, "nodeA", "w1"),
+                          buf.submitted(g), ran(buf, g, True, 2.5, 3.5, "nodeA", "w2"), buf.submitted(never)))
     events = h.timeline()
     runs = [e for e in events if e["ph"] == "X"]
     assert sorted(e["name"] for e in runs) == ["f", "g"]  # one that never ran is not there

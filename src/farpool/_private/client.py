@@ -103,7 +103,7 @@ class CoreClient:
         self.queues = TaskQueues(self.lock)
         self.tasks: dict[bytes, TaskRecord] = self.queues.tasks  # submitted and not done
         self.actor_calls = ActorCalls()
-        self.events = task_events.TaskEventBuffer()  # reported to the head in batches (task_events.py)
+        self.events = task_events.TaskEventBuffer(lock=self.lock)  # reported to the head in batches (task_events.py)
         # The parts that act.
         self.conns = Connections(self.identity, self.token, self.loop, self._agent_hello,
                                  on_agent=self._on_agent, on_agent_silent=self._agent_silent,
@@ -139,7 +139,6 @@ class CoreClient:
         self.submit_actor_call, self.actor_token = a.submit_call, a.token
         self.pin_for_actor, self.kill_actor = a.pin_arguments, a.kill
         self.agent_request, self.head_request = conns.agent_request, conns.head_request
-        self.timeline = self.completion.timeline
 
     @property
     def home(self) -> AgentConn | None:

@@ -7,7 +7,7 @@ retry decision (``retry_exceptions``, ``max_retries``; -1 is no limit: TaskRecor
 an attempt when it is spent), and finishing a task: its return objects become READY or
 FAILED, their waiters fire, its arguments are unpinned, refs nested in results or
 errors are held (or released when nobody wants the value: a result for a task already
-ended, an error nobody will see).  Also the recent task history ``timeline()`` shows.
+ended, an error nobody will see).  (What the timeline shows comes from task_events.py.)
 
 Who may touch it: the I/O thread only.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections import deque
 
 from farpool import exceptions as exc_mod
 from farpool._private import protocol
@@ -26,17 +25,11 @@ from farpool._private.task_queues import TaskRecord, TaskState
 
 log = logging.getLogger("farpool.client")
 
-# Finished tasks remembered for farpool.timeline(); more costs memory, fewer
-# shows less history.
-TIMELINE_EVENTS = 100_000
-
-
 class Completion(ClientPart):
     """See the module docstring.  ``c``: the CoreClient shell."""
 
     def __init__(self, c):
         super().__init__(c)
-        self.timeline_events: deque = deque(maxlen=TIMELINE_EVENTS)
 
     def bind(self) -> None:
         """The sibling parts' calls this one makes (after the shell made them all)."""
@@ -66,12 +59,11 @@ class Completion(ClientPart):
                     self._discard_error(protocol.TaskFailure._make(body).inner, sender)
                 continue
             lease = task.lease
-            if lease is not None:
-                self.timeline_events.append((task.name, started, ended, lease.node_id, lease.worker_id, ok))
-                self.c.events.ran(task, ok, started, ended, lease.node_id, lease.worker_id, None if ok else body[1])
             if ok == "retired":  # the worker retired before running it: not an attempt
                 self.requeue(task)
                 continue
+            if lease is not None:
+                self.c.events.ran(task, lease, started, ended, ok or body[1])
             if ok:
                 values = []
                 nested = []
@@ -379,16 +371,6 @@ class Completion(ClientPart):
         entry = self.objects.get(oid)
         if entry is not None and entry.state == READY and entry.location is location:
             self.objects_lost([(oid, entry)], {location.node_id: why})
-
-    def timeline(self) -> list[dict]:
-        """Chrome-trace events ("X" complete events, microseconds) of recent finished tasks."""
-        events = []
-        for name, started, ended, node_id, worker_id, ok in list(self.timeline_events):
-            events.append({"name": name, "cat": "task" if ok else "task,error", "ph": "X",
-                           "ts": started * 1e6, "dur": max(0.0, ended - started) * 1e6,
-                           "pid": f"node {node_id[:8]}", "tid": f"worker {worker_id}",
-                           "args": {"ok": ok}})
-        return events
 
 
 def _how_it_died(info: dict) -> str:

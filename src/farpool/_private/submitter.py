@@ -117,8 +117,8 @@ class Submitter(ClientPart):
         task = TaskRecord(task_id, fn, payload, bufs, ref_slots, return_ids, shape, key, max_retries,
                           retry_exceptions, pinned, name, strategy, pool_key, actor_id=actor_id)
         task.args_location = args_location
-        c.events.submitted(task)
         with self.lock:
+            c.events.submitted(task)
             for oid in return_ids:
                 self.objects[oid] = Entry(task=task)
             for oid in pinned:
@@ -360,7 +360,7 @@ class Submitter(ClientPart):
             buffers.extend(arg_bufs)
             buffers.extend(ref_bufs)
             task.submitted_at = now
-            self.c.events.running(task)
+        self.c.events.sent(batch, lease, now)
         # Large results into the worker's node store when we can read them from there (a
         # store of our own to copy them into, or the worker on our node); else inline.
         home = self.conns.home

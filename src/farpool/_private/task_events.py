@@ -1,23 +1,27 @@
 """Task events: what an owner tells the head about its tasks, in batches, off the task path.
 
 Owned by the core client of every owner (a driver, or a worker that submits nested
-tasks).  Events are recorded on whichever thread sees them (a user thread in
-``submit`` and on the direct path, the I/O thread for the rest) and taken in
-batches by the I/O thread only::
+tasks).  The task path appends a few values to columns (lists of ids, times, names),
+never an object per event, and never keeps a task record alive; the I/O thread takes
+the columns as they are, once a second, and the head merges them per task::
 
-    submit() -------------- (task, t) --------+
-    task sent to a worker - the task record --+--> TaskEventBuffer: a bounded deque
-    result / failure ------ (task, t, ...) ---+    (full: dropped, counted)
-    no node fits ---------- (task, t, ..., why) +                  |
-                                                                   | take(): on a timer (FLUSH_INTERVAL_S)
-                                                                   v   or at BATCH_EVENTS, one wake-up
-         TaskEvents(Batch: one TaskUpdate per task, its events merged) --> head (task_history.py)
+    submit() (under the client's lock) -- id, time, name, shape, actor --> submitted columns
+    a batch sent to a worker ------------ (seq, ids, time, node, worker) --> sent: one per batch
+    a run ended on a worker (I/O thread)  seq, id, start, end, result, lease --> ended columns
+    failed for good without a run ------- (seq, id, time, error type) ------> failed   (rare)
+    no node fits now -------------------- (seq, ids, reason) ---------------> waiting  (rare)
+                                        |
+    take(): on a timer (FLUSH_INTERVAL_S), or at once when BATCH_EVENTS wait (one wake-up)
+                                        v
+         TaskEvents(Batch of columns) --> head: updates_of(batch), one TaskUpdate per task
+                                               (its events merged in ``seq`` order)
+                                          --> task_history.py
 
-Nothing is sent per task.  Recording is a ``time.time()``, a small tuple holding the
-task record itself, and a deque append: the task's fields are read, and its events
-merged into one update per task, when the I/O thread takes the batch (a short task
-submitted, run and finished within one interval costs the head one update, not three).
-``FARPOOL_TASK_EVENTS=0`` turns recording off (the benchmark of its cost compares both).
+Why columns: an object per event (a tuple, or the task record itself kept until the
+take) is an allocation the garbage collector then walks, again and again while it
+lives; appending an id, a float and a reference to a name that already exists is not.
+Nothing is sent per task.  ``FARPOOL_TASK_EVENTS=0`` turns recording off
+(benchmarks/task_events_ab.py compares both).
 
 The buffer (``TaskEventBuffer``) is pure: events in, batches out, no clock of its own
 or sockets; ``Reporter`` is the small shell that flushes it on the client's event loop.
@@ -25,18 +29,20 @@ or sockets; ``Reporter`` is the small shell that flushes it on the client's even
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import time
+from array import array
 from collections import deque
 from typing import NamedTuple
 
 # Events an owner holds between flushes.  More rides out a longer burst (or a slow
-# head) without losing events; fewer bounds the owner's memory (an event holds its
-# task record up to one interval longer).  Beyond it events are dropped and counted:
-# the head shows the count.
+# head) without losing events; fewer bounds the owner's memory.  Beyond it events are
+# dropped and counted: the head shows the count.
 BUFFER_EVENTS = int(os.environ.get("FARPOOL_TASK_EVENTS_BUFFER", "100000"))
-# A batch this large is sent without waiting for the timer: larger batches cost the
-# owner's I/O thread fewer sends, smaller ones keep the head's view fresher under load.
+# This many submitted or ended tasks wake the I/O thread to send them without waiting
+# for the timer: lower keeps the head's view fresher under load, higher sends fewer batches.
 BATCH_EVENTS = 20_000
 # How old the head's view of an owner's tasks may be: shorter is fresher, longer sends
 # fewer (larger) batches and merges more events per task.
@@ -51,7 +57,7 @@ STATES = (PENDING, RUNNING_STATE, FINISHED, FAILED)
 
 class TaskUpdate(NamedTuple):
     """What a batch says of one task: its events since the last batch, merged.  ``None``
-    is "nothing new"; the fields of ``Submitted`` come only in the task's first update."""
+    is "nothing new"; the fields of its submission come only in the task's first update."""
     task_id: bytes
     name: str | None            # function name, or Class.method for actor calls
     shape: dict | None          # resources, fixed-point (scheduling.UNIT)
@@ -80,8 +86,17 @@ def decode(update) -> TaskUpdate:
 
 
 class Batch(NamedTuple):
-    """What TaskEvents carries: the updates since the last batch, and how many events were dropped."""
-    updates: list
+    """What TaskEvents carries (see the module docstring): the columns since the last batch,
+    how many events were dropped, and whose they are.  Ids are joined into one bytes per
+    column (an owner's task ids are all ``id_size`` long), numbers are arrays."""
+    id_size: int
+    submitted: tuple            # (ids, created (time.time()), names, shapes, actor ids)
+    sent: tuple                 # per batch sent: (seqs, ids, how many, when (perf_counter), node ids, worker ids)
+    ended: tuple                # per run: (seqs, ids, started, ended (the worker's time.time()), results, node ids,
+    #                             worker ids); a result is True or the type name of what the run raised
+    failed: list                # (seq, id, time.time(), error type)
+    waiting: list               # (seq, [ids], reason)
+    wall: float                 # time.time() - time.perf_counter() on the owner (for ``sent``)
     dropped: int
     job_id: object              # the owner's job (a worker's nested tasks: its task's job)
     pid: int
@@ -91,34 +106,47 @@ _time = time.time
 
 
 class TaskEventBuffer:
-    """Bounded buffer of events.  ``record`` from any thread; ``take`` from one (the I/O thread).
+    """Columns of events.  ``submitted`` is called holding ``lock`` (the client's, which the
+    submitter holds anyway); ``ran`` on the I/O thread; ``sent``, ``failed`` and ``waiting``
+    from any thread (each appends one object to a deque); ``take`` on the I/O thread.
 
-    ``deque.append`` and ``popleft`` are atomic, so recording needs no lock; the drop
-    count may miss an increment when two threads drop at the same instant (a count,
-    not a ledger).
+    The drop count may miss an increment when two threads drop at the same instant (a
+    count, not a ledger).
     """
 
-    def __init__(self, capacity: int = BUFFER_EVENTS, batch: int = BATCH_EVENTS, enabled: bool = ENABLED):
+    def __init__(self, capacity: int = BUFFER_EVENTS, batch: int = BATCH_EVENTS, enabled: bool = ENABLED,
+                 lock=None):
         if capacity < 1 or batch < 1:
             raise ValueError(f"capacity and batch must be >= 1, got {capacity} and {batch}")
         self.capacity = capacity
         self.batch = batch
         self.enabled = enabled
+        self.lock = lock if lock is not None else threading.Lock()
         self.dropped = 0            # since the last take
         self.dropped_total = 0
         self.on_batch_ready = None  # called once when a batch fills (the reporter wakes the I/O thread)
         self._ready_signalled = False
         self._threshold = min(batch, capacity)  # below it, recording checks nothing else
-        self._events: deque = deque()
+        self._seq = itertools.count()  # orders a task's events after its submission
+        self._new_columns()
         if not enabled:  # the hooks do nothing (still one call each)
-            self.submitted = self.running = self.ran = self.failed = self.waiting = _nothing
+            self.submitted = self.sent = self.ran = self.failed = self.waiting = _nothing
+
+    def _new_columns(self) -> None:
+        """(at start) The columns, empty."""
+        self._sub_ids, self._sub_created, self._sub_names, self._sub_shapes, self._sub_actors = [], [], [], [], []
+        self._end_seqs, self._end_ids, self._end_started, self._end_ended, self._end_results, self._end_leases = \
+            [], [], [], [], [], []
+        self._sent: deque = deque()
+        self._failed: deque = deque()
+        self._waiting: deque = deque()
 
     def __len__(self) -> int:
-        return len(self._events)
+        return len(self._sub_ids) + len(self._end_ids) + len(self._sent) + len(self._failed) + len(self._waiting)
 
-    def _full(self) -> bool:
-        """(rarely) The buffer reached a batch: wake the reporter once; True when it is full."""
-        if len(self._events) >= self.capacity:
+    def _full(self, column: list) -> bool:
+        """(rarely) A column reached a batch: wake the reporter once; True when it is full."""
+        if len(column) >= self.capacity:
             self.dropped += 1
             return True
         if not self._ready_signalled and self.on_batch_ready is not None:
@@ -126,96 +154,165 @@ class TaskEventBuffer:
             self.on_batch_ready()
         return False
 
-    # The owner's hooks, on the task path: each is one call, a length check and an append.
-    # An event is (task, time) when submitted, the task record itself when sent to a
-    # worker (its time and worker are read from it at take()), and an 8-tuple when it ended.
+    # The owner's hooks, on the task path: a length check and a few appends.
     def submitted(self, task) -> None:
-        if len(self._events) < self._threshold or not self._full():
-            self._events.append((task, _time()))
+        """(holding ``lock``) remote() accepted ``task``."""
+        ids = self._sub_ids
+        if len(ids) < self._threshold or not self._full(ids):
+            ids.append(task.task_id)
+            self._sub_created.append(_time())
+            self._sub_names.append(task.name)
+            self._sub_shapes.append(task.shape)
+            self._sub_actors.append(task.actor_id)
 
-    def running(self, task, node_id: str = "", worker_id: str = "") -> None:
-        """``task`` was sent to a worker (its ``lease`` and ``submitted_at``, a perf_counter time, say
-        where and when)."""
-        if len(self._events) < self._threshold or not self._full():
-            self._events.append(task)
+    def sent(self, tasks, lease, at: float) -> None:
+        """``tasks`` went to ``lease``'s worker at ``at`` (time.perf_counter()): one call per batch."""
+        if tasks:
+            self._sent.append((next(self._seq), b"".join([t.task_id for t in tasks]), len(tasks), at, lease))
 
-    def ran(self, task, ok, started: float, ended: float, node_id: str, worker_id: str,
-            error_type: str | None = None) -> None:
-        """One run ended on a worker (``ok``: True, False, or "retired" when it never ran)."""
-        if ok != "retired" and (len(self._events) < self._threshold or not self._full()):
-            self._events.append((task, ended, FINISHED if ok else FAILED, started, node_id, worker_id, error_type,
-                                 None))
+    def ran(self, task, lease, started: float, ended: float, result) -> None:
+        """(I/O thread) A run of ``task`` on ``lease``'s worker ended: ``result`` is True, or the
+        type name of what it raised (a run that never started, its worker retiring, is not one)."""
+        ids = self._end_ids
+        if len(ids) < self._threshold or not self._full(ids):
+            self._end_seqs.append(next(self._seq))
+            ids.append(task.task_id)
+            self._end_started.append(started)
+            self._end_ended.append(ended)
+            self._end_results.append(result)
+            self._end_leases.append(lease)
 
     def failed(self, task, error) -> None:
         """The task failed for good without a run to report (crash, cancel, no node, bad argument)."""
-        if len(self._events) < self._threshold or not self._full():
-            self._events.append((task, _time(), FAILED, None, None, None, error_type_of(error), None))
+        self._failed.append((next(self._seq), task.task_id, _time(), error_type_of(error)))
 
     def waiting(self, tasks, reason: str) -> None:
         """No node can run these tasks now (``reason``); they wait."""
-        now = _time()
-        for task in tasks:
-            if len(self._events) < self._threshold or not self._full():
-                self._events.append((task, now, None, None, None, None, None, reason))
+        self._waiting.append((next(self._seq), [t.task_id for t in tasks], reason))
 
     def take(self, job_id=None, pid: int = 0) -> Batch | None:
-        """The next batch (the events of at most ``batch`` records, merged per task), or None
-        when there is nothing to say."""
-        events = self._events
-        n = min(len(events), self.batch)
-        dropped = self.dropped
+        """Everything recorded since the last take, or None when there is nothing to say."""
         self._ready_signalled = False  # the next record past a batch signals again
-        if n == 0 and not dropped:
+        if not (self._sub_ids or self._end_ids or self._sent or self._failed or self._waiting or self.dropped):
             return None
-        merged: dict = {}
-        get = merged.get
-        pop = events.popleft
-        wall = _time() - time.perf_counter()  # perf_counter -> time.time()
-        for _ in range(n):
-            event = pop()
-            if type(event) is not tuple:  # sent to a worker: the task record itself
-                u = get(event.task_id)
-                if u is None:
-                    u = merged[event.task_id] = [event.task_id, None, None, None, None, None, None, None, None,
-                                                 None, None, None, 0]
-                lease = event.lease
-                u[5], u[6], u[7], u[11] = RUNNING_STATE, event.submitted_at + wall, None, None
-                if lease is not None:
-                    u[8], u[9] = lease.node_id, lease.worker_id
-                u[12] += 1
-            elif len(event) == 2:  # submitted: a task's first event ever
-                task = event[0]
-                merged[task.task_id] = [task.task_id, task.name, task.shape, task.actor_id, event[1], PENDING,
-                                        None, None, None, None, None, None, 0]
-            else:
-                task_id = event[0].task_id
-                u = get(task_id)
-                if u is None:
-                    u = merged[task_id] = [task_id, None, None, None, None, None, None, None, None, None, None,
-                                           None, 0]
-                if event[2] is not None:  # ended
-                    u[5], u[7] = event[2], event[1]
-                    if event[3] is not None:
-                        u[6], u[8], u[9] = event[3], event[4], event[5]
-                    if event[6] is not None:
-                        u[10] = event[6]
-                else:  # waiting
-                    u[11] = event[7]
+        with self.lock:  # (submitted() appends to five columns holding it)
+            sub = (self._sub_ids, self._sub_created, self._sub_names, self._sub_shapes, self._sub_actors)
+            self._sub_ids, self._sub_created, self._sub_names, self._sub_shapes, self._sub_actors = \
+                [], [], [], [], []
+        # (deques other threads append to, one object per event: popped, never swapped)
+        sent, failed, waiting = (_popped(self._sent), _popped(self._failed), _popped(self._waiting))
+        ended = (self._end_seqs, self._end_ids, self._end_started, self._end_ended, self._end_results,
+                 self._end_leases)
+        self._end_seqs, self._end_ids, self._end_started, self._end_ended, self._end_results, self._end_leases = \
+            [], [], [], [], [], []
+        dropped = self.dropped
         self.dropped -= dropped
         self.dropped_total += dropped
-        return Batch(list(merged.values()), dropped, job_id, pid)  # (updates travel as lists)
+        # Numbers travel as arrays (one bytes object each when pickled), ids joined (an owner's
+        # ids are all of one size), names and the like as lists (pickled once each, then referred to).
+        ids, created, names, shapes, actors = sub
+        size = len(ids[0]) if ids else len(ended[1][0]) if ended[1] else (
+            len(sent[0][1]) // sent[0][2] if sent else len(failed[0][1]) if failed else 0)
+        submitted = (b"".join(ids), array("d", created), names, shapes, actors)
+        if sent:
+            seqs, joined, counts, at, leases = zip(*sent)
+            sent = (array("q", seqs), b"".join(joined), array("q", counts), array("d", at),
+                    [lease.node_id for lease in leases], [lease.worker_id for lease in leases])
+        else:
+            sent = (array("q"), b"", array("q"), array("d"), [], [])
+        seqs, ids, started, ended_at, results, leases = ended
+        ended = (array("q", seqs), b"".join(ids), array("d", started), array("d", ended_at), results,
+                 [lease.node_id for lease in leases], [lease.worker_id for lease in leases])
+        return Batch(size, submitted, sent, ended, failed, waiting, _time() - time.perf_counter(), dropped, job_id,
+                     pid)
 
     def validate_state(self) -> None:
-        assert 0 <= len(self._events) <= self.capacity, (len(self._events), self.capacity)
         assert self.dropped >= 0 and self.dropped_total >= 0
-        for event in self._events:
-            task = event[0] if type(event) is tuple else event
-            assert isinstance(task.task_id, bytes), event
-            assert type(event) is not tuple or len(event) in (2, 8), event
+        n = len(self._sub_ids)
+        assert n == len(self._sub_created) == len(self._sub_names) == len(self._sub_shapes) == len(self._sub_actors)
+        n = len(self._end_ids)
+        assert n == len(self._end_seqs) == len(self._end_started) == len(self._end_ended) == \
+            len(self._end_results) == len(self._end_leases)
 
 
 def _nothing(*_args) -> None:
     pass
+
+
+def _popped(events: deque) -> list:
+    """The events in ``events`` now, taken out (appends from other threads meanwhile stay)."""
+    pop = events.popleft
+    return [pop() for _ in range(len(events))]
+
+
+def _split(joined, size: int, n: int) -> list:
+    """The ``n`` ids of a joined column (``size`` bytes each); ValueError if it is not that."""
+    if not isinstance(joined, bytes) or len(joined) != size * n or (n and size <= 0):
+        raise ValueError("a column of task ids that does not match its length")
+    return [joined[i:i + size] for i in range(0, len(joined), size)] if n else []
+
+
+def updates_of(batch) -> list:
+    """(head) One update (TaskUpdate's fields, a list) per task of an owner's batch as it came
+    off the wire, its events merged in the order the owner recorded them; ValueError or
+    TypeError for a batch that is not one."""
+    size, submitted, sent, ended, failed, waiting, wall = batch[:7]
+    if not isinstance(size, int) or not isinstance(wall, float):
+        raise ValueError("a task events batch without its id size or clock")
+    merged: dict = {}
+    order: dict = {}            # task id -> seq of the event that set its state
+
+    def update(task_id):
+        u = merged.get(task_id)
+        if u is None:
+            u = merged[task_id] = [task_id, None, None, None, None, None, None, None, None, None, None, None, 0]
+            order[task_id] = -1
+        return u
+
+    joined, created, names, shapes, actors = submitted
+    ids = _split(joined, size, len(created))
+    if not (len(names) == len(shapes) == len(actors) == len(ids)):
+        raise ValueError("submitted columns of different lengths")
+    for task_id, at, name, shape, actor_id in zip(ids, created, names, shapes, actors):
+        u = update(task_id)
+        u[1], u[2], u[3], u[4], u[5] = name, shape, actor_id, at, PENDING
+    seqs, joined, counts, at, nodes, workers = sent
+    ids = _split(joined, size, sum(counts))
+    if not (len(counts) == len(at) == len(nodes) == len(workers) == len(seqs)):
+        raise ValueError("sent columns of different lengths")
+    pos = 0
+    for seq, count, when, node_id, worker_id in zip(seqs, counts, at, nodes, workers):
+        when += wall
+        for task_id in ids[pos:pos + count]:
+            u = update(task_id)
+            u[12] += 1
+            if seq > order[task_id]:
+                order[task_id] = seq
+                u[5], u[6], u[7], u[8], u[9], u[10], u[11] = RUNNING_STATE, when, None, node_id, worker_id, None, None
+        pos += count
+    seqs, joined, started, ended_at, results, nodes, workers = ended
+    ids = _split(joined, size, len(seqs))
+    if not (len(started) == len(ended_at) == len(results) == len(nodes) == len(workers) == len(ids)):
+        raise ValueError("ended columns of different lengths")
+    for seq, task_id, start, end, result, node_id, worker_id in zip(seqs, ids, started, ended_at, results, nodes,
+                                                                     workers):
+        u = update(task_id)
+        if seq > order[task_id]:
+            order[task_id] = seq
+            ok = result is True
+            u[5], u[6], u[7], u[8], u[9], u[10], u[11] = (FINISHED if ok else FAILED, start, end, node_id, worker_id,
+                                                          None if ok else result, None)
+    for seq, task_id, at, error_type in failed:
+        u = update(task_id)
+        if seq > order[task_id]:
+            order[task_id] = seq
+            u[5], u[7], u[10], u[11] = FAILED, at, error_type, None
+    for seq, task_ids, reason in waiting:
+        for task_id in task_ids:
+            u = update(task_id)
+            if seq > order[task_id]:
+                u[11] = reason
+    return list(merged.values())
 
 
 def error_type_of(error) -> str:

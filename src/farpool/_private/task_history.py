@@ -77,10 +77,18 @@ class TaskHistory:
 
     # --- input ---
     def add_batch(self, batch) -> None:
-        """Fold in one owner's batch (a task_events.Batch as it came off the wire)."""
-        updates, dropped, job_id, pid = batch
+        """Fold in one owner's batch (a task_events.Batch as it came off the wire).  A batch that
+        is not one raises ValueError; updates in it that do not decode are counted and skipped."""
+        if not isinstance(batch, (list, tuple)) or len(batch) != len(ev.Batch._fields):
+            raise ValueError(f"a task events batch must have {len(ev.Batch._fields)} fields")
+        dropped, job_id, pid = batch[7:]
         if isinstance(dropped, int) and dropped > 0:
             self.dropped += dropped
+        try:
+            updates = ev.updates_of(batch)
+        except (ValueError, TypeError, IndexError, KeyError):
+            self.bad_events += 1  # (a whole batch of garbage: one bad event)
+            return
         for raw in updates:
             try:
                 update = ev.decode(raw)
