@@ -28,7 +28,7 @@ def noop():
 
 def _set_recording(client, on: bool) -> None:
     buf = client.events
-    for name in ("submitted", "running", "ran", "failed", "waiting"):
+    for name in ("submitted", "sent", "ran", "failed", "waiting"):
         if on:
             buf.__dict__.pop(name, None)  # the class's recording hooks
         else:
