@@ -72,22 +72,25 @@ def test_a_stream_item_lost_with_its_node_is_an_object_lost_error_saying_streams
 # A caller on the head node (attached to its agent, which watches its pid): it starts a stream on
 # the second node (an actor's generator method, or a generator task), reads its first item,
 # writes the marker "running", then waits to be SIGKILLed while the producer waits for credit
-# (max_pending_items=1).  argv: head address, the kind of producer, the second node's id, the
-# directory of the markers ("running"; "stopped", which the generator's finally writes).
+# (max_pending_items=1), or goes on making items ("task-unbounded").  Its items are kept in the
+# second node's store (but those of threaded and async actors, which travel inline).  argv: the kind of producer, the second node's id, the directory of the
+# markers ("running"; "stopped", which the generator's finally writes).
 CALLER = textwrap.dedent("""
     import os
     import sys
+    import time
     import numpy as np
     import farpool
     from farpool._private import session
 
     @farpool.remote
-    def forever(stopped):
+    def forever(stopped, pause=0):
         try:
             i = 0
             while True:
                 yield np.full(1 << 20, i % 256, dtype=np.uint8)
                 i += 1
+                time.sleep(pause)
         finally:
             open(stopped, "w").close()
 
@@ -96,9 +99,10 @@ CALLER = textwrap.dedent("""
         return farpool.get_runtime_context().node_id
 
     if __name__ == "__main__":
-        address, kind, second, markers = sys.argv[1:5]
+        kind, second, markers = sys.argv[1:4]
         stopped = os.path.join(markers, "stopped")
-        farpool.init(address=address)  # attached to the head node's agent, which watches our pid
+        farpool.init(address="auto")  # attached to the head node's agent, which watches our pid
+        assert farpool.api._client().home.local  # (a store here: the items stay in the second node's)
         # The second node's agent is to see us as from another machine: it cannot watch our pid,
         # and its TCP check (FARPOOL_CLIENT_GRACE_S) comes too late for the test.  Reach it over
         # TCP before the stream starts: the actor's calls are then relayed by it, as they would be
@@ -110,6 +114,8 @@ CALLER = textwrap.dedent("""
         if kind == "task":
             gen = forever.options(scheduling_strategy=farpool.NodeAffinity(second),
                                   max_pending_items=1).remote(stopped)
+        elif kind == "task-unbounded":  # it never waits for credit: it goes on making items
+            gen = forever.options(scheduling_strategy=farpool.NodeAffinity(second)).remote(stopped, 0.01)
         else:
             method = farpool.get_actor("streamer").forever
             if kind != "async":
@@ -151,7 +157,7 @@ class AsyncStreamer:
         return "pong"
 
 
-@pytest.mark.parametrize("kind", ["in-order", "threaded", "async", "task"])
+@pytest.mark.parametrize("kind", ["in-order", "threaded", "async", "task", "task-unbounded"])
 def test_a_stream_whose_owner_dies_on_another_node_is_stopped_and_its_items_freed(
         started, tmp_path, monkeypatch, kind):
     # The second node's agent would take the killed caller (a client of its over TCP, from
@@ -165,7 +171,7 @@ def test_a_stream_whose_owner_dies_on_another_node_is_stopped_and_its_items_free
     used = produce.options(scheduling_strategy=farpool.NodeAffinity(second)).remote(1, 0)
     assert farpool.get(list(used), timeout=TIMEOUT)[0][0] == second  # (leased there: store_stats_of asks it)
     actor = None
-    if kind != "task":
+    if not kind.startswith("task"):
         cls = farpool.remote(AsyncStreamer if kind == "async" else Streamer)
         options = {"max_concurrency": 2} if kind == "threaded" else {}
         actor = cls.options(name="streamer", resources={"second": 1}, **options).remote()
@@ -173,7 +179,7 @@ def test_a_stream_whose_owner_dies_on_another_node_is_stopped_and_its_items_free
     stopped, running = tmp_path / "stopped", tmp_path / "running"
     script = tmp_path / "caller.py"
     script.write_text(CALLER)
-    proc = subprocess.Popen([sys.executable, str(script), started.address, kind, second, str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, str(script), kind, second, str(tmp_path)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=tmp_path, env=dict(os.environ, FARPOOL_TOKEN=started.token))
     deadline = time.monotonic() + TIMEOUT
@@ -184,6 +190,8 @@ def test_a_stream_whose_owner_dies_on_another_node_is_stopped_and_its_items_free
             proc.kill()
             raise AssertionError(f"the caller did not start its stream: {proc.communicate(timeout=TIMEOUT)}")
         assert not stopped.exists()
+        if kind not in ("threaded", "async"):  # (those actors send every item inline, even large ones)
+            wait_until(lambda: store_stats_of(second)["objects"] >= 1, "an unread item in the second node's store")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=TIMEOUT)
     finally:

@@ -39,6 +39,7 @@ import os
 import signal
 import sys
 import time
+from collections import OrderedDict
 
 from farpool._private import (addresses, copy_events, host_usage, launcher, node_table, protocol, pull, pulse,
                               scheduling, session, spill, store, transport, versions)
@@ -218,6 +219,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.watched_owners: set = set()  # owners on other nodes of copies we hold (WatchPeer)
         # Owners of the streams our workers run, watched for them: identity -> (its node, workers)
         self.watched_callers: dict[bytes, tuple] = {}
+        self.callers_gone: OrderedDict = OrderedDict()  # of those, the ones gone (oldest first)
         self.last_ack = time.monotonic()
         self.head = None
         self.cluster_nodes: list[dict] = []

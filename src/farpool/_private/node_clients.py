@@ -15,7 +15,7 @@ for actors.  It owns:
 
 It uses the agent's state set in ``NodeAgent.__init__`` (``client_jobs``, ``log_clients``,
 ``worker_clients``, ``connected``, ``client_pidfds``, ``tcp_clients``, ``unreachable``,
-``tcp_checks``, ``peer_senders``, ``watched_callers``) and the agent's ``_send``, ``_apply``,
+``tcp_checks``, ``peer_senders``, ``watched_callers``, ``callers_gone``) and the agent's ``_send``, ``_apply``,
 ``_peer_agent`` and ``_owner_gone`` (node_objects.py).
 """
 
@@ -43,6 +43,11 @@ CLIENT_GRACE_S = float(os.environ.get("FARPOOL_CLIENT_GRACE_S", "10"))
 CLOSE_SETTLE_S = min(0.5, CLIENT_GRACE_S)
 # Checks of the TCP clients due this close together are done once.
 CHECK_COALESCE_S = 0.25
+
+# Stream owners that died while our workers streamed to them, remembered so that what those
+# workers stored for them in the meantime is freed when their streams end (_on_UnwatchCaller).
+# More remembers longer; each costs a few dozen bytes.
+CALLERS_GONE_REMEMBERED = 1024
 
 IPC, TCP, HEAD = "ipc", "tcp", "head"  # the kinds of socket a client reaches us on
 
@@ -275,12 +280,16 @@ class ClientsPart:
 
     def _on_UnwatchCaller(self, client, identity: bytes) -> None:
         """The worker's streams for ``identity`` ended.  (The other node's agent keeps our
-        WatchPeer until that client leaves: one PeerGone, then dropped here.)"""
+        WatchPeer until that client leaves: one PeerGone, then dropped here.)  Of a caller
+        gone already: the items the worker stored for it after we freed its objects (made
+        before the worker read CallerGone) are freed now; it makes none after this."""
         watched = self.watched_callers.get(identity)
         if watched is not None:
             watched[1].discard(client)
             if not watched[1]:
                 del self.watched_callers[identity]
+        elif identity in self.callers_gone:
+            self._owner_gone(identity.decode(errors="replace"))
 
     def _unwatch_callers(self, client) -> None:
         """A worker exited: it watches nothing any more."""
@@ -292,6 +301,9 @@ class ClientsPart:
         streams answer to it stop them."""
         watched = self.watched_callers.pop(identity, None)
         if watched is not None:
+            self.callers_gone[identity] = None
+            while len(self.callers_gone) > CALLERS_GONE_REMEMBERED:
+                self.callers_gone.popitem(last=False)
             for worker in watched[1]:
                 self._send(worker, "CallerGone", identity)
 
