@@ -211,3 +211,43 @@ def test_a_stream_whose_owner_dies_on_another_node_is_stopped_and_its_items_free
         farpool.cancel(gen)  # (the cancel path still stops it)
         assert wait_for_file(str(tmp_path / "again"), TIMEOUT)
         farpool.kill(actor)
+
+
+@farpool.remote
+def here():
+    return farpool.get_runtime_context().node_id
+
+
+@farpool.remote(resources={"third": 1}, max_retries=0)
+def stream_and_hold(second, markers):
+    """On the third node: reads the first item of the actor's stream, then holds it until its
+    node is killed (the second node's agent cannot watch our pid: it hears of the death only
+    through the head, with the node)."""
+    session.pid_space = lambda: "another-machine"
+    assert farpool.get(here.options(scheduling_strategy=farpool.NodeAffinity(second)).remote()) == second
+    gen = farpool.get_actor("streamer").forever.options(num_returns="streaming", max_pending_items=1).remote(
+        os.path.join(markers, "stopped"))
+    assert int(farpool.get(next(gen))[0]) == 0
+    open(os.path.join(markers, "running"), "w").close()
+    time.sleep(3600)  # until our node is killed
+
+
+def test_a_stream_whose_owner_dies_with_its_node_is_stopped_and_its_items_freed(started, tmp_path, monkeypatch):
+    monkeypatch.setenv("FARPOOL_NODE_TIMEOUT_S", "5")
+    monkeypatch.setenv("FARPOOL_CLIENT_GRACE_S", "600")  # (the second node's agent does not notice by itself)
+    head, second, third = three_nodes(started)
+    on_second = here.options(scheduling_strategy=farpool.NodeAffinity(second)).remote()
+    assert farpool.get(on_second, timeout=TIMEOUT) == second  # (leased there: store_stats_of asks it)
+    actor = farpool.remote(Streamer).options(name="streamer", resources={"second": 1}).remote()
+    assert farpool.get(actor.ping.remote(), timeout=TIMEOUT) == "pong"
+    holding = stream_and_hold.remote(second, str(tmp_path))
+    wait_until(lambda: (tmp_path / "running").exists(), "the task on the third node to start its stream")
+    wait_until(lambda: store_stats_of(second)["objects"] >= 1, "an unread item in the second node's store")
+    started.kill_node(third)
+    wait_until(lambda: node_dead(third), "the head to declare the killed node dead")
+    assert wait_for_file(str(tmp_path / "stopped"), TIMEOUT)  # the generator's finally ran
+    wait_until(lambda: store_stats_of(second)["objects"] == 0, "the items made for the dead owner freed")
+    assert farpool.get(actor.ping.remote(), timeout=TIMEOUT) == "pong"  # (it was not left stuck)
+    with pytest.raises(farpool.FarpoolError):
+        farpool.get(holding, timeout=TIMEOUT)
+    farpool.kill(actor)
