@@ -68,19 +68,21 @@ def test_a_stream_item_lost_with_its_node_is_an_object_lost_error_saying_streams
     assert "item 1 of the streaming generator task produce" in text and "streams are not rebuilt" in text
 
 
-# ---------------------------------------------------------------------- the owner of a stream dies on another node
-# A caller on the head node (attached to its agent, which watches its pid): it starts a stream on
-# the second node (an actor's generator method, or a generator task), reads its first item,
-# writes the marker "running", then waits to be SIGKILLed while the producer waits for credit
-# (max_pending_items=1), or goes on making items ("task-unbounded").  Its items are kept in the
-# second node's store (but those of threaded and async actors, which travel inline).  argv: the kind of producer, the second node's id, the directory of the
-# markers ("running"; "stopped", which the generator's finally writes).
+# ---------------------------------------------------------------------- the owner of a stream dies
+# A caller on the head node (attached to its agent, which watches its pid; or, "-here", on the
+# second node itself, calling its actor's worker straight) starts a stream on the second node
+# (an actor's generator method, or a generator task), reads its first item, writes the marker
+# "running", then waits to be SIGKILLed while the producer waits for credit (max_pending_items=1),
+# or goes on making items ("task-unbounded").  The items wait in the second node's store (those
+# of threaded and async actors travel inline).  argv: the kind of producer, the second node's
+# id, the directory of the markers ("running"; "stopped", which the generator's finally writes).
 CALLER = textwrap.dedent("""
     import os
     import sys
     import time
     import numpy as np
     import farpool
+    from farpool._private import client as client_mod
     from farpool._private import session
 
     @farpool.remote
@@ -101,16 +103,23 @@ CALLER = textwrap.dedent("""
     if __name__ == "__main__":
         kind, second, markers = sys.argv[1:4]
         stopped = os.path.join(markers, "stopped")
+        if kind.endswith("-here"):  # attached to the second node's agent instead, which watches our pid
+            pick = client_mod.CoreClient._wait_for_node
+            def on_second(self, welcome):
+                pick(self, welcome)
+                return next(n for n in welcome["nodes"] if n["node_id"] == second)
+            client_mod.CoreClient._wait_for_node = on_second
         farpool.init(address="auto")  # attached to the head node's agent, which watches our pid
         assert farpool.api._client().home.local  # (a store here: the items stay in the second node's)
-        # The second node's agent is to see us as from another machine: it cannot watch our pid,
-        # and its TCP check (FARPOOL_CLIENT_GRACE_S) comes too late for the test.  Reach it over
-        # TCP before the stream starts: the actor's calls are then relayed by it, as they would be
-        # from another machine (on one machine they go straight to the worker's socket).
-        session.pid_space = lambda: "another-machine"
-        assert farpool.get(here.options(scheduling_strategy=farpool.NodeAffinity(second)).remote(),
-                           timeout=60) == second
-        assert not farpool.api._client().agents[second].local
+        if not kind.endswith("-here"):
+            # The second node's agent is to see us as from another machine: it cannot watch our
+            # pid, and its TCP check (FARPOOL_CLIENT_GRACE_S) comes too late for the test.  Reach
+            # it over TCP before the stream starts: the actor's calls are then relayed by it, as
+            # they would be from another machine (on one machine they go straight to the worker).
+            session.pid_space = lambda: "another-machine"
+            assert farpool.get(here.options(scheduling_strategy=farpool.NodeAffinity(second)).remote(),
+                               timeout=60) == second
+            assert not farpool.api._client().agents[second].local
         if kind == "task":
             gen = forever.options(scheduling_strategy=farpool.NodeAffinity(second),
                                   max_pending_items=1).remote(stopped)
@@ -157,8 +166,8 @@ class AsyncStreamer:
         return "pong"
 
 
-@pytest.mark.parametrize("kind", ["in-order", "threaded", "async", "task", "task-unbounded"])
-def test_a_stream_whose_owner_dies_on_another_node_is_stopped_and_its_items_freed(
+@pytest.mark.parametrize("kind", ["in-order", "threaded", "async", "task", "task-unbounded", "threaded-here"])
+def test_a_stream_whose_owner_dies_is_stopped_and_its_items_freed(
         started, tmp_path, monkeypatch, kind):
     # The second node's agent would take the killed caller (a client of its over TCP, from
     # "another machine") for dead only after this long: what stops the stream is the caller's
@@ -173,7 +182,7 @@ def test_a_stream_whose_owner_dies_on_another_node_is_stopped_and_its_items_free
     actor = None
     if not kind.startswith("task"):
         cls = farpool.remote(AsyncStreamer if kind == "async" else Streamer)
-        options = {"max_concurrency": 2} if kind == "threaded" else {}
+        options = {"max_concurrency": 2} if kind.startswith("threaded") else {}
         actor = cls.options(name="streamer", resources={"second": 1}, **options).remote()
         assert farpool.get(actor.ping.remote(), timeout=TIMEOUT) == "pong"
     stopped, running = tmp_path / "stopped", tmp_path / "running"
@@ -190,7 +199,7 @@ def test_a_stream_whose_owner_dies_on_another_node_is_stopped_and_its_items_free
             proc.kill()
             raise AssertionError(f"the caller did not start its stream: {proc.communicate(timeout=TIMEOUT)}")
         assert not stopped.exists()
-        if kind not in ("threaded", "async"):  # (those actors send every item inline, even large ones)
+        if kind in ("in-order", "task", "task-unbounded"):  # (threaded and async actors send items inline)
             wait_until(lambda: store_stats_of(second)["objects"] >= 1, "an unread item in the second node's store")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=TIMEOUT)
