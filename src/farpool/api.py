@@ -278,26 +278,25 @@ def wait(refs, *, num_returns: int = 1, timeout: float | None = None, fetch_loca
     this node: a value stored on another node is copied into this node's store first (a
     driver joined over TCP, with no store, reads every value from where it is).  With
     ``fetch_local=False`` it is ready as soon as it exists anywhere in the cluster.
+    The list may hold ObjectRefGenerators too (as Ray's): one is ready once ``next(gen)``
+    would not wait (its next ref came, or the stream ended), and is returned as itself.
     With ``progress=True`` a bar on stderr counts the refs done towards ``num_returns``
     while it waits, when stderr is a terminal (nothing otherwise; see ``farpool.progress``).
     """
     if isinstance(refs, ObjectRef):
         raise TypeError("wait() takes a list of ObjectRefs, not a single ref: wait([ref])")
+    if isinstance(refs, ObjectRefGenerator):
+        raise TypeError("wait() takes a list of ObjectRefs and ObjectRefGenerators, not a single generator: "
+                        "wait([gen])")
+    if isinstance(refs, (list, tuple)) and any(isinstance(r, ObjectRefGenerator) for r in refs):
+        return _wait_with_generators(list(refs), num_returns, timeout, fetch_local, progress)
     ref_list, _ = _check_refs(refs, "wait")
     if not ref_list:  # as Ray: nothing to wait for
         _check_timeout(timeout)
         return [], []
     if len(set(ref_list)) != len(ref_list):
         raise ValueError("wait() got the same ObjectRef more than once")
-    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
-        raise ValueError(f"`num_returns` must be an int >= 0, got {num_returns!r}")
-    if num_returns > len(ref_list):
-        raise ValueError(f"`num_returns` ({num_returns}) is larger than the number of refs ({len(ref_list)})")
-    _check_timeout(timeout)
-    if not isinstance(fetch_local, bool):
-        raise TypeError(f"`fetch_local` must be a bool, got {type(fetch_local).__name__}")
-    if not isinstance(progress, bool):
-        raise TypeError(f"`progress` must be a bool, got {type(progress).__name__}")
+    _check_wait_options(num_returns, len(ref_list), timeout, fetch_local, progress)
     client = _client()
     started = time.monotonic()
     if progress:
@@ -310,6 +309,57 @@ def wait(refs, *, num_returns: int = 1, timeout: float | None = None, fetch_loca
     ready, not_ready = [], []
     for ref, done in zip(ref_list, flags):
         (ready if done and len(ready) < num_returns else not_ready).append(ref)
+    return ready, not_ready
+
+
+def _check_wait_options(num_returns, count: int, timeout, fetch_local, progress) -> None:
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
+        raise ValueError(f"`num_returns` must be an int >= 0, got {num_returns!r}")
+    if num_returns > count:
+        raise ValueError(f"`num_returns` ({num_returns}) is larger than the number of refs ({count})")
+    _check_timeout(timeout)
+    if not isinstance(fetch_local, bool):
+        raise TypeError(f"`fetch_local` must be a bool, got {type(fetch_local).__name__}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"`progress` must be a bool, got {type(progress).__name__}")
+
+
+def _wait_with_generators(waitables: list, num_returns: int, timeout, fetch_local: bool, progress: bool):
+    """wait() of a list that holds ObjectRefGenerators: each is waited on as its next ref (the
+    stream's state says when ``next`` would not wait); the refs as wait() waits on them."""
+    refs, gens = [], []
+    for i, w in enumerate(waitables):
+        if isinstance(w, ObjectRefGenerator):
+            gens.append(w)
+        elif isinstance(w, ObjectRef):
+            refs.append(w)
+        else:
+            raise TypeError(f"wait() takes ObjectRefs and ObjectRefGenerators; item {i} is a {type(w).__name__}")
+    if len(set(refs)) != len(refs) or len({id(g) for g in gens}) != len(gens):
+        raise ValueError("wait() got the same ObjectRef or ObjectRefGenerator more than once")
+    _check_wait_options(num_returns, len(waitables), timeout, fetch_local, progress)
+    client = _client()
+    if any(g._client is not client for g in gens):
+        raise ValueError("wait() got an ObjectRefGenerator of an earlier farpool.init(): its stream ended "
+                         "with that session; call the generator function again")
+    states = tuple(g._state for g in gens)
+    started = time.monotonic()
+    if progress:
+        flags = progress_bar.wait_with_bar(client, refs, num_returns, timeout, sys.stderr, streams=states)
+    else:
+        flags = client.wait_entries(refs, num_returns, timeout, streams=states)
+    ref_flags, gen_flags = flags[:len(refs)], flags[len(refs):]
+    if fetch_local and refs:
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        ref_flags = client.fetch_here(refs, ref_flags, num_returns, left)
+    done = {}
+    for ref, flag in zip(refs, ref_flags):
+        done[id(ref)] = flag
+    for gen, flag in zip(gens, gen_flags):
+        done[id(gen)] = flag
+    ready, not_ready = [], []
+    for w in waitables:
+        (ready if done[id(w)] and len(ready) < num_returns else not_ready).append(w)
     return ready, not_ready
 
 

@@ -2,6 +2,7 @@
 ObjectRefGenerator whose refs arrive as the task yields (API.md "Streaming generators")."""
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 
@@ -157,6 +158,33 @@ def test_refs_arrive_while_the_task_still_runs(cluster, gate):
     assert farpool.get(gen.completed(), timeout=TIMEOUT) == 5
     with pytest.raises(StopIteration):
         next(gen)
+
+
+def test_wait_takes_generators_ready_once_next_would_not_wait(cluster, gate):
+    gen = count.remote(3, gate.path, 1)  # item 0 comes, then the task waits at the gate
+    ref = farpool.put("here")
+    ready, not_ready = farpool.wait([gen], timeout=TIMEOUT)  # (Ray: its next ref is there)
+    assert ready == [gen] and not_ready == [] and gen.next_ready()
+    assert farpool.get(next(gen), timeout=TIMEOUT) == 0
+    gate.wait_arrivals(1)
+    ready, not_ready = farpool.wait([gen, ref], num_returns=2, timeout=0.2)  # nothing comes: not ready
+    assert ready == [ref] and not_ready == [gen]
+    assert farpool.wait([gen], timeout=0) == ([], [gen])
+    waited = farpool.api._client().streams.async_waiters
+    assert gen.completed().binary() not in waited  # a wait that timed out leaves no waiter behind
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a waiting wait wakes when the item comes
+        waiting = pool.submit(farpool.wait, [ref, gen], num_returns=2, timeout=TIMEOUT)
+        gate.open()
+        ready, not_ready = waiting.result(timeout=TIMEOUT)
+    assert ready == [ref, gen] and not_ready == []
+    assert farpool.get(list(gen), timeout=TIMEOUT) == [1, 2]
+    assert farpool.wait([gen], timeout=TIMEOUT) == ([gen], [])  # ended: next would not wait (it stops)
+    with pytest.raises(TypeError, match=r"not a single generator: wait\(\[gen\]\)"):
+        farpool.wait(gen)
+    with pytest.raises(ValueError, match="the same ObjectRef or ObjectRefGenerator more than once"):
+        farpool.wait([gen, gen])
+    with pytest.raises(TypeError, match="item 1 is a str"):
+        farpool.wait([gen, "x"])
 
 
 def test_num_returns_streaming_is_explicit_and_max_pending_items_is_an_option(cluster):

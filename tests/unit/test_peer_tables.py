@@ -65,6 +65,8 @@ AGENT_REFUSED = [
     (node.IPC, b"w:w1", "worker", message("RequestLease", 1, {"CPU": 1}, 1, None, "DEFAULT", True)),
     (node.IPC, b"w:w1", "worker", message("Goodbye", "worker", 1)),
     (node.IPC, b"w:w1", "worker", [b"ToPeer", b"c:other", b"GetObject", b"x"]),
+    (node.IPC, b"c:driver", "local client", message("WatchCaller", b"c:other", "n2")),  # workers' streams only
+    (node.TCP, b"a:n2", "peer agent", message("UnwatchCaller", b"c:other")),
     (node.IPC, b"\x00\x12\x34\x56\x78", "argument reader", message("RequestLease", 1, {}, 1, None, "DEFAULT", 1)),
     (node.TCP, b"a:n2", "peer agent", message("RequestLease", 1, {"CPU": 1}, 1, None, "DEFAULT", True)),
     (node.TCP, b"a:n2", "peer agent", [b"Relay", b"w1", b"ExecuteTask", b"x"]),
@@ -96,6 +98,8 @@ AGENT_ALLOWED = [
     (node.TCP, b"c:remote", protocol.encode("WriteChunk", (2, b"id", 0, True), [b"0123456789"]), "WriteChunk"),
     (node.TCP, b"c:remote", message("ReadChunk", 3, b"id", 0, 10), "ReadChunk"),
     (node.IPC, b"w:w1", message("WorkerReady", "w1", 4242), "WorkerReady"),
+    (node.IPC, b"w:w1", message("WatchCaller", b"c:driver", "n2"), "WatchCaller"),
+    (node.IPC, b"w:w1", message("UnwatchCaller", b"c:driver"), "UnwatchCaller"),
     (node.IPC, b"w:w1", [b"Relay", b"c:ipc:c:driver", b"TaskFinished", b"x"], "Relay"),
     (node.IPC, b"\x00\x12\x34\x56\x78", message("PullObject", 1, b"id", 10, [], "o", "x"), "PullObject"),
     (node.TCP, b"a:n2", message("ReadChunk", 1, b"id", 0, 10), "ReadChunk"),

@@ -39,6 +39,7 @@ import os
 import signal
 import sys
 import time
+from collections import OrderedDict
 
 from farpool._private import (addresses, copy_events, host_usage, launcher, node_table, protocol, pull, pulse,
                               scheduling, session, spill, store, transport, versions)
@@ -106,7 +107,7 @@ MAY_SEND = {
     # puts large values here in chunks (UploadObject, WriteChunk) and reads them back (ReadChunk)
     "remote client": _CLIENT_ANYWHERE | {"UploadObject", "WriteChunk", "ReadChunk"},
     # one of our workers, ipc, "w:<worker id>": Relay carries its answers back to clients
-    "worker": frozenset({"WorkerReady", "AllocateObject", "Relay"}),
+    "worker": frozenset({"WorkerReady", "AllocateObject", "Relay", "WatchCaller", "UnwatchCaller"}),
     # a worker's argument reader (task_args.py), ipc, an identity zmq made up
     "argument reader": frozenset({"PullObject"}),
     # the agent of another node copying our objects (pull.py), TCP, "a:<node id>"
@@ -216,6 +217,9 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                             "uploaded_bytes": 0}
         self.copy_log = copy_events.CopyLog()  # copies made, for the timeline: each heartbeat takes them
         self.watched_owners: set = set()  # owners on other nodes of copies we hold (WatchPeer)
+        # Owners of the streams our workers run, watched for them: identity -> (its node, workers)
+        self.watched_callers: dict[bytes, tuple] = {}
+        self.callers_gone: OrderedDict = OrderedDict()  # of those, the ones gone (oldest first)
         self.last_ack = time.monotonic()
         self.head = None
         self.cluster_nodes: list[dict] = []
@@ -397,6 +401,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.cluster_nodes = rows
         self._apply(self.leases.set_cluster_view(self.cluster_nodes))
         self._sources_died()
+        self._caller_nodes_died()
 
     def _on_GetNodes(self, client, request_id) -> None:
         self._send(client, "Nodes", request_id, self.cluster_nodes)
@@ -569,6 +574,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                 for client in self.worker_clients.pop(worker_id, ()):
                     acts.extend(self.leases.client_gone(client, kill_running=True))
                     self._peer_gone(client)
+                self._unwatch_callers(Client(IPC, b"w:" + worker_id.encode()))
                 self._apply(acts)
 
     def _forward_output(self, worker_id: str, stream: str, data: bytes) -> None:

@@ -9,12 +9,14 @@ for actors.  It owns:
   that died without one (its pid watched with a pidfd on this machine, its connection
   on another: see ``_check_tcp_clients``);
 - routing between peers: Relay (client <-> worker), ToPeer/FromPeer (client <-> client,
-  the owner messages), WatchPeer and the PeerGone that answers a client's departure.
+  the owner messages), WatchPeer and the PeerGone that answers a client's departure;
+- the callers our workers' streams answer to, watched for them wherever they live
+  (WatchCaller / UnwatchCaller from a worker, CallerGone back: see ``_on_WatchCaller``).
 
 It uses the agent's state set in ``NodeAgent.__init__`` (``client_jobs``, ``log_clients``,
 ``worker_clients``, ``connected``, ``client_pidfds``, ``tcp_clients``, ``unreachable``,
-``tcp_checks``, ``peer_senders``) and the agent's ``_send``, ``_apply`` and
-``_owner_gone`` (node_objects.py).
+``tcp_checks``, ``peer_senders``, ``watched_callers``, ``callers_gone``) and the agent's ``_send``, ``_apply``,
+``_peer_agent`` and ``_owner_gone`` (node_objects.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ CLIENT_GRACE_S = float(os.environ.get("FARPOOL_CLIENT_GRACE_S", "10"))
 CLOSE_SETTLE_S = min(0.5, CLIENT_GRACE_S)
 # Checks of the TCP clients due this close together are done once.
 CHECK_COALESCE_S = 0.25
+
+# Stream owners that died while our workers streamed to them, remembered so that what those
+# workers stored for them in the meantime is freed when their streams end (_on_UnwatchCaller).
+# More remembers longer; each costs a few dozen bytes.
+CALLERS_GONE_REMEMBERED = 1024
 
 IPC, TCP, HEAD = "ipc", "tcp", "head"  # the kinds of socket a client reaches us on
 
@@ -235,7 +242,75 @@ class ClientsPart:
         self.connected.discard(identity)
         if identity.startswith(b"c:"):
             self._owner_gone(identity.decode(errors="replace"))
+        self._caller_gone(identity)
         for sender in self.peer_senders.pop(identity, ()):
             self._send(sender, "PeerGone", identity)
         for senders in self.peer_senders.values():
             senders.discard(client)
+
+    # --- the owners of our workers' streams ---
+    def _on_WatchCaller(self, client, identity: bytes, node_id) -> None:
+        """One of our workers runs a stream (streaming generator task or actor method) for
+        ``identity``, a client whose home is ``node_id``: tell the worker CallerGone(identity)
+        when that client is gone, so that its stream stops instead of waiting for credit
+        forever.  A client of ours is watched here (its Goodbye, its pid); one of another
+        node through that node's agent (WatchPeer, whose PeerGone comes to _on_peer_agent),
+        and with its node (_caller_nodes_died).  Unknown or gone already: CallerGone at once."""
+        if not isinstance(identity, bytes) or not identity.startswith(b"c:"):
+            raise protocol.ProtocolError(f"WatchCaller of {identity!r}, which is not a client identity")
+        watched = self.watched_callers.get(identity)
+        if watched is not None:
+            watched[1].add(client)
+            return
+        if node_id is None or node_id == self.node_id:
+            if identity not in self.connected:
+                self._send(client, "CallerGone", identity)
+                return
+            node_id = self.node_id
+        else:
+            node = next((n for n in self.cluster_nodes if n["node_id"] == node_id), None)
+            sock = None
+            if node is not None and node["alive"]:
+                sock, _why = self._peer_agent(node_id)
+            if sock is None:
+                self._send(client, "CallerGone", identity)
+                return
+            transport.send(sock, encode("WatchPeer", (identity,)))
+        self.watched_callers[identity] = (node_id, {client})
+
+    def _on_UnwatchCaller(self, client, identity: bytes) -> None:
+        """The worker's streams for ``identity`` ended.  (The other node's agent keeps our
+        WatchPeer until that client leaves: one PeerGone, then dropped here.)  Of a caller
+        gone already: the items the worker stored for it after we freed its objects (made
+        before the worker read CallerGone) are freed now; it makes none after this."""
+        watched = self.watched_callers.get(identity)
+        if watched is not None:
+            watched[1].discard(client)
+            if not watched[1]:
+                del self.watched_callers[identity]
+        elif identity in self.callers_gone:
+            self._owner_gone(identity.decode(errors="replace"))
+
+    def _unwatch_callers(self, client) -> None:
+        """A worker exited: it watches nothing any more."""
+        for identity in [i for i, (_node, workers) in self.watched_callers.items() if client in workers]:
+            self._on_UnwatchCaller(client, identity)
+
+    def _caller_gone(self, identity: bytes) -> None:
+        """A client left, here or on another node (its agent said PeerGone): the workers whose
+        streams answer to it stop them."""
+        watched = self.watched_callers.pop(identity, None)
+        if watched is not None:
+            self.callers_gone[identity] = None
+            while len(self.callers_gone) > CALLERS_GONE_REMEMBERED:
+                self.callers_gone.popitem(last=False)
+            for worker in watched[1]:
+                self._send(worker, "CallerGone", identity)
+
+    def _caller_nodes_died(self) -> None:
+        """Nodes the head declared dead took their clients with them: what our workers stream
+        to those clients stops, and the items made for them here are freed."""
+        dead = {n["node_id"] for n in self.cluster_nodes if not n["alive"]}
+        for identity in [i for i, (node_id, _workers) in self.watched_callers.items() if node_id in dead]:
+            self._owner_gone(identity.decode(errors="replace"))
+            self._caller_gone(identity)

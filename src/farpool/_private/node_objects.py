@@ -237,9 +237,10 @@ class ObjectsPart:
                 tag, fields, buffers = protocol.decode([f.bytes if i < 2 else f.buffer for i, f in enumerate(frames)])
                 if tag == "Chunk":
                     self._on_chunk(node_id, *fields, buffers)
-                elif tag == "PeerGone":  # an owner of copies we hold (WatchPeer in _on_PullObject)
-                    (owner,) = fields
+                elif tag == "PeerGone":  # an owner of copies we hold (WatchPeer in _on_PullObject),
+                    (owner,) = fields  # or of a stream a worker of ours runs (_on_WatchCaller)
                     self._owner_gone(owner.decode(errors="replace"))
+                    self._caller_gone(owner)
             except (protocol.ProtocolError, TypeError, ValueError, IndexError) as exc:
                 log.warning("dropped a bad message from the agent of node %s: %s", node_id[:8], exc)
 

@@ -10,19 +10,19 @@ import time
 
 
 def wait_with_bar(client, refs: list, num_returns: int, timeout: float | None, out, desc: str = "wait",
-                  min_interval_s: float = 0.2) -> list[bool]:
+                  min_interval_s: float = 0.2, streams: tuple = ()) -> list[bool]:
     """``client.wait_entries`` with a bar of the refs done towards ``num_returns`` on ``out`` (a
     terminal; elsewhere the plain wait).  Waits in slices of ``min_interval_s``: each looks at
     every ref once, so the bar costs the same however many refs there are."""
     bar = Bar(num_returns, desc, out, min_interval_s)
     if not bar.shown:
-        return client.wait_entries(refs, num_returns, timeout)
+        return client.wait_entries(refs, num_returns, timeout, streams=streams)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             step = min_interval_s if left is None else min(left, min_interval_s)
-            flags = client.wait_entries(refs, num_returns, step)
+            flags = client.wait_entries(refs, num_returns, step, streams=streams)
             done = min(num_returns, sum(flags))
             bar.update(done - bar.done)
             if done >= num_returns or left is not None and left <= min_interval_s:

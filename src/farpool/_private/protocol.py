@@ -57,8 +57,9 @@ TAGS = frozenset({
     "ExecuteTask", "TaskFinished", "GetObject", "ObjectValue", "CancelTask", "BorrowReleased", "AddBorrower",
     "TakeBack", "TakenBack",
     # streaming generator tasks (streams.py, worker_streams.py): worker -> owner, each item as it is
-    # yielded; owner -> worker, how many items it may have made (back-pressure), and stop
-    "ItemReady", "StreamCredit", "StopStream",
+    # yielded; owner -> worker, how many items it may have made (back-pressure), and stop;
+    # worker <-> its node agent: tell me when this caller (a stream's owner, on any node) is gone
+    "ItemReady", "StreamCredit", "StopStream", "WatchCaller", "UnwatchCaller", "CallerGone",
     # node object store
     "AllocateObject", "ObjectAllocated", "FreeObjects", "RestoreObject", "StoreStats", "SegmentsDropped",
     # copies between node stores (pull.py): reader -> its agent, agent -> agent, owner <- borrower

@@ -15,8 +15,8 @@ generator is cancelled or dropped (``StopStream``, and the task is cancelled)::
 The task's own object (the generator's ``completed()``) becomes the number of items, or
 the task's error; that error is also what the last ref handed out raises.
 
-Who may touch it: ``opened``, ``take``, ``ready_future``, ``close`` and ``spec`` from any
-thread; the rest on the I/O thread.  ``cond`` guards every StreamState.
+Who may touch it: ``opened``, ``take``, ``ready_future``, ``forget_future``, ``close`` and
+``spec`` from any thread; the rest on the I/O thread.  ``cond`` guards every StreamState.
 """
 
 from __future__ import annotations
@@ -97,6 +97,15 @@ class Streams(ClientPart):
             future: concurrent.futures.Future = concurrent.futures.Future()
             self.async_waiters.setdefault(state.task_id, []).append(future)
             return future
+
+    def forget_future(self, state: StreamState, future: concurrent.futures.Future) -> None:
+        """A waiter of ``ready_future`` gave up (wait's timeout): its future is not kept."""
+        with self.cond:
+            waiting = self.async_waiters.get(state.task_id)
+            if waiting is not None and future in waiting:
+                waiting.remove(future)
+                if not waiting:
+                    del self.async_waiters[state.task_id]
 
     def close(self, state: StreamState) -> None:
         """The generator is dropped (or closed): free the items it still held and stop its task."""

@@ -90,18 +90,22 @@ class Values(ClientPart):
             entry.waiters.append(fn)
             return True
 
-    def wait_entries(self, refs: list, num_returns: int, timeout: float | None) -> list[bool]:
-        """Block until ``num_returns`` of ``refs`` are done (or timeout); readiness flags."""
+    def wait_entries(self, refs: list, num_returns: int, timeout: float | None, streams: tuple = ()) -> list[bool]:
+        """Block until ``num_returns`` of ``refs`` are done (or timeout); readiness flags.  A
+        stream (a StreamState of an ObjectRefGenerator) in ``streams`` counts as done once its
+        ``next`` would not wait (its next item came, or it ended); its flags follow the refs'."""
         entries = [self.entry_for(r) for r in refs]
         done = threading.Lock()  # held until enough are done (a bare lock: cheaper than an Event)
         done.acquire()
         remaining = [num_returns]
         registered = []
+        counting = threading.Lock()  # (streams wake us from the thread that made them ready)
 
         def on_done(_entry):  # on the I/O thread
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                done.release()
+            with counting:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.release()
 
         with self.lock:
             for e in entries:
@@ -112,20 +116,30 @@ class Values(ClientPart):
                     if e.state == PENDING:
                         e.waiters.append(on_done)
                         registered.append(e)
+        futures = []
+        for state in streams:
+            future = self.c.streams.ready_future(state)
+            if future is None:
+                on_done(None)
+            else:
+                futures.append((state, future))
+                future.add_done_callback(on_done)
         if remaining[0] > 0:
             self.set_blocked(True)
             try:
                 done.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
             finally:
                 self.set_blocked(False)
-                if registered:
-                    with self.lock:
-                        for e in registered:
-                            try:
-                                e.waiters.remove(on_done)
-                            except ValueError:
-                                pass
-        return [e.state != PENDING for e in entries]
+        if registered:
+            with self.lock:
+                for e in registered:
+                    try:
+                        e.waiters.remove(on_done)
+                    except ValueError:
+                        pass
+        for state, future in futures:
+            self.c.streams.forget_future(state, future)
+        return [e.state != PENDING for e in entries] + [state.has_next() for state in streams]
 
     def set_blocked(self, blocked: bool) -> None:
         """Inside a worker's task: tell the agent we wait, so it lends our CPU (no deadlock)."""

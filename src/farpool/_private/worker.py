@@ -187,6 +187,9 @@ class Worker:
             segments.forget_written(dropped)
         elif frames[0] == b"Retire":
             self._retire_soon()
+        elif frames[0] == b"CallerGone":  # the owner of streams running here is gone (WatchCaller)
+            _, (identity,), _ = protocol.decode(frames)
+            self.streams.caller_gone(identity)
         else:
             log.warning("unexpected message from the agent: %r", frames[0][:32])
 

@@ -6,11 +6,14 @@ generator (or an async generator): it is iterated here, each item stored like a 
 (small inline, large in this node's store) and sent at once as ``ItemReady``; the task's
 own result is the number of items.  The owner says how far the producer may go
 (``StreamCredit``, back-pressure: ``max_pending_items``) and when to stop (``StopStream``:
-a cancel, or the owner dropped its generator)::
+a cancel, or the owner dropped its generator).  An owner that dies says nothing: the
+node agent watches it for us, wherever it lives (``WatchCaller`` while a stream of its
+runs here; ``CallerGone`` stops its streams, see node_clients.py)::
 
     worker main thread:  next(gen) -> store -> ItemReady --> owner (same channel as TaskFinished)
                               ^                                 |
                               +--- credit/stop (Producer) <-----+ StreamCredit / StopStream
+                              +--- stop <-- CallerGone <-- node agent <-- WatchCaller(owner)
 
 Three ways to run, as the worker runs calls: on the main thread (tasks, actors with
 ``max_concurrency=1``: while it waits for credit, the main thread runs the worker's event
@@ -18,17 +21,19 @@ loop itself, so messages keep being read), on an actor's thread pool (waits on t
 Producer's condition) or on an async actor's event loop (awaits it).  On a retry the
 owner's StreamSpec says how many items it has already: they are made again and dropped.
 
-Who may touch it: ``credit``/``stop`` on the worker's loop thread; the ``run_*`` on the thread
-that runs the stream; the tables of producers and ended streams under ``lock``.
+Who may touch it: ``credit``/``stop``/``caller_gone`` on the worker's loop thread; the
+``run_*`` on the thread that runs the stream; the tables of producers, ended streams and
+watched callers under ``lock``.
 """
 
 from __future__ import annotations
 
 import inspect
 import threading
+import time
 from collections import OrderedDict
 
-from farpool._private import object_ref, protocol
+from farpool._private import object_ref, protocol, transport
 from farpool._private.context import context
 from farpool._private.protocol import encode
 from farpool._private.worker_process import call_user
@@ -48,6 +53,7 @@ class Producer:
 
     def __init__(self, task_id: bytes):
         self.task_id = task_id
+        self.caller: bytes | None = None  # the owner's client identity (watched while it runs)
         self.limit: int | None = 0       # items it may make in all (None: no limit)
         self.stopped = False
         self.cond = threading.Condition()
@@ -75,7 +81,8 @@ class WorkerStreams:
         self.w = w
         self.producers: dict[bytes, Producer] = {}
         self.ended: OrderedDict = OrderedDict()  # task ids of streams that ended here, oldest first
-        self.lock = threading.Lock()  # the two tables: an actor's threads start and end streams too
+        self.callers: dict[bytes, int] = {}  # owner identity -> its streams running here (watched)
+        self.lock = threading.Lock()  # the tables: an actor's threads start and end streams too
 
     # ------------------------------------------------------------------ owner messages (loop thread)
     def _producer(self, task_id: bytes) -> Producer | None:
@@ -85,13 +92,22 @@ class WorkerStreams:
                 producer = self.producers[task_id] = Producer(task_id)
             return producer
 
-    def _ended(self, task_id: bytes) -> None:
-        """The stream of ``task_id`` is over here."""
+    def _ended(self, task_id: bytes, send) -> None:
+        """The stream of ``task_id`` is over here (``send``: to our agent, from this thread)."""
+        unwatch = None
         with self.lock:
-            self.producers.pop(task_id, None)
+            producer = self.producers.pop(task_id, None)
             self.ended[task_id] = None
             while len(self.ended) > ENDED_REMEMBERED:
                 self.ended.popitem(last=False)
+            caller = producer.caller if producer is not None else None
+            if caller is not None:
+                self.callers[caller] -= 1
+                if not self.callers[caller]:
+                    del self.callers[caller]
+                    unwatch = caller
+        if unwatch is not None:
+            send(encode("UnwatchCaller", (unwatch,)))
 
     def credit(self, task_id: bytes, limit: int) -> None:
         producer = self._producer(task_id)
@@ -110,6 +126,16 @@ class WorkerStreams:
             producer.stopped = True
             producer.changed()
 
+    def caller_gone(self, identity: bytes) -> None:
+        """CallerGone from our agent: the owner of these streams is gone (its process, or its
+        node), and nobody reads what they make: stop them (their generators are closed)."""
+        with self.lock:
+            gone = [p for p in self.producers.values() if p.caller == identity]
+        for producer in gone:
+            with producer.cond:
+                producer.stopped = True
+                producer.changed()
+
     # ------------------------------------------------------------------ items
     def _item_frames(self, task_id: bytes, index: int, value, name: str, caller) -> list:
         """ItemReady for one item (stored like a result: large into the node store)."""
@@ -124,12 +150,33 @@ class WorkerStreams:
     def _cancelled(task_id: bytes) -> KeyboardInterrupt:
         return KeyboardInterrupt(f"task {task_id.hex()} was cancelled")
 
-    def _begin(self, task_id: bytes, spec: protocol.StreamSpec) -> Producer:
+    def _begin(self, task_id: bytes, spec: protocol.StreamSpec, caller, send) -> Producer:
+        """A stream starts; its owner (``caller``) is watched while one of its streams runs here
+        (``send``: to our agent, from this thread)."""
+        address = protocol.owner_address(caller) if caller else None
+        watch = False
         with self.lock:
             self.ended.pop(task_id, None)  # (a retry on the worker that ran an attempt before)
-        producer = self._producer(task_id)
+            producer = self.producers.get(task_id)
+            if producer is None:
+                producer = self.producers[task_id] = Producer(task_id)
+            if address is not None and producer.caller is None:
+                producer.caller = address.identity
+                watch = not self.callers.get(address.identity)
+                self.callers[address.identity] = self.callers.get(address.identity, 0) + 1
+        if watch:
+            send(encode("WatchCaller", (address.identity, address.node_id)))
         producer.start(spec)
         return producer
+
+    def _send_inline(self, frames) -> None:
+        """To our agent from the main thread while a task runs (the loop is not running)."""
+        with self.w.io_lock:
+            transport.send(self.w.agent, frames)
+
+    def _send_soon(self, frames) -> None:
+        """To our agent from an actor's thread or event loop: the worker's loop thread sends it."""
+        self.w.loop.call_soon(transport.send, self.w.agent, frames)
 
     # ------------------------------------------------------------------ on the main thread
     def run_inline(self, task_id: bytes, gen, spec: protocol.StreamSpec, name: str, batch, caller) -> int:
@@ -137,9 +184,10 @@ class WorkerStreams:
         returns the number of items."""
         w = self.w
         step = _stepper(gen, name)
-        producer = self._begin(task_id, spec)
+        producer = self._begin(task_id, spec, caller, self._send_inline)
         channel = batch.channel  # a local owner's stream (None: relayed by the agent, zmq queues it)
         index = 0
+        looked = time.monotonic()
         try:
             while True:
                 if index >= spec.skip and not producer.may_make(index):
@@ -164,16 +212,21 @@ class WorkerStreams:
                         while channel is not None and channel._out and not channel.closed \
                                 and not context.cancel_pending:
                             w.loop.run_once(WAIT_TURN_S)
+                        if time.monotonic() - looked > WAIT_TURN_S:
+                            # A stream that never waits still reads its messages now and then
+                            # (a StopStream, a CallerGone), as it would while it waits.
+                            w.loop.run_once(0)
+                            looked = time.monotonic()
                 index += 1
         finally:
-            self._ended(task_id)
+            self._ended(task_id, self._send_inline)
             _close(gen, step)
 
     # ------------------------------------------------------------------ on an actor's threads
     def run_threaded(self, task_id: bytes, gen, spec: protocol.StreamSpec, name: str, reply, caller) -> int:
         """Iterate ``gen`` on a threaded actor's pool thread; items leave from the loop thread."""
         step = _stepper(gen, name)
-        producer = self._begin(task_id, spec)
+        producer = self._begin(task_id, spec, caller, self._send_soon)
         index = 0
         try:
             while True:
@@ -191,7 +244,7 @@ class WorkerStreams:
                 value = None
                 index += 1
         finally:
-            self._ended(task_id)
+            self._ended(task_id, self._send_soon)
             _close(gen, step)
 
     async def run_async(self, task_id: bytes, gen, spec: protocol.StreamSpec, name: str, reply, caller) -> int:
@@ -200,7 +253,7 @@ class WorkerStreams:
         loop = asyncio.get_running_loop()
         is_async = inspect.isasyncgen(gen)
         step = None if is_async else _stepper(gen, name)
-        producer = self._begin(task_id, spec)
+        producer = self._begin(task_id, spec, caller, self._send_soon)
         index = 0
         try:
             while True:
@@ -223,7 +276,7 @@ class WorkerStreams:
                 value = None
                 index += 1
         finally:
-            self._ended(task_id)
+            self._ended(task_id, self._send_soon)
             if is_async:
                 await gen.aclose()
             else:
