@@ -377,6 +377,15 @@ class LeaseManager:
         return Actions(kills=[lease.worker_id for lease in self.leases.values()
                               if placement_groups.group_of(lease.alloc.shape) == group])
 
+    def renamed(self, node_id: str) -> Actions:
+        """This node joins again as a new node, ``node_id`` (the head took it for dead): every
+        worker ends, idle ones too (each knows itself by the old id, which its results would
+        name as where they are stored), and fresh ones start.  Call once no lease is held."""
+        self.node_id = node_id
+        acts = Actions(kills=list(self.workers))
+        self.workers.clear()
+        return acts.extend(self.prestart())
+
     def drop_all_bundles(self) -> None:
         """The head took this node for dead: it places the bundles held here elsewhere."""
         for (group, index), bundle in list(self.bundles.items()):

@@ -63,6 +63,8 @@ REMOVED_GROUP_GRACE_S = 0.25
 # running on it to finish before it stops anyway (those tasks are then retried elsewhere, an
 # attempt spent).  Longer lets longer tasks finish; shorter frees the machine sooner.
 DRAIN_TIMEOUT_S = float(os.environ.get("FARPOOL_DRAIN_TIMEOUT_S", "30"))
+# In the agent's session directory: the node id it has now (see write_node_id).
+NODE_ID_FILE = "node.id"
 # The signal that asks a node agent to drain and then stop (SIGTERM stops it at once).
 DRAIN_SIGNAL = signal.SIGUSR1
 
@@ -248,8 +250,23 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.heartbeat_due = time.monotonic() + HEARTBEAT_S
         self.loop.call_later(HEARTBEAT_S, self._heartbeat)
         self.register_info = info
-        self.pulse = pulse.Pulse(self.node_id, self.args.head_address, self.token,
-                                 lambda why: self.loop.call_soon(self._declared_dead, why))
+        self._start_pulse()
+
+    def _open_head(self, hello: list) -> None:
+        """A connection to the head of our own (its identity names our node id), opened
+        without waiting: ``hello`` goes first once it is up (joining again as a new node)."""
+        self.head = transport.dealer(f"node:{self.node_id}".encode())
+        if self.args.head_address.startswith("ipc://"):
+            self.head.connect(self.args.head_address)
+            transport.send(self.head, hello)
+        else:
+            transport.start_tcp(self.head, self.args.head_address, self.token, hello)
+        self.loop.add_reader(self.head, self._on_head)
+
+    def _start_pulse(self) -> None:
+        node_id = self.node_id
+        self.pulse = pulse.Pulse(node_id, self.args.head_address, self.token,
+                                 lambda why: self.loop.call_soon(self._declared_dead, why, node_id))
         self.pulse.start()
 
     def _build_handlers(self) -> dict:
@@ -293,14 +310,21 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         if attempt is None:  # removed: what its leases still run ends a moment later
             self.loop.call_later(REMOVED_GROUP_GRACE_S, lambda: self._apply(self.leases.end_group_leases(group)))
 
-    def _declared_dead(self, why: str) -> None:
-        """The head took us for dead (late, not gone: it heard nothing for NODE_TIMEOUT_S).
-        Clients have given up our leases and retried their tasks elsewhere; we end those
-        tasks too (their results would go nowhere) and register again, with what we hold."""
-        if self.rejoining:
+    def _declared_dead(self, why: str, node_id: str | None = None) -> None:
+        """The head took us for dead (late, not gone: it heard nothing for NODE_TIMEOUT_S, the
+        machine stood still or the network was cut).  Clients have given up our leases and
+        retried their tasks elsewhere, the head restarted our actors elsewhere, owners took
+        the objects here for lost.  So we end every worker (a result they still send would
+        come from an attempt given up on) and join again as a NEW node, with a new id: the
+        old one stays dead in the node table, and nothing of this incarnation is confused
+        with the last.  ``node_id``: the id the news was about (a late word about an id we
+        dropped already is ignored)."""
+        if self.rejoining or (node_id is not None and node_id != self.node_id):
             return
         self.rejoining = True
-        log.warning("the head declared this node dead (%s); ending its leased tasks and joining again", why)
+        old, new = self.node_id, os.urandom(8).hex()
+        log.warning("the head declared this node (%s) dead (%s); ending its workers and joining again "
+                    "as a new node, %s", old, why, new)
         acts = None
         for lease_id in list(self.leases.leases):
             more = self.leases.return_lease(lease_id, kill=True)
@@ -308,7 +332,29 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         if acts is not None:
             self._apply(acts)
         self.leases.drop_all_bundles()  # the head places them again (on us too, once we are back)
-        transport.send(self.head, encode("RegisterNode", (self.register_info,)))
+        self.node_id = new
+        write_node_id(self.session_dir, new)
+        launcher.send_msg(self.launcher_sock, ("node_id", new))
+        self._apply(self.leases.renamed(new))
+        # Objects here of owners elsewhere: they took them for lost with the old node (rebuilt
+        # or failed) and free them no more here; copies of ours they would not look for here.
+        local = {client.identity.decode(errors="replace") for client in self.client_pidfds}  # on this machine
+        orphans = [oid for oid, seg in self.store.objects.items() if seg.owner not in local]
+        if orphans:
+            log.warning("freeing %d object(s) of the old node's store: their owners took them for lost",
+                        len(orphans))
+            self._free_objects(orphans, f"node {old[:8]} was declared dead ({why})")
+        for sock in self.peer_agents.values():  # they named us by the old id
+            self.loop.remove_reader(sock)
+            sock.close(0)
+        self.peer_agents.clear()
+        self.register_info = dict(self.register_info, node_id=new)
+        self.loop.remove_reader(self.head)
+        self.head.close(0)
+        self._open_head(encode("RegisterNode", (self.register_info,)))
+        if self.pulse is not None:
+            self.pulse.stop()
+        self._start_pulse()
 
     # --- draining (farpool stop on this node: SIGUSR1) ---
     def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
@@ -665,6 +711,7 @@ def main(argv=None) -> int:
         pass
     with open(os.path.join(args.session_dir, "node.pid"), "w") as f:
         f.write(str(os.getpid()))
+    write_node_id(args.session_dir, args.node_id)
     try:
         agent = NodeAgent(args, token, launcher_pid, launcher_sock)
     except OSError as exc:  # the port is taken, the host is not ours: say so, no traceback
@@ -728,6 +775,15 @@ def main(argv=None) -> int:
                     except OSError:
                         pass
     return 0
+
+
+def write_node_id(session_dir: str, node_id: str) -> None:
+    """``node.id`` in the agent's session directory: the id it has now (a new one each time
+    it joins again after being declared dead), for ``farpool stop --node``."""
+    path = os.path.join(session_dir, NODE_ID_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(node_id)
+    os.replace(path + ".tmp", path)
 
 
 def _stop_launcher(launcher_pid: int, launcher_sock) -> None:
