@@ -410,7 +410,15 @@ class Head:
 
     def _on_DriverDied(self, sock, identity, job_id, why: str) -> None:
         """From a node agent: a driver attached to it died without a Goodbye (its pid, or
-        its TCP connection gone for good).  Its job ends as if it had said Goodbye."""
+        its TCP connection gone for good).  Its job ends as if it had said Goodbye.  Not
+        from a node we declared dead: cut off from the network, it took the driver for dead
+        because it could not reach it either (its word arrives when the link returns)."""
+        node_id = identity[len(b"node:"):].decode(errors="replace")
+        if not self.nodes.get(node_id, {}).get("alive"):
+            log.warning("ignored node %s's word that the driver of job %s died (%s): that node was "
+                        "declared dead, and likely could not reach the driver for the same reason", node_id[:8],
+                        job_id, why)
+            return
         for peer in [p for p, j in self.client_job.items() if j == job_id]:
             del self.client_job[peer]
             self.subscribers.pop(peer, None)

@@ -100,7 +100,8 @@ HEAD_CLIENT = Client(HEAD, b"")  # the head leases workers for actors like any c
 _CLIENT_ANYWHERE = frozenset({
     "Hello", "Ping", "Goodbye", "RequestLease", "CancelLease", "ReturnLease", "SignalWorker",
     "FreeObjects", "RestoreObject", "StoreStats", "GetNodes", "WatchPeer", "Relay", "ToPeer",
-    "DumpStacks", "ReadLogs"})  # farpool stack / farpool logs (a CLI is a client)
+    "DumpStacks", "ReadLogs",  # farpool stack / farpool logs (a CLI is a client)
+    "ObjectsSaved"})  # (we drain: it copied away what it owns here)
 MAY_SEND = {
     # a client on this machine (a driver, a worker's own client, the CLI), ipc, "c:..."
     "local client": _CLIENT_ANYWHERE | {"WorkerBlocked", "WorkerUnblocked", "AllocateObject", "PullObject"},
@@ -225,6 +226,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.table_syncing = False           # we asked for the whole table (SyncNodes) after a gap
         self.drain_deadline: float | None = None  # draining (farpool stop on this node) until then
         self.drained = None  # called once, when drained or at the deadline (main(): stop the loop)
+        self.saving: dict | None = None  # draining: owners asked to copy objects away -> how many
 
     # --- start ---
     def connect_head(self) -> None:
@@ -322,6 +324,10 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         if self.rejoining or (node_id is not None and node_id != self.node_id):
             return
         self.rejoining = True
+        # Not now: we may be reading the connection to the head this closes (_on_head).
+        self.loop.call_soon(self._join_as_new_node, why)
+
+    def _join_as_new_node(self, why: str) -> None:
         old, new = self.node_id, os.urandom(8).hex()
         log.warning("the head declared this node (%s) dead (%s); ending its workers and joining again "
                     "as a new node, %s", old, why, new)
@@ -363,8 +369,9 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         client to retire after its running task (it hands back the tasks queued behind it: their
         owners run them elsewhere, no attempt spent), and call ``self.drained`` once no client's
         lease is left, or after ``timeout_s``.  Actors stay until the node stops: the head then
-        restarts them elsewhere (max_restarts).  Objects in our store are not copied: their
-        owners rebuild them on demand (lineage) once the node is gone."""
+        restarts them elsewhere (max_restarts).  Then the owners of the objects in our store
+        copy those away (_save_objects); what is not copied, its owner rebuilds on demand
+        (lineage) once the node is gone."""
         if self.drain_deadline is not None:
             return
         self.drain_deadline = time.monotonic() + timeout_s
@@ -381,9 +388,41 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
     def _check_drained(self) -> None:
         if self.drain_deadline is None or self.drained is None or self.leases.client_leases(HEAD_CLIENT):
             return
-        log.warning("drained: no task of a client runs here any more; stopping")
+        if self.saving is None:  # no task runs here any more: now what only we hold goes elsewhere
+            self._save_objects()
+        if self.saving:
+            return
+        log.warning("drained: no task of a client runs here any more, and what the owners wanted of our "
+                    "store is copied; stopping")
         done, self.drained = self.drained, None
         done()
+
+    def _save_objects(self) -> None:
+        """Ask the owner of each object stored here (not a copy: the original is elsewhere) to
+        copy it away (ObjectsLeaving), and wait for their ObjectsSaved (up to the drain
+        timeout): an object whose only copy is here is then not lost with us, nor rebuilt
+        by running its task again.  Owners not connected to us are not asked (theirs are
+        rebuilt by lineage when read)."""
+        by_owner: dict[str, list] = {}
+        for store_id, seg in self.store.objects.items():
+            if not seg.copy and seg.owner.startswith("c:"):
+                by_owner.setdefault(seg.owner, []).append(store_id)
+        self.saving = {}
+        for owner, store_ids in by_owner.items():
+            identity = owner.encode()
+            message = [identity, *encode("ObjectsLeaving", (self.node_id, store_ids))]
+            if any(kind in self.sockets and transport.send(self.sockets[kind], message) for kind in (IPC, TCP)):
+                self.saving[identity] = len(store_ids)
+        if self.saving:
+            log.warning("draining: asked %d owner(s) to copy the %d object(s) they have here to other nodes",
+                        len(self.saving), sum(self.saving.values()))
+
+    def _on_ObjectsSaved(self, client, node_id: str, copied: int, failed: int) -> None:
+        if self.saving is None or self.saving.pop(client.identity, None) is None:
+            return
+        log.warning("draining: %r copied %d object(s) to other nodes%s", client.identity[:24], copied,
+                    f" ({failed} could not be: rebuilt by lineage when read)" if failed else "")
+        self._check_drained()
 
     def _drain_timed_out(self) -> None:
         if self.drained is None:
