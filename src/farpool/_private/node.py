@@ -341,7 +341,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.node_id = new
         write_node_id(self.session_dir, new)
         launcher.send_msg(self.launcher_sock, ("node_id", new))
-        self._apply(self.leases.renamed(new))
+        self._apply(self.leases.renamed(new, HEAD_CLIENT))
         # Objects here of owners elsewhere: they took them for lost with the old node (rebuilt
         # or failed) and free them no more here; copies of ours they would not look for here.
         local = {client.identity.decode(errors="replace") for client in self.client_pidfds}  # on this machine
