@@ -167,7 +167,9 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.mover = spill.Mover(self.loop.call_soon, self._on_move_done)
         self.allocating: dict[bytes, list] = {}  # store id -> readers of a copy whose segment awaits room
         self.pulse: pulse.Pulse | None = None
+        self.register_info: dict | None = None  # our RegisterNode (set once connect_head sent it)
         self.rejoining = False
+        self.registered = False  # the head confirmed our RegisterNode (NodeRegistered), as the id we have now
         self.loop_lag_max = 0.0  # the agent loop's largest lateness (its heartbeat timer), seconds
         self.sockets = {}
         self.ipc = transport.router()
@@ -321,8 +323,8 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         old one stays dead in the node table, and nothing of this incarnation is confused
         with the last.  ``node_id``: the id the news was about (a late word about an id we
         dropped already is ignored)."""
-        if self.rejoining or (node_id is not None and node_id != self.node_id):
-            return
+        if self.rejoining or not self.registered or (node_id is not None and node_id != self.node_id):
+            return  # (not registered yet: our liveness thread's connection beat our RegisterNode)
         self.rejoining = True
         # Not now: we may be reading the connection to the head this closes (_on_head).
         self.loop.call_soon(self._join_as_new_node, why)
@@ -339,6 +341,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
             self._apply(acts)
         self.leases.drop_all_bundles()  # the head places them again (on us too, once we are back)
         self.node_id = new
+        self.registered = False
         write_node_id(self.session_dir, new)
         launcher.send_msg(self.launcher_sock, ("node_id", new))
         self._apply(self.leases.renamed(new, HEAD_CLIENT))
@@ -358,9 +361,9 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.loop.remove_reader(self.head)
         self.head.close(0)
         self._open_head(encode("RegisterNode", (self.register_info,)))
-        if self.pulse is not None:
+        if self.pulse is not None:  # a new one once the head has us (its beats must not come first)
             self.pulse.stop()
-        self._start_pulse()
+            self.pulse = None
 
     # --- draining (farpool stop on this node: SIGUSR1) ---
     def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
@@ -461,9 +464,13 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
 
     def _on_node_table(self, tag: str, nodes, version) -> None:
         """The head's whole node table (when we join, or after SyncNodes)."""
-        if tag == "NodeRegistered" and self.rejoining:
-            log.warning("this node joined the cluster again")
-            self.rejoining = False
+        if tag == "NodeRegistered":
+            self.registered = True
+            if self.rejoining:
+                log.warning("this node joined the cluster again, as node %s", self.node_id)
+                self.rejoining = False
+            if self.pulse is None and self.register_info is not None:  # (joined again as a new node)
+                self._start_pulse()
         if not isinstance(nodes, list):
             raise protocol.ProtocolError(f"{tag} carries a {type(nodes).__name__}, expected the node table")
         self.table_syncing = False
