@@ -1,7 +1,8 @@
 """Completion: what comes back from workers, and what it does to tasks and objects.
 
 Owns: ``TaskFinished`` (results inline or in the worker's node store, errors, tasks a
-retiring worker did not run), ``WorkerExited`` (the tasks its worker had in flight: an
+retiring worker did not run; a late result of an attempt given up on is dropped:
+TaskQueues.stale_result), ``WorkerExited`` (the tasks its worker had in flight: an
 attempt spent and retried first in line, or failed with why the worker died), the
 retry decision (``retry_exceptions``, ``max_retries``; -1 is no limit: TaskRecord counts
 an attempt when it is spent), and finishing a task: its return objects become READY or

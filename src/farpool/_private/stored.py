@@ -213,9 +213,10 @@ class StoreReads(ClientPart):
                 transport.send(leaving.socket, encode("ObjectsSaved", (node_id, left["copied"], left["failed"])))
 
         if todo and (home is None or not home.local or home.node_id == node_id or home.node_id not in alive):
-            log.warning("node %s leaves with %d object(s) of ours stored only there; they are not copied "
-                        "(this process has no node of its own on this machine to copy them to) and will "
-                        "be rebuilt by lineage when read", node_id[:8], len(todo))
+            why = ("this process's own node is the one leaving" if home is not None and home.node_id == node_id
+                   else "this process has no live node of its own on this machine to copy them to")
+            log.warning("node %s leaves with %d object(s) of ours stored only there; they are not copied (%s) "
+                        "and will be rebuilt by lineage when read", node_id[:8], len(todo), why)
             left.update(failed=len(todo), waiting=0)
             todo = []
         for oid, entry in todo:
