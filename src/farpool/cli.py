@@ -446,6 +446,8 @@ def _wait_gone(procs: list) -> None:
 def _stop_node(args, state: dict) -> int:
     """``farpool stop --node ID``: drain one node agent started here, then stop it."""
     from farpool._private import session
+    for n in state.get("nodes", []):  # the id it has now: a new one if it joined again after being declared dead
+        n["node_id"] = _current_node_id(n)
     match = [n for n in state.get("nodes", []) if n["node_id"].startswith(args.node)]
     if len(match) != 1:
         known = ", ".join(n["node_id"][:8] for n in state.get("nodes", [])) or "none"
@@ -461,6 +463,16 @@ def _stop_node(args, state: dict) -> int:
     session.write_state(state)
     print(f"farpool node {node['node_id'][:8]} " + ("drained and stopped" if drained else "was not running"))
     return 0
+
+
+def _current_node_id(node: dict) -> str:
+    """The id of a node agent started here as it is now (node.py write_node_id)."""
+    from farpool._private.node import NODE_ID_FILE
+    try:
+        with open(os.path.join(node["session_dir"], NODE_ID_FILE)) as f:
+            return f.read().strip() or node["node_id"]
+    except OSError:
+        return node["node_id"]
 
 
 # Seconds past its drain timeout a node agent may take to stop before it is killed.

@@ -1,7 +1,8 @@
 """Draining a node (#13): ``farpool stop --node ID`` (and ``farpool stop`` on a machine whose
 node agents joined a head elsewhere) drains the node: it takes no new tasks, the task running
 there finishes (once: no retry), the tasks queued behind it run elsewhere without spending an
-attempt, and then it leaves; a result stored only there is rebuilt on demand afterwards. A task
+attempt, the owners of results stored only there copy them away, and then it leaves; a result
+stored only there that was not copied is rebuilt on demand afterwards. A task
 that outlives the drain timeout is retried elsewhere once the node has stopped.
 
 The layout is farpool_testing.three_nodes (a head node, a second node with 2 CPUs, a third);
@@ -89,10 +90,40 @@ def test_a_stopped_node_drains_its_running_task_finishes_once_and_its_queue_move
     assert f"farpool node {second[:8]} drained and stopped" in out["result"].stdout
     wait_until(lambda: not next(n for n in farpool.nodes() if n["node_id"] == second)["alive"],
                "the head to mark the drained node gone")
-    node, value = farpool.get(made, timeout=TIMEOUT)  # its only copy left with the node: rebuilt
-    assert node != second and float(value.sum()) == 2.0 * (1 << 20)
+    node, value = farpool.get(made, timeout=TIMEOUT)  # its only copy was copied away first: not rebuilt
+    assert node == second and float(value.sum()) == 2.0 * (1 << 20)
     # New work goes to the nodes left.
     assert farpool.get(farpool.remote(runs_logged).remote(str(queued_log), "new"), timeout=TIMEOUT)[1] != second
+
+
+def made_logged(path, n, value):
+    with open(path, "a") as f:
+        f.write(f"{value}\n")
+    return farpool.get_runtime_context().node_id, np.full(n, value)
+
+
+def test_results_stored_only_on_a_drained_node_are_copied_before_it_leaves(started, tmp_path):
+    """Before it leaves, the drained node has the owner copy what it alone holds: the values
+    read afterwards without running their tasks again (one of them could not: max_retries=0)."""
+    head, second, third = three_nodes(started)
+    log_path = tmp_path / "runs"
+    made = [farpool.remote(made_logged).options(max_retries=retries, **on(second)).remote(str(log_path), 1 << 20, v)
+            for retries, v in ((0, 2.0), (2, 3.0))]
+    assert len(farpool.wait(made, num_returns=2, timeout=TIMEOUT, fetch_local=False)[0]) == 2  # stored on second only
+    thread, out = stop_in_background(second)
+    thread.join(timeout=TIMEOUT)
+    assert not thread.is_alive() and f"farpool node {second[:8]} drained and stopped" in out["result"].stdout
+    wait_until(lambda: not next(n for n in farpool.nodes() if n["node_id"] == second)["alive"],
+               "the head to mark the drained node gone")
+    for ref, value in zip(made, (2.0, 3.0)):
+        node, array = farpool.get(ref, timeout=TIMEOUT)
+        assert node == second and float(array.sum()) == value * (1 << 20)  # made there, and not made again
+    assert sorted(line_count_values(log_path)) == ["2.0", "3.0"]  # each task ran once
+
+
+def line_count_values(path):
+    with open(path) as f:
+        return f.read().split()
 
 
 def test_a_task_that_outlives_the_drain_timeout_is_retried_elsewhere(started, gate, tmp_path):

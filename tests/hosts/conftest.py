@@ -58,9 +58,9 @@ class HostsCluster:
     def farpool(self, host, *args, env=None, check=True, timeout=60):
         return host.run([sys.executable, "-m", "farpool", *args], env=env, check=check, timeout=timeout)
 
-    def start_head(self, *args):
+    def start_head(self, *args, env=None):
         out = self.farpool(self.head_host, "start", "--head", "--host", self.head_host.address,
-                           "--num-cpus", "1", *args)
+                           "--num-cpus", "1", *args, env=env)
         self.head_output = out.stdout
         m = re.search(r"^\s*(FARPOOL_TOKEN=\$\(cat (\S+)\) farpool start --address (\S+))\s*$", out.stdout, re.M)
         assert m, f"the head printed no join command:\n{out.stdout}"
@@ -77,11 +77,11 @@ class HostsCluster:
         with os.fdopen(fd, "w") as f:
             f.write(self.token)
 
-    def join(self, host, *extra, check=True):
+    def join(self, host, *extra, check=True, env=None):
         """Run the printed join command on ``host`` (plus ``extra`` flags), as a user would."""
         self.copy_token_to(host)
         command = self.join_command + "".join(" " + shlex.quote(a) for a in extra)
-        out = host.run(["sh", "-c", command], check=check)
+        out = host.run(["sh", "-c", command], check=check, env=env)
         if out.returncode == 0:
             self.joined.append(host)
         return out

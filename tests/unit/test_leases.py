@@ -173,3 +173,39 @@ def test_a_burst_is_spread_over_the_room_other_nodes_have_not_sent_to_one_node()
     later = mgr.set_cluster_view(_view(("n1", 0, False), ("n2", 0, False), ("n3", 1, False)))
     assert [(r.request_id, node) for r, node in later.spillbacks] == [(4, "n3")]
     assert [r.request_id for r in mgr.pending] == [5]
+
+
+def test_joining_again_as_a_new_node_ends_every_worker_and_forgets_the_heads_requests():
+    """The head declared the node dead; it joins again with a new id: the workers of the old
+    one end (idle ones too: they name the old id), fresh ones start for the new id, the
+    head's waiting requests go (it placed those actors elsewhere), a client's stay."""
+    mgr = LeaseManager("old", make_totals(2), embedded=False)
+    ready_all(mgr, mgr.prestart())
+    held = mgr.request(LeaseRequest("c", 1, make_request(1), job_id=1)).grants[0][1]
+    mgr.request(LeaseRequest("c", 2, make_request(1), job_id=1))
+    mgr.request(LeaseRequest("head", 3, make_request(1), job_id=1, pool_key="actor:a"))
+    mgr.request(LeaseRequest("c", 4, make_request(1), job_id=1))
+    mgr.return_lease(held.lease_id, kill=True)
+    mgr.return_lease(next(iter(mgr.leases)), kill=True)
+    old_workers = set(mgr.workers)  # (one starting for the head's request, too)
+    acts = mgr.renamed("new", "head")
+    assert mgr.node_id == "new" and set(acts.kills) == old_workers
+    assert len(acts.spawns) == 2 and set(mgr.workers) == set(acts.spawns)
+    assert [r.request_id for r in mgr.pending] == [4] and not mgr.leases
+    granted = grants(ready_all(mgr, acts))
+    assert [r.request_id for r, _ in granted] == [4]  # on a fresh worker
+    assert mgr.worker_ready(sorted(old_workers)[0], 1).kills == [sorted(old_workers)[0]]  # a late one of the old: ended
+
+
+def test_a_worker_killed_with_its_lease_is_never_granted_again():
+    """Its lease returned with kill (its client died, the node was declared dead): a request
+    waiting meanwhile gets another worker, not the one about to be SIGKILLed."""
+    mgr = LeaseManager("n1", make_totals(1), embedded=False)
+    ready_all(mgr, mgr.prestart())
+    lease = mgr.request(LeaseRequest("gone", 1, make_request(1), job_id=1)).grants[0][1]
+    assert not mgr.request(LeaseRequest("c", 2, make_request(1), job_id=1)).grants
+    acts = mgr.return_lease(lease.lease_id, kill=True)
+    assert acts.kills == [lease.worker_id] and not acts.grants and len(acts.spawns) == 1
+    (granted,) = grants(ready_all(mgr, acts))
+    assert granted[1].worker_id != lease.worker_id
+    assert not mgr.worker_exited(lease.worker_id, {}).spawns  # (its exit: nothing more to do)

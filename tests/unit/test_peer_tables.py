@@ -224,3 +224,21 @@ def test_a_chunk_written_by_a_remote_client_reaches_its_handler_with_its_bytes(d
     [(tag, (client, *fields))] = agent.calls
     assert tag == "WriteChunk" and client == (node.TCP, b"c:remote")
     assert fields[:4] == [2, b"id", 64, False] and [bytes(b) for b in fields[4]] == [b"bytes"]
+
+
+@pytest.mark.parametrize("alive, ended", [(True, True), (False, False)], ids=["live-node", "dead-node"])
+def test_the_head_ends_a_job_on_a_live_nodes_word_only(caplog, alive, ended):
+    """A node cut off from the network took the driver for dead (it could not reach it either);
+    its DriverDied, queued while cut off, arrives once the link returns and the head declared
+    that node dead meanwhile: the driver, connected to the head all along, keeps its job."""
+    h = RecordingHead()
+    h.nodes = {"n1": {"alive": alive}}
+    h.client_job = {("sock", b"c:driver"): 7}
+    h.subscribers = {}
+    h._job_ended = lambda job_id, why: h.calls.append(("job ended", job_id))
+    with caplog.at_level(logging.WARNING, logger="farpool.head"):
+        head.Head._on_DriverDied(h, "sock", b"node:n1", 7, "no connection for 11 s")
+    assert (h.calls == [("job ended", 7)]) is ended
+    assert (h.client_job == {}) is ended
+    assert any("ignored node n1's word that the driver of job 7 died" in r.getMessage()
+               for r in caplog.records) is not ended

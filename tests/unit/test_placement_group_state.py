@@ -428,3 +428,48 @@ def test_a_bundle_a_node_lost_while_the_head_was_away_is_placed_again_and_a_remo
     acts = again.node_back(where, [(G2, 0, attempt2, True)])  # G1's bundle is gone, G2's stayed
     assert (where, G2, attempt2) in acts.abort
     assert again.get(G1).state == PREPARING and [n for n, g, _, _ in acts.prepare if g == G1]
+
+
+def test_removed_groups_the_table_lets_go_are_named_so_their_rows_go_too(monkeypatch):
+    """The head deletes the database rows of the groups named ``forgotten`` (it kept every
+    removed group's row before: the database grew with each); a restarted head on such a
+    database lets go of the oldest beyond the limit at once."""
+    monkeypatch.setattr(pgs, "REMEMBER_REMOVED", 2)
+    t = table([node("n1", 4)])
+    ids = [f"{i:016x}" for i in range(4)]
+    forgotten = []
+    for pg_id in ids:
+        reserve(t, t.create(pg_id, [cpu(1)], "PACK")[0])
+        forgotten += t.remove(pg_id, "done").forgotten
+    assert forgotten == ids[:2] and list(t.groups) == ids[2:]
+    rows = [pgs.Group(pg_id, [cpu(1)], "PACK", "", None, False, REMOVED, [None], 1).row() for pg_id in ids]
+    again = PlacementGroups(False)
+    assert again.restore(rows, [node("n1", 4)]) == ids[:2] and list(again.groups) == ids[2:]
+    again.validate_state()
+
+
+def test_the_head_deletes_the_rows_of_the_groups_its_table_let_go(monkeypatch):
+    from farpool._private import head
+
+    class Rows:  # head_store.HeadStore's put/delete, kept in a dict
+        def __init__(self):
+            self.rows = {}
+
+        def put(self, table, key, value):
+            self.rows[(table, key)] = value
+
+        def delete(self, table, key):
+            del self.rows[(table, key)]
+
+    monkeypatch.setattr(pgs, "REMEMBER_REMOVED", 2)
+    h = head.Head.__new__(head.Head)  # no sockets: only what _apply_groups reads
+    h.pgs, h.store, h.pg_rows, h.pg_seq = table([node("n1", 4)]), Rows(), {}, 0
+    h.actors = type("Actors", (), {"actors": {}})()
+    h.node_peers, h.pg_waiters = {}, {}
+    ids = [f"{i:016x}" for i in range(5)]
+    for pg_id in ids:
+        for acts in reserve(h.pgs, h.pgs.create(pg_id, [cpu(1)], "PACK")[0]):
+            h._apply_groups(acts)
+        h._apply_groups(h.pgs.remove(pg_id, "done"))
+    assert sorted(key for _, key in h.store.rows) == ids[3:] == sorted(h.pg_rows)
+    assert [h.pg_rows[i][0] for i in ids[3:]] == [3, 4]  # creation order kept

@@ -5,6 +5,7 @@ returns, calling ``validate_state`` after every event.
 """
 
 import threading
+import types
 
 import pytest
 
@@ -266,3 +267,41 @@ def test_a_limit_of_n_retries_allows_n_plus_one_runs(max_retries, runs):
     t = task(max_retries=max_retries)
     spent = [t.spend_attempt() for _ in range(runs)]
     assert spent == [True] * (runs - 1) + [False]
+
+
+def test_a_late_result_of_an_attempt_given_up_on_is_stale_and_counted(queues):
+    """A partition: the node of l1 is declared dead, its task runs again on l2 (another node);
+    when the link returns, l1's worker's result comes over l1's agent connection: stale, while
+    the task is queued again and after it runs on l2; only l2's result counts."""
+    agent_a, agent_b = object(), object()
+    l1 = lease(queues, 1, node="node-a")
+    l1.channel = types.SimpleNamespace(agent=agent_a)
+    (t,) = submit(queues, 1)
+    assert dispatch(queues).sends == [(l1, [t])]
+    assert queues.stale_result(t.task_id, agent_a) is None  # the attempt on l1 is the current one
+    gone, lost = queues.worker_exited(("node-a", 1))  # node-a declared dead
+    assert lost == [t] and t.spend_attempt()
+    queues.enqueue(t, front=True)
+    queues.validate_state()
+    assert queues.stale_result(t.task_id, agent_a) == "it was given up on and is queued to run again"
+    l2 = lease(queues, 2, node="node-b")
+    l2.channel = types.SimpleNamespace(agent=agent_b)
+    assert dispatch(queues).sends == [(l2, [t])]
+    assert queues.stale_result(t.task_id, agent_a) == "it runs again on worker w2 of node node-b"
+    assert queues.stale_results == 2
+    assert queues.stale_result(t.task_id, agent_b) is None
+    assert finish(queues, t) is t
+    assert queues.stale_result(t.task_id, agent_a) is None  # ended: finished() tells (None), not stale
+    assert queues.stale_results == 2
+
+
+def test_a_result_over_another_workers_stream_is_stale_and_one_over_its_own_is_not(queues):
+    stream_1, stream_2 = object(), object()
+    l1, l2 = lease(queues, 1), lease(queues, 2)
+    l1.channel, l2.channel = types.SimpleNamespace(stream=stream_1), types.SimpleNamespace(stream=stream_2)
+    (t,) = submit(queues, 1)
+    ((on, _),) = dispatch(queues).sends
+    other = stream_2 if on is l1 else stream_1
+    assert queues.stale_result(t.task_id, other).startswith(f"it runs again on worker {on.worker_id}")
+    assert queues.stale_result(t.task_id, on.channel.stream) is None
+    assert queues.stale_result(t.task_id, None) is None  # where it came from unknown: its state decides

@@ -367,9 +367,9 @@ class CoreClient:
             "ActorRegistered": answer_rest, "Nodes": answer, "KVValue": answer, "Reply": answer,
             "PlacementGroupReply": answer}
         self._from_worker = {
-            "TaskFinished": lambda _peer, fields, buffers: done.on_task_finished(fields, buffers),
+            "TaskFinished": lambda peer, fields, buffers: done.on_task_finished(fields, buffers, peer),
             "TakenBack": lambda _peer, fields, _buffers: s.on_taken_back(*fields),
-            "ItemReady": lambda _peer, fields, buffers: self.streams.on_item_ready(fields, buffers)}
+            "ItemReady": lambda peer, fields, buffers: self.streams.on_item_ready(fields, buffers, peer)}
         self._from_agent = {  # and what its remote workers send us through it
             **self._from_worker, "Reply": answer, "Nodes": answer,
             "ObjectAllocated": answer_rest, "StoreStats": answer_rest, "ObjectCopied": answer_rest,
@@ -384,7 +384,9 @@ class CoreClient:
             "LeaseSpillback": lambda _conn, fields, _buffers: s.on_lease_spillback(*fields),
             "LeaseInfeasible": lambda _conn, fields, _buffers: s.on_lease_infeasible(*fields),
             "WorkerExited": lambda _conn, fields, _buffers: done.on_worker_exited(*fields),
-            "PeerGone": lambda _conn, fields, _buffers: b.peer_gone(*fields)}
+            "PeerGone": lambda _conn, fields, _buffers: b.peer_gone(*fields),
+            # the node drains: what we own only there is copied away before it leaves
+            "ObjectsLeaving": lambda conn, fields, _buffers: self.stored.save_from(conn, *fields)}
 
     def _on_head(self) -> None:
         for frames in transport.recv_all(self.conns.head):
@@ -400,7 +402,7 @@ class CoreClient:
 
     def _on_worker(self, stream: transport.StreamChannel) -> None:
         for frames in stream.read():
-            self.conns.receive(frames, None, self._from_worker, "a worker")
+            self.conns.receive(frames, stream, self._from_worker, "a worker")
         if stream.eof:  # the worker exited; the agent's WorkerExited drives the retries
             self.conns.worker_stream_ended(stream)
         self._drain_released()

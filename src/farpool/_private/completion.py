@@ -1,7 +1,8 @@
 """Completion: what comes back from workers, and what it does to tasks and objects.
 
 Owns: ``TaskFinished`` (results inline or in the worker's node store, errors, tasks a
-retiring worker did not run), ``WorkerExited`` (the tasks its worker had in flight: an
+retiring worker did not run; a late result of an attempt given up on is dropped:
+TaskQueues.stale_result), ``WorkerExited`` (the tasks its worker had in flight: an
 attempt spent and retried first in line, or failed with why the worker died), the
 retry decision (``retry_exceptions``, ``max_retries``; -1 is no limit: TaskRecord counts
 an attempt when it is spent), and finishing a task: its return objects become READY or
@@ -40,7 +41,8 @@ class Completion(ClientPart):
         self.schedule_frees = c.borrowing.schedule_frees
 
     # ------------------------------------------------------------------ TaskFinished
-    def on_task_finished(self, fields, buffers) -> None:
+    def on_task_finished(self, fields, buffers, came_over=None) -> None:
+        """``came_over``: the agent connection that relayed it, or the worker's own stream."""
         results, retiring, sender, borrowed, pairs = fields
         if sender is not None:
             sender = protocol.owner_address(sender)
@@ -51,8 +53,13 @@ class Completion(ClientPart):
         completed = []
         queues = self.queues
         for task_id, ok, body, started, ended in results:  # TaskResults
-            task = queues.finished(task_id, ended - started)
-            if task is None:  # ended already (its worker's exit was reported first, or cancelled)
+            stale = queues.stale_result(task_id, came_over)
+            if stale is not None:  # a late result of an attempt given up on (a partition healed)
+                log.warning("dropped a late result of task %s from node %s: %s (late results dropped: %d)",
+                            queues.tasks[task_id].name, sender.node_id[:8] if sender and sender.node_id else "?",
+                            stale, queues.stale_results)
+            task = None if stale is not None else queues.finished(task_id, ended - started)
+            if task is None:  # ended already (its worker's exit was reported first, or cancelled), or stale
                 if ok is True:
                     pos = self._discard_result(body, buffers, pos, sender)
                 elif ok is False:

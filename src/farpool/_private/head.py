@@ -142,6 +142,7 @@ class Head:
         # Placement groups' rows as last written (head_store "placement_groups"): group id ->
         # (creation order, row); see _save_groups.
         self.pg_rows: dict[str, tuple] = {}
+        self.pg_seq = 0  # the next group's place in creation order
         if saved and meta:  # a database a head wrote before
             self._restore(saved)
         self._save("meta", "epoch", self.epoch)
@@ -178,8 +179,10 @@ class Head:
             if job.get("running"):
                 self.unconfirmed_jobs.add(job["job_id"])
         self.pg_rows = {pg_id: (seq, row) for pg_id, (seq, row) in saved["placement_groups"].items()}
-        self.pgs.restore([row for _, row in sorted(self.pg_rows.values(), key=lambda item: item[0])],
-                         list(self.nodes.values()))
+        self.pg_seq = max((seq for seq, _ in self.pg_rows.values()), default=-1) + 1
+        forgotten = self.pgs.restore([row for _, row in sorted(self.pg_rows.values(), key=lambda item: item[0])],
+                                     list(self.nodes.values()))
+        self._forget_groups(forgotten)
         if self.unconfirmed_jobs:
             self.loop.call_later(REJOIN_GRACE_S, self._jobs_not_back)
         log.info("the head starts again (epoch %d) on its database: %d nodes to confirm, %d actors (%d named), "
@@ -410,7 +413,15 @@ class Head:
 
     def _on_DriverDied(self, sock, identity, job_id, why: str) -> None:
         """From a node agent: a driver attached to it died without a Goodbye (its pid, or
-        its TCP connection gone for good).  Its job ends as if it had said Goodbye."""
+        its TCP connection gone for good).  Its job ends as if it had said Goodbye.  Not
+        from a node we declared dead: cut off from the network, it took the driver for dead
+        because it could not reach it either (its word arrives when the link returns)."""
+        node_id = identity[len(b"node:"):].decode(errors="replace")
+        if not self.nodes.get(node_id, {}).get("alive"):
+            log.warning("ignored node %s's word that the driver of job %s died (%s): that node was "
+                        "declared dead, and likely could not reach the driver for the same reason", node_id[:8],
+                        job_id, why)
+            return
         for peer in [p for p, j in self.client_job.items() if j == job_id]:
             del self.client_job[peer]
             self.subscribers.pop(peer, None)
@@ -708,7 +719,15 @@ class Head:
                 if record.spec.get("placement_group") == group.pg_id and record.state == PENDING \
                         and record.request_id is None:
                     self._schedule_actor(record)
-        self._save_groups(acts.removed)
+        self._save_groups([g for g in acts.removed if g.pg_id in self.pgs.groups])
+        self._forget_groups(acts.forgotten)
+
+    def _forget_groups(self, pg_ids: list) -> None:
+        """Removed groups the table let go (placement_groups.REMEMBER_REMOVED): their rows too,
+        so the database does not grow with every group ever removed."""
+        for pg_id in pg_ids:
+            if self.pg_rows.pop(pg_id, None) is not None and self.store is not None:
+                self.store.delete("placement_groups", pg_id)
 
     def _save_groups(self, removed: list) -> None:
         """Write the rows of the groups that changed (a restarted head takes them back:
@@ -717,7 +736,9 @@ class Head:
             return
         for group in [g for g in self.pgs.groups.values() if g.state != placement_groups.REMOVED] + removed:
             row = group.row()
-            seq, saved = self.pg_rows.get(group.pg_id, (len(self.pg_rows), None))
+            seq, saved = self.pg_rows.get(group.pg_id, (self.pg_seq, None))
+            if saved is None:
+                self.pg_seq += 1  # (creation order, kept when older rows are deleted)
             if row != saved:
                 self.pg_rows[group.pg_id] = (seq, row)
                 self._save("placement_groups", group.pg_id, (seq, row))

@@ -9,6 +9,7 @@ each exit (code or signal) to the agent: worker deaths are noticed from the
 process exit, never from heartbeats::
 
     agent --("spawn", id, env)--> launcher --fork--> worker
+    agent --("node_id", new id)--> launcher (the agent joined again as a new node)
     agent <--("started", id, pid) / ("exited", id, pid, code, sig)--
 
 Messages are length-prefixed pickles over a socketpair; EOF on it means the
@@ -231,6 +232,8 @@ def _run(sock: socket.socket, common: dict) -> None:
                     pipes_of[pid] = [out_r, err_r]
                     children[pid] = worker_id
                     send_msg(sock, ("started", worker_id, pid))
+                elif tag == "node_id":  # the agent joined again as a new node: workers from now on
+                    common["node_id"] = fields[0]
                 elif tag == "kill":
                     pid, sig = fields
                     if pid in children:

@@ -224,8 +224,9 @@ class LeaseManager:
                 self.resources.release(lease.alloc)
             worker.lease_id = None
             worker.state = IDLE
-            if kill:
+            if kill:  # it ends now: never granted again (a task sent to it would die with it)
                 acts.kills.append(worker.worker_id)
+                del self.workers[worker.worker_id]
         else:
             self.resources.release(lease.alloc)
         return self._schedule(acts)
@@ -376,6 +377,18 @@ class LeaseManager:
         so that idle leases a client still keeps (client.LEASE_LINGER_S) come back unharmed."""
         return Actions(kills=[lease.worker_id for lease in self.leases.values()
                               if placement_groups.group_of(lease.alloc.shape) == group])
+
+    def renamed(self, node_id: str, forget_client) -> Actions:
+        """This node joins again as a new node, ``node_id`` (the head took it for dead): every
+        worker ends, idle ones too (each knows itself by the old id, which its results would
+        name as where they are stored), and fresh ones start; the waiting requests of
+        ``forget_client`` (the head: it placed its actors elsewhere meanwhile) are dropped.
+        Call once no lease is held."""
+        self.node_id = node_id
+        self.pending = deque(r for r in self.pending if r.client != forget_client)
+        acts = Actions(kills=list(self.workers))
+        self.workers.clear()
+        return acts.extend(self.prestart())
 
     def drop_all_bundles(self) -> None:
         """The head took this node for dead: it places the bundles held here elsewhere."""

@@ -64,6 +64,8 @@ REMOVED_GROUP_GRACE_S = 0.25
 # running on it to finish before it stops anyway (those tasks are then retried elsewhere, an
 # attempt spent).  Longer lets longer tasks finish; shorter frees the machine sooner.
 DRAIN_TIMEOUT_S = float(os.environ.get("FARPOOL_DRAIN_TIMEOUT_S", "30"))
+# In the agent's session directory: the node id it has now (see write_node_id).
+NODE_ID_FILE = "node.id"
 # The signal that asks a node agent to drain and then stop (SIGTERM stops it at once).
 DRAIN_SIGNAL = signal.SIGUSR1
 
@@ -99,7 +101,8 @@ HEAD_CLIENT = Client(HEAD, b"")  # the head leases workers for actors like any c
 _CLIENT_ANYWHERE = frozenset({
     "Hello", "Ping", "Goodbye", "RequestLease", "CancelLease", "ReturnLease", "SignalWorker",
     "FreeObjects", "RestoreObject", "StoreStats", "GetNodes", "WatchPeer", "Relay", "ToPeer",
-    "DumpStacks", "ReadLogs"})  # farpool stack / farpool logs (a CLI is a client)
+    "DumpStacks", "ReadLogs",  # farpool stack / farpool logs (a CLI is a client)
+    "ObjectsSaved"})  # (we drain: it copied away what it owns here)
 MAY_SEND = {
     # a client on this machine (a driver, a worker's own client, the CLI), ipc, "c:..."
     "local client": _CLIENT_ANYWHERE | {"WorkerBlocked", "WorkerUnblocked", "AllocateObject", "PullObject"},
@@ -165,7 +168,9 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.mover = spill.Mover(self.loop.call_soon, self._on_move_done)
         self.allocating: dict[bytes, list] = {}  # store id -> readers of a copy whose segment awaits room
         self.pulse: pulse.Pulse | None = None
+        self.register_info: dict | None = None  # our RegisterNode (set once connect_head sent it)
         self.rejoining = False
+        self.registered = False  # the head confirmed our RegisterNode (NodeRegistered), as the id we have now
         self.loop_lag_max = 0.0  # the agent loop's largest lateness (its heartbeat timer), seconds
         self.sockets = {}
         self.ipc = transport.router()
@@ -227,6 +232,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.table_syncing = False           # we asked for the whole table (SyncNodes) after a gap
         self.drain_deadline: float | None = None  # draining (farpool stop on this node) until then
         self.drained = None  # called once, when drained or at the deadline (main(): stop the loop)
+        self.saving: dict | None = None  # draining: owners asked to copy objects away -> how many
 
     # --- start ---
     def connect_head(self) -> None:
@@ -252,8 +258,23 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         self.heartbeat_due = time.monotonic() + HEARTBEAT_S
         self.loop.call_later(HEARTBEAT_S, self._heartbeat)
         self.register_info = info
-        self.pulse = pulse.Pulse(self.node_id, self.args.head_address, self.token,
-                                 lambda why: self.loop.call_soon(self._declared_dead, why))
+        self._start_pulse()
+
+    def _open_head(self, hello: list) -> None:
+        """A connection to the head of our own (its identity names our node id), opened
+        without waiting: ``hello`` goes first once it is up (joining again as a new node)."""
+        self.head = transport.dealer(f"node:{self.node_id}".encode())
+        if self.args.head_address.startswith("ipc://"):
+            self.head.connect(self.args.head_address)
+            transport.send(self.head, hello)
+        else:
+            transport.start_tcp(self.head, self.args.head_address, self.token, hello)
+        self.loop.add_reader(self.head, self._on_head)
+
+    def _start_pulse(self) -> None:
+        node_id = self.node_id
+        self.pulse = pulse.Pulse(node_id, self.args.head_address, self.token,
+                                 lambda why: self.loop.call_soon(self._declared_dead, why, node_id))
         self.pulse.start()
 
     def _build_handlers(self) -> dict:
@@ -297,14 +318,25 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         if attempt is None:  # removed: what its leases still run ends a moment later
             self.loop.call_later(REMOVED_GROUP_GRACE_S, lambda: self._apply(self.leases.end_group_leases(group)))
 
-    def _declared_dead(self, why: str) -> None:
-        """The head took us for dead (late, not gone: it heard nothing for NODE_TIMEOUT_S).
-        Clients have given up our leases and retried their tasks elsewhere; we end those
-        tasks too (their results would go nowhere) and register again, with what we hold."""
-        if self.rejoining:
-            return
+    def _declared_dead(self, why: str, node_id: str | None = None) -> None:
+        """The head took us for dead (late, not gone: it heard nothing for NODE_TIMEOUT_S, the
+        machine stood still or the network was cut).  Clients have given up our leases and
+        retried their tasks elsewhere, the head restarted our actors elsewhere, owners took
+        the objects here for lost.  So we end every worker (a result they still send would
+        come from an attempt given up on) and join again as a NEW node, with a new id: the
+        old one stays dead in the node table, and nothing of this incarnation is confused
+        with the last.  ``node_id``: the id the news was about (a late word about an id we
+        dropped already is ignored)."""
+        if self.rejoining or not self.registered or (node_id is not None and node_id != self.node_id):
+            return  # (not registered yet: our liveness thread's connection beat our RegisterNode)
         self.rejoining = True
-        log.warning("the head declared this node dead (%s); ending its leased tasks and joining again", why)
+        # Not now: we may be reading the connection to the head this closes (_on_head).
+        self.loop.call_soon(self._join_as_new_node, why)
+
+    def _join_as_new_node(self, why: str) -> None:
+        old, new = self.node_id, os.urandom(8).hex()
+        log.warning("the head declared this node (%s) dead (%s); ending its workers and joining again "
+                    "as a new node, %s", old, why, new)
         acts = None
         for lease_id in list(self.leases.leases):
             more = self.leases.return_lease(lease_id, kill=True)
@@ -312,7 +344,30 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         if acts is not None:
             self._apply(acts)
         self.leases.drop_all_bundles()  # the head places them again (on us too, once we are back)
-        transport.send(self.head, encode("RegisterNode", (self.register_info,)))
+        self.node_id = new
+        self.registered = False
+        write_node_id(self.session_dir, new)
+        launcher.send_msg(self.launcher_sock, ("node_id", new))
+        self._apply(self.leases.renamed(new, HEAD_CLIENT))
+        # Objects here of owners elsewhere: they took them for lost with the old node (rebuilt
+        # or failed) and free them no more here; copies of ours they would not look for here.
+        local = {client.identity.decode(errors="replace") for client in self.client_pidfds}  # on this machine
+        orphans = [oid for oid, seg in self.store.objects.items() if seg.owner not in local]
+        if orphans:
+            log.warning("freeing %d object(s) of the old node's store: their owners took them for lost",
+                        len(orphans))
+            self._free_objects(orphans, f"node {old[:8]} was declared dead ({why})")
+        for sock in self.peer_agents.values():  # they named us by the old id
+            self.loop.remove_reader(sock)
+            sock.close(0)
+        self.peer_agents.clear()
+        self.register_info = dict(self.register_info, node_id=new)
+        self.loop.remove_reader(self.head)
+        self.head.close(0)
+        self._open_head(encode("RegisterNode", (self.register_info,)))
+        if self.pulse is not None:  # a new one once the head has us (its beats must not come first)
+            self.pulse.stop()
+            self.pulse = None
 
     # --- draining (farpool stop on this node: SIGUSR1) ---
     def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
@@ -321,8 +376,9 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         client to retire after its running task (it hands back the tasks queued behind it: their
         owners run them elsewhere, no attempt spent), and call ``self.drained`` once no client's
         lease is left, or after ``timeout_s``.  Actors stay until the node stops: the head then
-        restarts them elsewhere (max_restarts).  Objects in our store are not copied: their
-        owners rebuild them on demand (lineage) once the node is gone."""
+        restarts them elsewhere (max_restarts).  Then the owners of the objects in our store
+        copy those away (_save_objects); what is not copied, its owner rebuilds on demand
+        (lineage) once the node is gone."""
         if self.drain_deadline is not None:
             return
         self.drain_deadline = time.monotonic() + timeout_s
@@ -339,9 +395,41 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
     def _check_drained(self) -> None:
         if self.drain_deadline is None or self.drained is None or self.leases.client_leases(HEAD_CLIENT):
             return
-        log.warning("drained: no task of a client runs here any more; stopping")
+        if self.saving is None:  # no task runs here any more: now what only we hold goes elsewhere
+            self._save_objects()
+        if self.saving:
+            return
+        log.warning("drained: no task of a client runs here any more, and what the owners wanted of our "
+                    "store is copied; stopping")
         done, self.drained = self.drained, None
         done()
+
+    def _save_objects(self) -> None:
+        """Ask the owner of each object stored here (not a copy: the original is elsewhere) to
+        copy it away (ObjectsLeaving), and wait for their ObjectsSaved (up to the drain
+        timeout): an object whose only copy is here is then not lost with us, nor rebuilt
+        by running its task again.  Owners not connected to us are not asked (theirs are
+        rebuilt by lineage when read)."""
+        by_owner: dict[str, list] = {}
+        for store_id, seg in self.store.objects.items():
+            if not seg.copy and seg.owner.startswith("c:"):
+                by_owner.setdefault(seg.owner, []).append(store_id)
+        self.saving = {}
+        for owner, store_ids in by_owner.items():
+            identity = owner.encode()
+            message = [identity, *encode("ObjectsLeaving", (self.node_id, store_ids))]
+            if any(kind in self.sockets and transport.send(self.sockets[kind], message) for kind in (IPC, TCP)):
+                self.saving[identity] = len(store_ids)
+        if self.saving:
+            log.warning("draining: asked %d owner(s) to copy the %d object(s) they have here to other nodes",
+                        len(self.saving), sum(self.saving.values()))
+
+    def _on_ObjectsSaved(self, client, node_id: str, copied: int, failed: int) -> None:
+        if self.saving is None or self.saving.pop(client.identity, None) is None:
+            return
+        log.warning("draining: %r copied %d object(s) to other nodes%s", client.identity[:24], copied,
+                    f" ({failed} could not be: rebuilt by lineage when read)" if failed else "")
+        self._check_drained()
 
     def _drain_timed_out(self) -> None:
         if self.drained is None:
@@ -380,9 +468,13 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
 
     def _on_node_table(self, tag: str, nodes, version) -> None:
         """The head's whole node table (when we join, or after SyncNodes)."""
-        if tag == "NodeRegistered" and self.rejoining:
-            log.warning("this node joined the cluster again")
-            self.rejoining = False
+        if tag == "NodeRegistered":
+            self.registered = True
+            if self.rejoining:
+                log.warning("this node joined the cluster again, as node %s", self.node_id)
+                self.rejoining = False
+            if self.pulse is None and self.register_info is not None:  # (joined again as a new node)
+                self._start_pulse()
         if not isinstance(nodes, list):
             raise protocol.ProtocolError(f"{tag} carries a {type(nodes).__name__}, expected the node table")
         self.table_syncing = False
@@ -671,6 +763,7 @@ def main(argv=None) -> int:
         pass
     with open(os.path.join(args.session_dir, "node.pid"), "w") as f:
         f.write(str(os.getpid()))
+    write_node_id(args.session_dir, args.node_id)
     try:
         agent = NodeAgent(args, token, launcher_pid, launcher_sock)
     except OSError as exc:  # the port is taken, the host is not ours: say so, no traceback
@@ -734,6 +827,15 @@ def main(argv=None) -> int:
                     except OSError:
                         pass
     return 0
+
+
+def write_node_id(session_dir: str, node_id: str) -> None:
+    """``node.id`` in the agent's session directory: the id it has now (a new one each time
+    it joins again after being declared dead), for ``farpool stop --node``."""
+    path = os.path.join(session_dir, NODE_ID_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(node_id)
+    os.replace(path + ".tmp", path)
 
 
 def _stop_launcher(launcher_pid: int, launcher_sock) -> None:

@@ -191,8 +191,12 @@ class ClientsPart:
             origin_kind, origin = target[2:].split(b":", 1)
             if origin_kind == b"head":
                 transport.send(self.head, frames[3:])
-            else:
-                transport.send(self.sockets[origin_kind.decode()], [origin, *frames[3:]])
+            elif not transport.send(self.sockets[origin_kind.decode()], [origin, *frames[3:]]):
+                # (a result of a task its owner retried elsewhere, if the network was cut: dropped)
+                log.warning("a %s from worker %s to client %r was not delivered: the client is not "
+                            "connected (it left, or the network between us is cut)",
+                            bytes(frames[3][:32]).decode(errors="replace"), identity[2:].decode(errors="replace"),
+                            bytes(origin[:24]))
         else:
             origin = b"c:" + kind.encode() + b":" + identity
             if not transport.send(self.ipc, [b"w:" + target, b"Relayed", origin, *frames[3:]]):

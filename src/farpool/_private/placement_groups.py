@@ -268,9 +268,10 @@ class Actions:
     removed: list = field(default_factory=list)   # Group: every node releases it, its actors end, waiters told
     created: list = field(default_factory=list)   # Group: waiters told, its pending actors placed
     warnings: list = field(default_factory=list)  # messages, logged once per group
+    forgotten: list = field(default_factory=list)  # pg ids of removed groups the table let go: their rows too
 
     def extend(self, other: "Actions") -> "Actions":
-        for name in ("prepare", "commit", "abort", "removed", "created", "warnings"):
+        for name in ("prepare", "commit", "abort", "removed", "created", "warnings", "forgotten"):
             getattr(self, name).extend(getattr(other, name))
         return self
 
@@ -373,10 +374,16 @@ class PlacementGroups:
         if self.in_flight == pg_id:
             self.in_flight = None
         self.removed_order.append(pg_id)
-        while len(self.removed_order) > REMEMBER_REMOVED:  # the oldest removed ones leave the table
-            self.groups.pop(self.removed_order.pop(0), None)
-        acts = Actions(removed=[group])
+        acts = Actions(removed=[group], forgotten=self._forget_oldest_removed())
         return acts.extend(self._next())
+
+    def _forget_oldest_removed(self) -> list:
+        """The oldest removed groups beyond REMEMBER_REMOVED leave the table; their ids."""
+        gone = []
+        while len(self.removed_order) > REMEMBER_REMOVED:
+            gone.append(self.removed_order.pop(0))
+            self.groups.pop(gone[-1], None)
+        return gone
 
     def job_ended(self, job_id) -> Actions:
         """A job's groups end with it, except detached ones."""
@@ -387,11 +394,13 @@ class PlacementGroups:
         return acts
 
     # --- a restarted head (head.py: its database, then each node registering again) ---
-    def restore(self, rows: list[dict], nodes: list[dict]) -> None:
+    def restore(self, rows: list[dict], nodes: list[dict]) -> list:
         """Take back the groups a previous head wrote (``rows`` in creation order) and its node
         table.  A reservation it had in flight is given up: those bundles go back to waiting
         (what the nodes prepared of it they release when they register again: ``node_back``);
-        the next attempt has a new number, so late answers to that one match nothing."""
+        the next attempt has a new number, so late answers to that one match nothing.
+        Returns the ids of removed groups beyond REMEMBER_REMOVED, not taken back (their rows
+        go: a head before this one kept them all)."""
         self.nodes = {n["node_id"]: {"alive": n["alive"], "total": dict(n["total"]),
                                      "available": dict(n.get("available", n["total"]))} for n in nodes}
         for row in rows:
@@ -407,6 +416,7 @@ class PlacementGroups:
                 self.removed_order.append(group.pg_id)
             elif group.name:
                 self.names[group.name] = group.pg_id
+        return self._forget_oldest_removed()
 
     def node_back(self, node_id: str, held: list) -> Actions:
         """A node registered again with a restarted head, holding ``held`` bundles ((group,

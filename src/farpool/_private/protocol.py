@@ -64,6 +64,8 @@ TAGS = frozenset({
     "AllocateObject", "ObjectAllocated", "FreeObjects", "RestoreObject", "StoreStats", "SegmentsDropped",
     # copies between node stores (pull.py): reader -> its agent, agent -> agent, owner <- borrower
     "PullObject", "ObjectCopied", "ReadChunk", "Chunk", "AddCopy",
+    # a draining agent asks the owners of what its store holds to copy it away; they answer
+    "ObjectsLeaving", "ObjectsSaved",
     # a client on another machine puts a large value into its agent's store, and reads it back
     "UploadObject", "WriteChunk", "ChunkWritten",
     # observing (farpool stack/logs): client -> node agent, answered by Reply(request_id, value)

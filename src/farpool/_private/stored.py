@@ -19,12 +19,16 @@ requests) and the I/O thread (read_on, stored_for, copy_here: they never wait).
 
 from __future__ import annotations
 
+import logging
 import time
 
 from farpool import exceptions as exc_mod
-from farpool._private import protocol, pull, segments
+from farpool._private import protocol, pull, segments, transport
+from farpool._private.protocol import encode
 from farpool._private.client_part import ClientPart
 from farpool._private.refs import READY, Entry, Location
+
+log = logging.getLogger("farpool.client")
 
 
 class StoreReads(ClientPart):
@@ -184,6 +188,53 @@ class StoreReads(ClientPart):
             else:
                 copied(Location("seg", home.node_id, store_id, path, size))
         self.conns.request_async(home.socket, "PullObject", _pull_fields(spec), answer)
+
+    def save_from(self, leaving, node_id: str, store_ids: list) -> None:
+        """(I/O thread) Node ``node_id`` drains (``farpool stop --node``) and asks, before it
+        leaves, that the values we own in its store (``store_ids``) be copied elsewhere: each
+        whose only copy is there is copied into our node's store by our agent (pull.py), a
+        copy of the kind reading makes (freed with the original), so it is neither lost nor
+        rebuilt when the node goes.  Then ObjectsSaved(node id, copied, not copied) goes to
+        ``leaving`` (its agent stops once every owner answered, or at its drain timeout).
+        Only a client whose node is on its own machine has copies made (it maps its node's
+        store): one on another machine leaves what it owns there to lineage."""
+        home = self.conns.home
+        alive = {n["node_id"] for n in self.c.nodes if n["alive"] and not n.get("draining")}
+        wanted = set(store_ids)
+        with self.lock:
+            todo = [(oid, entry) for oid, entry in self.objects.items()
+                    if entry.owned and entry.state == READY and entry.location is not None
+                    and entry.location.node_id == node_id and entry.location.store_id in wanted
+                    and not (entry.copies or set()) & (alive - {node_id})]
+        left = {"copied": 0, "failed": 0, "waiting": len(todo)}
+
+        def answered():
+            if left["waiting"] == 0:
+                transport.send(leaving.socket, encode("ObjectsSaved", (node_id, left["copied"], left["failed"])))
+
+        if todo and (home is None or not home.local or home.node_id == node_id or home.node_id not in alive):
+            why = ("this process's own node is the one leaving" if home is not None and home.node_id == node_id
+                   else "this process has no live node of its own on this machine to copy them to")
+            log.warning("node %s leaves with %d object(s) of ours stored only there; they are not copied (%s) "
+                        "and will be rebuilt by lineage when read", node_id[:8], len(todo), why)
+            left.update(failed=len(todo), waiting=0)
+            todo = []
+        for oid, entry in todo:
+            def copied(reply, oid=oid, entry=entry):
+                path, error, _full = reply
+                if path is None:
+                    left["failed"] += 1
+                    log.warning("object %s could not be copied off node %s, which drains: %s; it will be "
+                                "rebuilt by lineage when read", oid.hex()[:16], node_id[:8], error)
+                else:
+                    left["copied"] += 1
+                    with self.lock:
+                        entry.copies = (entry.copies or set()) | {home.node_id}
+                left["waiting"] -= 1
+                answered()
+            spec = self.read_on(home.node_id, entry.location, f"object {oid.hex()[:16]} (node {node_id[:8]} drains)")
+            self.conns.request_async(home.socket, "PullObject", _pull_fields(spec), copied)
+        answered()
 
     def fetch_here(self, refs: list, flags: list, num_returns: int, timeout: float | None) -> list[bool]:
         """wait(fetch_local=True): of the first ``num_returns`` ready ``refs`` (``flags``), those

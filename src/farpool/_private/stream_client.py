@@ -127,7 +127,8 @@ class Streams(ClientPart):
                 future.set_result(None)
 
     # ------------------------------------------------------------------ I/O thread
-    def on_item_ready(self, fields, buffers) -> None:
+    def on_item_ready(self, fields, buffers, came_over=None) -> None:
+        """``came_over``: the agent connection that relayed it, or the worker's own stream."""
         task_id, index, item, sender = protocol.ItemReady._make(fields)
         if sender is not None:
             sender = protocol.owner_address(sender)
@@ -143,6 +144,8 @@ class Streams(ClientPart):
         with self.cond:
             state = self.running.get(task_id)
             wanted = state is not None and not state.closed and state.arrived == index
+        # (an item of an attempt given up on, late: it names a store we may no longer reach)
+        wanted = wanted and self.c.queues.stale_result(task_id, came_over) is None
         if not wanted:  # the generator is gone, or a duplicate of an attempt before (skipped since)
             with self.lock:
                 self.refs.discard_value(value, inner, sender)

@@ -152,6 +152,7 @@ class TaskQueues:
         self.leases: dict[tuple, LeaseState] = {}   # (node_id, lease_id) -> lease
         self.parked: dict = {}  # key -> an idle lease on this node a caller thread may take (under lock)
         self.lease_requests: dict[int, tuple] = {}  # request id -> key
+        self.stale_results = 0  # results of attempts given up on, dropped (see stale_result)
 
     # ------------------------------------------------------------------ submission
     def enqueue(self, task: TaskRecord, front: bool = False) -> None:
@@ -355,6 +356,27 @@ class TaskQueues:
         return lease, lost
 
     # ------------------------------------------------------------------ completion
+    def stale_result(self, task_id: bytes, came_over=None) -> str | None:
+        """Why a result of ``task_id`` that came over ``came_over`` (the agent connection that
+        relayed it, or the worker's own stream; None: not known) is not from the attempt the
+        task is on now, else None.  A stale result is dropped (and counted): its attempt was
+        given up on (its worker or node was declared dead, its actor restarted) and the task
+        is queued or running again, maybe already elsewhere; taking it would finish the task
+        with a result from a node we no longer reach, and deliver the task twice.  A task
+        that ended already is not stale: ``finished`` tells that (None)."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            return None
+        lease = task.lease
+        if task.state != TaskState.RUNNING or lease is None or lease.inflight.get(task_id) is not task:
+            why = "it was given up on and is queued to run again"
+        elif came_over is not None and _carrier(lease.channel) not in (None, came_over):
+            why = f"it runs again on worker {lease.worker_id} of node {lease.node_id[:8]}"
+        else:
+            return None
+        self.stale_results += 1
+        return why
+
     def finished(self, task_id: bytes, run_s: float) -> TaskRecord | None:
         """A result (or error) of ``task_id`` came back after ``run_s`` of running."""
         task = self.tasks.get(task_id)
@@ -437,3 +459,10 @@ class TaskQueues:
         for key, lease in self.parked.items():
             assert lease.key == key and not lease.inflight and lease.direct, (key, "a busy or remote lease parked")
             assert self.leases.get((lease.node_id, lease.lease_id)) is lease, (key, "a parked lease unknown")
+
+
+def _carrier(channel):
+    """What results of tasks sent over ``channel`` come back over: a worker's own stream
+    (connections.DirectChannel), or the connection to the agent that relays for it
+    (RelayChannel); None when unknown (tests' leases have no channel)."""
+    return getattr(channel, "stream", None) or getattr(channel, "agent", None)
