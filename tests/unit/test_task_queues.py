@@ -275,7 +275,7 @@ def test_a_late_result_of_an_attempt_given_up_on_is_stale_and_counted(queues):
     the task is queued again and after it runs on l2; only l2's result counts."""
     agent_a, agent_b = object(), object()
     l1 = lease(queues, 1, node="node-a")
-    l1.channel = types.SimpleNamespace(agent=agent_a)
+    l1.channel = types.SimpleNamespace(agent=agent_a, carrier=agent_a)
     (t,) = submit(queues, 1)
     assert dispatch(queues).sends == [(l1, [t])]
     assert queues.stale_result(t.task_id, agent_a) is None  # the attempt on l1 is the current one
@@ -285,7 +285,7 @@ def test_a_late_result_of_an_attempt_given_up_on_is_stale_and_counted(queues):
     queues.validate_state()
     assert queues.stale_result(t.task_id, agent_a) == "it was given up on and is queued to run again"
     l2 = lease(queues, 2, node="node-b")
-    l2.channel = types.SimpleNamespace(agent=agent_b)
+    l2.channel = types.SimpleNamespace(agent=agent_b, carrier=agent_b)
     assert dispatch(queues).sends == [(l2, [t])]
     assert queues.stale_result(t.task_id, agent_a) == "it runs again on worker w2 of node node-b"
     assert queues.stale_results == 2
@@ -298,7 +298,7 @@ def test_a_late_result_of_an_attempt_given_up_on_is_stale_and_counted(queues):
 def test_a_result_over_another_workers_stream_is_stale_and_one_over_its_own_is_not(queues):
     stream_1, stream_2 = object(), object()
     l1, l2 = lease(queues, 1), lease(queues, 2)
-    l1.channel, l2.channel = types.SimpleNamespace(stream=stream_1), types.SimpleNamespace(stream=stream_2)
+    l1.channel, l2.channel = types.SimpleNamespace(stream=stream_1, carrier=stream_1), types.SimpleNamespace(stream=stream_2, carrier=stream_2)
     (t,) = submit(queues, 1)
     ((on, _),) = dispatch(queues).sends
     other = stream_2 if on is l1 else stream_1

@@ -61,7 +61,7 @@ def test_a_late_result_of_an_attempt_given_up_on_is_dropped_and_the_next_attempt
     comes back.  It is not taken (nor its stored value kept), the task stays running, and
     the result of the attempt it runs now is the one delivered."""
     old_agent, new_agent = object(), object()
-    known = known_task(owner, types.SimpleNamespace(agent=old_agent))
+    known = known_task(owner, types.SimpleNamespace(agent=old_agent, carrier=old_agent))
     task = owner.tasks[known]
     task.lease.inflight.clear()
     owner.queues.enqueue(task, front=True)  # its node was declared dead: queued again
@@ -71,7 +71,7 @@ def test_a_late_result_of_an_attempt_given_up_on_is_dropped_and_the_next_attempt
     assert owner.objects[known].state == PENDING and owner.queues.stale_results == 1
     assert owner.refs.frees == {"node-a": [store_id]}  # its copy there is not ours to keep
     owner.queues.remove_queued(task)
-    TaskQueues.start(LeaseState(2, "w2", "node-b", types.SimpleNamespace(agent=new_agent), [], ("k",),
+    TaskQueues.start(LeaseState(2, "w2", "node-b", types.SimpleNamespace(agent=new_agent, carrier=new_agent), [], ("k",),
                                 actor_id="an actor"), [task])
     owner.completion.on_task_finished((late, False, (b"c:cut-off", "node-a", None, 9), (), ()), [], old_agent)
     assert owner.objects[known].state == PENDING and owner.queues.stale_results == 2

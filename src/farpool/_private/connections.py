@@ -50,10 +50,11 @@ class AgentConn:
 class DirectChannel:
     """A Unix stream straight to a leased worker on this machine (see transport.StreamChannel)."""
 
-    __slots__ = ("stream", "doorbell")
+    __slots__ = ("stream", "doorbell", "carrier")
 
     def __init__(self, stream: transport.StreamChannel, doorbell: str | None = None):
         self.stream = stream
+        self.carrier = stream  # what results of tasks sent here come back over
         self.doorbell = doorbell  # the worker's datagram socket for TakeBack (answered mid-task)
 
     def send(self, frames) -> bool:
@@ -63,10 +64,11 @@ class DirectChannel:
 class RelayChannel:
     """Tasks for a worker on another machine, relayed by its node agent."""
 
-    __slots__ = ("agent", "prefix")
+    __slots__ = ("agent", "prefix", "carrier")
 
     def __init__(self, agent: AgentConn, worker_id: str):
         self.agent = agent
+        self.carrier = agent  # what results of tasks sent here come back over (relayed)
         self.prefix = [b"Relay", worker_id.encode()]
 
     def send(self, frames) -> bool:

@@ -368,12 +368,12 @@ class TaskQueues:
         if task is None:
             return None
         lease = task.lease
-        if task.state != TaskState.RUNNING or lease is None or lease.inflight.get(task_id) is not task:
-            why = "it was given up on and is queued to run again"
-        elif came_over is not None and _carrier(lease.channel) not in (None, came_over):
+        if lease is not None and task.state is TaskState.RUNNING and lease.inflight.get(task_id) is task:
+            if came_over is None or lease.channel is None or lease.channel.carrier is came_over:
+                return None  # (the task path: a result of the attempt it is on)
             why = f"it runs again on worker {lease.worker_id} of node {lease.node_id[:8]}"
         else:
-            return None
+            why = "it was given up on and is queued to run again"
         self.stale_results += 1
         return why
 
@@ -459,10 +459,3 @@ class TaskQueues:
         for key, lease in self.parked.items():
             assert lease.key == key and not lease.inflight and lease.direct, (key, "a busy or remote lease parked")
             assert self.leases.get((lease.node_id, lease.lease_id)) is lease, (key, "a parked lease unknown")
-
-
-def _carrier(channel):
-    """What results of tasks sent over ``channel`` come back over: a worker's own stream
-    (connections.DirectChannel), or the connection to the agent that relays for it
-    (RelayChannel); None when unknown (tests' leases have no channel)."""
-    return getattr(channel, "stream", None) or getattr(channel, "agent", None)
