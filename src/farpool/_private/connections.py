@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import socket as _socket
 import threading
@@ -286,9 +287,12 @@ class Connections:
     def next_request_id(self) -> int:
         return next(self._request_ids)
 
-    def request(self, sock, who: str, tag: str, fields: tuple, timeout: float):
+    def request(self, sock, who: str, tag: str, fields: tuple, timeout: float, gate=None):
         """``tag(request_id, *fields)`` on ``sock``, and wait for its answer (any thread but the
-        I/O one).  A client that breaks fails the requests still waiting at once (``break_all``)."""
+        I/O one).  A client that breaks fails the requests still waiting at once (``break_all``).
+        ``timeout``: seconds, or math.inf.  ``gate`` (head_link's): on the I/O thread, right
+        before the send, ``gate.admit(request_id, waiter)`` gives the socket to send on, or None
+        when it answered the waiter itself; ``gate.forget(request_id)`` once the wait is over."""
         waiter = Waiter()
         request_id = next(self._request_ids)
         self._waiting.add(waiter)
@@ -297,18 +301,30 @@ class Connections:
                 raise self.broken
 
             def send():
-                self.pending[request_id] = waiter
-                transport.send(sock, encode(tag, (request_id, *fields)))
+                to = sock if gate is None else gate.admit(request_id, waiter)
+                if to is not None:
+                    self.pending[request_id] = waiter
+                    transport.send(to, encode(tag, (request_id, *fields)))
             self.loop.call_soon(send)
-            if not waiter.event.wait(timeout):
+            if not waiter.event.wait(None if timeout == math.inf else max(0.0, timeout)):
                 if self.broken is not None:
                     raise self.broken
-                raise exc_mod.FarpoolError(f"{who} did not answer {tag} within {timeout} s")
+                raise exc_mod.FarpoolError(f"{who} did not answer {tag} within {timeout:g} s")
         finally:
             self._waiting.discard(waiter)
+            if gate is not None or not waiter.answered:  # (an answer unasked for is dropped)
+                try:
+                    self.loop.call_soon(self._forget, request_id, gate)
+                except OSError:  # the I/O thread has ended (and closed its loop): nothing to forget
+                    pass
         if waiter.value is BROKEN:
             raise self.broken
         return waiter.value
+
+    def _forget(self, request_id: int, gate) -> None:
+        self.pending.pop(request_id, None)
+        if gate is not None:
+            gate.forget(request_id)
 
     def request_async(self, sock, tag: str, fields: tuple, continuation) -> None:
         """(I/O thread) ``tag(request_id, *fields)``; ``continuation(answer)`` runs when it comes."""

@@ -43,7 +43,7 @@ import zmq
 from farpool import exceptions as exc_mod
 from farpool._private import transport, versions
 from farpool._private.client_part import ClientPart
-from farpool._private.connections import BROKEN, Waiter
+from farpool._private.connections import Waiter
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.head_link")
@@ -246,44 +246,25 @@ class HeadLink(ClientPart):
                 self.cond.wait(left)
 
     def _send_and_wait(self, tag: str, fields: tuple, deadline: float, timeout: float):
-        """Like Connections.request, and the answer is _AWAY when the head went away first."""
-        conns = self.conns
-        waiter = Waiter()
-        request_id = conns.next_request_id()
-        conns._waiting.add(waiter)
-        try:
-            if conns.broken is not None:
-                raise conns.broken
+        """Connections.request to the head; the answer is _AWAY when the head went away before
+        the request left (this link is its gate: admit, forget)."""
+        return self.conns.request(None, "the head", tag, fields, max(0.0, deadline - time.monotonic())
+                                  if deadline != math.inf else math.inf, gate=self)
 
-            def send():
-                with self.cond:
-                    if self.state.state != CONNECTED:  # it went away meanwhile: wait for the next
-                        waiter.answered, waiter.value = True, _AWAY
-                        waiter.event.set()
-                        return
-                    self.inflight[request_id] = waiter
-                conns.pending[request_id] = waiter
-                transport.send(conns.head, encode(tag, (request_id, *fields)))
-            self.loop.call_soon(send)
-            left = deadline - time.monotonic()
-            if not waiter.event.wait(None if left == math.inf else max(0.0, left)):
-                if conns.broken is not None:
-                    raise conns.broken
-                raise exc_mod.FarpoolError(f"the head did not answer {tag} within {timeout:g} s")
-        finally:
-            conns._waiting.discard(waiter)
-            try:
-                self.loop.call_soon(self._forget, request_id)
-            except OSError:  # the I/O thread has ended (and closed its loop): nothing to forget
-                pass
-        if waiter.value is BROKEN:
-            raise conns.broken
-        return waiter.value
+    # --- the gate of those requests (I/O thread) ---
+    def admit(self, request_id: int, waiter):
+        """The socket to send a request on now, or None: the head is away (answered _AWAY)."""
+        with self.cond:
+            if self.state.state != CONNECTED:  # it went away meanwhile: wait for the next
+                waiter.answered, waiter.value = True, _AWAY
+                waiter.event.set()
+                return None
+            self.inflight[request_id] = waiter
+        return self.conns.head
 
-    def _forget(self, request_id: int) -> None:
+    def forget(self, request_id: int) -> None:
         with self.cond:
             self.inflight.pop(request_id, None)
-        self.conns.pending.pop(request_id, None)
 
 
 def _what(tag: str) -> str:
