@@ -125,6 +125,11 @@ def _items_of(future, tb_cls) -> list:
     return items
 
 
+def _inputs(iterable: Iterable):
+    """What a map's feed reads: a list itself (sliced as work is handed out), else an iterator."""
+    return iterable if type(iterable) is list else iter(iterable)
+
+
 def _weak(method: Callable) -> Callable:
     """A callable that calls a bound method without keeping its object alive."""
     ref = weakref.WeakMethod(method)
@@ -554,7 +559,7 @@ class Pool:
             chunksize = 0
         result = MapResult(self, chunksize, len(iterable), callback, error_callback)
         if chunksize > 0:
-            feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, iter(iterable), chunksize, star,
+            feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, _inputs(iterable), chunksize, star,
                          self._limit, on_future=result._on_future, on_finish=result._on_finish,
                          keep_futures=False)
             try:
@@ -569,7 +574,7 @@ class Pool:
         self._check_submit()
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, iter(iterable), chunksize, False,
+        feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, _inputs(iterable), chunksize, False,
                      self._limit, grouped=self._tasks.chunks(func))
         self._dispatcher.push(feed)
         return IMapIterator(self, feed)
@@ -580,7 +585,7 @@ class Pool:
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
         result = IMapUnorderedIterator(self)
-        feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, iter(iterable), chunksize, False,
+        feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, _inputs(iterable), chunksize, False,
                      self._limit, on_future=_weak(result._on_future), on_finish=_weak(result._on_finish),
                      keep_futures=False, grouped=self._tasks.chunks(func))
         result._feed = feed

@@ -104,7 +104,7 @@ def _run_chunk(authkey: bytes | None, fn, star: bool, plain: bool, chunk, *share
     _adopt_authkey(authkey)
     if type(chunk) is bytes:
         chunk = pickle.loads(chunk)
-    return _apply(fn, star, plain, chunk, shared)
+    return _packed(_apply(fn, star, plain, chunk, shared))
 
 
 def _apply(fn, star: bool, plain: bool, chunk: list, shared: tuple) -> list:
@@ -115,6 +115,28 @@ def _apply(fn, star: bool, plain: bool, chunk: list, shared: tuple) -> list:
     if plain:
         return list(map(fn, chunk))
     return [fn(x if type(x) in _PLAIN else _restore(x, shared)) for x in chunk]
+
+
+class _Packed:
+    """A chunk's results as the worker pickled them (``_packed``); ``plain``: no array inside.
+
+    The submitter then needs no look at every result (``_fix_result``): the
+    worker's scan of the pickle is ~10x cheaper than a look at every item's type."""
+    __slots__ = ("plain", "data")
+
+    def __init__(self, plain: bool, data: bytes):
+        self.plain = plain
+        self.data = data
+
+    def __reduce__(self):
+        return (_Packed, (self.plain, self.data))
+
+
+def _packed(results: list):
+    """In the worker: a chunk's results pickled here when nothing in them needs the runtime
+    (no ref, no large buffer; see _pack_plain), else the list as it is (the general path)."""
+    packed = _pack_plain(results)
+    return results if packed is None else _Packed(*packed)
 
 
 class _Grouped(list):
@@ -160,7 +182,7 @@ def _run_chunks(authkey: bytes | None, fn, star: bool, plain: bool, chunksize: i
     out = _Grouped()
     for i in range(0, len(chunk), chunksize):
         try:
-            out.append(_apply(fn, star, plain, chunk[i:i + chunksize], shared))
+            out.append(_packed(_apply(fn, star, plain, chunk[i:i + chunksize], shared)))
         except Exception as error:  # noqa: BLE001 - that chunk's outcome (BaseExceptions end the task)
             out.append(_ChunkFailed.of(error))
     return out
@@ -203,6 +225,14 @@ class _AuthKey:
 
 
 def _fix_result(value, chunk: bool = False):
+    if chunk and type(value) is _Packed:
+        try:
+            results = pickle.loads(value.data)
+        except BaseException as exc:
+            exc.add_note("(farpool: while unpickling the results of a chunk of a map here; the error comes "
+                         "from a result's unpickling code)")
+            raise
+        return results if value.plain else [v if type(v) in _PLAIN else _writable(v) for v in results]
     if chunk and type(value) is list:
         return value if _all_plain(value) else [v if type(v) in _PLAIN else _writable(v) for v in value]
     return _writable(value)
