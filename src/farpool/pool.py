@@ -53,7 +53,7 @@ from farpool import exceptions as _exc
 from farpool._facade import (DistributedFuture, _ClusterHold, _Dispatcher, _feasible, _Feed, _in_flight_limit,
                              _open_facade, _task_name, _TaskMaker, _WorkItem)
 from farpool._facade.errors import _user_error
-from farpool._facade.tasks import _ChunkFailed, _fix_result, _Grouped
+from farpool._facade.tasks import _ChunkFailed, _Grouped
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _items_of(future, tb_cls) -> list:
             error = _exc.TaskError.wrap(future._name, part.text, part.error, part.type_name, part.where)
             items.append(_ItemError(_pool_error(_user_error(error, tb_cls, future._name))))
         else:
-            items.extend(_fix_result(part, chunk=True))
+            items.extend(part)  # (made writable where needed by _fix_result, on the callback thread)
     return items
 
 

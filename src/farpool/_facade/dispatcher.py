@@ -199,7 +199,7 @@ class _Feed:
             take = lambda n: list(map(tuple, itertools.islice(self.iterator, n)))  # noqa: E731
         else:
             take = lambda n: list(itertools.islice(self.iterator, n))  # noqa: E731
-        if want == self.chunksize:
+        if want == self.chunksize or self.items is not None:  # (a list cannot raise partway)
             return take(want)
         out: list = []
         while len(out) < want:
