@@ -102,6 +102,26 @@ def spin(n):
     return time.thread_time() - c0 + (x & 0)
 
 
+# spin_for looks at its thread's CPU clock every this many iterations (~1 ms of work):
+# more overshoots the target by more, fewer spends more of the task in the clock.
+SPIN_CHECK = 10_000
+
+
+def spin_for(cpu_s):
+    """The work unit calibrated in the process that runs it: ``spin``'s loop until this
+    thread has used ``cpu_s`` CPU seconds, however fast that process runs the loop (a
+    fixed iteration count calibrated elsewhere gives systems whose workers run it faster
+    less work and a lower efficiency for the same wall time).  Returns the CPU seconds used."""
+    clock = time.thread_time
+    c0 = clock()
+    end = c0 + cpu_s
+    x = 0
+    while clock() < end:
+        for i in range(SPIN_CHECK):
+            x = (x + i * i) % 1_000_003
+    return clock() - c0 + (x & 0)
+
+
 def map_chunk(fn, chunk):
     return [fn(x) for x in chunk]
 
@@ -785,17 +805,14 @@ def w_actor(a, cfg):
 
 
 def w_cpu(a, cfg):
-    iters, task_s = cfg.get("cpu_iters"), cfg.get("cpu_measured_s")
-    if not iters:
-        iters, task_s = calibrate_spin(cfg["cpu_task_s"])
-        cfg["cpu_iters"], cfg["cpu_measured_s"] = iters, task_s
+    task_s = cfg["cpu_task_s"]  # (cpu_iters, calibrated by the harness, is not used: see spin_for)
     k = cfg["cpu_tasks"]
     nominal = k * task_s / a.workers
     walls, effs, ideals = [], [], []
     reps = Reps(cfg)
     for _ in reps:
         t0 = time.perf_counter()
-        out = a.run_many(spin, [(iters,)] * k)
+        out = a.run_many(spin_for, [(task_s,)] * k)
         wall = time.perf_counter() - t0
         assert len(out) == k
         # ideal = the CPU time the tasks really used, spread over the workers:
@@ -806,7 +823,7 @@ def w_cpu(a, cfg):
         effs.append(ideal / wall)
     return _result({"wall_s": median(walls), "efficiency": median(effs), "ideal_s": median(ideals),
                     "nominal_ideal_s": nominal}, reps=reps.done,
-                   note=f"{k} tasks x ~{task_s:g} s (spin({iters})) on {a.workers} workers: nominal ideal "
+                   note=f"{k} tasks x {task_s:g} s of CPU each (spin_for) on {a.workers} workers: nominal ideal "
                         f"{nominal:g} s; efficiency = (task CPU seconds / workers) / wall")
 
 

@@ -229,9 +229,13 @@ class DistributedExecutor(concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
-        # One iterable: its items go as they are (no 1-tuples to pickle and unpack).
+        # One iterable: its items go as they are (no 1-tuples to pickle and unpack); a list
+        # is sliced as work is handed out (see _Feed).
         star = len(iterables) != 1
-        iterator = zip(*iterables) if star else iter(iterables[0])
+        if star:
+            iterator = zip(*iterables)
+        else:
+            iterator = iterables[0] if type(iterables[0]) is list else iter(iterables[0])
         with self._state.lock:
             self._check_open()
             dispatcher = self._state.dispatcher

@@ -53,7 +53,7 @@ from farpool import exceptions as _exc
 from farpool._facade import (DistributedFuture, _ClusterHold, _Dispatcher, _feasible, _Feed, _in_flight_limit,
                              _open_facade, _task_name, _TaskMaker, _WorkItem)
 from farpool._facade.errors import _user_error
-from farpool._facade.tasks import _ChunkFailed, _fix_result, _Grouped
+from farpool._facade.tasks import _ChunkFailed, _Grouped
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,13 @@ def _items_of(future, tb_cls) -> list:
             error = _exc.TaskError.wrap(future._name, part.text, part.error, part.type_name, part.where)
             items.append(_ItemError(_pool_error(_user_error(error, tb_cls, future._name))))
         else:
-            items.extend(_fix_result(part, chunk=True))
+            items.extend(part)  # (made writable where needed by _fix_result, on the callback thread)
     return items
+
+
+def _inputs(iterable: Iterable):
+    """What a map's feed reads: a list itself (sliced as work is handed out), else an iterator."""
+    return iterable if type(iterable) is list else iter(iterable)
 
 
 def _weak(method: Callable) -> Callable:
@@ -554,7 +559,7 @@ class Pool:
             chunksize = 0
         result = MapResult(self, chunksize, len(iterable), callback, error_callback)
         if chunksize > 0:
-            feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, iter(iterable), chunksize, star,
+            feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, _inputs(iterable), chunksize, star,
                          self._limit, on_future=result._on_future, on_finish=result._on_finish,
                          keep_futures=False)
             try:
@@ -569,7 +574,7 @@ class Pool:
         self._check_submit()
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, iter(iterable), chunksize, False,
+        feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, _inputs(iterable), chunksize, False,
                      self._limit, grouped=self._tasks.chunks(func))
         self._dispatcher.push(feed)
         return IMapIterator(self, feed)
@@ -580,7 +585,7 @@ class Pool:
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
         result = IMapUnorderedIterator(self)
-        feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, iter(iterable), chunksize, False,
+        feed = _Feed(self._dispatcher, self._tasks.chunk(func), func, _inputs(iterable), chunksize, False,
                      self._limit, on_future=_weak(result._on_future), on_finish=_weak(result._on_finish),
                      keep_futures=False, grouped=self._tasks.chunks(func))
         result._feed = feed

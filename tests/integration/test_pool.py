@@ -337,6 +337,33 @@ def writable_sum(arr):
     return float(arr.sum())
 
 
+def frozen_array(n):
+    import numpy as np
+    arr = np.full(n, float(n))
+    arr.flags.writeable = False
+    return arr
+
+
+def get_ref(n):
+    return farpool.put(n)
+
+
+def test_map_results_of_every_kind_arrive_as_with_the_stdlib(pool):
+    # arrays come back writable (read-only in the task, small or large), refs stay usable, lambdas arrive
+    for n in (3, 20_000):
+        out = pool.map(frozen_array, [n, n + 1], chunksize=2)
+        out[0][0] = -1.0
+        assert out[0].tolist()[:2] == [-1.0, float(n)] and out[1].flags.writeable
+    refs = pool.map(get_ref, [4, 5], chunksize=2)
+    assert farpool.get(refs) == [4, 5]
+    assert [f() for f in pool.map(make_lambda, [1, 2], chunksize=2)] == [1, 2]
+    assert [x.tolist() for x in pool.imap(frozen_array, [1, 2])] == [[1.0], [2.0, 2.0]]
+
+
+def make_lambda(n):
+    return lambda: n
+
+
 def test_map_items_of_every_kind_arrive_as_with_the_stdlib(pool):
     import numpy as np
     frozen = np.ones(8)

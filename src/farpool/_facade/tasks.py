@@ -104,7 +104,7 @@ def _run_chunk(authkey: bytes | None, fn, star: bool, plain: bool, chunk, *share
     _adopt_authkey(authkey)
     if type(chunk) is bytes:
         chunk = pickle.loads(chunk)
-    return _apply(fn, star, plain, chunk, shared)
+    return _packed(_apply(fn, star, plain, chunk, shared))
 
 
 def _apply(fn, star: bool, plain: bool, chunk: list, shared: tuple) -> list:
@@ -115,6 +115,37 @@ def _apply(fn, star: bool, plain: bool, chunk: list, shared: tuple) -> list:
     if plain:
         return list(map(fn, chunk))
     return [fn(x if type(x) in _PLAIN else _restore(x, shared)) for x in chunk]
+
+
+# A map chunk with at least this many results travels pickled by the worker (_Packed).
+# Below it a look at each result in the submitter costs less than the worker's extra
+# pickling step; above it the look costs more (~20 ns a result against ~10 us a chunk).
+PACK_MIN_RESULTS = 64
+
+
+class _Packed:
+    """A chunk's results as the worker pickled them (``_packed``); ``plain``: no array inside.
+
+    The submitter then needs no look at every result (``_fix_result``): the
+    worker's scan of the pickle is ~10x cheaper than a look at every item's type."""
+    __slots__ = ("plain", "data")
+
+    def __init__(self, plain: bool, data: bytes):
+        self.plain = plain
+        self.data = data
+
+    def __reduce__(self):
+        return (_Packed, (self.plain, self.data))
+
+
+def _packed(results: list, count: int | None = None):
+    """In the worker: a chunk's results (or a ``_Grouped`` of ``count`` items) pickled here when
+    there are enough of them and nothing in them needs the runtime (no ref, no large buffer;
+    see _pack_plain), else as they are (the general path)."""
+    if (len(results) if count is None else count) < PACK_MIN_RESULTS:
+        return results
+    packed = _pack_plain(results)
+    return results if packed is None else _Packed(*packed)
 
 
 class _Grouped(list):
@@ -163,7 +194,7 @@ def _run_chunks(authkey: bytes | None, fn, star: bool, plain: bool, chunksize: i
             out.append(_apply(fn, star, plain, chunk[i:i + chunksize], shared))
         except Exception as error:  # noqa: BLE001 - that chunk's outcome (BaseExceptions end the task)
             out.append(_ChunkFailed.of(error))
-    return out
+    return _packed(out, len(chunk))
 
 
 def _run_initializer(authkey: bytes | None, payload: bytes) -> None:
@@ -203,6 +234,22 @@ class _AuthKey:
 
 
 def _fix_result(value, chunk: bool = False):
-    if chunk and type(value) is list:
+    """A task's value as the facades hand it out: arrays writable, a map chunk's results (a list,
+    ``_Packed`` or ``_Grouped``) unpacked."""
+    if not chunk:
+        return _writable(value)
+    if type(value) is _Packed:
+        try:
+            unpacked = pickle.loads(value.data)
+        except BaseException as exc:
+            exc.add_note("(farpool: while unpickling the results of a chunk of a map here; the error comes "
+                         "from a result's unpickling code)")
+            raise
+        if value.plain:
+            return unpacked
+        value = unpacked
+    if type(value) is list:
         return value if _all_plain(value) else [v if type(v) in _PLAIN else _writable(v) for v in value]
+    if type(value) is _Grouped:
+        return _Grouped(part if type(part) is _ChunkFailed else _fix_result(part, chunk=True) for part in value)
     return _writable(value)
