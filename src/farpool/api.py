@@ -73,8 +73,8 @@ def shutdown() -> None:
     runtime.shutdown()
 
 
-def _client() -> client_mod.CoreClient:
-    return runtime.client()
+# This process's client, starting the embedded cluster first if nothing was started.
+_client = runtime.client
 
 
 # ---------------------------------------------------------------------- remote functions

@@ -54,6 +54,7 @@ class Submitter(ClientPart):
         self._dispatch_scheduled = False
         self._dirty_keys: set = set()
         self._dirty_actors: set = set()
+        self._cpus_of, self._cpus = None, 0  # (_cluster_cpus: the node table counted, and its count)
 
     def bind(self) -> None:
         """The sibling parts' calls this one makes (after the shell made them all)."""
@@ -262,7 +263,12 @@ class Submitter(ClientPart):
             lease.linger = self.loop.call_later(LEASE_LINGER_S, self._return_idle, lease)
 
     def _cluster_cpus(self) -> int:
-        return sum(n["total"].get("CPU", 0) for n in self.c.nodes if n.get("alive"))
+        """CPU units of the live nodes (counted again when the client gets a new node table)."""
+        nodes = self.c.nodes
+        if nodes is not self._cpus_of:
+            self._cpus_of = nodes
+            self._cpus = sum(n["total"].get("CPU", 0) for n in nodes if n.get("alive"))
+        return self._cpus
 
     def _send_take_back(self, busy: LeaseState, ids: list) -> None:
         token = (busy.node_id, busy.lease_id)
