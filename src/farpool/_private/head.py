@@ -812,6 +812,7 @@ def main(argv=None) -> int:
     except OSError as exc:  # the port is taken, the host is not ours: say so, no traceback
         print(f"farpool-head: {exc.strerror or exc}", flush=True)
         return 1
+    session.announce_ready()  # bound: the driver and the node agent may connect
     with open(os.path.join(args.session_dir, "head.pid"), "w") as f:
         f.write(str(os.getpid()))
     head.dashboard = None
