@@ -9,7 +9,7 @@ interpreter.  It reaps its children and reports
 each exit (code or signal) to the agent: worker deaths are noticed from the
 process exit, never from heartbeats::
 
-    agent --("spawn", id, env), ("started_up",)--> launcher --fork--> worker
+    agent --("config", args), ("spawn", id, env), ("started_up",)--> launcher --fork--> worker
     agent <--("started", id, pid) / ("exited", id, pid, code, sig)--
 
 Messages are length-prefixed pickles over a socketpair; EOF on it means the
@@ -80,9 +80,11 @@ class MessageReader:
         return out
 
 
-def start(worker_main_args: dict, close_in_child=()) -> tuple[int, socket.socket]:
-    """Fork the launcher; returns (pid, socket to it).  Call before any thread or zmq context.
-    ``close_in_child``: the agent's fds (None skipped) that the launcher must not hold."""
+def start(close_in_child=()) -> tuple[int, socket.socket]:
+    """Fork the launcher; returns (pid, socket to it).  Call before any thread or zmq context,
+    and before argparse (it imports shutil, bz2, lzma and gettext: about 1.5 MB that the launcher
+    and every worker would carry); then ``configure`` it.  ``close_in_child``: the agent's fds
+    (None skipped) that the launcher must not hold."""
     ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:
@@ -91,12 +93,28 @@ def start(worker_main_args: dict, close_in_child=()) -> tuple[int, socket.socket
             if fd is not None:
                 os.close(fd)
         try:
-            _run(theirs, worker_main_args)
+            _run(theirs)
         finally:
             os._exit(0)
     theirs.close()
     ours.setblocking(False)
     return pid, ours
+
+
+def _settle(session) -> None:
+    """After preloading: the heap's free pages back to the kernel, and every object so far
+    out of the garbage collector's sight (``gc.freeze``), so that a collection in a worker
+    does not write to, and so copy, pages it shares with the launcher."""
+    import gc
+    gc.collect()
+    gc.freeze()
+    session.release_free_memory()
+
+
+def configure(sock: socket.socket, worker_main_args: dict) -> None:
+    """What every worker's ``worker.main`` gets (session, node, addresses, token); the first
+    message, before any spawn."""
+    send_msg(sock, ("config", worker_main_args))
 
 
 class _Output(NamedTuple):
@@ -106,7 +124,7 @@ class _Output(NamedTuple):
     log: object                 # the worker's worker_logs.RotatingLog (both its pipes share it)
 
 
-def _run(sock: socket.socket, common: dict) -> None:
+def _run(sock: socket.socket) -> None:
     from farpool._private import session, worker_logs
     session.set_process_name("farpool-launch")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -116,11 +134,12 @@ def _run(sock: socket.socket, common: dict) -> None:
     managed = [var for var in THREAD_VARS if var not in os.environ]
     for var in managed:
         os.environ[var] = "1"
-    common = dict(common, managed_thread_vars=managed)
+    common = None  # the agent's ("config", ...), its first message
     # Preload what every worker imports, once, here (PRELOAD_LATER: see there).
     import cloudpickle  # noqa: F401
     from farpool._private import worker as worker_module  # noqa: F401
     preload_later = list(PRELOAD_LATER)
+    _settle(session)
 
     lifeline_r, lifeline_w = os.pipe()
     wake_r, wake_w = os.pipe()
@@ -205,7 +224,9 @@ def _run(sock: socket.socket, common: dict) -> None:
                         pass
                 return
             for tag, *fields in msgs:
-                if tag == "started_up":  # the workers started ahead of demand are forked
+                if tag == "config":
+                    common = dict(fields[0], managed_thread_vars=managed)
+                elif tag == "started_up":  # the workers started ahead of demand are forked
                     started_up = True
                 elif tag == "spawn":
                     worker_id, env = fields
@@ -213,6 +234,7 @@ def _run(sock: socket.socket, common: dict) -> None:
                         for module in preload_later:
                             __import__(module)
                         preload_later = []
+                        _settle(session)
                     out_r, out_w = os.pipe()
                     err_r, err_w = os.pipe()
                     log_path = worker_logs.log_path(common["session_dir"], worker_id)
