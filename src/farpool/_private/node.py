@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 
 from farpool._private import (addresses, copy_events, host_usage, launcher, node_table, protocol, pull, pulse,
@@ -629,8 +628,7 @@ def run(args, token: str, launcher_pid: int, launcher_sock, ready_fd: int | None
     fds are the ready pipes of session.spawn (ours to close, the head's to wait on), or None."""
     session.set_process_name("farpool-node")
     if args.num_cpus is None:
-        import loky
-        args.num_cpus = loky.cpu_count()
+        args.num_cpus = host_usage.cpu_count()  # (as loky.cpu_count(), without importing loky)
     if args.num_gpus is None:
         args.num_gpus = session.detect_gpus()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
