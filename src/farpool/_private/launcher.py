@@ -5,9 +5,9 @@ context or a thread, so forking from the launcher is safe.  The launcher
 preloads the imports every worker needs (cloudpickle, zmq, the worker module;
 numpy once the first workers are out: see PRELOAD_LATER), then forks a worker
 per request in about a millisecond instead of paying 150-250 ms for a fresh
-interpreter.  It reaps its children and reports
-each exit (code or signal) to the agent: worker deaths are noticed from the
-process exit, never from heartbeats::
+interpreter.  It reaps its children and reports each exit (code or signal) to
+the agent: worker deaths are noticed from the process exit, never from
+heartbeats::
 
     agent --("config", args), ("spawn", id, env), ("started_up",)--> launcher --fork--> worker
     agent <--("started", id, pid) / ("exited", id, pid, code, sig)--

@@ -28,7 +28,8 @@ def parser():
     parser.add_argument("--session-dir", required=True)
     parser.add_argument("--head-address", required=True, help="ipc://... or HOST:PORT")
     parser.add_argument("--node-id", required=True)
-    parser.add_argument("--num-cpus", type=float, default=None, help="default: the CPUs this process may use, as loky.cpu_count() counts them")
+    parser.add_argument("--num-cpus", type=float, default=None,
+                        help="default: the CPUs this process may use, as loky.cpu_count() counts them")
     parser.add_argument("--num-gpus", type=float, default=None, help="default: the GPUs detected")
     parser.add_argument("--resources", default="{}")
     parser.add_argument("--object-store-memory", type=float, default=None)
