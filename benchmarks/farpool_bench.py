@@ -477,6 +477,7 @@ def w_footprint(factory, cfg):
     psutil = _need_psutil()
     me = psutil.Process()
     rss, pss, procs, own_rss, own_pss = [], [], [], [], []
+    by_process = {}  # process name -> [count, RSS MB, PSS MB], of the last repetition
     reps = Reps(cfg)
     for _ in reps:
         _collect()
@@ -487,14 +488,20 @@ def w_footprint(factory, cfg):
             a.call(noop)
             time.sleep(cfg["settle_s"])
             t_rss = t_pss = n = 0
+            by_process = {}
             for p in me.children(recursive=True):
                 try:
                     mi = p.memory_full_info()
+                    name = p.name()
                 except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                     continue
                 t_rss += mi.rss
                 t_pss += mi.pss
                 n += 1
+                item = by_process.setdefault(name, [0, 0.0, 0.0])
+                item[0] += 1
+                item[1] += mi.rss / 1e6
+                item[2] += mi.pss / 1e6
             now = me.memory_full_info()
         finally:
             a.stop()
@@ -508,7 +515,9 @@ def w_footprint(factory, cfg):
     return _result({"rss_mb": median(rss), "pss_mb": median(pss), "procs": median(procs),
                     "driver_rss_inc_mb": median(own_rss), "driver_pss_inc_mb": median(own_pss)},
                    note="sum over the driver's descendant processes + the driver's own increment",
-                   reps=reps.done)
+                   reps=reps.done,
+                   by_process={name: {"count": c, "rss_mb": round(r, 1), "pss_mb": round(q, 1)}
+                               for name, (c, r, q) in sorted(by_process.items(), key=lambda kv: -kv[1][1])})
 
 
 def w_noop(a, cfg):

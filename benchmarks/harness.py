@@ -732,6 +732,17 @@ def render(report):
         for w in fb.WORKLOADS:
             if w in wnotes:
                 lines.append(f"- {w}: {wnotes[w]}")
+    itemized = [(s, res[s]["results"]["footprint"]["by_process"]) for s in systems
+                if ((res.get(s) or {}).get("results") or {}).get("footprint", {}).get("by_process")]
+    if itemized:
+        lines.append("")
+        lines.append("### Idle footprint by process (the last repetition; MB)")
+        lines.append("")
+        lines.append("| system | process | count | RSS | PSS |")
+        lines.append("|---|---|---|---|---|")
+        for s, items in itemized:
+            for name, item in items.items():
+                lines.append(f"| {s} | {name} | {item['count']} | {item['rss_mb']:.1f} | {item['pss_mb']:.1f} |")
     lines.append("")
     lines.append("### Systems")
     lines.append("")

@@ -202,7 +202,7 @@ def _start(args) -> int:
             session.remove_session(session_dir)
             raise
         address = addresses.join(advertise, int(port))
-        node = session.spawn("farpool._private.node",
+        node = session.spawn("farpool._private.node_main",
                              ["--head-address", session.ipc(session_dir, "head"), "--head-node"] + common
                              + lifeline, session_dir, "node.log", token, lifeline=args.block)
         try:
@@ -234,7 +234,7 @@ def _start(args) -> int:
         if not token:
             raise ValueError("no cluster token: set FARPOOL_TOKEN or pass --token-file PATH "
                              "(the token printed by `farpool start --head`)")
-        node = session.spawn("farpool._private.node", ["--head-address", args.address] + common + lifeline,
+        node = session.spawn("farpool._private.node_main", ["--head-address", args.address] + common + lifeline,
                              session_dir, "node.log", token, lifeline=args.block)
         try:
             node_address = _wait_file(os.path.join(session_dir, "node.address"), node, "node agent")

@@ -24,8 +24,8 @@ def test_a_node_agent_of_another_farpool_version_is_refused_naming_both(started,
     try:
         out = run_patched(
             "versions.FARPOOL_VERSION = '0.0.7'",
-            "import sys\nfrom farpool._private import node\n"
-            f"sys.exit(node.main(['--session-dir', {session_dir!r}, '--head-address', {started.address!r},"
+            "import sys\nfrom farpool._private import node_main\n"
+            f"sys.exit(node_main.main(['--session-dir', {session_dir!r}, '--head-address', {started.address!r},"
             " '--node-id', 'fa4e0000fa4e0000', '--host', '127.0.0.1', '--num-cpus', '1']))",
             {"FARPOOL_TOKEN": started.token})
     finally:

@@ -22,13 +22,22 @@ NOT_WHEN_IDLE = {
     "_ssl.": "ssl (about 6 MB with http.server): the dashboard imports http.server at its first request",
     "_psutil_linux": "psutil (about 4 MB): the agent reads /proc itself (host_usage.py)",
     "_sqlite3.": "sqlite3 (about 1.5 MB): only a head with tables on disk (farpool start) needs it",
+    "_multiarray_umath.": "numpy (about 11 MB): the launcher forks the first workers before it imports "
+                          "numpy (launcher.PRELOAD_LATER); a task that uses it imports it",
+    "_lzma.": "shutil (with bz2 and lzma, about 0.6 MB): imported where a tree is removed; argparse "
+              "imports it to ask for a terminal's width (session.argument_parser gives one)",
 }
 
 DRIVER = textwrap.dedent("""
     import json
     import os
+    import sys
 
     import farpool
+
+
+    def numpy_loaded():
+        return "numpy" in sys.modules
 
 
     def main():
@@ -42,6 +51,10 @@ DRIVER = textwrap.dedent("""
             if p.name().startswith("farpool-"):
                 found[f"{p.name()} (pid {p.pid})"] = sorted(
                     os.path.basename(m.path) for m in p.memory_maps(grouped=True) if ".so" in m.path)
+        # A worker forked after the first ones (an initializer gets workers of its own) finds
+        # numpy loaded: the launcher imported it before forking it.
+        with farpool.DistributedExecutor(max_workers=1, initializer=os.getpid) as executor:
+            found["later worker has numpy"] = executor.submit(numpy_loaded).result(timeout=60)
         farpool.shutdown()
         print(json.dumps(found))
 
@@ -57,6 +70,7 @@ def test_the_idle_head_agent_launcher_and_workers_load_only_what_they_use(tmp_pa
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=TIMEOUT * 2)
     assert done.returncode == 0, done.stderr
     mapped = json.loads(done.stdout.strip().splitlines()[-1])
+    assert mapped.pop("later worker has numpy") is True, "launcher.PRELOAD_LATER: numpy for later workers"
     kinds = {name.split(" ")[0] for name in mapped}
     assert {"farpool-head", "farpool-node", "farpool-launch", "farpool-worker"} <= kinds, mapped.keys()
     found = [f"{process} maps {prefix}*: {why}" for process, libraries in mapped.items()

@@ -26,7 +26,6 @@ resources cost one diff and one message per subscriber per batch, not one per ch
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -809,7 +808,7 @@ def _signal_name(number) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="farpool-head")
+    parser = session.argument_parser("farpool-head")
     parser.add_argument("--session-dir", required=True)
     parser.add_argument("--host", default=None, help="also listen on TCP at this address")
     parser.add_argument("--advertise-host", default=None,
@@ -833,6 +832,7 @@ def main(argv=None) -> int:
     except OSError as exc:  # the port is taken, the host is not ours: say so, no traceback
         print(f"farpool-head: {exc.strerror or exc}", flush=True)
         return 1
+    session.announce_ready()  # bound: the driver and the node agent may connect
     with open(os.path.join(args.session_dir, "head.pid"), "w") as f:
         f.write(str(os.getpid()))
     head.dashboard = None
@@ -859,6 +859,7 @@ def main(argv=None) -> int:
         head.loop.add_reader(0, on_lifeline)
     signal.signal(signal.SIGTERM, session.sigterm_handler(lambda *_: (clean.append("SIGTERM"), head.loop.stop())))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    session.release_free_memory()  # what start-up (imports) left free in the C heap
     print(f"farpool-head ready pid={os.getpid()} port={head.port} epoch={head.epoch}", flush=True)
     try:
         head.loop.run()

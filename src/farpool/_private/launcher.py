@@ -2,13 +2,14 @@
 
 The node agent forks the launcher first thing, before it creates a zmq
 context or a thread, so forking from the launcher is safe.  The launcher
-preloads the imports every worker needs (numpy, cloudpickle, zmq, the worker
-module), then forks a worker per request in about a millisecond instead of
-paying 150-250 ms for a fresh interpreter.  It reaps its children and reports
-each exit (code or signal) to the agent: worker deaths are noticed from the
-process exit, never from heartbeats::
+preloads the imports every worker needs (cloudpickle, zmq, the worker module;
+numpy once the first workers are out: see PRELOAD_LATER), then forks a worker
+per request in about a millisecond instead of paying 150-250 ms for a fresh
+interpreter.  It reaps its children and reports each exit (code or signal) to
+the agent: worker deaths are noticed from the process exit, never from
+heartbeats::
 
-    agent --("spawn", id, env)--> launcher --fork--> worker
+    agent --("config", args), ("spawn", id, env), ("started_up",)--> launcher --fork--> worker
     agent --("node_id", new id)--> launcher (the agent joined again as a new node)
     agent <--("started", id, pid) / ("exited", id, pid, code, sig)--
 
@@ -31,6 +32,15 @@ from typing import NamedTuple
 
 _LEN = struct.Struct("!I")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+# Imported by the launcher once the agent's first workers (those it starts ahead of demand)
+# are forked, at the first spawn after them, so that every later worker (a replacement, a
+# pool's own, a new job's) has it loaded at fork.  The first workers are forked without
+# it: an idle cluster does not carry numpy (about 11 MB of each process's RSS here) and the
+# first result does not wait for its import; a first worker whose task uses numpy imports
+# it then (about 80 ms once, here).  Preloading it before the first fork instead costs
+# every idle worker its RSS and the start-up its import.
+PRELOAD_LATER = ("numpy",)
 
 
 def send_msg(sock: socket.socket, msg) -> None:
@@ -71,19 +81,41 @@ class MessageReader:
         return out
 
 
-def start(worker_main_args: dict) -> tuple[int, socket.socket]:
-    """Fork the launcher; returns (pid, socket to it).  Call before any thread or zmq context."""
+def start(close_in_child=()) -> tuple[int, socket.socket]:
+    """Fork the launcher; returns (pid, socket to it).  Call before any thread or zmq context,
+    and before argparse (it imports shutil, bz2, lzma and gettext: about 1.5 MB that the launcher
+    and every worker would carry); then ``configure`` it.  ``close_in_child``: the agent's fds
+    (None skipped) that the launcher must not hold."""
     ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:
         ours.close()
+        for fd in close_in_child:
+            if fd is not None:
+                os.close(fd)
         try:
-            _run(theirs, worker_main_args)
+            _run(theirs)
         finally:
             os._exit(0)
     theirs.close()
     ours.setblocking(False)
     return pid, ours
+
+
+def _settle(session) -> None:
+    """After preloading: the heap's free pages back to the kernel, and every object so far
+    out of the garbage collector's sight (``gc.freeze``), so that a collection in a worker
+    does not write to, and so copy, pages it shares with the launcher."""
+    import gc
+    gc.collect()
+    gc.freeze()
+    session.release_free_memory()
+
+
+def configure(sock: socket.socket, worker_main_args: dict) -> None:
+    """What every worker's ``worker.main`` gets (session, node, addresses, token); the first
+    message, before any spawn."""
+    send_msg(sock, ("config", worker_main_args))
 
 
 class _Output(NamedTuple):
@@ -93,7 +125,7 @@ class _Output(NamedTuple):
     log: object                 # the worker's worker_logs.RotatingLog (both its pipes share it)
 
 
-def _run(sock: socket.socket, common: dict) -> None:
+def _run(sock: socket.socket) -> None:
     from farpool._private import session, worker_logs
     session.set_process_name("farpool-launch")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -103,11 +135,12 @@ def _run(sock: socket.socket, common: dict) -> None:
     managed = [var for var in THREAD_VARS if var not in os.environ]
     for var in managed:
         os.environ[var] = "1"
-    common = dict(common, managed_thread_vars=managed)
-    # Preload what every worker imports, once, here.
-    import numpy  # noqa: F401
+    common = None  # the agent's ("config", ...), its first message
+    # Preload what every worker imports, once, here (PRELOAD_LATER: see there).
     import cloudpickle  # noqa: F401
     from farpool._private import worker as worker_module  # noqa: F401
+    preload_later = list(PRELOAD_LATER)
+    _settle(session)
 
     lifeline_r, lifeline_w = os.pipe()
     wake_r, wake_w = os.pipe()
@@ -120,6 +153,7 @@ def _run(sock: socket.socket, common: dict) -> None:
     pipes_of: dict[int, list] = {}   # pid -> its pipe read fds
     reader = MessageReader(sock)
     sock.setblocking(False)
+    started_up = False
 
     def forward(fd: int) -> bool:
         """Pass what a worker wrote on stdout/stderr to its log file and the agent.
@@ -191,8 +225,17 @@ def _run(sock: socket.socket, common: dict) -> None:
                         pass
                 return
             for tag, *fields in msgs:
-                if tag == "spawn":
+                if tag == "config":
+                    common = dict(fields[0], managed_thread_vars=managed)
+                elif tag == "started_up":  # the workers started ahead of demand are forked
+                    started_up = True
+                elif tag == "spawn":
                     worker_id, env = fields
+                    if started_up and preload_later:
+                        for module in preload_later:
+                            __import__(module)
+                        preload_later = []
+                        _settle(session)
                     out_r, out_w = os.pipe()
                     err_r, err_w = os.pipe()
                     log_path = worker_logs.log_path(common["session_dir"], worker_id)

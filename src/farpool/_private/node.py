@@ -1,6 +1,6 @@
 """The node agent: one per machine; owns its workers, their leases and resources.
 
-Runs as its own process (``python -m farpool._private.node``), one thread, one
+Runs as its own process (``python -m farpool._private.node_main``), one thread, one
 event loop.  The launcher is forked before anything else (see launcher.py)::
 
     local clients (ipc) --RequestLease/ReturnLease/Goodbye--> +-------+ --spawn/kill--> launcher
@@ -31,13 +31,11 @@ The agent is one class, ``NodeAgent``, in four modules, all run on its one threa
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
 import os
 import signal
-import sys
 import time
 from collections import OrderedDict
 
@@ -442,6 +440,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
 
     def start_workers(self) -> None:
         self._apply(self.leases.prestart())
+        launcher.send_msg(self.launcher_sock, ("started_up",))  # see launcher.PRELOAD_LATER
 
     # --- head ---
     def _on_head(self) -> None:
@@ -721,37 +720,13 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
             self.head.close(0)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="farpool-node")
-    parser.add_argument("--session-dir", required=True)
-    parser.add_argument("--head-address", required=True, help="ipc://... or HOST:PORT")
-    parser.add_argument("--node-id", required=True)
-    parser.add_argument("--num-cpus", type=float, default=None, help="default: loky.cpu_count()")
-    parser.add_argument("--num-gpus", type=float, default=None, help="default: the GPUs detected")
-    parser.add_argument("--resources", default="{}")
-    parser.add_argument("--object-store-memory", type=float, default=None)
-    parser.add_argument("--memory", type=float, default=None, help="bytes of memory tasks may reserve")
-    parser.add_argument("--spill-dir", default=None,
-                        help="where objects spill when the store is full (default: the session directory)")
-    parser.add_argument("--host", default=None, help="also listen on TCP at this address")
-    parser.add_argument("--node-ip", default=None,
-                        help="the address registered for others to connect to (default: --host)")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--embedded", action="store_true")
-    parser.add_argument("--head-node", action="store_true")
-    parser.add_argument("--lifeline", action="store_true")
-    args = parser.parse_args(argv)
-    token = os.environ.pop("FARPOOL_TOKEN", "")
-    # Fork the launcher before any zmq context or thread exists.
-    launcher_pid, launcher_sock = launcher.start({
-        "session_dir": args.session_dir, "node_id": args.node_id,
-        "agent_address": session.ipc(args.session_dir, "node"),
-        "cluster_head": args.head_address, "token": token,
-        "embedded": args.embedded, "num_gpus": args.num_gpus})
+def run(args, token: str, launcher_pid: int, launcher_sock, ready_fd: int | None = None,
+        head_ready_fd: int | None = None) -> int:
+    """The agent's life, once node_main has parsed ``args`` and forked the launcher; the two
+    fds are the ready pipes of session.spawn (ours to close, the head's to wait on), or None."""
     session.set_process_name("farpool-node")
     if args.num_cpus is None:
-        import loky
-        args.num_cpus = loky.cpu_count()
+        args.num_cpus = host_usage.cpu_count()  # (as loky.cpu_count(), without importing loky)
     if args.num_gpus is None:
         args.num_gpus = session.detect_gpus()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -770,7 +745,12 @@ def main(argv=None) -> int:
         print(f"farpool-node: {exc.strerror or exc}", flush=True)
         _stop_launcher(launcher_pid, launcher_sock)
         return 1
+    if ready_fd is not None:
+        os.close(ready_fd)  # bound: the driver may connect (session.wait_ready)
     agent.start_workers()
+    if head_ready_fd is not None:
+        session.wait_ready([head_ready_fd], HEAD_TIMEOUT_S)
+        os.close(head_ready_fd)
     try:
         agent.connect_head()
     except Exception as exc:  # wrong token or address: say so and exit
@@ -797,6 +777,7 @@ def main(argv=None) -> int:
     if agent.tcp_address:
         with open(os.path.join(args.session_dir, "node.address"), "w") as f:
             f.write(agent.tcp_address)
+    session.release_free_memory()  # what start-up (imports) left free in the C heap
     print(f"farpool-node ready pid={os.getpid()} node={args.node_id} tcp={agent.tcp_address}", flush=True)
     try:
         agent.loop.run()
@@ -845,6 +826,3 @@ def _stop_launcher(launcher_pid: int, launcher_sock) -> None:
     except ChildProcessError:
         pass
 
-
-if __name__ == "__main__":
-    sys.exit(main())

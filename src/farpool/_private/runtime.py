@@ -19,12 +19,15 @@ import json
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from farpool import exceptions
-from farpool._private import client as client_mod
 from farpool._private import context as context_mod
 from farpool._private import object_ref
 from farpool._private import protocol, scheduling, session
+
+if TYPE_CHECKING:
+    from farpool._private import client as client_mod
 
 _lock = threading.RLock()
 _state: dict | None = None  # {"client", "procs", "session_dir", "info", "auto"}
@@ -104,9 +107,9 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
     procs = []
     client = None
     try:
-        procs.append(session.spawn("farpool._private.head",
-                                   ["--session-dir", session_dir, "--embedded", "--lifeline"],
-                                   session_dir, "head.log", token, lifeline=True))
+        head = session.spawn("farpool._private.head", ["--session-dir", session_dir, "--embedded", "--lifeline"],
+                             session_dir, "head.log", token, lifeline=True, ready_pipe=True)
+        procs.append(head)
         node_args = ["--session-dir", session_dir, "--head-address", head_address, "--node-id", node_id,
                      "--resources", json.dumps(resources or {}), "--embedded", "--head-node", "--lifeline"]
         if num_cpus is not None:
@@ -117,13 +120,17 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
             node_args += ["--object-store-memory", str(object_store_memory)]
         if spill_dir is not None:
             node_args += ["--spill-dir", os.path.abspath(spill_dir)]
-        procs.append(session.spawn("farpool._private.node", node_args, session_dir, "node.log", token,
-                                   lifeline=True))
+        # The node agent waits for the head to bind before it connects, as we do for both.
+        procs.append(session.spawn("farpool._private.node_main", node_args, session_dir, "node.log", token,
+                                   lifeline=True, ready_pipe=True,
+                                   pass_fds={session.HEAD_READY_FD_VAR: head.ready_fd}))
+        session.wait_ready([proc.ready_fd for proc in procs], START_DEADLINE_S)
         cfg = {"head_address": head_address, "agent_address": session.ipc(session_dir, "node"),
                "watch_pids": [(procs[0].pid, "head"), (procs[1].pid, "node agent")],
                "node_id": node_id, "session_dir": session_dir, "token": token, "embedded": True,
                "local": True, "start_deadline_s": START_DEADLINE_S, "log_to_driver": log_to_driver,
                "job_setup": _job_setup(None, namespace)}
+        from farpool._private import client as client_mod  # (here: a worker imports this module)
         client = client_mod.CoreClient(cfg)
         object_ref.set_current(client)
         welcome = client.connect()
@@ -134,6 +141,9 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
         _stop_procs(procs)
         session.remove_session(session_dir)
         raise
+    finally:
+        for proc in procs:
+            os.close(proc.ready_fd)
     client.job_setup["job_id"] = client.job_id
     info = {"address": None, "node_id": node_id, "session_dir": session_dir, "job_id": client.job_id,
             "dashboard_url": dashboard_url(client), "embedded": True}
@@ -184,6 +194,7 @@ def _join(address: str, token: str | None, namespace, log_to_driver) -> dict:
            "token": token, "embedded": False, "local": local, "start_deadline_s": 10,
            "log_to_driver": log_to_driver,
            "job_setup": _job_setup(address, namespace)}
+    from farpool._private import client as client_mod
     client = client_mod.CoreClient(cfg)
     object_ref.set_current(client)
     try:
@@ -227,6 +238,7 @@ def _join_from_worker(cfg: dict) -> dict:
             "node_id": cfg["node_id"], "session_dir": cfg["session_dir"], "token": cfg.get("token"),
             "in_worker": True, "worker_id": cfg["worker_id"], "job_id": cfg.get("job_id"), "local": True,
             "job_setup": setup}
+    from farpool._private import client as client_mod  # a worker's first nested call imports it
     client = client_mod.CoreClient(ccfg)
     object_ref.set_current(client)
     client.connect()

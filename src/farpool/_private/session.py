@@ -13,11 +13,16 @@ import base64
 import ctypes
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
+
+# shutil and subprocess are imported where they are used: runtime processes that never spawn or
+# remove a tree would carry them idle (about 0.9 MB of each one's RSS).
 
 SESSION_PREFIX = "s-"
 
@@ -89,6 +94,7 @@ def pid_space() -> str | None:
 
 def remove_session(session_dir: str) -> None:
     """Remove a session directory and its object store segments in /dev/shm."""
+    import shutil
     shutil.rmtree(session_dir, ignore_errors=True)
     prefix = f"farpool-{os.path.basename(session_dir)}-"
     try:
@@ -111,6 +117,7 @@ def keep_logs(session_dir: str) -> str:
 
     Idempotent (a later call copies the newer text); only the newest KEPT_LOGS are kept.
     """
+    import shutil
     root = os.path.dirname(session_dir.rstrip("/")) or tmp_root()
     kept = os.path.join(root, KEPT_PREFIX + os.path.basename(session_dir.rstrip("/")))
     try:
@@ -138,6 +145,7 @@ def shm_root() -> str:
 
 def remove_dead_sessions() -> list[str]:
     """Remove session directories whose every recorded process is gone."""
+    import shutil
     removed = []
     root = tmp_root()
     for name in os.listdir(root):
@@ -204,26 +212,98 @@ def _owned_by_us(path: str) -> bool:
 
 
 def spawn(module: str, args: list[str], session_dir: str, log_name: str,
-          token: str | None, lifeline: bool, extra_env: dict | None = None) -> subprocess.Popen:
+          token: str | None, lifeline: bool, extra_env: dict | None = None,
+          ready_pipe: bool = False, pass_fds: dict | None = None) -> subprocess.Popen:
     """Start ``python -m module args`` in its own session, output to a log file.
 
     With ``lifeline`` the child's stdin is a pipe from us: EOF tells it we died.
-    The token travels in the environment, never on the command line.
+    The token travels in the environment, never on the command line.  With
+    ``ready_pipe`` the returned Popen has ``ready_fd``, the read end of a pipe the
+    child closes (``announce_ready``) once its sockets are bound, or by exiting: see
+    ``wait_ready``.  ``pass_fds`` hands the child more such read ends, each named by
+    the environment variable that carries its number.
     """
+    import subprocess
     env = dict(os.environ)
     if token is not None:
         env["FARPOOL_TOKEN"] = token
     env.update(extra_env or {})
     env["PYTHONUNBUFFERED"] = "1"
+    fds = dict(pass_fds or {})
+    ready_r = ready_w = None
+    if ready_pipe:
+        ready_r, ready_w = os.pipe()
+        fds[READY_FD_VAR] = ready_w
+    env.update({var: str(fd) for var, fd in fds.items()})
     out = open(os.path.join(session_dir, log_name), "ab")
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             stdin=subprocess.PIPE if lifeline else subprocess.DEVNULL,
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            close_fds=True)
+            close_fds=True, pass_fds=tuple(fds.values()))
+    except BaseException:
+        if ready_r is not None:
+            os.close(ready_r)
+        raise
     finally:
         out.close()
+        if ready_w is not None:
+            os.close(ready_w)  # the child holds the only write end now
+    proc.ready_fd = ready_r
+    return proc
+
+
+# The environment variable that names the write end of a spawned process's ready pipe.
+READY_FD_VAR = "FARPOOL_READY_FD"
+# ... and the read end of the head's, handed to the node agent the embedded cluster starts
+# beside it: the agent connects to the head once the head has bound.
+HEAD_READY_FD_VAR = "FARPOOL_HEAD_READY_FD"
+
+
+def announce_ready(var: str = READY_FD_VAR) -> None:
+    """In a spawned process: its sockets are bound, peers may connect now (closes the
+    ready pipe; a process started without one, e.g. by `farpool start`, does nothing)."""
+    fd = os.environ.pop(var, None)
+    if fd is not None:
+        try:
+            os.close(int(fd))
+        except (OSError, ValueError):
+            pass
+
+
+def take_fd(var: str) -> int | None:
+    """A pipe read end that ``spawn(pass_fds=...)`` handed this process, or None."""
+    fd = os.environ.pop(var, None)
+    try:
+        return int(fd) if fd is not None else None
+    except ValueError:
+        return None
+
+
+def wait_ready(fds: list[int], timeout_s: float) -> None:
+    """Wait until each ready pipe in ``fds`` is closed by its process (bound, or exited),
+    at most ``timeout_s``.  Connecting before a peer has bound its ipc socket costs a zmq
+    reconnect interval (100 ms) or more; this waits for the moment instead.  What the
+    process did (bound or died) is for the connection that follows to find out."""
+    import select
+    deadline = time.monotonic() + timeout_s
+    pending = [fd for fd in fds if fd is not None]
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            readable, _, _ = select.select(pending, [], [], left)
+        except InterruptedError:
+            continue
+        for fd in readable:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                data = b""
+            if not data:
+                pending.remove(fd)
 
 
 def set_process_name(name: str) -> None:
@@ -232,6 +312,25 @@ def set_process_name(name: str) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     except Exception:
+        pass
+
+
+def argument_parser(prog: str):
+    """An ``argparse.ArgumentParser`` for a runtime process's own arguments (the head, the node
+    agent), whose help is 100 columns wide: argparse would import shutil (with bz2 and lzma,
+    about 0.6 MB of the process's RSS) to ask the terminal, which these processes never have."""
+    import argparse
+    import functools
+    return argparse.ArgumentParser(prog=prog, formatter_class=functools.partial(argparse.HelpFormatter, width=100))
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the kernel (glibc's ``malloc_trim``): importing
+    leaves several hundred KB free in it, counted in the process's RSS until reused.  Call
+    once start-up is over (it walks the heap: not on a hot path)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
         pass
 
 

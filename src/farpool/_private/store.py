@@ -34,7 +34,6 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -589,6 +588,7 @@ class ObjectStore:
         return rows
 
     def close(self) -> None:
+        import shutil  # (here: an idle agent need not carry it)
         shutil.rmtree(self.directory, ignore_errors=True)
         shutil.rmtree(self.spill_dir, ignore_errors=True)
 
