@@ -79,6 +79,37 @@ def _creator_gone(name: str) -> bool:
     return False
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the tails of the runtime's logs (head, node agents,
+    workers) of the sessions alive then: a failure on CI is read from its log alone."""
+    report = yield
+    if report.failed and os.path.isdir(_ROOT):
+        for path, text in _log_tails():
+            report.sections.append((f"farpool log {path}", text))
+    return report
+
+
+def _log_tails(lines: int = 30, limit: int = 12):
+    """(path, its last ``lines`` lines) of the logs of live sessions, the most recent first."""
+    logs = []
+    for root, _, files in os.walk(_ROOT):
+        logs += [os.path.join(root, f) for f in files if f.endswith(".log")]
+    logs.sort(key=lambda p: os.path.getmtime(p) if os.path.exists(p) else 0, reverse=True)
+    out = []
+    for path in logs[:limit]:
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 16384))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        tail = "\n".join(text.splitlines()[-lines:])
+        if tail.strip():
+            out.append((os.path.relpath(path, _ROOT), tail))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tmp_root():
     return _ROOT

@@ -146,3 +146,16 @@ def test_calls_in_flight_with_max_task_retries_minus_one_are_retried_at_every_de
         calls.validate_state()
         alive(calls, incarnation=incarnation)
     assert t.attempts == 5 and t.state == TaskState.QUEUED
+
+
+def test_where_says_what_a_pending_call_waits_for(calls):
+    a, b = call(), call(deps_left=1)
+    calls.add(a)
+    calls.add(b)
+    calls.validate_state()
+    assert calls.where(b) == "is queued for actor a1 (UNKNOWN) behind 1 call(s), waiting for its worker"
+    alive(calls)
+    sent, _ = calls.next_batch(calls.actor("a1"), no_failed_argument)
+    assert sent == [a]
+    assert calls.where(a) == "was sent to actor a1 (ALIVE) and has not answered"
+    assert calls.where(b) == "is queued for actor a1 (ALIVE) behind 0 call(s), waiting for 1 of its arguments"

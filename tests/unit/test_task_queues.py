@@ -305,3 +305,20 @@ def test_a_result_over_another_workers_stream_is_stale_and_one_over_its_own_is_n
     assert queues.stale_result(t.task_id, other).startswith(f"it runs again on worker {on.worker_id}")
     assert queues.stale_result(t.task_id, on.channel.stream) is None
     assert queues.stale_result(t.task_id, None) is None  # where it came from unknown: its state decides
+
+
+def test_where_says_what_a_pending_task_waits_for(queues):
+    """The words a get() that timed out adds: arguments, the queue, the worker it runs on."""
+    waiting = task()
+    waiting.state, waiting.deps_left = TaskState.WAITING, 2
+    assert queues.where(waiting) == "waits for 2 of its arguments"
+    first, second = submit(queues, 2)
+    assert queues.where(second) == ("is queued for a worker of {CPU: 1} behind 1 task(s), with 0 worker(s) "
+                                    "leased and 0 lease request(s) out to the node agents")
+    plan = dispatch(queues)
+    assert plan.requests >= 1
+    assert "and 0 lease request(s)" in queues.where(first)  # (the shell records the requests it sends)
+    l = lease(queues)
+    plan = dispatch(queues)
+    assert plan.sends and plan.sends[0][0] is l
+    assert queues.where(first) == "runs on worker w1 of node node-a"

@@ -163,6 +163,17 @@ class ActorCalls:
         failed = self.lost(aq, aq.cause) if aq.lease is not None else []
         return aq, failed + self.fail_all(aq)
 
+    def where(self, task: TaskRecord) -> str:
+        """Where an actor call that is not done is, for messages."""
+        aq = self.actors.get(task.actor_id)
+        if aq is None:
+            return f"is a call to actor {task.actor_id}, unknown here"
+        if task.state is TaskState.RUNNING:
+            return f"was sent to actor {task.actor_id} ({aq.state}) and has not answered"
+        ahead = next((i for i, t in enumerate(aq.queue) if t is task), len(aq.queue))
+        waits = "its worker" if aq.lease is None else f"{task.deps_left} of its arguments" if task.deps_left else "its turn"
+        return f"is queued for actor {task.actor_id} ({aq.state}) behind {ahead} call(s), waiting for {waits}"
+
     def validate_state(self) -> None:
         for actor_id, aq in self.actors.items():
             assert aq.actor_id == actor_id

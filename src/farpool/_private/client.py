@@ -521,6 +521,21 @@ class CoreClient:
         task = entry.task if entry is not None else None
         return "DONE" if task is None else task.state.value
 
+    def where_pending(self, ref: ObjectRef) -> str:
+        """For a get() that timed out: where the task making ``ref`` is, as seen here (", its
+        task f is queued for ..."), or "" when it is not ours.  Any thread; a snapshot read
+        without the I/O thread's help, so a table changing under it gives "" instead."""
+        entry = self.objects.get(ref._id)
+        task = entry.task if entry is not None else None
+        if task is None:
+            return "" if entry is None or entry.owned else f", owned by {entry.owner}"
+        try:
+            where = (self.actor_calls.where(task) if task.actor_id is not None
+                     else self.queues.where(task))
+        except RuntimeError:  # (a table changed size while read)
+            return ""
+        return f", its task {task.name} {where}"
+
     def has_failed(self, ref: ObjectRef) -> bool:
         """True if the ref's task failed (value_of raises its error, not an unpickling one). Any thread."""
         entry = self.objects.get(ref._id)

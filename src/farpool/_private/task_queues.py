@@ -29,6 +29,8 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
+from farpool._private.scheduling import describe as describe_shape
+
 # Tasks in flight per leased worker once tasks are seen to be short; 1 keeps
 # load balancing exact and lets queued tasks be cancelled, more hides latency.
 MAX_PIPELINE_DEPTH = 16
@@ -435,6 +437,20 @@ class TaskQueues:
         return not orphaned
 
     # ------------------------------------------------------------------ checks
+    def where(self, task: TaskRecord) -> str:
+        """Where a task that is not done is, for messages (a get() that timed out)."""
+        if task.state is TaskState.WAITING:
+            return f"waits for {task.deps_left} of its arguments"
+        if task.state is TaskState.RUNNING and task.lease is not None:
+            return f"runs on worker {task.lease.worker_id} of node {task.lease.node_id}"
+        kq = self.keys.get(task.key)
+        if task.state is TaskState.QUEUED and kq is not None:
+            ahead = next((i for i, t in enumerate(kq.queue) if t is task), len(kq.queue))
+            return (f"is queued for a worker of {describe_shape(task.shape)} behind {ahead} task(s), "
+                    f"with {len(kq.leases)} worker(s) leased and {len(kq.requests)} lease request(s) "
+                    "out to the node agents")
+        return f"is {task.state.value}"
+
     def validate_state(self) -> None:
         """Raise AssertionError if the queues contradict themselves (tests call it after each event)."""
         for key, kq in self.keys.items():

@@ -467,6 +467,9 @@ class EventLoop:
         self.wake()
 
     def close(self) -> None:
+        # Armed for good first: a call_soon from another thread (a waiter fired as the client
+        # shuts down) must not write to the closed fd, or to another file given its number.
+        self._armed = True
         try:
             os.close(self._wake_fd)
         except OSError:

@@ -187,10 +187,11 @@ class Values(ClientPart):
         ready = self.wait_entries(refs, len(refs), timeout)
         if not all(ready):
             n = ready.count(False)
+            first = refs[ready.index(False)]
             raise exc_mod.GetTimeoutError(
                 f"get() timed out after {timeout} s with {n} of {len(refs)} object(s) not ready "
-                f"(first: {refs[ready.index(False)].hex()}); raise the timeout, or use wait() to "
-                "take results as they come")
+                f"(first: {first.hex()}{self.c.where_pending(first)}); raise the timeout, or use "
+                "wait() to take results as they come")
         return [self.value_of(r) for r in refs]
 
     def value_of(self, ref: ObjectRef, writable: bool = False):
