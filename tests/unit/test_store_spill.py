@@ -95,8 +95,10 @@ def test_a_request_waits_for_a_spill_then_the_spilled_object_comes_back(st):
     answer(st.move_done(restore_a, run(restore_a)))
     assert st.objects[b"a"].state is State.IN_MEMORY
     assert value(r1.seg, size, b"a")[-1] == 1 and r2.seg is r1.seg
-    # a's spill file stays while "a" lives: a clean copy, so evicting it again writes nothing
+    # a's spill file stays while "a" lives: a clean copy, so evicting it again writes nothing,
+    # once its readers had their time to map it (store.READER_GRACE_S)
     assert sorted(os.listdir(st.spill_dir)) == [b"a".hex(), b"b".hex()]
+    st.objects[b"a"].handed_at -= store.READER_GRACE_S
     w3 = Waiter()
     acts = answer(st.allocate(w3, b"c", size))
     assert acts.moves == [] and st.objects[b"a"].state is State.SPILLED and w3.seg is not None
@@ -205,3 +207,27 @@ def test_a_segment_sent_in_pieces_reads_back_as_the_value(tmp_path):
     written = path.read_bytes()
     for offset, piece in pieces:  # the same bytes where write_segment puts them
         assert written[offset:offset + len(piece)] == bytes(piece)
+
+
+def test_an_object_handed_to_a_reader_is_not_spilled_before_the_reader_can_map_it(st):
+    """A store short of memory used to evict a just-restored object again before its reader
+    mapped it (nothing marks a segment in use until then): the reader found it gone each time
+    it asked.  For store.READER_GRACE_S it stays; a request that needs its room goes on disk."""
+    w1, _, write1, size = put(st, b"a", 1)
+    write1()
+    w2, acts, write2, _ = put(st, b"b", 2)
+    (move,) = acts.moves
+    answer(st.move_done(move, run(move)))
+    write2()
+    r = Waiter()
+    acts = answer(st.restore(r, b"a"))             # "b" spills to make room for "a"
+    (spill_b,) = acts.moves
+    acts = answer(st.move_done(spill_b, run(spill_b)))
+    (restore_a,) = acts.moves
+    answer(st.move_done(restore_a, run(restore_a)))
+    assert st.objects[b"a"].state is State.IN_MEMORY and r.seg is not None
+    # Before the reader maps "a", another object needs all the room: "a" is not the one to go.
+    w3 = Waiter()
+    answer(st.allocate(w3, b"c", 5 * MB))
+    assert st.objects[b"a"].state is State.IN_MEMORY
+    assert value(r.seg, size, b"a")[-1] == 1        # the reader finds it

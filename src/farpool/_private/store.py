@@ -50,6 +50,11 @@ SIZE_STEP = 1 << 20
 # A freed segment waits this long for reuse (its pages are touched: reuse is fast), then
 # it is unlinked so that the memory really comes back when the program stops using it.
 FREE_IDLE_S = float(os.environ.get("FARPOOL_STORE_FREE_IDLE_S", "10"))
+# A segment just handed to a reader (asked for, or restored for it) is not spilled for this
+# long: the reader maps it after our answer, and until it does, nothing shows it is in use.
+# Without it a store short of memory could spill a restored object again before its reader
+# mapped it, over and over (the reader gives up after segments.READ_ATTEMPTS).
+READER_GRACE_S = 5.0
 
 # Objects one store listing names (StoreStats: `farpool memory`, `farpool list objects`, the
 # dashboard): by default, and at most (each costs the agent's loop a lock test of its file).
@@ -160,6 +165,7 @@ class Segment:
     freed: bool = False       # freed by its owner while its bytes were moving (SPILLING, RESTORING)
     unspillable: bool = False  # its spill failed for a reason that would repeat
     waiters: list = field(default_factory=list)  # RESTORING: who waits for it
+    handed_at: float = -READER_GRACE_S  # time.monotonic() when last handed to a reader (_touch)
 
     def read_path(self) -> str:
         """A file holding all of the object's bytes now (for chunks sent to other nodes)."""
@@ -266,9 +272,15 @@ class ObjectStore:
         return acts
 
     def _touch(self, object_id: bytes) -> None:
-        """An object just asked for goes last in line to spill (``objects`` is oldest first):
-        its reader maps it after our answer, and must find it still there."""
-        self.objects[object_id] = self.objects.pop(object_id)
+        """An object just asked for goes last in line to spill (``objects`` is oldest first),
+        and is not spilled for READER_GRACE_S: its reader maps it after our answer, and must
+        find it still there."""
+        seg = self.objects[object_id] = self.objects.pop(object_id)
+        seg.handed_at = time.monotonic()
+
+    @staticmethod
+    def _handed_lately(seg: Segment) -> bool:
+        return time.monotonic() - seg.handed_at < READER_GRACE_S
 
     def _serve_wants(self, acts: StoreActions) -> None:
         """Grant the requests that fit now, in order; start spills for the others; put on
@@ -294,7 +306,7 @@ class ObjectStore:
         if self._fits(need, reserved):
             return NOW
         for seg in list(self.objects.values()):  # restored objects whose copy on disk is whole
-            if (seg.spilled_to is not None and seg.state is State.IN_MEMORY
+            if (seg.spilled_to is not None and seg.state is State.IN_MEMORY and not self._handed_lately(seg)
                     and _idle_and_sealed(seg.path, seg.object_id)):
                 self._to_free_pool(Segment(seg.path, seg.size))  # spilled again, nothing written
                 seg.state = State.SPILLED
@@ -327,7 +339,7 @@ class ObjectStore:
 
     def _spillable(self, seg: Segment) -> bool:
         return (seg.state is State.IN_MEMORY and seg.spilled_to is None and seg.used > 0 and not seg.unspillable
-                and self.disk_free() >= seg.used + DISK_RESERVE and _idle_and_sealed(seg.path, seg.object_id))
+                and not self._handed_lately(seg) and self.disk_free() >= seg.used + DISK_RESERVE and _idle_and_sealed(seg.path, seg.object_id))
 
     def _start_spill(self, seg: Segment, acts: StoreActions) -> None:
         from farpool._private import spill
