@@ -197,8 +197,17 @@ def _feed(history, record, job=1):
     history.add_batch(pickle.loads(pickle.dumps(tuple(buf.take(job_id=job, pid=10)), protocol=5)))
 
 
-def test_the_history_follows_a_task_through_its_states_and_counts_by_function_and_shape():
-    h = TaskHistory(max_tasks=10)
+@pytest.fixture(params=[1, 10 ** 9], ids=["columns", "records"])
+def make_history(request):
+    """A TaskHistory that keeps every task born and ended in one batch as columns (a Segment:
+    fast_min=1), or none (every task a record): the answers must be the same."""
+    def make(**kw):
+        return TaskHistory(fast_min=request.param, **kw)
+    return make
+
+
+def test_the_history_follows_a_task_through_its_states_and_counts_by_function_and_shape(make_history):
+    h = make_history(max_tasks=10)
     a, b = Task(1, "train", {"CPU": 20_000}), Task(2, "train", {"CPU": 20_000})
     _feed(h, lambda buf: (buf.submitted(a), buf.submitted(b)))
     assert h.summary()["totals"][PENDING] == 2
@@ -216,8 +225,8 @@ def test_the_history_follows_a_task_through_its_states_and_counts_by_function_an
     h.validate_state()
 
 
-def test_a_retried_run_goes_back_to_running_and_a_late_final_failure_keeps_the_run():
-    h = TaskHistory()
+def test_a_retried_run_goes_back_to_running_and_a_late_final_failure_keeps_the_run(make_history):
+    h = make_history()
     t = Task(1)
     _feed(h, lambda buf: (buf.submitted(t), start(buf, t, "n", "w1"), ran(buf, t, False, 2.1, 3.0, "n", "w1", "OSError")))
     _feed(h, lambda buf: start(buf, t, "n", "w2"))
@@ -230,24 +239,24 @@ def test_a_retried_run_goes_back_to_running_and_a_late_final_failure_keeps_the_r
     h.validate_state()
 
 
-def test_the_history_is_bounded_and_forgets_ended_tasks_first():
-    h = TaskHistory(max_tasks=5)
+def test_the_history_is_bounded_and_forgets_ended_tasks_first(make_history):
+    h = make_history(max_tasks=5)
     live = [Task(i, "live") for i in range(3)]
     done = [Task(100 + i, "short") for i in range(10)]
     _feed(h, lambda buf: [buf.submitted(t) for t in live])
     _feed(h, lambda buf: [(buf.submitted(t), ran(buf, t, True, 1.5, 2.0, "n", "w")) for t in done])
-    assert len(h.records) == 5
+    assert len(h) == 5
     assert len([r for r in h.tasks(limit=None) if r["name"] == "live"]) == 3
     s = h.summary()
     assert s["totals"][FINISHED] == 10 and s["totals"][PENDING] == 3  # counts cover the forgotten
     assert s["forgotten"] == 8
     _feed(h, lambda buf: [buf.submitted(Task(200 + i, "live")) for i in range(20)])
-    assert len(h.records) <= 10
+    assert len(h) <= 10
     h.validate_state()
 
 
-def test_the_tasks_of_an_ended_job_are_not_left_running():
-    h = TaskHistory()
+def test_the_tasks_of_an_ended_job_are_not_left_running(make_history):
+    h = make_history()
     f, g = Task(1, "f"), Task(2, "g")
     _feed(h, lambda buf: (buf.submitted(f), start(buf, f, "n", "w")), job=4)
     _feed(h, lambda buf: buf.submitted(g), job=5)
@@ -256,8 +265,8 @@ def test_the_tasks_of_an_ended_job_are_not_left_running():
     h.validate_state()
 
 
-def test_waiting_tasks_are_listed_with_the_reason_until_they_run():
-    h = TaskHistory()
+def test_waiting_tasks_are_listed_with_the_reason_until_they_run(make_history):
+    h = make_history()
     t = Task(1, "big", {"GPU": 80_000})
     _feed(h, lambda buf: (buf.submitted(t), buf.waiting([t], "no node has 8 GPUs")))
     assert h.summary()["infeasible"] == [{"name": "big", "shape": "{GPU: 8}", "reason": "no node has 8 GPUs",
@@ -266,19 +275,19 @@ def test_waiting_tasks_are_listed_with_the_reason_until_they_run():
     assert h.summary()["infeasible"] == []
 
 
-def test_garbage_batches_are_counted_and_skipped():
-    h = TaskHistory()
+def test_garbage_batches_are_counted_and_skipped(make_history):
+    h = make_history()
     h.add_batch((16, ("S", "not bytes"), 7, None, [], [], 0.0, 0, 1, 1))
     h.add_batch((16, (b"x" * 15, [1.0], ["f"], [{}], [None]), ((), b"", (), (), [], []),
                  ((), b"", (), (), [], [], []), [], [], 0.0, 0, 1, 1))  # an id of the wrong size
-    assert h.bad_events == 2 and h.records == {}
+    assert h.bad_events == 2 and len(h) == 0
     with pytest.raises(ValueError):
         h.add_batch(([],))
     h.validate_state()
 
 
-def test_the_timeline_has_a_lane_per_worker_and_names_them():
-    h = TaskHistory()
+def test_the_timeline_has_a_lane_per_worker_and_names_them(make_history):
+    h = make_history()
     f, g, never = Task(1, "f"), Task(2, "g"), Task(3, "h")
     _feed(h, lambda buf: (buf.submitted(f), ran(buf, f, True, 2.0, 3.0, "nodeA", "w1"),
                           buf.submitted(g), ran(buf, g, True, 2.5, 3.5, "nodeA", "w2"), buf.submitted(never)))
@@ -290,3 +299,85 @@ def test_the_timeline_has_a_lane_per_worker_and_names_them():
     assert run_f["ts"] == 2.0e6 and run_f["dur"] == 1.0e6 and run_f["args"]["waited_ms"] >= 0
     names = {e["args"]["name"] for e in events if e["ph"] == "M"}
     assert names == {"node nodeA", "worker w1", "worker w2"}
+
+
+def test_columns_and_records_give_the_same_answers_for_any_lives():
+    """Random task lives over several batches (born and ended in one, spanning two, retried,
+    failed, waiting, run again later as lineage does) fed to a history keeping columns and
+    to one keeping records only: the same counts, rows and timeline."""
+    import random
+    rng = random.Random(7)
+    cols, recs = TaskHistory(max_tasks=400, fast_min=3), TaskHistory(max_tasks=400, fast_min=10 ** 9)
+    tasks = [Task(i, rng.choice(["f", "g", "h"]), rng.choice([{"CPU": 10_000}, {"GPU": 5_000}])) for i in range(300)]
+    now = 100.0
+    started, running, ended = [], [], []
+    queue = list(tasks)
+    for batch in range(12):
+        buf = ev.TaskEventBuffer()
+        for _ in range(rng.randint(0, 40)):
+            if queue:
+                t = queue.pop()
+                buf.submitted(t)
+                started.append(t)
+        for t in rng.sample(started, min(len(started), rng.randint(0, 30))):
+            started.remove(t)
+            start(buf, t, "node1", "w%d" % rng.randint(1, 3))
+            running.append(t)
+        for t in rng.sample(running, min(len(running), rng.randint(0, 30))):
+            running.remove(t)
+            now += 0.01
+            ok = rng.random() < 0.85
+            ran(buf, t, ok, now - 0.005, now, "node1", "w1", None if ok else "KeyError")
+            if not ok and rng.random() < 0.5:
+                started.append(t)  # retried: sent again later
+            else:
+                ended.append(t)
+        if started and rng.random() < 0.3:
+            buf.waiting(started[:2], "no node has a GPU")
+        if started and rng.random() < 0.2:
+            t = started.pop()
+            buf.failed(t, ValueError("cancelled"))
+            ended.append(t)
+        if ended and rng.random() < 0.3:  # lineage runs a finished task again
+            t = ended.pop(0)
+            start(buf, t, "node1", "w9")
+            running.append(t)
+        taken = buf.take(job_id=1, pid=10)
+        if taken is None:  # nothing happened in this round
+            continue
+        wire = pickle.dumps(tuple(taken), protocol=5)
+        for h in (cols, recs):
+            h.add_batch(pickle.loads(wire))
+            h.validate_state()
+    assert cols.segments, "no batch was kept as columns: the test does not test them"
+    assert cols.summary() == recs.summary()
+    by_id = lambda rows: sorted(rows, key=lambda r: r["task_id"])  # noqa: E731
+    assert by_id(cols.tasks(limit=None)) == by_id(recs.tasks(limit=None))
+    assert cols.tasks_per_second(now + 1, 60) == recs.tasks_per_second(now + 1, 60)
+    key = lambda e: (e["ph"], e["ts"], e["name"], str(e.get("args")))  # noqa: E731
+    assert sorted(cols.timeline(), key=key) == sorted(recs.timeline(), key=key)
+
+
+def test_a_task_kept_as_columns_that_runs_again_becomes_a_record():
+    h = TaskHistory(fast_min=2)
+    a, b = Task(1, "f"), Task(2, "f")
+    _feed(h, lambda buf: [(buf.submitted(t), start(buf, t, "n", "w"), ran(buf, t, True, 1.0, 2.0, "n", "w"))
+                          for t in (a, b)])
+    assert len(h.segments) == 1 and h.records == {} and h.summary()["totals"][FINISHED] == 2
+    _feed(h, lambda buf: start(buf, a, "n", "w2"))  # its result was lost: lineage runs it again
+    h.validate_state()
+    assert h.summary()["totals"] == {PENDING: 0, RUNNING: 1, FINISHED: 1, FAILED: 0}
+    row = next(r for r in h.tasks() if r["task_id"] == a.task_id.hex())
+    assert row["state"] == RUNNING and row["runs"] == 2 and row["name"] == "f" and row["worker_id"] == "w2"
+    assert len(h) == 2
+
+
+def test_segments_are_forgotten_whole_and_only_while_enough_remain():
+    h = TaskHistory(max_tasks=5, fast_min=2)
+    for first in (0, 4, 8):
+        _feed(h, lambda buf: [(buf.submitted(t), start(buf, t, "n", "w"), ran(buf, t, True, 1.0, 2.0, "n", "w"))
+                              for t in (Task(first + i) for i in range(4))])
+        h.validate_state()
+    assert len(h) == 8 and len(h.segments) == 2  # the oldest went whole; 4 left would be too few
+    assert h.summary()["forgotten"] == 4 and h.summary()["totals"][FINISHED] == 12
+    assert {r["task_id"] for r in h.tasks(limit=None)} == {Task(i).task_id.hex() for i in range(4, 12)}

@@ -252,11 +252,21 @@ def _split(joined, size: int, n: int) -> list:
     return [joined[i:i + size] for i in range(0, len(joined), size)] if n else []
 
 
-def updates_of(batch) -> list:
+def split_ids(batch) -> tuple[list, list, list]:
+    """(head) The task ids of a batch's submitted, sent and ended columns; ValueError if they
+    do not match their columns."""
+    size, submitted, sent, ended = batch[:4]
+    return (_split(submitted[0], size, len(submitted[1])), _split(sent[1], size, sum(sent[2])),
+            _split(ended[1], size, len(ended[0])))
+
+
+def updates_of(batch, skip=frozenset(), ids=None) -> list:
     """(head) One update (TaskUpdate's fields, a list) per task of an owner's batch as it came
     off the wire, its events merged in the order the owner recorded them; ValueError or
-    TypeError for a batch that is not one."""
+    TypeError for a batch that is not one.  Tasks in ``skip`` are left out (the head kept
+    them as columns: task_history.Segment); ``ids``: split_ids(batch), when known."""
     size, submitted, sent, ended, failed, waiting, wall = batch[:7]
+    sub_ids, sent_ids, end_ids = ids if ids is not None else split_ids(batch)
     if not isinstance(size, int) or not isinstance(wall, float):
         raise ValueError("a task events batch without its id size or clock")
     merged: dict = {}
@@ -270,20 +280,24 @@ def updates_of(batch) -> list:
         return u
 
     joined, created, names, shapes, actors = submitted
-    ids = _split(joined, size, len(created))
+    ids = sub_ids
     if not (len(names) == len(shapes) == len(actors) == len(ids)):
         raise ValueError("submitted columns of different lengths")
     for task_id, at, name, shape, actor_id in zip(ids, created, names, shapes, actors):
+        if task_id in skip:
+            continue
         u = update(task_id)
         u[1], u[2], u[3], u[4], u[5] = name, shape, actor_id, at, PENDING
     seqs, joined, counts, at, nodes, workers = sent
-    ids = _split(joined, size, sum(counts))
+    ids = sent_ids
     if not (len(counts) == len(at) == len(nodes) == len(workers) == len(seqs)):
         raise ValueError("sent columns of different lengths")
     pos = 0
     for seq, count, when, node_id, worker_id in zip(seqs, counts, at, nodes, workers):
         when += wall
         for task_id in ids[pos:pos + count]:
+            if task_id in skip:
+                continue
             u = update(task_id)
             u[12] += 1
             if seq > order[task_id]:
@@ -291,11 +305,13 @@ def updates_of(batch) -> list:
                 u[5], u[6], u[7], u[8], u[9], u[10], u[11] = RUNNING_STATE, when, None, node_id, worker_id, None, None
         pos += count
     seqs, joined, started, ended_at, results, nodes, workers = ended
-    ids = _split(joined, size, len(seqs))
+    ids = end_ids
     if not (len(started) == len(ended_at) == len(results) == len(nodes) == len(workers) == len(ids)):
         raise ValueError("ended columns of different lengths")
     for seq, task_id, start, end, result, node_id, worker_id in zip(seqs, ids, started, ended_at, results, nodes,
                                                                      workers):
+        if task_id in skip:
+            continue
         u = update(task_id)
         if seq > order[task_id]:
             order[task_id] = seq
