@@ -252,6 +252,11 @@ def _split(joined, size: int, n: int) -> list:
     return [joined[i:i + size] for i in range(0, len(joined), size)] if n else []
 
 
+# Below every seq an owner's events carry (the head puts events it held from an earlier
+# batch just below the seqs of the next one: task_history.Carry).
+BEFORE_ALL = -(1 << 62)
+
+
 def split_ids(batch) -> tuple[list, list, list]:
     """(head) The task ids of a batch's submitted, sent and ended columns; ValueError if they
     do not match their columns."""
@@ -276,7 +281,7 @@ def updates_of(batch, skip=frozenset(), ids=None) -> list:
         u = merged.get(task_id)
         if u is None:
             u = merged[task_id] = [task_id, None, None, None, None, None, None, None, None, None, None, None, 0]
-            order[task_id] = -1
+            order[task_id] = BEFORE_ALL
         return u
 
     joined, created, names, shapes, actors = submitted

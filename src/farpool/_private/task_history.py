@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, deque
-from itertools import compress, repeat
+from itertools import compress
 
 from farpool._private import scheduling
 from farpool._private import task_events as ev
@@ -84,6 +84,9 @@ class Segment:
     __slots__ = ("batch", "job_id", "owner_pid", "ids", "created", "names", "shapes", "actors", "end_ids",
                  "started", "ended", "results", "nodes", "workers", "gone", "shape_texts", "_pos", "_ended_max")
 
+    # (no index of task ids across segments: a task kept in one rarely speaks again, so the
+    # few that do are looked for segment by segment, newest first: see TaskHistory._kept)
+
     def __init__(self, batch: int, job_id, owner_pid: int, sub: tuple, end: tuple):
         self.batch, self.job_id, self.owner_pid = batch, job_id, owner_pid
         self.ids, self.created, self.names, self.shapes, self.actors = sub
@@ -107,6 +110,11 @@ class Segment:
             if task_id not in gone:
                 yield self._entry(task_id, pos[task_id], j)
 
+    def holds(self, task_id: bytes) -> bool:
+        if self._pos is None:
+            self._pos = dict(zip(self.ids, range(len(self.ids))))
+        return task_id in self._pos and task_id not in self.gone
+
     def entry(self, task_id: bytes) -> TaskEntry:
         if self._pos is None:
             self._pos = dict(zip(self.ids, range(len(self.ids))))
@@ -124,6 +132,60 @@ class Segment:
         return e
 
 
+class Carry:
+    """An owner's tasks submitted in its last batch and not ended there: their columns, held
+    until its next batch, so that a task whose life spans the two (a burst cut by a flush)
+    is kept as columns too.  Counted as pending or running meanwhile; carried once."""
+    __slots__ = ("batch", "job_id", "owner_pid", "ids", "created", "names", "shapes", "actors", "sends",
+                 "shape_texts", "states")
+
+    def __init__(self, batch: int, job_id, owner_pid: int):
+        self.batch, self.job_id, self.owner_pid = batch, job_id, owner_pid
+        self.ids, self.created, self.names, self.shapes, self.actors = [], [], [], [], []
+        self.sends: list = []       # per task: (seq, wall time, node, worker) of its send, or None
+        self.shape_texts: dict = {}  # id(a shape dict in shapes) -> its text
+        self.states: list = []      # per task: PENDING or RUNNING
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def entries(self):
+        for i in range(len(self.ids) - 1, -1, -1):
+            yield self.entry(i)
+
+    def entry(self, i: int) -> TaskEntry:
+        e = TaskEntry(self.ids[i], self.job_id, self.owner_pid)
+        e.batch = self.batch
+        e.name, e.actor_id, e.submitted = self.names[i], self.actors[i], self.created[i]
+        e.shape = self.shape_texts[id(self.shapes[i])]
+        e.state = self.states[i]
+        send = self.sends[i]
+        if send is not None:
+            _, e.started, e.node_id, e.worker_id = send
+            e.runs = 1
+        return e
+
+    def joined_with(self, batch, ids: tuple) -> tuple[tuple, tuple]:
+        """(the batch with our tasks in front, as if they had been in it; its split ids)."""
+        size, submitted, sent, ended, failed, waiting, wall = batch[:7]
+        _, created, names, shapes, actors = submitted
+        sub = (None, self.created + list(created), self.names + list(names), self.shapes + list(shapes),
+               self.actors + list(actors))
+        sends = [(send, task_id) for send, task_id in zip(self.sends, self.ids) if send is not None]
+        seqs, _, counts, at, nodes, workers = sent
+        # Our events came before the batch's: their seqs go just below its own (an owner's seqs
+        # only grow, but a new process with the pid of one that ended starts again).
+        first = min(min(seqs, default=0), min(ended[0], default=0), *(f[0] for f in failed),
+                    *(w[0] for w in waiting))
+        sent = (
+            [first - len(sends) + k for k in range(len(sends))] + list(seqs), None,
+            [1] * len(sends) + list(counts),
+            [send[1] - wall for send, _ in sends] + list(at),  # (wall times back to the owner's clock)
+            [send[2] for send, _ in sends] + list(nodes), [send[3] for send, _ in sends] + list(workers))
+        joined = (size, sub, sent, ended, failed, waiting, wall, *batch[7:])
+        return joined, (self.ids + ids[0], [task_id for _, task_id in sends] + ids[1], ids[2])
+
+
 class TaskHistory:
     def __init__(self, max_tasks: int = HISTORY_TASKS, fast_min: int = FAST_MIN):
         if max_tasks < 1:
@@ -132,8 +194,9 @@ class TaskHistory:
         self.fast_min = fast_min
         self.records: dict[bytes, TaskEntry] = {}   # insertion order: oldest first
         self.segments: deque = deque()              # oldest first
-        self.index: dict[bytes, Segment] = {}       # task id -> the segment keeping it
         self.in_segments = 0        # tasks kept in segments (not gone)
+        self.carries: dict[tuple, Carry] = {}  # (job, pid) of an owner -> its carry
+        self.carried = 0            # tasks in carries
         self.batches = 0
         self.ended_order: deque = deque()           # task ids in the order they ended (may be stale)
         self.counts: dict[tuple, dict] = {}         # (name, shape) -> {state: n}
@@ -154,15 +217,25 @@ class TaskHistory:
         if isinstance(dropped, int) and dropped > 0:
             self.dropped += dropped
         self.batches += 1
+        carry = self.carries.pop((job_id, pid), None)
+        if carry is not None:
+            self._uncount(carry)
         try:
             ids = ev.split_ids(batch)
+            if carry is not None:
+                batch, ids = carry.joined_with(batch, ids)
             kept = self._keep_as_columns(batch, ids, job_id, pid)
             if len(kept) == len(ids[0]) == len(ids[1]) == len(ids[2]) and not batch[4] and not batch[5]:
                 updates = []  # (all of it kept as columns: the common case under load)
             else:
+                carried = len(carry) if carry is not None else 0
+                if len(ids[0]) - carried >= self.fast_min:
+                    kept = kept | self._carry(batch, ids, kept, carried, job_id, pid)
                 updates = ev.updates_of(batch, kept, ids)
         except (ValueError, TypeError, IndexError, KeyError, AttributeError):
             self.bad_events += 1  # (a whole batch of garbage: one bad event)
+            if carry is not None:
+                self._fold_carry(carry)
             return
         for raw in updates:
             try:
@@ -197,31 +270,37 @@ class TaskHistory:
         for _, task_ids, _ in waiting:
             fast.difference_update(task_ids)
         fast -= self.records.keys() & fast
-        fast -= self.index.keys() & fast
         if len(fast) < self.fast_min:
             return frozenset()
         if len(fast) == len(ids):
             sub = (ids, created, names, shapes, actors)
         else:
-            mask = [t in fast for t in ids]
+            mask = list(map(fast.__contains__, ids))
             sub = (list(compress(ids, mask)), list(compress(created, mask)), list(compress(names, mask)),
                    list(compress(shapes, mask)), list(compress(actors, mask)))
         _, _, started, ended_at, results, nodes, workers = ended
         if len(fast) == len(end_ids):
             end = (end_ids, started, ended_at, results, nodes, workers)
         else:
-            mask = [t in fast for t in end_ids]
+            mask = list(map(fast.__contains__, end_ids))
             end = (list(compress(end_ids, mask)), list(compress(started, mask)), list(compress(ended_at, mask)),
                    list(compress(results, mask)), list(compress(nodes, mask)), list(compress(workers, mask)))
         seg = Segment(self.batches, job_id, pid, sub, end)
         # Shapes as text once per distinct dict (the owner sends the same few again and again;
         # the segment holds them, so their ids stay theirs).
-        for (name, key), n in Counter(zip(seg.names, map(id, seg.shapes))).items():
-            text = seg.shape_texts.get(key)
-            if text is None:
-                shape = next(shape for shape in seg.shapes if id(shape) == key)
-                text = seg.shape_texts[key] = self._shape_text(shape)
-            self._group(name, text)[FINISHED] += n
+        names, shapes = seg.names, seg.shapes
+        distinct = set(map(id, shapes))
+        if len(distinct) == 1 and names.count(names[0]) == len(names):
+            groups = {(names[0], id(shapes[0])): len(names)}  # (one function: the usual batch)
+        else:
+            groups = Counter(zip(names, map(id, shapes)))
+            shape_ids = list(map(id, shapes))
+            for key in distinct:
+                seg.shape_texts[key] = self._shape_text(shapes[shape_ids.index(key)])
+        if not seg.shape_texts:
+            seg.shape_texts[id(shapes[0])] = self._shape_text(shapes[0])
+        for (name, key), n in groups.items():
+            self._group(name, seg.shape_texts[key])[FINISHED] += n
         if seg.results.count(True) != len(seg.results):
             for j in [j for j, result in enumerate(seg.results) if result is not True]:
                 entry = seg.entry(seg.end_ids[j])
@@ -230,9 +309,78 @@ class TaskHistory:
                 group[FAILED] += 1
         self.segments.append(seg)
         self.ended_order.append(seg)
-        self.index.update(zip(seg.ids, repeat(seg)))
         self.in_segments += len(seg)
         return fast
+
+    def _carry(self, batch, split: tuple, kept: set, carried: int, job_id, pid) -> set:
+        """Carry the tasks submitted in ``batch`` (past its first ``carried``: those were
+        carried already) that did not end in it and have nothing else to say; returns their ids."""
+        _, submitted, sent, _, failed, waiting, wall = batch[:7]
+        _, created, names, shapes, actors = submitted
+        ids, sent_ids, end_ids = split
+        candidates = set(ids[carried:]) - kept
+        candidates -= set(end_ids)
+        for _, task_id, _, _ in failed:
+            candidates.discard(task_id)
+        for _, task_ids, _ in waiting:
+            candidates.difference_update(task_ids)
+        candidates -= self.records.keys() & candidates
+        sends: dict = {}
+        seqs, _, counts, at, nodes, workers = sent
+        pos = 0
+        for seq, count, when, node_id, worker_id in zip(seqs, counts, at, nodes, workers):
+            for task_id in sent_ids[pos:pos + count]:
+                if task_id in candidates:
+                    if task_id in sends:  # sent twice and not ended (its worker retired): a record
+                        sends[task_id] = False
+                    else:
+                        sends[task_id] = (seq, when + wall, node_id, worker_id)
+            pos += count
+        candidates -= {task_id for task_id, send in sends.items() if send is False}
+        if not candidates or len(self) + len(candidates) > 2 * self.max_tasks:
+            return set()  # (carried tasks are live: past twice the limit, records, which may go)
+        carry = Carry(self.batches, job_id, pid)
+        for i in range(carried, len(ids)):
+            task_id = ids[i]
+            if task_id in candidates:
+                carry.ids.append(task_id)
+                carry.created.append(created[i])
+                carry.names.append(names[i])
+                carry.shapes.append(shapes[i])
+                carry.actors.append(actors[i])
+                send = sends.get(task_id)
+                carry.sends.append(send)
+                carry.states.append(PENDING if send is None else RUNNING)
+        for shape in carry.shapes:
+            if id(shape) not in carry.shape_texts:
+                carry.shape_texts[id(shape)] = self._shape_text(shape)
+        self._count_carry(carry, +1)
+        self.carries[(job_id, pid)] = carry
+        self.carried += len(carry)
+        return candidates
+
+    def _count_carry(self, carry: Carry, delta: int) -> None:
+        texts = carry.shape_texts
+        for (name, key, state), n in Counter(zip(carry.names, map(id, carry.shapes), carry.states)).items():
+            self._group(name, texts[key])[state] += delta * n
+
+    def _uncount(self, carry: Carry) -> None:
+        """(its tasks are folded again, with the owner's next batch)"""
+        self._count_carry(carry, -1)
+        self.carried -= len(carry)
+
+    def _fold_carry(self, carry: Carry) -> None:
+        """Its tasks become records (uncounted already)."""
+        for i in range(len(carry)):
+            entry = self.records[carry.ids[i]] = carry.entry(i)
+            self._count(entry, +1)
+
+    def _kept(self, task_id: bytes) -> Segment | None:
+        """The segment keeping ``task_id``, if one does (newest first)."""
+        for seg in reversed(self.segments):
+            if seg.holds(task_id):
+                return seg
+        return None
 
     def _group(self, name: str, shape: str) -> dict:
         group = self.counts.get((name, shape))
@@ -243,11 +391,12 @@ class TaskHistory:
     def _apply(self, u, job_id, pid) -> None:
         entry = self.records.get(u.task_id)
         if entry is None:
-            seg = self.index.pop(u.task_id, None)
+            seg = self._kept(u.task_id)
             if seg is not None:  # kept in a segment, and now it runs again: a record from here on
                 entry = self.records[u.task_id] = seg.entry(u.task_id)
                 seg.gone.add(u.task_id)
                 self.in_segments -= 1
+                self.ended_order.append(u.task_id)  # (ended: the segment was its place there)
         if entry is None:
             entry = self.records[u.task_id] = TaskEntry(u.task_id, job_id, pid)
             entry.batch = self.batches
@@ -303,8 +452,8 @@ class TaskHistory:
             self._count(entry, +1)
 
     def __len__(self) -> int:
-        """Tasks kept (records and segments)."""
-        return len(self.records) + self.in_segments
+        """Tasks kept (records, segments and carries)."""
+        return len(self.records) + self.in_segments + self.carried
 
     def _trim(self) -> None:
         records = self.records
@@ -334,16 +483,16 @@ class TaskHistory:
 
     def _forget_segment(self, seg: Segment) -> None:
         self.segments.remove(seg)  # (the oldest, or nearly)
-        index = self.index
-        for task_id in seg.ids:
-            if index.get(task_id) is seg:
-                del index[task_id]
         self.forgotten += len(seg)
         self.in_segments -= len(seg)
         seg.gone.update(seg.ids)
 
     def job_ended(self, job_id, why: str) -> int:
         """The job's owner left: its tasks still pending or running will not end (returns how many)."""
+        for owner in [owner for owner in self.carries if owner[0] == job_id]:
+            carry = self.carries.pop(owner)
+            self._uncount(carry)
+            self._fold_carry(carry)
         n = 0
         for entry in self.records.values():
             if entry.job_id == job_id and entry.state in LIVE:
@@ -373,7 +522,7 @@ class TaskHistory:
                 w = waiting.setdefault((entry.name, entry.shape, entry.reason),
                                        {"name": entry.name, "shape": entry.shape, "reason": entry.reason, "tasks": 0})
                 w["tasks"] += 1
-        return {"groups": groups, "totals": totals, "infeasible": list(waiting.values()),
+        return {"groups": groups, "totals": totals, "infeasible": sorted(waiting.values(), key=lambda w: (-w["tasks"], w["name"], w["shape"], w["reason"])),
                 "events_dropped": self.dropped, "forgotten": self.forgotten, "kept": len(self),
                 "history_limit": self.max_tasks}
 
@@ -398,6 +547,8 @@ class TaskHistory:
     def _newest_first(self):
         """Every task kept, as a TaskEntry, the newest batch first (records before the
         segment of their batch)."""
+        for carry in sorted(self.carries.values(), key=lambda c: -c.batch):  # the newest, all live
+            yield from carry.entries()
         records = reversed(self.records.values())
         record = next(records, None)
         for seg in reversed(self.segments):
@@ -481,16 +632,21 @@ class TaskHistory:
     def validate_state(self) -> None:
         assert len(self.records) <= 2 * self.max_tasks
         assert self.in_segments == sum(len(seg) for seg in self.segments)
-        assert len(self.index) == self.in_segments
         for seg in self.segments:
             assert seg in self.ended_order
             for task_id in seg.ids:
-                assert (self.index.get(task_id) is seg) == (task_id not in seg.gone), task_id
+                assert (self._kept(task_id) is seg) == (task_id not in seg.gone), task_id
                 assert task_id not in self.records or task_id in seg.gone, task_id
         live = dict.fromkeys(STATES, 0)
         for entry in self.records.values():
             assert entry.state in STATES, entry.state
             live[entry.state] += 1
+        assert self.carried == sum(len(c) for c in self.carries.values())
+        for carry in self.carries.values():
+            for state in carry.states:
+                live[state] += 1
+            for task_id in carry.ids:
+                assert task_id not in self.records and self._kept(task_id) is None, task_id
         for state in LIVE:  # live tasks are counted exactly once (ended ones also after they are forgotten)
             counted = sum(g[state] for g in self.counts.values())
             assert counted == live[state], (state, counted, live[state])
