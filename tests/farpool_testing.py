@@ -11,6 +11,7 @@ Not ``helpers``: a test of ``runtime_env`` ships a package of that name.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -273,6 +274,96 @@ class Cluster:
         gone, alive = psutil.wait_procs(procs, timeout=15)
         return alive
 
+    # ------------------------------------------------------------ faults (tests/chaos)
+    # Records of node agents are their cluster.json entries ("pid", "node_id", ...), with
+    # "host" (the index of the host their pid belongs to) on a HostsCluster.
+    def agents(self) -> list[dict]:
+        """Every node agent started, the head's node first, each with "alive" (its process runs)
+        and "workers" (the pids of its farpool-worker processes)."""
+        return describe_agents(self.read_state()["nodes"])
+
+    def alive_agents(self) -> list[dict]:
+        """The node agents alive now besides the head's node, in a stable order (by pid)."""
+        return sorted((n for n in self.agents()[1:] if n["alive"]), key=_by_host_and_pid)
+
+    def workers(self) -> list[dict]:
+        """The workers of the live node agents (the head's node too), in a stable order (by
+        pid): {"pid", "node_id"} and the agent's "host" if it has one."""
+        found = [dict({k: n[k] for k in ("node_id", "host") if k in n}, pid=pid)
+                 for n in self.agents() if n["alive"] for pid in n["workers"]]
+        return sorted(found, key=_by_host_and_pid)
+
+    def kill_worker(self, worker: dict) -> None:
+        """SIGKILL a worker (a record of ``workers``); returns at once."""
+        os.kill(worker["pid"], signal.SIGKILL)
+
+    def kill_agent(self, agent: dict) -> None:
+        """SIGKILL a node agent (a record of ``alive_agents``); returns at once: its workers
+        follow it out on their own, the head declares it dead when it misses its beats."""
+        os.kill(agent["pid"], signal.SIGKILL)
+
+    def kill_head(self) -> int:
+        """SIGKILL the head process (its supervisor starts it again); its pid."""
+        with open(os.path.join(self.read_state()["session_dir"], "head.pid")) as f:
+            pid = int(f.read())
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def drain_node(self, agent: dict, *args):
+        """``farpool stop --node`` for a node agent (a record of ``alive_agents``): drain it, then stop it."""
+        return self.stop_node(agent["node_id"], *args)
+
+    def leftovers(self, shm: str) -> list[str]:
+        """What the cluster left after ``stop``: session directories in its tmp root, entries
+        in its /dev/shm directory ``shm``, runtime processes of its tmp root."""
+        return leftovers_here(self.root, shm)
+
+
+def describe_agents(nodes: list[dict]) -> list[dict]:
+    """The cluster.json records ``nodes`` of this host, each with "alive" and "workers" (see
+    ``Cluster.agents``)."""
+    out = []
+    for node in nodes:
+        try:
+            proc = psutil.Process(node["pid"])
+            alive = proc.status() != psutil.STATUS_ZOMBIE
+            children = proc.children(recursive=True) if alive else []
+        except psutil.Error:
+            alive, children = False, []
+        out.append(dict(node, alive=alive, workers=[p.pid for p in children if _name(p) == "farpool-worker"]))
+    return out
+
+
+def leftovers_here(root: str, shm: str, shm_prefix: str = "") -> list[str]:
+    """On this host: session directories in the tmp root ``root``, entries of ``shm`` (those
+    starting with ``shm_prefix``), and farpool runtime processes of ``root`` still alive."""
+    out = []
+    if os.path.isdir(root):
+        out += [f"session directory {d}" for d in os.listdir(root) if d.startswith("s-")]
+    if os.path.isdir(shm):
+        out += [f"/dev/shm entry {d}" for d in os.listdir(shm) if d.startswith(shm_prefix)]
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "environ"]):
+        try:
+            env = proc.info["environ"] or {}
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if (proc.pid != os.getpid() and env.get("FARPOOL_TMPDIR") == root
+                    and "farpool" in cmdline + (proc.info["name"] or "") and proc.status() != psutil.STATUS_ZOMBIE):
+                out.append(f"process {proc.pid} {proc.info['name']}")
+        except psutil.Error:
+            continue
+    return out
+
+
+def _by_host_and_pid(record: dict):
+    return record.get("host", 0), record["pid"]
+
+
+def _name(proc) -> str:
+    try:
+        return proc.name()
+    except psutil.Error:
+        return ""
+
 
 # ---------------------------------------------------------------------------- the same cluster on separate hosts
 # The cluster as tests/hosts/test_cluster_layer_on_hosts.py runs tests/cluster: this process
@@ -285,6 +376,16 @@ KILL_AGENT = ("import os, signal, sys, psutil\n"
               "victims = [p] + p.children(recursive=True)\n"
               "os.kill(p.pid, signal.SIGKILL)\n"
               "psutil.wait_procs(victims, timeout=20)\n")
+# SIGKILL a pid of the host, without waiting (exits 1 if it is gone already).
+KILL_PID = "import os, signal, sys\nos.kill(int(sys.argv[1]), signal.SIGKILL)\n"
+# This module's describe_agents and leftovers_here, run on a host (argv: this directory, then
+# the host's tmp root); they print JSON.
+_ON_HOST = "import json, os, sys\nsys.path.insert(0, sys.argv[1])\nimport farpool_testing as t\n"
+AGENTS_ON_HOST = _ON_HOST + ("state = os.path.join(sys.argv[2], 'cluster.json')\n"
+                             "nodes = json.load(open(state))['nodes'] if os.path.exists(state) else []\n"
+                             "print(json.dumps(t.describe_agents(nodes)))\n")
+LEFTOVERS_ON_HOST = _ON_HOST + "print(json.dumps(t.leftovers_here(sys.argv[2], '/dev/shm', 'farpool-')))\n"
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class HostsCluster(Cluster):
@@ -295,6 +396,7 @@ class HostsCluster(Cluster):
         super().__init__(root)
         self.link = socket.socket(fileno=os.dup(fd))
         self.link_file = self.link.makefile("rw")
+        self.link_lock = threading.Lock()  # (one command at a time: the chaos harness asks from a thread)
         self.addresses = addresses
         self.added = 0
         self.used_hosts = []
@@ -305,9 +407,10 @@ class HostsCluster(Cluster):
 
     def on_host(self, host: int, argv: list, env=None, timeout=90) -> subprocess.CompletedProcess:
         """Run ``argv`` on host ``host`` (not this one), as the outer run does for us."""
-        self.link_file.write(json.dumps({"host": host, "argv": argv, "env": env or {}, "timeout": timeout}) + "\n")
-        self.link_file.flush()
-        answer = json.loads(self.link_file.readline())
+        with self.link_lock:
+            self.link_file.write(json.dumps({"host": host, "argv": argv, "env": env or {}, "timeout": timeout}) + "\n")
+            self.link_file.flush()
+            answer = json.loads(self.link_file.readline())
         return subprocess.CompletedProcess(argv, answer["returncode"], answer["stdout"], answer["stderr"])
 
     def start_head(self, *args):
@@ -346,6 +449,50 @@ class HostsCluster(Cluster):
     def pids(self):
         raise NotImplementedError("nodes on other hosts have pids this host cannot see")
 
+    def _python_on_host(self, host: int, script: str, *args, what: str):
+        out = self.on_host(host, [sys.executable, "-c", script, *map(str, args)])
+        if out.returncode != 0:
+            raise ProcessLookupError(f"{what} on host h{host + 1} failed: {out.stderr.strip()[-500:]}")
+        return out.stdout
+
+    def agents(self):
+        """This host's agents (the head's node first), then those of every other host, each
+        asked there (its pids are its own)."""
+        found = describe_agents(super().read_state()["nodes"])
+        for host in self.used_hosts:
+            out = self._python_on_host(host, AGENTS_ON_HOST, _HERE, HOSTS_ROOT, what="listing node agents")
+            found += [dict(n, host=host) for n in json.loads(out)]
+        return found
+
+    def kill_worker(self, worker):
+        if "host" not in worker:
+            return super().kill_worker(worker)
+        self._python_on_host(worker["host"], KILL_PID, worker["pid"], what=f"SIGKILL worker pid {worker['pid']}")
+
+    def kill_agent(self, agent):
+        if "host" not in agent:
+            return super().kill_agent(agent)
+        self._python_on_host(agent["host"], KILL_PID, agent["pid"], what=f"SIGKILL node agent pid {agent['pid']}")
+
+    def drain_node(self, agent, *args):
+        if "host" not in agent:
+            return super().drain_node(agent, *args)
+        out = self.on_host(agent["host"], [sys.executable, "-m", "farpool", "stop", "--node", agent["node_id"], *args],
+                           {"FARPOOL_TMPDIR": HOSTS_ROOT}, timeout=120)
+        if out.returncode != 0:
+            raise AssertionError(f"farpool stop --node {agent['node_id'][:8]} on host h{agent['host'] + 1} failed: "
+                                 f"{out.stdout}\n{out.stderr}")
+        return out
+
+    def leftovers(self, shm):
+        """This host's leftovers, then those of every other host (its tmp root HOSTS_ROOT and
+        the farpool entries of its /dev/shm), asked there."""
+        found = super().leftovers(shm)
+        for host in range(1, len(self.addresses)):
+            out = self._python_on_host(host, LEFTOVERS_ON_HOST, _HERE, HOSTS_ROOT, what="looking for leftovers")
+            found += [f"{what} on host h{host + 1}" for what in json.loads(out)]
+        return found
+
     def stop(self):
         for host in self.used_hosts:
             self.on_host(host, [sys.executable, "-m", "farpool", "stop"], {"FARPOOL_TMPDIR": HOSTS_ROOT})
@@ -363,3 +510,46 @@ class HostsCluster(Cluster):
             farpool_cli("stop")
         gone, alive = psutil.wait_procs(procs, timeout=15)
         return alive
+
+
+def serve_hosts(link: socket.socket, bed) -> None:
+    """The outer run's end of ``HostsCluster.on_host``: run on the bed's hosts (tests/netns.py)
+    what the inner run asks (one JSON line per command, one back), until it closes its end."""
+    with link, link.makefile("rw") as f:
+        for line in f:
+            ask = json.loads(line)
+            try:
+                out = bed[ask["host"]].run(ask["argv"], env=ask["env"], timeout=ask["timeout"], check=False)
+                answer = {"returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr}
+            except subprocess.TimeoutExpired as exc:
+                answer = {"returncode": -1, "stdout": "", "stderr": f"timed out: {exc}"}
+            f.write(json.dumps(answer) + "\n")
+            f.flush()
+
+
+def pytest_on_hosts(bed, name: str, tests: list, env=None, options=(),
+                    timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run pytest on ``tests`` (node ids under tests/) inside host bed[0], their ``started``
+    cluster a HostsCluster over the bed's hosts (its commands served here, ``serve_hosts``);
+    ``env`` adds to theirs, ``options`` to pytest's. Returns pytest's exit code and output
+    (stdout and stderr together)."""
+    ours, theirs = socket.socketpair()
+    basetemp = f"/var/tmp/fpt-hosts-{os.getpid()}-{name}"  # tmp_path every host sees (/tmp is theirs)
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0", f"--basetemp={basetemp}",
+            *options, *[f"{_HERE}/{test}" for test in tests]]
+    env = dict(env or {}, FARPOOL_TEST_HOSTS_FD=str(theirs.fileno()),
+               FARPOOL_TEST_HOSTS=",".join(h.address for h in bed.hosts))
+    proc = bed[0].popen(argv, env=env, cwd=os.path.dirname(_HERE), pass_fds=(theirs.fileno(),),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    theirs.close()
+    server = threading.Thread(target=serve_hosts, args=(ours, bed), daemon=True)
+    server.start()
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        server.join(timeout=60)
+        shutil.rmtree(basetemp, ignore_errors=True)
+    return subprocess.CompletedProcess(argv, proc.returncode, output, "")

@@ -6,7 +6,9 @@ Used by tests/chaos/test_chaos.py (a bounded run) and by hand for a long run::
     python -m tests.chaos.run --seed 7 --minutes 10
 
 Layout: a head (started with the CLI, supervised, so a killed head comes back) with its
-node, and NODES more node agents on loopback; this process is the driver. Threads::
+node, and NODES more node agents, on loopback (farpool_testing.Cluster) or each on a host of
+its own (farpool_testing.HostsCluster, run by tests/hosts/test_chaos_on_hosts.py); this
+process is the driver, on the head's host. The cluster object reaches the victims. Threads::
 
     faults ----- plan (times, kinds, picks from the seed) --> SIGKILL a worker / a node
                  agent (and start a new one in its place) / the head (once); drain a
@@ -33,13 +35,11 @@ import dataclasses
 import logging
 import os
 import random
-import signal
 import threading
 import time
 import traceback
 
 import numpy as np
-import psutil
 
 import farpool
 from farpool import exceptions
@@ -203,7 +203,7 @@ class Report:
 # ---------------------------------------------------------------------------- the run
 class Chaos:
     """One run: ``Chaos(cluster, seed, seconds).run()`` -> Report. ``cluster`` is a
-    farpool_testing.Cluster on an empty tmp root; the run starts and stops it."""
+    farpool_testing.Cluster (or HostsCluster) on an empty tmp root; the run starts and stops it."""
 
     def __init__(self, cluster, seed: int, seconds: float, log=print):
         self.cluster = cluster
@@ -329,47 +329,35 @@ class Chaos:
             with self.lock:
                 self.report.faults.append((fault, at, what))
 
-    def _agents(self) -> list[dict]:
-        """The node agents alive now besides the head's, by pid."""
-        nodes = self.cluster.read_state()["nodes"][1:]
-        return sorted((n for n in nodes if psutil.pid_exists(n["pid"])
-                       and psutil.Process(n["pid"]).status() != psutil.STATUS_ZOMBIE), key=lambda n: n["pid"])
-
+    # (The cluster reaches the victims: on loopback by pid, on hosts of their own
+    # (farpool_testing.HostsCluster) by a command run on the victim's host.)
     def _kill_worker(self, pick: int) -> str:
-        workers = []
-        for agent in [self.cluster.read_state()["nodes"][0]] + self._agents():
-            try:
-                children = psutil.Process(agent["pid"]).children(recursive=True)
-            except psutil.NoSuchProcess:
-                continue
-            workers += [(p.pid, agent["node_id"]) for p in children if _name(p) == "farpool-worker"]
+        workers = self.cluster.workers()
         if not workers:
             return "no worker alive"
-        pid, node_id = sorted(workers)[pick % len(workers)]
-        os.kill(pid, signal.SIGKILL)
-        return f"SIGKILL worker pid {pid} on node {node_id[:8]}"
+        worker = workers[pick % len(workers)]
+        self.cluster.kill_worker(worker)
+        return f"SIGKILL worker pid {worker['pid']} on node {worker['node_id'][:8]}{_on(worker)}"
 
     def _kill_node(self, pick: int) -> str:
-        agents = self._agents()
+        agents = self.cluster.alive_agents()
         agent = agents[pick % len(agents)]
-        os.kill(agent["pid"], signal.SIGKILL)
+        self.cluster.kill_agent(agent)
         self.cluster.add_node(*self.node_args)  # a node in its place (a new node id)
-        return f"SIGKILL node agent pid {agent['pid']} (node {agent['node_id'][:8]}); a new node joined"
+        return f"SIGKILL node agent pid {agent['pid']} (node {agent['node_id'][:8]}{_on(agent)}); a new node joined"
 
     def _kill_drain(self, pick: int) -> str:
-        agents = self._agents()
+        agents = self.cluster.alive_agents()
         agent = agents[pick % len(agents)]
         started = time.monotonic()
-        self.cluster.stop_node(agent["node_id"], "--drain-timeout", str(DRAIN_TIMEOUT_S))
+        self.cluster.drain_node(agent, "--drain-timeout", str(DRAIN_TIMEOUT_S))
         took = time.monotonic() - started
         self.cluster.add_node(*self.node_args)
-        return f"drained node {agent['node_id'][:8]} (pid {agent['pid']}) in {took:.1f} s; a new node joined"
+        return (f"drained node {agent['node_id'][:8]} (pid {agent['pid']}{_on(agent)}) in {took:.1f} s; "
+                "a new node joined")
 
     def _kill_head(self, pick: int) -> str:
-        session_dir = self.cluster.read_state()["session_dir"]
-        with open(os.path.join(session_dir, "head.pid")) as f:
-            pid = int(f.read())
-        os.kill(pid, signal.SIGKILL)
+        pid = self.cluster.kill_head()
         return f"SIGKILL head pid {pid} (its supervisor starts it again)"
 
     # ------------------------------------------------------------------ start, run, stop
@@ -427,43 +415,16 @@ class Chaos:
             self.fail(f"{fn.__name__} stopped: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
 
 
-def leftovers(root: str, shm: str) -> list[str]:
-    """What a run left in its tmp root and its /dev/shm directory: session dirs, segments."""
-    out = []
-    if os.path.isdir(root):
-        out += [f"session directory {d}" for d in os.listdir(root) if d.startswith("s-")]
-    if os.path.isdir(shm):
-        out += [f"/dev/shm entry {d}" for d in os.listdir(shm)]
-    return out
-
-
 def _secs(value) -> str:
     return "never" if value is None else f"{value:.2f} s"
 
 
-def _name(proc) -> str:
-    try:
-        return proc.name()
-    except psutil.Error:
-        return ""
+def _on(record: dict) -> str:
+    """Where a victim's pid is, when the cluster's agents are on hosts of their own."""
+    return f" on host h{record['host'] + 1}" if "host" in record else ""
 
 
 def _same(value, expected) -> bool:
     if isinstance(expected, float):
         return isinstance(value, float) and value == expected
     return value == expected
-
-
-def processes_left(root: str) -> list[str]:
-    """farpool runtime processes of the tmp root ``root`` still alive (after ``farpool stop``)."""
-    out = []
-    for proc in psutil.process_iter(["pid", "name", "cmdline", "environ"]):
-        try:
-            env = proc.info["environ"] or {}
-            cmdline = " ".join(proc.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if proc.pid != os.getpid() and env.get("FARPOOL_TMPDIR") == root and "farpool" in cmdline + (proc.info["name"] or ""):
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(f"process {proc.pid} {proc.info['name']}")
-    return out

@@ -33,10 +33,10 @@ def main(argv=None) -> int:
     import chaos_harness
     from farpool_testing import Cluster
     try:
-        chaos = chaos_harness.Chaos(Cluster(root), seed, args.minutes * 60,
-                                    log=(lambda *_: None) if args.quiet else _print)
+        cluster = Cluster(root)
+        chaos = chaos_harness.Chaos(cluster, seed, args.minutes * 60, log=(lambda *_: None) if args.quiet else _print)
         report = chaos.run()
-        report.leftovers += chaos_harness.leftovers(root, shm) + chaos_harness.processes_left(root)
+        report.leftovers += cluster.leftovers(shm)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)

@@ -7,6 +7,9 @@ replay with ``python -m tests.chaos.run --seed S``.
 It fails on any wrong result, an error other than the documented ones, a call that did not
 answer within chaos_harness.CALL_TIMEOUT_S, or anything left behind (processes, session directories, /dev/shm entries; the suite's conftest
 checks once more at the end of the run).
+
+tests/hosts/test_chaos_on_hosts.py runs this test again inside a network-namespace host, with
+each node agent on a host of its own (``started`` is then a farpool_testing.HostsCluster).
 """
 
 import os
@@ -23,12 +26,11 @@ CHAOS_SEED = 1
 
 
 @pytest.mark.timeout(CHAOS_SECONDS + 4 * chaos_harness.CALL_TIMEOUT_S)
-def test_a_mixed_workload_survives_killed_workers_nodes_and_a_head(started, tmp_root):
+def test_a_mixed_workload_survives_killed_workers_nodes_and_a_head(started):
     seed = int(os.environ.get("FARPOOL_CHAOS_SEED") or CHAOS_SEED)
     print(f"\nchaos seed {seed} (replay: FARPOOL_CHAOS_SEED={seed}, or python -m tests.chaos.run --seed {seed})")
     report = chaos_harness.Chaos(started, seed, CHAOS_SECONDS).run()
-    report.leftovers += chaos_harness.leftovers(tmp_root, os.environ["FARPOOL_SHM_PATH"])
-    report.leftovers += chaos_harness.processes_left(tmp_root)
+    report.leftovers += started.leftovers(os.environ["FARPOOL_SHM_PATH"])  # (on every host, on hosts)
     print(report.text())
     kinds = {fault.kind for fault, _, what in report.faults if not what.startswith("not injected")}
     assert kinds == {"worker", "node", "drain", "head"}, f"seed {seed}: not every kind of fault was injected\n{report.text()}"

@@ -1,7 +1,7 @@
 """Hosts made of network namespaces (tests/netns.py): the cluster across real addresses.
 
-``bed`` gives each test module three hosts (10.231.0.1-3) with private /tmp and
-/dev/shm, and removes them afterwards.  It needs root (CI runs as root): without
+``bed`` gives each test module three hosts (10.231.0.1-3; a module's ``BED_HOSTS`` asks
+for another number) with private /tmp and /dev/shm, and removes them afterwards.  It needs root (CI runs as root): without
 it every test here is skipped, saying why.  ``hosts_cluster`` starts a head on
 h1 with ``farpool start --head --host``, stops it afterwards, and can join nodes
 on the other hosts with the exact command the head printed.
@@ -37,11 +37,11 @@ def _why_not() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def bed():
+def bed(request):
     why = _why_not()
     if why:
         pytest.skip(why)
-    with netns.HostBed(3) as hosts:
+    with netns.HostBed(getattr(request.module, "BED_HOSTS", 3)) as hosts:
         yield hosts
     leftover = [n for n in netns.netns_list() if n.startswith(hosts.tag)]
     assert not leftover, f"network namespaces left behind: {leftover}"

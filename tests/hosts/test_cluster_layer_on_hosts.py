@@ -8,7 +8,7 @@ there, as on the loopback cluster, where the test process is the driver); their
 with ``--host`` h1's address and each added node on h2, then h3, in turn.  What the
 tests do on other hosts (start a node agent, read its state file, kill -9 it, stop it)
 they ask of this process over a socket pair it passes them; it runs the command on the
-host (tests/netns.py).  One bed serves the whole module.
+host (tests/netns.py; farpool_testing.pytest_on_hosts).  One bed serves the whole module.
 
 Tests left out, and why: those about one machine (agents sharing its memory, ``auto``
 address, ``farpool stop`` ending a machine's processes) or that read another node's
@@ -16,17 +16,9 @@ agent process with psutil (a pid of another host); the wrong-token and wrong-add
 cases, which tests/hosts/test_cluster_on_hosts.py covers between hosts already.
 """
 
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import threading
-
 import pytest
 
-TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from farpool_testing import pytest_on_hosts
 
 SELECTED = {
     "test_two_nodes.py": [
@@ -58,44 +50,11 @@ SELECTED = {
 }
 
 
-def serve(link: socket.socket, bed) -> None:
-    """Run on the bed's hosts what the inner run asks (one JSON line per command, one back),
-    until it closes its end."""
-    with link, link.makefile("rw") as f:
-        for line in f:
-            ask = json.loads(line)
-            try:
-                out = bed[ask["host"]].run(ask["argv"], env=ask["env"], timeout=ask["timeout"], check=False)
-                answer = {"returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr}
-            except subprocess.TimeoutExpired as exc:
-                answer = {"returncode": -1, "stdout": "", "stderr": f"timed out: {exc}"}
-            f.write(json.dumps(answer) + "\n")
-            f.flush()
-
-
 @pytest.mark.parametrize("module", list(SELECTED))
 def test_the_cluster_tests_pass_with_each_node_on_its_own_host(bed, module):
-    ours, theirs = socket.socketpair()
-    basetemp = f"/var/tmp/fpt-hosts-{os.getpid()}-{module[:-3]}"  # tmp_path every host sees (/tmp is theirs)
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0", f"--basetemp={basetemp}",
-            *[f"{TESTS}/cluster/{module}::{name}" for name in SELECTED[module]]]
-    env = {"FARPOOL_TEST_HOSTS_FD": str(theirs.fileno()),
-           "FARPOOL_TEST_HOSTS": ",".join(h.address for h in bed.hosts)}
-    proc = bed[0].popen(argv, env=env, cwd=os.path.dirname(TESTS), pass_fds=(theirs.fileno(),),
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    theirs.close()
-    server = threading.Thread(target=serve, args=(ours, bed), daemon=True)
-    server.start()
-    try:
-        output, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        server.join(timeout=60)
-        shutil.rmtree(basetemp, ignore_errors=True)
-    print(output)  # (its timings, with pytest -s)
-    assert proc.returncode == 0, f"tests/cluster/{module} on separate hosts:\n{output}"
-    assert f"{len(SELECTED[module])} passed" in output, output
+    out = pytest_on_hosts(bed, module[:-3], [f"cluster/{module}::{name}" for name in SELECTED[module]])
+    print(out.stdout)  # (its timings, with pytest -s)
+    assert out.returncode == 0, f"tests/cluster/{module} on separate hosts:\n{out.stdout}"
+    assert f"{len(SELECTED[module])} passed" in out.stdout, out.stdout
     for host in bed.hosts:  # the tests stopped every runtime process of every host
         assert host.processes() == [], f"processes left on {host.name}: {host.processes()}"
