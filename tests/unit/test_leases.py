@@ -209,3 +209,58 @@ def test_a_worker_killed_with_its_lease_is_never_granted_again():
     (granted,) = grants(ready_all(mgr, acts))
     assert granted[1].worker_id != lease.worker_id
     assert not mgr.worker_exited(lease.worker_id, {}).spawns  # (its exit: nothing more to do)
+
+
+def test_a_lease_held_past_an_interval_is_asked_back_for_a_request_of_another_shape():
+    """A client feeds its lease while its queue of one shape has work; a request of another
+    shape (or client) behind it would wait for ever.  tick() asks back the leases held
+    through a whole interval that stand in its way, enough for it, once each; never the
+    leases of the waiting request's own queue."""
+    mgr = LeaseManager("n1", make_totals(2), embedded=True)
+    ready_all(mgr, mgr.prestart())
+    busy = [mgr.request(LeaseRequest("a", i, make_request(1), job_id=1)).grants[0][1] for i in (1, 2)]
+    same_queue = mgr.request(LeaseRequest("a", 3, make_request(1), job_id=1))
+    assert not same_queue.grants and mgr.waiting()
+    assert mgr.tick().yields == []          # held for less than a whole interval
+    assert mgr.tick().yields == []          # the only one waiting is of their own queue
+    other = mgr.request(LeaseRequest("a", 4, make_request(0.5), job_id=1))  # another shape
+    assert not other.grants
+    asked = mgr.tick().yields
+    assert [lease.lease_id for lease in asked] == [busy[0].lease_id]  # one frees enough
+    assert mgr.tick().yields == []          # asked once
+    after = mgr.return_lease(busy[0].lease_id)  # the client gives it back when its tasks end
+    assert [req.request_id for req, _ in after.grants] == [3]  # FIFO: the older request first
+    # request 4 still waits: the other old lease is asked back (not the new one, held too briefly)
+    assert [lease.lease_id for lease in mgr.tick().yields] == [busy[1].lease_id]
+    assert [req.request_id for req, _ in mgr.return_lease(busy[1].lease_id).grants] == [4]
+
+
+def test_actor_and_blocked_leases_are_never_asked_back():
+    mgr = LeaseManager("n1", make_totals(1), embedded=True)
+    ready_all(mgr, mgr.prestart())
+    acts = mgr.request(LeaseRequest("a", 1, make_request(1), job_id=1, pool_key="actor:x"))
+    ready_all(mgr, acts)
+    (lease,) = [l for l in mgr.leases.values()]
+    mgr.request(LeaseRequest("b", 2, make_request(1), job_id=1))
+    for _ in range(3):
+        assert mgr.tick().yields == []
+    assert mgr.leases[lease.lease_id].worker_id
+
+
+def test_what_leases_asked_back_free_is_kept_for_the_request_they_were_asked_for():
+    """A request for 1.5 CPUs behind two 1-CPU leases of a busy queue that keeps asking for
+    more: the CPU the first returned lease frees is not handed to the busy queue's next
+    request (it would never end), but kept until the second returns."""
+    mgr = LeaseManager("n1", make_totals(2), embedded=True)
+    ready_all(mgr, mgr.prestart())
+    a, b = [mgr.request(LeaseRequest("busy", i, make_request(1), job_id=1)).grants[0][1] for i in (1, 2)]
+    mgr.request(LeaseRequest("busy", 3, make_request(1), job_id=1))   # older than the big one
+    mgr.request(LeaseRequest("other", 4, make_request(1.5), job_id=1))
+    mgr.request(LeaseRequest("busy", 5, make_request(1), job_id=1))
+    mgr.tick()
+    asked = mgr.tick().yields
+    assert sorted(l.lease_id for l in asked) == [a.lease_id, b.lease_id]
+    assert mgr.return_lease(a.lease_id).grants == []        # kept for request 4
+    acts = mgr.return_lease(b.lease_id)
+    assert [r.request_id for r, _ in acts.grants] == [4]
+    assert [r.request_id for r in mgr.pending] == [3, 5]    # the rest wait in their order

@@ -322,3 +322,32 @@ def test_where_says_what_a_pending_task_waits_for(queues):
     plan = dispatch(queues)
     assert plan.sends and plan.sends[0][0] is l
     assert queues.where(first) == "runs on worker w1 of node node-a"
+
+
+def test_a_lease_asked_back_takes_no_more_tasks_and_goes_back_when_its_tasks_end(queues):
+    """YieldLease (its agent wants it for a request that waits behind it): dispatch no longer
+    feeds it; it goes back at once when idle, else when its last task ends; the key asks for
+    another lease while it has work."""
+    l1, l2 = lease(queues, 1), lease(queues, 2)
+    tasks = submit(queues, 40)
+    plan = dispatch(queues)
+    assert sorted(l.lease_id for l, _ in plan.sends) == [1, 2]
+    assert queues.yield_lease(("node-a", 1)) is None  # busy: it goes back when its tasks end
+    queues.validate_state()
+    assert l1.yielding and l1 not in queues.keys[KEY].leases
+    for t in list(l1.inflight.values()):
+        finish(queues, t)
+        if l1.inflight:
+            assert not queues.yielded(l1)
+    assert queues.yielded(l1) and ("node-a", 1) not in queues.leases
+    queues.validate_state()
+    plan = dispatch(queues)
+    assert all(l is l2 for l, _ in plan.sends)  # never l1 again
+    assert plan.requests >= 1 or not queues.keys[KEY].queue
+    # an idle lease goes back at once, and is never parked
+    for t in list(l2.inflight.values()):
+        finish(queues, t)
+    assert queues.yield_lease(("node-a", 2)) is l2 and not queues.parked
+    queues.validate_state()
+    assert queues.yield_lease(("node-a", 2)) is None  # (unknown now: nothing to do)
+    assert len(tasks) == 40

@@ -384,6 +384,7 @@ class CoreClient:
             "LeaseSpillback": lambda _conn, fields, _buffers: s.on_lease_spillback(*fields),
             "LeaseInfeasible": lambda _conn, fields, _buffers: s.on_lease_infeasible(*fields),
             "WorkerExited": lambda _conn, fields, _buffers: done.on_worker_exited(*fields),
+            "YieldLease": lambda conn, fields, _buffers: s.on_yield_lease(conn, *fields),
             "PeerGone": lambda _conn, fields, _buffers: b.peer_gone(*fields),
             # the node drains: what we own only there is copied away before it leaves
             "ObjectsLeaving": lambda conn, fields, _buffers: self.stored.save_from(conn, *fields)}

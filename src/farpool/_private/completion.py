@@ -108,6 +108,8 @@ class Completion(ClientPart):
         if lease is not None:
             if retiring:  # it exits now (max_tasks_per_child): lease no more tasks to it
                 queues.retire(lease)
+            elif lease.yielding:  # its agent wants it back: once its tasks have ended
+                self.c.submitter.return_yielded(lease)
             if lease.actor_id is None:
                 self.mark_dirty(lease.key)
             else:

@@ -13,6 +13,15 @@ until returned.  Requests that cannot be met now wait in FIFO order; requests
 this node can never meet are spilled back to a node that can (from the head's
 view) or reported infeasible.
 
+A lease is held while its client has tasks of its shape (it feeds the worker
+without returning it), so a request of another shape, or of another client,
+could wait for ever behind it.  The shell calls ``tick()`` every LEASE_HOLD_S
+while requests wait: leases held through a whole interval that stand in the way
+of a waiting request are asked back (``yields``: YieldLease to their client,
+which returns the lease once its running tasks end, and asks again for more at
+the back of the line).  Leases of the waiting request's own queue (same client,
+shape and pool) and actors' are never asked.
+
 A draining node (``farpool stop`` on it: ``drain()``) grants nothing more: every
 request waiting or arriving goes to another node that fits (spillback) if it may, or
 waits here until the node stops (its clients then ask elsewhere); no worker is started;
@@ -30,6 +39,24 @@ from farpool._private.scheduling import Allocation, NodeResources
 
 STARTING, IDLE, LEASED = "STARTING", "IDLE", "LEASED"
 
+# How long a lease is held at least before it is asked back for a request that waits behind
+# it (see tick): longer wastes less on taking leases again, shorter serves the waiting sooner.
+LEASE_HOLD_S = 0.5
+
+
+def _plus(available: dict, more: dict) -> dict:
+    if not more:
+        return available
+    out = dict(available)
+    for name, amount in more.items():
+        out[name] = out.get(name, 0) + amount
+    return out
+
+
+def _queue_of(req) -> tuple:
+    """What tells one of a client's task queues from another: shape, pool and strategy."""
+    return (tuple(sorted(req.shape.items())), req.pool_key, req.strategy)
+
 
 def _minus(available: dict, promised: dict) -> dict:
     if not promised:
@@ -46,6 +73,7 @@ class LeaseRequest:
     pool_key: object = None  # workers dedicated to one executor/pool (initializer), or None
     strategy: str = "DEFAULT"
     spillback_ok: bool = True
+    starved: bool = False   # leases were asked back for it (tick): it goes first, and what it waits for is kept for it
 
 
 @dataclass
@@ -67,6 +95,9 @@ class Lease:
     request_id: int
     alloc: Allocation
     job_id: object = None
+    queue: tuple = ()           # (shape items, pool key, strategy) of the request it was granted for
+    ticks: int = 0              # tick() calls it was held through (see LEASE_HOLD_S)
+    asked_back: bool = False    # a YieldLease went to its client
 
 
 @dataclass
@@ -88,9 +119,10 @@ class Actions:
     infeasible: list = field(default_factory=list)   # (LeaseRequest, message)
     lost: list = field(default_factory=list)         # (Lease, exit info)
     refused: list = field(default_factory=list)      # (LeaseRequest, message): fails, on any cluster
+    yields: list = field(default_factory=list)       # Lease: ask its client to give it back
 
     def extend(self, other: "Actions") -> "Actions":
-        for name in ("grants", "spawns", "kills", "spillbacks", "infeasible", "lost", "refused"):
+        for name in ("grants", "spawns", "kills", "spillbacks", "infeasible", "lost", "refused", "yields"):
             getattr(self, name).extend(getattr(other, name))
         return self
 
@@ -209,6 +241,47 @@ class LeaseManager:
         if len(self.workers) < self.base_workers and unbound == 0 and not self.draining:
             acts.spawns.append(self._new_worker(None, None))
         return self._schedule(acts)
+
+    def waiting(self) -> bool:
+        """Requests wait that leases held here may stand in the way of: tick() has work."""
+        return bool(self.pending) and bool(self.leases) and not self.draining
+
+    def tick(self) -> Actions:
+        """(every LEASE_HOLD_S while ``waiting()``) Ask back the leases held through a whole
+        interval that keep a waiting request from fitting, enough of them for it to fit."""
+        acts = Actions()
+        for lease in self.leases.values():
+            lease.ticks += 1
+        asked: dict = {}  # resources the leases asked back (now or before) will free
+        for lease in self.leases.values():
+            if lease.asked_back:
+                asked = _plus(asked, lease.alloc.shape)
+        for req in self.pending:
+            if not self.resources.feasible(req.shape) or self.resources.can_acquire(req.shape):
+                continue  # (never here; or it waits for a worker to start, not for a lease)
+            queue = _queue_of(req)
+            picks, more = [], asked
+            for lease in self.leases.values():
+                if scheduling.fits(_plus(self.resources.available, more), req.shape):
+                    break
+                if lease.ticks < 2 or lease.asked_back or (lease.client, lease.queue) == (req.client, queue):
+                    continue
+                worker = self.workers.get(lease.worker_id)
+                pool_key = worker.pool_key if worker is not None else None
+                if worker is None or worker.blocked or (isinstance(pool_key, str) and pool_key.startswith("actor:")):
+                    continue
+                if not any(lease.alloc.shape.get(name, 0) > 0 for name in req.shape if req.shape[name] > 0):
+                    continue  # (frees nothing it needs)
+                picks.append(lease)
+                more = _plus(more, lease.alloc.shape)
+            if not scheduling.fits(_plus(self.resources.available, more), req.shape):
+                continue  # leases asked back cannot make room for it now (actors, blocked workers)
+            for lease in picks:
+                lease.asked_back = True
+                acts.yields.append(lease)
+            asked = more
+            req.starved = True
+        return acts
 
     def return_lease(self, lease_id: int, kill: bool = False) -> Actions:
         acts = Actions()
@@ -424,15 +497,20 @@ class LeaseManager:
         """Grant what can be granted, in FIFO order per shape; start workers where needed."""
         if not self.pending or self.draining:
             return acts
-        still: deque[LeaseRequest] = deque()
+        granted = set()
         # Resources promised in this pass to requests waiting for a starting
-        # worker, so one pass does not start a worker per pending request.
+        # worker, so one pass does not start a worker per pending request; and to starved
+        # requests (tick): what the leases asked back free is theirs, not the next in line's.
         promised: dict = {}
         starting = {w.worker_id for w in self.workers.values() if w.state == STARTING}
-        for req in self.pending:
+        order = sorted(self.pending, key=lambda r: not r.starved) if any(r.starved for r in self.pending) \
+            else self.pending  # (starved first; FIFO otherwise)
+        for req in order:
             if not self.resources.feasible(req.shape) or not self.resources.can_acquire(req.shape) \
                     or not scheduling.fits(_minus(self.resources.available, promised), req.shape):
-                still.append(req)
+                if req.starved and self.resources.feasible(req.shape):
+                    for name, amount in req.shape.items():
+                        promised[name] = promised.get(name, 0) + amount
                 continue
             worker = self._idle_worker(req)
             if worker is None:
@@ -454,17 +532,19 @@ class LeaseManager:
                     starting.discard(match)
                     for name, amount in req.shape.items():
                         promised[name] = promised.get(name, 0) + amount
-                still.append(req)
                 continue
             alloc = self.resources.acquire(req.shape)
-            lease = Lease(next(self._ids), worker.worker_id, req.client, req.request_id, alloc, req.job_id)
+            lease = Lease(next(self._ids), worker.worker_id, req.client, req.request_id, alloc, req.job_id,
+                          _queue_of(req))
             self.leases[lease.lease_id] = lease
             worker.state = LEASED
             worker.lease_id = lease.lease_id
             worker.job_id = req.job_id
             worker.pool_key = req.pool_key
             acts.grants.append((req, lease))
-        self.pending = still
+            granted.add(id(req))
+        if granted:
+            self.pending = deque(r for r in self.pending if id(r) not in granted)
         return acts
 
     @staticmethod

@@ -41,6 +41,7 @@ from collections import OrderedDict
 
 from farpool._private import (addresses, copy_events, host_usage, launcher, node_table, protocol, pull, pulse,
                               scheduling, session, spill, store, transport, versions)
+from farpool._private import leases as leases_mod
 from farpool._private.leases import LeaseManager, LeaseRequest
 from farpool._private.node_clients import HEAD, IPC, TCP, Client, ClientsPart
 from farpool._private.node_diagnostics import DiagnosticsPart
@@ -162,6 +163,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         totals = scheduling.make_totals(args.num_cpus, args.num_gpus, json.loads(args.resources or "{}"),
                                         memory=max(0, memory), object_store_memory=capacity)
         self.leases = LeaseManager(self.node_id, totals, embedded=args.embedded)
+        self.yield_timer = None  # leases.tick() is due (requests wait: see _apply)
         self.loop = transport.EventLoop()
         self.mover = spill.Mover(self.loop.call_soon, self._on_move_done)
         self.allocating: dict[bytes, list] = {}  # store id -> readers of a copy whose segment awaits room
@@ -701,8 +703,17 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
             self._send(req.client, "LeaseInfeasible", req.request_id, message, True)
         for lease, info in acts.lost:
             self._send(lease.client, "WorkerExited", lease.lease_id, info)
+        for lease in acts.yields:
+            self._send(lease.client, "YieldLease", lease.lease_id)
+        if self.yield_timer is None and self.leases.waiting():
+            self.yield_timer = self.loop.call_later(leases_mod.LEASE_HOLD_S, self._yield_tick)
         if self.drain_deadline is not None:
             self._check_drained()
+
+    def _yield_tick(self) -> None:
+        """Requests wait: ask back the leases that have long stood in their way (leases.tick)."""
+        self.yield_timer = None
+        self._apply(self.leases.tick())
 
     def close(self) -> None:
         if self.pulse is not None:

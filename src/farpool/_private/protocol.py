@@ -44,6 +44,7 @@ TAGS = frozenset({
     # client <-> node agent
     "RequestLease", "LeaseGranted", "LeaseSpillback", "LeaseInfeasible", "LeaseRejected",
     "ReturnLease", "WorkerExited", "CancelLease", "Relay", "Relayed", "SignalWorker",
+    "YieldLease",  # node agent -> client: give this lease back once its tasks end (leases.tick)
     "WorkerBlocked", "WorkerUnblocked",
     # node agent -> client on TCP: are you still connected? (see node._check_tcp_clients)
     "Probe",

@@ -175,6 +175,8 @@ class Submitter(ClientPart):
             lease.linger = None
         if not self.queues.sent_direct(task, lease):  # its worker exited before the task reached it
             self.mark_dirty(task.key)
+        elif lease.yielding:  # asked back meanwhile (its reply may have come already)
+            self.return_yielded(lease)
 
     # ------------------------------------------------------------------ arguments (I/O thread)
     def on_submit(self, task: TaskRecord) -> None:
@@ -378,6 +380,26 @@ class Submitter(ClientPart):
         if what == "dispatch":
             self.dispatch(lease.key)
         elif what == "return":
+            agent = self.conns.agents.get(lease.node_id)
+            if agent is not None:
+                transport.send(agent.socket, encode("ReturnLease", (lease.lease_id, False)))
+
+    def on_yield_lease(self, conn: AgentConn, lease_id: int) -> None:
+        """Its agent wants this lease back for a request that waits behind it (leases.tick):
+        no more tasks go to it; it goes back now if idle, else when its tasks end (yielded)."""
+        lease = self.queues.leases.get((conn.node_id, lease_id))
+        if lease is None:
+            return
+        if lease.linger is not None:
+            self.loop.cancel_timer(lease.linger)
+            lease.linger = None
+        if self.queues.yield_lease((conn.node_id, lease_id)) is not None:
+            transport.send(conn.socket, encode("ReturnLease", (lease_id, False)))
+        self.mark_dirty(lease.key)  # (its key asks for another lease if it still has work)
+
+    def return_yielded(self, lease: LeaseState) -> None:
+        """A lease asked back whose tasks ended goes back to its agent."""
+        if self.queues.yielded(lease):
             agent = self.conns.agents.get(lease.node_id)
             if agent is not None:
                 transport.send(agent.socket, encode("ReturnLease", (lease.lease_id, False)))

@@ -117,6 +117,7 @@ class LeaseState:
     taking_back: bool = False  # a TakeBack request is out (answered by TakenBack)
     nothing_to_take: bool = False  # the last TakeBack got nothing: not again before it reports
     direct: bool = False    # its worker is on our node, reached on its own stream: it may be parked
+    yielding: bool = False  # its agent wants it back for another request: no more tasks, return it when idle
     actor_id: str | None = None  # the lease of an actor's worker (client.py ActorQueue), not of a shape
 
 
@@ -322,10 +323,44 @@ class TaskQueues:
         self.drop_lease(lease)
         self.leases[(lease.node_id, lease.lease_id)] = lease
 
+    def yield_lease(self, lease_key: tuple) -> LeaseState | None:
+        """Its agent asks for it back (another request waits behind it): no more tasks go to
+        it; returns it when it can go back now (dropped here), else None (``finished`` lets it
+        go once its tasks end: see ``yielded``).  Its key asks for another lease if it still
+        has work (at the back of the agent's line)."""
+        lease = self.leases.get(lease_key)
+        if lease is None or lease.retiring or lease.yielding:
+            return None
+        lease.yielding = True
+        kq = self.keys.get(lease.key)
+        if kq is not None and lease in kq.leases:
+            kq.leases.remove(lease)  # (dispatch no longer sees it; results still find it)
+        with self.lock:
+            if self.parked.get(lease.key) is lease:
+                del self.parked[lease.key]
+            busy = bool(lease.inflight) or lease.claimed
+        if busy:
+            return None
+        self.leases.pop(lease_key, None)
+        return lease
+
+    def yielded(self, lease: LeaseState) -> bool:
+        """(after its results) A yielding lease whose tasks ended: True when it goes back now
+        (dropped here)."""
+        with self.lock:
+            if not lease.yielding or lease.inflight or lease.claimed:
+                return False
+            if self.leases.get((lease.node_id, lease.lease_id)) is not lease:
+                return False
+            del self.leases[(lease.node_id, lease.lease_id)]
+        return True
+
     def idle(self, lease: LeaseState) -> str:
         """Its linger timer fired: "keep" (in use again), "dispatch" (its key has work) or
         "return" (dropped here: give it back to its agent)."""
         lease.linger = None
+        if lease.yielding:  # (it goes back as its tasks end, or went already)
+            return "keep"
         with self.lock:
             if lease.claimed:
                 return "keep"
@@ -402,7 +437,8 @@ class TaskQueues:
     def park_if_idle(self, lease: LeaseState) -> None:
         """After a batch of results: an idle direct lease with nothing queued waits for the
         caller's next submit (before the waiters wake, so that submit finds it)."""
-        if lease.inflight or lease.claimed or lease.key in self.parked or not lease.direct or lease.retiring:
+        if (lease.inflight or lease.claimed or lease.key in self.parked or not lease.direct or lease.retiring
+                or lease.yielding):
             return
         kq = self.keys.get(lease.key)
         if kq is not None and not kq.queue:
@@ -462,16 +498,18 @@ class TaskQueues:
                 assert self.leases.get((lease.node_id, lease.lease_id)) is lease, \
                     (lease.lease_id, "a key's lease unknown to the table")
                 assert not lease.retiring, (lease.lease_id, "a retiring lease still takes tasks")
+                assert not lease.yielding, (lease.lease_id, "a lease asked back still takes tasks")
             for request_id in kq.requests:
                 assert self.lease_requests.get(request_id) == key, (request_id, "a request under two keys")
         for (node_id, lease_id), lease in self.leases.items():
             assert (lease.node_id, lease.lease_id) == (node_id, lease_id)
             kq = self.keys.get(lease.key)
-            assert lease.retiring or (kq is not None and lease in kq.leases), \
+            assert lease.retiring or lease.yielding or (kq is not None and lease in kq.leases), \
                 (lease_id, "a lease in the table but not with its key")
             for task_id, task in lease.inflight.items():
                 assert task.task_id == task_id and task.lease is lease, (task.name, "in flight elsewhere")
                 assert task.state == TaskState.RUNNING, (task.name, task.state, "in flight but not RUNNING")
         for key, lease in self.parked.items():
             assert lease.key == key and not lease.inflight and lease.direct, (key, "a busy or remote lease parked")
+            assert not lease.yielding, (key, "a lease asked back is parked")
             assert self.leases.get((lease.node_id, lease.lease_id)) is lease, (key, "a parked lease unknown")

@@ -1,0 +1,51 @@
+"""A busy kind of task never starves another: leases held while one queue has work are asked
+back for a request that waits behind them (leases.tick, YieldLease).
+
+Before, a client fed its leases for as long as one queue (shape, pool, strategy) had work,
+so a task of another shape or of another driver waited until that queue ran dry: with a
+loop that never stops submitting, for ever.
+"""
+
+import threading
+
+import pytest
+
+import farpool
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    farpool.shutdown()
+    farpool.init(num_cpus=2)
+    yield
+    farpool.shutdown()
+
+
+@farpool.remote
+def square(x):
+    return x * x
+
+
+def test_a_task_of_another_shape_runs_while_a_busy_loop_keeps_every_cpu_leased(cluster):
+    stop = threading.Event()
+    rounds = []
+
+    def busy():
+        while not stop.is_set():
+            assert farpool.get([square.remote(i) for i in range(300)], timeout=120) == [i * i for i in range(300)]
+            rounds.append(1)
+
+    loop = threading.Thread(target=busy, daemon=True)
+    loop.start()
+    try:
+        farpool.get(square.remote(0), timeout=60)  # (the loop's queue holds both CPUs from here on)
+        while not rounds:  # a round has gone through: its leases are fed, not returned
+            farpool.get(square.remote(1), timeout=60)
+        half = square.options(num_cpus=0.5)
+        assert farpool.get([half.remote(3) for _ in range(4)], timeout=60) == [9] * 4
+        wide = square.options(num_cpus=1.5)  # needs both leases back at once
+        assert farpool.get(wide.remote(4), timeout=60) == 16
+    finally:
+        stop.set()
+        loop.join(timeout=120)
+    assert not loop.is_alive()
