@@ -98,7 +98,7 @@ def test_a_request_waits_for_a_spill_then_the_spilled_object_comes_back(st):
     # a's spill file stays while "a" lives: a clean copy, so evicting it again writes nothing,
     # once its readers had their time to map it (store.READER_GRACE_S)
     assert sorted(os.listdir(st.spill_dir)) == [b"a".hex(), b"b".hex()]
-    st.objects[b"a"].handed_at -= store.READER_GRACE_S
+    st.objects[b"a"].handed_at -= store.READER_RETRY_GRACE_S
     w3 = Waiter()
     acts = answer(st.allocate(w3, b"c", size))
     assert acts.moves == [] and st.objects[b"a"].state is State.SPILLED and w3.seg is not None
@@ -209,10 +209,12 @@ def test_a_segment_sent_in_pieces_reads_back_as_the_value(tmp_path):
         assert written[offset:offset + len(piece)] == bytes(piece)
 
 
-def test_an_object_handed_to_a_reader_is_not_spilled_before_the_reader_can_map_it(st):
+def test_an_object_handed_to_a_reader_is_not_spilled_before_the_reader_can_map_it(st, monkeypatch):
     """A store short of memory used to evict a just-restored object again before its reader
     mapped it (nothing marks a segment in use until then): the reader found it gone each time
-    it asked.  For store.READER_GRACE_S it stays; a request that needs its room goes on disk."""
+    it asked.  For a while (store.READER_GRACE_S) it stays; a request that needs its room goes
+    on disk."""
+    monkeypatch.setattr(store, "READER_GRACE_S", 3600.0)  # (no clock in the test: the grace never ends)
     w1, _, write1, size = put(st, b"a", 1)
     write1()
     w2, acts, write2, _ = put(st, b"b", 2)

@@ -53,8 +53,12 @@ FREE_IDLE_S = float(os.environ.get("FARPOOL_STORE_FREE_IDLE_S", "10"))
 # A segment just handed to a reader (asked for, or restored for it) is not spilled for this
 # long: the reader maps it after our answer, and until it does, nothing shows it is in use.
 # Without it a store short of memory could spill a restored object again before its reader
-# mapped it, over and over (the reader gives up after segments.READ_ATTEMPTS).
-READER_GRACE_S = 5.0
+# mapped it, over and over (the reader gives up after segments.READ_ATTEMPTS).  Handed again
+# soon after (a reader that lost that race asks again), it is kept longer: READER_RETRY_GRACE_S.
+# Short, or a store read as a stream would put new objects on disk rather than spill old ones.
+READER_GRACE_S = 0.25
+READER_RETRY_GRACE_S = 2.0
+HANDED_AGAIN_S = 10.0
 
 # Objects one store listing names (StoreStats: `farpool memory`, `farpool list objects`, the
 # dashboard): by default, and at most (each costs the agent's loop a lock test of its file).
@@ -165,7 +169,8 @@ class Segment:
     freed: bool = False       # freed by its owner while its bytes were moving (SPILLING, RESTORING)
     unspillable: bool = False  # its spill failed for a reason that would repeat
     waiters: list = field(default_factory=list)  # RESTORING: who waits for it
-    handed_at: float = -READER_GRACE_S  # time.monotonic() when last handed to a reader (_touch)
+    handed_at: float = -HANDED_AGAIN_S  # time.monotonic() when last handed to a reader (_touch)
+    grace: float = 0.0        # how long from handed_at it is not spilled (READER_GRACE_S ...)
 
     def read_path(self) -> str:
         """A file holding all of the object's bytes now (for chunks sent to other nodes)."""
@@ -273,14 +278,16 @@ class ObjectStore:
 
     def _touch(self, object_id: bytes) -> None:
         """An object just asked for goes last in line to spill (``objects`` is oldest first),
-        and is not spilled for READER_GRACE_S: its reader maps it after our answer, and must
-        find it still there."""
+        and is not spilled for a while (READER_GRACE_S): its reader maps it after our answer,
+        and must find it still there."""
         seg = self.objects[object_id] = self.objects.pop(object_id)
-        seg.handed_at = time.monotonic()
+        now = time.monotonic()
+        seg.grace = READER_RETRY_GRACE_S if now - seg.handed_at < HANDED_AGAIN_S else READER_GRACE_S
+        seg.handed_at = now
 
     @staticmethod
     def _handed_lately(seg: Segment) -> bool:
-        return time.monotonic() - seg.handed_at < READER_GRACE_S
+        return time.monotonic() - seg.handed_at < seg.grace
 
     def _serve_wants(self, acts: StoreActions) -> None:
         """Grant the requests that fit now, in order; start spills for the others; put on
