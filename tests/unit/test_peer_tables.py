@@ -242,3 +242,22 @@ def test_the_head_ends_a_job_on_a_live_nodes_word_only(caplog, alive, ended):
     assert (h.client_job == {}) is ended
     assert any("ignored node n1's word that the driver of job 7 died" in r.getMessage()
                for r in caplog.records) is not ended
+
+
+def test_a_first_beat_before_the_registration_is_not_taken_for_a_dead_node():
+    """The liveness thread's socket is not the agent loop's: a NodeAlive may reach the head
+    before the RegisterNode sent first.  Answered "unknown-node", the agent joined again under
+    a new id at start-up (under CI load), and its driver's tasks waited on a node gone."""
+    h = head.Head.__new__(head.Head)
+    h.nodes, h.last_seen, h.unconfirmed, h.epoch = {}, {}, set(), 1
+    h._restarted = lambda node_id: False
+    replies = []
+    h._reply = lambda sock, identity, *fields: replies.append(fields)
+    h._on_NodeAlive("sock", b"pulse:n1:1", "n1", 1)
+    assert replies == []  # not yet registered: nothing to say
+    h.nodes["n1"] = {"alive": True}
+    h._on_NodeAlive("sock", b"pulse:n1:1", "n1", 2)
+    assert replies == [("NodeAliveAck", 2)]
+    h.nodes["n1"] = {"alive": False, "death_reason": "missed heartbeats"}
+    h._on_NodeAlive("sock", b"pulse:n1:1", "n1", 3)
+    assert replies[-1][:2] == ("Error", "unknown-node") and "missed heartbeats" in replies[-1][2]

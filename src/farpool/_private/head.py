@@ -348,10 +348,14 @@ class Head:
                 self.last_seen[node_id] = time.monotonic()
             self._reply(sock, identity, "Error", "head-restarted", f"the head restarted (epoch {self.epoch})")
             return
-        if record is None or not record["alive"]:
+        if record is None:
+            # Not registered yet: its liveness thread's socket is not its loop's, so a first beat
+            # may come before the RegisterNode its loop sent first.  Taken for "declared dead",
+            # the node joined again under a new id at start-up, and its driver lost its node.
+            return
+        if not record["alive"]:
             self._reply(sock, identity, "Error", "unknown-node",
-                        f"node {node_id} is not registered (it was declared dead: "
-                        f"{record.get('death_reason') if record else 'never joined'})")
+                        f"node {node_id} is not registered (it was declared dead: {record.get('death_reason')})")
             return
         self.last_seen[node_id] = time.monotonic()
         self._reply(sock, identity, "NodeAliveAck", beat)
