@@ -142,6 +142,7 @@ class Worker:
         self.actor_executor = None  # None: calls run inline in order; a thread pool; or "async"
         self.gpu_ids: list[int] | None = None
         self.shape: dict | None = None  # the resource shape of the last task's lease
+        self.lease_info = None  # the last task's lease (TaskLease fields), as it came
         self.threads = 1
         self.streams = WorkerStreams(self)  # streaming generator tasks running here (worker_streams.py)
         context.node_id = self.node_id
@@ -568,8 +569,11 @@ class Worker:
         setup_main(job_setup.get("main_path"), job_setup.get("main_module"))
 
     def _apply_lease(self, lease_info) -> None:
+        if lease_info is self.lease_info:  # (one object for a batch's tasks, after unpickling)
+            return
+        self.lease_info = lease_info
         gpu_ids, num_cpus, shape = protocol.TaskLease._make(lease_info)
-        if shape is not self.shape:  # (the same dict for a batch of one shape)
+        if shape is not self.shape and shape != self.shape:  # (a new dict per batch, mostly equal)
             self.shape = shape
             context.assigned_resources = scheduling.as_floats(placement_groups.plain_resources(shape))
             context.capture_group = placement_groups.captured_group(shape)
@@ -667,14 +671,14 @@ class Worker:
             payloads = []
             bufs_all: list = []
             for i, v in enumerate(values):
-                what = f"the result of {fn_name}" + (f" (return {i})" if num_returns > 1 else "")
+                what = _ResultName(fn_name, i if num_returns > 1 else None)
                 payloads.append(self._pack_one(task_id + bytes([i]), v, what, caller, bufs_all))
             out_buffers.extend(bufs_all)
             return (task_id, True, payloads, started, time.time())  # a TaskResult
         except BaseException as exc:  # noqa: BLE001
             return (task_id, False, self._error(exc, fn_name), started, time.time())
 
-    def _pack_one(self, store_id: bytes, v, what: str, caller, out_buffers: list) -> tuple:
+    def _pack_one(self, store_id: bytes, v, what, caller, out_buffers: list) -> tuple:
         """One value as a result carries it: (payload or ("loc", ...) when it went into the node
         store as ``store_id``, n buffers (appended to ``out_buffers``), nested refs).  Raises
         when it cannot be pickled or stored."""
@@ -693,7 +697,7 @@ class Worker:
             inner = [(r._id, r._owner) for r in unique]
         if bufs and self.store_results and segments.value_size(data, bufs) >= segments.INLINE_MAX:
             owner = _identity(caller).decode() if caller else f"worker {self.worker_id}"
-            path = self._allocate(store_id, segments.value_size(data, bufs), what, owner)
+            path = self._allocate(store_id, segments.value_size(data, bufs), str(what), owner)
             size = segments.write_segment(path, data, bufs, store_id)
             return (("loc", path, size, store_id), 0, inner)
         out_buffers.extend(bufs)
@@ -755,3 +759,14 @@ def main(cfg: dict) -> int:
     worker = Worker(cfg)
     worker.run()
     return 0
+
+
+class _ResultName:
+    """"the result of f (return i)", made only when a message needs it (most results never do)."""
+    __slots__ = ("fn_name", "index")
+
+    def __init__(self, fn_name: str, index: int | None):
+        self.fn_name, self.index = fn_name, index
+
+    def __str__(self) -> str:
+        return f"the result of {self.fn_name}" + (f" (return {self.index})" if self.index is not None else "")
