@@ -26,8 +26,9 @@ only while at least ``HISTORY_TASKS`` remain; live ones only past twice that).
 from __future__ import annotations
 
 import os
+from bisect import bisect_right
 from collections import Counter, deque
-from itertools import compress
+from itertools import accumulate, compress
 
 from farpool._private import scheduling
 from farpool._private import task_events as ev
@@ -132,6 +133,28 @@ class Segment:
         return e
 
 
+def _only(batch, split: tuple, only: set) -> tuple[tuple, tuple]:
+    """``batch`` (and its split ids) with the events of the tasks in ``only`` alone (failed and
+    waiting events all stay: few, and merged per task anyway).  A send to several tasks
+    becomes one send per task kept, with its seq, time, node and worker."""
+    size, submitted, sent, ended, failed, waiting, wall = batch[:7]
+    ids, sent_ids, end_ids = split
+    keep = only.__contains__
+    mask = list(map(keep, ids))
+    submitted = (None, *(list(compress(column, mask)) for column in submitted[1:]))
+    seqs, _, counts, at, nodes, workers = sent
+    positions = list(compress(range(len(sent_ids)), map(keep, sent_ids)))
+    ends = list(accumulate(counts))
+    groups = [bisect_right(ends, p) for p in positions]
+    sent = ([seqs[g] for g in groups], None, [1] * len(groups), [at[g] for g in groups],
+            [nodes[g] for g in groups], [workers[g] for g in groups])
+    end_mask = list(map(keep, end_ids))
+    ended = (*(list(compress(column, end_mask)) for column in ended[:1]), None,
+             *(list(compress(column, end_mask)) for column in ended[2:]))
+    split = (list(compress(ids, mask)), [sent_ids[p] for p in positions], list(compress(end_ids, end_mask)))
+    return (size, submitted, sent, ended, failed, waiting, wall, *batch[7:]), split
+
+
 class Carry:
     """An owner's tasks submitted in its last batch and not ended there: their columns, held
     until its next batch, so that a task whose life spans the two (a burst cut by a flush)
@@ -231,7 +254,9 @@ class TaskHistory:
                 carried = len(carry) if carry is not None else 0
                 if len(ids[0]) - carried >= self.fast_min:
                     kept = kept | self._carry(batch, ids, kept, carried, job_id, pid)
-                updates = ev.updates_of(batch, kept, ids)
+                if kept:  # the few left: the batch cut down to their events (C-level), then merged
+                    batch, ids = _only(batch, ids, (set(ids[0]) | set(ids[1]) | set(ids[2])) - kept)
+                updates = ev.updates_of(batch, frozenset(), ids)
         except (ValueError, TypeError, IndexError, KeyError, AttributeError):
             self.bad_events += 1  # (a whole batch of garbage: one bad event)
             if carry is not None:
@@ -314,7 +339,8 @@ class TaskHistory:
 
     def _carry(self, batch, split: tuple, kept: set, carried: int, job_id, pid) -> set:
         """Carry the tasks submitted in ``batch`` (past its first ``carried``: those were
-        carried already) that did not end in it and have nothing else to say; returns their ids."""
+        carried already) that did not end in it and have nothing else to say; returns their ids.
+        (C-level selection throughout: a batch holds up to task_events.BATCH_EVENTS tasks.)"""
         _, submitted, sent, _, failed, waiting, wall = batch[:7]
         _, created, names, shapes, actors = submitted
         ids, sent_ids, end_ids = split
@@ -325,35 +351,37 @@ class TaskHistory:
         for _, task_ids, _ in waiting:
             candidates.difference_update(task_ids)
         candidates -= self.records.keys() & candidates
-        sends: dict = {}
-        seqs, _, counts, at, nodes, workers = sent
-        pos = 0
-        for seq, count, when, node_id, worker_id in zip(seqs, counts, at, nodes, workers):
-            for task_id in sent_ids[pos:pos + count]:
-                if task_id in candidates:
-                    if task_id in sends:  # sent twice and not ended (its worker retired): a record
-                        sends[task_id] = False
-                    else:
-                        sends[task_id] = (seq, when + wall, node_id, worker_id)
-            pos += count
-        candidates -= {task_id for task_id, send in sends.items() if send is False}
         if not candidates or len(self) + len(candidates) > 2 * self.max_tasks:
             return set()  # (carried tasks are live: past twice the limit, records, which may go)
+        sends: dict = {}
+        positions = list(compress(range(len(sent_ids)), map(candidates.__contains__, sent_ids)))
+        if positions:
+            seqs, _, counts, at, nodes, workers = sent
+            ends = list(accumulate(counts))  # (the send a position belongs to: bisect)
+            twice = set()
+            for p in positions:
+                task_id = sent_ids[p]
+                if task_id in sends:  # sent twice and not ended (its worker retired): a record
+                    twice.add(task_id)
+                    continue
+                g = bisect_right(ends, p)
+                sends[task_id] = (seqs[g], at[g] + wall, nodes[g], workers[g])
+            if twice:
+                candidates -= twice
+                if not candidates:
+                    return candidates
         carry = Carry(self.batches, job_id, pid)
-        for i in range(carried, len(ids)):
-            task_id = ids[i]
-            if task_id in candidates:
-                carry.ids.append(task_id)
-                carry.created.append(created[i])
-                carry.names.append(names[i])
-                carry.shapes.append(shapes[i])
-                carry.actors.append(actors[i])
-                send = sends.get(task_id)
-                carry.sends.append(send)
-                carry.states.append(PENDING if send is None else RUNNING)
-        for shape in carry.shapes:
-            if id(shape) not in carry.shape_texts:
-                carry.shape_texts[id(shape)] = self._shape_text(shape)
+        mask = list(map(candidates.__contains__, ids[carried:]))
+        carry.ids = list(compress(ids[carried:], mask))
+        carry.created = list(compress(created[carried:], mask))
+        carry.names = list(compress(names[carried:], mask))
+        carry.shapes = list(compress(shapes[carried:], mask))
+        carry.actors = list(compress(actors[carried:], mask))
+        carry.sends = [sends.get(task_id) for task_id in carry.ids] if sends else [None] * len(carry.ids)
+        carry.states = [PENDING if send is None else RUNNING for send in carry.sends]
+        shape_ids = list(map(id, carry.shapes))
+        for key in set(shape_ids):
+            carry.shape_texts[key] = self._shape_text(carry.shapes[shape_ids.index(key)])
         self._count_carry(carry, +1)
         self.carries[(job_id, pid)] = carry
         self.carried += len(carry)
