@@ -335,7 +335,11 @@ class Submitter(ClientPart):
         buffers: list = []
         now = time.perf_counter()
         objects = self.objects
+        shape = lease_info = None  # one TaskLease per shape in a batch (one object: the worker sees it is the same)
         for task in batch:
+            if task.shape is not shape:
+                shape = task.shape
+                lease_info = (lease.gpu_ids, shape.get("CPU", 0) / scheduling.UNIT, shape)
             fn = task.fn
             fn_bytes = None
             if fn.fn_hash not in lease.shipped:
@@ -363,8 +367,7 @@ class Submitter(ClientPart):
                 lease.job_sent = True
             wire.append((task.task_id, fn.fn_hash, fn_bytes, task.name, args_payload, len(arg_bufs),  # a TaskSpec
                          ref_values, len(task.return_ids) if task.stream is None else self.c.streams.spec(task.stream),
-                         job_setup,
-                         (lease.gpu_ids, task.shape.get("CPU", 0) / scheduling.UNIT, task.shape)))
+                         job_setup, lease_info))
             buffers.extend(arg_bufs)
             buffers.extend(ref_bufs)
             task.submitted_at = now
