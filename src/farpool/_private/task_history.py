@@ -247,15 +247,19 @@ class TaskHistory:
             ids = ev.split_ids(batch)
             if carry is not None:
                 batch, ids = carry.joined_with(batch, ids)
-            kept = self._keep_as_columns(batch, ids, job_id, pid)
+            sets = (set(ids[0]), set(ids[1]), set(ids[2]))  # (built once: every step below selects with them)
+            kept = self._keep_as_columns(batch, ids, sets, job_id, pid)
             if len(kept) == len(ids[0]) == len(ids[1]) == len(ids[2]) and not batch[4] and not batch[5]:
                 updates = []  # (all of it kept as columns: the common case under load)
             else:
                 carried = len(carry) if carry is not None else 0
                 if len(ids[0]) - carried >= self.fast_min:
-                    kept = kept | self._carry(batch, ids, kept, carried, job_id, pid)
+                    kept = kept | self._carry(batch, ids, sets, kept, carried, job_id, pid)
                 if kept:  # the few left: the batch cut down to their events (C-level), then merged
-                    batch, ids = _only(batch, ids, (set(ids[0]) | set(ids[1]) | set(ids[2])) - kept)
+                    rest = sets[0] - kept
+                    rest |= sets[1] - kept
+                    rest |= sets[2] - kept
+                    batch, ids = _only(batch, ids, rest)
                 updates = ev.updates_of(batch, frozenset(), ids)
         except (ValueError, TypeError, IndexError, KeyError, AttributeError):
             self.bad_events += 1  # (a whole batch of garbage: one bad event)
@@ -271,22 +275,21 @@ class TaskHistory:
             self._apply(update, job_id, pid)
         self._trim()
 
-    def _keep_as_columns(self, batch, split: tuple, job_id, pid) -> set | frozenset:
+    def _keep_as_columns(self, batch, split: tuple, sets: tuple, job_id, pid) -> set | frozenset:
         """Keep the tasks submitted, sent once and ended once in ``batch`` (and heard of
         nowhere else) as a Segment, counted; returns their ids (updates_of skips them).
-        ``split``: ev.split_ids(batch)."""
+        ``split``: ev.split_ids(batch); ``sets``: a set of each of its three columns."""
         _, submitted, _, ended, failed, waiting = batch[:6]
         joined, created, names, shapes, actors = submitted
         ids, sent_ids, end_ids = split
         if len(ids) < self.fast_min:
             return frozenset()
-        fast = set(ids)
+        fast = set(sets[0])
         if len(fast) != len(ids) or not (len(names) == len(shapes) == len(actors) == len(ids)) \
                 or not (len(ended[0]) == len(ended[2]) == len(ended[3]) == len(ended[4]) == len(ended[5])
                         == len(ended[6])):
             return frozenset()  # (not what an owner sends: the slow path says what is wrong)
-        for column in (end_ids, sent_ids):
-            present = set(column)
+        for column, present in ((end_ids, sets[2]), (sent_ids, sets[1])):
             fast &= present
             if len(present) != len(column):  # ran twice in the batch (a retry): not a plain life
                 fast -= {t for t, n in Counter(column).items() if n > 1}
@@ -337,15 +340,16 @@ class TaskHistory:
         self.in_segments += len(seg)
         return fast
 
-    def _carry(self, batch, split: tuple, kept: set, carried: int, job_id, pid) -> set:
+    def _carry(self, batch, split: tuple, sets: tuple, kept: set, carried: int, job_id, pid) -> set:
         """Carry the tasks submitted in ``batch`` (past its first ``carried``: those were
         carried already) that did not end in it and have nothing else to say; returns their ids.
         (C-level selection throughout: a batch holds up to task_events.BATCH_EVENTS tasks.)"""
         _, submitted, sent, _, failed, waiting, wall = batch[:7]
         _, created, names, shapes, actors = submitted
         ids, sent_ids, end_ids = split
-        candidates = set(ids[carried:]) - kept
-        candidates -= set(end_ids)
+        candidates = sets[0] - kept
+        candidates.difference_update(ids[:carried])
+        candidates -= sets[2]
         for _, task_id, _, _ in failed:
             candidates.discard(task_id)
         for _, task_ids, _ in waiting:
