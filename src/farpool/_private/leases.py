@@ -20,7 +20,10 @@ while requests wait: leases held through a whole interval that stand in the way
 of a waiting request are asked back (``yields``: YieldLease to their client,
 which returns the lease once its running tasks end, and asks again for more at
 the back of the line).  Leases of the waiting request's own queue (same client,
-shape and pool) and actors' are never asked.
+shape and pool) and actors' are never asked.  What they free is kept for that
+request ("starved": it goes first, its shape promised), or the busy queue's next
+request would take it back at once; so a lease whose task runs long holds up the
+requests behind the starved one on this node until it ends (no backfill).
 
 A draining node (``farpool stop`` on it: ``drain()``) grants nothing more: every
 request waiting or arriving goes to another node that fits (spillback) if it may, or
