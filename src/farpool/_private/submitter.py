@@ -106,10 +106,11 @@ class Submitter(ClientPart):
             if bufs else None
         if args_location is not None:
             payload, bufs = b"", []
-        else:
+        elif bufs:
             bufs = [bytes(b.raw()) for b in bufs]
-        return_ids = [task_id] + [c.new_object_id() for _ in range(num_returns - 1)]
-        pinned = [r._id for _, r in ref_slots] + [r._id for r in collector]
+        return_ids = [task_id] + [c.new_object_id() for _ in range(num_returns - 1)] if num_returns != 1 \
+            else [task_id]
+        pinned = [r._id for _, r in ref_slots] + [r._id for r in collector] if ref_slots or collector else []
         if token is not None:  # an actor call keeps its actor alive (the handles' token) until it ends
             pinned.append(token._id)
         if not isinstance(strategy, str):  # NodeAffinity(node_id, soft)

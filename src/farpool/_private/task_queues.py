@@ -253,8 +253,8 @@ class TaskQueues:
     def _take_back_for_idle(kq: KeyQueue):
         """A worker of this shape has nothing to do while another has tasks queued behind its
         running one (pipelined): ask for the newer half of those back, to run them here."""
-        if not any(not l.inflight and not l.claimed and not l.retiring for l in kq.leases):
-            return None
+        if len(kq.leases) < 2 or not any(not l.inflight and not l.claimed and not l.retiring for l in kq.leases):
+            return None  # (with one lease there is no other worker to take tasks back from)
         busy = max((l for l in kq.leases if len(l.inflight) >= 2 and not l.taking_back and not l.retiring
                     and not l.nothing_to_take), key=lambda l: len(l.inflight), default=None)
         if busy is None:
