@@ -512,8 +512,7 @@ class LeaseManager:
             if not self.resources.feasible(req.shape) or not self.resources.can_acquire(req.shape) \
                     or not scheduling.fits(_minus(self.resources.available, promised), req.shape):
                 if req.starved and self.resources.feasible(req.shape):
-                    for name, amount in req.shape.items():
-                        promised[name] = promised.get(name, 0) + amount
+                    promised = _plus(promised, req.shape)
                 continue
             worker = self._idle_worker(req)
             if worker is None:
@@ -533,8 +532,7 @@ class LeaseManager:
                         acts.spawns.append(match)
                 if match is not None:
                     starting.discard(match)
-                    for name, amount in req.shape.items():
-                        promised[name] = promised.get(name, 0) + amount
+                    promised = _plus(promised, req.shape)
                 continue
             alloc = self.resources.acquire(req.shape)
             lease = Lease(next(self._ids), worker.worker_id, req.client, req.request_id, alloc, req.job_id,

@@ -346,7 +346,8 @@ class ObjectStore:
 
     def _spillable(self, seg: Segment) -> bool:
         return (seg.state is State.IN_MEMORY and seg.spilled_to is None and seg.used > 0 and not seg.unspillable
-                and not self._handed_lately(seg) and self.disk_free() >= seg.used + DISK_RESERVE and _idle_and_sealed(seg.path, seg.object_id))
+                and not self._handed_lately(seg) and self.disk_free() >= seg.used + DISK_RESERVE
+                and _idle_and_sealed(seg.path, seg.object_id))
 
     def _start_spill(self, seg: Segment, acts: StoreActions) -> None:
         from farpool._private import spill

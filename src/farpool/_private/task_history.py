@@ -83,7 +83,7 @@ class Segment:
     batch's columns for them, in submission order (``ids`` ...) and in the order they ended
     (``end_ids`` ...).  ``gone``: ids moved into records since, or forgotten."""
     __slots__ = ("batch", "job_id", "owner_pid", "ids", "created", "names", "shapes", "actors", "end_ids",
-                 "started", "ended", "results", "nodes", "workers", "gone", "shape_texts", "_pos", "_ended_max")
+                 "started", "ended", "results", "nodes", "workers", "gone", "shape_texts", "_pos", "ended_max")
 
     # (no index of task ids across segments: a task kept in one rarely speaks again, so the
     # few that do are looked for segment by segment, newest first: see TaskHistory._kept)
@@ -95,16 +95,20 @@ class Segment:
         self.gone: set = set()
         self.shape_texts: dict = {}  # id(a shape dict in shapes) -> its text
         self._pos = None
-        self._ended_max = max(self.ended) if self.ended else 0.0
+        self.ended_max = max(self.ended) if self.ended else 0.0
 
     def __len__(self) -> int:
         return len(self.ids) - len(self.gone)
 
+    def _positions(self) -> dict:
+        """task id -> its index in the submitted columns (made when first needed)."""
+        if self._pos is None:
+            self._pos = dict(zip(self.ids, range(len(self.ids))))
+        return self._pos
+
     def entries(self):
         """A TaskEntry per task kept (newest ended first), made now (for answers)."""
-        pos = self._pos
-        if pos is None:
-            pos = self._pos = dict(zip(self.ids, range(len(self.ids))))
+        pos = self._positions()
         gone = self.gone
         for j in range(len(self.end_ids) - 1, -1, -1):
             task_id = self.end_ids[j]
@@ -112,14 +116,10 @@ class Segment:
                 yield self._entry(task_id, pos[task_id], j)
 
     def holds(self, task_id: bytes) -> bool:
-        if self._pos is None:
-            self._pos = dict(zip(self.ids, range(len(self.ids))))
-        return task_id in self._pos and task_id not in self.gone
+        return task_id in self._positions() and task_id not in self.gone
 
     def entry(self, task_id: bytes) -> TaskEntry:
-        if self._pos is None:
-            self._pos = dict(zip(self.ids, range(len(self.ids))))
-        return self._entry(task_id, self._pos[task_id], self.end_ids.index(task_id))
+        return self._entry(task_id, self._positions()[task_id], self.end_ids.index(task_id))
 
     def _entry(self, task_id: bytes, i: int, j: int) -> TaskEntry:
         e = TaskEntry(task_id, self.job_id, self.owner_pid)
@@ -221,10 +221,10 @@ class TaskHistory:
         self.carries: dict[tuple, Carry] = {}  # (job, pid) of an owner -> its carry
         self.carried = 0            # tasks in carries
         self.batches = 0
-        self.ended_order: deque = deque()           # task ids in the order they ended (may be stale)
+        self.ended_order: deque = deque()           # record ids and segments in the order they ended (ids may be stale)
         self.counts: dict[tuple, dict] = {}         # (name, shape) -> {state: n}
         self.dropped = 0            # events owners dropped (their buffer was full)
-        self.forgotten = 0          # records evicted from the history
+        self.forgotten = 0          # tasks evicted from the history (records, and segments whole)
         self.forgotten_live = 0     # ... of them, still pending or running
         self.bad_events = 0         # events that did not decode (a peer's garbage)
         self._shapes: dict = {}     # shape tuple -> its text (few distinct shapes)
@@ -314,19 +314,12 @@ class TaskHistory:
             end = (list(compress(end_ids, mask)), list(compress(started, mask)), list(compress(ended_at, mask)),
                    list(compress(results, mask)), list(compress(nodes, mask)), list(compress(workers, mask)))
         seg = Segment(self.batches, job_id, pid, sub, end)
-        # Shapes as text once per distinct dict (the owner sends the same few again and again;
-        # the segment holds them, so their ids stay theirs).
         names, shapes = seg.names, seg.shapes
-        distinct = set(map(id, shapes))
-        if len(distinct) == 1 and names.count(names[0]) == len(names):
+        seg.shape_texts = self._shape_texts(shapes)
+        if len(seg.shape_texts) == 1 and names.count(names[0]) == len(names):
             groups = {(names[0], id(shapes[0])): len(names)}  # (one function: the usual batch)
         else:
             groups = Counter(zip(names, map(id, shapes)))
-            shape_ids = list(map(id, shapes))
-            for key in distinct:
-                seg.shape_texts[key] = self._shape_text(shapes[shape_ids.index(key)])
-        if not seg.shape_texts:
-            seg.shape_texts[id(shapes[0])] = self._shape_text(shapes[0])
         for (name, key), n in groups.items():
             self._group(name, seg.shape_texts[key])[FINISHED] += n
         if seg.results.count(True) != len(seg.results):
@@ -383,9 +376,7 @@ class TaskHistory:
         carry.actors = list(compress(actors[carried:], mask))
         carry.sends = [sends.get(task_id) for task_id in carry.ids] if sends else [None] * len(carry.ids)
         carry.states = [PENDING if send is None else RUNNING for send in carry.sends]
-        shape_ids = list(map(id, carry.shapes))
-        for key in set(shape_ids):
-            carry.shape_texts[key] = self._shape_text(carry.shapes[shape_ids.index(key)])
+        carry.shape_texts = self._shape_texts(carry.shapes)
         self._count_carry(carry, +1)
         self.carries[(job_id, pid)] = carry
         self.carried += len(carry)
@@ -462,6 +453,13 @@ class TaskHistory:
             self.waiting[entry.task_id] = entry
         else:
             self.waiting.pop(entry.task_id, None)
+
+    def _shape_texts(self, shapes: list) -> dict:
+        """id(shape) -> its text, for each distinct shape dict of a column: once per dict (an
+        owner sends the same few again and again; the column holds them, so their ids stay
+        theirs)."""
+        ids = list(map(id, shapes))
+        return {key: self._shape_text(shapes[ids.index(key)]) for key in set(ids)}
 
     def _shape_text(self, shape) -> str:
         try:
@@ -604,7 +602,7 @@ class TaskHistory:
         seen = set()
         for item in reversed(self.ended_order):
             if isinstance(item, Segment):
-                if item._ended_max < start:
+                if item.ended_max < start:
                     break
                 for task_id, ended in zip(item.end_ids, item.ended):
                     if ended >= start and task_id not in item.gone:
