@@ -257,7 +257,6 @@ class CoreClient:
             f"{log_file}:\n{tail}"))
 
     def _run(self) -> None:
-        self.refs.loop_thread = threading.get_ident()
         try:
             self.loop.run()
         except BaseException as exc:  # noqa: BLE001 - a dead I/O thread must fail every waiter

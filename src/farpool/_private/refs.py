@@ -55,12 +55,6 @@ LINEAGE_OVERHEAD = 256
 # oldest is forgotten (its object lives on, it is just not offered again).  Each costs
 # ~100 bytes: more lets more distinct large arguments be stored once at the same time.
 SHARED_MAX = 1024
-# How long a thread dropping a ref waits for the lock another thread holds (the I/O thread,
-# briefly) before it queues the drop and wakes the I/O thread to count it: counting it here
-# spares the I/O thread a wake-up per round trip (the caller's ref dies as its get returns,
-# while the I/O thread still holds the lock).  A thread that holds the lock itself (a ref
-# collected inside a locked region) waits this long once, then queues.
-RELEASE_WAIT_S = 0.002
 
 
 @dataclass
@@ -114,7 +108,6 @@ class RefTable:
         self.in_worker = in_worker
         self.peer_address: tuple | None = None  # how borrowers name us (set once connected)
         self.lock = threading.Lock()
-        self.loop_thread = None  # the I/O thread's ident (it never waits for the lock in release)
         self.objects: dict[bytes, Entry] = {}
         self.released: deque = deque()   # decrements that could not take the lock (see release)
         self.watched: dict[bytes, BorrowerWatch] = {}  # borrower identity -> what it holds
@@ -151,8 +144,7 @@ class RefTable:
         """One local ref of ``object_id`` dropped.  Counted now when the lock is free, else
         queued; True when queued: the shell must call ``drain_released`` soon (once is
         enough for many).  Counting here spares the I/O thread a wake-up per dropped ref."""
-        if not self.lock.acquire(False) and (threading.get_ident() == self.loop_thread
-                                              or not self.lock.acquire(timeout=RELEASE_WAIT_S)):
+        if not self.lock.acquire(False):
             self.released.append(object_id)
             return True
         try:
