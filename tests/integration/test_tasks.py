@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -471,3 +472,21 @@ def test_a_task_printing_megabytes_fast_leaves_the_runtime_working(cluster, capf
     # wait, not break the launcher's message framing (the launcher, then the agent, died).
     assert farpool.get([chatty.remote(20000) for _ in range(2)], timeout=120) == [20000, 20000]
     assert farpool.get(add.remote(1, 2), timeout=60) == 3
+
+
+@farpool.remote
+def sleeper(seconds):
+    time.sleep(seconds)
+    return 1
+
+
+def test_a_get_that_times_out_names_the_task_its_argument_waits_for(cluster):
+    stuck = sleeper.options(name="stuck-maker").remote(120)  # (cancelled below)
+    ref = add.options(name="summer").remote(stuck)
+    with pytest.raises(farpool.GetTimeoutError) as info:
+        farpool.get(ref, timeout=0.3)
+    text = str(info.value)
+    assert "its task summer waits for 1 of its arguments; whose task stuck-maker " in text, text
+    farpool.cancel(stuck)
+    with pytest.raises(farpool.TaskCancelledError):
+        farpool.get(ref, timeout=30)

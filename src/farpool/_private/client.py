@@ -54,7 +54,7 @@ from farpool._private.node_table import NodeTable
 from farpool._private.object_ref import ObjectRef
 from farpool._private.object_service import ObjectService
 from farpool._private.protocol import encode
-from farpool._private.refs import FAILED, READY, Entry, RefTable
+from farpool._private.refs import FAILED, PENDING, READY, Entry, RefTable
 from farpool._private.shared_args import SharedArgs
 from farpool._private.stored import StoreReads
 from farpool._private.stream_client import Streams
@@ -70,6 +70,8 @@ log = logging.getLogger("farpool.client")
 # output, future callbacks): longer delivers more of a flood of output, shorter bounds
 # shutdown when a user callback blocks.
 CALLBACKS_AT_SHUTDOWN_S = 5.0
+# How many tasks down a chain of arguments a timed-out get() names (where_pending).
+WHERE_DEPTH = 4
 
 
 class CoreClient:
@@ -530,12 +532,20 @@ class CoreClient:
         task = entry.task if entry is not None else None
         if task is None:
             return "" if entry is None or entry.owned else f", owned by {entry.owner}"
+        text = ""
         try:
-            where = (self.actor_calls.where(task) if task.actor_id is not None
-                     else self.queues.where(task))
+            for _ in range(WHERE_DEPTH):  # down the chain of arguments it waits for
+                where = (self.actor_calls.where(task) if task.actor_id is not None
+                         else self.queues.where(task))
+                text += f"{', its' if not text else '; whose'} task {task.name} {where}"
+                pending = next((e for e in (self.objects.get(r._id) for _, r in task.ref_slots)
+                                if e is not None and e.state == PENDING), None) if task.deps_left else None
+                if pending is None or pending.task is None:
+                    break
+                task = pending.task
         except RuntimeError:  # (a table changed size while read)
-            return ""
-        return f", its task {task.name} {where}"
+            pass
+        return text
 
     def has_failed(self, ref: ObjectRef) -> bool:
         """True if the ref's task failed (value_of raises its error, not an unpickling one). Any thread."""
