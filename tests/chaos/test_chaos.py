@@ -33,7 +33,10 @@ def test_a_mixed_workload_survives_killed_workers_nodes_and_a_head(started):
     report.leftovers += started.leftovers(os.environ["FARPOOL_SHM_PATH"])  # (on every host, on hosts)
     print(report.text())
     kinds = {fault.kind for fault, _, what in report.faults if not what.startswith("not injected")}
-    assert kinds == {"worker", "node", "drain", "head"}, f"seed {seed}: not every kind of fault was injected\n{report.text()}"
+    planned = {fault.kind for fault, _, _ in report.faults}  # (the CI seed plans every kind; others may not)
+    assert kinds == planned, f"seed {seed}: not every kind of fault planned was injected\n{report.text()}"
+    if seed == CHAOS_SEED:
+        assert kinds == {"worker", "node", "drain", "head"}, f"seed {seed}: not every kind of fault was injected\n{report.text()}"
     assert not report.failures, f"seed {seed}: wrong results, other errors or hangs\n{report.text()}"
     assert not report.leftovers, f"seed {seed}: left behind\n{report.text()}"
     assert report.calls["chains"] and report.calls["map"] and report.calls["actor"] and report.calls["arrays"]
