@@ -47,7 +47,7 @@ def submit(queues, n, **kw):
 
 
 def dispatch(queues, key=KEY, cpus=CPUS_2):
-    plan = queues.dispatch(key, cpus)
+    plan = queues.dispatch(key, lambda: cpus)
     queues.validate_state()
     return plan
 

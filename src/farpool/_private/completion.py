@@ -36,6 +36,7 @@ class Completion(ClientPart):
         """The sibling parts' calls this one makes (after the shell made them all)."""
         c = self.c
         self.mark_dirty = c.submitter.mark_dirty
+        self.after_results = c.submitter.after_results
         self.mark_actor_dirty = c.submitter.mark_actor_dirty
         self.enqueue = c.submitter.enqueue
         self.schedule_frees = c.borrowing.schedule_frees
@@ -111,7 +112,7 @@ class Completion(ClientPart):
             elif lease.yielding:  # its agent wants it back: once its tasks have ended
                 self.c.submitter.return_yielded(lease)
             if lease.actor_id is None:
-                self.mark_dirty(lease.key)
+                self.after_results(lease.key)
             else:
                 self.mark_actor_dirty(lease.actor_id)
 

@@ -237,6 +237,18 @@ class Submitter(ClientPart):
             self._dispatch_scheduled = True
             self.loop.call_soon(self._dispatch_dirty)
 
+    def after_results(self, key) -> None:
+        """A lease of ``key`` reported results: with tasks queued, dispatch once the loop has
+        read what else came (one dispatch for many results); with none (a caller's round
+        trip), let its idle leases linger now, sparing a pass through the loop."""
+        kq = self.queues.keys.get(key)
+        if kq is None:
+            return
+        if kq.queue:
+            self.mark_dirty(key)
+        else:
+            self.dispatch(key)
+
     def _dispatch_dirty(self) -> None:
         self._dispatch_scheduled = False
         keys, self._dirty_keys = self._dirty_keys, set()
@@ -250,7 +262,7 @@ class Submitter(ClientPart):
                 actor_client.dispatch(actor_id)
 
     def dispatch(self, key) -> None:
-        plan = self.queues.dispatch(key, self._cluster_cpus())
+        plan = self.queues.dispatch(key, self._cluster_cpus)
         for lease, batch in plan.sends:
             self.send_tasks(lease, batch)
         if plan.requests:

@@ -183,9 +183,9 @@ class TaskQueues:
         return tasks
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self, key, cluster_cpus: int) -> Plan:
+    def dispatch(self, key, cluster_cpus) -> Plan:
         """Send queued tasks to the key's leases, ask for more leases or take tasks back, and
-        park or let linger the leases left idle.  ``cluster_cpus``: CPU units of live nodes."""
+        park or let linger the leases left idle.  ``cluster_cpus()``: CPU units of live nodes."""
         kq = self.keys[key]
         plan = Plan()
         q = kq.queue
@@ -197,7 +197,7 @@ class TaskQueues:
         if q and kq.leases:
             # Pipeline (depth > 1) only into a deep backlog; a short queue goes one task per
             # worker so that a few long tasks never wait behind each other.
-            slots = self._worker_slots(kq, cluster_cpus)
+            slots = self._worker_slots(kq, cluster_cpus())
             depth = 1 if len(q) <= slots else min(kq.depth, -(-len(q) // slots))
             batches: dict = {}
             leases = sorted((lease for lease in kq.leases if not lease.claimed), key=lambda l: len(l.inflight))
