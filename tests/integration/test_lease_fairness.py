@@ -49,3 +49,29 @@ def test_a_task_of_another_shape_runs_while_a_busy_loop_keeps_every_cpu_leased(c
         stop.set()
         loop.join(timeout=120)
     assert not loop.is_alive()
+
+
+@pytest.mark.parametrize("soft", [True, False])
+def test_a_task_pinned_to_a_node_runs_while_a_busy_loop_of_its_shape_keeps_every_cpu_there(cluster, soft):
+    # The same shape as the loop's tasks, but another queue (its node affinity): the agent
+    # must tell the two apart, or it never asks the loop's leases back for it.
+    node_id = next(n["node_id"] for n in farpool.nodes() if n["alive"])
+    stop = threading.Event()
+    rounds = []
+
+    def busy():
+        while not stop.is_set():
+            assert farpool.get([square.remote(i) for i in range(300)], timeout=120) == [i * i for i in range(300)]
+            rounds.append(1)
+
+    loop = threading.Thread(target=busy, daemon=True)
+    loop.start()
+    try:
+        while not rounds:  # a round has gone through: the loop's leases are fed, not returned
+            farpool.get(square.remote(1), timeout=60)
+        pinned = square.options(scheduling_strategy=farpool.NodeAffinity(node_id, soft=soft))
+        assert farpool.get(pinned.remote(5), timeout=60) == 25
+    finally:
+        stop.set()
+        loop.join(timeout=120)
+    assert not loop.is_alive()

@@ -331,7 +331,9 @@ class Submitter(ClientPart):
     def _request_lease(self, kq: KeyQueue, key, agent: AgentConn, spillback_ok: bool = True) -> None:
         request_id = self.conns.next_request_id()
         self.queues.request_sent(key, request_id, agent)
-        strategy = kq.strategy if isinstance(kq.strategy, str) else "DEFAULT"
+        # (a NodeAffinity queue is placed as DEFAULT, but named apart: the agent tells its
+        # requests from the same shape's default queue, whose leases it may ask back for them)
+        strategy = kq.strategy if isinstance(kq.strategy, str) else ":".join(map(str, kq.strategy))
         transport.send(agent.socket, encode("RequestLease", (request_id, kq.shape, self.c.job_id, kq.pool_key,
                                                              strategy, spillback_ok)))
 
