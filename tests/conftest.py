@@ -12,6 +12,8 @@ import tempfile
 import psutil
 import pytest
 
+import farpool_testing
+
 _ROOT = tempfile.mkdtemp(prefix="fpt-", dir="/tmp")
 # Object store segments of this run go to their own directory in /dev/shm.
 _SHM = tempfile.mkdtemp(prefix="fpt-", dir="/dev/shm")
@@ -85,29 +87,9 @@ def pytest_runtest_makereport(item, call):
     workers) of the sessions alive then: a failure on CI is read from its log alone."""
     report = yield
     if report.failed and os.path.isdir(_ROOT):
-        for path, text in _log_tails():
+        for path, text in farpool_testing.log_tails(_ROOT):
             report.sections.append((f"farpool log {path}", text))
     return report
-
-
-def _log_tails(lines: int = 30, limit: int = 12):
-    """(path, its last ``lines`` lines) of the logs of live sessions, the most recent first."""
-    logs = []
-    for root, _, files in os.walk(_ROOT):
-        logs += [os.path.join(root, f) for f in files if f.endswith(".log")]
-    logs.sort(key=lambda p: os.path.getmtime(p) if os.path.exists(p) else 0, reverse=True)
-    out = []
-    for path in logs[:limit]:
-        try:
-            with open(path, "rb") as f:
-                f.seek(max(0, os.path.getsize(path) - 16384))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        tail = "\n".join(text.splitlines()[-lines:])
-        if tail.strip():
-            out.append((os.path.relpath(path, _ROOT), tail))
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -216,6 +216,27 @@ def farpool_cli(*args, env=None, check=True, timeout=60):
     return result
 
 
+def log_tails(root: str, lines: int = 30, limit: int = 12) -> list:
+    """(path under ``root``, its last ``lines`` lines) of the runtime logs (head, node agents,
+    workers) under the tmp root ``root``, the most recently written first."""
+    logs = []
+    for where, _, files in os.walk(root):
+        logs += [os.path.join(where, f) for f in files if f.endswith(".log")]
+    logs.sort(key=lambda p: os.path.getmtime(p) if os.path.exists(p) else 0, reverse=True)
+    out = []
+    for path in logs[:limit]:
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 16384))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        tail = "\n".join(text.splitlines()[-lines:])
+        if tail.strip():
+            out.append((os.path.relpath(path, root), tail))
+    return out
+
+
 class Cluster:
     """A head (with its node) and extra node agents started with the CLI, on loopback."""
 

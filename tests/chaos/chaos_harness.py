@@ -42,6 +42,7 @@ import traceback
 import numpy as np
 
 import farpool
+import farpool_testing
 from farpool import exceptions
 
 # Seconds any one call may take before it counts as a hang. Long enough for a head to come
@@ -152,6 +153,7 @@ class Report:
     rebuilt: int = 0
     head_outages: list = dataclasses.field(default_factory=list)  # s from losing the head to registered again
     leftovers: list = dataclasses.field(default_factory=list)
+    logs: list = dataclasses.field(default_factory=list)          # (path, tail) of the runtime's logs, on failure
 
     def recovery_times(self) -> list[tuple[str, float | None, float | None]]:
         """For each fault: its kind, the seconds from it to the first right result after it (any
@@ -197,6 +199,8 @@ class Report:
         lines.append("  head away (the driver lost it until it registered again with the next): "
                      + (", ".join(f"{t:.2f} s" for t in self.head_outages) or "never"))
         lines.append(f"  left behind: {self.leftovers or 'nothing'}")
+        for path, tail in self.logs:  # (only when something failed: read before the cluster stopped)
+            lines += [f"  --- {path} (its end)", *(f"    {line}" for line in tail.splitlines())]
         return "\n".join(lines)
 
 
@@ -383,6 +387,8 @@ class Chaos:
         finally:
             logger.removeHandler(counter)
             self.report.retried, self.report.rebuilt = counter.retried, counter.rebuilt
+            if self.report.failures:
+                self.report.logs = farpool_testing.log_tails(self.cluster.root, lines=40)
             try:
                 farpool.shutdown()
             finally:
