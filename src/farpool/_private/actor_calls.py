@@ -62,6 +62,10 @@ class ActorCalls:
             aq = self.actors[actor_id] = ActorQueue(actor_id)
         return aq
 
+    def has_queued(self, actor_id: str) -> bool:
+        aq = self.actors.get(actor_id)
+        return aq is not None and bool(aq.queue)
+
     def add(self, task: TaskRecord) -> ActorQueue:
         task.state = TaskState.QUEUED
         aq = self.actor(task.actor_id)
@@ -100,7 +104,8 @@ class ActorCalls:
                 failed.append((task, entry))
             else:
                 batch.append(task)
-        TaskQueues.start(lease, batch)
+        if batch:
+            TaskQueues.start(lease, batch)
         return batch, failed
 
     @staticmethod

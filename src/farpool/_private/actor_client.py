@@ -46,9 +46,12 @@ class ActorClient(ClientPart):
         if not aq.subscribed:
             aq.subscribed = True
             transport.send(self.conns.head, encode("WaitActor", (aq.actor_id,)))
+        if not aq.queue:  # (after a call's result, mostly)
+            return
         batch, failed = self.calls.next_batch(aq, self.c.submitter.failed_argument)
-        error_of = self.c.values.error_of
-        completion.fail_all([(task, error_of(entry)) for task, entry in failed])
+        if failed:
+            error_of = self.c.values.error_of
+            completion.fail_all([(task, error_of(entry)) for task, entry in failed])
         if batch:
             self.c.submitter.send_tasks(aq.lease, batch)
 

@@ -113,7 +113,7 @@ class Completion(ClientPart):
                 self.c.submitter.return_yielded(lease)
             if lease.actor_id is None:
                 self.after_results(lease.key)
-            else:
+            elif self.c.actor_calls.has_queued(lease.actor_id):  # (calls held back by the pipeline's depth)
                 self.mark_actor_dirty(lease.actor_id)
 
     def requeue(self, task: TaskRecord) -> None:
