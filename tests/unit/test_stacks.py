@@ -31,8 +31,12 @@ def test_the_task_board_shows_the_running_task_and_idle_after(tmp_path):
     path = str(tmp_path / "w-1.task")
     board = stacks.TaskBoard(path)
     assert stacks.read_task(path) is None
-    board.started("ab" * 16, "train_step")
+    board.started(b"\xab" * 16, "train_step")
     assert stacks.read_task(path) == {"task_id": "ab" * 16, "name": "train_step"}
+    board.ended()
+    assert stacks.read_task(path) is None
+    board.started(b"\xcd" * 16, "train_step")  # (the same name: only the id is written)
+    assert stacks.read_task(path) == {"task_id": "cd" * 16, "name": "train_step"}
     board.started(None, "Counter.__init__" + "x" * 500)  # long names are cut to the board's size
     task = stacks.read_task(path)
     assert task["task_id"] is None and task["name"].startswith("Counter.__init__")

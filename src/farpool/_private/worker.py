@@ -597,7 +597,7 @@ class Worker:
                  ref_bufs, num_returns, job_setup, lease_info, out_buffers, caller, batch):
         context.task_id = task_id.hex()
         context.task_name = fn_name
-        stacks.board.started(context.task_id, fn_name)  # for `farpool stack` (one slice assignment)
+        stacks.board.started(task_id, fn_name)  # for `farpool stack` (two slice assignments)
         started = time.time()
         args = kwargs = arrivals = None
         try:
