@@ -9,8 +9,9 @@ see the same machine load; the head folds the batches of the "on" blocks as usua
 Prints the median no-op throughput and sync round trip of each setting and their
 ratio, and the CPU each kind of process spent per task in each setting: after every
 block the driver flushes its events and waits for the head to have folded them (a head
-query behind them on the same socket), so a block's CPU is its own.  ``benchmarks/harness.py --only farpool,farpool_noevents`` measures the same
-two settings in separate processes.
+query behind them on the same socket), so a block's CPU is its own.
+``benchmarks/harness.py --only farpool,farpool_noevents`` measures the same two
+settings in separate processes.
 """
 
 from __future__ import annotations

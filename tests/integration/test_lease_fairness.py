@@ -6,6 +6,7 @@ so a task of another shape or of another driver waited until that queue ran dry:
 loop that never stops submitting, for ever.
 """
 
+import contextlib
 import threading
 
 import pytest
@@ -26,29 +27,41 @@ def square(x):
     return x * x
 
 
-def test_a_task_of_another_shape_runs_while_a_busy_loop_keeps_every_cpu_leased(cluster):
-    stop = threading.Event()
-    rounds = []
+@contextlib.contextmanager
+def busy_loop():
+    """A thread that keeps both CPUs leased with rounds of ``square`` tasks (its queue's leases
+    are fed, never returned) until the block ends; entered once a round has gone through."""
+    stop, first_round = threading.Event(), threading.Event()
+    errors = []
 
     def busy():
-        while not stop.is_set():
-            assert farpool.get([square.remote(i) for i in range(300)], timeout=120) == [i * i for i in range(300)]
-            rounds.append(1)
+        try:
+            while not stop.is_set():
+                assert farpool.get([square.remote(i) for i in range(300)], timeout=120) == [i * i for i in range(300)]
+                first_round.set()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test's thread below
+            errors.append(exc)
+            first_round.set()
 
     loop = threading.Thread(target=busy, daemon=True)
     loop.start()
     try:
-        farpool.get(square.remote(0), timeout=60)  # (the loop's queue holds both CPUs from here on)
-        while not rounds:  # a round has gone through: its leases are fed, not returned
-            farpool.get(square.remote(1), timeout=60)
-        half = square.options(num_cpus=0.5)
-        assert farpool.get([half.remote(3) for _ in range(4)], timeout=60) == [9] * 4
-        wide = square.options(num_cpus=1.5)  # needs both leases back at once
-        assert farpool.get(wide.remote(4), timeout=60) == 16
+        assert first_round.wait(timeout=120), "the busy loop's first round did not end"
+        assert not errors, errors
+        yield
     finally:
         stop.set()
         loop.join(timeout=120)
     assert not loop.is_alive()
+    assert not errors, errors
+
+
+def test_a_task_of_another_shape_runs_while_a_busy_loop_keeps_every_cpu_leased(cluster):
+    with busy_loop():
+        half = square.options(num_cpus=0.5)
+        assert farpool.get([half.remote(3) for _ in range(4)], timeout=60) == [9] * 4
+        wide = square.options(num_cpus=1.5)  # needs both leases back at once
+        assert farpool.get(wide.remote(4), timeout=60) == 16
 
 
 @pytest.mark.parametrize("soft", [True, False])
@@ -56,22 +69,6 @@ def test_a_task_pinned_to_a_node_runs_while_a_busy_loop_of_its_shape_keeps_every
     # The same shape as the loop's tasks, but another queue (its node affinity): the agent
     # must tell the two apart, or it never asks the loop's leases back for it.
     node_id = next(n["node_id"] for n in farpool.nodes() if n["alive"])
-    stop = threading.Event()
-    rounds = []
-
-    def busy():
-        while not stop.is_set():
-            assert farpool.get([square.remote(i) for i in range(300)], timeout=120) == [i * i for i in range(300)]
-            rounds.append(1)
-
-    loop = threading.Thread(target=busy, daemon=True)
-    loop.start()
-    try:
-        while not rounds:  # a round has gone through: the loop's leases are fed, not returned
-            farpool.get(square.remote(1), timeout=60)
+    with busy_loop():
         pinned = square.options(scheduling_strategy=farpool.NodeAffinity(node_id, soft=soft))
         assert farpool.get(pinned.remote(5), timeout=60) == 25
-    finally:
-        stop.set()
-        loop.join(timeout=120)
-    assert not loop.is_alive()
