@@ -238,16 +238,17 @@ class Submitter(ClientPart):
             self.loop.call_soon(self._dispatch_dirty)
 
     def after_results(self, key) -> None:
-        """A lease of ``key`` reported results: with tasks queued, dispatch once the loop has
-        read what else came (one dispatch for many results); with none (a caller's round
-        trip), let its idle leases linger now, sparing a pass through the loop."""
+        """A lease of ``key`` reported results.  A caller's round trip (nothing queued, one
+        lease) lets its lease linger now, sparing a pass through the loop; otherwise the key
+        is dispatched once the loop has read what else came (one dispatch for many results,
+        and take-backs judged on all of them: dispatching per result slowed Pool.map)."""
         kq = self.queues.keys.get(key)
         if kq is None:
             return
-        if kq.queue:
-            self.mark_dirty(key)
-        else:
+        if not kq.queue and len(kq.leases) <= 1:
             self.dispatch(key)
+        else:
+            self.mark_dirty(key)
 
     def _dispatch_dirty(self) -> None:
         self._dispatch_scheduled = False
