@@ -5,7 +5,8 @@ functions too: a lazy import is still a dependency), and the test fails on
 
 - a module of ``farpool._private`` importing anything of ``farpool`` outside
   ``farpool._private`` except the leaf ``farpool.exceptions``;
-- any cycle among the package's modules, named module by module.
+- any cycle among the package's modules, named module by module;
+- any source file longer than ``MAX_LINES`` (the package is all of src/).
 """
 
 import ast
@@ -16,6 +17,9 @@ import farpool
 PACKAGE_DIR = os.path.dirname(farpool.__file__)
 # What _private may import from above it: leaves that import nothing of farpool.
 PRIVATE_MAY_IMPORT = {"farpool.exceptions", "farpool._version"}
+# No source file longer than this: a module that outgrows it is split into parts
+# (as node.py and head.py are: node_*.py, head_actors.py).
+MAX_LINES = 800
 
 
 def _module_name(path: str) -> str:
@@ -144,3 +148,17 @@ def test_a_cycle_is_found_and_named():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
     assert _one_cycle(graph, ["a", "b", "c"]) == "a, b, c: a -> b; b -> c; c -> a"
+
+
+def _line_count(path: str) -> int:
+    """Lines as ``wc -l`` counts them: newline characters."""
+    with open(path, "rb") as f:
+        return f.read().count(b"\n")
+
+
+def test_no_source_file_is_longer_than_max_lines():
+    counts = sorted(((_line_count(path), os.path.relpath(path, os.path.dirname(PACKAGE_DIR)))
+                     for path in _modules().values()), reverse=True)
+    too_long = [f"{name}: {count} lines" for count, name in counts if count > MAX_LINES]
+    assert not too_long, (f"source files longer than {MAX_LINES} lines (split them into parts):\n  "
+                          + "\n  ".join(too_long))

@@ -18,15 +18,17 @@ tells the senders ``PeerGone`` when it cannot (see ``_to_peer``).  The lease
 decisions are in leases.LeaseManager (pure); this module is the I/O shell
 around it.
 
-The agent is one class, ``NodeAgent``, in four modules, all run on its one thread:
+The agent is one class, ``NodeAgent``, in six modules, all run on its one thread:
 
-- node.py (this): start-up, the head, the tables of what each kind of peer may
-  send (MAY_SEND) and the dispatch through them, leases and workers, the
-  launcher, applying the lease actions, and ``main()``;
+- node.py (this): start-up, the head (and joining again when it declared us dead),
+  the tables of what each kind of peer may send (MAY_SEND) and the dispatch through
+  them, leases and workers, the launcher, applying the lease actions, and ``main()``;
 - node_clients.py: clients arriving, leaving or dying, and routing between peers
   (Relay, ToPeer, WatchPeer, PeerGone);
 - node_objects.py: the object store and copies of objects from other nodes;
-- node_diagnostics.py: workers' stacks and logs (``farpool stack``, ``farpool logs``).
+- node_diagnostics.py: workers' stacks and logs (``farpool stack``, ``farpool logs``);
+- node_bundles.py: placement group bundles (the head's two phases, our side);
+- node_drain.py: draining before the node stops (``farpool stop`` on this node).
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ from farpool._private import (addresses, copy_events, host_usage, launcher, node
                               scheduling, session, spill, store, transport, versions)
 from farpool._private import leases as leases_mod
 from farpool._private.leases import LeaseManager, LeaseRequest
-from farpool._private.node_clients import HEAD, IPC, TCP, Client, ClientsPart
+from farpool._private.node_bundles import BundlesPart
+from farpool._private.node_clients import HEAD, HEAD_CLIENT, IPC, TCP, Client, ClientsPart
 from farpool._private.node_diagnostics import DiagnosticsPart
+from farpool._private.node_drain import DRAIN_TIMEOUT_S, DrainPart
 from farpool._private.node_objects import ObjectsPart, Upload
 from farpool._private.protocol import encode
 
@@ -54,15 +58,6 @@ HEARTBEAT_S = 1.0
 # The head silent this long means the cluster is gone: the agent exits.
 HEAD_TIMEOUT_S = float(os.environ.get("FARPOOL_HEAD_TIMEOUT_S", "15"))
 
-# A removed placement group's leases still held this long after the removal are ended (their
-# workers killed).  Longer spares the idle leases clients keep for a moment (client.LEASE_LINGER_S:
-# their workers need not be started again); shorter ends the group's running tasks sooner.
-REMOVED_GROUP_GRACE_S = 0.25
-
-# Seconds a draining node (``farpool stop`` on it, SIGUSR1 to its agent) waits for the tasks
-# running on it to finish before it stops anyway (those tasks are then retried elsewhere, an
-# attempt spent).  Longer lets longer tasks finish; shorter frees the machine sooner.
-DRAIN_TIMEOUT_S = float(os.environ.get("FARPOOL_DRAIN_TIMEOUT_S", "30"))
 # In the agent's session directory: the node id it has now (see write_node_id).
 NODE_ID_FILE = "node.id"
 # The signal that asks a node agent to drain and then stop (SIGTERM stops it at once).
@@ -91,8 +86,6 @@ def _drain_timeout(session_dir: str) -> float:
     except (OSError, ValueError):
         return DRAIN_TIMEOUT_S
 
-
-HEAD_CLIENT = Client(HEAD, b"")  # the head leases workers for actors like any client
 
 # What each kind of peer may send the agent; anything else is dropped with one log
 # line naming the peer's kind and the tag.  A peer's kind is its socket and the prefix
@@ -141,7 +134,7 @@ def peer_kind(socket_kind: str, identity: bytes) -> str | None:
     return None
 
 
-class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
+class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart, BundlesPart, DrainPart):
     def __init__(self, args, token: str, launcher_pid: int, launcher_sock):
         self.args = args
         self.session_dir = args.session_dir
@@ -277,6 +270,10 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
                                  lambda why: self.loop.call_soon(self._declared_dead, why, node_id))
         self.pulse.start()
 
+    def start_workers(self) -> None:
+        self._apply(self.leases.prestart())
+        launcher.send_msg(self.launcher_sock, ("started_up",))  # see launcher.PRELOAD_LATER
+
     def _build_handlers(self) -> dict:
         """MAY_SEND as handlers, built once: kind -> tag -> handler(client, *fields); the head's
         take (*fields) (they come on our connection to it; Relay and ToPeer are routed raw)."""
@@ -297,27 +294,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         }
         return handlers
 
-    # --- placement group bundles (two phases, driven by the head: placement_groups.py) ---
-    def _bundles_changed(self, tag: str, *fields) -> None:
-        """Answer the head with what we have now (bundles change our totals)."""
-        resources = self.leases.resources
-        transport.send(self.head, encode(tag, (*fields, self.node_id, dict(resources.total),
-                                               dict(resources.available))))
-
-    def _on_PrepareBundles(self, group: str, attempt: int, items: list) -> None:
-        ok, why = self.leases.prepare_bundles(group, attempt, [(int(i), shape) for i, shape in items])
-        self._bundles_changed("BundlesPrepared", group, attempt, ok, why)
-
-    def _on_CommitBundles(self, group: str, attempt: int, indexes: list) -> None:
-        self._apply(self.leases.commit_bundles(group, attempt, indexes))
-        self._bundles_changed("BundlesCommitted", group, attempt)
-
-    def _on_ReleaseBundles(self, group: str, attempt, why: str) -> None:
-        self._apply(self.leases.release_bundles(group, attempt, why))
-        self._bundles_changed("BundlesReleased", group)
-        if attempt is None:  # removed: what its leases still run ends a moment later
-            self.loop.call_later(REMOVED_GROUP_GRACE_S, lambda: self._apply(self.leases.end_group_leases(group)))
-
+    # --- declared dead by the head: joining again as a new node ---
     def _declared_dead(self, why: str, node_id: str | None = None) -> None:
         """The head took us for dead (late, not gone: it heard nothing for NODE_TIMEOUT_S, the
         machine stood still or the network was cut).  Clients have given up our leases and
@@ -368,81 +345,6 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart):
         if self.pulse is not None:  # a new one once the head has us (its beats must not come first)
             self.pulse.stop()
             self.pulse = None
-
-    # --- draining (farpool stop on this node: SIGUSR1) ---
-    def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
-        """Stop taking leases (waiting requests go to other nodes), tell the head (it places
-        nothing here more and the other agents send nothing here), ask every worker leased to a
-        client to retire after its running task (it hands back the tasks queued behind it: their
-        owners run them elsewhere, no attempt spent), and call ``self.drained`` once no client's
-        lease is left, or after ``timeout_s``.  Actors stay until the node stops: the head then
-        restarts them elsewhere (max_restarts).  Then the owners of the objects in our store
-        copy those away (_save_objects); what is not copied, its owner rebuilds on demand
-        (lineage) once the node is gone."""
-        if self.drain_deadline is not None:
-            return
-        self.drain_deadline = time.monotonic() + timeout_s
-        leases = self.leases.client_leases(HEAD_CLIENT)
-        log.warning("draining: no new tasks; waiting up to %.0f s for the %d lease(s) of clients to end",
-                    timeout_s, len(leases))
-        self._apply(self.leases.drain())
-        self._send_heartbeat()  # the head hears of it now, not at the next beat
-        for lease in leases:
-            transport.send(self.ipc, [b"w:" + lease.worker_id.encode(), *encode("Retire", ())])
-        self.loop.call_later(timeout_s, self._drain_timed_out)
-        self._check_drained()
-
-    def _check_drained(self) -> None:
-        if self.drain_deadline is None or self.drained is None or self.leases.client_leases(HEAD_CLIENT):
-            return
-        if self.saving is None:  # no task runs here any more: now what only we hold goes elsewhere
-            self._save_objects()
-        if self.saving:
-            return
-        log.warning("drained: no task of a client runs here any more, and what the owners wanted of our "
-                    "store is copied; stopping")
-        done, self.drained = self.drained, None
-        done()
-
-    def _save_objects(self) -> None:
-        """Ask the owner of each object stored here (not a copy: the original is elsewhere) to
-        copy it away (ObjectsLeaving), and wait for their ObjectsSaved (up to the drain
-        timeout): an object whose only copy is here is then not lost with us, nor rebuilt
-        by running its task again.  Owners not connected to us are not asked (theirs are
-        rebuilt by lineage when read)."""
-        by_owner: dict[str, list] = {}
-        for store_id, seg in self.store.objects.items():
-            if not seg.copy and seg.owner.startswith("c:"):
-                by_owner.setdefault(seg.owner, []).append(store_id)
-        self.saving = {}
-        for owner, store_ids in by_owner.items():
-            identity = owner.encode()
-            message = [identity, *encode("ObjectsLeaving", (self.node_id, store_ids))]
-            if any(kind in self.sockets and transport.send(self.sockets[kind], message) for kind in (IPC, TCP)):
-                self.saving[identity] = len(store_ids)
-        if self.saving:
-            log.warning("draining: asked %d owner(s) to copy the %d object(s) they have here to other nodes",
-                        len(self.saving), sum(self.saving.values()))
-
-    def _on_ObjectsSaved(self, client, node_id: str, copied: int, failed: int) -> None:
-        if self.saving is None or self.saving.pop(client.identity, None) is None:
-            return
-        log.warning("draining: %r copied %d object(s) to other nodes%s", client.identity[:24], copied,
-                    f" ({failed} could not be: rebuilt by lineage when read)" if failed else "")
-        self._check_drained()
-
-    def _drain_timed_out(self) -> None:
-        if self.drained is None:
-            return
-        left = self.leases.client_leases(HEAD_CLIENT)
-        log.warning("draining: %d lease(s) still held at the drain timeout; stopping anyway "
-                    "(their tasks are retried elsewhere)", len(left))
-        done, self.drained = self.drained, None
-        done()
-
-    def start_workers(self) -> None:
-        self._apply(self.leases.prestart())
-        launcher.send_msg(self.launcher_sock, ("started_up",))  # see launcher.PRELOAD_LATER
 
     # --- head ---
     def _on_head(self) -> None:

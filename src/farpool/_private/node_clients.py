@@ -58,6 +58,9 @@ class Client(NamedTuple):
     identity: bytes             # its zmq routing id on that socket (b"" for the head)
 
 
+HEAD_CLIENT = Client(HEAD, b"")  # the head leases workers for actors like any client
+
+
 class ClientWatch(NamedTuple):
     """How a client on this machine is watched (client_pidfds): its death is its Goodbye."""
     pidfd: int | None           # None: it was gone before we could watch it
