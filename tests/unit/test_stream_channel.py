@@ -4,13 +4,13 @@ import socket
 
 import numpy as np
 
-from farpool._private import transport
+from farpool._private import transport, unix_streams
 
 
 def pair():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     loop = transport.EventLoop()
-    return loop, transport.StreamChannel(a, loop), transport.StreamChannel(b, loop)
+    return loop, unix_streams.StreamChannel(a, loop), unix_streams.StreamChannel(b, loop)
 
 
 def pump(loop, channel, want, out):

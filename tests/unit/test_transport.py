@@ -165,3 +165,127 @@ def test_a_closed_connection_is_seen_and_a_reconnect_under_the_same_identity_is_
         watch.close()
         server.close(0)
         zap.close()
+
+
+# --- lending a file descriptor to another thread (EventLoop.lend / serve) -----------------------
+
+class LoopThread:
+    """An EventLoop running on its own thread, with one socket pair whose read end is
+    lendable; ``handled`` records the thread each read ran on."""
+
+    def __init__(self):
+        self.loop = transport.EventLoop()
+        self.ours, self.theirs = socket.socketpair()
+        self.ours.setblocking(False)
+        self.handled = []
+        self.loop.add_reader(self.ours.fileno(), self._on_readable, lendable=True)
+        self.thread = threading.Thread(target=self.loop.run, daemon=True)
+        self.thread.start()
+
+    def _on_readable(self):
+        try:
+            data = self.ours.recv(100)
+        except BlockingIOError:
+            return
+        self.handled.append((threading.get_ident(), data))
+
+    def turn(self):
+        """Return once the loop thread has run a whole iteration after this call."""
+        for _ in range(2):
+            went = threading.Event()
+            self.loop.call_soon(went.set)
+            assert went.wait(10), "the loop thread did not run its calls"
+
+    def close(self):
+        self.loop.stop()
+        self.thread.join(10)
+        self.loop.close()
+        self.ours.close()
+        self.theirs.close()
+
+
+@pytest.fixture
+def looping():
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+def test_a_lent_fd_is_not_read_by_the_loop_thread_until_it_comes_back(looping):
+    lt = looping
+    fd = lt.ours.fileno()
+    with lt.loop.held():
+        assert lt.loop.lend(fd)
+        assert not lt.loop.lend(fd), "lent twice"
+    lt.theirs.send(b"one")  # while the loop thread sleeps in a poll that began before the lend
+    lt.turn()
+    assert lt.handled == []
+    with lt.loop.held():
+        lt.loop.unlend(fd)
+    lt.turn()  # readable all along: the loop thread reads it now
+    assert lt.handled == [(lt.thread.ident, b"one")]
+
+
+def test_serve_runs_the_handler_and_its_calls_on_the_calling_thread(looping):
+    lt = looping
+    fd = lt.ours.fileno()
+    seen = {}
+
+    def on_readable():
+        seen["in_loop"] = lt.loop.in_loop_thread()
+        lt.loop.call_soon(lambda: seen.setdefault("call", threading.get_ident()))
+        lt.loop.call_last(lambda: seen.setdefault("last", threading.get_ident()))
+        lt._on_readable()
+
+    lt.loop._handlers[fd] = on_readable
+    with lt.loop.held():
+        lt.loop.lend(fd)
+    lt.theirs.send(b"two")
+    lt.loop.serve(fd)
+    me = threading.get_ident()
+    assert lt.handled == [(me, b"two")]
+    assert seen == {"in_loop": True, "call": me, "last": me}
+    assert not lt.loop.in_loop_thread()
+    with lt.loop.held():
+        lt.loop.unlend(fd)
+
+
+def test_a_timer_set_by_serve_wakes_the_sleeping_loop_thread(looping):
+    """The loop thread sleeps with no timer (a poll without a timeout): a timer that a
+    handler run by serve() sets must wake it, or it would never fire."""
+    lt = looping
+    fd = lt.ours.fileno()
+    lt.turn()
+    fired = threading.Event()
+
+    def on_readable():
+        lt._on_readable()
+        lt.loop.call_later(0.01, fired.set)
+
+    lt.loop._handlers[fd] = on_readable
+    with lt.loop.held():
+        lt.loop.lend(fd)
+    lt.theirs.send(b"three")
+    lt.loop.serve(fd)
+    with lt.loop.held():
+        lt.loop.unlend(fd)
+    assert fired.wait(10), "the timer set in serve() never fired"
+
+
+def test_a_lent_fd_still_gets_its_writer_called(looping):
+    """Output queued on a lent stream is still flushed by the loop thread (a caller waits on
+    the reply to a task whose bytes the kernel has not all taken yet)."""
+    lt = looping
+    fd = lt.ours.fileno()
+    wrote = threading.Event()
+
+    def on_writable():
+        lt.loop.set_writer(fd, None)
+        wrote.set()
+
+    with lt.loop.held():
+        lt.loop.lend(fd)
+    lt.loop.call_soon(lt.loop.set_writer, fd, on_writable)
+    assert wrote.wait(10), "the writer of a lent fd was not called"
+    with lt.loop.held():
+        lt.loop.unlend(fd)

@@ -66,6 +66,12 @@ class ActorCalls:
         aq = self.actors.get(actor_id)
         return aq is not None and bool(aq.queue)
 
+    def idle(self, actor_id: str) -> bool:
+        """ALIVE and reached, with no call of ours queued or in flight."""
+        aq = self.actors.get(actor_id)
+        return (aq is not None and aq.state == "ALIVE" and aq.lease is not None and not aq.queue
+                and not aq.lease.inflight)
+
     def add(self, task: TaskRecord) -> ActorQueue:
         task.state = TaskState.QUEUED
         aq = self.actor(task.actor_id)

@@ -43,7 +43,7 @@ import time
 import warnings
 
 from farpool import exceptions as exc_mod
-from farpool._private import log_repeats, protocol, segments, session, task_events, transport, versions
+from farpool._private import log_repeats, protocol, segments, session, task_events, transport, unix_streams, versions
 from farpool._private.actor_calls import ActorCalls
 from farpool._private.actor_client import ActorClient
 from farpool._private.borrowing import Borrowing
@@ -403,7 +403,7 @@ class CoreClient:
                 self.conns.receive(frames, conn, self._from_agent, f"the agent of node {conn.node_id[:8]}")
         self._drain_released()
 
-    def _on_worker(self, stream: transport.StreamChannel) -> None:
+    def _on_worker(self, stream: unix_streams.StreamChannel) -> None:
         for frames in stream.read():
             self.conns.receive(frames, stream, self._from_worker, "a worker")
         if stream.eof:  # the worker exited; the agent's WorkerExited drives the retries

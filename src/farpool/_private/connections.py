@@ -29,7 +29,7 @@ import socket as _socket
 import threading
 
 from farpool import exceptions as exc_mod
-from farpool._private import protocol, scheduling, session, transport
+from farpool._private import protocol, scheduling, session, transport, unix_streams
 from farpool._private.protocol import encode
 
 log = logging.getLogger("farpool.client")
@@ -49,11 +49,11 @@ class AgentConn:
 
 
 class DirectChannel:
-    """A Unix stream straight to a leased worker on this machine (see transport.StreamChannel)."""
+    """A Unix stream straight to a leased worker on this machine (see unix_streams.StreamChannel)."""
 
     __slots__ = ("stream", "doorbell", "carrier")
 
-    def __init__(self, stream: transport.StreamChannel, doorbell: str | None = None):
+    def __init__(self, stream: unix_streams.StreamChannel, doorbell: str | None = None):
         self.stream = stream
         self.carrier = stream  # what results of tasks sent here come back over
         self.doorbell = doorbell  # the worker's datagram socket for TakeBack (answered mid-task)
@@ -215,12 +215,13 @@ class Connections:
         leases); raises OSError when it cannot be reached."""
         channel = self.worker_channels.get(address)
         if channel is None:
-            stream = transport.StreamChannel.connect(address, self.loop)
-            self.loop.add_reader(stream.fd, lambda s=stream: self._on_worker(s))
+            stream = unix_streams.StreamChannel.connect(address, self.loop)
+            # (lendable: a caller waiting on a task sent there reads it itself: values.py)
+            self.loop.add_reader(stream.fd, lambda s=stream: self._on_worker(s), lendable=True)
             channel = self.worker_channels[address] = DirectChannel(stream, address + ".tb" if doorbell else None)
         return channel
 
-    def worker_stream_ended(self, stream: transport.StreamChannel) -> None:
+    def worker_stream_ended(self, stream: unix_streams.StreamChannel) -> None:
         stream.close()
         for address, channel in list(self.worker_channels.items()):
             if channel.stream is stream:

@@ -143,6 +143,12 @@ class Submitter(ClientPart):
             self.children.setdefault(context_mod.context.task_id, []).append(task_id)
         if not (ref_slots or actor_id) and key in self.queues.parked and self.submit_direct(task):
             return refs
+        # A call to an actor with nothing in flight goes out from this thread when the loop
+        # thread sleeps (a caller's round trip); calls behind others go through the loop
+        # thread, in batches.  (The look at the actor is not under its lock: a stale one
+        # only picks the other way, and both keep the calls' order.)
+        if actor_id is not None and self.c.actor_calls.idle(actor_id) and self.loop.run_here(self.on_submit, task):
+            return refs
         self.loop.call_soon(self.on_submit, task)
         return refs
 
@@ -171,13 +177,13 @@ class Submitter(ClientPart):
         return True
 
     def _sent_direct(self, task: TaskRecord, lease: LeaseState) -> None:
-        if lease.linger is not None:
-            self.loop.cancel_timer(lease.linger)
-            lease.linger = None
+        lease.uses += 1
         if not self.queues.sent_direct(task, lease):  # its worker exited before the task reached it
             self.mark_dirty(task.key)
         elif lease.yielding:  # asked back meanwhile (its reply may have come already)
             self.return_yielded(lease)
+        else:  # (its reply, if it came already, found it claimed: not parked then)
+            self.queues.park_if_idle(lease)
 
     # ------------------------------------------------------------------ arguments (I/O thread)
     def on_submit(self, task: TaskRecord) -> None:
@@ -276,7 +282,7 @@ class Submitter(ClientPart):
         if plan.take_back is not None:
             self._send_take_back(*plan.take_back)
         for lease in plan.linger:
-            lease.linger = self.loop.call_later(LEASE_LINGER_S, self._return_idle, lease)
+            self._linger(lease)
 
     def _cluster_cpus(self) -> int:
         """CPU units of the live nodes (counted again when the client gets a new node table)."""
@@ -340,9 +346,7 @@ class Submitter(ClientPart):
 
     def send_tasks(self, lease: LeaseState, batch: list) -> None:
         """Send a batch the queues already marked RUNNING on ``lease``."""
-        if lease.linger is not None:
-            self.loop.cancel_timer(lease.linger)
-            lease.linger = None
+        lease.uses += 1
         lease.channel.send(self.task_frames(lease, batch))
 
     def task_frames(self, lease: LeaseState, batch: list) -> list:
@@ -393,8 +397,18 @@ class Submitter(ClientPart):
         home = self.conns.home
         return encode("ExecuteTask", (wire, self.c.peer_address, home is not None and home.local), buffers)
 
+    def _linger(self, lease: LeaseState) -> None:
+        """An idle lease goes back in LEASE_LINGER_S unless used meanwhile.  The timer is not
+        cancelled when the lease is used (a round trip would cancel and set one each time):
+        it finds out when it fires, and lingers again from then."""
+        lease.linger_uses = lease.uses
+        lease.linger = self.loop.call_later(LEASE_LINGER_S, self._return_idle, lease)
+
     def _return_idle(self, lease: LeaseState) -> None:
         """Its linger timer fired (see TaskQueues.idle)."""
+        if lease.uses != lease.linger_uses and not (lease.inflight or lease.claimed):
+            self._linger(lease)  # (a busy one lingers again once idle: TaskQueues.dispatch)
+            return
         what = self.queues.idle(lease)
         if what == "dispatch":
             self.dispatch(lease.key)

@@ -110,6 +110,8 @@ class LeaseState:
     key: tuple
     inflight: dict = field(default_factory=dict)
     linger: object = None          # the shell's timer returning it when idle (None: none set)
+    uses: int = 0                  # batches sent on it (its linger timer looks: used since it was set?)
+    linger_uses: int = 0           # ``uses`` when the linger timer was set
     shipped: set = field(default_factory=set)
     job_sent: bool = False
     retiring: bool = False

@@ -326,11 +326,23 @@ def start_tcp(sock: zmq.Socket, address: str, token: str, hello: list) -> None:
 # per test on the loop's hottest line.
 _POLLIN, _POLLOUT, _POLLERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)
 _READABLE = _POLLIN | _POLLERR
+_EPOLLOUT = 0x004  # select.EPOLLOUT
+_EPOLL_READABLE = 0x001 | 0x008 | 0x010  # EPOLLIN | EPOLLERR | EPOLLHUP
 
 class EventLoop:
     """One poller over sockets and fds, a timer heap and a cross-thread wake-up.
 
-    Owned by one thread; ``call_soon`` is the only method other threads call.
+    Owned by one thread, which runs every handler, timer and call.  Other threads may
+    ``call_soon``/``call_soon_lazy``, and a user thread may run the loop's work itself
+    for a moment (``serve``), holding the loop (``_owner``, which the loop thread lets go
+    only while it sleeps in its poll): this is how a caller waiting on a task reads the
+    worker's reply without waking the loop thread first.
+
+    Lending: a file descriptor added with ``lendable=True`` is watched through an epoll set
+    that the poller watches (epoll's interest list changes take effect in a poll already
+    under way, zmq's poller's do not).  ``lend(fd)`` stops the loop thread from seeing it
+    readable until ``unlend(fd)``: meanwhile the borrowing thread polls it itself and runs
+    its handler through ``serve``.  A lent fd's writer (queued output) is still served.
     """
 
     def __init__(self):
@@ -345,27 +357,124 @@ class EventLoop:
         self._poller.register(self._wake_fd, zmq.POLLIN)
         self._handlers[self._wake_fd] = self._on_wake
         self.running = False
-        self._thread_id = None  # the thread running the loop
+        self._thread_id = None  # the thread running handlers now (the loop's, or one in serve)
         self._last: list = []   # see call_last
+        self._owner = threading.Lock()  # held by whoever runs handlers (released in the poll)
+        self._deadline = None   # when the loop thread's poll under way times out (None: never)
+        self._poll_changed = False  # the poller's set changed since the loop thread's poll began
+        self._epoll = None      # lendable fds (select.epoll, made at the first)
+        self._lent: set = set()
 
-    def add_reader(self, sock_or_fd, handler) -> None:
-        self._poller.register(sock_or_fd, zmq.POLLIN | (zmq.POLLOUT if sock_or_fd in self._writers else 0))
+    def add_reader(self, sock_or_fd, handler, lendable: bool = False) -> None:
         self._handlers[sock_or_fd] = handler
+        if lendable:
+            if self._epoll is None:
+                import select
+                self._epoll = select.epoll()
+                self._poller.register(self._epoll.fileno(), zmq.POLLIN)
+                self._handlers[self._epoll.fileno()] = self._on_epoll
+                self._poll_changed = True
+            self._epoll.register(sock_or_fd, self._epoll_mask(sock_or_fd))
+            return
+        self._poller.register(sock_or_fd, zmq.POLLIN | (zmq.POLLOUT if sock_or_fd in self._writers else 0))
+        self._poll_changed = True
+
+    def _lendable(self, fd) -> bool:
+        return self._epoll is not None and isinstance(fd, int) and fd in self._handlers and \
+            fd != self._epoll.fileno() and fd not in self._poller
+
+    def _epoll_mask(self, fd) -> int:
+        import select
+        return (0 if fd in self._lent else select.EPOLLIN) | (select.EPOLLOUT if fd in self._writers else 0)
 
     def remove_reader(self, sock_or_fd) -> None:
         self._writers.pop(sock_or_fd, None)
-        if sock_or_fd in self._handlers:
+        if sock_or_fd not in self._handlers:
+            return
+        if self._lendable(sock_or_fd):
+            self._lent.discard(sock_or_fd)
+            try:
+                self._epoll.unregister(sock_or_fd)
+            except (OSError, ValueError):  # closed already: the kernel dropped it
+                pass
+        else:
             self._poller.unregister(sock_or_fd)
-            del self._handlers[sock_or_fd]
+            self._poll_changed = True
+        del self._handlers[sock_or_fd]
 
     def set_writer(self, fd: int, handler) -> None:
         """Call handler when fd is writable (None: stop watching for that)."""
         if handler is None:
-            if self._writers.pop(fd, None) is not None and fd in self._handlers:
-                self._poller.register(fd, zmq.POLLIN)
-            return
-        self._writers[fd] = handler
-        self._poller.register(fd, zmq.POLLIN | zmq.POLLOUT)
+            if self._writers.pop(fd, None) is None or fd not in self._handlers:
+                return
+        else:
+            self._writers[fd] = handler
+        if self._lendable(fd):
+            self._epoll.modify(fd, self._epoll_mask(fd))
+        elif handler is not None:
+            self._poller.register(fd, zmq.POLLIN | zmq.POLLOUT)
+            self._poll_changed = True
+        elif fd in self._handlers:
+            self._poller.register(fd, zmq.POLLIN)
+            self._poll_changed = True
+
+    def lend(self, fd: int) -> bool:
+        """(while holding the loop: ``with loop.held():``) The loop thread stops watching the
+        lendable ``fd`` for reading, at once, even in a poll under way; False when it is not a
+        lendable fd of this loop or lent already."""
+        if not self._lendable(fd) or fd in self._lent:
+            return False
+        self._lent.add(fd)
+        self._epoll.modify(fd, self._epoll_mask(fd))
+        return True
+
+    def unlend(self, fd: int) -> None:
+        """(while holding the loop) The loop thread watches ``fd`` again."""
+        if fd in self._lent:
+            self._lent.discard(fd)
+            if fd in self._handlers:
+                self._epoll.modify(fd, self._epoll_mask(fd))
+
+    def held(self):
+        """The loop, held by this thread (a context manager): its handlers do not run
+        meanwhile.  Held briefly only: the loop thread waits for it between polls."""
+        return self._owner
+
+    def serve(self, fd) -> None:
+        """From a user thread, on its lent ``fd`` found readable: run that fd's handler now, as
+        the loop thread would (waiting for the loop thread's handlers under way to end)."""
+        with self._owner:
+            self._as_loop(self._handlers.get(fd), ())
+
+    def run_here(self, fn, *args) -> bool:
+        """From a user thread: run fn(*args) now, as the loop thread would, if the loop thread
+        sleeps in its poll; False (nothing run) if it is busy: hand the work over then."""
+        if not self.running or not self._owner.acquire(blocking=False):
+            return False
+        try:
+            self._as_loop(fn, args)
+        finally:
+            self._owner.release()
+        return True
+
+    def _as_loop(self, fn, args) -> None:
+        """(holding the loop) fn(*args) and the calls and last calls it queues, on this thread;
+        then the loop thread is woken only if it must be sooner than it would wake (a timer
+        due earlier, a socket to watch)."""
+        loop_thread, self._thread_id = self._thread_id, threading.get_ident()
+        try:
+            self._drain_calls()  # (calls queued before go first, as in run_once)
+            if fn is not None:
+                fn(*args)
+            self._drain_calls()
+            self._run_last()
+        finally:
+            self._thread_id = loop_thread
+        timers = self._timers
+        while timers and timers[0][2] is None:
+            heapq.heappop(timers)
+        if self._poll_changed or (timers and (self._deadline is None or timers[0][0] < self._deadline)):
+            self.wake()
 
     def call_later(self, delay_s: float, fn, *args) -> list:
         """Run fn(*args) on the loop after delay_s; returns a handle for cancel_timer."""
@@ -388,6 +497,7 @@ class EventLoop:
             os.eventfd_write(self._wake_fd, 1)
 
     def in_loop_thread(self) -> bool:
+        """True in the thread running the loop's handlers now (the loop's, or one in serve)."""
         return threading.get_ident() == self._thread_id
 
     def call_last(self, fn, *args) -> None:
@@ -414,28 +524,71 @@ class EventLoop:
         self._armed = False
         self._drain_calls()
 
+    def _on_epoll(self) -> None:
+        for fd, events in self._epoll.poll(0):
+            if events & _EPOLLOUT:
+                writer = self._writers.get(fd)
+                if writer is not None:
+                    writer()
+            if events & _EPOLL_READABLE:
+                handler = self._handlers.get(fd)
+                if handler is not None:
+                    handler()
+
     def _drain_calls(self) -> None:
         calls = self._calls
         while calls:
             fn, args = calls.popleft()
             fn(*args)
 
+    def _run_last(self) -> None:
+        while self._last:
+            last, self._last = self._last, []
+            for fn, args in last:
+                fn(*args)
+            if self._calls:
+                self._drain_calls()
+
     def run_once(self, max_wait_s: float | None = None) -> None:
+        """One iteration: due timers, a poll, handlers, calls, last calls (from the loop's
+        handlers, as a stream's producer does while it waits, or alone, as tests do)."""
+        if self._thread_id == threading.get_ident():  # (a handler of ours: we hold the loop)
+            self._iterate(max_wait_s)
+            return
+        with self._owner:
+            self._thread_id = threading.get_ident()
+            try:
+                self._iterate(max_wait_s)
+            finally:
+                self._thread_id = None
+
+    def _iterate(self, max_wait_s: float | None) -> None:
+        """run_once, holding the loop; its poll lets go of it."""
         timeout = None
-        if self._timers:
+        timers = self._timers
+        if timers:
             now = time.monotonic()
-            while self._timers and (self._timers[0][2] is None or self._timers[0][0] <= now):
-                entry = heapq.heappop(self._timers)
+            while timers and (timers[0][2] is None or timers[0][0] <= now):
+                entry = heapq.heappop(timers)
                 if entry[2] is not None:
                     entry[2](*entry[3])
                 now = time.monotonic()
-            if self._timers:
-                timeout = max(0.0, self._timers[0][0] - now) * 1000
+            if timers:
+                timeout = max(0.0, timers[0][0] - now) * 1000
         if self._calls:
             timeout = 0
         if max_wait_s is not None:
             timeout = max_wait_s * 1000 if timeout is None else min(timeout, max_wait_s * 1000)
-        ready = self._poller.poll(timeout)
+        # A timer that serve() adds before this deadline wakes us (the earliest one when the
+        # timeout comes from the timers; a shorter max_wait_s only makes us wake sooner).
+        self._deadline = None if timeout is None else (timers[0][0] if timers and timeout else 0.0)
+        self._poll_changed = False
+        self._owner.release()
+        try:
+            ready = self._poller.poll(timeout)
+        finally:
+            self._owner.acquire()
+        self._thread_id = threading.get_ident()
         if self._calls:  # calls queued before what woke us happened go first (see call_soon_lazy)
             self._drain_calls()
         for sock_or_fd, events in ready:
@@ -449,18 +602,14 @@ class EventLoop:
                     handler()
         if self._calls:
             self._drain_calls()
-        while self._last:
-            last, self._last = self._last, []
-            for fn, args in last:
-                fn(*args)
-            if self._calls:
-                self._drain_calls()
+        self._run_last()
 
     def run(self) -> None:
         self.running = True
-        self._thread_id = threading.get_ident()
-        while self.running:
-            self.run_once()
+        with self._owner:
+            self._thread_id = threading.get_ident()
+            while self.running:
+                self._iterate(None)
 
     def stop(self) -> None:
         self.running = False
@@ -474,6 +623,8 @@ class EventLoop:
             os.close(self._wake_fd)
         except OSError:
             pass
+        if self._epoll is not None:
+            self._epoll.close()
 
 
 def send(sock: zmq.Socket, frames: list) -> bool:
@@ -537,245 +688,3 @@ def _reassemble(sock: zmq.Socket, frames: list, copy: bool) -> list | None:
 Again = zmq.Again
 LINGER = zmq.LINGER
 ZMQError = zmq.ZMQError
-
-
-# --- same-machine stream channels -------------------------------------------
-#
-# The task path between an owner and a worker on the same machine uses plain
-# AF_UNIX stream sockets in the 0700 session directory instead of zmq: a
-# round trip over zmq here costs ~135 us (four extra thread hops through zmq's
-# I/O threads) against ~20 us for a Unix socket (benchmarks/README.md).  The
-# framing is ours: a message is a list of frames, sent with one sendmsg().
-#
-#   header: "!I" frame count, then "!Q" per frame length; then the frames.
-
-_COUNT = struct.Struct("!I")
-_LEN = struct.Struct("!Q")
-# Frames at least this large are received straight into their own buffer.
-_BIG_FRAME = 256 * 1024
-_RECV_CHUNK = 256 * 1024
-
-
-class StreamChannel:
-    """A framed, non-blocking AF_UNIX stream; owned by one event loop thread.
-
-    ``send`` never blocks: what the kernel does not take is queued and flushed
-    when the socket becomes writable (the loop calls ``on_writable``).
-    ``read`` returns the complete messages received so far and sets ``eof``
-    when the peer has closed.
-    """
-
-    def __init__(self, sock, loop: "EventLoop | None" = None):
-        import socket as _socket
-        self.sock = sock
-        self.sock.setblocking(False)
-        self.fd = sock.fileno()
-        self.loop = loop
-        self._out: deque = deque()      # memoryviews still to send
-        self._inbuf = bytearray()
-        self._chunk = bytearray(_RECV_CHUNK)
-        self._chunk_view = memoryview(self._chunk)
-        self._big: bytearray | None = None  # a large frame being received
-        self._big_filled = 0
-        self._frames: list = []          # frames of the message being parsed
-        self._lengths: list | None = None
-        self.closed = False
-        self.eof = False
-        del _socket
-
-    @classmethod
-    def connect(cls, path: str, loop=None) -> "StreamChannel":
-        import socket as _socket
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        sock.connect(path)
-        return cls(sock, loop)
-
-    @staticmethod
-    def _pack(frames) -> list:
-        parts = [_COUNT.pack(len(frames))]
-        views = []
-        for f in frames:
-            view = f.raw() if isinstance(f, pickle_buffer_type) else memoryview(f)
-            if view.ndim != 1 or view.format != "B":
-                view = view.cast("B")
-            views.append(view)
-            parts.append(_LEN.pack(view.nbytes))
-        return [b"".join(parts)] + views
-
-    def send(self, frames) -> bool:
-        if self.closed:
-            return False
-        out = self._pack(frames)
-        if self._out:
-            self._out.extend(out)
-            return True
-        try:
-            sent = self.sock.sendmsg(out)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.close()
-            return False
-        self._queue_rest(out, sent)
-        return True
-
-    def send_from_thread(self, frames) -> None:
-        """``send`` from a thread other than the loop's, by one that owns the stream for the
-        moment (the loop sends nothing on it meanwhile): what the kernel does not take at
-        once is handed to the loop, which sends it in order.  The caller hands the stream
-        back to the loop only after this returns, through the loop's calls (after the
-        hand-over of the rest queued here)."""
-        if self._out or self.closed:
-            self.loop.call_soon(self.send, frames)
-            return
-        out = self._pack(frames)
-        try:
-            sent = self.sock.sendmsg(out)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.loop.call_soon(self.close)
-            return
-        if sent < sum(len(p) if isinstance(p, bytes) else p.nbytes for p in out):
-            self.loop.call_soon(self._queue_rest, out, sent)
-
-    def _queue_rest(self, out, sent) -> None:
-        for i, part in enumerate(out):
-            n = len(part) if isinstance(part, bytes) else part.nbytes
-            if sent >= n:
-                sent -= n
-                continue
-            rest = memoryview(part)[sent:] if sent else part
-            self._out.append(rest)
-            self._out.extend(out[i + 1:])
-            if self.loop is not None:
-                self.loop.set_writer(self.fd, self.on_writable)
-            return
-
-    def on_writable(self) -> None:
-        while self._out:
-            batch = list(itertools.islice(self._out, 64))
-            try:
-                sent = self.sock.sendmsg(batch)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.close()
-                return
-            for part in batch:
-                n = len(part) if isinstance(part, bytes) else part.nbytes
-                if sent >= n:
-                    sent -= n
-                    self._out.popleft()
-                else:
-                    self._out[0] = memoryview(part)[sent:]
-                    return
-        if self.loop is not None:
-            self.loop.set_writer(self.fd, None)
-
-    def flush_blocking(self, timeout_s: float = 30.0) -> None:
-        """Send everything queued, blocking (used right before a process exits)."""
-        if not self._out or self.closed:
-            return
-        self.sock.settimeout(timeout_s)
-        try:
-            while self._out:
-                part = self._out.popleft()
-                self.sock.sendall(part)
-        except OSError:
-            pass
-
-    def read(self) -> list:
-        """Complete messages received so far (each a list of frames); sets ``eof`` at EOF."""
-        messages: list = []
-        while True:
-            if self._big is not None:
-                view = memoryview(self._big)[self._big_filled:]
-                try:
-                    n = self.sock.recv_into(view)
-                except BlockingIOError:
-                    return messages
-                except OSError:
-                    n = 0
-                if n == 0:
-                    self.eof = True
-                    return messages
-                self._big_filled += n
-                if self._big_filled == len(self._big):
-                    self._frames.append(self._big)
-                    self._big = None
-                    self._parse(messages)
-                continue
-            try:
-                # Into a reused buffer: recv(n) would allocate (and fault in) n fresh bytes each call.
-                n = self.sock.recv_into(self._chunk)
-            except BlockingIOError:
-                return messages
-            except OSError:
-                n = 0
-            if not n:
-                self.eof = True
-                return messages
-            self._inbuf += self._chunk_view[:n]
-            self._parse(messages)
-            if n < _RECV_CHUNK and self._big is None:
-                return messages
-
-    def _parse(self, messages: list) -> None:
-        buf = self._inbuf
-        pos = 0
-        while True:
-            if self._lengths is None:
-                if len(buf) - pos < 4:
-                    break
-                (count,) = _COUNT.unpack_from(buf, pos)
-                if len(buf) - pos < 4 + 8 * count:
-                    break
-                self._lengths = [_LEN.unpack_from(buf, pos + 4 + 8 * i)[0] for i in range(count)]
-                self._frames = []
-                pos += 4 + 8 * count
-            while len(self._frames) < len(self._lengths):
-                n = self._lengths[len(self._frames)]
-                have = len(buf) - pos
-                if n >= _BIG_FRAME and have < n:
-                    # Receive the rest of a big frame straight into its own buffer.
-                    self._big = bytearray(n)
-                    self._big[:have] = buf[pos:]
-                    self._big_filled = have
-                    pos = len(buf)
-                    del buf[:pos]
-                    return
-                if have < n:
-                    del buf[:pos]
-                    return
-                self._frames.append(bytes(buf[pos:pos + n]))
-                pos += n
-            messages.append(self._frames)
-            self._frames = []
-            self._lengths = None
-        del buf[:pos]
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.loop is not None:
-            self.loop.set_writer(self.fd, None)
-            self.loop.remove_reader(self.fd)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-pickle_buffer_type = __import__("pickle").PickleBuffer
-
-
-def listen_unix(path: str):
-    import socket as _socket
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock

@@ -7,6 +7,14 @@ the callback thread that runs user callbacks and worker output (never the I/O th
 and, inside a worker, telling its agent that the task blocks in ``get`` (so it lends the
 CPU: no deadlock).
 
+A caller waiting on one task that runs on a worker of this machine reads that worker's
+stream itself (``_read_reply``): it borrows the stream from the I/O thread's loop
+(EventLoop.lend), polls it beside a wake-up fd of its own, and runs the loop's handler
+for it when the reply comes (EventLoop.serve): the result is taken in, bookkept and its
+waiters fired on the caller's thread, and the I/O thread is not woken in between (one
+thread hand-off fewer per round trip).  Anything else that completes the entry (a retry
+elsewhere, a cancel, the cluster gone) wakes the caller through that fd.
+
 Who may touch it: user threads (put, wait_entries, get, value_of, future_for,
 add_done_callback); the I/O thread calls ``fire`` and ``run_callback``.  Store reads go
 through the client's ``stored`` part; a borrowed value is asked of its owner through the
@@ -17,16 +25,57 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import queue
+import select
 import threading
+import time
 
 from farpool import exceptions as exc_mod
 from farpool._private import protocol
 from farpool._private.client_part import ClientPart
+from farpool._private.connections import DirectChannel
 from farpool._private.object_ref import ObjectRef, arriving, collecting
 from farpool._private.refs import FAILED, PENDING, READY, Entry
 
 log = logging.getLogger("farpool.client")
+
+
+class _WakeFd:
+    """A thread's eventfd for _read_reply.  It goes back to a pool when the thread ends,
+    never closed: a late write of a waiter fired as its wait ended lands in an eventfd of
+    ours (a spurious wake-up of a later wait), never in another file given its number."""
+
+    _free: list = []  # (pid, fd): a child of a fork takes none of its parent's
+
+    def __init__(self):
+        self.pid = os.getpid()
+        while self._free:
+            pid, fd = self._free.pop()
+            if pid == self.pid:
+                self.fd = fd
+                return
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def __del__(self):
+        self._free.append((self.pid, self.fd))
+
+
+_thread_wake = threading.local()
+
+
+def _wake_fd() -> int:
+    wake = getattr(_thread_wake, "fd", None)
+    if wake is None or wake.pid != os.getpid():  # (not one inherited through a fork)
+        wake = _thread_wake.fd = _WakeFd()
+    return wake.fd
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
 
 
 class Values(ClientPart):
@@ -100,12 +149,16 @@ class Values(ClientPart):
         remaining = [num_returns]
         registered = []
         counting = threading.Lock()  # (streams wake us from the thread that made them ready)
+        me = threading.get_ident()
+        wake_fd = []  # ours while we read a worker's stream ourselves (_read_reply)
 
-        def on_done(_entry):  # on the I/O thread
+        def on_done(_entry):  # on the I/O thread, or ours in _read_reply
             with counting:
                 remaining[0] -= 1
                 if remaining[0] == 0:
                     done.release()
+                    if wake_fd and threading.get_ident() != me:
+                        os.eventfd_write(wake_fd[0], 1)
 
         with self.lock:
             for e in entries:
@@ -127,7 +180,9 @@ class Values(ClientPart):
         if remaining[0] > 0:
             self.set_blocked(True)
             try:
-                done.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+                if not (len(registered) == 1 and not futures
+                        and self._read_reply(registered[0], done, wake_fd, timeout)):
+                    done.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
             finally:
                 self.set_blocked(False)
         if registered:
@@ -140,6 +195,40 @@ class Values(ClientPart):
         for state, future in futures:
             self.c.streams.forget_future(state, future)
         return [e.state != PENDING for e in entries] + [state.has_next() for state in streams]
+
+    def _read_reply(self, entry: Entry, done, wake_fd: list, timeout: float | None) -> bool:
+        """Wait for ``entry`` (``done`` released when it is done) reading the stream of the
+        worker its task runs on ourselves; False (nothing waited) when its task is not on a
+        worker of this machine, or another thread reads that stream already."""
+        loop = self.loop
+        with loop.held():
+            lease = entry.task.lease if entry.state == PENDING and entry.task is not None else None
+            channel = lease.channel if lease is not None else None
+            if not isinstance(channel, DirectChannel) or not loop.lend(channel.stream.fd):
+                return False
+        stream = channel.stream
+        wake_fd.append(_wake_fd())
+        poller = select.poll()
+        poller.register(stream.fd, select.POLLIN)
+        poller.register(wake_fd[0], select.POLLIN)
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        try:
+            while not done.acquire(blocking=False):
+                if stream.closed:  # its worker exited: the I/O thread retries or fails the task
+                    done.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic()))
+                    return True
+                wait_ms = None if deadline is None else (deadline - time.monotonic()) * 1000
+                if wait_ms is not None and wait_ms <= 0:
+                    return True
+                for fd, _ in poller.poll(wait_ms):
+                    if fd == stream.fd:
+                        loop.serve(fd)
+                    else:
+                        _drain(fd)
+            return True
+        finally:
+            with loop.held():
+                loop.unlend(stream.fd)
 
     def set_blocked(self, blocked: bool) -> None:
         """Inside a worker's task: tell the agent we wait, so it lends our CPU (no deadlock)."""

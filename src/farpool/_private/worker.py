@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 from farpool._private import object_ref
 from farpool._private import context as context_mod
-from farpool._private import placement_groups, protocol, scheduling, segments, session, stacks, transport
+from farpool._private import placement_groups, protocol, scheduling, segments, session, stacks, transport, unix_streams
 from farpool._private import runtime  # noqa: F401 - sets the client's connector: a ref used before init joins
 from farpool._private.context import context
 from farpool._private.task_args import (load_args, load_args_tracked, mark_phase, split_batch, still_held,
@@ -99,7 +99,7 @@ class Worker:
         self.node_id = cfg["node_id"]
         self.where = f"node {self.node_id[:8]} worker {self.worker_id} (pid {os.getpid()})"
         self.loop = transport.EventLoop()
-        self.listener = transport.listen_unix(os.path.join(cfg["session_dir"], f"w-{self.worker_id}"))
+        self.listener = unix_streams.listen_unix(os.path.join(cfg["session_dir"], f"w-{self.worker_id}"))
         self.agent = transport.dealer(b"w:" + self.worker_id.encode())
         self.agent.connect(cfg["agent_address"])
         store_puller.address = cfg["agent_address"]
@@ -161,7 +161,7 @@ class Worker:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
-        channel = transport.StreamChannel(conn, self.loop)
+        channel = unix_streams.StreamChannel(conn, self.loop)
         self.channels.add(channel)
         self.loop.add_reader(channel.fd, lambda: self._on_channel(channel))
 

@@ -1,0 +1,163 @@
+"""A caller waiting on one task that runs on a worker of this machine reads that worker's
+stream itself (values.Values._read_reply, EventLoop.lend/serve): the round trip's result,
+and everything that can happen to the task meanwhile (a timeout, its worker killed, a
+cancel from another thread, other threads waiting on the same worker)."""
+
+import os
+import signal
+import threading
+
+import pytest
+
+import farpool
+from farpool._private import transport, values
+from farpool_testing import crash_once, wait_at_gate
+
+
+@farpool.remote
+def echo(x):
+    return x
+
+
+@farpool.remote(max_retries=1)
+def crashes_once(marker):
+    return crash_once(marker)
+
+
+@farpool.remote
+def gated(path, value):
+    return wait_at_gate(path, value)
+
+
+@farpool.remote
+def gated_pid(path, pidfile):
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    return wait_at_gate(path, "x")
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Counts the waits read by their caller (_read_reply True) and the fds it served;
+    ``entered`` is set as a wait goes in (the test's other thread acts then)."""
+    counts = {"read": 0, "serve": 0, "entered": threading.Event()}
+    read_reply, serve = values.Values._read_reply, transport.EventLoop.serve
+
+    def counting_read_reply(self, *args):
+        counts["entered"].set()
+        took = read_reply(self, *args)
+        counts["read"] += took
+        return took
+
+    def counting_serve(self, fd):
+        counts["serve"] += 1
+        return serve(self, fd)
+
+    monkeypatch.setattr(values.Values, "_read_reply", counting_read_reply)
+    monkeypatch.setattr(transport.EventLoop, "serve", counting_serve)
+    return counts
+
+
+def warm(served):
+    """A few round trips (the worker's lease parked for this caller), then counts from 0."""
+    for i in range(5):
+        assert farpool.get(echo.remote(i)) == i
+    served["read"] = served["serve"] = 0
+    served["entered"].clear()
+
+
+def test_sequential_round_trips_are_read_by_their_caller(cluster, served):
+    warm(served)
+    for i in range(200):
+        assert farpool.get(echo.remote(("x", i))) == ("x", i)
+    assert served["read"] >= 190, served  # (a lease may go back and come again now and then)
+    assert served["serve"] >= served["read"]
+    # The stream was given back each time: the loop thread reads it again.
+    refs = [echo.remote(i) for i in range(50)]
+    assert farpool.get(refs) == list(range(50))
+
+
+def test_a_timed_out_wait_gives_the_stream_back(cluster, gate, served):
+    warm(served)
+    ref = gated.remote(gate.path, "late")
+    gate.wait_arrivals()
+    with pytest.raises(farpool.exceptions.GetTimeoutError):
+        farpool.get(ref, timeout=0.2)
+    assert served["read"] == 1, "the timed-out wait was not on the caller-read path"
+    gate.open()
+    # Nobody waits now: the loop thread takes the result in, and a wait finds it ready.
+    ready, _ = farpool.wait([ref], timeout=30)
+    assert ready == [ref]
+    assert farpool.get(ref) == "late"
+
+
+def test_a_worker_killed_under_a_caller_read_is_retried(cluster, tmp_path, served):
+    warm(served)
+    marker = str(tmp_path / "crashed")
+    assert farpool.get(crashes_once.remote(marker), timeout=60) == "survived"
+    assert os.path.exists(marker)
+    assert served["read"] >= 1
+    assert farpool.get(echo.remote("after"), timeout=60) == "after"
+
+
+def test_a_cancel_from_another_thread_ends_a_caller_read(cluster, gate, served):
+    warm(served)
+    ref = gated.remote(gate.path, "never")
+    gate.wait_arrivals()
+
+    def cancel_once_waiting():
+        assert served["entered"].wait(60)
+        farpool.cancel(ref, force=True)
+
+    canceller = threading.Thread(target=cancel_once_waiting)
+    canceller.start()
+    with pytest.raises((farpool.exceptions.TaskCancelledError, farpool.exceptions.WorkerCrashedError)):
+        farpool.get(ref, timeout=60)
+    canceller.join(60)
+    assert served["read"] == 1
+    assert farpool.get(echo.remote("after"), timeout=60) == "after"
+
+
+def test_threads_waiting_on_one_worker_are_all_answered(cluster, gate):
+    """Tasks pipelined to one worker (the other one is held at the gate) and waited on by
+    two threads: one reads the stream, the other finds it lent and waits on the I/O
+    thread's path, fired by the first one's reads."""
+    held = gated.remote(gate.path, "held")
+    gate.wait_arrivals()
+    refs = [echo.remote(("t", i)) for i in range(2)]
+    results = {}
+
+    def waiter(i):
+        results[i] = farpool.get(refs[i], timeout=60)
+
+    threads = [threading.Thread(target=waiter, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert results == {0: ("t", 0), 1: ("t", 1)}
+    gate.open()
+    assert farpool.get(held, timeout=60) == "held"
+
+
+def test_a_worker_killed_by_signal_during_a_caller_read(cluster, gate, served, tmp_path):
+    """SIGKILL from outside while the caller polls the worker's stream: EOF on the stream,
+    the agent's WorkerExited fails the task (no retries left), nothing hangs."""
+    warm(served)
+    pidfile = str(tmp_path / "pid")
+    ref = gated_pid.options(max_retries=0).remote(gate.path, pidfile)
+    gate.wait_arrivals()
+    with open(pidfile) as f:
+        pid = int(f.read())
+
+    def kill_once_waiting():
+        assert served["entered"].wait(60)
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_waiting)
+    killer.start()
+    with pytest.raises(farpool.exceptions.WorkerCrashedError):
+        farpool.get(ref, timeout=60)
+    killer.join(60)
+    assert served["read"] == 1
+    assert farpool.get(echo.remote("after"), timeout=60) == "after"
