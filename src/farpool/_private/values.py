@@ -228,7 +228,8 @@ class Values(ClientPart):
             return True
         finally:
             with loop.held():
-                loop.unlend(stream.fd)
+                if not stream.closed:  # (closed: its fd is no longer ours, nor lent)
+                    loop.unlend(stream.fd)
 
     def set_blocked(self, blocked: bool) -> None:
         """Inside a worker's task: tell the agent we wait, so it lends our CPU (no deadlock)."""
