@@ -117,6 +117,11 @@ class Gate:
             self.opened.set()
             self._release()
 
+    def shut(self):
+        """Hold the tasks that arrive from now on again (until the next ``open``)."""
+        with self.lock:
+            self.opened.clear()
+
     def close(self):
         self.open()
         self.listener.close()

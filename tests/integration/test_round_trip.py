@@ -11,7 +11,7 @@ import pytest
 
 import farpool
 from farpool._private import transport, values
-from farpool_testing import crash_once, wait_at_gate
+from farpool_testing import wait_at_gate
 
 
 @farpool.remote
@@ -20,8 +20,12 @@ def echo(x):
 
 
 @farpool.remote(max_retries=1)
-def crashes_once(marker):
-    return crash_once(marker)
+def gated_crash_once(path, marker):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        wait_at_gate(path)
+        os._exit(1)
+    return "survived"
 
 
 @farpool.remote
@@ -39,15 +43,21 @@ def gated_pid(path, pidfile):
 @pytest.fixture
 def served(monkeypatch):
     """Counts the waits read by their caller (_read_reply True) and the fds it served;
-    ``entered`` is set as a wait goes in (the test's other thread acts then)."""
-    counts = {"read": 0, "serve": 0, "entered": threading.Event()}
-    read_reply, serve = values.Values._read_reply, transport.EventLoop.serve
+    ``lent`` is set once a worker's stream is lent to a waiting caller (from then on only
+    that caller can read it: the test's other thread acts then)."""
+    counts = {"read": 0, "serve": 0, "lent": threading.Event()}
+    read_reply, serve, lend = values.Values._read_reply, transport.EventLoop.serve, transport.EventLoop.lend
 
     def counting_read_reply(self, *args):
-        counts["entered"].set()
         took = read_reply(self, *args)
         counts["read"] += took
         return took
+
+    def noting_lend(self, fd):
+        lent = lend(self, fd)
+        if lent:
+            counts["lent"].set()
+        return lent
 
     def counting_serve(self, fd):
         counts["serve"] += 1
@@ -55,6 +65,7 @@ def served(monkeypatch):
 
     monkeypatch.setattr(values.Values, "_read_reply", counting_read_reply)
     monkeypatch.setattr(transport.EventLoop, "serve", counting_serve)
+    monkeypatch.setattr(transport.EventLoop, "lend", noting_lend)
     return counts
 
 
@@ -63,18 +74,35 @@ def warm(served):
     for i in range(5):
         assert farpool.get(echo.remote(i)) == i
     served["read"] = served["serve"] = 0
-    served["entered"].clear()
+    served["lent"].clear()
 
 
-def test_sequential_round_trips_are_read_by_their_caller(cluster, served):
+def test_sequential_round_trips(cluster, served):
+    """Most are read by their caller: those whose reply came before the caller lent the
+    stream (a caller preempted after its send) are read by the I/O thread, as before."""
     warm(served)
     for i in range(200):
         assert farpool.get(echo.remote(("x", i))) == ("x", i)
-    assert served["read"] >= 190, served  # (a lease may go back and come again now and then)
+    assert served["read"] >= 1, served
     assert served["serve"] >= served["read"]
     # The stream was given back each time: the loop thread reads it again.
     refs = [echo.remote(i) for i in range(50)]
     assert farpool.get(refs) == list(range(50))
+
+
+def test_a_reply_that_comes_after_the_lend_is_read_by_its_caller(cluster, gate, served):
+    """The task waits at a gate opened once its stream is lent: only the caller can read
+    its reply then (the loop thread no longer sees that stream), so it must."""
+    for round_ in range(3):
+        warm(served)
+        ref = gated.remote(gate.path, round_)
+        gate.wait_arrivals()
+        opener = threading.Thread(target=lambda: served["lent"].wait(60) and gate.open())
+        opener.start()
+        assert farpool.get(ref, timeout=60) == round_
+        opener.join(60)
+        assert served["read"] == 1 and served["serve"] >= 1, served
+        gate.shut()
 
 
 def test_a_timed_out_wait_gives_the_stream_back(cluster, gate, served):
@@ -91,12 +119,19 @@ def test_a_timed_out_wait_gives_the_stream_back(cluster, gate, served):
     assert farpool.get(ref) == "late"
 
 
-def test_a_worker_killed_under_a_caller_read_is_retried(cluster, tmp_path, served):
+def test_a_worker_that_dies_under_a_caller_read_is_retried(cluster, gate, tmp_path, served):
+    """The first attempt waits at the gate, opened once its stream is lent, then its worker
+    exits: the caller reads the end of the stream, and the retry's result still comes."""
     warm(served)
     marker = str(tmp_path / "crashed")
-    assert farpool.get(crashes_once.remote(marker), timeout=60) == "survived"
+    ref = gated_crash_once.remote(gate.path, marker)
+    gate.wait_arrivals()
+    opener = threading.Thread(target=lambda: served["lent"].wait(60) and gate.open())
+    opener.start()
+    assert farpool.get(ref, timeout=60) == "survived"
+    opener.join(60)
     assert os.path.exists(marker)
-    assert served["read"] >= 1
+    assert served["read"] >= 1 and served["serve"] >= 1, served
     assert farpool.get(echo.remote("after"), timeout=60) == "after"
 
 
@@ -106,7 +141,7 @@ def test_a_cancel_from_another_thread_ends_a_caller_read(cluster, gate, served):
     gate.wait_arrivals()
 
     def cancel_once_waiting():
-        assert served["entered"].wait(60)
+        assert served["lent"].wait(60)
         farpool.cancel(ref, force=True)
 
     canceller = threading.Thread(target=cancel_once_waiting)
@@ -151,7 +186,7 @@ def test_a_worker_killed_by_signal_during_a_caller_read(cluster, gate, served, t
         pid = int(f.read())
 
     def kill_once_waiting():
-        assert served["entered"].wait(60)
+        assert served["lent"].wait(60)
         os.kill(pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_once_waiting)

@@ -119,21 +119,25 @@ class Submitter(ClientPart):
         task = TaskRecord(task_id, fn, payload, bufs, ref_slots, return_ids, shape, key, max_retries,
                           retry_exceptions, pinned, name, strategy, pool_key, actor_id=actor_id)
         task.args_location = args_location
+        owner = c.owner_address
+        # The refs are counted here, under the lock taken anyway (not one take each as they
+        # are made: the I/O thread holds it while it takes results in).
+        refs = [ObjectRef(oid, owner, _register=False) for oid in return_ids]
         with self.lock:
             c.events.submitted(task)
             for oid in return_ids:
-                self.objects[oid] = Entry(task=task)
+                self.objects[oid] = Entry(task=task, local_refs=1)
             for oid in pinned:
                 e = self.objects.get(oid)
                 if e is not None:
                     e.task_pins += 1
+        for ref in refs:
+            ref._counted_by = c
         if shared:  # the task's pins hold them now (not its record's refs: they go when the pins do)
             c.shared_args.held_by_task(shared)
         if stream is not None:
             task.stream = stream
             c.streams.opened(task)  # (before it can be dispatched: its end must find the stream)
-        owner = c.owner_address
-        refs = [ObjectRef(oid, owner) for oid in return_ids]
         # Borrowed top-level refs need the owner's value: ask for it unless asked already
         # (a ref that arrived inside a value has an entry, not yet fetched).
         for _, ref in ref_slots:
@@ -162,7 +166,16 @@ class Submitter(ClientPart):
         before ``_sent_direct`` does (the loop may be reading that worker's stream for
         an earlier reply when this one arrives), and a reply for a task not yet recorded
         was taken for one already ended, leaving the task in flight for ever.
+
+        When the loop thread sleeps, all of it happens here as the loop (``_send_parked``):
+        the lease is the loop's again before its reply can be read, so that reply parks it
+        for the caller's next task (a caller preempted between its send and its hand-back
+        left the lease claimed when the I/O thread read the reply: its next task took the
+        slow way).
         """
+        sent = []
+        if self.loop.run_here(self._send_parked, task, sent):
+            return bool(sent)
         lease = self.queues.take_parked(task.key, task)  # (recorded in flight there already)
         if lease is None:
             return False
@@ -175,6 +188,14 @@ class Submitter(ClientPart):
         lease.channel.stream.send_from_thread(frames)
         self.loop.call_soon_lazy(self._sent_direct, task, lease)
         return True
+
+    def _send_parked(self, task: TaskRecord, sent: list) -> None:
+        """(as the loop, from the caller's thread) submit_direct with the loop held."""
+        lease = self.queues.take_parked(task.key, task)
+        if lease is not None:
+            lease.channel.send(self.task_frames(lease, [task]))
+            self._sent_direct(task, lease)
+            sent.append(lease)
 
     def _sent_direct(self, task: TaskRecord, lease: LeaseState) -> None:
         lease.uses += 1

@@ -24,6 +24,7 @@ import errno
 import heapq
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -574,11 +575,13 @@ class EventLoop:
                     entry[2](*entry[3])
                 now = time.monotonic()
             if timers:
-                timeout = max(0.0, timers[0][0] - now) * 1000
+                # In whole milliseconds, rounded up: zmq's poll truncates, and a timer due in
+                # 0.4 ms would make it return at once, again and again until then (a spin).
+                timeout = math.ceil(max(0.0, timers[0][0] - now) * 1000)
         if self._calls:
             timeout = 0
         if max_wait_s is not None:
-            timeout = max_wait_s * 1000 if timeout is None else min(timeout, max_wait_s * 1000)
+            timeout = math.ceil(max_wait_s * 1000) if timeout is None else min(timeout, math.ceil(max_wait_s * 1000))
         # A timer that serve() adds before this deadline wakes us (the earliest one when the
         # timeout comes from the timers; a shorter max_wait_s only makes us wake sooner).
         self._deadline = None if timeout is None else (timers[0][0] if timers and timeout else 0.0)
