@@ -189,6 +189,13 @@ class LoopThread:
             return
         self.handled.append((threading.get_ident(), data))
 
+    def on_loop(self, fn, *args):
+        """fn(*args) run by the loop thread; its result."""
+        went, out = threading.Event(), []
+        self.loop.call_soon(lambda: (out.append(fn(*args)), went.set()))
+        assert went.wait(10), "the loop thread did not run its calls"
+        return out[0]
+
     def turn(self):
         """Return once the loop thread has run a whole iteration after this call."""
         for _ in range(2):
@@ -214,14 +221,12 @@ def looping():
 def test_a_lent_fd_is_not_read_by_the_loop_thread_until_it_comes_back(looping):
     lt = looping
     fd = lt.ours.fileno()
-    with lt.loop.held():
-        assert lt.loop.lend(fd)
-        assert not lt.loop.lend(fd), "lent twice"
+    assert lt.on_loop(lt.loop.lend, fd)
+    assert not lt.on_loop(lt.loop.lend, fd), "lent twice"
     lt.theirs.send(b"one")  # while the loop thread sleeps in a poll that began before the lend
     lt.turn()
     assert lt.handled == []
-    with lt.loop.held():
-        lt.loop.unlend(fd)
+    lt.on_loop(lt.loop.unlend, fd)
     lt.turn()  # readable all along: the loop thread reads it now
     assert lt.handled == [(lt.thread.ident, b"one")]
 
@@ -238,16 +243,14 @@ def test_serve_runs_the_handler_and_its_calls_on_the_calling_thread(looping):
         lt._on_readable()
 
     lt.loop._handlers[fd] = on_readable
-    with lt.loop.held():
-        lt.loop.lend(fd)
+    assert lt.on_loop(lt.loop.lend, fd)
     lt.theirs.send(b"two")
-    lt.loop.serve(fd)
+    assert lt.loop.serve(fd, block=True)
     me = threading.get_ident()
     assert lt.handled == [(me, b"two")]
     assert seen == {"in_loop": True, "call": me, "last": me}
     assert not lt.loop.in_loop_thread()
-    with lt.loop.held():
-        lt.loop.unlend(fd)
+    lt.on_loop(lt.loop.unlend, fd)
 
 
 def test_a_timer_set_by_serve_wakes_the_sleeping_loop_thread(looping):
@@ -263,13 +266,25 @@ def test_a_timer_set_by_serve_wakes_the_sleeping_loop_thread(looping):
         lt.loop.call_later(0.01, fired.set)
 
     lt.loop._handlers[fd] = on_readable
-    with lt.loop.held():
-        lt.loop.lend(fd)
+    assert lt.on_loop(lt.loop.lend, fd)
     lt.theirs.send(b"three")
-    lt.loop.serve(fd)
-    with lt.loop.held():
-        lt.loop.unlend(fd)
+    assert lt.loop.serve(fd, block=True)
     assert fired.wait(10), "the timer set in serve() never fired"
+
+
+def test_nothing_from_a_user_thread_waits_for_a_busy_loop_thread(looping):
+    """run_here and serve give up at once while the loop thread runs a handler (a loop kept
+    busy by a stream of results would otherwise starve a waiting caller)."""
+    lt = looping
+    inside, leave = threading.Event(), threading.Event()
+    lt.loop.call_soon(lambda: (inside.set(), leave.wait(10)))
+    assert inside.wait(10)
+    try:
+        assert not lt.loop.run_here(lambda: None)
+        assert not lt.loop.serve(lt.ours.fileno())
+    finally:
+        leave.set()
+    lt.turn()
 
 
 def test_a_lent_fd_still_gets_its_writer_called(looping):
@@ -283,9 +298,33 @@ def test_a_lent_fd_still_gets_its_writer_called(looping):
         lt.loop.set_writer(fd, None)
         wrote.set()
 
-    with lt.loop.held():
-        lt.loop.lend(fd)
+    assert lt.on_loop(lt.loop.lend, fd)
     lt.loop.call_soon(lt.loop.set_writer, fd, on_writable)
     assert wrote.wait(10), "the writer of a lent fd was not called"
-    with lt.loop.held():
-        lt.loop.unlend(fd)
+    lt.on_loop(lt.loop.unlend, fd)
+
+
+def test_a_zmq_send_from_a_user_thread_running_the_loops_work_goes_from_the_loop_thread(looping):
+    """zmq sockets are the loop thread's alone (it sits in a poll on them): a send made by a
+    user thread in run_here is left to that thread, which is woken to make it."""
+    lt = looping
+    ctx = transport.context()
+    sender, receiver = ctx.socket(transport.zmq.PAIR), ctx.socket(transport.zmq.PAIR)
+    receiver.bind("inproc://lent-send")
+    sender.connect("inproc://lent-send")
+    lt.on_loop(lt.loop.add_reader, sender, lambda: None)  # the loop thread polls it from now on
+    left = []
+
+    def in_loop_work():
+        assert transport.send(sender, [b"hello"])
+        left.append(len(lt.loop._own))
+
+    try:
+        assert lt.loop.run_here(in_loop_work, block=True)
+        assert left == [1], "the send was made on the user thread"
+        assert receiver.poll(10_000), "the loop thread never sent it"
+        assert receiver.recv_multipart() == [b"hello"]
+    finally:
+        lt.on_loop(lt.loop.remove_reader, sender)
+        sender.close(0)
+        receiver.close(0)

@@ -208,7 +208,7 @@ class Connections:
     def close_agent(self, conn: AgentConn) -> None:
         self.loop.cancel_timer(conn.hello_timer)
         self.loop.remove_reader(conn.socket)
-        conn.socket.close(0)
+        self.loop.on_loop_thread(conn.socket.close, 0)  # (a zmq socket: the loop thread's alone)
 
     def worker_channel(self, address: str, doorbell: bool = True) -> DirectChannel:
         """Our stream to the worker listening at ``address`` (one per worker, kept across

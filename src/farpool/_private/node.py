@@ -199,7 +199,7 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart, BundlesPart, DrainPar
         self.peer_senders: dict[bytes, set] = {}  # client identity -> clients that sent it ToPeer or WatchPeer
         self.connected: set = set()  # identities of the clients that said Hello and have not left
         self.client_pidfds: dict[tuple, tuple] = {}  # client -> (pidfd, is a driver, job id): see _on_Hello
-        # Clients on TCP not watched by pid: client -> (is a driver, job id); see _check_tcp_clients
+        # Clients on TCP not watched by pid: client -> (is a driver, job id); see node_clients._check_tcp_clients
         self.tcp_clients: dict[tuple, tuple] = {}
         self.unreachable: dict[tuple, float] = {}  # tcp client -> when it was first found down
         self.tcp_checks: list[float] = []  # when the checks scheduled are due

@@ -46,7 +46,7 @@ TAGS = frozenset({
     "ReturnLease", "WorkerExited", "CancelLease", "Relay", "Relayed", "SignalWorker",
     "YieldLease",  # node agent -> client: give this lease back once its tasks end (leases.tick)
     "WorkerBlocked", "WorkerUnblocked",
-    # node agent -> client on TCP: are you still connected? (see node._check_tcp_clients)
+    # node agent -> client on TCP: are you still connected? (see node_clients._check_tcp_clients)
     "Probe",
     # owner messages between nodes, routed by the agents: ToPeer(target, *message) in,
     # FromPeer(sender, *message) out (raw frames, like Relay); PeerGone(identity), also

@@ -344,6 +344,12 @@ class EventLoop:
     under way, zmq's poller's do not).  ``lend(fd)`` stops the loop thread from seeing it
     readable until ``unlend(fd)``: meanwhile the borrowing thread polls it itself and runs
     its handler through ``serve``.  A lent fd's writer (queued output) is still served.
+    Nothing a user thread does here waits for a busy loop thread (``run_here`` and
+    ``serve`` give up at once: that thread is awake then, and does the work itself), so a
+    loop kept busy by a stream of results cannot starve them.  zmq sockets stay the loop
+    thread's alone (libzmq's rule: the loop thread sits in a poll on them meanwhile):
+    what a user thread running the loop's work sends or closes on one is left to the loop
+    thread (``on_loop_thread``; ``send`` does it by itself), which is woken for it.
     """
 
     def __init__(self):
@@ -365,6 +371,7 @@ class EventLoop:
         self._poll_changed = False  # the poller's set changed since the loop thread's poll began
         self._epoll = None      # lendable fds (select.epoll, made at the first)
         self._lent: set = set()
+        self._own: deque = deque()  # what a user thread running our work left to our thread
 
     def add_reader(self, sock_or_fd, handler, lendable: bool = False) -> None:
         self._handlers[sock_or_fd] = handler
@@ -420,7 +427,7 @@ class EventLoop:
             self._poll_changed = True
 
     def lend(self, fd: int) -> bool:
-        """(while holding the loop: ``with loop.held():``) The loop thread stops watching the
+        """(as the loop: its thread, or in ``run_here``) The loop thread stops watching the
         lendable ``fd`` for reading, at once, even in a poll under way; False when it is not a
         lendable fd of this loop or lent already."""
         if not self._lendable(fd) or fd in self._lent:
@@ -430,27 +437,27 @@ class EventLoop:
         return True
 
     def unlend(self, fd: int) -> None:
-        """(while holding the loop) The loop thread watches ``fd`` again."""
+        """(as the loop) The loop thread watches ``fd`` again."""
         if fd in self._lent:
             self._lent.discard(fd)
             if fd in self._handlers:
                 self._epoll.modify(fd, self._epoll_mask(fd))
 
-    def held(self):
-        """The loop, held by this thread (a context manager): its handlers do not run
-        meanwhile.  Held briefly only: the loop thread waits for it between polls."""
-        return self._owner
-
-    def serve(self, fd) -> None:
+    def serve(self, fd, block: bool = False) -> bool:
         """From a user thread, on its lent ``fd`` found readable: run that fd's handler now, as
-        the loop thread would (waiting for the loop thread's handlers under way to end)."""
-        with self._owner:
-            self._as_loop(self._handlers.get(fd), ())
+        the loop thread would; False (nothing run) if the loop thread is busy (``block``:
+        wait for it instead, for tests)."""
+        return self.run_here(self._serve, fd, block=block)
 
-    def run_here(self, fn, *args) -> bool:
+    def _serve(self, fd) -> None:
+        handler = self._handlers.get(fd)
+        if handler is not None:
+            handler()
+
+    def run_here(self, fn, *args, block: bool = False) -> bool:
         """From a user thread: run fn(*args) now, as the loop thread would, if the loop thread
         sleeps in its poll; False (nothing run) if it is busy: hand the work over then."""
-        if not self.running or not self._owner.acquire(blocking=False):
+        if not self.running or not self._owner.acquire(blocking=block):
             return False
         try:
             self._as_loop(fn, args)
@@ -463,19 +470,28 @@ class EventLoop:
         then the loop thread is woken only if it must be sooner than it would wake (a timer
         due earlier, a socket to watch)."""
         loop_thread, self._thread_id = self._thread_id, threading.get_ident()
+        outer, _borrower.loop = _borrower.loop, self
         try:
             self._drain_calls()  # (calls queued before go first, as in run_once)
-            if fn is not None:
-                fn(*args)
+            fn(*args)
             self._drain_calls()
             self._run_last()
         finally:
+            _borrower.loop = outer
             self._thread_id = loop_thread
         timers = self._timers
         while timers and timers[0][2] is None:
             heapq.heappop(timers)
-        if self._poll_changed or (timers and (self._deadline is None or timers[0][0] < self._deadline)):
+        if self._own or self._poll_changed or (timers and (self._deadline is None or timers[0][0] < self._deadline)):
             self.wake()
+
+    def on_loop_thread(self, fn, *args) -> None:
+        """fn(*args) on this loop's own thread: now if this is it, else (a user thread running
+        its work) as soon as it wakes.  For zmq sockets, which are that thread's alone."""
+        if _borrower.loop is self:
+            self._own.append((fn, args))
+        else:
+            fn(*args)
 
     def call_later(self, delay_s: float, fn, *args) -> list:
         """Run fn(*args) on the loop after delay_s; returns a handle for cancel_timer."""
@@ -592,6 +608,10 @@ class EventLoop:
         finally:
             self._owner.acquire()
         self._thread_id = threading.get_ident()
+        own = self._own
+        while own:  # (left by a user thread that ran our work meanwhile: in their order)
+            fn, args = own.popleft()
+            fn(*args)
         if self._calls:  # calls queued before what woke us happened go first (see call_soon_lazy)
             self._drain_calls()
         for sock_or_fd, events in ready:
@@ -630,9 +650,22 @@ class EventLoop:
             self._epoll.close()
 
 
+# The EventLoop whose work this thread runs now for it (EventLoop.run_here / serve), if any.
+class _Borrower(threading.local):
+    loop = None
+
+
+_borrower = _Borrower()
+
+
 def send(sock: zmq.Socket, frames: list) -> bool:
     """Send without blocking; False when the peer is gone or unknown (ROUTER).  Over TCP a
-    message with a frame over fragments.SPLIT_ABOVE goes in pieces (see fragments.py)."""
+    message with a frame over fragments.SPLIT_ABOVE goes in pieces (see fragments.py).
+    From a user thread running a loop's work, the loop's own thread sends it (True)."""
+    loop = _borrower.loop
+    if loop is not None:
+        loop.on_loop_thread(send, sock, frames)
+        return True
     try:
         if fragments.needs_split(frames) and sock.getsockopt(zmq.MECHANISM) == zmq.CURVE:
             envelope = frames[:1] if sock.type == zmq.ROUTER else []

@@ -199,37 +199,54 @@ class Values(ClientPart):
     def _read_reply(self, entry: Entry, done, wake_fd: list, timeout: float | None) -> bool:
         """Wait for ``entry`` (``done`` released when it is done) reading the stream of the
         worker its task runs on ourselves; False (nothing waited) when its task is not on a
-        worker of this machine, or another thread reads that stream already."""
+        worker of this machine, another thread reads that stream already, or the loop
+        thread is busy (it reads the stream then)."""
         loop = self.loop
-        with loop.held():
-            lease = entry.task.lease if entry.state == PENDING and entry.task is not None else None
-            channel = lease.channel if lease is not None else None
-            if not isinstance(channel, DirectChannel) or not loop.lend(channel.stream.fd):
-                return False
-        stream = channel.stream
+        lent: list = []
+        if not loop.run_here(self._lend_stream, entry, lent) or not lent:
+            return False
+        stream = lent[0]
         wake_fd.append(_wake_fd())
         poller = select.poll()
         poller.register(stream.fd, select.POLLIN)
         poller.register(wake_fd[0], select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        handed_back = False
         try:
             while not done.acquire(blocking=False):
-                if stream.closed:  # its worker exited: the I/O thread retries or fails the task
+                if handed_back or stream.closed:  # the I/O thread takes it from here (closed: the
+                    # worker exited, and the I/O thread retries or fails the task)
                     done.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic()))
                     return True
                 wait_ms = None if deadline is None else (deadline - time.monotonic()) * 1000
                 if wait_ms is not None and wait_ms <= 0:
                     return True
                 for fd, _ in poller.poll(wait_ms):
-                    if fd == stream.fd:
-                        loop.serve(fd)
-                    else:
+                    if fd != stream.fd:
                         _drain(fd)
+                    elif not loop.serve(fd):  # the loop thread is awake: it reads the stream, given back
+                        self._give_back(stream)
+                        handed_back = True
             return True
         finally:
-            with loop.held():
-                if not stream.closed:  # (closed: its fd is no longer ours, nor lent)
-                    loop.unlend(stream.fd)
+            if not handed_back:
+                self._give_back(stream)
+
+    def _lend_stream(self, entry: Entry, lent: list) -> None:
+        """(as the loop) Lend us the stream of the worker ``entry``'s task runs on, if any."""
+        lease = entry.task.lease if entry.state == PENDING and entry.task is not None else None
+        channel = lease.channel if lease is not None else None
+        if isinstance(channel, DirectChannel) and not channel.stream.closed and self.loop.lend(channel.stream.fd):
+            lent.append(channel.stream)
+
+    def _give_back(self, stream) -> None:
+        """The loop thread reads ``stream`` again (now, or as soon as it can)."""
+        if not self.loop.run_here(self._unlend, stream):
+            self.loop.call_soon(self._unlend, stream)
+
+    def _unlend(self, stream) -> None:
+        if not stream.closed:  # (closed: its fd is no longer ours, nor lent)
+            self.loop.unlend(stream.fd)
 
     def set_blocked(self, blocked: bool) -> None:
         """Inside a worker's task: tell the agent we wait, so it lends our CPU (no deadlock)."""
