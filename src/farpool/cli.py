@@ -161,6 +161,11 @@ def _start(args) -> int:
                              "of this machine that the head's machine can reach (or leave it out)")
     session.remove_dead_sessions()
     lifeline = ["--lifeline"] if args.block else []  # --block: they stop when this command goes
+    # --block: a SIGTERM from now on stops what this starts, even one that comes as soon as
+    # "started" is printed, before _block waits (it used to kill this command outright).
+    early_sigterm: list = []
+    if args.block:
+        signal.signal(signal.SIGTERM, session.sigterm_handler(lambda *_: early_sigterm.append(True)))
     session_dir = session.new_session_dir()
     os.unlink(os.path.join(session_dir, "owner.pid"))
     node_id = os.urandom(8).hex()
@@ -249,11 +254,11 @@ def _start(args) -> int:
               f"reach it at {node_address} (port {addresses.split(node_address)[1]} must be open to them)")
     if args.block:
         sys.stdout.flush()
-        return _block(args, [node, head] if args.head else [node], session_dir)
+        return _block(args, [node, head] if args.head else [node], session_dir, early_sigterm)
     return 0
 
 
-def _block(args, procs, session_dir: str) -> int:
+def _block(args, procs, session_dir: str, early_sigterm: list) -> int:
     """``--block``: wait until Ctrl-C or SIGTERM (0) or until a started process exits (1, saying
     which), then stop them all.  They also hold a lifeline from this process: if it is killed,
     they see EOF and stop themselves."""
@@ -261,9 +266,11 @@ def _block(args, procs, session_dir: str) -> int:
 
     def interrupt(*_):
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, session.sigterm_handler(interrupt))
+    signal.signal(signal.SIGTERM, session.sigterm_handler(interrupt))
     code = 0
     try:
+        if early_sigterm:  # (one came while they started)
+            raise KeyboardInterrupt
         pid, status = os.wait()  # our only children are the processes started above
         gone = next((p for p in procs if p.pid == pid), None)
         if gone is not None:
@@ -276,7 +283,7 @@ def _block(args, procs, session_dir: str) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for proc in procs:  # close the lifelines first: they stop at once, on their own
         try:
             proc.stdin.close()
