@@ -46,7 +46,7 @@ def served(monkeypatch):
     ``lent`` is set once a worker's stream is lent to a waiting caller (from then on only
     that caller can read it: the test's other thread acts then)."""
     counts = {"read": 0, "serve": 0, "lent": threading.Event()}
-    read_reply, serve, lend = values.Values._read_reply, transport.EventLoop.serve, transport.EventLoop.lend
+    read_reply, serve, lend = values.Values._read_reply, transport.EventLoop.serve_now, transport.EventLoop.lend
 
     def counting_read_reply(self, *args):
         took = read_reply(self, *args)
@@ -64,7 +64,7 @@ def served(monkeypatch):
         return serve(self, fd)
 
     monkeypatch.setattr(values.Values, "_read_reply", counting_read_reply)
-    monkeypatch.setattr(transport.EventLoop, "serve", counting_serve)
+    monkeypatch.setattr(transport.EventLoop, "serve_now", counting_serve)
     monkeypatch.setattr(transport.EventLoop, "lend", noting_lend)
     return counts
 

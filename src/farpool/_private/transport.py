@@ -449,6 +449,10 @@ class EventLoop:
         wait for it instead, for tests)."""
         return self.run_here(self._serve, fd, block=block)
 
+    def serve_now(self, fd) -> None:
+        """(as the loop) Run ``fd``'s handler."""
+        self._serve(fd)
+
     def _serve(self, fd) -> None:
         handler = self._handlers.get(fd)
         if handler is not None:

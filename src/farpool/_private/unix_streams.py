@@ -61,6 +61,7 @@ class StreamChannel:
         self._lengths: list | None = None
         self.closed = False
         self.eof = False
+        self.lent = False  # lent by its loop to a thread that reads it itself (values.py)
 
     @classmethod
     def connect(cls, path: str, loop=None) -> "StreamChannel":

@@ -42,7 +42,7 @@ log = logging.getLogger("farpool.client")
 
 
 class _WakeFd:
-    """A thread's eventfd for _read_reply.  It goes back to a pool when the thread ends,
+    """A thread's eventfd for _read_reply, and a poll object with it registered.  It goes back to a pool when the thread ends,
     never closed: a late write of a waiter fired as its wait ended lands in an eventfd of
     ours (a spurious wake-up of a later wait), never in another file given its number."""
 
@@ -57,6 +57,14 @@ class _WakeFd:
                 return
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
+    @property
+    def poller(self):
+        poller = self.__dict__.get("_poller")
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+        return poller
+
     def __del__(self):
         self._free.append((self.pid, self.fd))
 
@@ -64,11 +72,11 @@ class _WakeFd:
 _thread_wake = threading.local()
 
 
-def _wake_fd() -> int:
+def _wake_fd() -> _WakeFd:
     wake = getattr(_thread_wake, "fd", None)
     if wake is None or wake.pid != os.getpid():  # (not one inherited through a fork)
         wake = _thread_wake.fd = _WakeFd()
-    return wake.fd
+    return wake
 
 
 def _drain(fd: int) -> None:
@@ -206,10 +214,10 @@ class Values(ClientPart):
         if not loop.run_here(self._lend_stream, entry, lent) or not lent:
             return False
         stream = lent[0]
-        wake_fd.append(_wake_fd())
-        poller = select.poll()
+        wake = _wake_fd()
+        wake_fd.append(wake.fd)
+        poller = wake.poller
         poller.register(stream.fd, select.POLLIN)
-        poller.register(wake_fd[0], select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         handed_back = False
         try:
@@ -224,19 +232,29 @@ class Values(ClientPart):
                 for fd, _ in poller.poll(wait_ms):
                     if fd != stream.fd:
                         _drain(fd)
-                    elif not loop.serve(fd):  # the loop thread is awake: it reads the stream, given back
+                    elif loop.run_here(self._read_stream, stream, entry):
+                        handed_back = not stream.lent  # (given back with the reply read: one hold)
+                    else:  # the loop thread is awake: it reads the stream, given back
                         self._give_back(stream)
                         handed_back = True
             return True
         finally:
+            poller.unregister(stream.fd)
             if not handed_back:
                 self._give_back(stream)
+
+    def _read_stream(self, stream, entry: Entry) -> None:
+        """(as the loop) What came on the lent ``stream``; given back once ``entry`` is done."""
+        self.loop.serve_now(stream.fd)
+        if entry.state != PENDING:
+            self._unlend(stream)
 
     def _lend_stream(self, entry: Entry, lent: list) -> None:
         """(as the loop) Lend us the stream of the worker ``entry``'s task runs on, if any."""
         lease = entry.task.lease if entry.state == PENDING and entry.task is not None else None
         channel = lease.channel if lease is not None else None
         if isinstance(channel, DirectChannel) and not channel.stream.closed and self.loop.lend(channel.stream.fd):
+            channel.stream.lent = True
             lent.append(channel.stream)
 
     def _give_back(self, stream) -> None:
@@ -245,6 +263,7 @@ class Values(ClientPart):
             self.loop.call_soon(self._unlend, stream)
 
     def _unlend(self, stream) -> None:
+        stream.lent = False
         if not stream.closed:  # (closed: its fd is no longer ours, nor lent)
             self.loop.unlend(stream.fd)
 
