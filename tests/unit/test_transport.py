@@ -167,7 +167,7 @@ def test_a_closed_connection_is_seen_and_a_reconnect_under_the_same_identity_is_
         zap.close()
 
 
-# --- lending a file descriptor to another thread (EventLoop.lend / serve) -----------------------
+# --- lending a file descriptor to another thread (EventLoop.lend / run_here) -----------------------
 
 class LoopThread:
     """An EventLoop running on its own thread, with one socket pair whose read end is
@@ -245,7 +245,7 @@ def test_serve_runs_the_handler_and_its_calls_on_the_calling_thread(looping):
     lt.loop._handlers[fd] = on_readable
     assert lt.on_loop(lt.loop.lend, fd)
     lt.theirs.send(b"two")
-    assert lt.loop.serve(fd, block=True)
+    assert lt.loop.run_here(lt.loop.serve_now, fd, block=True)
     me = threading.get_ident()
     assert lt.handled == [(me, b"two")]
     assert seen == {"in_loop": True, "call": me, "last": me}
@@ -255,7 +255,7 @@ def test_serve_runs_the_handler_and_its_calls_on_the_calling_thread(looping):
 
 def test_a_timer_set_by_serve_wakes_the_sleeping_loop_thread(looping):
     """The loop thread sleeps with no timer (a poll without a timeout): a timer that a
-    handler run by serve() sets must wake it, or it would never fire."""
+    handler run by run_here() sets must wake it, or it would never fire."""
     lt = looping
     fd = lt.ours.fileno()
     lt.turn()
@@ -268,12 +268,12 @@ def test_a_timer_set_by_serve_wakes_the_sleeping_loop_thread(looping):
     lt.loop._handlers[fd] = on_readable
     assert lt.on_loop(lt.loop.lend, fd)
     lt.theirs.send(b"three")
-    assert lt.loop.serve(fd, block=True)
-    assert fired.wait(10), "the timer set in serve() never fired"
+    assert lt.loop.run_here(lt.loop.serve_now, fd, block=True)
+    assert fired.wait(10), "the timer set in run_here() never fired"
 
 
 def test_nothing_from_a_user_thread_waits_for_a_busy_loop_thread(looping):
-    """run_here and serve give up at once while the loop thread runs a handler (a loop kept
+    """run_here gives up at once while the loop thread runs a handler (a loop kept
     busy by a stream of results would otherwise starve a waiting caller)."""
     lt = looping
     inside, leave = threading.Event(), threading.Event()
@@ -281,7 +281,7 @@ def test_nothing_from_a_user_thread_waits_for_a_busy_loop_thread(looping):
     assert inside.wait(10)
     try:
         assert not lt.loop.run_here(lambda: None)
-        assert not lt.loop.serve(lt.ours.fileno())
+        assert not lt.loop.run_here(lt.loop.serve_now, lt.ours.fileno())
     finally:
         leave.set()
     lt.turn()

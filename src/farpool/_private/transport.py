@@ -335,7 +335,7 @@ class EventLoop:
 
     Owned by one thread, which runs every handler, timer and call.  Other threads may
     ``call_soon``/``call_soon_lazy``, and a user thread may run the loop's work itself
-    for a moment (``serve``), holding the loop (``_owner``, which the loop thread lets go
+    for a moment (``run_here``), holding the loop (``_owner``, which the loop thread lets go
     only while it sleeps in its poll): this is how a caller waiting on a task reads the
     worker's reply without waking the loop thread first.
 
@@ -343,9 +343,9 @@ class EventLoop:
     that the poller watches (epoll's interest list changes take effect in a poll already
     under way, zmq's poller's do not).  ``lend(fd)`` stops the loop thread from seeing it
     readable until ``unlend(fd)``: meanwhile the borrowing thread polls it itself and runs
-    its handler through ``serve``.  A lent fd's writer (queued output) is still served.
+    its handler through ``run_here(serve_now, fd)``.  A lent fd's writer (queued output) is still served.
     Nothing a user thread does here waits for a busy loop thread (``run_here`` and
-    ``serve`` give up at once: that thread is awake then, and does the work itself), so a
+    ``run_here`` gives up at once: that thread is awake then, and does the work itself), so a
     loop kept busy by a stream of results cannot starve them.  zmq sockets stay the loop
     thread's alone (libzmq's rule: the loop thread sits in a poll on them meanwhile):
     what a user thread running the loop's work sends or closes on one is left to the loop
@@ -364,7 +364,7 @@ class EventLoop:
         self._poller.register(self._wake_fd, zmq.POLLIN)
         self._handlers[self._wake_fd] = self._on_wake
         self.running = False
-        self._thread_id = None  # the thread running handlers now (the loop's, or one in serve)
+        self._thread_id = None  # the thread running handlers now (the loop's, or one in run_here)
         self._last: list = []   # see call_last
         self._owner = threading.Lock()  # held by whoever runs handlers (released in the poll)
         self._deadline = None   # when the loop thread's poll under way times out (None: never)
@@ -443,24 +443,17 @@ class EventLoop:
             if fd in self._handlers:
                 self._epoll.modify(fd, self._epoll_mask(fd))
 
-    def serve(self, fd, block: bool = False) -> bool:
-        """From a user thread, on its lent ``fd`` found readable: run that fd's handler now, as
-        the loop thread would; False (nothing run) if the loop thread is busy (``block``:
-        wait for it instead, for tests)."""
-        return self.run_here(self._serve, fd, block=block)
-
     def serve_now(self, fd) -> None:
-        """(as the loop) Run ``fd``'s handler."""
-        self._serve(fd)
-
-    def _serve(self, fd) -> None:
+        """(as the loop: in ``run_here`` from a user thread, on its lent ``fd`` found readable)
+        Run ``fd``'s handler."""
         handler = self._handlers.get(fd)
         if handler is not None:
             handler()
 
     def run_here(self, fn, *args, block: bool = False) -> bool:
         """From a user thread: run fn(*args) now, as the loop thread would, if the loop thread
-        sleeps in its poll; False (nothing run) if it is busy: hand the work over then."""
+        sleeps in its poll; False (nothing run) if it is busy: hand the work over then
+        (``block``: wait for it instead, for tests)."""
         if not self.running or not self._owner.acquire(blocking=block):
             return False
         try:
@@ -518,7 +511,7 @@ class EventLoop:
             os.eventfd_write(self._wake_fd, 1)
 
     def in_loop_thread(self) -> bool:
-        """True in the thread running the loop's handlers now (the loop's, or one in serve)."""
+        """True in the thread running the loop's handlers now (the loop's, or one in run_here)."""
         return threading.get_ident() == self._thread_id
 
     def call_last(self, fn, *args) -> None:
@@ -546,13 +539,17 @@ class EventLoop:
         self._drain_calls()
 
     def _on_epoll(self) -> None:
-        for fd, events in self._epoll.poll(0):
-            if events & _EPOLLOUT:
-                writer = self._writers.get(fd)
+        self._dispatch(self._epoll.poll(0), _EPOLLOUT, _EPOLL_READABLE)
+
+    def _dispatch(self, ready, writable: int, readable: int) -> None:
+        """Writers, then readers, of the (fd or socket, events) pairs ``ready``."""
+        for sock_or_fd, events in ready:
+            if events & writable:
+                writer = self._writers.get(sock_or_fd)
                 if writer is not None:
                     writer()
-            if events & _EPOLL_READABLE:
-                handler = self._handlers.get(fd)
+            if events & readable:
+                handler = self._handlers.get(sock_or_fd)
                 if handler is not None:
                     handler()
 
@@ -602,7 +599,7 @@ class EventLoop:
             timeout = 0
         if max_wait_s is not None:
             timeout = math.ceil(max_wait_s * 1000) if timeout is None else min(timeout, math.ceil(max_wait_s * 1000))
-        # A timer that serve() adds before this deadline wakes us (the earliest one when the
+        # A timer that run_here() adds before this deadline wakes us (the earliest one when the
         # timeout comes from the timers; a shorter max_wait_s only makes us wake sooner).
         self._deadline = None if timeout is None else (timers[0][0] if timers and timeout else 0.0)
         self._poll_changed = False
@@ -618,15 +615,7 @@ class EventLoop:
             fn(*args)
         if self._calls:  # calls queued before what woke us happened go first (see call_soon_lazy)
             self._drain_calls()
-        for sock_or_fd, events in ready:
-            if events & _POLLOUT:
-                writer = self._writers.get(sock_or_fd)
-                if writer is not None:
-                    writer()
-            if events & _READABLE:
-                handler = self._handlers.get(sock_or_fd)
-                if handler is not None:
-                    handler()
+        self._dispatch(ready, _POLLOUT, _READABLE)
         if self._calls:
             self._drain_calls()
         self._run_last()
@@ -654,7 +643,7 @@ class EventLoop:
             self._epoll.close()
 
 
-# The EventLoop whose work this thread runs now for it (EventLoop.run_here / serve), if any.
+# The EventLoop whose work this thread runs now for it (EventLoop.run_here), if any.
 class _Borrower(threading.local):
     loop = None
 

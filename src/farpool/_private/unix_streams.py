@@ -6,7 +6,7 @@ A ``StreamChannel`` belongs to one event loop (transport.EventLoop): its thread 
 and reads when the loop finds the socket readable; a thread that sends while it holds
 the stream for the moment uses ``send_from_thread``.  The client's loop lends a worker's
 stream to a user thread waiting on a task sent there (EventLoop.lend): that thread then
-reads it, through the loop's own handler (EventLoop.serve).
+reads it, through the loop's own handler (EventLoop.run_here with serve_now).
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ class StreamChannel:
         self._lengths: list | None = None
         self.closed = False
         self.eof = False
-        self.lent = False  # lent by its loop to a thread that reads it itself (values.py)
 
     @classmethod
     def connect(cls, path: str, loop=None) -> "StreamChannel":

@@ -10,7 +10,7 @@ CPU: no deadlock).
 A caller waiting on one task that runs on a worker of this machine reads that worker's
 stream itself (``_read_reply``): it borrows the stream from the I/O thread's loop
 (EventLoop.lend), polls it beside a wake-up fd of its own, and runs the loop's handler
-for it when the reply comes (EventLoop.serve): the result is taken in, bookkept and its
+for it when the reply comes (EventLoop.run_here): the result is taken in, bookkept and its
 waiters fired on the caller's thread, and the I/O thread is not woken in between (one
 thread hand-off fewer per round trip).  Anything else that completes the entry (a retry
 elsewhere, a cancel, the cluster gone) wakes the caller through that fd.
@@ -219,7 +219,7 @@ class Values(ClientPart):
         poller = wake.poller
         poller.register(stream.fd, select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-        handed_back = False
+        handed_back, given = False, []
         try:
             while not done.acquire(blocking=False):
                 if handed_back or stream.closed:  # the I/O thread takes it from here (closed: the
@@ -232,8 +232,8 @@ class Values(ClientPart):
                 for fd, _ in poller.poll(wait_ms):
                     if fd != stream.fd:
                         _drain(fd)
-                    elif loop.run_here(self._read_stream, stream, entry):
-                        handed_back = not stream.lent  # (given back with the reply read: one hold)
+                    elif loop.run_here(self._read_stream, stream, entry, given):
+                        handed_back = bool(given)  # (given back with the reply read: one hold)
                     else:  # the loop thread is awake: it reads the stream, given back
                         self._give_back(stream)
                         handed_back = True
@@ -243,18 +243,18 @@ class Values(ClientPart):
             if not handed_back:
                 self._give_back(stream)
 
-    def _read_stream(self, stream, entry: Entry) -> None:
+    def _read_stream(self, stream, entry: Entry, given: list) -> None:
         """(as the loop) What came on the lent ``stream``; given back once ``entry`` is done."""
         self.loop.serve_now(stream.fd)
         if entry.state != PENDING:
             self._unlend(stream)
+            given.append(stream)
 
     def _lend_stream(self, entry: Entry, lent: list) -> None:
         """(as the loop) Lend us the stream of the worker ``entry``'s task runs on, if any."""
         lease = entry.task.lease if entry.state == PENDING and entry.task is not None else None
         channel = lease.channel if lease is not None else None
         if isinstance(channel, DirectChannel) and not channel.stream.closed and self.loop.lend(channel.stream.fd):
-            channel.stream.lent = True
             lent.append(channel.stream)
 
     def _give_back(self, stream) -> None:
@@ -263,7 +263,6 @@ class Values(ClientPart):
             self.loop.call_soon(self._unlend, stream)
 
     def _unlend(self, stream) -> None:
-        stream.lent = False
         if not stream.closed:  # (closed: its fd is no longer ours, nor lent)
             self.loop.unlend(stream.fd)
 
