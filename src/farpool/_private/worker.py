@@ -134,7 +134,7 @@ class Worker:
         self.doorbell.bind(doorbell)
         os.chmod(doorbell, 0o600)
         self.doorbell.setblocking(False)
-        self.loop.add_reader(self.doorbell.fileno(), self._on_doorbell)
+        self.loop.add_reader(self.doorbell.fileno(), self._on_doorbell_here)
         threading.Thread(target=self._watch_doorbell, name="farpool-takeback", daemon=True).start()
         self._agent_backlog: list = []
         self.store_results = False  # set per message: for owners that read from a node store
@@ -480,6 +480,15 @@ class Worker:
             reply = self.reply_to.get(caller)
             if reply is not None:
                 self._take_back(set(task_ids), token, reply)
+
+    def _on_doorbell_here(self) -> None:
+        """The doorbell, seen by the main loop: what _on_doorbell read from the channels runs
+        now.  (Those bytes were the channel's last: its poll will not show it readable again.
+        A worker's first batch and a TakeBack for its tail can come in the poll that accepts
+        its owner's stream, before that stream is watched: the head of the batch then waited
+        for ever.)"""
+        self._on_doorbell()
+        self._run_batches()
 
     def _watch_doorbell(self) -> None:
         """The doorbell thread: while a task runs (the main thread has let go of the lock),
