@@ -701,7 +701,6 @@ def main(argv=None) -> int:
         head.loop.add_reader(0, on_lifeline)
     signal.signal(signal.SIGTERM, session.sigterm_handler(lambda *_: (clean.append("SIGTERM"), head.loop.stop())))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    session.release_free_memory()  # what start-up (imports) left free in the C heap
     print(f"farpool-head ready pid={os.getpid()} port={head.port} epoch={head.epoch}", flush=True)
     try:
         head.loop.run()

@@ -102,14 +102,14 @@ def start(close_in_child=()) -> tuple[int, socket.socket]:
     return pid, ours
 
 
-def _settle(session) -> None:
-    """After preloading: the heap's free pages back to the kernel, and every object so far
-    out of the garbage collector's sight (``gc.freeze``), so that a collection in a worker
-    does not write to, and so copy, pages it shares with the launcher."""
+def _settle() -> None:
+    """After preloading: every object so far out of the garbage collector's sight
+    (``gc.freeze``), so that a collection in a worker does not write to, and so copy, pages it
+    shares with the launcher.  (The C heap's free pages are not trimmed: malloc_trim through
+    ctypes gave back less than ctypes costs each process.)"""
     import gc
     gc.collect()
     gc.freeze()
-    session.release_free_memory()
 
 
 def configure(sock: socket.socket, worker_main_args: dict) -> None:
@@ -140,7 +140,7 @@ def _run(sock: socket.socket) -> None:
     import cloudpickle  # noqa: F401
     from farpool._private import worker as worker_module  # noqa: F401
     preload_later = list(PRELOAD_LATER)
-    _settle(session)
+    _settle()
 
     lifeline_r, lifeline_w = os.pipe()
     wake_r, wake_w = os.pipe()
@@ -235,7 +235,7 @@ def _run(sock: socket.socket) -> None:
                         for module in preload_later:
                             __import__(module)
                         preload_later = []
-                        _settle(session)
+                        _settle()
                     out_r, out_w = os.pipe()
                     err_r, err_w = os.pipe()
                     log_path = worker_logs.log_path(common["session_dir"], worker_id)

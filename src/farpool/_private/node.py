@@ -690,7 +690,6 @@ def run(args, token: str, launcher_pid: int, launcher_sock, ready_fd: int | None
     if agent.tcp_address:
         with open(os.path.join(args.session_dir, "node.address"), "w") as f:
             f.write(agent.tcp_address)
-    session.release_free_memory()  # what start-up (imports) left free in the C heap
     print(f"farpool-node ready pid={os.getpid()} node={args.node_id} tcp={agent.tcp_address}", flush=True)
     try:
         agent.loop.run()
