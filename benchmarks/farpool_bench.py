@@ -29,7 +29,6 @@ import itertools
 import json
 import os
 import signal
-import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -364,6 +363,7 @@ class FarpoolAdapter(Adapter):
 # --------------------------------------------------------------------------
 
 def median(xs):
+    import statistics  # (here: workers import this module for its task functions)
     return statistics.median(xs) if xs else None
 
 
