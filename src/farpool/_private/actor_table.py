@@ -14,7 +14,6 @@ method calls straight to the actor's worker, never through the head.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 
 from farpool._private import protocol, scheduling
 
@@ -29,22 +28,30 @@ EXITED = "it exited by calling farpool.actor.exit_actor() and is not restarted"
 KILL_REASONS = {"kill": KILLED, "released": RELEASED}
 
 
-@dataclass
 class ActorRecord:
-    actor_id: str
-    spec: dict
-    state: str = PENDING
-    incarnation: int = 0
-    restarts_left: int = 0
-    node_id: str | None = None
-    worker_id: str | None = None
-    path: str | None = None
-    lease_id: int | None = None
-    request_id: int | None = None
-    cause: str = ""
-    killed: bool = False
-    kill_cause: str = ""   # why it was ended for good (killed, released, exited, its job ended)
-    subscribers: set = field(default_factory=set)
+    """An actor as the head knows it (a plain class: see scheduling.Allocation)."""
+
+    def __init__(self, actor_id: str, spec: dict, state: str = PENDING, incarnation: int = 0,
+                 restarts_left: int = 0, node_id: str | None = None, worker_id: str | None = None,
+                 path: str | None = None, lease_id: int | None = None, request_id: int | None = None,
+                 cause: str = "", killed: bool = False, kill_cause: str = ""):
+        self.actor_id = actor_id
+        self.spec = spec
+        self.state = state
+        self.incarnation = incarnation
+        self.restarts_left = restarts_left
+        self.node_id = node_id
+        self.worker_id = worker_id
+        self.path = path
+        self.lease_id = lease_id
+        self.request_id = request_id
+        self.cause = cause
+        self.killed = killed
+        self.kill_cause = kill_cause  # why it was ended for good (killed, released, exited, its job ended)
+        self.subscribers: set = set()
+
+    def __repr__(self) -> str:
+        return f"ActorRecord({self.actor_id}, {self.state}, incarnation={self.incarnation}, node={self.node_id})"
 
     def info(self) -> dict:
         return {"state": self.state, "incarnation": self.incarnation, "node_id": self.node_id,

@@ -14,7 +14,6 @@ leases the previous head granted::
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 
 from farpool._private.actor_table import ALIVE, DEAD, ActorRecord, ActorTable
 
@@ -54,13 +53,14 @@ def restore_actors(table: ActorTable, rows: dict, epoch: int) -> dict[int, str]:
     return requests
 
 
-@dataclass
 class Reconciled:
     """What a node's re-registration means for the actors the head placed there."""
-    kept: list = field(default_factory=list)       # records whose worker the node still holds
-    lost: list = field(default_factory=list)       # records whose worker is gone (restart or end them)
-    recreate: list = field(default_factory=list)   # records created without a confirmation: again
-    stray: list = field(default_factory=list)      # lease ids no actor holds: give them back (kill)
+
+    def __init__(self):
+        self.kept: list = []       # records whose worker the node still holds
+        self.lost: list = []       # records whose worker is gone (restart or end them)
+        self.recreate: list = []   # records created without a confirmation: again
+        self.stray: list = []      # lease ids no actor holds: give them back (kill)
 
 
 def reconcile(table: ActorTable, node_id: str, held: dict) -> Reconciled:

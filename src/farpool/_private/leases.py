@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
 
 from farpool._private import placement_groups, scheduling
 from farpool._private.scheduling import Allocation, NodeResources
@@ -67,62 +66,78 @@ def _minus(available: dict, promised: dict) -> dict:
     return {name: amount - promised.get(name, 0) for name, amount in available.items()}
 
 
-@dataclass
+# (Plain classes, not dataclasses: see scheduling.Allocation.)
+
 class LeaseRequest:
-    client: object          # opaque address of the requester (the shell's routing info)
-    request_id: int
-    shape: dict
-    job_id: object
-    pool_key: object = None  # workers dedicated to one executor/pool (initializer), or None
-    strategy: str = "DEFAULT"
-    spillback_ok: bool = True
-    starved: bool = False   # leases were asked back for it (tick): it goes first, and what it waits for is kept for it
+    def __init__(self, client, request_id: int, shape: dict, job_id, pool_key=None, strategy: str = "DEFAULT",
+                 spillback_ok: bool = True, starved: bool = False):
+        self.client = client            # opaque address of the requester (the shell's routing info)
+        self.request_id = request_id
+        self.shape = shape
+        self.job_id = job_id
+        self.pool_key = pool_key        # workers dedicated to one executor/pool (initializer), or None
+        self.strategy = strategy
+        self.spillback_ok = spillback_ok
+        self.starved = starved  # leases were asked back for it (tick): it goes first, and what it waits for is kept for it
+
+    def __repr__(self) -> str:
+        return f"LeaseRequest({self.client!r}, {self.request_id}, {self.shape}, strategy={self.strategy})"
 
 
-@dataclass
 class Worker:
-    worker_id: str
-    state: str = STARTING
-    job_id: object = None
-    pool_key: object = None
-    pid: int | None = None
-    lease_id: int | None = None
-    blocked: bool = False
+    def __init__(self, worker_id: str, state: str = STARTING, job_id=None, pool_key=None,
+                 pid: int | None = None, lease_id: int | None = None, blocked: bool = False):
+        self.worker_id = worker_id
+        self.state = state
+        self.job_id = job_id
+        self.pool_key = pool_key
+        self.pid = pid
+        self.lease_id = lease_id
+        self.blocked = blocked
+
+    def __repr__(self) -> str:
+        return f"Worker({self.worker_id}, {self.state}, pid={self.pid}, lease={self.lease_id})"
 
 
-@dataclass
 class Lease:
-    lease_id: int
-    worker_id: str
-    client: object
-    request_id: int
-    alloc: Allocation
-    job_id: object = None
-    queue: tuple = ()           # (shape items, pool key, strategy) of the request it was granted for
-    ticks: int = 0              # tick() calls it was held through (see LEASE_HOLD_S)
-    asked_back: bool = False    # a YieldLease went to its client
+    def __init__(self, lease_id: int, worker_id: str, client, request_id: int, alloc: Allocation,
+                 job_id=None, queue: tuple = (), ticks: int = 0, asked_back: bool = False):
+        self.lease_id = lease_id
+        self.worker_id = worker_id
+        self.client = client
+        self.request_id = request_id
+        self.alloc = alloc
+        self.job_id = job_id
+        self.queue = queue            # (shape items, pool key, strategy) of the request it was granted for
+        self.ticks = ticks            # tick() calls it was held through (see LEASE_HOLD_S)
+        self.asked_back = asked_back  # a YieldLease went to its client
+
+    def __repr__(self) -> str:
+        return f"Lease({self.lease_id}, worker {self.worker_id}, {self.client!r}, request {self.request_id})"
 
 
-@dataclass
 class Bundle:
     """A placement group bundle held here: prepared (its resources taken), then committed
     (its resources of its own added, see placement_groups.bundle_resources)."""
-    attempt: int
-    shape: dict
-    alloc: Allocation
-    committed: bool = False
+
+    def __init__(self, attempt: int, shape: dict, alloc: Allocation, committed: bool = False):
+        self.attempt = attempt
+        self.shape = shape
+        self.alloc = alloc
+        self.committed = committed
 
 
-@dataclass
 class Actions:
-    grants: list = field(default_factory=list)       # (LeaseRequest, Lease)
-    spawns: list = field(default_factory=list)       # (worker_id, Allocation-less env hints)
-    kills: list = field(default_factory=list)        # worker_id
-    spillbacks: list = field(default_factory=list)   # (LeaseRequest, node_id)
-    infeasible: list = field(default_factory=list)   # (LeaseRequest, message)
-    lost: list = field(default_factory=list)         # (Lease, exit info)
-    refused: list = field(default_factory=list)      # (LeaseRequest, message): fails, on any cluster
-    yields: list = field(default_factory=list)       # Lease: ask its client to give it back
+    def __init__(self, grants=None, spawns=None, kills=None, spillbacks=None, infeasible=None, lost=None,
+                 refused=None, yields=None):
+        self.grants: list = grants or []          # (LeaseRequest, Lease)
+        self.spawns: list = spawns or []          # (worker_id, Allocation-less env hints)
+        self.kills: list = kills or []            # worker_id
+        self.spillbacks: list = spillbacks or []  # (LeaseRequest, node_id)
+        self.infeasible: list = infeasible or []  # (LeaseRequest, message)
+        self.lost: list = lost or []              # (Lease, exit info)
+        self.refused: list = refused or []        # (LeaseRequest, message): fails, on any cluster
+        self.yields: list = yields or []          # Lease: ask its client to give it back
 
     def extend(self, other: "Actions") -> "Actions":
         for name in ("grants", "spawns", "kills", "spillbacks", "infeasible", "lost", "refused", "yields"):

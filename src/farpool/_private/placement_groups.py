@@ -36,7 +36,6 @@ them, as Ray does.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 from farpool._private import scheduling
 
@@ -226,23 +225,30 @@ def place(strategy: str, bundles: list[dict], capacity: dict[str, dict], fixed: 
 
 
 # ---------------------------------------------------------------------- the table
-@dataclass
 class Group:
-    pg_id: str
-    bundles: list                  # fixed-point shapes
-    strategy: str
-    name: str = ""
-    job_id: object = None
-    detached: bool = False
-    state: str = PENDING
-    nodes: list = field(default_factory=list)   # per bundle: its node id (prepared or committed), or None
-    attempt: int = 0
-    waiting: dict = field(default_factory=dict)  # node id -> indexes of this attempt not yet answered
-    attempt_nodes: set = field(default_factory=set)  # nodes asked to prepare in this attempt
-    attempt_indexes: set = field(default_factory=set)  # the bundles this attempt places
-    failed_view: object = None     # the view in which the last attempt failed (not tried again in it)
-    warned: bool = False
-    cause: str = ""                # why it was removed
+    """A placement group (a plain class, not a dataclass: see scheduling.Allocation)."""
+
+    def __init__(self, pg_id: str, bundles: list, strategy: str, name: str = "", job_id=None,
+                 detached: bool = False, state: str = PENDING, nodes: list | None = None, attempt: int = 0,
+                 cause: str = ""):
+        self.pg_id = pg_id
+        self.bundles = bundles            # fixed-point shapes
+        self.strategy = strategy
+        self.name = name
+        self.job_id = job_id
+        self.detached = detached
+        self.state = state
+        self.nodes: list = [] if nodes is None else nodes  # per bundle: its node id (prepared or committed), or None
+        self.attempt = attempt
+        self.waiting: dict = {}           # node id -> indexes of this attempt not yet answered
+        self.attempt_nodes: set = set()   # nodes asked to prepare in this attempt
+        self.attempt_indexes: set = set()  # the bundles this attempt places
+        self.failed_view = None           # the view in which the last attempt failed (not tried again in it)
+        self.warned = False
+        self.cause = cause                # why it was removed
+
+    def __repr__(self) -> str:
+        return f"Group({self.pg_id}, {self.strategy}, {self.state}, attempt {self.attempt})"
 
     def row(self) -> dict:
         """What the head's database keeps of it (head_store "placement_groups"; see restore)."""
@@ -260,15 +266,16 @@ class Group:
                 "removal_cause": self.cause or None}
 
 
-@dataclass
 class Actions:
-    prepare: list = field(default_factory=list)   # (node id, pg id, attempt, [(index, shape)])
-    commit: list = field(default_factory=list)    # (node id, pg id, attempt, [index])
-    abort: list = field(default_factory=list)     # (node id, pg id, attempt): release what that attempt prepared
-    removed: list = field(default_factory=list)   # Group: every node releases it, its actors end, waiters told
-    created: list = field(default_factory=list)   # Group: waiters told, its pending actors placed
-    warnings: list = field(default_factory=list)  # messages, logged once per group
-    forgotten: list = field(default_factory=list)  # pg ids of removed groups the table let go: their rows too
+    def __init__(self, prepare=None, commit=None, abort=None, removed=None, created=None, warnings=None,
+                 forgotten=None):
+        self.prepare: list = prepare or []      # (node id, pg id, attempt, [(index, shape)])
+        self.commit: list = commit or []        # (node id, pg id, attempt, [index])
+        self.abort: list = abort or []          # (node id, pg id, attempt): release what that attempt prepared
+        self.removed: list = removed or []      # Group: every node releases it, its actors end, waiters told
+        self.created: list = created or []      # Group: waiters told, its pending actors placed
+        self.warnings: list = warnings or []    # messages, logged once per group
+        self.forgotten: list = forgotten or []  # pg ids of removed groups the table let go: their rows too
 
     def extend(self, other: "Actions") -> "Actions":
         for name in ("prepare", "commit", "abort", "removed", "created", "warnings", "forgotten"):

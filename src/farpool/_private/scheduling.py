@@ -11,7 +11,6 @@ node from the head's view (spillback).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 UNIT = 10_000
 RESERVED = ("CPU", "GPU", "memory", "object_store_memory")
@@ -125,12 +124,20 @@ def fits(available: dict[str, int], shape: dict[str, int]) -> bool:
     return all(available.get(name, 0) >= amount for name, amount in shape.items())
 
 
-@dataclass
 class Allocation:
-    shape: dict[str, int]
-    gpu_ids: list[int] = field(default_factory=list)
-    gpu_share: int = 0  # per GPU id, in fixed point
-    gpu_group: str | None = None  # the placement group whose reserved GPUs these are (None: the node's)
+    """Resources taken for a lease or a bundle.  (Records of the modules the head and the
+    agent import are plain classes: dataclasses, with the inspect module it imports, cost
+    each of those processes about 1 MB of RSS.)"""
+
+    def __init__(self, shape: dict[str, int], gpu_ids: list[int] | None = None, gpu_share: int = 0,
+                 gpu_group: str | None = None):
+        self.shape = shape
+        self.gpu_ids = [] if gpu_ids is None else gpu_ids
+        self.gpu_share = gpu_share  # per GPU id, in fixed point
+        self.gpu_group = gpu_group  # the placement group whose reserved GPUs these are (None: the node's)
+
+    def __repr__(self) -> str:
+        return f"Allocation({self.shape}, gpu_ids={self.gpu_ids}, gpu_share={self.gpu_share}, gpu_group={self.gpu_group})"
 
 
 class NodeResources:

@@ -24,7 +24,6 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass
 
 log = logging.getLogger("farpool.spill")
 
@@ -38,15 +37,21 @@ CHUNK = 64 << 20
 SPILL, RESTORE = "spill", "restore"
 
 
-@dataclass(eq=False)
 class Move:
-    kind: str              # SPILL (segment -> spill file) or RESTORE (spill file -> segment)
-    object_id: bytes
-    source: str
-    target: str
-    length: int            # bytes of the object (the rest of a segment is padding)
-    seconds: float = 0.0   # how long the copy took (set by the I/O thread)
-    token: object = None   # the store's own record of the object (Segment)
+    """One copy for an I/O thread (a plain class: see scheduling.Allocation)."""
+
+    def __init__(self, kind: str, object_id: bytes, source: str, target: str, length: int,
+                 seconds: float = 0.0, token: object = None):
+        self.kind = kind            # SPILL (segment -> spill file) or RESTORE (spill file -> segment)
+        self.object_id = object_id
+        self.source = source
+        self.target = target
+        self.length = length        # bytes of the object (the rest of a segment is padding)
+        self.seconds = seconds      # how long the copy took (set by the I/O thread)
+        self.token = token          # the store's own record of the object (Segment)
+
+    def __repr__(self) -> str:
+        return f"Move({self.kind}, {self.object_id.hex()}, {self.source} -> {self.target}, {self.length})"
 
 
 def copy_range(src_fd: int, dst_fd: int, length: int) -> None:

@@ -35,7 +35,6 @@ import fcntl
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 from farpool._private.segments import ID_FIELD, id_field, round_up
 
@@ -152,25 +151,32 @@ class State(enum.Enum):
     ON_DISK = "on disk"        # allocated in the spill directory: pins left no room in memory
 
 
-@dataclass(eq=False)
 class Segment:
-    path: str
-    size: int                 # file size (capacity of the segment)
-    object_id: bytes | None = None
-    used: int = 0             # bytes of the object in it
-    owner: str = ""
-    state: State = State.IN_MEMORY
-    spilled_to: str | None = None   # the spill file (SPILLED, RESTORING; IN_MEMORY after a
-    #                                 restore: a clean copy, so spilling it again writes nothing)
-    created_at: str = ""
-    freed_at: float = 0.0     # time.monotonic() when it went back to the free pool
-    copy: bool = False        # a copy of an object stored on another node (see pull.py)
-    owner_node: str = ""      # a copy's: the node of its owner (the owner of the others is ours)
-    freed: bool = False       # freed by its owner while its bytes were moving (SPILLING, RESTORING)
-    unspillable: bool = False  # its spill failed for a reason that would repeat
-    waiters: list = field(default_factory=list)  # RESTORING: who waits for it
-    handed_at: float = -HANDED_AGAIN_S  # time.monotonic() when last handed to a reader (_touch)
-    grace: float = 0.0        # how long from handed_at it is not spilled (READER_GRACE_S ...)
+    """A segment file and the object in it (a plain class, not a dataclass: see
+    scheduling.Allocation)."""
+
+    def __init__(self, path: str, size: int, object_id: bytes | None = None, used: int = 0, owner: str = "",
+                 state: State = State.IN_MEMORY, created_at: str = "", copy: bool = False):
+        self.path = path
+        self.size = size                # file size (capacity of the segment)
+        self.object_id = object_id
+        self.used = used                # bytes of the object in it
+        self.owner = owner
+        self.state = state
+        self.spilled_to: str | None = None  # the spill file (SPILLED, RESTORING; IN_MEMORY after a
+        #                                     restore: a clean copy, so spilling it again writes nothing)
+        self.created_at = created_at
+        self.freed_at = 0.0             # time.monotonic() when it went back to the free pool
+        self.copy = copy                # a copy of an object stored on another node (see pull.py)
+        self.owner_node = ""            # a copy's: the node of its owner (the owner of the others is ours)
+        self.freed = False              # freed by its owner while its bytes were moving (SPILLING, RESTORING)
+        self.unspillable = False        # its spill failed for a reason that would repeat
+        self.waiters: list = []         # RESTORING: who waits for it
+        self.handed_at = -HANDED_AGAIN_S  # time.monotonic() when last handed to a reader (_touch)
+        self.grace = 0.0                # how long from handed_at it is not spilled (READER_GRACE_S ...)
+
+    def __repr__(self) -> str:
+        return f"Segment({self.path}, {self.size}, {self.object_id.hex() if self.object_id else None}, {self.state})"
 
     def read_path(self) -> str:
         """A file holding all of the object's bytes now (for chunks sent to other nodes)."""
@@ -180,24 +186,27 @@ class Segment:
 ALLOCATE, RESTORE = "allocate", "restore"
 
 
-@dataclass(eq=False)
 class Want:
     """Room asked for that is not there yet: it waits for spills to finish (FIFO)."""
-    kind: str                 # ALLOCATE (a new object) or RESTORE (a spilled one)
-    object_id: bytes
-    size: int
-    waiters: list
-    owner: str = ""
-    where: str = ""
-    copy: bool = False
+
+    def __init__(self, kind: str, object_id: bytes, size: int, waiters: list, owner: str = "",
+                 where: str = "", copy: bool = False):
+        self.kind = kind          # ALLOCATE (a new object) or RESTORE (a spilled one)
+        self.object_id = object_id
+        self.size = size
+        self.waiters = waiters
+        self.owner = owner
+        self.where = where
+        self.copy = copy
 
 
-@dataclass
 class StoreActions:
     """What the agent does after a store event: start moves, answer waiters."""
-    moves: list = field(default_factory=list)    # spill.Move, for the I/O threads
-    answers: list = field(default_factory=list)  # (waiter, Segment | None, error | None, no room)
-    removals: list = field(default_factory=list)  # spill files to unlink (on the I/O threads)
+
+    def __init__(self):
+        self.moves: list = []     # spill.Move, for the I/O threads
+        self.answers: list = []   # (waiter, Segment | None, error | None, no room)
+        self.removals: list = []  # spill files to unlink (on the I/O threads)
 
 
 NOW, WAIT, NO_ROOM = "now", "wait", "no room"
