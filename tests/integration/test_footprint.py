@@ -26,6 +26,12 @@ NOT_WHEN_IDLE = {
                           "numpy (launcher.PRELOAD_LATER); a task that uses it imports it",
     "_lzma.": "shutil (with bz2 and lzma, about 0.6 MB): imported where a tree is removed; argparse "
               "imports it to ask for a terminal's width (session.argument_parser gives one)",
+    "_ctypes.": "ctypes (about 0.3 MB): the process name goes to /proc/self/comm (session.set_process_name)",
+}
+# What the head and the agent do without, though workers and the launcher load it (cloudpickle).
+NOT_IN_HEAD_OR_AGENT = {
+    "_opcode.": "dis, with inspect and dataclasses (about 1.1 MB): the head's and the agent's records "
+                "are plain classes",
 }
 
 DRIVER = textwrap.dedent("""
@@ -75,4 +81,7 @@ def test_the_idle_head_agent_launcher_and_workers_load_only_what_they_use(tmp_pa
     assert {"farpool-head", "farpool-node", "farpool-launch", "farpool-worker"} <= kinds, mapped.keys()
     found = [f"{process} maps {prefix}*: {why}" for process, libraries in mapped.items()
              for prefix, why in NOT_WHEN_IDLE.items() if any(lib.startswith(prefix) for lib in libraries)]
+    found += [f"{process} maps {prefix}*: {why}" for process, libraries in mapped.items()
+              if process.startswith(("farpool-head", "farpool-node"))
+              for prefix, why in NOT_IN_HEAD_OR_AGENT.items() if any(lib.startswith(prefix) for lib in libraries)]
     assert not found, "an idle process imported more than it uses:\n" + "\n".join(found)
