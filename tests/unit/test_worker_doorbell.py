@@ -5,6 +5,8 @@ the head of the batch must still run (it waited for ever: a stalled get() in CI)
 
 import os
 import pickle
+import select
+import socket
 
 import pytest
 
@@ -51,7 +53,6 @@ def bare_worker(tmp_path, monkeypatch):
 
 def _messages(owner, want: int) -> list:
     """Decoded messages from the worker, waiting (bounded) for ``want`` of them."""
-    import select
     got = []
     poller = select.poll()
     poller.register(owner.fd, select.POLLIN)
@@ -68,7 +69,6 @@ def test_the_head_of_a_first_batch_runs_when_its_tail_is_taken_back_in_the_accep
     try:
         head, tail = b"task-head", b"task-tail"
         owner.send(protocol.encode("ExecuteTask", (tuple(protocol.ExecuteTask([_spec(head), _spec(tail)], CALLER)))))
-        import socket
         bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         bell.sendto(pickle.dumps(([tail], ("node", 1), CALLER[0])), os.path.join(session_dir, "w-7.tb"))
         bell.close()

@@ -78,7 +78,8 @@ class LeaseRequest:
         self.pool_key = pool_key        # workers dedicated to one executor/pool (initializer), or None
         self.strategy = strategy
         self.spillback_ok = spillback_ok
-        self.starved = starved  # leases were asked back for it (tick): it goes first, and what it waits for is kept for it
+        # Leases were asked back for it (tick): it goes first, and what it waits for is kept for it.
+        self.starved = starved
 
     def __repr__(self) -> str:
         return f"LeaseRequest({self.client!r}, {self.request_id}, {self.shape}, strategy={self.strategy})"

@@ -137,7 +137,8 @@ class Allocation:
         self.gpu_group = gpu_group  # the placement group whose reserved GPUs these are (None: the node's)
 
     def __repr__(self) -> str:
-        return f"Allocation({self.shape}, gpu_ids={self.gpu_ids}, gpu_share={self.gpu_share}, gpu_group={self.gpu_group})"
+        return (f"Allocation({self.shape}, gpu_ids={self.gpu_ids}, gpu_share={self.gpu_share}, "
+                f"gpu_group={self.gpu_group})")
 
 
 class NodeResources:

@@ -344,8 +344,8 @@ class EventLoop:
     under way, zmq's poller's do not).  ``lend(fd)`` stops the loop thread from seeing it
     readable until ``unlend(fd)``: meanwhile the borrowing thread polls it itself and runs
     its handler through ``run_here(serve_now, fd)``.  A lent fd's writer (queued output) is still served.
-    Nothing a user thread does here waits for a busy loop thread (``run_here`` and
-    ``run_here`` gives up at once: that thread is awake then, and does the work itself), so a
+    Nothing a user thread does here waits for a busy loop thread (``run_here`` gives up at
+    once: that thread is awake then, and does the work itself), so a
     loop kept busy by a stream of results cannot starve them.  zmq sockets stay the loop
     thread's alone (libzmq's rule: the loop thread sits in a poll on them meanwhile):
     what a user thread running the loop's work sends or closes on one is left to the loop
