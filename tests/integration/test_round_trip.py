@@ -83,12 +83,15 @@ def warm(served):
 
 def test_sequential_round_trips(cluster, served):
     """Most are read by their caller: those whose reply came before the caller lent the
-    stream (a caller preempted after its send) are read by the I/O thread, as before."""
+    stream (a caller preempted after its send) are read by the I/O thread, as before, and so
+    are those whose reply came while the I/O thread was awake (a timer, a message from the
+    agent): the caller gives the stream back then without serving it.  So the design promises
+    that the caller-read path is taken and serves replies, not that every wait on it does."""
     warm(served)
     for i in range(200):
         assert farpool.get(echo.remote(("x", i))) == ("x", i)
     assert served["read"] >= 1, served
-    assert served["serve"] >= served["read"]
+    assert served["serve"] >= 1, served  # (the caller read some replies itself)
     # The stream was given back each time: the loop thread reads it again.
     refs = [echo.remote(i) for i in range(50)]
     assert farpool.get(refs) == list(range(50))
@@ -120,17 +123,54 @@ def test_a_reply_that_comes_after_the_lend_is_read_by_its_caller(cluster, gate, 
 
 
 def test_a_timed_out_wait_gives_the_stream_back(cluster, gate, served):
-    warm(served)
-    ref = gated.remote(gate.path, "late")
-    gate.wait_arrivals()
-    with pytest.raises(farpool.exceptions.GetTimeoutError):
-        farpool.get(ref, timeout=0.2)
-    assert served["read"] == 1, "the timed-out wait was not on the caller-read path"
-    gate.open()
+    """(A wait that found the I/O thread awake at the get is not lent: its round is run again.)"""
+    for _ in range(10):
+        warm(served)
+        ref = gated.remote(gate.path, "late")
+        gate.wait_arrivals()
+        with pytest.raises(farpool.exceptions.GetTimeoutError):
+            farpool.get(ref, timeout=0.2)
+        gate.open()
+        if served["lent"].is_set():
+            break
+        assert farpool.get(ref, timeout=60) == "late"
+        gate.shut()
+    assert served["read"] == 1, f"no timed-out wait of 10 was on the caller-read path: {served}"
     # Nobody waits now: the loop thread takes the result in, and a wait finds it ready.
     ready, _ = farpool.wait([ref], timeout=30)
     assert ready == [ref]
     assert farpool.get(ref) == "late"
+
+
+def lent_round(served, gate, submit, act):
+    """Submits (``submit()``) a task that waits at the gate and gets it, with ``act(ref)`` run
+    by another thread once the caller was lent the worker's stream.  A wait that found the I/O
+    thread awake at the get is not lent (that thread reads the reply then): its round opens the
+    gate instead, and a new round starts.  Returns the lent round's result or exception."""
+    for _ in range(10):
+        warm(served)
+        ref = submit()
+        gate.wait_arrivals()
+
+        def acting():
+            assert served["decided"].wait(60), "the get never decided how to wait"
+            if served["lent"].is_set():
+                act(ref)
+            else:
+                gate.open()
+
+        actor = threading.Thread(target=acting)
+        actor.start()
+        try:
+            outcome = farpool.get(ref, timeout=60)
+        except Exception as e:  # noqa: BLE001 (the caller's test names what it expects)
+            outcome = e
+        actor.join(60)
+        if served["lent"].is_set():
+            assert served["read"] == 1, served  # (the wait took the caller-read path)
+            return outcome
+        gate.shut()
+    pytest.fail(f"no wait of 10 was lent its worker's stream: {served}")
 
 
 def test_a_worker_that_dies_under_a_caller_read_is_retried(cluster, gate, tmp_path, served):
@@ -138,34 +178,22 @@ def test_a_worker_that_dies_under_a_caller_read_is_retried(cluster, gate, tmp_pa
     exits: the caller sees the end of the stream (and reads it, unless the agent's
     WorkerExited woke the I/O thread first: it closes the stream then), and the retry's
     result still comes."""
-    warm(served)
-    marker = str(tmp_path / "crashed")
-    ref = gated_crash_once.remote(gate.path, marker)
-    gate.wait_arrivals()
-    opener = threading.Thread(target=lambda: served["lent"].wait(60) and gate.open())
-    opener.start()
-    assert farpool.get(ref, timeout=60) == "survived"
-    opener.join(60)
-    assert os.path.exists(marker)
-    assert served["read"] == 1, served  # (the wait took the caller-read path: its stream was lent)
+    markers = []
+
+    def submit():
+        markers.append(str(tmp_path / f"crashed-{len(markers)}"))
+        return gated_crash_once.remote(gate.path, markers[-1])
+
+    assert lent_round(served, gate, submit, lambda ref: gate.open()) == "survived"
+    assert os.path.exists(markers[-1])
     assert farpool.get(echo.remote("after"), timeout=60) == "after"
 
 
 def test_a_cancel_from_another_thread_ends_a_caller_read(cluster, gate, served):
-    warm(served)
-    ref = gated.remote(gate.path, "never")
-    gate.wait_arrivals()
-
-    def cancel_once_waiting():
-        assert served["lent"].wait(60)
-        farpool.cancel(ref, force=True)
-
-    canceller = threading.Thread(target=cancel_once_waiting)
-    canceller.start()
-    with pytest.raises((farpool.exceptions.TaskCancelledError, farpool.exceptions.WorkerCrashedError)):
-        farpool.get(ref, timeout=60)
-    canceller.join(60)
-    assert served["read"] == 1
+    outcome = lent_round(
+        served, gate, lambda: gated.remote(gate.path, "never"), lambda ref: farpool.cancel(ref, force=True)
+    )
+    assert isinstance(outcome, (farpool.exceptions.TaskCancelledError, farpool.exceptions.WorkerCrashedError)), outcome
     assert farpool.get(echo.remote("after"), timeout=60) == "after"
 
 
@@ -194,21 +222,12 @@ def test_threads_waiting_on_one_worker_are_all_answered(cluster, gate):
 def test_a_worker_killed_by_signal_during_a_caller_read(cluster, gate, served, tmp_path):
     """SIGKILL from outside while the caller polls the worker's stream: EOF on the stream,
     the agent's WorkerExited fails the task (no retries left), nothing hangs."""
-    warm(served)
     pidfile = str(tmp_path / "pid")
-    ref = gated_pid.options(max_retries=0).remote(gate.path, pidfile)
-    gate.wait_arrivals()
-    with open(pidfile) as f:
-        pid = int(f.read())
 
-    def kill_once_waiting():
-        assert served["lent"].wait(60)
-        os.kill(pid, signal.SIGKILL)
+    def kill(ref):
+        with open(pidfile) as f:
+            os.kill(int(f.read()), signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_once_waiting)
-    killer.start()
-    with pytest.raises(farpool.exceptions.WorkerCrashedError):
-        farpool.get(ref, timeout=60)
-    killer.join(60)
-    assert served["read"] == 1
+    outcome = lent_round(served, gate, lambda: gated_pid.options(max_retries=0).remote(gate.path, pidfile), kill)
+    assert isinstance(outcome, farpool.exceptions.WorkerCrashedError), outcome
     assert farpool.get(echo.remote("after"), timeout=60) == "after"
