@@ -9,8 +9,9 @@ import types
 
 import pytest
 
-from farpool._private.task_queues import (MAX_LEASE_REQUESTS, MAX_PIPELINE_DEPTH, KeyQueue, LeaseState, RemoteFunctionInfo,
-                                          TaskQueues, TaskRecord, TaskState)
+from farpool._private.task_queues import (MAX_LEASE_REQUESTS, MAX_PIPELINE_DEPTH, MIN_PIPELINE_DEPTH, PIPELINE_BUDGET_S,
+                                          KeyQueue, LeaseState, RemoteFunctionInfo, TaskQueues, TaskRecord,
+                                          TaskState)
 
 FN = RemoteFunctionInfo("f", b"h", b"")
 KEY = ((("CPU", 10000),), None, "DEFAULT")
@@ -82,11 +83,22 @@ def test_a_short_queue_goes_one_task_per_worker_and_a_deep_one_pipelines(queues)
     assert sorted(len(b) for _, b in plan.sends) == [1, 1]
     for t in first:
         finish(queues, t, run_s=0.0001)  # short tasks: the key may pipeline now
-    assert queues.keys[KEY].depth == MAX_PIPELINE_DEPTH
-    submit(queues, 40)
+    depth = queues.keys[KEY].depth
+    assert depth == round(PIPELINE_BUDGET_S / 0.0001)  # (as many as run in the budget)
+    submit(queues, 3 * depth)
     plan = dispatch(queues)
     sent = {id(l): len(b) for l, b in plan.sends}
-    assert sent == {id(l1): MAX_PIPELINE_DEPTH, id(l2): MAX_PIPELINE_DEPTH}
+    assert sent == {id(l1): depth, id(l2): depth}
+
+
+@pytest.mark.parametrize("run_s, depth", [(1e-6, MAX_PIPELINE_DEPTH), (0.0005, MIN_PIPELINE_DEPTH),
+                                          (0.0019, MIN_PIPELINE_DEPTH), (0.002, 1), (0.5, 1)])
+def test_the_pipeline_holds_what_runs_in_its_time_budget_within_bounds(queues, run_s, depth):
+    lease(queues, 1)
+    (t,) = submit(queues, 1)
+    dispatch(queues)
+    finish(queues, t, run_s=run_s)
+    assert queues.keys[KEY].depth == depth
 
 
 def test_long_tasks_are_never_pipelined(queues):
