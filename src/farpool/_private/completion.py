@@ -244,7 +244,8 @@ class Completion(ClientPart):
                     else:
                         refs.delete_if_unreferenced(oid, entry)
                 self._ended(task, stored)
-        self.schedule_frees()
+        if refs.has_output():  # (frees, borrow releases: most results leave none)
+            self.schedule_frees()
         for entry in fire:
             self.c.values.fire(entry)
 

@@ -469,10 +469,13 @@ class EventLoop:
         loop_thread, self._thread_id = self._thread_id, threading.get_ident()
         outer, _borrower.loop = _borrower.loop, self
         try:
-            self._drain_calls()  # (calls queued before go first, as in run_once)
+            if self._calls:  # (calls queued before go first, as in run_once)
+                self._drain_calls()
             fn(*args)
-            self._drain_calls()
-            self._run_last()
+            if self._calls:
+                self._drain_calls()
+            if self._last:
+                self._run_last()
         finally:
             _borrower.loop = outer
             self._thread_id = loop_thread
@@ -618,7 +621,8 @@ class EventLoop:
         self._dispatch(ready, _POLLOUT, _READABLE)
         if self._calls:
             self._drain_calls()
-        self._run_last()
+        if self._last:
+            self._run_last()
 
     def run(self) -> None:
         self.running = True

@@ -186,13 +186,16 @@ class Values(ClientPart):
                 futures.append((state, future))
                 future.add_done_callback(on_done)
         if remaining[0] > 0:
-            self.set_blocked(True)
+            in_task = self.c.in_worker  # (a task that waits lends its CPU: set_blocked)
+            if in_task:
+                self.set_blocked(True)
             try:
                 if not (len(registered) == 1 and not futures
                         and self._read_reply(registered[0], done, wake_fd, timeout)):
                     done.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
             finally:
-                self.set_blocked(False)
+                if in_task:
+                    self.set_blocked(False)
         if registered:
             with self.lock:
                 for e in registered:
