@@ -244,7 +244,7 @@ def test_lent_refs_of_a_third_party_are_reported_as_the_chains(table):
 
 def test_validate_state_catches_a_borrower_that_is_not_watched(table):
     own(table, b"o1")
-    table.objects[b"o1"].borrowers.add(b"c:ghost")
+    table.objects[b"o1"].borrowers = {b"c:ghost"}  # (injected: not through add_borrower)
     with pytest.raises(AssertionError, match="not watched"):
         table.validate_state()
 

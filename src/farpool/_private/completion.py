@@ -367,7 +367,7 @@ class Completion(ClientPart):
             if entry.location is not None and entry.location.node_id not in reasons:
                 self.refs.free_location(entry.location, entry.copies)  # a copy that survived: replaced
             self.refs.unpin(entry.contains)
-            entry.contains = []
+            entry.contains = ()
             entry.state = PENDING
             entry.location = None
             entry.copies = None

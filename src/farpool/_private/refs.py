@@ -62,7 +62,7 @@ class Entry:
     """One object in this process's table."""
     state: int = PENDING
     payload: bytes | None = None
-    buffers: list = field(default_factory=list)
+    buffers: list | tuple = ()   # (shared empty defaults here: fewer objects for the cyclic GC per task)
     error: object = None          # a raised-later exception object, or an error tuple
     local_refs: int = 0
     task_pins: int = 0            # pending tasks that use it as an argument
@@ -71,9 +71,9 @@ class Entry:
     task: object = None           # the TaskRecord that produces it (owner only)
     size: int = 0
     location: Location | None = None  # when in a node's store
-    borrowers: set = field(default_factory=set)  # owner: identities of processes still holding it
+    borrowers: set | frozenset = frozenset()  # owner: identities of processes still holding it
     registered: bool = False      # borrower: the owner counts us (so we tell it when we let go)
-    contains: list = field(default_factory=list)  # owner: ids of refs nested in this value (pinned)
+    contains: list | tuple = ()   # owner: ids of refs nested in this value (pinned)
     pinned_forever: bool = False  # pickled outside farpool: never freed this session
     actor_id: str | None = None   # an actor's handle token: freeing it ends the actor
     fetched: bool = True          # borrower: value requested from the owner (or not needed)
@@ -266,8 +266,8 @@ class RefTable:
         memory comes back now, for the next value to reuse)."""
         if task.pinned:
             self.unpin(task.pinned)
-            task.pinned = []
-        task.ref_slots = []  # (a new list: a submitting thread may still read the old one)
+            task.pinned = ()
+        task.ref_slots = ()  # (a new one: a submitting thread may still read the old one)
         if task.args_location is not None:
             self.free_location(task.args_location, task.args_copies)
             task.args_location = None
@@ -333,6 +333,8 @@ class RefTable:
                 e.registered = True  # the returning worker made the owner count us, and so do we
                 self.report_returned(inner_id, owner, sender)
             e.task_pins += 1
+            if not entry.contains:
+                entry.contains = []
             entry.contains.append(inner_id)
 
     def discard_value(self, value: tuple, inner: list, sender: tuple | None) -> None:
@@ -471,6 +473,8 @@ class RefTable:
             return
         if identity == self.identity:
             return
+        if not entry.borrowers:
+            entry.borrowers = set()
         entry.borrowers.add(identity)
         watch = self.watched.get(identity)
         if watch is None:
@@ -497,7 +501,8 @@ class RefTable:
 
     def _release_borrow(self, borrower: bytes, oid: bytes, entry: Entry) -> None:
         """(lock held)"""
-        entry.borrowers.discard(borrower)
+        if entry.borrowers:  # (empty: the shared frozenset)
+            entry.borrowers.discard(borrower)
         watch = self.watched.get(borrower)
         if watch is not None:
             watch.object_ids.discard(oid)

@@ -108,15 +108,17 @@ class Submitter(ClientPart):
             payload, bufs = b"", []
         elif bufs:
             bufs = [bytes(b.raw()) for b in bufs]
+        # (Empty lists as the shared empty tuple, one return id in a tuple: a burst of tasks in
+        # flight is that many fewer containers for the cyclic GC to walk, and it walks them all.)
         return_ids = [task_id] + [c.new_object_id() for _ in range(num_returns - 1)] if num_returns != 1 \
-            else [task_id]
-        pinned = [r._id for _, r in ref_slots] + [r._id for r in collector] if ref_slots or collector else []
+            else (task_id,)
+        pinned = [r._id for _, r in ref_slots] + [r._id for r in collector] if ref_slots or collector else ()
         if token is not None:  # an actor call keeps its actor alive (the handles' token) until it ends
-            pinned.append(token._id)
+            pinned = [*pinned, token._id]
         if not isinstance(strategy, str):  # NodeAffinity(node_id, soft)
             strategy = ("affinity", strategy.node_id, bool(strategy.soft))
         key = ("actor", actor_id) if actor_id is not None else (tuple(sorted(shape.items())), pool_key, strategy)
-        task = TaskRecord(task_id, fn, payload, bufs, ref_slots, return_ids, shape, key, max_retries,
+        task = TaskRecord(task_id, fn, payload, bufs or (), ref_slots or (), return_ids, shape, key, max_retries,
                           retry_exceptions, pinned, name, strategy, pool_key, actor_id=actor_id)
         task.args_location = args_location
         owner = c.owner_address

@@ -119,6 +119,8 @@ class Values(ClientPart):
                 e = self.objects.get(inner._id)
                 if e is not None:
                     e.task_pins += 1
+                    if not entry.contains:
+                        entry.contains = []
                     entry.contains.append(inner._id)
         return ObjectRef(oid, c.owner_address)
 
