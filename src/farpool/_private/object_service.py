@@ -71,7 +71,7 @@ class ObjectService(ClientPart):
             self._reply(identity, object_id, FAILED, None, [], error, remote)
         elif entry.state == PENDING:
             with self.lock:
-                entry.waiters.append(lambda e, i=identity, o=object_id: self.serve(i, o, remote, node))
+                entry.add_waiter(lambda e, i=identity, o=object_id: self.serve(i, o, remote, node))
         elif entry.state == READY and entry.location is not None and node is not None \
                 and node != entry.location.node_id:  # its agent copies it (pull.py)
             spec = self.c.stored.stored_for(node, object_id, entry, f"object {object_id.hex()[:16]}")

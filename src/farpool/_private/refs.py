@@ -67,7 +67,7 @@ class Entry:
     local_refs: int = 0
     task_pins: int = 0            # pending tasks that use it as an argument
     owned: bool = True
-    waiters: list = field(default_factory=list)  # callables(entry) run on the I/O thread
+    waiters: list | tuple = ()    # callables(entry) run on the I/O thread (add_waiter)
     task: object = None           # the TaskRecord that produces it (owner only)
     size: int = 0
     location: Location | None = None  # when in a node's store
@@ -85,6 +85,18 @@ class Entry:
     no_lineage: str = ""          # owner of a stored value without lineage: why it cannot be rebuilt
     digest: bytes | None = None   # owner: content digest of a by-value argument stored once (shared_args.py)
     #                               (kept after RefTable.by_content forgets it: it marks such arguments)
+
+    def add_waiter(self, fn) -> None:
+        """Call ``fn(entry)`` on the I/O thread when this entry is done (the table's lock held)."""
+        if self.waiters:
+            self.waiters.append(fn)
+        else:  # (the shared empty tuple until then: one list less per object in flight)
+            self.waiters = [fn]
+
+    def drop_waiter(self, fn) -> None:
+        """Forget ``fn`` if it is still waiting (the table's lock held)."""
+        if fn in self.waiters:
+            self.waiters.remove(fn)
 
 
 @dataclass

@@ -53,7 +53,7 @@ class Streams(ClientPart):
             self.running[task.task_id] = state
         with self.lock:
             entry = self.objects[task.task_id]
-            entry.waiters.append(lambda entry, state=state: self._task_ended(state, entry))
+            entry.add_waiter(lambda entry, state=state: self._task_ended(state, entry))
 
     def spec(self, state: StreamState) -> tuple:
         """The StreamSpec a dispatch of its task carries (TaskSpec.num_returns)."""

@@ -41,6 +41,8 @@ log = logging.getLogger("farpool.client")
 # sequential submit/get loop reuses its worker without a lease round trip,
 # while another owner waits at most this long for the worker.
 LEASE_LINGER_S = 0.05
+# Queue keys remembered for sharing (submit); past this many the table starts again.
+_MAX_KEYS = 1024
 
 
 class Submitter(ClientPart):
@@ -55,6 +57,7 @@ class Submitter(ClientPart):
         self._dirty_keys: set = set()
         self._dirty_actors: set = set()
         self._cpus_of, self._cpus = None, 0  # (_cluster_cpus: the node table counted, and its count)
+        self._keys: dict = {}                # queue key -> itself (submit: one object per key)
 
     def bind(self) -> None:
         """The sibling parts' calls this one makes (after the shell made them all)."""
@@ -117,7 +120,11 @@ class Submitter(ClientPart):
             pinned = [*pinned, token._id]
         if not isinstance(strategy, str):  # NodeAffinity(node_id, soft)
             strategy = ("affinity", strategy.node_id, bool(strategy.soft))
-        key = ("actor", actor_id) if actor_id is not None else (tuple(sorted(shape.items())), pool_key, strategy)
+        if actor_id is not None:
+            key = ("actor", actor_id)
+        else:  # one key object per queue, shared by its tasks (not three tuples per task for the GC to walk)
+            key = (tuple(sorted(shape.items())), pool_key, strategy)
+            key = self._keys.get(key) or self._known_key(key)
         task = TaskRecord(task_id, fn, payload, bufs or (), ref_slots or (), return_ids, shape, key, max_retries,
                           retry_exceptions, pinned, name, strategy, pool_key, actor_id=actor_id)
         task.args_location = args_location
@@ -157,6 +164,11 @@ class Submitter(ClientPart):
             return refs
         self.loop.call_soon(self.on_submit, task)
         return refs
+
+    def _known_key(self, key: tuple) -> tuple:
+        if len(self._keys) >= _MAX_KEYS:  # (shapes made afresh per call: the table stays small)
+            self._keys.clear()
+        return self._keys.setdefault(key, key)
 
     def submit_direct(self, task: TaskRecord) -> bool:
         """The fast path of a sequential submit-then-get: send the task from this thread
@@ -219,7 +231,7 @@ class Submitter(ClientPart):
                     continue
                 if entry.state == PENDING:
                     waiting += 1
-                    entry.waiters.append(lambda _e, t=task: self._dep_ready(t))
+                    entry.add_waiter(lambda _e, t=task: self._dep_ready(t))
         task.deps_left = waiting
         if task.actor_id is not None:
             # Actor calls keep submission order: queued now, sent when first in line and ready.

@@ -146,7 +146,7 @@ class Values(ClientPart):
         with self.lock:
             if entry.state != PENDING:
                 return False
-            entry.waiters.append(fn)
+            entry.add_waiter(fn)
             return True
 
     def wait_entries(self, refs: list, num_returns: int, timeout: float | None, streams: tuple = ()) -> list[bool]:
@@ -177,7 +177,7 @@ class Values(ClientPart):
             if remaining[0] > 0:
                 for e in entries:
                     if e.state == PENDING:
-                        e.waiters.append(on_done)
+                        e.add_waiter(on_done)
                         registered.append(e)
         futures = []
         for state in streams:
@@ -201,10 +201,7 @@ class Values(ClientPart):
         if registered:
             with self.lock:
                 for e in registered:
-                    try:
-                        e.waiters.remove(on_done)
-                    except ValueError:
-                        pass
+                    e.drop_waiter(on_done)
         for state, future in futures:
             self.c.streams.forget_future(state, future)
         return [e.state != PENDING for e in entries] + [state.has_next() for state in streams]
@@ -295,7 +292,7 @@ class Values(ClientPart):
 
     def _fire_now(self, entry: Entry) -> None:
         with self.lock:
-            waiters, entry.waiters = entry.waiters, []
+            waiters, entry.waiters = entry.waiters, ()
         for waiter in waiters:
             try:
                 waiter(entry)
