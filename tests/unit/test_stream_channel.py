@@ -55,3 +55,49 @@ def test_eof_is_reported():
     while not b.eof:
         out.extend(b.read())
     assert out == [[b"last"]] and b.eof
+
+
+def test_messages_arriving_a_few_bytes_at_a_time_come_out_whole():
+    """The parser keeps a message's state across reads: its header, its frames so far, and a big
+    frame begun in one read; frames of every kind the senders pass (bytes, bytearray, a numpy
+    array's memory, a PickleBuffer)."""
+    import pickle
+
+    raw, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b = unix_streams.StreamChannel(theirs)
+    big = np.arange(unix_streams._BIG_FRAME // 8 + 3, dtype=np.int64)
+    sent = [
+        [b"tag", b""],
+        [bytearray(b"abc"), memoryview(np.arange(5, dtype=np.int32))],
+        [b"big", pickle.PickleBuffer(big)],
+        [b"x" * 7] * 9,
+        [],
+    ]
+    import struct
+
+    def wire(message):  # "!I" frame count, "!Q" per frame length, then the frames
+        frames = [memoryview(f).cast("B") if not isinstance(f, pickle.PickleBuffer) else f.raw() for f in message]
+        return struct.pack(f"!I{len(frames)}Q", len(frames), *(f.nbytes for f in frames)) + \
+            b"".join(bytes(f) for f in frames)
+
+    stream = b"".join(wire(m) for m in sent)
+    out, pos, step = [], 0, 1
+    while pos < len(stream):
+        piece = stream[pos:pos + step]
+        raw.sendall(piece)
+        pos += len(piece)
+        step = step * 3 % 100_003 + 1  # 1, 4, 13, 40, ... bytes: cuts fall everywhere
+        while True:
+            got = b.read()
+            out.extend(got)
+            if not got:
+                break
+    assert [[bytes(f) for f in m] for m in out] == [
+        [b"tag", b""],
+        [b"abc", np.arange(5, dtype=np.int32).tobytes()],
+        [b"big", big.tobytes()],
+        [b"x" * 7] * 9,
+        [],
+    ]
+    raw.close()
+    b.close()

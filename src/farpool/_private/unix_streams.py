@@ -31,7 +31,19 @@ if TYPE_CHECKING:
 #   header: "!I" frame count, then "!Q" per frame length; then the frames.
 
 _COUNT = struct.Struct("!I")
-_LEN = struct.Struct("!Q")
+
+
+_LENGTHS: dict = {}  # frame count -> the struct of that many lengths (counts up to 64 are kept)
+
+
+def _lengths(count: int) -> struct.Struct:
+    """The struct of ``count`` frame lengths (one unpack per header, not one per frame)."""
+    unpacker = _LENGTHS.get(count)
+    if unpacker is None:
+        unpacker = struct.Struct(f"!{count}Q")
+        if count <= 64:
+            _LENGTHS[count] = unpacker
+    return unpacker
 # Frames at least this large are received straight into their own buffer.
 _BIG_FRAME = 256 * 1024
 _RECV_CHUNK = 256 * 1024
@@ -69,21 +81,27 @@ class StreamChannel:
         return cls(sock, loop)
 
     @staticmethod
-    def _pack(frames) -> list:
-        parts = [_COUNT.pack(len(frames))]
-        views = []
+    def _pack(frames) -> tuple[list, int]:
+        """(the header and the frames as sendmsg takes them, their size in all)"""
+        lengths = []
+        out = [b""]  # (the header, once the lengths are known)
         for f in frames:
+            if f.__class__ is bytes:  # (most frames)
+                lengths.append(len(f))
+                out.append(f)
+                continue
             view = f.raw() if isinstance(f, pickle_buffer_type) else memoryview(f)
             if view.ndim != 1 or view.format != "B":
                 view = view.cast("B")
-            views.append(view)
-            parts.append(_LEN.pack(view.nbytes))
-        return [b"".join(parts)] + views
+            lengths.append(view.nbytes)
+            out.append(view)
+        out[0] = _COUNT.pack(len(lengths)) + _lengths(len(lengths)).pack(*lengths)
+        return out, len(out[0]) + sum(lengths)
 
     def send(self, frames) -> bool:
         if self.closed:
             return False
-        out = self._pack(frames)
+        out, size = self._pack(frames)
         if self._out:
             self._out.extend(out)
             return True
@@ -94,7 +112,8 @@ class StreamChannel:
         except OSError:
             self.close()
             return False
-        self._queue_rest(out, sent)
+        if sent < size:
+            self._queue_rest(out, sent)
         return True
 
     def send_from_thread(self, frames) -> None:
@@ -106,7 +125,7 @@ class StreamChannel:
         if self._out or self.closed:
             self.loop.call_soon(self.send, frames)
             return
-        out = self._pack(frames)
+        out, size = self._pack(frames)
         try:
             sent = self.sock.sendmsg(out)
         except BlockingIOError:
@@ -114,7 +133,7 @@ class StreamChannel:
         except OSError:
             self.loop.call_soon(self.close)
             return
-        if sent < sum(len(p) if isinstance(p, bytes) else p.nbytes for p in out):
+        if sent < size:
             self.loop.call_soon(self._queue_rest, out, sent)
 
     def _queue_rest(self, out, sent) -> None:
@@ -200,37 +219,37 @@ class StreamChannel:
                 return messages
 
     def _parse(self, messages: list) -> None:
+        """Move the complete messages in ``_inbuf`` to ``messages``; keep a partial one's state."""
         buf = self._inbuf
+        end = len(buf)
         pos = 0
+        frames, lengths = self._frames, self._lengths
         while True:
-            if self._lengths is None:
-                if len(buf) - pos < 4:
+            if lengths is None:
+                if end - pos < 4:
                     break
                 (count,) = _COUNT.unpack_from(buf, pos)
-                if len(buf) - pos < 4 + 8 * count:
+                if end - pos < 4 + 8 * count:
                     break
-                self._lengths = [_LEN.unpack_from(buf, pos + 4 + 8 * i)[0] for i in range(count)]
-                self._frames = []
+                lengths = _lengths(count).unpack_from(buf, pos + 4)
+                frames = []
                 pos += 4 + 8 * count
-            while len(self._frames) < len(self._lengths):
-                n = self._lengths[len(self._frames)]
-                have = len(buf) - pos
-                if n >= _BIG_FRAME and have < n:
-                    # Receive the rest of a big frame straight into its own buffer.
-                    self._big = bytearray(n)
-                    self._big[:have] = buf[pos:]
-                    self._big_filled = have
-                    pos = len(buf)
-                    del buf[:pos]
-                    return
+            for n in lengths[len(frames):]:
+                have = end - pos
                 if have < n:
+                    self._frames, self._lengths = frames, lengths
+                    if n >= _BIG_FRAME:  # receive the rest of a big frame straight into its own buffer
+                        self._big = bytearray(n)
+                        self._big[:have] = buf[pos:]
+                        self._big_filled = have
+                        pos = end
                     del buf[:pos]
                     return
-                self._frames.append(bytes(buf[pos:pos + n]))
+                frames.append(bytes(buf[pos:pos + n]))
                 pos += n
-            messages.append(self._frames)
-            self._frames = []
-            self._lengths = None
+            messages.append(frames)
+            frames, lengths = [], None
+        self._frames, self._lengths = frames, lengths
         del buf[:pos]
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -669,8 +670,9 @@ class Worker:
     def _package(self, task_id, value, num_returns, fn_name, started, out_buffers, caller):
         """The result tuple of a finished call (pickling errors become the call's error)."""
         try:
-            if num_returns == 1:
-                values = (value,)
+            if num_returns == 1:  # (most tasks: one value, no list of its own)
+                payload = self._pack_one(task_id + b"\0", value, _ResultName(fn_name, None), caller, out_buffers)
+                return (task_id, True, [payload], started, time.time())  # a TaskResult
             else:
                 values = tuple(value) if isinstance(value, (tuple, list)) else None
                 if values is None or len(values) != num_returns:
@@ -691,6 +693,8 @@ class Worker:
         """One value as a result carries it: (payload or ("loc", ...) when it went into the node
         store as ``store_id``, n buffers (appended to ``out_buffers``), nested refs).  Raises
         when it cannot be pickled or stored."""
+        if v.__class__ in _PLAIN:  # (None, a number, a string: no refs, no buffers, the stdlib's pickle)
+            return (pickle.dumps(v, protocol=5), 0, ())
         nested: list = []
         refs = object_ref._nested_refs  # (per result: save and restore by hand, cheaper than a with block)
         outer, refs.collector = refs.collector, nested
@@ -768,6 +772,11 @@ def main(cfg: dict) -> int:
     worker = Worker(cfg)
     worker.run()
     return 0
+
+
+# Results of these exact types pickle the same with the stdlib and cloudpickle, hold no refs
+# and no out-of-band buffers: _pack_one skips what a general value needs.
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
 
 
 class _ResultName:
