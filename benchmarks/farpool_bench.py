@@ -533,7 +533,7 @@ def w_footprint(factory, cfg):
 def w_noop(a, cfg):
     n = cfg["noop"]
     rates = []
-    reps = Reps(cfg)
+    reps = Reps(cfg, min_s=2.0)  # (10,000 no-op tasks take ~0.3 s: the median of more of them)
     for _ in reps:
         args = [()] * n
         t0 = time.perf_counter()
@@ -548,7 +548,7 @@ def w_noop(a, cfg):
 def w_roundtrip(a, cfg):
     n = cfg["roundtrip"]
     meds, p90s = [], []
-    reps = Reps(cfg)
+    reps = Reps(cfg, min_s=1.0)  # (1,000 round trips take ~0.2 s)
     for _ in reps:
         lat = []
         pc = time.perf_counter
