@@ -75,12 +75,7 @@ def main() -> None:
             pstats.Stats(profile).sort_stats("tottime").print_stats(30)
     finally:
         owner.close()
-        for channel in list(w.channels):
-            channel.close()
-        w.listener.close()
-        w.doorbell.close()
-        w.agent.close(linger=0)
-        w.loop.close()
+        w.close()
         os.close(lifeline)
         os.close(lifeline_w)
         shutil.rmtree(session_dir, ignore_errors=True)

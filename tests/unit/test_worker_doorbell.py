@@ -40,12 +40,7 @@ def bare_worker(tmp_path, monkeypatch):
     try:
         yield w, ran, str(tmp_path)
     finally:
-        for channel in list(w.channels):
-            channel.close()
-        w.listener.close()
-        w.doorbell.close()
-        w.agent.close(linger=0)
-        w.loop.close()
+        w.close()
         os.close(read_end)
         os.close(write_end)
         context_mod.context.node_id, context_mod.context.worker_id = saved

@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 #   header: "!I" frame count, then "!Q" per frame length; then the frames.
 
 _COUNT = struct.Struct("!I")
-
-
 _LENGTHS: dict = {}  # frame count -> the struct of that many lengths (counts up to 64 are kept)
+# Frames at least this large are received straight into their own buffer.
+_BIG_FRAME = 256 * 1024
+_RECV_CHUNK = 256 * 1024
 
 
 def _lengths(count: int) -> struct.Struct:
@@ -44,9 +45,6 @@ def _lengths(count: int) -> struct.Struct:
         if count <= 64:
             _LENGTHS[count] = unpacker
     return unpacker
-# Frames at least this large are received straight into their own buffer.
-_BIG_FRAME = 256 * 1024
-_RECV_CHUNK = 256 * 1024
 
 
 class StreamChannel:

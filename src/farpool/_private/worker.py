@@ -673,12 +673,11 @@ class Worker:
             if num_returns == 1:  # (most tasks: one value, no list of its own)
                 payload = self._pack_one(task_id + b"\0", value, _ResultName(fn_name, None), caller, out_buffers)
                 return (task_id, True, [payload], started, time.time())  # a TaskResult
-            else:
-                values = tuple(value) if isinstance(value, (tuple, list)) else None
-                if values is None or len(values) != num_returns:
-                    got = f"{type(value).__name__} of length {len(values)}" if values is not None \
-                        else type(value).__name__
-                    raise ValueError(f"task {fn_name} declared num_returns={num_returns} but returned a {got}")
+            values = tuple(value) if isinstance(value, (tuple, list)) else None
+            if values is None or len(values) != num_returns:
+                got = f"{type(value).__name__} of length {len(values)}" if values is not None \
+                    else type(value).__name__
+                raise ValueError(f"task {fn_name} declared num_returns={num_returns} but returned a {got}")
             payloads = []
             bufs_all: list = []
             for i, v in enumerate(values):
@@ -743,6 +742,16 @@ class Worker:
     def run(self) -> None:
         self.start()
         self.loop.run()
+
+    def close(self) -> None:
+        """Close the sockets this worker opened, for one made in-process (tests, benchmarks):
+        a worker process never returns from ``run``; it exits."""
+        for channel in list(self.channels):
+            channel.close()
+        self.listener.close()
+        self.doorbell.close()
+        self.agent.close(linger=0)
+        self.loop.close()
 
 
 def main(cfg: dict) -> int:
