@@ -591,6 +591,9 @@ def _write_output(stream: str, data: bytes) -> None:
 
 
 def function_info(fn, name: str, wrapper=None) -> RemoteFunctionInfo:
-    import hashlib  # (here: OpenSSL costs every worker about 4 MB, and most never submit)
+    try:  # CPython's own BLAKE2: hashlib would load OpenSSL (4 ms at a driver's first remote(), 4 MB)
+        from _blake2 import blake2b
+    except ImportError:  # (an interpreter built without it)
+        from hashlib import blake2b
     data = protocol.dumps_function(fn, wrapper)
-    return RemoteFunctionInfo(name, hashlib.sha1(data).digest(), data)
+    return RemoteFunctionInfo(name, blake2b(data, digest_size=20).digest(), data)
