@@ -297,3 +297,49 @@ def test_embedded_cluster_survives_a_pause_of_its_processes(monkeypatch):
         assert all(n["alive"] for n in farpool.nodes())
     finally:
         farpool.shutdown()
+
+
+def test_embedded_head_is_forked_by_the_agents_process_and_reaped_by_it(tmp_path):
+    """The embedded head shares the node agent's imports (node_main forks it): its parent is the
+    agent, `ps` shows it as the head, and when it dies the agent reaps it (no zombie) while the
+    driver fails what is pending, naming the head."""
+    import signal
+    farpool.shutdown()
+    info = farpool.init(num_cpus=1)
+    try:
+        @farpool.remote
+        def wait_for(path):
+            import time
+            while not os.path.exists(path):
+                time.sleep(0.01)
+        ref = wait_for.remote(str(tmp_path / "never"))
+        head_pid = int(open(os.path.join(info["session_dir"], "head.pid")).read())
+        node_pid = int(open(os.path.join(info["session_dir"], "node.pid")).read())
+        head = psutil.Process(head_pid)
+        assert head.ppid() == node_pid and head.name() == "farpool-head"
+        assert head.cmdline()[1:3] == ["-m", "farpool._private.head"], head.cmdline()
+        os.kill(head_pid, signal.SIGKILL)
+        head.wait(timeout=60)  # returns once reaped: a zombie still "exists"
+        # ... by the agent, still running (an agent that left it to init would have exited first)
+        assert psutil.Process(node_pid).status() != psutil.STATUS_ZOMBIE
+        with pytest.raises(farpool.FarpoolError, match="head .* exited unexpectedly"):
+            farpool.get(ref, timeout=60)
+    finally:
+        farpool.shutdown()
+
+
+def test_embedded_head_that_never_binds_is_reported_with_its_logs(tmp_path):
+    """No head.pid once the head's ready pipe closed (it died before binding): init says so and
+    where the logs are, instead of a connection that times out."""
+    from farpool._private import runtime
+    session_dir = tmp_path / "s"
+    session_dir.mkdir()
+    (session_dir / "head.log").write_text("the reason it died\n")
+    with pytest.raises(RuntimeError, match="head did not start") as err:
+        runtime._ForkedHead.of(str(session_dir))
+    kept = str(err.value).split("kept in ")[1].split(".")[0]
+    try:
+        assert open(os.path.join(kept, "head.log")).read() == "the reason it died\n"
+    finally:
+        import shutil
+        shutil.rmtree(kept, ignore_errors=True)

@@ -674,9 +674,9 @@ def main(argv=None) -> int:
     except OSError as exc:  # the port is taken, the host is not ours: say so, no traceback
         print(f"farpool-head: {exc.strerror or exc}", flush=True)
         return 1
-    session.announce_ready()  # bound: the driver and the node agent may connect
     with open(os.path.join(args.session_dir, "head.pid"), "w") as f:
         f.write(str(os.getpid()))
+    session.announce_ready()  # bound (and head.pid written): the driver and the node agent may connect
     head.dashboard = None
     if not args.no_dashboard and os.environ.get("FARPOOL_DASHBOARD", "1") != "0":
         from farpool._private import dashboard

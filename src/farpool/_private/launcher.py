@@ -42,6 +42,17 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # every idle worker its RSS and the start-up its import.
 PRELOAD_LATER = ("numpy",)
 
+# Imported by the agent's process before it forks the launcher (and the embedded head): what
+# the agent, the head and every worker all load (zmq, pickle, logging and farpool's wire
+# modules, three quarters of a worker's import time).  Imported once there, not again in each:
+# start-up is short of CPU (head, agent, launcher and driver start at once on a machine's
+# cores), and none of these creates a thread or a zmq context at import.  The agent's own
+# modules (store, leases, the head link) come after the forks: the launcher, the workers and
+# the head do not carry them.
+SHARED_IMPORTS = ("farpool._private.transport", "farpool._private.protocol",
+                     "farpool._private.segments", "farpool._private.scheduling",
+                     "farpool._private.placement_groups", "farpool._private.stacks")
+
 
 def send_msg(sock: socket.socket, msg) -> None:
     """Send one message whole on a non-blocking stream, waiting for room when it is full
@@ -81,6 +92,12 @@ class MessageReader:
         return out
 
 
+def import_shared() -> None:
+    """Import SHARED_IMPORTS (in the agent, before it forks the launcher or a head)."""
+    for module in SHARED_IMPORTS:
+        __import__(module)
+
+
 def start(close_in_child=()) -> tuple[int, socket.socket]:
     """Fork the launcher; returns (pid, socket to it).  Call before any thread or zmq context,
     and before argparse (it imports shutil, bz2, lzma and gettext: about 1.5 MB that the launcher
@@ -106,9 +123,10 @@ def _settle() -> None:
     """After preloading: every object so far out of the garbage collector's sight
     (``gc.freeze``), so that a collection in a worker does not write to, and so copy, pages it
     shares with the launcher.  (The C heap's free pages are not trimmed: malloc_trim through
-    ctypes gave back less than ctypes costs each process.)"""
+    ctypes gave back less than ctypes costs each process.)  No collection first: the imports
+    leave no cyclic garbage to find (0 objects, with numpy too), and looking through their
+    15,000 objects would cost the first workers' start 8 ms here."""
     import gc
-    gc.collect()
     gc.freeze()
 
 

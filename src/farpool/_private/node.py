@@ -634,9 +634,10 @@ class NodeAgent(ClientsPart, ObjectsPart, DiagnosticsPart, BundlesPart, DrainPar
 
 
 def run(args, token: str, launcher_pid: int, launcher_sock, ready_fd: int | None = None,
-        head_ready_fd: int | None = None) -> int:
+        head_ready_fd: int | None = None, head_pid: int | None = None) -> int:
     """The agent's life, once node_main has parsed ``args`` and forked the launcher; the two
-    fds are the ready pipes of session.spawn (ours to close, the head's to wait on), or None."""
+    fds are the ready pipes of session.spawn (ours to close, the head's to wait on), or None;
+    ``head_pid``: the embedded head node_main forked (ours to reap), or None."""
     session.set_process_name("farpool-node")
     if args.num_cpus is None:
         args.num_cpus = host_usage.cpu_count()  # (as loky.cpu_count(), without importing loky)
@@ -680,6 +681,8 @@ def run(args, token: str, launcher_pid: int, launcher_sock, ready_fd: int | None
             agent.loop.stop()
     if args.lifeline:
         agent.loop.add_reader(0, on_lifeline)
+    if head_pid is not None:
+        _reap_when_done(agent.loop, head_pid, "the embedded head")
     signal.signal(signal.SIGTERM, session.sigterm_handler(lambda *_: (clean.append("SIGTERM"), agent.loop.stop())))
 
     def on_drain_signal(*_):
@@ -729,6 +732,26 @@ def write_node_id(session_dir: str, node_id: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(node_id)
     os.replace(path + ".tmp", path)
+
+
+def _reap_when_done(loop, pid: int, what: str) -> None:
+    """Reap our child ``pid`` when it exits (a head that exits after us is reaped by init)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+
+    def reap():
+        loop.remove_reader(fd)
+        os.close(fd)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return
+        code = os.waitstatus_to_exitcode(status)
+        (log.info if code == 0 else log.warning)("%s (pid %d) exited with %s", what, pid,
+                                                 f"signal {-code}" if code < 0 else f"code {code}")
+    loop.add_reader(fd, reap)
 
 
 def _stop_launcher(launcher_pid: int, launcher_sock) -> None:

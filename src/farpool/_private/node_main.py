@@ -1,15 +1,23 @@
 """The node agent's entry point (``python -m farpool._private.node_main``): fork the
-worker launcher, parse the arguments, then import the agent and run it.
+worker launcher (and, for the embedded cluster, the head), parse the arguments, then
+import the agent and run it.
 
-The launcher is forked first thing, before the agent's own modules (store,
-leases, spilling, pulls, the head link) are imported: it must fork before any
-zmq context or thread exists (see launcher.py), and forking it here, from a
-nearly bare interpreter, means that it and every worker it forks carry none of
-the agent's modules, and that it imports what workers need while the agent is
-still importing what the agent needs (two cores start up at once)::
+Start-up is short of CPU, not of cores: the head, the agent, the launcher and the driver
+all start at once, and most of each one's start is importing the same modules (zmq,
+pickle, logging, farpool's wire modules: launcher.SHARED_IMPORTS).  So this process
+imports those once, then forks the processes that need them, before any zmq context or
+thread exists (see launcher.py); each imports only its own modules after the fork.  The
+agent's own (store, leases, spilling, the head link) come last, so that the launcher and
+every worker it forks carry none of them::
 
-    exec --> fork launcher --+--> parse args --> configure launcher --> import node --> NodeAgent --> loop
-                             +--> (launcher) import worker --> (config) --> fork workers
+    exec --> import shared --+--> fork head (embedded) --> import head --> bind --> loop
+                             +--> fork launcher --> import worker --> (config) --> fork workers
+                             +--> parse args --> configure launcher --> import node --> NodeAgent --> loop
+
+The embedded head runs ``head.main`` in a process of its own, as it would when spawned:
+own session, its log file, the same lifeline (stdin) as the agent, its ready pipe from the
+driver (session.EMBEDDED_HEAD_VAR).  The agent reaps it; the driver watches and waits for
+it by its pid (runtime.py).
 
 Run by the embedded cluster (runtime.py) and ``farpool start`` (cli.py), in
 the node agent's process, on its main thread.
@@ -17,6 +25,7 @@ the node agent's process, on its main thread.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -49,6 +58,14 @@ def parser():
 def main(argv=None) -> int:
     ready_fd = session.take_fd(session.READY_FD_VAR)  # closed (announced) once our sockets are bound
     head_ready_fd = session.take_fd(session.HEAD_READY_FD_VAR)
+    head_announce_fd = session.take_fd(session.HEAD_ANNOUNCE_FD_VAR)
+    embedded_head = os.environ.pop(session.EMBEDDED_HEAD_VAR, None)
+    launcher.import_shared()
+    head_pid = None
+    if embedded_head is not None:
+        head_pid = _fork_head(json.loads(embedded_head), head_announce_fd, close_in_child=(ready_fd, head_ready_fd))
+    if head_announce_fd is not None:
+        os.close(head_announce_fd)  # the head's: it closes its own once bound
     # Fork the launcher before any zmq context or thread exists, and before argparse (see start).
     launcher_pid, launcher_sock = launcher.start(close_in_child=(ready_fd, head_ready_fd))
     args = parser().parse_args(argv)  # (on an error it exits: the launcher sees EOF and exits too)
@@ -59,7 +76,40 @@ def main(argv=None) -> int:
         "cluster_head": args.head_address, "token": token,
         "embedded": args.embedded, "num_gpus": args.num_gpus})
     from farpool._private import node
-    return node.run(args, token, launcher_pid, launcher_sock, ready_fd, head_ready_fd)
+    return node.run(args, token, launcher_pid, launcher_sock, ready_fd, head_ready_fd, head_pid)
+
+
+def _fork_head(spec: dict, announce_fd: int | None, close_in_child=()) -> int:
+    """Fork the embedded head (``spec``: its "argv" and "log" file); returns its pid.  The
+    child is what ``python -m farpool._private.head`` would be: a session of its own, its
+    output to its log, ``announce_fd`` its ready pipe; it exits with ``head.main``'s code."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()
+            for fd in close_in_child:
+                if fd is not None:
+                    os.close(fd)
+            log_fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.close(log_fd)
+            if announce_fd is not None:
+                os.environ[session.READY_FD_VAR] = str(announce_fd)
+            session.set_command_line([sys.executable, "-m", "farpool._private.head", *spec["argv"]])
+            from farpool._private import head
+            code = head.main(spec["argv"])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code or 0)
+    return pid
 
 
 if __name__ == "__main__":

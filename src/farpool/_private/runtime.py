@@ -106,10 +106,8 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
     head_address = session.ipc(session_dir, "head")
     procs = []
     client = None
+    head_ready_r, head_ready_w = os.pipe()  # the head's ready pipe (it is forked by the agent's process)
     try:
-        head = session.spawn("farpool._private.head", ["--session-dir", session_dir, "--embedded", "--lifeline"],
-                             session_dir, "head.log", token, lifeline=True, ready_pipe=True)
-        procs.append(head)
         node_args = ["--session-dir", session_dir, "--head-address", head_address, "--node-id", node_id,
                      "--resources", json.dumps(resources or {}), "--embedded", "--head-node", "--lifeline"]
         if num_cpus is not None:
@@ -120,11 +118,24 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
             node_args += ["--object-store-memory", str(object_store_memory)]
         if spill_dir is not None:
             node_args += ["--spill-dir", os.path.abspath(spill_dir)]
-        # The node agent waits for the head to bind before it connects, as we do for both.
-        procs.append(session.spawn("farpool._private.node_main", node_args, session_dir, "node.log", token,
-                                   lifeline=True, ready_pipe=True,
-                                   pass_fds={session.HEAD_READY_FD_VAR: head.ready_fd}))
-        session.wait_ready([proc.ready_fd for proc in procs], START_DEADLINE_S)
+        # The node agent's process forks the head (node_main: they share most of their imports)
+        # and waits for it to bind before it connects, as we do for both.
+        head_spec = {"argv": ["--session-dir", session_dir, "--embedded", "--lifeline"],
+                     "log": os.path.join(session_dir, "head.log")}
+        try:
+            node = session.spawn("farpool._private.node_main", node_args, session_dir, "node.log", token,
+                                 lifeline=True, ready_pipe=True,
+                                 extra_env={session.EMBEDDED_HEAD_VAR: json.dumps(head_spec)},
+                                 pass_fds={session.HEAD_READY_FD_VAR: head_ready_r,
+                                           session.HEAD_ANNOUNCE_FD_VAR: head_ready_w})
+        finally:
+            os.close(head_ready_w)
+        procs.append(node)
+        try:
+            session.wait_ready([node.ready_fd, head_ready_r], START_DEADLINE_S)
+        finally:
+            os.close(node.ready_fd)
+        procs.insert(0, _ForkedHead.of(session_dir))
         cfg = {"head_address": head_address, "agent_address": session.ipc(session_dir, "node"),
                "watch_pids": [(procs[0].pid, "head"), (procs[1].pid, "node agent")],
                "node_id": node_id, "session_dir": session_dir, "token": token, "embedded": True,
@@ -142,8 +153,7 @@ def _start_embedded(num_cpus, num_gpus, resources, object_store_memory, namespac
         session.remove_session(session_dir)
         raise
     finally:
-        for proc in procs:
-            os.close(proc.ready_fd)
+        os.close(head_ready_r)
     client.job_setup["job_id"] = client.job_id
     info = {"address": None, "node_id": node_id, "session_dir": session_dir, "job_id": client.job_id,
             "dashboard_url": dashboard_url(client), "embedded": True}
@@ -285,10 +295,50 @@ def shutdown() -> None:
                 transport.term_context()
 
 
+class _ForkedHead:
+    """The embedded head as shutdown and the client see it: forked by the node agent's process
+    (node_main), so not our child; watched and waited for through a pidfd, like a Popen."""
+    stdin = None  # (its lifeline is the agent's stdin: closing that one stops both)
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        try:
+            self._fd = os.pidfd_open(pid)
+        except OSError:  # gone already
+            self._fd = None
+
+    @classmethod
+    def of(cls, session_dir: str) -> "_ForkedHead":
+        """The head of the session, once its ready pipe closed: it writes head.pid before."""
+        try:
+            with open(os.path.join(session_dir, "head.pid")) as f:
+                return cls(int(f.read()))
+        except (OSError, ValueError):
+            kept = session.keep_logs(session_dir)
+            raise RuntimeError(
+                "farpool.init(): the embedded cluster's head did not start; its log and the node "
+                f"agent's are kept in {kept}. Report it with them if they do not say why") from None
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._fd is None:
+            return
+        import select
+        if not select.select([self._fd], [], [], timeout)[0]:
+            raise TimeoutError(f"the embedded head (pid {self.pid}) did not exit in {timeout} s")
+        os.close(self._fd)
+        self._fd = None
+
+    def kill(self) -> None:
+        if self._fd is not None:
+            import signal
+            signal.pidfd_send_signal(self._fd, signal.SIGKILL)
+
+
 def _stop_procs(procs) -> None:
     for proc in procs:
         try:
-            proc.stdin.close()  # the lifeline: they exit and clean up
+            if proc.stdin is not None:
+                proc.stdin.close()  # the lifeline: they exit and clean up
         except Exception:
             pass
     for proc in procs:

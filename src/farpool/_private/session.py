@@ -258,6 +258,12 @@ READY_FD_VAR = "FARPOOL_READY_FD"
 # ... and the read end of the head's, handed to the node agent the embedded cluster starts
 # beside it: the agent connects to the head once the head has bound.
 HEAD_READY_FD_VAR = "FARPOOL_HEAD_READY_FD"
+# The embedded cluster's head is forked by its node agent's process (node_main), once the
+# modules both load are imported: this variable carries the head's arguments and log file
+# (JSON), and HEAD_ANNOUNCE_FD_VAR the write end of the head's ready pipe, which the head
+# closes once bound (the driver and the agent wait on the read end).
+EMBEDDED_HEAD_VAR = "FARPOOL_EMBEDDED_HEAD"
+HEAD_ANNOUNCE_FD_VAR = "FARPOOL_HEAD_ANNOUNCE_FD"
 
 
 def announce_ready(var: str = READY_FD_VAR) -> None:
@@ -312,6 +318,21 @@ def set_process_name(name: str) -> None:
         with open("/proc/self/comm", "w") as f:
             f.write(name[:15])
     except OSError:
+        pass
+
+
+def set_command_line(words: list[str]) -> None:
+    """The command line `ps aux` shows (/proc/self/cmdline), rewritten in place, cut to the room
+    the original had: a process forked to be another one (the embedded head) says what it is."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (proc(5): fields 48, 49)
+        text = b"\0".join(os.fsencode(word) for word in words)[:end - start - 1]
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            mem.write(text.ljust(end - start, b"\0"))
+    except (OSError, IndexError, ValueError):
         pass
 
 
