@@ -218,16 +218,21 @@ def test_runtime_processes_survive_terminal_sigint():
         farpool.shutdown()
 
 
+def _never_done(tmp_path):
+    """A task that runs until a file appears that no one writes: pending when a process dies."""
+    @farpool.remote
+    def wait_for(path):
+        import time
+        while not os.path.exists(path):
+            time.sleep(0.01)
+    return wait_for.remote(str(tmp_path / "never"))
+
+
 def test_embedded_node_agent_killed_fails_pending_gets_instead_of_hanging(tmp_path):
     farpool.shutdown()
     info = farpool.init(num_cpus=1)
     try:
-        @farpool.remote
-        def wait_for(path):
-            import time
-            while not os.path.exists(path):
-                time.sleep(0.01)
-        ref = wait_for.remote(str(tmp_path / "never"))
+        ref = _never_done(tmp_path)
         node_pid = int(open(os.path.join(info["session_dir"], "node.pid")).read())
         os.kill(node_pid, 9)
         with pytest.raises(farpool.FarpoolError, match="node agent .* exited unexpectedly"):
@@ -307,12 +312,7 @@ def test_embedded_head_is_forked_by_the_agents_process_and_reaped_by_it(tmp_path
     farpool.shutdown()
     info = farpool.init(num_cpus=1)
     try:
-        @farpool.remote
-        def wait_for(path):
-            import time
-            while not os.path.exists(path):
-                time.sleep(0.01)
-        ref = wait_for.remote(str(tmp_path / "never"))
+        ref = _never_done(tmp_path)
         head_pid = int(open(os.path.join(info["session_dir"], "head.pid")).read())
         node_pid = int(open(os.path.join(info["session_dir"], "node.pid")).read())
         head = psutil.Process(head_pid)

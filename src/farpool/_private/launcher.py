@@ -130,6 +130,23 @@ def _settle() -> None:
     gc.freeze()
 
 
+def exit_with(main, *args) -> None:
+    """In a forked child: run ``main(*args)`` and exit with its code, never returning into the
+    parent's code (an exception: its traceback on stderr, code 1; output flushed first)."""
+    code = 1
+    try:
+        code = main(*args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+
+
 def configure(sock: socket.socket, worker_main_args: dict) -> None:
     """What every worker's ``worker.main`` gets (session, node, addresses, token); the first
     message, before any spawn."""
@@ -271,19 +288,8 @@ def _run(sock: socket.socket) -> None:
                             except OSError:
                                 pass
                         sock.close()
-                        code = 1
-                        try:
-                            code = worker_module.main(dict(common, worker_id=worker_id,
+                        exit_with(worker_module.main, dict(common, worker_id=worker_id,
                                                            lifeline_fd=lifeline_r, env=env))
-                        except SystemExit as exc:
-                            code = exc.code if isinstance(exc.code, int) else 1
-                        except BaseException:
-                            import traceback
-                            traceback.print_exc()
-                        finally:
-                            sys.stdout.flush()
-                            sys.stderr.flush()
-                            os._exit(code or 0)
                     os.close(out_w)
                     os.close(err_w)
                     worker_log = worker_logs.RotatingLog(log_path)

@@ -83,32 +83,24 @@ def _fork_head(spec: dict, announce_fd: int | None, close_in_child=()) -> int:
     """Fork the embedded head (``spec``: its "argv" and "log" file); returns its pid.  The
     child is what ``python -m farpool._private.head`` would be: a session of its own, its
     output to its log, ``announce_fd`` its ready pipe; it exits with ``head.main``'s code."""
+    def run_head() -> int:
+        os.setsid()
+        for fd in close_in_child:
+            if fd is not None:
+                os.close(fd)
+        log_fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        if announce_fd is not None:
+            os.environ[session.READY_FD_VAR] = str(announce_fd)
+        session.set_command_line([sys.executable, "-m", "farpool._private.head", *spec["argv"]])
+        from farpool._private import head
+        return head.main(spec["argv"])
+
     pid = os.fork()
     if pid == 0:
-        code = 1
-        try:
-            os.setsid()
-            for fd in close_in_child:
-                if fd is not None:
-                    os.close(fd)
-            log_fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.dup2(log_fd, 1)
-            os.dup2(log_fd, 2)
-            os.close(log_fd)
-            if announce_fd is not None:
-                os.environ[session.READY_FD_VAR] = str(announce_fd)
-            session.set_command_line([sys.executable, "-m", "farpool._private.head", *spec["argv"]])
-            from farpool._private import head
-            code = head.main(spec["argv"])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code or 0)
+        launcher.exit_with(run_head)
     return pid
 
 
