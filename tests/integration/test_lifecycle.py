@@ -207,6 +207,17 @@ def test_token_is_not_on_any_command_line():
     del info
 
 
+def test_tasks_do_not_see_the_cluster_token():
+    """The agent takes the token out of its environment before it forks the launcher, which
+    forks the workers: task code (and what it starts) cannot read it there."""
+    farpool.shutdown()
+    farpool.init(num_cpus=1)
+    try:
+        assert farpool.get(farpool.remote(lambda: os.environ.get("FARPOOL_TOKEN")).remote(), timeout=60) is None
+    finally:
+        farpool.shutdown()
+
+
 def test_runtime_processes_survive_terminal_sigint():
     """Runtime processes are in their own session: a Ctrl-C reaches only the driver."""
     farpool.shutdown()

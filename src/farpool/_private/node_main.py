@@ -60,16 +60,19 @@ def main(argv=None) -> int:
     head_ready_fd = session.take_fd(session.HEAD_READY_FD_VAR)
     head_announce_fd = session.take_fd(session.HEAD_ANNOUNCE_FD_VAR)
     embedded_head = os.environ.pop(session.EMBEDDED_HEAD_VAR, None)
+    # Ours and the head's, never in the environment of the launcher and its workers (task code):
+    # the launcher gets it in its configuration.
+    token = os.environ.pop("FARPOOL_TOKEN", "")
     launcher.import_shared()
     head_pid = None
     if embedded_head is not None:
-        head_pid = _fork_head(json.loads(embedded_head), head_announce_fd, close_in_child=(ready_fd, head_ready_fd))
+        head_pid = _fork_head(json.loads(embedded_head), token, head_announce_fd,
+                              close_in_child=(ready_fd, head_ready_fd))
     if head_announce_fd is not None:
         os.close(head_announce_fd)  # the head's: it closes its own once bound
     # Fork the launcher before any zmq context or thread exists, and before argparse (see start).
     launcher_pid, launcher_sock = launcher.start(close_in_child=(ready_fd, head_ready_fd))
     args = parser().parse_args(argv)  # (on an error it exits: the launcher sees EOF and exits too)
-    token = os.environ.pop("FARPOOL_TOKEN", "")
     launcher.configure(launcher_sock, {
         "session_dir": args.session_dir, "node_id": args.node_id,
         "agent_address": session.ipc(args.session_dir, "node"),
@@ -79,10 +82,11 @@ def main(argv=None) -> int:
     return node.run(args, token, launcher_pid, launcher_sock, ready_fd, head_ready_fd, head_pid)
 
 
-def _fork_head(spec: dict, announce_fd: int | None, close_in_child=()) -> int:
+def _fork_head(spec: dict, token: str, announce_fd: int | None, close_in_child=()) -> int:
     """Fork the embedded head (``spec``: its "argv" and "log" file); returns its pid.  The
     child is what ``python -m farpool._private.head`` would be: a session of its own, its
-    output to its log, ``announce_fd`` its ready pipe; it exits with ``head.main``'s code."""
+    output to its log, the token in its environment, ``announce_fd`` its ready pipe; it exits
+    with ``head.main``'s code."""
     def run_head() -> int:
         os.setsid()
         for fd in close_in_child:
@@ -92,6 +96,7 @@ def _fork_head(spec: dict, announce_fd: int | None, close_in_child=()) -> int:
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
+        os.environ["FARPOOL_TOKEN"] = token
         if announce_fd is not None:
             os.environ[session.READY_FD_VAR] = str(announce_fd)
         session.set_command_line([sys.executable, "-m", "farpool._private.head", *spec["argv"]])
