@@ -60,8 +60,28 @@ __all__ = ["DistributedExecutor", "DistributedFuture", "BrokenDistributedExecuto
 _HINTS = ("num_cpus", "num_gpus", "memory", "resources", "max_retries", "scheduling_strategy")
 
 
-def _ordered_results(feed: _Feed, end_time: float | None, convert: Callable | None = None):
-    """Results of a feed's chunks in input order (the stdlib's map result iterator)."""
+class _MapResults(itertools.chain):
+    """What ``map`` returns: its results in input order, item by item in C (a chain over each
+    chunk's items: no Python frame per item, as a generator had, which cost a map of tiny
+    items a tenth of its time); ``close()`` as the stdlib's generator: nothing more comes, the
+    feed stops, its futures are cancelled."""
+
+    def close(self) -> None:
+        self._turns[0].clear()  # the current chunk's remaining pops: the chain moves on ...
+        self._chunks.close()    # ... to a closed generator of chunks
+
+
+def _ordered_results(feed: _Feed, end_time: float | None, convert: Callable | None = None) -> _MapResults:
+    turns = [[]]
+    chunks = _ordered_chunks(feed, end_time, convert, turns)
+    results = _MapResults.from_iterable(chunks)
+    results._chunks, results._turns = chunks, turns
+    return results
+
+
+def _ordered_chunks(feed: _Feed, end_time: float | None, convert: Callable | None, turns: list):
+    """Each chunk's results as an iterator over its items, in input order (the stdlib's map
+    result iterator, a chunk at a time); ``turns[0]``: the current one's remaining pops."""
     try:
         while True:
             future = feed.next_future(end_time)
@@ -79,9 +99,9 @@ def _ordered_results(feed: _Feed, end_time: float | None, convert: Callable | No
                 chunk = convert(chunk)
             # Item by item off the list, as the stdlib does: an item the caller let go of is
             # freed at once, not kept by this iterator until the chunk is done (CPython issue 14406).
-            # (map over pop runs the loop in C: a Python loop per item cost this map 15%.)
             chunk.reverse()
-            yield from map(chunk.pop, itertools.repeat(-1, len(chunk)))
+            turns[0] = [-1] * len(chunk)
+            yield map(chunk.pop, turns[0])
             del chunk
     finally:
         feed.close()

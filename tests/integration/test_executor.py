@@ -178,6 +178,16 @@ def test_map_reads_its_input_lazily(ex):
     assert len(seen) < 10_000
 
 
+def test_map_results_closed_mid_chunk_give_nothing_more(ex):
+    """close() as on the stdlib's generator: no more items, also from a chunk already here."""
+    results = ex.map(square, range(40), timeout=TIMEOUT, chunksize=10)
+    assert [next(results) for _ in range(5)] == [0, 1, 4, 9, 16]
+    results.close()
+    with pytest.raises(StopIteration):
+        next(results)
+    assert list(results) == []
+
+
 def test_map_input_error_is_raised(ex):
     def numbers():
         yield 1
