@@ -233,3 +233,20 @@ def test_an_object_handed_to_a_reader_is_not_spilled_before_the_reader_can_map_i
     answer(st.allocate(w3, b"c", 5 * MB))
     assert st.objects[b"a"].state is State.IN_MEMORY
     assert value(r.seg, size, b"a")[-1] == 1        # the reader finds it
+
+
+def test_a_spilled_object_that_cannot_come_back_is_read_from_its_spill_file(st):
+    """Restoring needs room that spilling cannot make (a reader maps the only other object):
+    the spilled object is served from its spill file, where it already is, and no restore runs."""
+    _, _, write1, size = put(st, b"a", 1)
+    write1()
+    w2, acts, write2, _ = put(st, b"b", 2)
+    (move,) = acts.moves
+    answer(st.move_done(move, run(move)))
+    write2()
+    view = value(w2.seg, size, b"b")  # "b" is mapped: it cannot spill
+    r = Waiter()
+    acts = answer(st.restore(r, b"a"))
+    assert acts.moves == [] and st.objects[b"a"].state is State.ON_DISK
+    assert os.path.dirname(r.seg.path) == st.spill_dir and value(r.seg, size, b"a")[-1] == 1
+    assert st.counts["restores"] == 0 and st.stats()["on_disk"] == r.seg.used and view[0] == 2
