@@ -66,6 +66,18 @@ def value(seg, size, oid):
     return np.frombuffer(buffers[0], dtype=np.float64)
 
 
+def a_spilled_for_b(st):
+    """"a" written, then "b": "a" spills to make room, "b" gets its memory and is written.
+    Returns b's waiter and the objects' size."""
+    _, _, write1, size = put(st, b"a", 1)
+    write1()
+    w2, acts, write2, _ = put(st, b"b", 2)
+    (move,) = acts.moves
+    answer(st.move_done(move, run(move)))
+    write2()
+    return w2, size
+
+
 def test_a_request_waits_for_a_spill_then_the_spilled_object_comes_back(st):
     w1, acts, write1, size = put(st, b"a", 1)
     assert acts.moves == []
@@ -215,12 +227,7 @@ def test_an_object_handed_to_a_reader_is_not_spilled_before_the_reader_can_map_i
     it asked.  For a while (store.READER_GRACE_S) it stays; a request that needs its room goes
     on disk."""
     monkeypatch.setattr(store, "READER_GRACE_S", 3600.0)  # (no clock in the test: the grace never ends)
-    w1, _, write1, size = put(st, b"a", 1)
-    write1()
-    w2, acts, write2, _ = put(st, b"b", 2)
-    (move,) = acts.moves
-    answer(st.move_done(move, run(move)))
-    write2()
+    _, size = a_spilled_for_b(st)
     r = Waiter()
     acts = answer(st.restore(r, b"a"))             # "b" spills to make room for "a"
     (spill_b,) = acts.moves
@@ -238,12 +245,7 @@ def test_an_object_handed_to_a_reader_is_not_spilled_before_the_reader_can_map_i
 def test_a_spilled_object_that_cannot_come_back_is_read_from_its_spill_file(st):
     """Restoring needs room that spilling cannot make (a reader maps the only other object):
     the spilled object is served from its spill file, where it already is, and no restore runs."""
-    _, _, write1, size = put(st, b"a", 1)
-    write1()
-    w2, acts, write2, _ = put(st, b"b", 2)
-    (move,) = acts.moves
-    answer(st.move_done(move, run(move)))
-    write2()
+    w2, size = a_spilled_for_b(st)
     view = value(w2.seg, size, b"b")  # "b" is mapped: it cannot spill
     r = Waiter()
     acts = answer(st.restore(r, b"a"))

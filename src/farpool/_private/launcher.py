@@ -50,8 +50,8 @@ PRELOAD_LATER = ("numpy",)
 # modules (store, leases, the head link) come after the forks: the launcher, the workers and
 # the head do not carry them.
 SHARED_IMPORTS = ("farpool._private.transport", "farpool._private.protocol",
-                     "farpool._private.segments", "farpool._private.scheduling",
-                     "farpool._private.placement_groups", "farpool._private.stacks")
+                  "farpool._private.segments", "farpool._private.scheduling",
+                  "farpool._private.placement_groups", "farpool._private.stacks")
 
 
 def send_msg(sock: socket.socket, msg) -> None:
