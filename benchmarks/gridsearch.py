@@ -10,7 +10,8 @@ farpool's backend starts its embedded cluster there (``parallel_config(backend="
 n_jobs=-1)``, nothing initialized before).  "warm" fits once, then times a second fit in
 the same process (loky's workers, farpool's cluster already up).  The modes run in turn,
 the order rotating between repetitions; medians, ranges and the ratio to loky (cold to
-cold, warm to warm) are printed with the load average, and the CPU time of each child
+cold, warm to warm: of the medians, and the median of each repetition's own ratio, both
+measured back to back) are printed with the load average, and the CPU time of each child
 and every process it started, from its start to the end of the timed fit (steadier than
 wall time on a shared machine; it includes the imports and the warm-up fit of the "warm"
 modes).  Needs scikit-learn (the ``bench``
@@ -102,7 +103,7 @@ def main() -> None:
     modes = [m for m in MODES if m.partition("-")[0] in systems]
     if args.modes:
         modes = [m for m in MODES if m in args.modes.split(",")]
-    times: dict[str, list] = {m: [] for m in modes}
+    times: dict[str, list] = {m: [] for m in modes}  # per mode, in repetition order
     cpu: dict[str, list] = {m: [] for m in modes}  # CPU seconds of the child and all it started (_tree_cpu)
     scores = set()
     loads = [os.getloadavg()[0]]
@@ -126,14 +127,21 @@ def main() -> None:
           f"{len(PARAM_GRID['C']) * len(PARAM_GRID['gamma']) * FOLDS} fits on digits, n_jobs={args.jobs}, "
           f"{os.cpu_count()} CPUs; medians of {args.reps}; scikit-learn {sklearn.__version__}, "
           f"joblib {joblib.__version__}; load average {min(loads):.1f}-{max(loads):.1f}")
-    print("| mode | median s | range s | / loky (same warmth) | CPU s, whole process tree |")
-    print("|---|---|---|---|---|")
+    print("| mode | median s | range s | / loky (same warmth): medians | / loky: each repetition's | "
+          "CPU s, whole process tree |")
+    print("|---|---|---|---|---|---|")
     med = {m: statistics.median(v) for m, v in times.items()}
     for mode in modes:
         peer = "loky-" + mode.partition("-")[2]
-        ratio = f"{med[mode] / med[peer]:.2f}x" if mode.startswith("farpool") and peer in med else "-"
+        ratio = paired = "-"
+        if mode.startswith("farpool") and peer in med:
+            ratio = f"{med[mode] / med[peer]:.2f}x"
+            # both ran in the same repetition, back to back: the machine's drift between
+            # repetitions (tens of percent here) cancels out of each repetition's ratio
+            each = [a / b for a, b in zip(times[mode], times[peer])]
+            paired = f"{statistics.median(each):.2f}x ({', '.join(f'{r:.2f}' for r in each)})"
         print(f"| {mode} | {med[mode]:.2f} | {min(times[mode]):.2f}-{max(times[mode]):.2f} | {ratio} "
-              f"| {statistics.median(cpu[mode]):.1f} |")
+              f"| {paired} | {statistics.median(cpu[mode]):.1f} |")
     if len(scores) > 1:
         sys.exit(f"the modes found different best scores: {sorted(scores)}")
 

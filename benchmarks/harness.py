@@ -2,7 +2,7 @@
 """Side-by-side benchmark of farpool and its peers (issue 7).
 
     python benchmarks/harness.py [--quick] [--only farpool,mp_pool,...]
-                                 [--workloads startup,noop,...] [--json out.json]
+                                 [--workloads startup,noop,...] [--rounds N] [--json out.json]
 
 Each system runs in its own subprocess
 (``python benchmarks/harness.py --child SYSTEM --workloads ...``), which prints
@@ -10,6 +10,9 @@ one JSON line; this parent prints a markdown table of medians per workload per
 system and a table of ratios farpool/peer, with the machine, the versions and
 the git commit.  A peer that is not installed is reported as "not installed";
 a workload a system does not support, or that raised, as "n/a (reason)".
+With ``--rounds N`` every system runs N times, the order rotating between rounds, and
+each ratio is the median of the rounds' own ratios: this machine's speed drifts by tens of
+percent within minutes, and one child per system compares whatever minutes each ran in.
 A child that overruns its wall-clock budget is killed with every process it
 started, and the workloads it finished are still reported.
 
@@ -672,6 +675,54 @@ def run_child(system, workloads, args, cfg, tmpdir):
 
 # --- report -----------------------------------------------------------------
 
+def merge_rounds(results: list) -> dict:
+    """One system's children of several rounds as one result: each metric the median of the
+    rounds that have it (the rest of the first result that ran: notes, footprint by process)."""
+    import copy
+    import statistics
+    ran = [r for r in results if r.get("status") in ("ok", "partial")]
+    if not ran:
+        return results[0]
+    merged = copy.deepcopy(ran[0])
+    merged["wall_s"] = round(sum(r.get("wall_s", 0) for r in results), 2)
+    for w in list(merged.get("results") or {}):
+        ok = [r["results"][w] for r in ran if (r.get("results") or {}).get(w, {}).get("status") == "ok"]
+        if ok:  # the first round where it ran, if the first round's failed
+            merged["results"][w] = copy.deepcopy(ok[0])
+        wr = merged["results"][w]
+        for metric in list(wr.get("metrics") or {}):
+            values = [v for v in (_metric(r, w, metric) for r in ran) if v is not None]
+            if values:
+                wr["metrics"][metric] = statistics.median(values)
+    return merged
+
+
+def _metric(result: dict, workload: str, metric: str):
+    wr = ((result or {}).get("results") or {}).get(workload) or {}
+    if wr.get("status") != "ok":
+        return None
+    return (wr.get("metrics") or {}).get(metric)
+
+
+def _ratio_cell(report, workload, metric, peer, base) -> str:
+    """farpool / peer: the ratio of the medians; with several rounds the median of each
+    round's own ratio (both measured minutes apart at most), with their range."""
+    rounds = report.get("rounds")
+    if not rounds:
+        _, fv = fb.cell(report["systems"].get("farpool"), workload, metric)
+        _, pv = fb.cell(report["systems"].get(peer), workload, base or metric)
+        return f"{fv / pv:.2f}x" if (fv is not None and pv) else "–"
+    import statistics
+    ratios = []
+    for r in rounds:
+        fv, pv = _metric(r.get("farpool"), workload, metric), _metric(r.get(peer), workload, base or metric)
+        if fv is not None and pv:
+            ratios.append(fv / pv)
+    if not ratios:
+        return "–"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def render(report):
     cfg = report["sizes"]
     systems = report["order"]
@@ -688,8 +739,11 @@ def render(report):
     lines.append(f"- python: {m.get('python')} ({m.get('executable')})")
     lines.append("- versions: " + ", ".join(f"{k} {val or 'not installed'}" for k, val in v.items()))
     lines.append(f"- commit: {g['commit']}" + (" (+ uncommitted changes)" if g.get("dirty") else ""))
-    lines.append(f"- {cfg['workers']} workers per system; median of {cfg['reps']} repetition(s); "
-                 f"total wall {report['wall_s']:.1f} s")
+    n_rounds = len(report.get("rounds") or [None])
+    lines.append(f"- {cfg['workers']} workers per system; median of {cfg['reps']} repetition(s)"
+                 + (f" in each of {n_rounds} rounds (every system once per round, the order rotating; "
+                    "the medians below are the rounds' medians)" if n_rounds > 1 else "")
+                 + f"; total wall {report['wall_s']:.1f} s")
     lines.append("")
     lines.append("### Medians")
     lines.append("")
@@ -707,16 +761,16 @@ def render(report):
         lines.append("")
         lines.append("### Ratios farpool / peer")
         lines.append("")
+        if n_rounds > 1:
+            lines.append(f"The median of the {n_rounds} rounds' ratios (each round's farpool against "
+                         "the same round's peer), their range in brackets.")
+            lines.append("")
         lines.append("| workload | better | " + " | ".join(peers) + " |")
         lines.append("|---|---|" + "---|" * len(peers))
         for w, metric, label, unit, better, base in rows:
             if w not in report["workloads"] or metric == "procs" or better is None:
                 continue
-            _, fv = fb.cell(res.get("farpool"), w, metric)
-            cells = []
-            for p in peers:
-                _, pv = fb.cell(res.get(p), w, base or metric)
-                cells.append(f"{fv / pv:.2f}x" if (fv is not None and pv) else "–")
+            cells = [_ratio_cell(report, w, metric, p, base) for p in peers]
             if all(c == "–" for c in cells):
                 continue
             lines.append(f"| {label} | {better} | " + " | ".join(cells) + " |")
@@ -816,20 +870,33 @@ def parent_main(args):
         cfg["cpu_iters"], cfg["cpu_measured_s"] = fb.calibrate_spin(cfg["cpu_task_s"])
     report["sizes"] = cfg
     _become_subreaper()
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="farpool-bench-") as tmpdir:
-        for s in only:
-            print(f"[harness] {s} ...", file=sys.stderr, flush=True)
-            r = run_child(s, workloads, args, cfg, tmpdir)
-            report["systems"][s] = r
-            print(f"[harness] {s}: {r.get('status')} in {r.get('wall_s', 0):.1f} s"
-                  + (f" ({r.get('reason')})" if r.get("status") != "ok" else ""),
-                  file=sys.stderr, flush=True)
-            if args.keep_logs:
-                import shutil
-                os.makedirs(args.keep_logs, exist_ok=True)
-                for f in os.listdir(tmpdir):
-                    if f.startswith(s + "."):
-                        shutil.copy(os.path.join(tmpdir, f), args.keep_logs)
+        for k in range(args.rounds):
+            # each round runs every system once; the order rotates, so that no system always
+            # runs in the same part of the run (this machine's speed drifts within minutes)
+            order = only[k % len(only):] + only[:k % len(only)]
+            workdir = os.path.join(tmpdir, f"round{k + 1}")
+            os.makedirs(workdir)
+            rounds.append({})
+            for s in order:
+                tag = f"{s}" + (f" (round {k + 1} of {args.rounds})" if args.rounds > 1 else "")
+                print(f"[harness] {tag} ...", file=sys.stderr, flush=True)
+                r = run_child(s, workloads, args, cfg, workdir)
+                rounds[-1][s] = r
+                print(f"[harness] {tag}: {r.get('status')} in {r.get('wall_s', 0):.1f} s"
+                      + (f" ({r.get('reason')})" if r.get("status") != "ok" else ""),
+                      file=sys.stderr, flush=True)
+                if args.keep_logs:
+                    import shutil
+                    os.makedirs(args.keep_logs, exist_ok=True)
+                    for f in os.listdir(workdir):
+                        if f.startswith(s + "."):
+                            name = f if args.rounds == 1 else f"round{k + 1}.{f}"
+                            shutil.copy(os.path.join(workdir, f), os.path.join(args.keep_logs, name))
+    report["systems"] = rounds[0] if len(rounds) == 1 else {s: merge_rounds([r[s] for r in rounds]) for s in only}
+    if len(rounds) > 1:
+        report["rounds"] = rounds
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
     text = render(report)
     report["markdown"] = text
@@ -855,6 +922,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the full report (raw numbers) here")
     ap.add_argument("--workers", type=int, default=2, help="workers/CPUs per system (default 2)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, 1 with --quick)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every system this many times, the order rotating; ratios are then the "
+                         "median of each round's own (default 1)")
     ap.add_argument("--rep-budget", type=float, default=None,
                     help="stop repeating a measurement once one repetition ran past this (default 30 s)")
     ap.add_argument("--timeout", type=float, default=None,
@@ -870,6 +940,8 @@ def main(argv=None):
     ap.add_argument("--cpu-iters", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cpu-task-s", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.child:
         args.workloads = [w for w in (args.workloads or ",".join(fb.WORKLOADS)).split(",") if w]
         if args.workload_timeout is None:
