@@ -2,7 +2,7 @@
 
 The node agent forks the launcher first thing, before it creates a zmq
 context or a thread, so forking from the launcher is safe.  The launcher
-preloads the imports every worker needs (cloudpickle, zmq, the worker module;
+preloads the imports every worker needs (zmq, the worker module; cloudpickle and
 numpy once the first workers are out: see PRELOAD_LATER), then forks a worker
 per request in about a millisecond instead of paying 150-250 ms for a fresh
 interpreter.  It reaps its children and reports each exit (code or signal) to
@@ -35,12 +35,15 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 # Imported by the launcher once the agent's first workers (those it starts ahead of demand)
 # are forked, at the first spawn after them, so that every later worker (a replacement, a
-# pool's own, a new job's) has it loaded at fork.  The first workers are forked without
-# it: an idle cluster does not carry numpy (about 11 MB of each process's RSS here) and the
-# first result does not wait for its import; a first worker whose task uses numpy imports
-# it then (about 80 ms once, here).  Preloading it before the first fork instead costs
-# every idle worker its RSS and the start-up its import.
-PRELOAD_LATER = ("numpy",)
+# pool's own, a new job's) has them loaded at fork.  The first workers are forked without
+# them: an idle cluster does not carry numpy (about 11 MB of each process's RSS here) and the
+# first result does not wait for the imports; a first worker whose task uses numpy imports
+# it then (about 80 ms once, here).  cloudpickle likewise (with dataclasses and inspect, 14
+# ms of the launcher's CPU at every start, here): a worker needs it only to load a function
+# or value that travelled by value (a lambda, a closure, a notebook's), and pickle imports
+# it then.  Preloading them before the first fork instead costs every idle worker their RSS
+# and the start-up their imports.
+PRELOAD_LATER = ("cloudpickle", "numpy")
 
 # Imported by the agent's process before it forks the launcher (and the embedded head): what
 # the agent, the head and every worker all load (zmq, pickle, logging and farpool's wire
@@ -172,7 +175,6 @@ def _run(sock: socket.socket) -> None:
         os.environ[var] = "1"
     common = None  # the agent's ("config", ...), its first message
     # Preload what every worker imports, once, here (PRELOAD_LATER: see there).
-    import cloudpickle  # noqa: F401
     from farpool._private import worker as worker_module  # noqa: F401
     preload_later = list(PRELOAD_LATER)
     _settle()

@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from farpool._private import object_ref
@@ -80,17 +79,18 @@ def _identity(caller: tuple | None) -> bytes | None:
     return identity
 
 
-@dataclass
 class _Batch:
-    """An ExecuteTask message being worked through: the tasks not yet run, the results so far."""
-    reply: object
-    caller: tuple | None
-    store_results: bool          # large results go into this node's store (the caller maps or copies them)
-    direct: bool                 # from an owner on this machine (not relayed by the agent)
-    pending: deque               # (TaskSpec, arg buffers, ref buffers): see task_args.split_batch
-    channel: object = None       # the local owner's StreamChannel (None: relayed by the agent)
-    results: list = field(default_factory=list)
-    out_buffers: list = field(default_factory=list)
+    """An ExecuteTask message being worked through: the tasks not yet run, the results so far
+    (not a dataclass: dataclasses and inspect would cost the launcher and idle workers)."""
+    __slots__ = ("reply", "caller", "store_results", "direct", "pending", "channel", "results", "out_buffers")
+
+    def __init__(self, reply, caller: tuple | None, store_results: bool, direct: bool, pending: deque, channel=None):
+        self.reply, self.caller = reply, caller
+        self.store_results = store_results  # large results go into this node's store (the caller maps or copies them)
+        self.direct = direct                # from an owner on this machine (not relayed by the agent)
+        self.pending = pending              # (TaskSpec, arg buffers, ref buffers): see task_args.split_batch
+        self.channel = channel              # the local owner's StreamChannel (None: relayed by the agent)
+        self.results, self.out_buffers = [], []
 
 
 class Worker:

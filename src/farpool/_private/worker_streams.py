@@ -28,9 +28,9 @@ watched callers under ``lock``.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
+import types
 from collections import OrderedDict
 
 from farpool._private import object_ref, protocol, transport
@@ -251,7 +251,7 @@ class WorkerStreams:
         """Iterate ``gen`` (async or not) on an async actor's event loop."""
         import asyncio  # (here: asyncio brings ssl, about 6 MB, into every worker that never needs it)
         loop = asyncio.get_running_loop()
-        is_async = inspect.isasyncgen(gen)
+        is_async = isinstance(gen, types.AsyncGeneratorType)
         step = None if is_async else _stepper(gen, name)
         producer = self._begin(task_id, spec, caller, self._send_soon)
         index = 0
@@ -298,9 +298,9 @@ def _count(index: int, spec: protocol.StreamSpec, name: str) -> int:
 def _stepper(gen, name: str):
     """A callable that makes the next item (StopIteration at the end) of a generator, or of an
     async generator run step by step on an event loop of its own."""
-    if inspect.isgenerator(gen):
+    if isinstance(gen, types.GeneratorType):
         return gen.__next__
-    if inspect.isasyncgen(gen):
+    if isinstance(gen, types.AsyncGeneratorType):
         return _AsyncStepper(gen)
     if hasattr(gen, "__next__"):  # an iterator returned by a num_returns="streaming" function
         return gen.__next__
@@ -336,7 +336,7 @@ def _close(gen, step=None) -> None:
     try:
         if isinstance(step, _AsyncStepper):
             step.close()
-        elif inspect.isgenerator(gen):
+        elif isinstance(gen, types.GeneratorType):
             gen.close()
     except Exception:  # noqa: BLE001 - its cleanup raising must not hide how the stream ended
         pass
