@@ -649,22 +649,23 @@ class Head(ActorsPart):
             self.store.close()
 
 
+OPTIONS = [
+    session.Option("--session-dir", required=True),
+    session.Option("--host", help="also listen on TCP at this address"),
+    session.Option("--advertise-host", help="the address others connect to, when --host is 0.0.0.0 (default: --host)"),
+    session.Option("--port", int, default=0),
+    session.Option("--embedded", bool),
+    session.Option("--lifeline", bool, help="exit when stdin closes"),
+    session.Option("--dashboard-host", help="where the dashboard listens (default 127.0.0.1)"),
+    session.Option("--dashboard-port", int, default=0),
+    session.Option("--no-dashboard", bool),
+    session.Option("--db", help="keep the tables in this SQLite file (and start from it)"),
+    session.Option("--restore", bool, help="the database comes from another machine or boot: its port may be taken"),
+]
+
+
 def main(argv=None) -> int:
-    parser = session.argument_parser("farpool-head")
-    parser.add_argument("--session-dir", required=True)
-    parser.add_argument("--host", default=None, help="also listen on TCP at this address")
-    parser.add_argument("--advertise-host", default=None,
-                        help="the address others connect to, when --host is 0.0.0.0 (default: --host)")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--embedded", action="store_true")
-    parser.add_argument("--lifeline", action="store_true", help="exit when stdin closes")
-    parser.add_argument("--dashboard-host", default=None, help="where the dashboard listens (default 127.0.0.1)")
-    parser.add_argument("--dashboard-port", type=int, default=0)
-    parser.add_argument("--no-dashboard", action="store_true")
-    parser.add_argument("--db", default=None, help="keep the tables in this SQLite file (and start from it)")
-    parser.add_argument("--restore", action="store_true",
-                        help="the database comes from another machine or boot: its port may be taken")
-    args = parser.parse_args(argv)
+    args = session.parse_options("farpool-head", OPTIONS, argv)
     session.set_process_name("farpool-head")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = os.environ.pop("FARPOOL_TOKEN", "")

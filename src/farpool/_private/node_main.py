@@ -32,27 +32,23 @@ import sys
 from farpool._private import launcher, session
 
 
-def parser():
-    parser = session.argument_parser("farpool-node")  # (argparse: after the launcher is forked)
-    parser.add_argument("--session-dir", required=True)
-    parser.add_argument("--head-address", required=True, help="ipc://... or HOST:PORT")
-    parser.add_argument("--node-id", required=True)
-    parser.add_argument("--num-cpus", type=float, default=None,
-                        help="default: the CPUs this process may use, as loky.cpu_count() counts them")
-    parser.add_argument("--num-gpus", type=float, default=None, help="default: the GPUs detected")
-    parser.add_argument("--resources", default="{}")
-    parser.add_argument("--object-store-memory", type=float, default=None)
-    parser.add_argument("--memory", type=float, default=None, help="bytes of memory tasks may reserve")
-    parser.add_argument("--spill-dir", default=None,
-                        help="where objects spill when the store is full (default: the session directory)")
-    parser.add_argument("--host", default=None, help="also listen on TCP at this address")
-    parser.add_argument("--node-ip", default=None,
-                        help="the address registered for others to connect to (default: --host)")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--embedded", action="store_true")
-    parser.add_argument("--head-node", action="store_true")
-    parser.add_argument("--lifeline", action="store_true")
-    return parser
+OPTIONS = [
+    session.Option("--session-dir", required=True),
+    session.Option("--head-address", required=True, help="ipc://... or HOST:PORT"),
+    session.Option("--node-id", required=True),
+    session.Option("--num-cpus", float, help="default: the CPUs this process may use, as loky.cpu_count() counts them"),
+    session.Option("--num-gpus", float, help="default: the GPUs detected"),
+    session.Option("--resources", default="{}"),
+    session.Option("--object-store-memory", float),
+    session.Option("--memory", float, help="bytes of memory tasks may reserve"),
+    session.Option("--spill-dir", help="where objects spill when the store is full (default: the session directory)"),
+    session.Option("--host", help="also listen on TCP at this address"),
+    session.Option("--node-ip", help="the address registered for others to connect to (default: --host)"),
+    session.Option("--port", int, default=0),
+    session.Option("--embedded", bool),
+    session.Option("--head-node", bool),
+    session.Option("--lifeline", bool),
+]
 
 
 def main(argv=None) -> int:
@@ -70,9 +66,12 @@ def main(argv=None) -> int:
                               close_in_child=(ready_fd, head_ready_fd))
     if head_announce_fd is not None:
         os.close(head_announce_fd)  # the head's: it closes its own once bound
-    # Fork the launcher before any zmq context or thread exists, and before argparse (see start).
+    # Fork the launcher before any zmq context or thread exists, and before argparse might be
+    # imported (see start).
     launcher_pid, launcher_sock = launcher.start(close_in_child=(ready_fd, head_ready_fd))
-    args = parser().parse_args(argv)  # (on an error it exits: the launcher sees EOF and exits too)
+    # (after the launcher is forked: on an error argparse answers and we exit, the launcher
+    # sees EOF and exits too)
+    args = session.parse_options("farpool-node", OPTIONS, argv)
     launcher.configure(launcher_sock, {
         "session_dir": args.session_dir, "node_id": args.node_id,
         "agent_address": session.ipc(args.session_dir, "node"),

@@ -336,13 +336,71 @@ def set_command_line(words: list[str]) -> None:
         pass
 
 
-def argument_parser(prog: str):
-    """An ``argparse.ArgumentParser`` for a runtime process's own arguments (the head, the node
-    agent), whose help is 100 columns wide: argparse would import shutil (with bz2 and lzma,
-    about 0.6 MB of the process's RSS) to ask the terminal, which these processes never have."""
+class Option:
+    """One option of a runtime process's command line (``parse_options``): ``--flag VALUE``
+    converted by ``type`` (str, int, float), or a switch (``type=bool``: present or not)."""
+    __slots__ = ("flag", "type", "default", "required", "help")
+
+    def __init__(self, flag: str, type=str, default=None, required: bool = False, help: str | None = None):
+        self.flag, self.type, self.default, self.required, self.help = flag, type, default, required, help
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+
+def parse_options(prog: str, options: list, argv: list[str] | None = None):
+    """A runtime process's own arguments (the head's, the node agent's), as a namespace with an
+    attribute per option.  Our own code writes these command lines (runtime.py, cli.py), so
+    the usual ``--flag VALUE``, ``--flag=VALUE`` and switches are read here directly: argparse
+    cost each of these processes 12-15 ms of CPU at every start (its import, and gettext
+    looking for message catalogs on disk for its headings), on two cores that the head, the
+    agent, the launcher and the driver share while they start.  Anything else (``--help``, an
+    abbreviation, an unknown option, a missing or bad value) goes to argparse, built from the
+    same options, which answers as it always did (the help, or the error and exit status 2)."""
+    import types
+    argv = sys.argv[1:] if argv is None else list(argv)
+    by_flag = {option.flag: option for option in options}
+    given = {}
+    i = 0
+    try:
+        while i < len(argv):
+            flag, eq, value = argv[i].partition("=")
+            option = by_flag[flag]
+            if option.type is bool:
+                if eq:
+                    raise ValueError(argv[i])
+                given[option.dest] = True
+                i += 1
+                continue
+            if not eq:
+                value = argv[i + 1]
+                if value.startswith("--"):
+                    raise ValueError(value)
+            i += 1 if eq else 2
+            given[option.dest] = option.type(value)
+        if any(option.required and option.dest not in given for option in options):
+            raise ValueError("missing")
+    except (KeyError, IndexError, ValueError):
+        return argument_parser(prog, options).parse_args(argv)
+    return types.SimpleNamespace(**{option.dest: given.get(option.dest, False if option.type is bool else option.default)
+                                    for option in options})
+
+
+def argument_parser(prog: str, options: list = ()):
+    """An ``argparse.ArgumentParser`` of ``options`` for a runtime process, whose help is 100
+    columns wide: argparse would import shutil (with bz2 and lzma, about 0.6 MB of the
+    process's RSS) to ask the terminal, which these processes never have."""
     import argparse
     import functools
-    return argparse.ArgumentParser(prog=prog, formatter_class=functools.partial(argparse.HelpFormatter, width=100))
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=functools.partial(argparse.HelpFormatter, width=100))
+    for option in options:
+        if option.type is bool:
+            parser.add_argument(option.flag, action="store_true", help=option.help)
+        else:
+            parser.add_argument(option.flag, type=option.type, default=option.default, required=option.required,
+                                help=option.help)
+    return parser
 
 
 # Set by a launcher whose scheduler signals every process of a job at once (SLURM: SIGTERM at the
