@@ -685,11 +685,12 @@ def merge_rounds(results: list) -> dict:
         return results[0]
     merged = copy.deepcopy(ran[0])
     merged["wall_s"] = round(sum(r.get("wall_s", 0) for r in results), 2)
-    for w in list(merged.get("results") or {}):
+    merged["results"] = results_of = merged.get("results") or {}
+    for w in dict.fromkeys(w for r in ran for w in (r.get("results") or {})):  # every round's, in order
         ok = [r["results"][w] for r in ran if (r.get("results") or {}).get(w, {}).get("status") == "ok"]
-        if ok:  # the first round where it ran, if the first round's failed
-            merged["results"][w] = copy.deepcopy(ok[0])
-        wr = merged["results"][w]
+        if ok:  # the first round where it ran, if the first round's failed or never got to it
+            results_of[w] = copy.deepcopy(ok[0])
+        wr = results_of.get(w) or {}
         for metric in list(wr.get("metrics") or {}):
             values = [v for v in (_metric(r, w, metric) for r in ran) if v is not None]
             if values:

@@ -54,3 +54,9 @@ def test_a_round_that_failed_a_workload_is_left_out(harness):
 def test_a_workload_failed_in_the_first_round_is_taken_from_the_next(harness):
     merged = harness.merge_rounds([child(None, status="error"), child(80), child(70)])
     assert merged["results"]["noop"] == {"status": "ok", "metrics": {"tasks_per_s": 75}}
+
+
+def test_a_workload_the_first_round_never_reached_is_taken_from_the_next(harness):
+    crashed = {"status": "partial", "wall_s": 1.0, "results": {}}  # the child died before "noop"
+    merged = harness.merge_rounds([crashed, child(80), child(60)])
+    assert merged["results"]["noop"] == {"status": "ok", "metrics": {"tasks_per_s": 70}}
