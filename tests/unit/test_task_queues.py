@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from farpool._private.task_queues import (MAX_LEASE_REQUESTS, MAX_PIPELINE_DEPTH, MIN_PIPELINE_DEPTH, PIPELINE_BUDGET_S,
-                                          KeyQueue, LeaseState, RemoteFunctionInfo, TaskQueues, TaskRecord,
+from farpool._private.task_queues import (MAX_LEASE_REQUESTS, MAX_PIPELINE_DEPTH, MID_TASK_S, MIN_PIPELINE_DEPTH,
+                                          PIPELINE_BUDGET_S, KeyQueue, LeaseState, RemoteFunctionInfo, TaskQueues, TaskRecord,
                                           TaskState)
 
 FN = RemoteFunctionInfo("f", b"h", b"")
@@ -92,7 +92,8 @@ def test_a_short_queue_goes_one_task_per_worker_and_a_deep_one_pipelines(queues)
 
 
 @pytest.mark.parametrize("run_s, depth", [(1e-6, MAX_PIPELINE_DEPTH), (0.0005, MIN_PIPELINE_DEPTH),
-                                          (0.0019, MIN_PIPELINE_DEPTH), (0.002, 1), (0.5, 1)])
+                                          (0.0019, MIN_PIPELINE_DEPTH), (0.002, 2), (MID_TASK_S * 0.99, 2),
+                                          (MID_TASK_S, 1), (0.5, 1)])
 def test_the_pipeline_holds_what_runs_in_its_time_budget_within_bounds(queues, run_s, depth):
     lease(queues, 1)
     (t,) = submit(queues, 1)
@@ -109,6 +110,29 @@ def test_long_tasks_are_never_pipelined(queues):
     submit(queues, 10)
     plan = dispatch(queues)
     assert [len(b) for _, b in plan.sends] == [1]
+
+
+def test_a_task_of_a_few_milliseconds_waits_on_its_worker_behind_the_running_one(queues):
+    # (not a round trip to the caller after each: a busy caller answers late, up to the 5 ms
+    # GIL switch interval; every 3 ms chunk of a Pool.map waited ~1 ms for it)
+    l1, l2 = lease(queues, 1), lease(queues, 2)
+    first = submit(queues, 2)
+    dispatch(queues)
+    for t in first:
+        finish(queues, t, run_s=0.003)
+    assert queues.keys[KEY].depth == 2
+    submit(queues, 2)
+    assert sorted(len(b) for _, b in dispatch(queues).sends) == [1, 1]
+    # One more task with both workers busy: a backlog (3 tasks, 2 workers) although only one
+    # task is queued; it goes behind a running one at once.
+    (third,) = submit(queues, 1)
+    plan = dispatch(queues)
+    assert [b for _, b in plan.sends] == [[third]] and third.lease in (l1, l2)
+    # ... and no deeper: with a task behind each running one, the rest wait here.
+    fourth, fifth = submit(queues, 2)
+    plan = dispatch(queues)
+    assert [b for _, b in plan.sends] == [[fourth]] and fourth.lease is not third.lease
+    assert [len(l.inflight) for l in (l1, l2)] == [2, 2] and list(queues.keys[KEY].queue) == [fifth]
 
 
 def test_lease_requests_are_capped_per_shape(queues):

@@ -42,6 +42,13 @@ MAX_PIPELINE_DEPTH = 256
 PIPELINE_BUDGET_S = 0.002
 # Tasks whose measured run time is below this are "short" and get pipelined.
 SHORT_TASK_S = 0.002
+# Tasks below this (but not short) get one task queued behind the running one in a deep
+# backlog: the worker starts it at once instead of waiting a round trip to this process,
+# which is ~0.1 ms when the caller is idle but up to the 5 ms GIL switch interval when a
+# user thread keeps it busy (a map pickling its chunks: every chunk of 3 ms then waited
+# ~1 ms).  Longer tasks go one at a time: a round trip is little beside them, and a task
+# never waits behind a long one.
+MID_TASK_S = 0.05
 # Lease requests in flight per resource shape at most (each may bring a worker).
 MAX_LEASE_REQUESTS = 64
 # max_retries / max_task_retries / max_restarts of -1: no limit, as in Ray.
@@ -203,10 +210,12 @@ class TaskQueues:
             with self.lock:  # ours again (unless a caller thread took it first: then it is claimed)
                 self.parked.pop(key, None)
         if q and kq.leases:
-            # Pipeline (depth > 1) only into a deep backlog; a short queue goes one task per
-            # worker so that a few long tasks never wait behind each other.
+            # Pipeline (depth > 1) only into a deep backlog (more tasks queued and running than
+            # the workers run at once); a few tasks go one per worker, so that a few long ones
+            # never wait behind each other.
             slots = self._worker_slots(kq, cluster_cpus())
-            depth = 1 if len(q) <= slots else min(kq.depth, -(-len(q) // slots))
+            backlog = len(q) + sum(len(lease.inflight) for lease in kq.leases)
+            depth = 1 if backlog <= slots else min(kq.depth, -(-backlog // slots))
             batches: dict = {}
             leases = sorted((lease for lease in kq.leases if not lease.claimed), key=lambda l: len(l.inflight))
             progress = True
@@ -434,7 +443,7 @@ class TaskQueues:
             kq = self.keys.get(lease.key) if task.actor_id is None else None
             if kq is not None:
                 avg = kq.avg_run_s = run_s if kq.avg_run_s is None else 0.8 * kq.avg_run_s + 0.2 * run_s
-                kq.depth = 1 if avg >= SHORT_TASK_S else \
+                kq.depth = 1 if avg >= MID_TASK_S else 2 if avg >= SHORT_TASK_S else \
                     max(MIN_PIPELINE_DEPTH, min(MAX_PIPELINE_DEPTH, int(PIPELINE_BUDGET_S / max(avg, 1e-9))))
         return task
 
