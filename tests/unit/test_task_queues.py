@@ -9,9 +9,9 @@ import types
 
 import pytest
 
-from farpool._private.task_queues import (MAX_LEASE_REQUESTS, MAX_PIPELINE_DEPTH, MID_TASK_S, MIN_PIPELINE_DEPTH,
-                                          PIPELINE_BUDGET_S, KeyQueue, LeaseState, RemoteFunctionInfo, TaskQueues, TaskRecord,
-                                          TaskState)
+from farpool._private.task_queues import (MAX_LEASE_REQUESTS, MAX_PIPELINE_DEPTH, MID_PIPELINE_DEPTH, MID_TASK_S,
+                                          MIN_PIPELINE_DEPTH, PIPELINE_BUDGET_S, KeyQueue, LeaseState,
+                                          RemoteFunctionInfo, TaskQueues, TaskRecord, TaskState)
 
 FN = RemoteFunctionInfo("f", b"h", b"")
 KEY = ((("CPU", 10000),), None, "DEFAULT")
@@ -92,7 +92,8 @@ def test_a_short_queue_goes_one_task_per_worker_and_a_deep_one_pipelines(queues)
 
 
 @pytest.mark.parametrize("run_s, depth", [(1e-6, MAX_PIPELINE_DEPTH), (0.0005, MIN_PIPELINE_DEPTH),
-                                          (0.0019, MIN_PIPELINE_DEPTH), (0.002, 2), (MID_TASK_S * 0.99, 2),
+                                          (0.0019, MIN_PIPELINE_DEPTH), (0.002, MID_PIPELINE_DEPTH),
+                                          (MID_TASK_S * 0.99, MID_PIPELINE_DEPTH),
                                           (MID_TASK_S, 1), (0.5, 1)])
 def test_the_pipeline_holds_what_runs_in_its_time_budget_within_bounds(queues, run_s, depth):
     lease(queues, 1)
@@ -120,7 +121,7 @@ def test_a_task_of_a_few_milliseconds_waits_on_its_worker_behind_the_running_one
     dispatch(queues)
     for t in first:
         finish(queues, t, run_s=0.003)
-    assert queues.keys[KEY].depth == 2
+    assert queues.keys[KEY].depth == MID_PIPELINE_DEPTH == 2
     submit(queues, 2)
     assert sorted(len(b) for _, b in dispatch(queues).sends) == [1, 1]
     # One more task with both workers busy: a backlog (3 tasks, 2 workers) although only one
@@ -133,6 +134,33 @@ def test_a_task_of_a_few_milliseconds_waits_on_its_worker_behind_the_running_one
     plan = dispatch(queues)
     assert [b for _, b in plan.sends] == [[fourth]] and fourth.lease is not third.lease
     assert [len(l.inflight) for l in (l1, l2)] == [2, 2] and list(queues.keys[KEY].queue) == [fifth]
+
+
+def test_a_task_starts_now_on_an_idle_worker_or_behind_a_running_one_when_not_short(queues):
+    assert not queues.starts_now(KEY)  # no lease yet
+    l1, l2 = lease(queues, 1), lease(queues, 2)
+    assert queues.starts_now(KEY)  # idle workers
+    first = submit(queues, 2)
+    dispatch(queues)
+    assert not queues.starts_now(KEY)  # both busy, depth 1 (nothing measured yet)
+    for t in first:
+        finish(queues, t, run_s=0.003)
+    running = submit(queues, 2)
+    dispatch(queues)
+    assert queues.starts_now(KEY)  # tasks of 3 ms: room for one behind each running one
+    behind = submit(queues, 2)
+    dispatch(queues)
+    assert [len(l.inflight) for l in (l1, l2)] == [2, 2]
+    assert not queues.starts_now(KEY)  # two on each
+    for t in running:
+        finish(queues, t, run_s=0.0001)  # short now: a deep pipeline, filled in batches
+    assert queues.keys[KEY].depth > MID_PIPELINE_DEPTH
+    assert not queues.starts_now(KEY)  # one on each: neither is idle
+    for t in behind:
+        finish(queues, t, run_s=0.0001)
+    assert queues.starts_now(KEY)
+    l1.claimed = l2.claimed = True
+    assert not queues.starts_now(KEY)  # a claimed lease is a caller's, not free
 
 
 def test_lease_requests_are_capped_per_shape(queues):

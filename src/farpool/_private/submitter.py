@@ -162,26 +162,12 @@ class Submitter(ClientPart):
         # only picks the other way, and both keep the calls' order.)
         if actor_id is not None and self.c.actor_calls.idle(actor_id) and self.loop.run_here(self.on_submit, task):
             return refs
-        # A task that goes to a worker now is handed over by this thread when the loop thread
-        # sleeps (see _starts_now); the rest are queued for the loop thread, in batches.
-        if actor_id is None and self._starts_now(key) and self.loop.run_here(self.on_submit, task):
+        # A task that goes to a worker at once is handed over by this thread when the loop thread
+        # sleeps (see TaskQueues.starts_now); the rest are queued for the loop thread, in batches.
+        if actor_id is None and self.queues.starts_now(key) and self.loop.run_here(self.on_submit, task):
             return refs
         self.loop.call_soon(self.on_submit, task)
         return refs
-
-    def _starts_now(self, key) -> bool:
-        """(user thread: a look without the lock; a stale answer only picks the other way) Would
-        a task of ``key`` go to a worker now?  This thread then hands it over itself: the loop
-        thread, woken for it, waits for the GIL, which a thread going on submitting (a map
-        pickling its next chunks) keeps for up to the 5 ms switch interval, while the worker
-        waits.  That is when a leased worker has nothing to do, or, for tasks too long to batch
-        (a pipeline of at most 2, see task_queues.MID_TASK_S), room for one behind its running
-        one.  Short tasks go through the loop thread, in batches."""
-        kq = self.queues.keys.get(key)
-        if kq is None:
-            return False
-        room = kq.depth if kq.depth <= 2 else 1
-        return any(len(lease.inflight) < room and not lease.claimed for lease in kq.leases)
 
     def _known_key(self, key: tuple) -> tuple:
         if len(self._keys) >= _MAX_KEYS:  # (shapes made afresh per call: the table stays small)

@@ -49,6 +49,7 @@ SHORT_TASK_S = 0.002
 # ~1 ms).  Longer tasks go one at a time: a round trip is little beside them, and a task
 # never waits behind a long one.
 MID_TASK_S = 0.05
+MID_PIPELINE_DEPTH = 2
 # Lease requests in flight per resource shape at most (each may bring a worker).
 MAX_LEASE_REQUESTS = 64
 # max_retries / max_task_retries / max_restarts of -1: no limit, as in Ray.
@@ -443,7 +444,7 @@ class TaskQueues:
             kq = self.keys.get(lease.key) if task.actor_id is None else None
             if kq is not None:
                 avg = kq.avg_run_s = run_s if kq.avg_run_s is None else 0.8 * kq.avg_run_s + 0.2 * run_s
-                kq.depth = 1 if avg >= MID_TASK_S else 2 if avg >= SHORT_TASK_S else \
+                kq.depth = 1 if avg >= MID_TASK_S else MID_PIPELINE_DEPTH if avg >= SHORT_TASK_S else \
                     max(MIN_PIPELINE_DEPTH, min(MAX_PIPELINE_DEPTH, int(PIPELINE_BUDGET_S / max(avg, 1e-9))))
         return task
 
@@ -463,6 +464,20 @@ class TaskQueues:
                 self.parked[lease.key] = lease
 
     # ------------------------------------------------------------------ the fast path
+    def starts_now(self, key) -> bool:
+        """(user thread: a look without the lock; a stale answer only picks the other way) Would
+        a task of ``key`` go to a worker at once?  When a leased worker has nothing to do, or,
+        for tasks too long to batch (a pipeline of at most MID_PIPELINE_DEPTH), room behind its
+        running one.  The submitting thread then hands the task over itself (Submitter.submit):
+        the loop thread, woken for it, waits for the GIL, which a thread going on submitting (a
+        map pickling its next chunks) keeps for up to the 5 ms switch interval.  Short tasks go
+        through the loop thread, in batches."""
+        kq = self.keys.get(key)
+        if kq is None:
+            return False
+        room = kq.depth if kq.depth <= MID_PIPELINE_DEPTH else 1
+        return any(len(lease.inflight) < room and not lease.claimed for lease in kq.leases)
+
     def take_parked(self, key, task: TaskRecord) -> LeaseState | None:
         """(user thread) Claim the idle lease of ``key`` parked for a caller's next task, and
         record ``task`` in flight on it, before the caller sends it: its result may come back
