@@ -382,7 +382,8 @@ def cancel(ref, *, force: bool = False, recursive: bool = True) -> None:
 
 # ---------------------------------------------------------------------- introspection
 def nodes() -> list[dict]:
-    """Every node the head knows: ids, address, liveness, resources, workers, actors, store use.
+    """Every node the head knows: ids, address, liveness (and ``draining``: ``farpool stop
+    --node`` runs, it takes no new tasks), resources, workers, actors, store use.
 
     ``object_store_memory`` in a node's resources is its store's capacity (total) and its
     free bytes (available), as of the node's last heartbeat (at most a second old).
@@ -396,7 +397,7 @@ def nodes() -> list[dict]:
             total["object_store_memory"] = float(store["capacity"])
             available["object_store_memory"] = float(max(0, store["capacity"] - store["used"]))
         out.append({"node_id": n["node_id"], "address": n.get("tcp") or n.get("ipc"), "alive": n["alive"],
-                    "hostname": n.get("hostname"),
+                    "draining": bool(n["alive"] and n.get("draining")), "hostname": n.get("hostname"),
                     "resources_total": total, "resources_available": available,
                     "workers": n.get("stats", {}).get("workers"), "actors": n.get("actors", 0),
                     "object_store": store,

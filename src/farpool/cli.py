@@ -465,11 +465,24 @@ def _stop_node(args, state: dict) -> int:
         raise ValueError(f"node {node['node_id'][:8]} is the head's own node: it stops with the head "
                          "(`farpool stop` without --node stops the whole cluster started here)")
     drained = _drain([(node["pid"], node["session_dir"])], args.drain_timeout)
+    timed_out = _drain_timeout_said(node["session_dir"])  # (its log goes with its session directory)
     session.remove_session(node["session_dir"])
     state["nodes"] = [n for n in state["nodes"] if n is not node]
     session.write_state(state)
-    print(f"farpool node {node['node_id'][:8]} " + ("drained and stopped" if drained else "was not running"))
+    print(f"farpool node {node['node_id'][:8]} " + ("drained and stopped" if drained else "was not running")
+          + (f"; it said: {timed_out}" if timed_out else ""))
     return 0
+
+
+def _drain_timeout_said(session_dir: str) -> str:
+    """What a node agent logged when its drain reached the timeout (what it stopped without
+    waiting for: node_drain.py), else ""."""
+    try:
+        with open(os.path.join(session_dir, "node.log"), errors="replace") as f:
+            said = [line for line in f if "at the drain timeout" in line]
+    except OSError:
+        return ""
+    return said[-1].split(" WARNING ", 1)[-1].strip() if said else ""
 
 
 def _current_node_id(node: dict) -> str:

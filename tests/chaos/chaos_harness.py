@@ -58,6 +58,9 @@ NODE_TIMEOUT_S = 4.0
 SLOW_S = 10.0
 # Seconds a drained node waits for its running tasks (farpool stop --drain-timeout).
 DRAIN_TIMEOUT_S = 10.0
+# Seconds without faults at the start (the cluster warms up) and after the last fault (the
+# last results come in, so the recovery from it is seen).
+QUIET_S = 3.0
 # Node agents besides the head's node; a killed one is replaced by a new one.
 NODES = 3
 # Elements of the arrays moved between nodes (8 bytes each): 4 MB, over the size kept inline.
@@ -106,7 +109,7 @@ class Fault:
 
 
 def fault_plan(seed: int, seconds: float, worker_every_s: float = 6.0, node_every_s: float = 20.0,
-               drain_every_s: float = 30.0, quiet_s: float = 3.0) -> list[Fault]:
+               drain_every_s: float = 30.0, quiet_s: float = QUIET_S) -> list[Fault]:
     """Faults for a run of ``seconds``: worker kills, node kills and node drains at exponential
     intervals of the given means, and one head kill in the middle half; none in the first and
     last ``quiet_s`` seconds (the cluster warms up; the last results come in)."""
@@ -218,6 +221,7 @@ class Chaos:
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.rng = random.Random(seed)  # the workload's own choices (sizes, nodes)
+        self.last_fault_done = 0.0  # (monotonic) when the last fault injected so far was done
 
     # ------------------------------------------------------------------ checks
     def check(self, what: str, call, expected, tasks: int = 1):
@@ -332,6 +336,7 @@ class Chaos:
             self.log(f"  fault at {at - started:6.2f} s: {fault.kind}: {what}")
             with self.lock:
                 self.report.faults.append((fault, at, what))
+            self.last_fault_done = time.monotonic()
 
     # (The cluster reaches the victims: on loopback by pid, on hosts of their own
     # (farpool_testing.HostsCluster) by a command run on the victim's host.)
@@ -354,11 +359,12 @@ class Chaos:
         agents = self.cluster.alive_agents()
         agent = agents[pick % len(agents)]
         started = time.monotonic()
-        self.cluster.drain_node(agent, "--drain-timeout", str(DRAIN_TIMEOUT_S))
+        out = self.cluster.drain_node(agent, "--drain-timeout", str(DRAIN_TIMEOUT_S))
         took = time.monotonic() - started
         self.cluster.add_node(*self.node_args)
+        said = out.stdout.partition("; it said: ")[2].strip()  # (a drain that reached its timeout: why)
         return (f"drained node {agent['node_id'][:8]} (pid {agent['pid']}{_on(agent)}) in {took:.1f} s; "
-                "a new node joined")
+                f"a new node joined" + (f" (the node said: {said})" if said else ""))
 
     def _kill_head(self, pick: int) -> str:
         pid = self.cluster.kill_head()
@@ -406,8 +412,15 @@ class Chaos:
         injector = threading.Thread(target=self.inject, args=(plan, started), name="chaos-faults", daemon=True)
         injector.start()
         self.stop.wait(self.seconds)
-        self.stop.set()
+        # The whole plan lands under load: faults that started late (one before them took long,
+        # as a drain may, up to its timeout) still run, and the workload goes on QUIET_S after
+        # the last of them.
         injector.join(timeout=CALL_TIMEOUT_S)
+        if injector.is_alive():
+            self.fail(f"the fault injector did not finish its plan within {CALL_TIMEOUT_S:.0f} s of the end (a hang)")
+        else:
+            self.stop.wait(max(0.0, self.last_fault_done + QUIET_S - time.monotonic()))
+        self.stop.set()
         for t in workloads:
             t.join(timeout=CALL_TIMEOUT_S + 10)
             if t.is_alive():

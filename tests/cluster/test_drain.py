@@ -138,6 +138,34 @@ def test_a_task_that_outlives_the_drain_timeout_is_retried_elsewhere(started, ga
     gate.open()
     value, node = farpool.get(ref, timeout=TIMEOUT)
     assert value == "late" and node != second and line_count(log_path) == 2
+    # farpool stop says, in the node's words, what it stopped without: the first run's lease.
+    first_pid = int(line_count_values(log_path)[0])
+    said = out["result"].stdout
+    assert "drained and stopped; it said: draining: stopping at the drain timeout with 1 lease(s) still held" in said
+    assert f"on worker {first_pid})" in said, said
+
+
+def test_soft_affinity_to_a_draining_node_runs_elsewhere_without_waiting_for_it(started, gate, tmp_path):
+    """NodeAffinity(soft=True) to a node that drains runs elsewhere while the node still drains:
+    a task whose lease request waited there already (no room) and one submitted afterwards."""
+    head, second, third = three_nodes(started)
+    log_path = tmp_path / "runs"
+    running = [farpool.remote(gated).options(max_retries=0, **on(second)).remote(gate.path, str(log_path), value)
+               for value in "ab"]
+    gate.wait_arrivals(2)  # both CPUs of the second node busy until the gate opens: it drains until then
+    elsewhere = farpool.remote(runs_logged).options(num_cpus=0.5, **on(second))
+    waited = elsewhere.remote(str(tmp_path / "waited"), "waited")  # (its lease request waits there: no room)
+    thread, out = stop_in_background(second, "--drain-timeout", str(4 * TIMEOUT))
+    wait_until(lambda: any(n["node_id"] == second and n.get("draining") for n in farpool.nodes()), "the node drains")
+    later = elsewhere.remote(str(tmp_path / "later"), "later")
+    results = farpool.get([waited, later], timeout=TIMEOUT)
+    assert [value for value, _ in results] == ["waited", "later"]
+    assert all(node not in (second, None) for _, node in results), results
+    assert thread.is_alive()  # the node drains still: they did not wait for it to stop
+    gate.open()
+    assert [value for value, _ in farpool.get(running, timeout=TIMEOUT)] == ["a", "b"]
+    thread.join(timeout=TIMEOUT)
+    assert not thread.is_alive() and out["result"].returncode == 0
 
 
 def test_stop_node_refuses_the_head_node_and_an_unknown_id(started):

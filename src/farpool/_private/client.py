@@ -458,6 +458,9 @@ class CoreClient:
                 self.completion.on_worker_exited(lease_id, {
                     "node_id": node_id, "worker_id": lease.worker_id, "pid": "?", "exitcode": None,
                     "signal": None, "node_died": dead[node_id]})
+        draining = {n["node_id"] for n in nodes if n["alive"] and n.get("draining")}
+        if draining:
+            self.submitter.nodes_draining(draining)
         if dead:  # our stored objects whose every copy was there: rebuilt, or failed (lineage)
             with self.lock:
                 lost = self.refs.lost_on(dead)

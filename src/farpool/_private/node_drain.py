@@ -102,8 +102,22 @@ class DrainPart:
     def _drain_timed_out(self) -> None:
         if self.drained is None:
             return
-        left = self.leases.client_leases(HEAD_CLIENT)
-        log.warning("draining: %d lease(s) still held at the drain timeout; stopping anyway "
-                    "(their tasks are retried elsewhere)", len(left))
+        held = []
+        for lease in self.leases.client_leases(HEAD_CLIENT):
+            worker = self.leases.workers.get(lease.worker_id)
+            held.append(f"lease {lease.lease_id} of {_name(lease.client)} on worker "
+                        f"{worker.pid if worker is not None else lease.worker_id}"
+                        + (" (blocked in get)" if worker is not None and worker.blocked else ""))
+        unsaved = [_name(identity) for identity in self.saving or ()]
+        log.warning("draining: stopping at the drain timeout with %d lease(s) still held%s and %d owner(s) "
+                    "not done copying objects away%s (their tasks are retried elsewhere, their objects "
+                    "rebuilt when read)", len(held), f" ({'; '.join(held)})" if held else "",
+                    len(unsaved), f" ({', '.join(unsaved)})" if unsaved else "")
         done, self.drained = self.drained, None
         done()
+
+
+def _name(client) -> str:
+    """A client (or its identity) as the log names it."""
+    identity = getattr(client, "identity", client)
+    return identity.decode(errors="replace")[:24] if isinstance(identity, bytes) else str(identity)[:24]

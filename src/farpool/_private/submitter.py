@@ -355,7 +355,7 @@ class Submitter(ClientPart):
         _, node_id, soft = kq.strategy
         nodes = self.c.nodes
         node = next((n for n in nodes if n["node_id"] == node_id), None)
-        if node is not None and node["alive"]:
+        if node is not None and node["alive"] and not (soft and node.get("draining")):
             agent, why = self.conns.agent_conn(node_id, nodes)
             if agent is None:
                 if not soft:
@@ -527,6 +527,20 @@ class Submitter(ClientPart):
     def fail_key(self, key, error: BaseException) -> None:
         for task in self.queues.drain(key):
             self.c.completion.finish_failed(task, error)
+
+    def nodes_draining(self, node_ids: set) -> None:
+        """Nodes ``node_ids`` drain: they grant nothing more.  Our lease requests waiting there
+        (not from our home agent: NodeAffinity, or sent on by a spillback) are withdrawn and
+        asked again, elsewhere, unless NodeAffinity(soft=False) pins them there (those wait for
+        the node to stop, and fail then)."""
+        home = self.conns.home
+        for key, request_id, agent in self.queues.requests_on(node_ids):
+            strategy = self.queues.keys[key].strategy
+            if agent is home or (isinstance(strategy, tuple) and not strategy[2]):
+                continue
+            self.queues.answered(request_id)
+            transport.send(agent.socket, encode("CancelLease", (request_id,)))
+            self.mark_dirty(key)
 
     def agent_closed(self, conn: AgentConn) -> None:
         """An agent connection closed: lease requests made on it are asked again."""

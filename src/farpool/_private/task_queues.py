@@ -308,6 +308,11 @@ class TaskQueues:
             kq.requests.pop(request_id, None)
         return kq
 
+    def requests_on(self, node_ids: set) -> list:
+        """(key, request id, agent connection) of the lease requests waiting on those nodes."""
+        return [(key, request_id, to) for key, kq in self.keys.items()
+                for request_id, to in kq.requests.items() if to.node_id in node_ids]
+
     def forget_requests_to(self, agent) -> list:
         """The connection to ``agent`` is gone: its lease requests will not be answered; the
         keys that had some (to dispatch again)."""
