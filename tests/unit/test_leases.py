@@ -138,9 +138,10 @@ def test_a_draining_node_grants_nothing_and_sends_what_waits_to_a_node_that_fits
     held = mgr.request(LeaseRequest("c", 1, make_request(1), job_id=1)).grants[0][1]
     waiting = mgr.request(LeaseRequest("c", 2, make_request(1), job_id=1, spillback_ok=False))
     assert not waiting.grants and not waiting.spillbacks
-    acts = mgr.drain()
+    acts = mgr.drain("head")
     # A request that may not be sent on waits here (its client asks elsewhere once we are gone).
     assert not acts.spillbacks and [r.request_id for r in mgr.pending] == [2]
+    assert acts.yields == [held] and held.asked_back  # its client is asked for it back
     arriving = mgr.request(LeaseRequest("d", 3, make_request(1), job_id=2))
     assert [(r.request_id, node) for r, node in arriving.spillbacks] == [(3, "n2")]  # never n3: it drains too
     assert mgr.client_leases("head") == [held]
@@ -149,13 +150,25 @@ def test_a_draining_node_grants_nothing_and_sends_what_waits_to_a_node_that_fits
     assert not mgr.worker_exited(held.worker_id, {}).spawns     # and no worker replaces it
 
 
+def test_a_draining_node_asks_clients_for_their_leases_back_but_not_the_heads():
+    mgr = LeaseManager("n1", make_totals(3), embedded=False)
+    ready_all(mgr, mgr.prestart())
+    client = mgr.request(LeaseRequest("c", 1, make_request(1), job_id=1)).grants[0][1]
+    actor = mgr.request(LeaseRequest("head", 2, make_request(1), job_id=1)).grants[0][1]
+    asked = mgr.request(LeaseRequest("d", 3, make_request(1), job_id=2)).grants[0][1]
+    asked.asked_back = True  # (asked already, for a request that waited: not asked twice)
+    assert mgr.drain("head").yields == [client]
+    assert not actor.asked_back
+    assert mgr.drain("head").yields == []  # (once)
+
+
 def test_what_waits_at_a_draining_node_moves_to_a_node_that_joins():
     mgr = LeaseManager("n1", make_totals(1), embedded=False)
     ready_all(mgr, mgr.prestart())
     mgr.set_cluster_view(_view(("n1", 0, False)))
     mgr.request(LeaseRequest("c", 1, make_request(1), job_id=1))
     mgr.request(LeaseRequest("c", 2, make_request(1), job_id=1))
-    assert not mgr.drain().spillbacks and [r.request_id for r in mgr.pending] == [2]  # nowhere to go yet
+    assert not mgr.drain("head").spillbacks and [r.request_id for r in mgr.pending] == [2]  # nowhere to go yet
     moved = mgr.set_cluster_view(_view(("n1", 0, True), ("n2", 0, False)))  # busy, but it will run there
     assert [(r.request_id, node) for r, node in moved.spillbacks] == [(2, "n2")] and not mgr.pending
 

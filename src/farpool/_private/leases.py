@@ -391,14 +391,21 @@ class LeaseManager:
         return acts
 
     # --- draining (farpool stop on this node) ---
-    def drain(self) -> Actions:
+    def drain(self, owner) -> Actions:
         """Take no more leases: what waits goes to other nodes where one fits (else it waits
-        here until the node stops).  Leases granted stay until returned or their worker exits."""
+        here until the node stops).  Leases granted stay until returned or their worker exits;
+        those of clients other than ``owner`` (the head: actors stay until the node stops) are
+        asked back (yields: their clients send them no more tasks and return them once the
+        tasks they run end)."""
         self.draining = True
         acts = Actions()
         waiting, self.pending = self.pending, deque()
         for req in waiting:
             self._elsewhere(req, acts)
+        for lease in self.client_leases(owner):
+            if not lease.asked_back:
+                lease.asked_back = True
+                acts.yields.append(lease)
         return acts
 
     def _elsewhere(self, req: LeaseRequest, acts: Actions) -> Actions:

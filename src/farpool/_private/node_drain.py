@@ -7,6 +7,7 @@ node.ask_to_drain and node.run); the agent's ``_apply`` checks after every lease
 whether draining is done, and ObjectsSaved comes from the clients that own objects here::
 
     drain --> leases.drain() (requests go elsewhere) --Heartbeat(draining)--> head
+          --YieldLease--> each client holding a lease here (no more tasks on it; returned as they end)
           --Retire--> every worker leased to a client (it hands back the tasks queued behind it)
     no client's lease left --ObjectsLeaving(node id, store ids)--> each owner of objects stored here
     owner --ObjectsSaved(copied, failed)--> ... all answered, or at the drain timeout --> self.drained()
@@ -40,9 +41,10 @@ class DrainPart:
     # --- draining (farpool stop on this node: SIGUSR1) ---
     def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
         """Stop taking leases (waiting requests go to other nodes), tell the head (it places
-        nothing here more and the other agents send nothing here), ask every worker leased to a
-        client to retire after its running task (it hands back the tasks queued behind it: their
-        owners run them elsewhere, no attempt spent), and call ``self.drained`` once no client's
+        nothing here more and the other agents send nothing here), ask the clients for their
+        leases back (YieldLease: no more tasks to them) and every worker leased to a client to
+        retire after its running task (it hands back the tasks queued behind it: their owners
+        run them elsewhere, no attempt spent), and call ``self.drained`` once no client's
         lease is left, or after ``timeout_s``.  Actors stay until the node stops: the head then
         restarts them elsewhere (max_restarts).  Then the owners of the objects in our store
         copy those away (_save_objects); what is not copied, its owner rebuilds on demand
@@ -53,7 +55,7 @@ class DrainPart:
         leases = self.leases.client_leases(HEAD_CLIENT)
         log.warning("draining: no new tasks; waiting up to %.0f s for the %d lease(s) of clients to end",
                     timeout_s, len(leases))
-        self._apply(self.leases.drain())
+        self._apply(self.leases.drain(HEAD_CLIENT))
         self._send_heartbeat()  # the head hears of it now, not at the next beat
         for lease in leases:
             transport.send(self.ipc, [b"w:" + lease.worker_id.encode(), *encode("Retire", ())])

@@ -409,8 +409,8 @@ class Worker:
         if not setup or self.pool_ready:
             return self.pool_error
         self.pool_ready = True
-        if setup.get("max_tasks"):
-            self.tasks_left = setup["max_tasks"]
+        if setup.get("max_tasks"):  # (a worker already retiring, its node draining, stays so)
+            self.tasks_left = setup["max_tasks"] if self.tasks_left is None else min(self.tasks_left, setup["max_tasks"])
         if setup.get("initializer") is not None:
             try:
                 fn = protocol.loads_function(setup["initializer"])
