@@ -27,7 +27,8 @@ requests behind the starved one on this node until it ends (no backfill).
 
 A draining node (``farpool stop`` on it: ``drain()``) grants nothing more: every
 request waiting or arriving goes to another node that fits (spillback) if it may, or
-waits here until the node stops (its clients then ask elsewhere); no worker is started;
+waits here until the node stops (its clients then ask elsewhere); the clients' leases
+are asked back (yields); no worker is started;
 ``drained()`` says when no client's task can still be running here.
 """
 

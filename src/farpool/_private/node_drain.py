@@ -108,7 +108,7 @@ class DrainPart:
         for lease in self.leases.client_leases(HEAD_CLIENT):
             worker = self.leases.workers.get(lease.worker_id)
             held.append(f"lease {lease.lease_id} of {_name(lease.client)} on worker "
-                        f"{worker.pid if worker is not None else lease.worker_id}"
+                        f"{worker.pid if worker is not None and worker.pid else lease.worker_id}"
                         + (" (blocked in get)" if worker is not None and worker.blocked else ""))
         unsaved = [_name(identity) for identity in self.saving or ()]
         log.warning("draining: stopping at the drain timeout with %d lease(s) still held%s and %d owner(s) "
