@@ -107,19 +107,13 @@ class DrainPart:
         held = []
         for lease in self.leases.client_leases(HEAD_CLIENT):
             worker = self.leases.workers.get(lease.worker_id)
-            held.append(f"lease {lease.lease_id} of {_name(lease.client)} on worker "
+            held.append(f"lease {lease.lease_id} of {lease.client.identity[:24]!r} on worker "
                         f"{worker.pid if worker is not None and worker.pid else lease.worker_id}"
                         + (" (blocked in get)" if worker is not None and worker.blocked else ""))
-        unsaved = [_name(identity) for identity in self.saving or ()]
+        unsaved = [repr(identity[:24]) for identity in self.saving or ()]
         log.warning("draining: stopping at the drain timeout with %d lease(s) still held%s and %d owner(s) "
                     "not done copying objects away%s (their tasks are retried elsewhere, their objects "
                     "rebuilt when read)", len(held), f" ({'; '.join(held)})" if held else "",
                     len(unsaved), f" ({', '.join(unsaved)})" if unsaved else "")
         done, self.drained = self.drained, None
         done()
-
-
-def _name(client) -> str:
-    """A client (or its identity) as the log names it."""
-    identity = getattr(client, "identity", client)
-    return identity.decode(errors="replace")[:24] if isinstance(identity, bytes) else str(identity)[:24]
