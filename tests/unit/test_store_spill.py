@@ -5,6 +5,7 @@ with spill.spill_file/restore_file when the test says so, and readers are real m
 (read_segment), so "a reader maps it" is the same lock the agent sees in production.
 """
 
+import fcntl
 import os
 
 import numpy as np
@@ -252,3 +253,25 @@ def test_a_spilled_object_that_cannot_come_back_is_read_from_its_spill_file(st):
     assert acts.moves == [] and st.objects[b"a"].state is State.ON_DISK
     assert os.path.dirname(r.seg.path) == st.spill_dir and value(r.seg, size, b"a")[-1] == 1
     assert st.counts["restores"] == 0 and st.stats()["on_disk"] == r.seg.used and view[0] == 2
+
+
+def test_a_reader_with_a_stale_location_lets_go_without_locking_the_segment(st, monkeypatch):
+    """A location kept after its object spilled names a segment that holds another object
+    now: the reader sees it before locking, so it never keeps the agent from reusing that
+    segment for the restore it asks for next (a lock held at that moment sent the object
+    to its spill file instead, and the readers to the disk)."""
+    w2, size = a_spilled_for_b(st)  # "b" went into a's old segment
+    answer(st.free_object(b"b"))
+    taken = []
+    flock = fcntl.flock
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (taken.append(op), flock(fd, op))[1])
+    with pytest.raises(segments.SegmentReused):
+        segments.read_segment(w2.seg.path, size, store_id=b"a")  # a's old location
+    assert taken == []
+    monkeypatch.undo()
+    r = Waiter()
+    acts = answer(st.restore(r, b"a"))
+    (move,) = acts.moves
+    assert move.kind == spill.RESTORE and move.target == w2.seg.path  # the freed segment, reused
+    answer(st.move_done(move, run(move)))
+    assert st.counts["restores"] == 1 and value(r.seg, size, b"a")[-1] == 1

@@ -205,6 +205,12 @@ def read_segment(path: str, size: int, private: bool = False, store_id: bytes | 
     """
     fd = os.open(path, os.O_RDONLY)
     try:
+        # A location kept after its object was spilled or freed names a segment that may
+        # hold another object now: seen before locking, it is let go without the lock, which
+        # would otherwise keep the agent from reusing the segment for the restore this
+        # reader is about to ask for (it would serve the object from its spill file instead).
+        if store_id is not None and os.pread(fd, ID_FIELD, 0) != id_field(store_id):
+            raise SegmentReused(f"{path} no longer holds object {store_id.hex()}: it was freed")
         fcntl.flock(fd, fcntl.LOCK_SH)
         if os.fstat(fd).st_nlink == 0:  # spilled (unlinked) between our open and our lock
             raise FileNotFoundError(errno.ENOENT, f"{path} was spilled to disk: ask for a restore")
