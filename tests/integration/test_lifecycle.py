@@ -37,6 +37,35 @@ def run_script(tmp_path, body, timeout=120, env=None):
                           cwd=tmp_path, env=dict(os.environ, **(env or {})))
 
 
+def test_the_shutdown_at_exit_can_still_send_large_messages(tmp_path):
+    """At exit farpool's shutdown sends the last task events, which can be a large, zero-copy
+    message; pyzmq frees those on a helper thread that its own exit hook stops.  When pyzmq
+    started that helper after farpool was imported, its hook ran first and the shutdown failed
+    ("zmq gc socket requested during shutdown"), losing the last events."""
+    result = run_script(tmp_path, """
+        import zmq
+        import farpool
+        from farpool._private import transport
+
+        @farpool.remote
+        def one():
+            return 1
+
+        farpool.init(num_cpus=1)
+        assert farpool.get(one.remote(), timeout=60) == 1
+        import zmq.utils.garbage  # (what pyzmq's first zero-copy send after init does)
+        real_send = transport.send
+
+        def send(sock, frames):
+            zmq.Frame(bytes(100_000), copy=False)  # a large frame, as a big batch of task events is
+            return real_send(sock, frames)
+        transport.send = send
+        print("exiting")
+    """)
+    assert result.returncode == 0 and result.stdout.split() == ["exiting"], result
+    assert "I/O thread failed" not in result.stderr and "during shutdown" not in result.stderr, result.stderr
+
+
 def test_init_shutdown_init_and_reinit_error():
     farpool.shutdown()
     info = farpool.init(num_cpus=1)

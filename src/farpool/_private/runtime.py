@@ -349,6 +349,12 @@ def _stop_procs(procs) -> None:
             proc.wait()
 
 
+# pyzmq frees the buffers of zero-copy sends on a helper thread that it stops at exit, from an
+# atexit hook registered when it first sends one.  Registered after ours, that hook ran first,
+# and our shutdown's last messages (a large batch of task events) failed with "zmq gc socket
+# requested during shutdown": so it is registered before ours, and ours runs first.
+import zmq.utils.garbage  # noqa: E402,F401
+
 atexit.register(shutdown)
 
 
