@@ -45,6 +45,16 @@ def mutate(arr):
     return float(arr[0])
 
 
+def bump(arr):
+    before = float(arr[0])
+    arr[0] += 1.0
+    return before
+
+
+def first(arr):
+    return float(arr[0])
+
+
 def inner_sum(n):
     backend = type(joblib.parallel.get_active_backend()[0]).__name__
     return backend, sum(Parallel()(delayed(square)(j) for j in range(n)))
@@ -135,6 +145,35 @@ def test_big_arrays_are_put_once_and_arrive_read_only(monkeypatch):
         assert Parallel()(delayed(mutate)(small) for _ in range(3)) == [1.0] * 3  # small ones are copies
         assert Parallel(max_nbytes=None)(delayed(mutate)(big) for _ in range(2)) == [1.0] * 2
     assert small[0] == 0.0 and big[0] == 0.0
+
+
+def test_arrays_under_max_nbytes_are_put_once_and_arrive_as_copies_would(monkeypatch):
+    puts = []
+    real_put = farpool.put
+    monkeypatch.setattr(farpool, "put", lambda v: puts.append(v) or real_put(v))
+    mid = np.arange(50_000, dtype=np.float64)  # 400 KB: under joblib's max_nbytes, loky pickles it per batch
+    with parallel_config(backend="farpool", n_jobs=2):
+        got = Parallel(batch_size=1)(delayed(array_info)(mid, i) for i in range(12))
+        assert [g[2] for g in got] == [float(i) for i in range(12)]
+        assert all(shape == mid.shape and writable for shape, writable, _ in got)
+        assert len(puts) == 1, "one put for the whole call"
+        # Writable as loky's copies, and each task's writes its own (not the caller's, not the next task's).
+        assert Parallel(batch_size=1)(delayed(bump)(mid) for _ in range(6)) == [0.0] * 6
+    assert mid[0] == 0.0
+
+
+def test_an_array_under_max_nbytes_changed_between_batches_arrives_as_it_was_when_its_batch_was_sent():
+    arr = np.zeros(50_000)  # 400 KB: loky pickles it into each batch (over max_nbytes it memory-maps
+                            # one copy per call, by identity, as we do)
+    def calls():
+        for i in range(8):
+            arr[0] = i // 2  # (joblib takes n_jobs calls from the iterator at a time)
+            yield delayed(first)(arr)
+    for max_nbytes in ("1M", None):
+        with parallel_config(backend="farpool", n_jobs=2):
+            got = Parallel(batch_size=1, max_nbytes=max_nbytes)(calls())
+        # Every value the array held is seen, in order; one copy kept for the whole call would show 0s.
+        assert got == sorted(got) and set(got) == {0.0, 1.0, 2.0, 3.0}, (max_nbytes, got)
 
 
 def test_backend_parameters_are_resource_hints():
