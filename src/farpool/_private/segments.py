@@ -203,13 +203,14 @@ def read_segment(path: str, size: int, private: bool = False, store_id: bytes | 
     The views keep the mapping (and a shared lock on the file) alive; when the
     last of them dies the fd closes and the lock goes.
     """
+    expected = id_field(store_id) if store_id is not None else None
     fd = os.open(path, os.O_RDONLY)
     try:
         # A location kept after its object was spilled or freed names a segment that may
         # hold another object now: seen before locking, it is let go without the lock, which
         # would otherwise keep the agent from reusing the segment for the restore this
         # reader is about to ask for (it would serve the object from its spill file instead).
-        if store_id is not None and os.pread(fd, ID_FIELD, 0) != id_field(store_id):
+        if expected is not None and os.pread(fd, ID_FIELD, 0) != expected:
             raise SegmentReused(f"{path} no longer holds object {store_id.hex()}: it was freed")
         fcntl.flock(fd, fcntl.LOCK_SH)
         if os.fstat(fd).st_nlink == 0:  # spilled (unlinked) between our open and our lock
@@ -222,7 +223,7 @@ def read_segment(path: str, size: int, private: bool = False, store_id: bytes | 
         os.close(fd)
         raise
     release = weakref.finalize(m, os.close, fd)
-    if store_id is not None and m[:ID_FIELD] != id_field(store_id):
+    if expected is not None and m[:ID_FIELD] != expected:
         m.close()
         release()  # now: the traceback keeps ``m`` alive, and its lock would pin the segment
         raise SegmentReused(f"{path} no longer holds object {store_id.hex()}: it was freed")
