@@ -30,8 +30,9 @@ How it differs from joblib's process backends:
   call too), and arrives read-only when ``mmap_mode="r"`` (joblib's default),
   as a memory-mapped array would.  A smaller one from ``SHARE_MIN_BYTES``
   (100 KiB) is put once per call for each content passed (an array changed
-  between batches is put again), and arrives writable: what loky pickles into
-  every batch, without the copy per batch.
+  between batches is put again; of many different ones only the last few stay
+  stored once their batches are done), and arrives writable: what loky
+  pickles into every batch, without the copy per batch.
 * A ``Parallel`` inside a task runs on the cluster too (the nested backend is
   this one); the task lends its CPU while it waits, so nesting cannot deadlock.
 * A worker process that dies is retried (``max_retries``), not reported as a
@@ -42,6 +43,7 @@ How it differs from joblib's process backends:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import os
@@ -73,6 +75,10 @@ CLUSTER_LINGER_S = 2.0
 # a batch instead of 1.0 here; the digest costs a seventh of a copy).  Lower would store
 # small arrays that travel inline.
 SHARE_MIN_BYTES = segments.INLINE_MAX
+# ... and the copies of the last this many contents passed stay stored for the call's next
+# batches (besides those its batches in flight hold).  More reuses copies across calls that
+# alternate among more arrays; fewer keeps less memory (at most this many x max_nbytes).
+RECENT_CONTENTS = 8
 
 
 def _run_batch(batch, readonly: tuple, *shared):
@@ -134,9 +140,11 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         self._client = None
         self._lock = threading.Lock()
         # This call's stored arrays: id(array) -> (array, ref) from max_nbytes (joblib's memmapping
-        # cache), content digest -> ref below it (what pickling every batch would show).
+        # cache: kept until the call ends), content digest -> ref below it (what pickling every
+        # batch would show; the RECENT_CONTENTS last passed, so a call over many different
+        # arrays keeps only those and the ones its batches in flight hold).
         self._shared: dict[int, tuple] = {}
-        self._by_content: dict[bytes, Any] = {}
+        self._by_content: collections.OrderedDict = collections.OrderedDict()
         self._max_nbytes: int | None = 1_000_000
         self._mmap_mode: str | None = "r"
 
@@ -195,14 +203,14 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         workers, self._workers = self._workers, None
         if workers is not None:
             workers.cancel_pending()
-        self._shared, self._by_content = {}, {}
+        self._shared, self._by_content = {}, collections.OrderedDict()
         self.reset_batch_stats()
         if self._holding:
             self._holding = False
             _release_cluster(self._client, linger_s=CLUSTER_LINGER_S)
 
     def stop_call(self):
-        self._shared, self._by_content = {}, {}
+        self._shared, self._by_content = {}, collections.OrderedDict()
 
     def abort_everything(self, ensure_ready=True):
         """An error (or a timeout) ended the call: drop queued batches, kill the running ones."""
@@ -210,7 +218,7 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         if workers is not None:
             # Killed like loky's workers: a signal that interrupts Python code could land outside the task.
             workers.terminate(lambda: farpool.TaskCancelledError("the joblib call was aborted"), force=True)
-        self._shared, self._by_content = {}, {}
+        self._shared, self._by_content = {}, collections.OrderedDict()
         if ensure_ready:
             self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel, **self.parallel._backend_kwargs)
 
@@ -296,10 +304,14 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         digest = digest_of(payload, bufs)
         with self._lock:
             ref = self._by_content.get(digest)
-        if ref is None:
-            ref = farpool.put(array)
-            with self._lock:
-                ref = self._by_content.setdefault(digest, ref)
+            if ref is not None:
+                self._by_content.move_to_end(digest)
+                return ref
+        ref = farpool.put(array)
+        with self._lock:
+            ref = self._by_content.setdefault(digest, ref)
+            while len(self._by_content) > RECENT_CONTENTS:
+                self._by_content.popitem(last=False)  # (its batches in flight keep their copy)
         return ref
 
 

@@ -176,6 +176,25 @@ def test_an_array_under_max_nbytes_changed_between_batches_arrives_as_it_was_whe
         assert got == sorted(got) and set(got) == {0.0, 1.0, 2.0, 3.0}, (max_nbytes, got)
 
 
+def test_a_call_over_many_arrays_under_max_nbytes_keeps_only_those_of_its_batches_in_flight():
+    client = farpool.api._client() if farpool.is_initialized() else None
+    seen = []
+
+    def calls():
+        for i in range(40):  # 40 different 400 KB arrays: kept to the end of the call, 40 stored copies
+            if client is not None:
+                stats, _ = client.agent_request(client.home, "StoreStats", ())
+                seen.append(stats["objects"])
+            yield delayed(first)(np.full(50_000, float(i)))
+    with parallel_config(backend="farpool", n_jobs=2):
+        Parallel(batch_size=1)(delayed(first)(np.zeros(1)) for _ in range(2))  # the cluster up
+        client = farpool.api._client()
+        assert Parallel(batch_size=1)(calls()) == [float(i) for i in range(40)]
+    # Only the last RECENT_CONTENTS (8) copies stay once their batches are done (each released
+    # as the driver drops its ref: a few may lag), not one per array until the call ends.
+    assert seen and max(seen) <= 20, seen
+
+
 def test_backend_parameters_are_resource_hints():
     with parallel_config(backend="farpool", n_jobs=2, num_cpus=0.5):
         assert Parallel()(delayed(square)(i) for i in range(4)) == [0, 1, 4, 9]
