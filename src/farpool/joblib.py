@@ -143,8 +143,7 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         # cache: kept until the call ends), content digest -> ref below it (what pickling every
         # batch would show; the RECENT_CONTENTS last passed, so a call over many different
         # arrays keeps only those and the ones its batches in flight hold).
-        self._shared: dict[int, tuple] = {}
-        self._by_content: collections.OrderedDict = collections.OrderedDict()
+        self._forget_shared()
         self._max_nbytes: int | None = 1_000_000
         self._mmap_mode: str | None = "r"
 
@@ -203,14 +202,14 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         workers, self._workers = self._workers, None
         if workers is not None:
             workers.cancel_pending()
-        self._shared, self._by_content = {}, collections.OrderedDict()
+        self._forget_shared()
         self.reset_batch_stats()
         if self._holding:
             self._holding = False
             _release_cluster(self._client, linger_s=CLUSTER_LINGER_S)
 
     def stop_call(self):
-        self._shared, self._by_content = {}, collections.OrderedDict()
+        self._forget_shared()
 
     def abort_everything(self, ensure_ready=True):
         """An error (or a timeout) ended the call: drop queued batches, kill the running ones."""
@@ -218,7 +217,7 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         if workers is not None:
             # Killed like loky's workers: a signal that interrupts Python code could land outside the task.
             workers.terminate(lambda: farpool.TaskCancelledError("the joblib call was aborted"), force=True)
-        self._shared, self._by_content = {}, collections.OrderedDict()
+        self._forget_shared()
         if ensure_ready:
             self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel, **self.parallel._backend_kwargs)
 
@@ -286,6 +285,10 @@ class FarpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         shared_batch = copy.copy(batch)
         shared_batch.items = new_items
         return shared_batch, tuple(readonly), refs
+
+    def _forget_shared(self) -> None:
+        self._shared: dict[int, tuple] = {}
+        self._by_content: collections.OrderedDict = collections.OrderedDict()
 
     def _stored_once(self, array):
         """The ref of ``array``'s stored copy, put at the first batch of this call that passes

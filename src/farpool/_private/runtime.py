@@ -352,6 +352,9 @@ def _stop_procs(procs) -> None:
             proc.wait()
 
 
+_exit_hook = False  # shutdown registered with atexit (_shutdown_at_exit)
+
+
 def _shutdown_at_exit() -> None:
     """Have ``shutdown`` run at interpreter exit (registered once, by init, the client up).
 
@@ -367,9 +370,6 @@ def _shutdown_at_exit() -> None:
         importlib.import_module("zmq.utils.garbage")  # registers pyzmq's hook now, if not already
         atexit.register(shutdown)
         _exit_hook = True
-
-
-_exit_hook = False
 
 
 def _disable_in_forked_child() -> None:
